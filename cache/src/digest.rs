@@ -1,0 +1,119 @@
+//! Content digests (`sha256:<hex>`), the identity of everything in rbuild.
+
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+use std::str::FromStr;
+
+/// Errors parsing a digest string.
+#[derive(Debug, thiserror::Error)]
+pub enum DigestError {
+    /// Not of the form `sha256:<64 lowercase hex>`.
+    #[error("invalid digest {0:?}: want sha256:<64 hex digits>")]
+    Invalid(String),
+}
+
+/// A validated `sha256:<hex>` digest.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Digest(String);
+
+impl Digest {
+    /// Digest of a byte slice.
+    pub fn of(bytes: &[u8]) -> Digest {
+        let mut h = Hasher::new();
+        h.update(bytes);
+        h.finish()
+    }
+
+    /// The full `sha256:<hex>` form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The hex part.
+    pub fn hex(&self) -> &str {
+        &self.0["sha256:".len()..]
+    }
+
+    /// The algorithm (always `sha256` today).
+    pub fn algorithm(&self) -> &str {
+        "sha256"
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex = s.strip_prefix("sha256:").ok_or_else(|| DigestError::Invalid(s.to_string()))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(DigestError::Invalid(s.to_string()));
+        }
+        Ok(Digest(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for Digest {
+    type Error = DigestError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Digest> for String {
+    fn from(d: Digest) -> String {
+        d.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Incremental SHA-256 that yields a [`Digest`].
+#[derive(Default, Clone)]
+pub struct Hasher(Sha256);
+
+impl Hasher {
+    /// A fresh hasher.
+    pub fn new() -> Self {
+        Self(Sha256::new())
+    }
+    /// Feed bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        Digest(format!("sha256:{}", hex::encode(self.0.finalize())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_of_empty_is_the_well_known_one() {
+        assert_eq!(
+            Digest::of(b"").as_str(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn parse_rejects_bad_forms() {
+        assert!("sha256:abc".parse::<Digest>().is_err());
+        assert!("md5:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".parse::<Digest>().is_err());
+        assert!("sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855".parse::<Digest>().is_err());
+        let d: Digest = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".parse().unwrap();
+        assert_eq!(d.hex().len(), 64);
+    }
+}

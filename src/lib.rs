@@ -1,0 +1,1 @@
+//! rbuild: a daemonless, rootless OCI image builder.
