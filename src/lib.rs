@@ -1,1 +1,11 @@
 //! rbuild: a daemonless, rootless OCI image builder.
+//!
+//! The binary is thin; this library joins the focused crates: [`rbuild_dag`] (Dockerfile →
+//! steps → stage graph), [`rbuild_snapshot`] (layers), [`rbuild_cache`] (the store) and
+//! [`rbuild_sandbox`] (namespaces and the RUN sandbox).
+
+pub mod build;
+pub mod cli;
+pub mod copy;
+pub mod progress;
+pub mod rootfs;

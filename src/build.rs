@@ -1,0 +1,796 @@
+//! The build: Dockerfile → stage plan → stages run concurrently as their inputs become
+//! ready → image → outputs.
+
+use crate::cli::{CompressionArg, NetworkArg, OutputSpec};
+use crate::copy::{self, CopyAttrs, Source};
+use crate::image::{self, BuiltImage, LayerDesc};
+use crate::progress::{Progress, Step as ProgressStep};
+use crate::registry::{self, Registry, RegistryOptions};
+use crate::rootfs::{clean_components, LayerStack};
+use anyhow::{anyhow, bail, Context as _, Result};
+use rbuild_cache::{CacheKey, CacheKeyBuilder, CacheRecord, Digest, LayerRef, Store};
+use rbuild_dag::dispatch::{ImageState, StageDispatcher, Step};
+use rbuild_dag::graph::Base;
+use rbuild_dag::Dockerfile;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OnceCell, Semaphore};
+
+/// Everything a build needs to know, from the command line.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The context directory.
+    pub context: PathBuf,
+    /// The Dockerfile.
+    pub dockerfile: PathBuf,
+    /// Image references to tag (and push).
+    pub tags: Vec<String>,
+    /// `--build-arg` values.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// Where the result goes.
+    pub outputs: Vec<OutputSpec>,
+    /// Registries spoken to over HTTP.
+    pub insecure_registries: Vec<String>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// Network of RUN steps.
+    pub network: NetworkArg,
+    /// Layer compression.
+    pub compression: CompressionArg,
+    /// Target platform `os/arch`.
+    pub platform: String,
+    /// Steps that may run at once.
+    pub jobs: usize,
+}
+
+/// What a build produced.
+pub struct BuildOutcome {
+    /// The final image.
+    pub image: BuiltImage,
+    /// The digest pushed, when pushed.
+    pub pushed: Option<Digest>,
+}
+
+/// A layer of an image being built, with its unpacked directory in the store.
+#[derive(Debug, Clone)]
+struct Layer {
+    desc: LayerDesc,
+    dir: PathBuf,
+}
+
+/// The filesystem and config of an image at some point of the build.
+#[derive(Debug, Clone)]
+struct ImageFs {
+    /// Cache key of this filesystem state.
+    key: CacheKey,
+    /// Layers, bottom first.
+    layers: Vec<Layer>,
+    /// The base's image config (platform, history, ...) as JSON.
+    config: Value,
+    /// Config state as the Dockerfile changes it.
+    state: ImageState,
+    /// History entries, oldest first.
+    history: Vec<Value>,
+}
+
+impl ImageFs {
+    fn scratch(platform: &str) -> ImageFs {
+        let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
+        ImageFs {
+            key: CacheKeyBuilder::new("scratch").str("platform", platform).finish(),
+            layers: Vec::new(),
+            config: json!({"architecture": arch, "os": os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}),
+            state: state_from_config(&json!({})),
+            history: Vec::new(),
+        }
+    }
+
+    fn stack(&self) -> LayerStack {
+        LayerStack::new(self.layers.iter().rev().map(|l| l.dir.clone()).collect())
+    }
+}
+
+/// Runs one build.
+pub struct Builder {
+    store: Store,
+    opts: BuildOptions,
+    progress: Progress,
+    registry: Registry,
+    jobs: Semaphore,
+    images: Mutex<HashMap<String, Arc<OnceCell<ImageFs>>>>,
+    stages: Mutex<HashMap<usize, Arc<OnceCell<ImageFs>>>>,
+    ignore: rbuild_dag::ignore::IgnoreMatcher,
+    dockerfile: Dockerfile,
+    dockerfile_name: String,
+    lines: Vec<String>,
+    build_args: BTreeMap<String, String>,
+    resolved: rbuild_dag::ResolvedArgs,
+}
+
+/// Runs the whole build described by `opts`.
+pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Result<BuildOutcome> {
+    let text = fs::read_to_string(&opts.dockerfile).with_context(|| format!("reading Dockerfile {}", opts.dockerfile.display()))?;
+    let dockerfile = rbuild_dag::parse(&text, &opts.dockerfile).map_err(|e| anyhow!("{e}"))?;
+    if !opts.context.is_dir() {
+        bail!("build context {}: not a directory", opts.context.display());
+    }
+    let ignore = rbuild_dag::ignore::load_ignore(&opts.context, &opts.dockerfile).map_err(|e| anyhow!("{e}"))?;
+    let resolved = rbuild_dag::resolve_global_args(&dockerfile, &opts.build_args).map_err(|e| anyhow!("{e}"))?;
+    let (os, arch) = opts.platform.split_once('/').ok_or_else(|| anyhow!("--platform {:?}: want OS/ARCH", opts.platform))?;
+    let registry = Registry::new(RegistryOptions {
+        insecure: opts.insecure_registries.clone(),
+        platform: (os.to_string(), arch.to_string()),
+    });
+    let builder = Arc::new(Builder {
+        store,
+        progress,
+        registry,
+        jobs: Semaphore::new(opts.jobs.max(1)),
+        images: Mutex::new(HashMap::new()),
+        stages: Mutex::new(HashMap::new()),
+        ignore,
+        dockerfile_name: opts.dockerfile.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "Dockerfile".into()),
+        lines: text.lines().map(str::to_string).collect(),
+        build_args: opts.build_args.clone(),
+        resolved,
+        dockerfile,
+        opts,
+    });
+    builder.run().await
+}
+
+impl Builder {
+    async fn run(self: &Arc<Self>) -> Result<BuildOutcome> {
+        let plan = rbuild_dag::graph::plan(&self.dockerfile, self.opts.target.as_deref(), &self.resolved).map_err(|e| anyhow!("{e}"))?;
+        // Every stage of the plan starts at once; each waits only for what it depends on.
+        let mut tasks = Vec::new();
+        for ps in &plan.stages {
+            let me = self.clone();
+            let idx = ps.index;
+            tasks.push((idx, tokio::spawn(async move { me.stage_result(idx).await })));
+        }
+        let final_idx = plan.target;
+        let mut final_fs = None;
+        let mut first_err = None;
+        for (idx, t) in tasks {
+            match t.await {
+                Ok(Ok(fs)) if idx == final_idx => final_fs = Some(fs),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(anyhow!("stage task failed: {e}"));
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let fs = final_fs.ok_or_else(|| anyhow!("target stage produced no result"))?;
+        let image = self.assemble(&fs)?;
+        let mut pushed = None;
+        for out in &self.opts.outputs {
+            let step = self.progress.start(&format!("exporting {}", describe_output(out)));
+            let res: Result<()> = async {
+                match out {
+                    OutputSpec::Registry => {
+                        if self.opts.tags.is_empty() {
+                            bail!("pushing needs at least one --tag");
+                        }
+                        let d = self.registry.push(&image, &self.store, &self.opts.tags).await?;
+                        for t in &self.opts.tags {
+                            step.log(&format!("pushed {t}@{d}"));
+                        }
+                        pushed = Some(d);
+                    }
+                    OutputSpec::Oci(dir) => crate::output::write_oci_layout(dir, &image, &self.store, &self.opts.tags)?,
+                    OutputSpec::Docker(path) => crate::output::write_docker_archive(path, &image, &self.store, &self.opts.tags)?,
+                    OutputSpec::Local(dir) => crate::output::write_local(dir, &image, &self.store)?,
+                }
+                Ok(())
+            }
+            .await;
+            match res {
+                Ok(()) => step.done(),
+                Err(e) => {
+                    step.error(&format!("{e:#}"));
+                    return Err(e.context(format!("exporting {}", describe_output(out))));
+                }
+            }
+        }
+        Ok(BuildOutcome { image, pushed })
+    }
+
+    /// The result of stage `idx`, built once however many stages ask for it.
+    async fn stage_result(self: &Arc<Self>, idx: usize) -> Result<ImageFs> {
+        let cell = self.stages.lock().unwrap().entry(idx).or_default().clone();
+        let me = self.clone();
+        let fs = cell.get_or_try_init(|| async move { Box::pin(me.build_stage(idx)).await }).await?;
+        Ok(fs.clone())
+    }
+
+    /// The filesystem of an external image, pulled and unpacked once per build.
+    async fn image_fs(self: &Arc<Self>, reference: &str) -> Result<ImageFs> {
+        let cell = self.images.lock().unwrap().entry(reference.to_string()).or_default().clone();
+        let fs = cell.get_or_try_init(|| self.pull_and_unpack(reference)).await?;
+        Ok(fs.clone())
+    }
+
+    async fn pull_and_unpack(self: &Arc<Self>, reference: &str) -> Result<ImageFs> {
+        let step = self.progress.start(&format!("[internal] load image {reference}"));
+        let res = self.pull_and_unpack_inner(reference, &step).await;
+        match &res {
+            Ok(_) => step.done(),
+            Err(e) => step.error(&format!("{e:#}")),
+        }
+        res
+    }
+
+    async fn pull_and_unpack_inner(self: &Arc<Self>, reference: &str, step: &ProgressStep) -> Result<ImageFs> {
+        let pulled = if let Some(rest) = reference.strip_prefix("oci-layout://") {
+            let (dir, tag) = split_layout_ref(rest);
+            let store = self.store.clone();
+            let dir = PathBuf::from(dir);
+            let tag = tag.map(str::to_string);
+            tokio::task::spawn_blocking(move || registry::load_oci_layout(&dir, tag.as_deref(), &store)).await??
+        } else {
+            self.registry.pull(reference, &self.store).await?
+        };
+        step.log(&format!("resolved {} to {}", reference, pulled.manifest_digest));
+        let mut handles = Vec::new();
+        for l in &pulled.layers {
+            let store = self.store.clone();
+            let l = l.clone();
+            handles.push(tokio::task::spawn_blocking(move || unpack_into_store(&store, &l)));
+        }
+        let mut layers = Vec::new();
+        for (h, l) in handles.into_iter().zip(&pulled.layers) {
+            let dir = h.await??;
+            layers.push(Layer { desc: l.clone(), dir });
+        }
+        let config: Value = serde_json::from_slice(&self.store.read_blob(&pulled.config_digest)?)
+            .with_context(|| format!("{reference}: image config is not JSON"))?;
+        let state = state_from_config(&config);
+        let history = config.get("history").and_then(|h| h.as_array()).cloned().unwrap_or_default();
+        Ok(ImageFs {
+            key: CacheKeyBuilder::new("from").str("manifest", pulled.manifest_digest.as_str()).finish(),
+            layers,
+            config,
+            state,
+            history,
+        })
+    }
+
+    fn stage_label(&self, idx: usize) -> String {
+        self.dockerfile.stages[idx].name.clone().unwrap_or_else(|| format!("stage-{idx}"))
+    }
+
+    fn err_at(&self, line: usize, msg: impl std::fmt::Display) -> anyhow::Error {
+        let text = self.lines.get(line.saturating_sub(1)).map(String::as_str).unwrap_or("");
+        anyhow!("{}:{line}: {msg}\n  {line} | {text}", self.dockerfile_name)
+    }
+
+    async fn build_stage(self: Arc<Self>, idx: usize) -> Result<ImageFs> {
+        let stage = &self.dockerfile.stages[idx];
+        let base_text = rbuild_dag::expand_base(stage, &self.resolved).map_err(|e| anyhow!("{e}"))?;
+        let base = rbuild_dag::graph::resolve_base(&self.dockerfile, idx, &base_text);
+        let mut fs = match base {
+            Base::Scratch => ImageFs::scratch(&self.opts.platform),
+            Base::Stage(i) => self.stage_result(i).await?,
+            Base::Image(r) => self.image_fs(&r).await.map_err(|e| self.err_at(stage.line, format!("FROM {r}: {e:#}")))?,
+        };
+        let mut dispatcher = StageDispatcher::new(fs.state.clone(), &self.resolved, &self.build_args, self.dockerfile.directives.escape);
+        let total = stage.instructions.len() + 1;
+        for (i, instr) in stage.instructions.iter().enumerate() {
+            let step_name = format!("[{} {}/{}] {}", self.stage_label(idx), i + 2, total, one_line(&instr.original));
+            let dispatched = dispatcher.dispatch(instr).map_err(|e| anyhow!("{e}"))?;
+            match dispatched {
+                None => {
+                    fs.history.push(history_entry(&config_created_by(&instr.original), true));
+                }
+                Some(step) => {
+                    let pstep = self.progress.start(&step_name);
+                    let res = self.run_step(&mut fs, &step, &pstep).await;
+                    match res {
+                        Ok(cached) => {
+                            if cached {
+                                pstep.cached()
+                            } else {
+                                pstep.done()
+                            }
+                        }
+                        Err(e) => {
+                            pstep.error(&format!("{e:#}"));
+                            return Err(self.err_at(instr.line, format!("{e:#}")));
+                        }
+                    }
+                }
+            }
+            fs.state = dispatcher.state().clone();
+        }
+        fs.state = dispatcher.state().clone();
+        Ok(fs)
+    }
+
+    /// Runs one filesystem step; returns whether it came from the cache.
+    async fn run_step(self: &Arc<Self>, fs: &mut ImageFs, step: &Step, pstep: &ProgressStep) -> Result<bool> {
+        match step {
+            Step::Run { argv, env, user, workdir, network, created_by, .. } => {
+                let net = match network.as_deref() {
+                    Some("none") => NetworkArg::None,
+                    Some("host") | Some("default") => self.opts.network,
+                    None => self.opts.network,
+                    Some(other) => bail!("unsupported --network={other} (default, none, host)"),
+                };
+                let env_strs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let key = CacheKeyBuilder::new("run")
+                    .str("parent", fs.key.as_str())
+                    .strs("argv", argv)
+                    .strs("env", &env_strs)
+                    .str("user", user)
+                    .str("workdir", workdir)
+                    .str("network", &format!("{net:?}"))
+                    .finish();
+                if let Some(hit) = self.cached(&key)? {
+                    self.push_layer(fs, key, hit, created_by);
+                    return Ok(true);
+                }
+                let _permit = self.jobs.acquire().await?;
+                let upper = self.store.temp_dir("upper")?;
+                let work = self.store.temp_dir("work")?;
+                let stack = fs.stack();
+                if stack.resolve(workdir, true).is_none() {
+                    copy::ensure_dir(&upper, &stack, &clean_components(workdir))?;
+                }
+                let spec = rbuild_sandbox::RunSpec::builder()
+                    .lowerdirs(stack.top_first.clone())
+                    .upperdir(upper.clone())
+                    .workdir(work.clone())
+                    .argv(argv.clone())
+                    .env(env.clone())
+                    .cwd(workdir.clone())
+                    .user(user.clone())
+                    .hostname("rbuild".to_string())
+                    .network(match net {
+                        NetworkArg::Host => rbuild_sandbox::Network::Host,
+                        NetworkArg::None => rbuild_sandbox::Network::None,
+                    })
+                    .build()?;
+                let mut out = pstep.output();
+                let outcome = tokio::task::spawn_blocking(move || {
+                    let r = rbuild_sandbox::run(&spec, &mut out);
+                    drop(out);
+                    r
+                })
+                .await??;
+                let _ = rbuild_cache::remove_tree(&work);
+                for mp in &outcome.created_mountpoints {
+                    remove_mountpoint(&upper, &stack, mp);
+                }
+                match outcome.status {
+                    rbuild_sandbox::ExitKind::Exited(0) => {}
+                    status => {
+                        let _ = rbuild_cache::remove_tree(&upper);
+                        let what = match status {
+                            rbuild_sandbox::ExitKind::Exited(c) => format!("exit code {c}"),
+                            rbuild_sandbox::ExitKind::Signaled(s) => format!("killed by signal {s}"),
+                        };
+                        let tail = pstep.tail();
+                        let mut msg = format!("process {:?} did not complete successfully: {what}", argv);
+                        if !tail.is_empty() {
+                            msg.push_str("\n  last output:\n");
+                            for l in tail.iter().rev().take(10).rev() {
+                                msg.push_str(&format!("    {l}\n"));
+                            }
+                        }
+                        bail!(msg.trim_end().to_string());
+                    }
+                }
+                let rec = self.commit_dir_as_layer(upper).await?;
+                self.store.put_record(&key, &rec)?;
+                self.push_layer(fs, key, rec, created_by);
+                Ok(false)
+            }
+            Step::Copy { sources, dest, from, chown, chmod, is_add, created_by, .. } => {
+                let stack = fs.stack();
+                let owner = match chown {
+                    Some(c) => Some(stack.resolve_user(c).map_err(|e| anyhow!("--chown={c}: {e}"))?),
+                    None => None,
+                };
+                let mode = chmod.as_deref().map(copy::parse_chmod).transpose()?;
+                let attrs = CopyAttrs { owner, mode };
+                let from_fs = match from {
+                    None => None,
+                    Some(name) => Some(self.copy_from(name).await?),
+                };
+                let from_stack = from_fs.as_ref().map(|f| f.stack());
+                let source = match (&from_stack, from) {
+                    (Some(s), Some(name)) => Source::Layers { stack: s, name: name.clone() },
+                    _ => Source::Context { root: &self.opts.context, ignore: &self.ignore },
+                };
+                let mut h = rbuild_cache::Hasher::new();
+                let mut selected = Vec::new();
+                let mut inline = Vec::new();
+                for s in sources {
+                    match s {
+                        rbuild_dag::dispatch::CopySource::Path(p) => {
+                            if *is_add && (p.starts_with("http://") || p.starts_with("https://") || p.starts_with("git@")) {
+                                bail!("ADD of remote URLs is not supported yet: {p}");
+                            }
+                            let sel = source.select(p)?;
+                            for one in &sel {
+                                source.hash_into(one, &mut h)?;
+                            }
+                            selected.extend(sel);
+                        }
+                        rbuild_dag::dispatch::CopySource::Inline { name, content } => inline.push((name.clone(), content.clone())),
+                    }
+                }
+                for (n, c) in &inline {
+                    h.update(n.as_bytes());
+                    h.update(c.as_bytes());
+                }
+                let content = h.finish();
+                let key = CacheKeyBuilder::new("copy")
+                    .str("parent", fs.key.as_str())
+                    .str("from", from_fs.as_ref().map(|f| f.key.as_str()).unwrap_or("context"))
+                    .str("content", content.as_str())
+                    .str("dest", dest)
+                    .str("chown", &format!("{owner:?}"))
+                    .str("chmod", &format!("{mode:?}"))
+                    .finish();
+                if let Some(hit) = self.cached(&key)? {
+                    self.push_layer(fs, key, hit, created_by);
+                    return Ok(true);
+                }
+                let _permit = self.jobs.acquire().await?;
+                let staging = self.store.temp_dir("copy")?;
+                let n = copy::stage_copy(&staging, &stack, &source, &selected, dest, attrs)?;
+                let m = copy::stage_inline(&staging, &stack, &inline, dest, attrs)?;
+                pstep.log(&format!("copied {} files", n + m));
+                let rec = self.commit_dir_as_layer(staging).await?;
+                self.store.put_record(&key, &rec)?;
+                self.push_layer(fs, key, rec, created_by);
+                Ok(false)
+            }
+            Step::Workdir { path, created_by, .. } => {
+                let stack = fs.stack();
+                if stack.resolve(path, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false) {
+                    fs.history.push(history_entry(created_by, true));
+                    return Ok(false);
+                }
+                let owner = if fs.state.user.is_empty() { (0, 0) } else { stack.resolve_user(&fs.state.user).unwrap_or((0, 0)) };
+                let key = CacheKeyBuilder::new("workdir")
+                    .str("parent", fs.key.as_str())
+                    .str("path", path)
+                    .str("owner", &format!("{owner:?}"))
+                    .finish();
+                if let Some(hit) = self.cached(&key)? {
+                    self.push_layer(fs, key, hit, created_by);
+                    return Ok(true);
+                }
+                let staging = self.store.temp_dir("workdir")?;
+                copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
+                let rec = self.commit_dir_as_layer(staging).await?;
+                self.store.put_record(&key, &rec)?;
+                self.push_layer(fs, key, rec, created_by);
+                Ok(false)
+            }
+        }
+    }
+
+    /// The filesystem `COPY --from=NAME` reads: a stage by name or index, else an image.
+    async fn copy_from(self: &Arc<Self>, name: &str) -> Result<ImageFs> {
+        let by_name = self.dockerfile.stages.iter().position(|s| s.name.as_deref() == Some(&name.to_lowercase()));
+        let by_index = name.parse::<usize>().ok().filter(|i| *i < self.dockerfile.stages.len());
+        match by_name.or(by_index) {
+            Some(i) => self.stage_result(i).await,
+            None => self.image_fs(name).await,
+        }
+    }
+
+    fn cached(&self, key: &CacheKey) -> Result<Option<CacheRecord>> {
+        if self.opts.no_cache {
+            return Ok(None);
+        }
+        Ok(self.store.get_record(key)?)
+    }
+
+    fn push_layer(&self, fs: &mut ImageFs, key: CacheKey, rec: CacheRecord, created_by: &str) {
+        fs.key = key;
+        match rec.layer {
+            Some(l) => {
+                let dir = self.store.layer_dir(&l.diff_id);
+                fs.layers.push(Layer {
+                    desc: LayerDesc { digest: l.digest, diff_id: l.diff_id, size: l.size, media_type: l.media_type },
+                    dir,
+                });
+                fs.history.push(history_entry(created_by, false));
+            }
+            None => fs.history.push(history_entry(created_by, true)),
+        }
+    }
+
+    /// Turns a finished upperdir or staging dir into a layer blob and an unpacked layer.
+    async fn commit_dir_as_layer(&self, dir: PathBuf) -> Result<CacheRecord> {
+        let created = now_rfc3339();
+        if fs::read_dir(&dir)?.next().is_none() {
+            let _ = fs::remove_dir(&dir);
+            return Ok(CacheRecord { layer: None, created });
+        }
+        let store = self.store.clone();
+        let compression = match self.opts.compression {
+            CompressionArg::Gzip => rbuild_snapshot::Compression::Gzip { level: 6 },
+            CompressionArg::Zstd => rbuild_snapshot::Compression::Zstd { level: 3 },
+        };
+        let layer = tokio::task::spawn_blocking(move || -> Result<LayerRef> {
+            let tmp = store.temp_path("layer");
+            let blob = rbuild_snapshot::write_layer_blob(&dir, &tmp, compression, &rbuild_snapshot::DiffOptions::default())
+                .map_err(|e| {
+                    let _ = fs::remove_file(&tmp);
+                    anyhow!("writing layer from {}: {e}", dir.display())
+                })?;
+            let digest: Digest = blob.digest.parse()?;
+            let diff_id: Digest = blob.diff_id.parse()?;
+            store.commit_blob_file(&tmp, &digest)?;
+            store.commit_layer_dir(&dir, &diff_id)?;
+            Ok(LayerRef { diff_id, digest, size: blob.size, media_type: blob.media_type.to_string() })
+        })
+        .await??;
+        Ok(CacheRecord { layer: Some(layer), created })
+    }
+
+    /// The final image config and manifest.
+    fn assemble(&self, fs: &ImageFs) -> Result<BuiltImage> {
+        let mut config = fs.config.clone();
+        let obj = config.as_object_mut().ok_or_else(|| anyhow!("base image config is not an object"))?;
+        obj.remove("container_config");
+        obj.remove("container");
+        obj.remove("docker_version");
+        obj.remove("id");
+        obj.remove("parent");
+        let (os, arch) = self.opts.platform.split_once('/').unwrap_or(("linux", "amd64"));
+        obj.insert("os".into(), json!(os));
+        obj.insert("architecture".into(), json!(arch));
+        obj.insert("created".into(), json!(now_rfc3339()));
+        let mut c = obj.get("config").cloned().unwrap_or_else(|| json!({}));
+        apply_state_to_config(&fs.state, &mut c);
+        obj.insert("config".into(), c);
+        obj.insert(
+            "rootfs".into(),
+            json!({"type": "layers", "diff_ids": fs.layers.iter().map(|l| l.desc.diff_id.to_string()).collect::<Vec<_>>()}),
+        );
+        obj.insert("history".into(), Value::Array(fs.history.clone()));
+        let layers = fs.layers.iter().map(|l| l.desc.clone()).collect();
+        image::assemble_json(config, layers, &self.store)
+    }
+}
+
+fn describe_output(o: &OutputSpec) -> String {
+    match o {
+        OutputSpec::Registry => "to registry".into(),
+        OutputSpec::Oci(d) => format!("OCI layout {}", d.display()),
+        OutputSpec::Docker(p) => format!("docker archive {}", p.display()),
+        OutputSpec::Local(d) => format!("rootfs to {}", d.display()),
+    }
+}
+
+fn split_layout_ref(rest: &str) -> (&str, Option<&str>) {
+    // oci-layout://DIR[:TAG]; a ':' after the last '/' starts the tag.
+    let slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
+    match rest[slash..].rfind(':') {
+        Some(i) => (&rest[..slash + i], Some(&rest[slash + i + 1..])),
+        None => (rest, None),
+    }
+}
+
+fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<PathBuf> {
+    if store.has_layer(&l.diff_id) {
+        return Ok(store.layer_dir(&l.diff_id));
+    }
+    let tmp = store.temp_dir("unpack")?;
+    let file = store.open_blob(&l.digest)?;
+    let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
+    let mut hashing = HashingReader { inner: reader, hasher: rbuild_cache::Hasher::new() };
+    let res = rbuild_snapshot::unpack_layer(&mut hashing, &tmp, &rbuild_snapshot::UnpackOptions::default());
+    if let Err(e) = res {
+        let _ = rbuild_cache::remove_tree(&tmp);
+        bail!("unpacking layer {}: {e}", l.digest);
+    }
+    // Drain what the tar reader left (end-of-archive padding) so the diffID covers it all.
+    std::io::copy(&mut hashing, &mut std::io::sink())?;
+    let diff_id = hashing.hasher.finish();
+    if diff_id != l.diff_id {
+        let _ = rbuild_cache::remove_tree(&tmp);
+        bail!("layer {}: uncompressed content is {diff_id}, but the image config says {}", l.digest, l.diff_id);
+    }
+    Ok(store.commit_layer_dir(&tmp, &l.diff_id)?)
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: rbuild_cache::Hasher,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Removes a mountpoint the sandbox had to create (and parents it created that are now empty
+/// and unchanged copies of the image's directories) from an upperdir.
+fn remove_mountpoint(upper: &Path, image: &LayerStack, rel: &str) {
+    let comps = clean_components(rel);
+    let p = upper.join(comps.join("/"));
+    match fs::symlink_metadata(&p) {
+        Ok(m) if m.is_dir() => {
+            let _ = fs::remove_dir(&p);
+        }
+        Ok(_) => {
+            let _ = fs::remove_file(&p);
+        }
+        Err(_) => {}
+    }
+    for n in (1..comps.len()).rev() {
+        let dir = upper.join(comps[..n].join("/"));
+        let Ok(md) = fs::symlink_metadata(&dir) else { continue };
+        let empty = fs::read_dir(&dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let same = match image.resolve(&format!("/{}", comps[..n].join("/")), false) {
+            Some((_, _, lm)) => lm.is_dir() && lm.mode() == md.mode() && lm.uid() == md.uid() && lm.gid() == md.gid(),
+            None => true,
+        };
+        let opaque = rustix::fs::lgetxattr(&dir, "user.overlay.opaque", &mut [0u8; 4]).is_ok();
+        if empty && same && !opaque {
+            let _ = fs::remove_dir(&dir);
+        } else {
+            break;
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let s: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.chars().count() > 120 {
+        format!("{}...", s.chars().take(117).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn config_created_by(original: &str) -> String {
+    format!("{} # buildkit", one_line(original))
+}
+
+fn history_entry(created_by: &str, empty: bool) -> Value {
+    let mut h = json!({"created": now_rfc3339(), "created_by": created_by, "comment": "buildkit.dockerfile.v0"});
+    if empty {
+        h["empty_layer"] = json!(true);
+    }
+    h
+}
+
+/// Now (or `SOURCE_DATE_EPOCH`) as RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    let secs = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+    rfc3339(secs)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC.
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+}
+
+/// Reads the Dockerfile-visible state out of an image config JSON.
+fn state_from_config(config: &Value) -> ImageState {
+    let c = config.get("config").cloned().unwrap_or_else(|| json!({}));
+    let strs = |v: Option<&Value>| -> Option<Vec<String>> {
+        v.and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+    };
+    let keys = |v: Option<&Value>| -> std::collections::BTreeSet<String> {
+        v.and_then(|v| v.as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default()
+    };
+    let mut st = ImageState::default();
+    st.env = strs(c.get("Env"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv, String::new()),
+        })
+        .collect();
+    st.user = c.get("User").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    st.workdir = c.get("WorkingDir").and_then(|v| v.as_str()).filter(|s| !s.is_empty()).unwrap_or("/").to_string();
+    st.cmd = strs(c.get("Cmd"));
+    st.entrypoint = strs(c.get("Entrypoint"));
+    st.labels = c
+        .get("Labels")
+        .and_then(|v| v.as_object())
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+        .unwrap_or_default();
+    st.exposed_ports = keys(c.get("ExposedPorts"));
+    st.volumes = keys(c.get("Volumes"));
+    st.stop_signal = c.get("StopSignal").and_then(|v| v.as_str()).map(str::to_string);
+    if let Some(sh) = strs(c.get("Shell")) {
+        st.shell = sh;
+    }
+    st.onbuild = strs(c.get("OnBuild")).unwrap_or_default();
+    st.healthcheck = c.get("Healthcheck").and_then(|h| serde_json::from_value(h.clone()).ok());
+    st
+}
+
+/// Writes the Dockerfile-visible state into the `config` object of an image config.
+fn apply_state_to_config(st: &ImageState, c: &mut Value) {
+    let set = |c: &mut Value, k: &str, v: Option<Value>| {
+        let o = c.as_object_mut().unwrap();
+        match v {
+            Some(v) => {
+                o.insert(k.to_string(), v);
+            }
+            None => {
+                o.remove(k);
+            }
+        }
+    };
+    if !c.is_object() {
+        *c = json!({});
+    }
+    let env: Vec<String> = st.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    set(c, "Env", (!env.is_empty()).then(|| json!(env)));
+    set(c, "User", (!st.user.is_empty()).then(|| json!(st.user)));
+    set(c, "WorkingDir", (st.workdir != "/" && !st.workdir.is_empty()).then(|| json!(st.workdir)));
+    set(c, "Cmd", st.cmd.as_ref().map(|v| json!(v)));
+    set(c, "Entrypoint", st.entrypoint.as_ref().map(|v| json!(v)));
+    set(c, "Labels", (!st.labels.is_empty()).then(|| json!(st.labels)));
+    let obj_of = |s: &std::collections::BTreeSet<String>| -> Value { Value::Object(s.iter().map(|k| (k.clone(), json!({}))).collect()) };
+    set(c, "ExposedPorts", (!st.exposed_ports.is_empty()).then(|| obj_of(&st.exposed_ports)));
+    set(c, "Volumes", (!st.volumes.is_empty()).then(|| obj_of(&st.volumes)));
+    set(c, "StopSignal", st.stop_signal.as_ref().map(|s| json!(s)));
+    let default_shell = ["/bin/sh".to_string(), "-c".to_string()];
+    set(c, "Shell", (st.shell.as_slice() != default_shell.as_slice()).then(|| json!(st.shell)));
+    set(c, "OnBuild", (!st.onbuild.is_empty()).then(|| json!(st.onbuild)));
+    set(c, "Healthcheck", st.healthcheck.as_ref().and_then(|h| serde_json::to_value(h).ok()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_values() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn layout_refs() {
+        assert_eq!(split_layout_ref("/a/b:tag"), ("/a/b", Some("tag")));
+        assert_eq!(split_layout_ref("/a:x/b"), ("/a:x/b", None));
+    }
+}

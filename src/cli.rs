@@ -1,0 +1,224 @@
+//! Command-line interface (clap).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// rbuild: build OCI images from Dockerfiles without a daemon and without privilege.
+#[derive(Debug, Parser)]
+#[command(name = "rbuild", version, about, long_about = None)]
+#[command(after_help = "`rbuild CONTEXT` is short for `rbuild build CONTEXT`.")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build an image from a Dockerfile and a context directory.
+    Build(BuildArgs),
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// `tty` on a terminal, `plain` otherwise.
+    Auto,
+    /// Live view of the running steps (a terminal only).
+    Tty,
+    /// One line per event, step output included.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Layer compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    /// gzip (level 6): what every registry and runtime reads.
+    Gzip,
+    /// zstd (level 3): smaller and several times faster; needs containerd ≥ 1.5 / podman ≥ 3.
+    Zstd,
+}
+
+/// Network for RUN steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetworkArg {
+    /// The builder's own network (what `docker build` gives RUN).
+    Host,
+    /// A network namespace with only loopback.
+    None,
+}
+
+/// Options of `rbuild build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The build context: a directory.
+    pub context: PathBuf,
+
+    /// The Dockerfile [default: CONTEXT/Dockerfile].
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub file: Option<PathBuf>,
+
+    /// Name and tag of the image, e.g. `registry:5000/app:1` (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "REF")]
+    pub tags: Vec<String>,
+
+    /// Set a build-time variable (repeatable). `--build-arg NAME` takes NAME's value from the environment.
+    #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+    pub build_args: Vec<String>,
+
+    /// Build this stage (and what it needs) instead of the last one.
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+
+    /// Push the image to the registry of every `--tag` (same as `--output type=registry`).
+    #[arg(long)]
+    pub push: bool,
+
+    /// Where the result goes (repeatable): `type=registry`, `type=oci,dest=DIR`,
+    /// `type=docker,dest=FILE.tar`, `type=local,dest=DIR`. A bare path means `type=local,dest=PATH`.
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    pub outputs: Vec<String>,
+
+    /// Speak plain HTTP to this registry (repeatable). Loopback registries use HTTP anyway.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Do not use the build cache: every step runs.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Network of RUN steps.
+    #[arg(long, value_enum, default_value = "host")]
+    pub network: NetworkArg,
+
+    /// Progress output.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+
+    /// Write the image ID (the config digest) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub iidfile: Option<PathBuf>,
+
+    /// Write build metadata as JSON to this file (image digest, config digest, tags).
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+
+    /// Compression of new layers.
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub compression: CompressionArg,
+
+    /// Target platform of base images (only the build machine's own is supported today).
+    #[arg(long, value_name = "OS/ARCH", default_value = "linux/amd64")]
+    pub platform: String,
+
+    /// Steps that may run at once [default: number of cores].
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+
+    /// State directory [default: $XDG_DATA_HOME/rbuild, ~/.local/share/rbuild, or /var/lib/rbuild as root].
+    #[arg(long, value_name = "DIR", env = "RBUILD_ROOT")]
+    pub root: Option<PathBuf>,
+}
+
+/// Subcommand names, so that `rbuild CONTEXT` can mean `rbuild build CONTEXT`.
+pub const SUBCOMMANDS: &[&str] = &["build", "help"];
+
+/// Inserts `build` when the first argument is not a subcommand or a top-level flag.
+pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
+        let top_level = matches!(first, "-h" | "--help" | "-V" | "--version");
+        if !top_level && !SUBCOMMANDS.contains(&first) {
+            args.insert(1, "build".into());
+        }
+    }
+    args
+}
+
+/// One parsed `--output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputSpec {
+    /// Push to the registry of every tag.
+    Registry,
+    /// An OCI image layout directory.
+    Oci(PathBuf),
+    /// A `docker load` archive.
+    Docker(PathBuf),
+    /// The root filesystem, unpacked.
+    Local(PathBuf),
+}
+
+/// Parses one `--output` value.
+pub fn parse_output(spec: &str) -> Result<OutputSpec, String> {
+    if !spec.contains('=') {
+        return Ok(OutputSpec::Local(PathBuf::from(spec)));
+    }
+    let mut kind = None;
+    let mut dest = None;
+    for part in spec.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("--output {spec:?}: {part:?} is not KEY=VALUE"))?;
+        match k {
+            "type" => kind = Some(v.to_string()),
+            "dest" => dest = Some(PathBuf::from(v)),
+            "push" if v == "true" => kind = Some("registry".into()),
+            "name" | "push" => {}
+            _ => return Err(format!("--output {spec:?}: unknown key {k:?}")),
+        }
+    }
+    let kind = kind.ok_or_else(|| format!("--output {spec:?}: missing type="))?;
+    let need_dest = |kind: &str| dest.clone().ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest="));
+    match kind.as_str() {
+        "registry" | "image" => Ok(OutputSpec::Registry),
+        "oci" => Ok(OutputSpec::Oci(need_dest("oci")?)),
+        "docker" | "tar" => Ok(OutputSpec::Docker(need_dest("docker")?)),
+        "local" => Ok(OutputSpec::Local(need_dest("local")?)),
+        other => Err(format!("--output {spec:?}: unknown type {other:?} (registry, oci, docker, local)")),
+    }
+}
+
+/// Parses `--build-arg` values; `NAME` alone takes the value from the environment (and is
+/// skipped when unset, as docker does).
+pub fn parse_build_args(args: &[String]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in args {
+        match a.split_once('=') {
+            Some((k, v)) => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                if let Ok(v) = std::env::var(a) {
+                    out.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_context_means_build() {
+        let a = normalize_args(vec!["rbuild".into(), ".".into()]);
+        assert_eq!(a[1], "build");
+        let a = normalize_args(vec!["rbuild".into(), "--help".into()]);
+        assert_eq!(a[1], "--help");
+        let cli = Cli::try_parse_from(normalize_args(vec!["rbuild".into(), "-t".into(), "x".into(), "ctx".into()])).unwrap();
+        let Command::Build(b) = cli.command;
+        assert_eq!(b.tags, vec!["x"]);
+        assert_eq!(b.context, PathBuf::from("ctx"));
+    }
+
+    #[test]
+    fn outputs_parse() {
+        assert_eq!(parse_output("type=oci,dest=/x").unwrap(), OutputSpec::Oci("/x".into()));
+        assert_eq!(parse_output("type=registry").unwrap(), OutputSpec::Registry);
+        assert_eq!(parse_output("out").unwrap(), OutputSpec::Local("out".into()));
+        assert!(parse_output("type=oci").unwrap_err().contains("needs dest"));
+        assert!(parse_output("type=zip,dest=x").unwrap_err().contains("unknown type"));
+    }
+}

@@ -1,0 +1,481 @@
+//! COPY and ADD of local files and of other stages' files: staged into a plain directory
+//! (no sandbox, no overlay mount) that then becomes the layer.
+
+use crate::rootfs::{clean_components, LayerStack};
+use rbuild_cache::Hasher;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Errors of a COPY/ADD step; each names the source or destination.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// A source matched nothing.
+    #[error("{0}: not found in the build context (or excluded by .dockerignore)")]
+    NotFound(String),
+    /// A source that matched nothing in another stage.
+    #[error("{0}: not found in stage {1}")]
+    NotFoundInStage(String, String),
+    /// A source path that leaves the context.
+    #[error("{0}: source path is outside the build context")]
+    OutsideContext(String),
+    /// Several sources need a directory destination.
+    #[error("when copying several sources the destination must be a directory and end with a /: {0}")]
+    DestNotDir(String),
+    /// A bad --chmod value.
+    #[error("invalid --chmod {0:?}: want an octal mode such as 0755")]
+    BadChmod(String),
+    /// An I/O error on a path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn ioe(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
+    move |source| CopyError::Io { path: path.to_path_buf(), source }
+}
+
+/// Where COPY reads from.
+pub enum Source<'a> {
+    /// The build context directory, with its ignore rules.
+    Context { root: &'a Path, ignore: &'a rbuild_dag::ignore::IgnoreMatcher },
+    /// The filesystem of another stage or image.
+    Layers { stack: &'a LayerStack, name: String },
+}
+
+/// A source item resolved to something that exists.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    /// Path relative to the source root (`/`-separated, no leading slash).
+    pub rel: String,
+    /// The backing file on disk.
+    pub file: PathBuf,
+    /// Its metadata (not following a final symlink).
+    pub md: fs::Metadata,
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Minimal glob match of one path component (`*`, `?`, `[...]`), as filepath.Match does.
+pub fn glob_match(pat: &str, name: &str) -> bool {
+    fn m(p: &[char], n: &[char]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some('*') => (0..=n.len()).any(|i| m(&p[1..], &n[i..])),
+            Some('?') => !n.is_empty() && m(&p[1..], &n[1..]),
+            Some('[') => {
+                let Some(end) = p.iter().position(|&c| c == ']') else { return false };
+                let Some(&c) = n.first() else { return false };
+                let class = &p[1..end];
+                let (neg, class) = match class.first() {
+                    Some('^') | Some('!') => (true, &class[1..]),
+                    _ => (false, class),
+                };
+                let mut hit = false;
+                let mut i = 0;
+                while i < class.len() {
+                    if i + 2 < class.len() && class[i + 1] == '-' {
+                        hit |= class[i] <= c && c <= class[i + 2];
+                        i += 3;
+                    } else {
+                        hit |= class[i] == c;
+                        i += 1;
+                    }
+                }
+                hit != neg && m(&p[end + 1..], &n[1..])
+            }
+            Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && m(&p[2..], &n[1..]),
+            Some(&c) => n.first() == Some(&c) && m(&p[1..], &n[1..]),
+        }
+    }
+    let p: Vec<char> = pat.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    m(&p, &n)
+}
+
+impl Source<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Source::Context { .. } => "context".into(),
+            Source::Layers { name, .. } => name.clone(),
+        }
+    }
+
+    fn lookup(&self, rel: &str) -> Option<(PathBuf, fs::Metadata)> {
+        match self {
+            Source::Context { root, ignore } => {
+                if rel.is_empty() {
+                    return fs::symlink_metadata(root).ok().map(|m| (root.to_path_buf(), m));
+                }
+                let p = root.join(rel);
+                let md = fs::symlink_metadata(&p).ok()?;
+                if ignore.is_excluded(rel, md.is_dir()) {
+                    return None;
+                }
+                Some((p, md))
+            }
+            Source::Layers { stack, .. } => {
+                let (_, file, md) = stack.resolve(&format!("/{rel}"), false)?;
+                Some((file, md))
+            }
+        }
+    }
+
+    /// Names in a directory of the source (sorted, ignored entries dropped).
+    fn list(&self, rel: &str) -> Result<Vec<String>, CopyError> {
+        let mut names = match self {
+            Source::Context { root, ignore } => {
+                let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+                let mut v = Vec::new();
+                for e in fs::read_dir(&dir).map_err(ioe(&dir))? {
+                    let e = e.map_err(ioe(&dir))?;
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let child = join_rel(rel, &name);
+                    let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                    if ignore.is_excluded(&child, is_dir) && !(is_dir && ignore.may_include_below(&child)) {
+                        continue;
+                    }
+                    v.push(name);
+                }
+                v
+            }
+            Source::Layers { stack, .. } => stack.list_dir(&format!("/{rel}")),
+        };
+        names.sort();
+        Ok(names)
+    }
+
+    /// Resolves a COPY source (a path or a glob, relative to the source root).
+    pub fn select(&self, src: &str) -> Result<Vec<Selected>, CopyError> {
+        let comps = clean_components(&format!("/{src}"));
+        if matches!(self, Source::Context { .. }) && src_escapes(src) {
+            return Err(CopyError::OutsideContext(src.to_string()));
+        }
+        let mut current: Vec<String> = vec![String::new()];
+        for c in &comps {
+            let mut next = Vec::new();
+            for base in &current {
+                if has_glob(c) {
+                    for name in self.list(base)? {
+                        if glob_match(c, &name) {
+                            next.push(join_rel(base, &name));
+                        }
+                    }
+                } else {
+                    next.push(join_rel(base, c));
+                }
+            }
+            current = next;
+        }
+        let mut out = Vec::new();
+        for rel in current {
+            if let Some((file, md)) = self.lookup(&rel) {
+                out.push(Selected { rel, file, md });
+            }
+        }
+        if out.is_empty() {
+            return Err(match self {
+                Source::Context { .. } => CopyError::NotFound(src.to_string()),
+                Source::Layers { name, .. } => CopyError::NotFoundInStage(src.to_string(), name.clone()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Feeds the content and metadata of a selected item (recursively) into `h`.
+    pub fn hash_into(&self, sel: &Selected, h: &mut Hasher) -> Result<(), CopyError> {
+        let mut stack = vec![(sel.rel.clone(), sel.file.clone(), sel.md.clone())];
+        while let Some((rel, file, md)) = stack.pop() {
+            h.update(rel.as_bytes());
+            h.update(&[0]);
+            h.update(&md.mode().to_le_bytes());
+            if matches!(self, Source::Layers { .. }) {
+                h.update(&md.uid().to_le_bytes());
+                h.update(&md.gid().to_le_bytes());
+            }
+            if md.file_type().is_symlink() {
+                h.update(fs::read_link(&file).map_err(ioe(&file))?.as_os_str().as_encoded_bytes());
+            } else if md.is_file() {
+                h.update(&md.len().to_le_bytes());
+                let mut f = fs::File::open(&file).map_err(ioe(&file))?;
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    let n = f.read(&mut buf).map_err(ioe(&file))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+            } else if md.is_dir() {
+                let mut children = Vec::new();
+                for name in self.list(&rel)? {
+                    let crel = join_rel(&rel, &name);
+                    if let Some((cf, cmd)) = self.lookup(&crel) {
+                        children.push((crel, cf, cmd));
+                    }
+                }
+                children.reverse();
+                stack.extend(children);
+            }
+        }
+        let _ = self.describe();
+        Ok(())
+    }
+}
+
+fn src_escapes(src: &str) -> bool {
+    let mut depth: i64 = 0;
+    for c in src.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
+/// Joins a relative base and a name.
+pub fn join_rel(base: &str, name: &str) -> String {
+    if base.is_empty() {
+        name.to_string()
+    } else {
+        format!("{base}/{name}")
+    }
+}
+
+/// Ownership and mode overrides of a COPY.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyAttrs {
+    /// `--chown` resolved to numbers; `None` keeps the source's owner (stages) or 0:0 (context).
+    pub owner: Option<(u32, u32)>,
+    /// `--chmod` as bits.
+    pub mode: Option<u32>,
+}
+
+/// Parses an octal `--chmod`.
+pub fn parse_chmod(s: &str) -> Result<u32, CopyError> {
+    u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o7777).ok_or_else(|| CopyError::BadChmod(s.to_string()))
+}
+
+/// Stages one COPY into `staging` (an empty dir that becomes the layer).
+/// `dest` is absolute; `image` is the destination image's current filesystem.
+pub fn stage_copy(
+    staging: &Path,
+    image: &LayerStack,
+    source: &Source<'_>,
+    selected: &[Selected],
+    dest: &str,
+    attrs: CopyAttrs,
+) -> Result<u64, CopyError> {
+    let dest_is_dir_syntax = dest.ends_with('/') || dest.ends_with("/.");
+    let multiple = selected.len() > 1;
+    // Follow symlinks of the image in the destination, as docker does.
+    let resolved_dest = match image.resolve(dest, true) {
+        Some((p, _, md)) => (p, Some(md)),
+        None => {
+            let comps = clean_components(dest);
+            let (parent, last) = comps.split_at(comps.len().saturating_sub(1));
+            let parent_resolved = image
+                .resolve(&format!("/{}", parent.join("/")), true)
+                .map(|(p, _, _)| p)
+                .unwrap_or_else(|| format!("/{}", parent.join("/")));
+            (format!("{}/{}", parent_resolved.trim_end_matches('/'), last.join("/")), None)
+        }
+    };
+    let dest_exists_as_dir = resolved_dest.1.as_ref().map(|m| m.is_dir()).unwrap_or(false);
+    if multiple && !dest_is_dir_syntax && !dest_exists_as_dir {
+        return Err(CopyError::DestNotDir(dest.to_string()));
+    }
+    let dest_dir_comps = clean_components(&resolved_dest.0);
+    let default_owner = match source {
+        Source::Context { .. } => Some(attrs.owner.unwrap_or((0, 0))),
+        Source::Layers { .. } => attrs.owner,
+    };
+    let mut count = 0;
+    for sel in selected {
+        let target_comps: Vec<String> = if sel.md.is_dir() {
+            dest_dir_comps.clone()
+        } else if dest_is_dir_syntax || dest_exists_as_dir || multiple {
+            let mut c = dest_dir_comps.clone();
+            c.push(sel.rel.rsplit('/').next().unwrap_or(&sel.rel).to_string());
+            c
+        } else {
+            dest_dir_comps.clone()
+        };
+        let parent_len = if sel.md.is_dir() { target_comps.len() } else { target_comps.len().saturating_sub(1) };
+        ensure_parents(staging, image, &target_comps[..parent_len], default_owner.unwrap_or((0, 0)), sel.md.is_dir().then_some(attrs))?;
+        let target = staging.join(target_comps.join("/"));
+        if sel.md.is_dir() {
+            count += copy_tree(source, &sel.rel, &target, default_owner, attrs.mode, true)?;
+        } else {
+            count += copy_one(source, &sel.rel, &sel.file, &sel.md, &target, default_owner, attrs.mode)?;
+        }
+    }
+    Ok(count)
+}
+
+/// Creates `comps` below `staging`, copying each directory's metadata from the image when it
+/// exists there, so the layer does not change directories it only passes through.
+fn ensure_parents(staging: &Path, image: &LayerStack, comps: &[String], owner: (u32, u32), last_attrs: Option<CopyAttrs>) -> Result<(), CopyError> {
+    let mut p = staging.to_path_buf();
+    for (i, c) in comps.iter().enumerate() {
+        p.push(c);
+        if p.exists() {
+            continue;
+        }
+        fs::create_dir(&p).map_err(ioe(&p))?;
+        let image_path = format!("/{}", comps[..=i].join("/"));
+        match image.resolve(&image_path, true) {
+            Some((_, _, md)) if md.is_dir() => {
+                set_meta(&p, md.uid(), md.gid(), md.mode() & 0o7777, Some((md.mtime(), md.mtime_nsec())), false)?;
+            }
+            _ => {
+                let is_last = i + 1 == comps.len();
+                let mode = match (is_last, last_attrs.and_then(|a| a.mode)) {
+                    (true, Some(m)) => m,
+                    _ => 0o755,
+                };
+                set_meta(&p, owner.0, owner.1, mode, None, false)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_meta(p: &Path, uid: u32, gid: u32, mode: u32, mtime: Option<(i64, i64)>, symlink: bool) -> Result<(), CopyError> {
+    use rustix::fs::{chownat, AtFlags, Gid, Uid, CWD};
+    // SAFETY-free: rustix validates nothing about ids; the build namespace maps them or fails.
+    chownat(CWD, p, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| CopyError::Io { path: p.to_path_buf(), source: e.into() })?;
+    if !symlink {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(ioe(p))?;
+    }
+    if let Some((s, ns)) = mtime {
+        let ts = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec { tv_sec: s, tv_nsec: ns as _ },
+            last_modification: rustix::fs::Timespec { tv_sec: s, tv_nsec: ns as _ },
+        };
+        rustix::fs::utimensat(CWD, p, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| CopyError::Io { path: p.to_path_buf(), source: e.into() })?;
+    }
+    Ok(())
+}
+
+fn copy_one(source: &Source<'_>, _rel: &str, file: &Path, md: &fs::Metadata, target: &Path, owner: Option<(u32, u32)>, mode: Option<u32>) -> Result<u64, CopyError> {
+    if let Ok(old) = fs::symlink_metadata(target) {
+        if old.is_dir() {
+            fs::remove_dir_all(target).map_err(ioe(target))?;
+        } else {
+            fs::remove_file(target).map_err(ioe(target))?;
+        }
+    }
+    let (uid, gid) = owner.unwrap_or((md.uid(), md.gid()));
+    let times = Some((md.mtime(), md.mtime_nsec()));
+    if md.file_type().is_symlink() {
+        let t = fs::read_link(file).map_err(ioe(file))?;
+        std::os::unix::fs::symlink(&t, target).map_err(ioe(target))?;
+        set_meta(target, uid, gid, 0, times, true)?;
+    } else if md.is_file() {
+        let mut r = fs::File::open(file).map_err(ioe(file))?;
+        let mut w = fs::File::create(target).map_err(ioe(target))?;
+        io::copy(&mut r, &mut w).map_err(ioe(target))?;
+        drop(w);
+        set_meta(target, uid, gid, mode.unwrap_or(md.mode() & 0o7777), times, false)?;
+    } else {
+        // Sockets, fifos and devices in a context are skipped, as docker does for sockets.
+        let _ = source;
+        return Ok(0);
+    }
+    Ok(1)
+}
+
+fn copy_tree(source: &Source<'_>, rel: &str, target: &Path, owner: Option<(u32, u32)>, mode: Option<u32>, top: bool) -> Result<u64, CopyError> {
+    let (file, md) = source.lookup(rel).ok_or_else(|| CopyError::NotFound(rel.to_string()))?;
+    if !md.is_dir() {
+        return copy_one(source, rel, &file, &md, target, owner, mode);
+    }
+    match fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            fs::remove_file(target).map_err(ioe(target))?;
+            fs::create_dir(target).map_err(ioe(target))?;
+        }
+        Err(_) => fs::create_dir(target).map_err(ioe(target))?,
+    }
+    let mut n = 0;
+    for name in source.list(rel)? {
+        n += copy_tree(source, &join_rel(rel, &name), &target.join(&name), owner, mode, false)?;
+    }
+    // The top directory of a directory source is the destination itself: docker keeps the
+    // destination's own metadata when it already existed, and otherwise creates it.
+    if !top {
+        let (uid, gid) = owner.unwrap_or((md.uid(), md.gid()));
+        set_meta(target, uid, gid, mode.unwrap_or(md.mode() & 0o7777), Some((md.mtime(), md.mtime_nsec())), false)?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.txt", "a.txt"));
+        assert!(!glob_match("*.txt", "a.txt.bak"));
+        assert!(glob_match("file?", "file1"));
+        assert!(glob_match("[a-c]x", "bx"));
+        assert!(!glob_match("[^a-c]x", "bx"));
+    }
+
+    #[test]
+    fn escapes() {
+        assert!(src_escapes("../x"));
+        assert!(src_escapes("a/../../x"));
+        assert!(!src_escapes("a/../x"));
+    }
+}
+
+/// Creates the directory `comps` (and missing parents) in `staging`, owned by root, copying
+/// the metadata of directories the image already has.
+pub fn ensure_dir(staging: &Path, image: &LayerStack, comps: &[String]) -> Result<(), CopyError> {
+    ensure_parents(staging, image, comps, (0, 0), None)
+}
+
+/// Like [`ensure_dir`], but new directories belong to `owner` (WORKDIR under a USER).
+pub fn ensure_dir_owned(staging: &Path, image: &LayerStack, comps: &[String], owner: (u32, u32)) -> Result<(), CopyError> {
+    ensure_parents(staging, image, comps, owner, None)
+}
+
+/// Stages heredoc sources (`COPY <<EOF /path`): each becomes a regular file, mode 0644
+/// unless `--chmod` says otherwise.
+pub fn stage_inline(staging: &Path, image: &LayerStack, inline: &[(String, String)], dest: &str, attrs: CopyAttrs) -> Result<u64, CopyError> {
+    if inline.is_empty() {
+        return Ok(0);
+    }
+    let dest_dir = dest.ends_with('/') || inline.len() > 1 || image.resolve(dest, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false);
+    let owner = attrs.owner.unwrap_or((0, 0));
+    for (name, content) in inline {
+        let mut comps = clean_components(&image.resolve(dest, true).map(|(p, _, _)| p).unwrap_or_else(|| dest.to_string()));
+        if dest_dir {
+            comps.push(name.clone());
+        }
+        ensure_parents(staging, image, &comps[..comps.len() - 1], owner, None)?;
+        let target = staging.join(comps.join("/"));
+        fs::write(&target, content).map_err(ioe(&target))?;
+        set_meta(&target, owner.0, owner.1, attrs.mode.unwrap_or(0o644), None, false)?;
+    }
+    Ok(inline.len() as u64)
+}
