@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what rbuild and its tests need on Debian 12, then builds rbuild (release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+pkgs=(ca-certificates curl gcc pkg-config uidmap busybox-static skopeo umoci docker-registry)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  # Debian 12's own rustc is too old for rbuild's dependencies.
+  [ -x "$HOME/.cargo/bin/cargo" ] || curl -fsSL https://sh.rustup.rs | sh -s -- -y --profile minimal
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+cargo build --release --locked -q
+echo "setup: built $(pwd)/target/release/rbuild" >&2

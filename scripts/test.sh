@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests of every crate and the end-to-end tests against a real
+# registry (started per test on a free loopback port). Needs root (sudo is used if not).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+[ -x ../shared/testbed/registry-up ] || { echo "test: ../shared/testbed is missing beside the checkout" >&2; exit 1; }
+sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -E env PATH=$PATH"
+# Base images once, before tests run in parallel (the testbed cache is not concurrency-safe).
+$sudo ../shared/testbed/make-base-images --busybox-only --no-push >/dev/null
+$sudo cargo test --workspace --locked "$@"

@@ -1,0 +1,145 @@
+//! Shared set-up for the end-to-end tests: a real registry on a free loopback port, the
+//! testbed base images, and the rbuild binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The project root.
+pub fn project() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/testbed`, beside the project.
+pub fn testbed() -> PathBuf {
+    let p = project().join("../shared/testbed");
+    assert!(p.join("registry-up").exists(), "{} missing: the tests need ../shared/testbed beside the checkout", p.display());
+    p
+}
+
+/// The rbuild binary under test.
+pub fn rbuild_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rbuild"))
+}
+
+/// Runs a command, returning its output; panics with context if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A distribution registry started for one test, stopped on drop.
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry on a free port with its storage in a temp dir.
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let out = ok(Command::new(testbed().join("registry-up")).arg("0").arg(dir.path()));
+        let addr = out.trim().lines().last().unwrap().to_string();
+        Registry { addr, dir }
+    }
+
+    /// Pushes the testbed busybox image; returns `ADDR/busybox:latest`.
+    pub fn with_busybox(&self) -> String {
+        ok(Command::new(testbed().join("make-base-images")).args(["--busybox-only", &self.addr]));
+        format!("{}/busybox:latest", self.addr)
+    }
+
+    /// The registry's storage directory.
+    pub fn storage(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn port(&self) -> &str {
+        self.addr.rsplit(':').next().unwrap()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = Command::new(testbed().join("registry-down")).arg(self.port()).arg(self.dir.path()).output();
+    }
+}
+
+/// Installs Debian packages the tests need (once per test binary).
+pub fn ensure_tools() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let need: Vec<&str> = ["skopeo", "umoci", "docker-registry", "uidmap", "busybox-static", "curl"]
+            .into_iter()
+            .filter(|p| !Command::new("dpkg").args(["-s", p]).output().map(|o| o.status.success()).unwrap_or(false))
+            .collect();
+        if !need.is_empty() {
+            let _ = Command::new("apt-get").args(["update", "-qq"]).output();
+            ok(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&need).env("DEBIAN_FRONTEND", "noninteractive"));
+        }
+    });
+}
+
+/// Writes a build context from `(path, content)` pairs.
+pub fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (p, c) in files {
+        let path = dir.path().join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, c).unwrap();
+    }
+    dir
+}
+
+/// An `rbuild` command with a private state directory and plain progress.
+pub fn rbuild(root: &Path) -> Command {
+    let mut c = Command::new(rbuild_bin());
+    c.arg("build").arg("--progress=plain").arg("--root").arg(root);
+    c
+}
+
+/// Copies `docker://REF` to an OCI layout and unpacks it with umoci; returns the rootfs.
+pub fn umoci_unpack_from_registry(reference: &str, work: &Path) -> PathBuf {
+    let layout = work.join("layout");
+    ok(Command::new("skopeo").args(["copy", "-q", "--src-tls-verify=false"]).arg(format!("docker://{reference}")).arg(format!("oci:{}:img", layout.display())));
+    umoci_unpack_layout(&layout, "img", work)
+}
+
+/// Unpacks `LAYOUT:TAG` with umoci; returns the rootfs.
+pub fn umoci_unpack_layout(layout: &Path, tag: &str, work: &Path) -> PathBuf {
+    let bundle = work.join("bundle");
+    ok(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", layout.display())).arg(&bundle));
+    bundle.join("rootfs")
+}
+
+/// `skopeo inspect` of a registry image, as JSON.
+pub fn skopeo_inspect(reference: &str) -> serde_json::Value {
+    let out = ok(Command::new("skopeo").args(["inspect", "--tls-verify=false"]).arg(format!("docker://{reference}")));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `skopeo inspect --config`.
+pub fn skopeo_config(reference: &str) -> serde_json::Value {
+    let out = ok(Command::new("skopeo").args(["inspect", "--config", "--tls-verify=false"]).arg(format!("docker://{reference}")));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Entry names of a (gzip or zstd or plain) layer blob, in order, read with GNU tar.
+pub fn layer_entries(blob: &Path) -> Vec<String> {
+    let out = ok(Command::new("tar").args(["--numeric-owner", "-tvf"]).arg(blob).arg("--auto-compress"));
+    out.lines().map(|l| l.to_string()).collect()
+}

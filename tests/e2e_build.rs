@@ -1,0 +1,215 @@
+//! End-to-end: build with FROM/RUN/COPY/ENV/WORKDIR/USER/CMD, push to a real registry, and
+//! check the result with tools rbuild did not write (skopeo, umoci, GNU tar).
+//! Needs root (CI runs as root); every build runs in a PID namespace of its own so that a
+//! sandbox bug cannot signal this machine's processes.
+
+mod common;
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+
+/// `rbuild build` wrapped in a fresh PID namespace.
+fn rbuild_in_pidns(root: &std::path::Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).arg("build").arg("--progress=plain").arg("--root").arg(root);
+    c
+}
+
+const DOCKERFILE: &str = r#"FROM {BASE}
+ENV GREETING=hello \
+    TARGET=/app
+WORKDIR $TARGET
+COPY hello.txt ./
+COPY --chmod=0750 tool.sh /usr/local/bin/tool
+COPY dir/ ./dir/
+# delete a base file, replace a base directory, a hardlink and an owner change
+RUN echo "$GREETING from $(pwd)" > greeting \
+ && rm /etc/group \
+ && rm -rf /home && mkdir /home && echo new > /home/new \
+ && chown 65534:65534 greeting && chmod 640 greeting \
+ && ln greeting greeting.link
+USER nobody
+CMD ["cat", "/app/greeting"]
+"#;
+
+fn demo_context(base: &str) -> tempfile::TempDir {
+    let ctx = context(&[
+        ("Dockerfile", &DOCKERFILE.replace("{BASE}", base)),
+        ("hello.txt", "hello file\n"),
+        ("tool.sh", "#!/bin/sh\necho tool\n"),
+        ("dir/a", "a\n"),
+        ("dir/sub/b", "b\n"),
+        ("ignored.log", "must not be copied\n"),
+        (".dockerignore", "*.log\n"),
+    ]);
+    ctx
+}
+
+#[test]
+fn push_inspect_unpack_as_root() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = demo_context(&base);
+    let root = tempfile::tempdir().unwrap();
+    let meta = root.path().join("meta.json");
+    let iid = root.path().join("iid");
+    let tag = format!("{}/demo:1", reg.addr);
+    let tag2 = format!("{}/demo:latest", reg.addr);
+    let out = ok(rbuild_in_pidns(&root.path().join("store"))
+        .args(["-t", &tag, "-t", &tag2, "--push", "--metadata-file"])
+        .arg(&meta)
+        .arg("--iidfile")
+        .arg(&iid)
+        .arg(ctx.path()));
+    let _ = out;
+
+    // skopeo reads it; the digest matches what rbuild reported; both tags point at it.
+    let inspect = skopeo_inspect(&tag);
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(inspect["Digest"], meta["containerimage.digest"], "{inspect}");
+    assert_eq!(skopeo_inspect(&tag2)["Digest"], inspect["Digest"]);
+    assert_eq!(std::fs::read_to_string(&iid).unwrap(), meta["containerimage.config.digest"].as_str().unwrap());
+    let config = skopeo_config(&tag);
+    let c = &config["config"];
+    assert_eq!(c["User"], "nobody");
+    assert_eq!(c["WorkingDir"], "/app");
+    assert_eq!(c["Cmd"], serde_json::json!(["cat", "/app/greeting"]));
+    let env: Vec<&str> = c["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(env.contains(&"GREETING=hello") && env.contains(&"TARGET=/app"), "{env:?}");
+    assert!(env.iter().any(|e| e.starts_with("PATH=")), "base PATH kept: {env:?}");
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    // busybox + WORKDIR + 3 COPY + RUN
+    assert_eq!(diff_ids.len(), 6, "{config}");
+    let non_empty = config["history"].as_array().unwrap().iter().filter(|h| h["empty_layer"] != true).count();
+    assert_eq!(non_empty, diff_ids.len(), "history matches layers: {config}");
+
+    // umoci unpacks it: exact files, modes, owners, and the deletions applied.
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack_from_registry(&tag, work.path());
+    let rd = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(rd("app/hello.txt"), "hello file\n");
+    assert_eq!(rd("app/greeting"), "hello from /app\n");
+    assert_eq!(rd("app/dir/a"), "a\n");
+    assert_eq!(rd("app/dir/sub/b"), "b\n");
+    assert_eq!(rd("home/new"), "new\n");
+    assert!(!rootfs.join("app/ignored.log").exists() && !rootfs.join("app/dir/ignored.log").exists());
+    assert!(!rootfs.join("etc/group").exists(), "deleted base file must be gone");
+    assert!(rootfs.join("etc/passwd").exists());
+    let md = |p: &str| std::fs::symlink_metadata(rootfs.join(p)).unwrap();
+    assert_eq!(md("usr/local/bin/tool").permissions().mode() & 0o7777, 0o750);
+    assert_eq!(md("app/greeting").permissions().mode() & 0o7777, 0o640);
+    assert_eq!((md("app/greeting").uid(), md("app/greeting").gid()), (65534, 65534));
+    assert_eq!(md("app/hello.txt").uid(), 0);
+    assert_eq!(md("app/greeting").ino(), md("app/greeting.link").ino(), "hardlink kept");
+    let home: Vec<_> = std::fs::read_dir(rootfs.join("home")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(home, vec![std::ffi::OsString::from("new")], "replaced directory holds only the new content");
+    // Nothing the sandbox mounted leaked into the image.
+    for p in ["etc/hosts", "etc/resolv.conf", "proc", "dev", "sys"] {
+        assert!(!rootfs.join(p).exists(), "{p} leaked into the image");
+    }
+
+    // The RUN layer carries OCI whiteouts, not overlay's private forms.
+    let manifest: serde_json::Value = serde_json::from_str(&ok(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{tag}"))))
+    .unwrap();
+    let run_layer = manifest["layers"].as_array().unwrap().last().unwrap()["digest"].as_str().unwrap().to_string();
+    let blob = std::path::Path::new(reg.storage()).join("data/docker/registry/v2/blobs/sha256").join(&run_layer[7..9]).join(&run_layer[7..]).join("data");
+    let entries = layer_entries(&blob);
+    let has = |suffix: &str| entries.iter().any(|e| e.ends_with(suffix));
+    assert!(has(" etc/.wh.group"), "{entries:#?}");
+    assert!(has(" home/.wh..wh..opq"), "{entries:#?}");
+    assert!(entries.iter().any(|e| e.starts_with('h') && e.contains("app/greeting.link link to app/greeting")
+        || e.contains("app/greeting link to")), "{entries:#?}");
+    assert!(!entries.iter().any(|e| e.contains("etc/hosts") || e.contains("resolv.conf")), "{entries:#?}");
+}
+
+#[test]
+fn rebuild_is_cached_and_a_change_reruns_only_what_it_reaches() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = demo_context(&base);
+    let root = tempfile::tempdir().unwrap();
+    let first = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let second = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert_eq!(err.matches("CACHED").count(), 5, "every filesystem step cached:\n{err}");
+    // Touching an ignored file changes nothing; changing hello.txt reruns that COPY and what follows.
+    std::fs::write(ctx.path().join("ignored.log"), "changed").unwrap();
+    let third = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
+    assert_eq!(String::from_utf8_lossy(&third.stderr).matches("CACHED").count(), 5);
+    std::fs::write(ctx.path().join("hello.txt"), "changed\n").unwrap();
+    let fourth = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
+    let err = String::from_utf8_lossy(&fourth.stderr);
+    assert!(fourth.status.success(), "{err}");
+    assert_eq!(err.matches("CACHED").count(), 1, "only WORKDIR stays cached:\n{err}");
+}
+
+#[test]
+fn outputs_oci_layout_docker_archive_and_local() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo built > /built\n")), ("x", "x")]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let oci = out.path().join("oci");
+    let tarball = out.path().join("image.tar");
+    let local = out.path().join("rootfs");
+    ok(rbuild_in_pidns(root.path())
+        .args(["-t", "example.com/out:v1"])
+        .arg(format!("--output=type=oci,dest={}", oci.display()))
+        .arg(format!("--output=type=docker,dest={}", tarball.display()))
+        .arg(format!("--output=type=local,dest={}", local.display()))
+        .arg(ctx.path()));
+    ok(Command::new("skopeo").arg("inspect").arg(format!("oci:{}:v1", oci.display())));
+    let rootfs = umoci_unpack_layout(&oci, "v1", out.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("built")).unwrap(), "built\n");
+    let inspect = ok(Command::new("skopeo").arg("inspect").arg(format!("docker-archive:{}", tarball.display())));
+    assert!(inspect.contains("\"Layers\""), "{inspect}");
+    assert_eq!(std::fs::read_to_string(local.join("built")).unwrap(), "built\n");
+    assert!(local.join("bin/busybox").exists());
+}
+
+#[test]
+fn failing_run_names_the_line_and_exit_code() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo fine\nRUN echo about to fail && exit 3\n"))]);
+    let root = tempfile::tempdir().unwrap();
+    let out = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Dockerfile:3"), "{err}");
+    assert!(err.contains("exit code 3"), "{err}");
+    assert!(err.contains("about to fail"), "tail of output shown: {err}");
+    // Nothing half-written is left in the store's temp space.
+    let tmp: Vec<_> = std::fs::read_dir(root.path().join("tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+}
+
+#[test]
+fn bad_input_fails_clearly() {
+    ensure_tools();
+    let root = tempfile::tempdir().unwrap();
+    let ctx = context(&[("Dockerfile", "FROM scratch\nRUNN echo hi\n")]);
+    let out = run(rbuild(root.path()).arg(ctx.path()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Dockerfile:2") && err.contains("RUNN"), "{err}");
+    let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY missing.txt /\n")]);
+    let out = run(rbuild(root.path()).arg(ctx.path()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("missing.txt") && err.contains("Dockerfile:2"), "{err}");
+    let out = run(rbuild(root.path()).arg("/nonexistent-context"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/nonexistent-context"));
+    let ctx = context(&[("Dockerfile", "FROM 127.0.0.1:1/nothing\nRUN true\n")]);
+    let out = run(rbuild(root.path()).arg(ctx.path()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("127.0.0.1:1/nothing"), "{err}");
+}

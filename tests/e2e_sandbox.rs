@@ -1,0 +1,216 @@
+//! End-to-end isolation: a RUN step under a masked `/proc` (as in a Kubernetes pod), hostile
+//! RUN steps that try to stop or read the builder, a hostile base layer, and the rootless
+//! path of an ordinary user with a subuid range. Needs root; every build runs inside an
+//! extra PID namespace so a sandbox bug cannot kill this machine's processes.
+
+mod common;
+use common::*;
+use sha2::{Digest as _, Sha256};
+use std::path::Path;
+use std::process::Command;
+
+fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+#[test]
+fn run_under_masked_proc_like_a_pod() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {base}\n\
+             RUN ls /proc > /proc-listing && grep -q '^NSpid:' /proc/self/status && test \"$(cat /proc/keys | wc -c)\" = 0 && echo ok > /proc-ok\n"
+        ),
+    )]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    // The pod: its own user, mount and PID namespaces, a fresh /proc, masked the way
+    // runtimes mask it, the masks made inside that namespace.
+    let script = format!(
+        r#"set -e
+mount --bind /dev/null /proc/keys
+mount --bind /dev/null /proc/timer_list
+for f in kcore sched_debug latency_stats timer_stats; do [ -e /proc/$f ] && mount --bind /dev/null /proc/$f; done
+for d in acpi scsi asound; do [ -d /proc/$d ] && mount -t tmpfs -o ro tmpfs /proc/$d; done
+for d in bus fs irq sys sysrq-trigger; do [ -e /proc/$d ] && mount --bind /proc/$d /proc/$d && mount -o remount,bind,ro /proc/$d; done
+exec {rbuild} build --progress=plain --root {root} --output type=local,dest={out} {ctx}
+"#,
+        rbuild = rbuild_bin().display(),
+        root = root.path().display(),
+        out = out.path().join("rootfs").display(),
+        ctx = ctx.path().display()
+    );
+    let res = run(Command::new("unshare")
+        .args(["--user", "--map-users=0,0,65536", "--map-groups=0,0,65536", "--mount", "--propagation=private", "--pid", "--fork", "--mount-proc", "sh", "-c", &script]));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "build under masked /proc failed:\n{err}");
+    let rootfs = out.path().join("rootfs");
+    assert_eq!(std::fs::read_to_string(rootfs.join("proc-ok")).unwrap(), "ok\n");
+    let listing = std::fs::read_to_string(rootfs.join("proc-listing")).unwrap();
+    let pids: Vec<&str> = listing.lines().filter(|l| l.chars().all(|c| c.is_ascii_digit())).collect();
+    assert!(pids.contains(&"1") && pids.len() <= 4, "RUN sees only its own PID namespace: {pids:?}");
+}
+
+#[test]
+fn hostile_run_cannot_stop_or_read_the_builder() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let secret_dir = root.path().display().to_string();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {base}\n\
+             RUN kill -9 -1; echo survived-kill-all\n\
+             RUN kill -9 $PPID; kill -9 1; echo survived-kill-parent\n\
+             RUN sleep 1000 & echo left-a-sleeper\n\
+             RUN test ! -e {secret_dir} && test $(ls -d /proc/[0-9]* | wc -l) -le 4 && echo cannot-see-builder > /isolation\n"
+        ),
+    )]);
+    let out = tempfile::tempdir().unwrap();
+    let res = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(root.path())
+        .arg(format!("--output=type=local,dest={}", out.path().join("r").display()))
+        .arg(ctx.path()));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    for m in ["survived-kill-all", "survived-kill-parent", "left-a-sleeper"] {
+        assert!(err.contains(m), "{m} missing:\n{err}");
+    }
+    assert_eq!(std::fs::read_to_string(out.path().join("r/isolation")).unwrap(), "cannot-see-builder\n");
+    // The background sleeper of the third step did not outlive it.
+    let ps = ok(Command::new("ps").args(["-eo", "args"]));
+    assert!(!ps.lines().any(|l| l.trim() == "sleep 1000"), "a RUN step's process outlived it:\n{ps}");
+}
+
+/// A layer whose entries try to write outside the layer directory.
+fn hostile_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut raw = |name: &[u8], kind: tar::EntryType, link: Option<&[u8]>, data: &[u8]| {
+        let mut h = tar::Header::new_old();
+        {
+            let old = h.as_old_mut();
+            old.name[..name.len()].copy_from_slice(name);
+            if let Some(l) = link {
+                old.linkname[..l.len()].copy_from_slice(l);
+            }
+        }
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    raw(b"../../../../../../tmp/rbuild-escape-dotdot", tar::EntryType::Regular, None, b"x");
+    raw(b"lnk", tar::EntryType::Symlink, Some(b"/tmp/rbuild-escape-dir"), b"");
+    raw(b"lnk/pwned", tar::EntryType::Regular, None, b"x");
+    raw(b"up", tar::EntryType::Symlink, Some(b"../../../../../../tmp/rbuild-escape-dir"), b"");
+    raw(b"up/pwned2", tar::EntryType::Regular, None, b"x");
+    raw(b"hl", tar::EntryType::Link, Some(b"../../../../../../tmp/rbuild-escape-dir/target"), b"");
+    raw(b"fine", tar::EntryType::Regular, None, b"fine");
+    b.into_inner().unwrap()
+}
+
+fn write_layout(dir: &Path, layer: &[u8], tag: &str) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = sha(bytes);
+        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
+        d
+    };
+    let layer_digest = put(layer);
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}});
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_digest = put(&config_bytes);
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_bytes.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}]});
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let manifest_digest = put(&manifest_bytes);
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_digest, "size": manifest_bytes.len(), "annotations": {"org.opencontainers.image.ref.name": tag}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn hostile_base_layer_cannot_write_outside_its_directory() {
+    ensure_tools();
+    let _ = std::fs::remove_file("/tmp/rbuild-escape-dotdot");
+    let _ = std::fs::remove_dir_all("/tmp/rbuild-escape-dir");
+    std::fs::create_dir_all("/tmp/rbuild-escape-dir").unwrap();
+    std::fs::write("/tmp/rbuild-escape-dir/target", "original").unwrap();
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), &hostile_layer(), "evil");
+    let ctx = context(&[("Dockerfile", &format!("FROM oci-layout://{}:evil\nCOPY Dockerfile /copied\n", layout.path().display()))]);
+    let root = tempfile::tempdir().unwrap();
+    let res = run(rbuild(root.path()).arg(ctx.path()));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!Path::new("/tmp/rbuild-escape-dotdot").exists(), "escaped via ..: {err}");
+    assert!(!Path::new("/tmp/rbuild-escape-dir/pwned").exists(), "escaped via an absolute symlink: {err}");
+    assert!(!Path::new("/tmp/rbuild-escape-dir/pwned2").exists(), "escaped via a relative symlink: {err}");
+    assert_eq!(std::fs::read_to_string("/tmp/rbuild-escape-dir/target").unwrap(), "original");
+    let _ = std::fs::remove_dir_all("/tmp/rbuild-escape-dir");
+}
+
+const TEST_USER: &str = "rbuildtest";
+
+fn ensure_user_with_subids() {
+    if run(Command::new("id").arg(TEST_USER)).status.success() {
+        return;
+    }
+    ok(Command::new("useradd").args(["-m", "-s", "/bin/sh", TEST_USER]));
+    for f in ["/etc/subuid", "/etc/subgid"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let kept: String = text.lines().filter(|l| !l.starts_with(&format!("{TEST_USER}:"))).map(|l| format!("{l}\n")).collect();
+        std::fs::write(f, format!("{kept}{TEST_USER}:400000:65536\n")).unwrap();
+    }
+}
+
+#[test]
+fn ordinary_user_with_subuid_range_builds_and_pushes() {
+    ensure_tools();
+    ensure_user_with_subids();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[
+        ("Dockerfile", &format!("FROM {base}\nCOPY --chown=65534:65534 f /f\nRUN echo rootless > /r && chown 123:456 /r && id -u > /id\n")),
+        ("f", "f\n"),
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    for p in [ctx.path(), home.path()] {
+        ok(Command::new("chmod").args(["-R", "a+rX"]).arg(p));
+    }
+    ok(Command::new("chown").arg(TEST_USER).arg(home.path()));
+    let tag = format!("{}/rootless:1", reg.addr);
+    let res = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "runuser", "-u", TEST_USER, "--", "env"])
+        .arg(format!("HOME={}", home.path().display()))
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "-t", &tag, "--push"])
+        .arg(ctx.path()));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains("rootless") || err.contains("user namespace"), "the isolation line says how it ran:\n{err}");
+    assert!(home.path().join(".local/share/rbuild/blobs").is_dir(), "default store under the user's home");
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack_from_registry(&tag, work.path());
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(rootfs.join("r")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (123, 456), "owners inside the image are the namespace's, not the host's");
+    let f = std::fs::metadata(rootfs.join("f")).unwrap();
+    assert_eq!((f.uid(), f.gid()), (65534, 65534));
+    assert_eq!(std::fs::read_to_string(rootfs.join("id")).unwrap(), "0\n");
+}
