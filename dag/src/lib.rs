@@ -1,0 +1,24 @@
+//! `rbuild-dag`: Dockerfile parsing (wrapping the `parse-dockerfile` crate),
+//! BuildKit-compatible word expansion, dispatch of instructions into typed
+//! build steps with image-config state, `.dockerignore` matching and the stage
+//! graph (dependencies, target pruning, order, cycles).
+//!
+//! Typical use by the builder:
+//! 1. [`parse`] the Dockerfile text;
+//! 2. [`dispatch::resolve_global_args`] with the `--build-arg` map;
+//! 3. [`graph::plan`] for the target, which gives the stages to build in order;
+//! 4. for each stage, [`dispatch::expand_base`] / the plan's [`graph::Base`], then a
+//!    [`dispatch::StageDispatcher`] fed with each [`Instruction`].
+
+#![warn(missing_docs)]
+
+pub mod dispatch;
+pub mod graph;
+pub mod ignore;
+pub mod parser;
+pub mod shell;
+
+pub use parser::{
+    parse, ArgDecl, CommandForm, CopyArgs, Directives, Dockerfile, HealthcheckArgs, Heredoc,
+    Instruction, InstructionKind, Location, ParseError, RunArgs, SourceArg, Stage, Word,
+};

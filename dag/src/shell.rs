@@ -1,0 +1,721 @@
+//! BuildKit-compatible word processing: quote removal, escapes, `$VAR` / `${…}`
+//! expansion and word splitting (semantics of BuildKit's
+//! `frontend/dockerfile/shell` lexer, independently written).
+
+use thiserror::Error;
+
+/// Errors from word expansion.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ShellError {
+    /// A single quote was opened and never closed.
+    #[error("unexpected end of statement while looking for matching single-quote")]
+    UnterminatedSingleQuote,
+    /// A double quote was opened and never closed.
+    #[error("unexpected end of statement while looking for matching double-quote")]
+    UnterminatedDoubleQuote,
+    /// `${` without its closing `}`.
+    #[error("missing '}}' in substitution")]
+    MissingBrace,
+    /// `${}` or `${` followed by something that is not a name.
+    #[error("bad substitution: {0}")]
+    BadSubstitution(String),
+    /// An unsupported modifier such as `${a^b}`.
+    #[error("unsupported modifier ({0}) in substitution")]
+    UnsupportedModifier(char),
+    /// `${VAR?msg}` / `${VAR:?msg}` on an unset (or empty) variable.
+    #[error("{name}: {message}")]
+    Required {
+        /// Variable name.
+        name: String,
+        /// Message given in the word, or the default one.
+        message: String,
+    },
+    /// Malformed key=value list (ENV/LABEL/ARG).
+    #[error("{0}")]
+    KeyValue(String),
+}
+
+/// Environment lookup used for expansion: returns the value of a variable if set.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The Dockerfile word lexer; `escape` is the parser-directive escape char (`\` or `` ` ``).
+#[derive(Debug, Clone, Copy)]
+pub struct Lexer {
+    escape: char,
+}
+
+impl Default for Lexer {
+    fn default() -> Self {
+        Lexer { escape: '\\' }
+    }
+}
+
+/// Accumulates words like BuildKit's `wordsStruct`: unquoted whitespace
+/// (literal or coming from an unquoted expansion) ends a word; empty words are dropped.
+#[derive(Default)]
+struct Words {
+    words: Vec<String>,
+    cur: String,
+}
+
+impl Words {
+    fn split_char(&mut self, c: char) {
+        if c.is_whitespace() {
+            if !self.cur.is_empty() {
+                self.words.push(std::mem::take(&mut self.cur));
+            }
+        } else {
+            self.cur.push(c);
+        }
+    }
+    fn split_str(&mut self, s: &str) {
+        s.chars().for_each(|c| self.split_char(c));
+    }
+    fn raw_char(&mut self, c: char) {
+        self.cur.push(c);
+    }
+    fn raw_str(&mut self, s: &str) {
+        self.cur.push_str(s);
+    }
+    fn finish(mut self) -> Vec<String> {
+        if !self.cur.is_empty() {
+            self.words.push(self.cur);
+        }
+        self.words
+    }
+}
+
+/// Options of one lexing run.
+#[derive(Clone, Copy, Default)]
+struct Mode {
+    /// Heredoc body: quotes are ordinary characters, escapes only before `$`/escape.
+    heredoc: bool,
+    /// Leave `$NAME` of unset variables untouched.
+    skip_unset: bool,
+}
+
+struct Scan<'a> {
+    chars: Vec<char>,
+    pos: usize,
+    lx: &'a Lexer,
+    env: EnvLookup<'a>,
+    mode: Mode,
+}
+
+impl Lexer {
+    /// A lexer using `escape` as the escape character.
+    pub fn new(escape: char) -> Self {
+        Lexer { escape }
+    }
+
+    /// The escape character.
+    pub fn escape(&self) -> char {
+        self.escape
+    }
+
+    /// Expands one word: removes quotes and escapes and substitutes variables; the
+    /// result is a single word even if it contains whitespace (BuildKit `ProcessWord`).
+    pub fn expand_word(&self, word: &str, env: EnvLookup<'_>) -> Result<String, ShellError> {
+        let mut s = self.scan(word, env, Mode::default());
+        let (out, _) = s.process(None)?;
+        Ok(out)
+    }
+
+    /// Expands `text` and splits it into words on unquoted whitespace; unquoted
+    /// expansions are split too (BuildKit `ProcessWords`).
+    pub fn expand_words(&self, text: &str, env: EnvLookup<'_>) -> Result<Vec<String>, ShellError> {
+        let mut s = self.scan(text, env, Mode::default());
+        let (_, words) = s.process(None)?;
+        Ok(words.finish())
+    }
+
+    /// Expands variables in a heredoc body: quotes and escapes are kept verbatim,
+    /// only `$…` substitutions happen (used for `COPY <<EOF` with an unquoted delimiter).
+    pub fn expand_heredoc(&self, body: &str, env: EnvLookup<'_>) -> Result<String, ShellError> {
+        let mode = Mode { heredoc: true, skip_unset: false };
+        let mut s = self.scan(body, env, mode);
+        let (out, _) = s.process(None)?;
+        Ok(out)
+    }
+
+    fn scan<'a>(&'a self, text: &str, env: EnvLookup<'a>, mode: Mode) -> Scan<'a> {
+        Scan { chars: text.chars().collect(), pos: 0, lx: self, env, mode }
+    }
+
+    /// Parses `ENV`/`LABEL`/`ARG`-style arguments into raw (unexpanded) pairs.
+    ///
+    /// `a=b c="d e"` gives `[("a", Some("b")), ("c", Some("\"d e\""))]`; with
+    /// `legacy` allowed, `key value words` gives `[("key", Some("value words"))]`;
+    /// without `=` and without legacy (ARG) a word is a name without value.
+    pub fn split_key_values(
+        &self,
+        text: &str,
+        legacy: bool,
+        instruction: &str,
+    ) -> Result<Vec<(String, Option<String>)>, ShellError> {
+        let words = self.split_raw_words(text);
+        if words.is_empty() {
+            return Err(ShellError::KeyValue(format!("{instruction} requires at least one argument")));
+        }
+        if legacy && !words[0].contains('=') {
+            // Legacy `KEY value words`: the value is the rest of the text after the key.
+            let t = text.trim_start();
+            let key_len = words[0].len();
+            let rest = t[key_len.min(t.len())..].trim_start();
+            if rest.is_empty() {
+                return Err(ShellError::KeyValue(format!(
+                    "{instruction} names can not be blank"
+                )));
+            }
+            return Ok(vec![(words[0].clone(), Some(rest.to_string()))]);
+        }
+        let mut out = Vec::new();
+        for w in words {
+            match w.find('=') {
+                Some(0) => {
+                    return Err(ShellError::KeyValue(format!(
+                        "{instruction} names can not be blank"
+                    )))
+                }
+                Some(i) => out.push((w[..i].to_string(), Some(w[i + 1..].to_string()))),
+                None if !legacy => out.push((w, None)),
+                None => {
+                    return Err(ShellError::KeyValue(format!(
+                        "Syntax error - can't find = in {w:?}. Must be of the form: name=value"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Splits on unquoted whitespace keeping quotes and escapes in the words
+    /// (BuildKit parser `parseWords`); used before expansion of key=value lists
+    /// and for heredoc detection.
+    pub fn split_raw_words(&self, text: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        let mut word = String::new();
+        let mut in_word = false;
+        let mut quote: Option<char> = None;
+        let chars: Vec<char> = text.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            if let Some(q) = quote {
+                if c == q {
+                    quote = None;
+                    word.push(c);
+                } else if c == self.escape && q != '\'' {
+                    word.push(c);
+                    if let Some(&n) = chars.get(i + 1) {
+                        word.push(n);
+                        i += 1;
+                    }
+                } else {
+                    word.push(c);
+                }
+            } else if c.is_whitespace() {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            } else {
+                in_word = true;
+                if c == '\'' || c == '"' {
+                    quote = Some(c);
+                    word.push(c);
+                } else if c == self.escape {
+                    if let Some(&n) = chars.get(i + 1) {
+                        word.push(c);
+                        word.push(n);
+                        i += 1;
+                    }
+                } else {
+                    word.push(c);
+                }
+            }
+            i += 1;
+        }
+        if in_word {
+            words.push(word);
+        }
+        words
+    }
+}
+
+impl Scan<'_> {
+    fn peek(&self) -> Option<char> {
+        self.chars.get(self.pos).copied()
+    }
+    fn next(&mut self) -> Option<char> {
+        let c = self.peek();
+        if c.is_some() {
+            self.pos += 1;
+        }
+        c
+    }
+
+    /// Processes until `stop` (consumed) or the end; returns the single-word
+    /// result and the split words.
+    fn process(&mut self, stop: Option<char>) -> Result<(String, Words), ShellError> {
+        let mut out = String::new();
+        let mut words = Words::default();
+        let mut stopped = stop.is_none();
+        while let Some(c) = self.peek() {
+            if Some(c) == stop {
+                self.pos += 1;
+                stopped = true;
+                break;
+            }
+            match c {
+                '\'' | '"' if self.mode.heredoc => {
+                    self.pos += 1;
+                    out.push(c);
+                    words.raw_char(c);
+                }
+                '\'' => {
+                    let s = self.single_quoted()?;
+                    out.push_str(&s);
+                    words.raw_str(&s);
+                }
+                '"' => {
+                    let s = self.double_quoted()?;
+                    out.push_str(&s);
+                    words.raw_str(&s);
+                }
+                '$' => {
+                    let s = self.dollar()?;
+                    out.push_str(&s);
+                    words.split_str(&s);
+                }
+                _ => {
+                    self.pos += 1;
+                    if c == self.lx.escape {
+                        match self.next() {
+                            // A trailing escape char is dropped.
+                            None => break,
+                            Some(n) => {
+                                // Heredoc bodies follow shell heredoc rules: only
+                                // `\$` and `\\` lose their backslash.
+                                if self.mode.heredoc && n != '$' && n != c {
+                                    out.push(c);
+                                    words.raw_char(c);
+                                }
+                                out.push(n);
+                                words.raw_char(n);
+                            }
+                        }
+                    } else {
+                        out.push(c);
+                        words.split_char(c);
+                    }
+                }
+            }
+        }
+        if !stopped {
+            return Err(ShellError::MissingBrace);
+        }
+        Ok((out, words))
+    }
+
+    fn single_quoted(&mut self) -> Result<String, ShellError> {
+        self.pos += 1; // opening quote
+        let mut s = String::new();
+        loop {
+            match self.next() {
+                None => return Err(ShellError::UnterminatedSingleQuote),
+                Some('\'') => break,
+                Some(c) => s.push(c),
+            }
+        }
+        Ok(s)
+    }
+
+    fn double_quoted(&mut self) -> Result<String, ShellError> {
+        self.pos += 1;
+        let mut s = String::new();
+        loop {
+            match self.peek() {
+                None => return Err(ShellError::UnterminatedDoubleQuote),
+                Some('"') => {
+                    self.pos += 1;
+                    break;
+                }
+                Some('$') => s.push_str(&self.dollar()?),
+                Some(c) => {
+                    self.pos += 1;
+                    if c == self.lx.escape {
+                        match self.peek() {
+                            None => continue,
+                            Some(n) if n == '"' || n == '$' || n == self.lx.escape => {
+                                self.pos += 1;
+                                s.push(n);
+                            }
+                            Some(_) => s.push(c),
+                        }
+                    } else {
+                        s.push(c);
+                    }
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Reads a variable name: a run of digits, one special parameter, or `[A-Za-z0-9_]+`.
+    fn name(&mut self) -> String {
+        let mut name = String::new();
+        match self.peek() {
+            Some(c) if c.is_ascii_digit() => {
+                while let Some(c) = self.peek().filter(|c| c.is_ascii_digit()) {
+                    name.push(c);
+                    self.pos += 1;
+                }
+                return name;
+            }
+            Some(c) if "@*#?-$!".contains(c) => {
+                self.pos += 1;
+                name.push(c);
+                return name;
+            }
+            _ => {}
+        }
+        while let Some(c) = self.peek() {
+            if c.is_alphanumeric() || c == '_' {
+                name.push(c);
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+        name
+    }
+
+    fn lookup(&self, name: &str) -> Option<String> {
+        (self.env)(name)
+    }
+
+    fn dollar(&mut self) -> Result<String, ShellError> {
+        self.pos += 1; // '$'
+        if self.peek() != Some('{') {
+            let name = self.name();
+            if name.is_empty() {
+                return Ok("$".into());
+            }
+            return Ok(match self.lookup(&name) {
+                Some(v) => v,
+                None if self.mode.skip_unset => format!("${name}"),
+                None => String::new(),
+            });
+        }
+        self.pos += 1; // '{'
+        let name = self.name();
+        if name.is_empty() {
+            return Err(ShellError::BadSubstitution(self.rest_snippet()));
+        }
+        let value = self.lookup(&name);
+        let c = self.next().ok_or(ShellError::MissingBrace)?;
+        match c {
+            '}' => Ok(value.unwrap_or_default()),
+            ':' | '-' | '+' | '?' => {
+                let colon = c == ':';
+                let op = if colon { self.next().ok_or(ShellError::MissingBrace)? } else { c };
+                // With ':' an empty value counts as unset.
+                let set = match &value {
+                    Some(v) => !(colon && v.is_empty()),
+                    None => false,
+                };
+                let (word, _) = self.process(Some('}'))?;
+                match op {
+                    '-' => Ok(if set { value.unwrap_or_default() } else { word }),
+                    '+' => Ok(if set { word } else { String::new() }),
+                    '?' => {
+                        if set {
+                            Ok(value.unwrap_or_default())
+                        } else {
+                            let message = if !word.is_empty() {
+                                word
+                            } else if colon {
+                                "is not allowed to be unset or empty".into()
+                            } else {
+                                "is not allowed to be unset".into()
+                            };
+                            Err(ShellError::Required { name, message })
+                        }
+                    }
+                    other => Err(ShellError::UnsupportedModifier(other)),
+                }
+            }
+            '#' | '%' => {
+                let longest = self.peek() == Some(c);
+                if longest {
+                    self.pos += 1;
+                }
+                let pat = self.pattern('}')?;
+                let v = value.unwrap_or_default();
+                Ok(if c == '#' { trim_prefix(&v, &pat, longest) } else { trim_suffix(&v, &pat, longest) })
+            }
+            '/' => {
+                let all = self.peek() == Some('/');
+                if all {
+                    self.pos += 1;
+                }
+                let pat = self.pattern_until(&['/', '}'])?;
+                let repl = if self.chars.get(self.pos - 1) == Some(&'/') {
+                    self.process(Some('}'))?.0
+                } else {
+                    String::new()
+                };
+                Ok(replace(&value.unwrap_or_default(), &pat, &repl, all))
+            }
+            other => Err(ShellError::UnsupportedModifier(other)),
+        }
+    }
+
+    fn rest_snippet(&self) -> String {
+        self.chars[self.pos.saturating_sub(2)..].iter().collect()
+    }
+
+    /// Reads a glob pattern up to `stop`, expanding variables but keeping escapes.
+    fn pattern(&mut self, stop: char) -> Result<Vec<PatTok>, ShellError> {
+        self.pattern_until(&[stop])
+    }
+
+    fn pattern_until(&mut self, stops: &[char]) -> Result<Vec<PatTok>, ShellError> {
+        let mut toks = Vec::new();
+        loop {
+            let c = self.peek().ok_or(ShellError::MissingBrace)?;
+            if stops.contains(&c) {
+                self.pos += 1;
+                return Ok(toks);
+            }
+            match c {
+                '$' => toks.extend(self.dollar()?.chars().map(PatTok::Lit)),
+                '\'' => toks.extend(self.single_quoted()?.chars().map(PatTok::Lit)),
+                '"' => toks.extend(self.double_quoted()?.chars().map(PatTok::Lit)),
+                '*' => {
+                    self.pos += 1;
+                    toks.push(PatTok::Star)
+                }
+                '?' => {
+                    self.pos += 1;
+                    toks.push(PatTok::One)
+                }
+                _ => {
+                    self.pos += 1;
+                    if c == self.lx.escape {
+                        if let Some(n) = self.next() {
+                            toks.push(PatTok::Lit(n));
+                        }
+                    } else {
+                        toks.push(PatTok::Lit(c));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A token of a `${VAR#pattern}`-style glob.
+#[derive(Debug, Clone, Copy)]
+enum PatTok {
+    Lit(char),
+    Star,
+    One,
+}
+
+fn glob_match(p: &[PatTok], s: &[char]) -> bool {
+    match p.first() {
+        None => s.is_empty(),
+        Some(PatTok::Star) => (0..=s.len()).any(|i| glob_match(&p[1..], &s[i..])),
+        Some(PatTok::One) => !s.is_empty() && glob_match(&p[1..], &s[1..]),
+        Some(PatTok::Lit(c)) => s.first() == Some(c) && glob_match(&p[1..], &s[1..]),
+    }
+}
+
+fn trim_prefix(v: &str, pat: &[PatTok], longest: bool) -> String {
+    let cs: Vec<char> = v.chars().collect();
+    let mut ends: Vec<usize> = (0..=cs.len()).collect();
+    if longest {
+        ends.reverse();
+    }
+    for e in ends {
+        if glob_match(pat, &cs[..e]) {
+            return cs[e..].iter().collect();
+        }
+    }
+    v.to_string()
+}
+
+fn trim_suffix(v: &str, pat: &[PatTok], longest: bool) -> String {
+    let cs: Vec<char> = v.chars().collect();
+    let mut starts: Vec<usize> = (0..=cs.len()).collect();
+    if !longest {
+        starts.reverse();
+    }
+    for s in starts {
+        if glob_match(pat, &cs[s..]) {
+            return cs[..s].iter().collect();
+        }
+    }
+    v.to_string()
+}
+
+fn replace(v: &str, pat: &[PatTok], repl: &str, all: bool) -> String {
+    let cs: Vec<char> = v.chars().collect();
+    let mut out = String::new();
+    let mut i = 0;
+    let mut done = false;
+    while i < cs.len() {
+        if !done {
+            // longest match starting at i
+            if let Some(e) = (i + 1..=cs.len()).rev().find(|&e| glob_match(pat, &cs[i..e])) {
+                out.push_str(repl);
+                i = e;
+                done = !all;
+                continue;
+            }
+        }
+        out.push(cs[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env() -> HashMap<&'static str, &'static str> {
+        HashMap::from([("A", "apple"), ("E", ""), ("SP", "x  y"), ("P", "/usr/local/bin.tar.gz")])
+    }
+    fn ew(w: &str) -> Result<String, ShellError> {
+        let m = env();
+        Lexer::default().expand_word(w, &|k| m.get(k).map(|s| s.to_string()))
+    }
+    fn ws(w: &str) -> Vec<String> {
+        let m = env();
+        Lexer::default().expand_words(w, &|k| m.get(k).map(|s| s.to_string())).unwrap()
+    }
+
+    #[test]
+    fn simple_and_braced() {
+        assert_eq!(ew("$A").unwrap(), "apple");
+        assert_eq!(ew("${A}s").unwrap(), "apples");
+        assert_eq!(ew("$As").unwrap(), "");
+        assert_eq!(ew("x$NOPE.y").unwrap(), "x.y");
+        assert_eq!(ew("a$").unwrap(), "a$");
+        assert_eq!(ew("$/x").unwrap(), "$/x");
+    }
+
+    #[test]
+    fn quotes_and_escapes() {
+        assert_eq!(ew("'$A'").unwrap(), "$A");
+        assert_eq!(ew("\"$A b\"").unwrap(), "apple b");
+        assert_eq!(ew("\\$A").unwrap(), "$A");
+        assert_eq!(ew("\"a\\\"b\"").unwrap(), "a\"b");
+        assert_eq!(ew("\"a\\nb\"").unwrap(), "a\\nb");
+        assert_eq!(ew("a\\ b").unwrap(), "a b");
+        assert_eq!(ew("'unterminated"), Err(ShellError::UnterminatedSingleQuote));
+        assert_eq!(ew("\"unterminated"), Err(ShellError::UnterminatedDoubleQuote));
+    }
+
+    #[test]
+    fn backtick_escape() {
+        let m = env();
+        let lx = Lexer::new('`');
+        let f = |k: &str| m.get(k).map(|s| s.to_string());
+        assert_eq!(lx.expand_word("`$A", &f).unwrap(), "$A");
+        assert_eq!(lx.expand_word("C:\\dir\\$A", &f).unwrap(), "C:\\dir\\apple");
+    }
+
+    #[test]
+    fn default_forms() {
+        assert_eq!(ew("${NOPE:-x}").unwrap(), "x");
+        assert_eq!(ew("${E:-x}").unwrap(), "x");
+        assert_eq!(ew("${E-x}").unwrap(), "");
+        assert_eq!(ew("${NOPE-x}").unwrap(), "x");
+        assert_eq!(ew("${A:-x}").unwrap(), "apple");
+        assert_eq!(ew("${NOPE:-$A}").unwrap(), "apple");
+        assert_eq!(ew("${NOPE:-'a b'}").unwrap(), "a b");
+    }
+
+    #[test]
+    fn alternate_forms() {
+        assert_eq!(ew("${A:+x}").unwrap(), "x");
+        assert_eq!(ew("${E:+x}").unwrap(), "");
+        assert_eq!(ew("${E+x}").unwrap(), "x");
+        assert_eq!(ew("${NOPE+x}").unwrap(), "");
+    }
+
+    #[test]
+    fn required_forms() {
+        assert_eq!(ew("${A:?boom}").unwrap(), "apple");
+        assert_eq!(ew("${E?boom}").unwrap(), "");
+        let e = ew("${E:?must be set}").unwrap_err();
+        assert_eq!(e.to_string(), "E: must be set");
+        let e = ew("${NOPE?}").unwrap_err();
+        assert_eq!(e.to_string(), "NOPE: is not allowed to be unset");
+    }
+
+    #[test]
+    fn pattern_forms() {
+        assert_eq!(ew("${P#*/}").unwrap(), "usr/local/bin.tar.gz");
+        assert_eq!(ew("${P##*/}").unwrap(), "bin.tar.gz");
+        assert_eq!(ew("${P%.*}").unwrap(), "/usr/local/bin.tar");
+        assert_eq!(ew("${P%%.*}").unwrap(), "/usr/local/bin");
+        assert_eq!(ew("${P/local/opt}").unwrap(), "/usr/opt/bin.tar.gz");
+        assert_eq!(ew("${P//./_}").unwrap(), "/usr/local/bin_tar_gz");
+        assert_eq!(ew("${A#x}").unwrap(), "apple");
+    }
+
+    #[test]
+    fn substitution_errors() {
+        assert_eq!(ew("${A"), Err(ShellError::MissingBrace));
+        assert_eq!(ew("${A:-x"), Err(ShellError::MissingBrace));
+        assert!(matches!(ew("${}"), Err(ShellError::BadSubstitution(_))));
+        assert_eq!(ew("${A^x}"), Err(ShellError::UnsupportedModifier('^')));
+    }
+
+    #[test]
+    fn word_splitting() {
+        assert_eq!(ws("a  b"), vec!["a", "b"]);
+        assert_eq!(ws("$SP z"), vec!["x", "y", "z"]);
+        assert_eq!(ws("\"$SP\" z"), vec!["x  y", "z"]);
+        assert_eq!(ws("'a b'c d"), vec!["a bc", "d"]);
+        assert_eq!(ws("a\\ b c"), vec!["a b", "c"]);
+        assert_eq!(ws("$E x"), vec!["x"]);
+        assert_eq!(ws("pre$SP"), vec!["prex", "y"]);
+    }
+
+    #[test]
+    fn heredoc_expansion_keeps_quotes() {
+        let m = env();
+        let out = Lexer::default()
+            .expand_heredoc("echo \"$A\" '$A' \\$A \\n\n", &|k| m.get(k).map(|s| s.to_string()))
+            .unwrap();
+        assert_eq!(out, "echo \"apple\" 'apple' $A \\n\n");
+    }
+
+    #[test]
+    fn key_values() {
+        let lx = Lexer::default();
+        let kv = lx.split_key_values("a=b c=\"d e\" f='g h'", true, "ENV").unwrap();
+        assert_eq!(
+            kv,
+            vec![
+                ("a".into(), Some("b".into())),
+                ("c".into(), Some("\"d e\"".into())),
+                ("f".into(), Some("'g h'".into()))
+            ]
+        );
+        let kv = lx.split_key_values("KEY some value  words", true, "ENV").unwrap();
+        assert_eq!(kv, vec![("KEY".into(), Some("some value  words".into()))]);
+        let kv = lx.split_key_values("A B=1", false, "ARG").unwrap();
+        assert_eq!(kv, vec![("A".into(), None), ("B".into(), Some("1".into()))]);
+        assert!(lx.split_key_values("a=b c", true, "ENV").is_err());
+        assert!(lx.split_key_values("=b", true, "ENV").is_err());
+        assert!(lx.split_key_values("KEY", true, "ENV").is_err());
+    }
+}
