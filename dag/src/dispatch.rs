@@ -13,7 +13,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+fn is_zero32(v: &u32) -> bool {
+    *v == 0
+}
 
 use crate::parser::{
     ArgDecl, CommandForm, CopyArgs, Dockerfile, HealthcheckArgs, Heredoc, Instruction,
@@ -42,20 +50,28 @@ pub enum DispatchError {
     },
 }
 
-/// Container health check as stored in the image config (durations in nanoseconds).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Container health check as stored in the image config (durations in
+/// nanoseconds); serializes with the OCI/Docker config field names.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct Healthcheck {
     /// `["NONE"]`, `["CMD", …]` or `["CMD-SHELL", cmd]`.
+    #[serde(default)]
     pub test: Vec<String>,
     /// `--interval` (ns), 0 = inherit default.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub interval: u64,
     /// `--timeout` (ns).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub timeout: u64,
     /// `--start-period` (ns).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub start_period: u64,
     /// `--start-interval` (ns).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub start_interval: u64,
     /// `--retries`.
+    #[serde(default, skip_serializing_if = "is_zero32")]
     pub retries: u32,
 }
 
@@ -137,12 +153,12 @@ impl ImageState {
 pub enum CopySource {
     /// Path in the context / source stage, or URL (ADD).
     Path(String),
-    /// Inline file from a heredoc: file `name` with `data` (already expanded if applicable).
+    /// Inline file from a heredoc: file `name` with `content` (already expanded if applicable).
     Inline {
         /// File name (the heredoc delimiter).
         name: String,
         /// Content.
-        data: String,
+        content: String,
     },
 }
 
@@ -747,7 +763,7 @@ impl StageDispatcher {
                         body.clone()
                     };
                     shown.push(format!("<<{name}"));
-                    sources.push(CopySource::Inline { name: name.clone(), data });
+                    sources.push(CopySource::Inline { name: name.clone(), content: data });
                 }
             }
         }

@@ -22,3 +22,4 @@ pub use parser::{
     parse, ArgDecl, CommandForm, CopyArgs, Directives, Dockerfile, HealthcheckArgs, Heredoc,
     Instruction, InstructionKind, Location, ParseError, RunArgs, SourceArg, Stage, Word,
 };
+pub use dispatch::{expand_base, resolve_global_args, ResolvedArgs};
