@@ -676,6 +676,9 @@ fn parse_instruction(
         return run_from_flags(flags, CommandForm::Shell(rest.to_string()), l.heredocs.clone(), at)
             .map(InstructionKind::Run);
     }
+    if kw == "shell" && !l.text[5..].trim_start().starts_with('[') {
+        return Err(syntax(at, "SHELL requires the arguments to be in JSON form"));
+    }
     crate_parse(l, d, at, |i| instruction_from_crate(i, l, lexer, at))
 }
 
@@ -725,10 +728,6 @@ fn instruction_from_crate(
         I::Cmd(c) => InstructionKind::Cmd(command_form(&c.arguments)),
         I::Entrypoint(c) => InstructionKind::Entrypoint(command_form(&c.arguments)),
         I::Shell(s) => {
-            let args = l.text[5..].trim_start();
-            if !args.starts_with('[') {
-                return Err(syntax(at, "SHELL requires the arguments to be in JSON form"));
-            }
             InstructionKind::Shell(s.arguments.iter().map(|s| s.value.to_string()).collect())
         }
         I::Healthcheck(h) => {
