@@ -126,7 +126,19 @@ impl Default for ImageState {
     }
 }
 
+/// Default `PATH` BuildKit gives scratch images and RUN steps without one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 impl ImageState {
+    /// State of `FROM scratch` as BuildKit makes it: `PATH` set, workdir `/`.
+    pub fn scratch() -> Self {
+        ImageState {
+            env: vec![("PATH".into(), DEFAULT_PATH.into())],
+            workdir: "/".into(),
+            ..Default::default()
+        }
+    }
+
     /// Value of env var `k`.
     pub fn get_env(&self, k: &str) -> Option<&str> {
         self.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
@@ -295,6 +307,8 @@ pub struct ResolvedArgs {
     pub predefined: BTreeMap<String, String>,
     /// Escape char of the Dockerfile (for expanding FROM).
     pub escape: char,
+    /// Dockerfile path as shown in messages.
+    pub file: String,
 }
 
 impl ResolvedArgs {
@@ -321,7 +335,12 @@ pub fn resolve_global_args(
     df: &Dockerfile,
     build_args: &BTreeMap<String, String>,
 ) -> Result<ResolvedArgs, DispatchError> {
-    let mut r = ResolvedArgs { declared: Vec::new(), predefined: platform_args(), escape: df.directives.escape };
+    let mut r = ResolvedArgs {
+        declared: Vec::new(),
+        predefined: platform_args(),
+        escape: df.directives.escape,
+        file: df.path.display().to_string(),
+    };
     let lexer = df.lexer();
     for a in &df.global_args {
         let value = match (build_args.get(&a.name), &a.default) {
@@ -340,7 +359,7 @@ pub fn resolve_global_args(
 
 /// Expands a stage's FROM image text with the global args.
 pub fn expand_base(stage: &Stage, resolved: &ResolvedArgs) -> Result<String, DispatchError> {
-    let at = || loc_of("Dockerfile", stage.line, &format!("FROM {}", stage.base));
+    let at = || loc_of(&resolved.file, stage.line, &format!("FROM {}", stage.base));
     let v = Lexer::new(resolved.escape)
         .expand_word(&stage.base, &|k| resolved.get(k))
         .map_err(|e| DispatchError::Expand { at: at(), source: e })?;
@@ -360,7 +379,7 @@ pub fn expand_platform(stage: &Stage, resolved: &ResolvedArgs) -> Result<Option<
         .expand_word(p, &|k| resolved.get(k))
         .map(Some)
         .map_err(|e| DispatchError::Expand {
-            at: loc_of("Dockerfile", stage.line, &format!("FROM --platform={p} {}", stage.base)),
+            at: loc_of(&resolved.file, stage.line, &format!("FROM --platform={p} {}", stage.base)),
             source: e,
         })
 }
@@ -395,11 +414,26 @@ impl StageDispatcher {
             lexer: Lexer::new(escape),
             cmd_set: false,
             history: Vec::new(),
-            file: "Dockerfile".into(),
+            file: global_args.file.clone(),
         }
     }
 
-    /// Sets the file name used in error messages (default `Dockerfile`).
+    /// Parses the triggers inherited from the base image's `OnBuild` and clears
+    /// them from the state (docker does not pass them on to grandchildren). The
+    /// builder dispatches the returned instructions first, like any other.
+    pub fn take_onbuild_triggers(&mut self) -> Result<Vec<Instruction>, DispatchError> {
+        let triggers = std::mem::take(&mut self.state.onbuild);
+        if triggers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let src = format!("FROM scratch\n{}\n", triggers.join("\n"));
+        let name = format!("{} (ONBUILD of base image)", self.file);
+        let df = crate::parser::parse_with_escape(&src, std::path::Path::new(&name), self.lexer.escape())
+            .map_err(|e| DispatchError::Invalid { at: loc_of(&self.file, 0, &triggers.join("; ")), message: e.to_string() })?;
+        Ok(df.stages.into_iter().next().map(|s| s.instructions).unwrap_or_default())
+    }
+
+    /// Sets the file name used in error messages (default: the Dockerfile path).
     pub fn with_file(mut self, file: impl Into<String>) -> Self {
         self.file = file.into();
         self
@@ -698,6 +732,9 @@ impl StageDispatcher {
         }
         // Env: image env, then ARGs in scope not shadowed by ENV, then proxies.
         let mut env = self.state.env.clone();
+        if self.state.get_env("PATH").is_none() {
+            env.insert(0, ("PATH".into(), DEFAULT_PATH.into()));
+        }
         for (k, v) in &self.args {
             if let Some(v) = v {
                 if self.state.get_env(k).is_none() {

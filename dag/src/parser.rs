@@ -353,9 +353,23 @@ const KEYWORDS: &[&str] = &[
 
 /// Parses Dockerfile `source`; `path` is used in messages and stored.
 pub fn parse(source: &str, path: &Path) -> Result<Dockerfile, ParseError> {
+    parse_inner(source, path, None)
+}
+
+/// Like [`parse`] but with a fixed escape character (no directives are read);
+/// used for ONBUILD triggers inherited from a base image.
+pub fn parse_with_escape(source: &str, path: &Path, escape: char) -> Result<Dockerfile, ParseError> {
+    parse_inner(source, path, Some(escape))
+}
+
+fn parse_inner(source: &str, path: &Path, escape: Option<char>) -> Result<Dockerfile, ParseError> {
     let file = path.display().to_string();
     let lines: Vec<String> = source.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
-    let (directives, first) = parse_directives(&lines);
+    let (mut directives, mut first) = parse_directives(&lines);
+    if let Some(e) = escape {
+        directives = Directives { escape: e, ..Default::default() };
+        first = 0;
+    }
     let loc = |line: usize, text: &str| Location { file: file.clone(), line, text: text.to_string() };
     let logical = split_logical(&lines, first, directives.escape).map_err(|(line, delim)| {
         ParseError::UnterminatedHeredoc { at: loc(line, &lines[line - 1]), delimiter: delim }

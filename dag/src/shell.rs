@@ -163,9 +163,7 @@ impl Lexer {
             let key_len = words[0].len();
             let rest = t[key_len.min(t.len())..].trim_start();
             if rest.is_empty() {
-                return Err(ShellError::KeyValue(format!(
-                    "{instruction} names can not be blank"
-                )));
+                return Err(ShellError::KeyValue(format!("{instruction} must have two arguments")));
             }
             return Ok(vec![(words[0].clone(), Some(rest.to_string()))]);
         }

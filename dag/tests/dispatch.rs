@@ -333,3 +333,39 @@ fn durations() {
     assert_eq!(format_duration(1_500_000_000), "1.5s");
     assert_eq!(format_duration(0), "0s");
 }
+
+#[test]
+fn onbuild_triggers_from_base() {
+    let base = ImageState { onbuild: vec!["RUN make".into(), "ENV BUILT=1".into()], ..ImageState::scratch() };
+    let df = parse("FROM a\nONBUILD RUN again\n", Path::new("Dockerfile")).unwrap();
+    let resolved = resolve_global_args(&df, &BTreeMap::new()).unwrap();
+    let mut d = StageDispatcher::new(base, &resolved, &BTreeMap::new(), '\\');
+    let trig = d.take_onbuild_triggers().unwrap();
+    assert_eq!(trig.len(), 2);
+    assert!(d.state().onbuild.is_empty(), "inherited triggers are consumed");
+    assert_eq!(argv_of(&d.dispatch(&trig[0]).unwrap()), vec!["/bin/sh", "-c", "make"]);
+    d.dispatch(&trig[1]).unwrap();
+    assert_eq!(d.state().get_env("BUILT"), Some("1"));
+    d.dispatch(&df.stages[0].instructions[0]).unwrap();
+    assert_eq!(d.state().onbuild, vec!["RUN again"]);
+    let mut bad = StageDispatcher::new(
+        ImageState { onbuild: vec!["RUNX x".into()], ..Default::default() },
+        &resolved,
+        &BTreeMap::new(),
+        '\\',
+    );
+    assert!(bad.take_onbuild_triggers().is_err());
+}
+
+#[test]
+fn scratch_state_and_default_path() {
+    let s = ImageState::scratch();
+    assert_eq!(s.workdir, "/");
+    assert!(s.get_env("PATH").unwrap().contains("/usr/bin"));
+    // RUN without PATH in the image still gets the default one
+    let r = run("FROM a\nRUN x\n");
+    assert!(get(&env_of(&r.steps[0]), "PATH").is_some_and(|p| p.starts_with("/usr/local/sbin")));
+    assert!(r.d.state().get_env("PATH").is_none(), "not written into the config");
+    let e = run_with("FROM a\nENV ONLYKEY\n", ImageState::default(), &[], 0).err().unwrap();
+    assert!(e.starts_with("Dockerfile:2: ENV must have two arguments"), "{e}");
+}
