@@ -357,6 +357,24 @@ pub fn resolve_global_args(
     Ok(r)
 }
 
+/// Build args that no ARG in the file declares and that are not predefined
+/// (BuildKit warns: "One or more build-args were not consumed").
+pub fn unused_build_args(df: &Dockerfile, build_args: &BTreeMap<String, String>) -> Vec<String> {
+    let platform = platform_args();
+    let declared = |name: &str| {
+        df.global_args.iter().any(|a| a.name == name)
+            || df.stages.iter().flat_map(|s| &s.instructions).any(|i| match &i.kind {
+                InstructionKind::Arg(decls) => decls.iter().any(|a| a.name == name),
+                _ => false,
+            })
+    };
+    build_args
+        .keys()
+        .filter(|k| !is_proxy_arg(k) && !platform.contains_key(k.as_str()) && !declared(k))
+        .cloned()
+        .collect()
+}
+
 /// Expands a stage's FROM image text with the global args.
 pub fn expand_base(stage: &Stage, resolved: &ResolvedArgs) -> Result<String, DispatchError> {
     let at = || loc_of(&resolved.file, stage.line, &format!("FROM {}", stage.base));

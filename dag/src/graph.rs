@@ -152,7 +152,8 @@ pub fn plan(df: &Dockerfile, target: Option<&str>, resolved: &ResolvedArgs) -> R
                 (InstructionKind::Run(r), Err(_)) => (r.mounts.iter().filter_map(|m| mount_from(m)).collect(), "mount"),
                 _ => (vec![], ""),
             };
-            for f in froms {
+            // An empty expansion is left to dispatch to report at build time.
+            for f in froms.into_iter().filter(|f| !f.is_empty()) {
                 match resolve_from(df, &f) {
                     Base::Stage(i) => deps.push(Edge { stage: i, line: ins.line, kind }),
                     Base::Image(r) => images.push(r),

@@ -187,6 +187,24 @@ impl Lexer {
         Ok(out)
     }
 
+    /// Parses and expands `ENV`/`LABEL`/`ARG`-style arguments: keys and values
+    /// are expanded with `env` (the environment in force before the instruction).
+    pub fn expand_key_values(
+        &self,
+        text: &str,
+        legacy: bool,
+        instruction: &str,
+        env: EnvLookup<'_>,
+    ) -> Result<Vec<(String, Option<String>)>, ShellError> {
+        let mut out = Vec::new();
+        for (k, v) in self.split_key_values(text, legacy, instruction)? {
+            let k = self.expand_word(&k, env)?;
+            let v = v.map(|v| self.expand_word(&v, env)).transpose()?;
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
     /// Splits on unquoted whitespace keeping quotes and escapes in the words
     /// (BuildKit parser `parseWords`); used before expansion of key=value lists
     /// and for heredoc detection.
@@ -713,6 +731,19 @@ mod tests {
         let kv = lx.split_key_values("A B=1", false, "ARG").unwrap();
         assert_eq!(kv, vec![("A".into(), None), ("B".into(), Some("1".into()))]);
         assert!(lx.split_key_values("a=b c", true, "ENV").is_err());
+        let m = env();
+        let f = |k: &str| m.get(k).map(|s| s.to_string());
+        let kv = lx.expand_key_values("x=$A y=\"$SP z\" w='$A'", true, "ENV", &f).unwrap();
+        assert_eq!(
+            kv,
+            vec![
+                ("x".into(), Some("apple".into())),
+                ("y".into(), Some("x  y z".into())),
+                ("w".into(), Some("$A".into()))
+            ]
+        );
+        let kv = lx.expand_key_values("LEG ${A}  pie", true, "ENV", &f).unwrap();
+        assert_eq!(kv, vec![("LEG".into(), Some("apple  pie".into()))]);
         assert!(lx.split_key_values("=b", true, "ENV").is_err());
         assert!(lx.split_key_values("KEY", true, "ENV").is_err());
     }

@@ -369,3 +369,13 @@ fn scratch_state_and_default_path() {
     let e = run_with("FROM a\nENV ONLYKEY\n", ImageState::default(), &[], 0).err().unwrap();
     assert!(e.starts_with("Dockerfile:2: ENV must have two arguments"), "{e}");
 }
+
+#[test]
+fn unused_build_args_reported() {
+    let df = parse("ARG G\nFROM a\nARG L\n", Path::new("Dockerfile")).unwrap();
+    let ba: BTreeMap<String, String> = [("G", "1"), ("L", "2"), ("X", "3"), ("HTTP_PROXY", "p"), ("TARGETARCH", "arm64")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(rbuild_dag::dispatch::unused_build_args(&df, &ba), vec!["X"]);
+}
