@@ -10,6 +10,11 @@
 //! ARGs (`TARGETPLATFORM`, `BUILDARCH`, …) live in the global scope, as in
 //! BuildKit: usable in FROM and global ARG defaults, and inside a stage after
 //! `ARG TARGETARCH` (no value) re-declares them.
+//!
+//! ENV vs ARG: like BuildKit's LLB state, ARG values and ENV share one
+//! environment for expansion and RUN, and the one set last wins; only ENV
+//! reaches the image config. `PATH` is added to the config env when the base
+//! has none (BuildKit does the same).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -204,7 +209,7 @@ pub enum Step {
     Run {
         /// Full argv (shell form wrapped in the state's shell).
         argv: Vec<String>,
-        /// Environment: state env + ARGs in scope + proxy build args.
+        /// Environment: image env + ARG values in scope (last set wins) + proxy build args.
         env: Vec<(String, String)>,
         /// User.
         user: String,
@@ -408,6 +413,9 @@ pub struct StageDispatcher {
     state: ImageState,
     /// ARGs in scope in declaration order.
     args: Vec<(String, Option<String>)>,
+    /// The environment of the build state (BuildKit's llb state env): image
+    /// env plus ARG values, in the order set; the last ENV or ARG wins.
+    run_env: Vec<(String, String)>,
     build_args: BTreeMap<String, String>,
     global: ResolvedArgs,
     lexer: Lexer,
@@ -424,7 +432,13 @@ impl StageDispatcher {
         build_args: &BTreeMap<String, String>,
         escape: char,
     ) -> Self {
+        let mut base = base;
+        // BuildKit makes sure PATH is always set in the image config.
+        if base.get_env("PATH").is_none() {
+            base.env.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
         StageDispatcher {
+            run_env: base.env.clone(),
             state: base,
             args: Vec::new(),
             build_args: build_args.clone(),
@@ -477,19 +491,15 @@ impl StageDispatcher {
         &self.args
     }
 
-    /// Looks up a variable for expansion: ENV wins over ARG; proxy build args
-    /// are visible without declaration.
+    /// Looks up a variable for expansion in the build state's env (image env
+    /// and ARG values; whichever of ENV/ARG was set last wins, as in BuildKit).
     pub fn lookup(&self, name: &str) -> Option<String> {
-        if let Some(v) = self.state.get_env(name) {
-            return Some(v.to_string());
-        }
-        if let Some((_, v)) = self.args.iter().rev().find(|(n, _)| n == name) {
-            return v.clone();
-        }
-        if is_proxy_arg(name) {
-            return self.build_args.get(name).cloned();
-        }
-        None
+        self.run_env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    }
+
+    fn set_run_env(&mut self, k: &str, v: &str) {
+        self.run_env.retain(|(n, _)| n != k);
+        self.run_env.push((k.to_string(), v.to_string()));
     }
 
     fn at(&self, i: &Instruction) -> Location {
@@ -544,6 +554,7 @@ impl StageDispatcher {
                         return Err(self.invalid(i, "ENV names can not be blank"));
                     }
                     self.state.set_env(&k, &v);
+                    self.set_run_env(&k, &v);
                     parts.push(format!("{k}={v}"));
                 }
                 self.record(i, format!("ENV {}", parts.join(" ")), true);
@@ -622,8 +633,8 @@ impl StageDispatcher {
                 self.state.healthcheck = Some(hc);
             }
             K::Onbuild(t) => {
+                // BuildKit records no history entry for ONBUILD.
                 self.state.onbuild.push(t.clone());
-                self.record(i, format!("ONBUILD {t}"), true);
             }
             K::Maintainer(m) => {
                 self.state.author = Some(m.clone());
@@ -636,22 +647,23 @@ impl StageDispatcher {
     fn arg(&mut self, i: &Instruction, decls: &[ArgDecl]) -> Result<(), DispatchError> {
         let mut parts = Vec::new();
         for d in decls {
-            let default = match &d.default {
-                Some(v) => Some(self.expand(i, v)?),
-                None => None,
-            };
-            parts.push(match &default {
-                Some(v) => format!("{}={v}", d.name),
-                None => d.name.clone(),
-            });
-            let value = match (self.build_args.get(&d.name), default) {
+            let value = match (self.build_args.get(&d.name), &d.default) {
                 (Some(b), _) => Some(b.clone()),
-                (None, Some(v)) => Some(v),
+                (None, Some(v)) => Some(self.expand(i, v)?),
                 // Re-declaring a global ARG (or a platform ARG) imports its value.
                 (None, None) => self.global.get(&d.name),
             };
-            self.args.retain(|(n, _)| n != &d.name);
-            self.args.push((d.name.clone(), value));
+            parts.push(match &value {
+                Some(v) => format!("{}={v}", d.name),
+                None => d.name.clone(),
+            });
+            if let Some(v) = &value {
+                self.set_run_env(&d.name, v);
+            }
+            match self.args.iter_mut().find(|(n, _)| n == &d.name) {
+                Some(a) => a.1 = value,
+                None => self.args.push((d.name.clone(), value)),
+            }
         }
         self.record(i, format!("ARG {}", parts.join(" ")), true);
         Ok(())
@@ -748,19 +760,8 @@ impl StageDispatcher {
                 return Err(self.invalid(i, format!("unsupported security mode {s:?}")));
             }
         }
-        // Env: image env, then ARGs in scope not shadowed by ENV, then proxies.
-        let mut env = self.state.env.clone();
-        if self.state.get_env("PATH").is_none() {
-            env.insert(0, ("PATH".into(), DEFAULT_PATH.into()));
-        }
-        for (k, v) in &self.args {
-            if let Some(v) = v {
-                if self.state.get_env(k).is_none() {
-                    env.retain(|(n, _)| n != k);
-                    env.push((k.clone(), v.clone()));
-                }
-            }
-        }
+        // Env: the build state's env, then undeclared proxy build args.
+        let mut env = self.run_env.clone();
         for p in PROXY_ARGS {
             if let Some(v) = self.build_args.get(*p) {
                 if !env.iter().any(|(n, _)| n == p) {
@@ -773,7 +774,7 @@ impl StageDispatcher {
             .args
             .iter()
             .filter(|(k, _)| !is_proxy_arg(k))
-            .map(|(k, v)| format!("{k}={}", self.state.get_env(k).map(str::to_string).or(v.clone()).unwrap_or_default()))
+            .map(|(k, v)| format!("{k}={}", self.lookup(k).or(v.clone()).unwrap_or_default()))
             .collect();
         let mut created_by = String::from("RUN ");
         if !shown.is_empty() {

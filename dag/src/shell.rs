@@ -14,14 +14,17 @@ pub enum ShellError {
     #[error("unexpected end of statement while looking for matching double-quote")]
     UnterminatedDoubleQuote,
     /// `${` without its closing `}`.
-    #[error("missing '}}' in substitution")]
+    #[error("syntax error: missing '}}'")]
     MissingBrace,
-    /// `${}` or `${` followed by something that is not a name.
-    #[error("bad substitution: {0}")]
-    BadSubstitution(String),
-    /// An unsupported modifier such as `${a^b}`.
+    /// `${VAR/pattern` without the `/` before the replacement.
+    #[error("syntax error: missing '/' in ${{}}")]
+    MissingSlash,
+    /// `${}`, `${:x}`, `${{x}`.
+    #[error("syntax error: bad substitution")]
+    BadSubstitution,
+    /// An unsupported modifier such as `${a^b}` or `${a:#b}`.
     #[error("unsupported modifier ({0}) in substitution")]
-    UnsupportedModifier(char),
+    UnsupportedModifier(String),
     /// `${VAR?msg}` / `${VAR:?msg}` on an unset (or empty) variable.
     #[error("{name}: {message}")]
     Required {
@@ -425,10 +428,12 @@ impl Scan<'_> {
             });
         }
         self.pos += 1; // '{'
-        let name = self.name();
-        if name.is_empty() {
-            return Err(ShellError::BadSubstitution(self.rest_snippet()));
+        match self.peek() {
+            None => return Err(ShellError::MissingBrace),
+            Some('{' | '}' | ':') => return Err(ShellError::BadSubstitution),
+            _ => {}
         }
+        let name = self.name();
         let value = self.lookup(&name);
         let c = self.next().ok_or(ShellError::MissingBrace)?;
         match c {
@@ -436,6 +441,9 @@ impl Scan<'_> {
             ':' | '-' | '+' | '?' => {
                 let colon = c == ':';
                 let op = if colon { self.next().ok_or(ShellError::MissingBrace)? } else { c };
+                if colon && !matches!(op, '-' | '+' | '?') {
+                    return Err(ShellError::UnsupportedModifier(format!(":{op}")));
+                }
                 // With ':' an empty value counts as unset.
                 let set = match &value {
                     Some(v) => !(colon && v.is_empty()),
@@ -451,15 +459,15 @@ impl Scan<'_> {
                         } else {
                             let message = if !word.is_empty() {
                                 word
-                            } else if colon {
-                                "is not allowed to be unset or empty".into()
+                            } else if value.is_some() {
+                                "is not allowed to be empty".into()
                             } else {
                                 "is not allowed to be unset".into()
                             };
                             Err(ShellError::Required { name, message })
                         }
                     }
-                    other => Err(ShellError::UnsupportedModifier(other)),
+                    other => Err(ShellError::UnsupportedModifier(other.to_string())),
                 }
             }
             '#' | '%' => {
@@ -476,20 +484,15 @@ impl Scan<'_> {
                 if all {
                     self.pos += 1;
                 }
-                let pat = self.pattern_until(&['/', '}'])?;
-                let repl = if self.chars.get(self.pos - 1) == Some(&'/') {
-                    self.process(Some('}'))?.0
-                } else {
-                    String::new()
-                };
+                let pat = self.pattern_until(&['/']).map_err(|e| match e {
+                    ShellError::MissingBrace => ShellError::MissingSlash,
+                    e => e,
+                })?;
+                let repl = self.process(Some('}'))?.0;
                 Ok(replace(&value.unwrap_or_default(), &pat, &repl, all))
             }
-            other => Err(ShellError::UnsupportedModifier(other)),
+            other => Err(ShellError::UnsupportedModifier(other.to_string())),
         }
-    }
-
-    fn rest_snippet(&self) -> String {
-        self.chars[self.pos.saturating_sub(2)..].iter().collect()
     }
 
     /// Reads a glob pattern up to `stop`, expanding variables but keeping escapes.
@@ -673,6 +676,8 @@ mod tests {
         assert_eq!(e.to_string(), "E: must be set");
         let e = ew("${NOPE?}").unwrap_err();
         assert_eq!(e.to_string(), "NOPE: is not allowed to be unset");
+        assert_eq!(ew("${E:?}").unwrap_err().to_string(), "E: is not allowed to be empty");
+        assert_eq!(ew("${NOPE:?}").unwrap_err().to_string(), "NOPE: is not allowed to be unset");
     }
 
     #[test]
@@ -682,6 +687,8 @@ mod tests {
         assert_eq!(ew("${P%.*}").unwrap(), "/usr/local/bin.tar");
         assert_eq!(ew("${P%%.*}").unwrap(), "/usr/local/bin");
         assert_eq!(ew("${P/local/opt}").unwrap(), "/usr/opt/bin.tar.gz");
+        assert_eq!(ew("${P/l*l/}").unwrap(), "/usr//bin.tar.gz");
+        assert_eq!(ew("${P/local}"), Err(ShellError::MissingSlash));
         assert_eq!(ew("${P//./_}").unwrap(), "/usr/local/bin_tar_gz");
         assert_eq!(ew("${A#x}").unwrap(), "apple");
     }
@@ -690,8 +697,11 @@ mod tests {
     fn substitution_errors() {
         assert_eq!(ew("${A"), Err(ShellError::MissingBrace));
         assert_eq!(ew("${A:-x"), Err(ShellError::MissingBrace));
-        assert!(matches!(ew("${}"), Err(ShellError::BadSubstitution(_))));
-        assert_eq!(ew("${A^x}"), Err(ShellError::UnsupportedModifier('^')));
+        assert_eq!(ew("${}"), Err(ShellError::BadSubstitution));
+        assert_eq!(ew("${:-x}"), Err(ShellError::BadSubstitution));
+        assert_eq!(ew("${A^x}"), Err(ShellError::UnsupportedModifier("^".into())));
+        assert_eq!(ew("${A:#x}").unwrap_err().to_string(), "unsupported modifier (:#) in substitution");
+        assert_eq!(ew("${A").unwrap_err().to_string(), "syntax error: missing '}'");
     }
 
     #[test]

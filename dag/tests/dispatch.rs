@@ -55,7 +55,7 @@ fn env_expansion_uses_previous_env() {
     assert_eq!(st.get_env("B"), Some("1"), "pairs expand with the env before the instruction");
     assert_eq!(st.get_env("C"), Some("1 x"));
     assert_eq!(st.get_env("LEG"), Some("value with 2"));
-    assert_eq!(st.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["A", "B", "C", "LEG"]);
+    assert_eq!(st.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["PATH", "A", "B", "C", "LEG"]);
     assert_eq!(r.d.history()[1].created_by, "ENV A=2 B=1 C=1 x");
     assert!(r.d.history()[1].empty_layer);
 }
@@ -100,18 +100,25 @@ fn build_arg_overrides() {
     assert_eq!(get(&env, "N"), None);
     let Some(Step::Run { created_by, .. }) = &r.steps[3] else { panic!() };
     assert_eq!(created_by, "RUN |3 G=gcli L=lcli N= /bin/sh -c x # buildkit");
-    assert_eq!(r.d.history()[1].created_by, "ARG L=ldef");
+    assert_eq!(r.d.history()[1].created_by, "ARG L=lcli", "history shows the final value");
+    assert_eq!(r.d.history()[0].created_by, "ARG G=gcli");
+    assert_eq!(r.d.history()[2].created_by, "ARG N");
     // undeclared build args are not visible
     let r = run_with("FROM a\nRUN x\n", ImageState::default(), &[("SECRET", "s")], 0).unwrap();
     assert_eq!(get(&env_of(&r.steps[0]), "SECRET"), None);
 }
 
 #[test]
-fn env_wins_over_arg_and_arg_defaults_expand() {
-    let r = run("FROM a\nENV X=fromenv\nARG X=fromarg\nARG Y=${X}-y\nRUN t\n");
+fn env_and_arg_last_set_wins_and_arg_defaults_expand() {
+    // BuildKit: ARG after ENV overrides it in the build env (not in the config).
+    let r = run("FROM a\nENV X=fromenv\nARG X=fromarg\nARG Y=${X}-y\nRUN t\nENV X=again\nRUN u\n");
     let env = env_of(&r.steps[3]);
-    assert_eq!(get(&env, "X"), Some("fromenv"));
-    assert_eq!(get(&env, "Y"), Some("fromenv-y"));
+    assert_eq!(get(&env, "X"), Some("fromarg"));
+    assert_eq!(get(&env, "Y"), Some("fromarg-y"));
+    assert_eq!(r.d.state().get_env("X"), Some("again"));
+    assert_eq!(get(&env_of(&r.steps[5]), "X"), Some("again"));
+    let Some(Step::Run { created_by, .. }) = &r.steps[5] else { panic!() };
+    assert_eq!(created_by, "RUN |2 X=again Y=fromarg-y /bin/sh -c u # buildkit");
 }
 
 #[test]
@@ -365,7 +372,10 @@ fn scratch_state_and_default_path() {
     // RUN without PATH in the image still gets the default one
     let r = run("FROM a\nRUN x\n");
     assert!(get(&env_of(&r.steps[0]), "PATH").is_some_and(|p| p.starts_with("/usr/local/sbin")));
-    assert!(r.d.state().get_env("PATH").is_none(), "not written into the config");
+    assert_eq!(r.d.state().env[0].0, "PATH", "written into the config like BuildKit");
+    let custom = ImageState { env: vec![("PATH".into(), "/bin".into())], ..Default::default() };
+    let r = run_with("FROM a\nRUN x\n", custom, &[], 0).unwrap();
+    assert_eq!(get(&env_of(&r.steps[0]), "PATH"), Some("/bin"));
     let e = run_with("FROM a\nENV ONLYKEY\n", ImageState::default(), &[], 0).err().unwrap();
     assert!(e.starts_with("Dockerfile:2: ENV must have two arguments"), "{e}");
 }
