@@ -581,11 +581,11 @@ impl StageDispatcher {
                 let mut ports = Vec::new();
                 for w in words {
                     for p in self.expand_words(i, w)? {
-                        ports.push(normalize_port(&p).map_err(|m| self.invalid(i, m))?);
+                        ports.extend(parse_port(&p).map_err(|m| self.invalid(i, m))?);
                     }
                 }
                 self.state.exposed_ports.extend(ports.iter().cloned());
-                self.record(i, format!("EXPOSE map[{}]", ports.iter().map(|p| format!("{p}:{{}}")).collect::<Vec<_>>().join(" ")), true);
+                self.record(i, format!("EXPOSE [{}]", ports.join(" ")), true);
             }
             K::Volume(vols) => {
                 let mut vs = Vec::new();
@@ -828,18 +828,20 @@ impl StageDispatcher {
             let name = if is_add { "ADD" } else { "COPY" };
             return Err(self.invalid(i, format!("When using {name} with more than one source file, the destination must be a directory and end with a /")));
         }
-        let dest = if raw_dest.starts_with('/') {
-            raw_dest.clone()
-        } else {
-            let mut d = join_clean(self.state.effective_workdir(), &raw_dest);
-            let dirish = raw_dest.is_empty() || raw_dest == "." || raw_dest.ends_with('/') || raw_dest.ends_with("/.");
-            if dirish && !d.ends_with('/') {
-                d.push('/');
-            }
-            d
-        };
+        // Relative to the workdir, cleaned; a trailing `/` (or `.`) is kept.
+        let mut dest = join_clean(self.state.effective_workdir(), &raw_dest);
+        let dirish = raw_dest.is_empty() || raw_dest == "." || raw_dest.ends_with('/') || raw_dest.ends_with("/.");
+        if dirish && !dest.ends_with('/') {
+            dest.push('/');
+        }
         let chown = opt(self, &c.chown)?;
         let chmod = opt(self, &c.chmod)?;
+        if let Some(m) = &chmod {
+            validate_chmod(m).map_err(|e| self.invalid(i, e))?;
+        }
+        if c.checksum.is_some() && sources.len() != 1 {
+            return Err(self.invalid(i, "checksum can't be specified for multiple sources"));
+        }
         let mut created_by = String::from(if is_add { "ADD" } else { "COPY" });
         if c.parents {
             created_by.push_str(" --parents");
@@ -902,20 +904,54 @@ pub fn join_clean(base: &str, p: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-fn normalize_port(p: &str) -> Result<String, String> {
-    let (port, proto) = match p.split_once('/') {
+/// Parses one EXPOSE word (`80`, `80/udp`, `8000-8002/tcp`, legacy
+/// `[ip:][host:]container`) into `port/proto` entries, expanding ranges like BuildKit.
+fn parse_port(raw: &str) -> Result<Vec<String>, String> {
+    let container = raw.rsplit(':').next().unwrap_or(raw);
+    let (port, proto) = match container.split_once('/') {
         Some((a, b)) => (a, b.to_ascii_lowercase()),
-        None => (p, "tcp".to_string()),
+        None => (container, "tcp".to_string()),
     };
-    let ok_num = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) && s.parse::<u32>().is_ok_and(|n| n <= 65535);
-    let valid = match port.split_once('-') {
-        Some((a, b)) => ok_num(a) && ok_num(b),
-        None => ok_num(port),
-    };
-    if !valid || !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(format!("invalid containerPort: {p}"));
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("invalid port: {raw:?}: invalid proto: {proto}"));
     }
-    Ok(format!("{port}/{proto}"))
+    let num = |s: &str| -> Result<u32, String> {
+        match s.parse::<u32>() {
+            Ok(n) if n <= 65535 && s.chars().all(|c| c.is_ascii_digit()) => Ok(n),
+            _ => Err(format!("invalid containerPort: {port}")),
+        }
+    };
+    let (start, end) = match port.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(port)?, num(port)?),
+    };
+    if end < start {
+        return Err(format!("invalid containerPort: {port}"));
+    }
+    Ok((start..=end).map(|p| format!("{p}/{proto}")).collect())
+}
+
+/// Validates a `--chmod` value: octal up to 07777 or a symbolic mode (`u+x,g-w`).
+fn validate_chmod(m: &str) -> Result<(), String> {
+    if !m.is_empty() && m.chars().all(|c| c.is_ascii_digit()) {
+        return match u32::from_str_radix(m, 8) {
+            Ok(v) if v <= 0o7777 => Ok(()),
+            _ => Err(format!("invalid chmod parameter: '{m}'. it should be octal string and between 0 and 07777")),
+        };
+    }
+    let ok = !m.is_empty()
+        && m.split(',').all(|clause| {
+            let who_end = clause.find(|c: char| !"ugoa".contains(c)).unwrap_or(clause.len());
+            let rest = &clause[who_end..];
+            !rest.is_empty()
+                && rest.starts_with(['+', '-', '='])
+                && rest.chars().all(|c| "+-=rwxXstugo".contains(c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid chmod parameter: '{m}'"))
+    }
 }
 
 fn validate_signal(s: &str) -> Result<(), String> {
@@ -1009,11 +1045,11 @@ fn go_quote_list(v: &[String]) -> String {
     format!("[{}]", items.join(" "))
 }
 
-/// Go `%q` of the healthcheck struct pointer, as docker history shows it.
+/// Go `%+v` of the healthcheck config, as BuildKit writes it into history.
 fn go_healthcheck(h: &Healthcheck) -> String {
     format!(
-        "&{{{} \"{}\" \"{}\" \"{}\" \"{}\" '\\x{:02x}'}}",
-        go_quote_list(&h.test),
+        "{{Test:[{}] Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
+        h.test.join(" "),
         format_duration(h.interval),
         format_duration(h.timeout),
         format_duration(h.start_period),

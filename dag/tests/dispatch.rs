@@ -161,7 +161,7 @@ fn global_args_and_from() {
 
 #[test]
 fn workdir_user_and_copy_dest() {
-    let r = run("FROM a\nWORKDIR app\nWORKDIR sub/../lib\nENV D=/opt\nWORKDIR $D/x/\nUSER ${NOPE:-nobody}:grp\nCOPY f rel/\nCOPY f .\nCOPY a b /abs/\nCOPY x y\n");
+    let r = run("FROM a\nWORKDIR app\nWORKDIR sub/../lib\nENV D=/opt\nWORKDIR $D/x/\nUSER ${NOPE:-nobody}:grp\nCOPY f rel/\nCOPY f .\nCOPY a b /abs/\nCOPY x y\nCOPY z /a/../b/.\n");
     let paths: Vec<String> = r
         .steps
         .iter()
@@ -180,7 +180,7 @@ fn workdir_user_and_copy_dest() {
             _ => None,
         })
         .collect();
-    assert_eq!(dests, vec!["/opt/x/rel/", "/opt/x/", "/abs/", "/opt/x/y"]);
+    assert_eq!(dests, vec!["/opt/x/rel/", "/opt/x/", "/abs/", "/opt/x/y", "/b/"]);
     let Some(Step::Run { .. }) = &r.steps[0] else {
         let Some(Step::Workdir { created_by, .. }) = &r.steps[0] else { panic!() };
         assert_eq!(created_by, "WORKDIR /app");
@@ -199,6 +199,13 @@ fn copy_expansion_flags_and_errors() {
     assert_eq!(exclude, &vec!["*.md".to_string()]);
     assert!(!is_add);
     assert_eq!(created_by, "COPY --chown=1000:1000 --chmod=0644 src/a /d/ # buildkit");
+    for bad in ["888", "u+q", "abc", "x+r"] {
+        let e = run_with(&format!("FROM a\nCOPY --chmod={bad} a /d\n"), ImageState::default(), &[], 0).err().unwrap();
+        assert!(e.starts_with("Dockerfile:2: invalid chmod parameter"), "{e}");
+    }
+    for good in ["0755", "u+x,g-w", "a=rX"] {
+        run_with(&format!("FROM a\nCOPY --chmod={good} a /d\n"), ImageState::default(), &[], 0).unwrap();
+    }
     let e = run_with("FROM a\nCOPY a b /nodir\n", ImageState::default(), &[], 0).err().unwrap();
     assert!(e.starts_with("Dockerfile:2: When using COPY with more than one source file"), "{e}");
 }
@@ -268,7 +275,7 @@ fn config_instructions() {
     let r = run(concat!(
         "FROM a\n",
         "ARG P=8080\n",
-        "EXPOSE 80 $P/UDP 7000-7010\n",
+        "EXPOSE 80 $P/UDP 7000-7002\n",
         "LABEL a=1 \"b c\"=\"two words\"\n",
         "LABEL a=override\n",
         "VOLUME [\"/data\"]\n",
@@ -281,7 +288,7 @@ fn config_instructions() {
     let st = r.d.state();
     assert_eq!(
         st.exposed_ports.iter().cloned().collect::<Vec<_>>(),
-        vec!["7000-7010/tcp", "80/tcp", "8080/udp"]
+        vec!["7000/tcp", "7001/tcp", "7002/tcp", "80/tcp", "8080/udp"]
     );
     assert_eq!(st.labels.get("a").map(String::as_str), Some("override"));
     assert_eq!(st.labels.get("b c").map(String::as_str), Some("two words"));
@@ -295,8 +302,13 @@ fn config_instructions() {
     assert_eq!(st.onbuild, vec!["RUN make"]);
     assert_eq!(st.author.as_deref(), Some("Jane"));
     let hist: Vec<&str> = r.d.history().iter().map(|h| h.created_by.as_str()).collect();
-    assert_eq!(hist[1], "EXPOSE map[80/tcp:{} 8080/udp:{} 7000-7010/tcp:{}]");
-    assert_eq!(hist[7], "HEALTHCHECK &{[\"CMD-SHELL\" \"curl -f localhost\"] \"1m30s\" \"500ms\" \"0s\" \"0s\" '\\x03'}");
+    assert_eq!(hist[1], "EXPOSE [80/tcp 8080/udp 7000/tcp 7001/tcp 7002/tcp]");
+    assert_eq!(
+        hist[7],
+        "HEALTHCHECK {Test:[CMD-SHELL curl -f localhost] Interval:1m30s Timeout:500ms StartPeriod:0s StartInterval:0s Retries:3}"
+    );
+    assert_eq!(hist.len(), 9, "ONBUILD has no history entry");
+    assert_eq!(hist[8], "MAINTAINER Jane");
     assert!(r.d.history().iter().all(|h| h.empty_layer));
     let json = serde_json::to_value(h).unwrap();
     assert_eq!(json["Interval"], 90_000_000_000u64);
@@ -310,7 +322,7 @@ fn dispatch_errors_name_line() {
     let e = run_with("FROM a\nENV A=1\nRUN x\nWORKDIR ${MISSING:?set it}\n", ImageState::default(), &[], 0).err().unwrap();
     assert_eq!(e, "Dockerfile:4: MISSING: set it\n  4 | WORKDIR ${MISSING:?set it}");
     let e = run_with("FROM a\nEXPOSE 80/xyz\n", ImageState::default(), &[], 0).err().unwrap();
-    assert!(e.starts_with("Dockerfile:2: invalid containerPort: 80/xyz"), "{e}");
+    assert!(e.starts_with("Dockerfile:2: invalid port: \"80/xyz\""), "{e}");
     let e = run_with("FROM a\nSTOPSIGNAL SIGNOPE\n", ImageState::default(), &[], 0).err().unwrap();
     assert!(e.starts_with("Dockerfile:2: Invalid signal"), "{e}");
     let e = run_with("FROM a\nHEALTHCHECK --interval=5x CMD true\n", ImageState::default(), &[], 0).err().unwrap();
