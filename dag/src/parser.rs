@@ -451,8 +451,8 @@ fn split_logical(lines: &[String], first: usize, escape: char) -> Result<Vec<Log
         let start = i;
         let mut text = t.trim_end().to_string();
         i += 1;
-        while let Some(stripped) = text.strip_suffix(escape) {
-            text = stripped.to_string();
+        while let Some(stripped) = strip_continuation(&text, escape) {
+            text = stripped;
             // Skip blank and comment lines inside the continuation.
             while i < lines.len() && {
                 let n = lines[i].trim_start();
@@ -490,6 +490,18 @@ fn split_logical(lines: &[String], first: usize, escape: char) -> Result<Vec<Log
         out.push(Logical { line: start + 1, text, tail, heredocs });
     }
     Ok(out)
+}
+
+/// If `line` ends with the escape char (plus blanks) that is not itself
+/// escaped, returns the line without it (BuildKit's continuation rule: `foo \\`
+/// does not continue).
+fn strip_continuation(line: &str, escape: char) -> Option<String> {
+    let t = line.trim_end_matches([' ', '\t']);
+    let body = t.strip_suffix(escape)?;
+    if body.ends_with(escape) {
+        return None;
+    }
+    Some(body.to_string())
 }
 
 /// Heredoc markers in an instruction line: (name, expand, chomp, fd). Detection

@@ -124,6 +124,12 @@ fn lowercase_and_continuations() {
     assert_eq!(r.command, CommandForm::Shell("echo a   b   c".into()));
     assert_eq!(st.instructions[1].line, 7);
     assert_eq!(st.instructions[1].kind, InstructionKind::Env(vec![("A".into(), "1".into())]));
+    // An escaped escape char at the end does not continue the line.
+    let df = p("FROM a\nRUN echo x\\\\\nRUN echo y \\  \n  z\n");
+    let ins = &df.stages[0].instructions;
+    assert_eq!(ins.len(), 2);
+    assert_eq!(ins[0].original, "RUN echo x\\\\");
+    assert_eq!(ins[1].original, "RUN echo y   z");
 }
 
 #[test]
