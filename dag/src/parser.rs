@@ -618,19 +618,34 @@ fn check_flags(
     instruction: &str,
     at: &Location,
 ) -> Result<Vec<(String, Option<String>)>, ParseError> {
-    let mut out = Vec::new();
-    for f in flags {
-        let name = f.name.value.to_string();
+    let pairs = flags.iter().map(|f| (f.name.value.to_string(), f.value.as_ref().map(|v| v.value.to_string())));
+    validate_flags(pairs.collect(), allowed, instruction, at)
+}
+
+/// Flags that may be given more than once.
+const REPEATABLE_FLAGS: &[&str] = &["exclude", "mount"];
+
+/// Rejects unknown flags and repeated single-value flags (BuildKit's BFlags rules).
+fn validate_flags(
+    flags: Vec<(String, Option<String>)>,
+    allowed: &[&str],
+    instruction: &str,
+    at: &Location,
+) -> Result<Vec<(String, Option<String>)>, ParseError> {
+    let mut seen = std::collections::HashSet::new();
+    for (name, _) in &flags {
         if !allowed.contains(&name.as_str()) {
             return Err(ParseError::UnknownFlag {
                 at: at.clone(),
                 instruction: instruction.into(),
-                flag: name,
+                flag: name.clone(),
             });
         }
-        out.push((name, f.value.as_ref().map(|v| v.value.to_string())));
+        if !seen.insert(name.clone()) && !REPEATABLE_FLAGS.contains(&name.as_str()) {
+            return Err(syntax(at, format!("duplicate flag specified: {name}")));
+        }
     }
-    Ok(out)
+    Ok(flags)
 }
 
 fn flag_bool(name: &str, v: &Option<String>, at: &Location) -> Result<bool, ParseError> {
@@ -694,11 +709,7 @@ fn parse_instruction(
     if kw == "run" && !l.heredocs.is_empty() {
         let args = l.text[3..].trim_start();
         let (flags, rest) = split_leading_flags(args);
-        for (n, _) in &flags {
-            if !RUN_FLAGS.contains(&n.as_str()) {
-                return Err(ParseError::UnknownFlag { at: at.clone(), instruction: "RUN".into(), flag: n.clone() });
-            }
-        }
+        let flags = validate_flags(flags, RUN_FLAGS, "RUN", at)?;
         return run_from_flags(flags, CommandForm::Shell(rest.to_string()), l.heredocs.clone(), at)
             .map(InstructionKind::Run);
     }
@@ -802,7 +813,7 @@ fn copy_args(
     at: &Location,
 ) -> Result<CopyArgs, ParseError> {
     let (name, allowed): (&str, &[&str]) = if is_add {
-        ("ADD", &["chown", "chmod", "link", "parents", "exclude", "checksum", "keep-git-dir", "unpack"])
+        ("ADD", &["chown", "chmod", "link", "exclude", "checksum", "keep-git-dir", "unpack"])
     } else {
         ("COPY", &["from", "chown", "chmod", "link", "parents", "exclude"])
     };

@@ -177,6 +177,17 @@ fn unknown_flag_errors_name_line() {
     assert!(e.starts_with("Dockerfile:2: unknown flag: --nope for RUN"), "{e}");
     let e = err("FROM x\nRUN --nope <<EOF\nhi\nEOF\n");
     assert!(e.starts_with("Dockerfile:2: unknown flag: --nope for RUN"), "{e}");
+    let e = err("FROM x\nCOPY --chown=1 --chown=2 a b\n");
+    assert!(e.starts_with("Dockerfile:2: duplicate flag specified: chown"), "{e}");
+    let e = err("FROM x\nRUN --network=none --network=host <<EOF\nhi\nEOF\n");
+    assert!(e.starts_with("Dockerfile:2: duplicate flag specified: network"), "{e}");
+    let df = p("FROM x\nRUN --mount=type=tmpfs,target=/a --mount=type=tmpfs,target=/b true\n");
+    let InstructionKind::Run(r) = &df.stages[0].instructions[0].kind else { panic!() };
+    assert_eq!(r.mounts.len(), 2);
+    let e = err("FROM x\nADD --parents a /b\n");
+    assert!(e.starts_with("Dockerfile:2: unknown flag: --parents for ADD"), "{e}");
+    let e = err("FROM x\nCOPY --link=maybe a /b\n");
+    assert!(e.contains("expecting boolean value for flag link"), "{e}");
     let e = err("FROM --nope=1 x\n");
     assert!(e.starts_with("Dockerfile:1: unknown flag: --nope for FROM"), "{e}");
 }
