@@ -281,25 +281,38 @@ pub fn is_proxy_arg(name: &str) -> bool {
     PROXY_ARGS.contains(&name)
 }
 
-/// Platform ARGs of the global scope for a linux build on this host's arch.
-pub fn platform_args() -> BTreeMap<String, String> {
-    let (arch, variant) = match std::env::consts::ARCH {
-        "aarch64" => ("arm64", ""),
-        "arm" => ("arm", "v7"),
-        "riscv64" => ("riscv64", ""),
-        "s390x" => ("s390x", ""),
-        "powerpc64" => ("ppc64le", ""),
-        _ => ("amd64", ""),
-    };
-    let platform =
-        if variant.is_empty() { format!("linux/{arch}") } else { format!("linux/{arch}/{variant}") };
-    let mut m = BTreeMap::new();
-    for p in ["BUILD", "TARGET"] {
-        m.insert(format!("{p}PLATFORM"), platform.clone());
-        m.insert(format!("{p}OS"), "linux".into());
-        m.insert(format!("{p}ARCH"), arch.into());
-        m.insert(format!("{p}VARIANT"), variant.into());
+/// The host platform as `linux/<arch>[/<variant>]` (OCI names).
+pub fn host_platform() -> String {
+    match std::env::consts::ARCH {
+        "aarch64" => "linux/arm64",
+        "arm" => "linux/arm/v7",
+        "riscv64" => "linux/riscv64",
+        "s390x" => "linux/s390x",
+        "powerpc64" => "linux/ppc64le",
+        _ => "linux/amd64",
     }
+    .to_string()
+}
+
+/// Platform ARGs of the global scope (BuildKit `defaultArgs`) for a build on
+/// this host targeting the host platform, target stage `default`.
+pub fn platform_args() -> BTreeMap<String, String> {
+    platform_args_for(&host_platform(), &host_platform(), None)
+}
+
+/// Platform ARGs for `build`/`target` platforms (`os/arch[/variant]`) and the
+/// target stage name (`TARGETSTAGE`, `default` when none).
+pub fn platform_args_for(build: &str, target: &str, target_stage: Option<&str>) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for (p, plat) in [("BUILD", build), ("TARGET", target)] {
+        let mut parts = plat.split('/');
+        m.insert(format!("{p}PLATFORM"), plat.to_string());
+        m.insert(format!("{p}OS"), parts.next().unwrap_or("").to_string());
+        m.insert(format!("{p}ARCH"), parts.next().unwrap_or("").to_string());
+        m.insert(format!("{p}VARIANT"), parts.next().unwrap_or("").to_string());
+        m.insert(format!("{p}OSVERSION"), String::new());
+    }
+    m.insert("TARGETSTAGE".into(), target_stage.unwrap_or("default").to_string());
     m
 }
 
@@ -340,9 +353,24 @@ pub fn resolve_global_args(
     df: &Dockerfile,
     build_args: &BTreeMap<String, String>,
 ) -> Result<ResolvedArgs, DispatchError> {
+    resolve_global_args_for(df, build_args, platform_args())
+}
+
+/// Like [`resolve_global_args`] with explicit predefined args (see
+/// [`platform_args_for`]); build args override predefined values too.
+pub fn resolve_global_args_for(
+    df: &Dockerfile,
+    build_args: &BTreeMap<String, String>,
+    mut predefined: BTreeMap<String, String>,
+) -> Result<ResolvedArgs, DispatchError> {
+    for (k, v) in predefined.iter_mut() {
+        if let Some(b) = build_args.get(k) {
+            *v = b.clone();
+        }
+    }
     let mut r = ResolvedArgs {
         declared: Vec::new(),
-        predefined: platform_args(),
+        predefined,
         escape: df.directives.escape,
         file: df.path.display().to_string(),
     };

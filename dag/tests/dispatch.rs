@@ -157,6 +157,15 @@ fn global_args_and_from() {
     let df = parse("FROM --platform=$BUILDPLATFORM x:$TARGETOS\n", Path::new("D")).unwrap();
     let r = resolve_global_args(&df, &BTreeMap::new()).unwrap();
     assert_eq!(expand_base(&df.stages[0], &r).unwrap(), "x:linux");
+    // explicit platforms and target stage; build args override predefined values
+    let df = parse("ARG X=$TARGETARCH-$TARGETVARIANT-$TARGETSTAGE\nFROM img:$X\n", Path::new("D")).unwrap();
+    let pre = rbuild_dag::dispatch::platform_args_for("linux/amd64", "linux/arm/v7", Some("final"));
+    assert_eq!(pre["BUILDARCH"], "amd64");
+    let r = rbuild_dag::dispatch::resolve_global_args_for(&df, &BTreeMap::new(), pre.clone()).unwrap();
+    assert_eq!(expand_base(&df.stages[0], &r).unwrap(), "img:arm-v7-final");
+    let ba = BTreeMap::from([("TARGETARCH".to_string(), "riscv64".to_string())]);
+    let r = rbuild_dag::dispatch::resolve_global_args_for(&df, &ba, pre).unwrap();
+    assert_eq!(expand_base(&df.stages[0], &r).unwrap(), "img:riscv64-v7-final");
 }
 
 #[test]
