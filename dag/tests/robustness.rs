@@ -1,0 +1,60 @@
+//! Random inputs must produce errors, never panics.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rbuild_dag::dispatch::{resolve_global_args, ImageState, StageDispatcher};
+use rbuild_dag::graph::plan;
+use rbuild_dag::ignore::IgnoreMatcher;
+use rbuild_dag::parse;
+use rbuild_dag::shell::Lexer;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn pick<'a>(&mut self, v: &[&'a str]) -> &'a str {
+        v[(self.next() % v.len() as u64) as usize]
+    }
+}
+
+const PIECES: &[&str] = &[
+    "FROM ", "RUN ", "COPY ", "ADD ", "ENV ", "ARG ", "LABEL ", "WORKDIR ", "USER ", "EXPOSE ", "VOLUME ",
+    "CMD ", "ENTRYPOINT ", "SHELL ", "HEALTHCHECK ", "ONBUILD ", "STOPSIGNAL ", "MAINTAINER ", "from ",
+    "a", "b", "=", " ", "  ", "\n", "\n", "\\", "\\\n", "`", "'", "\"", "$", "${", "}", ":-", ":?", "#", "%",
+    "/", "*", "**", "?", "[", "]", "!", "<<", "<<-", "EOF", "\nEOF\n", "--from=", "--mount=", "--link", "é",
+    "# escape=`\n", "[\"x\"]", "AS ", "scratch", "0", "1", ",", "\t", "\r\n", "NONE", "CMD",
+];
+
+#[test]
+fn random_dockerfiles_never_panic() {
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let mut parsed = 0;
+    for _ in 0..4000 {
+        let n = 1 + rng.next() % 40;
+        let mut src = String::from(if rng.next() % 2 == 0 { "FROM a AS s\n" } else { "" });
+        for _ in 0..n {
+            src.push_str(rng.pick(PIECES));
+        }
+        let lx = Lexer::default();
+        let _ = lx.expand_words(&src, &|k| (k == "a").then(|| "x y".to_string()));
+        let _ = lx.expand_heredoc(&src, &|_| None);
+        let _ = lx.split_key_values(&src, true, "ENV");
+        let _ = IgnoreMatcher::new(&src).map(|m| (m.is_excluded("a/b", false), m.may_include_below("a")));
+        let Ok(df) = parse(&src, Path::new("Dockerfile")) else { continue };
+        parsed += 1;
+        let Ok(resolved) = resolve_global_args(&df, &BTreeMap::new()) else { continue };
+        let _ = plan(&df, None, &resolved);
+        for st in &df.stages {
+            let mut d = StageDispatcher::new(ImageState::default(), &resolved, &BTreeMap::new(), df.directives.escape);
+            for i in &st.instructions {
+                let _ = d.dispatch(i);
+            }
+        }
+    }
+    assert!(parsed > 100, "generator should produce some valid files ({parsed})");
+}
