@@ -1,9 +1,10 @@
 //! Dispatch: turns parsed instructions into fully expanded, typed build steps
 //! while tracking the stage's image-config state like BuildKit.
 //!
-//! Every instruction (state-only or not) appends a [`HistoryEntry`] to
-//! [`StageDispatcher::history`]; `dispatch` returns `Some(Step)` only for
-//! instructions the builder must execute (RUN, COPY/ADD, WORKDIR).
+//! Every successfully dispatched instruction appends exactly one
+//! [`HistoryEntry`] to [`StageDispatcher::history`] (texts as BuildKit writes
+//! them); `dispatch` returns `Some(Step)` only for instructions the builder
+//! must execute (RUN, COPY/ADD, WORKDIR).
 //!
 //! Predefined ARGs: the proxy family (`HTTP_PROXY`, …) given as build args is
 //! visible to RUN without an `ARG` and never appears in history. The platform
@@ -661,8 +662,10 @@ impl StageDispatcher {
                 self.state.healthcheck = Some(hc);
             }
             K::Onbuild(t) => {
-                // BuildKit records no history entry for ONBUILD.
+                // BuildKit writes no history for ONBUILD; we still record one so
+                // that every dispatched instruction adds exactly one entry.
                 self.state.onbuild.push(t.clone());
+                self.record(i, format!("ONBUILD {t}"), true);
             }
             K::Maintainer(m) => {
                 self.state.author = Some(m.clone());

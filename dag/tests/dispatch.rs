@@ -316,8 +316,9 @@ fn config_instructions() {
         hist[7],
         "HEALTHCHECK {Test:[CMD-SHELL curl -f localhost] Interval:1m30s Timeout:500ms StartPeriod:0s StartInterval:0s Retries:3}"
     );
-    assert_eq!(hist.len(), 9, "ONBUILD has no history entry");
-    assert_eq!(hist[8], "MAINTAINER Jane");
+    assert_eq!(hist.len(), 10, "one entry per instruction");
+    assert_eq!(hist[8], "ONBUILD RUN make");
+    assert_eq!(hist[9], "MAINTAINER Jane");
     assert!(r.d.history().iter().all(|h| h.empty_layer));
     let json = serde_json::to_value(h).unwrap();
     assert_eq!(json["Interval"], 90_000_000_000u64);
