@@ -22,4 +22,9 @@ pub use parser::{
     parse, ArgDecl, CommandForm, CopyArgs, Directives, Dockerfile, HealthcheckArgs, Heredoc,
     Instruction, InstructionKind, Location, ParseError, RunArgs, SourceArg, Stage, Word,
 };
-pub use dispatch::{expand_base, resolve_global_args, ResolvedArgs};
+pub use dispatch::{
+    expand_base, resolve_global_args, CopySource, DispatchError, HistoryEntry, ImageState,
+    ResolvedArgs, StageDispatcher, Step,
+};
+pub use graph::{plan, Base, BuildPlan, GraphError};
+pub use ignore::{load_ignore, IgnoreMatcher};

@@ -364,6 +364,7 @@ pub fn parse_with_escape(source: &str, path: &Path, escape: char) -> Result<Dock
 
 fn parse_inner(source: &str, path: &Path, escape: Option<char>) -> Result<Dockerfile, ParseError> {
     let file = path.display().to_string();
+    let source = source.strip_prefix('\u{feff}').unwrap_or(source);
     let lines: Vec<String> = source.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
     let (mut directives, mut first) = parse_directives(&lines);
     if let Some(e) = escape {

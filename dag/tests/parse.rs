@@ -254,3 +254,23 @@ fn other_instructions() {
     assert_eq!(k[9], InstructionKind::Onbuild("RUN echo trigger".into()));
     assert_eq!(k[10], InstructionKind::Maintainer("Jane <j@x>".into()));
 }
+
+#[test]
+fn bom_crlf_and_directive_rules() {
+    let df = p("\u{feff}# escape=`\r\nFROM a\r\nRUN echo `\r\n  x\r\nCOPY <<EOF /f\r\nhi\r\nEOF\r\n");
+    assert_eq!(df.directives.escape, '`');
+    let ins = &df.stages[0].instructions;
+    assert_eq!(ins[0].original, "RUN echo   x");
+    let InstructionKind::Copy(c) = &ins[1].kind else { panic!() };
+    let SourceArg::Heredoc(h) = &c.sources[0] else { panic!() };
+    assert_eq!(h.body, "hi\n");
+    // a directive after a comment/blank line is just a comment
+    let df = p("# hello\n# escape=`\nFROM a\n");
+    assert_eq!(df.directives.escape, '\\');
+    let df = p("\n# syntax=x\nFROM a\n");
+    assert_eq!(df.directives.syntax, None);
+    // `cat << EOF` (space) is not a heredoc in BuildKit
+    let df = p("FROM a\nRUN cat << EOF\n");
+    let InstructionKind::Run(r) = &df.stages[0].instructions[0].kind else { panic!() };
+    assert!(r.heredocs.is_empty());
+}
