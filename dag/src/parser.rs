@@ -714,6 +714,12 @@ fn parse_instruction(
         return run_from_flags(flags, CommandForm::Shell(rest.to_string()), l.heredocs.clone(), at)
             .map(InstructionKind::Run);
     }
+    // BuildKit extracts leading `--flags` for every instruction and rejects
+    // unknown ones; the crate only does so for some, so check the rest here.
+    if !matches!(kw, "run" | "copy" | "add" | "from" | "healthcheck") {
+        let (flags, _) = split_leading_flags(&l.text[kw.len()..]);
+        validate_flags(flags, &[], &kw.to_ascii_uppercase(), at)?;
+    }
     if kw == "shell" && !l.text[5..].trim_start().starts_with('[') {
         return Err(syntax(at, "SHELL requires the arguments to be in JSON form"));
     }

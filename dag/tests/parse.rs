@@ -188,6 +188,10 @@ fn unknown_flag_errors_name_line() {
     assert!(e.starts_with("Dockerfile:2: unknown flag: --parents for ADD"), "{e}");
     let e = err("FROM x\nCOPY --link=maybe a /b\n");
     assert!(e.contains("expecting boolean value for flag link"), "{e}");
+    for bad in ["ENV --foo=bar A=b", "CMD --help", "LABEL --x a=b", "WORKDIR --p /x", "ONBUILD --q RUN x"] {
+        let e = err(&format!("FROM x\n{bad}\n"));
+        assert!(e.starts_with("Dockerfile:2: unknown flag: --"), "{bad}: {e}");
+    }
     let e = err("FROM --nope=1 x\n");
     assert!(e.starts_with("Dockerfile:1: unknown flag: --nope for FROM"), "{e}");
 }
