@@ -86,7 +86,7 @@ impl ImageFs {
             key: CacheKeyBuilder::new("scratch").str("platform", platform).finish(),
             layers: Vec::new(),
             config: json!({"architecture": arch, "os": os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}),
-            state: state_from_config(&json!({})),
+            state: ImageState::scratch(),
             history: Vec::new(),
         }
     }
@@ -286,14 +286,20 @@ impl Builder {
             Base::Stage(i) => self.stage_result(i).await?,
             Base::Image(r) => self.image_fs(&r).await.map_err(|e| self.err_at(stage.line, format!("FROM {r}: {e:#}")))?,
         };
-        let mut dispatcher = StageDispatcher::new(fs.state.clone(), &self.resolved, &self.build_args, self.dockerfile.directives.escape);
-        let total = stage.instructions.len() + 1;
-        for (i, instr) in stage.instructions.iter().enumerate() {
+        let mut dispatcher = StageDispatcher::new(fs.state.clone(), &self.resolved, &self.build_args, self.dockerfile.directives.escape)
+            .with_file(self.dockerfile_name.clone());
+        // ONBUILD triggers of the base run first, as if written right after FROM.
+        let triggers = dispatcher.take_onbuild_triggers().map_err(|e| anyhow!("{e}"))?;
+        let instructions: Vec<&rbuild_dag::Instruction> = triggers.iter().chain(stage.instructions.iter()).collect();
+        let total = instructions.len() + 1;
+        for (i, instr) in instructions.into_iter().enumerate() {
+            let line = if i < triggers.len() { stage.line } else { instr.line };
             let step_name = format!("[{} {}/{}] {}", self.stage_label(idx), i + 2, total, one_line(&instr.original));
             let dispatched = dispatcher.dispatch(instr).map_err(|e| anyhow!("{e}"))?;
             match dispatched {
                 None => {
-                    fs.history.push(history_entry(&config_created_by(&instr.original), true));
+                    let created_by = dispatcher.history().last().map(|h| h.created_by.clone()).unwrap_or_default();
+                    fs.history.push(history_entry(&created_by, true));
                 }
                 Some(step) => {
                     let pstep = self.progress.start(&step_name);
@@ -308,7 +314,7 @@ impl Builder {
                         }
                         Err(e) => {
                             pstep.error(&format!("{e:#}"));
-                            return Err(self.err_at(instr.line, format!("{e:#}")));
+                            return Err(self.err_at(line, format!("{e:#}")));
                         }
                     }
                 }
@@ -322,7 +328,10 @@ impl Builder {
     /// Runs one filesystem step; returns whether it came from the cache.
     async fn run_step(self: &Arc<Self>, fs: &mut ImageFs, step: &Step, pstep: &ProgressStep) -> Result<bool> {
         match step {
-            Step::Run { argv, env, user, workdir, network, created_by, .. } => {
+            Step::Run { argv, env, user, workdir, network, created_by, files, mounts, .. } => {
+                if !files.is_empty() || !mounts.is_empty() {
+                    bail!("RUN --mount and heredoc scripts with a shebang are not supported yet");
+                }
                 let net = match network.as_deref() {
                     Some("none") => NetworkArg::None,
                     Some("host") | Some("default") => self.opts.network,
@@ -393,7 +402,7 @@ impl Builder {
                         bail!(msg.trim_end().to_string());
                     }
                 }
-                let rec = self.commit_dir_as_layer(upper).await?;
+                let rec = self.commit_dir_as_layer(upper, pstep).await?;
                 self.store.put_record(&key, &rec)?;
                 self.push_layer(fs, key, rec, created_by);
                 Ok(false)
@@ -455,7 +464,7 @@ impl Builder {
                 let n = copy::stage_copy(&staging, &stack, &source, &selected, dest, attrs)?;
                 let m = copy::stage_inline(&staging, &stack, &inline, dest, attrs)?;
                 pstep.log(&format!("copied {} files", n + m));
-                let rec = self.commit_dir_as_layer(staging).await?;
+                let rec = self.commit_dir_as_layer(staging, pstep).await?;
                 self.store.put_record(&key, &rec)?;
                 self.push_layer(fs, key, rec, created_by);
                 Ok(false)
@@ -478,7 +487,7 @@ impl Builder {
                 }
                 let staging = self.store.temp_dir("workdir")?;
                 copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
-                let rec = self.commit_dir_as_layer(staging).await?;
+                let rec = self.commit_dir_as_layer(staging, pstep).await?;
                 self.store.put_record(&key, &rec)?;
                 self.push_layer(fs, key, rec, created_by);
                 Ok(false)
@@ -519,8 +528,9 @@ impl Builder {
     }
 
     /// Turns a finished upperdir or staging dir into a layer blob and an unpacked layer.
-    async fn commit_dir_as_layer(&self, dir: PathBuf) -> Result<CacheRecord> {
+    async fn commit_dir_as_layer(&self, dir: PathBuf, pstep: &ProgressStep) -> Result<CacheRecord> {
         let created = now_rfc3339();
+        let started = std::time::Instant::now();
         if fs::read_dir(&dir)?.next().is_none() {
             let _ = fs::remove_dir(&dir);
             return Ok(CacheRecord { layer: None, created });
@@ -544,6 +554,7 @@ impl Builder {
             Ok(LayerRef { diff_id, digest, size: blob.size, media_type: blob.media_type.to_string() })
         })
         .await??;
+        pstep.log(&format!("layer {} {} bytes in {:.3}s", layer.diff_id, layer.size, started.elapsed().as_secs_f64()));
         Ok(CacheRecord { layer: Some(layer), created })
     }
 
@@ -665,10 +676,6 @@ fn one_line(s: &str) -> String {
     } else {
         s
     }
-}
-
-fn config_created_by(original: &str) -> String {
-    format!("{} # buildkit", one_line(original))
 }
 
 fn history_entry(created_by: &str, empty: bool) -> Value {
