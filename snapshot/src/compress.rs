@@ -1,0 +1,165 @@
+//! One streaming pass from a directory to a compressed layer blob: tar → sha256 (diffID) →
+//! compressor → sha256 (digest) → file. The tar is produced on its own thread and handed over
+//! in bounded chunks, so memory stays flat and producing overlaps with compressing.
+
+use crate::diff::{write_layer_tar, DiffError, DiffOptions};
+use sha2::{Digest as _, Sha256};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+/// Layer compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// gzip at this level (docker's default is 6).
+    Gzip {
+        /// 0-9.
+        level: u32,
+    },
+    /// zstd at this level, using every core.
+    Zstd {
+        /// 1-22.
+        level: i32,
+    },
+    /// No compression.
+    Uncompressed,
+}
+
+impl Compression {
+    /// The OCI media type of a layer compressed this way.
+    pub fn media_type(&self) -> &'static str {
+        match self {
+            Compression::Gzip { .. } => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd { .. } => "application/vnd.oci.image.layer.v1.tar+zstd",
+            Compression::Uncompressed => "application/vnd.oci.image.layer.v1.tar",
+        }
+    }
+}
+
+/// A written layer blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerBlob {
+    /// `sha256:` of the uncompressed tar.
+    pub diff_id: String,
+    /// `sha256:` of the blob as written.
+    pub digest: String,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// OCI media type.
+    pub media_type: &'static str,
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Sends written bytes to the compressing side in 1 MiB chunks, hashing them on the way.
+struct ChunkSender {
+    tx: SyncSender<Vec<u8>>,
+    buf: Vec<u8>,
+    hash: Sha256,
+}
+
+impl Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.hash.update(data);
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 64 * 1024));
+            self.tx.send(chunk).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "layer compressor stopped"))?;
+        }
+        Ok(())
+    }
+}
+
+struct HashingFile {
+    file: File,
+    hash: Sha256,
+    size: u64,
+}
+
+impl Write for HashingFile {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(data)?;
+        self.hash.update(&data[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+fn compress_chunks(rx: Receiver<Vec<u8>>, out: HashingFile, compression: Compression) -> io::Result<HashingFile> {
+    match compression {
+        Compression::Gzip { level } => {
+            let mut enc = flate2::write::GzEncoder::new(io::BufWriter::with_capacity(CHUNK, out), flate2::Compression::new(level));
+            for c in rx {
+                enc.write_all(&c)?;
+            }
+            enc.finish()?.into_inner().map_err(|e| e.into_error())
+        }
+        Compression::Zstd { level } => {
+            let mut enc = zstd::stream::write::Encoder::new(io::BufWriter::with_capacity(CHUNK, out), level)?;
+            let workers = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+            if workers > 1 {
+                enc.multithread(workers)?;
+            }
+            for c in rx {
+                enc.write_all(&c)?;
+            }
+            enc.finish()?.into_inner().map_err(|e| e.into_error())
+        }
+        Compression::Uncompressed => {
+            let mut w = io::BufWriter::with_capacity(CHUNK, out);
+            for c in rx {
+                w.write_all(&c)?;
+            }
+            w.into_inner().map_err(|e| e.into_error())
+        }
+    }
+}
+
+/// Writes the layer of `dir` to `dest_file` in one pass (see the module docs); the file is
+/// synced before this returns. On error `dest_file` may exist and is the caller's to remove.
+pub fn write_layer_blob(dir: &Path, dest_file: &Path, compression: Compression, opts: &DiffOptions) -> Result<LayerBlob, DiffError> {
+    let ioe = |source| DiffError::Io { path: dest_file.to_path_buf(), source };
+    let file = File::create(dest_file).map_err(ioe)?;
+    let (tx, rx) = sync_channel::<Vec<u8>>(4);
+    let (tar_res, comp_res) = std::thread::scope(|s| {
+        let comp = s.spawn(move || compress_chunks(rx, HashingFile { file, hash: Sha256::new(), size: 0 }, compression));
+        let mut sender = ChunkSender { tx, buf: Vec::with_capacity(CHUNK + 64 * 1024), hash: Sha256::new() };
+        let r = write_layer_tar(dir, &mut sender, opts).and_then(|_| sender.flush().map_err(|e| DiffError::Io { path: dir.to_path_buf(), source: e }));
+        let diff = sender.hash.clone().finalize();
+        drop(sender);
+        (r.map(|_| diff), comp.join().expect("compressor thread panicked"))
+    });
+    let out = comp_res.map_err(ioe)?;
+    let diff = tar_res?;
+    out.file.sync_all().map_err(ioe)?;
+    Ok(LayerBlob {
+        diff_id: format!("sha256:{}", hex::encode(diff)),
+        digest: format!("sha256:{}", hex::encode(out.hash.finalize())),
+        size: out.size,
+        media_type: compression.media_type(),
+    })
+}
+
+/// Wraps a layer blob reader in the right decompressor, sniffed from its first bytes
+/// (gzip, zstd, or a plain tar).
+pub fn decompress<R: Read + Send + 'static>(r: R) -> io::Result<Box<dyn Read + Send>> {
+    let mut br = BufReader::with_capacity(CHUNK, r);
+    let head = br.fill_buf()?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Box::new(flate2::bufread::MultiGzDecoder::new(br)))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Ok(Box::new(zstd::stream::read::Decoder::with_buffer(br)?))
+    } else {
+        Ok(Box::new(br))
+    }
+}

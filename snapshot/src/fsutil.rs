@@ -1,0 +1,114 @@
+//! fd-relative filesystem helpers: every path below a root is resolved by the kernel with
+//! `RESOLVE_IN_ROOT`, so `..` and symlinks (absolute or relative) stay inside the root.
+
+use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path};
+
+/// Splits a tar path into clean components: `.` dropped, `..` clamped at the root (as
+/// containerd does: `../../etc/x` is `etc/x` of the layer), leading `/` ignored.
+pub fn clean(path: &Path) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(s) => out.push(s.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Opens `rel` (components) below `root` as a directory, resolving in root.
+pub fn open_dir_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
+    let p = if rel.is_empty() { ".".to_string() } else { rel.join("/") };
+    openat2(
+        root,
+        p.as_str(),
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Opens (creating as needed, mode 0755) the directory `rel` below `root`.
+pub fn mkdir_all_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
+    match open_dir_in(root, rel) {
+        Ok(fd) => return Ok(fd),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut cur = open_dir_in(root, &[])?;
+    for (i, c) in rel.iter().enumerate() {
+        match open_dir_in(root, &rel[..=i]) {
+            Ok(fd) => cur = fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match rustix::fs::mkdirat(&cur, c.as_str(), Mode::from_raw_mode(0o755)) {
+                    Ok(()) => {}
+                    Err(rustix::io::Errno::EXIST) => {
+                        // Something not a directory (a dangling symlink, a file) is in the way:
+                        // replace it, as docker does when a layer puts a directory there.
+                        remove_at(&cur, c)?;
+                        rustix::fs::mkdirat(&cur, c.as_str(), Mode::from_raw_mode(0o755))?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                cur = open_dir_in(root, &rel[..=i])?;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                let parent = open_dir_in(root, &rel[..i])?;
+                remove_at(&parent, c)?;
+                rustix::fs::mkdirat(&parent, c.as_str(), Mode::from_raw_mode(0o755))?;
+                cur = open_dir_in(root, &rel[..=i])?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(cur)
+}
+
+/// Removes `name` in `dir` (recursively for directories), never following symlinks.
+pub fn remove_at(dir: &impl AsFd, name: &str) -> io::Result<()> {
+    let st = match rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+        let sub = rustix::fs::openat(dir, name, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        clear_dir(&sub)?;
+        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR)?;
+    } else {
+        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty())?;
+    }
+    Ok(())
+}
+
+/// Names in a directory fd (without `.` and `..`).
+pub fn list(dir: &impl AsFd) -> io::Result<Vec<String>> {
+    let fd = rustix::fs::openat(dir, ".", OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut d = rustix::fs::Dir::read_from(&fd)?;
+    let mut out = Vec::new();
+    while let Some(e) = d.read() {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// Removes everything inside a directory.
+pub fn clear_dir(dir: &impl AsFd) -> io::Result<()> {
+    // A read-only directory (mode 0555) would refuse the unlinks below: open it up first.
+    let _ = rustix::fs::fchmod(dir, Mode::from_raw_mode(0o700));
+    for name in list(dir)? {
+        remove_at(dir, &name)?;
+    }
+    Ok(())
+}

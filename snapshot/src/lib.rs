@@ -1,0 +1,27 @@
+//! rbuild's layers.
+//!
+//! - [`unpack_layer`] turns an OCI layer tar into an overlay-form directory (whiteouts as 0:0
+//!   character devices, opaque directories marked with `user.overlay.opaque=y`), and
+//!   [`apply_layer`] applies one to a plain root filesystem; both resolve every path inside the
+//!   destination with `openat2(RESOLVE_IN_ROOT)`, so a hostile tar cannot write outside it.
+//! - [`write_layer_tar`] turns an overlay upperdir (or a plain staging directory) into a
+//!   deterministic OCI layer tar, reading only that directory.
+//! - [`write_layer_blob`] does that, compresses and computes the diffID and the blob digest in
+//!   one streaming pass.
+
+mod compress;
+mod diff;
+mod fsutil;
+mod unpack;
+
+pub use compress::{decompress, write_layer_blob, Compression, LayerBlob};
+pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
+pub use unpack::{apply_layer, unpack_layer, IdRange, UnpackError, UnpackOptions, UnpackStats};
+
+/// The overlay xattr namespace rbuild uses (overlay's `userxattr` mode, usable rootless).
+pub const OVERLAY_XATTR_PREFIX: &str = "user.overlay.";
+
+/// Whether an xattr is overlayfs-private and must never enter or leave a layer.
+pub fn is_overlay_xattr(name: &str) -> bool {
+    name.starts_with("user.overlay.") || name.starts_with("trusted.overlay.")
+}
