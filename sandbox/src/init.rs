@@ -1,0 +1,399 @@
+//! The helper's side of a RUN step: it starts in the step's new user, mount, ipc, uts (and
+//! net) namespaces, forks PID 1 of the new PID namespace, which builds the root filesystem,
+//! pivots into it and runs the command as init: reaping, and taking every other process of
+//! the step with it when it exits.
+
+use crate::spec::{Network, RunSpec};
+use crate::sys;
+use rustix::mount::{MountFlags, UnmountFlags};
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Mount operations, behind a trait so the mount plan can be checked without privileges.
+pub trait Mounter {
+    /// `mount(source, target, fstype, flags, data)`.
+    fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> std::io::Result<()>;
+    /// A non-recursive bind mount.
+    fn bind(&mut self, source: &Path, target: &Path) -> std::io::Result<()>;
+    /// Remounts a bind mount read-only.
+    fn remount_ro(&mut self, target: &Path) -> std::io::Result<()>;
+}
+
+/// The real Linux mounts.
+pub struct LinuxMounter;
+
+impl Mounter for LinuxMounter {
+    fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> std::io::Result<()> {
+        let data = CString::new(data).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        rustix::mount::mount(source, target, fstype, flags, data.as_c_str()).map_err(Into::into)
+    }
+    fn bind(&mut self, source: &Path, target: &Path) -> std::io::Result<()> {
+        rustix::mount::mount_bind(source, target).map_err(Into::into)
+    }
+    fn remount_ro(&mut self, target: &Path) -> std::io::Result<()> {
+        rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, c"")
+            .map_err(Into::into)
+    }
+}
+
+/// Files of /proc hidden behind /dev/null (runc's list).
+pub const MASKED_FILES: &[&str] = &["kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug"];
+/// Directories of /proc hidden behind an empty read-only tmpfs.
+pub const MASKED_DIRS: &[&str] = &["acpi", "asound", "scsi"];
+/// Parts of /proc made read-only.
+pub const READONLY: &[&str] = &["bus", "fs", "irq", "sys", "sysrq-trigger"];
+
+/// Masks a freshly mounted procfs at `proc` like runc does.
+pub fn mask_proc(m: &mut dyn Mounter, proc: &Path, null: &Path) -> std::io::Result<()> {
+    for f in MASKED_FILES {
+        let p = proc.join(f);
+        if p.exists() {
+            m.bind(null, &p)?;
+        }
+    }
+    for d in MASKED_DIRS {
+        let p = proc.join(d);
+        if p.is_dir() {
+            m.mount("tmpfs", &p, "tmpfs", MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "size=0")?;
+        }
+    }
+    for r in READONLY {
+        let p = proc.join(r);
+        if p.exists() {
+            m.bind(&p, &p)?;
+            m.remount_ro(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// The helper's main; never returns.
+pub fn helper_main() -> ! {
+    let mut status = sys::status_fd3();
+    let mut json = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut json) {
+        let _ = writeln!(status, "error:reading the RUN spec: {e}");
+        sys::exit_now(125);
+    }
+    let spec: RunSpec = match serde_json::from_slice(&json) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(status, "error:bad RUN spec: {e}");
+            sys::exit_now(125);
+        }
+    };
+    // The command's stdin is /dev/null.
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = rustix::stdio::dup2_stdin(&null);
+    }
+    match sys::fork() {
+        Ok(0) => {
+            let code = match init(&spec, &mut status) {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = writeln!(status, "error:{e}");
+                    125
+                }
+            };
+            sys::exit_now(code);
+        }
+        Ok(pid) => {
+            let pid = rustix::process::Pid::from_raw(pid).unwrap();
+            let code = match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+                Ok(Some((_, st))) => st.exit_status().map(|c| c as i32).unwrap_or(125),
+                _ => 125,
+            };
+            sys::exit_now(code);
+        }
+        Err(e) => {
+            let _ = writeln!(status, "error:fork: {e}");
+            sys::exit_now(125);
+        }
+    }
+}
+
+fn ctx<T>(r: std::io::Result<T>, what: impl FnOnce() -> String) -> Result<T, String> {
+    r.map_err(|e| format!("{}: {e}", what()))
+}
+
+/// Creates `rel` in `root` as a directory or empty file when missing; records what it made.
+fn ensure_mountpoint(root: &Path, rel: &str, dir: bool, created: &mut Vec<String>) -> Result<PathBuf, String> {
+    let mut p = root.to_path_buf();
+    let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    for (i, c) in comps.iter().enumerate() {
+        p.push(c);
+        let last = i + 1 == comps.len();
+        match std::fs::symlink_metadata(&p) {
+            Ok(md) if md.file_type().is_symlink() => {
+                // A symlink in the image where a mount point goes (e.g. /etc/resolv.conf ->
+                // ../run/...): mounting would follow it out of the image; refuse.
+                return Err(format!("/{rel}: is a symbolic link in the image; cannot mount over it"));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                if last && !dir {
+                    ctx(std::fs::write(&p, b""), || format!("creating mount point /{rel}"))?;
+                } else {
+                    ctx(std::fs::create_dir(&p), || format!("creating mount point /{rel}"))?;
+                }
+                created.push(comps[..=i].join("/"));
+            }
+        }
+    }
+    Ok(p)
+}
+
+fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    let m: &mut dyn Mounter = &mut LinuxMounter;
+    ctx(rustix::system::sethostname(spec.hostname.as_bytes()).map_err(Into::into), || "sethostname".into())?;
+    ctx(
+        rustix::mount::mount_change(Path::new("/"), rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC).map_err(Into::into),
+        || "making / private".into(),
+    )?;
+    if spec.network == Network::None {
+        ctx(sys::loopback_up(), || "bringing up loopback".into())?;
+    }
+    let scratch = &spec.scratch;
+    let rootfs = scratch.join("rootfs");
+    let lower = if spec.lowerdirs.is_empty() {
+        scratch.join("empty").display().to_string()
+    } else {
+        spec.lowerdirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":")
+    };
+    let data = format!("lowerdir={lower},upperdir={},workdir={},userxattr", spec.upperdir.display(), spec.workdir.display());
+    if let Err(e) = m.mount("overlay", &rootfs, "overlay", MountFlags::empty(), &data) {
+        return Err(format!(
+            "mounting the overlay root filesystem: {e} (a store on overlayfs cannot hold upperdirs: put --root on another filesystem, \
+             e.g. an emptyDir volume)"
+        ));
+    }
+    let mut created = Vec::new();
+    let null = Path::new("/dev/null");
+    let proc = ensure_mountpoint(&rootfs, "proc", true, &mut created)?;
+    if let Err(e) = m.mount("proc", &proc, "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "") {
+        return Err(format!(
+            "mounting /proc for the RUN step: {e}. The kernel allows a new procfs only where an unmasked /proc is visible: \
+             where rbuild runs below a masked /proc it cannot unmask, use `procMount: Unmasked` or give the pod SYS_ADMIN \
+             in its own user namespace (`hostUsers: false`)"
+        ));
+    }
+    ctx(mask_proc(m, &proc, null), || "masking /proc".into())?;
+    let dev = ensure_mountpoint(&rootfs, "dev", true, &mut created)?;
+    ctx(m.mount("tmpfs", &dev, "tmpfs", MountFlags::NOSUID | MountFlags::NOEXEC, "mode=755,size=65536k"), || "mounting /dev".into())?;
+    for d in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let host = Path::new("/dev").join(d);
+        if !host.exists() {
+            continue;
+        }
+        let t = dev.join(d);
+        ctx(std::fs::write(&t, b""), || format!("creating /dev/{d}"))?;
+        ctx(m.bind(&host, &t), || format!("binding /dev/{d}"))?;
+    }
+    let pts = dev.join("pts");
+    let _ = std::fs::create_dir(&pts);
+    if m.mount("devpts", &pts, "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, "newinstance,ptmxmode=0666,mode=0620").is_ok() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"));
+    }
+    let shm = dev.join("shm");
+    let _ = std::fs::create_dir(&shm);
+    let _ = m.mount("shm", &shm, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "mode=1777,size=65536k");
+    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+        let _ = std::os::unix::fs::symlink(target, dev.join(name));
+    }
+    for f in ["hosts", "resolv.conf", "hostname"] {
+        let t = ensure_mountpoint(&rootfs, &format!("etc/{f}"), false, &mut created)?;
+        ctx(m.bind(&scratch.join("files").join(f), &t), || format!("binding /etc/{f}"))?;
+    }
+    for c in &created {
+        let _ = writeln!(status, "created:{c}");
+    }
+    // Into the new root; the old one is detached and unreachable.
+    ctx(std::env::set_current_dir(&rootfs), || "chdir to the root filesystem".into())?;
+    ctx(rustix::process::pivot_root(".", ".").map_err(Into::into), || "pivot_root".into())?;
+    ctx(rustix::mount::unmount(".", UnmountFlags::DETACH).map_err(Into::into), || "detaching the old root".into())?;
+    ctx(std::env::set_current_dir("/"), || "chdir /".into())?;
+    ctx(std::env::set_current_dir(&spec.cwd), || format!("working directory {}", spec.cwd))?;
+    let (uid, gid, groups) = resolve_user(&spec.user)?;
+    let path_env = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let exe = find_executable(&spec.argv[0], &path_env).ok_or_else(|| format!("{}: executable file not found in $PATH ({path_env})", spec.argv[0]))?;
+    let mut env: Vec<CString> = Vec::new();
+    let mut has_path = false;
+    for (k, v) in &spec.env {
+        has_path |= k == "PATH";
+        env.push(CString::new(format!("{k}={v}")).map_err(|_| format!("environment variable {k} contains a NUL byte"))?);
+    }
+    if !has_path {
+        env.push(CString::new(format!("PATH={DEFAULT_PATH}")).unwrap());
+    }
+    if !spec.env.iter().any(|(k, _)| k == "HOSTNAME") {
+        env.push(CString::new(format!("HOSTNAME={}", spec.hostname)).unwrap());
+    }
+    let argv: Vec<CString> = spec.argv.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>().map_err(|_| "argument contains a NUL byte".to_string())?;
+    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes()).unwrap();
+    let _ = status.flush();
+    let child = ctx(sys::fork(), || "fork".into())?;
+    if child == 0 {
+        if !groups.is_empty() || sys::setgroups(&[]).is_ok() {
+            if let Err(e) = sys::setgroups(&groups) {
+                let _ = writeln!(status, "error:setgroups for user {:?}: {e}", spec.user);
+                sys::exit_now(126);
+            }
+        }
+        if let Err(e) = sys::set_ids(uid, gid) {
+            let _ = writeln!(status, "error:switching to user {:?} ({uid}:{gid}): {e}", spec.user);
+            sys::exit_now(126);
+        }
+        let _ = sys::set_cloexec(3, true);
+        sys::unblock_all_signals();
+        let e = sys::execve(&exe_c, &argv, &env);
+        let _ = writeln!(status, "error:exec {}: {e}", spec.argv[0]);
+        sys::exit_now(127);
+    }
+    // PID 1: reap everything until the command itself exits.
+    loop {
+        match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+            Ok(Some((pid, st))) if pid.as_raw_nonzero().get() == child => {
+                let line = if let Some(sig) = st.terminating_signal() {
+                    format!("status:signaled:{sig}")
+                } else {
+                    format!("status:exited:{}", st.exit_status().unwrap_or(0))
+                };
+                let _ = writeln!(status, "{line}");
+                let code = st.exit_status().map(|c| c as i32).unwrap_or_else(|| 128 + st.terminating_signal().unwrap_or(0) as i32);
+                return Ok(code);
+            }
+            Ok(_) => continue,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(format!("waiting for the command: {e}")),
+        }
+    }
+}
+
+/// PATH when the image sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn find_executable(name: &str, path: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if name.contains('/') {
+        return Some(PathBuf::from(name));
+    }
+    path.split(':')
+        .map(|d| Path::new(if d.is_empty() { "." } else { d }).join(name))
+        .find(|p| std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
+}
+
+/// Resolves `USER` in the (new) root's /etc/passwd and /etc/group, like runc.
+pub fn resolve_user(spec: &str) -> Result<(u32, u32, Vec<u32>), String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    resolve_user_in(spec, &passwd, &group)
+}
+
+/// [`resolve_user`] on given file contents.
+pub fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<(u32, u32, Vec<u32>), String> {
+    if spec.is_empty() {
+        return Ok((0, 0, Vec::new()));
+    }
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let pw: Vec<Vec<&str>> = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 4).collect();
+    let (uid, name, primary) = if let Ok(n) = u.parse::<u32>() {
+        let e = pw.iter().find(|f| f[2] == u);
+        (n, e.map(|f| f[0].to_string()), e.and_then(|f| f[3].parse().ok()).unwrap_or(0))
+    } else {
+        let e = pw.iter().find(|f| f[0] == u).ok_or_else(|| format!("unable to find user {u}: no matching entries in passwd file"))?;
+        (e[2].parse().map_err(|_| format!("bad uid for {u} in /etc/passwd"))?, Some(u.to_string()), e[3].parse().map_err(|_| format!("bad gid for {u} in /etc/passwd"))?)
+    };
+    let gr: Vec<Vec<&str>> = group.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 3).collect();
+    let gid = match g {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => gr
+                .iter()
+                .find(|f| f[0] == g)
+                .ok_or_else(|| format!("unable to find group {g}: no matching entries in group file"))?[2]
+                .parse()
+                .map_err(|_| format!("bad gid for group {g}"))?,
+        },
+    };
+    // Supplementary groups: the groups listing the user by name (only when no group was given).
+    let mut groups = vec![];
+    if g.is_none() {
+        if let Some(name) = name {
+            for f in &gr {
+                if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
+                    if let Ok(n) = f[2].parse::<u32>() {
+                        if n != gid {
+                            groups.push(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    groups.insert(0, gid);
+    groups.dedup();
+    Ok((uid, gid, groups))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Record(Vec<String>);
+    impl Mounter for Record {
+        fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, _: &str) -> std::io::Result<()> {
+            self.0.push(format!("mount {source} {} {fstype} ro={}", target.display(), flags.contains(MountFlags::RDONLY)));
+            Ok(())
+        }
+        fn bind(&mut self, source: &Path, target: &Path) -> std::io::Result<()> {
+            self.0.push(format!("bind {} {}", source.display(), target.display()));
+            Ok(())
+        }
+        fn remount_ro(&mut self, target: &Path) -> std::io::Result<()> {
+            self.0.push(format!("ro {}", target.display()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn mask_plan_covers_what_exists() {
+        let t = tempfile::tempdir().unwrap();
+        let proc = t.path();
+        std::fs::write(proc.join("keys"), "").unwrap();
+        std::fs::write(proc.join("kcore"), "").unwrap();
+        std::fs::create_dir(proc.join("acpi")).unwrap();
+        std::fs::create_dir(proc.join("sys")).unwrap();
+        let mut r = Record::default();
+        mask_proc(&mut r, proc, Path::new("/dev/null")).unwrap();
+        let p = |s: &str| proc.join(s).display().to_string();
+        assert_eq!(
+            r.0,
+            vec![
+                format!("bind /dev/null {}", p("kcore")),
+                format!("bind /dev/null {}", p("keys")),
+                format!("mount tmpfs {} tmpfs ro=true", p("acpi")),
+                format!("bind {} {}", p("sys"), p("sys")),
+                format!("ro {}", p("sys")),
+            ]
+        );
+    }
+
+    #[test]
+    fn users_resolve_like_runc() {
+        let passwd = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1000::/app:/bin/sh\n";
+        let group = "root:x:0:\nnogroup:x:65534:\napp:x:1000:\nwheel:x:10:app\n";
+        assert_eq!(resolve_user_in("", passwd, group).unwrap(), (0, 0, vec![]));
+        assert_eq!(resolve_user_in("nobody", passwd, group).unwrap(), (65534, 65534, vec![65534]));
+        assert_eq!(resolve_user_in("app", passwd, group).unwrap(), (1000, 1000, vec![1000, 10]));
+        assert_eq!(resolve_user_in("app:wheel", passwd, group).unwrap(), (1000, 10, vec![10]));
+        assert_eq!(resolve_user_in("4242", passwd, group).unwrap(), (4242, 0, vec![0]));
+        assert!(resolve_user_in("ghost", passwd, group).unwrap_err().contains("unable to find user ghost"));
+    }
+}

@@ -1,0 +1,30 @@
+//! rbuild's sandbox: the build user namespace and the RUN step sandbox.
+//!
+//! A RUN step gets fresh user (nested, identity-mapped), mount, PID, IPC and UTS namespaces
+//! (and a network namespace with only loopback for [`Network::None`]), an overlay of the image's
+//! layers with a fresh upperdir, its own procfs masked like runc masks it, a minimal `/dev`,
+//! generated `/etc/hosts` and `/etc/resolv.conf` that never reach the layer, and PID 1 of its own
+//! that takes every process of the step with it. All `unsafe` lives in `sys`.
+
+mod idmap;
+mod init;
+mod ns;
+mod run;
+mod spec;
+mod sys;
+
+pub use idmap::{Extent, IdMap};
+pub use init::{mask_proc, resolve_user_in, LinuxMounter, Mounter};
+pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
+pub use run::{run, ExitKind, RunError, RunOutcome};
+pub use spec::{Network, RunSpec, RunSpecBuilder, SpecError};
+
+/// argv\[1\] that makes the rbuild binary act as the RUN-step helper.
+pub const HELPER_ARG: &str = "__rbuild-run-helper";
+
+/// Call first in `main`: when this process is a RUN-step helper, run it and never return.
+pub fn dispatch_helper() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == HELPER_ARG) {
+        init::helper_main();
+    }
+}

@@ -1,0 +1,243 @@
+//! The build namespace: where rbuild itself runs while it builds.
+
+use crate::idmap::{sub_ranges, IdMap};
+use crate::sys;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Errors setting up the build namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    /// A system call or helper failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// newuidmap/newgidmap refused, and the single-ID fallback is not allowed.
+    #[error("{0}")]
+    IdMap(String),
+}
+
+fn sys_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NamespaceError {
+    let what = what.into();
+    move |source| NamespaceError::Sys { what, source }
+}
+
+/// Options of [`enter_build_namespace`].
+#[derive(Debug, Clone)]
+pub struct EnterOptions {
+    /// A directory rbuild owns; private mountpoints go below it.
+    pub state_dir: PathBuf,
+    /// Whether an ordinary user without subordinate ID ranges may build with a single-ID map.
+    pub allow_single_id: bool,
+}
+
+/// Where the build runs.
+#[derive(Debug, Clone)]
+pub struct BuildNamespace {
+    /// The ID maps of the build namespace.
+    pub id_map: IdMap,
+    /// One line saying how the build is isolated.
+    pub mode: String,
+    /// What the build lost, and how to get it back.
+    pub warnings: Vec<String>,
+    /// The clean, non-recursive clone of `/proc` (kept mounted for the build's lifetime).
+    pub proc_clone: Option<PathBuf>,
+}
+
+const INSIDE_ENV: &str = "RBUILD_IN_USERNS";
+
+/// Sets up the build namespace. Must run before any thread exists.
+///
+/// - As an ordinary user, re-executes this program inside a new user and mount namespace
+///   mapped with newuidmap/newgidmap; this process then only forwards signals and exits with
+///   the child's exit code (the function does not return in it).
+/// - As root (on a host or of a container's user namespace), unshares a mount namespace.
+///
+/// Then it clones `/proc` non-recursively while its masks are still unlocked, so that RUN
+/// steps in nested user namespaces may mount a fresh procfs.
+pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, NamespaceError> {
+    let mut warnings = Vec::new();
+    let inside = std::env::var_os(INSIDE_ENV).is_some();
+    let rootless = if inside {
+        std::env::remove_var(INSIDE_ENV);
+        true
+    } else if !rustix::process::geteuid().is_root() {
+        reexec_in_user_namespace(opts)?;
+        unreachable!("reexec_in_user_namespace returns only in the child");
+    } else {
+        sys::unshare(libc::CLONE_NEWNS).map_err(sys_err("unshare(CLONE_NEWNS)"))?;
+        false
+    };
+    // Nothing we mount may propagate back to the host's mount namespace.
+    rustix::mount::mount_change(Path::new("/"), rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC)
+        .map_err(|e| sys_err("making / private")(e.into()))?;
+    let id_map = IdMap::current().map_err(sys_err("reading /proc/self/uid_map"))?;
+    if rootless && id_map.max_ids() == (0, 0) {
+        warnings.push(
+            "no subordinate ID range could be used (install uidmap and add one: \
+             `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $USER`): building with a single-ID map, \
+             so only root-owned files can be represented and RUN steps cannot switch users"
+                .to_string(),
+        );
+    }
+    let masked = proc_masks();
+    let proc_clone = match clone_proc(&opts.state_dir) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            if !masked.is_empty() {
+                warnings.push(format!(
+                    "/proc is masked ({}) and the masks are locked ({e}): RUN steps may fail to mount their own /proc. \
+                     Start rbuild where it holds CAP_SYS_ADMIN over the mount namespace that masks /proc \
+                     (Kubernetes: `procMount: Unmasked`, or `capabilities: add: [SYS_ADMIN]` with `hostUsers: false`)",
+                    masked.join(", ")
+                ));
+            }
+            None
+        }
+    };
+    let mode = if rootless {
+        format!("rootless: user namespace with {}", id_map.describe())
+    } else if id_map.is_full() {
+        "root: host IDs; each RUN in its own user, mount, pid, ipc and uts namespaces".to_string()
+    } else {
+        format!("root of a user namespace with {}; each RUN in nested namespaces", id_map.describe())
+    };
+    Ok(BuildNamespace { id_map, mode, warnings, proc_clone })
+}
+
+/// Mount points below /proc (masks, as container runtimes make them).
+fn proc_masks() -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|mp| mp.starts_with("/proc/") && !mp.starts_with("/proc/sys/fs/binfmt_misc"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Binds `/proc` non-recursively below `state_dir` (in our private mount namespace).
+fn clone_proc(state_dir: &Path) -> std::io::Result<PathBuf> {
+    let target = state_dir.join(format!("proc-clone-{}", std::process::id()));
+    std::fs::create_dir_all(&target)?;
+    match rustix::mount::mount_bind(Path::new("/proc"), &target) {
+        Ok(()) => Ok(target),
+        Err(e) => {
+            let _ = std::fs::remove_dir(&target);
+            Err(e.into())
+        }
+    }
+}
+
+fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == uid.to_string())
+        .map(|f| f[0].to_string())
+        .unwrap_or_else(|| uid.to_string())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), NamespaceError> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| sys_err("pipe")(e.into()))
+}
+
+/// Runs this program again inside a new user+mount namespace; exits with its status.
+fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    let name = user_name(uid);
+    let subuids = sub_ranges(Path::new("/etc/subuid"), &name, uid);
+    let subgids = sub_ranges(Path::new("/etc/subgid"), &name, uid);
+    let have_helpers = which("newuidmap").is_some() && which("newgidmap").is_some();
+    let (sync_r, sync_w) = pipe()?;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.args(std::env::args_os().skip(1)).env(INSIDE_ENV, "1");
+    if let Ok(a0) = std::env::current_exe() {
+        use std::os::unix::process::CommandExt;
+        cmd.arg0(a0);
+    }
+    let sigs = sys::block_termination_signals();
+    sys::set_pre_exec(&mut cmd, sys::PreExec { unshare: libc::CLONE_NEWUSER | libc::CLONE_NEWNS, sync_fd: sync_r.as_raw_fd(), fd3: None });
+    let mut child = cmd.spawn().map_err(sys_err("starting rbuild in a user namespace"))?;
+    drop(sync_r);
+    let pid = child.id();
+    let mapped = if have_helpers && !subuids.is_empty() && !subgids.is_empty() {
+        let args = |own: u32, r: &[crate::idmap::SubRange]| {
+            let mut a = vec![pid.to_string(), "0".into(), own.to_string(), "1".into()];
+            let mut next = 1u64;
+            for s in r {
+                a.extend([next.to_string(), s.start.to_string(), s.count.to_string()]);
+                next += s.count as u64;
+            }
+            a
+        };
+        let u = Command::new("newuidmap").args(args(uid, &subuids)).output();
+        let g = Command::new("newgidmap").args(args(gid, &subgids)).output();
+        match (u, g) {
+            (Ok(u), Ok(g)) if u.status.success() && g.status.success() => Ok(()),
+            (u, g) => {
+                let msg = |r: std::io::Result<std::process::Output>| match r {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                    Err(e) => e.to_string(),
+                };
+                Err(format!("newuidmap/newgidmap failed: {} {}", msg(u), msg(g)))
+            }
+        }
+    } else {
+        Err(if !have_helpers {
+            "newuidmap/newgidmap are not installed (Debian package uidmap)".to_string()
+        } else {
+            format!("no range for {name} in /etc/subuid and /etc/subgid")
+        })
+    };
+    let result = match mapped {
+        Ok(()) => Ok(()),
+        Err(why) if opts.allow_single_id => {
+            let base = format!("/proc/{pid}");
+            std::fs::write(format!("{base}/setgroups"), "deny")
+                .and_then(|_| std::fs::write(format!("{base}/uid_map"), format!("0 {uid} 1\n")))
+                .and_then(|_| std::fs::write(format!("{base}/gid_map"), format!("0 {gid} 1\n")))
+                .map_err(|e| format!("{why}; writing a single-ID map failed too: {e}"))
+        }
+        Err(why) => Err(why),
+    };
+    if let Err(why) = result {
+        drop(sync_w);
+        let _ = child.wait();
+        return Err(NamespaceError::IdMap(format!(
+            "cannot create a user namespace for the build: {why}. Unprivileged user namespaces must be enabled \
+             (sysctl user.max_user_namespaces > 0, and not blocked by AppArmor or seccomp)"
+        )));
+    }
+    let mut w = std::fs::File::from(sync_w);
+    let _ = w.write_all(b"1");
+    drop(w);
+    let pid_i = pid as i32;
+    std::thread::spawn(move || loop {
+        let s = sys::sigwait(&sigs);
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid_i).unwrap(),
+            rustix::process::Signal::from_named_raw(s).unwrap_or(rustix::process::Signal::TERM),
+        );
+    });
+    let status = child.wait().map_err(sys_err("waiting for the build"))?;
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    std::process::exit(code);
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,194 @@
+//! Every `unsafe` call of the sandbox, each with its reason. Everything else uses rustix.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::RawFd;
+use std::process::Command;
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `unshare(2)`.
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare takes flags only and touches no memory of ours.
+    check(unsafe { libc::unshare(flags) }).map(|_| ())
+}
+
+/// `fork(2)`; only called from the single-threaded helper process.
+pub fn fork() -> io::Result<libc::pid_t> {
+    // SAFETY: the helper process is single-threaded (it was just exec'd and starts no
+    // threads), so the child may run arbitrary code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pid)
+    }
+}
+
+/// `setgroups(2)`.
+pub fn setgroups(groups: &[libc::gid_t]) -> io::Result<()> {
+    // SAFETY: the pointer and length describe a live slice.
+    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) }).map(|_| ())
+}
+
+/// `setresuid(2)` / `setresgid(2)` to one ID each, group first.
+pub fn set_ids(uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresuid(uid, uid, uid) }).map(|_| ())
+}
+
+/// `execve(2)`; returns only on failure.
+pub fn execve(path: &CString, argv: &[CString], env: &[CString]) -> io::Error {
+    let mut a: Vec<*const libc::c_char> = argv.iter().map(|s| s.as_ptr()).collect();
+    a.push(std::ptr::null());
+    let mut e: Vec<*const libc::c_char> = env.iter().map(|s| s.as_ptr()).collect();
+    e.push(std::ptr::null());
+    // SAFETY: both arrays are NULL-terminated and point into CStrings that outlive the call.
+    unsafe { libc::execve(path.as_ptr(), a.as_ptr(), e.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// `_exit(2)`: leaves without running destructors or atexit handlers (after fork).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket() takes integers; the fd is closed below.
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: fd is a socket and req a valid ifreq for SIOCGIFFLAGS/SIOCSIFFLAGS.
+    let res = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            -1
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req)
+        }
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    if res < 0 {
+        Err(err)
+    } else {
+        Ok(())
+    }
+}
+
+/// Makes `fd` survive exec (clears FD_CLOEXEC) or not.
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: fcntl on an fd with integer arguments.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    let new = if on { flags | libc::FD_CLOEXEC } else { flags & !libc::FD_CLOEXEC };
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, new) }).map(|_| ())
+}
+
+/// What a child does between fork and exec: enter namespaces, then wait until the parent has
+/// written the ID maps.
+pub struct PreExec {
+    /// `unshare` flags.
+    pub unshare: libc::c_int,
+    /// Read end of the sync pipe: one byte (or EOF) means "go on".
+    pub sync_fd: RawFd,
+    /// fd to move to 3 in the child (the helper's error/status channel), if any.
+    pub fd3: Option<RawFd>,
+}
+
+/// Registers `pre` to run in the child of `cmd` between fork and exec.
+pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only makes async-signal-safe calls (prctl, sigprocmask, unshare,
+    // read, dup2) and allocates nothing, as required after fork in a threaded process.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may block termination signals for its forwarding thread; the
+            // child starts with none blocked (exec keeps the mask).
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if let Some(fd) = pre.fd3 {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if pre.unshare != 0 && libc::unshare(pre.unshare) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut b = [0u8; 1];
+            loop {
+                let n = libc::read(pre.sync_fd, b.as_mut_ptr().cast(), 1);
+                if n >= 0 {
+                    break;
+                }
+                if *libc::__errno_location() != libc::EINTR {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if b[0] != b'1' {
+                // The parent could not set the ID maps up and closed the pipe.
+                return Err(io::Error::from_raw_os_error(libc::ECANCELED));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread (so a forwarding thread can `sigwait` them).
+pub fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits for one of the signals in `set`.
+pub fn sigwait(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: set is a valid sigset; sig a valid out pointer.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+/// Restores the default disposition of the termination signals and unblocks them (in a
+/// child before exec).
+pub fn unblock_all_signals() {
+    // SAFETY: sigset manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// The status pipe the builder placed at fd 3 of a RUN helper.
+pub fn status_fd3() -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 3 is the status pipe the builder dup2'ed into this process before exec; it is
+    // open, and nothing else in this process owns it.
+    unsafe { std::fs::File::from_raw_fd(3) }
+}
