@@ -7,5 +7,8 @@
 pub mod build;
 pub mod cli;
 pub mod copy;
+pub mod image;
+pub mod output;
 pub mod progress;
+pub mod registry;
 pub mod rootfs;
