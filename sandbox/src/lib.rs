@@ -11,6 +11,7 @@ mod init;
 mod ns;
 mod run;
 mod spec;
+mod spawn;
 mod sys;
 
 pub use idmap::{Extent, IdMap};

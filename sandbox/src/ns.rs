@@ -2,8 +2,6 @@
 
 use crate::idmap::{sub_ranges, IdMap};
 use crate::sys;
-use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -144,10 +142,6 @@ fn user_name(uid: u32) -> String {
         .unwrap_or_else(|| uid.to_string())
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), NamespaceError> {
-    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| sys_err("pipe")(e.into()))
-}
-
 /// Runs this program again inside a new user+mount namespace; exits with its status.
 fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
     let uid = rustix::process::getuid().as_raw();
@@ -156,7 +150,6 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
     let subuids = sub_ranges(Path::new("/etc/subuid"), &name, uid);
     let subgids = sub_ranges(Path::new("/etc/subgid"), &name, uid);
     let have_helpers = which("newuidmap").is_some() && which("newgidmap").is_some();
-    let (sync_r, sync_w) = pipe()?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.args(std::env::args_os().skip(1)).env(INSIDE_ENV, "1");
     if let Ok(a0) = std::env::current_exe() {
@@ -164,61 +157,56 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
         cmd.arg0(a0);
     }
     let sigs = sys::block_termination_signals();
-    sys::set_pre_exec(&mut cmd, sys::PreExec { unshare: libc::CLONE_NEWUSER | libc::CLONE_NEWNS, sync_fd: sync_r.as_raw_fd(), fd3: None });
-    let mut child = cmd.spawn().map_err(sys_err("starting rbuild in a user namespace"))?;
-    drop(sync_r);
-    let pid = child.id();
-    let mapped = if have_helpers && !subuids.is_empty() && !subgids.is_empty() {
-        let args = |own: u32, r: &[crate::idmap::SubRange]| {
-            let mut a = vec![pid.to_string(), "0".into(), own.to_string(), "1".into()];
-            let mut next = 1u64;
-            for s in r {
-                a.extend([next.to_string(), s.start.to_string(), s.count.to_string()]);
-                next += s.count as u64;
+    let allow_single = opts.allow_single_id;
+    let map = move |pid: u32| -> Result<(), String> {
+        let mapped = if have_helpers && !subuids.is_empty() && !subgids.is_empty() {
+            let args = |own: u32, r: &[crate::idmap::SubRange]| {
+                let mut a = vec![pid.to_string(), "0".into(), own.to_string(), "1".into()];
+                let mut next = 1u64;
+                for s in r {
+                    a.extend([next.to_string(), s.start.to_string(), s.count.to_string()]);
+                    next += s.count as u64;
+                }
+                a
+            };
+            let u = Command::new("newuidmap").args(args(uid, &subuids)).output();
+            let g = Command::new("newgidmap").args(args(gid, &subgids)).output();
+            match (u, g) {
+                (Ok(u), Ok(g)) if u.status.success() && g.status.success() => Ok(()),
+                (u, g) => {
+                    let msg = |r: std::io::Result<std::process::Output>| match r {
+                        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    Err(format!("newuidmap/newgidmap failed: {} {}", msg(u), msg(g)))
+                }
             }
-            a
-        };
-        let u = Command::new("newuidmap").args(args(uid, &subuids)).output();
-        let g = Command::new("newgidmap").args(args(gid, &subgids)).output();
-        match (u, g) {
-            (Ok(u), Ok(g)) if u.status.success() && g.status.success() => Ok(()),
-            (u, g) => {
-                let msg = |r: std::io::Result<std::process::Output>| match r {
-                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-                    Err(e) => e.to_string(),
-                };
-                Err(format!("newuidmap/newgidmap failed: {} {}", msg(u), msg(g)))
-            }
-        }
-    } else {
-        Err(if !have_helpers {
-            "newuidmap/newgidmap are not installed (Debian package uidmap)".to_string()
         } else {
-            format!("no range for {name} in /etc/subuid and /etc/subgid")
-        })
-    };
-    let result = match mapped {
-        Ok(()) => Ok(()),
-        Err(why) if opts.allow_single_id => {
-            let base = format!("/proc/{pid}");
-            std::fs::write(format!("{base}/setgroups"), "deny")
-                .and_then(|_| std::fs::write(format!("{base}/uid_map"), format!("0 {uid} 1\n")))
-                .and_then(|_| std::fs::write(format!("{base}/gid_map"), format!("0 {gid} 1\n")))
-                .map_err(|e| format!("{why}; writing a single-ID map failed too: {e}"))
+            Err(if !have_helpers {
+                "newuidmap/newgidmap are not installed (Debian package uidmap)".to_string()
+            } else {
+                format!("no range for {name} in /etc/subuid and /etc/subgid")
+            })
+        };
+        match mapped {
+            Ok(()) => Ok(()),
+            Err(why) if allow_single => {
+                let base = format!("/proc/{pid}");
+                std::fs::write(format!("{base}/setgroups"), "deny")
+                    .and_then(|_| std::fs::write(format!("{base}/uid_map"), format!("0 {uid} 1\n")))
+                    .and_then(|_| std::fs::write(format!("{base}/gid_map"), format!("0 {gid} 1\n")))
+                    .map_err(|e| format!("{why}; writing a single-ID map failed too: {e}"))
+            }
+            Err(why) => Err(why),
         }
-        Err(why) => Err(why),
     };
-    if let Err(why) = result {
-        drop(sync_w);
-        let _ = child.wait();
-        return Err(NamespaceError::IdMap(format!(
+    let mut child = crate::spawn::spawn_mapped(&mut cmd, libc::CLONE_NEWUSER | libc::CLONE_NEWNS, None, map).map_err(|why| {
+        NamespaceError::IdMap(format!(
             "cannot create a user namespace for the build: {why}. Unprivileged user namespaces must be enabled \
              (sysctl user.max_user_namespaces > 0, and not blocked by AppArmor or seccomp)"
-        )));
-    }
-    let mut w = std::fs::File::from(sync_w);
-    let _ = w.write_all(b"1");
-    drop(w);
+        ))
+    })?;
+    let pid = child.id();
     let pid_i = pid as i32;
     std::thread::spawn(move || loop {
         let s = sys::sigwait(&sigs);

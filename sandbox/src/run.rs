@@ -3,9 +3,9 @@
 
 use crate::idmap::{nested_identity, IdMap};
 use crate::spec::{Network, RunSpec};
-use crate::{sys, HELPER_ARG};
+use crate::HELPER_ARG;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -76,7 +76,6 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     write_generated_files(spec, &scratch.join("files")).map_err(setup("writing /etc/hosts and /etc/resolv.conf"))?;
     let own = IdMap::current().map_err(setup("reading the build's ID map"))?;
 
-    let (sync_r, sync_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (st_r, st_w) = pipe()?;
     let out_w2 = out_w.try_clone().map_err(setup("dup"))?;
@@ -86,23 +85,15 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     }
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(HELPER_ARG).stdin(Stdio::piped()).stdout(Stdio::from(out_w)).stderr(Stdio::from(out_w2)).env_clear();
-    sys::set_pre_exec(&mut cmd, sys::PreExec { unshare: flags, sync_fd: sync_r.as_raw_fd(), fd3: Some(st_w.as_raw_fd()) });
-    let mut child = cmd.spawn().map_err(setup("starting the RUN sandbox"))?;
-    drop(cmd);
-    drop(sync_r);
-    drop(st_w);
-    let pid = child.id();
     // The child's maps: an identity of every extent of ours.
-    let maps = std::fs::write(format!("/proc/{pid}/uid_map"), nested_identity(&own.uids))
-        .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), nested_identity(&own.gids)));
-    if let Err(e) = maps {
-        drop(sync_w);
-        let _ = child.wait();
-        return Err(RunError::Setup { what: format!("writing the ID map of the RUN sandbox (pid {pid})"), source: e });
-    }
-    let mut w = std::fs::File::from(sync_w);
-    w.write_all(b"1").map_err(setup("releasing the RUN sandbox"))?;
-    drop(w);
+    let mut child = crate::spawn::spawn_mapped(&mut cmd, flags, Some(&st_w), |pid| {
+        std::fs::write(format!("/proc/{pid}/uid_map"), nested_identity(&own.uids))
+            .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), nested_identity(&own.gids)))
+            .map_err(|e| format!("writing the ID map of the RUN sandbox (pid {pid}): {e}"))
+    })
+    .map_err(RunError::Sandbox)?;
+    drop(cmd);
+    drop(st_w);
     let json = serde_json::to_vec(spec).expect("spec serializes");
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(&json);

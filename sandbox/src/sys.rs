@@ -99,14 +99,17 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     check(unsafe { libc::fcntl(fd, libc::F_SETFD, new) }).map(|_| ())
 }
 
-/// What a child does between fork and exec: enter namespaces, then wait until the parent has
-/// written the ID maps.
+/// What a child does between fork and exec: enter namespaces, tell the parent its pid, then
+/// wait until the parent has written its ID maps (before exec, so that exec keeps the
+/// capabilities of root in the new namespace).
 pub struct PreExec {
     /// `unshare` flags.
     pub unshare: libc::c_int,
-    /// Read end of the sync pipe: one byte (or EOF) means "go on".
+    /// Write end of the ready pipe: the child writes its pid (4 bytes, native endian).
+    pub ready_fd: RawFd,
+    /// Read end of the sync pipe: `1` means "maps written, go on"; EOF means "give up".
     pub sync_fd: RawFd,
-    /// fd to move to 3 in the child (the helper's error/status channel), if any.
+    /// fd to move to 3 in the child (the helper's status channel), if any.
     pub fd3: Option<RawFd>,
 }
 
@@ -114,7 +117,8 @@ pub struct PreExec {
 pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure only makes async-signal-safe calls (prctl, sigprocmask, unshare,
-    // read, dup2) and allocates nothing, as required after fork in a threaded process.
+    // getpid, write, read, dup2) and allocates nothing, as required after fork in a
+    // threaded process.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
@@ -131,6 +135,10 @@ pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
                 }
             }
             if pre.unshare != 0 && libc::unshare(pre.unshare) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let pid = libc::getpid().to_ne_bytes();
+            if libc::write(pre.ready_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
                 return Err(io::Error::last_os_error());
             }
             let mut b = [0u8; 1];
