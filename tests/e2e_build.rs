@@ -213,3 +213,20 @@ fn bad_input_fails_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("127.0.0.1:1/nothing"), "{err}");
 }
+
+#[test]
+fn seventy_layers_mount() {
+    ensure_tools();
+    // More lower layers than fit in mount(2)'s one-page option string.
+    let mut df = String::from("FROM scratch\nCOPY busybox /bin/busybox\n");
+    for i in 1..=70 {
+        df.push_str(&format!("RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo {i} > /f{i}\"]\n"));
+    }
+    df.push_str("RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox cat /f1 /f70 > /both\"]\n");
+    let ctx = context(&[("Dockerfile", &df)]);
+    std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    ok(rbuild_in_pidns(root.path()).arg(format!("--output=type=local,dest={}", out.path().join("r").display())).arg(ctx.path()));
+    assert_eq!(std::fs::read_to_string(out.path().join("r/both")).unwrap(), "1\n70\n");
+}

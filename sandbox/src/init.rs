@@ -157,17 +157,14 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
     }
     let scratch = &spec.scratch;
     let rootfs = scratch.join("rootfs");
-    let lower = if spec.lowerdirs.is_empty() {
-        scratch.join("empty").display().to_string()
-    } else {
-        spec.lowerdirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":")
-    };
-    let data = format!("lowerdir={lower},upperdir={},workdir={},userxattr", spec.upperdir.display(), spec.workdir.display());
-    if let Err(e) = m.mount("overlay", &rootfs, "overlay", MountFlags::empty(), &data) {
-        return Err(format!(
-            "mounting the overlay root filesystem: {e} (a store on overlayfs cannot hold upperdirs: put --root on another filesystem, \
-             e.g. an emptyDir volume)"
-        ));
+    if let Err(e) = mount_overlay(spec, &rootfs) {
+        let on_overlay = rustix::fs::statfs(&spec.upperdir).map(|st| st.f_type as i64 == 0x794c7630).unwrap_or(false);
+        let hint = if on_overlay {
+            " (the store is on overlayfs, which cannot hold upperdirs: put --root on another filesystem, e.g. an emptyDir volume)"
+        } else {
+            ""
+        };
+        return Err(format!("mounting the overlay root filesystem ({} layers): {e}{hint}", spec.lowerdirs.len()));
     }
     let mut created = Vec::new();
     let null = Path::new("/dev/null");
@@ -268,6 +265,37 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(format!("waiting for the command: {e}")),
         }
+    }
+}
+
+/// Mounts the step's overlay at `target`. The new mount API takes one lower layer per call
+/// (`lowerdir+`, Linux 6.8), so the layer count is not bounded by the one-page limit of
+/// mount(2)'s option string; older kernels get the classic call.
+fn mount_overlay(spec: &RunSpec, target: &Path) -> std::io::Result<()> {
+    use rustix::mount::{fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount};
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    let empty = spec.scratch.join("empty");
+    let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() { vec![empty.as_path()] } else { spec.lowerdirs.iter().map(|p| p.as_path()).collect() };
+    let new_api = (|| -> rustix::io::Result<()> {
+        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+        for l in &lowers {
+            fsconfig_set_string(&fs, "lowerdir+", *l)?;
+        }
+        fsconfig_set_string(&fs, "upperdir", &spec.upperdir)?;
+        fsconfig_set_string(&fs, "workdir", &spec.workdir)?;
+        fsconfig_set_flag(&fs, "userxattr")?;
+        fsconfig_create(&fs)?;
+        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
+        move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+    })();
+    match new_api {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::INVAL) => {
+            let lower = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+            let data = format!("lowerdir={lower},upperdir={},workdir={},userxattr", spec.upperdir.display(), spec.workdir.display());
+            LinuxMounter.mount("overlay", target, "overlay", MountFlags::empty(), &data)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
