@@ -214,3 +214,38 @@ fn ordinary_user_with_subuid_range_builds_and_pushes() {
     assert_eq!((f.uid(), f.gid()), (65534, 65534));
     assert_eq!(std::fs::read_to_string(rootfs.join("id")).unwrap(), "0\n");
 }
+
+#[test]
+fn ordinary_user_without_subuid_range_falls_back_to_a_single_id_map() {
+    ensure_tools();
+    const USER: &str = "rbuildnosub";
+    if !run(Command::new("id").arg(USER)).status.success() {
+        ok(Command::new("useradd").args(["-m", "-s", "/bin/sh", USER]));
+    }
+    for f in ["/etc/subuid", "/etc/subgid"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let kept: String = text.lines().filter(|l| !l.starts_with(&format!("{USER}:"))).map(|l| format!("{l}\n")).collect();
+        std::fs::write(f, kept).unwrap();
+    }
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo single > /s && id -u > /id\n"))]);
+    let home = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for p in [ctx.path(), home.path(), out.path()] {
+        ok(Command::new("chmod").args(["a+rwX"]).arg(p));
+    }
+    ok(Command::new("chown").arg(USER).arg(home.path()));
+    let res = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "runuser", "-u", USER, "--", "env"])
+        .arg(format!("HOME={}", home.path().display()))
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain"])
+        .arg(format!("--output=type=local,dest={}", out.path().join("r").display()))
+        .arg(ctx.path()));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains("single-ID map"), "the fallback is announced:\n{err}");
+    assert_eq!(std::fs::read_to_string(out.path().join("r/s")).unwrap(), "single\n");
+    assert_eq!(std::fs::read_to_string(out.path().join("r/id")).unwrap(), "0\n");
+}

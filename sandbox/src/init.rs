@@ -232,7 +232,9 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
     let _ = status.flush();
     let child = ctx(sys::fork(), || "fork".into())?;
     if child == 0 {
-        if !groups.is_empty() || sys::setgroups(&[]).is_ok() {
+        // Under a single-ID map the kernel denies setgroups; the only group is then ours.
+        let setgroups_denied = std::fs::read_to_string("/proc/self/setgroups").map(|s| s.trim() == "deny").unwrap_or(false);
+        if !setgroups_denied {
             if let Err(e) = sys::setgroups(&groups) {
                 let _ = writeln!(status, "error:setgroups for user {:?}: {e}", spec.user);
                 sys::exit_now(126);
