@@ -304,6 +304,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn credentials_come_from_docker_config() {
+        let t = tempfile::tempdir().unwrap();
+        // base64("alice:s3cret")
+        std::fs::write(t.path().join("config.json"), r#"{"auths": {"reg.example:5000": {"auth": "YWxpY2U6czNjcmV0"}}}"#).unwrap();
+        std::env::set_var("DOCKER_CONFIG", t.path());
+        let r = Registry::new(RegistryOptions { insecure: vec![], platform: ("linux".into(), "amd64".into()) });
+        match r.auth("reg.example:5000") {
+            RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cret")),
+            other => panic!("expected basic auth, got {other:?}"),
+        }
+        assert!(matches!(r.auth("other.example"), RegistryAuth::Anonymous));
+    }
+
+    #[test]
     fn loopback_detection() {
         assert!(is_loopback("127.0.0.1:5000"));
         assert!(is_loopback("localhost"));
