@@ -334,8 +334,8 @@ impl Builder {
                 }
                 let net = match network.as_deref() {
                     Some("none") => NetworkArg::None,
-                    Some("host") | Some("default") => self.opts.network,
-                    None => self.opts.network,
+                    Some("host") => NetworkArg::Host,
+                    Some("default") | None => self.opts.network,
                     Some(other) => bail!("unsupported --network={other} (default, none, host)"),
                 };
                 let env_strs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -230,3 +230,20 @@ fn seventy_layers_mount() {
     ok(rbuild_in_pidns(root.path()).arg(format!("--output=type=local,dest={}", out.path().join("r").display())).arg(ctx.path()));
     assert_eq!(std::fs::read_to_string(out.path().join("r/both")).unwrap(), "1\n70\n");
 }
+
+#[test]
+fn zstd_layers() {
+    ensure_tools();
+    let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY payload /payload\n"), ("payload", &"zstd ".repeat(1000))]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let oci = out.path().join("oci");
+    ok(rbuild(root.path()).args(["--compression", "zstd", "-t", "z:1"]).arg(format!("--output=type=oci,dest={}", oci.display())).arg(ctx.path()));
+    let raw = ok(Command::new("skopeo").args(["inspect", "--raw"]).arg(format!("oci:{}:1", oci.display())));
+    let manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let layer = &manifest["layers"][0];
+    assert_eq!(layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+    let blob = oci.join("blobs/sha256").join(&layer["digest"].as_str().unwrap()[7..]);
+    let list = ok(Command::new("tar").arg("--zstd").arg("-tvf").arg(&blob));
+    assert!(list.contains(" payload"), "{list}");
+}

@@ -249,3 +249,26 @@ fn ordinary_user_without_subuid_range_falls_back_to_a_single_id_map() {
     assert_eq!(std::fs::read_to_string(out.path().join("r/s")).unwrap(), "single\n");
     assert_eq!(std::fs::read_to_string(out.path().join("r/id")).unwrap(), "0\n");
 }
+
+#[test]
+fn network_none_has_only_loopback() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[("Dockerfile", &format!(
+        "FROM {base}\nRUN tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' > /ifaces-none\nRUN --network=host tail -n +3 /proc/net/dev | wc -l > /ifaces-host\n"
+    ))]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let res = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--network=none", "--root"])
+        .arg(root.path())
+        .arg(format!("--output=type=local,dest={}", out.path().join("r").display()))
+        .arg(ctx.path()));
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(std::fs::read_to_string(out.path().join("r/ifaces-none")).unwrap(), "lo\n");
+    let host: usize = std::fs::read_to_string(out.path().join("r/ifaces-host")).unwrap().trim().parse().unwrap();
+    assert!(host >= 2, "RUN --network=host sees the host's interfaces ({host})");
+}
