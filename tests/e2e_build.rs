@@ -247,3 +247,67 @@ fn zstd_layers() {
     let list = ok(Command::new("tar").arg("--zstd").arg("-tvf").arg(&blob));
     assert!(list.contains(" payload"), "{list}");
 }
+
+#[test]
+fn multi_stage_args_and_config_instructions() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let digest = skopeo_inspect(&base)["Digest"].as_str().unwrap().to_string();
+    let by_digest = format!("{}/busybox@{digest}", reg.addr);
+    let df = format!(
+        r#"ARG BASE={base}
+FROM ${{BASE}} AS builder
+ARG VERSION=0.0
+RUN mkdir -p /out && echo "version $VERSION" > /out/version && echo tool > /out/tool
+FROM builder AS tested
+RUN test -f /out/version
+FROM {by_digest} AS final
+ARG VERSION
+LABEL org.example.version=$VERSION maintainer="someone"
+EXPOSE 8080 53/udp
+VOLUME /data
+SHELL ["/bin/sh", "-ec"]
+STOPSIGNAL SIGINT
+HEALTHCHECK --interval=30s --retries=2 CMD ["true"]
+COPY --from=builder /out/version /app/
+COPY --from=0 /out/tool /app/tool
+ENTRYPOINT ["/bin/cat"]
+CMD ["/app/version"]
+FROM final AS unused
+RUN exit 1
+"#
+    );
+    let ctx = context(&[("Dockerfile", &df)]);
+    let root = tempfile::tempdir().unwrap();
+    let tag = format!("{}/multi:1", reg.addr);
+    let res = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(root.path())
+        .args(["--target", "final", "--build-arg", "VERSION=1.2", "-t", &tag, "--push"])
+        .arg(ctx.path()));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(!err.contains("exit 1"), "the unused stage after the target must not run:\n{err}");
+    assert!(!err.contains("test -f /out/version"), "a stage the target does not need must not run:\n{err}");
+    let c = skopeo_config(&tag);
+    let cfg = &c["config"];
+    assert_eq!(cfg["Labels"]["org.example.version"], "1.2", "{c}");
+    assert_eq!(cfg["Labels"]["maintainer"], "someone");
+    assert_eq!(cfg["ExposedPorts"], serde_json::json!({"53/udp": {}, "8080/tcp": {}}));
+    assert_eq!(cfg["Volumes"], serde_json::json!({"/data": {}}));
+    assert_eq!(cfg["Entrypoint"], serde_json::json!(["/bin/cat"]));
+    assert_eq!(cfg["Cmd"], serde_json::json!(["/app/version"]));
+    assert_eq!(cfg["StopSignal"], "SIGINT");
+    assert_eq!(cfg["Shell"], serde_json::json!(["/bin/sh", "-ec"]));
+    assert_eq!(cfg["Healthcheck"]["Test"], serde_json::json!(["CMD", "true"]));
+    assert_eq!(cfg["Healthcheck"]["Interval"], 30_000_000_000u64);
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack_from_registry(&tag, work.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("app/version")).unwrap(), "version 1.2\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("app/tool")).unwrap(), "tool\n");
+    // The final image's layers are the base's plus the two COPY layers only.
+    assert_eq!(c["rootfs"]["diff_ids"].as_array().unwrap().len(), 3, "{c}");
+}

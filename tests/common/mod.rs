@@ -134,7 +134,7 @@ pub fn skopeo_inspect(reference: &str) -> serde_json::Value {
 
 /// `skopeo inspect --config`.
 pub fn skopeo_config(reference: &str) -> serde_json::Value {
-    let out = ok(Command::new("skopeo").args(["inspect", "--config", "--tls-verify=false"]).arg(format!("docker://{reference}")));
+    let out = ok(Command::new("skopeo").args(["inspect", "--config", "--raw", "--tls-verify=false"]).arg(format!("docker://{reference}")));
     serde_json::from_str(&out).unwrap()
 }
 
