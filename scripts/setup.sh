@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
 pkgs=(ca-certificates curl gcc pkg-config uidmap busybox-static skopeo umoci docker-registry)
+# For the test suite: podman (docker archive loading), zstd.
+[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman zstd)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

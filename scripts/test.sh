@@ -3,7 +3,7 @@
 # registry (started per test on a free loopback port). Needs root (sudo is used if not).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+RBUILD_SETUP_TESTS=1 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 [ -x ../shared/testbed/registry-up ] || { echo "test: ../shared/testbed is missing beside the checkout" >&2; exit 1; }
 sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -E env PATH=$PATH"

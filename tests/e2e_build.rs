@@ -171,6 +171,13 @@ fn outputs_oci_layout_docker_archive_and_local() {
     assert_eq!(std::fs::read_to_string(rootfs.join("built")).unwrap(), "built\n");
     let inspect = ok(Command::new("skopeo").arg("inspect").arg(format!("docker-archive:{}", tarball.display())));
     assert!(inspect.contains("\"Layers\""), "{inspect}");
+    // podman load takes the archive under its tag.
+    let name = format!("localhost/rbuild-e2e-load:{}", std::process::id());
+    let tarball2 = out.path().join("image2.tar");
+    ok(rbuild_in_pidns(root.path()).args(["-t", &name]).arg(format!("--output=type=docker,dest={}", tarball2.display())).arg(ctx.path()));
+    let loaded = ok(Command::new("podman").args(["load", "-i"]).arg(&tarball2));
+    assert!(loaded.contains(&name), "{loaded}");
+    let _ = run(Command::new("podman").args(["image", "rm", &name]));
     assert_eq!(std::fs::read_to_string(local.join("built")).unwrap(), "built\n");
     assert!(local.join("bin/busybox").exists());
 }
