@@ -47,6 +47,8 @@ pub struct BuildOptions {
     pub platform: String,
     /// Steps that may run at once.
     pub jobs: usize,
+    /// `--secret` sources by id.
+    pub secrets: BTreeMap<String, crate::mounts::SecretSource>,
 }
 
 /// What a build produced.
@@ -328,9 +330,9 @@ impl Builder {
     /// Runs one filesystem step; returns whether it came from the cache.
     async fn run_step(self: &Arc<Self>, fs: &mut ImageFs, step: &Step, pstep: &ProgressStep) -> Result<bool> {
         match step {
-            Step::Run { argv, env, user, workdir, network, created_by, files, mounts, .. } => {
-                if !files.is_empty() || !mounts.is_empty() {
-                    bail!("RUN --mount and heredoc scripts with a shebang are not supported yet");
+            Step::Run { argv, env, user, workdir, network, created_by, files, mounts, security, .. } => {
+                if security.as_deref() == Some("insecure") {
+                    bail!("RUN --security=insecure is not allowed: rbuild grants no extra privileges to RUN steps");
                 }
                 let net = match network.as_deref() {
                     Some("none") => NetworkArg::None,
@@ -339,14 +341,19 @@ impl Builder {
                     Some(other) => bail!("unsupported --network={other} (default, none, host)"),
                 };
                 let env_strs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let key = CacheKeyBuilder::new("run")
-                    .str("parent", fs.key.as_str())
+                let mut kb = CacheKeyBuilder::new("run");
+                kb.str("parent", fs.key.as_str())
                     .strs("argv", argv)
                     .strs("env", &env_strs)
                     .str("user", user)
                     .str("workdir", workdir)
                     .str("network", &format!("{net:?}"))
-                    .finish();
+                    .strs("mounts", mounts);
+                for f in files {
+                    kb.str("file", &f.path).str("data", &f.data).str("mode", &format!("{:o}", f.mode));
+                }
+                let prepared = self.prepare_mounts(mounts, files, &mut kb).await?;
+                let key = kb.finish();
                 if let Some(hit) = self.cached(&key)? {
                     self.push_layer(fs, key, hit, created_by);
                     return Ok(true);
@@ -363,7 +370,8 @@ impl Builder {
                     .upperdir(upper.clone())
                     .workdir(work.clone())
                     .argv(argv.clone())
-                    .env(env.clone())
+                    .env(env.iter().cloned().chain(prepared.env.iter().cloned()).collect())
+                    .mounts(prepared.mounts.clone())
                     .cwd(workdir.clone())
                     .user(user.clone())
                     .hostname("rbuild".to_string())
@@ -380,6 +388,7 @@ impl Builder {
                 })
                 .await??;
                 let _ = rbuild_cache::remove_tree(&work);
+                drop(prepared);
                 for mp in &outcome.created_mountpoints {
                     remove_mountpoint(&upper, &stack, mp);
                 }
@@ -495,6 +504,111 @@ impl Builder {
         }
     }
 
+    /// Turns `RUN --mount` specs and heredoc scripts into sandbox mounts, adding what they
+    /// read to the step's cache key (never secret values, never cache-mount contents).
+    async fn prepare_mounts(self: &Arc<Self>, specs: &[String], files: &[rbuild_dag::dispatch::InlineFile], key: &mut CacheKeyBuilder) -> Result<PreparedMounts> {
+        use crate::mounts::{parse_mount, SecretSource};
+        use rbuild_sandbox::{Mount, MountSource};
+        let mut p = PreparedMounts::default();
+        for f in files {
+            let path = self.store.temp_path("heredoc");
+            fs::write(&path, &f.data)?;
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(f.mode))?;
+            p.cleanup.push(path.clone());
+            p.mounts.push(Mount { target: f.path.clone(), source: MountSource::Bind { source: path, readonly: true } });
+        }
+        for spec in specs {
+            let m = parse_mount(spec)?;
+            match m.kind.as_str() {
+                "bind" => {
+                    let target = m.target.clone().unwrap();
+                    let subpath = m.source.clone().unwrap_or_else(|| "/".into());
+                    let lowerdirs = match &m.from {
+                        Some(name) => {
+                            let from = self.copy_from(name).await?;
+                            key.str("bind-from", from.key.as_str());
+                            from.stack().top_first
+                        }
+                        None => {
+                            let src = Source::Context { root: &self.opts.context, ignore: &self.ignore };
+                            let mut h = rbuild_cache::Hasher::new();
+                            for sel in src.select(subpath.trim_start_matches('/').trim_end_matches('/')).or_else(|_| src.select("."))? {
+                                src.hash_into(&sel, &mut h)?;
+                            }
+                            key.str("bind-context", h.finish().as_str());
+                            vec![self.opts.context.clone()]
+                        }
+                    };
+                    p.mounts.push(Mount { target, source: MountSource::Layers { lowerdirs, subpath, discard_writes: m.rw } });
+                }
+                "cache" => {
+                    if m.from.is_some() {
+                        bail!("RUN --mount=type=cache,from=… is not supported yet");
+                    }
+                    let target = m.target.clone().unwrap();
+                    let id = m.id.clone().unwrap_or_else(|| target.clone());
+                    let dir = self.store.root().join("mounts/cache").join(Digest::of(id.as_bytes()).hex());
+                    if !dir.is_dir() {
+                        let tmp = self.store.temp_dir("cache-mount")?;
+                        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o755)))?;
+                        rustix::fs::chown(&tmp, Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))), Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))))?;
+                        fs::create_dir_all(dir.parent().unwrap())?;
+                        if fs::rename(&tmp, &dir).is_err() {
+                            let _ = fs::remove_dir(&tmp);
+                        }
+                    }
+                    if m.sharing == "locked" {
+                        let lock = fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("lock"))?;
+                        let l2 = lock.try_clone()?;
+                        tokio::task::spawn_blocking(move || rustix::fs::flock(&l2, rustix::fs::FlockOperation::LockExclusive)).await??;
+                        p.locks.push(lock);
+                    }
+                    p.mounts.push(Mount { target, source: MountSource::Bind { source: dir, readonly: m.readonly } });
+                }
+                "tmpfs" => p.mounts.push(Mount { target: m.target.clone().unwrap(), source: MountSource::Tmpfs { size: m.size } }),
+                "secret" => {
+                    let id = m
+                        .id
+                        .clone()
+                        .or_else(|| m.target.as_ref().and_then(|t| t.rsplit('/').next().map(str::to_string)))
+                        .ok_or_else(|| anyhow!("RUN --mount=type=secret needs id= or target="))?;
+                    let value = match self.opts.secrets.get(&id) {
+                        Some(SecretSource::File(f)) => Some(fs::read(f).with_context(|| format!("secret {id}: reading {}", f.display()))?),
+                        Some(SecretSource::Env(v)) => Some(
+                            std::env::var(v).map_err(|_| anyhow!("secret {id}: environment variable {v} is not set"))?.into_bytes(),
+                        ),
+                        None => None,
+                    };
+                    let Some(value) = value else {
+                        if m.required == Some(false) {
+                            continue;
+                        }
+                        bail!("secret {id} is not defined: pass --secret id={id},src=FILE (or env=VAR)");
+                    };
+                    if let Some(var) = &m.env {
+                        p.env.push((var.clone(), String::from_utf8_lossy(&value).into_owned()));
+                        if m.target.is_none() {
+                            continue;
+                        }
+                    }
+                    let path = self.store.temp_path("secret");
+                    {
+                        use std::os::unix::fs::OpenOptionsExt;
+                        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+                        std::io::Write::write_all(&mut f, &value)?;
+                    }
+                    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o400)))?;
+                    rustix::fs::chown(&path, Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))), Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))))?;
+                    p.cleanup.push(path.clone());
+                    let target = m.target.clone().unwrap_or_else(|| format!("/run/secrets/{id}"));
+                    p.mounts.push(Mount { target, source: MountSource::Bind { source: path, readonly: true } });
+                }
+                _ => bail!("RUN --mount=type={} is not supported yet", m.kind),
+            }
+        }
+        Ok(p)
+    }
+
     /// The filesystem `COPY --from=NAME` reads: a stage by name or index, else an image.
     async fn copy_from(self: &Arc<Self>, name: &str) -> Result<ImageFs> {
         let by_name = self.dockerfile.stages.iter().position(|s| s.name.as_deref() == Some(&name.to_lowercase()));
@@ -581,6 +695,26 @@ impl Builder {
         obj.insert("history".into(), Value::Array(fs.history.clone()));
         let layers = fs.layers.iter().map(|l| l.desc.clone()).collect();
         image::assemble_json(config, layers, &self.store)
+    }
+}
+
+/// The extra mounts of one RUN step and what to clean up after it.
+#[derive(Default)]
+struct PreparedMounts {
+    mounts: Vec<rbuild_sandbox::Mount>,
+    /// Secret environment variables (never in the cache key or history).
+    env: Vec<(String, String)>,
+    /// Temporary files (secrets, heredoc scripts) removed when the step is done.
+    cleanup: Vec<PathBuf>,
+    /// Locks of `sharing=locked` cache mounts, held for the step.
+    locks: Vec<fs::File>,
+}
+
+impl Drop for PreparedMounts {
+    fn drop(&mut self) {
+        for p in &self.cleanup {
+            let _ = fs::remove_file(p);
+        }
     }
 }
 

@@ -114,6 +114,11 @@ pub struct BuildArgs {
     #[arg(long, value_name = "OS/ARCH", default_value = "linux/amd64")]
     pub platform: String,
 
+    /// A secret for `RUN --mount=type=secret` (repeatable): `id=ID,src=FILE` or `id=ID,env=VAR`.
+    /// Secrets never enter a layer, a cache key or the image history.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
+    pub secrets: Vec<String>,
+
     /// Steps that may run at once [default: number of cores].
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,

@@ -8,6 +8,7 @@ pub mod build;
 pub mod cli;
 pub mod copy;
 pub mod image;
+pub mod mounts;
 pub mod output;
 pub mod progress;
 pub mod registry;

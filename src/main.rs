@@ -90,6 +90,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         network: args.network,
         compression: args.compression,
         platform: args.platform.clone(),
+        secrets: rbuild::mounts::parse_secrets(&args.secrets)?,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -16,8 +16,8 @@ pub trait Mounter {
     fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> std::io::Result<()>;
     /// A non-recursive bind mount.
     fn bind(&mut self, source: &Path, target: &Path) -> std::io::Result<()>;
-    /// Remounts a bind mount read-only.
-    fn remount_ro(&mut self, target: &Path) -> std::io::Result<()>;
+    /// Remounts a bind mount read-only (and `noexec` when asked).
+    fn remount_ro(&mut self, target: &Path, noexec: bool) -> std::io::Result<()>;
 }
 
 /// The real Linux mounts.
@@ -31,9 +31,12 @@ impl Mounter for LinuxMounter {
     fn bind(&mut self, source: &Path, target: &Path) -> std::io::Result<()> {
         rustix::mount::mount_bind(source, target).map_err(Into::into)
     }
-    fn remount_ro(&mut self, target: &Path) -> std::io::Result<()> {
-        rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, c"")
-            .map_err(Into::into)
+    fn remount_ro(&mut self, target: &Path, noexec: bool) -> std::io::Result<()> {
+        let mut flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+        if noexec {
+            flags |= MountFlags::NOEXEC;
+        }
+        rustix::mount::mount_remount(target, flags, c"").map_err(Into::into)
     }
 }
 
@@ -62,7 +65,7 @@ pub fn mask_proc(m: &mut dyn Mounter, proc: &Path, null: &Path) -> std::io::Resu
         let p = proc.join(r);
         if p.exists() {
             m.bind(&p, &p)?;
-            m.remount_ro(&p)?;
+            m.remount_ro(&p, true)?;
         }
     }
     Ok(())
@@ -203,6 +206,9 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
         let t = ensure_mountpoint(&rootfs, &format!("etc/{f}"), false, &mut created)?;
         ctx(m.bind(&scratch.join("files").join(f), &t), || format!("binding /etc/{f}"))?;
     }
+    for (i, mnt) in spec.mounts.iter().enumerate() {
+        extra_mount(m, spec, &rootfs, i, mnt, &mut created)?;
+    }
     for c in &created {
         let _ = writeln!(status, "created:{c}");
     }
@@ -301,6 +307,62 @@ fn mount_overlay(spec: &RunSpec, target: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Mounts one `RUN --mount` (or heredoc script) at its target inside `rootfs`.
+fn extra_mount(m: &mut dyn Mounter, spec: &RunSpec, rootfs: &Path, i: usize, mnt: &crate::spec::Mount, created: &mut Vec<String>) -> Result<(), String> {
+    use crate::spec::MountSource;
+    let rel = mnt.target.trim_start_matches('/');
+    let what = || format!("mount at {}", mnt.target);
+    match &mnt.source {
+        MountSource::Bind { source, readonly } => {
+            let is_dir = source.is_dir();
+            let t = ensure_mountpoint(rootfs, rel, is_dir, created)?;
+            ctx(rustix::mount::mount_bind_recursive(source, &t).map_err(Into::into), || format!("{}: binding {}", what(), source.display()))?;
+            if *readonly {
+                ctx(m.remount_ro(&t, false), what)?;
+            }
+        }
+        MountSource::Tmpfs { size } => {
+            let t = ensure_mountpoint(rootfs, rel, true, created)?;
+            let data = size.map(|s| format!("size={s}")).unwrap_or_default();
+            ctx(m.mount("tmpfs", &t, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, &data), what)?;
+        }
+        MountSource::Layers { lowerdirs, subpath, discard_writes } => {
+            // The layers as a filesystem of their own, in our scratch space, then bind the part asked for.
+            let base = spec.scratch.join(format!("mount{i}"));
+            let merged = base.join("merged");
+            ctx(std::fs::create_dir_all(&merged), what)?;
+            let empty = spec.scratch.join("empty");
+            let mut lower: Vec<String> = lowerdirs.iter().map(|p| p.display().to_string()).collect();
+            let mut data;
+            if *discard_writes {
+                let (u, w) = (base.join("upper"), base.join("work"));
+                ctx(std::fs::create_dir_all(&u).and_then(|_| std::fs::create_dir_all(&w)), what)?;
+                if lower.is_empty() {
+                    lower.push(empty.display().to_string());
+                }
+                data = format!("lowerdir={},upperdir={},workdir={},userxattr", lower.join(":"), u.display(), w.display());
+            } else {
+                // Without an upper layer overlay needs two lowers.
+                lower.push(empty.display().to_string());
+                data = format!("lowerdir={},userxattr", lower.join(":"));
+            }
+            if data.len() > 4000 {
+                data = format!("{}…", &data[..64]);
+                return Err(format!("{}: too many layers for a mount source ({data})", what()));
+            }
+            ctx(m.mount("overlay", &merged, "overlay", MountFlags::empty(), &data), what)?;
+            let src = merged.join(subpath.trim_start_matches('/'));
+            let md = ctx(std::fs::symlink_metadata(&src), || format!("{}: source {subpath}", what()))?;
+            let t = ensure_mountpoint(rootfs, rel, md.is_dir(), created)?;
+            ctx(m.bind(&src, &t), what)?;
+            if !*discard_writes {
+                ctx(m.remount_ro(&t, false), what)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// PATH when the image sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -386,7 +448,7 @@ mod tests {
             self.0.push(format!("bind {} {}", source.display(), target.display()));
             Ok(())
         }
-        fn remount_ro(&mut self, target: &Path) -> std::io::Result<()> {
+        fn remount_ro(&mut self, target: &Path, _noexec: bool) -> std::io::Result<()> {
             self.0.push(format!("ro {}", target.display()));
             Ok(())
         }

@@ -18,7 +18,7 @@ pub use idmap::{Extent, IdMap};
 pub use init::{mask_proc, resolve_user_in, LinuxMounter, Mounter};
 pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
 pub use run::{run, ExitKind, RunError, RunOutcome};
-pub use spec::{Network, RunSpec, RunSpecBuilder, SpecError};
+pub use spec::{Mount, MountSource, Network, RunSpec, RunSpecBuilder, SpecError};
 
 /// argv\[1\] that makes the rbuild binary act as the RUN-step helper.
 pub const HELPER_ARG: &str = "__rbuild-run-helper";

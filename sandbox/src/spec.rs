@@ -12,6 +12,42 @@ pub enum Network {
     None,
 }
 
+/// What is mounted at an extra mount point of a RUN step (`RUN --mount`, heredoc scripts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountSource {
+    /// A host file or directory, bound.
+    Bind {
+        /// Path on the builder's side.
+        source: PathBuf,
+        /// Read-only.
+        readonly: bool,
+    },
+    /// A read-only overlay of image layers (top first), with `subpath` of it bound; with
+    /// `discard_writes` the step may write there, and the writes vanish with the step.
+    Layers {
+        /// Layer directories, top first.
+        lowerdirs: Vec<PathBuf>,
+        /// Path inside the layers to mount (`/` for all).
+        subpath: String,
+        /// Writable, with writes thrown away afterwards.
+        discard_writes: bool,
+    },
+    /// An empty tmpfs.
+    Tmpfs {
+        /// Size limit in bytes (`None`: the kernel's default).
+        size: Option<u64>,
+    },
+}
+
+/// An extra mount of a RUN step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Absolute path inside the step.
+    pub target: String,
+    /// What goes there.
+    pub source: MountSource,
+}
+
 /// One RUN step, as the sandbox runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSpec {
@@ -35,6 +71,9 @@ pub struct RunSpec {
     pub network: Network,
     /// Extra `/etc/hosts` entries (name, address).
     pub extra_hosts: Vec<(String, String)>,
+    /// Extra mounts, in order.
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
     /// Set by [`crate::run`]: where the merged root is mounted and the generated files live.
     #[serde(default)]
     pub(crate) scratch: PathBuf,
@@ -61,6 +100,7 @@ pub struct RunSpecBuilder {
     hostname: Option<String>,
     network: Option<Network>,
     extra_hosts: Vec<(String, String)>,
+    mounts: Vec<Mount>,
 }
 
 impl RunSpec {
@@ -98,6 +138,7 @@ impl RunSpecBuilder {
     setter!(hostname, String, opt);
     setter!(network, Network, opt);
     setter!(extra_hosts, Vec<(String, String)>);
+    setter!(mounts, Vec<Mount>);
 
     /// The finished spec.
     pub fn build(self) -> Result<RunSpec, SpecError> {
@@ -115,6 +156,7 @@ impl RunSpecBuilder {
             hostname: self.hostname.unwrap_or_else(|| "rbuild".into()),
             network: self.network.unwrap_or(Network::Host),
             extra_hosts: self.extra_hosts,
+            mounts: self.mounts,
             scratch: PathBuf::new(),
         })
     }
