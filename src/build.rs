@@ -416,14 +416,20 @@ impl Builder {
                 self.push_layer(fs, key, rec, created_by);
                 Ok(false)
             }
-            Step::Copy { sources, dest, from, chown, chmod, is_add, created_by, .. } => {
-                let stack = fs.stack();
+            Step::Copy { sources, dest, from, chown, chmod, is_add, created_by, link, parents, exclude, .. } => {
+                // --link: the layer does not depend on what it lands on.
+                let stack = if *link { LayerStack::default() } else { fs.stack() };
                 let owner = match chown {
                     Some(c) => Some(stack.resolve_user(c).map_err(|e| anyhow!("--chown={c}: {e}"))?),
                     None => None,
                 };
                 let mode = chmod.as_deref().map(copy::parse_chmod).transpose()?;
-                let attrs = CopyAttrs { owner, mode };
+                let exclude_m = if exclude.is_empty() {
+                    None
+                } else {
+                    Some(rbuild_dag::ignore::IgnoreMatcher::new(&exclude.join("\n")).map_err(|e| anyhow!("--exclude: {e}"))?)
+                };
+                let attrs = CopyAttrs { owner, mode: mode.clone(), exclude: exclude_m, parents: *parents };
                 let from_fs = match from {
                     None => None,
                     Some(name) => Some(self.copy_from(name).await?),
@@ -457,7 +463,9 @@ impl Builder {
                 }
                 let content = h.finish();
                 let key = CacheKeyBuilder::new("copy")
-                    .str("parent", fs.key.as_str())
+                    .str("parent", if *link { "link" } else { fs.key.as_str() })
+                    .strs("exclude", exclude)
+                    .str("parents", &parents.to_string())
                     .str("from", from_fs.as_ref().map(|f| f.key.as_str()).unwrap_or("context"))
                     .str("content", content.as_str())
                     .str("dest", dest)
@@ -470,8 +478,8 @@ impl Builder {
                 }
                 let _permit = self.jobs.acquire().await?;
                 let staging = self.store.temp_dir("copy")?;
-                let n = copy::stage_copy(&staging, &stack, &source, &selected, dest, attrs)?;
-                let m = copy::stage_inline(&staging, &stack, &inline, dest, attrs)?;
+                let n = copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;
+                let m = copy::stage_inline(&staging, &stack, &inline, dest, &attrs)?;
                 pstep.log(&format!("copied {} files", n + m));
                 let rec = self.commit_dir_as_layer(staging, pstep).await?;
                 self.store.put_record(&key, &rec)?;

@@ -119,6 +119,10 @@ pub struct BuildArgs {
     #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
     pub secrets: Vec<String>,
 
+    /// Print the stage graph (`dag`: text, `dot`: Graphviz) of what would be built, and exit.
+    #[arg(long, value_name = "dag|dot")]
+    pub print: Option<String>,
+
     /// Steps that may run at once [default: number of cores].
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,

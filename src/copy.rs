@@ -24,7 +24,7 @@ pub enum CopyError {
     #[error("when copying several sources the destination must be a directory and end with a /: {0}")]
     DestNotDir(String),
     /// A bad --chmod value.
-    #[error("invalid --chmod {0:?}: want an octal mode such as 0755")]
+    #[error("invalid --chmod {0:?}: want an octal mode such as 0755 or a symbolic one such as u+x,go-w")]
     BadChmod(String),
     /// An I/O error on a path.
     #[error("{path}: {source}")]
@@ -257,17 +257,96 @@ pub fn join_rel(base: &str, name: &str) -> String {
 }
 
 /// Ownership and mode overrides of a COPY.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CopyAttrs {
     /// `--chown` resolved to numbers; `None` keeps the source's owner (stages) or 0:0 (context).
     pub owner: Option<(u32, u32)>,
-    /// `--chmod` as bits.
-    pub mode: Option<u32>,
+    /// `--chmod`.
+    pub mode: Option<Chmod>,
+    /// `--exclude` patterns, matched against paths relative to each source.
+    pub exclude: Option<rbuild_dag::ignore::IgnoreMatcher>,
+    /// `--parents`: keep each source's path relative to the source root below the destination.
+    pub parents: bool,
 }
 
-/// Parses an octal `--chmod`.
-pub fn parse_chmod(s: &str) -> Result<u32, CopyError> {
-    u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o7777).ok_or_else(|| CopyError::BadChmod(s.to_string()))
+/// A `--chmod` value: octal, or symbolic like chmod(1) (`u+x,go-w`, `a=rX`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chmod {
+    /// Absolute bits.
+    Octal(u32),
+    /// Clauses `(who mask, op, permission letters)`.
+    Symbolic(Vec<(u32, char, String)>),
+}
+
+impl Chmod {
+    /// The mode a file or directory of mode `mode` gets.
+    pub fn apply(&self, mode: u32, is_dir: bool) -> u32 {
+        match self {
+            Chmod::Octal(m) => *m,
+            Chmod::Symbolic(clauses) => {
+                let mut m = mode & 0o7777;
+                for (who, op, perms) in clauses {
+                    let mut bits = 0;
+                    for c in perms.chars() {
+                        bits |= match c {
+                            'r' => 0o444,
+                            'w' => 0o222,
+                            'x' => 0o111,
+                            'X' if is_dir || m & 0o111 != 0 => 0o111,
+                            's' => 0o6000,
+                            't' => 0o1000,
+                            _ => 0,
+                        };
+                    }
+                    let mask = who | if *who & 0o700 != 0 { 0o4000 } else { 0 } | if *who & 0o070 != 0 { 0o2000 } else { 0 } | if *who == 0o777 { 0o1000 } else { 0 };
+                    let bits = bits & mask;
+                    m = match op {
+                        '+' => m | bits,
+                        '-' => m & !bits,
+                        _ => (m & !mask) | bits,
+                    };
+                }
+                m
+            }
+        }
+    }
+}
+
+/// Parses `--chmod`: octal (`0755`) or symbolic (`u+x,g-w,o=r`, `a+X`).
+pub fn parse_chmod(s: &str) -> Result<Chmod, CopyError> {
+    let bad = || CopyError::BadChmod(s.to_string());
+    if s.chars().all(|c| c.is_ascii_digit()) {
+        return u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o7777).map(Chmod::Octal).ok_or_else(bad);
+    }
+    let mut clauses = Vec::new();
+    for clause in s.split(',') {
+        let op_at = clause.find(['+', '-', '=']).ok_or_else(bad)?;
+        let (who_s, rest) = clause.split_at(op_at);
+        let mut who = 0;
+        for c in who_s.chars() {
+            who |= match c {
+                'u' => 0o700,
+                'g' => 0o070,
+                'o' => 0o007,
+                'a' => 0o777,
+                _ => return Err(bad()),
+            };
+        }
+        if who == 0 {
+            who = 0o777;
+        }
+        let op = rest.chars().next().ok_or_else(bad)?;
+        let perms = &rest[1..];
+        if !perms.chars().all(|c| "rwxXst".contains(c)) {
+            return Err(bad());
+        }
+        clauses.push((who, op, perms.to_string()));
+    }
+    Ok(Chmod::Symbolic(clauses))
+}
+
+fn chmod_apply(c: Option<&Chmod>, mode: u32, is_dir: bool) -> u32 {
+    c.map(|c| c.apply(mode, is_dir)).unwrap_or(mode)
 }
 
 /// Stages one COPY into `staging` (an empty dir that becomes the layer).
@@ -278,7 +357,7 @@ pub fn stage_copy(
     source: &Source<'_>,
     selected: &[Selected],
     dest: &str,
-    attrs: CopyAttrs,
+    attrs: &CopyAttrs,
 ) -> Result<u64, CopyError> {
     let dest_is_dir_syntax = dest.ends_with('/') || dest.ends_with("/.");
     let multiple = selected.len() > 1;
@@ -315,13 +394,22 @@ pub fn stage_copy(
         } else {
             dest_dir_comps.clone()
         };
-        let parent_len = if sel.md.is_dir() { target_comps.len() } else { target_comps.len().saturating_sub(1) };
-        ensure_parents(staging, image, &target_comps[..parent_len], default_owner.unwrap_or((0, 0)), sel.md.is_dir().then_some(attrs))?;
-        let target = staging.join(target_comps.join("/"));
-        if sel.md.is_dir() {
-            count += copy_tree(source, &sel.rel, &target, default_owner, attrs.mode, true)?;
+        let target_comps = if attrs.parents {
+            // --parents: the source's own path (relative to the source root) below the destination.
+            let mut c = dest_dir_comps.clone();
+            c.extend(sel.rel.split('/').filter(|x| !x.is_empty()).map(str::to_string));
+            c
         } else {
-            count += copy_one(source, &sel.rel, &sel.file, &sel.md, &target, default_owner, attrs.mode)?;
+            target_comps
+        };
+        let parent_len = if sel.md.is_dir() { target_comps.len() } else { target_comps.len().saturating_sub(1) };
+        ensure_parents(staging, image, &target_comps[..parent_len], default_owner.unwrap_or((0, 0)), sel.md.is_dir().then_some(&attrs))?;
+        let target = staging.join(target_comps.join("/"));
+        let ex = Exclude { m: attrs.exclude.as_ref(), base: sel.rel.clone() };
+        if sel.md.is_dir() {
+            count += copy_tree(source, &sel.rel, &target, default_owner, attrs.mode.as_ref(), true, &ex)?;
+        } else {
+            count += copy_one(source, &sel.rel, &sel.file, &sel.md, &target, default_owner, attrs.mode.as_ref())?;
         }
     }
     Ok(count)
@@ -329,7 +417,7 @@ pub fn stage_copy(
 
 /// Creates `comps` below `staging`, copying each directory's metadata from the image when it
 /// exists there, so the layer does not change directories it only passes through.
-fn ensure_parents(staging: &Path, image: &LayerStack, comps: &[String], owner: (u32, u32), last_attrs: Option<CopyAttrs>) -> Result<(), CopyError> {
+fn ensure_parents(staging: &Path, image: &LayerStack, comps: &[String], owner: (u32, u32), last_attrs: Option<&CopyAttrs>) -> Result<(), CopyError> {
     let mut p = staging.to_path_buf();
     for (i, c) in comps.iter().enumerate() {
         p.push(c);
@@ -344,8 +432,8 @@ fn ensure_parents(staging: &Path, image: &LayerStack, comps: &[String], owner: (
             }
             _ => {
                 let is_last = i + 1 == comps.len();
-                let mode = match (is_last, last_attrs.and_then(|a| a.mode)) {
-                    (true, Some(m)) => m,
+                let mode = match (is_last, last_attrs.and_then(|a| a.mode.as_ref())) {
+                    (true, Some(c)) => c.apply(0o755, true),
                     _ => 0o755,
                 };
                 set_meta(&p, owner.0, owner.1, mode, None, false)?;
@@ -373,7 +461,7 @@ fn set_meta(p: &Path, uid: u32, gid: u32, mode: u32, mtime: Option<(i64, i64)>, 
     Ok(())
 }
 
-fn copy_one(source: &Source<'_>, _rel: &str, file: &Path, md: &fs::Metadata, target: &Path, owner: Option<(u32, u32)>, mode: Option<u32>) -> Result<u64, CopyError> {
+fn copy_one(source: &Source<'_>, _rel: &str, file: &Path, md: &fs::Metadata, target: &Path, owner: Option<(u32, u32)>, mode: Option<&Chmod>) -> Result<u64, CopyError> {
     if let Ok(old) = fs::symlink_metadata(target) {
         if old.is_dir() {
             fs::remove_dir_all(target).map_err(ioe(target))?;
@@ -392,7 +480,7 @@ fn copy_one(source: &Source<'_>, _rel: &str, file: &Path, md: &fs::Metadata, tar
         let mut w = fs::File::create(target).map_err(ioe(target))?;
         io::copy(&mut r, &mut w).map_err(ioe(target))?;
         drop(w);
-        set_meta(target, uid, gid, mode.unwrap_or(md.mode() & 0o7777), times, false)?;
+        set_meta(target, uid, gid, chmod_apply(mode, md.mode() & 0o7777, false), times, false)?;
     } else {
         // Sockets, fifos and devices in a context are skipped, as docker does for sockets.
         let _ = source;
@@ -401,7 +489,21 @@ fn copy_one(source: &Source<'_>, _rel: &str, file: &Path, md: &fs::Metadata, tar
     Ok(1)
 }
 
-fn copy_tree(source: &Source<'_>, rel: &str, target: &Path, owner: Option<(u32, u32)>, mode: Option<u32>, top: bool) -> Result<u64, CopyError> {
+/// `--exclude` patterns and the source item they are relative to.
+struct Exclude<'a> {
+    m: Option<&'a rbuild_dag::ignore::IgnoreMatcher>,
+    base: String,
+}
+
+impl Exclude<'_> {
+    fn excludes(&self, rel: &str, is_dir: bool) -> bool {
+        let Some(m) = self.m else { return false };
+        let below = rel.strip_prefix(&self.base).map(|r| r.trim_start_matches('/')).unwrap_or(rel);
+        !below.is_empty() && m.is_excluded(below, is_dir)
+    }
+}
+
+fn copy_tree(source: &Source<'_>, rel: &str, target: &Path, owner: Option<(u32, u32)>, mode: Option<&Chmod>, top: bool, ex: &Exclude<'_>) -> Result<u64, CopyError> {
     let (file, md) = source.lookup(rel).ok_or_else(|| CopyError::NotFound(rel.to_string()))?;
     if !md.is_dir() {
         return copy_one(source, rel, &file, &md, target, owner, mode);
@@ -416,13 +518,19 @@ fn copy_tree(source: &Source<'_>, rel: &str, target: &Path, owner: Option<(u32, 
     }
     let mut n = 0;
     for name in source.list(rel)? {
-        n += copy_tree(source, &join_rel(rel, &name), &target.join(&name), owner, mode, false)?;
+        let child = join_rel(rel, &name);
+        if let Some((_, cmd)) = source.lookup(&child) {
+            if ex.excludes(&child, cmd.is_dir()) {
+                continue;
+            }
+        }
+        n += copy_tree(source, &child, &target.join(&name), owner, mode, false, ex)?;
     }
     // The top directory of a directory source is the destination itself: docker keeps the
     // destination's own metadata when it already existed, and otherwise creates it.
     if !top {
         let (uid, gid) = owner.unwrap_or((md.uid(), md.gid()));
-        set_meta(target, uid, gid, mode.unwrap_or(md.mode() & 0o7777), Some((md.mtime(), md.mtime_nsec())), false)?;
+        set_meta(target, uid, gid, chmod_apply(mode, md.mode() & 0o7777, true), Some((md.mtime(), md.mtime_nsec())), false)?;
     }
     Ok(n)
 }
@@ -430,6 +538,18 @@ fn copy_tree(source: &Source<'_>, rel: &str, target: &Path, owner: Option<(u32, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chmod_forms() {
+        assert_eq!(parse_chmod("0755").unwrap(), Chmod::Octal(0o755));
+        let c = parse_chmod("u+x,go-w").unwrap();
+        assert_eq!(c.apply(0o666, false), 0o744);
+        assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, true), 0o555);
+        assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, false), 0o444);
+        assert_eq!(parse_chmod("+x").unwrap().apply(0o600, false), 0o711);
+        assert_eq!(parse_chmod("g=u").unwrap_err().to_string().contains("symbolic"), true);
+        assert!(parse_chmod("9999").is_err());
+    }
 
     #[test]
     fn globs() {
@@ -461,7 +581,7 @@ pub fn ensure_dir_owned(staging: &Path, image: &LayerStack, comps: &[String], ow
 
 /// Stages heredoc sources (`COPY <<EOF /path`): each becomes a regular file, mode 0644
 /// unless `--chmod` says otherwise.
-pub fn stage_inline(staging: &Path, image: &LayerStack, inline: &[(String, String)], dest: &str, attrs: CopyAttrs) -> Result<u64, CopyError> {
+pub fn stage_inline(staging: &Path, image: &LayerStack, inline: &[(String, String)], dest: &str, attrs: &CopyAttrs) -> Result<u64, CopyError> {
     if inline.is_empty() {
         return Ok(0);
     }
@@ -475,7 +595,7 @@ pub fn stage_inline(staging: &Path, image: &LayerStack, inline: &[(String, Strin
         ensure_parents(staging, image, &comps[..comps.len() - 1], owner, None)?;
         let target = staging.join(comps.join("/"));
         fs::write(&target, content).map_err(ioe(&target))?;
-        set_meta(&target, owner.0, owner.1, attrs.mode.unwrap_or(0o644), None, false)?;
+        set_meta(&target, owner.0, owner.1, chmod_apply(attrs.mode.as_ref(), 0o644, false), None, false)?;
     }
     Ok(inline.len() as u64)
 }

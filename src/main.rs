@@ -63,6 +63,18 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     let context = context.canonicalize()?;
     let dockerfile = dockerfile.canonicalize()?;
 
+    if let Some(what) = &args.print {
+        let text = std::fs::read_to_string(&dockerfile)?;
+        let df = rbuild_dag::parse(&text, &dockerfile).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let resolved = rbuild_dag::resolve_global_args(&df, &parse_build_args(&args.build_args)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let plan = rbuild_dag::graph::plan(&df, args.target.as_deref(), &resolved).map_err(|e| anyhow::anyhow!("{e}"))?;
+        match what.as_str() {
+            "dag" => print!("{}", rbuild_dag::graph::to_text(&plan)),
+            "dot" => print!("{}", rbuild_dag::graph::to_dot(&plan)),
+            other => bail!("--print {other}: want dag or dot"),
+        }
+        return Ok(());
+    }
     let ns = rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions {
         state_dir: root.join("run"),
         allow_single_id: true,

@@ -318,3 +318,44 @@ RUN exit 1
     // The final image's layers are the base's plus the two COPY layers only.
     assert_eq!(c["rootfs"]["diff_ids"].as_array().unwrap().len(), 3, "{c}");
 }
+
+#[test]
+fn copy_flags_exclude_parents_link_chmod() {
+    ensure_tools();
+    let df = "FROM scratch AS base\n\
+COPY --exclude=*.log --exclude=skip src/ /app/\n\
+COPY --parents a/b/file.txt c/d.txt /tree/\n\
+COPY --chmod=u+x,go-w plain.sh /plain.sh\n\
+COPY --link linked.txt /linked.txt\n";
+    let ctx = context(&[
+        ("Dockerfile", df),
+        ("src/keep.txt", "k"),
+        ("src/debug.log", "l"),
+        ("src/skip/x", "x"),
+        ("src/sub/also.log", "l"),
+        ("src/sub/kept", "k"),
+        ("a/b/file.txt", "f"),
+        ("c/d.txt", "d"),
+        ("plain.sh", "#!/bin/sh\n"),
+        ("linked.txt", "l"),
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ctx.path().join("plain.sh"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let r = out.path().join("r");
+    ok(rbuild(root.path()).arg(format!("--output=type=local,dest={}", r.display())).arg(ctx.path()));
+    assert!(r.join("app/keep.txt").exists() && r.join("app/sub/kept").exists());
+    assert!(!r.join("app/debug.log").exists() && !r.join("app/skip").exists(), "--exclude");
+    assert!(r.join("app/sub/also.log").exists(), "`*.log` matches one path level, like .dockerignore");
+    assert!(r.join("tree/a/b/file.txt").exists() && r.join("tree/c/d.txt").exists(), "--parents");
+    assert_eq!(std::fs::metadata(r.join("plain.sh")).unwrap().permissions().mode() & 0o7777, 0o744, "symbolic --chmod");
+    assert!(r.join("linked.txt").exists());
+    // --link layers do not depend on what is below them: a changed earlier step keeps them cached.
+    std::fs::write(ctx.path().join("plain.sh"), "#!/bin/sh\necho changed\n").unwrap();
+    let again = run(rbuild(root.path()).arg(ctx.path()));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    let linked_cached = err.lines().skip_while(|l| !l.contains("COPY --link linked.txt")).nth(1).unwrap_or("").to_string();
+    assert!(linked_cached.ends_with("CACHED"), "{err}");
+}
