@@ -47,6 +47,8 @@ pub struct BuildOptions {
     pub platform: String,
     /// Steps that may run at once.
     pub jobs: usize,
+    /// `--build-context` values by name: a directory, `docker-image://REF` or `oci-layout://DIR[:TAG]`.
+    pub build_contexts: BTreeMap<String, String>,
     /// `--secret` sources by id.
     pub secrets: BTreeMap<String, crate::mounts::SecretSource>,
 }
@@ -220,6 +222,11 @@ impl Builder {
 
     /// The filesystem of an external image, pulled and unpacked once per build.
     async fn image_fs(self: &Arc<Self>, reference: &str) -> Result<ImageFs> {
+        // --build-context NAME=docker-image://REF or =oci-layout://DIR replaces an image by name.
+        let mapped = self.opts.build_contexts.get(reference).and_then(|v| {
+            v.strip_prefix("docker-image://").map(str::to_string).or_else(|| v.starts_with("oci-layout://").then(|| v.clone()))
+        });
+        let reference = mapped.as_deref().unwrap_or(reference);
         let cell = self.images.lock().unwrap().entry(reference.to_string()).or_default().clone();
         let fs = cell.get_or_try_init(|| self.pull_and_unpack(reference)).await?;
         Ok(fs.clone())
@@ -430,13 +437,17 @@ impl Builder {
                     Some(rbuild_dag::ignore::IgnoreMatcher::new(&exclude.join("\n")).map_err(|e| anyhow!("--exclude: {e}"))?)
                 };
                 let attrs = CopyAttrs { owner, mode: mode.clone(), exclude: exclude_m, parents: *parents };
-                let from_fs = match from {
-                    None => None,
-                    Some(name) => Some(self.copy_from(name).await?),
+                // A named directory context (--build-context NAME=DIR) reads like the main context.
+                let dir_context = from.as_ref().and_then(|n| self.named_dir_context(n));
+                let empty_ignore = rbuild_dag::ignore::IgnoreMatcher::default();
+                let from_fs = match (from, &dir_context) {
+                    (Some(name), None) => Some(self.copy_from(name).await?),
+                    _ => None,
                 };
                 let from_stack = from_fs.as_ref().map(|f| f.stack());
-                let source = match (&from_stack, from) {
-                    (Some(s), Some(name)) => Source::Layers { stack: s, name: name.clone() },
+                let source = match (&from_stack, from, &dir_context) {
+                    (_, _, Some(dir)) => Source::Context { root: dir, ignore: &empty_ignore },
+                    (Some(s), Some(name), _) => Source::Layers { stack: s, name: name.clone() },
                     _ => Source::Context { root: &self.opts.context, ignore: &self.ignore },
                 };
                 let mut h = rbuild_cache::Hasher::new();
@@ -466,7 +477,7 @@ impl Builder {
                     .str("parent", if *link { "link" } else { fs.key.as_str() })
                     .strs("exclude", exclude)
                     .str("parents", &parents.to_string())
-                    .str("from", from_fs.as_ref().map(|f| f.key.as_str()).unwrap_or("context"))
+                    .str("from", from_fs.as_ref().map(|f| f.key.as_str()).or(dir_context.as_ref().and_then(|d| d.to_str())).unwrap_or("context"))
                     .str("content", content.as_str())
                     .str("dest", dest)
                     .str("chown", &format!("{owner:?}"))
@@ -532,6 +543,11 @@ impl Builder {
                     let target = m.target.clone().unwrap();
                     let subpath = m.source.clone().unwrap_or_else(|| "/".into());
                     let lowerdirs = match &m.from {
+                        Some(name) if self.named_dir_context(name).is_some() => {
+                            let dir = self.named_dir_context(name).unwrap();
+                            key.str("bind-dir-context", &dir.display().to_string());
+                            vec![dir]
+                        }
                         Some(name) => {
                             let from = self.copy_from(name).await?;
                             key.str("bind-from", from.key.as_str());
@@ -623,8 +639,19 @@ impl Builder {
         let by_index = name.parse::<usize>().ok().filter(|i| *i < self.dockerfile.stages.len());
         match by_name.or(by_index) {
             Some(i) => self.stage_result(i).await,
-            None => self.image_fs(name).await,
+            None => {
+                if self.named_dir_context(name).is_some() {
+                    bail!("build context {name:?} is a directory: it can be a COPY --from or RUN --mount source, not an image");
+                }
+                self.image_fs(name).await
+            }
         }
+    }
+
+    /// The directory of a `--build-context NAME=DIR`.
+    fn named_dir_context(&self, name: &str) -> Option<PathBuf> {
+        let v = self.opts.build_contexts.get(name)?;
+        (!v.contains("://")).then(|| PathBuf::from(v))
     }
 
     fn cached(&self, key: &CacheKey) -> Result<Option<CacheRecord>> {

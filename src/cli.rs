@@ -54,7 +54,8 @@ pub enum NetworkArg {
 /// Options of `rbuild build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// The build context: a directory.
+    /// The build context: a directory, a tar archive (plain, gzip or zstd), or `-` for a tar
+    /// archive or a lone Dockerfile on standard input.
     pub context: PathBuf,
 
     /// The Dockerfile [default: CONTEXT/Dockerfile].
@@ -118,6 +119,12 @@ pub struct BuildArgs {
     /// Secrets never enter a layer, a cache key or the image history.
     #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
     pub secrets: Vec<String>,
+
+    /// An extra named context (repeatable): `NAME=DIR` (for `COPY --from=NAME`),
+    /// `NAME=docker-image://REF` or `NAME=oci-layout://DIR[:TAG]` (replaces the image NAME in
+    /// `FROM` and `COPY --from`).
+    #[arg(long = "build-context", value_name = "NAME=VALUE")]
+    pub build_contexts: Vec<String>,
 
     /// Print the stage graph (`dag`: text, `dot`: Graphviz) of what would be built, and exit.
     #[arg(long, value_name = "dag|dot")]

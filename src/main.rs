@@ -52,18 +52,27 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     if args.push && !outputs.contains(&OutputSpec::Registry) {
         outputs.push(OutputSpec::Registry);
     }
-    let context = args.context.clone();
-    if !context.is_dir() {
-        bail!("build context {}: not a directory", context.display());
+    // The context: a directory now; a tar archive or stdin once the store exists to unpack into.
+    let context_arg = args.context.clone();
+    let from_stdin = context_arg.as_os_str() == "-";
+    let context_is_dir = !from_stdin && context_arg.is_dir();
+    if !from_stdin && !context_is_dir && !context_arg.is_file() {
+        bail!("build context {}: no such directory or file", context_arg.display());
     }
-    let dockerfile = args.file.clone().unwrap_or_else(|| context.join("Dockerfile"));
-    if !dockerfile.is_file() {
-        bail!("Dockerfile {}: no such file", dockerfile.display());
+    let mut dockerfile = PathBuf::new();
+    let mut context = context_arg.clone();
+    if context_is_dir {
+        dockerfile = args.file.clone().unwrap_or_else(|| context_arg.join("Dockerfile"));
+        if !dockerfile.is_file() {
+            bail!("Dockerfile {}: no such file", dockerfile.display());
+        }
+        context = context_arg.canonicalize()?;
+        dockerfile = dockerfile.canonicalize()?;
     }
-    let context = context.canonicalize()?;
-    let dockerfile = dockerfile.canonicalize()?;
-
     if let Some(what) = &args.print {
+        if !context_is_dir {
+            bail!("--print needs a directory context");
+        }
         let text = std::fs::read_to_string(&dockerfile)?;
         let df = rbuild_dag::parse(&text, &dockerfile).map_err(|e| anyhow::anyhow!("{e}"))?;
         let resolved = rbuild_dag::resolve_global_args(&df, &parse_build_args(&args.build_args)).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -90,6 +99,31 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         progress.warn("no output given: the image stays in rbuild's store only (use --push or --output)");
     }
     let store = rbuild_cache::Store::open(&root)?;
+    let mut unpacked_context = None;
+    if !context_is_dir {
+        let dir = store.temp_dir("context")?;
+        unpacked_context = Some(dir.clone());
+        let input: Box<dyn std::io::Read + Send> = if from_stdin {
+            Box::new(std::io::stdin())
+        } else {
+            Box::new(std::fs::File::open(&context_arg).with_context(|| format!("opening {}", context_arg.display()))?)
+        };
+        if unpack_context(input, &dir).with_context(|| format!("unpacking the build context {}", context_arg.display()))? {
+            dockerfile = match &args.file {
+                Some(f) if f.is_relative() => dir.join(f),
+                Some(f) => f.clone(),
+                None => dir.join("Dockerfile"),
+            };
+        } else {
+            // Standard input held a Dockerfile, not an archive: the context is empty.
+            dockerfile = dir.join("Dockerfile");
+        }
+        if !dockerfile.is_file() {
+            let _ = rbuild_cache::remove_tree(&dir);
+            bail!("Dockerfile {}: not in the build context", dockerfile.display());
+        }
+        context = dir;
+    }
     let opts = BuildOptions {
         context,
         dockerfile,
@@ -103,10 +137,15 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         compression: args.compression,
         platform: args.platform.clone(),
         secrets: rbuild::mounts::parse_secrets(&args.secrets)?,
+        build_contexts: parse_named_contexts(&args.build_contexts)?,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let outcome = runtime.block_on(build(store.clone(), opts, progress.clone()))?;
+    let outcome = runtime.block_on(build(store.clone(), opts, progress.clone()));
+    if let Some(dir) = &unpacked_context {
+        let _ = rbuild_cache::remove_tree(dir);
+    }
+    let outcome = outcome?;
     let image = &outcome.image;
     progress.info(&format!("image {} (manifest {})", image.config_digest, image.manifest_digest));
     if let Some(p) = &args.iidfile {
@@ -128,4 +167,43 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         rbuild_cache::write_file_atomic(p, serde_json::to_string_pretty(&meta)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// `--build-context NAME=VALUE` values; directories are made absolute.
+fn parse_named_contexts(specs: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for spec in specs {
+        let (name, value) = spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--build-context {spec:?}: want NAME=VALUE"))?;
+        let value = if value.contains("://") {
+            value.to_string()
+        } else {
+            let p = PathBuf::from(value);
+            if !p.is_dir() {
+                anyhow::bail!("--build-context {name}={value}: not a directory");
+            }
+            p.canonicalize()?.display().to_string()
+        };
+        out.insert(name.to_string(), value);
+    }
+    Ok(out)
+}
+
+/// Unpacks a context archive (plain tar, gzip or zstd) into `dir`. Returns `false` without
+/// writing anything when the input is not an archive but a Dockerfile, which then becomes
+/// `dir/Dockerfile` (as `docker build -` does).
+fn unpack_context(input: Box<dyn std::io::Read + Send>, dir: &std::path::Path) -> anyhow::Result<bool> {
+    use std::io::{BufRead, Read};
+    let mut r = std::io::BufReader::with_capacity(1 << 20, input);
+    let head = r.fill_buf()?.to_vec();
+    let compressed = head.starts_with(&[0x1f, 0x8b]) || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
+    let is_tar = head.len() > 262 && &head[257..262] == b"ustar";
+    if !compressed && !is_tar {
+        let mut text = Vec::new();
+        r.read_to_end(&mut text)?;
+        std::fs::write(dir.join("Dockerfile"), text)?;
+        return Ok(false);
+    }
+    let plain = rbuild_snapshot::decompress(r)?;
+    rbuild_snapshot::apply_layer(plain, dir, &rbuild_snapshot::UnpackOptions::default())?;
+    Ok(true)
 }
