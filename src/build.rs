@@ -151,6 +151,12 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
 
 impl Builder {
     async fn run(self: &Arc<Self>) -> Result<BuildOutcome> {
+        if let Some(syntax) = &self.dockerfile.directives.syntax {
+            self.progress.warn(&format!("# syntax={syntax} is ignored: rbuild builds every Dockerfile with its own frontend"));
+        }
+        if let Some(check) = &self.dockerfile.directives.check {
+            self.progress.warn(&format!("# check={check} is ignored: rbuild runs no build checks yet"));
+        }
         let plan = rbuild_dag::graph::plan(&self.dockerfile, self.opts.target.as_deref(), &self.resolved).map_err(|e| anyhow!("{e}"))?;
         // Every stage of the plan starts at once; each waits only for what it depends on.
         let mut tasks = Vec::new();
@@ -489,6 +495,21 @@ impl Builder {
                 }
                 let _permit = self.jobs.acquire().await?;
                 let staging = self.store.temp_dir("copy")?;
+                // ADD of a local archive extracts it into the destination directory.
+                let mut archives = Vec::new();
+                if *is_add && from.is_none() {
+                    let (a, rest): (Vec<_>, Vec<_>) = selected.into_iter().partition(|sel| sel.md.is_file() && copy::archive_kind(&sel.file).is_some());
+                    archives = a;
+                    selected = rest;
+                }
+                for a in &archives {
+                    let dest_dir = clean_components(&stack.resolve(dest, true).map(|(p, _, _)| p).unwrap_or_else(|| dest.to_string()));
+                    copy::ensure_dir(&staging, &stack, &dest_dir)?;
+                    let file = fs::File::open(&a.file)?;
+                    let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
+                    rbuild_snapshot::apply_layer(reader, &staging.join(dest_dir.join("/")), &rbuild_snapshot::UnpackOptions::default())
+                        .map_err(|e| anyhow!("ADD {}: extracting: {e}", a.rel))?;
+                }
                 let n = copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;
                 let m = copy::stage_inline(&staging, &stack, &inline, dest, &attrs)?;
                 pstep.log(&format!("copied {} files", n + m));

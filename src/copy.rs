@@ -256,6 +256,32 @@ pub fn join_rel(base: &str, name: &str) -> String {
     }
 }
 
+/// Whether `ADD` extracts this file: a tar archive, plain or compressed with gzip or zstd
+/// (a compressed file that is not a tar is copied as is, as docker does). Returns the
+/// compression (`tar`, `gzip`, `zstd`).
+pub fn archive_kind(path: &Path) -> Option<&'static str> {
+    let f = fs::File::open(path).ok()?;
+    let mut head = [0u8; 4];
+    let n = fs::File::open(path).and_then(|mut g| g.read(&mut head)).ok()?;
+    let kind = if head[..n].starts_with(&[0x1f, 0x8b]) {
+        "gzip"
+    } else if head[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        "zstd"
+    } else {
+        "tar"
+    };
+    let mut r = rbuild_snapshot::decompress(io::BufReader::new(f)).ok()?;
+    let mut block = vec![0u8; 512];
+    let mut got = 0;
+    while got < 512 {
+        match r.read(&mut block[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got += k,
+        }
+    }
+    (got == 512 && &block[257..262] == b"ustar").then_some(kind)
+}
+
 /// Ownership and mode overrides of a COPY.
 #[derive(Debug, Clone, Default)]
 pub struct CopyAttrs {

@@ -1,0 +1,160 @@
+//! The parity suite: every directory of `testdata/parity/` is a case — a `Dockerfile`, an
+//! optional `context/`, and `expect.json` saying what the built image must hold (files with
+//! content, mode, owner, type; absent paths; image config fields) or how the build must fail.
+//! Each image is written as an OCI layout and checked with umoci and skopeo. `{{BASE}}` in a
+//! Dockerfile is the testbed busybox image in a registry started for the suite.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let expect: Value = serde_json::from_slice(&std::fs::read(dir.join("expect.json")).unwrap())
+        .unwrap_or_else(|e| panic!("{name}/expect.json: {e}"));
+    let work = tempfile::tempdir().unwrap();
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    if dir.join("context").is_dir() {
+        ok(Command::new("cp").arg("-a").arg(dir.join("context/.")).arg(&ctx));
+    }
+    let df = std::fs::read_to_string(dir.join("Dockerfile")).unwrap().replace("{{BASE}}", base);
+    std::fs::write(ctx.join("Dockerfile"), df).unwrap();
+    if expect["busybox_in_context"] == true {
+        std::fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
+    }
+    let oci = work.path().join("oci");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--root"]).arg(work.path().join("root"));
+    cmd.args(["-t", "parity:case"]).arg(format!("--output=type=oci,dest={}", oci.display()));
+    for (k, v) in expect["build_args"].as_object().into_iter().flatten() {
+        cmd.arg("--build-arg").arg(format!("{k}={}", v.as_str().unwrap()));
+    }
+    for (id, v) in expect["secrets"].as_object().into_iter().flatten() {
+        let f = work.path().join(format!("secret-{id}"));
+        std::fs::write(&f, v.as_str().unwrap()).unwrap();
+        cmd.arg("--secret").arg(format!("id={id},src={}", f.display()));
+    }
+    for a in expect["args"].as_array().into_iter().flatten() {
+        cmd.arg(a.as_str().unwrap());
+    }
+    if let Some(t) = expect["target"].as_str() {
+        cmd.args(["--target", t]);
+    }
+    cmd.arg(&ctx);
+    let out = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if let Some(fail) = expect.get("fail") {
+        if out.status.success() {
+            problems.push(format!("{name}: the build should have failed"));
+        }
+        for want in fail["contains"].as_array().into_iter().flatten() {
+            let want = want.as_str().unwrap();
+            if !stderr.contains(want) {
+                problems.push(format!("{name}: error output lacks {want:?}:\n{stderr}"));
+            }
+        }
+        if std::fs::read_dir(work.path().join("root/tmp")).map(|d| d.count()).unwrap_or(0) != 0 {
+            problems.push(format!("{name}: the failed build left files in the store's tmp/"));
+        }
+        return;
+    }
+    if !out.status.success() {
+        problems.push(format!("{name}: build failed:\n{stderr}"));
+        return;
+    }
+    for want in expect["log_contains"].as_array().into_iter().flatten() {
+        if !stderr.contains(want.as_str().unwrap()) {
+            problems.push(format!("{name}: build output lacks {want}:\n{stderr}"));
+        }
+    }
+    let rootfs = umoci_unpack_layout(&oci, "case", work.path());
+    for (path, spec) in expect["files"].as_object().into_iter().flatten() {
+        let p = rootfs.join(path.trim_start_matches('/'));
+        let md = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(format!("{name}: {path}: {e}"));
+                continue;
+            }
+        };
+        let kind = if md.file_type().is_symlink() { "symlink" } else if md.is_dir() { "dir" } else { "file" };
+        if let Some(t) = spec["type"].as_str() {
+            if t != kind {
+                problems.push(format!("{name}: {path} is a {kind}, expected {t}"));
+            }
+        }
+        if let Some(c) = spec["content"].as_str() {
+            let got = std::fs::read_to_string(&p).unwrap_or_default();
+            if got != c {
+                problems.push(format!("{name}: {path} holds {got:?}, expected {c:?}"));
+            }
+        }
+        if let Some(m) = spec["mode"].as_str() {
+            let got = md.permissions().mode() & 0o7777;
+            if got != u32::from_str_radix(m, 8).unwrap() {
+                problems.push(format!("{name}: {path} mode {got:o}, expected {m}"));
+            }
+        }
+        for (k, got) in [("uid", md.uid()), ("gid", md.gid())] {
+            if let Some(want) = spec[k].as_u64() {
+                if got as u64 != want {
+                    problems.push(format!("{name}: {path} {k} {got}, expected {want}"));
+                }
+            }
+        }
+        if let Some(t) = spec["target"].as_str() {
+            let got = std::fs::read_link(&p).map(|l| l.display().to_string()).unwrap_or_default();
+            if got != t {
+                problems.push(format!("{name}: {path} links to {got:?}, expected {t:?}"));
+            }
+        }
+    }
+    for path in expect["absent"].as_array().into_iter().flatten() {
+        let path = path.as_str().unwrap();
+        if std::fs::symlink_metadata(rootfs.join(path.trim_start_matches('/'))).is_ok() {
+            problems.push(format!("{name}: {path} should not exist"));
+        }
+    }
+    if let Some(want) = expect.get("config") {
+        let raw = ok(Command::new("skopeo").args(["inspect", "--config", "--raw"]).arg(format!("oci:{}:case", oci.display())));
+        let config: Value = serde_json::from_str(&raw).unwrap();
+        for (k, v) in want.as_object().unwrap() {
+            let got = &config["config"][k];
+            let matches = match (k.as_str(), v) {
+                // Env: the listed entries must be present (the base's PATH etc. may be too).
+                ("Env", Value::Array(items)) => items.iter().all(|i| got.as_array().map(|a| a.contains(i)).unwrap_or(false)),
+                _ => got == v,
+            };
+            if !matches {
+                problems.push(format!("{name}: config {k} is {got}, expected {v}"));
+            }
+        }
+    }
+    if let Some(n) = expect["layers"].as_u64() {
+        let raw = ok(Command::new("skopeo").args(["inspect", "--config", "--raw"]).arg(format!("oci:{}:case", oci.display())));
+        let config: Value = serde_json::from_str(&raw).unwrap();
+        let got = config["rootfs"]["diff_ids"].as_array().map(|a| a.len()).unwrap_or(0) as u64;
+        if got != n {
+            problems.push(format!("{name}: {got} layers, expected {n}"));
+        }
+    }
+}
+
+#[test]
+fn parity_suite() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let mut cases: Vec<_> = std::fs::read_dir(project().join("testdata/parity")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("expect.json").exists()).collect();
+    cases.sort();
+    assert!(cases.len() >= 10, "parity cases missing: {cases:?}");
+    let mut problems = Vec::new();
+    for c in &cases {
+        check_case(c, &base, &mut problems);
+    }
+    assert!(problems.is_empty(), "{} of {} parity cases failed:\n{}", problems.len(), cases.len(), problems.join("\n\n"));
+}
