@@ -49,6 +49,8 @@ pub struct BuildOptions {
     pub jobs: usize,
     /// `--build-context` values by name: a directory, `docker-image://REF` or `oci-layout://DIR[:TAG]`.
     pub build_contexts: BTreeMap<String, String>,
+    /// `--ssh` agent sockets by id.
+    pub ssh: BTreeMap<String, PathBuf>,
     /// `--secret` sources by id.
     pub secrets: BTreeMap<String, crate::mounts::SecretSource>,
 }
@@ -648,7 +650,20 @@ impl Builder {
                     let target = m.target.clone().unwrap_or_else(|| format!("/run/secrets/{id}"));
                     p.mounts.push(Mount { target, source: MountSource::Bind { source: path, readonly: true } });
                 }
-                _ => bail!("RUN --mount=type={} is not supported yet", m.kind),
+                "ssh" => {
+                    let id = m.id.clone().unwrap_or_else(|| "default".into());
+                    let Some(sock) = self.opts.ssh.get(&id) else {
+                        if m.required == Some(true) {
+                            bail!("ssh agent {id} is not forwarded: pass --ssh {id} (or --ssh {id}=SOCKET)");
+                        }
+                        continue;
+                    };
+                    let target = m.target.clone().unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{}", p.ssh_count));
+                    p.ssh_count += 1;
+                    p.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
+                    p.mounts.push(Mount { target, source: MountSource::Bind { source: sock.clone(), readonly: false } });
+                }
+                _ => bail!("RUN --mount=type={} is not supported", m.kind),
             }
         }
         Ok(p)
@@ -764,6 +779,8 @@ struct PreparedMounts {
     cleanup: Vec<PathBuf>,
     /// Locks of `sharing=locked` cache mounts, held for the step.
     locks: Vec<fs::File>,
+    /// SSH agent mounts so far (they are numbered like BuildKit's).
+    ssh_count: usize,
 }
 
 impl Drop for PreparedMounts {

@@ -120,6 +120,11 @@ pub struct BuildArgs {
     #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
     pub secrets: Vec<String>,
 
+    /// Forward an SSH agent to `RUN --mount=type=ssh` (repeatable): `default` (from
+    /// `$SSH_AUTH_SOCK`), `ID=SOCKET`, or `default=SOCKET`.
+    #[arg(long = "ssh", value_name = "default|ID=SOCKET")]
+    pub ssh: Vec<String>,
+
     /// An extra named context (repeatable): `NAME=DIR` (for `COPY --from=NAME`),
     /// `NAME=docker-image://REF` or `NAME=oci-layout://DIR[:TAG]` (replaces the image NAME in
     /// `FROM` and `COPY --from`).

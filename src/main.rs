@@ -138,6 +138,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         platform: args.platform.clone(),
         secrets: rbuild::mounts::parse_secrets(&args.secrets)?,
         build_contexts: parse_named_contexts(&args.build_contexts)?,
+        ssh: rbuild::mounts::parse_ssh(&args.ssh)?,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -30,6 +30,27 @@ pub fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, SecretSource>>
     Ok(out)
 }
 
+/// Parses `--ssh` values into agent socket paths by id.
+pub fn parse_ssh(specs: &[String]) -> Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let (id, path) = match spec.split_once('=') {
+            Some((id, p)) => (id.to_string(), PathBuf::from(p)),
+            None => {
+                let sock = std::env::var_os("SSH_AUTH_SOCK").ok_or_else(|| anyhow!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {spec}=SOCKET"))?;
+                (spec.clone(), PathBuf::from(sock))
+            }
+        };
+        let md = std::fs::metadata(&path).map_err(|e| anyhow!("--ssh {id}: {}: {e}", path.display()))?;
+        use std::os::unix::fs::FileTypeExt;
+        if !md.file_type().is_socket() {
+            bail!("--ssh {id}: {} is not a socket", path.display());
+        }
+        out.insert(id, path.canonicalize()?);
+    }
+    Ok(out)
+}
+
 /// A parsed `--mount` of a RUN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountSpec {

@@ -132,3 +132,24 @@ EOT\n"
     assert!(std::fs::read_to_string(out.path().join("r/h2")).unwrap().starts_with("script as /dev/pipes/EOT"));
     assert!(!out.path().join("r/dev").exists());
 }
+
+#[test]
+fn ssh_agent_socket_is_forwarded() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo \"$SSH_AUTH_SOCK\" > /agent\nRUN --mount=type=ssh,id=other echo \"${{SSH_AUTH_SOCK:-none}}\" > /not-forwarded\n"),
+    )]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let res = build(root.path(), ctx.path(), &["--ssh", &format!("default={}", sock.display())], &out.path().join("r"));
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(std::fs::read_to_string(out.path().join("r/agent")).unwrap(), "/run/buildkit/ssh_agent.0\n");
+    assert_eq!(std::fs::read_to_string(out.path().join("r/not-forwarded")).unwrap(), "none\n");
+    assert!(!out.path().join("r/run/buildkit").exists());
+}
