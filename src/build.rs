@@ -431,7 +431,7 @@ impl Builder {
                 self.push_layer(fs, key, rec, created_by);
                 Ok(false)
             }
-            Step::Copy { sources, dest, from, chown, chmod, is_add, created_by, link, parents, exclude, .. } => {
+            Step::Copy { sources, dest, from, chown, chmod, is_add, created_by, link, parents, exclude, checksum, keep_git_dir, .. } => {
                 // --link: the layer does not depend on what it lands on.
                 let stack = if *link { LayerStack::default() } else { fs.stack() };
                 let owner = match chown {
@@ -461,11 +461,31 @@ impl Builder {
                 let mut h = rbuild_cache::Hasher::new();
                 let mut selected = Vec::new();
                 let mut inline = Vec::new();
+                let mut downloads = Vec::new();
+                let mut checkouts = Vec::new();
+                let mut cleanup = crate::remote::Cleanup::default();
                 for s in sources {
                     match s {
+                        rbuild_dag::dispatch::CopySource::Path(p) if *is_add && crate::remote::is_git_url(p) => {
+                            let (store, spec, keep, sum) = (self.store.clone(), p.clone(), *keep_git_dir, checksum.clone());
+                            let co = tokio::task::spawn_blocking(move || crate::remote::git_checkout(&store, &spec, keep, sum.as_deref())).await??;
+                            cleanup.0.push(co.dir.clone());
+                            pstep.log(&format!("{p} at {}", co.commit));
+                            h.update(p.as_bytes());
+                            h.update(co.commit.as_bytes());
+                            h.update(&[*keep_git_dir as u8]);
+                            checkouts.push(co);
+                        }
+                        rbuild_dag::dispatch::CopySource::Path(p) if *is_add && crate::remote::is_http_url(p) => {
+                            let d = crate::remote::download(&self.store, p, checksum.as_deref()).await?;
+                            cleanup.0.push(d.path.clone());
+                            h.update(p.as_bytes());
+                            h.update(d.digest.as_str().as_bytes());
+                            downloads.push(d);
+                        }
                         rbuild_dag::dispatch::CopySource::Path(p) => {
-                            if *is_add && (p.starts_with("http://") || p.starts_with("https://") || p.starts_with("git@")) {
-                                bail!("ADD of remote URLs is not supported yet: {p}");
+                            if checksum.is_some() {
+                                bail!("ADD --checksum is only for URLs and git repositories, not {p}");
                             }
                             let sel = source.select(p)?;
                             for one in &sel {
@@ -512,9 +532,23 @@ impl Builder {
                     rbuild_snapshot::apply_layer(reader, &staging.join(dest_dir.join("/")), &rbuild_snapshot::UnpackOptions::default())
                         .map_err(|e| anyhow!("ADD {}: extracting: {e}", a.rel))?;
                 }
-                let n = copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;
-                let m = copy::stage_inline(&staging, &stack, &inline, dest, &attrs)?;
-                pstep.log(&format!("copied {} files", n + m));
+                let mut n = copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;
+                n += copy::stage_inline(&staging, &stack, &inline, dest, &attrs)?;
+                for co in &checkouts {
+                    let src = Source::Context { root: &co.root, ignore: &empty_ignore };
+                    let sel = src.select(".")?;
+                    n += copy::stage_copy(&staging, &stack, &src, &sel, dest, &attrs)?;
+                }
+                for d in &downloads {
+                    // Downloaded files are 0600, as docker makes them, unless --chmod says otherwise.
+                    let content = fs::read(&d.path)?;
+                    let mode = attrs.mode.clone().or(Some(copy::Chmod::Octal(0o600)));
+                    let a = CopyAttrs { owner: attrs.owner, mode, exclude: None, parents: false };
+                    let remote_dest = if downloads.len() > 1 && !dest.ends_with('/') { format!("{dest}/") } else { dest.clone() };
+                    n += copy::stage_bytes(&staging, &stack, &d.name, &content, &remote_dest, &a)?;
+                }
+                drop(cleanup);
+                pstep.log(&format!("copied {n} files"));
                 let rec = self.commit_dir_as_layer(staging, pstep).await?;
                 self.store.put_record(&key, &rec)?;
                 self.push_layer(fs, key, rec, created_by);

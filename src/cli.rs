@@ -54,8 +54,8 @@ pub enum NetworkArg {
 /// Options of `rbuild build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// The build context: a directory, a tar archive (plain, gzip or zstd), or `-` for a tar
-    /// archive or a lone Dockerfile on standard input.
+    /// The build context: a directory, a tar archive (plain, gzip or zstd), an http(s) URL of
+    /// one, or `-` for a tar archive or a lone Dockerfile on standard input.
     pub context: PathBuf,
 
     /// The Dockerfile [default: CONTEXT/Dockerfile].

@@ -605,6 +605,22 @@ pub fn ensure_dir_owned(staging: &Path, image: &LayerStack, comps: &[String], ow
     ensure_parents(staging, image, comps, owner, None)
 }
 
+/// Stages one file given as bytes (a download) named `name` at `dest` (a directory when it
+/// ends with `/` or is one in the image).
+pub fn stage_bytes(staging: &Path, image: &LayerStack, name: &str, content: &[u8], dest: &str, attrs: &CopyAttrs) -> Result<u64, CopyError> {
+    let dest_dir = dest.ends_with('/') || image.resolve(dest, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false);
+    let owner = attrs.owner.unwrap_or((0, 0));
+    let mut comps = clean_components(&image.resolve(dest, true).map(|(p, _, _)| p).unwrap_or_else(|| dest.to_string()));
+    if dest_dir {
+        comps.push(name.to_string());
+    }
+    ensure_parents(staging, image, &comps[..comps.len() - 1], owner, None)?;
+    let target = staging.join(comps.join("/"));
+    fs::write(&target, content).map_err(ioe(&target))?;
+    set_meta(&target, owner.0, owner.1, chmod_apply(attrs.mode.as_ref(), 0o644, false), Some((0, 0)), false)?;
+    Ok(1)
+}
+
 /// Stages heredoc sources (`COPY <<EOF /path`): each becomes a regular file, mode 0644
 /// unless `--chmod` says otherwise.
 pub fn stage_inline(staging: &Path, image: &LayerStack, inline: &[(String, String)], dest: &str, attrs: &CopyAttrs) -> Result<u64, CopyError> {

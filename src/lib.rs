@@ -12,4 +12,5 @@ pub mod mounts;
 pub mod output;
 pub mod progress;
 pub mod registry;
+pub mod remote;
 pub mod rootfs;

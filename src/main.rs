@@ -55,8 +55,9 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     // The context: a directory now; a tar archive or stdin once the store exists to unpack into.
     let context_arg = args.context.clone();
     let from_stdin = context_arg.as_os_str() == "-";
-    let context_is_dir = !from_stdin && context_arg.is_dir();
-    if !from_stdin && !context_is_dir && !context_arg.is_file() {
+    let from_url = rbuild::remote::is_context_url(&context_arg);
+    let context_is_dir = !from_stdin && !from_url && context_arg.is_dir();
+    if !from_stdin && !from_url && !context_is_dir && !context_arg.is_file() {
         bail!("build context {}: no such directory or file", context_arg.display());
     }
     let mut dockerfile = PathBuf::new();
@@ -99,12 +100,19 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         progress.warn("no output given: the image stays in rbuild's store only (use --push or --output)");
     }
     let store = rbuild_cache::Store::open(&root)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut unpacked_context = None;
+    let mut _download = rbuild::remote::Cleanup::default();
     if !context_is_dir {
         let dir = store.temp_dir("context")?;
         unpacked_context = Some(dir.clone());
         let input: Box<dyn std::io::Read + Send> = if from_stdin {
             Box::new(std::io::stdin())
+        } else if from_url {
+            let url = context_arg.to_string_lossy().into_owned();
+            let d = runtime.block_on(rbuild::remote::download(&store, &url, None))?;
+            _download.0.push(d.path.clone());
+            Box::new(std::fs::File::open(&d.path)?)
         } else {
             Box::new(std::fs::File::open(&context_arg).with_context(|| format!("opening {}", context_arg.display()))?)
         };
@@ -141,7 +149,6 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         ssh: rbuild::mounts::parse_ssh(&args.ssh)?,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(build(store.clone(), opts, progress.clone()));
     if let Some(dir) = &unpacked_context {
         let _ = rbuild_cache::remove_tree(dir);

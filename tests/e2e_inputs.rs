@@ -78,3 +78,89 @@ fn named_build_contexts() {
     assert_eq!(std::fs::read_to_string(r.join("ran")).unwrap(), "from a named context\n");
     assert!(r.join("tools-busybox").is_file() && r.join("bin/busybox").is_file());
 }
+
+/// `python3 -m http.server` on a free loopback port, serving `dir`; stopped on drop.
+struct HttpServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl HttpServer {
+    fn serve(dir: &std::path::Path) -> HttpServer {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1", "0"])
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "Serving HTTP on 127.0.0.1 port 41237 (http://127.0.0.1:41237/) ..."
+        let port = line.split("port ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("http.server said {line:?}"));
+        HttpServer { child, url: format!("http://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn add_from_urls_and_git_and_a_context_url() {
+    ensure_tools();
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("file.txt"), "downloaded\n").unwrap();
+    // A git repository, published for git's dumb HTTP protocol.
+    let src = site.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(src.join("docs")).unwrap();
+    std::fs::write(src.join("README"), "readme\n").unwrap();
+    std::fs::write(src.join("docs/guide"), "guide\n").unwrap();
+    let git = |dir: &std::path::Path, args: &[&str]| ok(Command::new("git").args(["-c", "user.email=t@e", "-c", "user.name=t"]).args(args).current_dir(dir));
+    git(&src, &["init", "-q", "-b", "main"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-q", "-m", "one"]);
+    let commit = git(&src, &["rev-parse", "HEAD"]).trim().to_string();
+    git(site.path(), &["clone", "-q", "--bare", "src", "repo.git"]);
+    git(&site.path().join("repo.git"), &["update-server-info"]);
+    // A context tarball.
+    let ctxsrc = context(&[("Dockerfile", "FROM scratch\nCOPY hello /hello\n"), ("hello", "from a context URL\n")]);
+    ok(Command::new("tar").arg("-czf").arg(site.path().join("ctx.tar.gz")).arg("-C").arg(ctxsrc.path()).arg("."));
+    let server = HttpServer::serve(site.path());
+    let u = &server.url;
+    let sum = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"downloaded\n")));
+    let df = format!(
+        "FROM scratch\n\
+         ADD --checksum={sum} {u}/file.txt /dl/\n\
+         ADD {u}/file.txt /renamed.txt\n\
+         ADD {u}/repo.git#main /repo/\n\
+         ADD --checksum={commit} {u}/repo.git#main:docs /docs/\n"
+    );
+    let ctx = context(&[("Dockerfile", &df)]);
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let r = work.path().join("r");
+    ok(rbuild(root.path()).arg(format!("--output=type=local,dest={}", r.display())).arg(ctx.path()));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::read_to_string(r.join("dl/file.txt")).unwrap(), "downloaded\n");
+    assert_eq!(std::fs::metadata(r.join("dl/file.txt")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(r.join("renamed.txt")).unwrap(), "downloaded\n");
+    assert_eq!(std::fs::read_to_string(r.join("repo/README")).unwrap(), "readme\n");
+    assert!(!r.join("repo/.git").exists(), "no .git without --keep-git-dir");
+    assert_eq!(std::fs::read_to_string(r.join("docs/guide")).unwrap(), "guide\n");
+    // A wrong checksum fails, naming the line.
+    let bad = context(&[("Dockerfile", &format!("FROM scratch\nADD --checksum=sha256:{} {u}/file.txt /x\n", "0".repeat(64)))]);
+    let o = run(rbuild(root.path()).arg(bad.path()));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("checksum mismatch") && err.contains("Dockerfile:2"), "{err}");
+    // The context itself from a URL.
+    let r2 = work.path().join("r2");
+    ok(rbuild(root.path()).arg(format!("--output=type=local,dest={}", r2.display())).arg(format!("{u}/ctx.tar.gz")));
+    assert_eq!(std::fs::read_to_string(r2.join("hello")).unwrap(), "from a context URL\n");
+    assert_eq!(std::fs::read_dir(root.path().join("tmp")).unwrap().count(), 0, "downloads and checkouts are cleaned up");
+}
