@@ -160,6 +160,23 @@ impl Builder {
             self.progress.warn(&format!("# check={check} is ignored: rbuild runs no build checks yet"));
         }
         let plan = rbuild_dag::graph::plan(&self.dockerfile, self.opts.target.as_deref(), &self.resolved).map_err(|e| anyhow!("{e}"))?;
+        // Pull every external image the plan names right away, so pulls overlap with execution
+        // instead of waiting for the step that needs them (errors surface where they are used).
+        for ps in &plan.stages {
+            let mut refs = ps.images.clone();
+            if let Base::Image(r) = &ps.base {
+                refs.push(r.clone());
+            }
+            for r in refs {
+                if r.contains('$') || self.named_dir_context(&r).is_some() {
+                    continue; // expanded only at dispatch, or not an image at all
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _ = me.image_fs(&r).await;
+                });
+            }
+        }
         // Every stage of the plan starts at once; each waits only for what it depends on.
         let mut tasks = Vec::new();
         for ps in &plan.stages {
