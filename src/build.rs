@@ -640,26 +640,48 @@ impl Builder {
                     p.mounts.push(Mount { target, source: MountSource::Layers { lowerdirs, subpath, discard_writes: m.rw } });
                 }
                 "cache" => {
-                    if m.from.is_some() {
-                        bail!("RUN --mount=type=cache,from=… is not supported yet");
-                    }
                     let target = m.target.clone().unwrap();
                     let id = m.id.clone().unwrap_or_else(|| target.clone());
-                    let dir = self.store.root().join("mounts/cache").join(Digest::of(id.as_bytes()).hex());
+                    let base = self.store.root().join("mounts/cache").join(Digest::of(id.as_bytes()).hex());
+                    fs::create_dir_all(base.parent().unwrap())?;
+                    // sharing=locked: one step at a time; private: a step that finds the cache
+                    // in use gets an instance of its own; shared: no lock.
+                    let mut dir = base.clone();
+                    match m.sharing.as_str() {
+                        "locked" => {
+                            let lock = fs::OpenOptions::new().create(true).append(true).open(base.with_extension("lock"))?;
+                            let l2 = lock.try_clone()?;
+                            tokio::task::spawn_blocking(move || rustix::fs::flock(&l2, rustix::fs::FlockOperation::LockExclusive)).await??;
+                            p.locks.push(lock);
+                        }
+                        "private" => {
+                            for n in 0.. {
+                                let candidate = if n == 0 { base.clone() } else { base.with_extension(format!("private-{n}")) };
+                                let lock = fs::OpenOptions::new().create(true).append(true).open(candidate.with_extension("lock"))?;
+                                if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
+                                    p.locks.push(lock);
+                                    dir = candidate;
+                                    break;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
                     if !dir.is_dir() {
                         let tmp = self.store.temp_dir("cache-mount")?;
+                        // from=STAGE[,source=PATH]: a new cache starts as a copy of that directory.
+                        if let Some(name) = &m.from {
+                            let from = self.copy_from(name).await?;
+                            let stack = from.stack();
+                            let src = Source::Layers { stack: &stack, name: name.clone() };
+                            let sel = src.select(m.source.as_deref().unwrap_or("/").trim_start_matches('/'))?;
+                            copy::stage_copy(&tmp, &LayerStack::default(), &src, &sel, "/", &CopyAttrs::default())?;
+                        }
                         fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o755)))?;
                         rustix::fs::chown(&tmp, Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))), Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))))?;
-                        fs::create_dir_all(dir.parent().unwrap())?;
                         if fs::rename(&tmp, &dir).is_err() {
-                            let _ = fs::remove_dir(&tmp);
+                            let _ = rbuild_cache::remove_tree(&tmp);
                         }
-                    }
-                    if m.sharing == "locked" {
-                        let lock = fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("lock"))?;
-                        let l2 = lock.try_clone()?;
-                        tokio::task::spawn_blocking(move || rustix::fs::flock(&l2, rustix::fs::FlockOperation::LockExclusive)).await??;
-                        p.locks.push(lock);
                     }
                     p.mounts.push(Mount { target, source: MountSource::Bind { source: dir, readonly: m.readonly } });
                 }
