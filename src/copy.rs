@@ -256,17 +256,21 @@ pub fn join_rel(base: &str, name: &str) -> String {
     }
 }
 
-/// Whether `ADD` extracts this file: a tar archive, plain or compressed with gzip or zstd
+/// Whether `ADD` extracts this file: a tar archive, plain or compressed with gzip, zstd, bzip2 or xz
 /// (a compressed file that is not a tar is copied as is, as docker does). Returns the
 /// compression (`tar`, `gzip`, `zstd`).
 pub fn archive_kind(path: &Path) -> Option<&'static str> {
     let f = fs::File::open(path).ok()?;
-    let mut head = [0u8; 4];
+    let mut head = [0u8; 6];
     let n = fs::File::open(path).and_then(|mut g| g.read(&mut head)).ok()?;
     let kind = if head[..n].starts_with(&[0x1f, 0x8b]) {
         "gzip"
     } else if head[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         "zstd"
+    } else if head[..n].starts_with(b"BZh") {
+        "bzip2"
+    } else if head[..n].starts_with(&[0xfd, b'7', b'z', b'X']) {
+        "xz"
     } else {
         "tar"
     };

@@ -1,24 +1,68 @@
-//! Pulling base images and pushing results, with oci-client; OCI image layouts as sources.
+//! Pulling base images and pushing results with oci-client, and OCI image layouts as sources.
+//!
+//! Nothing a registry sends is trusted: manifests and blobs are hashed as they arrive and
+//! only committed to the store when they match the digest that named them.
 
-use crate::image::{oci_layer_media_type, BuiltImage, LayerDesc, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use crate::image::{
+    oci_layer_media_type, parse_config, BuiltImage, LayerDesc, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
+};
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
-use rbuild_cache::{Digest, Store};
+use oci_spec::image::ImageConfiguration;
+use rbuild_cache::{Digest, Hasher, Store, StoreError};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Errors talking to registries or reading layouts; each names the reference.
+/// Errors talking to registries or reading image layouts; each names the image involved.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The reference does not parse.
-    #[error("invalid image reference {0:?}: {1}")]
-    Reference(String, String),
-    /// The registry refused or could not be reached.
+    #[error("invalid image reference {reference:?}: {message}")]
+    Reference {
+        /// The reference as given.
+        reference: String,
+        /// Why it is invalid.
+        message: String,
+    },
+    /// The registry could not be reached at all.
+    #[error("{reference}: registry {registry} is unreachable: {source}")]
+    Unreachable {
+        /// The image.
+        reference: String,
+        /// `host[:port]`.
+        registry: String,
+        /// The transport error.
+        source: OciDistributionError,
+    },
+    /// The registry refused our credentials (or wants some).
+    #[error("{reference}: registry {registry} denied access while {what} (check the credentials in $DOCKER_CONFIG/config.json): {source}")]
+    Unauthorized {
+        /// The image.
+        reference: String,
+        /// `host[:port]`.
+        registry: String,
+        /// What was being done.
+        what: &'static str,
+        /// The registry's answer.
+        source: OciDistributionError,
+    },
+    /// The manifest (tag or digest) does not exist.
+    #[error("{reference}: not found in registry {registry}: {source}")]
+    NotFound {
+        /// The image.
+        reference: String,
+        /// `host[:port]`.
+        registry: String,
+        /// The registry's answer.
+        source: OciDistributionError,
+    },
+    /// Any other registry failure.
     #[error("{reference}: {what}: {source}")]
     Registry {
         /// The image.
@@ -26,9 +70,31 @@ pub enum RegistryError {
         /// What was being done.
         what: &'static str,
         /// The error.
-        source: oci_client::errors::OciDistributionError,
+        source: OciDistributionError,
     },
-    /// Content did not match its digest, or a document is malformed.
+    /// Content did not hash to the digest that named it.
+    #[error("{reference}: {what} {expected} does not match its digest (got {actual}); nothing was stored")]
+    DigestMismatch {
+        /// The image.
+        reference: String,
+        /// `blob` or `manifest`.
+        what: &'static str,
+        /// The digest we asked for.
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+    },
+    /// No manifest in the index matches the requested platform.
+    #[error("{reference}: no image for platform {wanted}; available: {}", available.join(", "))]
+    Platform {
+        /// The image.
+        reference: String,
+        /// `os/arch` asked for.
+        wanted: String,
+        /// `os/arch[/variant]` of every entry.
+        available: Vec<String>,
+    },
+    /// A document is malformed or inconsistent.
     #[error("{reference}: {message}")]
     Content {
         /// The image.
@@ -36,45 +102,220 @@ pub enum RegistryError {
         /// What is wrong.
         message: String,
     },
+    /// Credentials are configured but could not be obtained.
+    #[error("credentials for registry {registry}: {message}")]
+    Credentials {
+        /// `host[:port]`.
+        registry: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A file (of a layout, or a blob being uploaded) could not be read.
+    #[error("{reference}: {}: {source}", path.display())]
+    Io {
+        /// The image.
+        reference: String,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The store failed.
-    #[error(transparent)]
-    Store(#[from] rbuild_cache::StoreError),
+    #[error("{reference}: {source}")]
+    Store {
+        /// The image.
+        reference: String,
+        /// The store's error.
+        source: StoreError,
+    },
 }
 
 /// How to reach registries.
 #[derive(Debug, Clone)]
 pub struct RegistryOptions {
-    /// `host[:port]` spoken to over plain HTTP.
+    /// `host[:port]` spoken to over plain HTTP (loopback registries always are).
     pub insecure: Vec<String>,
     /// Platform `(os, architecture)` to pick from multi-platform images.
     pub platform: (String, String),
 }
 
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions { insecure: Vec::new(), platform: ("linux".into(), "amd64".into()) }
+    }
+}
+
 /// A base image now in the store.
 #[derive(Debug, Clone)]
 pub struct PulledImage {
-    /// The canonical reference.
+    /// The canonical reference (`docker.io/library/busybox:latest`, or `oci-layout://…`).
     pub reference: String,
     /// Digest of the platform manifest.
     pub manifest_digest: Digest,
+    /// The config, typed.
+    pub config: ImageConfiguration,
     /// Digest of the config blob.
     pub config_digest: Digest,
     /// Layers, bottom first, with diffIDs from the config.
     pub layers: Vec<LayerDesc>,
 }
 
-/// A registry client for one build.
+/// What a pull is doing, for progress display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullEvent {
+    /// The reference resolved to this platform manifest.
+    Resolved {
+        /// Canonical reference.
+        reference: String,
+        /// Platform manifest digest.
+        digest: Digest,
+    },
+    /// A blob was already in the store.
+    Cached {
+        /// The blob.
+        digest: Digest,
+        /// Its size per the manifest.
+        size: u64,
+    },
+    /// A download started.
+    Started {
+        /// The blob.
+        digest: Digest,
+        /// Its size per the manifest.
+        size: u64,
+    },
+    /// A download finished and was verified.
+    Done {
+        /// The blob.
+        digest: Digest,
+        /// Bytes received.
+        size: u64,
+    },
+}
+
+/// What a push is doing, for progress display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushEvent {
+    /// The repository already has the blob.
+    Exists {
+        /// `registry/repository`.
+        repository: String,
+        /// The blob.
+        digest: Digest,
+    },
+    /// An upload started.
+    Started {
+        /// `registry/repository`.
+        repository: String,
+        /// The blob.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+    },
+    /// An upload finished.
+    Done {
+        /// `registry/repository`.
+        repository: String,
+        /// The blob.
+        digest: Digest,
+    },
+    /// A tag now points at the manifest.
+    Tagged {
+        /// The full reference pushed.
+        reference: String,
+        /// The manifest digest.
+        digest: Digest,
+    },
+}
+
+/// A registry client for one build (one HTTP client per registry host).
 pub struct Registry {
     opts: RegistryOptions,
     clients: Mutex<HashMap<String, Client>>,
 }
 
+/// Whether `host[:port]` is a loopback address, spoken to over plain HTTP like Docker does.
 fn is_loopback(host: &str) -> bool {
-    let h = host.rsplit_once(':').map(|(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host }).unwrap_or(host);
-    h == "localhost" || h.starts_with("127.") || h == "[::1]" || h == "::1"
+    let h = match host.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    h == "localhost" || h == "[::1]" || h == "::1" || h.parse::<std::net::Ipv4Addr>().map(|a| a.is_loopback()).unwrap_or(false)
 }
 
 const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+/// Blobs downloaded at once.
+const PULL_CONCURRENCY: usize = 4;
+/// Read size when streaming uploads from the store; bounds the memory a push needs.
+const PUSH_CHUNK: usize = 8 << 20;
+
+/// Parses a reference the way Docker does (`busybox` → `docker.io/library/busybox:latest`).
+pub fn normalize_reference(reference: &str) -> Result<Reference, RegistryError> {
+    reference
+        .parse::<Reference>()
+        .map_err(|e| RegistryError::Reference { reference: reference.to_string(), message: e.to_string() })
+}
+
+/// Classifies an oci-client error so the message says what went wrong in user terms.
+fn classify(reference: &str, registry: &str, what: &'static str, source: OciDistributionError) -> RegistryError {
+    let reference = reference.to_string();
+    let registry = registry.to_string();
+    let text = format!("{source:?}");
+    match &source {
+        OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
+            RegistryError::Unreachable { reference, registry, source }
+        }
+        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
+            RegistryError::Unauthorized { reference, registry, what, source }
+        }
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound { reference, registry, source },
+        OciDistributionError::RegistryError { .. } | OciDistributionError::ServerError { .. } => {
+            if text.contains("ManifestUnknown") || text.contains("NameUnknown") || text.contains("code: 404") {
+                RegistryError::NotFound { reference, registry, source }
+            } else if text.contains("Unauthorized") || text.contains("Denied") || text.contains("code: 401") || text.contains("code: 403") {
+                RegistryError::Unauthorized { reference, registry, what, source }
+            } else {
+                RegistryError::Registry { reference, what, source }
+            }
+        }
+        _ => RegistryError::Registry { reference, what, source },
+    }
+}
+
+/// Credentials for `registry` from `$DOCKER_CONFIG/config.json` (`auths`, `credHelpers`,
+/// `credsStore`); anonymous when nothing is configured for it.
+pub fn credentials(registry: &str) -> Result<RegistryAuth, RegistryError> {
+    use docker_credential::{CredentialRetrievalError as E, DockerCredential};
+    // Docker Hub's credentials are filed under its legacy index URL.
+    let server = match registry {
+        "docker.io" | "index.docker.io" | "registry-1.docker.io" => "https://index.docker.io/v1/",
+        r => r,
+    };
+    let fail = |message: String| RegistryError::Credentials { registry: registry.to_string(), message };
+    match docker_credential::get_credential(server) {
+        Ok(DockerCredential::UsernamePassword(u, p)) => Ok(RegistryAuth::Basic(u, p)),
+        // An identity token goes to the registry as a bearer token (no OAuth2 refresh exchange).
+        Ok(DockerCredential::IdentityToken(t)) => Ok(RegistryAuth::Bearer(t)),
+        Err(E::NoCredentialConfigured | E::ConfigNotFound) => Ok(RegistryAuth::Anonymous),
+        Err(E::ConfigReadError) => {
+            // The crate says the same for "no file" and "bad file"; only the latter is an error.
+            let path = docker_config_dir().map(|d| d.join("config.json"));
+            match path {
+                Some(p) if p.exists() => Err(fail(format!("{} is not a readable docker config", p.display()))),
+                _ => Ok(RegistryAuth::Anonymous),
+            }
+        }
+        Err(E::HelperFailure { helper, stderr, .. }) => Err(fail(format!("credential helper {helper} failed: {}", stderr.trim()))),
+        Err(E::HelperCommunicationError) => Err(fail("the configured credential helper could not be run".into())),
+        Err(e) => Err(fail(format!("{e:?}"))),
+    }
+}
+
+fn docker_config_dir() -> Option<PathBuf> {
+    std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
+}
 
 impl Registry {
     /// A client honouring `opts`.
@@ -89,214 +330,352 @@ impl Registry {
                 let http = is_loopback(registry) || self.opts.insecure.iter().any(|i| i == registry);
                 Client::new(ClientConfig {
                     protocol: if http { ClientProtocol::Http } else { ClientProtocol::Https },
-                    max_concurrent_download: 4,
+                    max_concurrent_download: PULL_CONCURRENCY,
                     ..Default::default()
                 })
             })
             .clone()
     }
 
-    /// Credentials from `$DOCKER_CONFIG/config.json` (auths, credHelpers, credsStore).
-    fn auth(&self, registry: &str) -> RegistryAuth {
-        let server = if registry == "docker.io" || registry == "index.docker.io" { "https://index.docker.io/v1/" } else { registry };
-        match docker_credential::get_credential(server) {
-            Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => RegistryAuth::Basic(u, p),
-            Ok(docker_credential::DockerCredential::IdentityToken(t)) => RegistryAuth::Bearer(t),
-            Err(_) => RegistryAuth::Anonymous,
-        }
-    }
-
-    fn parse(reference: &str) -> Result<Reference, RegistryError> {
-        reference.parse::<Reference>().map_err(|e| RegistryError::Reference(reference.to_string(), e.to_string()))
-    }
-
-    /// Pulls `reference` into the store: manifest (resolving indexes to the platform), config
-    /// and every missing layer, several at once, each verified against its digest.
+    /// [`Registry::pull_with_progress`] without progress.
     pub async fn pull(&self, reference: &str, store: &Store) -> Result<PulledImage, RegistryError> {
-        let r = Self::parse(reference)?;
+        self.pull_with_progress(reference, store, |_| {}).await
+    }
+
+    /// Pulls `reference` into the store: the manifest (an index is resolved to the platform),
+    /// then config and every missing layer, [`PULL_CONCURRENCY`] at once, each streamed to a
+    /// temporary file, verified against its digest and only then committed.
+    pub async fn pull_with_progress(
+        &self,
+        reference: &str,
+        store: &Store,
+        progress: impl Fn(PullEvent) + Send + Sync,
+    ) -> Result<PulledImage, RegistryError> {
+        let r = normalize_reference(reference)?;
         let name = r.whole();
-        let client = self.client(r.resolve_registry());
-        let auth = self.auth(r.resolve_registry());
-        let reg_err = |what: &'static str| {
-            let name = name.clone();
-            move |source| RegistryError::Registry { reference: name, what, source }
-        };
-        let content = |message: String| RegistryError::Content { reference: name.clone(), message };
-        let (bytes, _) = client.pull_manifest_raw(&r, &auth, ACCEPT).await.map_err(reg_err("fetching the manifest"))?;
+        let host = r.resolve_registry().to_string();
+        let client = self.client(&host);
+        let auth = credentials(&host)?;
+        let (bytes, header_digest) =
+            client.pull_manifest_raw(&r, &auth, ACCEPT).await.map_err(|e| classify(&name, &host, "fetching the manifest", e))?;
         let mut digest = Digest::of(&bytes);
-        if let Some(want) = r.digest() {
-            if want != digest.as_str() {
-                return Err(content(format!("manifest digest is {digest}, but the reference pins {want}")));
-            }
-        }
-        let mut doc: Value = serde_json::from_slice(&bytes).map_err(|e| content(format!("manifest is not JSON: {e}")))?;
+        let pinned = r.digest().map(str::to_string).or_else(|| header_digest.starts_with("sha256:").then_some(header_digest));
+        check_manifest_digest(&name, &digest, pinned.as_deref())?;
         let mut manifest_bytes = bytes.to_vec();
+        let mut doc = parse_json(&name, "manifest", &manifest_bytes)?;
         if doc.get("manifests").is_some() {
-            let chosen = self.pick_platform(&doc).map_err(content)?;
-            let r2 = r.clone_with_digest(chosen.clone());
-            let (b2, _) = client.pull_manifest_raw(&r2, &auth, ACCEPT).await.map_err(reg_err("fetching the platform manifest"))?;
+            let chosen = pick_platform(&name, &doc, &self.opts.platform)?;
+            let r2 = r.clone_with_digest(chosen.to_string());
+            let (b2, _) = client
+                .pull_manifest_raw(&r2, &auth, ACCEPT)
+                .await
+                .map_err(|e| classify(&name, &host, "fetching the platform manifest", e))?;
             digest = Digest::of(&b2);
-            if digest.as_str() != chosen {
-                return Err(content(format!("platform manifest digest is {digest}, the index says {chosen}")));
-            }
-            doc = serde_json::from_slice(&b2).map_err(|e| content(format!("manifest is not JSON: {e}")))?;
+            check_manifest_digest(&name, &digest, Some(chosen.as_str()))?;
             manifest_bytes = b2.to_vec();
+            doc = parse_json(&name, "manifest", &manifest_bytes)?;
         }
-        store.put_blob_bytes(&manifest_bytes)?;
-        let (config_digest, layer_descs) = parse_manifest(&doc).map_err(content)?;
-        // Config and layers, at most four downloads at once.
-        let mut wanted = vec![(config_digest.clone(), 0u64)];
-        wanted.extend(layer_descs.iter().map(|(d, _, s)| (d.clone(), *s)));
-        futures_util::stream::iter(wanted.into_iter().filter(|(d, _)| !store.has_blob(d)).map(|(d, _)| {
-            let client = &client;
-            let r = &r;
-            let name = &name;
-            async move {
-                let mut w = store.blob_writer()?;
-                let mut stream = client
-                    .pull_blob_stream(r, d.as_str())
-                    .await
-                    .map_err(|source| RegistryError::Registry { reference: name.clone(), what: "fetching a blob", source })?;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| RegistryError::Content { reference: name.clone(), message: format!("blob {d}: {e}") })?;
-                    w.write_all(&chunk).map_err(|e| RegistryError::Content { reference: name.clone(), message: format!("blob {d}: {e}") })?;
-                }
-                w.commit(Some(&d)).map_err(|e| RegistryError::Content { reference: name.clone(), message: format!("blob {d}: {e}") })?;
+        progress(PullEvent::Resolved { reference: name.clone(), digest: digest.clone() });
+        let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
+        let mut wanted: Vec<(Digest, u64)> = Vec::new();
+        for (d, s) in std::iter::once((&config_desc.0, config_desc.1)).chain(layer_descs.iter().map(|l| (&l.0, l.2))) {
+            if wanted.iter().any(|(w, _)| w == d) {
+                continue;
+            }
+            if store.has_blob(d) {
+                progress(PullEvent::Cached { digest: d.clone(), size: s });
+            } else {
+                wanted.push((d.clone(), s));
+            }
+        }
+        let (client, r, name_ref, progress) = (&client, &r, &name, &progress);
+        let host = &host;
+        futures_util::stream::iter(wanted)
+            .map(|(d, size)| async move {
+                progress(PullEvent::Started { digest: d.clone(), size });
+                let got = fetch_blob(client, r, name_ref, host, &d, size, store).await?;
+                progress(PullEvent::Done { digest: d, size: got });
                 Ok::<(), RegistryError>(())
-            }
-        }))
-        .buffer_unordered(4)
-        .try_collect::<Vec<()>>()
-        .await?;
-        let config: Value = serde_json::from_slice(&store.read_blob(&config_digest)?).map_err(|e| content(format!("config is not JSON: {e}")))?;
-        let layers = with_diff_ids(&config, layer_descs).map_err(content)?;
-        Ok(PulledImage { reference: name.clone(), manifest_digest: digest, config_digest, layers })
+            })
+            .buffer_unordered(PULL_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        // The manifest goes in last, once everything it names is present.
+        store.put_blob_bytes(&manifest_bytes).map_err(|source| RegistryError::Store { reference: name.clone(), source })?;
+        finish_pull(name.clone(), digest, config_desc.0, layer_descs, store)
     }
 
-    fn pick_platform(&self, index: &Value) -> Result<String, String> {
-        let (os, arch) = &self.opts.platform;
-        let mut seen = Vec::new();
-        for m in index["manifests"].as_array().into_iter().flatten() {
-            let p = &m["platform"];
-            let (mos, march) = (p["os"].as_str().unwrap_or(""), p["architecture"].as_str().unwrap_or(""));
-            seen.push(format!("{mos}/{march}"));
-            if mos == os && march == arch {
-                return m["digest"].as_str().map(str::to_string).ok_or_else(|| "index entry without a digest".to_string());
+    /// [`Registry::push_with_progress`] without progress.
+    pub async fn push(&self, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<Digest, RegistryError> {
+        self.push_with_progress(image, store, tags, |_| {}).await
+    }
+
+    /// Pushes `image` under every tag (full references). For each target repository the blobs
+    /// it lacks are uploaded first, streamed from the store; the manifest goes last, for every
+    /// tag, so a tag never points at missing blobs. Returns the manifest digest.
+    pub async fn push_with_progress(
+        &self,
+        image: &BuiltImage,
+        store: &Store,
+        tags: &[String],
+        progress: impl Fn(PushEvent) + Send + Sync,
+    ) -> Result<Digest, RegistryError> {
+        let mut refs = Vec::new();
+        for t in tags {
+            let r = normalize_reference(t)?;
+            if r.digest().is_some() {
+                return Err(RegistryError::Reference { reference: t.clone(), message: "cannot push to a digest reference".into() });
+            }
+            refs.push(r);
+        }
+        let mut blobs: Vec<(Digest, u64)> = Vec::new();
+        for (d, s) in image.layers.iter().map(|l| (&l.digest, l.size)).chain([(&image.config_digest, image.config_bytes.len() as u64)]) {
+            if !blobs.iter().any(|(b, _)| b == d) {
+                blobs.push((d.clone(), s));
             }
         }
-        Err(format!("no image for {os}/{arch} in the index (it has: {})", seen.join(", ")))
-    }
-
-    /// Pushes `image` under every tag: blobs the registry lacks first (streamed from the
-    /// store), the manifest last, so a tag never points at missing blobs.
-    pub async fn push(&self, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<Digest, RegistryError> {
-        for tag in tags {
-            let r = Self::parse(tag)?;
+        // Blobs once per repository, however many tags it gets.
+        let mut repos: BTreeMap<(String, String), &Reference> = BTreeMap::new();
+        for r in &refs {
+            repos.entry((r.resolve_registry().to_string(), r.repository().to_string())).or_insert(r);
+        }
+        for ((host, repo), r) in &repos {
             let name = r.whole();
-            let client = self.client(r.resolve_registry());
-            let auth = self.auth(r.resolve_registry());
-            let reg_err = |what: &'static str| {
-                let name = name.clone();
-                move |source| RegistryError::Registry { reference: name, what, source }
-            };
-            client.auth(&r, &auth, RegistryOperation::Push).await.map_err(reg_err("authenticating"))?;
-            let mut blobs: Vec<(Digest, u64)> = image.layers.iter().map(|l| (l.digest.clone(), l.size)).collect();
-            blobs.push((image.config_digest.clone(), image.config_bytes.len() as u64));
-            for (d, size) in blobs {
-                if client.blob_exists(&r, d.as_str()).await.map_err(reg_err("checking a blob"))? {
+            let repository = format!("{}/{}", r.registry(), repo);
+            let client = self.client(host);
+            let auth = credentials(host)?;
+            client.auth(r, &auth, RegistryOperation::Push).await.map_err(|e| classify(&name, host, "authenticating to push", e))?;
+            for (d, size) in &blobs {
+                if client.blob_exists(r, d.as_str()).await.map_err(|e| classify(&name, host, "checking for a blob", e))? {
+                    progress(PushEvent::Exists { repository: repository.clone(), digest: d.clone() });
                     continue;
                 }
-                let file = tokio::fs::File::open(store.blob_path(&d)).await.map_err(|e| RegistryError::Content {
-                    reference: name.clone(),
-                    message: format!("blob {d} is missing from the store: {e}"),
-                })?;
-                let stream = tokio_util::io::ReaderStream::with_capacity(file, 8 << 20).map_err(|e| oci_client::errors::OciDistributionError::GenericError(Some(e.to_string())));
-                client.push_blob_stream(&r, stream, d.as_str(), Some(size)).await.map_err(reg_err("uploading a blob"))?;
+                progress(PushEvent::Started { repository: repository.clone(), digest: d.clone(), size: *size });
+                let path = store.blob_path(d);
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|source| RegistryError::Io { reference: name.clone(), path: path.clone(), source })?;
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK)
+                    .map_err(|e| OciDistributionError::GenericError(Some(format!("reading blob {d} from the store: {e}"))));
+                client.push_blob_stream(r, stream, d.as_str(), Some(*size)).await.map_err(|e| classify(&name, host, "uploading a blob", e))?;
+                progress(PushEvent::Done { repository: repository.clone(), digest: d.clone() });
             }
-            let ct = http::HeaderValue::from_str(&image.manifest_media_type).expect("media type is a valid header");
-            client.push_manifest_raw(&r, image.manifest_bytes.clone(), ct).await.map_err(reg_err("uploading the manifest"))?;
+        }
+        let ct = http::HeaderValue::from_str(&image.manifest_media_type).map_err(|e| RegistryError::Content {
+            reference: tags.join(", "),
+            message: format!("manifest media type {:?}: {e}", image.manifest_media_type),
+        })?;
+        for r in &refs {
+            let name = r.whole();
+            let host = r.resolve_registry().to_string();
+            let client = self.client(&host);
+            client
+                .push_manifest_raw(r, image.manifest_bytes.clone(), ct.clone())
+                .await
+                .map_err(|e| classify(&name, &host, "uploading the manifest", e))?;
+            progress(PushEvent::Tagged { reference: name, digest: image.manifest_digest.clone() });
         }
         Ok(image.manifest_digest.clone())
     }
 }
 
-/// Config digest and `(digest, media type, size)` of each layer from a manifest.
-fn parse_manifest(doc: &Value) -> Result<(Digest, Vec<(Digest, String, u64)>), String> {
-    let cd = doc["config"]["digest"].as_str().ok_or("manifest has no config digest")?;
-    let config = cd.parse::<Digest>().map_err(|e| e.to_string())?;
+/// Streams one blob from the registry into the store, verifying digest and size.
+async fn fetch_blob(
+    client: &Client,
+    r: &Reference,
+    name: &str,
+    host: &str,
+    d: &Digest,
+    size: u64,
+    store: &Store,
+) -> Result<u64, RegistryError> {
+    let store_err = |source| RegistryError::Store { reference: name.to_string(), source };
+    let mut w = store.blob_writer().map_err(store_err)?;
+    // Our own hash too, so a mismatch reports what actually arrived.
+    let mut h = Hasher::new();
+    let mut got = 0u64;
+    let mut stream = client.pull_blob_stream(r, d.as_str()).await.map_err(|e| classify(name, host, "fetching a blob", e))?;
+    let mismatch = |actual| RegistryError::DigestMismatch { reference: name.to_string(), what: "blob", expected: d.clone(), actual };
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                // oci-client verifies too and fails the stream's end on a mismatch.
+                let actual = h.finish();
+                if &actual != d && (size == 0 || got >= size) {
+                    return Err(mismatch(actual));
+                }
+                return Err(classify(name, host, "fetching a blob", OciDistributionError::IoError(e)));
+            }
+        };
+        got += chunk.len() as u64;
+        if size > 0 && got > size {
+            return Err(RegistryError::Content { reference: name.to_string(), message: format!("blob {d} is larger than the {size} bytes its manifest says") });
+        }
+        h.update(&chunk);
+        w.write_all(&chunk).map_err(|source| RegistryError::Io { reference: name.to_string(), path: store.root().join("tmp"), source })?;
+    }
+    match w.commit(Some(d)) {
+        Ok(_) => Ok(got),
+        Err(StoreError::DigestMismatch { actual, .. }) => Err(mismatch(actual)),
+        Err(e) => Err(store_err(e)),
+    }
+}
+
+fn check_manifest_digest(reference: &str, actual: &Digest, expected: Option<&str>) -> Result<(), RegistryError> {
+    match expected {
+        Some(want) if want != actual.as_str() => Err(RegistryError::DigestMismatch {
+            reference: reference.to_string(),
+            what: "manifest",
+            expected: want.parse().map_err(|e: rbuild_cache::DigestError| RegistryError::Content {
+                reference: reference.to_string(),
+                message: e.to_string(),
+            })?,
+            actual: actual.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn parse_json(reference: &str, what: &str, bytes: &[u8]) -> Result<Value, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Content { reference: reference.to_string(), message: format!("{what} is not JSON: {e}") })
+}
+
+/// The digest of the index entry for `platform`, or an error listing what the index offers.
+fn pick_platform(reference: &str, index: &Value, platform: &(String, String)) -> Result<Digest, RegistryError> {
+    let (os, arch) = platform;
+    let mut available = Vec::new();
+    for m in index["manifests"].as_array().into_iter().flatten() {
+        let p = &m["platform"];
+        let (mos, march) = (p["os"].as_str().unwrap_or("?"), p["architecture"].as_str().unwrap_or("?"));
+        if mos == os && march == arch {
+            return m["digest"].as_str().unwrap_or("").parse().map_err(|e: rbuild_cache::DigestError| RegistryError::Content {
+                reference: reference.to_string(),
+                message: format!("index entry for {os}/{arch}: {e}"),
+            });
+        }
+        let variant = p["variant"].as_str().map(|v| format!("/{v}")).unwrap_or_default();
+        available.push(format!("{mos}/{march}{variant}"));
+    }
+    Err(RegistryError::Platform { reference: reference.to_string(), wanted: format!("{os}/{arch}"), available })
+}
+
+/// `((config digest, size), [(layer digest, media type, size)])` from an image manifest.
+type ManifestBlobs = ((Digest, u64), Vec<(Digest, String, u64)>);
+
+fn parse_manifest(reference: &str, doc: &Value) -> Result<ManifestBlobs, RegistryError> {
+    let bad = |message: String| RegistryError::Content { reference: reference.to_string(), message };
+    let digest = |v: &Value, what: &str| -> Result<Digest, RegistryError> {
+        v["digest"].as_str().ok_or_else(|| bad(format!("manifest: {what} has no digest")))?.parse().map_err(|e: rbuild_cache::DigestError| bad(format!("manifest: {what}: {e}")))
+    };
+    let config = (digest(&doc["config"], "config")?, doc["config"]["size"].as_u64().unwrap_or(0));
     let mut layers = Vec::new();
-    for l in doc["layers"].as_array().ok_or("manifest has no layers list")? {
-        let d = l["digest"].as_str().ok_or("layer without digest")?.parse::<Digest>().map_err(|e| e.to_string())?;
-        let mt = l["mediaType"].as_str().unwrap_or("application/vnd.oci.image.layer.v1.tar+gzip").to_string();
+    for l in doc["layers"].as_array().ok_or_else(|| bad("manifest has no layers list".into()))? {
+        let d = digest(l, "a layer")?;
+        let mt = l["mediaType"].as_str().unwrap_or(crate::image::OCI_LAYER_GZIP).to_string();
         if mt.contains("nondistributable") || mt.contains("foreign") {
-            return Err(format!("layer {d} has media type {mt}, which rbuild does not fetch"));
+            return Err(bad(format!("layer {d} has media type {mt}, which rbuild does not fetch")));
+        }
+        if crate::image::layer_compression(&mt).is_none() {
+            return Err(bad(format!("layer {d} has media type {mt}, which is not a layer tar")));
         }
         layers.push((d, mt, l["size"].as_u64().unwrap_or(0)));
     }
     Ok((config, layers))
 }
 
-fn with_diff_ids(config: &Value, layers: Vec<(Digest, String, u64)>) -> Result<Vec<LayerDesc>, String> {
-    let ids = config["rootfs"]["diff_ids"].as_array().ok_or("config has no rootfs.diff_ids")?;
+/// Reads the stored config and pairs the layers with its diffIDs.
+fn finish_pull(
+    reference: String,
+    manifest_digest: Digest,
+    config_digest: Digest,
+    layers: Vec<(Digest, String, u64)>,
+    store: &Store,
+) -> Result<PulledImage, RegistryError> {
+    let bad = |message: String| RegistryError::Content { reference: reference.clone(), message };
+    let bytes = store.read_blob(&config_digest).map_err(|source| RegistryError::Store { reference: reference.clone(), source })?;
+    let config = parse_config(&bytes, &format!("config {config_digest}")).map_err(|e| bad(e.to_string()))?;
+    let ids = config.rootfs().diff_ids();
     if ids.len() != layers.len() {
-        return Err(format!("config lists {} diff_ids but the manifest {} layers", ids.len(), layers.len()));
+        return Err(bad(format!("config lists {} diff_ids but the manifest {} layers", ids.len(), layers.len())));
     }
-    layers
+    let layers = layers
         .into_iter()
         .zip(ids)
         .map(|((digest, mt, size), id)| {
-            let diff_id = id.as_str().ok_or("diff_id is not a string")?.parse::<Digest>().map_err(|e| e.to_string())?;
+            let diff_id = id.parse::<Digest>().map_err(|e| bad(format!("config diff_id: {e}")))?;
             Ok(LayerDesc { digest, diff_id, size, media_type: oci_layer_media_type(&mt) })
         })
-        .collect()
+        .collect::<Result<Vec<_>, RegistryError>>()?;
+    Ok(PulledImage { reference, manifest_digest, config, config_digest, layers })
 }
 
-/// Reads an OCI image layout (`FROM oci-layout://DIR[:TAG]`) into the store, verifying every
-/// blob it copies.
+/// Reads an OCI image layout (`FROM oci-layout://DIR[:TAG]`) into the store for linux/amd64;
+/// see [`load_oci_layout_for`].
 pub fn load_oci_layout(dir: &Path, tag: Option<&str>, store: &Store) -> Result<PulledImage, RegistryError> {
+    load_oci_layout_for(dir, tag, &RegistryOptions::default().platform, store)
+}
+
+/// Reads an OCI image layout into the store: the image whose `org.opencontainers.image.ref.name`
+/// is `tag` (or the only one when no tag is given), an index resolved to `platform`, and every
+/// blob copied in with its digest verified.
+pub fn load_oci_layout_for(dir: &Path, tag: Option<&str>, platform: &(String, String), store: &Store) -> Result<PulledImage, RegistryError> {
     let reference = format!("oci-layout://{}{}", dir.display(), tag.map(|t| format!(":{t}")).unwrap_or_default());
-    let content = |message: String| RegistryError::Content { reference: reference.clone(), message };
-    let read_blob = |d: &Digest| -> Result<Vec<u8>, RegistryError> {
-        let p = dir.join("blobs").join(d.algorithm()).join(d.hex());
-        let bytes = std::fs::read(&p).map_err(|e| content(format!("{}: {e}", p.display())))?;
-        if &Digest::of(&bytes) != d {
-            return Err(content(format!("blob {d} does not match its digest")));
+    let bad = |message: String| RegistryError::Content { reference: reference.clone(), message };
+    let io = |path: PathBuf| {
+        let reference = reference.clone();
+        move |source| RegistryError::Io { reference, path, source }
+    };
+    let blob_path = |d: &Digest| dir.join("blobs").join(d.algorithm()).join(d.hex());
+    let read_small = |d: &Digest| -> Result<Vec<u8>, RegistryError> {
+        let p = blob_path(d);
+        let bytes = std::fs::read(&p).map_err(io(p.clone()))?;
+        let actual = Digest::of(&bytes);
+        if &actual != d {
+            return Err(RegistryError::DigestMismatch { reference: reference.clone(), what: "blob", expected: d.clone(), actual });
         }
         Ok(bytes)
     };
-    let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).map_err(|e| content(format!("index.json: {e}")))?)
-        .map_err(|e| content(format!("index.json: {e}")))?;
+    let index_path = dir.join("index.json");
+    let index = parse_json(&reference, "index.json", &std::fs::read(&index_path).map_err(io(index_path.clone()))?)?;
     let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
     let desc = match tag {
-        Some(t) => manifests.iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t)),
-        None if manifests.len() == 1 => manifests.first(),
-        None => return Err(content(format!("the layout holds {} images; name one with :TAG", manifests.len()))),
+        Some(t) => manifests
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t))
+            .ok_or_else(|| bad(format!("no image tagged {t:?} in the layout")))?,
+        None if manifests.len() == 1 => &manifests[0],
+        None => return Err(bad(format!("the layout holds {} images; name one with :TAG", manifests.len()))),
+    };
+    let mut d: Digest = desc["digest"].as_str().unwrap_or("").parse().map_err(|e: rbuild_cache::DigestError| bad(e.to_string()))?;
+    let mut bytes = read_small(&d)?;
+    let mut doc = parse_json(&reference, "manifest", &bytes)?;
+    // An index may nest an index; two levels is plenty in practice.
+    for _ in 0..2 {
+        if doc.get("manifests").is_none() {
+            break;
+        }
+        d = pick_platform(&reference, &doc, platform)?;
+        bytes = read_small(&d)?;
+        doc = parse_json(&reference, "manifest", &bytes)?;
     }
-    .ok_or_else(|| content(format!("no image tagged {:?} in the layout", tag.unwrap_or(""))))?;
-    let mut d: Digest = desc["digest"].as_str().unwrap_or("").parse().map_err(|e: rbuild_cache::DigestError| content(e.to_string()))?;
-    let mut doc: Value = serde_json::from_slice(&read_blob(&d)?).map_err(|e| content(e.to_string()))?;
-    if doc.get("manifests").is_some() {
-        let m = doc["manifests"]
-            .as_array()
-            .and_then(|a| a.iter().find(|m| m["platform"]["architecture"] == "amd64" || m["platform"].is_null()))
-            .ok_or_else(|| content("no linux/amd64 image in the nested index".into()))?;
-        d = m["digest"].as_str().unwrap_or("").parse().map_err(|e: rbuild_cache::DigestError| content(e.to_string()))?;
-        doc = serde_json::from_slice(&read_blob(&d)?).map_err(|e| content(e.to_string()))?;
-    }
-    let manifest_bytes = read_blob(&d)?;
-    store.put_blob_bytes(&manifest_bytes)?;
-    let (config_digest, layer_descs) = parse_manifest(&doc).map_err(content)?;
-    for blob in std::iter::once(&config_digest).chain(layer_descs.iter().map(|l| &l.0)) {
+    let (config, layers) = parse_manifest(&reference, &doc)?;
+    for blob in std::iter::once(&config.0).chain(layers.iter().map(|l| &l.0)) {
         if store.has_blob(blob) {
             continue;
         }
-        let p = dir.join("blobs").join(blob.algorithm()).join(blob.hex());
-        let f = std::fs::File::open(&p).map_err(|e| content(format!("{}: {e}", p.display())))?;
-        rbuild_cache::copy_into_blob(store, f, Some(blob))?;
+        let p = blob_path(blob);
+        let f = std::fs::File::open(&p).map_err(io(p.clone()))?;
+        match rbuild_cache::copy_into_blob(store, f, Some(blob)) {
+            Ok(_) => {}
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                return Err(RegistryError::DigestMismatch { reference: reference.clone(), what: "blob", expected, actual })
+            }
+            Err(source) => return Err(RegistryError::Store { reference: reference.clone(), source }),
+        }
     }
-    let config: Value = serde_json::from_slice(&store.read_blob(&config_digest)?).map_err(|e| content(e.to_string()))?;
-    let layers = with_diff_ids(&config, layer_descs).map_err(content)?;
-    Ok(PulledImage { reference, manifest_digest: d, config_digest, layers })
+    store.put_blob_bytes(&bytes).map_err(|source| RegistryError::Store { reference: reference.clone(), source })?;
+    finish_pull(reference.clone(), d, config.0, layers, store)
 }
 
 #[cfg(test)]
@@ -307,32 +686,59 @@ mod tests {
     fn credentials_come_from_docker_config() {
         let t = tempfile::tempdir().unwrap();
         // base64("alice:s3cret")
-        std::fs::write(t.path().join("config.json"), r#"{"auths": {"reg.example:5000": {"auth": "YWxpY2U6czNjcmV0"}}}"#).unwrap();
+        std::fs::write(
+            t.path().join("config.json"),
+            r#"{"auths": {"reg.example:5000": {"auth": "YWxpY2U6czNjcmV0"}, "https://tok.example": {"identitytoken": "tkn"}},
+                "credHelpers": {"helped.example": "rbuild-test-missing-helper"}}"#,
+        )
+        .unwrap();
         std::env::set_var("DOCKER_CONFIG", t.path());
-        let r = Registry::new(RegistryOptions { insecure: vec![], platform: ("linux".into(), "amd64".into()) });
-        match r.auth("reg.example:5000") {
+        match credentials("reg.example:5000").unwrap() {
             RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cret")),
             other => panic!("expected basic auth, got {other:?}"),
         }
-        assert!(matches!(r.auth("other.example"), RegistryAuth::Anonymous));
+        assert!(matches!(credentials("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "tkn"));
+        assert!(matches!(credentials("other.example").unwrap(), RegistryAuth::Anonymous));
+        let err = credentials("helped.example").unwrap_err().to_string();
+        assert!(err.contains("helped.example"), "{err}");
+        std::env::set_var("DOCKER_CONFIG", t.path().join("absent"));
+        assert!(matches!(credentials("reg.example:5000").unwrap(), RegistryAuth::Anonymous));
     }
 
     #[test]
     fn loopback_detection() {
         assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("127.1.2.3"));
         assert!(is_loopback("localhost"));
+        assert!(is_loopback("localhost:5000"));
         assert!(is_loopback("[::1]:5000"));
         assert!(!is_loopback("registry.example:5000"));
+        assert!(!is_loopback("127.example.com"));
+    }
+
+    #[test]
+    fn references_normalize_like_docker() {
+        let w = |s: &str| normalize_reference(s).unwrap().whole();
+        assert_eq!(w("busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(w("user/app:1"), "docker.io/user/app:1");
+        assert_eq!(w("127.0.0.1:5000/busybox"), "127.0.0.1:5000/busybox:latest");
+        let pinned = "127.0.0.1:5000/busybox@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        assert_eq!(normalize_reference(pinned).unwrap().digest(), Some(&pinned[pinned.len() - 71..]));
+        assert_eq!(normalize_reference("busybox").unwrap().resolve_registry(), "index.docker.io");
+        assert!(normalize_reference("UPPER/case").is_err());
     }
 
     #[test]
     fn platform_choice_names_what_exists() {
-        let r = Registry::new(RegistryOptions { insecure: vec![], platform: ("linux".into(), "amd64".into()) });
+        let a = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let b = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+        let p = ("linux".to_string(), "amd64".to_string());
         let idx = serde_json::json!({"manifests": [
-            {"digest": "sha256:aa", "platform": {"os": "linux", "architecture": "arm64"}},
-            {"digest": "sha256:bb", "platform": {"os": "linux", "architecture": "amd64"}}]});
-        assert_eq!(r.pick_platform(&idx).unwrap(), "sha256:bb");
-        let idx = serde_json::json!({"manifests": [{"digest": "sha256:aa", "platform": {"os": "linux", "architecture": "arm64"}}]});
-        assert!(r.pick_platform(&idx).unwrap_err().contains("linux/arm64"));
+            {"digest": a, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            {"digest": b, "platform": {"os": "linux", "architecture": "amd64"}}]});
+        assert_eq!(pick_platform("x", &idx, &p).unwrap().as_str(), b);
+        let idx = serde_json::json!({"manifests": [{"digest": a, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}]});
+        let err = pick_platform("reg/x:1", &idx, &p).unwrap_err().to_string();
+        assert!(err.contains("linux/arm64/v8") && err.contains("linux/amd64") && err.contains("reg/x:1"), "{err}");
     }
 }

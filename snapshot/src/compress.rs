@@ -151,7 +151,7 @@ pub fn write_layer_blob(dir: &Path, dest_file: &Path, compression: Compression, 
 }
 
 /// Wraps a layer blob reader in the right decompressor, sniffed from its first bytes
-/// (gzip, zstd, or a plain tar).
+/// (gzip, zstd, bzip2, xz, or a plain tar).
 pub fn decompress<R: Read + Send + 'static>(r: R) -> io::Result<Box<dyn Read + Send>> {
     let mut br = BufReader::with_capacity(CHUNK, r);
     let head = br.fill_buf()?;
@@ -159,6 +159,10 @@ pub fn decompress<R: Read + Send + 'static>(r: R) -> io::Result<Box<dyn Read + S
         Ok(Box::new(flate2::bufread::MultiGzDecoder::new(br)))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Ok(Box::new(zstd::stream::read::Decoder::with_buffer(br)?))
+    } else if head.starts_with(b"BZh") {
+        Ok(Box::new(bzip2::bufread::MultiBzDecoder::new(br)))
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        Ok(Box::new(lzma_rust2::XzReader::new(br, true)))
     } else {
         Ok(Box::new(br))
     }
