@@ -1,12 +1,65 @@
 //! Where a built image goes besides a registry: an OCI image layout, a `docker load` archive,
 //! or its root filesystem in a directory.
 
-use crate::image::{canonical, BuiltImage, OCI_MANIFEST};
-use anyhow::{bail, Context, Result};
-use rbuild_cache::{write_file_atomic, Digest, Store};
+use crate::image::{canonical, BuiltImage, OCI_INDEX, OCI_MANIFEST};
+use rbuild_cache::{write_file_atomic, Digest, Store, StoreError};
 use serde_json::json;
 use std::fs;
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Errors writing an output; each names the destination and, where one is involved, the blob.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// An I/O error on the destination.
+    #[error("output {}: {what}: {source}", dest.display())]
+    Io {
+        /// The output's path.
+        dest: PathBuf,
+        /// What was being done (names the blob when copying one).
+        what: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The destination exists and cannot be used.
+    #[error("output {}: {message}", dest.display())]
+    Destination {
+        /// The output's path.
+        dest: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// Applying a layer for `type=local` failed.
+    #[error("output {}: applying layer {layer}: {message}", dest.display())]
+    Layer {
+        /// The output's path.
+        dest: PathBuf,
+        /// The layer's blob digest.
+        layer: Digest,
+        /// The error.
+        message: String,
+    },
+    /// The store failed.
+    #[error("output {}: {source}", dest.display())]
+    Store {
+        /// The output's path.
+        dest: PathBuf,
+        /// The store's error.
+        source: StoreError,
+    },
+}
+
+type Result<T> = std::result::Result<T, OutputError>;
+
+fn io_at(dest: &Path, what: impl Into<String>) -> impl FnOnce(io::Error) -> OutputError {
+    let (dest, what) = (dest.to_path_buf(), what.into());
+    move |source| OutputError::Io { dest, what, source }
+}
+
+fn store_at(dest: &Path) -> impl FnOnce(StoreError) -> OutputError {
+    let dest = dest.to_path_buf();
+    move |source| OutputError::Store { dest, source }
+}
 
 /// The tag part of a reference (`reg:5000/app:v1` → `v1`, `app` → `latest`).
 pub fn tag_of(reference: &str) -> String {
@@ -33,11 +86,12 @@ fn blobs_of(image: &BuiltImage) -> Vec<Digest> {
 }
 
 /// Writes (or adds to) an OCI image layout at `dir`; every tag becomes an `index.json` entry
-/// named by its tag part. Blobs are hard-linked from the store where possible; `index.json`
-/// is written last and atomically.
+/// named by its tag part (one unnamed entry when there are no tags). Blobs are hard-linked
+/// from the store where possible, else copied through a temporary name; `index.json` is
+/// written last and atomically, so a failure never leaves it naming missing blobs.
 pub fn write_oci_layout(dir: &Path, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<()> {
     let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
+    fs::create_dir_all(&blobs).map_err(io_at(dir, "creating blobs/sha256"))?;
     for d in blobs_of(image) {
         let dest = blobs.join(d.hex());
         if dest.exists() {
@@ -45,21 +99,28 @@ pub fn write_oci_layout(dir: &Path, image: &BuiltImage, store: &Store, tags: &[S
         }
         let src = store.blob_path(&d);
         if fs::hard_link(&src, &dest).is_err() {
-            let tmp = blobs.join(format!(".{}.tmp", d.hex()));
-            fs::copy(&src, &tmp).with_context(|| format!("copying blob {d} to {}", dir.display()))?;
-            fs::rename(&tmp, &dest)?;
+            // Another filesystem, most likely: copy, then rename so no partial blob has the name.
+            let tmp = blobs.join(format!(".{}.tmp-{}", d.hex(), std::process::id()));
+            let res = fs::copy(&src, &tmp).and_then(|_| fs::File::open(&tmp)?.sync_all()).and_then(|_| fs::rename(&tmp, &dest));
+            if let Err(e) = res {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_at(dir, format!("copying blob {d}"))(e));
+            }
         }
     }
-    write_file_atomic(&dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    write_file_atomic(&dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(store_at(dir))?;
     let index_path = dir.join("index.json");
     let mut manifests: Vec<serde_json::Value> = match fs::read(&index_path) {
         Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
-            .with_context(|| format!("{}: existing index.json is not JSON", index_path.display()))?["manifests"]
+            .map_err(|e| OutputError::Destination { dest: dir.to_path_buf(), message: format!("existing index.json is not JSON: {e}") })?
+            ["manifests"]
             .as_array()
             .cloned()
             .unwrap_or_default(),
-        Err(_) => Vec::new(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_at(dir, "reading index.json")(e)),
     };
+    // Tags written now replace entries of the same name; other images in the layout stay.
     let names: Vec<String> = tags.iter().map(|t| tag_of(t)).collect();
     manifests.retain(|m| {
         let n = m["annotations"]["org.opencontainers.image.ref.name"].as_str().map(str::to_string);
@@ -78,91 +139,120 @@ pub fn write_oci_layout(dir: &Path, image: &BuiltImage, store: &Store, tags: &[S
     for n in &names {
         manifests.push(desc(Some(n)));
     }
-    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
-    write_file_atomic(&index_path, &canonical(&index))?;
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
+    write_file_atomic(&index_path, &canonical(&index)).map_err(store_at(dir))?;
     Ok(())
 }
 
-/// Writes a `docker load` / `podman load` archive (which is also an OCI layout) to `path`,
-/// streaming blobs from the store into a temporary file renamed into place at the end.
+fn tar_header(size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    h
+}
+
+/// Writes a `docker load` / `podman load` archive to `path`: `manifest.json`, `repositories`,
+/// and an OCI layout (`oci-layout`, `index.json`, `blobs/sha256/…`) like `docker save` 25+.
+/// Blobs are streamed from the store into a temporary file that is renamed into place at the end.
 pub fn write_docker_archive(path: &Path, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<()> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(parent)?;
-    let tmp = parent.join(format!(".{}.tmp-{}", path.file_name().and_then(|s| s.to_str()).unwrap_or("image.tar"), std::process::id()));
-    let res = (|| -> Result<()> {
-        let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut b = tar::Builder::new(std::io::BufWriter::new(file));
-        let mut add = |name: &str, bytes: &[u8]| -> Result<()> {
-            let mut h = tar::Header::new_ustar();
-            h.set_size(bytes.len() as u64);
-            h.set_mode(0o644);
-            h.set_mtime(0);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_cksum();
-            b.append_data(&mut h, name, bytes)?;
-            Ok(())
-        };
-        add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-        let repo_tags: Vec<String> = tags.iter().map(|t| with_tag(t)).collect();
-        let manifest = json!([{
-            "Config": format!("blobs/sha256/{}", image.config_digest.hex()),
-            "RepoTags": repo_tags,
-            "Layers": image.layers.iter().map(|l| format!("blobs/sha256/{}", l.digest.hex())).collect::<Vec<_>>(),
-        }]);
-        add("manifest.json", &canonical(&manifest))?;
-        let mut descs = Vec::new();
-        for t in &repo_tags {
-            descs.push(json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len(),
-                "annotations": {"io.containerd.image.name": t, "org.opencontainers.image.ref.name": tag_of(t)}}));
-        }
-        if descs.is_empty() {
-            descs.push(json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()}));
-        }
-        add("index.json", &canonical(&json!({"schemaVersion": 2, "manifests": descs})))?;
-        drop(add);
-        let mut seen = std::collections::HashSet::new();
-        for d in blobs_of(image) {
-            if !seen.insert(d.clone()) {
-                continue;
-            }
-            let p = store.blob_path(&d);
-            let mut f = fs::File::open(&p).with_context(|| format!("blob {d} missing from the store"))?;
-            let len = f.metadata()?.len();
-            let mut h = tar::Header::new_ustar();
-            h.set_size(len);
-            h.set_mode(0o644);
-            h.set_mtime(0);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_cksum();
-            b.append_data(&mut h, format!("blobs/sha256/{}", d.hex()), &mut f)?;
-        }
-        let w = b.into_inner()?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(())
-    })();
+    fs::create_dir_all(parent).map_err(io_at(path, "creating its directory"))?;
+    let file_name = path.file_name().and_then(|s| s.to_str()).unwrap_or("image.tar");
+    let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let res = write_archive_to(&tmp, path, image, store, tags);
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    fs::rename(&tmp, path).map_err(io_at(path, "renaming the finished archive into place"))?;
     Ok(())
 }
 
-/// Writes the image's root filesystem to `dir` (which must be empty or absent).
+fn write_archive_to(tmp: &Path, dest: &Path, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<()> {
+    let io = |what: &str| io_at(dest, what.to_string());
+    let file = fs::File::create(tmp).map_err(io("creating a temporary file"))?;
+    let mut b = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, file));
+    let add = |b: &mut tar::Builder<io::BufWriter<fs::File>>, name: &str, bytes: &[u8]| {
+        let mut h = tar_header(bytes.len() as u64);
+        b.append_data(&mut h, name, bytes).map_err(io_at(dest, format!("writing {name}")))
+    };
+    add(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let repo_tags: Vec<String> = tags.iter().map(|t| with_tag(t)).collect();
+    let manifest = json!([{
+        "Config": format!("blobs/sha256/{}", image.config_digest.hex()),
+        "RepoTags": repo_tags,
+        "Layers": image.layers.iter().map(|l| format!("blobs/sha256/{}", l.digest.hex())).collect::<Vec<_>>(),
+    }]);
+    add(&mut b, "manifest.json", &canonical(&manifest))?;
+    // Legacy `repositories`: repository → tag → top layer ID (docker save's layer IDs are the
+    // layer blob hex in the OCI-layout form of the archive).
+    if let Some(top) = image.layers.last() {
+        let mut repos = serde_json::Map::new();
+        for t in &repo_tags {
+            let (repo, tag) = split_tag(t);
+            let entry = repos.entry(repo.to_string()).or_insert_with(|| json!({}));
+            entry[tag] = json!(top.digest.hex());
+        }
+        add(&mut b, "repositories", &canonical(&serde_json::Value::Object(repos)))?;
+    }
+    let mut descs = Vec::new();
+    for t in &repo_tags {
+        descs.push(json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len(),
+            "annotations": {"io.containerd.image.name": t, "org.opencontainers.image.ref.name": tag_of(t)}}));
+    }
+    if descs.is_empty() {
+        descs.push(json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()}));
+    }
+    add(&mut b, "index.json", &canonical(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs})))?;
+    let mut seen = std::collections::HashSet::new();
+    for d in blobs_of(image) {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        let mut f = store.open_blob(&d).map_err(store_at(dest))?;
+        let len = f.metadata().map_err(io_at(dest, format!("reading blob {d}")))?.len();
+        let mut h = tar_header(len);
+        b.append_data(&mut h, format!("blobs/sha256/{}", d.hex()), &mut f).map_err(io_at(dest, format!("writing blob {d}")))?;
+    }
+    let w = b.into_inner().map_err(io("finishing the tar"))?;
+    let file = w.into_inner().map_err(|e| io_at(dest, "flushing")(e.into_error()))?;
+    file.sync_all().map_err(io("syncing"))?;
+    Ok(())
+}
+
+/// `repo:tag` → (`repo`, `tag`), minding a registry port.
+fn split_tag(reference: &str) -> (&str, &str) {
+    let slash = reference.rfind('/').map(|i| i + 1).unwrap_or(0);
+    match reference[slash..].find(':') {
+        Some(i) => (&reference[..slash + i], &reference[slash + i + 1..]),
+        None => (reference, "latest"),
+    }
+}
+
+/// Writes the image's root filesystem to `dir` (which must be empty or absent): every layer
+/// applied in order, whiteouts honoured.
 pub fn write_local(dir: &Path, image: &BuiltImage, store: &Store) -> Result<()> {
-    if dir.exists() && fs::read_dir(dir)?.next().is_some() {
-        bail!("{}: destination of type=local must be empty", dir.display());
+    if dir.exists() && fs::read_dir(dir).map_err(io_at(dir, "listing"))?.next().is_some() {
+        return Err(OutputError::Destination { dest: dir.to_path_buf(), message: "destination of type=local must be empty".into() });
     }
-    fs::create_dir_all(dir)?;
+    fs::create_dir_all(dir).map_err(io_at(dir, "creating"))?;
     for l in &image.layers {
-        let f = store.open_blob(&l.digest)?;
-        let r = rbuild_snapshot::decompress(std::io::BufReader::new(f))?;
-        rbuild_snapshot::apply_layer(r, dir, &rbuild_snapshot::UnpackOptions::default())
-            .with_context(|| format!("applying layer {} to {}", l.digest, dir.display()))?;
+        apply_one(dir, store, &l.digest)
+            .map_err(|message| OutputError::Layer { dest: dir.to_path_buf(), layer: l.digest.clone(), message })?;
     }
+    Ok(())
+}
+
+/// Applies one layer blob through rbuild-snapshot (decompression sniffed from the content).
+fn apply_one(dir: &Path, store: &Store, digest: &Digest) -> std::result::Result<(), String> {
+    let f = store.open_blob(digest).map_err(|e| e.to_string())?;
+    let r = rbuild_snapshot::decompress(io::BufReader::new(f)).map_err(|e| e.to_string())?;
+    rbuild_snapshot::apply_layer(r, dir, &rbuild_snapshot::UnpackOptions::default()).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -175,5 +265,7 @@ mod tests {
         assert_eq!(tag_of("127.0.0.1:5000/app:v1"), "v1");
         assert_eq!(tag_of("127.0.0.1:5000/app"), "latest");
         assert_eq!(with_tag("127.0.0.1:5000/app"), "127.0.0.1:5000/app:latest");
+        assert_eq!(split_tag("127.0.0.1:5000/app:v1"), ("127.0.0.1:5000/app", "v1"));
+        assert_eq!(split_tag("127.0.0.1:5000/app"), ("127.0.0.1:5000/app", "latest"));
     }
 }

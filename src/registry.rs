@@ -455,8 +455,9 @@ impl Registry {
                 let file = tokio::fs::File::open(&path)
                     .await
                     .map_err(|source| RegistryError::Io { reference: name.clone(), path: path.clone(), source })?;
+                let shown = d.to_string();
                 let stream = tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK)
-                    .map_err(|e| OciDistributionError::GenericError(Some(format!("reading blob {d} from the store: {e}"))));
+                    .map_err(move |e| OciDistributionError::GenericError(Some(format!("reading blob {shown} from the store: {e}"))));
                 client.push_blob_stream(r, stream, d.as_str(), Some(*size)).await.map_err(|e| classify(&name, host, "uploading a blob", e))?;
                 progress(PushEvent::Done { repository: repository.clone(), digest: d.clone() });
             }
