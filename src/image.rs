@@ -284,10 +284,10 @@ mod tests {
         let mut a = serde_json::Map::new();
         let mut b = serde_json::Map::new();
         for (k, v) in [("z", 1), ("a", 2), ("m", 3)] {
-            a.insert(k.into(), json!(v));
+            a.insert(k.into(), json!(v.to_string()));
         }
         for (k, v) in [("m", 3), ("z", 1), ("a", 2)] {
-            b.insert(k.into(), json!(v));
+            b.insert(k.into(), json!(v.to_string()));
         }
         let base = |labels| {
             json!({"architecture": "amd64", "os": "linux", "config": {"Labels": labels, "Healthcheck": {"Test": ["NONE"]}},
