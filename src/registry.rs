@@ -265,6 +265,12 @@ fn classify(reference: &str, registry: &str, what: &'static str, source: OciDist
         OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
             RegistryError::Unreachable { reference, registry, source }
         }
+        OciDistributionError::RequestError(e) if matches!(e.status().map(|s| s.as_u16()), Some(401 | 403)) => {
+            RegistryError::Unauthorized { reference, registry, what, source }
+        }
+        OciDistributionError::RequestError(e) if e.status().map(|s| s.as_u16()) == Some(404) => {
+            RegistryError::NotFound { reference, registry, source }
+        }
         OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
             RegistryError::Unauthorized { reference, registry, what, source }
         }
