@@ -202,6 +202,11 @@ async fn assembled_image_pushes_under_two_tags_and_writes_every_output() {
     for want in ["manifest.json", "repositories", "index.json", "oci-layout"] {
         assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
+    if Command::new("podman").arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
+        let loaded = ok(Command::new("podman").args(["load", "-i"]).arg(&archive));
+        assert!(loaded.contains(&v1) || loaded.contains(image.config_digest.hex()), "podman load: {loaded}");
+        let _ = Command::new("podman").args(["image", "rm", "-f", &v1]).output();
+    }
     // The archive is an OCI layout too.
     let info = skopeo_json(&[&format!("oci-archive:{}:v1", archive.display())]);
     assert_eq!(info["Digest"], image.manifest_digest.to_string());
@@ -283,4 +288,51 @@ async fn testbed_oci_layout_loads_with_verified_blobs() {
     }
     let err = load_oci_layout(&dir, Some("missing"), &store).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_v2_manifests_and_indexes_resolve_to_the_platform() {
+    let reg = TestRegistry::start();
+    let base = reg.with_busybox();
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(t.path()).unwrap();
+
+    // A Docker schema 2 copy: its gzip layers come back with OCI media types.
+    let v2 = format!("{}/busybox-v2:latest", reg.addr);
+    ok(Command::new("skopeo").args(["copy", "-q", "--format", "v2s2", "--src-tls-verify=false", "--dest-tls-verify=false"]).args([
+        format!("docker://{base}"),
+        format!("docker://{v2}"),
+    ]));
+    let img = registry().pull(&v2, &store).await.unwrap();
+    let raw: serde_json::Value = serde_json::from_slice(&store.read_blob(&img.manifest_digest).unwrap()).unwrap();
+    assert_eq!(raw["mediaType"], rbuild::image::DOCKER_MANIFEST);
+    assert!(img.layers.iter().all(|l| l.media_type == OCI_LAYER_GZIP), "{:?}", img.layers);
+
+    // An index with two platforms (both entries name the same manifest; only the platform differs).
+    let oci = registry().pull(&base, &store).await.unwrap();
+    let size = store.read_blob(&oci.manifest_digest).unwrap().len();
+    let entry = |arch: &str, variant: Option<&str>| {
+        let mut p = serde_json::json!({"os": "linux", "architecture": arch});
+        if let Some(v) = variant {
+            p["variant"] = serde_json::json!(v);
+        }
+        serde_json::json!({"mediaType": rbuild::image::OCI_MANIFEST, "digest": oci.manifest_digest.to_string(), "size": size, "platform": p})
+    };
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": rbuild::image::OCI_INDEX,
+        "manifests": [entry("arm64", Some("v8")), entry("amd64", None)]});
+    let index_file = t.path().join("index.json");
+    std::fs::write(&index_file, serde_json::to_vec(&index).unwrap()).unwrap();
+    ok(Command::new("curl")
+        .args(["-fsS", "-X", "PUT", "-H", &format!("Content-Type: {}", rbuild::image::OCI_INDEX), "--data-binary"])
+        .arg(format!("@{}", index_file.display()))
+        .arg(format!("http://{}/v2/busybox/manifests/multi", reg.addr)));
+    let multi = format!("{}/busybox:multi", reg.addr);
+    assert_eq!(registry().pull(&multi, &store).await.unwrap().manifest_digest, oci.manifest_digest);
+    let s390x = Registry::new(RegistryOptions { platform: ("linux".into(), "s390x".into()), ..Default::default() });
+    let err = s390x.pull(&multi, &store).await.unwrap_err();
+    match &err {
+        RegistryError::Platform { available, .. } => assert_eq!(available, &["linux/arm64/v8", "linux/amd64"]),
+        other => panic!("expected a platform error, got {other:?}"),
+    }
+    assert!(err.to_string().contains(&multi) && err.to_string().contains("linux/s390x"), "{err}");
 }
