@@ -359,3 +359,20 @@ COPY --link linked.txt /linked.txt\n";
     let linked_cached = err.lines().skip_while(|l| !l.contains("COPY --link linked.txt")).nth(1).unwrap_or("").to_string();
     assert!(linked_cached.ends_with("CACHED"), "{err}");
 }
+
+#[test]
+fn print_dag_shows_the_plan_without_building() {
+    let root = tempfile::tempdir().unwrap();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM scratch AS a\nFROM scratch AS b\nFROM scratch AS unused\nFROM a\nCOPY --from=b /x /x\n",
+    )]);
+    let out = ok(rbuild(root.path()).args(["--print", "dag"]).arg(ctx.path()));
+    assert!(out.contains("[0] a <- scratch"), "{out}");
+    assert!(out.contains("[1] b <- scratch"), "{out}");
+    assert!(out.contains("copy:1@5") && out.contains("(target)"), "{out}");
+    assert!(!out.contains("unused"), "stages the target does not need are pruned: {out}");
+    let dot = ok(rbuild(root.path()).args(["--print", "dot"]).arg(ctx.path()));
+    assert!(dot.starts_with("digraph"), "{dot}");
+    assert!(!root.path().join("blobs").exists(), "--print builds nothing");
+}

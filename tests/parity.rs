@@ -39,7 +39,7 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
         cmd.arg("--secret").arg(format!("id={id},src={}", f.display()));
     }
     for a in expect["args"].as_array().into_iter().flatten() {
-        cmd.arg(a.as_str().unwrap());
+        cmd.arg(a.as_str().unwrap().replace("{{BASE}}", base).replace("{{CASE}}", &dir.display().to_string()));
     }
     if let Some(t) = expect["target"].as_str() {
         cmd.args(["--target", t]);
