@@ -212,6 +212,15 @@ pub enum PushEvent {
         /// Its size.
         size: u64,
     },
+    /// The blob was mounted from another repository of the same registry (no upload).
+    Mounted {
+        /// `registry/repository`.
+        repository: String,
+        /// The blob.
+        digest: Digest,
+        /// `registry/repository` it came from.
+        from: String,
+    },
     /// An upload finished.
     Done {
         /// `registry/repository`.
@@ -246,6 +255,8 @@ fn is_loopback(host: &str) -> bool {
 const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 /// Blobs downloaded at once.
 const PULL_CONCURRENCY: usize = 4;
+/// Blobs uploaded at once to one repository.
+const PUSH_CONCURRENCY: usize = 3;
 /// Read size when streaming uploads from the store; bounds the memory a push needs.
 const PUSH_CHUNK: usize = 8 << 20;
 
@@ -417,8 +428,9 @@ impl Registry {
     }
 
     /// Pushes `image` under every tag (full references). For each target repository the blobs
-    /// it lacks are uploaded first, streamed from the store; the manifest goes last, for every
-    /// tag, so a tag never points at missing blobs. Returns the manifest digest.
+    /// it lacks are mounted from a repository this push already filled on the same registry, or
+    /// uploaded, streamed from the store, [`PUSH_CONCURRENCY`] at once; the manifest goes last,
+    /// for every tag, so a tag never points at missing blobs. Returns the manifest digest.
     pub async fn push_with_progress(
         &self,
         image: &BuiltImage,
@@ -445,28 +457,22 @@ impl Registry {
         for r in &refs {
             repos.entry((r.resolve_registry().to_string(), r.repository().to_string())).or_insert(r);
         }
+        // The first repository pushed on each registry, a source for cross-repository mounts.
+        let mut mount_from: HashMap<String, Reference> = HashMap::new();
         for ((host, repo), r) in &repos {
             let name = r.whole();
             let repository = format!("{}/{}", r.registry(), repo);
             let client = self.client(host);
             let auth = credentials(host)?;
             client.auth(r, &auth, RegistryOperation::Push).await.map_err(|e| classify(&name, host, "authenticating to push", e))?;
-            for (d, size) in &blobs {
-                if client.blob_exists(r, d.as_str()).await.map_err(|e| classify(&name, host, "checking for a blob", e))? {
-                    progress(PushEvent::Exists { repository: repository.clone(), digest: d.clone() });
-                    continue;
-                }
-                progress(PushEvent::Started { repository: repository.clone(), digest: d.clone(), size: *size });
-                let path = store.blob_path(d);
-                let file = tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|source| RegistryError::Io { reference: name.clone(), path: path.clone(), source })?;
-                let shown = d.to_string();
-                let stream = tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK)
-                    .map_err(move |e| OciDistributionError::GenericError(Some(format!("reading blob {shown} from the store: {e}"))));
-                client.push_blob_stream(r, stream, d.as_str(), Some(*size)).await.map_err(|e| classify(&name, host, "uploading a blob", e))?;
-                progress(PushEvent::Done { repository: repository.clone(), digest: d.clone() });
-            }
+            let source = mount_from.get(host).cloned();
+            let job = BlobPush { client: &client, target: r, name: &name, host, repository: &repository, source: source.as_ref(), store };
+            futures_util::stream::iter(&blobs)
+                .map(|(d, size)| job.run(d, *size, &progress))
+                .buffer_unordered(PUSH_CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await?;
+            mount_from.entry(host.clone()).or_insert_with(|| (*r).clone());
         }
         let ct = http::HeaderValue::from_str(&image.manifest_media_type).map_err(|e| RegistryError::Content {
             reference: tags.join(", "),
@@ -483,6 +489,52 @@ impl Registry {
             progress(PushEvent::Tagged { reference: name, digest: image.manifest_digest.clone() });
         }
         Ok(image.manifest_digest.clone())
+    }
+}
+
+/// One repository's share of a push.
+struct BlobPush<'a> {
+    client: &'a Client,
+    target: &'a Reference,
+    name: &'a str,
+    host: &'a str,
+    repository: &'a str,
+    /// A repository on the same registry that already has every blob of this push.
+    source: Option<&'a Reference>,
+    store: &'a Store,
+}
+
+impl BlobPush<'_> {
+    /// Makes sure the target repository has blob `d`: present already, mounted from `source`,
+    /// or uploaded as a stream of [`PUSH_CHUNK`]-sized reads from the store file.
+    async fn run(&self, d: &Digest, size: u64, progress: &(impl Fn(PushEvent) + Send + Sync)) -> Result<(), RegistryError> {
+        let (name, host) = (self.name, self.host);
+        let repository = self.repository.to_string();
+        if self.client.blob_exists(self.target, d.as_str()).await.map_err(|e| classify(name, host, "checking for a blob", e))? {
+            progress(PushEvent::Exists { repository, digest: d.clone() });
+            return Ok(());
+        }
+        if let Some(src) = self.source {
+            // A refused mount (202) is an error to oci-client; uploading is the fallback.
+            if self.client.mount_blob(self.target, src, d.as_str()).await.is_ok() {
+                progress(PushEvent::Mounted { repository, digest: d.clone(), from: format!("{}/{}", src.registry(), src.repository()) });
+                return Ok(());
+            }
+        }
+        progress(PushEvent::Started { repository: repository.clone(), digest: d.clone(), size });
+        let path = self.store.blob_path(d);
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|source| RegistryError::Io { reference: name.to_string(), path: path.clone(), source })?;
+        let shown = d.to_string();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK)
+            .map_err(move |e| OciDistributionError::GenericError(Some(format!("reading blob {shown} from the store: {e}"))));
+        self.client
+            .push_blob_stream(self.target, stream, d.as_str(), Some(size))
+            .await
+            .map_err(|e| classify(name, host, "uploading a blob", e))?;
+        progress(PushEvent::Done { repository, digest: d.clone() });
+        Ok(())
     }
 }
 
