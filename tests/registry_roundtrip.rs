@@ -119,9 +119,11 @@ async fn pull_verifies_blobs_and_a_second_pull_downloads_nothing() {
     events.lock().unwrap().clear();
     let again = registry().pull_with_progress(&reference, &store, |e| events.lock().unwrap().push(e)).await.unwrap();
     assert_eq!(again.manifest_digest, img.manifest_digest);
-    let ev = events.lock().unwrap();
-    assert!(!ev.iter().any(|e| matches!(e, PullEvent::Started { .. })), "nothing downloaded the second time: {ev:?}");
-    assert_eq!(ev.iter().filter(|e| matches!(e, PullEvent::Cached { .. })).count(), 1 + img.layers.len());
+    {
+        let ev = events.lock().unwrap();
+        assert!(!ev.iter().any(|e| matches!(e, PullEvent::Started { .. })), "nothing downloaded the second time: {ev:?}");
+        assert_eq!(ev.iter().filter(|e| matches!(e, PullEvent::Cached { .. })).count(), 1 + img.layers.len());
+    }
 
     // By digest too.
     let pinned = format!("{}/busybox@{}", reg.addr, img.manifest_digest);
