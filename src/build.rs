@@ -89,7 +89,7 @@ impl ImageFs {
     fn scratch(platform: &str) -> ImageFs {
         let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
         ImageFs {
-            key: CacheKeyBuilder::new("scratch").str("platform", platform).finish(),
+            key: CacheKeyBuilder::new("scratch").str("platform", platform).str("epoch", &format!("{:?}", source_date_epoch())).finish(),
             layers: Vec::new(),
             config: json!({"architecture": arch, "os": os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}),
             state: ImageState::scratch(),
@@ -294,7 +294,12 @@ impl Builder {
         let state = state_from_config(&config);
         let history = config.get("history").and_then(|h| h.as_array()).cloned().unwrap_or_default();
         Ok(ImageFs {
-            key: CacheKeyBuilder::new("from").str("manifest", pulled.manifest_digest.as_str()).finish(),
+            // The epoch is part of every key: a layer built without clamped times must not be
+            // reused by a reproducible build.
+            key: CacheKeyBuilder::new("from")
+                .str("manifest", pulled.manifest_digest.as_str())
+                .str("epoch", &format!("{:?}", source_date_epoch()))
+                .finish(),
             layers,
             config,
             state,
@@ -520,6 +525,7 @@ impl Builder {
                 let content = h.finish();
                 let key = CacheKeyBuilder::new("copy")
                     .str("parent", if *link { "link" } else { fs.key.as_str() })
+                    .str("epoch", &format!("{:?}", source_date_epoch()))
                     .strs("exclude", exclude)
                     .str("parents", &parents.to_string())
                     .str("from", from_fs.as_ref().map(|f| f.key.as_str()).or(dir_context.as_ref().and_then(|d| d.to_str())).unwrap_or("context"))
@@ -800,7 +806,8 @@ impl Builder {
         };
         let layer = tokio::task::spawn_blocking(move || -> Result<LayerRef> {
             let tmp = store.temp_path("layer");
-            let blob = rbuild_snapshot::write_layer_blob(&dir, &tmp, compression, &rbuild_snapshot::DiffOptions::default())
+            let opts = rbuild_snapshot::DiffOptions { source_date_epoch: source_date_epoch() };
+            let blob = rbuild_snapshot::write_layer_blob(&dir, &tmp, compression, &opts)
                 .map_err(|e| {
                     let _ = fs::remove_file(&tmp);
                     anyhow!("writing layer from {}: {e}", dir.display())
@@ -966,11 +973,15 @@ fn history_entry(created_by: &str, empty: bool) -> Value {
     h
 }
 
+/// `SOURCE_DATE_EPOCH` of this build (set from the environment, `--build-arg` or
+/// `--reproducible` before the build starts): timestamps in the image are clamped to it.
+pub fn source_date_epoch() -> Option<i64> {
+    std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.trim().parse::<i64>().ok())
+}
+
 /// Now (or `SOURCE_DATE_EPOCH`) as RFC 3339 UTC.
 pub fn now_rfc3339() -> String {
-    let secs = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
+    let secs = source_date_epoch()
         .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
     rfc3339(secs)
 }

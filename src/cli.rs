@@ -107,6 +107,11 @@ pub struct BuildArgs {
     #[arg(long = "metadata-file", value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
 
+    /// Reproducible output: timestamps clamped to `SOURCE_DATE_EPOCH` (from the environment or
+    /// `--build-arg`; 0 when unset), so the same inputs give the same digests anywhere.
+    #[arg(long)]
+    pub reproducible: bool,
+
     /// Compression of new layers.
     #[arg(long, value_enum, default_value = "gzip")]
     pub compression: CompressionArg,

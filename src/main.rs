@@ -91,6 +91,19 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     })
     .context("setting up the build namespace")?;
 
+    // SOURCE_DATE_EPOCH: --build-arg wins over the environment; --reproducible defaults it to 0.
+    // Set while the process is still single-threaded.
+    let build_args = parse_build_args(&args.build_args);
+    if let Some(v) = build_args.get("SOURCE_DATE_EPOCH") {
+        std::env::set_var("SOURCE_DATE_EPOCH", v);
+    } else if args.reproducible && std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+        std::env::set_var("SOURCE_DATE_EPOCH", "0");
+    }
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        if v.trim().parse::<i64>().is_err() {
+            bail!("SOURCE_DATE_EPOCH={v:?}: want whole seconds since 1970");
+        }
+    }
     let progress = Progress::new(args.progress);
     progress.info(&format!("isolation: {}", ns.mode));
     for w in &ns.warnings {

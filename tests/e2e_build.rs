@@ -376,3 +376,30 @@ fn print_dag_shows_the_plan_without_building() {
     assert!(dot.starts_with("digraph"), "{dot}");
     assert!(!root.path().join("blobs").exists(), "--print builds nothing");
 }
+
+#[test]
+fn reproducible_builds_match_across_directories_and_stores() {
+    ensure_tools();
+    let df = "FROM scratch\nCOPY busybox /bin/busybox\nCOPY app/ /app/\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo built > /app/out && /bin/busybox mkdir -p /var/x\"]\nCMD [\"/app/out\"]\n";
+    let digest_of = |epoch_via_arg: bool, touch: &str| {
+        let ctx = context(&[("Dockerfile", df), ("app/a", "a\n"), ("app/b/c", "c\n")]);
+        std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
+        ok(Command::new("touch").args(["-d", touch]).arg(ctx.path().join("app/a")).arg(ctx.path().join("app/b")));
+        let root = tempfile::tempdir().unwrap();
+        let meta = root.path().join("meta.json");
+        let mut c = Command::new("unshare");
+        c.args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--root"]).arg(root.path().join("store"));
+        if epoch_via_arg {
+            c.args(["--build-arg", "SOURCE_DATE_EPOCH=1700000000"]);
+        } else {
+            c.env("SOURCE_DATE_EPOCH", "1700000000");
+        }
+        ok(c.arg("--metadata-file").arg(&meta).arg(format!("--output=type=oci,dest={}", root.path().join("oci").display())).arg(ctx.path()));
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        m["containerimage.digest"].as_str().unwrap().to_string()
+    };
+    let a = digest_of(false, "2024-01-01 00:00:00");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let b = digest_of(true, "2025-06-01 12:00:00");
+    assert_eq!(a, b, "two clean reproducible builds differ");
+}
