@@ -626,22 +626,12 @@ pub fn stage_bytes(staging: &Path, image: &LayerStack, name: &str, content: &[u8
 }
 
 /// Stages heredoc sources (`COPY <<EOF /path`): each becomes a regular file, mode 0644
-/// unless `--chmod` says otherwise.
+/// unless `--chmod` says otherwise; several go into `dest` as a directory.
 pub fn stage_inline(staging: &Path, image: &LayerStack, inline: &[(String, String)], dest: &str, attrs: &CopyAttrs) -> Result<u64, CopyError> {
-    if inline.is_empty() {
-        return Ok(0);
-    }
-    let dest_dir = dest.ends_with('/') || inline.len() > 1 || image.resolve(dest, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false);
-    let owner = attrs.owner.unwrap_or((0, 0));
+    let dest = if inline.len() > 1 && !dest.ends_with('/') { format!("{dest}/") } else { dest.to_string() };
+    let mut n = 0;
     for (name, content) in inline {
-        let mut comps = clean_components(&image.resolve(dest, true).map(|(p, _, _)| p).unwrap_or_else(|| dest.to_string()));
-        if dest_dir {
-            comps.push(name.clone());
-        }
-        ensure_parents(staging, image, &comps[..comps.len() - 1], owner, None)?;
-        let target = staging.join(comps.join("/"));
-        fs::write(&target, content).map_err(ioe(&target))?;
-        set_meta(&target, owner.0, owner.1, chmod_apply(attrs.mode.as_ref(), 0o644, false), None, false)?;
+        n += stage_bytes(staging, image, name, content.as_bytes(), &dest, attrs)?;
     }
-    Ok(inline.len() as u64)
+    Ok(n)
 }

@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// The layers of an image, top (newest) first.
 #[derive(Debug, Clone, Default)]
@@ -34,17 +34,7 @@ fn xattr_get(path: &Path, name: &str) -> Option<Vec<u8>> {
 
 /// Normalises an absolute image path into its components (no `.`/`..`, never above `/`).
 pub fn clean_components(path: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for c in Path::new(path).components() {
-        match c {
-            Component::Normal(s) => out.push(s.to_string_lossy().into_owned()),
-            Component::ParentDir => {
-                out.pop();
-            }
-            _ => {}
-        }
-    }
-    out
+    rbuild_snapshot::clean_components(Path::new(path))
 }
 
 impl LayerStack {

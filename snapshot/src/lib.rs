@@ -16,6 +16,7 @@ mod unpack;
 
 pub use compress::{decompress, write_layer_blob, Compression, LayerBlob};
 pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
+pub use fsutil::clean as clean_components;
 pub use unpack::{apply_layer, unpack_layer, IdRange, UnpackError, UnpackOptions, UnpackStats};
 
 /// The overlay xattr namespace rbuild uses (overlay's `userxattr` mode, usable rootless).
