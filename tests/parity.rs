@@ -21,7 +21,33 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
     if dir.join("context").is_dir() {
         ok(Command::new("cp").arg("-a").arg(dir.join("context/.")).arg(&ctx));
     }
-    let df = std::fs::read_to_string(dir.join("Dockerfile")).unwrap().replace("{{BASE}}", base);
+    // "serve": the case's site/ over HTTP as {{SITE}}; every git-src/NAME becomes a repository
+    // at {{SITE}}/NAME.git (git's dumb HTTP protocol).
+    let mut _server = None;
+    let mut site_url = String::new();
+    if expect["serve"] == true {
+        let site = work.path().join("site");
+        std::fs::create_dir(&site).unwrap();
+        if dir.join("site").is_dir() {
+            ok(Command::new("cp").arg("-a").arg(dir.join("site/.")).arg(&site));
+        }
+        for e in std::fs::read_dir(dir.join("git-src")).into_iter().flatten() {
+            let src = work.path().join("git-work").join(e.unwrap().file_name());
+            std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+            ok(Command::new("cp").arg("-a").arg(dir.join("git-src").join(src.file_name().unwrap())).arg(&src));
+            let git = |d: &Path, args: &[&str]| ok(Command::new("git").args(["-c", "user.email=p@e", "-c", "user.name=p"]).args(args).current_dir(d));
+            git(&src, &["init", "-q", "-b", "main"]);
+            git(&src, &["add", "."]);
+            git(&src, &["commit", "-q", "-m", "parity"]);
+            let bare = site.join(format!("{}.git", src.file_name().unwrap().to_string_lossy()));
+            ok(Command::new("git").arg("clone").arg("-q").arg("--bare").arg(&src).arg(&bare));
+            git(&bare, &["update-server-info"]);
+        }
+        let s = HttpServer::serve(&site);
+        site_url = s.url.clone();
+        _server = Some(s);
+    }
+    let df = std::fs::read_to_string(dir.join("Dockerfile")).unwrap().replace("{{BASE}}", base).replace("{{SITE}}", &site_url);
     std::fs::write(ctx.join("Dockerfile"), df).unwrap();
     if expect["busybox_in_context"] == true {
         std::fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
@@ -44,8 +70,51 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
     if let Some(t) = expect["target"].as_str() {
         cmd.args(["--target", t]);
     }
-    cmd.arg(&ctx);
-    let out = run(&mut cmd);
+    // "ssh": an agent socket forwarded with --ssh default=SOCKET.
+    let _agent;
+    if expect["ssh"] == true {
+        let sock = work.path().join("agent.sock");
+        _agent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        cmd.arg("--ssh").arg(format!("default={}", sock.display()));
+    }
+    // "context": "dir" (default), "tar" (a .tar.gz file), "stdin" (a tar on standard input),
+    // "dockerfile-stdin" (only the Dockerfile on standard input), "url" (served as {{SITE}}/context.tar.gz).
+    let mode = expect["context"].as_str().unwrap_or("dir");
+    let tarball = work.path().join("context.tar.gz");
+    if mode != "dir" {
+        ok(Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(&ctx).arg("."));
+    }
+    let mut stdin_bytes = None;
+    match mode {
+        "dir" => {
+            cmd.arg(&ctx);
+        }
+        "tar" => {
+            cmd.arg(&tarball);
+        }
+        "stdin" => {
+            stdin_bytes = Some(std::fs::read(&tarball).unwrap());
+            cmd.arg("-");
+        }
+        "dockerfile-stdin" => {
+            stdin_bytes = Some(std::fs::read(ctx.join("Dockerfile")).unwrap());
+            cmd.arg("-");
+        }
+        "url" => {
+            std::fs::copy(&tarball, work.path().join("site/context.tar.gz")).unwrap();
+            cmd.arg(format!("{site_url}/context.tar.gz"));
+        }
+        other => panic!("{name}: unknown context mode {other}"),
+    }
+    let out = match stdin_bytes {
+        None => run(&mut cmd),
+        Some(bytes) => {
+            use std::io::Write;
+            let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+            child.stdin.take().unwrap().write_all(&bytes).unwrap();
+            child.wait_with_output().unwrap()
+        }
+    };
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if let Some(fail) = expect.get("fail") {
         if out.status.success() {
@@ -141,6 +210,36 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
         if got != n {
             problems.push(format!("{name}: {got} layers, expected {n}"));
         }
+    }
+}
+
+/// `python3 -m http.server` on a free loopback port; stopped on drop.
+struct HttpServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl HttpServer {
+    fn serve(dir: &Path) -> HttpServer {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1", "0"])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.split("port ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("http.server said {line:?}"));
+        HttpServer { child, url: format!("http://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
