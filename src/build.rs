@@ -63,10 +63,36 @@ pub struct BuildOutcome {
     pub pushed: Option<Digest>,
 }
 
-/// A layer of an image being built, with its unpacked directory in the store.
+/// A layer's blob and digests: known, or still being exported in the background.
+#[derive(Clone)]
+enum LayerSlot {
+    Ready(LayerDesc),
+    Pending(futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<LayerDesc, String>>>),
+}
+
+impl std::fmt::Debug for LayerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerSlot::Ready(d) => write!(f, "{}", d.diff_id),
+            LayerSlot::Pending(_) => f.write_str("exporting"),
+        }
+    }
+}
+
+impl LayerSlot {
+    async fn get(&self) -> Result<LayerDesc> {
+        match self {
+            LayerSlot::Ready(d) => Ok(d.clone()),
+            LayerSlot::Pending(p) => p.clone().await.map_err(|e| anyhow!(e)),
+        }
+    }
+}
+
+/// A layer of an image being built, with its unpacked directory in the store. The directory
+/// is usable at once; the blob may still be being written (see [`Builder::export_layer`]).
 #[derive(Debug, Clone)]
 struct Layer {
-    desc: LayerDesc,
+    desc: LayerSlot,
     dir: PathBuf,
 }
 
@@ -111,6 +137,8 @@ pub struct Builder {
     jobs: Semaphore,
     images: Mutex<HashMap<String, Arc<OnceCell<ImageFs>>>>,
     stages: Mutex<HashMap<usize, Arc<OnceCell<ImageFs>>>>,
+    /// Layer exports running in the background; all are awaited before the build ends.
+    exports: Mutex<Vec<LayerSlot>>,
     ignore: rbuild_dag::ignore::IgnoreMatcher,
     dockerfile: Dockerfile,
     dockerfile_name: String,
@@ -140,6 +168,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         jobs: Semaphore::new(opts.jobs.max(1)),
         images: Mutex::new(HashMap::new()),
         stages: Mutex::new(HashMap::new()),
+        exports: Mutex::new(Vec::new()),
         ignore,
         dockerfile_name: opts.dockerfile.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "Dockerfile".into()),
         lines: text.lines().map(str::to_string).collect(),
@@ -200,10 +229,15 @@ impl Builder {
             }
         }
         if let Some(e) = first_err {
+            // Let running layer exports finish, so nothing is left half-written.
+            let _ = self.finish_exports().await;
             return Err(e);
         }
         let fs = final_fs.ok_or_else(|| anyhow!("target stage produced no result"))?;
-        let image = self.assemble(&fs)?;
+        let image = self.assemble(&fs).await?;
+        // Stages outside the final image exported layers too: their cache records land before
+        // the build reports success.
+        self.finish_exports().await?;
         let mut pushed = None;
         for out in &self.opts.outputs {
             let step = self.progress.start(&format!("exporting {}", describe_output(out)));
@@ -287,7 +321,7 @@ impl Builder {
         let mut layers = Vec::new();
         for (h, l) in handles.into_iter().zip(&pulled.layers) {
             let dir = h.await??;
-            layers.push(Layer { desc: l.clone(), dir });
+            layers.push(Layer { desc: LayerSlot::Ready(l.clone()), dir });
         }
         let config: Value = serde_json::from_slice(&self.store.read_blob(&pulled.config_digest)?)
             .with_context(|| format!("{reference}: image config is not JSON"))?;
@@ -448,9 +482,8 @@ impl Builder {
                         bail!(msg.trim_end().to_string());
                     }
                 }
-                let rec = self.commit_dir_as_layer(upper, pstep).await?;
-                self.store.put_record(&key, &rec)?;
-                self.push_layer(fs, key, rec, created_by);
+                let slot = self.export_layer(upper, &key, pstep)?;
+                self.push_slot(fs, key, slot, created_by);
                 Ok(false)
             }
             Step::Copy { sources, dest, from, chown, chmod, is_add, created_by, link, parents, exclude, checksum, keep_git_dir, .. } => {
@@ -572,9 +605,8 @@ impl Builder {
                 }
                 drop(cleanup);
                 pstep.log(&format!("copied {n} files"));
-                let rec = self.commit_dir_as_layer(staging, pstep).await?;
-                self.store.put_record(&key, &rec)?;
-                self.push_layer(fs, key, rec, created_by);
+                let slot = self.export_layer(staging, &key, pstep)?;
+                self.push_slot(fs, key, slot, created_by);
                 Ok(false)
             }
             Step::Workdir { path, created_by, .. } => {
@@ -595,9 +627,8 @@ impl Builder {
                 }
                 let staging = self.store.temp_dir("workdir")?;
                 copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
-                let rec = self.commit_dir_as_layer(staging, pstep).await?;
-                self.store.put_record(&key, &rec)?;
-                self.push_layer(fs, key, rec, created_by);
+                let slot = self.export_layer(staging, &key, pstep)?;
+                self.push_slot(fs, key, slot, created_by);
                 Ok(false)
             }
         }
@@ -782,7 +813,7 @@ impl Builder {
             Some(l) => {
                 let dir = self.store.layer_dir(&l.diff_id);
                 fs.layers.push(Layer {
-                    desc: LayerDesc { digest: l.digest, diff_id: l.diff_id, size: l.size, media_type: l.media_type },
+                    desc: LayerSlot::Ready(LayerDesc { digest: l.digest, diff_id: l.diff_id, size: l.size, media_type: l.media_type }),
                     dir,
                 });
                 fs.history.push(history_entry(created_by, false));
@@ -791,40 +822,93 @@ impl Builder {
         }
     }
 
-    /// Turns a finished upperdir or staging dir into a layer blob and an unpacked layer.
-    async fn commit_dir_as_layer(&self, dir: PathBuf, pstep: &ProgressStep) -> Result<CacheRecord> {
-        let created = now_rfc3339();
-        let started = std::time::Instant::now();
+    fn push_slot(&self, fs: &mut ImageFs, key: CacheKey, slot: Option<Layer>, created_by: &str) {
+        fs.key = key;
+        match slot {
+            Some(layer) => {
+                fs.layers.push(layer);
+                fs.history.push(history_entry(created_by, false));
+            }
+            None => fs.history.push(history_entry(created_by, true)),
+        }
+    }
+
+    /// Turns a finished upperdir or staging dir into a layer. The directory moves at once to
+    /// its lasting place in the store, so the next step can stack on it while the blob (tar,
+    /// compression, diffID and digest) is written in the background; `layers/sha256/<diffID>`
+    /// then links to it and the cache record is written, in that order.
+    fn export_layer(&self, dir: PathBuf, key: &CacheKey, pstep: &ProgressStep) -> Result<Option<Layer>> {
         if fs::read_dir(&dir)?.next().is_none() {
             let _ = fs::remove_dir(&dir);
-            return Ok(CacheRecord { layer: None, created });
+            self.store.put_record(key, &CacheRecord { layer: None, created: now_rfc3339() })?;
+            return Ok(None);
         }
+        let built = self.store.root().join("layers/built");
+        fs::create_dir_all(&built)?;
+        let stable = built.join(format!("{}-{}", key.hex(), dir.file_name().unwrap().to_string_lossy()));
+        fs::rename(&dir, &stable)?;
         let store = self.store.clone();
         let compression = match self.opts.compression {
             CompressionArg::Gzip => rbuild_snapshot::Compression::Gzip { level: 6 },
             CompressionArg::Zstd => rbuild_snapshot::Compression::Zstd { level: 3 },
         };
-        let layer = tokio::task::spawn_blocking(move || -> Result<LayerRef> {
+        let key = key.clone();
+        let pstep = pstep.clone();
+        let src = stable.clone();
+        let job = tokio::task::spawn_blocking(move || -> Result<LayerDesc> {
+            let started = std::time::Instant::now();
             let tmp = store.temp_path("layer");
             let opts = rbuild_snapshot::DiffOptions { source_date_epoch: source_date_epoch() };
-            let blob = rbuild_snapshot::write_layer_blob(&dir, &tmp, compression, &opts)
-                .map_err(|e| {
-                    let _ = fs::remove_file(&tmp);
-                    anyhow!("writing layer from {}: {e}", dir.display())
-                })?;
+            let blob = rbuild_snapshot::write_layer_blob(&src, &tmp, compression, &opts).map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                anyhow!("writing the layer of {}: {e}", src.display())
+            })?;
             let digest: Digest = blob.digest.parse()?;
             let diff_id: Digest = blob.diff_id.parse()?;
             store.commit_blob_file(&tmp, &digest)?;
-            store.commit_layer_dir(&dir, &diff_id)?;
-            Ok(LayerRef { diff_id, digest, size: blob.size, media_type: blob.media_type.to_string() })
-        })
-        .await??;
-        pstep.log(&format!("layer {} {} bytes in {:.3}s", layer.diff_id, layer.size, started.elapsed().as_secs_f64()));
-        Ok(CacheRecord { layer: Some(layer), created })
+            let link = store.layer_dir(&diff_id);
+            if !link.exists() {
+                let tmp_link = store.temp_path("layer-link");
+                std::os::unix::fs::symlink(Path::new("../built").join(src.file_name().unwrap()), &tmp_link)?;
+                if fs::rename(&tmp_link, &link).is_err() {
+                    let _ = fs::remove_file(&tmp_link);
+                }
+            }
+            let layer = LayerRef { diff_id: diff_id.clone(), digest: digest.clone(), size: blob.size, media_type: blob.media_type.to_string() };
+            store.put_record(&key, &CacheRecord { layer: Some(layer), created: now_rfc3339() })?;
+            pstep.log(&format!("layer {diff_id} {} bytes in {:.3}s", blob.size, started.elapsed().as_secs_f64()));
+            Ok(LayerDesc { digest, diff_id, size: blob.size, media_type: blob.media_type.to_string() })
+        });
+        use futures_util::FutureExt;
+        let shared = async move {
+            match job.await {
+                Ok(Ok(d)) => Ok(d),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(format!("layer export failed: {e}")),
+            }
+        }
+        .boxed()
+        .shared();
+        let slot = LayerSlot::Pending(shared);
+        self.exports.lock().unwrap().push(slot.clone());
+        Ok(Some(Layer { desc: slot, dir: stable }))
+    }
+
+    /// Waits for every background layer export of the build.
+    async fn finish_exports(&self) -> Result<()> {
+        let all: Vec<LayerSlot> = self.exports.lock().unwrap().clone();
+        for slot in all {
+            slot.get().await?;
+        }
+        Ok(())
     }
 
     /// The final image config and manifest.
-    fn assemble(&self, fs: &ImageFs) -> Result<BuiltImage> {
+    async fn assemble(&self, fs: &ImageFs) -> Result<BuiltImage> {
+        let mut descs = Vec::new();
+        for l in &fs.layers {
+            descs.push(l.desc.get().await?);
+        }
         let mut config = fs.config.clone();
         let obj = config.as_object_mut().ok_or_else(|| anyhow!("base image config is not an object"))?;
         obj.remove("container_config");
@@ -841,10 +925,10 @@ impl Builder {
         obj.insert("config".into(), c);
         obj.insert(
             "rootfs".into(),
-            json!({"type": "layers", "diff_ids": fs.layers.iter().map(|l| l.desc.diff_id.to_string()).collect::<Vec<_>>()}),
+            json!({"type": "layers", "diff_ids": descs.iter().map(|d| d.diff_id.to_string()).collect::<Vec<_>>()}),
         );
         obj.insert("history".into(), Value::Array(fs.history.clone()));
-        let layers = fs.layers.iter().map(|l| l.desc.clone()).collect();
+        let layers = descs;
         image::assemble_json(config, layers, &self.store)
     }
 }

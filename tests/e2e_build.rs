@@ -403,3 +403,24 @@ fn reproducible_builds_match_across_directories_and_stores() {
     let b = digest_of(true, "2025-06-01 12:00:00");
     assert_eq!(a, b, "two clean reproducible builds differ");
 }
+
+#[test]
+fn layer_export_overlaps_with_the_next_step() {
+    ensure_tools();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"dd\", \"if=/dev/urandom\", \"of=/big\", \"bs=1M\", \"count=24\"]\nRUN [\"/bin/busybox\", \"echo\", \"next-step-ran\"]\n",
+    )]);
+    std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--root"]).arg(root.path()).arg(ctx.path()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let next = err.find("next-step-ran").expect("second RUN ran");
+    // The 24 MiB layer of the first RUN is exported while the second RUN runs.
+    let big_layer = err.lines().filter(|l| l.starts_with("#2 ") && l.contains(" layer sha256:")).map(|l| err.find(l).unwrap()).next().expect("layer line");
+    assert!(next < big_layer, "the next step waited for the export:\n{err}");
+    // The records land before the build ends: a rebuild is all cached.
+    let again = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--root"]).arg(root.path()).arg(ctx.path()));
+    assert_eq!(String::from_utf8_lossy(&again.stderr).matches("CACHED").count(), 3);
+}
