@@ -63,6 +63,9 @@ pub struct BuildOutcome {
     pub pushed: Option<Digest>,
 }
 
+/// The content digest of one COPY source in the context, being computed or done.
+type ContextHash = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Digest, String>>>;
+
 /// A layer's blob and digests: known, or still being exported in the background.
 #[derive(Clone)]
 enum LayerSlot {
@@ -139,6 +142,8 @@ pub struct Builder {
     stages: Mutex<HashMap<usize, Arc<OnceCell<ImageFs>>>>,
     /// Layer exports running in the background; all are awaited before the build ends.
     exports: Mutex<Vec<LayerSlot>>,
+    /// Content digests of context sources by COPY/ADD source text, computed once and early.
+    context_hashes: Mutex<HashMap<String, ContextHash>>,
     ignore: rbuild_dag::ignore::IgnoreMatcher,
     dockerfile: Dockerfile,
     dockerfile_name: String,
@@ -169,6 +174,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         images: Mutex::new(HashMap::new()),
         stages: Mutex::new(HashMap::new()),
         exports: Mutex::new(Vec::new()),
+        context_hashes: Mutex::new(HashMap::new()),
         ignore,
         dockerfile_name: opts.dockerfile.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "Dockerfile".into()),
         lines: text.lines().map(str::to_string).collect(),
@@ -204,6 +210,24 @@ impl Builder {
                 tokio::spawn(async move {
                     let _ = me.image_fs(&r).await;
                 });
+            }
+        }
+        // Hash the context sources of every COPY/ADD the plan will run right away, so that
+        // hashing overlaps with execution too (sources using variables are hashed when reached).
+        for ps in &plan.stages {
+            for instr in &self.dockerfile.stages[ps.index].instructions {
+                if let rbuild_dag::InstructionKind::Copy(c) | rbuild_dag::InstructionKind::Add(c) = &instr.kind {
+                    if c.from.is_some() {
+                        continue;
+                    }
+                    for src in &c.sources {
+                        if let rbuild_dag::SourceArg::Path(p) = src {
+                            if !p.contains('$') && !p.contains("://") && !p.starts_with("git@") {
+                                let _ = self.context_hash(p);
+                            }
+                        }
+                    }
+                }
             }
         }
         // Every stage of the plan starts at once; each waits only for what it depends on.
@@ -543,8 +567,14 @@ impl Builder {
                                 bail!("ADD --checksum is only for URLs and git repositories, not {p}");
                             }
                             let sel = source.select(p)?;
-                            for one in &sel {
-                                source.hash_into(one, &mut h)?;
+                            if from.is_none() && dir_context.is_none() {
+                                let d = self.context_hash(p).await.map_err(|e| anyhow!(e))?;
+                                h.update(p.as_bytes());
+                                h.update(d.as_str().as_bytes());
+                            } else {
+                                for one in &sel {
+                                    source.hash_into(one, &mut h)?;
+                                }
                             }
                             selected.extend(sel);
                         }
@@ -892,6 +922,29 @@ impl Builder {
         let slot = LayerSlot::Pending(shared);
         self.exports.lock().unwrap().push(slot.clone());
         Ok(Some(Layer { desc: slot, dir: stable }))
+    }
+
+    /// The content digest of the context source `pattern` (path or glob), computed once per
+    /// build on a blocking thread.
+    fn context_hash(self: &Arc<Self>, pattern: &str) -> ContextHash {
+        use futures_util::FutureExt;
+        let mut map = self.context_hashes.lock().unwrap();
+        if let Some(h) = map.get(pattern) {
+            return h.clone();
+        }
+        let me = self.clone();
+        let p = pattern.to_string();
+        let job = tokio::task::spawn_blocking(move || -> Result<Digest, String> {
+            let src = Source::Context { root: &me.opts.context, ignore: &me.ignore };
+            let mut h = rbuild_cache::Hasher::new();
+            for one in src.select(&p).map_err(|e| e.to_string())? {
+                src.hash_into(&one, &mut h).map_err(|e| e.to_string())?;
+            }
+            Ok(h.finish())
+        });
+        let fut = async move { job.await.map_err(|e| e.to_string())? }.boxed().shared();
+        map.insert(pattern.to_string(), fut.clone());
+        fut
     }
 
     /// Waits for every background layer export of the build.
