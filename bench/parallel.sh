@@ -17,12 +17,14 @@ rb() { "$bin" build --progress=plain --no-cache --root "$work/root" "$@" testdat
 bh() { buildah --storage-driver=overlay bud --runtime=/usr/sbin/runc --isolation=oci --network=host -q --layers=false "$@" testdata/parallel; }
 rb --target tools >/dev/null 2>&1   # warm
 one=$(timed rb --target a)
+alld=$(timed rb)
 all4=$(timed rb --jobs 4)
 all1=$(timed rb --jobs 1)
 bone=$(timed bh --target a)
 ball=$(timed bh --jobs 4)
 r() { python3 -c "print(f'{$1/$2:.2f}')"; }
 printf '%-44s %6ss\n' "rbuild, one stage alone (--target a)" "$one"
+printf '%-44s %6ss   wall/longest stage %s\n' "rbuild, whole build, default --jobs ($(nproc))" "$alld" "$(r "$alld" "$one")"
 printf '%-44s %6ss   wall/longest stage %s\n' "rbuild, whole build --jobs 4" "$all4" "$(r "$all4" "$one")"
 printf '%-44s %6ss   wall/longest stage %s\n' "rbuild, whole build --jobs 1 (sequential)" "$all1" "$(r "$all1" "$one")"
 printf '%-44s %6ss\n' "buildah 1.28, one stage alone" "$bone"
