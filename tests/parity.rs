@@ -203,6 +203,14 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
             }
         }
     }
+    if let Some(lacks) = expect["history_lacks"].as_array() {
+        let raw = ok(Command::new("skopeo").args(["inspect", "--config", "--raw"]).arg(format!("oci:{}:case", oci.display())));
+        for l in lacks {
+            if raw.contains(l.as_str().unwrap()) {
+                problems.push(format!("{name}: the image config mentions {l}"));
+            }
+        }
+    }
     if let Some(n) = expect["layers"].as_u64() {
         let raw = ok(Command::new("skopeo").args(["inspect", "--config", "--raw"]).arg(format!("oci:{}:case", oci.display())));
         let config: Value = serde_json::from_str(&raw).unwrap();
