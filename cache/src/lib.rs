@@ -5,12 +5,22 @@
 //! - `layers/sha256/<hex>`: unpacked layers (overlay form) named by diffID;
 //! - `cache/<hex>.json`: cache records, named by [`CacheKey`];
 //! - `tmp/`: work space; everything is written there first and renamed into place,
-//!   so a killed build never leaves a half-written blob, layer or record under a final name.
+//!   so a killed build never leaves a half-written blob, layer or record under a final name;
+//! - `refs/<sha256 of name>.json`: names for manifests that prune keeps;
+//! - `statcache/<sha256 of context path>.json`: stat caches of build contexts;
+//! - `lock`, `owners/<pid>.lock`: the store lock and per-process owner locks.
+//!
+//! See [`store`] for the invariants that make sharing and crashes safe, [`gc`] for
+//! du/prune/verify and [`context`] for context hashing.
 
+pub mod context;
 pub mod digest;
+pub mod gc;
 pub mod key;
 pub mod store;
 
 pub use digest::{Digest, DigestError, Hasher};
 pub use key::{CacheKey, CacheKeyBuilder};
-pub use store::{copy_into_blob, remove_tree, write_file_atomic, BlobWriter, CacheRecord, LayerRef, Store, StoreError};
+pub use context::{ContextError, StatCache};
+pub use gc::{disk_usage, prune, verify, GcError, KindUsage, PruneOptions, PruneReport, Usage, VerifyReport};
+pub use store::{copy_into_blob, remove_tree, write_file_atomic, BlobWriter, CacheRecord, ExclusiveLock, LayerRef, RefEntry, Store, StoreError};

@@ -1,12 +1,45 @@
 //! The on-disk store: blobs by digest, unpacked layers by diffID, cache records by key.
+//!
+//! # Sharing and crash safety
+//!
+//! Several rbuild processes may use one store at once, and any of them may be SIGKILLed at
+//! any moment. The store stays usable because of these invariants:
+//!
+//! 1. **Nothing is half-written under a final name.** Blobs, layer dirs and temporary work
+//!    are made under `tmp/` and renamed into place; records and refs are written with
+//!    [`write_file_atomic`] (temp file beside, fsync, rename, fsync of the dir). Blobs are
+//!    verified against their digest before the rename.
+//! 2. **Commit order.** A record is written only after its blob and its layer dir are
+//!    committed (blob, layer, record); [`Store::get_record`] also checks both are present.
+//! 3. **Same name, same content.** Two builds committing the same blob both rename onto
+//!    the same name (either copy is right). Two builds committing the same layer dir use
+//!    `renameat2(RENAME_NOREPLACE)`: the first wins, the loser removes its copy, so a dir
+//!    another build may already have mounted is never replaced.
+//! 4. **Store lock.** Every [`Store`] handle holds a shared `flock` on `<root>/lock` (one
+//!    per process and root, shared by clones and by repeated opens in the same process);
+//!    [`Store::lock_exclusive`], used by prune, converts it to an exclusive lock, so prune
+//!    runs only while no other process has the store open, and new builds wait for it.
+//! 5. **Temp ownership.** `tmp/` entries are named `<prefix>-<pid>-<n>`; each process holds
+//!    an exclusive `flock` on `owners/<pid>.lock` for its lifetime. On open, entries whose
+//!    creator is dead *and* whose owner lock is free are removed (the lock guards against
+//!    pid reuse and pid namespaces; the pid check guards against old rbuild versions that
+//!    held no owner lock). Leftover `.NAME.tmp-<pid>-<n>` files of [`write_file_atomic`]
+//!    in `cache/` and `refs/` are removed the same way.
+//! 6. **Crash model.** Blobs and records are fsynced, so they survive power loss; unpacked
+//!    layer dirs are not (they are rebuilt from blobs), and a SIGKILL cannot harm them
+//!    since the page cache survives the process.
 
 use crate::digest::{Digest, Hasher};
 use crate::key::CacheKey;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Errors from the store; each names the path it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +60,17 @@ pub enum StoreError {
         /// The digest of what was written.
         actual: Digest,
     },
+    /// The exclusive store lock could not be had in time: other builds hold the store.
+    #[error("store: {path}: still in use by another rbuild process after {waited:?}; try again when running builds have finished")]
+    Busy {
+        /// The lock file.
+        path: PathBuf,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// A ref name that cannot be stored.
+    #[error("store: invalid ref name {0:?}")]
+    RefName(String),
     /// A cache record could not be decoded.
     #[error("store: corrupt cache record {path}: {source}")]
     Record {
@@ -64,23 +108,155 @@ pub struct CacheRecord {
     pub created: String,
 }
 
-/// rbuild's content-addressed store (see the crate docs for its layout).
+/// The shared store lock on `<root>/lock`, one per process and store root.
+#[derive(Debug)]
+struct StoreLock {
+    path: PathBuf,
+    file: File,
+}
+
+/// rbuild's content-addressed store (see the crate docs for its layout and the module docs
+/// for the invariants that make sharing and crashes safe). Every handle (and clone) keeps
+/// the store's shared lock held.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    lock: Arc<StoreLock>,
+}
+
+/// A ref: a name for an image manifest kept in the store (see [`Store::set_ref`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefEntry {
+    /// The ref's name (e.g. `docker.io/library/alpine:3.20`).
+    pub name: String,
+    /// The digest of the manifest (or index) blob it names.
+    pub digest: Digest,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Store locks of this process by root, so repeated opens share one lock.
+static STORE_LOCKS: Mutex<Option<HashMap<PathBuf, Weak<StoreLock>>>> = Mutex::new(None);
+/// Owner locks of this process by root; held until the process ends.
+static OWNER_LOCKS: Mutex<Option<HashMap<PathBuf, File>>> = Mutex::new(None);
+
 impl Store {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root`: takes the shared store lock (waiting
+    /// while a prune holds it exclusively), this process's owner lock, and removes `tmp/`
+    /// entries left by dead processes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for sub in ["blobs/sha256", "layers/sha256", "cache", "tmp", "run"] {
+        for sub in ["blobs/sha256", "layers/sha256", "cache", "tmp", "run", "owners", "refs"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
         let root = root.canonicalize().map_err(io_err(root))?;
-        Ok(Store { root })
+        let lock = {
+            let mut map = STORE_LOCKS.lock().unwrap();
+            let map = map.get_or_insert_with(HashMap::new);
+            match map.get(&root).and_then(Weak::upgrade) {
+                Some(l) => l,
+                None => {
+                    let path = root.join("lock");
+                    let file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(io_err(&path))?;
+                    flock(&file, rustix::fs::FlockOperation::LockShared).map_err(io_err(&path))?;
+                    let l = Arc::new(StoreLock { path, file });
+                    map.insert(root.clone(), Arc::downgrade(&l));
+                    l
+                }
+            }
+        };
+        take_owner_lock(&root)?;
+        let store = Store { root, lock };
+        store.clean_dead_temps(false);
+        Ok(store)
+    }
+
+    /// Converts this process's store lock to an exclusive one, waiting up to `timeout` for
+    /// other processes to close the store; the guard turns it back into a shared lock.
+    /// Only one thread of a process should hold it, and the process must not build meanwhile.
+    pub fn lock_exclusive(&self, timeout: Duration) -> Result<ExclusiveLock, StoreError> {
+        let start = Instant::now();
+        loop {
+            // Converting on the same descriptor: our own shared lock does not conflict.
+            match flock(&self.lock.file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(ExclusiveLock { store: self.clone() }),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(StoreError::Io { path: self.lock.path.clone(), source: e }),
+            }
+            if start.elapsed() >= timeout {
+                // A failed conversion drops the old lock (flock(2)): take the shared one back.
+                flock(&self.lock.file, rustix::fs::FlockOperation::LockShared).map_err(io_err(&self.lock.path))?;
+                return Err(StoreError::Busy { path: self.lock.path.clone(), waited: start.elapsed() });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Removes `tmp/` entries (and stale atomic-write temp files in `cache/`, `refs/`,
+    /// `statcache/`) whose creator is gone. With `exclusive` (the caller holds the exclusive
+    /// store lock, so no other process uses the store) every entry not made by this process
+    /// goes. Returns what was removed (count, bytes); errors are ignored (best effort).
+    pub(crate) fn clean_dead_temps(&self, exclusive: bool) -> (u64, u64) {
+        let me = std::process::id();
+        let mut by_pid: HashMap<u32, Vec<PathBuf>> = HashMap::new();
+        let tmp = self.root.join("tmp");
+        for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = temp_owner(&name) {
+                by_pid.entry(pid).or_default().push(e.path());
+            }
+        }
+        for dir in ["cache", "refs", "statcache"] {
+            for e in fs::read_dir(self.root.join(dir)).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")).and_then(|(_, t)| temp_owner(&format!("x-{t}"))) {
+                    by_pid.entry(pid).or_default().push(e.path());
+                }
+            }
+        }
+        for e in fs::read_dir(self.root.join("owners")).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_suffix(".lock").and_then(|p| p.parse::<u32>().ok()) {
+                by_pid.entry(pid).or_default();
+            }
+        }
+        let (mut count, mut bytes) = (0, 0);
+        for (pid, paths) in by_pid {
+            if pid == me {
+                continue;
+            }
+            let lock_path = self.root.join("owners").join(format!("{pid}.lock"));
+            let lock = match File::open(&lock_path) {
+                Ok(f) => {
+                    if flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+                        continue; // its owner is alive (perhaps in another pid namespace)
+                    }
+                    Some(f)
+                }
+                Err(_) => None,
+            };
+            if !exclusive && pid_alive(pid) {
+                continue;
+            }
+            for p in paths {
+                let size = crate::gc::tree_size(&p);
+                let gone = match fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() => remove_tree(&p).is_ok(),
+                    Ok(_) => fs::remove_file(&p).is_ok(),
+                    Err(_) => false,
+                };
+                if gone {
+                    count += 1;
+                    bytes += size;
+                }
+            }
+            if lock.is_some() {
+                // Unlinked while we hold it, so a new owner with this pid notices (see
+                // take_owner_lock) and makes a fresh file.
+                let _ = fs::remove_file(&lock_path);
+            }
+        }
+        (count, bytes)
     }
 
     /// The store's root directory.
@@ -170,18 +346,39 @@ impl Store {
     /// If another build committed the same layer first, `dir` is removed and theirs is kept.
     pub fn commit_layer_dir(&self, dir: &Path, diff_id: &Digest) -> Result<PathBuf, StoreError> {
         let dest = self.layer_dir(diff_id);
-        match fs::rename(dir, &dest) {
-            Ok(()) => {
-                sync_dir(dest.parent().unwrap())?;
-                Ok(dest)
+        for _ in 0..3 {
+            // NOREPLACE: a plain rename(2) would replace an existing *empty* dir that
+            // another build may have mounted already.
+            let res = rustix::fs::renameat_with(rustix::fs::CWD, dir, rustix::fs::CWD, &dest, rustix::fs::RenameFlags::NOREPLACE);
+            let res = match res {
+                Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+                    // Filesystems without RENAME_NOREPLACE: check, then rename (racy only
+                    // for an empty layer, whose copies are alike anyway).
+                    if fs::symlink_metadata(&dest).is_ok() {
+                        Err(rustix::io::Errno::EXIST)
+                    } else {
+                        fs::rename(dir, &dest).map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+                    }
+                }
+                r => r,
+            };
+            match res {
+                Ok(()) => {
+                    sync_dir(dest.parent().unwrap())?;
+                    return Ok(dest);
+                }
+                Err(e) if e == rustix::io::Errno::EXIST || e == rustix::io::Errno::NOTEMPTY => {
+                    if dest.is_dir() {
+                        remove_tree(dir)?;
+                        return Ok(dest);
+                    }
+                    // A dangling link or stray file under the layer's name: replace it.
+                    let _ = fs::remove_file(&dest);
+                }
+                Err(e) => return Err(StoreError::Io { path: dest, source: e.into() }),
             }
-            Err(e) if dest.is_dir() => {
-                let _ = e;
-                remove_tree(dir)?;
-                Ok(dest)
-            }
-            Err(e) => Err(StoreError::Io { path: dest, source: e }),
         }
+        Err(StoreError::Io { path: dest, source: io::Error::other("layer name keeps being taken by something that is not a directory") })
     }
 
     fn record_path(&self, key: &CacheKey) -> PathBuf {
@@ -196,13 +393,77 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::Io { path: p, source: e }),
         };
-        let rec: CacheRecord = serde_json::from_slice(&bytes).map_err(|source| StoreError::Record { path: p, source })?;
+        let rec: CacheRecord = serde_json::from_slice(&bytes).map_err(|source| StoreError::Record { path: p.clone(), source })?;
         if let Some(l) = &rec.layer {
             if !self.has_blob(&l.digest) || !self.has_layer(&l.diff_id) {
                 return Ok(None);
             }
         }
+        // The record's mtime is its last use: prune removes the least recently used first.
+        if let Ok(f) = OpenOptions::new().write(true).open(&p) {
+            let _ = f.set_modified(SystemTime::now());
+        }
         Ok(Some(rec))
+    }
+
+    /// Where the cache record for `key` lives (whether or not it exists).
+    pub fn record_file(&self, key: &CacheKey) -> PathBuf {
+        self.record_path(key)
+    }
+
+    fn ref_path(&self, name: &str) -> PathBuf {
+        self.root.join("refs").join(format!("{}.json", Digest::of(name.as_bytes()).hex()))
+    }
+
+    /// Names the manifest (or index) blob `manifest` as `name`, so prune keeps it and the
+    /// config and layer blobs (and unpacked layers) it lists. Replaces an earlier value.
+    pub fn set_ref(&self, name: &str, manifest: &Digest) -> Result<(), StoreError> {
+        if name.is_empty() || name.contains('\0') {
+            return Err(StoreError::RefName(name.to_string()));
+        }
+        let bytes = serde_json::to_vec_pretty(&RefEntry { name: name.to_string(), digest: manifest.clone() }).expect("refs serialize");
+        self.write_file_atomic(&self.ref_path(name), &bytes)
+    }
+
+    /// The manifest digest named `name`, if any.
+    pub fn get_ref(&self, name: &str) -> Result<Option<Digest>, StoreError> {
+        let p = self.ref_path(name);
+        match fs::read(&p) {
+            Ok(b) => {
+                let r: RefEntry = serde_json::from_slice(&b).map_err(|source| StoreError::Record { path: p, source })?;
+                Ok((r.name == name).then_some(r.digest))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io { path: p, source: e }),
+        }
+    }
+
+    /// Removes the ref `name`; returns whether it existed.
+    pub fn remove_ref(&self, name: &str) -> Result<bool, StoreError> {
+        let p = self.ref_path(name);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::Io { path: p, source: e }),
+        }
+    }
+
+    /// Every ref, sorted by name.
+    pub fn refs(&self) -> Result<Vec<RefEntry>, StoreError> {
+        let dir = self.root.join("refs");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            let p = e.path();
+            let b = fs::read(&p).map_err(io_err(&p))?;
+            out.push(serde_json::from_slice(&b).map_err(|source| StoreError::Record { path: p, source })?);
+        }
+        out.sort_by(|a: &RefEntry, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     /// Records what the step with `key` produced (atomically).
@@ -235,6 +496,77 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         return Err(StoreError::Io { path: dest.to_path_buf(), source: e });
     }
     sync_dir(dir)
+}
+
+/// Holds the store lock exclusively (see [`Store::lock_exclusive`]); dropping it returns
+/// to the shared lock.
+#[derive(Debug)]
+pub struct ExclusiveLock {
+    store: Store,
+}
+
+impl ExclusiveLock {
+    /// The store it locks.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl Drop for ExclusiveLock {
+    fn drop(&mut self) {
+        let _ = flock(&self.store.lock.file, rustix::fs::FlockOperation::LockShared);
+    }
+}
+
+fn flock(f: &File, op: rustix::fs::FlockOperation) -> io::Result<()> {
+    loop {
+        match rustix::fs::flock(f, op) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return r.map_err(Into::into),
+        }
+    }
+}
+
+/// The pid of a `tmp/` entry's creator, from its `<prefix>-<pid>-<n>` name.
+fn temp_owner(name: &str) -> Option<u32> {
+    let mut it = name.rsplitn(3, '-');
+    let n = it.next()?;
+    let pid = it.next()?;
+    it.next()?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether a process with this pid exists (in our pid namespace).
+pub(crate) fn pid_alive(pid: u32) -> bool {
+    match rustix::process::Pid::from_raw(pid as i32) {
+        Some(p) => !matches!(rustix::process::test_kill_process(p), Err(rustix::io::Errno::SRCH)),
+        None => false,
+    }
+}
+
+/// Takes this process's owner lock `owners/<pid>.lock` for `root`, once per process.
+fn take_owner_lock(root: &Path) -> Result<(), StoreError> {
+    let mut map = OWNER_LOCKS.lock().unwrap();
+    let map = map.get_or_insert_with(HashMap::new);
+    if map.contains_key(root) {
+        return Ok(());
+    }
+    let path = root.join("owners").join(format!("{}.lock", std::process::id()));
+    loop {
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(io_err(&path))?;
+        // A cleaner may have unlinked the file (of a dead process with our pid) while we
+        // waited: then our lock guards nothing; make a new file.
+        let held = f.metadata().map_err(io_err(&path))?;
+        match fs::metadata(&path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                map.insert(root.to_path_buf(), f);
+                return Ok(());
+            }
+            _ => continue,
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

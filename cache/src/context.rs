@@ -1,0 +1,323 @@
+//! Build-context hashing with a stat cache.
+//!
+//! [`StatCache`] remembers, per relative path, the stat tuple (size, mtime, ctime, inode,
+//! device, mode) a file had when its content was hashed, and re-reads a file only when the
+//! tuple changed. ctime and inode catch a content change whose size and mtime were put
+//! back (`touch -r`, `cp -p`, tar extraction). As in git's "racy" index entries, an entry is
+//! trusted only when the file's mtime and ctime were at least [`RACY_WINDOW`] older than the
+//! moment it was hashed: within one timestamp tick a file can change again without its
+//! times changing.
+//!
+//! [`StatCache::hash_tree`] digests a selection of files and directories from their
+//! relative path, type, permission bits, symlink target and content digest; owners and
+//! times are left out (like BuildKit's content checksums), so the digest is the same on
+//! every machine and in every checkout.
+
+use crate::digest::{Digest, Hasher};
+use crate::store::{write_file_atomic, Store, StoreError};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{self, File, Metadata};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Files changed this recently before being hashed are re-read next time (the racy-git rule).
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+const FORMAT_VERSION: u32 = 1;
+
+/// Errors of context hashing; each names the path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// Reading or statting a context file failed.
+    #[error("context: {path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A selected path leaves the context (absolute or with `..`).
+    #[error("context: {0:?}: path leaves the build context")]
+    Escapes(String),
+    /// Saving the stat cache failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The stat tuple a cache entry is valid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Stat {
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: u64,
+    dev: u64,
+    mode: u32,
+}
+
+impl Stat {
+    fn of(md: &Metadata) -> Stat {
+        Stat {
+            size: md.size(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            ino: md.ino(),
+            dev: md.dev(),
+            mode: md.mode(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    stat: Stat,
+    /// When the content was read (ns since the epoch).
+    hashed_ns: i64,
+    digest: Digest,
+}
+
+impl Entry {
+    fn trusted_for(&self, st: &Stat) -> bool {
+        self.stat == *st && st.mtime_ns.max(st.ctime_ns) + RACY_WINDOW.as_nanos() as i64 <= self.hashed_ns
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    version: u32,
+    context: PathBuf,
+    entries: HashMap<String, Entry>,
+}
+
+/// Content digests of context files by relative path, valid while their stat tuple holds;
+/// optionally persisted in the store (see [`StatCache::load`]).
+#[derive(Debug, Default)]
+pub struct StatCache {
+    file: Option<PathBuf>,
+    context: PathBuf,
+    entries: HashMap<String, Entry>,
+    dirty: bool,
+    reads: AtomicU64,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Reads and hashes one file, returning its digest and whether it stayed unchanged
+/// (same stat before and after) while being read.
+fn read_digest(path: &Path, before: &Stat) -> io::Result<(Digest, bool)> {
+    let mut f = File::open(path)?;
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; (before.size as usize).clamp(4096, 1 << 20) + 1];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let after = Stat::of(&f.metadata()?);
+    Ok((h.finish(), after == *before))
+}
+
+/// One entry of a hashed selection, gathered before contents are read.
+struct Item {
+    rel: String,
+    kind: u8,
+    mode: u32,
+    target: Vec<u8>,
+    stat: Stat,
+    digest: Option<Digest>,
+}
+
+impl StatCache {
+    /// An empty, in-memory cache.
+    pub fn new() -> StatCache {
+        StatCache::default()
+    }
+
+    /// Where the stat cache of `context` lives in `store`.
+    pub fn file_for(store: &Store, context: &Path) -> PathBuf {
+        let abs = context.canonicalize().unwrap_or_else(|_| context.to_path_buf());
+        store.root().join("statcache").join(format!("{}.json", Digest::of(abs.as_os_str().as_encoded_bytes()).hex()))
+    }
+
+    /// The stat cache of the context directory `context`, persisted in `store`; an absent,
+    /// unreadable or foreign file gives an empty cache (it is only an optimization).
+    pub fn load(store: &Store, context: &Path) -> StatCache {
+        let file = StatCache::file_for(store, context);
+        let context = context.canonicalize().unwrap_or_else(|_| context.to_path_buf());
+        let entries = fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<OnDisk>(&b).ok())
+            .filter(|d| d.version == FORMAT_VERSION && d.context == context)
+            .map(|d| d.entries)
+            .unwrap_or_default();
+        StatCache { file: Some(file), context, entries, dirty: false, reads: AtomicU64::new(0) }
+    }
+
+    /// Writes the cache back (atomically) if it was loaded from a store and changed.
+    pub fn save(&mut self) -> Result<(), ContextError> {
+        let Some(file) = &self.file else { return Ok(()) };
+        if !self.dirty {
+            return Ok(());
+        }
+        let dir = file.parent().unwrap();
+        fs::create_dir_all(dir).map_err(|source| ContextError::Io { path: dir.to_path_buf(), source })?;
+        let disk = OnDisk { version: FORMAT_VERSION, context: self.context.clone(), entries: std::mem::take(&mut self.entries) };
+        let bytes = serde_json::to_vec(&disk).expect("stat cache serializes");
+        self.entries = disk.entries;
+        write_file_atomic(file, &bytes)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// How many files' contents were read so far (cache misses).
+    pub fn files_read(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Forgets entries for paths that no longer exist under `root` (keeps the file small).
+    pub fn forget_missing(&mut self, root: &Path) {
+        let before = self.entries.len();
+        self.entries.retain(|rel, _| fs::symlink_metadata(root.join(rel)).is_ok());
+        self.dirty |= self.entries.len() != before;
+    }
+
+    /// The sha256 of the regular file `root/rel` whose `lstat` is `md`; reads it only when
+    /// no trusted entry matches `md`'s stat tuple.
+    pub fn hash_file(&mut self, root: &Path, rel: &str, md: &Metadata) -> io::Result<Digest> {
+        let st = Stat::of(md);
+        if let Some(e) = self.entries.get(rel) {
+            if e.trusted_for(&st) {
+                return Ok(e.digest.clone());
+            }
+        }
+        let hashed_ns = now_ns();
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let (digest, stable) = read_digest(&root.join(rel), &st)?;
+        self.remember(rel, st, hashed_ns, &digest, stable);
+        Ok(digest)
+    }
+
+    fn remember(&mut self, rel: &str, stat: Stat, hashed_ns: i64, digest: &Digest, stable: bool) {
+        if stable {
+            self.entries.insert(rel.to_string(), Entry { stat, hashed_ns, digest: digest.clone() });
+        } else {
+            // Changed while we read it: the digest is of some mix; do not keep it.
+            self.entries.remove(rel);
+        }
+        self.dirty = true;
+    }
+
+    /// The digest of `selection` (relative paths of files or directories under `root`;
+    /// `""` or `"."` is the whole context), in the order given; directories include
+    /// everything below them. See the module docs for what enters the digest.
+    pub fn hash_tree(&mut self, root: &Path, selection: &[&str]) -> Result<Digest, ContextError> {
+        self.hash_tree_filtered(root, selection, &|_, _| true)
+    }
+
+    /// Like [`StatCache::hash_tree`], but only entries for which `include(rel, is_dir)`
+    /// holds are hashed (e.g. not `.dockerignore`d); directories are still descended, so
+    /// a re-included file below an excluded directory counts.
+    pub fn hash_tree_filtered(&mut self, root: &Path, selection: &[&str], include: &(dyn Fn(&str, bool) -> bool + Sync)) -> Result<Digest, ContextError> {
+        let mut items = Vec::new();
+        let mut starts = Vec::new();
+        for sel in selection {
+            let sel = sel.trim_start_matches("./").trim_end_matches('/');
+            let sel = if sel == "." { "" } else { sel };
+            if sel.starts_with('/') || sel.split('/').any(|c| c == "..") {
+                return Err(ContextError::Escapes(sel.to_string()));
+            }
+            starts.push(items.len());
+            let top = if sel.is_empty() { root.to_path_buf() } else { root.join(sel) };
+            for e in walkdir::WalkDir::new(&top).follow_links(false).sort_by_file_name() {
+                let e = e.map_err(|e| {
+                    let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| top.clone());
+                    ContextError::Io { path, source: e.into() }
+                })?;
+                let rel = e.path().strip_prefix(root).unwrap_or(e.path());
+                let rel = rel.to_string_lossy().into_owned();
+                let md = e.metadata().map_err(|err| ContextError::Io { path: e.path().to_path_buf(), source: err.into() })?;
+                let ft = md.file_type();
+                if !include(&rel, ft.is_dir()) {
+                    continue;
+                }
+                let (kind, target) = if ft.is_file() {
+                    (b'f', Vec::new())
+                } else if ft.is_dir() {
+                    (b'd', Vec::new())
+                } else if ft.is_symlink() {
+                    let t = fs::read_link(e.path()).map_err(|source| ContextError::Io { path: e.path().to_path_buf(), source })?;
+                    (b'l', t.into_os_string().into_encoded_bytes())
+                } else {
+                    (b'o', Vec::new())
+                };
+                let stat = Stat::of(&md);
+                let digest = if kind == b'f' { self.entries.get(&rel).filter(|en| en.trusted_for(&stat)).map(|en| en.digest.clone()) } else { None };
+                items.push(Item { rel, kind, mode: md.mode() & 0o7777, target, stat, digest });
+            }
+        }
+        // Read the misses in parallel: the first pass is bound by sha256 and I/O.
+        let misses: Vec<usize> = items.iter().enumerate().filter(|(_, it)| it.kind == b'f' && it.digest.is_none()).map(|(i, _)| i).collect();
+        let reads = &self.reads;
+        let results: Vec<(usize, i64, io::Result<(Digest, bool)>)> = misses
+            .par_iter()
+            .map(|&i| {
+                let hashed_ns = now_ns();
+                reads.fetch_add(1, Ordering::Relaxed);
+                (i, hashed_ns, read_digest(&root.join(&items[i].rel), &items[i].stat))
+            })
+            .collect();
+        for (i, hashed_ns, res) in results {
+            let (digest, stable) = res.map_err(|source| ContextError::Io { path: root.join(&items[i].rel), source })?;
+            let (rel, stat) = (items[i].rel.clone(), items[i].stat);
+            self.remember(&rel, stat, hashed_ns, &digest, stable);
+            items[i].digest = Some(digest);
+        }
+        let mut h = Hasher::new();
+        let mut field = |label: &[u8], value: &[u8]| {
+            for part in [label, value] {
+                h.update(&(part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        };
+        field(b"rbuild-context-v1", b"");
+        let mut next_start = starts.iter().zip(selection).peekable();
+        for (i, it) in items.iter().enumerate() {
+            while let Some((_, sel)) = next_start.next_if(|(s, _)| **s == i) {
+                field(b"selection", sel.as_bytes());
+            }
+            field(b"path", it.rel.as_bytes());
+            field(b"type", &[it.kind]);
+            field(b"mode", &it.mode.to_le_bytes());
+            if it.kind == b'l' {
+                field(b"target", &it.target);
+            }
+            if let Some(d) = &it.digest {
+                field(b"content", d.as_str().as_bytes());
+            }
+        }
+        // Selections that matched nothing (all excluded) still count.
+        for (_, sel) in next_start {
+            field(b"selection", sel.as_bytes());
+        }
+        Ok(h.finish())
+    }
+}

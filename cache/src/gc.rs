@@ -1,0 +1,458 @@
+//! `rbuild du`, `rbuild prune` and `rbuild verify` as library functions.
+//!
+//! # Prune's safety design
+//!
+//! Prune converts the store lock to an exclusive one ([`Store::lock_exclusive`]), so it
+//! runs only while no other process has the store open; it waits up to
+//! [`PruneOptions::wait`] for running builds and then fails with [`StoreError::Busy`].
+//! This is the simple safe design: a running build holds things no record names yet (a
+//! `layers/built/` dir whose blob is still being written, `tmp/` work), and under the
+//! exclusive lock none exist except this process's own.
+//!
+//! What is kept: every cache record not chosen for removal, its blob and its unpacked
+//! layer (and, for a layer linked as `layers/sha256/<id> -> ../built/<dir>`, that dir);
+//! every ref's manifest, and, through it, index children, the config blob, layer blobs and
+//! the unpacked layers named by the config's `rootfs.diff_ids`. Everything else under
+//! `blobs/`, `layers/` and `tmp/` (not this process's) goes, so nothing is left behind
+//! that prune cannot find.
+
+use crate::digest::{Digest, Hasher};
+use crate::store::{remove_tree, CacheRecord, Store, StoreError};
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// Errors of du, prune and verify; each names the path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// A store operation (locking, refs) failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An I/O error on a path of the store.
+    #[error("gc: {path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GcError + '_ {
+    move |source| GcError::Io { path: path.to_path_buf(), source }
+}
+
+/// Count and apparent size of one kind of thing in the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindUsage {
+    /// How many (blobs, layer dirs, records, cache mounts, tmp entries).
+    pub count: u64,
+    /// Bytes of regular files and symlinks (hard links counted once).
+    pub bytes: u64,
+}
+
+/// What [`disk_usage`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// `blobs/`: compressed layers, configs, manifests.
+    pub blobs: KindUsage,
+    /// `layers/`: unpacked layers (count: names under `layers/sha256/` plus unlinked `layers/built/` dirs).
+    pub layers: KindUsage,
+    /// `cache/`: cache records.
+    pub records: KindUsage,
+    /// `mounts/`: `RUN --mount=type=cache` directories.
+    pub mounts: KindUsage,
+    /// `tmp/`: work in progress (or left by killed builds until the next open or prune).
+    pub tmp: KindUsage,
+}
+
+impl Usage {
+    /// Bytes of every kind together.
+    pub fn total_bytes(&self) -> u64 {
+        self.blobs.bytes + self.layers.bytes + self.records.bytes + self.mounts.bytes + self.tmp.bytes
+    }
+}
+
+/// Apparent bytes of a file or tree (no symlinks followed, hard links once); 0 if absent.
+pub(crate) fn tree_size(p: &Path) -> u64 {
+    let mut seen = HashSet::new();
+    tree_size_seen(p, &mut seen)
+}
+
+fn tree_size_seen(p: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
+    let mut total = 0;
+    for e in walkdir::WalkDir::new(p).follow_links(false).into_iter().flatten() {
+        if let Ok(md) = e.metadata() {
+            if md.is_dir() {
+                continue;
+            }
+            if md.nlink() > 1 && !seen.insert((md.dev(), md.ino())) {
+                continue;
+            }
+            total += md.len();
+        }
+    }
+    total
+}
+
+fn entries(dir: &Path) -> Vec<fs::DirEntry> {
+    fs::read_dir(dir).into_iter().flatten().flatten().collect()
+}
+
+/// Disk usage of the store by kind (`rbuild du`). Takes no lock beyond the handle's: the
+/// figures are a snapshot while builds may run.
+pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
+    let root = store.root();
+    let mut u = Usage::default();
+    let count_children = |dir: &Path, filter: &dyn Fn(&str) -> bool| -> KindUsage {
+        let mut k = KindUsage::default();
+        for e in entries(dir) {
+            if filter(&e.file_name().to_string_lossy()) {
+                k.count += 1;
+                k.bytes += tree_size(&e.path());
+            }
+        }
+        k
+    };
+    u.blobs = count_children(&root.join("blobs/sha256"), &|_| true);
+    u.records = count_children(&root.join("cache"), &|n| n.ends_with(".json") && !n.starts_with('.'));
+    u.tmp = count_children(&root.join("tmp"), &|_| true);
+    u.mounts = count_children(&root.join("mounts/cache"), &|n| !n.ends_with(".lock"));
+    // Layers: sizes of the whole layers/ tree once; count layer names plus unlinked built dirs.
+    u.layers.bytes = tree_size(&root.join("layers"));
+    let linked = linked_built_dirs(store);
+    u.layers.count = entries(&root.join("layers/sha256")).len() as u64
+        + entries(&root.join("layers/built")).iter().filter(|e| !linked.contains(&e.file_name().to_string_lossy().into_owned())).count() as u64;
+    Ok(u)
+}
+
+/// Names of `layers/built/` dirs that some `layers/sha256/<id>` symlink points to.
+fn linked_built_dirs(store: &Store) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for e in entries(&store.root().join("layers/sha256")) {
+        if let Some(name) = built_target(&e.path()) {
+            out.insert(name);
+        }
+    }
+    out
+}
+
+/// For a `layers/sha256/<id>` symlink into `../built/`, the built dir's name.
+fn built_target(link: &Path) -> Option<String> {
+    let t = fs::read_link(link).ok()?;
+    let mut comps = t.components();
+    match (comps.next()?, comps.next()?, comps.next()?, comps.next()) {
+        (std::path::Component::ParentDir, std::path::Component::Normal(b), std::path::Component::Normal(n), None) if b == "built" => {
+            Some(n.to_string_lossy().into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// What [`prune`] should remove.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Remove least recently used records until blobs + layers + records fit in this many bytes.
+    pub keep_storage: Option<u64>,
+    /// Remove records not used for this long.
+    pub older_than: Option<Duration>,
+    /// Remove every record and every cache mount (refs and what they name stay).
+    pub all: bool,
+    /// How long to wait for running builds to close the store.
+    pub wait: Duration,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions { keep_storage: None, older_than: None, all: false, wait: Duration::from_secs(30) }
+    }
+}
+
+/// What [`prune`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Cache records removed (including undecodable ones).
+    pub records: u64,
+    /// Blobs removed.
+    pub blobs: u64,
+    /// Layer names and layer dirs removed.
+    pub layers: u64,
+    /// `tmp/` entries and stale temp files removed.
+    pub tmp: u64,
+    /// Cache mounts removed (only with `all`).
+    pub mounts: u64,
+    /// Apparent bytes freed.
+    pub bytes: u64,
+}
+
+struct RecordInfo {
+    path: PathBuf,
+    used: SystemTime,
+    size: u64,
+    rec: Option<CacheRecord>,
+}
+
+fn load_records(store: &Store) -> Vec<RecordInfo> {
+    let mut out = Vec::new();
+    for e in entries(&store.root().join("cache")) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        let path = e.path();
+        let Ok(md) = fs::metadata(&path) else { continue };
+        let rec = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<CacheRecord>(&b).ok());
+        out.push(RecordInfo { path, used: md.modified().unwrap_or(SystemTime::UNIX_EPOCH), size: md.len(), rec });
+    }
+    // Oldest last use first; the name breaks ties so the order is stable.
+    out.sort_by(|a, b| a.used.cmp(&b.used).then_with(|| a.path.cmp(&b.path)));
+    out
+}
+
+/// Blobs and unpacked layers that refs keep, following manifests, indexes and configs.
+fn pinned_by_refs(store: &Store) -> Result<(HashSet<Digest>, HashSet<Digest>), GcError> {
+    let (mut blobs, mut layers) = (HashSet::new(), HashSet::new());
+    let mut todo: Vec<Digest> = store.refs()?.into_iter().map(|r| r.digest).collect();
+    let digest_of = |v: &serde_json::Value| v.get("digest").and_then(|d| d.as_str()).and_then(|d| d.parse::<Digest>().ok());
+    while let Some(d) = todo.pop() {
+        if !blobs.insert(d.clone()) {
+            continue;
+        }
+        let Ok(bytes) = store.read_blob(&d) else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+        for m in v.get("manifests").and_then(|m| m.as_array()).into_iter().flatten() {
+            todo.extend(digest_of(m));
+        }
+        if let Some(cfg) = v.get("config").and_then(digest_of) {
+            blobs.insert(cfg.clone());
+            if let Ok(cb) = store.read_blob(&cfg) {
+                if let Ok(c) = serde_json::from_slice::<serde_json::Value>(&cb) {
+                    let ids = c.pointer("/rootfs/diff_ids").and_then(|x| x.as_array());
+                    layers.extend(ids.into_iter().flatten().filter_map(|x| x.as_str()?.parse::<Digest>().ok()));
+                }
+            }
+        }
+        for l in v.get("layers").and_then(|m| m.as_array()).into_iter().flatten() {
+            blobs.extend(digest_of(l));
+        }
+    }
+    Ok((blobs, layers))
+}
+
+fn remove_any(p: &Path) -> Result<(), GcError> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => remove_tree(p).map_err(GcError::from),
+        Ok(_) => fs::remove_file(p).map_err(io_err(p)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(GcError::Io { path: p.to_path_buf(), source: e }),
+    }
+}
+
+/// Removes cache records (least recently used first, as `opts` asks) and then everything
+/// no remaining record or ref keeps (`rbuild prune`; see the module docs). Waits for the
+/// exclusive store lock up to `opts.wait`.
+pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError> {
+    let _excl = store.lock_exclusive(opts.wait)?;
+    let mut report = PruneReport::default();
+    let (n, b) = store.clean_dead_temps(true);
+    report.tmp += n;
+    report.bytes += b;
+
+    let root = store.root().to_path_buf();
+    let records = load_records(store);
+    let (pin_blobs, pin_layers) = pinned_by_refs(store)?;
+    let now = SystemTime::now();
+    let mut remove = vec![false; records.len()];
+    for (i, r) in records.iter().enumerate() {
+        let old = opts.older_than.is_some_and(|d| now.duration_since(r.used).unwrap_or_default() > d);
+        remove[i] = opts.all || old || r.rec.is_none();
+    }
+
+    // Reference counts of what the records left keep.
+    let mut blob_refs: HashMap<Digest, u32> = HashMap::new();
+    let mut layer_refs: HashMap<Digest, u32> = HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if let (false, Some(Some(l))) = (remove[i], r.rec.as_ref().map(|r| r.layer.as_ref())) {
+            *blob_refs.entry(l.digest.clone()).or_default() += 1;
+            *layer_refs.entry(l.diff_id.clone()).or_default() += 1;
+        }
+    }
+
+    if let Some(keep) = opts.keep_storage {
+        let blob_size = |d: &Digest| fs::metadata(store.blob_path(d)).map(|m| m.len()).unwrap_or(0);
+        let layer_size = |d: &Digest| {
+            let p = store.layer_dir(d);
+            match built_target(&p) {
+                Some(b) => tree_size(&root.join("layers/built").join(b)),
+                None => tree_size(&p),
+            }
+        };
+        let kept_blobs: HashSet<&Digest> = blob_refs.keys().chain(pin_blobs.iter()).collect();
+        let kept_layers: HashSet<&Digest> = layer_refs.keys().chain(pin_layers.iter()).collect();
+        let mut total: u64 = kept_blobs.iter().map(|d| blob_size(d)).sum::<u64>()
+            + kept_layers.iter().map(|d| layer_size(d)).sum::<u64>()
+            + records.iter().zip(&remove).filter(|(_, r)| !**r).map(|(r, _)| r.size).sum::<u64>();
+        for (i, r) in records.iter().enumerate() {
+            if total <= keep {
+                break;
+            }
+            if remove[i] {
+                continue;
+            }
+            remove[i] = true;
+            total = total.saturating_sub(r.size);
+            if let Some(Some(l)) = r.rec.as_ref().map(|r| r.layer.as_ref()) {
+                let c = blob_refs.get_mut(&l.digest).unwrap();
+                *c -= 1;
+                if *c == 0 && !pin_blobs.contains(&l.digest) {
+                    total = total.saturating_sub(blob_size(&l.digest));
+                }
+                let c = layer_refs.get_mut(&l.diff_id).unwrap();
+                *c -= 1;
+                if *c == 0 && !pin_layers.contains(&l.diff_id) {
+                    total = total.saturating_sub(layer_size(&l.diff_id));
+                }
+            }
+        }
+    }
+
+    for (r, _) in records.iter().zip(&remove).filter(|(_, r)| **r) {
+        remove_any(&r.path)?;
+        report.records += 1;
+        report.bytes += r.size;
+    }
+
+    // Sweep blobs.
+    let keeps = |refs: &HashMap<Digest, u32>, pins: &HashSet<Digest>, d: &Digest| refs.get(d).is_some_and(|c| *c > 0) || pins.contains(d);
+    for e in entries(&root.join("blobs/sha256")) {
+        let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok();
+        if d.as_ref().is_some_and(|d| keeps(&blob_refs, &pin_blobs, d)) {
+            continue;
+        }
+        let p = e.path();
+        let size = tree_size(&p);
+        remove_any(&p)?;
+        report.blobs += 1;
+        report.bytes += size;
+    }
+    // Sweep layer names, then built dirs no kept name links to.
+    let mut linked = HashSet::new();
+    for e in entries(&root.join("layers/sha256")) {
+        let p = e.path();
+        let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok();
+        if d.as_ref().is_some_and(|d| keeps(&layer_refs, &pin_layers, d)) {
+            linked.extend(built_target(&p));
+            continue;
+        }
+        let size = tree_size(&p);
+        remove_any(&p)?;
+        report.layers += 1;
+        report.bytes += size;
+    }
+    for e in entries(&root.join("layers/built")) {
+        if linked.contains(&*e.file_name().to_string_lossy()) {
+            continue;
+        }
+        let p = e.path();
+        let size = tree_size(&p);
+        remove_any(&p)?;
+        report.layers += 1;
+        report.bytes += size;
+    }
+    if opts.all {
+        for e in entries(&root.join("mounts/cache")) {
+            let p = e.path();
+            let size = tree_size(&p);
+            remove_any(&p)?;
+            if !e.file_name().to_string_lossy().ends_with(".lock") {
+                report.mounts += 1;
+            }
+            report.bytes += size;
+        }
+    }
+    Ok(report)
+}
+
+/// What [`verify`] checked and found wrong.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Blobs whose content was hashed.
+    pub blobs: u64,
+    /// Layer names checked.
+    pub layers: u64,
+    /// Cache records checked.
+    pub records: u64,
+    /// One line per problem, naming the path.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether no problem was found.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the store's integrity: every blob's sha256 matches its name, every layer name is
+/// a directory (no dangling links), every record decodes and its blob and layer exist,
+/// every ref's manifest exists.
+pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
+    let root = store.root();
+    let mut rep = VerifyReport::default();
+    let mut buf = vec![0u8; 1 << 20];
+    for e in entries(&root.join("blobs/sha256")) {
+        let p = e.path();
+        rep.blobs += 1;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(want) = format!("sha256:{name}").parse::<Digest>() else {
+            rep.problems.push(format!("{}: not a digest name", p.display()));
+            continue;
+        };
+        let mut f = fs::File::open(&p).map_err(io_err(&p))?;
+        let mut h = Hasher::new();
+        loop {
+            let n = f.read(&mut buf).map_err(io_err(&p))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let got = h.finish();
+        if got != want {
+            rep.problems.push(format!("{}: content is {got}", p.display()));
+        }
+    }
+    for e in entries(&root.join("layers/sha256")) {
+        rep.layers += 1;
+        let p = e.path();
+        if format!("sha256:{}", e.file_name().to_string_lossy()).parse::<Digest>().is_err() {
+            rep.problems.push(format!("{}: not a digest name", p.display()));
+        } else if !p.is_dir() {
+            rep.problems.push(format!("{}: not a directory (or a dangling link)", p.display()));
+        }
+    }
+    for r in load_records(store) {
+        rep.records += 1;
+        match r.rec {
+            None => rep.problems.push(format!("{}: undecodable record", r.path.display())),
+            Some(CacheRecord { layer: Some(l), .. }) => {
+                if !store.has_blob(&l.digest) {
+                    rep.problems.push(format!("{}: blob {} missing", r.path.display(), l.digest));
+                }
+                if !store.has_layer(&l.diff_id) {
+                    rep.problems.push(format!("{}: layer {} missing", r.path.display(), l.diff_id));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for r in store.refs()? {
+        if !store.has_blob(&r.digest) {
+            rep.problems.push(format!("ref {}: manifest {} missing", r.name, r.digest));
+        }
+    }
+    Ok(rep)
+}
