@@ -48,13 +48,13 @@ impl IdMap {
         (top(&self.uids), top(&self.gids))
     }
 
-    /// One line describing the map, e.g. `0→1001 (1), 1→200000 (65536)`.
+    /// One line describing the map, e.g. `uid and gid map 0→1001 (1), 1→200000 (65536)`.
     pub fn describe(&self) -> String {
         let d = |v: &[Extent]| v.iter().map(|e| format!("{}→{} ({})", e.inside, e.outside, e.count)).collect::<Vec<_>>().join(", ");
         if self.uids == self.gids {
-            format!("ids {}", d(&self.uids))
+            format!("uid and gid map {}", d(&self.uids))
         } else {
-            format!("uids {}; gids {}", d(&self.uids), d(&self.gids))
+            format!("uid map {}; gid map {}", d(&self.uids), d(&self.gids))
         }
     }
 
@@ -102,7 +102,7 @@ mod tests {
     fn maps_parse_describe_and_nest() {
         let m = IdMap { uids: parse_map("  0  1001  1\n  1  200000  65536\n"), gids: parse_map("0 1001 1\n1 200000 65536\n") };
         assert_eq!(m.max_ids(), (65536, 65536));
-        assert_eq!(m.describe(), "ids 0→1001 (1), 1→200000 (65536)");
+        assert_eq!(m.describe(), "uid and gid map 0→1001 (1), 1→200000 (65536)");
         assert_eq!(nested_identity(&m.uids), "0 0 1\n1 1 65536\n");
         assert!(!m.is_full());
     }

@@ -5,40 +5,11 @@
 
 use crate::spec::{Network, RunSpec};
 use crate::sys;
-use rustix::mount::{MountFlags, UnmountFlags};
+use crate::syscalls::{LinuxSyscalls, Syscalls};
+use rustix::mount::MountFlags;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-
-/// Mount operations, behind a trait so the mount plan can be checked without privileges.
-pub trait Mounter {
-    /// `mount(source, target, fstype, flags, data)`.
-    fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> std::io::Result<()>;
-    /// A non-recursive bind mount.
-    fn bind(&mut self, source: &Path, target: &Path) -> std::io::Result<()>;
-    /// Remounts a bind mount read-only (and `noexec` when asked).
-    fn remount_ro(&mut self, target: &Path, noexec: bool) -> std::io::Result<()>;
-}
-
-/// The real Linux mounts.
-pub struct LinuxMounter;
-
-impl Mounter for LinuxMounter {
-    fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> std::io::Result<()> {
-        let data = CString::new(data).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        rustix::mount::mount(source, target, fstype, flags, data.as_c_str()).map_err(Into::into)
-    }
-    fn bind(&mut self, source: &Path, target: &Path) -> std::io::Result<()> {
-        rustix::mount::mount_bind(source, target).map_err(Into::into)
-    }
-    fn remount_ro(&mut self, target: &Path, noexec: bool) -> std::io::Result<()> {
-        let mut flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
-        if noexec {
-            flags |= MountFlags::NOEXEC;
-        }
-        rustix::mount::mount_remount(target, flags, c"").map_err(Into::into)
-    }
-}
 
 /// Files of /proc hidden behind /dev/null (runc's list).
 pub const MASKED_FILES: &[&str] = &["kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug"];
@@ -47,8 +18,8 @@ pub const MASKED_DIRS: &[&str] = &["acpi", "asound", "scsi"];
 /// Parts of /proc made read-only.
 pub const READONLY: &[&str] = &["bus", "fs", "irq", "sys", "sysrq-trigger"];
 
-/// Masks a freshly mounted procfs at `proc` like runc does.
-pub fn mask_proc(m: &mut dyn Mounter, proc: &Path, null: &Path) -> std::io::Result<()> {
+/// Masks a freshly mounted procfs at `proc` like runc does; skips what does not exist.
+pub fn mask_proc(m: &mut dyn Syscalls, proc: &Path, null: &Path) -> std::io::Result<()> {
     for f in MASKED_FILES {
         let p = proc.join(f);
         if p.exists() {
@@ -71,8 +42,10 @@ pub fn mask_proc(m: &mut dyn Mounter, proc: &Path, null: &Path) -> std::io::Resu
     Ok(())
 }
 
-/// The helper's main; never returns.
+/// The helper's main; never returns. Reports on fd 3 (`created:`, `warning:`, `status:` and
+/// `error:` lines); fd 3 is close-on-exec from here on, so the step's command never holds it.
 pub fn helper_main() -> ! {
+    let _ = sys::set_cloexec(3, true);
     let mut status = sys::status_fd3();
     let mut json = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut json) {
@@ -90,22 +63,27 @@ pub fn helper_main() -> ! {
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = rustix::stdio::dup2_stdin(&null);
     }
+    // We are in the new PID namespace's parent; our child is its PID 1.
     match sys::fork() {
         Ok(0) => {
-            let code = match init(&spec, &mut status) {
+            let code = match init(&mut LinuxSyscalls, &spec, &mut status) {
                 Ok(code) => code,
                 Err(e) => {
-                    let _ = writeln!(status, "error:{e}");
+                    let _ = writeln!(status, "error:{}", e.replace('\n', " "));
                     125
                 }
             };
             sys::exit_now(code);
         }
         Ok(pid) => {
+            drop(status);
             let pid = rustix::process::Pid::from_raw(pid).unwrap();
-            let code = match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
-                Ok(Some((_, st))) => st.exit_status().map(|c| c as i32).unwrap_or(125),
-                _ => 125,
+            let code = loop {
+                match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+                    Ok(Some((_, st))) => break st.exit_status().map(|c| c as i32).unwrap_or(125),
+                    Err(rustix::io::Errno::INTR) => continue,
+                    _ => break 125,
+                }
             };
             sys::exit_now(code);
         }
@@ -120,8 +98,9 @@ fn ctx<T>(r: std::io::Result<T>, what: impl FnOnce() -> String) -> Result<T, Str
     r.map_err(|e| format!("{}: {e}", what()))
 }
 
-/// Creates `rel` in `root` as a directory or empty file when missing; records what it made.
-fn ensure_mountpoint(root: &Path, rel: &str, dir: bool, created: &mut Vec<String>) -> Result<PathBuf, String> {
+/// Creates `rel` in `root` as a directory or empty file when missing; records what it made
+/// (parents first), so the caller can remove it from the upperdir.
+pub(crate) fn ensure_mountpoint(root: &Path, rel: &str, dir: bool, created: &mut Vec<String>) -> Result<PathBuf, String> {
     let mut p = root.to_path_buf();
     let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
     for (i, c) in comps.iter().enumerate() {
@@ -147,20 +126,33 @@ fn ensure_mountpoint(root: &Path, rel: &str, dir: bool, created: &mut Vec<String
     Ok(p)
 }
 
-fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
-    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
-    let m: &mut dyn Mounter = &mut LinuxMounter;
-    ctx(rustix::system::sethostname(spec.hostname.as_bytes()).map_err(Into::into), || "sethostname".into())?;
-    ctx(
-        rustix::mount::mount_change(Path::new("/"), rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC).map_err(Into::into),
-        || "making / private".into(),
-    )?;
+/// What [`prepare_root`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Prepared {
+    /// Mount points created in the root (relative, parents first).
+    pub created: Vec<String>,
+    /// What the step goes without (e.g. sysfs).
+    pub warnings: Vec<String>,
+}
+
+/// Builds the step's root filesystem at `<scratch>/rootfs`, up to (not including) pivot_root:
+/// hostname, private propagation, loopback, overlay, masked procfs, sysfs, /dev, generated
+/// /etc files and extra mounts.
+pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepared, String> {
+    let mut out = Prepared::default();
+    let created = &mut out.created;
+    ctx(m.sethostname(&spec.hostname), || "sethostname".into())?;
+    // Nothing we mount may propagate to the builder's mount namespace.
+    ctx(m.make_rprivate(Path::new("/")), || "making / private".into())?;
     if spec.network == Network::None {
-        ctx(sys::loopback_up(), || "bringing up loopback".into())?;
+        ctx(m.loopback_up(), || "bringing up loopback".into())?;
     }
     let scratch = &spec.scratch;
     let rootfs = scratch.join("rootfs");
-    if let Err(e) = mount_overlay(spec, &rootfs) {
+    let empty = scratch.join("empty");
+    // FROM scratch: an empty directory is the single lower layer.
+    let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() { vec![empty.as_path()] } else { spec.lowerdirs.iter().map(|p| p.as_path()).collect() };
+    if let Err(e) = m.mount_overlay(&lowers, &spec.upperdir, &spec.workdir, &rootfs) {
         let on_overlay = rustix::fs::statfs(&spec.upperdir).map(|st| st.f_type as i64 == 0x794c7630).unwrap_or(false);
         let hint = if on_overlay {
             " (the store is on overlayfs, which cannot hold upperdirs: put --root on another filesystem, e.g. an emptyDir volume)"
@@ -169,9 +161,8 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
         };
         return Err(format!("mounting the overlay root filesystem ({} layers): {e}{hint}", spec.lowerdirs.len()));
     }
-    let mut created = Vec::new();
     let null = Path::new("/dev/null");
-    let proc = ensure_mountpoint(&rootfs, "proc", true, &mut created)?;
+    let proc = ensure_mountpoint(&rootfs, "proc", true, created)?;
     if let Err(e) = m.mount("proc", &proc, "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "") {
         return Err(format!(
             "mounting /proc for the RUN step: {e}. The kernel allows a new procfs only where an unmasked /proc is visible: \
@@ -180,8 +171,20 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
         ));
     }
     ctx(mask_proc(m, &proc, null), || "masking /proc".into())?;
-    let dev = ensure_mountpoint(&rootfs, "dev", true, &mut created)?;
+    // sysfs: a user namespace may mount it only together with its own network namespace.
+    let had_sys = rootfs.join("sys").exists();
+    let sys_dir = ensure_mountpoint(&rootfs, "sys", true, created)?;
+    let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    if let Err(e) = m.mount("sysfs", &sys_dir, "sysfs", ro, "") {
+        out.warnings.push(format!("/sys is not mounted in this step (sysfs: {e}; it needs the step's own network namespace, e.g. --network=none)"));
+        if !had_sys {
+            let _ = std::fs::remove_dir(&sys_dir);
+            created.retain(|c| c != "sys");
+        }
+    }
+    let dev = ensure_mountpoint(&rootfs, "dev", true, created)?;
     ctx(m.mount("tmpfs", &dev, "tmpfs", MountFlags::NOSUID | MountFlags::NOEXEC, "mode=755,size=65536k"), || "mounting /dev".into())?;
+    // mknod of real devices is EPERM in a user namespace: bind the host's.
     for d in ["null", "zero", "full", "random", "urandom", "tty"] {
         let host = Path::new("/dev").join(d);
         if !host.exists() {
@@ -195,6 +198,8 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
     let _ = std::fs::create_dir(&pts);
     if m.mount("devpts", &pts, "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, "newinstance,ptmxmode=0666,mode=0620").is_ok() {
         let _ = std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"));
+    } else {
+        let _ = std::fs::remove_dir(&pts);
     }
     let shm = dev.join("shm");
     let _ = std::fs::create_dir(&shm);
@@ -202,25 +207,39 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
     for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
         let _ = std::os::unix::fs::symlink(target, dev.join(name));
     }
+    // Generated files live in the scratch dir; bound over the image's, they never reach the layer.
     for f in ["hosts", "resolv.conf", "hostname"] {
-        let t = ensure_mountpoint(&rootfs, &format!("etc/{f}"), false, &mut created)?;
+        let t = ensure_mountpoint(&rootfs, &format!("etc/{f}"), false, created)?;
         ctx(m.bind(&scratch.join("files").join(f), &t), || format!("binding /etc/{f}"))?;
     }
     for (i, mnt) in spec.mounts.iter().enumerate() {
-        extra_mount(m, spec, &rootfs, i, mnt, &mut created)?;
+        extra_mount(m, spec, &rootfs, i, mnt, created)?;
     }
-    for c in &created {
+    Ok(out)
+}
+
+fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
+    // If the helper dies, so does the step.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // Root of the new user namespace (the parent wrote its maps before it released us).
+    ctx(sys::set_ids(0, 0), || "becoming root of the step's user namespace".into())?;
+    let prepared = prepare_root(m, spec)?;
+    for c in &prepared.created {
         let _ = writeln!(status, "created:{c}");
     }
+    for w in &prepared.warnings {
+        let _ = writeln!(status, "warning:{w}");
+    }
     // Into the new root; the old one is detached and unreachable.
+    let rootfs = spec.scratch.join("rootfs");
     ctx(std::env::set_current_dir(&rootfs), || "chdir to the root filesystem".into())?;
-    ctx(rustix::process::pivot_root(".", ".").map_err(Into::into), || "pivot_root".into())?;
-    ctx(rustix::mount::unmount(".", UnmountFlags::DETACH).map_err(Into::into), || "detaching the old root".into())?;
+    ctx(m.pivot_root(Path::new("."), Path::new(".")), || "pivot_root".into())?;
+    ctx(m.umount_detach(Path::new(".")), || "detaching the old root".into())?;
     ctx(std::env::set_current_dir("/"), || "chdir /".into())?;
-    ctx(std::env::set_current_dir(&spec.cwd), || format!("working directory {}", spec.cwd))?;
+    ctx(std::env::set_current_dir(&spec.cwd), || format!("working directory {} (it must exist in the image)", spec.cwd))?;
     let (uid, gid, groups) = resolve_user(&spec.user)?;
     let path_env = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_else(|| DEFAULT_PATH.to_string());
-    let exe = find_executable(&spec.argv[0], &path_env).ok_or_else(|| format!("{}: executable file not found in $PATH ({path_env})", spec.argv[0]))?;
+    let exe = find_executable(&spec.argv[0], &path_env).ok_or_else(|| format!("exec {}: executable file not found in $PATH ({path_env})", spec.argv[0]))?;
     let mut env: Vec<CString> = Vec::new();
     let mut has_path = false;
     for (k, v) in &spec.env {
@@ -234,7 +253,7 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
         env.push(CString::new(format!("HOSTNAME={}", spec.hostname)).unwrap());
     }
     let argv: Vec<CString> = spec.argv.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>().map_err(|_| "argument contains a NUL byte".to_string())?;
-    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes()).unwrap();
+    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|_| "executable path contains a NUL byte".to_string())?;
     let _ = status.flush();
     let child = ctx(sys::fork(), || "fork".into())?;
     if child == 0 {
@@ -250,13 +269,13 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
             let _ = writeln!(status, "error:switching to user {:?} ({uid}:{gid}): {e}", spec.user);
             sys::exit_now(126);
         }
-        let _ = sys::set_cloexec(3, true);
         sys::unblock_all_signals();
         let e = sys::execve(&exe_c, &argv, &env);
         let _ = writeln!(status, "error:exec {}: {e}", spec.argv[0]);
         sys::exit_now(127);
     }
-    // PID 1: reap everything until the command itself exits.
+    // PID 1: reap everything until the command itself exits. When we exit, the kernel kills
+    // every other process of the namespace, so nothing the step started survives it.
     loop {
         match rustix::process::wait(rustix::process::WaitOptions::empty()) {
             Ok(Some((pid, st))) if pid.as_raw_nonzero().get() == child => {
@@ -276,39 +295,8 @@ fn init(spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
     }
 }
 
-/// Mounts the step's overlay at `target`. The new mount API takes one lower layer per call
-/// (`lowerdir+`, Linux 6.8), so the layer count is not bounded by the one-page limit of
-/// mount(2)'s option string; older kernels get the classic call.
-fn mount_overlay(spec: &RunSpec, target: &Path) -> std::io::Result<()> {
-    use rustix::mount::{fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount};
-    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
-    let empty = spec.scratch.join("empty");
-    let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() { vec![empty.as_path()] } else { spec.lowerdirs.iter().map(|p| p.as_path()).collect() };
-    let new_api = (|| -> rustix::io::Result<()> {
-        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
-        for l in &lowers {
-            fsconfig_set_string(&fs, "lowerdir+", *l)?;
-        }
-        fsconfig_set_string(&fs, "upperdir", &spec.upperdir)?;
-        fsconfig_set_string(&fs, "workdir", &spec.workdir)?;
-        fsconfig_set_flag(&fs, "userxattr")?;
-        fsconfig_create(&fs)?;
-        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
-        move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-    })();
-    match new_api {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::INVAL) => {
-            let lower = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
-            let data = format!("lowerdir={lower},upperdir={},workdir={},userxattr", spec.upperdir.display(), spec.workdir.display());
-            LinuxMounter.mount("overlay", target, "overlay", MountFlags::empty(), &data)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Mounts one `RUN --mount` (or heredoc script) at its target inside `rootfs`.
-fn extra_mount(m: &mut dyn Mounter, spec: &RunSpec, rootfs: &Path, i: usize, mnt: &crate::spec::Mount, created: &mut Vec<String>) -> Result<(), String> {
+fn extra_mount(m: &mut dyn Syscalls, spec: &RunSpec, rootfs: &Path, i: usize, mnt: &crate::spec::Mount, created: &mut Vec<String>) -> Result<(), String> {
     use crate::spec::MountSource;
     let rel = mnt.target.trim_start_matches('/');
     let what = || format!("mount at {}", mnt.target);
@@ -316,7 +304,7 @@ fn extra_mount(m: &mut dyn Mounter, spec: &RunSpec, rootfs: &Path, i: usize, mnt
         MountSource::Bind { source, readonly } => {
             let is_dir = source.is_dir();
             let t = ensure_mountpoint(rootfs, rel, is_dir, created)?;
-            ctx(rustix::mount::mount_bind_recursive(source, &t).map_err(Into::into), || format!("{}: binding {}", what(), source.display()))?;
+            ctx(m.rbind(source, &t), || format!("{}: binding {}", what(), source.display()))?;
             if *readonly {
                 ctx(m.remount_ro(&t, false), what)?;
             }
@@ -436,22 +424,83 @@ pub fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<(u32, u3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::syscalls::RecordingSyscalls;
 
-    #[derive(Default)]
-    struct Record(Vec<String>);
-    impl Mounter for Record {
-        fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, _: &str) -> std::io::Result<()> {
-            self.0.push(format!("mount {source} {} {fstype} ro={}", target.display(), flags.contains(MountFlags::RDONLY)));
-            Ok(())
-        }
-        fn bind(&mut self, source: &Path, target: &Path) -> std::io::Result<()> {
-            self.0.push(format!("bind {} {}", source.display(), target.display()));
-            Ok(())
-        }
-        fn remount_ro(&mut self, target: &Path, _noexec: bool) -> std::io::Result<()> {
-            self.0.push(format!("ro {}", target.display()));
-            Ok(())
-        }
+
+    fn spec_in(dir: &Path, network: Network) -> RunSpec {
+        let mut s = RunSpec::builder()
+            .lowerdirs(vec![dir.join("lower")])
+            .upperdir(dir.join("upper"))
+            .workdir(dir.join("work"))
+            .argv(vec!["true".into()])
+            .network(network)
+            .build()
+            .unwrap();
+        s.scratch = dir.join("scratch");
+        std::fs::create_dir_all(s.scratch.join("rootfs/etc")).unwrap();
+        std::fs::write(s.scratch.join("rootfs/etc/passwd"), "").unwrap();
+        s
+    }
+
+    #[test]
+    fn root_plan_creates_and_reports_mountpoints() {
+        let t = tempfile::tempdir().unwrap();
+        let spec = spec_in(t.path(), Network::Host);
+        let mut r = RecordingSyscalls::default();
+        // As in a user namespace without its own network namespace: sysfs is refused.
+        r.fail.push(("mount sysfs".into(), libc::EPERM));
+        let p = prepare_root(&mut r, &spec).unwrap();
+        // /sys was created for the attempt, then removed again.
+        assert_eq!(p.created, vec!["proc", "dev", "etc/hosts", "etc/resolv.conf", "etc/hostname"]);
+        assert!(!spec.scratch.join("rootfs/sys").exists());
+        assert!(p.warnings[0].contains("/sys is not mounted"), "{:?}", p.warnings);
+        let root = spec.scratch.join("rootfs");
+        let c = &r.calls;
+        assert_eq!(c[0], "sethostname rbuild");
+        assert_eq!(c[1], "rprivate /");
+        assert!(c[2].starts_with(&format!("overlay {} ", t.path().join("lower").display())), "{}", c[2]);
+        assert_eq!(c[3], format!("mount proc {} proc", root.join("proc").display()));
+        assert!(c.contains(&format!("bind /dev/null {}", root.join("dev/null").display())));
+        assert!(c.contains(&format!("bind {} {}", spec.scratch.join("files/hosts").display(), root.join("etc/hosts").display())));
+        assert!(!c.iter().any(|l| l == "loopback_up"));
+    }
+
+    #[test]
+    fn root_plan_network_none_and_scratch() {
+        let t = tempfile::tempdir().unwrap();
+        let mut spec = spec_in(t.path(), Network::None);
+        spec.lowerdirs.clear();
+        let mut r = RecordingSyscalls::default();
+        let p = prepare_root(&mut r, &spec).unwrap();
+        assert!(p.warnings.is_empty());
+        assert!(p.created.contains(&"sys".to_string()));
+        assert_eq!(r.calls[2], "loopback_up");
+        // FROM scratch: the empty directory is the only lower layer.
+        assert!(r.calls[3].starts_with(&format!("overlay {} ", spec.scratch.join("empty").display())), "{}", r.calls[3]);
+        assert!(r.calls.iter().any(|l| l.starts_with("mount sysfs") && l.ends_with(" ro")));
+    }
+
+    #[test]
+    fn proc_mount_failure_names_the_fixes() {
+        let t = tempfile::tempdir().unwrap();
+        let spec = spec_in(t.path(), Network::Host);
+        let mut r = RecordingSyscalls::default();
+        r.fail.push(("mount proc".into(), libc::EPERM));
+        let e = prepare_root(&mut r, &spec).unwrap_err();
+        assert!(e.contains("procMount: Unmasked") && e.contains("SYS_ADMIN"), "{e}");
+    }
+
+    #[test]
+    fn symlinked_mountpoint_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("../run/resolv.conf", t.path().join("resolv.conf")).unwrap();
+        let mut created = vec![];
+        let e = ensure_mountpoint(t.path().parent().unwrap(), &format!("{}/resolv.conf", t.path().file_name().unwrap().to_string_lossy()), false, &mut created).unwrap_err();
+        assert!(e.contains("symbolic link"));
+        let mut created = vec![];
+        ensure_mountpoint(t.path(), "a/b/c", false, &mut created).unwrap();
+        assert_eq!(created, vec!["a", "a/b", "a/b/c"]);
+        assert!(t.path().join("a/b/c").is_file());
     }
 
     #[test]
@@ -462,15 +511,15 @@ mod tests {
         std::fs::write(proc.join("kcore"), "").unwrap();
         std::fs::create_dir(proc.join("acpi")).unwrap();
         std::fs::create_dir(proc.join("sys")).unwrap();
-        let mut r = Record::default();
+        let mut r = RecordingSyscalls::default();
         mask_proc(&mut r, proc, Path::new("/dev/null")).unwrap();
         let p = |s: &str| proc.join(s).display().to_string();
         assert_eq!(
-            r.0,
+            r.calls,
             vec![
                 format!("bind /dev/null {}", p("kcore")),
                 format!("bind /dev/null {}", p("keys")),
-                format!("mount tmpfs {} tmpfs ro=true", p("acpi")),
+                format!("mount tmpfs {} tmpfs ro", p("acpi")),
                 format!("bind {} {}", p("sys"), p("sys")),
                 format!("ro {}", p("sys")),
             ]

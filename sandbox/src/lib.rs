@@ -13,9 +13,11 @@ mod run;
 mod spec;
 mod spawn;
 mod sys;
+mod syscalls;
 
 pub use idmap::{Extent, IdMap};
-pub use init::{mask_proc, resolve_user_in, LinuxMounter, Mounter};
+pub use init::{mask_proc, resolve_user_in, DEFAULT_PATH, MASKED_DIRS, MASKED_FILES, READONLY};
+pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};
 pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
 pub use run::{run, ExitKind, RunError, RunOutcome};
 pub use spec::{Mount, MountSource, Network, RunSpec, RunSpecBuilder, SpecError};

@@ -2,6 +2,7 @@
 
 use crate::idmap::{sub_ranges, IdMap};
 use crate::sys;
+use crate::syscalls::{LinuxSyscalls, Syscalls};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -60,7 +61,6 @@ const INSIDE_ENV: &str = "RBUILD_IN_USERNS";
 /// Then it clones `/proc` non-recursively while its masks are still unlocked, so that RUN
 /// steps in nested user namespaces may mount a fresh procfs.
 pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, NamespaceError> {
-    let mut warnings = Vec::new();
     let inside = std::env::var_os(INSIDE_ENV).is_some();
     let rootless = if inside {
         std::env::remove_var(INSIDE_ENV);
@@ -69,46 +69,87 @@ pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, Name
         reexec_in_user_namespace(opts)?;
         unreachable!("reexec_in_user_namespace returns only in the child");
     } else {
-        sys::unshare(libc::CLONE_NEWNS).map_err(sys_err("unshare(CLONE_NEWNS)"))?;
         false
     };
-    // Nothing we mount may propagate back to the host's mount namespace.
-    rustix::mount::mount_change(Path::new("/"), rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC)
-        .map_err(|e| sys_err("making / private")(e.into()))?;
     let id_map = IdMap::current().map_err(sys_err("reading /proc/self/uid_map"))?;
+    let mut warnings = Vec::new();
     if rootless && id_map.max_ids() == (0, 0) {
         warnings.push(
             "no subordinate ID range could be used (install uidmap and add one: \
              `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $USER`): building with a single-ID map, \
-             so only root-owned files can be represented and RUN steps cannot switch users"
+             so files owned by other users than root cannot be represented and RUN steps cannot switch users"
                 .to_string(),
         );
     }
-    let masked = proc_masks();
-    let proc_clone = match clone_proc(&opts.state_dir) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            if !masked.is_empty() {
-                warnings.push(format!(
-                    "/proc is masked ({}) and the masks are locked ({e}): RUN steps may fail to mount their own /proc. \
-                     Start rbuild where it holds CAP_SYS_ADMIN over the mount namespace that masks /proc \
-                     (Kubernetes: `procMount: Unmasked`, or `capabilities: add: [SYS_ADMIN]` with `hostUsers: false`)",
-                    masked.join(", ")
-                ));
-            }
-            None
-        }
-    };
+    // The re-exec'd child already has its own mount namespace (unshared with the user namespace).
+    let (proc_clone, more) = setup_mounts(&mut LinuxSyscalls, &opts.state_dir, !rootless, proc_is_ours())?;
+    warnings.extend(more);
     let mode = if rootless {
-        format!("rootless: user namespace with {}", id_map.describe())
+        format!("rootless: user namespace, {}", id_map.describe())
     } else if id_map.is_full() {
         "root: host IDs; each RUN in its own user, mount, pid, ipc and uts namespaces".to_string()
     } else {
-        format!("root of a user namespace with {}; each RUN in nested namespaces", id_map.describe())
+        format!("root of a user namespace, {}; each RUN in nested namespaces", id_map.describe())
     };
     Ok(BuildNamespace { id_map, mode, warnings, proc_clone })
 }
 
+/// Whether `/proc` belongs to our PID namespace (`/proc/self` names us). A parent must write
+/// a child's ID maps through a procfs of its own PID namespace, or `/proc/<pid>` is another
+/// process.
+fn proc_is_ours() -> bool {
+    std::fs::read_link("/proc/self").map(|l| l.to_string_lossy() == std::process::id().to_string()).unwrap_or(false)
+}
+
+/// The mount side of the build namespace: a private mount namespace, the non-recursive clone
+/// of `/proc` at `<state_dir>/proc-clone` and, when `/proc` shows another PID namespace, a
+/// fresh (masked) procfs over it. Returns the clone and warnings.
+pub(crate) fn setup_mounts(
+    sys: &mut dyn Syscalls,
+    state_dir: &Path,
+    unshare: bool,
+    proc_ours: bool,
+) -> Result<(Option<PathBuf>, Vec<String>), NamespaceError> {
+    let mut warnings = Vec::new();
+    if unshare {
+        sys.unshare(libc::CLONE_NEWNS).map_err(sys_err("unshare(CLONE_NEWNS)"))?;
+    }
+    // Nothing we mount may propagate back to the parent mount namespace.
+    sys.make_rprivate(Path::new("/")).map_err(sys_err("making / private"))?;
+    let target = state_dir.join("proc-clone");
+    std::fs::create_dir_all(&target).map_err(sys_err(format!("creating {}", target.display())))?;
+    // Non-recursive: a procfs without the masks' mounts on it is "fully visible", which is what
+    // lets a RUN step in a nested user namespace mount a fresh procfs (mount_too_revealing).
+    let proc_clone = match sys.bind(Path::new("/proc"), &target) {
+        Ok(()) => Some(target),
+        Err(e) => {
+            let masked = proc_masks();
+            warnings.push(format!(
+                "cannot make a clean clone of /proc ({e}){}: the masks on /proc are locked because rbuild runs below \
+                 a user namespace it does not own, so RUN steps cannot mount their own /proc. Fix: run the pod with \
+                 `procMount: Unmasked`, or give it SYS_ADMIN in its own user namespace (`hostUsers: false` with \
+                 `capabilities: add: [SYS_ADMIN]`)",
+                if masked.is_empty() { String::new() } else { format!("; masked: {}", masked.join(", ")) }
+            ));
+            let _ = std::fs::remove_dir(&target);
+            None
+        }
+    };
+    if !proc_ours {
+        // Replace /proc by one of our PID namespace, masked again.
+        let flags = rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV | rustix::mount::MountFlags::NOEXEC;
+        let res = sys
+            .mount("proc", Path::new("/proc"), "proc", flags, "")
+            .and_then(|_| crate::init::mask_proc(sys, Path::new("/proc"), Path::new("/dev/null")));
+        if let Err(e) = res {
+            warnings.push(format!(
+                "/proc shows another PID namespace and a fresh procfs cannot be mounted over it ({e}): RUN steps will fail to map their IDs; \
+                 mount a procfs of rbuild's PID namespace on /proc (e.g. `unshare --pid --fork --mount-proc`)"
+            ));
+        }
+    }
+    Ok((proc_clone, warnings))
+}
 /// Mount points below /proc (masks, as container runtimes make them).
 fn proc_masks() -> Vec<String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -117,19 +158,6 @@ fn proc_masks() -> Vec<String> {
         .filter(|mp| mp.starts_with("/proc/") && !mp.starts_with("/proc/sys/fs/binfmt_misc"))
         .map(str::to_string)
         .collect()
-}
-
-/// Binds `/proc` non-recursively below `state_dir` (in our private mount namespace).
-fn clone_proc(state_dir: &Path) -> std::io::Result<PathBuf> {
-    let target = state_dir.join(format!("proc-clone-{}", std::process::id()));
-    std::fs::create_dir_all(&target)?;
-    match rustix::mount::mount_bind(Path::new("/proc"), &target) {
-        Ok(()) => Ok(target),
-        Err(e) => {
-            let _ = std::fs::remove_dir(&target);
-            Err(e.into())
-        }
-    }
 }
 
 fn user_name(uid: u32) -> String {
@@ -228,4 +256,43 @@ fn which(prog: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| Path::new(d).join(prog))
         .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscalls::RecordingSyscalls;
+
+    #[test]
+    fn root_clones_proc_non_recursively_in_a_private_namespace() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = RecordingSyscalls::default();
+        let (clone, warnings) = setup_mounts(&mut r, t.path(), true, true).unwrap();
+        let want = t.path().join("proc-clone");
+        assert_eq!(clone.as_deref(), Some(want.as_path()));
+        assert!(warnings.is_empty());
+        assert_eq!(r.calls, vec!["unshare 0x20000".to_string(), "rprivate /".into(), format!("bind /proc {}", want.display())]);
+    }
+
+    #[test]
+    fn locked_masks_give_a_warning_not_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = RecordingSyscalls::default();
+        r.fail.push(("bind /proc".into(), libc::EINVAL));
+        let (clone, warnings) = setup_mounts(&mut r, t.path(), false, true).unwrap();
+        assert!(clone.is_none());
+        assert!(warnings[0].contains("procMount: Unmasked") && warnings[0].contains("SYS_ADMIN"), "{warnings:?}");
+        assert!(!r.calls.iter().any(|c| c.starts_with("unshare")));
+    }
+
+    #[test]
+    fn foreign_proc_is_replaced_and_masked() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = RecordingSyscalls::default();
+        let (_, warnings) = setup_mounts(&mut r, t.path(), false, false).unwrap();
+        assert!(warnings.is_empty());
+        assert!(r.calls.contains(&"mount proc /proc proc".to_string()), "{:?}", r.calls);
+        // mask_proc runs against the real /proc of this machine, which has keys.
+        assert!(r.calls.contains(&"bind /dev/null /proc/keys".to_string()), "{:?}", r.calls);
+    }
 }

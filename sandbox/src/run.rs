@@ -47,6 +47,8 @@ pub struct RunOutcome {
     /// Paths (relative to the root) the sandbox created as mount points, parents first; the
     /// caller removes them from the upperdir so they never land in the layer.
     pub created_mountpoints: Vec<String>,
+    /// What the step went without (e.g. `/sys` when sysfs could not be mounted).
+    pub warnings: Vec<String>,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), RunError> {
@@ -116,6 +118,7 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     let mut created = Vec::new();
     let mut status = None;
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     for line in status_text.lines() {
         if let Some(p) = line.strip_prefix("created:") {
             created.push(p.to_string());
@@ -123,6 +126,8 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
             status = c.parse().ok().map(ExitKind::Exited);
         } else if let Some(c) = line.strip_prefix("status:signaled:") {
             status = c.parse().ok().map(ExitKind::Signaled);
+        } else if let Some(w) = line.strip_prefix("warning:") {
+            warnings.push(w.to_string());
         } else if let Some(e) = line.strip_prefix("error:") {
             errors.push(e.to_string());
         }
@@ -131,7 +136,7 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
         return Err(RunError::Sandbox(errors.join("; ")));
     }
     match status {
-        Some(status) => Ok(RunOutcome { status, created_mountpoints: created }),
+        Some(status) => Ok(RunOutcome { status, created_mountpoints: created, warnings }),
         None => Err(RunError::Sandbox("the RUN sandbox ended without reporting a status".into())),
     }
 }
