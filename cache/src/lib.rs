@@ -2,7 +2,11 @@
 //!
 //! Layout below the store root:
 //! - `blobs/sha256/<hex>`: compressed layers, configs and manifests, named by digest;
-//! - `layers/sha256/<hex>`: unpacked layers (overlay form) named by diffID;
+//! - `layers/sha256/<hex>`: unpacked layers (overlay form) named by diffID: base-image layers
+//!   are unpacked there; layers built by RUN/COPY steps live in `layers/built/<key>-…` (moved
+//!   there before their blob exists, so the next step can stack on them at once) and
+//!   `layers/sha256/<hex>` is a symlink to them;
+//! - `mounts/cache/`: RUN cache mounts, by id;
 //! - `cache/<hex>.json`: cache records, named by [`CacheKey`];
 //! - `tmp/`: work space; everything is written there first and renamed into place,
 //!   so a killed build never leaves a half-written blob, layer or record under a final name;
