@@ -1,0 +1,108 @@
+//! Context hashing with the stat cache.
+
+use rbuild_cache::{Digest, StatCache, Store};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+fn tree(root: &Path) {
+    fs::create_dir_all(root.join("src/sub")).unwrap();
+    fs::write(root.join("a.txt"), b"hello").unwrap();
+    fs::write(root.join("src/main.rs"), b"fn main() {}").unwrap();
+    fs::write(root.join("src/sub/data.bin"), vec![9u8; 100_000]).unwrap();
+    std::os::unix::fs::symlink("a.txt", root.join("link")).unwrap();
+}
+
+/// Past the racy window, so entries become trusted.
+fn settle() {
+    std::thread::sleep(rbuild_cache::context::RACY_WINDOW + Duration::from_millis(100));
+}
+
+#[test]
+fn unchanged_files_are_not_read_again_and_the_cache_persists() {
+    let ctx = tempfile::tempdir().unwrap();
+    let st = tempfile::tempdir().unwrap();
+    let store = Store::open(st.path()).unwrap();
+    tree(ctx.path());
+    settle();
+    let mut c = StatCache::load(&store, ctx.path());
+    let d1 = c.hash_tree(ctx.path(), &["."]).unwrap();
+    assert_eq!(c.files_read(), 3);
+    let d2 = c.hash_tree(ctx.path(), &["."]).unwrap();
+    assert_eq!(d1, d2);
+    assert_eq!(c.files_read(), 3, "second pass reads nothing");
+    c.save().unwrap();
+    let mut c = StatCache::load(&store, ctx.path());
+    assert_eq!(c.len(), 3);
+    assert_eq!(c.hash_tree(ctx.path(), &["."]).unwrap(), d1);
+    assert_eq!(c.files_read(), 0, "persisted entries are trusted");
+    // hash_file too.
+    let md = fs::symlink_metadata(ctx.path().join("a.txt")).unwrap();
+    assert_eq!(c.hash_file(ctx.path(), "a.txt", &md).unwrap(), Digest::of(b"hello"));
+    assert_eq!(c.files_read(), 0);
+}
+
+#[test]
+fn same_size_and_restored_mtime_is_still_rehashed() {
+    let ctx = tempfile::tempdir().unwrap();
+    tree(ctx.path());
+    settle();
+    let mut c = StatCache::new();
+    let p = ctx.path().join("src/main.rs");
+    let before = fs::metadata(&p).unwrap();
+    let d1 = c.hash_tree(ctx.path(), &["src"]).unwrap();
+    // Same length, then mtime put back (as `touch -r` or tar would): ctime still moves.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(&p, b"fn mian() {}").unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_modified(before.modified().unwrap()).unwrap();
+    drop(f);
+    let after = fs::metadata(&p).unwrap();
+    assert_eq!((after.len(), after.modified().unwrap()), (before.len(), before.modified().unwrap()));
+    let reads = c.files_read();
+    let d2 = c.hash_tree(ctx.path(), &["src"]).unwrap();
+    assert_ne!(d1, d2);
+    assert_eq!(c.files_read(), reads + 1, "only the changed file is read");
+    // Replaced by another inode with identical stat-visible size/mtime: re-read too.
+    let md = fs::symlink_metadata(&p).unwrap();
+    let digest = c.hash_file(ctx.path(), "src/main.rs", &md).unwrap();
+    assert_eq!(digest, Digest::of(b"fn mian() {}"));
+}
+
+#[test]
+fn recently_modified_files_are_not_trusted() {
+    let ctx = tempfile::tempdir().unwrap();
+    fs::write(ctx.path().join("f"), b"one").unwrap();
+    let mut c = StatCache::new();
+    c.hash_tree(ctx.path(), &["f"]).unwrap();
+    c.hash_tree(ctx.path(), &["f"]).unwrap();
+    assert_eq!(c.files_read(), 2, "racy: modified within the window, so read again");
+}
+
+#[test]
+fn tree_digest_covers_names_modes_links_and_content_but_not_times_or_owners() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    tree(a.path());
+    tree(b.path());
+    let h = |p: &Path, sel: &[&str]| StatCache::new().hash_tree(p, sel).unwrap();
+    let base = h(a.path(), &["."]);
+    let f = fs::OpenOptions::new().write(true).open(b.path().join("a.txt")).unwrap();
+    f.set_modified(SystemTime::now() - Duration::from_secs(99999)).unwrap();
+    let _ = std::os::unix::fs::lchown(b.path().join("src/main.rs"), Some(4321), Some(4321));
+    assert_eq!(h(b.path(), &["."]), base, "times and owners do not count");
+    fs::set_permissions(b.path().join("src/main.rs"), fs::Permissions::from_mode(0o755)).unwrap();
+    let moded = h(b.path(), &["."]);
+    assert_ne!(moded, base, "mode counts");
+    fs::remove_file(b.path().join("link")).unwrap();
+    std::os::unix::fs::symlink("src", b.path().join("link")).unwrap();
+    assert_ne!(h(b.path(), &["."]), moded, "link target counts");
+    // Selections: order and subsets matter; ignore filter drops entries.
+    assert_ne!(h(a.path(), &["a.txt", "src"]), h(a.path(), &["src", "a.txt"]));
+    assert_ne!(h(a.path(), &["src"]), base);
+    let filtered = StatCache::new().hash_tree_filtered(a.path(), &["."], &|rel, _| rel != "a.txt").unwrap();
+    assert_ne!(filtered, base);
+    assert!(StatCache::new().hash_tree(a.path(), &["../x"]).is_err());
+    assert!(StatCache::new().hash_tree(a.path(), &["missing"]).unwrap_err().to_string().contains("missing"));
+}
