@@ -247,6 +247,12 @@ impl StatCache {
             }
             starts.push(items.len());
             let top = if sel.is_empty() { root.to_path_buf() } else { root.join(sel) };
+            // A selected path may be (or pass through) a symlink, which is followed as COPY
+            // does, but only while it stays inside the context.
+            let canon = |p: &Path| p.canonicalize().map_err(|source| ContextError::Io { path: p.to_path_buf(), source });
+            if !canon(&top)?.starts_with(canon(root)?) {
+                return Err(ContextError::Escapes(sel.to_string()));
+            }
             for e in walkdir::WalkDir::new(&top).follow_links(false).sort_by_file_name() {
                 let e = e.map_err(|e| {
                     let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| top.clone());
@@ -254,7 +260,9 @@ impl StatCache {
                 })?;
                 let rel = e.path().strip_prefix(root).unwrap_or(e.path());
                 let rel = rel.to_string_lossy().into_owned();
-                let md = e.metadata().map_err(|err| ContextError::Io { path: e.path().to_path_buf(), source: err.into() })?;
+                // The selected path itself is followed (checked above); what is below it is not.
+                let md = if e.depth() == 0 { fs::metadata(e.path()) } else { fs::symlink_metadata(e.path()) };
+                let md = md.map_err(|source| ContextError::Io { path: e.path().to_path_buf(), source })?;
                 let ft = md.file_type();
                 if !include(&rel, ft.is_dir()) {
                     continue;

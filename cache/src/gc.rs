@@ -159,7 +159,8 @@ pub struct PruneOptions {
     pub keep_storage: Option<u64>,
     /// Remove records not used for this long.
     pub older_than: Option<Duration>,
-    /// Remove every record and every cache mount (refs and what they name stay).
+    /// Remove every record, every cache mount and every stat cache (refs and what they
+    /// name stay).
     pub all: bool,
     /// How long to wait for running builds to close the store.
     pub wait: Duration,
@@ -371,6 +372,12 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
                 report.mounts += 1;
             }
             report.bytes += size;
+        }
+        // Stat caches only speed up hashing; all means all.
+        for e in entries(&root.join("statcache")) {
+            let p = e.path();
+            report.bytes += tree_size(&p);
+            remove_any(&p)?;
         }
     }
     Ok(report)

@@ -200,10 +200,12 @@ impl Store {
         let me = std::process::id();
         let mut by_pid: HashMap<u32, Vec<PathBuf>> = HashMap::new();
         let tmp = self.root.join("tmp");
+        let mut unknown = Vec::new();
         for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = temp_owner(&name) {
-                by_pid.entry(pid).or_default().push(e.path());
+            match temp_owner(&name) {
+                Some(pid) => by_pid.entry(pid).or_default().push(e.path()),
+                None => unknown.push(e.path()),
             }
         }
         for dir in ["cache", "refs", "statcache"] {
@@ -221,6 +223,11 @@ impl Store {
             }
         }
         let (mut count, mut bytes) = (0, 0);
+        if exclusive {
+            // Not named by our scheme, so no owner can be told: only safe when no one else
+            // has the store open.
+            by_pid.entry(0).or_default().extend(unknown);
+        }
         for (pid, paths) in by_pid {
             if pid == me {
                 continue;
@@ -235,7 +242,7 @@ impl Store {
                 }
                 Err(_) => None,
             };
-            if !exclusive && pid_alive(pid) {
+            if !exclusive && pid != 0 && pid_alive(pid) {
                 continue;
             }
             for p in paths {

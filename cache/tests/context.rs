@@ -104,5 +104,13 @@ fn tree_digest_covers_names_modes_links_and_content_but_not_times_or_owners() {
     let filtered = StatCache::new().hash_tree_filtered(a.path(), &["."], &|rel, _| rel != "a.txt").unwrap();
     assert_ne!(filtered, base);
     assert!(StatCache::new().hash_tree(a.path(), &["../x"]).is_err());
+    // A selected symlink is followed inside the context, refused when it leads out.
+    assert_eq!(h(a.path(), &["link"]) == h(a.path(), &["a.txt"]), false, "names differ");
+    let before = h(a.path(), &["link"]);
+    fs::write(a.path().join("a.txt"), b"HELLO").unwrap();
+    assert_ne!(h(a.path(), &["link"]), before, "followed: the target's content counts");
+    std::os::unix::fs::symlink("/etc", a.path().join("out")).unwrap();
+    let err = StatCache::new().hash_tree(a.path(), &["out/passwd"]).unwrap_err();
+    assert!(err.to_string().contains("leaves the build context"), "{err}");
     assert!(StatCache::new().hash_tree(a.path(), &["missing"]).unwrap_err().to_string().contains("missing"));
 }

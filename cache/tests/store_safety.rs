@@ -287,15 +287,17 @@ fn prune_keeps_what_refs_and_records_name_and_removes_the_rest() {
     store.commit_layer_dir(&d, &orphan_layer).unwrap();
     fs::create_dir_all(root.join("layers/built/zzz-upper-1-1/x")).unwrap();
     fs::create_dir_all(root.join("tmp/upper-999999999-5")).unwrap();
+    fs::write(root.join("tmp/not-ours"), b"").unwrap();
 
     let usage = rbuild_cache::disk_usage(&store).unwrap();
     assert_eq!(usage.records.count, 2);
     assert_eq!(usage.blobs.count, 6);
-    assert_eq!(usage.tmp.count, 1);
+    assert_eq!(usage.tmp.count, 2, "the dead build's entry is gone only at the next open; the stray file stays");
     assert_eq!(usage.layers.count, 5, "4 names + 1 unlinked built dir");
 
     let rep = prune(&store, &PruneOptions::default()).unwrap();
-    assert_eq!((rep.records, rep.blobs, rep.layers, rep.tmp), (0, 1, 2, 1), "{rep:?}");
+    assert_eq!((rep.records, rep.blobs, rep.layers, rep.tmp), (0, 1, 2, 2), "{rep:?}");
+    assert!(fs::read_dir(root.join("tmp")).unwrap().next().is_none(), "prune empties tmp/");
     assert!(!store.has_blob(&orphan) && !store.has_layer(&orphan_layer));
     assert!(!root.join("layers/built/zzz-upper-1-1").exists());
     for b in [&ba, &bb, &img_layer, &cfg, &m] {
