@@ -400,7 +400,8 @@ impl Builder {
                 }
                 Some(step) => {
                     let pstep = self.progress.start(&step_name);
-                    let res = self.run_step(&mut fs, &step, &pstep).await;
+                    let step_id = format!("{}\u{0}{}\u{0}{}", self.opts.dockerfile.display(), idx, i);
+                    let res = self.run_step(&mut fs, &step, &pstep, &step_id).await;
                     match res {
                         Ok(cached) => {
                             if cached {
@@ -423,7 +424,7 @@ impl Builder {
     }
 
     /// Runs one filesystem step; returns whether it came from the cache.
-    async fn run_step(self: &Arc<Self>, fs: &mut ImageFs, step: &Step, pstep: &ProgressStep) -> Result<bool> {
+    async fn run_step(self: &Arc<Self>, fs: &mut ImageFs, step: &Step, pstep: &ProgressStep, step_id: &str) -> Result<bool> {
         match step {
             Step::Run { argv, env, user, workdir, network, created_by, files, mounts, security, .. } => {
                 if security.as_deref() == Some("insecure") {
@@ -453,6 +454,7 @@ impl Builder {
                     self.push_layer(fs, key, hit, created_by);
                     return Ok(true);
                 }
+                self.explain_miss(step_id, kb.fields(), pstep);
                 let _permit = self.jobs.acquire().await?;
                 let upper = self.store.temp_dir("upper")?;
                 let work = self.store.temp_dir("work")?;
@@ -586,8 +588,8 @@ impl Builder {
                     h.update(c.as_bytes());
                 }
                 let content = h.finish();
-                let key = CacheKeyBuilder::new("copy")
-                    .str("parent", if *link { "link" } else { fs.key.as_str() })
+                let mut kb = CacheKeyBuilder::new("copy");
+                kb.str("parent", if *link { "link" } else { fs.key.as_str() })
                     .str("epoch", &format!("{:?}", source_date_epoch()))
                     .strs("exclude", exclude)
                     .str("parents", &parents.to_string())
@@ -595,12 +597,13 @@ impl Builder {
                     .str("content", content.as_str())
                     .str("dest", dest)
                     .str("chown", &format!("{owner:?}"))
-                    .str("chmod", &format!("{mode:?}"))
-                    .finish();
+                    .str("chmod", &format!("{mode:?}"));
+                let key = kb.finish();
                 if let Some(hit) = self.cached(&key)? {
                     self.push_layer(fs, key, hit, created_by);
                     return Ok(true);
                 }
+                self.explain_miss(step_id, kb.fields(), pstep);
                 let _permit = self.jobs.acquire().await?;
                 let staging = self.store.temp_dir("copy")?;
                 // ADD of a local archive extracts it into the destination directory.
@@ -646,15 +649,14 @@ impl Builder {
                     return Ok(false);
                 }
                 let owner = if fs.state.user.is_empty() { (0, 0) } else { stack.resolve_user(&fs.state.user).unwrap_or((0, 0)) };
-                let key = CacheKeyBuilder::new("workdir")
-                    .str("parent", fs.key.as_str())
-                    .str("path", path)
-                    .str("owner", &format!("{owner:?}"))
-                    .finish();
+                let mut kb = CacheKeyBuilder::new("workdir");
+                kb.str("parent", fs.key.as_str()).str("path", path).str("owner", &format!("{owner:?}"));
+                let key = kb.finish();
                 if let Some(hit) = self.cached(&key)? {
                     self.push_layer(fs, key, hit, created_by);
                     return Ok(true);
                 }
+                self.explain_miss(step_id, kb.fields(), pstep);
                 let staging = self.store.temp_dir("workdir")?;
                 copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
                 let slot = self.export_layer(staging, &key, pstep)?;
@@ -828,6 +830,41 @@ impl Builder {
     fn named_dir_context(&self, name: &str) -> Option<PathBuf> {
         let v = self.opts.build_contexts.get(name)?;
         (!v.contains("://")).then(|| PathBuf::from(v))
+    }
+
+    /// Says why a step missed the cache: which of its key's inputs differ from the last time
+    /// this step (same Dockerfile, stage and position) was keyed in this store.
+    fn explain_miss(&self, step_id: &str, fields: &[(String, String)], pstep: &ProgressStep) {
+        let dir = self.store.root().join("cache/explain");
+        let path = dir.join(format!("{}.json", Digest::of(step_id.as_bytes()).hex()));
+        let prev: Option<Vec<(String, String)>> = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let msg = if self.opts.no_cache {
+            "cache disabled (--no-cache)".to_string()
+        } else {
+            match prev {
+                None => "cache miss: first build of this step".to_string(),
+                Some(prev) => {
+                    let changed: Vec<&str> = fields
+                        .iter()
+                        .filter(|(l, v)| prev.iter().find(|(pl, _)| pl == l).map(|(_, pv)| pv != v).unwrap_or(true))
+                        .map(|(l, _)| match l.as_str() {
+                            "parent" => "parent (an earlier step or the base image)",
+                            "content" => "content (the copied files)",
+                            other => other,
+                        })
+                        .collect();
+                    if changed.is_empty() {
+                        "cache miss: same inputs, but the cached result is no longer in the store".to_string()
+                    } else {
+                        format!("cache miss: changed {}", changed.join(", "))
+                    }
+                }
+            }
+        };
+        pstep.log(&msg);
+        if fs::create_dir_all(&dir).is_ok() {
+            let _ = rbuild_cache::write_file_atomic(&path, &serde_json::to_vec(fields).unwrap_or_default());
+        }
     }
 
     fn cached(&self, key: &CacheKey) -> Result<Option<CacheRecord>> {

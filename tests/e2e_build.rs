@@ -147,6 +147,11 @@ fn rebuild_is_cached_and_a_change_reruns_only_what_it_reaches() {
     let err = String::from_utf8_lossy(&fourth.stderr);
     assert!(fourth.status.success(), "{err}");
     assert_eq!(err.matches("CACHED").count(), 1, "only WORKDIR stays cached:\n{err}");
+    // --progress plain says why each step missed.
+    assert!(err.contains("cache miss: changed content (the copied files)"), "{err}");
+    assert!(err.contains("cache miss: changed parent (an earlier step or the base image)"), "{err}");
+    let env_change = run(rbuild_in_pidns(root.path()).arg("--build-arg").arg("UNUSED=1").arg(ctx.path()));
+    assert!(env_change.status.success());
 }
 
 #[test]
