@@ -285,7 +285,8 @@ impl StatCache {
         // Read the misses in parallel: the first pass is bound by sha256 and I/O.
         let misses: Vec<usize> = items.iter().enumerate().filter(|(_, it)| it.kind == b'f' && it.digest.is_none()).map(|(i, _)| i).collect();
         let reads = &self.reads;
-        let results: Vec<(usize, i64, io::Result<(Digest, bool)>)> = misses
+        type Outcome = (usize, i64, io::Result<(Digest, bool)>);
+        let results: Vec<Outcome> = misses
             .par_iter()
             .map(|&i| {
                 let hashed_ns = now_ns();
