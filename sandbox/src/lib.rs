@@ -6,6 +6,8 @@
 //! generated `/etc/hosts` and `/etc/resolv.conf` that never reach the layer, and PID 1 of its own
 //! that takes every process of the step with it. All `unsafe` lives in `sys`.
 
+#![warn(missing_docs)]
+
 mod idmap;
 mod init;
 mod ns;

@@ -61,14 +61,18 @@ const INSIDE_ENV: &str = "RBUILD_IN_USERNS";
 /// Then it clones `/proc` non-recursively while its masks are still unlocked, so that RUN
 /// steps in nested user namespaces may mount a fresh procfs.
 pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, NamespaceError> {
-    let inside = std::env::var_os(INSIDE_ENV).is_some();
+    // The marker names the parent that re-executed us; a stale or forged one (e.g. inherited
+    // by a process started from a build) does not count, so we never skip our own unshare.
+    let inside = std::env::var(INSIDE_ENV).ok().and_then(|v| v.parse::<i32>().ok()) == Some(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()));
     let rootless = if inside {
         std::env::remove_var(INSIDE_ENV);
         true
     } else if !rustix::process::geteuid().is_root() {
+        std::env::remove_var(INSIDE_ENV);
         reexec_in_user_namespace(opts)?;
         unreachable!("reexec_in_user_namespace returns only in the child");
     } else {
+        std::env::remove_var(INSIDE_ENV);
         false
     };
     let id_map = IdMap::current().map_err(sys_err("reading /proc/self/uid_map"))?;
@@ -179,7 +183,7 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
     let subgids = sub_ranges(Path::new("/etc/subgid"), &name, uid);
     let have_helpers = which("newuidmap").is_some() && which("newgidmap").is_some();
     let mut cmd = Command::new("/proc/self/exe");
-    cmd.args(std::env::args_os().skip(1)).env(INSIDE_ENV, "1");
+    cmd.args(std::env::args_os().skip(1)).env(INSIDE_ENV, std::process::id().to_string());
     if let Ok(a0) = std::env::current_exe() {
         use std::os::unix::process::CommandExt;
         cmd.arg0(a0);

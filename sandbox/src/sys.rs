@@ -117,7 +117,7 @@ pub struct PreExec {
 pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure only makes async-signal-safe calls (prctl, sigprocmask, unshare,
-    // getpid, write, read, dup2) and allocates nothing, as required after fork in a
+    // getpid, write, read, dup2, fcntl) and allocates nothing, as required after fork in a
     // threaded process.
     unsafe {
         cmd.pre_exec(move || {
@@ -129,11 +129,6 @@ pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            if let Some(fd) = pre.fd3 {
-                if libc::dup2(fd, 3) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
             if pre.unshare != 0 && libc::unshare(pre.unshare) < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -154,6 +149,14 @@ pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
             if b[0] != b'1' {
                 // The parent could not set the ID maps up and closed the pipe.
                 return Err(io::Error::from_raw_os_error(libc::ECANCELED));
+            }
+            // Last, so that fd 3 may be any of the fds used above. dup2 clears FD_CLOEXEC,
+            // except when the fd already is 3 (then dup2 does nothing): clear it by hand.
+            if let Some(fd) = pre.fd3 {
+                let r = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
