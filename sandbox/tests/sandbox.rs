@@ -34,6 +34,8 @@ const TESTS: &[Test] = &[
     ("masked_proc_locked_gives_warning", masked_proc_locked_gives_warning),
     ("rootless_full_map", rootless_full_map),
     ("rootless_single_id", rootless_single_id),
+    ("parallel_steps_from_threads", parallel_steps_from_threads),
+    ("rootless_sigterm_is_forwarded", rootless_sigterm_is_forwarded),
     ("bench_true_root", bench_true_root),
 ];
 
@@ -539,4 +541,64 @@ fn bench_true_root() {
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!("bench: root (host IDs) RUN /bin/true n=50 median={:.2}ms min={:.2}ms p90={:.2}ms max={:.2}ms", times[25], times[0], times[45], times[49]);
+}
+
+fn parallel_steps_from_threads() {
+    let f = setup();
+    let builders: Vec<_> = (0..4).map(|i| f.builder(&format!("for j in 1 2 3; do echo step{i}-$j; sleep 0.0$j; done; exit {i}"))).collect();
+    let handles: Vec<_> = builders
+        .into_iter()
+        .map(|(b, _)| {
+            let spec = b.build().unwrap();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let r = rbuild_sandbox::run(&spec, &mut out).unwrap();
+                (String::from_utf8(out).unwrap(), r.status)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (out, status) = h.join().unwrap();
+        assert_eq!(out, format!("step{i}-1\nstep{i}-2\nstep{i}-3\n"));
+        assert_eq!(status, ExitKind::Exited(i as i32));
+    }
+}
+
+fn rootless_sigterm_is_forwarded() {
+    let f = fixture();
+    ensure_user("rbtest", Some(300000));
+    let st = Command::new("chown").args(["-R", "-h", "rbtest:rbtest"]).arg(&f.state).arg(&f.rootfs).status().unwrap();
+    assert!(st.success());
+    let mut child = Command::new("setpriv")
+        .args(["--reuid", "rbtest", "--regid", "rbtest", "--init-groups", "--"])
+        .arg(selftest())
+        .arg("--state")
+        .arg(&f.state)
+        .arg("--rootfs")
+        .arg(&f.rootfs)
+        .args(["--", "sh", "-c", "echo started; exec sleep 4321"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the step runs.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("started") {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "selftest ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let t = std::time::Instant::now();
+    rustix::process::kill_process(rustix::process::Pid::from_raw(child.id() as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_secs(3));
+    // The outer process exits with the re-exec'd child's status: killed by SIGTERM, 128+15.
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            assert!(!String::from_utf8_lossy(&c).contains("sleep\04321"), "the step outlived the build");
+        }
+    }
 }
