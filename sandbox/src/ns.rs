@@ -179,6 +179,7 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
     let uid = rustix::process::getuid().as_raw();
     let gid = rustix::process::getgid().as_raw();
     let name = user_name(uid);
+    let who = name.clone();
     let subuids = sub_ranges(Path::new("/etc/subuid"), &name, uid);
     let subgids = sub_ranges(Path::new("/etc/subgid"), &name, uid);
     let have_helpers = which("newuidmap").is_some() && which("newgidmap").is_some();
@@ -233,10 +234,17 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
         }
     };
     let mut child = crate::spawn::spawn_mapped(&mut cmd, libc::CLONE_NEWUSER | libc::CLONE_NEWNS, None, map).map_err(|why| {
-        NamespaceError::IdMap(format!(
-            "cannot create a user namespace for the build: {why}. Unprivileged user namespaces must be enabled \
-             (sysctl user.max_user_namespaces > 0, and not blocked by AppArmor or seccomp)"
-        ))
+        if why.starts_with("starting the sandbox process") {
+            NamespaceError::IdMap(format!(
+                "cannot create a user namespace for the build: {why}. Unprivileged user namespaces must be enabled \
+                 (sysctl user.max_user_namespaces > 0, and not blocked by AppArmor or seccomp)"
+            ))
+        } else {
+            NamespaceError::IdMap(format!(
+                "cannot map IDs for the build's user namespace: {why}. Add a subordinate ID range \
+                 (`usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {who}`) or allow the single-ID fallback"
+            ))
+        }
     })?;
     let pid = child.id();
     let pid_i = pid as i32;

@@ -23,7 +23,13 @@ pub fn spawn_mapped(
     let (sync_r, sync_w) = rustix::pipe::pipe_with(cloexec).map_err(|e| format!("pipe: {e}"))?;
     sys::set_pre_exec(
         cmd,
-        sys::PreExec { unshare: flags, ready_fd: ready_w.as_raw_fd(), sync_fd: sync_r.as_raw_fd(), fd3: fd3.map(|f| f.as_raw_fd()) },
+        sys::PreExec {
+            unshare: flags,
+            ready_fd: ready_w.as_raw_fd(),
+            sync_fd: sync_r.as_raw_fd(),
+            parent_fds: [ready_r.as_raw_fd(), sync_w.as_raw_fd()],
+            fd3: fd3.map(|f| f.as_raw_fd()),
+        },
     );
     std::thread::scope(|s| {
         let mapper = s.spawn(move || -> Result<(), String> {
@@ -35,10 +41,8 @@ pub fn spawn_mapped(
             }
             let pid = i32::from_ne_bytes(pid) as u32;
             let res = map(pid);
-            if res.is_ok() {
-                let _ = std::fs::File::from(sync_w).write_all(b"1");
-            }
-            // On error sync_w is dropped unwritten: the child sees EOF and gives up.
+            // "1": go on; "0": give up (the child then fails its spawn with ECANCELED).
+            let _ = std::fs::File::from(sync_w).write_all(if res.is_ok() { b"1" } else { b"0" });
             res
         });
         let spawned = cmd.spawn();

@@ -107,8 +107,12 @@ pub struct PreExec {
     pub unshare: libc::c_int,
     /// Write end of the ready pipe: the child writes its pid (4 bytes, native endian).
     pub ready_fd: RawFd,
-    /// Read end of the sync pipe: `1` means "maps written, go on"; EOF means "give up".
+    /// Read end of the sync pipe: `1` means "maps written, go on"; anything else or EOF
+    /// means "give up".
     pub sync_fd: RawFd,
+    /// The parent's ends of both pipes (ready read, sync write): the child closes its copies
+    /// so that it sees EOF when the parent gives up (else it would wait for itself).
+    pub parent_fds: [RawFd; 2],
     /// fd to move to 3 in the child (the helper's status channel), if any.
     pub fd3: Option<RawFd>,
 }
@@ -117,7 +121,7 @@ pub struct PreExec {
 pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure only makes async-signal-safe calls (prctl, sigprocmask, unshare,
-    // getpid, write, read, dup2, fcntl) and allocates nothing, as required after fork in a
+    // getpid, write, read, close, dup2, fcntl) and allocates nothing, as required after fork in a
     // threaded process.
     unsafe {
         cmd.pre_exec(move || {
@@ -129,6 +133,12 @@ pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            for fd in pre.parent_fds {
+                // (0..=2 are the child's stdio, set up before this closure by std.)
+                if fd > 2 {
+                    libc::close(fd);
+                }
+            }
             if pre.unshare != 0 && libc::unshare(pre.unshare) < 0 {
                 return Err(io::Error::last_os_error());
             }

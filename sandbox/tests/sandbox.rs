@@ -69,7 +69,7 @@ fn main() {
     let exe = std::env::current_exe().unwrap();
     let mut failed = vec![];
     for (name, _) in &chosen {
-        let out = Command::new("unshare").args(["--pid", "--fork", "--mount-proc"]).arg(&exe).args([INNER, name]).output().expect("unshare");
+        let out = run_inner(&exe, name);
         if out.status.success() {
             println!("test {name} ... ok");
             let so = String::from_utf8_lossy(&out.stdout);
@@ -87,6 +87,35 @@ fn main() {
         println!("failures: {failed:?}");
         std::process::exit(101);
     }
+}
+
+/// Runs one test as PID 1 of a new PID namespace; `--kill-child` ties that namespace to the
+/// unshare process, so a hung test is killed with everything it started after a timeout.
+fn run_inner(exe: &Path, name: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(exe)
+        .args([INNER, name])
+        .stdout(std::fs::File::create(&o).unwrap())
+        .stderr(std::fs::File::create(&e).unwrap())
+        .spawn()
+        .expect("unshare");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let st = child.wait().unwrap();
+            std::fs::write(&e, format!("{}\nTIMED OUT after 240 s\n", std::fs::read_to_string(&e).unwrap_or_default())).unwrap();
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::process::Output { status, stdout: std::fs::read(&o).unwrap(), stderr: std::fs::read(&e).unwrap() }
 }
 
 // ---------------------------------------------------------------- fixtures
@@ -525,6 +554,11 @@ fn rootless_single_id() {
     assert!(so.contains("warning: no subordinate ID range could be used"), "{so}");
     assert!(so.contains("files owned by other users than root cannot be represented"), "{so}");
     assert!(so.contains("\n0\n 0 0 1\n"), "{so}");
+    // Without the fallback: a clear error, no build.
+    let (code, so) = as_user("rbtest2", &f, &["--no-single-id", "--", "true"]);
+    assert_eq!(code, Some(3), "{so}");
+    assert!(so.contains("enter error: cannot map IDs for the build's user namespace: no range for rbtest2 in /etc/subuid and /etc/subgid"), "{so}");
+    println!("note: {}", so.lines().find(|l| l.starts_with("enter error")).unwrap());
 }
 
 fn bench_true_root() {

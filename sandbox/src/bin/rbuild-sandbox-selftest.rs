@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rbuild-sandbox-selftest --state DIR --rootfs DIR [--rootfs DIR]... [--net none] [--user U]
-//!                         [--cwd DIR] [--keep] [--bench N] -- ARGV...
+//!                         [--cwd DIR] [--keep] [--no-single-id] [--bench N] -- ARGV...
 //! ```
 //! Exit status: 0 when the step exited 0, 1 when it failed, 2 on a sandbox error, 3 when the
 //! build namespace could not be entered.
@@ -17,6 +17,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let (mut state, mut lowers, mut net, mut user, mut cwd, mut keep, mut bench) = (None, vec![], Network::Host, String::new(), "/".to_string(), false, 0usize);
     let mut argv = vec![];
+    let mut single = true;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--state" => state = args.next().map(PathBuf::from),
@@ -25,6 +26,7 @@ fn main() {
             "--user" => user = args.next().unwrap_or_default(),
             "--cwd" => cwd = args.next().unwrap_or_default(),
             "--keep" => keep = true,
+            "--no-single-id" => single = false,
             "--bench" => bench = args.next().and_then(|n| n.parse().ok()).unwrap_or(50),
             "--" => {
                 argv.extend(args.by_ref());
@@ -39,7 +41,7 @@ fn main() {
         eprintln!("selftest: --state DIR is required");
         std::process::exit(64);
     };
-    let ns = match rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions { state_dir: state.clone(), allow_single_id: true }) {
+    let ns = match rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions { state_dir: state.clone(), allow_single_id: single }) {
         Ok(ns) => ns,
         Err(e) => {
             println!("enter error: {e}");
