@@ -80,7 +80,7 @@ pub fn helper_main() -> ! {
             let pid = rustix::process::Pid::from_raw(pid).unwrap();
             let code = loop {
                 match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
-                    Ok(Some((_, st))) => break st.exit_status().map(|c| c as i32).unwrap_or(125),
+                    Ok(Some((_, st))) => break st.exit_status().unwrap_or(125),
                     Err(rustix::io::Errno::INTR) => continue,
                     _ => break 125,
                 }
@@ -153,7 +153,9 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
     // FROM scratch: an empty directory is the single lower layer.
     let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() { vec![empty.as_path()] } else { spec.lowerdirs.iter().map(|p| p.as_path()).collect() };
     if let Err(e) = m.mount_overlay(&lowers, &spec.upperdir, &spec.workdir, &rootfs) {
-        let on_overlay = rustix::fs::statfs(&spec.upperdir).map(|st| st.f_type as i64 == 0x794c7630).unwrap_or(false);
+        // f_type's integer type differs between architectures.
+        #[allow(clippy::useless_conversion)]
+        let on_overlay = rustix::fs::statfs(&spec.upperdir).map(|st| i64::from(st.f_type) == 0x794c7630).unwrap_or(false);
         let hint = if on_overlay {
             " (the store is on overlayfs, which cannot hold upperdirs: put --root on another filesystem, e.g. an emptyDir volume)"
         } else {
@@ -285,7 +287,7 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
                     format!("status:exited:{}", st.exit_status().unwrap_or(0))
                 };
                 let _ = writeln!(status, "{line}");
-                let code = st.exit_status().map(|c| c as i32).unwrap_or_else(|| 128 + st.terminating_signal().unwrap_or(0) as i32);
+                let code = st.exit_status().unwrap_or_else(|| 128 + st.terminating_signal().unwrap_or(0));
                 return Ok(code);
             }
             Ok(_) => continue,

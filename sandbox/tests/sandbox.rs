@@ -632,7 +632,7 @@ fn rootless_sigterm_is_forwarded() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            assert!(!String::from_utf8_lossy(&c).contains("sleep\04321"), "the step outlived the build");
+            assert!(!String::from_utf8_lossy(&c).contains("sleep\x004321"), "the step outlived the build");
         }
     }
 }
