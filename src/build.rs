@@ -1,14 +1,15 @@
 //! The build: Dockerfile → stage plan → stages run concurrently as their inputs become
 //! ready → image → outputs.
 
-use crate::cli::{CompressionArg, NetworkArg, OutputSpec};
+use crate::cachesync::BlobOrigin;
+use crate::cli::{CacheMode, CacheSpec, CompressionArg, NetworkArg, OutputSpec};
 use crate::copy::{self, CopyAttrs, Source};
 use crate::image::{self, BuiltImage, LayerDesc};
 use crate::progress::{Progress, Step as ProgressStep};
 use crate::registry::{self, Registry, RegistryOptions};
 use crate::rootfs::{clean_components, LayerStack};
 use anyhow::{anyhow, bail, Context as _, Result};
-use rbuild_cache::{CacheKey, CacheKeyBuilder, CacheRecord, Digest, LayerRef, Store};
+use rbuild_cache::{CacheExport, CacheKey, CacheKeyBuilder, CacheRecord, Digest, LayerRef, Store};
 use rbuild_dag::dispatch::{ImageState, StageDispatcher, Step};
 use rbuild_dag::graph::Base;
 use rbuild_dag::Dockerfile;
@@ -53,6 +54,10 @@ pub struct BuildOptions {
     pub ssh: BTreeMap<String, PathBuf>,
     /// `--secret` sources by id.
     pub secrets: BTreeMap<String, crate::mounts::SecretSource>,
+    /// `--cache-from` sources.
+    pub cache_from: Vec<CacheSpec>,
+    /// `--cache-to` destinations.
+    pub cache_to: Vec<CacheSpec>,
 }
 
 /// What a build produced.
@@ -65,6 +70,9 @@ pub struct BuildOutcome {
 
 /// The content digest of one COPY source in the context, being computed or done.
 type ContextHash = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Digest, String>>>;
+
+/// A background job several tasks may wait for.
+type SharedJob<T> = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, String>>>;
 
 /// A layer's blob and digests: known, or still being exported in the background.
 #[derive(Clone)]
@@ -91,8 +99,10 @@ impl LayerSlot {
     }
 }
 
-/// A layer of an image being built, with its unpacked directory in the store. The directory
-/// is usable at once; the blob may still be being written (see [`Builder::export_layer`]).
+/// A layer of an image being built, with its unpacked directory in the store. For a built
+/// layer the directory is usable at once and the blob may still be being written (see
+/// [`Builder::export_layer`]); for a base-image or imported-cache layer the directory may not
+/// exist yet: [`Builder::materialize`] fetches and unpacks it when a step needs the files.
 #[derive(Debug, Clone)]
 struct Layer {
     desc: LayerSlot,
@@ -112,6 +122,9 @@ struct ImageFs {
     state: ImageState,
     /// History entries, oldest first.
     history: Vec<Value>,
+    /// The cache records (key and layer) of the steps that made this state, oldest first:
+    /// what `--cache-to mode=min` and inline caches export.
+    chain: Vec<(CacheKey, Option<LayerSlot>)>,
 }
 
 impl ImageFs {
@@ -123,9 +136,11 @@ impl ImageFs {
             config: json!({"architecture": arch, "os": os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}),
             state: ImageState::scratch(),
             history: Vec::new(),
+            chain: Vec::new(),
         }
     }
 
+    /// The layer directories, top first; only valid after [`Builder::materialize`].
     fn stack(&self) -> LayerStack {
         LayerStack::new(self.layers.iter().rev().map(|l| l.dir.clone()).collect())
     }
@@ -145,6 +160,17 @@ pub struct Builder {
     /// Content digests of context sources by COPY/ADD source text, computed once and early.
     context_hashes: Mutex<HashMap<String, ContextHash>>,
     ignore: rbuild_dag::ignore::IgnoreMatcher,
+    /// Records of `--cache-from` caches (read before any stage starts).
+    imported: std::sync::OnceLock<CacheExport>,
+    /// Imported records this build used, written to the store once their layers are local.
+    imported_hits: Mutex<Vec<(CacheKey, CacheRecord)>>,
+    /// Where blobs missing from the store can be fetched (base images, imported caches).
+    origins: Mutex<HashMap<Digest, BlobOrigin>>,
+    /// Blob fetches and layer unpacks, once each per build.
+    blob_jobs: Mutex<HashMap<Digest, SharedJob<()>>>,
+    unpack_jobs: Mutex<HashMap<Digest, SharedJob<PathBuf>>>,
+    /// Every step result this build made or reused: what `--cache-to mode=max` exports.
+    touched: Mutex<Vec<(CacheKey, Option<LayerSlot>)>>,
     dockerfile: Dockerfile,
     dockerfile_name: String,
     lines: Vec<String>,
@@ -176,6 +202,12 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         exports: Mutex::new(Vec::new()),
         context_hashes: Mutex::new(HashMap::new()),
         ignore,
+        imported: std::sync::OnceLock::new(),
+        imported_hits: Mutex::new(Vec::new()),
+        origins: Mutex::new(HashMap::new()),
+        blob_jobs: Mutex::new(HashMap::new()),
+        unpack_jobs: Mutex::new(HashMap::new()),
+        touched: Mutex::new(Vec::new()),
         dockerfile_name: opts.dockerfile.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "Dockerfile".into()),
         lines: text.lines().map(str::to_string).collect(),
         build_args: opts.build_args.clone(),
@@ -195,6 +227,7 @@ impl Builder {
             self.progress.warn(&format!("# check={check} is ignored: rbuild runs no build checks yet"));
         }
         let plan = rbuild_dag::graph::plan(&self.dockerfile, self.opts.target.as_deref(), &self.resolved).map_err(|e| anyhow!("{e}"))?;
+        self.load_imports().await;
         // Pull every external image the plan names right away, so pulls overlap with execution
         // instead of waiting for the step that needs them (errors surface where they are used).
         for ps in &plan.stages {
@@ -271,15 +304,24 @@ impl Builder {
                         if self.opts.tags.is_empty() {
                             bail!("pushing needs at least one --tag");
                         }
-                        let d = self.registry.push(&image, &self.store, &self.opts.tags).await?;
+                        let d = self.push_image(&image, &self.opts.tags).await?;
                         for t in &self.opts.tags {
                             step.log(&format!("pushed {t}@{d}"));
                         }
                         pushed = Some(d);
                     }
-                    OutputSpec::Oci(dir) => crate::output::write_oci_layout(dir, &image, &self.store, &self.opts.tags)?,
-                    OutputSpec::Docker(path) => crate::output::write_docker_archive(path, &image, &self.store, &self.opts.tags)?,
-                    OutputSpec::Local(dir) => crate::output::write_local(dir, &image, &self.store)?,
+                    OutputSpec::Oci(dir) => {
+                        self.ensure_blobs(&image.layers).await?;
+                        crate::output::write_oci_layout(dir, &image, &self.store, &self.opts.tags)?
+                    }
+                    OutputSpec::Docker(path) => {
+                        self.ensure_blobs(&image.layers).await?;
+                        crate::output::write_docker_archive(path, &image, &self.store, &self.opts.tags)?
+                    }
+                    OutputSpec::Local(dir) => {
+                        self.ensure_blobs(&image.layers).await?;
+                        crate::output::write_local(dir, &image, &self.store)?
+                    }
                 }
                 Ok(())
             }
@@ -292,7 +334,226 @@ impl Builder {
                 }
             }
         }
+        for spec in &self.opts.cache_to {
+            if *spec == CacheSpec::Inline {
+                continue; // already in the image config
+            }
+            let step = self.progress.start(&format!("exporting cache {}", describe_cache(spec)));
+            match self.export_cache(spec, &fs, &step).await {
+                Ok(()) => step.done(),
+                Err(e) => {
+                    step.error(&format!("{e:#}"));
+                    return Err(e.context(format!("exporting cache {}", describe_cache(spec))));
+                }
+            }
+        }
+        self.keep_imported_hits();
         Ok(BuildOutcome { image, pushed })
+    }
+
+    /// Reads every `--cache-from` (documents only; blobs are fetched when needed). A source
+    /// that cannot be read is a warning, as with other builders: the build goes on without it.
+    async fn load_imports(self: &Arc<Self>) {
+        let mut all = CacheExport::new();
+        if !self.opts.no_cache {
+            for spec in &self.opts.cache_from {
+                let step = self.progress.start(&format!("importing cache {}", describe_cache(spec)));
+                match crate::cachesync::import(spec, &self.registry, &self.store).await {
+                    Ok(Some(imp)) => {
+                        step.log(&format!("{} records from {}", imp.export.len(), imp.source));
+                        let mut origins = self.origins.lock().unwrap();
+                        for l in imp.export.layers() {
+                            origins.entry(l.digest).or_insert_with(|| imp.origin.clone());
+                        }
+                        all.merge(imp.export);
+                        step.done();
+                    }
+                    Ok(None) => {
+                        step.done();
+                        self.progress.warn(&format!("--cache-from {}: no rbuild cache there; building without it", describe_cache(spec)));
+                    }
+                    Err(e) => {
+                        step.done();
+                        self.progress.warn(&format!("--cache-from {}: {e:#}; building without it", describe_cache(spec)));
+                    }
+                }
+            }
+        }
+        let _ = self.imported.set(all);
+    }
+
+    /// Whether layers of base images and imported caches are fetched only when needed (a
+    /// cache is imported), or right away so that downloads overlap with the build.
+    fn lazy(&self) -> bool {
+        !self.opts.cache_from.is_empty() && !self.opts.no_cache
+    }
+
+    /// Makes sure the store has blob `d` (fetching it from its origin once per build).
+    async fn ensure_blob(self: &Arc<Self>, d: &LayerDesc) -> Result<()> {
+        use futures_util::FutureExt;
+        if self.store.has_blob(&d.digest) {
+            return Ok(());
+        }
+        let job = {
+            let mut jobs = self.blob_jobs.lock().unwrap();
+            jobs.entry(d.digest.clone())
+                .or_insert_with(|| {
+                    let me = self.clone();
+                    let d = d.clone();
+                    async move {
+                        let origin = me.origins.lock().unwrap().get(&d.digest).cloned();
+                        let res: Result<()> = match origin {
+                            Some(BlobOrigin::Registry(r)) => me.registry.fetch_blob(&r, &d.digest, d.size, &me.store).await.map(|_| ()).map_err(Into::into),
+                            Some(BlobOrigin::Layout(dir)) => {
+                                let store = me.store.clone();
+                                let digest = d.digest.clone();
+                                tokio::task::spawn_blocking(move || crate::cachesync::fetch_from_layout(&dir, &digest, &store))
+                                    .await
+                                    .map_err(|e| anyhow!("{e}"))
+                                    .and_then(|r| r)
+                            }
+                            None => Err(anyhow!("blob {} is not in the store and no image or cache source has it", d.digest)),
+                        };
+                        res.map_err(|e| format!("{e:#}"))
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        job.await.map_err(|e| anyhow!(e))
+    }
+
+    /// Makes sure the store has the blobs of `layers`, fetching missing ones concurrently.
+    async fn ensure_blobs(self: &Arc<Self>, layers: &[LayerDesc]) -> Result<()> {
+        futures_util::future::try_join_all(layers.iter().map(|l| self.ensure_blob(l))).await?;
+        Ok(())
+    }
+
+    /// Makes sure layer `d` is unpacked in the store (once per build) and returns its directory.
+    async fn ensure_unpacked(self: &Arc<Self>, d: &LayerDesc) -> Result<PathBuf> {
+        use futures_util::FutureExt;
+        if self.store.has_layer(&d.diff_id) {
+            return Ok(self.store.layer_dir(&d.diff_id));
+        }
+        let job = {
+            let mut jobs = self.unpack_jobs.lock().unwrap();
+            jobs.entry(d.diff_id.clone())
+                .or_insert_with(|| {
+                    let me = self.clone();
+                    let d = d.clone();
+                    async move {
+                        me.ensure_blob(&d).await.map_err(|e| format!("{e:#}"))?;
+                        let store = me.store.clone();
+                        let d2 = d.clone();
+                        tokio::task::spawn_blocking(move || unpack_into_store(&store, &d2))
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| format!("{e:#}"))
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        job.await.map_err(|e| anyhow!(e))
+    }
+
+    /// The layers of `fs`, fetched and unpacked where they are not yet: call before reading
+    /// or stacking on its files. A step found in the cache never calls this, so the layers
+    /// below a cache hit are only downloaded if something needs them.
+    async fn materialize(self: &Arc<Self>, fs: &ImageFs) -> Result<LayerStack> {
+        let jobs = fs.layers.iter().map(|l| {
+            let me = self.clone();
+            let l = l.clone();
+            async move {
+                if l.dir.exists() {
+                    return Ok(());
+                }
+                let d = l.desc.get().await?;
+                me.ensure_unpacked(&d).await.map(|_| ())
+            }
+        });
+        futures_util::future::try_join_all(jobs).await?;
+        Ok(fs.stack())
+    }
+
+    /// Pushes `image` to `tags`; blobs not in the store are mounted or fetched from where
+    /// they came from.
+    async fn push_image(self: &Arc<Self>, image: &BuiltImage, tags: &[String]) -> Result<Digest> {
+        let mut origins = HashMap::new();
+        let mut from_layouts = Vec::new();
+        for l in &image.layers {
+            if self.store.has_blob(&l.digest) {
+                continue;
+            }
+            match self.origins.lock().unwrap().get(&l.digest) {
+                Some(BlobOrigin::Registry(r)) => {
+                    origins.insert(l.digest.clone(), r.clone());
+                }
+                _ => from_layouts.push(l.clone()),
+            }
+        }
+        self.ensure_blobs(&from_layouts).await?;
+        Ok(self.registry.push_with_origins(image, &self.store, tags, &origins, |_| {}).await?)
+    }
+
+    /// The records `--cache-to` (or an inline cache) exports for a build ending in `fs`.
+    async fn cache_records(&self, mode: CacheMode, fs: &ImageFs) -> Result<CacheExport> {
+        let entries: Vec<(CacheKey, Option<LayerSlot>)> = match mode {
+            CacheMode::Min => fs.chain.clone(),
+            CacheMode::Max => self.touched.lock().unwrap().clone(),
+        };
+        let mut export = CacheExport::new();
+        for (key, slot) in entries {
+            let layer = match slot {
+                Some(s) => {
+                    let d = s.get().await?;
+                    Some(LayerRef { diff_id: d.diff_id, digest: d.digest, size: d.size, media_type: d.media_type })
+                }
+                None => None,
+            };
+            export.insert(key, layer);
+        }
+        Ok(export)
+    }
+
+    /// Writes one `--cache-to` destination.
+    async fn export_cache(self: &Arc<Self>, spec: &CacheSpec, fs: &ImageFs, step: &ProgressStep) -> Result<()> {
+        let mode = match spec {
+            CacheSpec::Registry { mode, .. } | CacheSpec::Local { mode, .. } => *mode,
+            CacheSpec::Inline => CacheMode::Min,
+        };
+        let export = self.cache_records(mode, fs).await?;
+        let art = crate::cachesync::artifact(&export, &self.store)?;
+        step.log(&format!("{} records, {} layers", export.len(), art.layers.len()));
+        match spec {
+            CacheSpec::Registry { reference, .. } => {
+                let d = self.push_image(&art, std::slice::from_ref(reference)).await?;
+                step.log(&format!("pushed {reference}@{d}"));
+            }
+            CacheSpec::Local { dir, .. } => {
+                self.ensure_blobs(&art.layers).await?;
+                let (dir, art, store) = (dir.clone(), art.clone(), self.store.clone());
+                tokio::task::spawn_blocking(move || crate::cachesync::write_local(&dir, &art, &store)).await??;
+            }
+            CacheSpec::Inline => {}
+        }
+        Ok(())
+    }
+
+    /// Writes imported records this build used into the store, once their layers are local,
+    /// so the next build finds them without the import.
+    fn keep_imported_hits(&self) {
+        for (key, rec) in self.imported_hits.lock().unwrap().iter() {
+            let local = match &rec.layer {
+                Some(l) => self.store.has_blob(&l.digest) && self.store.has_layer(&l.diff_id),
+                None => true,
+            };
+            if local {
+                let _ = self.store.put_record(key, rec);
+            }
+        }
     }
 
     /// The result of stage `idx`, built once however many stages ask for it.
@@ -333,19 +594,20 @@ impl Builder {
             let tag = tag.map(str::to_string);
             tokio::task::spawn_blocking(move || registry::load_oci_layout(&dir, tag.as_deref(), &store)).await??
         } else {
-            self.registry.pull(reference, &self.store).await?
+            // Manifest and config only: the layers come from the registry when needed.
+            let pulled = self.registry.resolve(reference, &self.store).await?;
+            let mut origins = self.origins.lock().unwrap();
+            for l in &pulled.layers {
+                origins.entry(l.digest.clone()).or_insert_with(|| BlobOrigin::Registry(reference.to_string()));
+            }
+            pulled
         };
         step.log(&format!("resolved {} to {}", reference, pulled.manifest_digest));
-        let mut handles = Vec::new();
-        for l in &pulled.layers {
-            let store = self.store.clone();
-            let l = l.clone();
-            handles.push(tokio::task::spawn_blocking(move || unpack_into_store(&store, &l)));
-        }
-        let mut layers = Vec::new();
-        for (h, l) in handles.into_iter().zip(&pulled.layers) {
-            let dir = h.await??;
-            layers.push(Layer { desc: LayerSlot::Ready(l.clone()), dir });
+        let layers: Vec<Layer> =
+            pulled.layers.iter().map(|l| Layer { desc: LayerSlot::Ready(l.clone()), dir: self.store.layer_dir(&l.diff_id) }).collect();
+        if !self.lazy() {
+            // No cache to import: every step will need the base's files, so fetch them now.
+            futures_util::future::try_join_all(pulled.layers.iter().map(|l| self.ensure_unpacked(l))).await?;
         }
         let config: Value = serde_json::from_slice(&self.store.read_blob(&pulled.config_digest)?)
             .with_context(|| format!("{reference}: image config is not JSON"))?;
@@ -362,6 +624,7 @@ impl Builder {
             config,
             state,
             history,
+            chain: Vec::new(),
         })
     }
 
@@ -448,17 +711,18 @@ impl Builder {
                 for f in files {
                     kb.str("file", &f.path).str("data", &f.data).str("mode", &format!("{:o}", f.mode));
                 }
-                let prepared = self.prepare_mounts(mounts, files, &mut kb).await?;
+                self.mount_key_inputs(mounts, &mut kb).await?;
                 let key = kb.finish();
-                if let Some(hit) = self.cached(&key)? {
+                if let Some(hit) = self.cached(&key, pstep)? {
                     self.push_layer(fs, key, hit, created_by);
                     return Ok(true);
                 }
                 self.explain_miss(step_id, kb.fields(), pstep);
+                let stack = self.materialize(fs).await?;
+                let prepared = self.prepare_mounts(mounts, files).await?;
                 let _permit = self.jobs.acquire().await?;
                 let upper = self.store.temp_dir("upper")?;
                 let work = self.store.temp_dir("work")?;
-                let stack = fs.stack();
                 if stack.resolve(workdir, true).is_none() {
                     copy::ensure_dir(&upper, &stack, &clean_components(workdir))?;
                 }
@@ -513,19 +777,12 @@ impl Builder {
                 Ok(false)
             }
             Step::Copy { sources, dest, from, chown, chmod, is_add, created_by, link, parents, exclude, checksum, keep_git_dir, .. } => {
-                // --link: the layer does not depend on what it lands on.
-                let stack = if *link { LayerStack::default() } else { fs.stack() };
-                let owner = match chown {
-                    Some(c) => Some(stack.resolve_user(c).map_err(|e| anyhow!("--chown={c}: {e}"))?),
-                    None => None,
-                };
                 let mode = chmod.as_deref().map(copy::parse_chmod).transpose()?;
                 let exclude_m = if exclude.is_empty() {
                     None
                 } else {
                     Some(rbuild_dag::ignore::IgnoreMatcher::new(&exclude.join("\n")).map_err(|e| anyhow!("--exclude: {e}"))?)
                 };
-                let attrs = CopyAttrs { owner, mode: mode.clone(), exclude: exclude_m, parents: *parents };
                 // A named directory context (--build-context NAME=DIR) reads like the main context.
                 let dir_context = from.as_ref().and_then(|n| self.named_dir_context(n));
                 let empty_ignore = rbuild_dag::ignore::IgnoreMatcher::default();
@@ -533,14 +790,10 @@ impl Builder {
                     (Some(name), None) => Some(self.copy_from(name).await?),
                     _ => None,
                 };
-                let from_stack = from_fs.as_ref().map(|f| f.stack());
-                let source = match (&from_stack, from, &dir_context) {
-                    (_, _, Some(dir)) => Source::Context { root: dir, ignore: &empty_ignore },
-                    (Some(s), Some(name), _) => Source::Layers { stack: s, name: name.clone() },
-                    _ => Source::Context { root: &self.opts.context, ignore: &self.ignore },
-                };
+                // The key: what is copied, named without reading any layer. Context files by
+                // content; files of a stage or image by that state's key and the patterns (the
+                // key determines the files), so a hit never fetches the source's layers.
                 let mut h = rbuild_cache::Hasher::new();
-                let mut selected = Vec::new();
                 let mut inline = Vec::new();
                 let mut downloads = Vec::new();
                 let mut checkouts = Vec::new();
@@ -568,17 +821,16 @@ impl Builder {
                             if checksum.is_some() {
                                 bail!("ADD --checksum is only for URLs and git repositories, not {p}");
                             }
-                            let sel = source.select(p)?;
-                            if from.is_none() && dir_context.is_none() {
-                                let d = self.context_hash(p).await.map_err(|e| anyhow!(e))?;
-                                h.update(p.as_bytes());
-                                h.update(d.as_str().as_bytes());
-                            } else {
-                                for one in &sel {
-                                    source.hash_into(one, &mut h)?;
+                            h.update(p.as_bytes());
+                            if let Some(dir) = &dir_context {
+                                let src = Source::Context { root: dir, ignore: &empty_ignore };
+                                for one in &src.select(p)? {
+                                    src.hash_into(one, &mut h)?;
                                 }
+                            } else if from.is_none() {
+                                let d = self.context_hash(p).await.map_err(|e| anyhow!(e))?;
+                                h.update(d.as_str().as_bytes());
                             }
-                            selected.extend(sel);
                         }
                         rbuild_dag::dispatch::CopySource::Inline { name, content } => inline.push((name.clone(), content.clone())),
                     }
@@ -596,14 +848,39 @@ impl Builder {
                     .str("from", from_fs.as_ref().map(|f| f.key.as_str()).or(dir_context.as_ref().and_then(|d| d.to_str())).unwrap_or("context"))
                     .str("content", content.as_str())
                     .str("dest", dest)
-                    .str("chown", &format!("{owner:?}"))
+                    // Names resolve against the parent's /etc/passwd, which the parent key fixes.
+                    .str("chown", chown.as_deref().unwrap_or(""))
                     .str("chmod", &format!("{mode:?}"));
                 let key = kb.finish();
-                if let Some(hit) = self.cached(&key)? {
+                if let Some(hit) = self.cached(&key, pstep)? {
                     self.push_layer(fs, key, hit, created_by);
                     return Ok(true);
                 }
                 self.explain_miss(step_id, kb.fields(), pstep);
+                // --link: the layer does not depend on what it lands on.
+                let stack = if *link { LayerStack::default() } else { self.materialize(fs).await? };
+                let owner = match chown {
+                    Some(c) => Some(stack.resolve_user(c).map_err(|e| anyhow!("--chown={c}: {e}"))?),
+                    None => None,
+                };
+                let attrs = CopyAttrs { owner, mode: mode.clone(), exclude: exclude_m, parents: *parents };
+                let from_stack = match &from_fs {
+                    Some(f) => Some(self.materialize(f).await?),
+                    None => None,
+                };
+                let source = match (&from_stack, from, &dir_context) {
+                    (_, _, Some(dir)) => Source::Context { root: dir, ignore: &empty_ignore },
+                    (Some(s), Some(name), _) => Source::Layers { stack: s, name: name.clone() },
+                    _ => Source::Context { root: &self.opts.context, ignore: &self.ignore },
+                };
+                let mut selected = Vec::new();
+                for s in sources {
+                    if let rbuild_dag::dispatch::CopySource::Path(p) = s {
+                        if !(*is_add && (crate::remote::is_git_url(p) || crate::remote::is_http_url(p))) {
+                            selected.extend(source.select(p)?);
+                        }
+                    }
+                }
                 let _permit = self.jobs.acquire().await?;
                 let staging = self.store.temp_dir("copy")?;
                 // ADD of a local archive extracts it into the destination directory.
@@ -643,20 +920,23 @@ impl Builder {
                 Ok(false)
             }
             Step::Workdir { path, created_by, .. } => {
-                let stack = fs.stack();
-                if stack.resolve(path, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false) {
-                    fs.history.push(history_entry(created_by, true));
-                    return Ok(false);
-                }
-                let owner = if fs.state.user.is_empty() { (0, 0) } else { stack.resolve_user(&fs.state.user).unwrap_or((0, 0)) };
+                // Whether the directory exists and who owns it follow from the parent state,
+                // so the key needs no look at the layers.
                 let mut kb = CacheKeyBuilder::new("workdir");
-                kb.str("parent", fs.key.as_str()).str("path", path).str("owner", &format!("{owner:?}"));
+                kb.str("parent", fs.key.as_str()).str("path", path).str("user", &fs.state.user);
                 let key = kb.finish();
-                if let Some(hit) = self.cached(&key)? {
+                if let Some(hit) = self.cached(&key, pstep)? {
                     self.push_layer(fs, key, hit, created_by);
                     return Ok(true);
                 }
+                let stack = self.materialize(fs).await?;
+                if stack.resolve(path, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false) {
+                    self.store.put_record(&key, &CacheRecord { layer: None, created: now_rfc3339() })?;
+                    self.push_slot(fs, key, None, created_by);
+                    return Ok(false);
+                }
                 self.explain_miss(step_id, kb.fields(), pstep);
+                let owner = if fs.state.user.is_empty() { (0, 0) } else { stack.resolve_user(&fs.state.user).unwrap_or((0, 0)) };
                 let staging = self.store.temp_dir("workdir")?;
                 copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
                 let slot = self.export_layer(staging, &key, pstep)?;
@@ -666,9 +946,39 @@ impl Builder {
         }
     }
 
-    /// Turns `RUN --mount` specs and heredoc scripts into sandbox mounts, adding what they
-    /// read to the step's cache key (never secret values, never cache-mount contents).
-    async fn prepare_mounts(self: &Arc<Self>, specs: &[String], files: &[rbuild_dag::dispatch::InlineFile], key: &mut CacheKeyBuilder) -> Result<PreparedMounts> {
+    /// Adds what `RUN --mount` specs read to the step's cache key (never secret values, never
+    /// cache-mount contents; the specs themselves are in the key already). Reads no layer.
+    async fn mount_key_inputs(self: &Arc<Self>, specs: &[String], key: &mut CacheKeyBuilder) -> Result<()> {
+        for spec in specs {
+            let m = crate::mounts::parse_mount(spec)?;
+            if m.kind != "bind" {
+                continue;
+            }
+            match &m.from {
+                Some(name) if self.named_dir_context(name).is_some() => {
+                    key.str("bind-dir-context", &self.named_dir_context(name).unwrap().display().to_string());
+                }
+                Some(name) => {
+                    let from = self.copy_from(name).await?;
+                    key.str("bind-from", from.key.as_str());
+                }
+                None => {
+                    let subpath = m.source.clone().unwrap_or_else(|| "/".into());
+                    let src = Source::Context { root: &self.opts.context, ignore: &self.ignore };
+                    let mut h = rbuild_cache::Hasher::new();
+                    for sel in src.select(subpath.trim_start_matches('/').trim_end_matches('/')).or_else(|_| src.select("."))? {
+                        src.hash_into(&sel, &mut h)?;
+                    }
+                    key.str("bind-context", h.finish().as_str());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns `RUN --mount` specs and heredoc scripts into sandbox mounts (after a cache miss:
+    /// this fetches the layers of `from=` stages and takes cache-mount locks).
+    async fn prepare_mounts(self: &Arc<Self>, specs: &[String], files: &[rbuild_dag::dispatch::InlineFile]) -> Result<PreparedMounts> {
         use crate::mounts::{parse_mount, SecretSource};
         use rbuild_sandbox::{Mount, MountSource};
         let mut p = PreparedMounts::default();
@@ -686,25 +996,12 @@ impl Builder {
                     let target = m.target.clone().unwrap();
                     let subpath = m.source.clone().unwrap_or_else(|| "/".into());
                     let lowerdirs = match &m.from {
-                        Some(name) if self.named_dir_context(name).is_some() => {
-                            let dir = self.named_dir_context(name).unwrap();
-                            key.str("bind-dir-context", &dir.display().to_string());
-                            vec![dir]
-                        }
+                        Some(name) if self.named_dir_context(name).is_some() => vec![self.named_dir_context(name).unwrap()],
                         Some(name) => {
                             let from = self.copy_from(name).await?;
-                            key.str("bind-from", from.key.as_str());
-                            from.stack().top_first
+                            self.materialize(&from).await?.top_first
                         }
-                        None => {
-                            let src = Source::Context { root: &self.opts.context, ignore: &self.ignore };
-                            let mut h = rbuild_cache::Hasher::new();
-                            for sel in src.select(subpath.trim_start_matches('/').trim_end_matches('/')).or_else(|_| src.select("."))? {
-                                src.hash_into(&sel, &mut h)?;
-                            }
-                            key.str("bind-context", h.finish().as_str());
-                            vec![self.opts.context.clone()]
-                        }
+                        None => vec![self.opts.context.clone()],
                     };
                     p.mounts.push(Mount { target, source: MountSource::Layers { lowerdirs, subpath, discard_writes: m.rw } });
                 }
@@ -741,7 +1038,7 @@ impl Builder {
                         // from=STAGE[,source=PATH]: a new cache starts as a copy of that directory.
                         if let Some(name) = &m.from {
                             let from = self.copy_from(name).await?;
-                            let stack = from.stack();
+                            let stack = self.materialize(&from).await?;
                             let src = Source::Layers { stack: &stack, name: name.clone() };
                             let sel = src.select(m.source.as_deref().unwrap_or("/").trim_start_matches('/'))?;
                             copy::stage_copy(&tmp, &LayerStack::default(), &src, &sel, "/", &CopyAttrs::default())?;
@@ -867,30 +1164,34 @@ impl Builder {
         }
     }
 
-    fn cached(&self, key: &CacheKey) -> Result<Option<CacheRecord>> {
+    /// The cache record of `key`: from the store, else from an imported cache (whose layer
+    /// is then fetched only when something needs it).
+    fn cached(&self, key: &CacheKey, pstep: &ProgressStep) -> Result<Option<CacheRecord>> {
         if self.opts.no_cache {
             return Ok(None);
         }
-        Ok(self.store.get_record(key)?)
+        if let Some(rec) = self.store.get_record(key)? {
+            return Ok(Some(rec));
+        }
+        let Some(rec) = self.imported.get().and_then(|e| e.record(key, &now_rfc3339())) else { return Ok(None) };
+        pstep.log("found in the imported cache");
+        self.imported_hits.lock().unwrap().push((key.clone(), rec.clone()));
+        Ok(Some(rec))
     }
 
     fn push_layer(&self, fs: &mut ImageFs, key: CacheKey, rec: CacheRecord, created_by: &str) {
-        fs.key = key;
-        match rec.layer {
-            Some(l) => {
-                let dir = self.store.layer_dir(&l.diff_id);
-                fs.layers.push(Layer {
-                    desc: LayerSlot::Ready(LayerDesc { digest: l.digest, diff_id: l.diff_id, size: l.size, media_type: l.media_type }),
-                    dir,
-                });
-                fs.history.push(history_entry(created_by, false));
-            }
-            None => fs.history.push(history_entry(created_by, true)),
-        }
+        let slot = rec.layer.map(|l| Layer {
+            dir: self.store.layer_dir(&l.diff_id),
+            desc: LayerSlot::Ready(LayerDesc { digest: l.digest, diff_id: l.diff_id, size: l.size, media_type: l.media_type }),
+        });
+        self.push_slot(fs, key, slot, created_by);
     }
 
     fn push_slot(&self, fs: &mut ImageFs, key: CacheKey, slot: Option<Layer>, created_by: &str) {
-        fs.key = key;
+        fs.key = key.clone();
+        let entry = (key, slot.as_ref().map(|l| l.desc.clone()));
+        fs.chain.push(entry.clone());
+        self.touched.lock().unwrap().push(entry);
         match slot {
             Some(layer) => {
                 fs.layers.push(layer);
@@ -1006,6 +1307,11 @@ impl Builder {
         obj.remove("docker_version");
         obj.remove("id");
         obj.remove("parent");
+        obj.remove(rbuild_cache::export::INLINE_CONFIG_KEY);
+        if self.opts.cache_to.contains(&CacheSpec::Inline) {
+            let export = self.cache_records(CacheMode::Min, fs).await?;
+            obj.insert(rbuild_cache::export::INLINE_CONFIG_KEY.into(), serde_json::from_slice(&export.to_json())?);
+        }
         let (os, arch) = self.opts.platform.split_once('/').unwrap_or(("linux", "amd64"));
         obj.insert("os".into(), json!(os));
         obj.insert("architecture".into(), json!(arch));
@@ -1042,6 +1348,14 @@ impl Drop for PreparedMounts {
         for p in &self.cleanup {
             let _ = fs::remove_file(p);
         }
+    }
+}
+
+fn describe_cache(c: &CacheSpec) -> String {
+    match c {
+        CacheSpec::Registry { reference, .. } => reference.clone(),
+        CacheSpec::Local { dir, .. } => dir.display().to_string(),
+        CacheSpec::Inline => "inline".into(),
     }
 }
 

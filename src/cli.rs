@@ -144,6 +144,18 @@ pub struct BuildArgs {
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
 
+    /// Import build cache (repeatable): `type=registry,ref=REF` (a cache artifact written by
+    /// `--cache-to type=registry`, or an image pushed with an inline cache), `type=local,src=DIR`,
+    /// or a bare `REF`. Layers are fetched only when a step or the output needs them.
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    pub cache_from: Vec<String>,
+
+    /// Export build cache (repeatable): `type=registry,ref=REF[,mode=min|max]`,
+    /// `type=local,dest=DIR[,mode=min|max]`, or `type=inline` (into the pushed image's config).
+    /// `mode=min` (default) exports the steps of the final image, `mode=max` every step built.
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    pub cache_to: Vec<String>,
+
     /// State directory [default: $XDG_DATA_HOME/rbuild, ~/.local/share/rbuild, or /var/lib/rbuild as root].
     #[arg(long, value_name = "DIR", env = "RBUILD_ROOT")]
     pub root: Option<PathBuf>,
@@ -204,6 +216,77 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, String> {
     }
 }
 
+/// Which steps a cache export covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// The steps whose results make up the final image.
+    Min,
+    /// Every step of every stage the build ran or reused.
+    Max,
+}
+
+/// One parsed `--cache-from` or `--cache-to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheSpec {
+    /// A cache artifact (or an image with an inline cache) in a registry.
+    Registry {
+        /// The image reference of the artifact.
+        reference: String,
+        /// What to export (ignored for import).
+        mode: CacheMode,
+    },
+    /// An OCI image layout directory holding a cache artifact.
+    Local {
+        /// The directory.
+        dir: PathBuf,
+        /// What to export (ignored for import).
+        mode: CacheMode,
+    },
+    /// Cache records in the pushed image's own config (export only; import with `type=registry`).
+    Inline,
+}
+
+/// Parses a `--cache-from` (`import`) or `--cache-to` value.
+pub fn parse_cache_spec(spec: &str, import: bool) -> Result<CacheSpec, String> {
+    let flag = if import { "--cache-from" } else { "--cache-to" };
+    if !spec.contains('=') {
+        if import && !spec.is_empty() {
+            return Ok(CacheSpec::Registry { reference: spec.to_string(), mode: CacheMode::Min });
+        }
+        return Err(format!("{flag} {spec:?}: want type=registry,ref=REF, type=local,{}=DIR or type=inline", if import { "src" } else { "dest" }));
+    }
+    let (mut kind, mut reference, mut dir, mut mode) = (None, None, None, CacheMode::Min);
+    for part in spec.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("{flag} {spec:?}: {part:?} is not KEY=VALUE"))?;
+        match k {
+            "type" => kind = Some(v.to_string()),
+            "ref" => reference = Some(v.to_string()),
+            "src" if import => dir = Some(PathBuf::from(v)),
+            "dest" if !import => dir = Some(PathBuf::from(v)),
+            "mode" if !import => {
+                mode = match v {
+                    "min" => CacheMode::Min,
+                    "max" => CacheMode::Max,
+                    _ => return Err(format!("{flag} {spec:?}: mode must be min or max, not {v:?}")),
+                }
+            }
+            // Options of other builders that change nothing here.
+            "compression" | "compression-level" | "force-compression" | "oci-mediatypes" | "image-manifest" | "ignore-error" | "digest" | "tag" => {}
+            _ => return Err(format!("{flag} {spec:?}: unknown key {k:?}")),
+        }
+    }
+    match kind.as_deref().unwrap_or("registry") {
+        "registry" => Ok(CacheSpec::Registry { reference: reference.ok_or_else(|| format!("{flag} {spec:?}: type=registry needs ref="))?, mode }),
+        "local" => Ok(CacheSpec::Local {
+            dir: dir.ok_or_else(|| format!("{flag} {spec:?}: type=local needs {}=", if import { "src" } else { "dest" }))?,
+            mode,
+        }),
+        "inline" if !import => Ok(CacheSpec::Inline),
+        "inline" => Err(format!("{flag} {spec:?}: an inline cache is read with type=registry,ref=IMAGE")),
+        other => Err(format!("{flag} {spec:?}: unknown type {other:?} (registry, local{})", if import { "" } else { ", inline" })),
+    }
+}
+
 /// Parses `--build-arg` values; `NAME` alone takes the value from the environment (and is
 /// skipped when unset, as docker does).
 pub fn parse_build_args(args: &[String]) -> std::collections::BTreeMap<String, String> {
@@ -246,5 +329,26 @@ mod tests {
         assert_eq!(parse_output("out").unwrap(), OutputSpec::Local("out".into()));
         assert!(parse_output("type=oci").unwrap_err().contains("needs dest"));
         assert!(parse_output("type=zip,dest=x").unwrap_err().contains("unknown type"));
+    }
+
+    #[test]
+    fn cache_specs_parse() {
+        let r = |s: &str| CacheSpec::Registry { reference: s.into(), mode: CacheMode::Min };
+        assert_eq!(parse_cache_spec("reg:5000/app:cache", true).unwrap(), r("reg:5000/app:cache"));
+        assert_eq!(parse_cache_spec("type=registry,ref=reg/app:c", true).unwrap(), r("reg/app:c"));
+        assert_eq!(
+            parse_cache_spec("type=registry,ref=reg/app:c,mode=max", false).unwrap(),
+            CacheSpec::Registry { reference: "reg/app:c".into(), mode: CacheMode::Max }
+        );
+        assert_eq!(parse_cache_spec("type=local,src=/c", true).unwrap(), CacheSpec::Local { dir: "/c".into(), mode: CacheMode::Min });
+        assert_eq!(parse_cache_spec("type=local,dest=/c,mode=max", false).unwrap(), CacheSpec::Local { dir: "/c".into(), mode: CacheMode::Max });
+        assert_eq!(parse_cache_spec("type=inline", false).unwrap(), CacheSpec::Inline);
+        assert!(parse_cache_spec("type=local,dest=/c", true).unwrap_err().contains("unknown key \"dest\""));
+        assert!(parse_cache_spec("type=local", false).unwrap_err().contains("needs dest="));
+        assert!(parse_cache_spec("type=registry", true).unwrap_err().contains("needs ref="));
+        assert!(parse_cache_spec("type=registry,ref=x,mode=all", false).unwrap_err().contains("min or max"));
+        assert!(parse_cache_spec("type=inline", true).unwrap_err().contains("type=registry"));
+        assert!(parse_cache_spec("type=s3,ref=x", false).unwrap_err().contains("unknown type"));
+        assert!(parse_cache_spec("somewhere", false).is_err(), "an export needs a type");
     }
 }

@@ -5,6 +5,7 @@
 //! [`rbuild_sandbox`] (namespaces and the RUN sandbox).
 
 pub mod build;
+pub mod cachesync;
 pub mod cli;
 pub mod copy;
 pub mod image;

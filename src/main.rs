@@ -49,6 +49,10 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     for o in &args.outputs {
         outputs.push(parse_output(o).map_err(anyhow::Error::msg)?);
     }
+    let cache_from =
+        args.cache_from.iter().map(|c| rbuild::cli::parse_cache_spec(c, true)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    let cache_to =
+        args.cache_to.iter().map(|c| rbuild::cli::parse_cache_spec(c, false)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     if args.push && !outputs.contains(&OutputSpec::Registry) {
         outputs.push(OutputSpec::Registry);
     }
@@ -160,6 +164,8 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         secrets: rbuild::mounts::parse_secrets(&args.secrets)?,
         build_contexts: parse_named_contexts(&args.build_contexts)?,
         ssh: rbuild::mounts::parse_ssh(&args.ssh)?,
+        cache_from,
+        cache_to,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
     };
     let outcome = runtime.block_on(build(store.clone(), opts, progress.clone()));

@@ -241,6 +241,8 @@ pub enum PushEvent {
 pub struct Registry {
     opts: RegistryOptions,
     clients: Mutex<HashMap<String, Client>>,
+    /// `host/repository`s this client holds a pull token for.
+    pull_authed: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Whether `host[:port]` is a loopback address, spoken to over plain HTTP like Docker does.
@@ -337,7 +339,7 @@ fn docker_config_dir() -> Option<PathBuf> {
 impl Registry {
     /// A client honouring `opts`.
     pub fn new(opts: RegistryOptions) -> Registry {
-        Registry { opts, clients: Mutex::new(HashMap::new()) }
+        Registry { opts, clients: Mutex::new(HashMap::new()), pull_authed: Mutex::new(Default::default()) }
     }
 
     fn client(&self, registry: &str) -> Client {
@@ -359,15 +361,9 @@ impl Registry {
         self.pull_with_progress(reference, store, |_| {}).await
     }
 
-    /// Pulls `reference` into the store: the manifest (an index is resolved to the platform),
-    /// then config and every missing layer, [`PULL_CONCURRENCY`] at once, each streamed to a
-    /// temporary file, verified against its digest and only then committed.
-    pub async fn pull_with_progress(
-        &self,
-        reference: &str,
-        store: &Store,
-        progress: impl Fn(PullEvent) + Send + Sync,
-    ) -> Result<PulledImage, RegistryError> {
+    /// The platform manifest of `reference` (an index is resolved to the configured platform):
+    /// its JSON, its bytes and its digest, verified against the digest that named it.
+    pub async fn manifest(&self, reference: &str) -> Result<(Value, Vec<u8>, Digest), RegistryError> {
         let r = normalize_reference(reference)?;
         let name = r.whole();
         let host = r.resolve_registry().to_string();
@@ -392,6 +388,54 @@ impl Registry {
             manifest_bytes = b2.to_vec();
             doc = parse_json(&name, "manifest", &manifest_bytes)?;
         }
+        Ok((doc, manifest_bytes, digest))
+    }
+
+    /// Fetches blob `digest` of repository `reference` into the store (streamed, verified),
+    /// unless the store has it. Returns the bytes received (0 when it was present).
+    pub async fn fetch_blob(&self, reference: &str, digest: &Digest, size: u64, store: &Store) -> Result<u64, RegistryError> {
+        if store.has_blob(digest) {
+            return Ok(0);
+        }
+        let r = normalize_reference(reference)?;
+        let name = r.whole();
+        let host = r.resolve_registry().to_string();
+        let client = self.client(&host);
+        let repo = format!("{host}/{}", r.repository());
+        if !self.pull_authed.lock().unwrap().contains(&repo) {
+            let auth = credentials(&host)?;
+            client.auth(&r, &auth, RegistryOperation::Pull).await.map_err(|e| classify(&name, &host, "authenticating to pull", e))?;
+            self.pull_authed.lock().unwrap().insert(repo);
+        }
+        fetch_blob(&client, &r, &name, &host, digest, size, store).await
+    }
+
+    /// Resolves `reference` to its platform manifest and fetches only the config: the layers
+    /// are described (with diffIDs) but left for [`Registry::fetch_blob`], so a build that
+    /// finds every step in the cache never downloads them.
+    pub async fn resolve(&self, reference: &str, store: &Store) -> Result<PulledImage, RegistryError> {
+        let name = normalize_reference(reference)?.whole();
+        let (doc, _, digest) = self.manifest(reference).await?;
+        let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
+        self.fetch_blob(reference, &config_desc.0, config_desc.1, store).await?;
+        finish_pull(name, digest, config_desc.0, layer_descs, store)
+    }
+
+    /// Pulls `reference` into the store: the manifest (an index is resolved to the platform),
+    /// then config and every missing layer, [`PULL_CONCURRENCY`] at once, each streamed to a
+    /// temporary file, verified against its digest and only then committed.
+    pub async fn pull_with_progress(
+        &self,
+        reference: &str,
+        store: &Store,
+        progress: impl Fn(PullEvent) + Send + Sync,
+    ) -> Result<PulledImage, RegistryError> {
+        let r = normalize_reference(reference)?;
+        let name = r.whole();
+        let host = r.resolve_registry().to_string();
+        let client = self.client(&host);
+        // manifest() authenticated this client for the repository already.
+        let (doc, manifest_bytes, digest) = self.manifest(reference).await?;
         progress(PullEvent::Resolved { reference: name.clone(), digest: digest.clone() });
         let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
         let mut wanted: Vec<(Digest, u64)> = Vec::new();
@@ -438,6 +482,21 @@ impl Registry {
         tags: &[String],
         progress: impl Fn(PushEvent) + Send + Sync,
     ) -> Result<Digest, RegistryError> {
+        self.push_with_origins(image, store, tags, &HashMap::new(), progress).await
+    }
+
+    /// Like [`Registry::push_with_progress`], for an image whose blobs need not all be in the
+    /// store: `origins` names, for such blobs, an image reference whose repository has them.
+    /// A blob the target lacks is then mounted from there when it is on the same registry,
+    /// else fetched into the store first and uploaded.
+    pub async fn push_with_origins(
+        &self,
+        image: &BuiltImage,
+        store: &Store,
+        tags: &[String],
+        origins: &HashMap<Digest, String>,
+        progress: impl Fn(PushEvent) + Send + Sync,
+    ) -> Result<Digest, RegistryError> {
         let mut refs = Vec::new();
         for t in tags {
             let r = normalize_reference(t)?;
@@ -466,7 +525,7 @@ impl Registry {
             let auth = credentials(host)?;
             client.auth(r, &auth, RegistryOperation::Push).await.map_err(|e| classify(&name, host, "authenticating to push", e))?;
             let source = mount_from.get(host).cloned();
-            let job = BlobPush { client: &client, target: r, name: &name, host, repository: &repository, source: source.as_ref(), store };
+            let job = BlobPush { registry: self, client: &client, target: r, name: &name, host, repository: &repository, source: source.as_ref(), store, origins };
             futures_util::stream::iter(&blobs)
                 .map(|(d, size)| job.run(d, *size, &progress))
                 .buffer_unordered(PUSH_CONCURRENCY)
@@ -494,6 +553,9 @@ impl Registry {
 
 /// One repository's share of a push.
 struct BlobPush<'a> {
+    registry: &'a Registry,
+    /// Where blobs missing from the store can be had (see [`Registry::push_with_origins`]).
+    origins: &'a HashMap<Digest, String>,
     client: &'a Client,
     target: &'a Reference,
     name: &'a str,
@@ -519,6 +581,17 @@ impl BlobPush<'_> {
             if self.client.mount_blob(self.target, src, d.as_str()).await.is_ok() {
                 progress(PushEvent::Mounted { repository, digest: d.clone(), from: format!("{}/{}", src.registry(), src.repository()) });
                 return Ok(());
+            }
+        }
+        if let Some(origin) = self.origins.get(d) {
+            if let Ok(o) = normalize_reference(origin) {
+                if o.resolve_registry() == host && self.client.mount_blob(self.target, &o, d.as_str()).await.is_ok() {
+                    progress(PushEvent::Mounted { repository, digest: d.clone(), from: format!("{}/{}", o.registry(), o.repository()) });
+                    return Ok(());
+                }
+            }
+            if !self.store.has_blob(d) {
+                self.registry.fetch_blob(origin, d, size, self.store).await?;
             }
         }
         progress(PushEvent::Started { repository: repository.clone(), digest: d.clone(), size });

@@ -19,6 +19,7 @@
 
 pub mod context;
 pub mod digest;
+pub mod export;
 pub mod gc;
 pub mod key;
 pub mod store;
@@ -26,5 +27,6 @@ pub mod store;
 pub use digest::{Digest, DigestError, Hasher};
 pub use key::{CacheKey, CacheKeyBuilder};
 pub use context::{ContextError, StatCache};
+pub use export::{CacheExport, ExportError, ExportedRecord};
 pub use gc::{disk_usage, prune, verify, GcError, KindUsage, PruneOptions, PruneReport, Usage, VerifyReport};
 pub use store::{copy_into_blob, remove_tree, write_file_atomic, BlobWriter, CacheRecord, ExclusiveLock, LayerRef, RefEntry, Store, StoreError};
