@@ -109,13 +109,120 @@ struct Layer {
     dir: PathBuf,
 }
 
+/// One layer of an [`ImageFs`]: known, or the result of a step that has not run yet.
+#[derive(Clone)]
+enum LayerEntry {
+    /// A base-image, cached or built layer.
+    Known(Layer),
+    /// A step that missed the cache: it runs (once) when its result is first awaited and
+    /// yields its layer, or `None` if it changed nothing.
+    Deferred {
+        job: SharedJob<Option<Layer>>,
+        /// Index of the step's entry in [`ImageFs::history`] (marked empty if it yields `None`).
+        history: usize,
+    },
+}
+
+impl std::fmt::Debug for LayerEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerEntry::Known(l) => l.fmt(f),
+            LayerEntry::Deferred { history, .. } => write!(f, "deferred step (history {history})"),
+        }
+    }
+}
+
+impl LayerEntry {
+    /// The layer, running the step first if it is deferred.
+    async fn resolve(&self) -> Result<Option<Layer>> {
+        match self {
+            LayerEntry::Known(l) => Ok(Some(l.clone())),
+            LayerEntry::Deferred { job, .. } => job.clone().await.map_err(|e| anyhow!(e)),
+        }
+    }
+}
+
+/// Where a step is in the Dockerfile, for progress and errors.
+struct StepCtx {
+    /// Progress line, e.g. `[build 3/5] RUN make`.
+    name: String,
+    /// Stable id of the step (Dockerfile, stage, position) for explaining misses.
+    id: String,
+    /// Dockerfile line.
+    line: usize,
+}
+
+/// A keyed step and what running it needs.
+struct PlannedStep {
+    key: CacheKey,
+    /// The key's labelled inputs, to say what changed on a miss.
+    fields: Vec<(String, String)>,
+    inputs: StepInputs,
+}
+
+/// Inputs gathered while keying a step, kept for running it.
+enum StepInputs {
+    Run { net: NetworkArg },
+    Copy(Box<CopyInputs>),
+    Workdir,
+}
+
+/// What a COPY/ADD found while being keyed.
+struct CopyInputs {
+    mode: Option<copy::Chmod>,
+    exclude: Option<rbuild_dag::ignore::IgnoreMatcher>,
+    dir_context: Option<PathBuf>,
+    from_fs: Option<ImageFs>,
+    inline: Vec<(String, String)>,
+    downloads: Vec<crate::remote::Download>,
+    checkouts: Vec<crate::remote::Checkout>,
+    /// Removes downloads and checkouts when the step is done (or never runs).
+    cleanup: crate::remote::Cleanup,
+}
+
+/// A step could not run because a step it stands on failed (and reported it).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct DependencyFailed(String);
+
+/// Counts a running step for as long as it lives.
+struct RunningGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> RunningGuard<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        RunningGuard(n)
+    }
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Ends a step's progress line with its result.
+fn finish_pstep(pstep: &ProgressStep, res: Result<Option<Layer>>) -> Result<Option<Layer>> {
+    match &res {
+        Ok(_) => pstep.done(),
+        Err(e) => pstep.error(&format!("{e:#}")),
+    }
+    res
+}
+
+fn created_by_of(step: &Step) -> &str {
+    match step {
+        Step::Run { created_by, .. } | Step::Copy { created_by, .. } | Step::Workdir { created_by, .. } => created_by,
+    }
+}
+
 /// The filesystem and config of an image at some point of the build.
 #[derive(Debug, Clone)]
 struct ImageFs {
     /// Cache key of this filesystem state.
     key: CacheKey,
     /// Layers, bottom first.
-    layers: Vec<Layer>,
+    layers: Vec<LayerEntry>,
     /// The base's image config (platform, history, ...) as JSON.
     config: Value,
     /// Config state as the Dockerfile changes it.
@@ -124,7 +231,7 @@ struct ImageFs {
     history: Vec<Value>,
     /// The cache records (key and layer) of the steps that made this state, oldest first:
     /// what `--cache-to mode=min` and inline caches export.
-    chain: Vec<(CacheKey, Option<LayerSlot>)>,
+    chain: Vec<(CacheKey, Option<LayerEntry>)>,
 }
 
 impl ImageFs {
@@ -140,10 +247,7 @@ impl ImageFs {
         }
     }
 
-    /// The layer directories, top first; only valid after [`Builder::materialize`].
-    fn stack(&self) -> LayerStack {
-        LayerStack::new(self.layers.iter().rev().map(|l| l.dir.clone()).collect())
-    }
+
 }
 
 /// Runs one build.
@@ -171,6 +275,8 @@ pub struct Builder {
     unpack_jobs: Mutex<HashMap<Digest, SharedJob<PathBuf>>>,
     /// Every step result this build made or reused: what `--cache-to mode=max` exports.
     touched: Mutex<Vec<(CacheKey, Option<LayerSlot>)>>,
+    /// Deferred steps running now, so a failed build can wait for them to end.
+    running: std::sync::atomic::AtomicUsize,
     dockerfile: Dockerfile,
     dockerfile_name: String,
     lines: Vec<String>,
@@ -208,6 +314,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         blob_jobs: Mutex::new(HashMap::new()),
         unpack_jobs: Mutex::new(HashMap::new()),
         touched: Mutex::new(Vec::new()),
+        running: std::sync::atomic::AtomicUsize::new(0),
         dockerfile_name: opts.dockerfile.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "Dockerfile".into()),
         lines: text.lines().map(str::to_string).collect(),
         build_args: opts.build_args.clone(),
@@ -286,12 +393,17 @@ impl Builder {
             }
         }
         if let Some(e) = first_err {
-            // Let running layer exports finish, so nothing is left half-written.
-            let _ = self.finish_exports().await;
+            self.settle().await;
             return Err(e);
         }
         let fs = final_fs.ok_or_else(|| anyhow!("target stage produced no result"))?;
-        let image = self.assemble(&fs).await?;
+        let image = match self.assemble(&fs).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.settle().await;
+                return Err(e);
+            }
+        };
         // Stages outside the final image exported layers too: their cache records land before
         // the build reports success.
         self.finish_exports().await?;
@@ -349,6 +461,15 @@ impl Builder {
         }
         self.keep_imported_hits();
         Ok(BuildOutcome { image, pushed })
+    }
+
+    /// After a failure: lets steps that are running and layer exports finish, so nothing is
+    /// left half-written (steps that have not started never will).
+    async fn settle(&self) {
+        while self.running.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ = self.finish_exports().await;
     }
 
     /// Reads every `--cache-from` (documents only; blobs are fetched when needed). A source
@@ -463,19 +584,21 @@ impl Builder {
     /// or stacking on its files. A step found in the cache never calls this, so the layers
     /// below a cache hit are only downloaded if something needs them.
     async fn materialize(self: &Arc<Self>, fs: &ImageFs) -> Result<LayerStack> {
-        let jobs = fs.layers.iter().map(|l| {
+        // All at once: deferred steps of different stages run in parallel from here.
+        let jobs = fs.layers.iter().map(|e| {
             let me = self.clone();
-            let l = l.clone();
+            let e = e.clone();
             async move {
-                if l.dir.exists() {
-                    return Ok(());
+                let Some(l) = e.resolve().await? else { return Ok(None) };
+                if !l.dir.exists() {
+                    let d = l.desc.get().await?;
+                    me.ensure_unpacked(&d).await?;
                 }
-                let d = l.desc.get().await?;
-                me.ensure_unpacked(&d).await.map(|_| ())
+                Ok::<_, anyhow::Error>(Some(l.dir))
             }
         });
-        futures_util::future::try_join_all(jobs).await?;
-        Ok(fs.stack())
+        let dirs = futures_util::future::try_join_all(jobs).await?;
+        Ok(LayerStack::new(dirs.into_iter().flatten().rev().collect()))
     }
 
     /// Pushes `image` to `tags`; blobs not in the store are mounted or fetched from where
@@ -500,10 +623,19 @@ impl Builder {
 
     /// The records `--cache-to` (or an inline cache) exports for a build ending in `fs`.
     async fn cache_records(&self, mode: CacheMode, fs: &ImageFs) -> Result<CacheExport> {
-        let entries: Vec<(CacheKey, Option<LayerSlot>)> = match mode {
-            CacheMode::Min => fs.chain.clone(),
-            CacheMode::Max => self.touched.lock().unwrap().clone(),
-        };
+        let mut entries: Vec<(CacheKey, Option<LayerSlot>)> = Vec::new();
+        match mode {
+            CacheMode::Min => {
+                for (key, e) in &fs.chain {
+                    let slot = match e {
+                        Some(e) => e.resolve().await?.map(|l| l.desc),
+                        None => None,
+                    };
+                    entries.push((key.clone(), slot));
+                }
+            }
+            CacheMode::Max => entries = self.touched.lock().unwrap().clone(),
+        }
         let mut export = CacheExport::new();
         for (key, slot) in entries {
             let layer = match slot {
@@ -557,11 +689,15 @@ impl Builder {
     }
 
     /// The result of stage `idx`, built once however many stages ask for it.
-    async fn stage_result(self: &Arc<Self>, idx: usize) -> Result<ImageFs> {
-        let cell = self.stages.lock().unwrap().entry(idx).or_default().clone();
+    // A boxed `dyn Send` future, not an `async fn`: stages and steps await each other
+    // recursively, and the compiler needs a named type to see that the cycle is `Send`.
+    fn stage_result(self: &Arc<Self>, idx: usize) -> futures_util::future::BoxFuture<'static, Result<ImageFs>> {
         let me = self.clone();
-        let fs = cell.get_or_try_init(|| async move { Box::pin(me.build_stage(idx)).await }).await?;
-        Ok(fs.clone())
+        Box::pin(async move {
+            let cell = me.stages.lock().unwrap().entry(idx).or_default().clone();
+            let fs = cell.get_or_try_init(|| me.clone().build_stage(idx)).await?;
+            Ok(fs.clone())
+        })
     }
 
     /// The filesystem of an external image, pulled and unpacked once per build.
@@ -603,8 +739,8 @@ impl Builder {
             pulled
         };
         step.log(&format!("resolved {} to {}", reference, pulled.manifest_digest));
-        let layers: Vec<Layer> =
-            pulled.layers.iter().map(|l| Layer { desc: LayerSlot::Ready(l.clone()), dir: self.store.layer_dir(&l.diff_id) }).collect();
+        let layers: Vec<LayerEntry> =
+            pulled.layers.iter().map(|l| LayerEntry::Known(Layer { desc: LayerSlot::Ready(l.clone()), dir: self.store.layer_dir(&l.diff_id) })).collect();
         if !self.lazy() {
             // No cache to import: every step will need the base's files, so fetch them now.
             futures_util::future::try_join_all(pulled.layers.iter().map(|l| self.ensure_unpacked(l))).await?;
@@ -637,6 +773,10 @@ impl Builder {
         anyhow!("{}:{line}: {msg}\n  {line} | {text}", self.dockerfile_name)
     }
 
+    /// Lowers stage `idx` into its final [`ImageFs`]: every step is keyed at once; a step
+    /// found in the cache adds its layer, a step that missed adds a deferred layer that runs
+    /// when something needs its files or its blob (see [`LayerEntry::Deferred`]). So a stage
+    /// whose result is only copied from by a step that hits never runs at all.
     async fn build_stage(self: Arc<Self>, idx: usize) -> Result<ImageFs> {
         let stage = &self.dockerfile.stages[idx];
         let base_text = rbuild_dag::expand_base(stage, &self.resolved).map_err(|e| anyhow!("{e}"))?;
@@ -654,7 +794,7 @@ impl Builder {
         let total = instructions.len() + 1;
         for (i, instr) in instructions.into_iter().enumerate() {
             let line = if i < triggers.len() { stage.line } else { instr.line };
-            let step_name = format!("[{} {}/{}] {}", self.stage_label(idx), i + 2, total, one_line(&instr.original));
+            let name = format!("[{} {}/{}] {}", self.stage_label(idx), i + 2, total, one_line(&instr.original));
             let dispatched = dispatcher.dispatch(instr).map_err(|e| anyhow!("{e}"))?;
             match dispatched {
                 None => {
@@ -662,22 +802,8 @@ impl Builder {
                     fs.history.push(history_entry(&created_by, true));
                 }
                 Some(step) => {
-                    let pstep = self.progress.start(&step_name);
-                    let step_id = format!("{}\u{0}{}\u{0}{}", self.opts.dockerfile.display(), idx, i);
-                    let res = self.run_step(&mut fs, &step, &pstep, &step_id).await;
-                    match res {
-                        Ok(cached) => {
-                            if cached {
-                                pstep.cached()
-                            } else {
-                                pstep.done()
-                            }
-                        }
-                        Err(e) => {
-                            pstep.error(&format!("{e:#}"));
-                            return Err(self.err_at(line, format!("{e:#}")));
-                        }
-                    }
+                    let id = format!("{}\u{0}{}\u{0}{}", self.opts.dockerfile.display(), idx, i);
+                    self.add_step(&mut fs, step, StepCtx { name, id, line }).await?;
                 }
             }
             fs.state = dispatcher.state().clone();
@@ -686,10 +812,66 @@ impl Builder {
         Ok(fs)
     }
 
-    /// Runs one filesystem step; returns whether it came from the cache.
-    async fn run_step(self: &Arc<Self>, fs: &mut ImageFs, step: &Step, pstep: &ProgressStep, step_id: &str) -> Result<bool> {
+    /// Keys one filesystem step and adds its result to `fs`: the cached layer on a hit, else a
+    /// deferred layer (the step runs when the layer is first needed).
+    async fn add_step(self: &Arc<Self>, fs: &mut ImageFs, step: Step, ctx: StepCtx) -> Result<()> {
+        let planned = match self.plan_step(fs, &step).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.progress.start(&ctx.name).error(&format!("{e:#}"));
+                return Err(self.err_at(ctx.line, format!("{e:#}")));
+            }
+        };
+        let created_by = created_by_of(&step).to_string();
+        let key = planned.key.clone();
+        if let Some((hit, imported)) = self.cached(&key)? {
+            let pstep = self.progress.start(&ctx.name);
+            if imported {
+                pstep.log("found in the imported cache");
+            }
+            pstep.cached();
+            self.push_layer(fs, key, hit, &created_by);
+            return Ok(());
+        }
+        use futures_util::FutureExt;
+        let (me, parent) = (self.clone(), fs.clone());
+        let job_key = key.clone();
+        let job = async move {
+            // Spawned, so that a step once started runs to its end whoever waits for it.
+            let task = tokio::spawn(async move {
+                let _running = RunningGuard::new(&me.running);
+                match me.execute(&parent, &step, &job_key, planned, &ctx).await {
+                    Ok(layer) => {
+                        me.touched.lock().unwrap().push((job_key, layer.as_ref().map(|l| l.desc.clone())));
+                        Ok(layer)
+                    }
+                    // A step this one needed failed, and said so already.
+                    Err(e) if e.downcast_ref::<DependencyFailed>().is_some() => Err(format!("{e}")),
+                    Err(e) => Err(format!("{:#}", me.err_at(ctx.line, format!("{e:#}")))),
+                }
+            });
+            task.await.map_err(|e| format!("step task failed: {e}"))?
+        }
+        .boxed()
+        .shared();
+        fs.key = key.clone();
+        let entry = LayerEntry::Deferred { job, history: fs.history.len() };
+        fs.history.push(history_entry(&created_by, false));
+        fs.layers.push(entry.clone());
+        fs.chain.push((key, Some(entry)));
+        Ok(())
+    }
+
+    /// [`Builder::materialize`] for what a step needs; a failure there is the failure of an
+    /// earlier step, reported by that step.
+    async fn materialize_dep(self: &Arc<Self>, fs: &ImageFs) -> Result<LayerStack> {
+        self.materialize(fs).await.map_err(|e| anyhow::Error::new(DependencyFailed(format!("{e:#}"))))
+    }
+
+    /// The cache key of a step and what running it needs, computed without reading any layer.
+    async fn plan_step(self: &Arc<Self>, fs: &ImageFs, step: &Step) -> Result<PlannedStep> {
         match step {
-            Step::Run { argv, env, user, workdir, network, created_by, files, mounts, security, .. } => {
+            Step::Run { argv, env, user, workdir, network, files, mounts, security, .. } => {
                 if security.as_deref() == Some("insecure") {
                     bail!("RUN --security=insecure is not allowed: rbuild grants no extra privileges to RUN steps");
                 }
@@ -712,71 +894,9 @@ impl Builder {
                     kb.str("file", &f.path).str("data", &f.data).str("mode", &format!("{:o}", f.mode));
                 }
                 self.mount_key_inputs(mounts, &mut kb).await?;
-                let key = kb.finish();
-                if let Some(hit) = self.cached(&key, pstep)? {
-                    self.push_layer(fs, key, hit, created_by);
-                    return Ok(true);
-                }
-                self.explain_miss(step_id, kb.fields(), pstep);
-                let stack = self.materialize(fs).await?;
-                let prepared = self.prepare_mounts(mounts, files).await?;
-                let _permit = self.jobs.acquire().await?;
-                let upper = self.store.temp_dir("upper")?;
-                let work = self.store.temp_dir("work")?;
-                if stack.resolve(workdir, true).is_none() {
-                    copy::ensure_dir(&upper, &stack, &clean_components(workdir))?;
-                }
-                let spec = rbuild_sandbox::RunSpec::builder()
-                    .lowerdirs(stack.top_first.clone())
-                    .upperdir(upper.clone())
-                    .workdir(work.clone())
-                    .argv(argv.clone())
-                    .env(env.iter().cloned().chain(prepared.env.iter().cloned()).collect())
-                    .mounts(prepared.mounts.clone())
-                    .cwd(workdir.clone())
-                    .user(user.clone())
-                    .hostname("rbuild".to_string())
-                    .network(match net {
-                        NetworkArg::Host => rbuild_sandbox::Network::Host,
-                        NetworkArg::None => rbuild_sandbox::Network::None,
-                    })
-                    .build()?;
-                let mut out = pstep.output();
-                let outcome = tokio::task::spawn_blocking(move || {
-                    let r = rbuild_sandbox::run(&spec, &mut out);
-                    drop(out);
-                    r
-                })
-                .await??;
-                let _ = rbuild_cache::remove_tree(&work);
-                drop(prepared);
-                for mp in &outcome.created_mountpoints {
-                    remove_mountpoint(&upper, &stack, mp);
-                }
-                match outcome.status {
-                    rbuild_sandbox::ExitKind::Exited(0) => {}
-                    status => {
-                        let _ = rbuild_cache::remove_tree(&upper);
-                        let what = match status {
-                            rbuild_sandbox::ExitKind::Exited(c) => format!("exit code {c}"),
-                            rbuild_sandbox::ExitKind::Signaled(s) => format!("killed by signal {s}"),
-                        };
-                        let tail = pstep.tail();
-                        let mut msg = format!("process {:?} did not complete successfully: {what}", argv);
-                        if !tail.is_empty() {
-                            msg.push_str("\n  last output:\n");
-                            for l in tail.iter().rev().take(10).rev() {
-                                msg.push_str(&format!("    {l}\n"));
-                            }
-                        }
-                        bail!(msg.trim_end().to_string());
-                    }
-                }
-                let slot = self.export_layer(upper, &key, pstep)?;
-                self.push_slot(fs, key, slot, created_by);
-                Ok(false)
+                Ok(PlannedStep { key: kb.finish(), fields: kb.fields().to_vec(), inputs: StepInputs::Run { net } })
             }
-            Step::Copy { sources, dest, from, chown, chmod, is_add, created_by, link, parents, exclude, checksum, keep_git_dir, .. } => {
+            Step::Copy { sources, dest, from, chown, chmod, is_add, link, parents, exclude, checksum, keep_git_dir, .. } => {
                 let mode = chmod.as_deref().map(copy::parse_chmod).transpose()?;
                 let exclude_m = if exclude.is_empty() {
                     None
@@ -790,9 +910,9 @@ impl Builder {
                     (Some(name), None) => Some(self.copy_from(name).await?),
                     _ => None,
                 };
-                // The key: what is copied, named without reading any layer. Context files by
-                // content; files of a stage or image by that state's key and the patterns (the
-                // key determines the files), so a hit never fetches the source's layers.
+                // What is copied, named without reading any layer: context files by content,
+                // files of a stage or image by that state's key and the patterns (the key
+                // determines the files), so a hit never fetches the source's layers.
                 let mut h = rbuild_cache::Hasher::new();
                 let mut inline = Vec::new();
                 let mut downloads = Vec::new();
@@ -804,7 +924,6 @@ impl Builder {
                             let (store, spec, keep, sum) = (self.store.clone(), p.clone(), *keep_git_dir, checksum.clone());
                             let co = tokio::task::spawn_blocking(move || crate::remote::git_checkout(&store, &spec, keep, sum.as_deref())).await??;
                             cleanup.0.push(co.dir.clone());
-                            pstep.log(&format!("{p} at {}", co.commit));
                             h.update(p.as_bytes());
                             h.update(co.commit.as_bytes());
                             h.update(&[*keep_git_dir as u8]);
@@ -851,98 +970,191 @@ impl Builder {
                     // Names resolve against the parent's /etc/passwd, which the parent key fixes.
                     .str("chown", chown.as_deref().unwrap_or(""))
                     .str("chmod", &format!("{mode:?}"));
-                let key = kb.finish();
-                if let Some(hit) = self.cached(&key, pstep)? {
-                    self.push_layer(fs, key, hit, created_by);
-                    return Ok(true);
-                }
-                self.explain_miss(step_id, kb.fields(), pstep);
-                // --link: the layer does not depend on what it lands on.
-                let stack = if *link { LayerStack::default() } else { self.materialize(fs).await? };
-                let owner = match chown {
-                    Some(c) => Some(stack.resolve_user(c).map_err(|e| anyhow!("--chown={c}: {e}"))?),
-                    None => None,
-                };
-                let attrs = CopyAttrs { owner, mode: mode.clone(), exclude: exclude_m, parents: *parents };
-                let from_stack = match &from_fs {
-                    Some(f) => Some(self.materialize(f).await?),
-                    None => None,
-                };
-                let source = match (&from_stack, from, &dir_context) {
-                    (_, _, Some(dir)) => Source::Context { root: dir, ignore: &empty_ignore },
-                    (Some(s), Some(name), _) => Source::Layers { stack: s, name: name.clone() },
-                    _ => Source::Context { root: &self.opts.context, ignore: &self.ignore },
-                };
-                let mut selected = Vec::new();
-                for s in sources {
-                    if let rbuild_dag::dispatch::CopySource::Path(p) = s {
-                        if !(*is_add && (crate::remote::is_git_url(p) || crate::remote::is_http_url(p))) {
-                            selected.extend(source.select(p)?);
-                        }
-                    }
-                }
-                let _permit = self.jobs.acquire().await?;
-                let staging = self.store.temp_dir("copy")?;
-                // ADD of a local archive extracts it into the destination directory.
-                let mut archives = Vec::new();
-                if *is_add && from.is_none() {
-                    let (a, rest): (Vec<_>, Vec<_>) = selected.into_iter().partition(|sel| sel.md.is_file() && copy::archive_kind(&sel.file).is_some());
-                    archives = a;
-                    selected = rest;
-                }
-                for a in &archives {
-                    let dest_dir = clean_components(&stack.resolve(dest, true).map(|(p, _, _)| p).unwrap_or_else(|| dest.to_string()));
-                    copy::ensure_dir(&staging, &stack, &dest_dir)?;
-                    let file = fs::File::open(&a.file)?;
-                    let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
-                    rbuild_snapshot::apply_layer(reader, &staging.join(dest_dir.join("/")), &rbuild_snapshot::UnpackOptions::default())
-                        .map_err(|e| anyhow!("ADD {}: extracting: {e}", a.rel))?;
-                }
-                let mut n = copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;
-                n += copy::stage_inline(&staging, &stack, &inline, dest, &attrs)?;
-                for co in &checkouts {
-                    let src = Source::Context { root: &co.root, ignore: &empty_ignore };
-                    let sel = src.select(".")?;
-                    n += copy::stage_copy(&staging, &stack, &src, &sel, dest, &attrs)?;
-                }
-                for d in &downloads {
-                    // Downloaded files are 0600, as docker makes them, unless --chmod says otherwise.
-                    let content = fs::read(&d.path)?;
-                    let mode = attrs.mode.clone().or(Some(copy::Chmod::Octal(0o600)));
-                    let a = CopyAttrs { owner: attrs.owner, mode, exclude: None, parents: false };
-                    let remote_dest = if downloads.len() > 1 && !dest.ends_with('/') { format!("{dest}/") } else { dest.clone() };
-                    n += copy::stage_bytes(&staging, &stack, &d.name, &content, &remote_dest, &a)?;
-                }
-                drop(cleanup);
-                pstep.log(&format!("copied {n} files"));
-                let slot = self.export_layer(staging, &key, pstep)?;
-                self.push_slot(fs, key, slot, created_by);
-                Ok(false)
+                Ok(PlannedStep {
+                    key: kb.finish(),
+                    fields: kb.fields().to_vec(),
+                    inputs: StepInputs::Copy(Box::new(CopyInputs { mode, exclude: exclude_m, dir_context, from_fs, inline, downloads, checkouts, cleanup })),
+                })
             }
-            Step::Workdir { path, created_by, .. } => {
+            Step::Workdir { path, .. } => {
                 // Whether the directory exists and who owns it follow from the parent state,
                 // so the key needs no look at the layers.
                 let mut kb = CacheKeyBuilder::new("workdir");
                 kb.str("parent", fs.key.as_str()).str("path", path).str("user", &fs.state.user);
-                let key = kb.finish();
-                if let Some(hit) = self.cached(&key, pstep)? {
-                    self.push_layer(fs, key, hit, created_by);
-                    return Ok(true);
-                }
-                let stack = self.materialize(fs).await?;
-                if stack.resolve(path, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false) {
-                    self.store.put_record(&key, &CacheRecord { layer: None, created: now_rfc3339() })?;
-                    self.push_slot(fs, key, None, created_by);
-                    return Ok(false);
-                }
-                self.explain_miss(step_id, kb.fields(), pstep);
-                let owner = if fs.state.user.is_empty() { (0, 0) } else { stack.resolve_user(&fs.state.user).unwrap_or((0, 0)) };
-                let staging = self.store.temp_dir("workdir")?;
-                copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
-                let slot = self.export_layer(staging, &key, pstep)?;
-                self.push_slot(fs, key, slot, created_by);
-                Ok(false)
+                Ok(PlannedStep { key: kb.finish(), fields: kb.fields().to_vec(), inputs: StepInputs::Workdir })
             }
+        }
+    }
+
+    /// Runs a step that missed the cache on top of `fs` (fetching, unpacking or running what
+    /// it stands on first) and returns the layer it made, if it changed anything.
+    async fn execute(self: &Arc<Self>, fs: &ImageFs, step: &Step, key: &CacheKey, planned: PlannedStep, ctx: &StepCtx) -> Result<Option<Layer>> {
+        let PlannedStep { fields, inputs, .. } = planned;
+        match (step, inputs) {
+            (Step::Run { argv, env, user, workdir, files, mounts, .. }, StepInputs::Run { net }) => {
+                let stack = self.materialize_dep(fs).await?;
+                let prepared = self.prepare_mounts(mounts, files).await?;
+                let pstep = self.progress.start(&ctx.name);
+                let res = async {
+                    self.explain_miss(&ctx.id, &fields, &pstep);
+                    let _permit = self.jobs.acquire().await?;
+                    let upper = self.store.temp_dir("upper")?;
+                    let work = self.store.temp_dir("work")?;
+                    if stack.resolve(workdir, true).is_none() {
+                        copy::ensure_dir(&upper, &stack, &clean_components(workdir))?;
+                    }
+                    let spec = rbuild_sandbox::RunSpec::builder()
+                        .lowerdirs(stack.top_first.clone())
+                        .upperdir(upper.clone())
+                        .workdir(work.clone())
+                        .argv(argv.clone())
+                        .env(env.iter().cloned().chain(prepared.env.iter().cloned()).collect())
+                        .mounts(prepared.mounts.clone())
+                        .cwd(workdir.clone())
+                        .user(user.clone())
+                        .hostname("rbuild".to_string())
+                        .network(match net {
+                            NetworkArg::Host => rbuild_sandbox::Network::Host,
+                            NetworkArg::None => rbuild_sandbox::Network::None,
+                        })
+                        .build()?;
+                    let mut out = pstep.output();
+                    let outcome = tokio::task::spawn_blocking(move || {
+                        let r = rbuild_sandbox::run(&spec, &mut out);
+                        drop(out);
+                        r
+                    })
+                    .await??;
+                    let _ = rbuild_cache::remove_tree(&work);
+                    drop(prepared);
+                    for mp in &outcome.created_mountpoints {
+                        remove_mountpoint(&upper, &stack, mp);
+                    }
+                    match outcome.status {
+                        rbuild_sandbox::ExitKind::Exited(0) => {}
+                        status => {
+                            let _ = rbuild_cache::remove_tree(&upper);
+                            let what = match status {
+                                rbuild_sandbox::ExitKind::Exited(c) => format!("exit code {c}"),
+                                rbuild_sandbox::ExitKind::Signaled(s) => format!("killed by signal {s}"),
+                            };
+                            let tail = pstep.tail();
+                            let mut msg = format!("process {:?} did not complete successfully: {what}", argv);
+                            if !tail.is_empty() {
+                                msg.push_str("\n  last output:\n");
+                                for l in tail.iter().rev().take(10).rev() {
+                                    msg.push_str(&format!("    {l}\n"));
+                                }
+                            }
+                            bail!(msg.trim_end().to_string());
+                        }
+                    }
+                    self.export_layer(upper, key, &pstep)
+                }
+                .await;
+                finish_pstep(&pstep, res)
+            }
+            (Step::Copy { sources, dest, from, chown, is_add, link, parents, .. }, StepInputs::Copy(inputs)) => {
+                let CopyInputs { mode, exclude, dir_context, from_fs, inline, downloads, checkouts, cleanup } = *inputs;
+                // --link: the layer does not depend on what it lands on.
+                let (stack, from_stack) = futures_util::future::try_join(
+                    async {
+                        if *link {
+                            Ok(LayerStack::default())
+                        } else {
+                            self.materialize_dep(fs).await
+                        }
+                    },
+                    async {
+                        match &from_fs {
+                            Some(f) => self.materialize_dep(f).await.map(Some),
+                            None => Ok(None),
+                        }
+                    },
+                )
+                .await?;
+                let pstep = self.progress.start(&ctx.name);
+                let res = async {
+                    self.explain_miss(&ctx.id, &fields, &pstep);
+                    let owner = match chown {
+                        Some(c) => Some(stack.resolve_user(c).map_err(|e| anyhow!("--chown={c}: {e}"))?),
+                        None => None,
+                    };
+                    let attrs = CopyAttrs { owner, mode: mode.clone(), exclude, parents: *parents };
+                    let empty_ignore = rbuild_dag::ignore::IgnoreMatcher::default();
+                    let source = match (&from_stack, from, &dir_context) {
+                        (_, _, Some(dir)) => Source::Context { root: dir, ignore: &empty_ignore },
+                        (Some(s), Some(name), _) => Source::Layers { stack: s, name: name.clone() },
+                        _ => Source::Context { root: &self.opts.context, ignore: &self.ignore },
+                    };
+                    let mut selected = Vec::new();
+                    for s in sources {
+                        if let rbuild_dag::dispatch::CopySource::Path(p) = s {
+                            if !(*is_add && (crate::remote::is_git_url(p) || crate::remote::is_http_url(p))) {
+                                selected.extend(source.select(p)?);
+                            }
+                        }
+                    }
+                    for co in &checkouts {
+                        pstep.log(&format!("git source at {}", co.commit));
+                    }
+                    let _permit = self.jobs.acquire().await?;
+                        let staging = self.store.temp_dir("copy")?;
+                        // ADD of a local archive extracts it into the destination directory.
+                        let mut archives = Vec::new();
+                        if *is_add && from.is_none() {
+                            let (a, rest): (Vec<_>, Vec<_>) = selected.into_iter().partition(|sel| sel.md.is_file() && copy::archive_kind(&sel.file).is_some());
+                            archives = a;
+                            selected = rest;
+                        }
+                        for a in &archives {
+                            let dest_dir = clean_components(&stack.resolve(dest, true).map(|(p, _, _)| p).unwrap_or_else(|| dest.to_string()));
+                            copy::ensure_dir(&staging, &stack, &dest_dir)?;
+                            let file = fs::File::open(&a.file)?;
+                            let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
+                            rbuild_snapshot::apply_layer(reader, &staging.join(dest_dir.join("/")), &rbuild_snapshot::UnpackOptions::default())
+                                .map_err(|e| anyhow!("ADD {}: extracting: {e}", a.rel))?;
+                        }
+                        let mut n = copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;
+                        n += copy::stage_inline(&staging, &stack, &inline, dest, &attrs)?;
+                        for co in &checkouts {
+                            let src = Source::Context { root: &co.root, ignore: &empty_ignore };
+                            let sel = src.select(".")?;
+                            n += copy::stage_copy(&staging, &stack, &src, &sel, dest, &attrs)?;
+                        }
+                        for d in &downloads {
+                            // Downloaded files are 0600, as docker makes them, unless --chmod says otherwise.
+                            let content = fs::read(&d.path)?;
+                            let mode = attrs.mode.clone().or(Some(copy::Chmod::Octal(0o600)));
+                            let a = CopyAttrs { owner: attrs.owner, mode, exclude: None, parents: false };
+                            let remote_dest = if downloads.len() > 1 && !dest.ends_with('/') { format!("{dest}/") } else { dest.clone() };
+                            n += copy::stage_bytes(&staging, &stack, &d.name, &content, &remote_dest, &a)?;
+                        }
+                        drop(cleanup);
+                        pstep.log(&format!("copied {n} files"));
+                        self.export_layer(staging, key, &pstep)
+                    }
+                    .await;
+                    finish_pstep(&pstep, res)
+                }
+            (Step::Workdir { path, .. }, StepInputs::Workdir) => {
+                let stack = self.materialize_dep(fs).await?;
+                let pstep = self.progress.start(&ctx.name);
+                let res = async {
+                    if stack.resolve(path, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false) {
+                        self.store.put_record(key, &CacheRecord { layer: None, created: now_rfc3339() })?;
+                        return Ok(None);
+                    }
+                    self.explain_miss(&ctx.id, &fields, &pstep);
+                    let owner = if fs.state.user.is_empty() { (0, 0) } else { stack.resolve_user(&fs.state.user).unwrap_or((0, 0)) };
+                    let staging = self.store.temp_dir("workdir")?;
+                    copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
+                    self.export_layer(staging, key, &pstep)
+                }
+                .await;
+                finish_pstep(&pstep, res)
+            }
+            _ => unreachable!("plan_step returns the inputs of the step it is given"),
         }
     }
 
@@ -999,7 +1211,7 @@ impl Builder {
                         Some(name) if self.named_dir_context(name).is_some() => vec![self.named_dir_context(name).unwrap()],
                         Some(name) => {
                             let from = self.copy_from(name).await?;
-                            self.materialize(&from).await?.top_first
+                            self.materialize_dep(&from).await?.top_first
                         }
                         None => vec![self.opts.context.clone()],
                     };
@@ -1038,7 +1250,7 @@ impl Builder {
                         // from=STAGE[,source=PATH]: a new cache starts as a copy of that directory.
                         if let Some(name) = &m.from {
                             let from = self.copy_from(name).await?;
-                            let stack = self.materialize(&from).await?;
+                            let stack = self.materialize_dep(&from).await?;
                             let src = Source::Layers { stack: &stack, name: name.clone() };
                             let sel = src.select(m.source.as_deref().unwrap_or("/").trim_start_matches('/'))?;
                             copy::stage_copy(&tmp, &LayerStack::default(), &src, &sel, "/", &CopyAttrs::default())?;
@@ -1166,17 +1378,17 @@ impl Builder {
 
     /// The cache record of `key`: from the store, else from an imported cache (whose layer
     /// is then fetched only when something needs it).
-    fn cached(&self, key: &CacheKey, pstep: &ProgressStep) -> Result<Option<CacheRecord>> {
+    /// Also says whether the record was imported.
+    fn cached(&self, key: &CacheKey) -> Result<Option<(CacheRecord, bool)>> {
         if self.opts.no_cache {
             return Ok(None);
         }
         if let Some(rec) = self.store.get_record(key)? {
-            return Ok(Some(rec));
+            return Ok(Some((rec, false)));
         }
         let Some(rec) = self.imported.get().and_then(|e| e.record(key, &now_rfc3339())) else { return Ok(None) };
-        pstep.log("found in the imported cache");
         self.imported_hits.lock().unwrap().push((key.clone(), rec.clone()));
-        Ok(Some(rec))
+        Ok(Some((rec, true)))
     }
 
     fn push_layer(&self, fs: &mut ImageFs, key: CacheKey, rec: CacheRecord, created_by: &str) {
@@ -1189,12 +1401,11 @@ impl Builder {
 
     fn push_slot(&self, fs: &mut ImageFs, key: CacheKey, slot: Option<Layer>, created_by: &str) {
         fs.key = key.clone();
-        let entry = (key, slot.as_ref().map(|l| l.desc.clone()));
-        fs.chain.push(entry.clone());
-        self.touched.lock().unwrap().push(entry);
+        self.touched.lock().unwrap().push((key.clone(), slot.as_ref().map(|l| l.desc.clone())));
+        fs.chain.push((key, slot.clone().map(LayerEntry::Known)));
         match slot {
             Some(layer) => {
-                fs.layers.push(layer);
+                fs.layers.push(LayerEntry::Known(layer));
                 fs.history.push(history_entry(created_by, false));
             }
             None => fs.history.push(history_entry(created_by, true)),
@@ -1296,8 +1507,16 @@ impl Builder {
 
     /// The final image config and manifest.
     async fn assemble(&self, fs: &ImageFs) -> Result<BuiltImage> {
+        // Every deferred step of the image runs from here, all at once.
+        let resolved = futures_util::future::try_join_all(fs.layers.iter().map(|e| e.resolve())).await?;
+        let mut history = fs.history.clone();
+        for (e, r) in fs.layers.iter().zip(&resolved) {
+            if let (LayerEntry::Deferred { history: h, .. }, None) = (e, r) {
+                history[*h]["empty_layer"] = json!(true);
+            }
+        }
         let mut descs = Vec::new();
-        for l in &fs.layers {
+        for l in resolved.into_iter().flatten() {
             descs.push(l.desc.get().await?);
         }
         let mut config = fs.config.clone();
@@ -1323,7 +1542,7 @@ impl Builder {
             "rootfs".into(),
             json!({"type": "layers", "diff_ids": descs.iter().map(|d| d.diff_id.to_string()).collect::<Vec<_>>()}),
         );
-        obj.insert("history".into(), Value::Array(fs.history.clone()));
+        obj.insert("history".into(), Value::Array(history));
         let layers = descs;
         image::assemble_json(config, layers, &self.store)
     }

@@ -215,3 +215,32 @@ fn unusable_cache_sources_warn_and_unreachable_destinations_fail() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("type=local needs dest="));
 }
+
+#[test]
+fn min_cache_skips_stages_the_final_image_only_copies_from() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[("Dockerfile", &MULTI.replace("{BASE}", &base)), ("f.txt", "f1\n")]);
+    let cache_ref = format!("{}/cache/app:min", reg.addr);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    build(rbuild_ns(a.path()).arg("--cache-to").arg(format!("type=registry,ref={cache_ref},mode=min")).arg(ctx.path()));
+    let cache = raw_manifest(&cache_ref);
+    assert_eq!(cache["layers"].as_array().unwrap().len(), 3, "mode=min holds only the final stage's layers: {cache}");
+    // The COPY --from=build hits, so the builder stage has nothing to do: like BuildKit, it
+    // does not run, although its own steps are not in the cache.
+    let out = b.path().join("oci");
+    let log = build(rbuild_ns(b.path())
+        .arg("--cache-from")
+        .arg(&cache_ref)
+        .args(["-t", "x:1", "--output"])
+        .arg(format!("type=oci,dest={}", out.display()))
+        .arg(ctx.path()));
+    assert!(markers(&log).is_empty(), "{log}");
+    let rootfs = umoci_unpack_layout(&out, "1", b.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("app/both")).unwrap(), "built\nf1\n");
+    // A change the final stage's COPY --from sees makes the builder stage run after all.
+    std::fs::write(ctx.path().join("Dockerfile"), MULTI.replace("{BASE}", &base).replace("echo built", "echo built2")).unwrap();
+    let log = build(rbuild_ns(b.path()).arg("--cache-from").arg(&cache_ref).arg(ctx.path()));
+    assert_eq!(markers(&log), ["RAN-11", "RAN-22"].map(String::from).into(), "{log}");
+}
