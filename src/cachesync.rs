@@ -124,28 +124,16 @@ pub fn artifact(export: &CacheExport, store: &Store) -> Result<BuiltImage> {
         .into_iter()
         .map(|l| LayerDesc { digest: l.digest, diff_id: l.diff_id, size: l.size, media_type: l.media_type })
         .collect();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": CACHE_ARTIFACT_TYPE,
-        "config": {"mediaType": CACHE_CONFIG_MEDIA_TYPE, "digest": config_digest.to_string(), "size": config_bytes.len()},
-        "layers": layers.iter().map(|l| json!({
-            "mediaType": crate::image::oci_layer_media_type(&l.media_type),
-            "digest": l.digest.to_string(),
-            "size": l.size,
-        })).collect::<Vec<_>>(),
-    });
-    let manifest_bytes = canonical(&manifest);
-    let manifest_digest = store.put_blob_bytes(&manifest_bytes)?;
-    Ok(BuiltImage {
+    Ok(crate::image::store_manifest(
+        CACHE_CONFIG_MEDIA_TYPE,
+        Some(CACHE_ARTIFACT_TYPE),
         config_bytes,
         config_digest,
-        manifest_bytes,
-        manifest_digest,
-        manifest_media_type: OCI_MANIFEST.into(),
         layers,
-        config: Default::default(),
-    })
+        &Default::default(),
+        Default::default(),
+        store,
+    )?)
 }
 
 /// Writes the cache artifact into the OCI layout at `dir` (every blob must be in the store),

@@ -206,16 +206,35 @@ fn assemble_value(config: Value, layers: Vec<LayerDesc>, annotations: &BTreeMap<
         });
     }
     let config_digest = store.put_blob_bytes(&config_bytes)?;
+    store_manifest(OCI_CONFIG, None, config_bytes, config_digest, layers, annotations, typed, store)
+}
+
+/// Stores an OCI manifest for a stored config blob and `layers` (whose blobs need not be in
+/// the store) and returns the whole as a [`BuiltImage`]. `artifact_type` marks non-images.
+#[allow(clippy::too_many_arguments)]
+pub fn store_manifest(
+    config_media_type: &str,
+    artifact_type: Option<&str>,
+    config_bytes: Vec<u8>,
+    config_digest: Digest,
+    layers: Vec<LayerDesc>,
+    annotations: &BTreeMap<String, String>,
+    config: ImageConfiguration,
+    store: &Store,
+) -> Result<BuiltImage, ImageError> {
     let mut manifest = json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": config_digest.to_string(), "size": config_bytes.len()},
+        "config": {"mediaType": config_media_type, "digest": config_digest.to_string(), "size": config_bytes.len()},
         "layers": layers.iter().map(|l| json!({
             "mediaType": oci_layer_media_type(&l.media_type),
             "digest": l.digest.to_string(),
             "size": l.size,
         })).collect::<Vec<_>>(),
     });
+    if let Some(t) = artifact_type {
+        manifest["artifactType"] = json!(t);
+    }
     if !annotations.is_empty() {
         manifest["annotations"] = json!(annotations);
     }
@@ -228,7 +247,7 @@ fn assemble_value(config: Value, layers: Vec<LayerDesc>, annotations: &BTreeMap<
         manifest_digest,
         manifest_media_type: OCI_MANIFEST.into(),
         layers,
-        config: typed,
+        config,
     })
 }
 

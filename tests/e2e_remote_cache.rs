@@ -33,6 +33,14 @@ fn build(cmd: &mut Command) -> String {
     all
 }
 
+/// Builds `ctx` with `store` and `--cache-from FROM` into an OCI layout (tag `1`) and returns the
+/// log and the unpacked rootfs.
+fn build_unpacked(store: &Path, cache_from: &str, ctx: &Path) -> (String, std::path::PathBuf) {
+    let out = store.join("oci");
+    let log = build(rbuild_ns(store).args(["--cache-from", cache_from, "-t", "x:1", "--output"]).arg(format!("type=oci,dest={}", out.display())).arg(ctx));
+    (log, umoci_unpack_layout(&out, "1", store))
+}
+
 fn markers(log: &str) -> BTreeSet<String> {
     log.split(|c: char| !c.is_ascii_alphanumeric() && c != '-')
         .filter(|w| w.starts_with("RAN-") && w[4..].chars().all(|c| c.is_ascii_digit()) && w.len() > 4)
@@ -126,17 +134,9 @@ fn registry_cache_min_reruns_only_what_a_change_reaches() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     build(rbuild_ns(a.path()).arg("--cache-to").arg(format!("type=registry,ref={cache_ref}")).arg(ctx.path()));
     std::fs::write(ctx.path().join("f.txt"), "v2\n").unwrap();
-    let out = b.path().join("oci");
-    let log = build(rbuild_ns(b.path())
-        .arg("--cache-from")
-        .arg(format!("type=registry,ref={cache_ref}"))
-        .arg("--output")
-        .arg(format!("type=oci,dest={}", out.display()))
-        .args(["-t", "x:1"])
-        .arg(ctx.path()));
+    let (log, rootfs) = build_unpacked(b.path(), &format!("type=registry,ref={cache_ref}"), ctx.path());
     assert_eq!(markers(&log), ["RAN-2"].map(String::from).into(), "only the RUN after the changed COPY runs: {log}");
     assert!(log.contains("found in the imported cache"), "{log}");
-    let rootfs = umoci_unpack_layout(&out, "1", b.path());
     assert_eq!(std::fs::read_to_string(rootfs.join("two")).unwrap(), "one\nv2\n");
     // What the fresh store took from the cache is now its own: no import, no RUN.
     let log = build(rbuild_ns(b.path()).arg(ctx.path()));
@@ -160,15 +160,8 @@ fn local_cache_directory_round_trip() {
     assert_eq!(entries[0]["annotations"]["org.opencontainers.image.ref.name"], "rbuild-cache");
     // skopeo reads the directory as an OCI layout.
     ok(Command::new("skopeo").arg("inspect").arg("--raw").arg(format!("oci:{}:rbuild-cache", cache_dir.display())));
-    let out = b.path().join("oci");
-    let log = build(rbuild_ns(b.path())
-        .arg("--cache-from")
-        .arg(format!("type=local,src={}", cache_dir.display()))
-        .args(["-t", "x:1", "--output"])
-        .arg(format!("type=oci,dest={}", out.display()))
-        .arg(ctx.path()));
+    let (log, rootfs) = build_unpacked(b.path(), &format!("type=local,src={}", cache_dir.display()), ctx.path());
     assert!(markers(&log).is_empty(), "{log}");
-    let rootfs = umoci_unpack_layout(&out, "1", b.path());
     assert_eq!(std::fs::read_to_string(rootfs.join("app/both")).unwrap(), "built\nf1\n");
 }
 
@@ -229,15 +222,8 @@ fn min_cache_skips_stages_the_final_image_only_copies_from() {
     assert_eq!(cache["layers"].as_array().unwrap().len(), 3, "mode=min holds only the final stage's layers: {cache}");
     // The COPY --from=build hits, so the builder stage has nothing to do: like BuildKit, it
     // does not run, although its own steps are not in the cache.
-    let out = b.path().join("oci");
-    let log = build(rbuild_ns(b.path())
-        .arg("--cache-from")
-        .arg(&cache_ref)
-        .args(["-t", "x:1", "--output"])
-        .arg(format!("type=oci,dest={}", out.display()))
-        .arg(ctx.path()));
+    let (log, rootfs) = build_unpacked(b.path(), &cache_ref, ctx.path());
     assert!(markers(&log).is_empty(), "{log}");
-    let rootfs = umoci_unpack_layout(&out, "1", b.path());
     assert_eq!(std::fs::read_to_string(rootfs.join("app/both")).unwrap(), "built\nf1\n");
     // A change the final stage's COPY --from sees makes the builder stage run after all.
     std::fs::write(ctx.path().join("Dockerfile"), MULTI.replace("{BASE}", &base).replace("echo built", "echo built2")).unwrap();
