@@ -270,6 +270,8 @@ pub struct Builder {
     imported_hits: Mutex<Vec<(CacheKey, CacheRecord)>>,
     /// Where blobs missing from the store can be fetched (base images, imported caches).
     origins: Mutex<HashMap<Digest, BlobOrigin>>,
+    /// Bounds blob downloads at once (registries throttle clients that open too many).
+    fetch_permits: Semaphore,
     /// Blob fetches and layer unpacks, once each per build.
     blob_jobs: Mutex<HashMap<Digest, SharedJob<()>>>,
     unpack_jobs: Mutex<HashMap<Digest, SharedJob<PathBuf>>>,
@@ -311,6 +313,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         imported: std::sync::OnceLock::new(),
         imported_hits: Mutex::new(Vec::new()),
         origins: Mutex::new(HashMap::new()),
+        fetch_permits: Semaphore::new(4),
         blob_jobs: Mutex::new(HashMap::new()),
         unpack_jobs: Mutex::new(HashMap::new()),
         touched: Mutex::new(Vec::new()),
@@ -522,6 +525,7 @@ impl Builder {
                     let me = self.clone();
                     let d = d.clone();
                     async move {
+                        let _permit = me.fetch_permits.acquire().await.map_err(|e| e.to_string())?;
                         let origin = me.origins.lock().unwrap().get(&d.digest).cloned();
                         let res: Result<()> = match origin {
                             Some(BlobOrigin::Registry(r)) => me.registry.fetch_blob(&r, &d.digest, d.size, &me.store).await.map(|_| ()).map_err(Into::into),
