@@ -79,37 +79,6 @@ fn named_build_contexts() {
     assert!(r.join("tools-busybox").is_file() && r.join("bin/busybox").is_file());
 }
 
-/// `python3 -m http.server` on a free loopback port, serving `dir`; stopped on drop.
-struct HttpServer {
-    child: std::process::Child,
-    url: String,
-}
-
-impl HttpServer {
-    fn serve(dir: &std::path::Path) -> HttpServer {
-        use std::io::BufRead;
-        let mut child = Command::new("python3")
-            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1", "0"])
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        // "Serving HTTP on 127.0.0.1 port 41237 (http://127.0.0.1:41237/) ..."
-        let port = line.split("port ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("http.server said {line:?}"));
-        HttpServer { child, url: format!("http://127.0.0.1:{port}") }
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn add_from_urls_and_git_and_a_context_url() {
     ensure_tools();

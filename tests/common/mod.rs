@@ -143,3 +143,36 @@ pub fn layer_entries(blob: &Path) -> Vec<String> {
     let out = ok(Command::new("tar").args(["--numeric-owner", "-tvf"]).arg(blob).arg("--auto-compress"));
     out.lines().map(|l| l.to_string()).collect()
 }
+
+/// `python3 -m http.server` on a free loopback port, serving `dir`; stopped on drop.
+pub struct HttpServer {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl HttpServer {
+    /// Starts serving `dir`.
+    pub fn serve(dir: &Path) -> HttpServer {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1", "0"])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "Serving HTTP on 127.0.0.1 port 41237 (http://127.0.0.1:41237/) ..."
+        let port = line.split("port ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("http.server said {line:?}"));
+        HttpServer { child, url: format!("http://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
