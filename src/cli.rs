@@ -18,6 +18,117 @@ pub struct Cli {
 pub enum Command {
     /// Build an image from a Dockerfile and a context directory.
     Build(BuildArgs),
+    /// Show the disk usage of the store (blobs, unpacked layers, cache records, cache mounts).
+    Du(DuArgs),
+    /// Remove build cache: least recently used records first, then everything nothing keeps.
+    Prune(PruneArgs),
+}
+
+/// Options of `rbuild du`.
+#[derive(Debug, Args)]
+pub struct DuArgs {
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also check the store: hash every blob, and check that every cache record and layer
+    /// name points at what it should; exit 1 if anything is wrong.
+    #[arg(long)]
+    pub verify: bool,
+
+    /// State directory (as for `rbuild build`).
+    #[arg(long, value_name = "DIR", env = "RBUILD_ROOT")]
+    pub root: Option<PathBuf>,
+}
+
+/// Options of `rbuild prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Keep at most this much cache (e.g. `10GB`, `512MiB`), removing least recently used
+    /// records first.
+    #[arg(long = "keep-storage", value_name = "SIZE", value_parser = parse_size)]
+    pub keep_storage: Option<u64>,
+
+    /// `until=DURATION` (e.g. `24h`, `7d`, `1h30m`): remove records not used for that long.
+    #[arg(long, value_name = "until=DURATION")]
+    pub filter: Vec<String>,
+
+    /// Remove all build cache, cache mounts included (images kept by name stay).
+    #[arg(short, long)]
+    pub all: bool,
+
+    /// How long to wait for running builds on the store to end.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub wait: std::time::Duration,
+
+    /// One JSON object instead of a summary line.
+    #[arg(long)]
+    pub json: bool,
+
+    /// State directory (as for `rbuild build`).
+    #[arg(long, value_name = "DIR", env = "RBUILD_ROOT")]
+    pub root: Option<PathBuf>,
+}
+
+/// Parses a size: bytes, or a number with `K`/`M`/`G`/`T` (powers of 1000, with `B` or not)
+/// or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), as docker does; case does not matter.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 10GB, 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("{s:?}: unknown size unit {unit:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+    };
+    Ok((n * mult).round() as u64)
+}
+
+/// Parses a duration like docker's: `90s`, `30m`, `24h`, `7d`, `1h30m`, `1.5h`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration (e.g. 30m, 24h, 7d, 1h30m)");
+    let mut total = 0f64;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let n: f64 = rest[..split].parse().map_err(|_| bad())?;
+        let unit_end = rest[split..].find(|c: char| c.is_ascii_digit()).map(|i| split + i).unwrap_or(rest.len());
+        let secs = match &rest[split..unit_end] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            "w" => 7.0 * 86400.0,
+            _ => return Err(bad()),
+        };
+        total += n * secs;
+        rest = &rest[unit_end..];
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
+}
+
+/// Parses `rbuild prune --filter` values: only `until=DURATION` is known.
+pub fn parse_prune_filters(filters: &[String]) -> Result<Option<std::time::Duration>, String> {
+    let mut until = None;
+    for f in filters {
+        match f.split_once('=') {
+            Some(("until", d)) => until = Some(parse_duration(d)?),
+            _ => return Err(format!("--filter {f:?}: only until=DURATION is supported")),
+        }
+    }
+    Ok(until)
 }
 
 /// How progress is shown.
@@ -162,7 +273,7 @@ pub struct BuildArgs {
 }
 
 /// Subcommand names, so that `rbuild CONTEXT` can mean `rbuild build CONTEXT`.
-pub const SUBCOMMANDS: &[&str] = &["build", "help"];
+pub const SUBCOMMANDS: &[&str] = &["build", "du", "prune", "help"];
 
 /// Inserts `build` when the first argument is not a subcommand or a top-level flag.
 pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
@@ -317,9 +428,31 @@ mod tests {
         let a = normalize_args(vec!["rbuild".into(), "--help".into()]);
         assert_eq!(a[1], "--help");
         let cli = Cli::try_parse_from(normalize_args(vec!["rbuild".into(), "-t".into(), "x".into(), "ctx".into()])).unwrap();
-        let Command::Build(b) = cli.command;
+        let Command::Build(b) = cli.command else { panic!("not a build") };
         assert_eq!(b.tags, vec!["x"]);
         assert_eq!(b.context, PathBuf::from("ctx"));
+        let cli = Cli::try_parse_from(normalize_args(vec!["rbuild".into(), "prune".into(), "--keep-storage".into(), "1GiB".into()])).unwrap();
+        let Command::Prune(p) = cli.command else { panic!("not a prune") };
+        assert_eq!(p.keep_storage, Some(1 << 30));
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_like_docker() {
+        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5g").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5XB").unwrap_err().contains("unknown size unit"));
+        assert_eq!(parse_duration("24h").unwrap().as_secs(), 86400);
+        assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5400);
+        assert_eq!(parse_duration("7d").unwrap().as_secs(), 7 * 86400);
+        assert_eq!(parse_duration("1.5h").unwrap().as_secs(), 5400);
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("10").is_err(), "a unit is required");
+        assert!(parse_duration("3y").is_err());
+        assert_eq!(parse_prune_filters(&["until=30m".into()]).unwrap(), Some(std::time::Duration::from_secs(1800)));
+        assert!(parse_prune_filters(&["type=regular".into()]).unwrap_err().contains("only until="));
     }
 
     #[test]

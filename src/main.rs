@@ -11,15 +11,113 @@ fn main() -> ExitCode {
     // The same binary is the RUN-step helper inside the sandbox.
     rbuild_sandbox::dispatch_helper();
     let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
-    match cli.command {
-        Command::Build(args) => match run_build(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+    let res = match cli.command {
+        Command::Build(args) => run_build(args),
+        Command::Du(args) => run_du(args),
+        Command::Prune(args) => run_prune(args),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// Opens the store for du/prune, inside the build's user namespace (as an ordinary user,
+/// files in the store belong to subordinate IDs only that namespace can remove).
+fn open_store_for_gc(root: &Option<PathBuf>) -> anyhow::Result<rbuild_cache::Store> {
+    use anyhow::Context;
+    let root = root.clone().unwrap_or_else(default_root);
+    if !root.is_dir() {
+        anyhow::bail!("state directory {}: no such directory (nothing was built there yet)", root.display());
+    }
+    let root = root.canonicalize()?;
+    std::env::set_var("RBUILD_ROOT", &root);
+    rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions { state_dir: root.join("run"), allow_single_id: true })
+        .context("setting up the build namespace")?;
+    Ok(rbuild_cache::Store::open(&root)?)
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
+    let store = open_store_for_gc(&args.root)?;
+    let u = rbuild_cache::disk_usage(&store)?;
+    let rows = [
+        ("blobs", "compressed layers, configs, manifests", u.blobs),
+        ("layers", "unpacked layers", u.layers),
+        ("records", "cache records", u.records),
+        ("cache-mounts", "RUN --mount=type=cache directories", u.mounts),
+        ("tmp", "work in progress, or left by killed builds", u.tmp),
+    ];
+    let report = if args.verify { Some(rbuild_cache::verify(&store)?) } else { None };
+    if args.json {
+        let mut o = serde_json::Map::new();
+        for (k, _, v) in &rows {
+            o.insert(k.to_string(), serde_json::json!({"count": v.count, "bytes": v.bytes}));
+        }
+        o.insert("total_bytes".into(), u.total_bytes().into());
+        o.insert("root".into(), store.root().display().to_string().into());
+        if let Some(r) = &report {
+            o.insert("problems".into(), serde_json::json!(r.problems));
+        }
+        println!("{}", serde_json::Value::Object(o));
+    } else {
+        println!("{:<14} {:>8} {:>10}   {}", "KIND", "COUNT", "SIZE", "WHAT");
+        for (k, what, v) in &rows {
+            println!("{:<14} {:>8} {:>10}   {}", k, v.count, human(v.bytes), what);
+        }
+        println!("{:<14} {:>8} {:>10}   {}", "total", "", human(u.total_bytes()), store.root().display());
+        if let Some(r) = &report {
+            println!("verified {} blobs, {} layer names, {} cache records: {} problems", r.blobs, r.layers, r.records, r.problems.len());
+            for p in &r.problems {
+                println!("  {p}");
+            }
+        }
+    }
+    match report {
+        Some(r) if !r.is_ok() => anyhow::bail!("the store at {} has {} problems", store.root().display(), r.problems.len()),
+        _ => Ok(()),
+    }
+}
+
+fn run_prune(args: rbuild::cli::PruneArgs) -> anyhow::Result<()> {
+    let older_than = rbuild::cli::parse_prune_filters(&args.filter).map_err(anyhow::Error::msg)?;
+    let store = open_store_for_gc(&args.root)?;
+    let opts = rbuild_cache::PruneOptions { keep_storage: args.keep_storage, older_than, all: args.all, wait: args.wait };
+    let r = rbuild_cache::prune(&store, &opts)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"records": r.records, "blobs": r.blobs, "layers": r.layers, "cache_mounts": r.mounts, "tmp": r.tmp, "bytes": r.bytes})
+        );
+    } else {
+        println!(
+            "removed {} cache records, {} blobs, {} layers, {} cache mounts, {} temporary entries: {} freed",
+            r.records,
+            r.blobs,
+            r.layers,
+            r.mounts,
+            r.tmp,
+            human(r.bytes)
+        );
+    }
+    Ok(())
 }
 
 /// The state directory when `--root` is not given.

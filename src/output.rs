@@ -100,7 +100,7 @@ pub fn write_oci_layout(dir: &Path, image: &BuiltImage, store: &Store, tags: &[S
         let src = store.blob_path(&d);
         if fs::hard_link(&src, &dest).is_err() {
             // Another filesystem, most likely: copy, then rename so no partial blob has the name.
-            let tmp = blobs.join(format!(".{}.tmp-{}", d.hex(), std::process::id()));
+            let tmp = blobs.join(format!(".{}.tmp-{}", d.hex(), rbuild_cache::owner_token()));
             let res = fs::copy(&src, &tmp).and_then(|_| fs::File::open(&tmp)?.sync_all()).and_then(|_| fs::rename(&tmp, &dest));
             if let Err(e) = res {
                 let _ = fs::remove_file(&tmp);
@@ -163,7 +163,7 @@ pub fn write_docker_archive(path: &Path, image: &BuiltImage, store: &Store, tags
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io_at(path, "creating its directory"))?;
     let file_name = path.file_name().and_then(|s| s.to_str()).unwrap_or("image.tar");
-    let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let tmp = parent.join(format!(".{file_name}.tmp-{}", rbuild_cache::owner_token()));
     let res = write_archive_to(&tmp, path, image, store, tags);
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);

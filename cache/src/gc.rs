@@ -380,6 +380,19 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
             remove_any(&p)?;
         }
     }
+    // What explains cache misses (the inputs each step had last time) goes with the records:
+    // all of it with `all`, the entries unused for `older_than` otherwise.
+    for e in entries(&root.join("cache/explain")) {
+        let p = e.path();
+        let old = opts.older_than.is_some_and(|d| {
+            let used = fs::metadata(&p).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            now.duration_since(used).unwrap_or_default() > d
+        });
+        if opts.all || old {
+            report.bytes += tree_size(&p);
+            remove_any(&p)?;
+        }
+    }
     Ok(report)
 }
 

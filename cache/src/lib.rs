@@ -29,4 +29,4 @@ pub use key::{CacheKey, CacheKeyBuilder};
 pub use context::{ContextError, StatCache};
 pub use export::{CacheExport, ExportError, ExportedRecord};
 pub use gc::{disk_usage, prune, verify, GcError, KindUsage, PruneOptions, PruneReport, Usage, VerifyReport};
-pub use store::{copy_into_blob, remove_tree, write_file_atomic, BlobWriter, CacheRecord, ExclusiveLock, LayerRef, RefEntry, Store, StoreError};
+pub use store::{copy_into_blob, owner_token, remove_tree, write_file_atomic, BlobWriter, CacheRecord, ExclusiveLock, LayerRef, RefEntry, Store, StoreError};

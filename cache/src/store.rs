@@ -19,12 +19,13 @@
 //!    per process and root, shared by clones and by repeated opens in the same process);
 //!    [`Store::lock_exclusive`], used by prune, converts it to an exclusive lock, so prune
 //!    runs only while no other process has the store open, and new builds wait for it.
-//! 5. **Temp ownership.** `tmp/` entries are named `<prefix>-<pid>-<n>`; each process holds
-//!    an exclusive `flock` on `owners/<pid>.lock` for its lifetime. On open, entries whose
-//!    creator is dead *and* whose owner lock is free are removed (the lock guards against
-//!    pid reuse and pid namespaces; the pid check guards against old rbuild versions that
-//!    held no owner lock). Leftover `.NAME.tmp-<pid>-<n>` files of [`write_file_atomic`]
-//!    in `cache/` and `refs/` are removed the same way.
+//! 5. **Temp ownership.** Each process has an owner token `<pid>x<random>` (the random part
+//!    because builds in separate pid namespaces or containers sharing one store often all
+//!    have pid 1). `tmp/` entries are named `<prefix>-<token>-<n>`; the process holds an
+//!    exclusive `flock` on `owners/<token>.lock` for its lifetime. On open, entries whose
+//!    owner lock is free (and, without a lock file, whose pid is not alive here) are removed.
+//!    Leftover `.NAME.tmp-<token>-<n>` files of [`write_file_atomic`] in `cache/`, `refs/`
+//!    and `statcache/` are removed the same way.
 //! 6. **Crash model.** Blobs and records are fsynced, so they survive power loss; unpacked
 //!    layer dirs are not (they are rebuilt from blobs), and a SIGKILL cannot harm them
 //!    since the page cache survives the process.
@@ -135,6 +136,22 @@ pub struct RefEntry {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// This process's owner token `<pid>x<random hex>` (see the module docs, 5.): unique among
+/// processes sharing a store, even in separate pid namespaces.
+pub fn owner_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let mut nonce = [0u8; 8];
+        let random = File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut nonce));
+        if random.is_err() {
+            // No /dev/urandom: the clock still tells processes of one store apart.
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+            nonce = t.to_le_bytes();
+        }
+        format!("{}x{}", std::process::id(), hex::encode(nonce))
+    })
+}
+
 /// Store locks of this process by root, so repeated opens share one lock.
 static STORE_LOCKS: Mutex<Option<HashMap<PathBuf, Weak<StoreLock>>>> = Mutex::new(None);
 /// Owner locks of this process by root; held until the process ends.
@@ -197,8 +214,8 @@ impl Store {
     /// store lock, so no other process uses the store) every entry not made by this process
     /// goes. Returns what was removed (count, bytes); errors are ignored (best effort).
     pub(crate) fn clean_dead_temps(&self, exclusive: bool) -> (u64, u64) {
-        let me = std::process::id();
-        let mut by_pid: HashMap<u32, Vec<PathBuf>> = HashMap::new();
+        let me = owner_token().to_string();
+        let mut by_pid: HashMap<String, Vec<PathBuf>> = HashMap::new();
         let tmp = self.root.join("tmp");
         let mut unknown = Vec::new();
         for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
@@ -218,21 +235,22 @@ impl Store {
         }
         for e in fs::read_dir(self.root.join("owners")).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_suffix(".lock").and_then(|p| p.parse::<u32>().ok()) {
-                by_pid.entry(pid).or_default();
+            if let Some(owner) = name.strip_suffix(".lock").filter(|o| valid_owner(o)) {
+                by_pid.entry(owner.to_string()).or_default();
             }
         }
         let (mut count, mut bytes) = (0, 0);
         if exclusive {
             // Not named by our scheme, so no owner can be told: only safe when no one else
             // has the store open.
-            by_pid.entry(0).or_default().extend(unknown);
+            by_pid.entry(String::new()).or_default().extend(unknown);
         }
         for (pid, paths) in by_pid {
             if pid == me {
                 continue;
             }
             let lock_path = self.root.join("owners").join(format!("{pid}.lock"));
+            let os_pid: u32 = pid.split('x').next().and_then(|p| p.parse().ok()).unwrap_or(0);
             let lock = match File::open(&lock_path) {
                 Ok(f) => {
                     if flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
@@ -242,7 +260,7 @@ impl Store {
                 }
                 Err(_) => None,
             };
-            if !exclusive && pid != 0 && pid_alive(pid) {
+            if !exclusive && lock.is_none() && os_pid != 0 && pid_alive(os_pid) {
                 continue;
             }
             for p in paths {
@@ -329,7 +347,7 @@ impl Store {
     /// A fresh, unused path under `tmp/` (nothing is created).
     pub fn temp_path(&self, prefix: &str) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{prefix}-{}-{n}", std::process::id()))
+        self.root.join("tmp").join(format!("{prefix}-{}-{n}", owner_token()))
     }
 
     /// Creates a fresh, empty directory under `tmp/`.
@@ -491,7 +509,7 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.tmp-{}-{n}", owner_token()));
     let res = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -535,13 +553,19 @@ fn flock(f: &File, op: rustix::fs::FlockOperation) -> io::Result<()> {
 }
 
 /// The pid of a `tmp/` entry's creator, from its `<prefix>-<pid>-<n>` name.
-fn temp_owner(name: &str) -> Option<u32> {
+fn temp_owner(name: &str) -> Option<String> {
     let mut it = name.rsplitn(3, '-');
     let n = it.next()?;
-    let pid = it.next()?;
+    let owner = it.next()?;
     it.next()?;
     n.parse::<u64>().ok()?;
-    pid.parse().ok()
+    valid_owner(owner).then(|| owner.to_string())
+}
+
+/// Whether `s` is an owner token (`<pid>x<hex>`, or a bare pid of older stores).
+fn valid_owner(s: &str) -> bool {
+    let (pid, nonce) = s.split_once('x').unwrap_or((s, ""));
+    !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && nonce.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Whether a process with this pid exists (in our pid namespace).
@@ -552,14 +576,14 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// Takes this process's owner lock `owners/<pid>.lock` for `root`, once per process.
+/// Takes this process's owner lock `owners/<token>.lock` for `root`, once per process.
 fn take_owner_lock(root: &Path) -> Result<(), StoreError> {
     let mut map = OWNER_LOCKS.lock().unwrap();
     let map = map.get_or_insert_with(HashMap::new);
     if map.contains_key(root) {
         return Ok(());
     }
-    let path = root.join("owners").join(format!("{}.lock", std::process::id()));
+    let path = root.join("owners").join(format!("{}.lock", owner_token()));
     loop {
         let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
         flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(io_err(&path))?;

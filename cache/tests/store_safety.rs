@@ -119,15 +119,16 @@ fn sigkill_at_random_points_leaves_a_usable_store() {
         // SIGKILL.
         child.kill().unwrap();
         child.wait().unwrap();
-        if tmp_entries(t.path()).iter().any(|n| n.contains(&format!("-{pid}-"))) {
+        if tmp_entries(t.path()).iter().any(|n| n.contains(&format!("-{pid}x"))) {
             killed_mid_write += 1;
         }
         let store = Store::open(t.path()).unwrap();
         let rep = verify(&store).unwrap();
         assert!(rep.is_ok(), "iteration {i}: {:#?}", rep.problems);
-        let left: Vec<_> = tmp_entries(t.path()).into_iter().filter(|n| n.contains(&format!("-{pid}-"))).collect();
+        let left: Vec<_> = tmp_entries(t.path()).into_iter().filter(|n| n.contains(&format!("-{pid}x"))).collect();
         assert!(left.is_empty(), "iteration {i}: tmp entries of the dead child remain: {left:?}");
-        assert!(!t.path().join(format!("owners/{pid}.lock")).exists(), "dead owner's lock file removed");
+        let owner_locks: Vec<_> = fs::read_dir(t.path().join("owners")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{pid}x"))).collect();
+        assert!(owner_locks.is_empty(), "dead owner's lock file removed");
         let stray: Vec<_> = fs::read_dir(t.path().join("cache")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
         assert!(stray.is_empty(), "atomic-write leftovers removed");
         total_records = rep.records;

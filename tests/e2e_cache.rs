@@ -1,0 +1,246 @@
+//! The local store through the CLI: `rbuild du` / `rbuild prune`, builds killed with SIGKILL
+//! at many points, concurrent builds on one store, and reproducible digests across stores and
+//! context directories. Every build runs in a PID namespace of its own that dies with it.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const EPOCH: &str = "1700000000";
+
+/// `rbuild ARGS` in a PID namespace that is SIGKILLed whole if the `unshare` process dies.
+fn rbuild_ns(root: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]).arg(rbuild_bin()).args(args).arg("--root").arg(root);
+    c.env("SOURCE_DATE_EPOCH", EPOCH);
+    c
+}
+
+fn all_output(cmd: &mut Command) -> (bool, String) {
+    let out = run(cmd);
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn must(cmd: &mut Command) -> String {
+    let (ok, log) = all_output(cmd);
+    assert!(ok, "{cmd:?} failed:\n{log}");
+    log
+}
+
+/// Builds `ctx` into a fresh OCI layout under `work` and returns the manifest digest.
+fn build_digest(root: &Path, ctx: &Path, work: &Path, extra: &[&str]) -> (String, String) {
+    let out = work.join(format!("oci-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let dest = format!("type=oci,dest={}", out.display());
+    let mut args = vec!["build", "--progress=plain", "-t", "x:1", "--output", &dest];
+    args.extend_from_slice(extra);
+    let log = must(rbuild_ns(root, &args).arg(ctx));
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    (index["manifests"][0]["digest"].as_str().unwrap().to_string(), log)
+}
+
+fn du(root: &Path, verify: bool) -> serde_json::Value {
+    let mut args = vec!["du", "--json"];
+    if verify {
+        args.push("--verify");
+    }
+    serde_json::from_str(must(&mut rbuild_ns(root, &args)).lines().last().unwrap()).unwrap()
+}
+
+fn assert_store_ok(root: &Path, when: &str) {
+    let d = du(root, true);
+    assert_eq!(d["problems"], serde_json::json!([]), "store after {when}: {d}");
+}
+
+fn project_context(base: &str, tag: &str) -> tempfile::TempDir {
+    // 2.4 MB of deterministic noise (busybox awk's rand() is seeded), so that a rebuild gives
+    // the same layer and digests can be compared; hex compresses to about half.
+    let seed = tag.bytes().map(u32::from).sum::<u32>();
+    let df = format!(
+        "FROM {base}\nRUN awk 'BEGIN{{srand({seed}); for(i=0;i<300000;i++) printf \"%08x\", rand()*4294967295}}' > /noise-{tag} && echo {tag} > /tag\nCOPY src/ /src/\nRUN cat /src/* > /all && sleep 0.3\n"
+    );
+    let ctx = context(&[("Dockerfile", &df), ("src/a", "a\n"), ("src/b", "b\n")]);
+    ctx
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    walk(dir).into_iter().filter(|p| !p.is_dir()).collect()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        out.push(p.clone());
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            out.extend(walk(&p));
+        }
+    }
+    out
+}
+
+#[test]
+fn du_and_prune_account_for_everything() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let store = tempfile::tempdir().unwrap();
+    let root = store.path().join("store");
+    let work = tempfile::tempdir().unwrap();
+    let a = project_context(&base, "a");
+    let b = project_context(&base, "b");
+    // A cache mount, a failed build and a build killed half-way leave things behind too.
+    let failing = context(&[("Dockerfile", &format!("FROM {base}\nRUN --mount=type=cache,target=/c echo x > /c/x && echo partial > /p && exit 3\n"))]);
+    build_digest(&root, a.path(), work.path(), &[]);
+    std::thread::sleep(Duration::from_millis(1100));
+    build_digest(&root, b.path(), work.path(), &[]);
+    let (ok, _) = all_output(&mut rbuild_ns(&root, &["build", "--progress=plain"]).arg(failing.path()));
+    assert!(!ok);
+    let mut child = rbuild_ns(&root, &["build", "--progress=plain", "--no-cache"]).arg(a.path()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let before = du(&root, true);
+    assert_eq!(before["problems"], serde_json::json!([]), "{before}");
+    assert!(before["records"]["count"].as_u64().unwrap() >= 6, "{before}");
+    assert!(before["cache-mounts"]["count"].as_u64().unwrap() >= 1, "{before}");
+    let total = before["total_bytes"].as_u64().unwrap();
+    assert!(total > 7_000_000, "two 2.4 MB noise layers, packed and unpacked: {before}");
+
+    // A filter that matches nothing removes no record.
+    let out = must(&mut rbuild_ns(&root, &["prune", "--json", "--filter", "until=1h"]));
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(r["records"], 0, "{out}");
+
+    // Keep about one project's worth: the least recently used (a) goes, b stays cached.
+    must(&mut rbuild_ns(&root, &["prune", "--keep-storage", "5MB"]));
+    let after = du(&root, true);
+    assert!(after["total_bytes"].as_u64().unwrap() <= 5_000_000 + 200_000, "{after}");
+    let (_, log_b) = build_digest(&root, b.path(), work.path(), &[]);
+    assert!(!log_b.contains("cache miss"), "b was used last and must still be cached:\n{log_b}");
+    let (_, log_a) = build_digest(&root, a.path(), work.path(), &[]);
+    assert!(log_a.contains("cache miss"), "a was pruned and must run again:\n{log_a}");
+
+    // prune --all leaves only the empty skeleton: nothing escapes it.
+    let out = must(&mut rbuild_ns(&root, &["prune", "--all"]));
+    assert!(out.contains("freed"), "{out}");
+    let left: Vec<PathBuf> = files_under(&root)
+        .into_iter()
+        .filter(|p| {
+            let rel = p.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+            // The store lock and owner locks of live processes are the store's own skeleton.
+            rel != "lock" && !rel.starts_with("owners/")
+        })
+        .collect();
+    assert!(left.is_empty(), "prune --all left {left:#?}");
+    let empty = du(&root, true);
+    assert_eq!(empty["total_bytes"], 0, "{empty}");
+    // And the store still works.
+    build_digest(&root, a.path(), work.path(), &[]);
+}
+
+#[test]
+fn builds_killed_at_any_point_leave_a_usable_store() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let work = tempfile::tempdir().unwrap();
+    let ctx = project_context(&base, "k");
+    // The digest a clean store gives.
+    let (want, _) = build_digest(&work.path().join("clean"), ctx.path(), work.path(), &[]);
+    let root = work.path().join("store");
+    // Kill points from "just started" through pulling, unpacking, RUN, COPY and export; each
+    // killed build uses --no-cache so it always has work in flight when the signal comes.
+    let points_ms = [30, 120, 250, 400, 600, 800, 1000, 1300, 1600, 2000, 2500, 3000];
+    for (i, ms) in points_ms.iter().enumerate() {
+        let mut child = rbuild_ns(&root, &["build", "--progress=plain", "--no-cache"]).arg(ctx.path()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(*ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        assert_store_ok(&root, &format!("SIGKILL at {ms} ms"));
+        // Every other round the next build reuses what the killed one left; it must give
+        // the clean store's image.
+        if i % 2 == 1 {
+            let (got, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+            assert_eq!(got, want, "after SIGKILL at {ms} ms:\n{log}");
+        }
+    }
+    let (got, _) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(got, want);
+    assert_store_ok(&root, "the last build");
+}
+
+#[test]
+fn concurrent_builds_share_one_store() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let work = tempfile::tempdir().unwrap();
+    let a = project_context(&base, "a");
+    let b = project_context(&base, "b");
+    let (want_a, _) = build_digest(&work.path().join("ref-a"), a.path(), work.path(), &[]);
+    let (want_b, _) = build_digest(&work.path().join("ref-b"), b.path(), work.path(), &[]);
+    let root = work.path().join("shared");
+    for round in 0..3 {
+        // Same project twice and another project, all at once; --no-cache in the first round so
+        // that all three write the same layers at the same time.
+        let extra: &[&str] = if round == 0 { &["--no-cache"] } else { &[] };
+        let jobs: Vec<_> = [(&a, &want_a), (&a, &want_a), (&b, &want_b)]
+            .into_iter()
+            .map(|(ctx, want)| {
+                let (root, ctx, work, want) = (root.clone(), ctx.path().to_path_buf(), work.path().to_path_buf(), want.clone());
+                let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+                std::thread::spawn(move || {
+                    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                    let (got, log) = build_digest(&root, &ctx, &work, &extra);
+                    assert_eq!(got, want, "round {round}:\n{log}");
+                })
+            })
+            .collect();
+        for j in jobs {
+            j.join().unwrap();
+        }
+        assert_store_ok(&root, &format!("round {round}"));
+    }
+    // A prune waits for running builds instead of pulling layers from under them.
+    let mut builder = rbuild_ns(&root, &["build", "--progress=plain", "--no-cache"]).arg(a.path()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (pruned, log) = all_output(&mut rbuild_ns(&root, &["prune", "--all", "--wait", "60s"]));
+    assert!(builder.wait().unwrap().success(), "the build must not notice the prune");
+    assert!(pruned, "{log}");
+    assert_store_ok(&root, "prune during a build");
+}
+
+#[test]
+fn reproducible_builds_match_across_stores_and_directories() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let work = tempfile::tempdir().unwrap();
+    let df = format!("FROM {base}\nCOPY app/ /app/\nRUN cat /app/* > /joined && mkdir -p /var/x && touch /var/x/stamp\nWORKDIR /srv\nCOPY <<EOF /srv/inline\nhello\nEOF\n");
+    let files = [("Dockerfile", df.as_str()), ("app/one", "1\n"), ("app/two", "2\n")];
+    let c1 = context(&files);
+    let c2 = context(&files);
+    // Different mtimes on the second copy's files: the layers must not care.
+    for f in ["app/one", "app/two"] {
+        let t = std::fs::File::options().write(true).open(c2.path().join(f)).unwrap();
+        t.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)).unwrap();
+    }
+    let mut digests = Vec::new();
+    for (i, ctx) in [&c1, &c2].into_iter().enumerate() {
+        let root = work.path().join(format!("store-{i}"));
+        let mut c = Command::new("unshare");
+        let out = work.path().join(format!("oci-{i}"));
+        c.args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--reproducible", "-t", "r:1", "--output"]);
+        c.arg(format!("type=oci,dest={}", out.display())).arg("--root").arg(&root).arg(ctx.path());
+        c.env_remove("SOURCE_DATE_EPOCH");
+        ok(&mut c);
+        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+        digests.push(index["manifests"][0]["digest"].as_str().unwrap().to_string());
+        let insp = ok(Command::new("skopeo").arg("inspect").arg(format!("oci:{}:1", out.display())));
+        assert!(insp.contains("\"Created\": \"1970-01-01T00:00:00Z\""), "--reproducible without SOURCE_DATE_EPOCH means epoch 0: {insp}");
+    }
+    assert_eq!(digests[0], digests[1], "same inputs, different stores and directories: one digest");
+}
