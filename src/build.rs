@@ -263,6 +263,8 @@ pub struct Builder {
     exports: Mutex<Vec<LayerSlot>>,
     /// Content digests of context sources by COPY/ADD source text, computed once and early.
     context_hashes: Mutex<HashMap<String, ContextHash>>,
+    /// Content digests of context files by stat, kept in the store between builds.
+    stat_cache: Mutex<rbuild_cache::StatCache>,
     ignore: rbuild_dag::ignore::IgnoreMatcher,
     /// Records of `--cache-from` caches (read before any stage starts).
     imported: std::sync::OnceLock<CacheExport>,
@@ -300,6 +302,12 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         insecure: opts.insecure_registries.clone(),
         platform: (os.to_string(), arch.to_string()),
     });
+    // A context unpacked into the store (tar, URL, stdin) is new every time: nothing to keep.
+    let stat_cache = if opts.context.starts_with(store.root()) {
+        rbuild_cache::StatCache::new()
+    } else {
+        rbuild_cache::StatCache::load(&store, &opts.context)
+    };
     let builder = Arc::new(Builder {
         store,
         progress,
@@ -309,6 +317,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         stages: Mutex::new(HashMap::new()),
         exports: Mutex::new(Vec::new()),
         context_hashes: Mutex::new(HashMap::new()),
+        stat_cache: Mutex::new(stat_cache),
         ignore,
         imported: std::sync::OnceLock::new(),
         imported_hits: Mutex::new(Vec::new()),
@@ -463,6 +472,14 @@ impl Builder {
             }
         }
         self.keep_imported_hits();
+        let mut sc = self.stat_cache.lock().unwrap();
+        if !sc.is_empty() {
+            self.progress.info(&format!("context: {} of {} files read to hash them, the others unchanged since last time", sc.files_read(), sc.len()));
+        }
+        if let Err(e) = sc.save() {
+            self.progress.warn(&format!("saving the context's stat cache: {e}"));
+        }
+        drop(sc);
         Ok(BuildOutcome { image, pushed })
     }
 
@@ -1488,12 +1505,15 @@ impl Builder {
         let me = self.clone();
         let p = pattern.to_string();
         let job = tokio::task::spawn_blocking(move || -> Result<Digest, String> {
-            let src = Source::Context { root: &me.opts.context, ignore: &me.ignore };
-            let mut h = rbuild_cache::Hasher::new();
-            for one in src.select(&p).map_err(|e| e.to_string())? {
-                src.hash_into(&one, &mut h).map_err(|e| e.to_string())?;
-            }
-            Ok(h.finish())
+            let root = &me.opts.context;
+            let src = Source::Context { root, ignore: &me.ignore };
+            let selected = src.select(&p).map_err(|e| e.to_string())?;
+            let rels: Vec<&str> = selected.iter().map(|s| s.rel.as_str()).collect();
+            // The stat cache re-reads only files whose stat changed (it reads its misses in
+            // parallel itself, so jobs take turns); the digest leaves out owners and times.
+            let mut cache = me.stat_cache.lock().unwrap();
+            let d = cache.hash_tree_filtered(root, &rels, &|rel, is_dir| !me.ignore.is_excluded(rel, is_dir)).map_err(|e| e.to_string())?;
+            Ok(d)
         });
         let fut = async move { job.await.map_err(|e| e.to_string())? }.boxed().shared();
         map.insert(pattern.to_string(), fut.clone());

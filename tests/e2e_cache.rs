@@ -244,3 +244,38 @@ fn reproducible_builds_match_across_stores_and_directories() {
     }
     assert_eq!(digests[0], digests[1], "same inputs, different stores and directories: one digest");
 }
+
+#[test]
+fn unchanged_context_files_are_not_read_again() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let work = tempfile::tempdir().unwrap();
+    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nCOPY . /ctx/\nRUN ls /ctx | wc -l\n")), (".dockerignore", "ignored/\n")]);
+    for i in 0..300 {
+        std::fs::create_dir_all(ctx.path().join(format!("d{}", i % 10))).unwrap();
+        std::fs::write(ctx.path().join(format!("d{}/f{i}", i % 10)), format!("{i}\n")).unwrap();
+    }
+    std::fs::create_dir_all(ctx.path().join("ignored")).unwrap();
+    std::fs::write(ctx.path().join("ignored/x"), "x").unwrap();
+    // Files changed within the last 2 s are re-read next time (their times may still move).
+    std::thread::sleep(Duration::from_millis(2100));
+    let root = work.path().join("store");
+    let files_read = |log: &str| -> u64 {
+        let line = log.lines().find(|l| l.contains("files read to hash them")).unwrap_or_else(|| panic!("no context line:\n{log}"));
+        line.split("context: ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(files_read(&log), 302, "first build reads every file, Dockerfile and .dockerignore included:\n{log}");
+    let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(files_read(&log), 0, "{log}");
+    assert!(!log.contains("cache miss"), "{log}");
+    // Same content, new mtime: read again, still a cache hit. New content: read, and a miss.
+    let f = std::fs::File::options().write(true).open(ctx.path().join("d1/f1")).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600)).unwrap();
+    std::fs::write(ctx.path().join("d2/f2"), "changed\n").unwrap();
+    std::fs::write(ctx.path().join("ignored/x"), "y").unwrap();
+    let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(files_read(&log), 2, "{log}");
+    assert!(log.contains("cache miss: changed content"), "{log}");
+}
