@@ -22,6 +22,21 @@ pub enum Command {
     Du(DuArgs),
     /// Remove build cache: least recently used records first, then everything nothing keeps.
     Prune(PruneArgs),
+    /// Check what this environment lets rbuild do, with a fix for everything missing.
+    /// Exit status 0: full sandbox; 1: degraded; 2: no sandboxed build possible.
+    Doctor(DoctorArgs),
+}
+
+/// Options of `rbuild doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// One JSON object instead of a report.
+    #[arg(long)]
+    pub json: bool,
+
+    /// State directory whose filesystem is checked (as for `rbuild build`).
+    #[arg(long, value_name = "DIR", env = "RBUILD_ROOT")]
+    pub root: Option<PathBuf>,
 }
 
 /// Options of `rbuild du`.
@@ -273,7 +288,7 @@ pub struct BuildArgs {
 }
 
 /// Subcommand names, so that `rbuild CONTEXT` can mean `rbuild build CONTEXT`.
-pub const SUBCOMMANDS: &[&str] = &["build", "du", "prune", "help"];
+pub const SUBCOMMANDS: &[&str] = &["build", "du", "prune", "doctor", "help"];
 
 /// Inserts `build` when the first argument is not a subcommand or a top-level flag.
 pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {

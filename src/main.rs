@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Build(args) => run_build(args),
         Command::Du(args) => run_du(args),
         Command::Prune(args) => run_prune(args),
+        Command::Doctor(args) => return run_doctor(args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,6 +54,51 @@ fn human(bytes: u64) -> String {
     } else {
         format!("{v:.1} {}", units[i])
     }
+}
+
+fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
+    use rbuild_sandbox::probe::Verdict;
+    let root = args.root.clone().unwrap_or_else(default_root);
+    if let Err(e) = std::fs::create_dir_all(root.join("tmp")) {
+        eprintln!("error: creating the state directory {}: {e}", root.display());
+        return ExitCode::from(2);
+    }
+    let p = rbuild_sandbox::probe::probe(&root);
+    let verdict = p.build_verdict();
+    let word = |v: Verdict| match v {
+        Verdict::Ok => "ok",
+        Verdict::Degraded => "degraded",
+        Verdict::Missing => "missing",
+    };
+    let summary = match verdict {
+        Verdict::Ok => "a build gets the full sandbox: user, mount, pid, ipc and uts namespaces, overlay snapshots, a fresh /proc".to_string(),
+        Verdict::Degraded => "a build works, with what is marked degraded above".to_string(),
+        Verdict::Missing => format!(
+            "no sandboxed build is possible here: {}",
+            p.checks.iter().filter(|c| c.verdict == Verdict::Missing).map(|c| c.name).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    if args.json {
+        let checks: Vec<serde_json::Value> = p
+            .checks
+            .iter()
+            .map(|c| serde_json::json!({"check": c.name, "verdict": word(c.verdict), "detail": c.detail, "fix": c.fix}))
+            .collect();
+        println!("{}", serde_json::json!({"verdict": word(verdict), "summary": summary, "checks": checks}));
+    } else {
+        for c in &p.checks {
+            println!("{:<9} {:<28} {}", word(c.verdict), c.name, c.detail);
+            if let Some(f) = &c.fix {
+                println!("{:<9} {:<28} fix: {f}", "", "");
+            }
+        }
+        println!("\n{}: {summary}", word(verdict));
+    }
+    ExitCode::from(match verdict {
+        Verdict::Ok => 0,
+        Verdict::Degraded => 1,
+        Verdict::Missing => 2,
+    })
 }
 
 fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
@@ -213,6 +259,15 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     }
     if outputs.is_empty() {
         progress.warn("no output given: the image stays in rbuild's store only (use --push or --output)");
+    }
+    // Overlay upperdirs and whiteouts cannot live on overlayfs (a container's own rootfs): say
+    // so before anything is pulled, with the fix, instead of failing at the first RUN.
+    if rustix::fs::statfs(&root).map(|st| st.f_type as i64 == 0x794c7630).unwrap_or(false) {
+        bail!(
+            "the store {} is on overlayfs (a container's root filesystem?), which cannot hold overlay upperdirs or whiteouts: \
+             mount an emptyDir or another volume and point --root (or RBUILD_ROOT) at it; `rbuild doctor` checks the environment",
+            root.display()
+        );
     }
     let store = rbuild_cache::Store::open(&root)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

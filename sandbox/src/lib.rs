@@ -11,6 +11,7 @@
 mod idmap;
 mod init;
 mod ns;
+pub mod probe;
 mod run;
 mod spec;
 mod spawn;
@@ -31,5 +32,11 @@ pub const HELPER_ARG: &str = "__rbuild-run-helper";
 pub fn dispatch_helper() {
     if std::env::args_os().nth(1).is_some_and(|a| a == HELPER_ARG) {
         init::helper_main();
+    }
+    if std::env::args_os().nth(1).is_some_and(|a| a == probe::PROBE_ARG) {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let what = args.get(2).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+        let dir = args.get(3).map(std::path::PathBuf::from).unwrap_or_default();
+        probe::probe_child_main(&what, &dir);
     }
 }

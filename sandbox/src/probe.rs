@@ -1,0 +1,441 @@
+//! The environment probe behind `rbuild doctor`: what the kernel, the ID maps and the store's
+//! filesystem allow, each with a verdict and a fix.
+//!
+//! Reads are done here; anything that needs a namespace (a trial `unshare`, an overlay mount,
+//! a bind of `/proc`) runs in a short-lived child (`rbuild __rbuild-probe WHAT DIR`, see
+//! [`probe_child_main`]), so the probing process itself is left as it was.
+
+use crate::idmap::{sub_ranges, SubRange};
+use crate::syscalls::{LinuxSyscalls, Syscalls};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// argv\[1\] that makes the rbuild binary run one trial of the probe.
+pub const PROBE_ARG: &str = "__rbuild-probe";
+
+/// How one check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Works.
+    Ok,
+    /// Works, with less isolation or speed than it could have.
+    Degraded,
+    /// Missing: rbuild cannot use it.
+    Missing,
+}
+
+/// One check of the probe.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// How it came out.
+    pub verdict: Verdict,
+    /// What was found.
+    pub detail: String,
+    /// How to get it (for anything not [`Verdict::Ok`]).
+    pub fix: Option<String>,
+}
+
+/// Everything the probe found.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The checks, in a fixed order.
+    pub checks: Vec<Check>,
+}
+
+impl Probe {
+    /// The verdict for builds: missing if a check a sandboxed build needs (user namespaces, an
+    /// overlay, a procfs for RUN steps, a store filesystem that can hold upperdirs) is missing.
+    pub fn build_verdict(&self) -> Verdict {
+        let essential = |name: &str| matches!(name, "user namespaces" | "overlay in a user namespace" | "/proc for RUN steps" | "store filesystem");
+        let worst_essential = self.checks.iter().filter(|c| essential(c.name)).map(|c| c.verdict).max().unwrap_or(Verdict::Ok);
+        let worst = self.checks.iter().map(|c| c.verdict).max().unwrap_or(Verdict::Ok);
+        if worst_essential == Verdict::Missing {
+            Verdict::Missing
+        } else if worst > Verdict::Ok {
+            Verdict::Degraded
+        } else {
+            Verdict::Ok
+        }
+    }
+
+    /// The check called `name`.
+    pub fn get(&self, name: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.name == name)
+    }
+}
+
+fn check(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Option<String>) -> Check {
+    Check { name, verdict, detail: detail.into(), fix }
+}
+
+fn read_trim(p: &str) -> Option<String> {
+    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+/// Runs one trial in a child; `Ok(())` or the child's message.
+fn trial(what: &str, dir: &Path) -> Result<(), String> {
+    let out = Command::new("/proc/self/exe").arg(PROBE_ARG).arg(what).arg(dir).output().map_err(|e| format!("starting the probe: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Err(if msg.is_empty() { format!("probe {what} failed ({})", out.status) } else { msg })
+    }
+}
+
+/// Probes the environment; `store` is the store root (trial mounts happen in a temporary
+/// directory below it, so its filesystem is what is tested).
+pub fn probe(store: &Path) -> Probe {
+    let root = rustix::process::geteuid().is_root();
+    let scratch = store.join("tmp").join(format!("probe-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&scratch);
+    let mut checks = Vec::new();
+
+    // User namespaces.
+    let max = read_trim("/proc/sys/user/max_user_namespaces").and_then(|s| s.parse::<u64>().ok());
+    let clone_sysctl = read_trim("/proc/sys/kernel/unprivileged_userns_clone");
+    let apparmor = read_trim("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
+    checks.push(match trial("userns", &scratch) {
+        Ok(()) => check("user namespaces", Verdict::Ok, format!("can be created (max_user_namespaces={})", max.map_or("?".into(), |m| m.to_string())), None),
+        Err(e) => {
+            let why = if max == Some(0) {
+                "user.max_user_namespaces is 0".to_string()
+            } else if clone_sysctl.as_deref() == Some("0") && !root {
+                "kernel.unprivileged_userns_clone is 0".to_string()
+            } else if apparmor.as_deref() == Some("1") && !root {
+                "AppArmor restricts unprivileged user namespaces".to_string()
+            } else {
+                format!("refused ({e}); in a container this is the runtime's seccomp profile or AppArmor")
+            };
+            check(
+                "user namespaces",
+                Verdict::Missing,
+                why,
+                Some(
+                    "allow them: sysctl user.max_user_namespaces=15000; in Kubernetes `hostUsers: false` with seccompProfile \
+                     and appArmorProfile Unconfined; with docker/podman `--security-opt seccomp=unconfined --security-opt apparmor=unconfined`"
+                        .into(),
+                ),
+            )
+        }
+    });
+
+    // The ID map a build gets.
+    checks.push(id_map_check(root));
+
+    // Overlay in a user namespace, on the store's filesystem; fuse-overlayfs as the alternative.
+    let fuse = which("fuse-overlayfs").filter(|_| Path::new("/dev/fuse").exists());
+    checks.push(match trial("overlay", &scratch) {
+        Ok(()) => check("overlay in a user namespace", Verdict::Ok, "native overlayfs with userxattr works on the store's filesystem", None),
+        Err(e) => match &fuse {
+            Some(f) => check(
+                "overlay in a user namespace",
+                Verdict::Degraded,
+                format!("native overlayfs refused ({e}); fuse-overlayfs is at {} but rbuild does not use it yet", f.display()),
+                Some("put the store (--root) on a filesystem that is not overlayfs (an emptyDir or a volume), on Linux >= 5.11".into()),
+            ),
+            None => check(
+                "overlay in a user namespace",
+                Verdict::Missing,
+                format!("native overlayfs refused ({e}) and no fuse-overlayfs with /dev/fuse"),
+                Some("put the store (--root) on ext4/xfs/btrfs/tmpfs (an emptyDir), Linux >= 5.11".into()),
+            ),
+        },
+    });
+    checks.push(match &fuse {
+        Some(f) => check("fuse-overlayfs", Verdict::Ok, format!("{} and /dev/fuse", f.display()), None),
+        None => check(
+            "fuse-overlayfs",
+            Verdict::Degraded,
+            if which("fuse-overlayfs").is_some() { "installed, but /dev/fuse is missing" } else { "not installed" },
+            Some("only needed where native overlay is refused: apt-get install fuse-overlayfs, and give the container /dev/fuse".into()),
+        ),
+    });
+
+    // /proc.
+    let masks = proc_masks();
+    checks.push(match trial("proc", &scratch) {
+        Ok(()) => check(
+            "/proc for RUN steps",
+            Verdict::Ok,
+            if masks.is_empty() {
+                "not masked; a non-recursive clone works, so RUN steps get a fresh procfs".to_string()
+            } else {
+                format!("{} masked paths, not locked: the non-recursive clone works, RUN steps get a fresh, masked procfs", masks.len())
+            },
+            None,
+        ),
+        Err(e) => check(
+            "/proc for RUN steps",
+            Verdict::Missing,
+            format!("the masks on /proc are locked ({e}; masked: {}): RUN steps cannot mount a procfs", masks.join(", ")),
+            Some("run the pod with `securityContext.procMount: Unmasked` (with hostUsers: false), or start rbuild where it owns the user namespace".into()),
+        ),
+    });
+
+    // The store's filesystem.
+    checks.push(store_fs_check(store));
+
+    // cgroup v2 delegation.
+    checks.push(cgroup_check());
+
+    let _ = std::fs::remove_dir_all(&scratch);
+    Probe { checks }
+}
+
+/// Name of a filesystem by its statfs magic.
+pub fn fs_name(magic: i64) -> &'static str {
+    match magic {
+        0x794c7630 => "overlayfs",
+        0x01021994 => "tmpfs",
+        0xEF53 => "ext4",
+        0x58465342 => "xfs",
+        0x9123683E => "btrfs",
+        0x6969 => "nfs",
+        0x65735546 => "fuse",
+        0x2FC12FC1 => "zfs",
+        0x858458f6 => "ramfs",
+        _ => "another filesystem",
+    }
+}
+
+fn store_fs_check(store: &Path) -> Check {
+    match rustix::fs::statfs(store) {
+        Ok(st) => {
+            let magic = st.f_type as i64;
+            let name = fs_name(magic);
+            let free = st.f_bavail as u64 * st.f_bsize as u64;
+            if magic == 0x794c7630 {
+                check(
+                    "store filesystem",
+                    Verdict::Missing,
+                    format!("{} is on overlayfs: overlay upperdirs and whiteouts cannot live there", store.display()),
+                    Some("mount an emptyDir (or any volume) and point --root / RBUILD_ROOT at it".into()),
+                )
+            } else if free < 1 << 30 {
+                check("store filesystem", Verdict::Degraded, format!("{} is on {name}, {} MiB free", store.display(), free >> 20), Some("give the store more space".into()))
+            } else {
+                check("store filesystem", Verdict::Ok, format!("{} is on {name}, {} GiB free", store.display(), free >> 30), None)
+            }
+        }
+        Err(e) => check("store filesystem", Verdict::Missing, format!("statfs {}: {e}", store.display()), Some("create the store directory".into())),
+    }
+}
+
+fn cgroup_check() -> Check {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let v2_path = own.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let v2_mount = mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next() == Some("cgroup2")).then(|| pre.split_whitespace().nth(4).map(PathBuf::from)).flatten()
+    });
+    let hybrid = mountinfo.lines().any(|l| l.split_once(" - ").is_some_and(|(_, p)| p.starts_with("cgroup ")));
+    let fix = Some("run under cgroup v2 with a delegated subtree (systemd `Delegate=yes`, or a container runtime that delegates it)".to_string());
+    let (Some(rel), Some(mnt)) = (v2_path, v2_mount) else {
+        return check("cgroup v2 delegation", Verdict::Degraded, "no cgroup v2 hierarchy: --memory, --cpus and --pids-limit cannot be enforced", fix);
+    };
+    let dir = mnt.join(rel.trim_start_matches('/'));
+    let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let writable = rustix::fs::access(&dir, rustix::fs::Access::WRITE_OK).is_ok();
+    let have: Vec<&str> = controllers.split_whitespace().filter(|c| matches!(*c, "memory" | "cpu" | "pids")).collect();
+    if writable && have.len() == 3 {
+        check("cgroup v2 delegation", Verdict::Ok, format!("{} is writable with memory, cpu and pids", dir.display()), None)
+    } else {
+        let detail = format!(
+            "{}{}: controllers [{}]{}",
+            dir.display(),
+            if writable { "" } else { " is not writable" },
+            controllers.trim(),
+            if hybrid { "; cgroup v1 hierarchies hold the controllers (hybrid setup)" } else { "" }
+        );
+        check("cgroup v2 delegation", Verdict::Degraded, detail, fix)
+    }
+}
+
+fn id_map_check(root: bool) -> Check {
+    let uid = rustix::process::getuid().as_raw();
+    if root {
+        let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+        let full = map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+        let detail = if full {
+            "root with host IDs: every ID of an image is kept".to_string()
+        } else {
+            let count: u64 = map.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()).sum();
+            format!("root of a user namespace mapping {count} IDs")
+        };
+        let verdict = if full || map.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()).sum::<u64>() >= 65536 { Verdict::Ok } else { Verdict::Degraded };
+        let fix = (verdict != Verdict::Ok).then(|| "map at least 65536 IDs into the container's user namespace".to_string());
+        return check("ID map", verdict, detail, fix);
+    }
+    let name = user_name(uid);
+    let subuids = sub_ranges(Path::new("/etc/subuid"), &name, uid);
+    let subgids = sub_ranges(Path::new("/etc/subgid"), &name, uid);
+    let helpers = ["newuidmap", "newgidmap"].map(|h| which(h).map(|p| privileged_helper(&p)));
+    let fix_range = format!("sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}");
+    if helpers.iter().any(|h| h.is_none()) {
+        return check("ID map", Verdict::Degraded, "newuidmap/newgidmap are not installed: builds map only your own ID", Some("apt-get install uidmap".into()));
+    }
+    if helpers.iter().any(|h| h == &Some(false)) {
+        return check("ID map", Verdict::Degraded, "newuidmap/newgidmap are neither setuid nor given file capabilities", Some("reinstall uidmap (it sets them)".into()));
+    }
+    if subuids.is_empty() || subgids.is_empty() {
+        return check("ID map", Verdict::Degraded, format!("no range for {name} in /etc/subuid and /etc/subgid: builds map only your own ID"), Some(fix_range));
+    }
+    let overlaps = [("/etc/subuid", &subuids), ("/etc/subgid", &subgids)]
+        .iter()
+        .flat_map(|(f, mine)| overlapping_users(Path::new(f), &name, uid, mine).into_iter().map(move |o| format!("{o} in {f}")))
+        .collect::<Vec<_>>();
+    let count: u64 = subuids.iter().map(|r| r.count as u64).sum();
+    if !overlaps.is_empty() {
+        return check(
+            "ID map",
+            Verdict::Degraded,
+            format!("{count} subordinate IDs, but the range overlaps {}: those users can read and change each other's files in shared storage", overlaps.join(", ")),
+            Some("give every user a range of their own (usermod --del-subuids / --add-subuids)".into()),
+        );
+    }
+    check("ID map", Verdict::Ok, format!("{name}: your ID and {count} subordinate IDs (newuidmap/newgidmap)"), None)
+}
+
+/// Users other than `name`/`id` whose ranges in `file` intersect `mine`.
+pub fn overlapping_users(file: &Path, name: &str, id: u32, mine: &[SubRange]) -> Vec<String> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let f: Vec<&str> = l.trim().split(':').collect();
+        if f.len() != 3 || f[0] == name || f[0] == id.to_string() {
+            continue;
+        }
+        let (Ok(start), Ok(count)) = (f[1].parse::<u64>(), f[2].parse::<u64>()) else { continue };
+        if mine.iter().any(|m| (m.start as u64) < start + count && start < m.start as u64 + m.count as u64) && !out.contains(&f[0].to_string()) {
+            out.push(f[0].to_string());
+        }
+    }
+    out
+}
+
+/// Whether a helper binary can do its job: setuid root, or file capabilities.
+fn privileged_helper(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let setuid = std::fs::metadata(p).map(|m| m.mode() & 0o4000 != 0 && m.uid() == 0).unwrap_or(false);
+    setuid || rustix::fs::getxattr(p, "security.capability", &mut [0u8; 64]).is_ok()
+}
+
+fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 2 && f[2] == uid.to_string()).map(|f| f[0].to_string()).unwrap_or_else(|| uid.to_string())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
+}
+
+/// Mount points below /proc (masks, as container runtimes make them).
+pub fn proc_masks() -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|mp| mp.starts_with("/proc/") && !mp.starts_with("/proc/sys/fs/binfmt_misc"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Enters a user namespace mapping only our own IDs (as an ordinary user would get without
+/// ranges) plus a mount namespace; root takes a mount namespace only.
+fn enter_trial_namespaces(sys: &mut dyn Syscalls) -> std::io::Result<()> {
+    if rustix::process::geteuid().is_root() {
+        return sys.unshare(libc::CLONE_NEWNS);
+    }
+    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+    sys.unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS)?;
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
+    std::fs::write("/proc/self/gid_map", format!("0 {gid} 1\n"))
+}
+
+/// Body of a probe child (`rbuild __rbuild-probe WHAT DIR`): runs one trial, prints why it
+/// failed, exits 0 or 1. Called from [`crate::dispatch_helper`] before any thread exists.
+pub fn probe_child_main(what: &str, dir: &Path) -> ! {
+    let mut sys = LinuxSyscalls;
+    let res: std::io::Result<()> = (|| match what {
+        "userns" => sys.unshare(libc::CLONE_NEWUSER),
+        "overlay" => {
+            // As a RUN step gets it: a user namespace of its own (nested for root too).
+            if rustix::process::geteuid().is_root() {
+                sys.unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS)?;
+                std::fs::write("/proc/self/setgroups", "deny")?;
+                std::fs::write("/proc/self/uid_map", "0 0 1\n")?;
+                std::fs::write("/proc/self/gid_map", "0 0 1\n")?;
+            } else {
+                enter_trial_namespaces(&mut sys)?;
+            }
+            sys.make_rprivate(Path::new("/"))?;
+            let [l, u, w, m] = ["l", "u", "w", "m"].map(|d| dir.join(d));
+            for d in [&l, &u, &w, &m] {
+                std::fs::create_dir_all(d)?;
+            }
+            sys.mount_overlay(&[&l], &u, &w, &m)?;
+            // A whiteout must be possible, or deleting a file in a RUN step fails.
+            std::fs::write(l.join("gone"), b"x")?;
+            std::fs::remove_file(m.join("gone"))
+        }
+        "proc" => {
+            enter_trial_namespaces(&mut sys)?;
+            sys.make_rprivate(Path::new("/"))?;
+            let t = dir.join("proc");
+            std::fs::create_dir_all(&t)?;
+            sys.bind(Path::new("/proc"), &t)
+        }
+        other => Err(std::io::Error::other(format!("unknown probe {other}"))),
+    })();
+    match res {
+        Ok(()) => crate::sys::exit_now(0),
+        Err(e) => {
+            println!("{e}");
+            crate::sys::exit_now(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_ranges_are_found() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("subuid");
+        std::fs::write(&f, "alice:100000:65536\nbob:165536:65536\ncarol:150000:1000\n1001:231072:10\n").unwrap();
+        let alice = sub_ranges(&f, "alice", 1000);
+        assert_eq!(overlapping_users(&f, "alice", 1000, &alice), vec!["carol"]);
+        let bob = sub_ranges(&f, "bob", 1002);
+        assert!(overlapping_users(&f, "bob", 1002, &bob).is_empty(), "adjacent is not overlapping");
+        let mine = [SubRange { start: 231075, count: 1 }];
+        assert_eq!(overlapping_users(&f, "dave", 1003, &mine), vec!["1001"]);
+    }
+
+    #[test]
+    fn verdict_needs_the_essentials() {
+        let p = |u: Verdict, o: Verdict, other: Verdict| Probe {
+            checks: vec![
+                check("user namespaces", u, "", None),
+                check("overlay in a user namespace", o, "", None),
+                check("cgroup v2 delegation", other, "", None),
+            ],
+        };
+        assert_eq!(p(Verdict::Ok, Verdict::Ok, Verdict::Ok).build_verdict(), Verdict::Ok);
+        assert_eq!(p(Verdict::Ok, Verdict::Ok, Verdict::Missing).build_verdict(), Verdict::Degraded);
+        assert_eq!(p(Verdict::Ok, Verdict::Degraded, Verdict::Ok).build_verdict(), Verdict::Degraded);
+        assert_eq!(p(Verdict::Missing, Verdict::Ok, Verdict::Ok).build_verdict(), Verdict::Missing);
+    }
+
+    #[test]
+    fn filesystems_have_names() {
+        assert_eq!(fs_name(0x794c7630), "overlayfs");
+        assert_eq!(fs_name(0xEF53), "ext4");
+        assert_eq!(fs_name(1), "another filesystem");
+    }
+}
