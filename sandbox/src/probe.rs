@@ -204,9 +204,9 @@ pub fn fs_name(magic: i64) -> &'static str {
 fn store_fs_check(store: &Path) -> Check {
     match rustix::fs::statfs(store) {
         Ok(st) => {
-            let magic = st.f_type as i64;
+            let magic = st.f_type;
             let name = fs_name(magic);
-            let free = st.f_bavail as u64 * st.f_bsize as u64;
+            let free = st.f_bavail * st.f_bsize as u64;
             if magic == 0x794c7630 {
                 check(
                     "store filesystem",
