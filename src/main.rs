@@ -124,7 +124,7 @@ fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
         }
         println!("{}", serde_json::Value::Object(o));
     } else {
-        println!("{:<14} {:>8} {:>10}   {}", "KIND", "COUNT", "SIZE", "WHAT");
+        println!("{:<14} {:>8} {:>10}   WHAT", "KIND", "COUNT", "SIZE");
         for (k, what, v) in &rows {
             println!("{:<14} {:>8} {:>10}   {}", k, v.count, human(v.bytes), what);
         }
@@ -262,7 +262,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     }
     // Overlay upperdirs and whiteouts cannot live on overlayfs (a container's own rootfs): say
     // so before anything is pulled, with the fix, instead of failing at the first RUN.
-    if rustix::fs::statfs(&root).map(|st| st.f_type as i64 == 0x794c7630).unwrap_or(false) {
+    if rustix::fs::statfs(&root).map(|st| st.f_type == 0x794c7630).unwrap_or(false) {
         bail!(
             "the store {} is on overlayfs (a container's root filesystem?), which cannot hold overlay upperdirs or whiteouts: \
              mount an emptyDir or another volume and point --root (or RBUILD_ROOT) at it; `rbuild doctor` checks the environment",
