@@ -94,6 +94,17 @@ struct OnDisk {
     entries: HashMap<String, Entry>,
 }
 
+/// What [`StatCache::hash_tree_with`] does with one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// Hash it (and walk it, for a directory).
+    Include,
+    /// Leave it out, but walk a directory: something below it may be included.
+    Exclude,
+    /// Leave it out with everything below it (the directory is not walked).
+    ExcludeTree,
+}
+
 /// Content digests of context files by relative path, valid while their stat tuple holds;
 /// optionally persisted in the store (see [`StatCache::load`]).
 #[derive(Debug, Default)]
@@ -162,12 +173,18 @@ impl StatCache {
         StatCache { file: Some(file), context, entries, dirty: false, reads: AtomicU64::new(0) }
     }
 
-    /// Writes the cache back (atomically) if it was loaded from a store and changed.
+    /// Writes the cache back (atomically) if it was loaded from a store and changed,
+    /// dropping entries of files that no longer exist.
     pub fn save(&mut self) -> Result<(), ContextError> {
-        let Some(file) = &self.file else { return Ok(()) };
+        let Some(file) = self.file.clone() else { return Ok(()) };
         if !self.dirty {
             return Ok(());
         }
+        // Something changed: also drop entries of deleted files, so the file does not grow
+        // with every file a project ever had (an unchanged rebuild skips this and the write).
+        let context = self.context.clone();
+        self.forget_missing(&context);
+        let file = &file;
         let dir = file.parent().unwrap();
         fs::create_dir_all(dir).map_err(|source| ContextError::Io { path: dir.to_path_buf(), source })?;
         let disk = OnDisk { version: FORMAT_VERSION, context: self.context.clone(), entries: std::mem::take(&mut self.entries) };
@@ -237,6 +254,15 @@ impl StatCache {
     /// holds are hashed (e.g. not `.dockerignore`d); directories are still descended, so
     /// a re-included file below an excluded directory counts.
     pub fn hash_tree_filtered(&mut self, root: &Path, selection: &[&str], include: &(dyn Fn(&str, bool) -> bool + Sync)) -> Result<Digest, ContextError> {
+        self.hash_tree_with(root, selection, &|rel, is_dir| if include(rel, is_dir) { Filter::Include } else { Filter::Exclude })
+    }
+
+    /// Like [`StatCache::hash_tree`], with `filter(rel, is_dir)` deciding for each entry
+    /// below a selected path whether it is hashed, and whether an excluded directory is
+    /// walked at all ([`Filter::ExcludeTree`]: nothing below it can count, so an ignored
+    /// `node_modules/` or `.git/` costs nothing). The digest is the same as with
+    /// [`StatCache::hash_tree_filtered`] given the same decisions.
+    pub fn hash_tree_with(&mut self, root: &Path, selection: &[&str], filter: &dyn Fn(&str, bool) -> Filter) -> Result<Digest, ContextError> {
         let mut items = Vec::new();
         let mut starts = Vec::new();
         for sel in selection {
@@ -253,7 +279,8 @@ impl StatCache {
             if !canon(&top)?.starts_with(canon(root)?) {
                 return Err(ContextError::Escapes(sel.to_string()));
             }
-            for e in walkdir::WalkDir::new(&top).follow_links(false).sort_by_file_name() {
+            let mut walk = walkdir::WalkDir::new(&top).follow_links(false).sort_by_file_name().into_iter();
+            while let Some(e) = walk.next() {
                 let e = e.map_err(|e| {
                     let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| top.clone());
                     ContextError::Io { path, source: e.into() }
@@ -264,8 +291,15 @@ impl StatCache {
                 let md = if e.depth() == 0 { fs::metadata(e.path()) } else { fs::symlink_metadata(e.path()) };
                 let md = md.map_err(|source| ContextError::Io { path: e.path().to_path_buf(), source })?;
                 let ft = md.file_type();
-                if !include(&rel, ft.is_dir()) {
-                    continue;
+                match filter(&rel, ft.is_dir()) {
+                    Filter::Include => {}
+                    Filter::Exclude => continue,
+                    Filter::ExcludeTree => {
+                        if ft.is_dir() && e.depth() > 0 {
+                            walk.skip_current_dir();
+                        }
+                        continue;
+                    }
                 }
                 let (kind, target) = if ft.is_file() {
                     (b'f', Vec::new())

@@ -52,6 +52,9 @@ pub struct KindUsage {
     pub count: u64,
     /// Bytes of regular files and symlinks (hard links counted once).
     pub bytes: u64,
+    /// Of `bytes`, what `prune --all` would free: everything but what images kept by name
+    /// (refs) need.
+    pub reclaimable: u64,
 }
 
 /// What [`disk_usage`] found.
@@ -67,13 +70,43 @@ pub struct Usage {
     pub mounts: KindUsage,
     /// `tmp/`: work in progress (or left by killed builds until the next open or prune).
     pub tmp: KindUsage,
+    /// `statcache/` and `cache/explain/`: context stat caches and what explains cache
+    /// misses (count: files).
+    pub metadata: KindUsage,
 }
 
 impl Usage {
+    fn kinds(&self) -> [&KindUsage; 6] {
+        [&self.blobs, &self.layers, &self.records, &self.mounts, &self.tmp, &self.metadata]
+    }
+
     /// Bytes of every kind together.
     pub fn total_bytes(&self) -> u64 {
-        self.blobs.bytes + self.layers.bytes + self.records.bytes + self.mounts.bytes + self.tmp.bytes
+        self.kinds().iter().map(|k| k.bytes).sum()
     }
+
+    /// What `prune --all` would free, every kind together.
+    pub fn reclaimable_bytes(&self) -> u64 {
+        self.kinds().iter().map(|k| k.reclaimable).sum()
+    }
+}
+
+/// One cache record as `rbuild du --verbose` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordUsage {
+    /// The record's cache key (hex).
+    pub key: String,
+    /// When the step's result was made (RFC 3339, as recorded), empty if undecodable.
+    pub created: String,
+    /// Its last use (the record's mtime).
+    pub last_used: SystemTime,
+    /// The layer's diffID, if the step added one.
+    pub diff_id: Option<Digest>,
+    /// Bytes of the layer blob and of the unpacked layer (0 if absent or no layer).
+    pub bytes: u64,
+    /// Whether another record or an image kept by name uses the same layer (pruning this
+    /// record alone frees only the record).
+    pub shared: bool,
 }
 
 /// Apparent bytes of a file or tree (no symlinks followed, hard links once); 0 if absent.
@@ -106,27 +139,104 @@ fn entries(dir: &Path) -> Vec<fs::DirEntry> {
 /// figures are a snapshot while builds may run.
 pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
     let root = store.root();
+    let (pin_blobs, pin_layers) = pinned_by_refs(store)?;
     let mut u = Usage::default();
-    let count_children = |dir: &Path, filter: &dyn Fn(&str) -> bool| -> KindUsage {
+    let count_children = |dir: &Path, filter: &dyn Fn(&str) -> bool, pinned: &dyn Fn(&str) -> bool| -> KindUsage {
         let mut k = KindUsage::default();
         for e in entries(dir) {
-            if filter(&e.file_name().to_string_lossy()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if filter(&name) {
+                let size = tree_size(&e.path());
                 k.count += 1;
-                k.bytes += tree_size(&e.path());
+                k.bytes += size;
+                if !pinned(&name) {
+                    k.reclaimable += size;
+                }
             }
         }
         k
     };
-    u.blobs = count_children(&root.join("blobs/sha256"), &|_| true);
-    u.records = count_children(&root.join("cache"), &|n| n.ends_with(".json") && !n.starts_with('.'));
-    u.tmp = count_children(&root.join("tmp"), &|_| true);
-    u.mounts = count_children(&root.join("mounts/cache"), &|n| !n.ends_with(".lock"));
+    let no_pin = |_: &str| false;
+    let blob_pinned = |name: &str| format!("sha256:{name}").parse::<Digest>().is_ok_and(|d| pin_blobs.contains(&d));
+    u.blobs = count_children(&root.join("blobs/sha256"), &|_| true, &blob_pinned);
+    u.records = count_children(&root.join("cache"), &|n| n.ends_with(".json") && !n.starts_with('.'), &no_pin);
+    u.tmp = count_children(&root.join("tmp"), &|_| true, &no_pin);
+    u.mounts = count_children(&root.join("mounts/cache"), &|n| !n.ends_with(".lock"), &no_pin);
+    // Stat caches and miss explanations: only speed and messages, all reclaimable.
+    let statcache = count_children(&root.join("statcache"), &|_| true, &no_pin);
+    let explain = count_children(&root.join("cache/explain"), &|_| true, &no_pin);
+    u.metadata = KindUsage {
+        count: statcache.count + explain.count,
+        bytes: statcache.bytes + explain.bytes,
+        reclaimable: statcache.reclaimable + explain.reclaimable,
+    };
     // Layers: sizes of the whole layers/ tree once; count layer names plus unlinked built dirs.
     u.layers.bytes = tree_size(&root.join("layers"));
     let linked = linked_built_dirs(store);
     u.layers.count = entries(&root.join("layers/sha256")).len() as u64
         + entries(&root.join("layers/built")).iter().filter(|e| !linked.contains(&e.file_name().to_string_lossy().into_owned())).count() as u64;
+    let pinned_layer_bytes: u64 = pin_layers.iter().map(|d| layer_size(store, d)).sum();
+    u.layers.reclaimable = u.layers.bytes.saturating_sub(pinned_layer_bytes);
     Ok(u)
+}
+
+/// Cache mounts (`mounts/cache/<id>`) by id, with their apparent sizes (`rbuild du --verbose`).
+pub fn cache_mount_usage(store: &Store) -> Vec<(String, u64)> {
+    let dir = store.root().join("mounts/cache");
+    let mut out: Vec<(String, u64)> = entries(&dir)
+        .into_iter()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .map(|n| {
+            let bytes = tree_size(&dir.join(&n));
+            (n, bytes)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Apparent bytes of the unpacked layer `diff_id` (following its link into `layers/built/`).
+fn layer_size(store: &Store, diff_id: &Digest) -> u64 {
+    let p = store.layer_dir(diff_id);
+    match built_target(&p) {
+        Some(b) => tree_size(&store.root().join("layers/built").join(b)),
+        None => tree_size(&p),
+    }
+}
+
+/// Every cache record with its layer's size, least recently used first (`rbuild du --verbose`).
+pub fn record_usage(store: &Store) -> Result<Vec<RecordUsage>, GcError> {
+    let (pin_blobs, pin_layers) = pinned_by_refs(store)?;
+    let records = load_records(store);
+    let mut users: HashMap<Digest, u32> = HashMap::new();
+    for r in &records {
+        if let Some(Some(l)) = r.rec.as_ref().map(|r| r.layer.as_ref()) {
+            *users.entry(l.diff_id.clone()).or_default() += 1;
+        }
+    }
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        let key = r.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let layer = r.rec.as_ref().and_then(|c| c.layer.clone());
+        let (bytes, shared) = match &layer {
+            Some(l) => {
+                let blob = fs::metadata(store.blob_path(&l.digest)).map(|m| m.len()).unwrap_or(0);
+                let shared = users.get(&l.diff_id).is_some_and(|n| *n > 1) || pin_layers.contains(&l.diff_id) || pin_blobs.contains(&l.digest);
+                (blob + layer_size(store, &l.diff_id), shared)
+            }
+            None => (0, false),
+        };
+        out.push(RecordUsage {
+            key,
+            created: r.rec.map(|c| c.created).unwrap_or_default(),
+            last_used: r.used,
+            diff_id: layer.map(|l| l.diff_id),
+            bytes: bytes + r.size,
+            shared,
+        });
+    }
+    Ok(out)
 }
 
 /// Names of `layers/built/` dirs that some `layers/sha256/<id>` symlink points to.
@@ -284,13 +394,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
 
     if let Some(keep) = opts.keep_storage {
         let blob_size = |d: &Digest| fs::metadata(store.blob_path(d)).map(|m| m.len()).unwrap_or(0);
-        let layer_size = |d: &Digest| {
-            let p = store.layer_dir(d);
-            match built_target(&p) {
-                Some(b) => tree_size(&root.join("layers/built").join(b)),
-                None => tree_size(&p),
-            }
-        };
+        let layer_size = |d: &Digest| layer_size(store, d);
         let kept_blobs: HashSet<&Digest> = blob_refs.keys().chain(pin_blobs.iter()).collect();
         let kept_layers: HashSet<&Digest> = layer_refs.keys().chain(pin_layers.iter()).collect();
         let mut total: u64 = kept_blobs.iter().map(|d| blob_size(d)).sum::<u64>()

@@ -26,7 +26,7 @@ pub mod store;
 
 pub use digest::{Digest, DigestError, Hasher};
 pub use key::{CacheKey, CacheKeyBuilder};
-pub use context::{ContextError, StatCache};
+pub use context::{ContextError, Filter, StatCache};
 pub use export::{CacheExport, ExportError, ExportedRecord};
-pub use gc::{disk_usage, prune, verify, GcError, KindUsage, PruneOptions, PruneReport, Usage, VerifyReport};
+pub use gc::{disk_usage, prune, record_usage, verify, GcError, KindUsage, PruneOptions, PruneReport, RecordUsage, Usage, VerifyReport};
 pub use store::{copy_into_blob, owner_token, remove_tree, write_file_atomic, BlobWriter, CacheRecord, ExclusiveLock, LayerRef, RefEntry, Store, StoreError};

@@ -114,3 +114,54 @@ fn tree_digest_covers_names_modes_links_and_content_but_not_times_or_owners() {
     assert!(err.to_string().contains("leaves the build context"), "{err}");
     assert!(StatCache::new().hash_tree(a.path(), &["missing"]).unwrap_err().to_string().contains("missing"));
 }
+
+#[test]
+fn excluded_trees_are_not_walked_and_digests_do_not_change() {
+    use rbuild_cache::Filter;
+    use std::sync::Mutex;
+    let ctx = tempfile::tempdir().unwrap();
+    tree(ctx.path());
+    for i in 0..50 {
+        fs::create_dir_all(ctx.path().join(format!("node_modules/p{i}"))).unwrap();
+        fs::write(ctx.path().join(format!("node_modules/p{i}/index.js")), b"x").unwrap();
+    }
+    let excluded = |rel: &str| rel == "node_modules" || rel.starts_with("node_modules/");
+    let seen = Mutex::new(Vec::new());
+    let with_prune = StatCache::new()
+        .hash_tree_with(ctx.path(), &["."], &|rel, is_dir| {
+            seen.lock().unwrap().push(rel.to_string());
+            match (excluded(rel), is_dir) {
+                (false, _) => Filter::Include,
+                (true, true) => Filter::ExcludeTree,
+                (true, false) => Filter::Exclude,
+            }
+        })
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.contains(&"node_modules".to_string()));
+    assert!(!seen.iter().any(|r| r.starts_with("node_modules/")), "walked below an excluded tree: {seen:?}");
+    // The same decisions without pruning give the same digest.
+    let walked = StatCache::new().hash_tree_filtered(ctx.path(), &["."], &|rel, _| !excluded(rel)).unwrap();
+    assert_eq!(with_prune, walked);
+    fs::remove_dir_all(ctx.path().join("node_modules")).unwrap();
+    assert_eq!(StatCache::new().hash_tree(ctx.path(), &["."]).unwrap(), walked, "as if the tree were not there");
+}
+
+#[test]
+fn saving_drops_entries_of_deleted_files() {
+    let ctx = tempfile::tempdir().unwrap();
+    let st = tempfile::tempdir().unwrap();
+    let store = Store::open(st.path()).unwrap();
+    tree(ctx.path());
+    fs::write(ctx.path().join("gone.txt"), b"soon deleted").unwrap();
+    let mut c = StatCache::load(&store, ctx.path());
+    c.hash_tree(ctx.path(), &["."]).unwrap();
+    c.save().unwrap();
+    assert_eq!(StatCache::load(&store, ctx.path()).len(), 4);
+    fs::remove_file(ctx.path().join("gone.txt")).unwrap();
+    fs::write(ctx.path().join("a.txt"), b"changed").unwrap();
+    let mut c = StatCache::load(&store, ctx.path());
+    c.hash_tree(ctx.path(), &["."]).unwrap();
+    c.save().unwrap();
+    assert_eq!(StatCache::load(&store, ctx.path()).len(), 3, "the deleted file's entry is gone");
+}

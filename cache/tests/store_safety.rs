@@ -295,6 +295,15 @@ fn prune_keeps_what_refs_and_records_name_and_removes_the_rest() {
     assert_eq!(usage.blobs.count, 6);
     assert_eq!(usage.tmp.count, 2, "the dead build's entry is gone only at the next open; the stray file stays");
     assert_eq!(usage.layers.count, 5, "4 names + 1 unlinked built dir");
+    // What the ref keeps is not reclaimable; records, tmp and the rest are.
+    let pinned: u64 = [&img_layer, &cfg, &m].iter().map(|d| fs::metadata(store.blob_path(d)).unwrap().len()).sum();
+    assert_eq!(usage.blobs.reclaimable, usage.blobs.bytes - pinned);
+    assert_eq!(usage.records.reclaimable, usage.records.bytes);
+    assert_eq!(usage.tmp.reclaimable, usage.tmp.bytes);
+    assert_eq!(usage.reclaimable_bytes(), usage.total_bytes() - pinned, "the ref's layer dir is empty");
+    let listed = rbuild_cache::record_usage(&store).unwrap();
+    assert_eq!(listed.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), vec![ka.hex(), kb.hex()], "least recently used first");
+    assert!(listed.iter().all(|r| !r.shared && r.bytes > 1000), "{listed:?}");
 
     let rep = prune(&store, &PruneOptions::default()).unwrap();
     assert_eq!((rep.records, rep.blobs, rep.layers, rep.tmp), (0, 1, 2, 2), "{rep:?}");
