@@ -46,6 +46,10 @@ pub struct DuArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Also list every cache record (least recently used first) and cache mount.
+    #[arg(short, long)]
+    pub verbose: bool,
+
     /// Also check the store: hash every blob, and check that every cache record and layer
     /// name points at what it should; exit 1 if anything is wrong.
     #[arg(long)]

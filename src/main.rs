@@ -110,25 +110,55 @@ fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
         ("records", "cache records", u.records),
         ("cache-mounts", "RUN --mount=type=cache directories", u.mounts),
         ("tmp", "work in progress, or left by killed builds", u.tmp),
+        ("metadata", "context stat caches, cache-miss explanations", u.metadata),
     ];
+    let records = if args.verbose { Some(rbuild_cache::record_usage(&store)?) } else { None };
+    let mounts = if args.verbose { rbuild_cache::gc::cache_mount_usage(&store) } else { Vec::new() };
     let report = if args.verify { Some(rbuild_cache::verify(&store)?) } else { None };
+    let now = std::time::SystemTime::now();
+    let ago = |t: std::time::SystemTime| now.duration_since(t).unwrap_or_default();
     if args.json {
         let mut o = serde_json::Map::new();
         for (k, _, v) in &rows {
-            o.insert(k.to_string(), serde_json::json!({"count": v.count, "bytes": v.bytes}));
+            o.insert(k.to_string(), serde_json::json!({"count": v.count, "bytes": v.bytes, "reclaimable": v.reclaimable}));
         }
         o.insert("total_bytes".into(), u.total_bytes().into());
+        o.insert("reclaimable_bytes".into(), u.reclaimable_bytes().into());
         o.insert("root".into(), store.root().display().to_string().into());
+        if let Some(recs) = &records {
+            let list: Vec<serde_json::Value> = recs
+                .iter()
+                .map(|r| {
+                    serde_json::json!({"key": r.key, "created": r.created, "last_used_secs_ago": ago(r.last_used).as_secs(),
+                        "diff_id": r.diff_id.as_ref().map(|d| d.to_string()), "bytes": r.bytes, "shared": r.shared})
+                })
+                .collect();
+            o.insert("record_list".into(), list.into());
+            let list: Vec<serde_json::Value> = mounts.iter().map(|(id, b)| serde_json::json!({"id": id, "bytes": b})).collect();
+            o.insert("cache_mount_list".into(), list.into());
+        }
         if let Some(r) = &report {
             o.insert("problems".into(), serde_json::json!(r.problems));
         }
         println!("{}", serde_json::Value::Object(o));
     } else {
-        println!("{:<14} {:>8} {:>10}   WHAT", "KIND", "COUNT", "SIZE");
-        for (k, what, v) in &rows {
-            println!("{:<14} {:>8} {:>10}   {}", k, v.count, human(v.bytes), what);
+        if let Some(recs) = &records {
+            println!("{:<14} {:>10} {:>7} {:>14}   {:<20}   LAYER", "RECORD", "SIZE", "SHARED", "LAST USED", "CREATED");
+            for r in recs {
+                let layer = r.diff_id.as_ref().map(|d| d.hex()[..12].to_string()).unwrap_or_else(|| "-".into());
+                let shared = if r.shared { "yes" } else { "no" };
+                println!("{:<14} {:>10} {:>7} {:>14}   {:<20}   {layer}", &r.key[..r.key.len().min(12)], human(r.bytes), shared, ago_text(ago(r.last_used)), r.created);
+            }
+            for (id, b) in &mounts {
+                println!("{:<14} {:>10}   cache mount {id}", "mount", human(*b));
+            }
+            println!();
         }
-        println!("{:<14} {:>8} {:>10}   {}", "total", "", human(u.total_bytes()), store.root().display());
+        println!("{:<14} {:>8} {:>10} {:>12}   WHAT", "KIND", "COUNT", "SIZE", "RECLAIMABLE");
+        for (k, what, v) in &rows {
+            println!("{:<14} {:>8} {:>10} {:>12}   {}", k, v.count, human(v.bytes), human(v.reclaimable), what);
+        }
+        println!("\nTotal:        {}\nReclaimable:  {}\nStore:        {}", human(u.total_bytes()), human(u.reclaimable_bytes()), store.root().display());
         if let Some(r) = &report {
             println!("verified {} blobs, {} layer names, {} cache records: {} problems", r.blobs, r.layers, r.records, r.problems.len());
             for p in &r.problems {
@@ -139,6 +169,17 @@ fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
     match report {
         Some(r) if !r.is_ok() => anyhow::bail!("the store at {} has {} problems", store.root().display(), r.problems.len()),
         _ => Ok(()),
+    }
+}
+
+/// `90s ago`, `5m ago`, `3h ago`, `2d ago`.
+fn ago_text(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        7200..=172_799 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
     }
 }
 
