@@ -170,7 +170,26 @@ impl StatCache {
             .filter(|d| d.version == FORMAT_VERSION && d.context == context)
             .map(|d| d.entries)
             .unwrap_or_default();
+        // The file's mtime is its last use (prune --filter until= goes by it), also when an
+        // unchanged context leaves nothing to write.
+        if !entries.is_empty() {
+            if let Ok(f) = fs::OpenOptions::new().write(true).open(&file) {
+                let _ = f.set_modified(SystemTime::now());
+            }
+        }
         StatCache { file: Some(file), context, entries, dirty: false, reads: AtomicU64::new(0) }
+    }
+
+    /// The context directory a stat cache file (in `statcache/`) belongs to, if it reads.
+    pub fn context_of(file: &Path) -> Option<PathBuf> {
+        // Only the header matters; the entries are skipped unparsed.
+        #[derive(Deserialize)]
+        struct Header {
+            version: u32,
+            context: PathBuf,
+        }
+        let h: Header = serde_json::from_slice(&fs::read(file).ok()?).ok()?;
+        (h.version == FORMAT_VERSION).then_some(h.context)
     }
 
     /// Writes the cache back (atomically) if it was loaded from a store and changed,

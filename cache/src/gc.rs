@@ -270,7 +270,8 @@ pub struct PruneOptions {
     /// Remove records not used for this long.
     pub older_than: Option<Duration>,
     /// Remove every record, every cache mount and every stat cache (refs and what they
-    /// name stay).
+    /// name stay). Without it, prune still removes stat caches of context directories that
+    /// no longer exist, and with `older_than` those unused for that long.
     pub all: bool,
     /// How long to wait for running builds to close the store.
     pub wait: Duration,
@@ -477,9 +478,19 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
             }
             report.bytes += size;
         }
-        // Stat caches only speed up hashing; all means all.
-        for e in entries(&root.join("statcache")) {
-            let p = e.path();
+    }
+    // Stat caches only speed up hashing: all of them go with `all`; otherwise those of
+    // context directories that are gone and those unused for `older_than`.
+    for e in entries(&root.join("statcache")) {
+        let p = e.path();
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue; // a write in progress (prune holds the store alone: a dead one, gone above)
+        }
+        let old = opts.older_than.is_some_and(|d| {
+            let used = fs::metadata(&p).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            now.duration_since(used).unwrap_or_default() > d
+        });
+        if opts.all || old || crate::context::StatCache::context_of(&p).is_none_or(|dir| !dir.is_dir()) {
             report.bytes += tree_size(&p);
             remove_any(&p)?;
         }

@@ -165,3 +165,32 @@ fn saving_drops_entries_of_deleted_files() {
     c.save().unwrap();
     assert_eq!(StatCache::load(&store, ctx.path()).len(), 3, "the deleted file's entry is gone");
 }
+
+#[test]
+fn prune_removes_stat_caches_of_contexts_that_are_gone() {
+    let st = tempfile::tempdir().unwrap();
+    let store = Store::open(st.path()).unwrap();
+    let kept = tempfile::tempdir().unwrap();
+    let gone = tempfile::tempdir().unwrap();
+    for ctx in [&kept, &gone] {
+        tree(ctx.path());
+        let mut c = StatCache::load(&store, ctx.path());
+        c.hash_tree(ctx.path(), &["."]).unwrap();
+        c.save().unwrap();
+    }
+    let (kept_file, gone_file) = (StatCache::file_for(&store, kept.path()), StatCache::file_for(&store, gone.path()));
+    assert_eq!(StatCache::context_of(&kept_file).unwrap(), kept.path().canonicalize().unwrap());
+    drop(gone);
+    rbuild_cache::prune(&store, &rbuild_cache::PruneOptions::default()).unwrap();
+    assert!(kept_file.exists(), "the stat cache of an existing context stays");
+    assert!(!gone_file.exists(), "the stat cache of a deleted context goes");
+    // Unused for longer than the filter: goes too; a load counts as a use.
+    let old = SystemTime::now() - Duration::from_secs(7200);
+    fs::OpenOptions::new().write(true).open(&kept_file).unwrap().set_modified(old).unwrap();
+    let _ = StatCache::load(&store, kept.path());
+    rbuild_cache::prune(&store, &rbuild_cache::PruneOptions { older_than: Some(Duration::from_secs(3600)), ..Default::default() }).unwrap();
+    assert!(kept_file.exists(), "loaded just now");
+    fs::OpenOptions::new().write(true).open(&kept_file).unwrap().set_modified(old).unwrap();
+    rbuild_cache::prune(&store, &rbuild_cache::PruneOptions { older_than: Some(Duration::from_secs(3600)), ..Default::default() }).unwrap();
+    assert!(!kept_file.exists(), "unused for two hours");
+}
