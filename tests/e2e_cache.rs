@@ -41,10 +41,12 @@ fn build_digest(root: &Path, ctx: &Path, work: &Path, extra: &[&str]) -> (String
 }
 
 fn du(root: &Path, verify: bool) -> serde_json::Value {
+    du_args(root, if verify { &["--verify"] } else { &[] })
+}
+
+fn du_args(root: &Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["du", "--json"];
-    if verify {
-        args.push("--verify");
-    }
+    args.extend_from_slice(extra);
     serde_json::from_str(must(&mut rbuild_ns(root, &args)).lines().last().unwrap()).unwrap()
 }
 
@@ -64,10 +66,6 @@ fn project_context(base: &str, tag: &str) -> tempfile::TempDir {
     ctx
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    walk(dir).into_iter().filter(|p| !p.is_dir()).collect()
-}
-
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -78,6 +76,54 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// What an empty store holds: these directories, the store lock and the owner lock of the
+/// last process that opened it.
+const SKELETON_DIRS: &[&str] = &[
+    "blobs", "blobs/sha256", "layers", "layers/sha256", "layers/built", "cache", "cache/explain", "tmp", "run", "run/proc-clone", "owners",
+    "refs", "statcache", "mounts", "mounts/cache",
+];
+
+/// Everything under `root` that is not the empty skeleton.
+fn beyond_skeleton(root: &Path) -> Vec<String> {
+    let mut owner_locks = 0;
+    let mut out = Vec::new();
+    for p in walk(root) {
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let is_dir = std::fs::symlink_metadata(&p).unwrap().is_dir();
+        if (is_dir && SKELETON_DIRS.contains(&rel.as_str())) || (!is_dir && rel == "lock") {
+            continue;
+        }
+        if !is_dir && rel.starts_with("owners/") && rel.ends_with(".lock") && owner_locks == 0 {
+            owner_locks += 1;
+            continue;
+        }
+        out.push(rel);
+    }
+    out
+}
+
+fn non_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false)
+}
+
+/// Runs `rbuild ARGS` until its output shows `marker`, then SIGKILLs it (its whole PID namespace).
+fn kill_when(root: &Path, args: &[&str], ctx: &Path, marker: &str) {
+    use std::io::BufRead;
+    let mut child = rbuild_ns(root, args).arg(ctx).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let found = line.contains(marker) && !line.contains("RUN");
+        seen.push(line);
+        if found {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the build should have been killed at {marker:?}:\n{}", seen.join("\n"));
 }
 
 #[test]
@@ -92,22 +138,35 @@ fn du_and_prune_account_for_everything() {
     let b = project_context(&base, "b");
     // A cache mount, a failed build and a build killed half-way leave things behind too.
     let failing = context(&[("Dockerfile", &format!("FROM {base}\nRUN --mount=type=cache,target=/c echo x > /c/x && echo partial > /p && exit 3\n"))]);
+    let killed = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo small > /small\nRUN head -c 3000000 /dev/urandom > /big && echo about-to-sleep && sleep 120\n"),
+    )]);
     build_digest(&root, a.path(), work.path(), &[]);
     std::thread::sleep(Duration::from_millis(1100));
     build_digest(&root, b.path(), work.path(), &[]);
     let (ok, _) = all_output(&mut rbuild_ns(&root, &["build", "--progress=plain"]).arg(failing.path()));
     assert!(!ok);
-    let mut child = rbuild_ns(&root, &["build", "--progress=plain", "--no-cache"]).arg(a.path()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when(&root, &["build", "--progress=plain"], killed.path(), "about-to-sleep");
+    assert!(non_empty(&root.join("tmp")), "the killed build's RUN upperdir is in tmp/");
+    for dir in ["blobs/sha256", "layers/sha256", "layers/built", "cache", "cache/explain", "statcache", "mounts/cache"] {
+        assert!(non_empty(&root.join(dir)), "{dir} should hold something before the prune");
+    }
 
     let before = du(&root, true);
     assert_eq!(before["problems"], serde_json::json!([]), "{before}");
     assert!(before["records"]["count"].as_u64().unwrap() >= 6, "{before}");
     assert!(before["cache-mounts"]["count"].as_u64().unwrap() >= 1, "{before}");
+    assert!(before["metadata"]["count"].as_u64().unwrap() >= 3, "stat caches and miss explanations: {before}");
     let total = before["total_bytes"].as_u64().unwrap();
     assert!(total > 7_000_000, "two 2.4 MB noise layers, packed and unpacked: {before}");
+    assert_eq!(before["reclaimable_bytes"], before["total_bytes"], "no image is kept by name: {before}");
+    // The human table and the verbose listing.
+    let table = must(&mut rbuild_ns(&root, &["du", "--verbose"]));
+    assert!(table.contains("RECLAIMABLE") && table.contains("Total:") && table.contains("Reclaimable:"), "{table}");
+    let listed = du_args(&root, &["--verbose"]);
+    assert_eq!(listed["record_list"].as_array().unwrap().len() as u64, before["records"]["count"].as_u64().unwrap(), "{listed}");
+    assert!(!listed["cache_mount_list"].as_array().unwrap().is_empty(), "{listed}");
 
     // A filter that matches nothing removes no record.
     let out = must(&mut rbuild_ns(&root, &["prune", "--json", "--filter", "until=1h"]));
@@ -117,7 +176,8 @@ fn du_and_prune_account_for_everything() {
     // Keep about one project's worth: the least recently used (a) goes, b stays cached.
     must(&mut rbuild_ns(&root, &["prune", "--keep-storage", "5MB"]));
     let after = du(&root, true);
-    assert!(after["total_bytes"].as_u64().unwrap() <= 5_000_000 + 200_000, "{after}");
+    let kept = after["blobs"]["bytes"].as_u64().unwrap() + after["layers"]["bytes"].as_u64().unwrap() + after["records"]["bytes"].as_u64().unwrap();
+    assert!(kept <= 5_000_000, "{after}");
     let (_, log_b) = build_digest(&root, b.path(), work.path(), &[]);
     assert!(!log_b.contains("cache miss"), "b was used last and must still be cached:\n{log_b}");
     let (_, log_a) = build_digest(&root, a.path(), work.path(), &[]);
@@ -126,14 +186,7 @@ fn du_and_prune_account_for_everything() {
     // prune --all leaves only the empty skeleton: nothing escapes it.
     let out = must(&mut rbuild_ns(&root, &["prune", "--all"]));
     assert!(out.contains("freed"), "{out}");
-    let left: Vec<PathBuf> = files_under(&root)
-        .into_iter()
-        .filter(|p| {
-            let rel = p.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
-            // The store lock and owner locks of live processes are the store's own skeleton.
-            rel != "lock" && !rel.starts_with("owners/")
-        })
-        .collect();
+    let left = beyond_skeleton(&root);
     assert!(left.is_empty(), "prune --all left {left:#?}");
     let empty = du(&root, true);
     assert_eq!(empty["total_bytes"], 0, "{empty}");
