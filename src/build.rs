@@ -264,7 +264,7 @@ pub struct Builder {
     /// Content digests of context sources by COPY/ADD source text, computed once and early.
     context_hashes: Mutex<HashMap<String, ContextHash>>,
     /// Content digests of context files by stat, kept in the store between builds.
-    stat_cache: Mutex<rbuild_cache::StatCache>,
+    ctx_hasher: crate::ctxhash::ContextHasher,
     ignore: rbuild_dag::ignore::IgnoreMatcher,
     /// Records of `--cache-from` caches (read before any stage starts).
     imported: std::sync::OnceLock<CacheExport>,
@@ -302,12 +302,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         insecure: opts.insecure_registries.clone(),
         platform: (os.to_string(), arch.to_string()),
     });
-    // A context unpacked into the store (tar, URL, stdin) is new every time: nothing to keep.
-    let stat_cache = if opts.context.starts_with(store.root()) {
-        rbuild_cache::StatCache::new()
-    } else {
-        rbuild_cache::StatCache::load(&store, &opts.context)
-    };
+    let ctx_hasher = crate::ctxhash::ContextHasher::new(store.clone());
     let builder = Arc::new(Builder {
         store,
         progress,
@@ -317,7 +312,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         stages: Mutex::new(HashMap::new()),
         exports: Mutex::new(Vec::new()),
         context_hashes: Mutex::new(HashMap::new()),
-        stat_cache: Mutex::new(stat_cache),
+        ctx_hasher,
         ignore,
         imported: std::sync::OnceLock::new(),
         imported_hits: Mutex::new(Vec::new()),
@@ -472,14 +467,13 @@ impl Builder {
             }
         }
         self.keep_imported_hits();
-        let mut sc = self.stat_cache.lock().unwrap();
-        if !sc.is_empty() {
-            self.progress.info(&format!("context: {} of {} files read to hash them, the others unchanged since last time", sc.files_read(), sc.len()));
+        let (stats, errors) = self.ctx_hasher.save();
+        if stats.files_known > 0 {
+            self.progress.info(&format!("context: {} of {} files read to hash them, the others unchanged since last time", stats.files_read, stats.files_known));
         }
-        if let Err(e) = sc.save() {
-            self.progress.warn(&format!("saving the context's stat cache: {e}"));
+        for e in errors {
+            self.progress.warn(&e);
         }
-        drop(sc);
         Ok(BuildOutcome { image, pushed })
     }
 
@@ -926,7 +920,6 @@ impl Builder {
                 };
                 // A named directory context (--build-context NAME=DIR) reads like the main context.
                 let dir_context = from.as_ref().and_then(|n| self.named_dir_context(n));
-                let empty_ignore = rbuild_dag::ignore::IgnoreMatcher::default();
                 let from_fs = match (from, &dir_context) {
                     (Some(name), None) => Some(self.copy_from(name).await?),
                     _ => None,
@@ -963,10 +956,8 @@ impl Builder {
                             }
                             h.update(p.as_bytes());
                             if let Some(dir) = &dir_context {
-                                let src = Source::Context { root: dir, ignore: &empty_ignore };
-                                for one in &src.select(p)? {
-                                    src.hash_into(one, &mut h)?;
-                                }
+                                let d = self.dir_hash(dir, p).await?;
+                                h.update(d.as_str().as_bytes());
                             } else if from.is_none() {
                                 let d = self.context_hash(p).await.map_err(|e| anyhow!(e))?;
                                 h.update(d.as_str().as_bytes());
@@ -985,7 +976,12 @@ impl Builder {
                     .str("epoch", &format!("{:?}", source_date_epoch()))
                     .strs("exclude", exclude)
                     .str("parents", &parents.to_string())
-                    .str("from", from_fs.as_ref().map(|f| f.key.as_str()).or(dir_context.as_ref().and_then(|d| d.to_str())).unwrap_or("context"))
+                    // A named directory by its name: where it is on this machine must not count.
+                    .str("from", &match (&from_fs, from) {
+                        (Some(f), _) => f.key.to_string(),
+                        (None, Some(name)) => format!("context:{name}"),
+                        (None, None) => "context".to_string(),
+                    })
                     .str("content", content.as_str())
                     .str("dest", dest)
                     // Names resolve against the parent's /etc/passwd, which the parent key fixes.
@@ -1189,7 +1185,11 @@ impl Builder {
             }
             match &m.from {
                 Some(name) if self.named_dir_context(name).is_some() => {
-                    key.str("bind-dir-context", &self.named_dir_context(name).unwrap().display().to_string());
+                    // Its content (not where it is): a changed file reruns the step.
+                    let dir = self.named_dir_context(name).unwrap();
+                    let sub = m.source.clone().unwrap_or_else(|| "/".into());
+                    let sub = sub.trim_matches('/');
+                    key.str("bind-dir-context", name).str("bind-content", self.dir_hash(&dir, if sub.is_empty() { "." } else { sub }).await?.as_str());
                 }
                 Some(name) => {
                     let from = self.copy_from(name).await?;
@@ -1197,12 +1197,13 @@ impl Builder {
                 }
                 None => {
                     let subpath = m.source.clone().unwrap_or_else(|| "/".into());
-                    let src = Source::Context { root: &self.opts.context, ignore: &self.ignore };
-                    let mut h = rbuild_cache::Hasher::new();
-                    for sel in src.select(subpath.trim_start_matches('/').trim_end_matches('/')).or_else(|_| src.select("."))? {
-                        src.hash_into(&sel, &mut h)?;
-                    }
-                    key.str("bind-context", h.finish().as_str());
+                    let sub = subpath.trim_matches('/');
+                    let d = match self.context_hash(if sub.is_empty() { "." } else { sub }).await {
+                        Ok(d) => d,
+                        // A source that is not there: the mount fails when the step runs.
+                        Err(_) => self.context_hash(".").await.map_err(|e| anyhow!(e))?,
+                    };
+                    key.str("bind-context", d.as_str());
                 }
             }
         }
@@ -1494,6 +1495,14 @@ impl Builder {
         Ok(Some(Layer { desc: slot, dir: stable }))
     }
 
+    /// The content digest of what `pattern` selects in the named directory context `dir`
+    /// (no ignore rules apply there), on a blocking thread.
+    async fn dir_hash(self: &Arc<Self>, dir: &Path, pattern: &str) -> Result<Digest> {
+        let (me, dir, p) = (self.clone(), dir.to_path_buf(), pattern.to_string());
+        let d = tokio::task::spawn_blocking(move || me.ctx_hasher.hash(&dir, &rbuild_dag::ignore::IgnoreMatcher::default(), &p)).await??;
+        Ok(d)
+    }
+
     /// The content digest of the context source `pattern` (path or glob), computed once per
     /// build on a blocking thread.
     fn context_hash(self: &Arc<Self>, pattern: &str) -> ContextHash {
@@ -1505,15 +1514,8 @@ impl Builder {
         let me = self.clone();
         let p = pattern.to_string();
         let job = tokio::task::spawn_blocking(move || -> Result<Digest, String> {
-            let root = &me.opts.context;
-            let src = Source::Context { root, ignore: &me.ignore };
-            let selected = src.select(&p).map_err(|e| e.to_string())?;
-            let rels: Vec<&str> = selected.iter().map(|s| s.rel.as_str()).collect();
-            // The stat cache re-reads only files whose stat changed (it reads its misses in
-            // parallel itself, so jobs take turns); the digest leaves out owners and times.
-            let mut cache = me.stat_cache.lock().unwrap();
-            let d = cache.hash_tree_filtered(root, &rels, &|rel, is_dir| !me.ignore.is_excluded(rel, is_dir)).map_err(|e| e.to_string())?;
-            Ok(d)
+            // Reads only files whose stat changed; the digest leaves out owners, times and paths.
+            me.ctx_hasher.hash(&me.opts.context, &me.ignore, &p).map_err(|e| e.to_string())
         });
         let fut = async move { job.await.map_err(|e| e.to_string())? }.boxed().shared();
         map.insert(pattern.to_string(), fut.clone());

@@ -2,7 +2,6 @@
 //! (no sandbox, no overlay mount) that then becomes the layer.
 
 use crate::rootfs::{clean_components, LayerStack};
-use rbuild_cache::Hasher;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -101,13 +100,6 @@ pub fn glob_match(pat: &str, name: &str) -> bool {
 }
 
 impl Source<'_> {
-    fn describe(&self) -> String {
-        match self {
-            Source::Context { .. } => "context".into(),
-            Source::Layers { name, .. } => name.clone(),
-        }
-    }
-
     fn lookup(&self, rel: &str) -> Option<(PathBuf, fs::Metadata)> {
         match self {
             Source::Context { root, ignore } => {
@@ -187,46 +179,6 @@ impl Source<'_> {
             });
         }
         Ok(out)
-    }
-
-    /// Feeds the content and metadata of a selected item (recursively) into `h`.
-    pub fn hash_into(&self, sel: &Selected, h: &mut Hasher) -> Result<(), CopyError> {
-        let mut stack = vec![(sel.rel.clone(), sel.file.clone(), sel.md.clone())];
-        while let Some((rel, file, md)) = stack.pop() {
-            h.update(rel.as_bytes());
-            h.update(&[0]);
-            h.update(&md.mode().to_le_bytes());
-            if matches!(self, Source::Layers { .. }) {
-                h.update(&md.uid().to_le_bytes());
-                h.update(&md.gid().to_le_bytes());
-            }
-            if md.file_type().is_symlink() {
-                h.update(fs::read_link(&file).map_err(ioe(&file))?.as_os_str().as_encoded_bytes());
-            } else if md.is_file() {
-                h.update(&md.len().to_le_bytes());
-                let mut f = fs::File::open(&file).map_err(ioe(&file))?;
-                let mut buf = vec![0u8; 1 << 16];
-                loop {
-                    let n = f.read(&mut buf).map_err(ioe(&file))?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                }
-            } else if md.is_dir() {
-                let mut children = Vec::new();
-                for name in self.list(&rel)? {
-                    let crel = join_rel(&rel, &name);
-                    if let Some((cf, cmd)) = self.lookup(&crel) {
-                        children.push((crel, cf, cmd));
-                    }
-                }
-                children.reverse();
-                stack.extend(children);
-            }
-        }
-        let _ = self.describe();
-        Ok(())
     }
 }
 

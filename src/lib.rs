@@ -8,6 +8,7 @@ pub mod build;
 pub mod cachesync;
 pub mod cli;
 pub mod copy;
+pub mod ctxhash;
 pub mod image;
 pub mod mounts;
 pub mod output;

@@ -142,6 +142,18 @@ fn rebuild_is_cached_and_a_change_reruns_only_what_it_reaches() {
     std::fs::write(ctx.path().join("ignored.log"), "changed").unwrap();
     let third = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
     assert_eq!(String::from_utf8_lossy(&third.stderr).matches("CACHED").count(), 5);
+    // Touching a copied file (new mtime, same content) changes nothing either.
+    ok(Command::new("touch").arg(ctx.path().join("dir/sub/b")));
+    let touched = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
+    assert_eq!(String::from_utf8_lossy(&touched.stderr).matches("CACHED").count(), 5, "{}", String::from_utf8_lossy(&touched.stderr));
+    // A file of the third COPY: WORKDIR and the two COPYs before it stay cached.
+    std::fs::write(ctx.path().join("dir/sub/b"), "b changed\n").unwrap();
+    let changed = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(changed.status.success(), "{err}");
+    assert_eq!(err.matches("CACHED").count(), 3, "{err}");
+    let missed: Vec<&str> = err.lines().filter(|l| l.contains("cache miss")).collect();
+    assert_eq!(missed.len(), 2, "COPY dir/ and the RUN after it:\n{err}");
     std::fs::write(ctx.path().join("hello.txt"), "changed\n").unwrap();
     let fourth = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
     let err = String::from_utf8_lossy(&fourth.stderr);
