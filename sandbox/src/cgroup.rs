@@ -126,7 +126,8 @@ fn dir_in(root: &str, mnt: &Path, path: &str) -> Option<PathBuf> {
         }
         r
     };
-    Some(mnt.join(rel.trim_start_matches('/')))
+    let rel = rel.trim_start_matches('/');
+    Some(if rel.is_empty() { mnt.to_path_buf() } else { mnt.join(rel) })
 }
 
 impl Layout {
@@ -199,8 +200,17 @@ impl V2State {
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
+/// A name no other process uses: PIDs repeat across PID namespaces that share a cgroup.
 fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    static TAG: OnceLock<String> = OnceLock::new();
+    let tag = TAG.get_or_init(|| {
+        let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
+        match uuid.split('-').next().filter(|s| s.len() == 8) {
+            Some(s) => s.to_string(),
+            None => format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)),
+        }
+    });
+    format!("{prefix}-{}-{tag}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Whether we may create a cgroup in the v1 hierarchy directory `dir` (tried, then removed).

@@ -156,8 +156,10 @@ impl SandboxMode {
 pub fn build_mode(store: &Path, proc_locked: Option<String>) -> SandboxMode {
     let scratch = store.join("tmp").join(format!("probe-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&scratch);
-    let user_namespaces = trial("userns", &scratch).is_ok();
-    let overlay = match trial("overlay", &scratch) {
+    // The overlay trial makes a user namespace too: when it works, one child was enough.
+    let overlay_trial = trial("overlay", &scratch);
+    let user_namespaces = overlay_trial.is_ok() || trial("userns", &scratch).is_ok();
+    let overlay = match overlay_trial {
         Ok(()) => OverlayKind::Native,
         Err(_) if fuse_overlayfs().is_some() => OverlayKind::Fuse,
         Err(_) => OverlayKind::None,
@@ -202,12 +204,51 @@ fn read_trim(p: &str) -> Option<String> {
 
 /// Runs one trial in a child; `Ok(())` or the child's message.
 fn trial(what: &str, dir: &Path) -> Result<(), String> {
+    if crate::sys::single_threaded() {
+        return trial_forked(what, dir);
+    }
     let out = Command::new("/proc/self/exe").arg(PROBE_ARG).arg(what).arg(dir).output().map_err(|e| format!("starting the probe: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
         Err(if msg.is_empty() { format!("probe {what} failed ({})", out.status) } else { msg })
+    }
+}
+
+/// [`trial`] in a forked child (no exec: cheaper, and possible while this process has a
+/// single thread); the child's error comes back on a pipe.
+fn trial_forked(what: &str, dir: &Path) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    match crate::sys::fork() {
+        Ok(0) => {
+            drop(r);
+            let res = run_trial(what, dir);
+            let mut w = std::fs::File::from(w);
+            if let Err(e) = &res {
+                let _ = write!(w, "{e}");
+            }
+            crate::sys::exit_now(i32::from(res.is_err()))
+        }
+        Ok(pid) => {
+            drop(w);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(r).read_to_string(&mut msg);
+            let pid = rustix::process::Pid::from_raw(pid).expect("fork returned a pid");
+            let status = loop {
+                match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    other => break other,
+                }
+            };
+            match status {
+                Ok(Some((_, st))) if st.exit_status() == Some(0) => Ok(()),
+                _ if !msg.is_empty() => Err(msg),
+                other => Err(format!("probe {what} failed ({other:?})")),
+            }
+        }
+        Err(e) => Err(format!("fork: {e}")),
     }
 }
 
@@ -497,8 +538,19 @@ fn enter_trial_namespaces(sys: &mut dyn Syscalls) -> std::io::Result<()> {
 /// Body of a probe child (`rbuild __rbuild-probe WHAT DIR`): runs one trial, prints why it
 /// failed, exits 0 or 1. Called from [`crate::dispatch_helper`] before any thread exists.
 pub fn probe_child_main(what: &str, dir: &Path) -> ! {
+    match run_trial(what, dir) {
+        Ok(()) => crate::sys::exit_now(0),
+        Err(e) => {
+            println!("{e}");
+            crate::sys::exit_now(1)
+        }
+    }
+}
+
+/// One trial, in the current (throwaway, single-threaded) process.
+fn run_trial(what: &str, dir: &Path) -> std::io::Result<()> {
     let mut sys = LinuxSyscalls;
-    let res: std::io::Result<()> = (|| match what {
+    match what {
         "userns" => sys.unshare(libc::CLONE_NEWUSER),
         "overlay" => {
             // As a RUN step gets it: a user namespace of its own (nested for root too).
@@ -528,13 +580,6 @@ pub fn probe_child_main(what: &str, dir: &Path) -> ! {
             sys.bind(Path::new("/proc"), &t)
         }
         other => Err(std::io::Error::other(format!("unknown probe {other}"))),
-    })();
-    match res {
-        Ok(()) => crate::sys::exit_now(0),
-        Err(e) => {
-            println!("{e}");
-            crate::sys::exit_now(1)
-        }
     }
 }
 

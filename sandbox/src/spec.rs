@@ -51,7 +51,7 @@ impl Limits {
             parts.push(format!("memory {}", human_bytes(m)));
         }
         if let Some(c) = self.cpus {
-            parts.push(format!("{c} CPUs"));
+            parts.push(format!("{c} CPU{}", if c > 1.0 { "s" } else { "" }));
         }
         if let Some(p) = self.pids {
             parts.push(format!("{p} processes"));
