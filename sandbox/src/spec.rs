@@ -246,7 +246,8 @@ mod tests {
     fn limits_describe_themselves() {
         assert!(Limits::default().is_empty());
         let l = Limits { memory: Some(64 << 20), cpus: Some(0.5), pids: Some(100) };
-        assert_eq!(l.describe(), "memory 64 MiB, 0.5 CPUs, 100 processes");
+        assert_eq!(l.describe(), "memory 64 MiB, 0.5 CPU, 100 processes");
+        assert_eq!(Limits { cpus: Some(2.0), ..Limits::default() }.describe(), "2 CPUs");
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         assert_eq!(human_bytes(100), "100 B");
     }
