@@ -128,12 +128,7 @@ pub(crate) fn setup_mounts(sys: &mut dyn Syscalls, state_dir: &Path, unshare: bo
         Ok(()) => Some(target),
         Err(e) => {
             // Locked masks (EINVAL): the caller picks the shared-PID fallback or refuses.
-            let masked = proc_masks();
-            locked = Some(format!(
-                "the masks on /proc are locked, so rbuild cannot make the clean clone of /proc ({e}){} that lets RUN steps mount a procfs \
-                 of their own: rbuild runs below a user namespace it does not own",
-                if masked.is_empty() { String::new() } else { format!("; masked: {}", masked.join(", ")) }
-            ));
+            locked = Some(locked_reason(&e, &proc_masks()));
             let _ = std::fs::remove_dir(&target);
             None
         }
@@ -152,6 +147,15 @@ pub(crate) fn setup_mounts(sys: &mut dyn Syscalls, state_dir: &Path, unshare: bo
         }
     }
     Ok(MountsSetUp { proc_clone, proc_locked: locked, warnings })
+}
+
+/// Why RUN steps cannot mount a procfs of their own: the clone of /proc failed with `e`.
+pub(crate) fn locked_reason(e: &dyn std::fmt::Display, masks: &[String]) -> String {
+    format!(
+        "the masks on /proc{} are locked: rbuild runs below a user namespace it does not own, so it cannot make the clean clone \
+         of /proc ({e}) that lets RUN steps mount a procfs of their own",
+        if masks.is_empty() { String::new() } else { format!(" ({})", masks.join(", ")) }
+    )
 }
 
 /// What [`setup_mounts`] did.

@@ -323,12 +323,7 @@ pub fn probe(store: &Path) -> Probe {
     // /proc.
     let masks = proc_masks();
     let proc_trial = trial("proc", &scratch);
-    let proc_locked = proc_trial.as_ref().err().map(|e| {
-        format!(
-            "the masks on /proc are locked ({e}{}): rbuild runs below a user namespace it does not own",
-            if masks.is_empty() { String::new() } else { format!("; masked: {}", masks.join(", ")) }
-        )
-    });
+    let proc_locked = proc_trial.as_ref().err().map(|e| crate::ns::locked_reason(e, &masks));
     checks.push(match &proc_locked {
         None => check(
             "/proc for RUN steps",
@@ -343,7 +338,7 @@ pub fn probe(store: &Path) -> Probe {
         Some(why) => check(
             "/proc for RUN steps",
             Verdict::Degraded,
-            format!("{why}. RUN steps cannot mount a procfs of their own, so they share rbuild's PID namespace and its masked /proc (--isolation=strict refuses)"),
+            format!("{why}: they share rbuild's PID namespace and its masked /proc instead (--isolation=strict refuses)"),
             Some(PROC_FIX.into()),
         ),
     });
