@@ -58,6 +58,10 @@ pub struct BuildOptions {
     pub cache_from: Vec<CacheSpec>,
     /// `--cache-to` destinations.
     pub cache_to: Vec<CacheSpec>,
+    /// How much of the sandbox RUN steps get (chosen at start from the environment probe).
+    pub isolation: rbuild_sandbox::Isolation,
+    /// Resource limits of RUN steps.
+    pub limits: rbuild_sandbox::Limits,
 }
 
 /// What a build produced.
@@ -1034,6 +1038,8 @@ impl Builder {
                             NetworkArg::Host => rbuild_sandbox::Network::Host,
                             NetworkArg::None => rbuild_sandbox::Network::None,
                         })
+                        .isolation(self.opts.isolation)
+                        .limits(self.opts.limits)
                         .build()?;
                     let mut out = pstep.output();
                     let outcome = tokio::task::spawn_blocking(move || {
@@ -1054,6 +1060,10 @@ impl Builder {
                             let what = match status {
                                 rbuild_sandbox::ExitKind::Exited(c) => format!("exit code {c}"),
                                 rbuild_sandbox::ExitKind::Signaled(s) => format!("killed by signal {s}"),
+                            };
+                            let what = match &outcome.limit_hit {
+                                Some(hit) => format!("{what} ({hit})"),
+                                None => what,
                             };
                             let tail = pstep.tail();
                             let mut msg = format!("process {:?} did not complete successfully: {what}", argv);

@@ -181,6 +181,59 @@ pub enum NetworkArg {
     None,
 }
 
+/// `--isolation` of RUN steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolationArg {
+    /// The full sandbox where possible; where the masks on /proc are locked, RUN steps share
+    /// rbuild's PID namespace (a warning says what was lost and how to get it back).
+    Auto,
+    /// The full sandbox (own user, mount, PID, IPC and UTS namespaces and /proc), or no build.
+    Strict,
+    /// No namespaces: RUN steps run in rbuild's own root filesystem (containers where no
+    /// namespace can be made).
+    None,
+}
+
+/// Parses `--memory`: bytes, or a number with `k`, `m`, `g` or `t` (`b`, `i` and `ib` after it
+/// allowed), all powers of 1024 as in `docker run --memory`; at least 6 MiB, as docker requires.
+pub fn parse_memory(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("--memory {s:?}: want a size such as 64m, 512MiB or 2g"))?;
+    let unit = unit.trim();
+    let unit = unit.strip_suffix("ib").or_else(|| unit.strip_suffix('b')).unwrap_or(unit);
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("--memory {s:?}: unknown unit (b, k, m, g, t)")),
+    };
+    let bytes = (n * mult as f64).round() as u64;
+    if bytes < 6 << 20 {
+        return Err(format!("--memory {s:?}: a RUN step needs at least 6 MiB"));
+    }
+    Ok(bytes)
+}
+
+/// Parses `--cpus`: a positive number of CPUs, at least 0.01.
+pub fn parse_cpus(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(c) if c.is_finite() && c >= 0.01 => Ok(c),
+        _ => Err(format!("--cpus {s:?}: want a number of CPUs of at least 0.01, e.g. 0.5 or 2")),
+    }
+}
+
+/// Parses `--pids-limit`: a whole number of processes, at least 1.
+pub fn parse_pids_limit(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("--pids-limit {s:?}: want a whole number of processes, at least 1")),
+    }
+}
+
 /// Options of `rbuild build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -224,6 +277,23 @@ pub struct BuildArgs {
     /// Network of RUN steps.
     #[arg(long, value_enum, default_value = "host")]
     pub network: NetworkArg,
+
+    /// How much of the sandbox RUN steps must get: `auto` takes what the environment allows and
+    /// says what was lost, `strict` fails instead, `none` runs them without namespaces.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub isolation: IsolationArg,
+
+    /// Memory limit of each RUN step: bytes, or with a unit (`64m`, `512MiB`, `2g`; binary units, as docker).
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
+    pub memory: Option<u64>,
+
+    /// CPU time of each RUN step, in CPUs (`0.5`: half of one).
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
+    pub cpus: Option<f64>,
+
+    /// Maximum number of processes (and threads) of each RUN step.
+    #[arg(long = "pids-limit", value_name = "N", value_parser = parse_pids_limit)]
+    pub pids_limit: Option<u64>,
 
     /// Progress output.
     #[arg(long, value_enum, default_value = "auto")]
@@ -439,6 +509,35 @@ pub fn parse_build_args(args: &[String]) -> std::collections::BTreeMap<String, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_limits_parse_like_docker() {
+        assert_eq!(parse_memory("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_memory("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_memory("64MB").unwrap(), 64 << 20, "docker's units are binary");
+        assert_eq!(parse_memory("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_memory("67108864").unwrap(), 64 << 20);
+        assert!(parse_memory("1m").unwrap_err().contains("at least 6 MiB"));
+        assert!(parse_memory("64x").unwrap_err().contains("unknown unit"));
+        assert!(parse_memory("lots").is_err());
+        assert_eq!(parse_cpus("0.5").unwrap(), 0.5);
+        assert!(parse_cpus("0").is_err() && parse_cpus("-1").is_err() && parse_cpus("NaN").is_err() && parse_cpus("inf").is_err());
+        assert_eq!(parse_pids_limit("50").unwrap(), 50);
+        assert!(parse_pids_limit("0").is_err() && parse_pids_limit("-1").is_err() && parse_pids_limit("1.5").is_err());
+    }
+
+    #[test]
+    fn isolation_defaults_to_auto() {
+        let cli = Cli::parse_from(["rbuild", "build", "."]);
+        let Command::Build(b) = cli.command else { panic!() };
+        assert_eq!(b.isolation, IsolationArg::Auto);
+        assert_eq!((b.memory, b.cpus, b.pids_limit), (None, None, None));
+        let cli = Cli::parse_from(["rbuild", "build", "--isolation", "strict", "--memory", "64m", "--cpus", "1.5", "--pids-limit", "20", "."]);
+        let Command::Build(b) = cli.command else { panic!() };
+        assert_eq!(b.isolation, IsolationArg::Strict);
+        assert_eq!((b.memory, b.cpus, b.pids_limit), (Some(64 << 20), Some(1.5), Some(20)));
+        assert!(Cli::try_parse_from(["rbuild", "build", "--isolation", "partial", "."]).is_err());
+    }
 
     #[test]
     fn bare_context_means_build() {

@@ -70,9 +70,14 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
         Verdict::Degraded => "degraded",
         Verdict::Missing => "missing",
     };
+    // The mode a build would get here, under the default --isolation=auto.
+    let build_line = match p.mode.choose(rbuild_sandbox::probe::IsolationPolicy::Auto) {
+        Ok((isolation, _)) => p.mode.describe(isolation),
+        Err(e) => e,
+    };
     let summary = match verdict {
-        Verdict::Ok => "a build gets the full sandbox: user, mount, pid, ipc and uts namespaces, overlay snapshots, a fresh /proc".to_string(),
-        Verdict::Degraded => "a build works, with what is marked degraded above".to_string(),
+        Verdict::Ok => format!("a build gets the full sandbox: RUN steps: {build_line}"),
+        Verdict::Degraded => format!("a build works, with what is marked degraded above: RUN steps: {build_line}"),
         Verdict::Missing => format!(
             "no sandboxed build is possible here: {}",
             p.checks.iter().filter(|c| c.verdict == Verdict::Missing).map(|c| c.name).collect::<Vec<_>>().join(", ")
@@ -84,7 +89,7 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
             .iter()
             .map(|c| serde_json::json!({"check": c.name, "verdict": word(c.verdict), "detail": c.detail, "fix": c.fix}))
             .collect();
-        println!("{}", serde_json::json!({"verdict": word(verdict), "summary": summary, "checks": checks}));
+        println!("{}", serde_json::json!({"verdict": word(verdict), "summary": summary, "run_steps": build_line, "checks": checks}));
     } else {
         for c in &p.checks {
             println!("{:<9} {:<28} {}", word(c.verdict), c.name, c.detail);
@@ -207,6 +212,61 @@ fn run_prune(args: rbuild::cli::PruneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Picks what RUN steps get from the environment probe (the trials of `rbuild doctor`, and
+/// the build namespace's real attempt to clone /proc) and `--isolation`, and prepares the
+/// cgroups for the resource limits. Says which in one line, then what was lost and how to get it
+/// back. Runs before any thread exists.
+fn choose_sandbox(
+    args: &BuildArgs,
+    root: &std::path::Path,
+    ns: &rbuild_sandbox::BuildNamespace,
+    progress: &Progress,
+) -> anyhow::Result<(rbuild_sandbox::Isolation, rbuild_sandbox::Limits)> {
+    use rbuild::cli::IsolationArg;
+    use rbuild_sandbox::probe::{build_mode, IsolationPolicy, OverlayKind, SandboxMode};
+    let policy = match args.isolation {
+        IsolationArg::Auto => IsolationPolicy::Auto,
+        IsolationArg::Strict => IsolationPolicy::Strict,
+        IsolationArg::None => IsolationPolicy::None,
+    };
+    let mode = match policy {
+        // No namespaces will be made: nothing to try.
+        IsolationPolicy::None => SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None },
+        _ => build_mode(root, ns.proc_locked.clone()),
+    };
+    let (isolation, lost) = mode.choose(policy).map_err(anyhow::Error::msg)?;
+    let mut limits = rbuild_sandbox::Limits { memory: args.memory, cpus: args.cpus, pids: args.pids_limit };
+    let mut limits_note = String::new();
+    let mut limits_lost = None;
+    if !limits.is_empty() {
+        let cg = rbuild_sandbox::cgroup::prepared();
+        let unenforceable = cg.unenforceable(&limits);
+        if !unenforceable.is_empty() {
+            limits_lost = Some(format!(
+                "RUN steps run without {}: no cgroup rbuild may use for them. To enforce them, run rbuild in a cgroup v2 subtree \
+                 delegated to it (systemd `Delegate=yes`, `systemd-run --scope -p Delegate=yes`, a container with its own cgroup \
+                 namespace), or as root where cgroup v1 hierarchies hold the controllers",
+                unenforceable.join(", ")
+            ));
+            use rbuild_sandbox::cgroup::Controller;
+            let keep = |c: Controller| cg.how(c).is_some();
+            limits = rbuild_sandbox::Limits {
+                memory: limits.memory.filter(|_| keep(Controller::Memory)),
+                cpus: limits.cpus.filter(|_| keep(Controller::Cpu)),
+                pids: limits.pids.filter(|_| keep(Controller::Pids)),
+            };
+        }
+        if !limits.is_empty() {
+            limits_note = format!("; limits: {} ({})", limits.describe(), cg.describe(&limits));
+        }
+    }
+    progress.info(&format!("sandbox: {}; RUN steps: {}{limits_note}", ns.mode, mode.describe(isolation)));
+    for w in [lost, limits_lost].into_iter().flatten() {
+        progress.warn(&w);
+    }
+    Ok((isolation, limits))
+}
+
 /// The state directory when `--root` is not given.
 fn default_root() -> PathBuf {
     if rustix::process::geteuid().is_root() {
@@ -294,7 +354,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         }
     }
     let progress = Progress::new(args.progress);
-    progress.info(&format!("isolation: {}", ns.mode));
+    let (isolation, limits) = choose_sandbox(&args, &root, &ns, &progress)?;
     for w in &ns.warnings {
         progress.warn(w);
     }
@@ -361,6 +421,8 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         cache_from,
         cache_to,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+        isolation,
+        limits,
     };
     let outcome = runtime.block_on(build(store.clone(), opts, progress.clone()));
     if let Some(dir) = &unpacked_context {

@@ -32,6 +32,8 @@ fn root_on_the_host_gets_the_full_sandbox() {
     }
     assert_ne!(code, 2, "{r}");
     assert_eq!(code == 0, r["verdict"] == "ok", "the exit status follows the verdict: {r}");
+    assert_eq!(r["run_steps"], "user namespaces, overlay (native), private /proc", "the mode a build gets: {r}");
+    assert!(r["summary"].as_str().unwrap().ends_with("RUN steps: user namespaces, overlay (native), private /proc"), "{r}");
     // The human form has the same checks, and a fix under each one that is not ok.
     let out = run(Command::new(rbuild_bin()).args(["doctor", "--root"]).arg(store.path()));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -42,17 +44,19 @@ fn root_on_the_host_gets_the_full_sandbox() {
 }
 
 #[test]
-fn locked_proc_masks_are_missing_with_the_pod_fix() {
+fn locked_proc_masks_are_degraded_to_a_shared_pid_namespace_with_the_pod_fix() {
     let store = tempfile::tempdir().unwrap();
     // As a container runtime masks /proc, then a user namespace rbuild does not own on top.
     let script = format!("mount --bind /dev/null /proc/timer_list && unshare --user --map-root-user --mount {}", doctor_cmd(store.path()));
     let (code, r) = doctor(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]));
     let p = check(&r, "/proc for RUN steps");
-    assert_eq!(p["verdict"], "missing", "{r}");
+    assert_eq!(p["verdict"], "degraded", "builds work, with RUN steps in rbuild's PID namespace: {r}");
     assert!(p["detail"].as_str().unwrap().contains("/proc/timer_list"), "names the masks: {r}");
-    assert!(p["fix"].as_str().unwrap().contains("procMount: Unmasked"), "{r}");
+    assert!(p["detail"].as_str().unwrap().contains("share rbuild's PID namespace"), "says what is lost: {r}");
+    assert!(p["fix"].as_str().unwrap().contains("procMount: Unmasked") && p["fix"].as_str().unwrap().contains("SYS_ADMIN"), "{r}");
     assert_eq!(check(&r, "ID map")["verdict"], "degraded", "one mapped ID is not enough for images: {r}");
-    assert_eq!(code, 2, "{r}");
+    assert!(r["summary"].as_str().unwrap().ends_with("RUN steps: user namespaces, overlay (native), shared PID namespace and /proc (masks locked)"), "{r}");
+    assert_eq!(code, 1, "{r}");
     // The same masks, not locked: the clone works.
     let script = format!("mount --bind /dev/null /proc/timer_list && {}", doctor_cmd(store.path()));
     let (_, r) = doctor(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]));

@@ -3,7 +3,7 @@
 //! pivots into it and runs the command as init: reaping, and taking every other process of
 //! the step with it when it exits.
 
-use crate::spec::{Network, RunSpec};
+use crate::spec::{Isolation, Network, RunSpec};
 use crate::sys;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use rustix::mount::MountFlags;
@@ -20,6 +20,12 @@ pub const READONLY: &[&str] = &["bus", "fs", "irq", "sys", "sysrq-trigger"];
 
 /// Masks a freshly mounted procfs at `proc` like runc does; skips what does not exist.
 pub fn mask_proc(m: &mut dyn Syscalls, proc: &Path, null: &Path) -> std::io::Result<()> {
+    mask_proc_with(m, proc, null, false)
+}
+
+/// [`mask_proc`]; `recursive` binds the read-only parts with what is mounted below them (a
+/// bind of the builder's masked `/proc` has locked mounts there, which a plain bind refuses).
+fn mask_proc_with(m: &mut dyn Syscalls, proc: &Path, null: &Path, recursive: bool) -> std::io::Result<()> {
     for f in MASKED_FILES {
         let p = proc.join(f);
         if p.exists() {
@@ -35,7 +41,11 @@ pub fn mask_proc(m: &mut dyn Syscalls, proc: &Path, null: &Path) -> std::io::Res
     for r in READONLY {
         let p = proc.join(r);
         if p.exists() {
-            m.bind(&p, &p)?;
+            if recursive {
+                m.rbind(&p, &p)?;
+            } else {
+                m.bind(&p, &p)?;
+            }
             m.remount_ro(&p, true)?;
         }
     }
@@ -63,9 +73,16 @@ pub fn helper_main() -> ! {
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = rustix::stdio::dup2_stdin(&null);
     }
-    // We are in the new PID namespace's parent; our child is its PID 1.
+    // We are in the new PID namespace's parent; our child is its PID 1 (with a shared PID
+    // namespace, a subreaper that ends what the step leaves behind).
     match sys::fork() {
         Ok(0) => {
+            if spec.isolation == Isolation::SharedPid {
+                if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+                    let _ = writeln!(status, "error:becoming the step's subreaper: {e}");
+                    sys::exit_now(125);
+                }
+            }
             let code = match init(&mut LinuxSyscalls, &spec, &mut status) {
                 Ok(code) => code,
                 Err(e) => {
@@ -165,14 +182,20 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
     }
     let null = Path::new("/dev/null");
     let proc = ensure_mountpoint(&rootfs, "proc", true, created)?;
-    if let Err(e) = m.mount("proc", &proc, "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "") {
-        return Err(format!(
-            "mounting /proc for the RUN step: {e}. The kernel allows a new procfs only where an unmasked /proc is visible: \
-             where rbuild runs below a masked /proc it cannot unmask, use `procMount: Unmasked` or give the pod SYS_ADMIN \
-             in its own user namespace (`hostUsers: false`)"
-        ));
+    if spec.isolation == Isolation::SharedPid {
+        // The builder's PID namespace: its /proc, masks and all, masked again like runc does.
+        ctx(m.rbind(Path::new("/proc"), &proc), || "binding the builder's /proc for the RUN step (shared PID namespace)".into())?;
+        ctx(mask_proc_with(m, &proc, null, true), || "masking /proc".into())?;
+    } else {
+        if let Err(e) = m.mount("proc", &proc, "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "") {
+            return Err(format!(
+                "mounting /proc for the RUN step: {e}. The kernel allows a new procfs only where an unmasked /proc is visible: \
+                 where rbuild runs below a masked /proc it cannot unmask, use `procMount: Unmasked` or give the pod SYS_ADMIN \
+                 in its own user namespace (`hostUsers: false`), or let RUN steps share rbuild's PID namespace (--isolation=auto)"
+            ));
+        }
+        ctx(mask_proc(m, &proc, null), || "masking /proc".into())?;
     }
-    ctx(mask_proc(m, &proc, null), || "masking /proc".into())?;
     // sysfs: a user namespace may mount it only together with its own network namespace.
     let had_sys = rootfs.join("sys").exists();
     let sys_dir = ensure_mountpoint(&rootfs, "sys", true, created)?;
@@ -286,6 +309,10 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
                 } else {
                     format!("status:exited:{}", st.exit_status().unwrap_or(0))
                 };
+                if spec.isolation == Isolation::SharedPid {
+                    // No PID namespace whose end kills the rest: we do it.
+                    end_descendants();
+                }
                 let _ = writeln!(status, "{line}");
                 let code = st.exit_status().unwrap_or_else(|| 128 + st.terminating_signal().unwrap_or(0));
                 return Ok(code);
@@ -293,6 +320,43 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
             Ok(_) => continue,
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(format!("waiting for the command: {e}")),
+        }
+    }
+}
+
+/// The children of `pid`, from `/proc/*/stat` (the builder's /proc, in a shared PID namespace).
+fn children_of(pid: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}
+
+/// Kills and reaps every process the step left behind. As their subreaper we inherit the
+/// orphans of the step, so killing our children until none is left ends them all.
+fn end_descendants() {
+    let me = std::process::id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let kids = children_of(me);
+        for k in &kids {
+            if let Some(p) = rustix::process::Pid::from_raw(*k) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        let mut reaped = false;
+        while let Ok(Some(_)) = rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
+            reaped = true;
+        }
+        if kids.is_empty() || std::time::Instant::now() > deadline {
+            return;
+        }
+        if !reaped {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }
@@ -490,6 +554,37 @@ mod tests {
         r.fail.push(("mount proc".into(), libc::EPERM));
         let e = prepare_root(&mut r, &spec).unwrap_err();
         assert!(e.contains("procMount: Unmasked") && e.contains("SYS_ADMIN"), "{e}");
+    }
+
+    #[test]
+    fn shared_pid_plan_binds_the_builders_proc_recursively_and_masks_it() {
+        let t = tempfile::tempdir().unwrap();
+        let mut spec = spec_in(t.path(), Network::Host);
+        spec.isolation = Isolation::SharedPid;
+        // What the bind would show (the recording does not bind).
+        let proc = spec.scratch.join("rootfs/proc");
+        std::fs::create_dir_all(proc.join("sys")).unwrap();
+        std::fs::write(proc.join("keys"), "").unwrap();
+        let mut r = RecordingSyscalls::default();
+        // A fresh procfs would be refused where the masks are locked; it must not be tried.
+        r.fail.push(("mount proc".into(), libc::EPERM));
+        prepare_root(&mut r, &spec).unwrap();
+        assert_eq!(r.calls[3], format!("rbind /proc {}", proc.display()));
+        // Read-only parts with what is below them (locked mounts refuse a plain bind).
+        let sys = proc.join("sys");
+        assert!(r.calls.contains(&format!("rbind {} {}", sys.display(), sys.display())), "{:?}", r.calls);
+        assert!(r.calls.contains(&format!("ro {}", sys.display())));
+        assert!(r.calls.contains(&format!("bind /dev/null {}", proc.join("keys").display())));
+    }
+
+    #[test]
+    fn children_are_found_by_their_parent_pid() {
+        let mut c = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let kids = children_of(std::process::id());
+        let _ = c.kill();
+        let _ = c.wait();
+        assert!(kids.contains(&(c.id() as i32)), "{kids:?}");
+        assert!(!children_of(std::process::id()).contains(&(c.id() as i32)));
     }
 
     #[test]

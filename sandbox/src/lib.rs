@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cgroup;
 mod idmap;
 mod init;
 mod ns;
@@ -23,7 +24,7 @@ pub use init::{mask_proc, resolve_user_in, DEFAULT_PATH, MASKED_DIRS, MASKED_FIL
 pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};
 pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
 pub use run::{run, ExitKind, RunError, RunOutcome};
-pub use spec::{Mount, MountSource, Network, RunSpec, RunSpecBuilder, SpecError};
+pub use spec::{human_bytes, Isolation, Limits, Mount, MountSource, Network, RunSpec, RunSpecBuilder, SpecError};
 
 /// argv\[1\] that makes the rbuild binary act as the RUN-step helper.
 pub const HELPER_ARG: &str = "__rbuild-run-helper";

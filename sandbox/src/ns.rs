@@ -1,6 +1,7 @@
 //! The build namespace: where rbuild itself runs while it builds.
 
 use crate::idmap::{sub_ranges, IdMap};
+use crate::probe::proc_masks;
 use crate::sys;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,9 @@ pub struct BuildNamespace {
     pub warnings: Vec<String>,
     /// The clean, non-recursive clone of `/proc` (kept mounted for the build's lifetime).
     pub proc_clone: Option<PathBuf>,
+    /// Why there is no clone (the masks on `/proc` are locked), naming the masks: RUN steps
+    /// then cannot mount a procfs of their own ([`crate::Isolation::SharedPid`] is the way out).
+    pub proc_locked: Option<String>,
 }
 
 const INSIDE_ENV: &str = "RBUILD_IN_USERNS";
@@ -86,16 +90,16 @@ pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, Name
         );
     }
     // The re-exec'd child already has its own mount namespace (unshared with the user namespace).
-    let (proc_clone, more) = setup_mounts(&mut LinuxSyscalls, &opts.state_dir, !rootless, proc_is_ours())?;
-    warnings.extend(more);
+    let m = setup_mounts(&mut LinuxSyscalls, &opts.state_dir, !rootless, proc_is_ours())?;
+    warnings.extend(m.warnings);
     let mode = if rootless {
         format!("rootless: user namespace, {}", id_map.describe())
     } else if id_map.is_full() {
-        "root: host IDs; each RUN in its own user, mount, pid, ipc and uts namespaces".to_string()
+        "root: host IDs".to_string()
     } else {
-        format!("root of a user namespace, {}; each RUN in nested namespaces", id_map.describe())
+        format!("root of a user namespace, {}", id_map.describe())
     };
-    Ok(BuildNamespace { id_map, mode, warnings, proc_clone })
+    Ok(BuildNamespace { id_map, mode, warnings, proc_clone: m.proc_clone, proc_locked: m.proc_locked })
 }
 
 /// Whether `/proc` belongs to our PID namespace (`/proc/self` names us). A parent must write
@@ -107,14 +111,10 @@ fn proc_is_ours() -> bool {
 
 /// The mount side of the build namespace: a private mount namespace, the non-recursive clone
 /// of `/proc` at `<state_dir>/proc-clone` and, when `/proc` shows another PID namespace, a
-/// fresh (masked) procfs over it. Returns the clone and warnings.
-pub(crate) fn setup_mounts(
-    sys: &mut dyn Syscalls,
-    state_dir: &Path,
-    unshare: bool,
-    proc_ours: bool,
-) -> Result<(Option<PathBuf>, Vec<String>), NamespaceError> {
+/// fresh (masked) procfs over it. Returns the clone, or why the masks on /proc prevent it.
+pub(crate) fn setup_mounts(sys: &mut dyn Syscalls, state_dir: &Path, unshare: bool, proc_ours: bool) -> Result<MountsSetUp, NamespaceError> {
     let mut warnings = Vec::new();
+    let mut locked = None;
     if unshare {
         sys.unshare(libc::CLONE_NEWNS).map_err(sys_err("unshare(CLONE_NEWNS)"))?;
     }
@@ -127,14 +127,8 @@ pub(crate) fn setup_mounts(
     let proc_clone = match sys.bind(Path::new("/proc"), &target) {
         Ok(()) => Some(target),
         Err(e) => {
-            let masked = proc_masks();
-            warnings.push(format!(
-                "cannot make a clean clone of /proc ({e}){}: the masks on /proc are locked because rbuild runs below \
-                 a user namespace it does not own, so RUN steps cannot mount their own /proc. Fix: run the pod with \
-                 `procMount: Unmasked`, or give it SYS_ADMIN in its own user namespace (`hostUsers: false` with \
-                 `capabilities: add: [SYS_ADMIN]`)",
-                if masked.is_empty() { String::new() } else { format!("; masked: {}", masked.join(", ")) }
-            ));
+            // Locked masks (EINVAL): the caller picks the shared-PID fallback or refuses.
+            locked = Some(locked_reason(&e, &proc_masks()));
             let _ = std::fs::remove_dir(&target);
             None
         }
@@ -152,18 +146,25 @@ pub(crate) fn setup_mounts(
             ));
         }
     }
-    Ok((proc_clone, warnings))
-}
-/// Mount points below /proc (masks, as container runtimes make them).
-fn proc_masks() -> Vec<String> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|mp| mp.starts_with("/proc/") && !mp.starts_with("/proc/sys/fs/binfmt_misc"))
-        .map(str::to_string)
-        .collect()
+    Ok(MountsSetUp { proc_clone, proc_locked: locked, warnings })
 }
 
+/// Why RUN steps cannot mount a procfs of their own: the clone of /proc failed with `e`.
+pub(crate) fn locked_reason(e: &dyn std::fmt::Display, masks: &[String]) -> String {
+    format!(
+        "the masks on /proc{} are locked: rbuild runs below a user namespace it does not own, so it cannot make the clean clone \
+         of /proc ({e}) that lets RUN steps mount a procfs of their own",
+        if masks.is_empty() { String::new() } else { format!(" ({})", masks.join(", ")) }
+    )
+}
+
+/// What [`setup_mounts`] did.
+#[derive(Debug)]
+pub(crate) struct MountsSetUp {
+    pub proc_clone: Option<PathBuf>,
+    pub proc_locked: Option<String>,
+    pub warnings: Vec<String>,
+}
 fn user_name(uid: u32) -> String {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     passwd
@@ -279,21 +280,23 @@ mod tests {
     fn root_clones_proc_non_recursively_in_a_private_namespace() {
         let t = tempfile::tempdir().unwrap();
         let mut r = RecordingSyscalls::default();
-        let (clone, warnings) = setup_mounts(&mut r, t.path(), true, true).unwrap();
+        let m = setup_mounts(&mut r, t.path(), true, true).unwrap();
         let want = t.path().join("proc-clone");
-        assert_eq!(clone.as_deref(), Some(want.as_path()));
-        assert!(warnings.is_empty());
+        assert_eq!(m.proc_clone.as_deref(), Some(want.as_path()));
+        assert!(m.warnings.is_empty() && m.proc_locked.is_none());
         assert_eq!(r.calls, vec!["unshare 0x20000".to_string(), "rprivate /".into(), format!("bind /proc {}", want.display())]);
     }
 
     #[test]
-    fn locked_masks_give_a_warning_not_an_error() {
+    fn locked_masks_are_reported_not_an_error() {
         let t = tempfile::tempdir().unwrap();
         let mut r = RecordingSyscalls::default();
         r.fail.push(("bind /proc".into(), libc::EINVAL));
-        let (clone, warnings) = setup_mounts(&mut r, t.path(), false, true).unwrap();
-        assert!(clone.is_none());
-        assert!(warnings[0].contains("procMount: Unmasked") && warnings[0].contains("SYS_ADMIN"), "{warnings:?}");
+        let m = setup_mounts(&mut r, t.path(), false, true).unwrap();
+        assert!(m.proc_clone.is_none() && m.warnings.is_empty());
+        let why = m.proc_locked.unwrap();
+        assert!(why.contains("locked") && why.contains("Invalid argument"), "{why}");
+        assert!(!t.path().join("proc-clone").exists(), "no empty mount point is left behind");
         assert!(!r.calls.iter().any(|c| c.starts_with("unshare")));
     }
 
@@ -301,8 +304,8 @@ mod tests {
     fn foreign_proc_is_replaced_and_masked() {
         let t = tempfile::tempdir().unwrap();
         let mut r = RecordingSyscalls::default();
-        let (_, warnings) = setup_mounts(&mut r, t.path(), false, false).unwrap();
-        assert!(warnings.is_empty());
+        let m = setup_mounts(&mut r, t.path(), false, false).unwrap();
+        assert!(m.warnings.is_empty());
         assert!(r.calls.contains(&"mount proc /proc proc".to_string()), "{:?}", r.calls);
         // mask_proc runs against the real /proc of this machine, which has keys.
         assert!(r.calls.contains(&"bind /dev/null /proc/keys".to_string()), "{:?}", r.calls);

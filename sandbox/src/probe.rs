@@ -5,7 +5,9 @@
 //! a bind of `/proc`) runs in a short-lived child (`rbuild __rbuild-probe WHAT DIR`, see
 //! [`probe_child_main`]), so the probing process itself is left as it was.
 
+use crate::cgroup::{self, Controller};
 use crate::idmap::{sub_ranges, SubRange};
+use crate::spec::Isolation;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +44,132 @@ pub struct Check {
 pub struct Probe {
     /// The checks, in a fixed order.
     pub checks: Vec<Check>,
+    /// What a build would get, from the same trials.
+    pub mode: SandboxMode,
+}
+
+/// How RUN steps' root filesystems can be stacked from the image's layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayKind {
+    /// Kernel overlayfs in a user namespace, with `userxattr`.
+    Native,
+    /// Native overlay is refused, but fuse-overlayfs and `/dev/fuse` are there.
+    Fuse,
+    /// Neither.
+    None,
+}
+
+/// What the sandbox of RUN steps can be here: found by `rbuild doctor` and, from the same
+/// trials, by every build at its start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxMode {
+    /// Whether a RUN step can get a user namespace.
+    pub user_namespaces: bool,
+    /// How its root filesystem is stacked.
+    pub overlay: OverlayKind,
+    /// Why RUN steps cannot mount a procfs of their own (the masks on `/proc` are locked, so
+    /// they cannot have a PID namespace of their own either), if so.
+    pub proc_locked: Option<String>,
+}
+
+/// `rbuild build --isolation`: what to do when the full sandbox is not possible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IsolationPolicy {
+    /// The most isolation the environment allows, saying what was lost.
+    #[default]
+    Auto,
+    /// The full sandbox, or no build.
+    Strict,
+    /// No namespaces at all ([`Isolation::None`]).
+    None,
+}
+
+/// How to get the full sandbox back where the masks on /proc are locked.
+pub const PROC_FIX: &str = "run the pod with `securityContext.procMount: Unmasked` (with `hostUsers: false`), or give it SYS_ADMIN in its own \
+     user namespace (`hostUsers: false`, `capabilities: add: [SYS_ADMIN]`) so that rbuild starts where it owns the namespace holding the masks";
+
+const USERNS_FIX: &str = "allow them: sysctl user.max_user_namespaces=15000; in Kubernetes `hostUsers: false` with seccompProfile \
+     and appArmorProfile Unconfined; with docker/podman `--security-opt seccomp=unconfined --security-opt apparmor=unconfined`";
+
+impl SandboxMode {
+    /// The isolation RUN steps get under `policy`, with a warning saying plainly what was lost
+    /// and how to get it back; an error under [`IsolationPolicy::Strict`] when the full sandbox
+    /// is not possible here.
+    pub fn choose(&self, policy: IsolationPolicy) -> Result<(Isolation, Option<String>), String> {
+        match policy {
+            IsolationPolicy::None => Ok((
+                Isolation::None,
+                Some("--isolation=none: RUN steps get no namespaces; they run as plain processes of rbuild, in its own root filesystem".into()),
+            )),
+            IsolationPolicy::Strict => {
+                if !self.user_namespaces {
+                    return Err(format!("--isolation=strict: RUN steps cannot get a user namespace here. To get them: {USERNS_FIX}"));
+                }
+                if let Some(why) = &self.proc_locked {
+                    return Err(format!(
+                        "--isolation=strict: RUN steps cannot get a PID namespace and /proc of their own here: {why}. To get them back: {PROC_FIX}. \
+                         (--isolation=auto builds anyway, with RUN steps in rbuild's PID namespace.)"
+                    ));
+                }
+                Ok((Isolation::Full, None))
+            }
+            IsolationPolicy::Auto => {
+                if let Some(why) = &self.proc_locked {
+                    return Ok((
+                        Isolation::SharedPid,
+                        Some(format!(
+                            "{why}. RUN steps therefore share rbuild's PID namespace and see its masked /proc instead of their own: a step can \
+                             see every process of the container and signal those of its own user (rbuild included), and what it leaves running is \
+                             ended by rbuild, not by the kernel. To get the full sandbox back: {PROC_FIX}. --isolation=strict refuses to build without it"
+                        )),
+                    ));
+                }
+                let warning = (!self.user_namespaces)
+                    .then(|| format!("user namespaces are refused here, so RUN steps will fail (`rbuild doctor` says why). To allow them: {USERNS_FIX}"));
+                Ok((Isolation::Full, warning))
+            }
+        }
+    }
+
+    /// One line, e.g. `user namespaces, overlay (native), private /proc`.
+    pub fn describe(&self, isolation: Isolation) -> String {
+        if isolation == Isolation::None {
+            return "no namespaces (--isolation=none)".into();
+        }
+        let userns = if self.user_namespaces { "user namespaces" } else { "NO user namespaces" };
+        let overlay = match self.overlay {
+            OverlayKind::Native => "overlay (native)",
+            OverlayKind::Fuse => "overlay (fuse-overlayfs)",
+            OverlayKind::None => "no overlay",
+        };
+        let proc = match isolation {
+            Isolation::SharedPid => "shared PID namespace and /proc (masks locked)",
+            _ => "private /proc",
+        };
+        format!("{userns}, {overlay}, {proc}")
+    }
+}
+
+/// The mode a build gets, from the trials `rbuild doctor` makes (a user namespace, an overlay
+/// mount on the store's filesystem); `proc_locked` comes from the build namespace's real
+/// attempt to clone `/proc` ([`crate::BuildNamespace::proc_locked`]).
+pub fn build_mode(store: &Path, proc_locked: Option<String>) -> SandboxMode {
+    let scratch = store.join("tmp").join(format!("probe-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&scratch);
+    // The overlay trial makes a user namespace too: when it works, one child was enough.
+    let overlay_trial = trial("overlay", &scratch);
+    let user_namespaces = overlay_trial.is_ok() || trial("userns", &scratch).is_ok();
+    let overlay = match overlay_trial {
+        Ok(()) => OverlayKind::Native,
+        Err(_) if fuse_overlayfs().is_some() => OverlayKind::Fuse,
+        Err(_) => OverlayKind::None,
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+    SandboxMode { user_namespaces, overlay, proc_locked }
+}
+
+fn fuse_overlayfs() -> Option<PathBuf> {
+    which("fuse-overlayfs").filter(|_| Path::new("/dev/fuse").exists())
 }
 
 impl Probe {
@@ -76,12 +204,51 @@ fn read_trim(p: &str) -> Option<String> {
 
 /// Runs one trial in a child; `Ok(())` or the child's message.
 fn trial(what: &str, dir: &Path) -> Result<(), String> {
+    if crate::sys::single_threaded() {
+        return trial_forked(what, dir);
+    }
     let out = Command::new("/proc/self/exe").arg(PROBE_ARG).arg(what).arg(dir).output().map_err(|e| format!("starting the probe: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
         Err(if msg.is_empty() { format!("probe {what} failed ({})", out.status) } else { msg })
+    }
+}
+
+/// [`trial`] in a forked child (no exec: cheaper, and possible while this process has a
+/// single thread); the child's error comes back on a pipe.
+fn trial_forked(what: &str, dir: &Path) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    match crate::sys::fork() {
+        Ok(0) => {
+            drop(r);
+            let res = run_trial(what, dir);
+            let mut w = std::fs::File::from(w);
+            if let Err(e) = &res {
+                let _ = write!(w, "{e}");
+            }
+            crate::sys::exit_now(i32::from(res.is_err()))
+        }
+        Ok(pid) => {
+            drop(w);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(r).read_to_string(&mut msg);
+            let pid = rustix::process::Pid::from_raw(pid).expect("fork returned a pid");
+            let status = loop {
+                match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    other => break other,
+                }
+            };
+            match status {
+                Ok(Some((_, st))) if st.exit_status() == Some(0) => Ok(()),
+                _ if !msg.is_empty() => Err(msg),
+                other => Err(format!("probe {what} failed ({other:?})")),
+            }
+        }
+        Err(e) => Err(format!("fork: {e}")),
     }
 }
 
@@ -97,7 +264,7 @@ pub fn probe(store: &Path) -> Probe {
     let max = read_trim("/proc/sys/user/max_user_namespaces").and_then(|s| s.parse::<u64>().ok());
     let clone_sysctl = read_trim("/proc/sys/kernel/unprivileged_userns_clone");
     let apparmor = read_trim("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
-    checks.push(match trial("userns", &scratch) {
+    let userns = match trial("userns", &scratch) {
         Ok(()) => check("user namespaces", Verdict::Ok, format!("can be created (max_user_namespaces={})", max.map_or("?".into(), |m| m.to_string())), None),
         Err(e) => {
             let why = if max == Some(0) {
@@ -109,25 +276,24 @@ pub fn probe(store: &Path) -> Probe {
             } else {
                 format!("refused ({e}); in a container this is the runtime's seccomp profile or AppArmor")
             };
-            check(
-                "user namespaces",
-                Verdict::Missing,
-                why,
-                Some(
-                    "allow them: sysctl user.max_user_namespaces=15000; in Kubernetes `hostUsers: false` with seccompProfile \
-                     and appArmorProfile Unconfined; with docker/podman `--security-opt seccomp=unconfined --security-opt apparmor=unconfined`"
-                        .into(),
-                ),
-            )
+            check("user namespaces", Verdict::Missing, why, Some(USERNS_FIX.into()))
         }
-    });
+    };
+    let user_namespaces = userns.verdict == Verdict::Ok;
+    checks.push(userns);
 
     // The ID map a build gets.
     checks.push(id_map_check(root));
 
     // Overlay in a user namespace, on the store's filesystem; fuse-overlayfs as the alternative.
-    let fuse = which("fuse-overlayfs").filter(|_| Path::new("/dev/fuse").exists());
-    checks.push(match trial("overlay", &scratch) {
+    let fuse = fuse_overlayfs();
+    let overlay_trial = trial("overlay", &scratch);
+    let overlay = match (&overlay_trial, &fuse) {
+        (Ok(()), _) => OverlayKind::Native,
+        (Err(_), Some(_)) => OverlayKind::Fuse,
+        (Err(_), None) => OverlayKind::None,
+    };
+    checks.push(match overlay_trial {
         Ok(()) => check("overlay in a user namespace", Verdict::Ok, "native overlayfs with userxattr works on the store's filesystem", None),
         Err(e) => match &fuse {
             Some(f) => check(
@@ -156,8 +322,10 @@ pub fn probe(store: &Path) -> Probe {
 
     // /proc.
     let masks = proc_masks();
-    checks.push(match trial("proc", &scratch) {
-        Ok(()) => check(
+    let proc_trial = trial("proc", &scratch);
+    let proc_locked = proc_trial.as_ref().err().map(|e| crate::ns::locked_reason(e, &masks));
+    checks.push(match &proc_locked {
+        None => check(
             "/proc for RUN steps",
             Verdict::Ok,
             if masks.is_empty() {
@@ -167,11 +335,11 @@ pub fn probe(store: &Path) -> Probe {
             },
             None,
         ),
-        Err(e) => check(
+        Some(why) => check(
             "/proc for RUN steps",
-            Verdict::Missing,
-            format!("the masks on /proc are locked ({e}; masked: {}): RUN steps cannot mount a procfs", masks.join(", ")),
-            Some("run the pod with `securityContext.procMount: Unmasked` (with hostUsers: false), or start rbuild where it owns the user namespace".into()),
+            Verdict::Degraded,
+            format!("{why}: they share rbuild's PID namespace and its masked /proc instead (--isolation=strict refuses)"),
+            Some(PROC_FIX.into()),
         ),
     });
 
@@ -182,7 +350,7 @@ pub fn probe(store: &Path) -> Probe {
     checks.push(cgroup_check());
 
     let _ = std::fs::remove_dir_all(&scratch);
-    Probe { checks }
+    Probe { checks, mode: SandboxMode { user_namespaces, overlay, proc_locked } }
 }
 
 /// Name of a filesystem by its statfs magic.
@@ -225,34 +393,40 @@ fn store_fs_check(store: &Path) -> Check {
 }
 
 fn cgroup_check() -> Check {
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let v2_path = own.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string);
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let v2_mount = mountinfo.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next() == Some("cgroup2")).then(|| pre.split_whitespace().nth(4).map(PathBuf::from)).flatten()
-    });
-    let hybrid = mountinfo.lines().any(|l| l.split_once(" - ").is_some_and(|(_, p)| p.starts_with("cgroup ")));
-    let fix = Some("run under cgroup v2 with a delegated subtree (systemd `Delegate=yes`, or a container runtime that delegates it)".to_string());
-    let (Some(rel), Some(mnt)) = (v2_path, v2_mount) else {
-        return check("cgroup v2 delegation", Verdict::Degraded, "no cgroup v2 hierarchy: --memory, --cpus and --pids-limit cannot be enforced", fix);
-    };
-    let dir = mnt.join(rel.trim_start_matches('/'));
-    let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-    let writable = rustix::fs::access(&dir, rustix::fs::Access::WRITE_OK).is_ok();
-    let have: Vec<&str> = controllers.split_whitespace().filter(|c| matches!(*c, "memory" | "cpu" | "pids")).collect();
-    if writable && have.len() == 3 {
-        check("cgroup v2 delegation", Verdict::Ok, format!("{} is writable with memory, cpu and pids", dir.display()), None)
-    } else {
-        let detail = format!(
-            "{}{}: controllers [{}]{}",
-            dir.display(),
-            if writable { "" } else { " is not writable" },
-            controllers.trim(),
-            if hybrid { "; cgroup v1 hierarchies hold the controllers (hybrid setup)" } else { "" }
-        );
-        check("cgroup v2 delegation", Verdict::Degraded, detail, fix)
+    let layout = cgroup::Layout::current();
+    let fix = Some("run rbuild in a cgroup v2 subtree delegated to it (systemd `Delegate=yes`, `systemd-run --user --scope -p Delegate=yes`, or a container runtime with a private cgroup namespace)".to_string());
+    let names = |cs: &[Controller]| cs.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ");
+    let v2 = layout.v2.as_deref().map(cgroup::V2State::read);
+    let by_v2: Vec<Controller> = Controller::ALL.into_iter().filter(|c| v2.as_ref().is_some_and(|s| s.delegates(*c))).collect();
+    if by_v2.len() == Controller::ALL.len() {
+        let dir = layout.v2.as_deref().unwrap_or(Path::new("?"));
+        return check("cgroup v2 delegation", Verdict::Ok, format!("{} is delegated with memory, cpu and pids: --memory, --cpus and --pids-limit work", dir.display()), None);
     }
+    let v2_part = match (&layout.v2, &v2) {
+        (Some(dir), Some(st)) => format!(
+            "{}{}: controllers [{}]",
+            dir.display(),
+            if st.writable { "" } else { " is not writable" },
+            std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default().trim()
+        ),
+        _ => "no cgroup v2 hierarchy".to_string(),
+    };
+    let by_v1: Vec<Controller> =
+        Controller::ALL.into_iter().filter(|c| !by_v2.contains(c) && layout.v1.get(c).is_some_and(|d| cgroup::v1_writable(d).is_ok())).collect();
+    let enforced: Vec<Controller> = Controller::ALL.into_iter().filter(|c| by_v2.contains(c) || by_v1.contains(c)).collect();
+    let lost: Vec<&str> = Controller::ALL.into_iter().filter(|c| !enforced.contains(c)).map(|c| c.flag()).collect();
+    let mut detail = v2_part;
+    if !by_v1.is_empty() {
+        detail.push_str(&format!("; cgroup v1 hierarchies (hybrid setup) take step cgroups for {}", names(&by_v1)));
+    } else if layout.hybrid {
+        detail.push_str("; the controllers are in cgroup v1 hierarchies rbuild cannot write to");
+    }
+    if lost.is_empty() {
+        detail.push_str(": --memory, --cpus and --pids-limit work");
+    } else {
+        detail.push_str(&format!(": {} cannot be enforced", lost.join(", ")));
+    }
+    check("cgroup v2 delegation", Verdict::Degraded, detail, fix)
 }
 
 fn id_map_check(root: bool) -> Check {
@@ -359,8 +533,19 @@ fn enter_trial_namespaces(sys: &mut dyn Syscalls) -> std::io::Result<()> {
 /// Body of a probe child (`rbuild __rbuild-probe WHAT DIR`): runs one trial, prints why it
 /// failed, exits 0 or 1. Called from [`crate::dispatch_helper`] before any thread exists.
 pub fn probe_child_main(what: &str, dir: &Path) -> ! {
+    match run_trial(what, dir) {
+        Ok(()) => crate::sys::exit_now(0),
+        Err(e) => {
+            println!("{e}");
+            crate::sys::exit_now(1)
+        }
+    }
+}
+
+/// One trial, in the current (throwaway, single-threaded) process.
+fn run_trial(what: &str, dir: &Path) -> std::io::Result<()> {
     let mut sys = LinuxSyscalls;
-    let res: std::io::Result<()> = (|| match what {
+    match what {
         "userns" => sys.unshare(libc::CLONE_NEWUSER),
         "overlay" => {
             // As a RUN step gets it: a user namespace of its own (nested for root too).
@@ -390,13 +575,6 @@ pub fn probe_child_main(what: &str, dir: &Path) -> ! {
             sys.bind(Path::new("/proc"), &t)
         }
         other => Err(std::io::Error::other(format!("unknown probe {other}"))),
-    })();
-    match res {
-        Ok(()) => crate::sys::exit_now(0),
-        Err(e) => {
-            println!("{e}");
-            crate::sys::exit_now(1)
-        }
     }
 }
 
@@ -425,11 +603,50 @@ mod tests {
                 check("overlay in a user namespace", o, "", None),
                 check("cgroup v2 delegation", other, "", None),
             ],
+            mode: full(),
         };
         assert_eq!(p(Verdict::Ok, Verdict::Ok, Verdict::Ok).build_verdict(), Verdict::Ok);
         assert_eq!(p(Verdict::Ok, Verdict::Ok, Verdict::Missing).build_verdict(), Verdict::Degraded);
         assert_eq!(p(Verdict::Ok, Verdict::Degraded, Verdict::Ok).build_verdict(), Verdict::Degraded);
         assert_eq!(p(Verdict::Missing, Verdict::Ok, Verdict::Ok).build_verdict(), Verdict::Missing);
+    }
+
+    fn full() -> SandboxMode {
+        SandboxMode { user_namespaces: true, overlay: OverlayKind::Native, proc_locked: None }
+    }
+
+    #[test]
+    fn auto_keeps_the_full_sandbox_where_it_is_possible() {
+        assert_eq!(full().choose(IsolationPolicy::Auto).unwrap(), (Isolation::Full, None));
+        assert_eq!(full().choose(IsolationPolicy::Strict).unwrap(), (Isolation::Full, None));
+        assert_eq!(full().describe(Isolation::Full), "user namespaces, overlay (native), private /proc");
+    }
+
+    #[test]
+    fn locked_masks_share_the_pid_namespace_under_auto_and_fail_under_strict() {
+        let m = SandboxMode { proc_locked: Some("the masks on /proc are locked (EINVAL; masked: /proc/kcore)".into()), ..full() };
+        let (iso, warning) = m.choose(IsolationPolicy::Auto).unwrap();
+        assert_eq!(iso, Isolation::SharedPid);
+        let w = warning.unwrap();
+        for want in ["/proc/kcore", "share rbuild's PID namespace", "procMount: Unmasked", "SYS_ADMIN", "--isolation=strict"] {
+            assert!(w.contains(want), "{want}: {w}");
+        }
+        assert_eq!(m.describe(iso), "user namespaces, overlay (native), shared PID namespace and /proc (masks locked)");
+        let e = m.choose(IsolationPolicy::Strict).unwrap_err();
+        for want in ["--isolation=strict", "PID namespace and /proc", "/proc/kcore", "procMount: Unmasked", "SYS_ADMIN"] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+
+    #[test]
+    fn no_user_namespaces_warn_under_auto_and_fail_under_strict() {
+        let m = SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None };
+        let (iso, w) = m.choose(IsolationPolicy::Auto).unwrap();
+        assert_eq!(iso, Isolation::Full);
+        assert!(w.unwrap().contains("seccomp=unconfined"));
+        assert!(m.choose(IsolationPolicy::Strict).unwrap_err().contains("cannot get a user namespace"));
+        assert_eq!(m.describe(iso), "NO user namespaces, no overlay, private /proc");
+        assert_eq!(m.choose(IsolationPolicy::None).unwrap().0, Isolation::None);
     }
 
     #[test]

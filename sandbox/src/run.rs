@@ -2,7 +2,8 @@
 //! stream its output, collect its status.
 
 use crate::idmap::{nested_identity, IdMap};
-use crate::spec::{Network, RunSpec};
+use crate::cgroup::StepCgroup;
+use crate::spec::{Isolation, Network, RunSpec};
 use crate::HELPER_ARG;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -49,6 +50,9 @@ pub struct RunOutcome {
     pub created_mountpoints: Vec<String>,
     /// What the step went without (e.g. `/sys` when sysfs could not be mounted).
     pub warnings: Vec<String>,
+    /// The resource limit the step ran into, e.g. `killed: memory limit 64 MiB reached
+    /// (--memory)`, for the build's message when the step failed.
+    pub limit_hit: Option<String>,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), RunError> {
@@ -57,6 +61,11 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), RunError> {
 
 /// Runs one RUN step and streams its combined stdout and stderr to `output`. Blocking.
 pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
+    if spec.isolation == Isolation::None {
+        return Err(RunError::Sandbox(
+            "--isolation=none (RUN steps without namespaces, in rbuild's own root filesystem) is not supported yet".into(),
+        ));
+    }
     let mut spec = spec.clone();
     let base = spec.upperdir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
     spec.scratch = spec.upperdir.with_file_name(format!("{base}.sandbox"));
@@ -81,14 +90,27 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     let (out_r, out_w) = pipe()?;
     let (st_r, st_w) = pipe()?;
     let out_w2 = out_w.try_clone().map_err(setup("dup"))?;
-    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if spec.isolation != Isolation::SharedPid {
+        flags |= libc::CLONE_NEWPID;
+    }
     if spec.network == Network::None {
         flags |= libc::CLONE_NEWNET;
     }
+    // The step's cgroup: the helper joins it before it execs, so all the step's processes are in it.
+    let cgroup = if spec.limits.is_empty() {
+        None
+    } else {
+        StepCgroup::create(crate::cgroup::prepared(), &spec.limits).map_err(setup("creating the RUN step's cgroup"))?
+    };
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(HELPER_ARG).stdin(Stdio::piped()).stdout(Stdio::from(out_w)).stderr(Stdio::from(out_w2)).env_clear();
     // The child's maps: an identity of every extent of ours.
+    let cg = cgroup.as_ref();
     let mut child = crate::spawn::spawn_mapped(&mut cmd, flags, Some(&st_w), |pid| {
+        if let Some(cg) = cg {
+            cg.add(pid).map_err(|e| format!("putting the RUN step into its cgroup: {e}"))?;
+        }
         std::fs::write(format!("/proc/{pid}/uid_map"), nested_identity(&own.uids))
             .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), nested_identity(&own.gids)))
             .map_err(|e| format!("writing the ID map of the RUN sandbox (pid {pid}): {e}"))
@@ -113,6 +135,9 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
         }
     }
     let _ = child.wait();
+    let limit_hit = cgroup.as_ref().and_then(StepCgroup::limit_hit);
+    // Ends what is left (a shared PID namespace has no init whose end kills it) and removes it.
+    drop(cgroup);
     let mut status_text = String::new();
     let _ = std::fs::File::from(st_r).read_to_string(&mut status_text);
     let mut created = Vec::new();
@@ -136,7 +161,7 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
         return Err(RunError::Sandbox(errors.join("; ")));
     }
     match status {
-        Some(status) => Ok(RunOutcome { status, created_mountpoints: created, warnings }),
+        Some(status) => Ok(RunOutcome { status, created_mountpoints: created, warnings, limit_hit }),
         None => Err(RunError::Sandbox("the RUN sandbox ended without reporting a status".into())),
     }
 }

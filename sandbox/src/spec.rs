@@ -12,6 +12,70 @@ pub enum Network {
     None,
 }
 
+/// How much of the sandbox a RUN step gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Isolation {
+    /// Its own user, mount, PID, IPC and UTS namespaces (the default).
+    #[default]
+    Full,
+    /// Its own user and mount namespaces, but the builder's PID namespace and `/proc` (where
+    /// the masks on `/proc` are locked).
+    SharedPid,
+    /// No namespaces: the step runs as a plain child process in the builder's own root
+    /// filesystem, Kaniko's way, for containers where no namespace can be made.
+    None,
+}
+
+/// Resource limits of a RUN step, enforced through a cgroup of its own (see
+/// [`crate::cgroup`]); `None` fields are not limited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory in bytes (swap included where the kernel accounts it).
+    pub memory: Option<u64>,
+    /// CPU time as a number of CPUs (`0.5`: half of one CPU).
+    pub cpus: Option<f64>,
+    /// Processes (and threads) of the step's command, the sandbox's own two not counted.
+    pub pids: Option<u64>,
+}
+
+impl Limits {
+    /// Whether no limit is set.
+    pub fn is_empty(&self) -> bool {
+        self.memory.is_none() && self.cpus.is_none() && self.pids.is_none()
+    }
+
+    /// E.g. `memory 64 MiB, 0.5 CPUs, 100 processes`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(m) = self.memory {
+            parts.push(format!("memory {}", human_bytes(m)));
+        }
+        if let Some(c) = self.cpus {
+            parts.push(format!("{c} CPU{}", if c > 1.0 { "s" } else { "" }));
+        }
+        if let Some(p) = self.pids {
+            parts.push(format!("{p} processes"));
+        }
+        parts.join(", ")
+    }
+}
+
+/// `64 MiB`, `1.5 GiB`, `512 B`: binary units, as `--memory` takes them.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if v.fract() == 0.0 || i == 0 {
+        format!("{v:.0} {}", UNITS[i])
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
 /// What is mounted at an extra mount point of a RUN step (`RUN --mount`, heredoc scripts).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MountSource {
@@ -74,6 +138,12 @@ pub struct RunSpec {
     /// Extra mounts, in order.
     #[serde(default)]
     pub mounts: Vec<Mount>,
+    /// How much of the sandbox the step gets.
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// Resource limits (empty: none).
+    #[serde(default)]
+    pub limits: Limits,
     /// Set by [`crate::run`]: where the merged root is mounted and the generated files live.
     #[serde(default)]
     pub(crate) scratch: PathBuf,
@@ -101,6 +171,8 @@ pub struct RunSpecBuilder {
     network: Option<Network>,
     extra_hosts: Vec<(String, String)>,
     mounts: Vec<Mount>,
+    isolation: Isolation,
+    limits: Limits,
 }
 
 impl RunSpec {
@@ -139,6 +211,8 @@ impl RunSpecBuilder {
     setter!(network, Network, opt);
     setter!(extra_hosts, Vec<(String, String)>);
     setter!(mounts, Vec<Mount>);
+    setter!(isolation, Isolation);
+    setter!(limits, Limits);
 
     /// The finished spec.
     pub fn build(self) -> Result<RunSpec, SpecError> {
@@ -157,7 +231,35 @@ impl RunSpecBuilder {
             network: self.network.unwrap_or(Network::Host),
             extra_hosts: self.extra_hosts,
             mounts: self.mounts,
+            isolation: self.isolation,
+            limits: self.limits,
             scratch: PathBuf::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_describe_themselves() {
+        assert!(Limits::default().is_empty());
+        let l = Limits { memory: Some(64 << 20), cpus: Some(0.5), pids: Some(100) };
+        assert_eq!(l.describe(), "memory 64 MiB, 0.5 CPU, 100 processes");
+        assert_eq!(Limits { cpus: Some(2.0), ..Limits::default() }.describe(), "2 CPUs");
+        assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
+        assert_eq!(human_bytes(100), "100 B");
+    }
+
+    #[test]
+    fn old_specs_deserialize_with_full_isolation_and_no_limits() {
+        let s = RunSpec::builder().upperdir("/u".into()).workdir("/w".into()).argv(vec!["true".into()]).build().unwrap();
+        let mut v = serde_json::to_value(&s).unwrap();
+        v.as_object_mut().unwrap().remove("isolation");
+        v.as_object_mut().unwrap().remove("limits");
+        let back: RunSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(back.isolation, Isolation::Full);
+        assert!(back.limits.is_empty());
     }
 }

@@ -19,10 +19,17 @@ pub fn unshare(flags: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::unshare(flags) }).map(|_| ())
 }
 
-/// `fork(2)`; only called from the single-threaded helper process.
+/// Whether this process has a single thread (from `/proc/self/status`).
+pub fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status").map(|s| s.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Threads:", "1"])).unwrap_or(false)
+}
+
+/// `fork(2)`; only called from single-threaded processes (the helper, and the probe after
+/// [`single_threaded`] said so).
 pub fn fork() -> io::Result<libc::pid_t> {
-    // SAFETY: the helper process is single-threaded (it was just exec'd and starts no
-    // threads), so the child may run arbitrary code after fork.
+    // SAFETY: callers are single-threaded (the helper was just exec'd and starts no threads;
+    // the probe checks first), so no lock is held by another thread and the child may run
+    // arbitrary code after fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         Err(io::Error::last_os_error())

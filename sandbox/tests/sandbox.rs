@@ -5,7 +5,7 @@
 //! (`unshare --pid --fork --mount-proc`), so a sandbox bug (e.g. `kill -9 -1` escaping the
 //! step) can only kill processes of that namespace. Needs root (skips otherwise).
 
-use rbuild_sandbox::{ExitKind, Network, RunOutcome, RunSpec, RunSpecBuilder};
+use rbuild_sandbox::{ExitKind, Isolation, Limits, Network, RunOutcome, RunSpec, RunSpecBuilder};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,7 +31,11 @@ const TESTS: &[Test] = &[
     ("from_scratch_with_a_bound_binary", from_scratch_with_a_bound_binary),
     ("selftest_binary_as_helper", selftest_binary_as_helper),
     ("masked_proc_pod", masked_proc_pod),
-    ("masked_proc_locked_gives_warning", masked_proc_locked_gives_warning),
+    ("masked_proc_locked_falls_back_to_the_shared_pid_namespace", masked_proc_locked_falls_back_to_the_shared_pid_namespace),
+    ("masked_proc_locked_strict_refuses", masked_proc_locked_strict_refuses),
+    ("shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind", shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind),
+    ("memory_limit_oom_kills_the_step_and_says_so", memory_limit_oom_kills_the_step_and_says_so),
+    ("pids_limit_bounds_a_fork_bomb", pids_limit_bounds_a_fork_bomb),
     ("rootless_full_map", rootless_full_map),
     ("rootless_single_id", rootless_single_id),
     ("parallel_steps_from_threads", parallel_steps_from_threads),
@@ -472,19 +476,114 @@ fn masked_proc_pod() {
     println!("note: masked pod: {}", nspid.replace('\t', " "));
 }
 
-fn masked_proc_locked_gives_warning() {
+fn masked_proc_locked_falls_back_to_the_shared_pid_namespace() {
     let f = fixture();
     // One more user namespace below the pod: the pod's masks are locked for rbuild.
     let out = pod_command(&f, "exec unshare --user --map-root-user --mount").output().unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{so}{}", String::from_utf8_lossy(&out.stderr));
-    let warning = so.lines().find(|l| l.starts_with("warning: cannot make a clean clone of /proc")).unwrap_or_else(|| panic!("{so}"));
-    assert!(warning.contains("procMount: Unmasked") && warning.contains("SYS_ADMIN"), "{warning}");
-    assert!(so.contains("proc_clone: None"));
-    let err = so.lines().find(|l| l.starts_with("run error:")).unwrap();
-    assert!(err.contains("mounting /proc for the RUN step") && err.contains("procMount: Unmasked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{so}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(so.contains("proc_clone: None"), "{so}");
+    let warning = so.lines().find(|l| l.starts_with("warning: the masks on /proc")).unwrap_or_else(|| panic!("{so}"));
+    for want in ["/proc/keys", "locked", "share rbuild's PID namespace", "procMount: Unmasked", "SYS_ADMIN"] {
+        assert!(warning.contains(want), "{want}: {warning}");
+    }
+    assert!(so.contains("isolation: SharedPid: user namespaces, overlay (native), shared PID namespace and /proc (masks locked)"), "{so}");
+    // The step sees the pod's PID namespace (the selftest is its PID 1), still masked.
+    let pids_line = so.lines().skip_while(|l| *l != "--- output ---").nth(1).unwrap();
+    let pids: Vec<u32> = pids_line.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert!(pids.contains(&1) && pids.len() >= 4, "the helper, init and the command beside the selftest: {so}");
+    assert!(so.contains("\n0\n--- end ---"), "/proc/keys stays masked: {so}");
+    assert!(so.contains("status: Exited(0)"), "{so}");
     println!("note: locked: {warning}");
-    println!("note: locked: {err}");
+}
+
+fn masked_proc_locked_strict_refuses() {
+    let f = fixture();
+    let c = pod_command(&f, "exec unshare --user --map-root-user --mount");
+    // The selftest's arguments follow the script's own; strict goes before `--`.
+    let args: Vec<std::ffi::OsString> = c.get_args().map(|a| a.to_os_string()).collect();
+    let dd = args.iter().position(|a| a == "--").unwrap();
+    let mut c2 = Command::new(c.get_program());
+    c2.args(&args[..dd]).args(["--isolation", "strict"]).args(&args[dd..]);
+    let out = c2.output().unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{so}{}", String::from_utf8_lossy(&out.stderr));
+    let err = so.lines().find(|l| l.starts_with("enter error:")).unwrap_or_else(|| panic!("{so}"));
+    for want in ["--isolation=strict", "PID namespace and /proc of their own", "locked", "procMount: Unmasked", "SYS_ADMIN"] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(!so.contains("--- output ---"), "nothing ran: {so}");
+}
+
+/// The shared-PID mode itself, where it is not forced (root on the host): the step sees the
+/// builder, /proc is masked again, and nothing it starts outlives it.
+fn shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind() {
+    let f = setup();
+    let s = f.run_with(
+        "echo $$; tr '\\0' ' ' < /proc/1/cmdline; echo; wc -c < /proc/keys; grep ' /proc/sys ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1 | sort -u; \
+         sleep 1236 >/dev/null 2>&1 & setsid sh -c 'sleep 1237 & sleep 1238' >/dev/null 2>&1 & echo started",
+        |b| b.isolation(Isolation::SharedPid),
+    );
+    assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
+    let lines: Vec<&str> = s.out.lines().collect();
+    let pid: u32 = lines[0].parse().unwrap();
+    assert!(pid > 1, "the command is not PID 1 of a namespace of its own: {}", s.out);
+    assert!(lines[1].contains("--inner"), "PID 1 is the test process, the builder: {}", s.out);
+    assert_eq!(lines[2].trim(), "0", "/proc/keys is masked again");
+    assert_eq!(lines[3].trim(), "ro", "/proc/sys is read-only");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut survivors = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains("sleep 123") {
+                survivors.push(c);
+            }
+        }
+    }
+    assert!(survivors.is_empty(), "left behind: {survivors:?}");
+}
+
+fn memory_limit_oom_kills_the_step_and_says_so() {
+    let f = setup();
+    let hog = "x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}";
+    let s = f.run_with(hog, |b| b.limits(Limits { memory: Some(64 << 20), ..Limits::default() }));
+    let o = s.ok();
+    assert_ne!(o.status, ExitKind::Exited(0), "{}", s.out);
+    assert_eq!(o.limit_hit.as_deref(), Some("killed: memory limit 64 MiB reached (--memory)"), "{}", s.out);
+    // The same step without the limit gets through, and has nothing to report.
+    let s = f.run(hog);
+    assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
+    assert_eq!(s.out, "survived 150000000\n");
+    assert_eq!(s.ok().limit_hit, None);
+    assert!(leftover_step_cgroups().is_empty(), "{:?}", leftover_step_cgroups());
+}
+
+fn pids_limit_bounds_a_fork_bomb() {
+    let f = setup();
+    // A fork bomb for two seconds, then a failure (whether or not the shell itself could fork).
+    let s = f.run_with("bomb() { bomb | bomb & }; bomb; sleep 2; exit 3", |b| b.limits(Limits { pids: Some(20), ..Limits::default() }));
+    let o = s.ok();
+    assert_ne!(o.status, ExitKind::Exited(0));
+    let hit = o.limit_hit.clone().unwrap_or_default();
+    assert!(hit.starts_with("process limit 20 reached (--pids-limit): ") && hit.ends_with("forks refused"), "{hit:?}");
+    // Nothing of the bomb is left.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let left = std::fs::read_dir("/proc").unwrap().flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count();
+    assert!(left < 10, "{left} processes in the test's PID namespace");
+    assert!(leftover_step_cgroups().is_empty(), "{:?}", leftover_step_cgroups());
+    println!("note: fork bomb: {hit}");
+}
+
+/// Step cgroups still present below our own cgroups.
+fn leftover_step_cgroups() -> Vec<PathBuf> {
+    let l = rbuild_sandbox::cgroup::Layout::current();
+    l.v1.values()
+        .chain(l.v2.iter())
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("rbuild-step-"))
+        .collect()
 }
 
 fn ensure_user(name: &str, subid: Option<u32>) -> u32 {

@@ -3,12 +3,14 @@
 //!
 //! ```text
 //! rbuild-sandbox-selftest --state DIR --rootfs DIR [--rootfs DIR]... [--net none] [--user U]
-//!                         [--cwd DIR] [--keep] [--no-single-id] [--bench N] -- ARGV...
+//!                         [--cwd DIR] [--keep] [--no-single-id] [--bench N]
+//!                         [--isolation auto|strict] [--memory BYTES] [--pids-limit N] -- ARGV...
 //! ```
 //! Exit status: 0 when the step exited 0, 1 when it failed, 2 on a sandbox error, 3 when the
 //! build namespace could not be entered.
 
-use rbuild_sandbox::{ExitKind, Network, RunSpec};
+use rbuild_sandbox::probe::IsolationPolicy;
+use rbuild_sandbox::{ExitKind, Limits, Network, RunSpec};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -18,6 +20,8 @@ fn main() {
     let (mut state, mut lowers, mut net, mut user, mut cwd, mut keep, mut bench) = (None, vec![], Network::Host, String::new(), "/".to_string(), false, 0usize);
     let mut argv = vec![];
     let mut single = true;
+    let mut policy = IsolationPolicy::Auto;
+    let mut limits = Limits::default();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--state" => state = args.next().map(PathBuf::from),
@@ -27,6 +31,9 @@ fn main() {
             "--cwd" => cwd = args.next().unwrap_or_default(),
             "--keep" => keep = true,
             "--no-single-id" => single = false,
+            "--isolation" => policy = if args.next().as_deref() == Some("strict") { IsolationPolicy::Strict } else { IsolationPolicy::Auto },
+            "--memory" => limits.memory = args.next().and_then(|n| n.parse().ok()),
+            "--pids-limit" => limits.pids = args.next().and_then(|n| n.parse().ok()),
             "--bench" => bench = args.next().and_then(|n| n.parse().ok()).unwrap_or(50),
             "--" => {
                 argv.extend(args.by_ref());
@@ -53,6 +60,21 @@ fn main() {
         println!("warning: {w}");
     }
     println!("proc_clone: {:?}", ns.proc_clone);
+    // As rbuild does: the probe's trials and the real /proc clone pick the isolation.
+    let mode = rbuild_sandbox::probe::build_mode(&state, ns.proc_locked.clone());
+    let isolation = match mode.choose(policy) {
+        Ok((iso, lost)) => {
+            if let Some(w) = lost {
+                println!("warning: {w}");
+            }
+            iso
+        }
+        Err(e) => {
+            println!("enter error: {e}");
+            std::process::exit(3);
+        }
+    };
+    println!("isolation: {isolation:?}: {}", mode.describe(isolation));
     let steps = state.join("steps");
     let mk = |i: usize| -> (PathBuf, PathBuf) {
         let base = steps.join(format!("{}-{i}", std::process::id()));
@@ -62,7 +84,7 @@ fn main() {
         (u, w)
     };
     let spec = |u: PathBuf, w: PathBuf, argv: Vec<String>| {
-        RunSpec::builder().lowerdirs(lowers.clone()).upperdir(u).workdir(w).argv(argv).cwd(cwd.clone()).user(user.clone()).network(net).build().expect("spec")
+        RunSpec::builder().lowerdirs(lowers.clone()).upperdir(u).workdir(w).argv(argv).cwd(cwd.clone()).user(user.clone()).network(net).isolation(isolation).limits(limits).build().expect("spec")
     };
     if bench > 0 {
         let mut times = vec![];
@@ -100,6 +122,9 @@ fn main() {
         Ok(o) => {
             println!("status: {:?}", o.status);
             println!("created: {}", o.created_mountpoints.join(","));
+            if let Some(hit) = &o.limit_hit {
+                println!("limit: {hit}");
+            }
             for w in &o.warnings {
                 println!("step warning: {w}");
             }

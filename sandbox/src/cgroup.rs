@@ -1,0 +1,624 @@
+//! Resource limits of RUN steps (`--memory`, `--cpus`, `--pids-limit`) through cgroups.
+//!
+//! - **cgroup v2**: where rbuild's cgroup in the unified hierarchy is delegated to it (it can
+//!   write there, and the controllers are in `cgroup.controllers`), every step gets a child
+//!   cgroup of it. The kernel's no-internal-process rule forbids enabling controllers for the
+//!   children of a cgroup that holds processes, so when enabling them is refused (`EBUSY`) the
+//!   processes of rbuild's cgroup first move into a leaf `rbuild` beside the steps' cgroups
+//!   (what BuildKit and docker-in-docker do).
+//! - **cgroup v1** (hybrid setups, where the controllers are bound to v1 hierarchies): when
+//!   rbuild may create cgroups there (as real root), a step's cgroup is made below rbuild's own
+//!   cgroup of each hierarchy.
+//!
+//! A step's processes are put into its cgroup before the sandbox helper execs (see
+//! [`crate::run`]), and the cgroup is emptied and removed when the step ends.
+
+use crate::spec::{human_bytes, Limits};
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// A cgroup controller rbuild uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Controller {
+    /// `--memory`.
+    Memory,
+    /// `--cpus`.
+    Cpu,
+    /// `--pids-limit`.
+    Pids,
+}
+
+impl Controller {
+    /// All of them.
+    pub const ALL: [Controller; 3] = [Controller::Memory, Controller::Cpu, Controller::Pids];
+
+    /// The kernel's name of the controller.
+    pub fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Cpu => "cpu",
+            Controller::Pids => "pids",
+        }
+    }
+
+    /// The `rbuild build` option it enforces.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Controller::Memory => "--memory",
+            Controller::Cpu => "--cpus",
+            Controller::Pids => "--pids-limit",
+        }
+    }
+
+    /// The controllers `limits` needs.
+    pub fn needed_by(limits: &Limits) -> Vec<Controller> {
+        let mut v = Vec::new();
+        if limits.memory.is_some() {
+            v.push(Controller::Memory);
+        }
+        if limits.cpus.is_some() {
+            v.push(Controller::Cpu);
+        }
+        if limits.pids.is_some() {
+            v.push(Controller::Pids);
+        }
+        v
+    }
+}
+
+/// Where this process's cgroups are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Our cgroup's directory in the unified (v2) hierarchy, when that is mounted where we see it.
+    pub v2: Option<PathBuf>,
+    /// For each controller bound to a v1 hierarchy we can see: our cgroup's directory there.
+    pub v1: BTreeMap<Controller, PathBuf>,
+    /// Whether any v1 hierarchy with controllers is mounted (a hybrid or legacy setup).
+    pub hybrid: bool,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The visible cgroup mounts of mountinfo: (root inside the hierarchy, mount point, fstype,
+/// super options). A mount is hidden when a later one sits on its mount point or above it
+/// (a container's tmpfs over /sys/fs/cgroup).
+fn cgroup_mounts(mountinfo: &str) -> Vec<(String, PathBuf, String, Vec<String>)> {
+    let all: Vec<(String, PathBuf, String, Vec<String>)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split_whitespace().collect();
+            let post: Vec<&str> = post.split_whitespace().collect();
+            let fstype = *post.first()?;
+            let opts = post.get(2).map(|o| o.split(',').map(str::to_string).collect()).unwrap_or_default();
+            Some((unescape(pre.get(3)?), PathBuf::from(unescape(pre.get(4)?)), fstype.to_string(), opts))
+        })
+        .collect();
+    all.iter()
+        .enumerate()
+        .filter(|(i, (_, mnt, t, _))| (t == "cgroup" || t == "cgroup2") && !all[i + 1..].iter().any(|(_, later, _, _)| mnt.starts_with(later)))
+        .map(|(_, m)| m.clone())
+        .collect()
+}
+
+/// The directory of cgroup `path` of a hierarchy mounted at `mnt` whose mount shows `root`.
+fn dir_in(root: &str, mnt: &Path, path: &str) -> Option<PathBuf> {
+    let rel = if root == "/" {
+        path
+    } else {
+        let r = path.strip_prefix(root)?;
+        if !(r.is_empty() || r.starts_with('/')) {
+            return None;
+        }
+        r
+    };
+    let rel = rel.trim_start_matches('/');
+    Some(if rel.is_empty() { mnt.to_path_buf() } else { mnt.join(rel) })
+}
+
+impl Layout {
+    /// Parses `/proc/self/cgroup` and `/proc/self/mountinfo`.
+    pub fn parse(self_cgroup: &str, mountinfo: &str) -> Layout {
+        let mounts = cgroup_mounts(mountinfo);
+        let mut layout = Layout { hybrid: mounts.iter().any(|(_, _, t, o)| t == "cgroup" && o.iter().any(|o| Controller::ALL.iter().any(|c| c.name() == o))), ..Layout::default() };
+        for line in self_cgroup.lines() {
+            let mut f = line.splitn(3, ':');
+            let (Some(id), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else { continue };
+            if id == "0" && ctrls.is_empty() {
+                layout.v2 = mounts.iter().filter(|(_, _, t, _)| t == "cgroup2").find_map(|(root, mnt, _, _)| dir_in(root, mnt, path));
+                continue;
+            }
+            let names: Vec<&str> = ctrls.split(',').collect();
+            for c in Controller::ALL {
+                if !names.contains(&c.name()) {
+                    continue;
+                }
+                let dir = mounts
+                    .iter()
+                    .filter(|(_, _, t, o)| t == "cgroup" && o.iter().any(|o| o == c.name()))
+                    .find_map(|(root, mnt, _, _)| dir_in(root, mnt, path));
+                if let Some(d) = dir {
+                    layout.v1.insert(c, d);
+                }
+            }
+        }
+        layout
+    }
+
+    /// The layout of this process.
+    pub fn current() -> Layout {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        Layout::parse(&own, &mi)
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// What the unified hierarchy offers at our cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V2State {
+    /// Our cgroup's directory.
+    pub dir: PathBuf,
+    /// Controllers of ours that the parent makes available (`cgroup.controllers`).
+    pub available: Vec<Controller>,
+    /// Whether we may create cgroups there and enable controllers for them.
+    pub writable: bool,
+}
+
+impl V2State {
+    /// Reads the state of `dir`.
+    pub fn read(dir: &Path) -> V2State {
+        let ctrls = read(&dir.join("cgroup.controllers"));
+        let available = Controller::ALL.into_iter().filter(|c| ctrls.split_whitespace().any(|n| n == c.name())).collect();
+        let w = |p: &Path| rustix::fs::access(p, rustix::fs::Access::WRITE_OK).is_ok();
+        let writable = w(dir) && w(&dir.join("cgroup.subtree_control")) && w(&dir.join("cgroup.procs"));
+        V2State { dir: dir.to_path_buf(), available, writable }
+    }
+
+    /// Whether the subtree is delegated to us for `c`.
+    pub fn delegates(&self, c: Controller) -> bool {
+        self.writable && self.available.contains(&c)
+    }
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A name no other process uses: PIDs repeat across PID namespaces that share a cgroup.
+fn unique_name(prefix: &str) -> String {
+    static TAG: OnceLock<String> = OnceLock::new();
+    let tag = TAG.get_or_init(|| {
+        let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
+        match uuid.split('-').next().filter(|s| s.len() == 8) {
+            Some(s) => s.to_string(),
+            None => format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)),
+        }
+    });
+    format!("{prefix}-{}-{tag}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Whether we may create a cgroup in the v1 hierarchy directory `dir` (tried, then removed).
+pub fn v1_writable(dir: &Path) -> Result<(), io::Error> {
+    let t = dir.join(unique_name("rbuild-probe"));
+    std::fs::create_dir(&t)?;
+    std::fs::remove_dir(&t)
+}
+
+/// Where step cgroups go, per controller: what [`prepare`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    /// Parent of the steps' v2 cgroups (rbuild's cgroup), with these controllers enabled.
+    pub v2: Option<(PathBuf, Vec<Controller>)>,
+    /// Parents of the steps' v1 cgroups, per controller.
+    pub v1: BTreeMap<Controller, PathBuf>,
+    /// Controllers no step cgroup can have, and why.
+    pub missing: BTreeMap<Controller, String>,
+}
+
+impl Prepared {
+    /// How `c` is enforced: `Some("cgroup v2")`, `Some("cgroup v1")` or `None`.
+    pub fn how(&self, c: Controller) -> Option<&'static str> {
+        if self.v2.as_ref().is_some_and(|(_, cs)| cs.contains(&c)) {
+            Some("cgroup v2")
+        } else if self.v1.contains_key(&c) {
+            Some("cgroup v1")
+        } else {
+            None
+        }
+    }
+
+    /// The limits of `limits` that cannot be enforced, each with the reason.
+    pub fn unenforceable(&self, limits: &Limits) -> Vec<String> {
+        Controller::needed_by(limits)
+            .into_iter()
+            .filter(|c| self.how(*c).is_none())
+            .map(|c| format!("{} ({})", c.flag(), self.missing.get(&c).map(String::as_str).unwrap_or("no cgroup controller")))
+            .collect()
+    }
+
+    /// `cgroup v1` / `cgroup v2` / `cgroup v2 and v1` for the controllers `limits` needs.
+    pub fn describe(&self, limits: &Limits) -> String {
+        let mut hows: Vec<&str> = Controller::needed_by(limits).into_iter().filter_map(|c| self.how(c)).collect();
+        hows.sort();
+        hows.dedup();
+        hows.join(" and ")
+    }
+}
+
+/// Enables `wanted` for the children of the v2 cgroup `dir`, moving the processes of `dir`
+/// into the leaf `dir/rbuild` when the no-internal-process rule requires it.
+pub fn enable_v2(dir: &Path, wanted: &[Controller]) -> Result<(), String> {
+    let enabled = read(&dir.join("cgroup.subtree_control"));
+    let todo: Vec<&str> = wanted.iter().map(|c| c.name()).filter(|n| !enabled.split_whitespace().any(|e| e == *n)).collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let line = todo.iter().map(|n| format!("+{n}")).collect::<Vec<_>>().join(" ");
+    let write = || std::fs::write(dir.join("cgroup.subtree_control"), &line);
+    match write() {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let leaf = dir.join("rbuild");
+            match std::fs::create_dir(&leaf) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("creating {}: {e}", leaf.display())),
+            }
+            for pid in read(&dir.join("cgroup.procs")).split_whitespace() {
+                // A process may have ended meanwhile; kernel threads cannot move (EINVAL).
+                let _ = std::fs::write(leaf.join("cgroup.procs"), pid);
+            }
+            write().map_err(|e| format!("enabling {line} in {}: {e} (after moving its processes to {})", dir.join("cgroup.subtree_control").display(), leaf.display()))
+        }
+        Err(e) => Err(format!("enabling {line} in {}: {e}", dir.join("cgroup.subtree_control").display())),
+    }
+}
+
+/// Finds, for every controller, where step cgroups can go, enabling v2 controllers on the way.
+pub fn prepare(layout: &Layout) -> Prepared {
+    let mut p = Prepared::default();
+    let mut todo: Vec<Controller> = Controller::ALL.to_vec();
+    if let Some(dir) = &layout.v2 {
+        let st = V2State::read(dir);
+        let ours: Vec<Controller> = todo.iter().copied().filter(|c| st.delegates(*c)).collect();
+        if !ours.is_empty() {
+            match enable_v2(dir, &ours) {
+                Ok(()) => {
+                    todo.retain(|c| !ours.contains(c));
+                    p.v2 = Some((dir.clone(), ours));
+                }
+                Err(e) => {
+                    for c in &ours {
+                        p.missing.insert(*c, e.clone());
+                    }
+                }
+            }
+        }
+        for c in &todo {
+            p.missing.entry(*c).or_insert_with(|| {
+                if !st.writable {
+                    format!("{} is not writable: the cgroup v2 subtree is not delegated to rbuild", dir.display())
+                } else {
+                    format!("the {} controller is not in {}", c.name(), dir.join("cgroup.controllers").display())
+                }
+            });
+        }
+    } else {
+        for c in &todo {
+            p.missing.insert(*c, "no cgroup v2 hierarchy is mounted".into());
+        }
+    }
+    for c in todo {
+        if let Some(dir) = layout.v1.get(&c) {
+            match v1_writable(dir) {
+                Ok(()) => {
+                    p.v1.insert(c, dir.clone());
+                    p.missing.remove(&c);
+                }
+                Err(e) => {
+                    let why = p.missing.remove(&c).unwrap_or_default();
+                    p.missing.insert(c, format!("{why}; and cgroup v1 {}: {e}", dir.display()));
+                }
+            }
+        }
+    }
+    p
+}
+
+/// [`prepare`] for this process, done once (it may move rbuild into a leaf cgroup).
+pub fn prepared() -> &'static Prepared {
+    static P: OnceLock<Prepared> = OnceLock::new();
+    P.get_or_init(|| prepare(&Layout::current()))
+}
+
+/// One RUN step's cgroup (a directory per hierarchy it uses); emptied and removed on drop.
+#[derive(Debug)]
+pub struct StepCgroup {
+    /// Directories to put the step's processes in, v2 first.
+    dirs: Vec<PathBuf>,
+    v2: Option<PathBuf>,
+    memory: Option<(PathBuf, bool)>,
+    pids: Option<(PathBuf, bool)>,
+    limits: Limits,
+}
+
+/// The CFS period rbuild uses (100 ms, the kernel's default).
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The sandbox's own processes in a step's cgroup (the helper and the step's init).
+pub const SANDBOX_PIDS: u64 = 2;
+
+fn write_file(dir: &Path, file: &str, value: &str) -> io::Result<()> {
+    std::fs::write(dir.join(file), value).map_err(|e| io::Error::new(e.kind(), format!("writing {value:?} to {}: {e}", dir.join(file).display())))
+}
+
+impl StepCgroup {
+    /// Creates the cgroup of one step under what `p` prepared, with `limits` written; `None`
+    /// when no limit can be enforced (the build warned about that at its start).
+    pub fn create(p: &Prepared, limits: &Limits) -> io::Result<Option<StepCgroup>> {
+        let name = unique_name("rbuild-step");
+        let mut cg = StepCgroup { dirs: Vec::new(), v2: None, memory: None, pids: None, limits: *limits };
+        let quota = limits.cpus.map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000));
+        let pids = limits.pids.map(|n| (n + SANDBOX_PIDS).to_string());
+        let needed = Controller::needed_by(limits);
+        let via_v2: Vec<Controller> = needed.iter().copied().filter(|c| p.how(*c) == Some("cgroup v2")).collect();
+        if let (false, Some((parent, _))) = (via_v2.is_empty(), &p.v2) {
+            let d = parent.join(&name);
+            std::fs::create_dir(&d)?;
+            cg.dirs.push(d.clone());
+            cg.v2 = Some(d.clone());
+            for c in &via_v2 {
+                match c {
+                    Controller::Memory => {
+                        let m = limits.memory.unwrap_or(0).to_string();
+                        write_file(&d, "memory.max", &m)?;
+                        // Without swap the limit is what the step gets, as with v1's memsw.
+                        if d.join("memory.swap.max").exists() {
+                            let _ = write_file(&d, "memory.swap.max", "0");
+                        }
+                        cg.memory = Some((d.clone(), true));
+                    }
+                    Controller::Cpu => write_file(&d, "cpu.max", &format!("{} {CPU_PERIOD_US}", quota.unwrap_or(CPU_PERIOD_US)))?,
+                    Controller::Pids => {
+                        write_file(&d, "pids.max", pids.as_deref().unwrap_or("max"))?;
+                        cg.pids = Some((d.clone(), true));
+                    }
+                }
+            }
+        }
+        for c in needed.iter().copied().filter(|c| p.how(*c) == Some("cgroup v1")) {
+            let d = p.v1[&c].join(&name);
+            if !cg.dirs.contains(&d) {
+                // Controllers may share a hierarchy (cpu,cpuacct).
+                match std::fs::create_dir(&d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+                cg.dirs.push(d.clone());
+            }
+            match c {
+                Controller::Memory => {
+                    let m = limits.memory.unwrap_or(0).to_string();
+                    write_file(&d, "memory.limit_in_bytes", &m)?;
+                    if d.join("memory.memsw.limit_in_bytes").exists() {
+                        // Memory plus swap: a step over the limit is killed, not swapped out.
+                        let _ = write_file(&d, "memory.memsw.limit_in_bytes", &m);
+                    }
+                    cg.memory = Some((d.clone(), false));
+                }
+                Controller::Cpu => {
+                    write_file(&d, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                    write_file(&d, "cpu.cfs_quota_us", &quota.unwrap_or(CPU_PERIOD_US).to_string())?;
+                }
+                Controller::Pids => {
+                    write_file(&d, "pids.max", pids.as_deref().unwrap_or("max"))?;
+                    cg.pids = Some((d.clone(), false));
+                }
+            }
+        }
+        Ok((!cg.dirs.is_empty()).then_some(cg))
+    }
+
+    /// Puts process `pid` (and so everything it starts) into the step's cgroup.
+    pub fn add(&self, pid: u32) -> io::Result<()> {
+        for d in &self.dirs {
+            write_file(d, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The directories of the step's cgroup.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Which limit the step ran into, as a sentence for the build's error (memory first: an
+    /// OOM kill is what ends a step).
+    pub fn limit_hit(&self) -> Option<String> {
+        let count = |text: String, key: &str| -> u64 {
+            text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+        };
+        if let Some((d, v2)) = &self.memory {
+            let n = if *v2 { count(read(&d.join("memory.events")), "oom_kill ") } else { count(read(&d.join("memory.oom_control")), "oom_kill ") };
+            if n > 0 {
+                return Some(format!("killed: memory limit {} reached (--memory)", human_bytes(self.limits.memory.unwrap_or(0))));
+            }
+        }
+        if let Some((d, _)) = &self.pids {
+            let n = count(read(&d.join("pids.events")), "max ");
+            if n > 0 {
+                return Some(format!("process limit {} reached (--pids-limit): {n} forks refused", self.limits.pids.unwrap_or(0)));
+            }
+        }
+        None
+    }
+
+    /// Kills every process left in the cgroup.
+    pub fn kill_all(&self) {
+        // Only PIDs a real cgroup filesystem lists (never those of a file that merely has the name).
+        #[allow(clippy::useless_conversion)]
+        let is_cgroupfs = |d: &Path| rustix::fs::statfs(d).map(|s| matches!(i64::from(s.f_type), 0x27e0eb | 0x63677270)).unwrap_or(false);
+        if let Some(d) = self.v2.as_deref().filter(|d| is_cgroupfs(d)) {
+            if write_file(d, "cgroup.kill", "1").is_ok() {
+                return;
+            }
+        }
+        for _ in 0..200 {
+            let mut any = false;
+            for d in self.dirs.iter().filter(|d| is_cgroupfs(d)) {
+                for pid in read(&d.join("cgroup.procs")).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    any = true;
+                    if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                    }
+                }
+            }
+            if !any {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for StepCgroup {
+    fn drop(&mut self) {
+        self.kill_all();
+        for d in &self.dirs {
+            // Killed processes leave their cgroup a moment after they die.
+            for _ in 0..400 {
+                match std::fs::remove_dir(d) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This development machine: cgroup v1 controllers, an empty unified hierarchy.
+    const HYBRID_CGROUP: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/b3a5\n2:cpuacct:/\n1:cpu:/\n0::/\n";
+    const HYBRID_MOUNTINFO: &str = "\
+25 24 0:22 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+26 25 0:23 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+27 25 0:24 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+29 25 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+33 25 0:30 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+34 25 0:31 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+35 25 0:32 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn hybrid_layout_has_v1_controllers_and_an_empty_v2() {
+        let l = Layout::parse(HYBRID_CGROUP, HYBRID_MOUNTINFO);
+        assert!(l.hybrid);
+        assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(l.v1[&Controller::Memory], Path::new("/sys/fs/cgroup/memory/process_api/b3a5"));
+        assert_eq!(l.v1[&Controller::Cpu], Path::new("/sys/fs/cgroup/cpu"));
+        assert_eq!(l.v1[&Controller::Pids], Path::new("/sys/fs/cgroup/pids"));
+    }
+
+    #[test]
+    fn unified_layout_of_a_systemd_service() {
+        let own = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/ci job.scope\n";
+        let mi = "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+        let l = Layout::parse(own, mi);
+        assert!(!l.hybrid && l.v1.is_empty());
+        assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice/ci job.scope")));
+    }
+
+    #[test]
+    fn a_bind_mounted_subtree_maps_paths_below_its_root_only() {
+        // A container that sees only its own part of the hierarchy, mounted at /sys/fs/cgroup.
+        let mi = "40 30 0:26 /kubepods/pod1/ctr\\0401 /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        let l = Layout::parse("0::/kubepods/pod1/ctr 1/sub\n", mi);
+        assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/sub")));
+        let l = Layout::parse("0::/kubepods/pod1/ctr 10\n", mi);
+        assert_eq!(l.v2, None, "a sibling that merely shares the prefix is not below the root");
+        assert_eq!(Layout::parse("0::/\n", "").v2, None, "no cgroup2 mount");
+    }
+
+    #[test]
+    fn hierarchies_under_a_later_mount_are_hidden() {
+        let covered = format!("{HYBRID_MOUNTINFO}50 24 0:40 / /sys/fs/cgroup rw - tmpfs none rw\n");
+        let l = Layout::parse(HYBRID_CGROUP, &covered);
+        assert_eq!(l, Layout::default(), "a tmpfs over /sys/fs/cgroup hides every hierarchy");
+        let v2_on_top = format!("{covered}51 50 0:32 / /sys/fs/cgroup rw - cgroup2 none rw\n");
+        let l = Layout::parse(HYBRID_CGROUP, &v2_on_top);
+        assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup")));
+        assert!(l.v1.is_empty() && !l.hybrid);
+    }
+
+    #[test]
+    fn v2_delegation_needs_write_access_and_the_controllers() {
+        let t = tempfile::tempdir().unwrap();
+        for f in ["cgroup.subtree_control", "cgroup.procs"] {
+            std::fs::write(t.path().join(f), "").unwrap();
+        }
+        std::fs::write(t.path().join("cgroup.controllers"), "cpuset cpu io memory\n").unwrap();
+        let st = V2State::read(t.path());
+        assert_eq!(st.available, vec![Controller::Memory, Controller::Cpu]);
+        assert!(st.delegates(Controller::Memory) && !st.delegates(Controller::Pids));
+    }
+
+    #[test]
+    fn step_cgroups_get_their_limits_in_v2_and_v1_form() {
+        let t = tempfile::tempdir().unwrap();
+        let (v2, v1) = (t.path().join("v2"), t.path().join("v1mem"));
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::create_dir_all(&v1).unwrap();
+        let p = Prepared { v2: Some((v2.clone(), vec![Controller::Cpu, Controller::Pids])), v1: [(Controller::Memory, v1.clone())].into(), missing: BTreeMap::new() };
+        let limits = Limits { memory: Some(64 << 20), cpus: Some(0.5), pids: Some(10) };
+        assert_eq!(p.describe(&limits), "cgroup v1 and cgroup v2");
+        assert!(p.unenforceable(&limits).is_empty());
+        let cg = StepCgroup::create(&p, &limits).unwrap().unwrap();
+        let [d2, d1] = [&cg.dirs()[0], &cg.dirs()[1]];
+        assert!(d2.starts_with(&v2) && d1.starts_with(&v1));
+        assert_eq!(read(&d2.join("cpu.max")), "50000 100000");
+        assert_eq!(read(&d2.join("pids.max")), "12", "the helper and the step's init are not counted");
+        assert_eq!(read(&d1.join("memory.limit_in_bytes")), (64u64 << 20).to_string());
+        assert!(!d2.join("memory.max").exists());
+        cg.add(4242).unwrap();
+        assert_eq!(read(&d1.join("cgroup.procs")), "4242");
+        assert_eq!(cg.limit_hit(), None);
+        std::fs::write(d1.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n").unwrap();
+        assert_eq!(cg.limit_hit().as_deref(), Some("killed: memory limit 64 MiB reached (--memory)"));
+        std::fs::write(d1.join("memory.oom_control"), "oom_kill 0\n").unwrap();
+        std::fs::write(d2.join("pids.events"), "max 7\n").unwrap();
+        assert_eq!(cg.limit_hit().as_deref(), Some("process limit 10 reached (--pids-limit): 7 forks refused"));
+    }
+
+    #[test]
+    fn missing_controllers_are_named_with_the_reason() {
+        let mut p = Prepared::default();
+        p.missing.insert(Controller::Memory, "no cgroup v2 hierarchy is mounted".into());
+        let limits = Limits { memory: Some(1 << 30), ..Limits::default() };
+        assert_eq!(p.unenforceable(&limits), vec!["--memory (no cgroup v2 hierarchy is mounted)".to_string()]);
+        assert!(StepCgroup::create(&p, &limits).unwrap().is_none());
+    }
+}

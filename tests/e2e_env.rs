@@ -1,0 +1,282 @@
+//! What a build does with what its environment allows: the same probe as `rbuild doctor`
+//! picks the sandbox (one line at start), locked /proc masks fall back to a shared PID
+//! namespace under `--isolation=auto` and stop the build under `strict`, and `--memory`,
+//! `--pids-limit` and `--cpus` are enforced through a cgroup per RUN step (cgroup v1 on this
+//! hybrid machine; the v2 path is only unit-tested here) or, without one, named in a warning.
+//! Needs root; every build that runs RUN steps runs inside an extra PID namespace.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A context whose image is a static busybox, then `run` (Dockerfile lines).
+fn busybox_context(run: &str) -> tempfile::TempDir {
+    ensure_tools();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n{run}"),
+    )]);
+    let bb = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static");
+    std::fs::copy(bb, ctx.path().join("busybox")).unwrap();
+    ctx
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The `sandbox: …` line of a build.
+fn sandbox_line(err: &str) -> &str {
+    err.lines().find(|l| l.starts_with("sandbox: ")).unwrap_or_else(|| panic!("no sandbox line:\n{err}"))
+}
+
+/// `sh -c SCRIPT` where the masks on /proc are locked for rbuild: a PID namespace of its own
+/// (so RUN steps sharing it cannot reach this machine's processes), a mask made by root as a
+/// runtime makes it, then a user namespace and mount namespace below it, as in a pod without
+/// `procMount: Unmasked`. `SCRIPT` ends with what runs in there.
+fn locked(inner: &str) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private", "sh", "-c"]);
+    c.arg(format!("mount --bind /dev/null /proc/timer_list && exec unshare --user --map-root-user --mount {inner}"));
+    c
+}
+
+fn read(p: PathBuf) -> String {
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn the_build_line_is_what_the_doctor_predicts() {
+    let root = tempfile::tempdir().unwrap();
+    let out = run(Command::new(rbuild_bin()).args(["doctor", "--json", "--root"]).arg(root.path()));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = report["summary"].as_str().unwrap();
+    let predicted = summary.split("RUN steps: ").nth(1).unwrap_or_else(|| panic!("{summary}"));
+    let ctx = busybox_context("RUN echo hi\n");
+    let b = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--memory", "64m", "--root"]).arg(root.path()).arg(ctx.path()));
+    let err = stderr(&b);
+    assert!(b.status.success(), "{err}");
+    let line = sandbox_line(&err);
+    assert!(line.starts_with("sandbox: root: host IDs; RUN steps: user namespaces, overlay (native), private /proc"), "{line}");
+    assert!(line.contains(&format!("RUN steps: {predicted}")), "doctor: {summary}\nbuild: {line}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("sandbox: ")).count(), 1, "one line: {err}");
+    // Whether the limits work, the doctor's cgroup check and the build agree.
+    let cg = report["checks"].as_array().unwrap().iter().find(|c| c["check"] == "cgroup v2 delegation").unwrap();
+    if cg["detail"].as_str().unwrap().contains("--memory, --cpus and --pids-limit work") {
+        assert!(line.contains("; limits: memory 64 MiB (cgroup v"), "{line}");
+        assert!(!err.contains("RUN steps run without"), "{err}");
+    } else {
+        assert!(err.contains("WARNING: RUN steps run without --memory"), "{err}");
+    }
+}
+
+#[test]
+fn locked_proc_masks_build_with_a_shared_pid_namespace() {
+    let ctx = busybox_context(
+        "RUN echo $$ > /pid; wc -c < /proc/timer_list > /timer; sleep 1000 >/dev/null 2>&1 &\n\
+         RUN for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done > /cmdlines; \
+             grep -c '[b]uild --progress' /cmdlines > /builder-visible; grep -c '^sleep 1000' /cmdlines > /sleepers; \
+             for p in /proc/[0-9]*; do cat $p/environ 2>/dev/null; done | tr '\\0' '\\n' | grep -c RBUILD_TEST_SECRET > /environ-read; \
+             rm /cmdlines; true\n",
+    );
+    let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dest = out.path().join("r");
+    let res = run(&mut locked(&format!(
+        "env RBUILD_TEST_SECRET=hunter2 {} build --progress=plain --root {} --output type=local,dest={} {}",
+        rbuild_bin().display(),
+        root.path().display(),
+        dest.display(),
+        ctx.path().display()
+    )));
+    let err = stderr(&res);
+    assert!(res.status.success(), "{err}");
+    let line = sandbox_line(&err);
+    assert!(line.ends_with("RUN steps: user namespaces, overlay (native), shared PID namespace and /proc (masks locked)"), "{line}");
+    let warning = err.lines().find(|l| l.starts_with("WARNING: the masks on /proc")).unwrap_or_else(|| panic!("{err}"));
+    for want in ["/proc/timer_list", "share rbuild's PID namespace", "signal those of its own user", "procMount: Unmasked", "SYS_ADMIN", "--isolation=strict"] {
+        assert!(warning.contains(want), "{want}: {warning}");
+    }
+    assert_ne!(read(dest.join("pid")).trim(), "1", "not PID 1 of a namespace of its own");
+    assert_eq!(read(dest.join("timer")).trim(), "0", "the masked /proc stays masked");
+    assert_eq!(read(dest.join("builder-visible")).trim(), "1", "the step shares rbuild's PID namespace");
+    // Its nested user namespace lacks the capabilities rbuild holds, so ptrace access is refused.
+    assert_eq!(read(dest.join("environ-read")).trim(), "0", "but cannot read rbuild's environment");
+    assert_eq!(read(dest.join("sleepers")).trim(), "0", "the first step's background process ended with it");
+}
+
+#[test]
+fn strict_isolation_refuses_locked_proc_masks_and_names_the_fix() {
+    let ctx = busybox_context("RUN echo hi\n");
+    let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dest = out.path().join("r");
+    let res = run(&mut locked(&format!(
+        "{} build --isolation strict --progress=plain --root {} --output type=local,dest={} {}",
+        rbuild_bin().display(),
+        root.path().display(),
+        dest.display(),
+        ctx.path().display()
+    )));
+    let err = stderr(&res);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    let e = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{err}"));
+    for want in ["--isolation=strict", "PID namespace and /proc of their own", "/proc/timer_list", "locked", "procMount: Unmasked", "SYS_ADMIN"] {
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    assert!(!dest.exists(), "nothing written");
+    assert!(!err.contains("#1 "), "no step ran: {err}");
+    // The same build under auto works (the refusal is strict's, not the environment's).
+    let res = run(&mut locked(&format!("{} build --progress=plain --root {} {}", rbuild_bin().display(), root.path().display(), ctx.path().display())));
+    assert!(res.status.success(), "{}", stderr(&res));
+}
+
+/// This process's directory in the v1 hierarchy of `controller`, when there is one.
+fn v1_dir(controller: &str) -> Option<PathBuf> {
+    let l = rbuild_sandbox::cgroup::Layout::current();
+    let c = rbuild_sandbox::cgroup::Controller::ALL.into_iter().find(|c| c.name() == controller)?;
+    l.v1.get(&c).cloned()
+}
+
+/// A cgroup of the test's own (v1), removed on drop: a safety net around a build.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(controller: &str, file: &str, value: &str) -> TestCgroup {
+        let parent = v1_dir(controller).unwrap_or_else(|| panic!("this test needs the cgroup v1 {controller} hierarchy (a hybrid host)"));
+        let d = parent.join(format!("rbuild-test-{controller}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(file), value).unwrap();
+        TestCgroup(d)
+    }
+    /// `sh -c` that joins the cgroup, then runs `inner` in a PID namespace of its own.
+    fn command(&self, inner: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!("echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount-proc {inner}", self.0.display()));
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c
+    }
+    fn run(&self, inner: &str) -> Output {
+        run(&mut self.command(inner))
+    }
+    /// Step cgroups left below it.
+    fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(&self.0).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("rbuild-step-")).collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..200 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+fn build_cmd(root: &Path, flags: &str, ctx: &Path) -> String {
+    format!("{} build --progress=plain {flags} --root {} {}", rbuild_bin().display(), root.display(), ctx.display())
+}
+
+#[test]
+fn memory_limit_oom_kills_a_run_step_with_a_clear_message() {
+    let ctx = busybox_context("RUN x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}\n");
+    let root = tempfile::tempdir().unwrap();
+    // Safety net: the whole build may use 1 GiB.
+    let cg = TestCgroup::new("memory", "memory.limit_in_bytes", &(1u64 << 30).to_string());
+    let res = cg.run(&build_cmd(root.path(), "--memory 64m", ctx.path()));
+    let err = stderr(&res);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(sandbox_line(&err).ends_with("; limits: memory 64 MiB (cgroup v1)"), "{err}");
+    let e = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{err}"));
+    assert!(e.contains("killed by signal 9 (killed: memory limit 64 MiB reached (--memory))"), "{e}");
+    assert!(cg.leftovers().is_empty(), "{:?}", cg.leftovers());
+    // Without the limit the same step gets through.
+    let res = cg.run(&build_cmd(root.path(), "", ctx.path()));
+    let err = stderr(&res);
+    assert!(res.status.success() && err.contains("survived 150000000"), "{err}");
+}
+
+#[test]
+fn pids_limit_bounds_a_fork_bomb() {
+    let ctx = busybox_context("RUN bomb() { bomb | bomb & }; bomb; sleep 2; exit 3\n");
+    let root = tempfile::tempdir().unwrap();
+    // Safety net: the whole build may have 300 processes, whatever rbuild does.
+    let cg = TestCgroup::new("pids", "pids.max", "300");
+    let started = std::time::Instant::now();
+    let res = cg.run(&build_cmd(root.path(), "--pids-limit 20", ctx.path()));
+    let err = stderr(&res);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(sandbox_line(&err).ends_with("; limits: 20 processes (cgroup v1)"), "{err}");
+    let e = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{err}"));
+    assert!(e.contains("(process limit 20 reached (--pids-limit): ") && e.contains("forks refused)"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+    // The most processes the whole build had at once: rbuild's threads, the sandbox and 20.
+    let peak: u64 = std::fs::read_to_string(cg.0.join("pids.peak")).unwrap().trim().parse().unwrap();
+    assert!(peak < 100, "the step's limit held, far below the test's safety net of 300: peak {peak}");
+    assert!(cg.leftovers().is_empty(), "{:?}", cg.leftovers());
+}
+
+#[test]
+fn cpus_limit_throttles_a_busy_run_step() {
+    let ctx = busybox_context(
+        "RUN grep -c ':cpu.*:/.*rbuild-step-' /proc/self/cgroup > /in-step-cgroup; \
+             time -f '%U %S' timeout 3 sh -c 'while :; do :; done' 2> /usage; true\n",
+    );
+    let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dest = out.path().join("r");
+    let cg = TestCgroup::new("cpu", "cpu.shares", "1024");
+    let mut child = cg.command(&format!("{} --output type=local,dest={}", build_cmd(root.path(), "--cpus 0.2", ctx.path()), dest.display())).spawn().unwrap();
+    // While the step runs: its cgroup has the quota, and the kernel throttles the loop.
+    let mut seen = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.is_none() && std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        for d in cg.leftovers() {
+            let d = cg.0.join(d);
+            let stat = std::fs::read_to_string(d.join("cpu.stat")).unwrap_or_default();
+            let throttled: u64 = stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")?.parse().ok()).unwrap_or(0);
+            if throttled > 0 {
+                seen = Some((std::fs::read_to_string(d.join("cpu.cfs_quota_us")).unwrap_or_default(), throttled));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let res = child.wait_with_output().unwrap();
+    let err = stderr(&res);
+    assert!(res.status.success(), "{err}");
+    assert!(sandbox_line(&err).ends_with("; limits: 0.2 CPU (cgroup v1)"), "{err}");
+    let (quota, throttled) = seen.unwrap_or_else(|| panic!("the step's cgroup never throttled the loop\n{err}"));
+    assert_eq!(quota.trim(), "20000", "0.2 of the 100 ms period");
+    assert_eq!(read(dest.join("in-step-cgroup")).trim(), "1", "the step runs in a cpu cgroup of its own");
+    // The last line (time says first that timeout's TERM ended the loop).
+    let usage_text = read(dest.join("usage"));
+    let usage: f64 = usage_text.lines().last().unwrap_or_default().split_whitespace().map(|t| t.parse::<f64>().unwrap()).sum();
+    // 0.2 CPU for 3 s is 0.6 s of CPU time.
+    assert!(usage < 0.8, "a busy loop got {usage} s of CPU in 3 s under --cpus 0.2 (throttled {throttled} times)");
+    assert!(cg.leftovers().is_empty(), "{:?}", cg.leftovers());
+}
+
+#[test]
+fn limits_without_a_usable_cgroup_warn_and_build_anyway() {
+    let ctx = busybox_context("RUN echo ran\n");
+    let root = tempfile::tempdir().unwrap();
+    // A container without cgroups, then one with an empty cgroup v2 hierarchy (no controllers
+    // delegated; on this machine they all belong to v1 hierarchies).
+    for (setup, why) in [
+        ("mount -t tmpfs none /sys/fs/cgroup", "--memory (no cgroup v2 hierarchy is mounted), --pids-limit (no cgroup v2 hierarchy is mounted)"),
+        ("mount -t tmpfs none /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup", "--memory (the memory controller is not in /sys/fs/cgroup/cgroup.controllers)"),
+    ] {
+        let res = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private", "sh", "-c"]).arg(format!(
+            "{setup} && exec {}",
+            build_cmd(root.path(), "--no-cache --memory 64m --pids-limit 50", ctx.path())
+        )));
+        let err = stderr(&res);
+        assert!(res.status.success(), "{err}");
+        assert!(err.contains("ran"), "{err}");
+        let w = err.lines().find(|l| l.starts_with("WARNING: RUN steps run without ")).unwrap_or_else(|| panic!("{setup}: {err}"));
+        assert!(w.contains(why), "{why}: {w}");
+        assert!(w.contains("Delegate=yes"), "names the fix: {w}");
+        assert!(!sandbox_line(&err).contains("limits:"), "no limit is claimed: {err}");
+    }
+}
