@@ -58,6 +58,8 @@ pub struct BuildOptions {
     pub cache_from: Vec<CacheSpec>,
     /// `--cache-to` destinations.
     pub cache_to: Vec<CacheSpec>,
+    /// `--label` values, set over the Dockerfile's `LABEL`s in the final image.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What a build produced.
@@ -1561,6 +1563,11 @@ impl Builder {
         obj.insert("created".into(), json!(now_rfc3339()));
         let mut c = obj.get("config").cloned().unwrap_or_else(|| json!({}));
         apply_state_to_config(&fs.state, &mut c);
+        if !self.opts.labels.is_empty() {
+            let mut labels = fs.state.labels.clone();
+            labels.extend(self.opts.labels.clone());
+            c["Labels"] = json!(labels);
+        }
         obj.insert("config".into(), c);
         obj.insert(
             "rootfs".into(),
