@@ -1053,6 +1053,10 @@ impl Builder {
                     for mp in &outcome.created_mountpoints {
                         remove_mountpoint(&upper, &stack, mp);
                     }
+                    // What the step went without (sysfs, its own hostname), in its own log.
+                    for w in &outcome.warnings {
+                        pstep.log(&format!("warning: {w}"));
+                    }
                     match outcome.status {
                         rbuild_sandbox::ExitKind::Exited(0) => {}
                         status => {

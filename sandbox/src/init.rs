@@ -147,7 +147,8 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
     match m.sethostname(&spec.hostname) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => out.warnings.push(format!(
-            "the step keeps the builder's hostname: sethostname is refused ({e}), as the default seccomp profiles              of docker and podman do; run the container with `--security-opt seccomp=unconfined` to have it"
+            "the step keeps the builder's hostname: sethostname is refused ({e}), as the default seccomp profiles \
+             of docker and podman do; run the container with `--security-opt seccomp=unconfined` to have it"
         )),
         Err(e) => return Err(format!("sethostname: {e}")),
     }
