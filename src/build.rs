@@ -62,6 +62,8 @@ pub struct BuildOptions {
     pub isolation: rbuild_sandbox::Isolation,
     /// Resource limits of RUN steps.
     pub limits: rbuild_sandbox::Limits,
+    /// `--label` values, set over the Dockerfile's `LABEL`s in the final image.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What a build produced.
@@ -1053,6 +1055,10 @@ impl Builder {
                     for mp in &outcome.created_mountpoints {
                         remove_mountpoint(&upper, &stack, mp);
                     }
+                    // What the step went without (sysfs, its own hostname), in its own log.
+                    for w in &outcome.warnings {
+                        pstep.log(&format!("warning: {w}"));
+                    }
                     match outcome.status {
                         rbuild_sandbox::ExitKind::Exited(0) => {}
                         status => {
@@ -1573,6 +1579,11 @@ impl Builder {
         obj.insert("created".into(), json!(now_rfc3339()));
         let mut c = obj.get("config").cloned().unwrap_or_else(|| json!({}));
         apply_state_to_config(&fs.state, &mut c);
+        if !self.opts.labels.is_empty() {
+            let mut labels = fs.state.labels.clone();
+            labels.extend(self.opts.labels.clone());
+            c["Labels"] = json!(labels);
+        }
         obj.insert("config".into(), c);
         obj.insert(
             "rootfs".into(),

@@ -257,6 +257,11 @@ pub struct BuildArgs {
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,
 
+    /// Set a label in the image config (repeatable), over the Dockerfile's `LABEL`s.
+    /// `--label KEY` sets an empty value, as docker does.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+
     /// Push the image to the registry of every `--tag` (same as `--output type=registry`).
     #[arg(long)]
     pub push: bool,
@@ -506,6 +511,19 @@ pub fn parse_build_args(args: &[String]) -> std::collections::BTreeMap<String, S
     out
 }
 
+/// Parses `--label` values (`KEY=VALUE`, or `KEY` for an empty value); the last one of a key wins.
+pub fn parse_labels(labels: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in labels {
+        let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+        if k.is_empty() {
+            return Err(format!("--label {l:?}: the key is empty (want KEY=VALUE)"));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,6 +589,13 @@ mod tests {
         assert!(parse_duration("3y").is_err());
         assert_eq!(parse_prune_filters(&["until=30m".into()]).unwrap(), Some(std::time::Duration::from_secs(1800)));
         assert!(parse_prune_filters(&["type=regular".into()]).unwrap_err().contains("only until="));
+    }
+
+    #[test]
+    fn labels_parse() {
+        let l = parse_labels(&["a=1".into(), "b".into(), "c=x=y".into(), "a=2".into()]).unwrap();
+        assert_eq!(l.into_iter().collect::<Vec<_>>(), [("a", "2"), ("b", ""), ("c", "x=y")].map(|(k, v)| (k.to_string(), v.to_string())));
+        assert!(parse_labels(&["=v".into()]).unwrap_err().contains("key is empty"));
     }
 
     #[test]

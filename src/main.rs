@@ -298,6 +298,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         args.cache_from.iter().map(|c| rbuild::cli::parse_cache_spec(c, true)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     let cache_to =
         args.cache_to.iter().map(|c| rbuild::cli::parse_cache_spec(c, false)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    let labels = rbuild::cli::parse_labels(&args.labels).map_err(anyhow::Error::msg)?;
     if args.push && !outputs.contains(&OutputSpec::Registry) {
         outputs.push(OutputSpec::Registry);
     }
@@ -420,6 +421,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         ssh: rbuild::mounts::parse_ssh(&args.ssh)?,
         cache_from,
         cache_to,
+        labels,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
         isolation,
         limits,

@@ -158,7 +158,17 @@ pub(crate) struct Prepared {
 pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepared, String> {
     let mut out = Prepared::default();
     let created = &mut out.created;
-    ctx(m.sethostname(&spec.hostname), || "sethostname".into())?;
+    // Container runtimes' default seccomp profiles (docker's, podman's) refuse sethostname
+    // without CAP_SYS_ADMIN, even in a UTS namespace of our own: the step then keeps the
+    // outer name (its /etc/hostname is still generated).
+    match m.sethostname(&spec.hostname) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => out.warnings.push(format!(
+            "the step keeps the builder's hostname: sethostname is refused ({e}), as the default seccomp profiles \
+             of docker and podman do; run the container with `--security-opt seccomp=unconfined` to have it"
+        )),
+        Err(e) => return Err(format!("sethostname: {e}")),
+    }
     // Nothing we mount may propagate to the builder's mount namespace.
     ctx(m.make_rprivate(Path::new("/")), || "making / private".into())?;
     if spec.network == Network::None {
@@ -585,6 +595,22 @@ mod tests {
         let _ = c.wait();
         assert!(kids.contains(&(c.id() as i32)), "{kids:?}");
         assert!(!children_of(std::process::id()).contains(&(c.id() as i32)));
+    }
+
+    #[test]
+    fn a_refused_sethostname_is_a_warning() {
+        let t = tempfile::tempdir().unwrap();
+        let spec = spec_in(t.path(), Network::None);
+        let mut r = RecordingSyscalls::default();
+        // As under docker's or podman's default seccomp profile.
+        r.fail.push(("sethostname".into(), libc::EPERM));
+        let p = prepare_root(&mut r, &spec).unwrap();
+        assert!(p.warnings.iter().any(|w| w.contains("keeps the builder's hostname") && w.contains("seccomp")), "{:?}", p.warnings);
+        assert_eq!(r.calls[1], "rprivate /", "the step goes on");
+        // Any other failure still stops the step.
+        let mut r = RecordingSyscalls::default();
+        r.fail.push(("sethostname".into(), libc::EINVAL));
+        assert!(prepare_root(&mut r, &spec).unwrap_err().starts_with("sethostname: "));
     }
 
     #[test]

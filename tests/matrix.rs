@@ -1,0 +1,544 @@
+//! The environment matrix: the same build (`testdata/matrix`: FROM busybox from a local
+//! registry, RUN, COPY, and a RUN that records what /proc shows it) wherever rbuild's users
+//! build, each environment made for real. Every case passes, or fails only in the documented
+//! way with the message that names what the environment lacks (README, "Where rbuild runs").
+//!
+//! | case | environment |
+//! |---|---|
+//! | a | root on the host |
+//! | b | an ordinary user with subordinate ID ranges |
+//! | c | an ordinary user without them (single-ID fallback, with a warning) |
+//! | d | in a podman container of the image built from ci/Dockerfile, default seccomp, masked /proc |
+//! | d2 | the same with `--security-opt unmask=ALL` (what a CI container step should use today) |
+//! | e | the same as d with seccomp and AppArmor unconfined |
+//! | f | a pod-like sandbox: root of a user namespace (65536 IDs) with SYS_ADMIN there, /proc masked from inside it, the store on an emptyDir-like bind mount |
+//! | f-overlay | the same with the store on overlayfs (a container's root filesystem) |
+//! | f2 | the same with the /proc masks locked (made outside the user namespace) |
+//! | f3 | a pod-like sandbox without SYS_ADMIN, /proc unmasked (ci/k8s/job-unmasked.yaml) |
+//! | g | nested: rbuild in a RUN step of rbuild in a RUN step of rbuild |
+//! | ci-image | ci/Dockerfile built by rbuild, checked with skopeo and umoci |
+//!
+//! Slow cases (the Debian-based image of ci/Dockerfile: d, d2, e, ci-image) run only with
+//! `RBUILD_SLOW_TESTS=1`. Cases that need work not merged yet are `#[ignore]`d with the reason.
+//! Every build on the host runs inside an extra PID namespace (`unshare --pid --fork
+//! --mount-proc`); the podman cases in the container's own.
+
+mod common;
+use common::*;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+/// A build's result: its exit status and log, and where its root filesystem was exported.
+struct Built {
+    out: Output,
+    log: String,
+    rootfs: PathBuf,
+}
+
+impl Built {
+    fn from(out: Output, rootfs: PathBuf) -> Built {
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Built { out, log, rootfs }
+    }
+
+    /// The build succeeded.
+    fn passed(&self) -> &Self {
+        assert!(self.out.status.success(), "the build failed ({}):\n{}", self.out.status, self.log);
+        self
+    }
+
+    /// The build failed, saying each of `says`.
+    fn failed_saying(&self, says: &[&str]) {
+        assert!(!self.out.status.success(), "the build passed, expected a failure saying {says:?}:\n{}", self.log);
+        for s in says {
+            assert!(self.log.contains(s), "the failure does not say {s:?}:\n{}", self.log);
+        }
+    }
+
+    fn says(&self, s: &str) -> &Self {
+        assert!(self.log.contains(s), "the log does not say {s:?}:\n{}", self.log);
+        self
+    }
+
+    fn file(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.rootfs.join(rel)).unwrap_or_else(|e| panic!("{rel} in the image: {e}\n{}", self.log))
+    }
+
+    /// The image has the RUN and COPY results, and the /proc check ran in a RUN step that is
+    /// PID 1's sandbox: its procfs belongs to the step's own PID namespace (one level in
+    /// NSpid), PID 1 is the step's init, and only the step's few processes are there.
+    fn own_proc(&self) -> &Self {
+        assert_eq!(self.file("run.txt"), "built by RUN\n");
+        assert_eq!(self.file("hello.txt"), "hello from the matrix\n");
+        let init = self.file("proc-check/cmdline-1");
+        assert!(init.contains("__rbuild-run-helper"), "PID 1 is not the step's init: {init:?}");
+        let status = self.file("proc-check/status");
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap_or_else(|| panic!("no NSpid: {status}"));
+        assert_eq!(nspid.split_whitespace().count(), 2, "/proc is not of the step's own PID namespace: {nspid}");
+        let pids: Vec<u32> = self.file("proc-check/pids").split_whitespace().map(|p| p.parse().unwrap()).collect();
+        assert!(pids.contains(&1) && pids.len() <= 10 && pids.iter().all(|&p| p < 100), "processes outside the step are visible: {pids:?}");
+        assert!(!self.file("proc-check/ls-proc-1").trim().is_empty());
+        self
+    }
+
+    /// The ID map RUN steps had, one line per extent (`inside outside count`).
+    fn run_uid_map(&self) -> Vec<String> {
+        self.file("proc-check/uid_map").lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
+    }
+}
+
+/// Single-quotes for sh.
+fn q(s: impl AsRef<OsStr>) -> String {
+    format!("'{}'", s.as_ref().to_string_lossy().replace('\'', r"'\''"))
+}
+
+fn matrix_ctx() -> PathBuf {
+    project().join("testdata/matrix")
+}
+
+/// `rbuild build` of the matrix Dockerfile, as a shell command line.
+fn build_cmd(store: &Path, dest: &Path, base: &str) -> String {
+    format!(
+        "{} build --progress=plain --root {} --build-arg BASE={} --output type=local,dest={} {}",
+        q(rbuild_bin()),
+        q(store),
+        q(base),
+        q(dest),
+        q(matrix_ctx())
+    )
+}
+
+/// Runs `script` with sh inside an extra PID namespace and a private mount namespace,
+/// killed after ten minutes.
+fn in_pid_ns(script: &str) -> Output {
+    run(Command::new("timeout").args(["-k", "10", "600", "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-euc", script]))
+}
+
+/// A registry with the testbed busybox image; returns it and the image reference.
+fn registry() -> (Registry, String) {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    (reg, base)
+}
+
+#[test]
+fn a_root_on_the_host() {
+    let (_reg, base) = registry();
+    let t = tempfile::tempdir().unwrap();
+    let dest = t.path().join("rootfs");
+    let b = Built::from(in_pid_ns(&build_cmd(&t.path().join("store"), &dest, &base)), dest);
+    b.passed().says("isolation: root: host IDs").own_proc();
+    assert_eq!(b.run_uid_map(), ["0 0 4294967295"]);
+}
+
+/// Serialises edits of /etc/subuid and /etc/subgid between the tests of this binary.
+static SUBIDS: Mutex<()> = Mutex::new(());
+
+/// Makes `name` an ordinary user whose subordinate range (both files) is `range`
+/// (`START:COUNT`) or none; returns its uid.
+fn ordinary_user(name: &str, range: Option<&str>) -> u32 {
+    let _g = SUBIDS.lock().unwrap_or_else(|e| e.into_inner());
+    if !run(Command::new("id").arg(name)).status.success() {
+        ok(Command::new("useradd").args(["-m", "-s", "/bin/sh", name]));
+    }
+    for f in ["/etc/subuid", "/etc/subgid"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let mut kept: String = text.lines().filter(|l| !l.starts_with(&format!("{name}:"))).map(|l| format!("{l}\n")).collect();
+        if let Some(r) = range {
+            kept.push_str(&format!("{name}:{r}\n"));
+        }
+        std::fs::write(f, kept).unwrap();
+    }
+    ok(Command::new("id").args(["-u", name])).trim().parse().unwrap()
+}
+
+/// Builds as `user`, with its store, output and HOME in a directory it owns.
+fn build_as(user: &str, base: &str) -> (tempfile::TempDir, Built) {
+    let t = tempfile::tempdir().unwrap();
+    ok(Command::new("chown").arg(user).arg(t.path()));
+    let dest = t.path().join("rootfs");
+    let script = format!(
+        "runuser -u {user} -- env HOME={} {}",
+        q(t.path()),
+        build_cmd(&t.path().join("store"), &dest, base)
+    );
+    let b = Built::from(in_pid_ns(&script), dest);
+    (t, b)
+}
+
+#[test]
+fn b_ordinary_user_with_subordinate_ranges() {
+    let (_reg, base) = registry();
+    let uid = ordinary_user("rbmatrixb", Some("700000:65536"));
+    let (_t, b) = build_as("rbmatrixb", &base);
+    b.passed().says(&format!("isolation: rootless: user namespace, uid and gid map 0→{uid} (1), 1→700000 (65536)")).own_proc();
+    assert!(!b.log.contains("single-ID"), "{}", b.log);
+    assert_eq!(b.run_uid_map(), ["0 0 1", "1 1 65536"]);
+}
+
+#[test]
+fn c_ordinary_user_without_ranges_falls_back_to_one_id() {
+    let (_reg, base) = registry();
+    let uid = ordinary_user("rbmatrixc", None);
+    let (_t, b) = build_as("rbmatrixc", &base);
+    b.passed()
+        .says(&format!("isolation: rootless: user namespace, uid and gid map 0→{uid} (1)"))
+        .says("WARNING: no subordinate ID range could be used")
+        .says("building with a single-ID map, so files owned by other users than root cannot be represented")
+        .own_proc();
+    assert_eq!(b.run_uid_map(), ["0 0 1"]);
+}
+
+/// Masks /proc as container runtimes do (runc's list, what exists on this kernel).
+const MASK_PROC: &str = r#"
+for f in kcore keys latency_stats timer_list timer_stats sched_debug; do
+  if [ -e /proc/$f ]; then mount --bind /dev/null /proc/$f; fi
+done
+for d in acpi asound scsi; do
+  if [ -d /proc/$d ]; then mount -t tmpfs -o ro,size=0 tmpfs /proc/$d; fi
+done
+for r in bus fs irq sys sysrq-trigger; do
+  if [ -e /proc/$r ]; then mount --bind /proc/$r /proc/$r; mount -o remount,bind,ro /proc/$r; fi
+done
+"#;
+
+/// Where the store of a pod-like case lives.
+#[derive(Clone, Copy, PartialEq)]
+enum PodStore {
+    /// A bind mount of a host directory (an emptyDir).
+    EmptyDir,
+    /// An overlayfs mount made in the pod (its root filesystem).
+    Overlay,
+}
+
+/// How the pod-like sandbox's /proc and capabilities are set up.
+#[derive(Clone, Copy, PartialEq)]
+enum PodProc {
+    /// Masked from inside the pod's user namespace, root holds SYS_ADMIN (hostUsers: false).
+    MaskedInside,
+    /// Masked outside it, so the masks are locked for the pod.
+    MaskedLocked,
+    /// Not masked, and root of the pod without SYS_ADMIN.
+    UnmaskedNoSysAdmin,
+}
+
+/// A pod-like sandbox: a user namespace mapping 0..65536 to 800000.. (as a pod with
+/// hostUsers: false gets), its own mount and PID namespaces, root inside; builds there.
+fn pod_like(store: PodStore, proc: PodProc) -> Built {
+    let (_reg, base) = registry();
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    for sub in ["emptydir", "mnt", "ovl/lower", "ovl/upper", "ovl/work", "out"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    // newuidmap maps root's range: give root one in this mount namespace only.
+    std::fs::write(d.join("subid"), "root:800000:65536\n").unwrap();
+    ok(Command::new("chown").args(["-R", "800000:800000"]).arg(d.join("emptydir")).arg(d.join("ovl")).arg(d.join("out")));
+    let dest = d.join("out/rootfs");
+    let mount_store = match store {
+        PodStore::EmptyDir => format!("mount --bind {} {}", q(d.join("emptydir")), q(d.join("mnt"))),
+        PodStore::Overlay => format!(
+            "mount -t overlay overlay -o lowerdir={},upperdir={},workdir={} {}",
+            d.join("ovl/lower").display(),
+            d.join("ovl/upper").display(),
+            d.join("ovl/work").display(),
+            q(d.join("mnt"))
+        ),
+    };
+    let build = build_cmd(&d.join("mnt/store"), &dest, &base);
+    let inner = match proc {
+        PodProc::MaskedInside => format!("{MASK_PROC}\n{mount_store}\n{build}"),
+        PodProc::MaskedLocked => format!("{mount_store}\n{build}"),
+        PodProc::UnmaskedNoSysAdmin => format!("{mount_store}\nsetpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {build}"),
+    };
+    // A pod gets its PID namespace with the user namespace; with locked masks the PID
+    // namespace (and its masked /proc) comes from outside, as a runtime makes it.
+    let pid_ns = if proc == PodProc::MaskedLocked { "" } else { "--pid --fork --mount-proc" };
+    let outer_masks = if proc == PodProc::MaskedLocked { MASK_PROC } else { "" };
+    let script = format!(
+        "{outer_masks}\nmount --bind {subid} /etc/subuid\nmount --bind {subid} /etc/subgid\n\
+         unshare --user --map-users=800000,0,65536 --map-groups=800000,0,65536 --setuid 0 --setgid 0 --mount {pid_ns} sh -euc {}",
+        q(inner),
+        subid = q(d.join("subid")),
+    );
+    let b = Built::from(in_pid_ns(&script), dest);
+    std::mem::forget(t); // removed below, after the checks read it
+    b
+}
+
+/// Removes a pod-like case's directory (its files belong to the pod's IDs).
+fn cleanup(b: &Built) {
+    if let Some(top) = b.rootfs.parent().and_then(|p| p.parent()) {
+        let _ = std::fs::remove_dir_all(top);
+    }
+}
+
+#[test]
+fn f_pod_like_store_on_an_emptydir() {
+    let b = pod_like(PodStore::EmptyDir, PodProc::MaskedInside);
+    b.passed().says("isolation: root of a user namespace, uid and gid map 0→800000 (65536)").own_proc();
+    assert!(!b.log.contains("cannot make a clean clone of /proc"), "{}", b.log);
+    assert_eq!(b.run_uid_map(), ["0 0 65536"]);
+    cleanup(&b);
+}
+
+#[test]
+#[ignore = "needs the overlay-on-overlay / copy snapshotter fallbacks (worktree fallback); until then the build stops with \
+            \"the store … is on overlayfs … mount an emptyDir\""]
+fn f_pod_like_store_on_overlayfs() {
+    let b = pod_like(PodStore::Overlay, PodProc::MaskedInside);
+    b.passed().own_proc();
+    assert_eq!(b.run_uid_map(), ["0 0 65536"]);
+    cleanup(&b);
+}
+
+#[test]
+#[ignore = "needs the locked-/proc fallback (worktree probe); until then the first RUN fails with \
+            \"mounting /proc for the RUN step: Operation not permitted … procMount: Unmasked\""]
+fn f2_pod_like_with_locked_proc_masks() {
+    let b = pod_like(PodStore::EmptyDir, PodProc::MaskedLocked);
+    // The fallback says what the step goes without; the build itself completes.
+    b.passed().says("the masks on /proc are locked");
+    assert_eq!(b.file("run.txt"), "built by RUN\n");
+    assert_eq!(b.file("hello.txt"), "hello from the matrix\n");
+    cleanup(&b);
+}
+
+#[test]
+#[ignore = "needs rbuild to make its own user namespace when it runs as root without CAP_SYS_ADMIN; until then it stops \
+            with \"setting up the build namespace: unshare(CLONE_NEWNS): Operation not permitted\""]
+fn f3_pod_like_without_sys_admin_with_unmasked_proc() {
+    let b = pod_like(PodStore::EmptyDir, PodProc::UnmaskedNoSysAdmin);
+    b.passed().own_proc();
+    cleanup(&b);
+}
+
+#[test]
+fn f_overlay_f2_f3_fail_today_with_the_documented_messages() {
+    // Until the fallbacks land, these cases end with the message that names what the
+    // environment lacks and the fix; this test pins those messages (remove it, or the
+    // matching part, with the `#[ignore]` of the case).
+    let b = pod_like(PodStore::Overlay, PodProc::MaskedInside);
+    b.failed_saying(&["is on overlayfs", "mount an emptyDir or another volume"]);
+    cleanup(&b);
+    let b = pod_like(PodStore::EmptyDir, PodProc::MaskedLocked);
+    b.failed_saying(&[
+        "cannot make a clean clone of /proc",
+        "the masks on /proc are locked",
+        "mounting /proc for the RUN step: Operation not permitted",
+        "procMount: Unmasked",
+    ]);
+    cleanup(&b);
+    let b = pod_like(PodStore::EmptyDir, PodProc::UnmaskedNoSysAdmin);
+    b.failed_saying(&["setting up the build namespace: unshare(CLONE_NEWNS): Operation not permitted"]);
+    cleanup(&b);
+}
+
+#[test]
+fn g_nested_two_levels_deep() {
+    let (_reg, base) = registry();
+    let t = tempfile::tempdir().unwrap();
+    // The named context `rb`: the rbuild binary, its shared libraries and CA certificates.
+    let rb = t.path().join("rb");
+    std::fs::create_dir_all(rb.join("etc/ssl/certs")).unwrap();
+    if std::fs::hard_link(rbuild_bin(), rb.join("rbuild")).is_err() {
+        std::fs::copy(rbuild_bin(), rb.join("rbuild")).unwrap();
+    }
+    let ldd = ok(Command::new("ldd").arg(rbuild_bin()));
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let to = rb.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &to).unwrap();
+    }
+    assert!(rb.join("lib64").is_dir() && rb.join("lib").is_dir(), "unexpected ldd output: {ldd}");
+    std::fs::copy("/etc/ssl/certs/ca-certificates.crt", rb.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
+    let dest = t.path().join("rootfs");
+    let script = format!(
+        "{} build --progress=plain --root {} -f {} --build-context rb={} --build-arg BASE={} --build-arg LEVEL=2 \
+         --output type=local,dest={} {}",
+        q(rbuild_bin()),
+        q(t.path().join("store")),
+        q(matrix_ctx().join("Dockerfile.nested")),
+        q(&rb),
+        q(&base),
+        q(&dest),
+        q(matrix_ctx())
+    );
+    let outer = Built::from(in_pid_ns(&script), dest.clone());
+    outer.passed();
+    // Each level logs the next one's isolation line inside its RUN step.
+    assert!(outer.log.matches("isolation: ").count() >= 3, "three levels of rbuild:\n{}", outer.log);
+    Built::from(outer.out.clone(), dest.join("result/result")).own_proc();
+}
+
+// ---------- the image of ci/Dockerfile, and podman (slow) ----------
+
+/// Whether slow cases run (`RBUILD_SLOW_TESTS=1`); says so when they do not.
+fn slow_enabled(case: &str) -> bool {
+    let on = std::env::var("RBUILD_SLOW_TESTS").as_deref() == Ok("1");
+    if !on {
+        eprintln!("{case}: SKIPPED, a slow case: set RBUILD_SLOW_TESTS=1 to run it");
+    }
+    on
+}
+
+/// ci/Dockerfile built by rbuild (ci/build-image.sh with this rbuild) from the testbed's
+/// debian:bookworm, as an OCI layout with the tag `ci`; built once per test run.
+fn ci_image() -> &'static (PathBuf, String) {
+    static IMAGE: OnceLock<(PathBuf, String)> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        ensure_tools();
+        let reg = Registry::start();
+        ok(Command::new(testbed().join("make-base-images")).arg(&reg.addr));
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let layout = tmp.join("matrix-ci-image");
+        let _ = std::fs::remove_dir_all(&layout);
+        // The store stays between runs: a second run finds apt-get's step in the cache.
+        let script = format!(
+            "{} --base {} --rbuild {} --progress=plain --root {} -t rbuild:ci --output type=oci,dest={}",
+            q(project().join("ci/build-image.sh")),
+            q(format!("{}/debian:bookworm", reg.addr)),
+            q(rbuild_bin()),
+            q(tmp.join("matrix-ci-store")),
+            q(&layout)
+        );
+        let out = in_pid_ns(&script);
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "ci/build-image.sh failed:\n{log}");
+        (layout, log)
+    })
+}
+
+#[test]
+fn ci_image_is_built_by_rbuild_and_has_what_rbuild_needs() {
+    if !slow_enabled("ci-image") {
+        return;
+    }
+    let (layout, log) = ci_image();
+    assert!(log.contains("apt-get update"), "the image was built by rbuild from ci/Dockerfile:\n{log}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&ok(Command::new("skopeo").args(["inspect", "--config"]).arg(format!("oci:{}:ci", layout.display())))).unwrap();
+    let c = &cfg["config"];
+    assert_eq!(c["User"], "rbuild", "{cfg}");
+    assert_eq!(c["Entrypoint"], serde_json::json!(["/usr/local/bin/rbuild"]));
+    assert!(c["Volumes"].get("/var/lib/rbuild").is_some(), "the store is a volume: {cfg}");
+    assert!(c["Env"].as_array().unwrap().iter().any(|e| e == "RBUILD_ROOT=/var/lib/rbuild"), "{cfg}");
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack_layout(layout, "ci", work.path());
+    // The binary runs there (its libraries are the image's).
+    let version = ok(Command::new("chroot").arg(&rootfs).args(["/usr/local/bin/rbuild", "--version"]));
+    assert!(version.starts_with("rbuild "), "{version}");
+    // newuidmap/newgidmap with file capabilities, not setuid (see ci/Dockerfile).
+    for (bin, cap) in [("newuidmap", "cap_setuid=ep"), ("newgidmap", "cap_setgid=ep")] {
+        let p = rootfs.join("usr/bin").join(bin);
+        let caps = ok(Command::new("getcap").arg(&p));
+        assert!(caps.contains(cap), "{bin}: {caps}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o4000, 0, "{bin} is still setuid");
+    }
+    assert!(rootfs.join("usr/bin/fuse-overlayfs").is_file());
+    assert!(rootfs.join("etc/ssl/certs/ca-certificates.crt").is_file());
+    assert_eq!(std::fs::read_to_string(rootfs.join("etc/subuid")).unwrap(), "rbuild:100000:65536\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("etc/subgid")).unwrap(), "rbuild:100000:65536\n");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(rootfs.join("var/lib/rbuild")).unwrap().uid(), 1000);
+    assert!(!rootfs.join("var/lib/apt/lists").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false), "apt lists left in the image");
+    assert!(!rootfs.join("usr/sbin/setcap").exists(), "libcap2-bin purged");
+}
+
+/// The image of ci/Dockerfile in podman's storage, as `localhost/rbuild-matrix:ci`.
+fn podman_image() -> &'static str {
+    static NAME: OnceLock<&'static str> = OnceLock::new();
+    NAME.get_or_init(|| {
+        let (layout, _) = ci_image();
+        ok(Command::new("skopeo").args(["copy", "-q"]).arg(format!("oci:{}:ci", layout.display())).arg("containers-storage:localhost/rbuild-matrix:ci"));
+        "localhost/rbuild-matrix:ci"
+    })
+}
+
+/// Builds the matrix Dockerfile in a podman container of the ci image (its default user
+/// `rbuild`, the store on the image's volume), with `security` options added.
+///
+/// Flags this machine needs: `--runtime /usr/sbin/runc` (crun fails on its cgroup setup),
+/// `--ulimit nofile=…,nproc=…` within the hard limits (podman's defaults exceed them and
+/// runc fails with "error setting rlimits"), `--network host` for the loopback registry.
+fn podman_build(security: &[&str]) -> (tempfile::TempDir, Built) {
+    let (_reg, base) = registry();
+    let image = podman_image();
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    ok(Command::new("chmod").args(["0777"]).arg(&out));
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "10", "600", "podman", "--runtime", "/usr/sbin/runc", "run", "--rm", "--pull=never", "--network", "host"])
+        .args(["--ulimit", "nofile=8192:8192", "--ulimit", "nproc=8192:8192"])
+        .args(security)
+        .arg("-v")
+        .arg(format!("{}:/ctx:ro", matrix_ctx().display()))
+        .arg("-v")
+        .arg(format!("{}:/out", out.display()))
+        .arg(image)
+        .args(["build", "--progress=plain", "--build-arg"])
+        .arg(format!("BASE={base}"))
+        .args(["--output", "type=local,dest=/out/rootfs", "/ctx"]);
+    let b = Built::from(run(&mut cmd), out.join("rootfs"));
+    (t, b)
+}
+
+#[test]
+#[ignore = "needs the locked-/proc fallback (worktree probe); until then the first RUN fails with \
+            \"mounting /proc for the RUN step: Operation not permitted … procMount: Unmasked\" (d2 is what works today)"]
+fn d_podman_default_seccomp_and_masked_proc() {
+    if !slow_enabled("d") {
+        return;
+    }
+    let (_t, b) = podman_build(&[]);
+    b.passed()
+        .says("isolation: rootless: user namespace, uid and gid map 0→1000 (1), 1→100000 (65536)")
+        .says("the masks on /proc are locked")
+        .says("sethostname is refused");
+    assert_eq!(b.file("run.txt"), "built by RUN\n");
+}
+
+#[test]
+fn d2_podman_default_seccomp_with_unmasked_proc() {
+    if !slow_enabled("d2") {
+        return;
+    }
+    let (_t, b) = podman_build(&["--security-opt", "unmask=ALL"]);
+    b.passed()
+        .says("isolation: rootless: user namespace, uid and gid map 0→1000 (1), 1→100000 (65536)")
+        // podman's default seccomp profile refuses sethostname: a warning, not a failure.
+        .says("warning: the step keeps the builder's hostname: sethostname is refused")
+        .own_proc();
+    assert_eq!(b.run_uid_map(), ["0 0 1", "1 1 65536"]);
+}
+
+#[test]
+#[ignore = "needs the locked-/proc fallback (worktree probe); until then the first RUN fails with \
+            \"mounting /proc for the RUN step: Operation not permitted … procMount: Unmasked\""]
+fn e_podman_unconfined_seccomp_and_apparmor() {
+    if !slow_enabled("e") {
+        return;
+    }
+    let (_t, b) = podman_build(&["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"]);
+    b.passed().says("the masks on /proc are locked");
+    assert!(!b.log.contains("sethostname is refused"), "unconfined seccomp allows sethostname:\n{}", b.log);
+    assert_eq!(b.file("run.txt"), "built by RUN\n");
+}
+
+#[test]
+fn d_and_e_fail_today_with_the_documented_message() {
+    // Until the locked-/proc fallback lands, d and e end at the first RUN step with the
+    // message that names the fix; this test pins that message (remove it with the ignores).
+    if !slow_enabled("d/e today") {
+        return;
+    }
+    for security in [&[][..], &["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"][..]] {
+        let (_t, b) = podman_build(security);
+        b.failed_saying(&["cannot make a clean clone of /proc", "mounting /proc for the RUN step: Operation not permitted", "procMount: Unmasked"]);
+    }
+}
