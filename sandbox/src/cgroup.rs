@@ -614,6 +614,31 @@ mod tests {
     }
 
     #[test]
+    fn a_v2_memory_limit_and_its_oom_kills() {
+        let t = tempfile::tempdir().unwrap();
+        let p = Prepared { v2: Some((t.path().to_path_buf(), Controller::ALL.to_vec())), ..Prepared::default() };
+        let limits = Limits { memory: Some(100 << 20), ..Limits::default() };
+        assert_eq!(p.describe(&limits), "cgroup v2");
+        let cg = StepCgroup::create(&p, &limits).unwrap().unwrap();
+        let d = &cg.dirs()[0];
+        assert_eq!(cg.dirs().len(), 1);
+        assert_eq!(read(&d.join("memory.max")), (100u64 << 20).to_string());
+        assert!(!d.join("cpu.max").exists() && !d.join("pids.max").exists(), "only the limits asked for");
+        std::fs::write(d.join("memory.events"), "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n").unwrap();
+        assert_eq!(cg.limit_hit().as_deref(), Some("killed: memory limit 100 MiB reached (--memory)"));
+    }
+
+    #[test]
+    fn enabling_v2_controllers_writes_only_what_is_missing() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("cgroup.subtree_control"), "memory\n").unwrap();
+        enable_v2(t.path(), &[Controller::Memory]).unwrap();
+        assert_eq!(read(&t.path().join("cgroup.subtree_control")), "memory\n", "nothing to do");
+        enable_v2(t.path(), &[Controller::Memory, Controller::Cpu, Controller::Pids]).unwrap();
+        assert_eq!(read(&t.path().join("cgroup.subtree_control")), "+cpu +pids");
+    }
+
+    #[test]
     fn missing_controllers_are_named_with_the_reason() {
         let mut p = Prepared::default();
         p.missing.insert(Controller::Memory, "no cgroup v2 hierarchy is mounted".into());
