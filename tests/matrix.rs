@@ -8,12 +8,12 @@
 //! | a | root on the host |
 //! | b | an ordinary user with subordinate ID ranges |
 //! | c | an ordinary user without them (single-ID fallback, with a warning) |
-//! | d | in a podman container of the image built from ci/Dockerfile, default seccomp, masked /proc |
-//! | d2 | the same with `--security-opt unmask=ALL` (what a CI container step should use today) |
+//! | d | in a podman container of the image built from ci/Dockerfile, default seccomp, masked /proc (locked for rbuild: the shared-PID fallback) |
+//! | d2 | the same with `--security-opt unmask=ALL` (the full sandbox) |
 //! | e | the same as d with seccomp and AppArmor unconfined |
 //! | f | a pod-like sandbox: root of a user namespace (65536 IDs) with SYS_ADMIN there, /proc masked from inside it, the store on an emptyDir-like bind mount |
 //! | f-overlay | the same with the store on overlayfs (a container's root filesystem) |
-//! | f2 | the same with the /proc masks locked (made outside the user namespace) |
+//! | f2 | the same with the /proc masks locked (made outside the user namespace): the shared-PID fallback |
 //! | f3 | a pod-like sandbox without SYS_ADMIN, /proc unmasked (ci/k8s/job-unmasked.yaml) |
 //! | g | nested: rbuild in a RUN step of rbuild in a RUN step of rbuild |
 //! | ci-image | ci/Dockerfile built by rbuild, checked with skopeo and umoci |
@@ -83,6 +83,23 @@ impl Built {
         self
     }
 
+    /// The image has the RUN and COPY results, and the /proc check ran with the builder's
+    /// PID namespace and /proc (rbuild's fallback where the /proc masks are locked), which
+    /// the build's sandbox line and warning say.
+    fn shared_proc(&self) -> &Self {
+        self.says("shared PID namespace and /proc (masks locked)")
+            .says("are locked: rbuild runs below a user namespace it does not own")
+            .says("RUN steps therefore share rbuild's PID namespace and see its masked /proc");
+        assert_eq!(self.file("run.txt"), "built by RUN\n");
+        assert_eq!(self.file("hello.txt"), "hello from the matrix\n");
+        let init = self.file("proc-check/cmdline-1");
+        assert!(!init.contains("__rbuild-run-helper"), "PID 1 is a step's init, not the builder's: {init:?}");
+        let status = self.file("proc-check/status");
+        assert!(status.lines().any(|l| l.starts_with("NSpid:")), "{status}");
+        assert!(!self.file("proc-check/ls-proc-1").trim().is_empty());
+        self
+    }
+
     /// The ID map RUN steps had, one line per extent (`inside outside count`).
     fn run_uid_map(&self) -> Vec<String> {
         self.file("proc-check/uid_map").lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
@@ -130,7 +147,7 @@ fn a_root_on_the_host() {
     let t = tempfile::tempdir().unwrap();
     let dest = t.path().join("rootfs");
     let b = Built::from(in_pid_ns(&build_cmd(&t.path().join("store"), &dest, &base)), dest);
-    b.passed().says("isolation: root: host IDs").own_proc();
+    b.passed().says("sandbox: root: host IDs").own_proc();
     assert_eq!(b.run_uid_map(), ["0 0 4294967295"]);
 }
 
@@ -174,7 +191,7 @@ fn b_ordinary_user_with_subordinate_ranges() {
     let (_reg, base) = registry();
     let uid = ordinary_user("rbmatrixb", Some("700000:65536"));
     let (_t, b) = build_as("rbmatrixb", &base);
-    b.passed().says(&format!("isolation: rootless: user namespace, uid and gid map 0→{uid} (1), 1→700000 (65536)")).own_proc();
+    b.passed().says(&format!("sandbox: rootless: user namespace, uid and gid map 0→{uid} (1), 1→700000 (65536)")).own_proc();
     assert!(!b.log.contains("single-ID"), "{}", b.log);
     assert_eq!(b.run_uid_map(), ["0 0 1", "1 1 65536"]);
 }
@@ -185,7 +202,7 @@ fn c_ordinary_user_without_ranges_falls_back_to_one_id() {
     let uid = ordinary_user("rbmatrixc", None);
     let (_t, b) = build_as("rbmatrixc", &base);
     b.passed()
-        .says(&format!("isolation: rootless: user namespace, uid and gid map 0→{uid} (1)"))
+        .says(&format!("sandbox: rootless: user namespace, uid and gid map 0→{uid} (1)"))
         .says("WARNING: no subordinate ID range could be used")
         .says("building with a single-ID map, so files owned by other users than root cannot be represented")
         .own_proc();
@@ -279,7 +296,7 @@ fn cleanup(b: &Built) {
 #[test]
 fn f_pod_like_store_on_an_emptydir() {
     let b = pod_like(PodStore::EmptyDir, PodProc::MaskedInside);
-    b.passed().says("isolation: root of a user namespace, uid and gid map 0→800000 (65536)").own_proc();
+    b.passed().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").own_proc();
     assert!(!b.log.contains("cannot make a clean clone of /proc"), "{}", b.log);
     assert_eq!(b.run_uid_map(), ["0 0 65536"]);
     cleanup(&b);
@@ -296,14 +313,9 @@ fn f_pod_like_store_on_overlayfs() {
 }
 
 #[test]
-#[ignore = "needs the locked-/proc fallback (worktree probe); until then the first RUN fails with \
-            \"mounting /proc for the RUN step: Operation not permitted … procMount: Unmasked\""]
 fn f2_pod_like_with_locked_proc_masks() {
     let b = pod_like(PodStore::EmptyDir, PodProc::MaskedLocked);
-    // The fallback says what the step goes without; the build itself completes.
-    b.passed().says("the masks on /proc are locked");
-    assert_eq!(b.file("run.txt"), "built by RUN\n");
-    assert_eq!(b.file("hello.txt"), "hello from the matrix\n");
+    b.passed().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").shared_proc();
     cleanup(&b);
 }
 
@@ -317,20 +329,12 @@ fn f3_pod_like_without_sys_admin_with_unmasked_proc() {
 }
 
 #[test]
-fn f_overlay_f2_f3_fail_today_with_the_documented_messages() {
-    // Until the fallbacks land, these cases end with the message that names what the
-    // environment lacks and the fix; this test pins those messages (remove it, or the
-    // matching part, with the `#[ignore]` of the case).
+fn f_overlay_and_f3_fail_today_with_the_documented_messages() {
+    // Until the missing pieces land, these cases end with the message that names what the
+    // environment lacks and the fix; this test pins those messages (remove the matching
+    // part, with the `#[ignore]` of the case, when they do).
     let b = pod_like(PodStore::Overlay, PodProc::MaskedInside);
     b.failed_saying(&["is on overlayfs", "mount an emptyDir or another volume"]);
-    cleanup(&b);
-    let b = pod_like(PodStore::EmptyDir, PodProc::MaskedLocked);
-    b.failed_saying(&[
-        "cannot make a clean clone of /proc",
-        "the masks on /proc are locked",
-        "mounting /proc for the RUN step: Operation not permitted",
-        "procMount: Unmasked",
-    ]);
     cleanup(&b);
     let b = pod_like(PodStore::EmptyDir, PodProc::UnmaskedNoSysAdmin);
     b.failed_saying(&["setting up the build namespace: unshare(CLONE_NEWNS): Operation not permitted"]);
@@ -370,7 +374,7 @@ fn g_nested_two_levels_deep() {
     let outer = Built::from(in_pid_ns(&script), dest.clone());
     outer.passed();
     // Each level logs the next one's isolation line inside its RUN step.
-    assert!(outer.log.matches("isolation: ").count() >= 3, "three levels of rbuild:\n{}", outer.log);
+    assert!(outer.log.matches("sandbox: root").count() >= 3, "three levels of rbuild:\n{}", outer.log);
     Built::from(outer.out.clone(), dest.join("result/result")).own_proc();
 }
 
@@ -489,18 +493,16 @@ fn podman_build(security: &[&str]) -> (tempfile::TempDir, Built) {
 }
 
 #[test]
-#[ignore = "needs the locked-/proc fallback (worktree probe); until then the first RUN fails with \
-            \"mounting /proc for the RUN step: Operation not permitted … procMount: Unmasked\" (d2 is what works today)"]
 fn d_podman_default_seccomp_and_masked_proc() {
     if !slow_enabled("d") {
         return;
     }
     let (_t, b) = podman_build(&[]);
     b.passed()
-        .says("isolation: rootless: user namespace, uid and gid map 0→1000 (1), 1→100000 (65536)")
-        .says("the masks on /proc are locked")
-        .says("sethostname is refused");
-    assert_eq!(b.file("run.txt"), "built by RUN\n");
+        .says("sandbox: rootless: user namespace, uid and gid map 0→1000 (1), 1→100000 (65536)")
+        .says("warning: the step keeps the builder's hostname: sethostname is refused")
+        .shared_proc();
+    assert_eq!(b.run_uid_map(), ["0 0 1", "1 1 65536"]);
 }
 
 #[test]
@@ -510,7 +512,7 @@ fn d2_podman_default_seccomp_with_unmasked_proc() {
     }
     let (_t, b) = podman_build(&["--security-opt", "unmask=ALL"]);
     b.passed()
-        .says("isolation: rootless: user namespace, uid and gid map 0→1000 (1), 1→100000 (65536)")
+        .says("sandbox: rootless: user namespace, uid and gid map 0→1000 (1), 1→100000 (65536)")
         // podman's default seccomp profile refuses sethostname: a warning, not a failure.
         .says("warning: the step keeps the builder's hostname: sethostname is refused")
         .own_proc();
@@ -518,27 +520,11 @@ fn d2_podman_default_seccomp_with_unmasked_proc() {
 }
 
 #[test]
-#[ignore = "needs the locked-/proc fallback (worktree probe); until then the first RUN fails with \
-            \"mounting /proc for the RUN step: Operation not permitted … procMount: Unmasked\""]
 fn e_podman_unconfined_seccomp_and_apparmor() {
     if !slow_enabled("e") {
         return;
     }
     let (_t, b) = podman_build(&["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"]);
-    b.passed().says("the masks on /proc are locked");
+    b.passed().shared_proc();
     assert!(!b.log.contains("sethostname is refused"), "unconfined seccomp allows sethostname:\n{}", b.log);
-    assert_eq!(b.file("run.txt"), "built by RUN\n");
-}
-
-#[test]
-fn d_and_e_fail_today_with_the_documented_message() {
-    // Until the locked-/proc fallback lands, d and e end at the first RUN step with the
-    // message that names the fix; this test pins that message (remove it with the ignores).
-    if !slow_enabled("d/e today") {
-        return;
-    }
-    for security in [&[][..], &["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"][..]] {
-        let (_t, b) = podman_build(security);
-        b.failed_saying(&["cannot make a clean clone of /proc", "mounting /proc for the RUN step: Operation not permitted", "procMount: Unmasked"]);
-    }
 }
