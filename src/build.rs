@@ -64,6 +64,8 @@ pub struct BuildOptions {
     pub limits: rbuild_sandbox::Limits,
     /// `--label` values, set over the Dockerfile's `LABEL`s in the final image.
     pub labels: BTreeMap<String, String>,
+    /// What RUN steps' root filesystems need besides `isolation` (paths `none` keeps).
+    pub rootfs: crate::fallback::RootfsOptions,
 }
 
 /// What a build produced.
@@ -292,6 +294,8 @@ pub struct Builder {
     lines: Vec<String>,
     build_args: BTreeMap<String, String>,
     resolved: rbuild_dag::ResolvedArgs,
+    /// Overlayfs, or the fallback this build found it needs.
+    rootfs: Arc<crate::fallback::RootfsMode>,
 }
 
 /// Runs the whole build described by `opts`.
@@ -309,7 +313,10 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         platform: (os.to_string(), arch.to_string()),
     });
     let ctx_hasher = crate::ctxhash::ContextHasher::new(store.clone());
+    let rootfs = crate::fallback::RootfsMode::new(opts.rootfs.clone(), store.root().to_path_buf(), store.temp_path("rootfs"), progress.clone())
+        .map_err(anyhow::Error::msg)?;
     let builder = Arc::new(Builder {
+        rootfs: Arc::new(rootfs),
         store,
         progress,
         registry,
@@ -1044,8 +1051,9 @@ impl Builder {
                         .limits(self.opts.limits)
                         .build()?;
                     let mut out = pstep.output();
+                    let rootfs = self.rootfs.clone();
                     let outcome = tokio::task::spawn_blocking(move || {
-                        let r = rbuild_sandbox::run(&spec, &mut out);
+                        let r = rootfs.run(spec, &mut out);
                         drop(out);
                         r
                     })

@@ -9,6 +9,7 @@ pub mod cachesync;
 pub mod cli;
 pub mod copy;
 pub mod ctxhash;
+pub mod fallback;
 pub mod image;
 pub mod mounts;
 pub mod output;

@@ -219,7 +219,7 @@ fn run_prune(args: rbuild::cli::PruneArgs) -> anyhow::Result<()> {
 fn choose_sandbox(
     args: &BuildArgs,
     root: &std::path::Path,
-    ns: &rbuild_sandbox::BuildNamespace,
+    ns: Option<&rbuild_sandbox::BuildNamespace>,
     progress: &Progress,
 ) -> anyhow::Result<(rbuild_sandbox::Isolation, rbuild_sandbox::Limits)> {
     use rbuild::cli::IsolationArg;
@@ -232,7 +232,7 @@ fn choose_sandbox(
     let mode = match policy {
         // No namespaces will be made: nothing to try.
         IsolationPolicy::None => SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None },
-        _ => build_mode(root, ns.proc_locked.clone()),
+        _ => build_mode(root, ns.and_then(|ns| ns.proc_locked.clone())),
     };
     let (isolation, lost) = mode.choose(policy).map_err(anyhow::Error::msg)?;
     let mut limits = rbuild_sandbox::Limits { memory: args.memory, cpus: args.cpus, pids: args.pids_limit };
@@ -260,7 +260,11 @@ fn choose_sandbox(
             limits_note = format!("; limits: {} ({})", limits.describe(), cg.describe(&limits));
         }
     }
-    progress.info(&format!("sandbox: {}; RUN steps: {}{limits_note}", ns.mode, mode.describe(isolation)));
+    let sandbox = match ns {
+        Some(ns) => ns.mode.to_string(),
+        None => format!("none ({})", rbuild_sandbox::container_evidence().unwrap_or_default()),
+    };
+    progress.info(&format!("sandbox: {sandbox}; RUN steps: {}{limits_note}", mode.describe(isolation)));
     for w in [lost, limits_lost].into_iter().flatten() {
         progress.warn(&w);
     }
@@ -335,11 +339,27 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let ns = rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions {
-        state_dir: root.join("run"),
-        allow_single_id: true,
-    })
-    .context("setting up the build namespace")?;
+    // --isolation=none makes no namespace at all (where none can be made): RUN steps rewrite
+    // this container's own root, which must be a throwaway one.
+    let ns = if args.isolation == rbuild::cli::IsolationArg::None {
+        if rbuild_sandbox::container_evidence().is_none() {
+            bail!(
+                "--isolation=none rewrites the root filesystem of the machine it runs on with the image's files, and this does not look \
+                 like a throwaway container (rbuild wants a container marker such as /.dockerenv or $container and an overlay root \
+                 filesystem): refusing. Set RBUILD_ALLOW_ROOT_REWRITE=1 if it really is one"
+            );
+        }
+        if !rustix::process::geteuid().is_root() {
+            bail!("--isolation=none needs root (the image's files belong to many users)");
+        }
+        keep_ca_certificates(&root);
+        None
+    } else {
+        Some(
+            rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions { state_dir: root.join("run"), allow_single_id: true })
+                .context("setting up the build namespace")?,
+        )
+    };
 
     // SOURCE_DATE_EPOCH: --build-arg wins over the environment; --reproducible defaults it to 0.
     // Set while the process is still single-threaded.
@@ -355,22 +375,15 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         }
     }
     let progress = Progress::new(args.progress);
-    let (isolation, limits) = choose_sandbox(&args, &root, &ns, &progress)?;
-    for w in &ns.warnings {
+    let (isolation, limits) = choose_sandbox(&args, &root, ns.as_ref(), &progress)?;
+    for w in ns.iter().flat_map(|ns| &ns.warnings) {
         progress.warn(w);
     }
     if outputs.is_empty() {
         progress.warn("no output given: the image stays in rbuild's store only (use --push or --output)");
     }
-    // Overlay upperdirs and whiteouts cannot live on overlayfs (a container's own rootfs): say
-    // so before anything is pulled, with the fix, instead of failing at the first RUN.
-    if rustix::fs::statfs(&root).map(|st| st.f_type == 0x794c7630).unwrap_or(false) {
-        bail!(
-            "the store {} is on overlayfs (a container's root filesystem?), which cannot hold overlay upperdirs or whiteouts: \
-             mount an emptyDir or another volume and point --root (or RBUILD_ROOT) at it; `rbuild doctor` checks the environment",
-            root.display()
-        );
-    }
+    // A store on overlayfs (a container's own root) cannot hold overlay upperdirs: the first
+    // RUN finds out and falls back (src/fallback.rs), saying how to get the direct path back.
     let store = rbuild_cache::Store::open(&root)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut unpacked_context = None;
@@ -425,7 +438,12 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
         isolation,
         limits,
+        rootfs: rbuild::fallback::RootfsOptions::default(),
     };
+    let mut opts = opts;
+    if isolation == rbuild_sandbox::Isolation::None {
+        opts.rootfs.keep_paths = paths_to_keep(&opts, &args);
+    }
     let outcome = runtime.block_on(build(store.clone(), opts, progress.clone()));
     if let Some(dir) = &unpacked_context {
         let _ = rbuild_cache::remove_tree(dir);
@@ -452,6 +470,58 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         rbuild_cache::write_file_atomic(p, serde_json::to_string_pretty(&meta)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// `--isolation=none` replaces `/etc/ssl` with the image's files: registry clients made later
+/// in the build read a copy of the CA bundle in the store (through `SSL_CERT_FILE`).
+/// Called while the process is single-threaded.
+fn keep_ca_certificates(store: &std::path::Path) {
+    let bundle = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).into_iter().chain(
+        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem"].map(PathBuf::from),
+    );
+    for b in bundle {
+        let copy = store.join("run/ca-certificates.crt");
+        if b.is_file() && std::fs::create_dir_all(store.join("run")).is_ok() && std::fs::copy(&b, &copy).is_ok() {
+            std::env::set_var("SSL_CERT_FILE", &copy);
+            return;
+        }
+    }
+}
+
+/// What `--isolation=none` must not remove when it rewrites `/`: rbuild's store, binary and
+/// inputs, where its outputs go, and registry credentials.
+fn paths_to_keep(opts: &BuildOptions, args: &BuildArgs) -> Vec<PathBuf> {
+    let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut keep = vec![opts.context.clone(), opts.dockerfile.clone()];
+    if let Ok(root) = std::env::var("RBUILD_ROOT") {
+        keep.push(PathBuf::from(root));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        keep.push(exe);
+    }
+    for o in &opts.outputs {
+        match o {
+            OutputSpec::Oci(d) | OutputSpec::Local(d) | OutputSpec::Docker(d) => keep.push(abs(d)),
+            _ => {}
+        }
+    }
+    keep.extend(args.iidfile.iter().chain(args.metadata_file.iter()).map(|p| abs(p)));
+    for v in opts.build_contexts.values() {
+        if !v.contains("://") {
+            keep.push(PathBuf::from(v));
+        }
+    }
+    for s in opts.secrets.values() {
+        if let rbuild::mounts::SecretSource::File(f) = s {
+            keep.push(abs(f));
+        }
+    }
+    keep.extend(opts.ssh.values().map(|p| abs(p)));
+    let docker_config = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
+    keep.extend(docker_config);
+    keep
 }
 
 /// `--build-context NAME=VALUE` values; directories are made absolute.

@@ -66,7 +66,7 @@ fn locked_proc_masks_are_degraded_to_a_shared_pid_namespace_with_the_pod_fix() {
 }
 
 #[test]
-fn a_store_on_overlayfs_is_missing_with_the_emptydir_fix() {
+fn a_store_on_overlayfs_is_degraded_with_the_emptydir_fix() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     let script = format!(
@@ -76,13 +76,14 @@ fn a_store_on_overlayfs_is_missing_with_the_emptydir_fix() {
     );
     let (code, r) = doctor(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]));
     let s = check(&r, "store filesystem");
-    assert_eq!(s["verdict"], "missing", "{r}");
+    assert_eq!(s["verdict"], "degraded", "{r}");
     assert!(s["detail"].as_str().unwrap().contains("overlayfs"), "{r}");
     assert!(s["fix"].as_str().unwrap().contains("emptyDir"), "{r}");
     assert_ne!(check(&r, "overlay in a user namespace")["verdict"], "ok", "the trial mount fails there: {r}");
-    assert_eq!(code, 2);
-    // A build with its store there stops at once with the same fix.
-    let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\n")]);
+    assert_eq!(code, 1, "a build is possible there, degraded: {r}");
+    // A build with its store there falls back at its first RUN and says so, with the same fix
+    // (the step itself cannot run: FROM scratch has nothing to execute).
+    let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\nRUN [\"/Dockerfile\"]\n")]);
     let script = format!(
         "mount -t overlay overlay -o lowerdir={d}/l,upperdir={d}/u,workdir={d}/w {d}/m && {} build --root {d}/m/store {}",
         rbuild_bin().display(),
@@ -91,7 +92,6 @@ fn a_store_on_overlayfs_is_missing_with_the_emptydir_fix() {
     );
     let out = run(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     assert!(err.contains("is on overlayfs") && err.contains("emptyDir"), "{err}");
 }
 

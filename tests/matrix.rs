@@ -303,11 +303,9 @@ fn f_pod_like_store_on_an_emptydir() {
 }
 
 #[test]
-#[ignore = "needs the overlay-on-overlay / copy snapshotter fallbacks (worktree fallback); until then the build stops with \
-            \"the store … is on overlayfs … mount an emptyDir\""]
 fn f_pod_like_store_on_overlayfs() {
     let b = pod_like(PodStore::Overlay, PodProc::MaskedInside);
-    b.passed().own_proc();
+    b.passed().own_proc().says("is on overlayfs").says("mount an emptyDir");
     assert_eq!(b.run_uid_map(), ["0 0 65536"]);
     cleanup(&b);
 }
@@ -329,13 +327,10 @@ fn f3_pod_like_without_sys_admin_with_unmasked_proc() {
 }
 
 #[test]
-fn f_overlay_and_f3_fail_today_with_the_documented_messages() {
-    // Until the missing pieces land, these cases end with the message that names what the
-    // environment lacks and the fix; this test pins those messages (remove the matching
-    // part, with the `#[ignore]` of the case, when they do).
-    let b = pod_like(PodStore::Overlay, PodProc::MaskedInside);
-    b.failed_saying(&["is on overlayfs", "mount an emptyDir or another volume"]);
-    cleanup(&b);
+fn f3_fails_today_with_the_documented_message() {
+    // Until the missing piece lands, this case ends with the message that names what the
+    // environment lacks and the fix; this test pins that message (remove it, with the
+    // `#[ignore]` of the case, when it does).
     let b = pod_like(PodStore::EmptyDir, PodProc::UnmaskedNoSysAdmin);
     b.failed_saying(&["setting up the build namespace: unshare(CLONE_NEWNS): Operation not permitted"]);
     cleanup(&b);

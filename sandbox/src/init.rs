@@ -3,7 +3,7 @@
 //! pivots into it and runs the command as init: reaping, and taking every other process of
 //! the step with it when it exits.
 
-use crate::spec::{Isolation, Network, RunSpec};
+use crate::spec::{Isolation, Network, RunSpec, Snapshotter};
 use crate::sys;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use rustix::mount::MountFlags;
@@ -73,6 +73,32 @@ pub fn helper_main() -> ! {
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = rustix::stdio::dup2_stdin(&null);
     }
+    // fuse-overlayfs serves the root from here, outside the step's PID namespace.
+    let fuse = if spec.snapshotter == Snapshotter::FuseOverlay {
+        if let Err(e) = LinuxSyscalls.make_rprivate(Path::new("/")) {
+            let _ = writeln!(status, "error:making / private: {e}");
+            sys::exit_now(125);
+        }
+        let f = match crate::fuse::start(&spec) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = writeln!(status, "error:rootmount:{}:{}", crate::run::RootMountProblem::FuseUnavailable.tag(), e.replace('\n', " "));
+                sys::exit_now(125);
+            }
+        };
+        // Now the step's PID namespace (the builder left it to us): the daemon stays outside.
+        // (With a shared PID namespace there is none to make.)
+        if spec.isolation != Isolation::SharedPid {
+            if let Err(e) = sys::unshare(libc::CLONE_NEWPID) {
+                let _ = writeln!(status, "error:unshare(CLONE_NEWPID): {e}");
+                drop(f);
+                sys::exit_now(125);
+            }
+        }
+        Some(f)
+    } else {
+        None
+    };
     // We are in the new PID namespace's parent; our child is its PID 1 (with a shared PID
     // namespace, a subreaper that ends what the step leaves behind).
     match sys::fork() {
@@ -93,7 +119,6 @@ pub fn helper_main() -> ! {
             sys::exit_now(code);
         }
         Ok(pid) => {
-            drop(status);
             let pid = rustix::process::Pid::from_raw(pid).unwrap();
             let code = loop {
                 match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
@@ -102,6 +127,11 @@ pub fn helper_main() -> ! {
                     _ => break 125,
                 }
             };
+            // The step is gone: unmount its root, and the daemon goes with it.
+            if let Some(w) = fuse.and_then(|f| f.stop()) {
+                let _ = writeln!(status, "warning:{w}");
+            }
+            drop(status);
             sys::exit_now(code);
         }
         Err(e) => {
@@ -179,16 +209,37 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
     let empty = scratch.join("empty");
     // FROM scratch: an empty directory is the single lower layer.
     let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() { vec![empty.as_path()] } else { spec.lowerdirs.iter().map(|p| p.as_path()).collect() };
-    if let Err(e) = m.mount_overlay(&lowers, &spec.upperdir, &spec.workdir, &rootfs) {
-        // f_type's integer type differs between architectures.
-        #[allow(clippy::useless_conversion)]
-        let on_overlay = rustix::fs::statfs(&spec.upperdir).map(|st| i64::from(st.f_type) == 0x794c7630).unwrap_or(false);
-        let hint = if on_overlay {
-            " (the store is on overlayfs, which cannot hold upperdirs: put --root on another filesystem, e.g. an emptyDir volume)"
-        } else {
-            ""
-        };
-        return Err(format!("mounting the overlay root filesystem ({} layers): {e}{hint}", spec.lowerdirs.len()));
+    match spec.snapshotter {
+        Snapshotter::Overlay => {
+            if let Err(e) = m.mount_overlay(&lowers, &spec.upperdir, &spec.workdir, &rootfs) {
+                // f_type's integer type differs between architectures.
+                #[allow(clippy::useless_conversion)]
+                let on_overlay = rustix::fs::statfs(&spec.upperdir).map(|st| i64::from(st.f_type) == 0x794c7630).unwrap_or(false);
+                let hint = if on_overlay {
+                    " (the store is on overlayfs, which cannot hold upperdirs: put --root on another filesystem, e.g. an emptyDir volume)"
+                } else {
+                    ""
+                };
+                let msg = format!("mounting the overlay root filesystem ({} layers): {e}{hint}", spec.lowerdirs.len());
+                // Tagged, so that the builder can pick another snapshotter.
+                let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENODEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | libc::EACCES));
+                let problem = if on_overlay {
+                    Some(crate::run::RootMountProblem::UpperOnOverlayfs)
+                } else if refused {
+                    Some(crate::run::RootMountProblem::OverlayUnavailable)
+                } else {
+                    None
+                };
+                return Err(match problem {
+                    Some(p) => format!("rootmount:{}:{msg}", p.tag()),
+                    None => msg,
+                });
+            }
+        }
+        // fuse-overlayfs already serves it (the helper started it).
+        Snapshotter::FuseOverlay => {}
+        // The copy the builder made.
+        Snapshotter::Copy => ctx(m.bind(&spec.copy_root, &rootfs), || "binding the root filesystem (copy snapshotter)".into())?,
     }
     let null = Path::new("/dev/null");
     let proc = ensure_mountpoint(&rootfs, "proc", true, created)?;
@@ -258,6 +309,11 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     // Root of the new user namespace (the parent wrote its maps before it released us).
     ctx(sys::set_ids(0, 0), || "becoming root of the step's user namespace".into())?;
+    if spec.snapshotter == Snapshotter::FuseOverlay {
+        // A mount namespace of the step's own: pivot_root must move only the step's
+        // processes into the new root, never the fuse-overlayfs daemon serving it.
+        ctx(m.unshare(libc::CLONE_NEWNS), || "unshare(CLONE_NEWNS)".into())?;
+    }
     let prepared = prepare_root(m, spec)?;
     for c in &prepared.created {
         let _ = writeln!(status, "created:{c}");

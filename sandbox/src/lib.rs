@@ -5,10 +5,20 @@
 //! layers with a fresh upperdir, its own procfs masked like runc masks it, a minimal `/dev`,
 //! generated `/etc/hosts` and `/etc/resolv.conf` that never reach the layer, and PID 1 of its own
 //! that takes every process of the step with it. All `unsafe` lives in `sys`.
+//!
+//! Where overlayfs cannot give a step its root (a store on a container's overlayfs, a kernel
+//! that refuses overlayfs in a user namespace), [`fallback_for`] names another [`Snapshotter`]:
+//! upper and work directories on a tmpfs, `fuse-overlayfs`, or copies of the layers with a
+//! stat-walk diff. [`Isolation::None`] runs steps without any namespace, in the builder's own
+//! root, as Kaniko does. Every mode leaves the step's changes in the upperdir in overlay form.
 
 #![warn(missing_docs)]
 
 pub mod cgroup;
+mod copyroot;
+mod direct;
+mod fallback;
+mod fuse;
 mod idmap;
 mod init;
 mod ns;
@@ -23,8 +33,12 @@ pub use idmap::{Extent, IdMap};
 pub use init::{mask_proc, resolve_user_in, DEFAULT_PATH, MASKED_DIRS, MASKED_FILES, READONLY};
 pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};
 pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
-pub use run::{run, ExitKind, RunError, RunOutcome};
-pub use spec::{human_bytes, Isolation, Limits, Mount, MountSource, Network, RunSpec, RunSpecBuilder, SpecError};
+pub use copyroot::forget_copy_cache;
+pub use direct::container_evidence;
+pub use fallback::{fallback_for, kernel_reads_xattr_whiteouts, Fallback};
+pub use fuse::fuse_overlayfs_binary;
+pub use run::{run, ExitKind, RootMountProblem, RunError, RunOutcome};
+pub use spec::{human_bytes, Isolation, Limits, Mount, MountSource, Network, RunSpec, RunSpecBuilder, Snapshotter, SpecError};
 
 /// argv\[1\] that makes the rbuild binary act as the RUN-step helper.
 pub const HELPER_ARG: &str = "__rbuild-run-helper";

@@ -140,7 +140,7 @@ impl SandboxMode {
         let overlay = match self.overlay {
             OverlayKind::Native => "overlay (native)",
             OverlayKind::Fuse => "overlay (fuse-overlayfs)",
-            OverlayKind::None => "no overlay",
+            OverlayKind::None => "no overlay (tmpfs upper layers or copies of the layers)",
         };
         let proc = match isolation {
             Isolation::SharedPid => "shared PID namespace and /proc (masks locked)",
@@ -295,17 +295,22 @@ pub fn probe(store: &Path) -> Probe {
     };
     checks.push(match overlay_trial {
         Ok(()) => check("overlay in a user namespace", Verdict::Ok, "native overlayfs with userxattr works on the store's filesystem", None),
+        // Builds fall back (src/fallback.rs): upper layers on a tmpfs for a store on overlayfs,
+        // fuse-overlayfs, or the copy snapshotter. Slower, never impossible.
         Err(e) => match &fuse {
             Some(f) => check(
                 "overlay in a user namespace",
                 Verdict::Degraded,
-                format!("native overlayfs refused ({e}); fuse-overlayfs is at {} but rbuild does not use it yet", f.display()),
+                format!(
+                    "native overlayfs refused ({e}); RUN steps fall back: upper layers on a tmpfs when the store is on overlayfs, else fuse-overlayfs ({})",
+                    f.display()
+                ),
                 Some("put the store (--root) on a filesystem that is not overlayfs (an emptyDir or a volume), on Linux >= 5.11".into()),
             ),
             None => check(
                 "overlay in a user namespace",
-                Verdict::Missing,
-                format!("native overlayfs refused ({e}) and no fuse-overlayfs with /dev/fuse"),
+                Verdict::Degraded,
+                format!("native overlayfs refused ({e}) and no fuse-overlayfs with /dev/fuse; RUN steps fall back to upper layers on a tmpfs or copies of the layers (slower)"),
                 Some("put the store (--root) on ext4/xfs/btrfs/tmpfs (an emptyDir), Linux >= 5.11".into()),
             ),
         },
@@ -378,8 +383,11 @@ fn store_fs_check(store: &Path) -> Check {
             if magic == 0x794c7630 {
                 check(
                     "store filesystem",
-                    Verdict::Missing,
-                    format!("{} is on overlayfs: overlay upperdirs and whiteouts cannot live there", store.display()),
+                    Verdict::Degraded,
+                    format!(
+                        "{} is on overlayfs: overlay upperdirs cannot live there, so RUN steps write to a tmpfs and are copied into the store (or copy the layers)",
+                        store.display()
+                    ),
                     Some("mount an emptyDir (or any volume) and point --root / RBUILD_ROOT at it".into()),
                 )
             } else if free < 1 << 30 {

@@ -3,8 +3,9 @@
 
 use crate::idmap::{nested_identity, IdMap};
 use crate::cgroup::StepCgroup;
-use crate::spec::{Isolation, Network, RunSpec};
+use crate::spec::{Isolation, MountSource, Network, RunSpec, Snapshotter};
 use crate::HELPER_ARG;
+use rbuild_snapshot::{assemble, clear_except, copy_overlay_tree, Baseline, Skip};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -24,6 +25,46 @@ pub enum RunError {
     /// The sandbox reported an error (mounts, user, exec).
     #[error("{0}")]
     Sandbox(String),
+    /// The step's root filesystem could not be mounted the way the spec asks; another
+    /// [`Snapshotter`] may work (see [`crate::fallback_for`]).
+    #[error("{message}")]
+    RootMount {
+        /// What went wrong.
+        problem: RootMountProblem,
+        /// The sandbox's message.
+        message: String,
+    },
+}
+
+/// Why a step's root filesystem could not be mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootMountProblem {
+    /// The upperdir is on overlayfs (a container's root filesystem), which overlayfs refuses
+    /// as an upper layer.
+    UpperOnOverlayfs,
+    /// The kernel refuses overlayfs here (in a user namespace before Linux 5.11, or without
+    /// the module).
+    OverlayUnavailable,
+    /// fuse-overlayfs is missing or could not mount the root.
+    FuseUnavailable,
+}
+
+impl RootMountProblem {
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            RootMountProblem::UpperOnOverlayfs => "upper-on-overlayfs",
+            RootMountProblem::OverlayUnavailable => "overlay-unavailable",
+            RootMountProblem::FuseUnavailable => "fuse-unavailable",
+        }
+    }
+    fn from_tag(t: &str) -> Option<RootMountProblem> {
+        [RootMountProblem::UpperOnOverlayfs, RootMountProblem::OverlayUnavailable, RootMountProblem::FuseUnavailable].into_iter().find(|p| p.tag() == t)
+    }
+}
+
+fn tree(what: impl Into<String>) -> impl FnOnce(rbuild_snapshot::TreeError) -> RunError {
+    let what = what.into();
+    move |e| RunError::Sandbox(format!("{what}: {e}"))
 }
 
 fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
@@ -60,23 +101,158 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), RunError> {
 }
 
 /// Runs one RUN step and streams its combined stdout and stderr to `output`. Blocking.
+///
+/// Whatever the [`Snapshotter`], the step's changes end up in `spec.upperdir` in overlay
+/// form (whiteouts, opaque directories).
 pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
     if spec.isolation == Isolation::None {
-        return Err(RunError::Sandbox(
-            "--isolation=none (RUN steps without namespaces, in rbuild's own root filesystem) is not supported yet".into(),
-        ));
+        return crate::direct::run(spec, output);
     }
     let mut spec = spec.clone();
     let base = spec.upperdir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
-    spec.scratch = spec.upperdir.with_file_name(format!("{base}.sandbox"));
-    let res = run_in(&spec, output);
+    let upperdir = spec.upperdir.clone();
+    // The upper and work directories (and our scratch space) on another filesystem.
+    let relocated = match spec.upper_scratch.clone() {
+        Some(dir) if spec.snapshotter != Snapshotter::Copy => Some(relocate(&mut spec, &dir, &base)?),
+        _ => None,
+    };
+    spec.scratch = match &relocated {
+        Some(r) => r.join("sandbox"),
+        None => spec.upperdir.with_file_name(format!("{base}.sandbox")),
+    };
+    let mut res = run_with_snapshotter(&mut spec, output);
+    if let (Ok(outcome), Some(_)) = (&res, &relocated) {
+        if outcome.status == ExitKind::Exited(0) {
+            // Back into the store, whiteouts in the form its filesystem accepts.
+            let back = clear_except(&upperdir, &Skip::none()).and_then(|_| copy_overlay_tree(&spec.upperdir, &upperdir));
+            if let Err(e) = back {
+                res = Err(tree(format!("copying the step's changes into {}", upperdir.display()))(e));
+            }
+        }
+    }
     let _ = remove_scratch(&spec.scratch);
+    if let Some(r) = relocated {
+        let _ = remove_scratch(&r);
+    }
     res
 }
 
 fn remove_scratch(p: &Path) -> std::io::Result<()> {
-    // Only empty mount points and our generated files live there.
-    std::fs::remove_dir_all(p)
+    // Empty mount points, our generated files, and copies (copy snapshotter).
+    match std::fs::remove_dir_all(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Moves the step's upper and work directories below `dir`; the caller's upperdir content
+/// (e.g. a WORKDIR made before the step) goes along.
+fn relocate(spec: &mut RunSpec, dir: &Path, base: &str) -> Result<std::path::PathBuf, RunError> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let r = dir.join(format!("rbuild-{base}-{}-{n}", std::process::id()));
+    let (u, w) = (r.join("upper"), r.join("work"));
+    for d in [&u, &w] {
+        std::fs::create_dir_all(d).map_err(setup(format!("creating {}", d.display())))?;
+    }
+    copy_overlay_tree(&spec.upperdir, &u).map_err(tree(format!("copying {} to {}", spec.upperdir.display(), u.display())))?;
+    spec.upperdir = u;
+    spec.workdir = w;
+    Ok(r)
+}
+
+fn run_with_snapshotter(spec: &mut RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
+    std::fs::create_dir_all(&spec.scratch).map_err(setup(format!("creating {}", spec.scratch.display())))?;
+    match spec.snapshotter {
+        Snapshotter::Overlay => run_in(spec, output),
+        Snapshotter::FuseOverlay => {
+            let fuse_problem = |message: String| RunError::RootMount { problem: RootMountProblem::FuseUnavailable, message };
+            spec.fuse_binary = Some(crate::fuse::fuse_overlayfs_binary().ok_or_else(|| fuse_problem("fuse-overlayfs is not installed".into()))?);
+            if !Path::new("/dev/fuse").exists() {
+                return Err(fuse_problem("fuse-overlayfs needs /dev/fuse, which this container does not have (docker run --device /dev/fuse)".into()));
+            }
+            materialize_layer_mounts(spec)?;
+            let outcome = run_in(spec, output)?;
+            rbuild_snapshot::normalize_fuse_upper(&spec.upperdir, &spec.lowerdirs).map_err(tree("rewriting fuse-overlayfs's upperdir"))?;
+            Ok(outcome)
+        }
+        Snapshotter::Copy => {
+            let ids = spec.lowerdirs.iter().map(|p| crate::copyroot::layer_id(p)).collect::<Result<Vec<_>, _>>()?;
+            let lease = crate::copyroot::take(spec.copy_cache.as_deref(), &spec.scratch, &ids)?;
+            let res = run_copy(spec, output, &lease.dir, lease.lowers.as_deref(), &ids);
+            // The root is kept for the next step only when it holds exactly known layers.
+            let held = match &res {
+                Ok((o, Some(upper_id))) if o.status == ExitKind::Exited(0) => Some(upper_id.iter().copied().chain(ids.iter().copied()).collect()),
+                _ => None,
+            };
+            lease.give_back(held);
+            res.map(|(o, _)| o)
+        }
+    }
+}
+
+/// A step on a copy of its layers at `root` (which holds `held`, when known). Returns the
+/// outcome and, after success, the identity of the upperdir when the root now holds it on
+/// top of the layers (`Some(None)`: the step changed nothing).
+fn run_copy(
+    spec: &mut RunSpec,
+    output: &mut dyn Write,
+    root: &Path,
+    held: Option<&[crate::copyroot::LayerId]>,
+    ids: &[crate::copyroot::LayerId],
+) -> Result<(RunOutcome, Option<Option<crate::copyroot::LayerId>>), RunError> {
+    match crate::copyroot::extra_layers(held, ids) {
+        // Only new layers on top of what the root holds: apply them.
+        Some(extra) => {
+            if extra > 0 {
+                assemble(&spec.lowerdirs[..extra], root, &Skip::none()).map_err(tree("applying the new layers (copy snapshotter)"))?;
+            }
+        }
+        None => {
+            clear_except(root, &Skip::none()).map_err(tree(format!("emptying {}", root.display())))?;
+            assemble(&spec.lowerdirs, root, &Skip::none()).map_err(tree("copying the image's layers (copy snapshotter)"))?;
+        }
+    }
+    spec.copy_root = root.to_path_buf();
+    let baseline = Baseline::capture(root, &Skip::none()).map_err(tree("recording the root filesystem"))?;
+    // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into the layer.
+    assemble(std::slice::from_ref(&spec.upperdir), root, &Skip::none()).map_err(tree("applying the upperdir"))?;
+    clear_except(&spec.upperdir, &Skip::none()).map_err(tree("emptying the upperdir"))?;
+    materialize_layer_mounts(spec)?;
+    // Coarse file-time clocks: every change the step makes gets a later ctime than the baseline.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let outcome = run_in(spec, output)?;
+    if outcome.status != ExitKind::Exited(0) {
+        return Ok((outcome, None));
+    }
+    let stats = baseline.diff_into(root, &spec.upperdir, &Skip::none()).map_err(tree("finding what the step changed"))?;
+    // The mount points the sandbox made leave the root (the caller takes them out of the layer).
+    for c in outcome.created_mountpoints.iter().rev() {
+        let p = root.join(c);
+        let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
+    }
+    let upper = if stats.entries + stats.whiteouts > 0 { Some(crate::copyroot::layer_id(&spec.upperdir)?) } else { None };
+    Ok((outcome, Some(upper)))
+}
+
+/// Without kernel overlayfs, `RUN --mount`s of layers become binds: of the one directory
+/// itself when read-only (the build context), else of a merged copy in the scratch space.
+fn materialize_layer_mounts(spec: &mut RunSpec) -> Result<(), RunError> {
+    let scratch = spec.scratch.clone();
+    for (i, m) in spec.mounts.iter_mut().enumerate() {
+        let MountSource::Layers { lowerdirs, subpath, discard_writes } = &m.source else { continue };
+        let sub = subpath.trim_start_matches('/');
+        let source = if lowerdirs.len() == 1 && !discard_writes {
+            lowerdirs[0].join(sub)
+        } else {
+            let dir = scratch.join(format!("mount{i}-copy"));
+            std::fs::create_dir_all(&dir).map_err(setup(format!("creating {}", dir.display())))?;
+            assemble(lowerdirs, &dir, &Skip::none()).map_err(tree(format!("copying the layers of the mount at {}", m.target)))?;
+            dir.join(sub)
+        };
+        m.source = MountSource::Bind { source, readonly: !discard_writes };
+    }
+    Ok(())
 }
 
 fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
@@ -103,6 +279,11 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     } else {
         StepCgroup::create(crate::cgroup::prepared(), &spec.limits).map_err(setup("creating the RUN step's cgroup"))?
     };
+    if spec.snapshotter == Snapshotter::FuseOverlay {
+        // The helper starts fuse-overlayfs first and then makes the PID namespace itself, so
+        // that the daemon is not in it (a first child would be its PID 1).
+        flags &= !libc::CLONE_NEWPID;
+    }
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(HELPER_ARG).stdin(Stdio::piped()).stdout(Stdio::from(out_w)).stderr(Stdio::from(out_w2)).env_clear();
     // The child's maps: an identity of every extent of ours.
@@ -155,6 +336,12 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
             warnings.push(w.to_string());
         } else if let Some(e) = line.strip_prefix("error:") {
             errors.push(e.to_string());
+        }
+    }
+    if let Some(e) = errors.iter().find_map(|e| e.strip_prefix("rootmount:")) {
+        let (tag, message) = e.split_once(':').unwrap_or(("", e));
+        if let Some(problem) = RootMountProblem::from_tag(tag) {
+            return Err(RunError::RootMount { problem, message: message.to_string() });
         }
     }
     if !errors.is_empty() {

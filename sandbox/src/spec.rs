@@ -12,6 +12,30 @@ pub enum Network {
     None,
 }
 
+/// How a RUN step's root filesystem is made from the image's layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Snapshotter {
+    /// Kernel overlayfs over the layer directories, with a fresh upperdir (the default).
+    #[default]
+    Overlay,
+    /// `fuse-overlayfs`, for kernels that refuse overlayfs in a user namespace. Its upperdir
+    /// is rewritten into the kernel's overlay form after the step.
+    FuseOverlay,
+    /// The layers copied into a scratch directory (reflinks where the filesystem has them);
+    /// after the step a stat walk writes what changed into the upperdir in overlay form.
+    Copy,
+}
+
+impl std::fmt::Display for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Snapshotter::Overlay => "overlay",
+            Snapshotter::FuseOverlay => "fuse-overlayfs",
+            Snapshotter::Copy => "copy",
+        })
+    }
+}
+
 /// How much of the sandbox a RUN step gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Isolation {
@@ -144,9 +168,40 @@ pub struct RunSpec {
     /// Resource limits (empty: none).
     #[serde(default)]
     pub limits: Limits,
+    /// How the root filesystem is made.
+    #[serde(default)]
+    pub snapshotter: Snapshotter,
+    /// Where the upper and work directories go when the upperdir's filesystem cannot hold an
+    /// overlay upperdir (it is overlayfs itself): a directory on another filesystem. The
+    /// result is copied back into `upperdir` after the step.
+    #[serde(default)]
+    pub upper_scratch: Option<PathBuf>,
+    /// With [`Snapshotter::Copy`]: a directory where assembled roots are kept between steps
+    /// (a step stacking on the previous one then copies nothing); removed with
+    /// [`crate::forget_copy_cache`]. Without it every step copies its layers afresh.
+    #[serde(default)]
+    pub copy_cache: Option<PathBuf>,
+    /// With [`Isolation::None`]: the root directory the step runs in and rbuild rewrites
+    /// (`/` in a container; a scratch directory in tests).
+    #[serde(default = "slash")]
+    pub rewrite_root: PathBuf,
+    /// With [`Isolation::None`]: absolute paths rbuild never touches when it rewrites the root
+    /// (its store, the build context, its own binary); mount points below the root are kept too.
+    #[serde(default)]
+    pub keep_paths: Vec<PathBuf>,
     /// Set by [`crate::run`]: where the merged root is mounted and the generated files live.
     #[serde(default)]
     pub(crate) scratch: PathBuf,
+    /// Set by [`crate::run`] for [`Snapshotter::Copy`]: the assembled root the helper binds.
+    #[serde(default)]
+    pub(crate) copy_root: PathBuf,
+    /// Set by [`crate::run`] for [`Snapshotter::FuseOverlay`]: the binary (the helper has no PATH).
+    #[serde(default)]
+    pub(crate) fuse_binary: Option<PathBuf>,
+}
+
+fn slash() -> PathBuf {
+    PathBuf::from("/")
 }
 
 /// Errors building a [`RunSpec`].
@@ -173,6 +228,11 @@ pub struct RunSpecBuilder {
     mounts: Vec<Mount>,
     isolation: Isolation,
     limits: Limits,
+    snapshotter: Snapshotter,
+    upper_scratch: Option<PathBuf>,
+    copy_cache: Option<PathBuf>,
+    rewrite_root: Option<PathBuf>,
+    keep_paths: Vec<PathBuf>,
 }
 
 impl RunSpec {
@@ -213,6 +273,11 @@ impl RunSpecBuilder {
     setter!(mounts, Vec<Mount>);
     setter!(isolation, Isolation);
     setter!(limits, Limits);
+    setter!(snapshotter, Snapshotter);
+    setter!(upper_scratch, PathBuf, opt);
+    setter!(copy_cache, PathBuf, opt);
+    setter!(rewrite_root, PathBuf, opt);
+    setter!(keep_paths, Vec<PathBuf>);
 
     /// The finished spec.
     pub fn build(self) -> Result<RunSpec, SpecError> {
@@ -233,7 +298,14 @@ impl RunSpecBuilder {
             mounts: self.mounts,
             isolation: self.isolation,
             limits: self.limits,
+            snapshotter: self.snapshotter,
+            upper_scratch: self.upper_scratch,
+            copy_cache: self.copy_cache,
+            rewrite_root: self.rewrite_root.unwrap_or_else(slash),
+            keep_paths: self.keep_paths,
             scratch: PathBuf::new(),
+            copy_root: PathBuf::new(),
+            fuse_binary: None,
         })
     }
 }

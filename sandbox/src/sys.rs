@@ -220,3 +220,66 @@ pub fn status_fd3() -> std::fs::File {
     // open, and nothing else in this process owns it.
     unsafe { std::fs::File::from_raw_fd(3) }
 }
+
+/// Makes the child of `cmd` die with SIGKILL when the thread that spawned it exits.
+pub fn set_death_signal(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What the child of an `Isolation::None` RUN step does before exec: a session of its own
+/// (so that everything it starts can be killed as one group), the root and working
+/// directory, the user.
+pub struct DirectChild {
+    /// chroot here first (when the rewritten root is not `/`).
+    pub chroot: Option<CString>,
+    /// Working directory (inside the root).
+    pub cwd: CString,
+    /// User.
+    pub uid: libc::uid_t,
+    /// Group.
+    pub gid: libc::gid_t,
+    /// Supplementary groups.
+    pub groups: Vec<libc::gid_t>,
+}
+
+/// Registers `c` to run in the child of `cmd` between fork and exec.
+pub fn set_direct_pre_exec(cmd: &mut Command, c: DirectChild) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only makes async-signal-safe calls (setsid, chroot, chdir,
+    // setgroups, setresgid, setresuid, sigprocmask) on memory allocated before the fork, and
+    // allocates nothing, as required after fork in a threaded process.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(root) = &c.chroot {
+                if libc::chroot(root.as_ptr()) < 0 || libc::chdir(c"/".as_ptr()) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::chdir(c.cwd.as_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
+                || libc::setresgid(c.gid, c.gid, c.gid) < 0
+                || libc::setresuid(c.uid, c.uid, c.uid) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -114,9 +114,9 @@ impl<W: Write> Writer<'_, W> {
             let rel_path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
             let md = fs::symlink_metadata(&path).map_err(ioe(&path))?;
             let ft = md.file_type();
-            if ft.is_char_device() && md.rdev() == 0 {
-                // An overlay whiteout. Overlay hard-links all whiteouts to one inode, so its
-                // link count says nothing about hardlinks.
+            if crate::whiteout::is_whiteout(&path, &md) {
+                // An overlay whiteout (either form). Overlay hard-links all whiteouts to one
+                // inode, so its link count says nothing about hardlinks.
                 let wh = if rel.is_empty() { format!(".wh.{name}") } else { format!("{rel}/.wh.{name}") };
                 let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, self.mtime(&md));
                 self.append(&mut h, &wh, None, &[], io::empty(), &path)?;

@@ -132,9 +132,7 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
         if let Some(hidden) = last.strip_prefix(".wh.") {
             remove_at(&parent_fd, hidden).map_err(err)?;
             if mode == Mode_::Overlay {
-                rustix::fs::mknodat(&parent_fd, hidden, FileType::CharacterDevice, Mode::empty(), 0).map_err(|e| err(e.into()))?;
-                rustix::fs::chownat(&parent_fd, hidden, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::ROOT), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| err(e.into()))?;
+                crate::whiteout::make_whiteout_at(&parent_fd, hidden).map_err(err)?;
             }
             stats.entries += 1;
             continue;
