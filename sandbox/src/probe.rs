@@ -653,7 +653,7 @@ mod tests {
         assert_eq!(iso, Isolation::Full);
         assert!(w.unwrap().contains("seccomp=unconfined"));
         assert!(m.choose(IsolationPolicy::Strict).unwrap_err().contains("cannot get a user namespace"));
-        assert_eq!(m.describe(iso), "NO user namespaces, no overlay, private /proc");
+        assert_eq!(m.describe(iso), "NO user namespaces, no overlay (tmpfs upper layers or copies of the layers), private /proc");
         assert_eq!(m.choose(IsolationPolicy::None).unwrap().0, Isolation::None);
     }
 
