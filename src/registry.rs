@@ -188,7 +188,11 @@ pub struct PulledImage {
 /// A tag's resolution as kept in the store's `resolved/` directory.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct ResolutionRecord {
+    /// As written in the Dockerfile (looked up without parsing it: parsing a reference
+    /// compiles oci-client's reference regex, a good part of an unchanged rebuild's time).
     reference: String,
+    /// Canonical (`docker.io/library/busybox:latest`).
+    name: String,
     platform: String,
     manifest: Digest,
     /// Seconds since the epoch.
@@ -454,16 +458,15 @@ impl Registry {
     /// [`PulledImage::resolution`], when the registry cannot be reached or fails.
     /// [`RegistryOptions::always_resolve`] asks every time and never falls back.
     pub async fn resolve(&self, reference: &str, store: &Store) -> Result<PulledImage, RegistryError> {
-        let r = normalize_reference(reference)?;
-        let name = r.whole();
-        let kept = if self.opts.always_resolve { None } else { self.kept_resolution(&name, store) };
+        let kept = if self.opts.always_resolve { None } else { self.kept_resolution(reference, store) };
         if let Some((age, image)) = &kept {
-            if *age < TAG_TTL || r.digest().is_some() {
+            if *age < TAG_TTL || reference.contains('@') {
                 let mut image = image.clone();
                 image.resolution = Resolution::Recent(*age);
                 return Ok(image);
             }
         }
+        let name = normalize_reference(reference)?.whole();
         let asked = async {
             let (doc, bytes, digest) = self.manifest(reference).await?;
             let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
@@ -474,7 +477,7 @@ impl Registry {
         };
         match (asked.await, kept) {
             (Ok(image), _) => {
-                self.keep_resolution(&name, &image.manifest_digest, store);
+                self.keep_resolution(reference, &name, &image.manifest_digest, store);
                 Ok(image)
             }
             // The registry is down, throttling or failing: a build that worked a moment
@@ -487,34 +490,35 @@ impl Registry {
         }
     }
 
-    fn resolution_file(&self, name: &str, store: &Store) -> PathBuf {
+    fn resolution_file(&self, reference: &str, store: &Store) -> PathBuf {
         let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
-        store.root().join("resolved").join(format!("{}.json", Digest::of(format!("{name}\n{platform}").as_bytes()).hex()))
+        store.root().join("resolved").join(format!("{}.json", Digest::of(format!("{reference}\n{platform}").as_bytes()).hex()))
     }
 
-    /// The store's resolution of `name` for this platform and its age, if its manifest and
-    /// config are still in the store.
-    fn kept_resolution(&self, name: &str, store: &Store) -> Option<(std::time::Duration, PulledImage)> {
-        let rec: ResolutionRecord = serde_json::from_slice(&std::fs::read(self.resolution_file(name, store)).ok()?).ok()?;
+    /// The store's resolution of `reference` (as written) for this platform and its age, if
+    /// its manifest and config are still in the store.
+    fn kept_resolution(&self, reference: &str, store: &Store) -> Option<(std::time::Duration, PulledImage)> {
+        let rec: ResolutionRecord = serde_json::from_slice(&std::fs::read(self.resolution_file(reference, store)).ok()?).ok()?;
         let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
-        if rec.reference != name || rec.platform != platform {
+        if rec.reference != reference || rec.platform != platform {
             return None;
         }
         let doc: Value = serde_json::from_slice(&store.read_blob(&rec.manifest).ok()?).ok()?;
-        let (config, layers) = parse_manifest(name, &doc).ok()?;
+        let (config, layers) = parse_manifest(&rec.name, &doc).ok()?;
         if !store.has_blob(&config.0) {
             return None;
         }
-        let image = finish_pull(name.to_string(), rec.manifest, config.0, layers, store).ok()?;
+        let image = finish_pull(rec.name, rec.manifest, config.0, layers, store).ok()?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         Some((std::time::Duration::from_secs(now.saturating_sub(rec.resolved_at)), image))
     }
 
     /// Keeps `name → manifest` in the store (best effort: it only saves a registry round trip).
-    fn keep_resolution(&self, name: &str, manifest: &Digest, store: &Store) {
-        let file = self.resolution_file(name, store);
+    fn keep_resolution(&self, reference: &str, name: &str, manifest: &Digest, store: &Store) {
+        let file = self.resolution_file(reference, store);
         let rec = ResolutionRecord {
-            reference: name.to_string(),
+            reference: reference.to_string(),
+            name: name.to_string(),
             platform: format!("{}/{}", self.opts.platform.0, self.opts.platform.1),
             manifest: manifest.clone(),
             resolved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),

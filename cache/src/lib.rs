@@ -14,7 +14,7 @@
 //! - `cache/explain/<sha256 of step id>.json`: the key inputs of each step's last miss, to
 //!   say what changed at the next one;
 //! - `statcache/<sha256 of context path>.json`: stat caches of build contexts;
-//! - `resolved/<sha256 of reference and platform>.json`: base image tags resolved recently;
+//! - `resolved/<sha256 of reference and platform>.json`: base image references resolved recently;
 //! - `lock`, `owners/<pid>.lock`: the store lock and per-process owner locks.
 //!
 //! See [`store`] for the invariants that make sharing and crashes safe, [`gc`] for
