@@ -52,8 +52,12 @@ bh() {
   buildah --root "$bstore/root" --runroot "$bstore/run" --storage-driver=overlay bud --runtime=/usr/sbin/runc \
     --isolation=oci --network=host --tls-verify=false -q --layers -t noop:latest "$ctx"
 }
-secs() { python3 -c 'import time; print(f"{time.time():.4f}")'; }
-timed() { local t0 t1; t0=$(secs); "$@" >/dev/null 2>"$work/last.log" || { cat "$work/last.log"; exit 1; }; t1=$(secs); python3 -c "print(f'{$t1-$t0:.3f}')"; }
+# Bash's own clock: a python3 start-up inside the timed span would add tens of milliseconds.
+timed() {
+  local t0 t1; t0=$EPOCHREALTIME
+  "$@" >/dev/null 2>"$work/last.log" || { cat "$work/last.log"; exit 1; }
+  t1=$EPOCHREALTIME; python3 -c "print(f'{$t1-$t0:.3f}')"
+}
 median() { python3 -c 'import statistics,sys; print(f"{statistics.median(map(float, sys.argv[1:])):.3f}")' "$@"; }
 
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
