@@ -62,8 +62,7 @@ fn project_context(base: &str, tag: &str) -> tempfile::TempDir {
     let df = format!(
         "FROM {base}\nRUN awk 'BEGIN{{srand({seed}); for(i=0;i<300000;i++) printf \"%08x\", rand()*4294967295}}' > /noise-{tag} && echo {tag} > /tag\nCOPY src/ /src/\nRUN cat /src/* > /all && sleep 0.3\n"
     );
-    let ctx = context(&[("Dockerfile", &df), ("src/a", "a\n"), ("src/b", "b\n")]);
-    ctx
+    context(&[("Dockerfile", &df), ("src/a", "a\n"), ("src/b", "b\n")])
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -145,7 +144,7 @@ fn du_and_prune_account_for_everything() {
     build_digest(&root, a.path(), work.path(), &[]);
     std::thread::sleep(Duration::from_millis(1100));
     build_digest(&root, b.path(), work.path(), &[]);
-    let (ok, _) = all_output(&mut rbuild_ns(&root, &["build", "--progress=plain"]).arg(failing.path()));
+    let (ok, _) = all_output(rbuild_ns(&root, &["build", "--progress=plain"]).arg(failing.path()));
     assert!(!ok);
     kill_when(&root, &["build", "--progress=plain"], killed.path(), "about-to-sleep");
     assert!(non_empty(&root.join("tmp")), "the killed build's RUN upperdir is in tmp/");
