@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -q
-bin=$PWD/target/release/rbuild
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release/rbuild
 dpkg -s buildah >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah runc >/dev/null
 cp /bin/busybox testdata/parallel/busybox
 work=$(mktemp -d /var/tmp/rbuild-par.XXXXXX)

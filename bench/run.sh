@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -q
-bin=$PWD/target/release/rbuild
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release/rbuild
 tb=$PWD/../shared/testbed
 for p in buildah runc time; do dpkg -s $p >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $p >/dev/null; done
 work=$(mktemp -d /var/tmp/rbuild-bench.XXXXXX)

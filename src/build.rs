@@ -40,6 +40,8 @@ pub struct BuildOptions {
     pub insecure_registries: Vec<String>,
     /// `--no-cache`.
     pub no_cache: bool,
+    /// `--pull`: ask registries what base image tags point to, whatever the store knows.
+    pub pull: bool,
     /// Network of RUN steps.
     pub network: NetworkArg,
     /// Layer compression.
@@ -311,6 +313,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
     let registry = Registry::new(RegistryOptions {
         insecure: opts.insecure_registries.clone(),
         platform: (os.to_string(), arch.to_string()),
+        always_resolve: opts.pull,
     });
     let ctx_hasher = crate::ctxhash::ContextHasher::new(store.clone());
     let rootfs = crate::fallback::RootfsMode::new(opts.rootfs.clone(), store.root().to_path_buf(), store.temp_path("rootfs"), progress.clone())
@@ -766,7 +769,17 @@ impl Builder {
             }
             pulled
         };
-        step.log(&format!("resolved {} to {}", reference, pulled.manifest_digest));
+        match &pulled.resolution {
+            registry::Resolution::Fresh => step.log(&format!("resolved {} to {}", reference, pulled.manifest_digest)),
+            registry::Resolution::Recent(age) => {
+                step.log(&format!("{} is {} (resolved {} s ago; --pull asks the registry)", reference, pulled.manifest_digest, age.as_secs()))
+            }
+            registry::Resolution::Stale(age, why) => self.progress.warn(&format!(
+                "{reference}: using what it pointed to {} s ago, {}, because the registry did not answer: {why}",
+                age.as_secs(),
+                pulled.manifest_digest
+            )),
+        }
         let layers: Vec<LayerEntry> =
             pulled.layers.iter().map(|l| LayerEntry::Known(Layer { desc: LayerSlot::Ready(l.clone()), dir: self.store.layer_dir(&l.diff_id) })).collect();
         if !self.lazy() {

@@ -279,6 +279,12 @@ pub struct BuildArgs {
     #[arg(long)]
     pub no_cache: bool,
 
+    /// Ask the registry what each base image tag points to now. Without it, a tag resolved
+    /// less than 10 minutes ago is not asked again, and when the registry cannot be reached
+    /// the last resolution is used (with a warning).
+    #[arg(long)]
+    pub pull: bool,
+
     /// Network of RUN steps.
     #[arg(long, value_enum, default_value = "host")]
     pub network: NetworkArg,

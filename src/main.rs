@@ -426,6 +426,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         outputs,
         insecure_registries: args.insecure_registries.clone(),
         no_cache: args.no_cache,
+        pull: args.pull,
         network: args.network,
         compression: args.compression,
         platform: args.platform.clone(),

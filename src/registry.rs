@@ -137,12 +137,35 @@ pub struct RegistryOptions {
     pub insecure: Vec<String>,
     /// Platform `(os, architecture)` to pick from multi-platform images.
     pub platform: (String, String),
+    /// Ask the registry what a tag points to on every [`Registry::resolve`] (`--pull`),
+    /// instead of using a resolution younger than [`TAG_TTL`] kept in the store.
+    pub always_resolve: bool,
 }
 
 impl Default for RegistryOptions {
     fn default() -> Self {
-        RegistryOptions { insecure: Vec::new(), platform: ("linux".into(), "amd64".into()) }
+        RegistryOptions { insecure: Vec::new(), platform: ("linux".into(), "amd64".into()), always_resolve: false }
     }
+}
+
+/// How long a tag's resolution (tag → platform manifest), kept in the store's `resolved/`,
+/// is used without asking the registry again. Docker's classic builder and buildah never ask
+/// again unless told to pull; BuildKit asks every time. A short time keeps edit-and-rebuild
+/// loops off the network (and off registries' pull-rate limits) while a moved tag is still
+/// seen within minutes; `--pull` asks every time.
+pub const TAG_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Where the manifest of a [`PulledImage`] came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The registry (or an image layout) was asked just now.
+    Fresh,
+    /// The store's resolution of the tag, made this long ago (less than [`TAG_TTL`]), or
+    /// of a reference pinned by digest.
+    Recent(std::time::Duration),
+    /// The store's resolution of the tag, made this long ago, used because the registry
+    /// could not answer (the message says why).
+    Stale(std::time::Duration, String),
 }
 
 /// A base image now in the store.
@@ -158,6 +181,22 @@ pub struct PulledImage {
     pub config_digest: Digest,
     /// Layers, bottom first, with diffIDs from the config.
     pub layers: Vec<LayerDesc>,
+    /// Whether the registry was asked for the manifest.
+    pub resolution: Resolution,
+}
+
+/// A tag's resolution as kept in the store's `resolved/` directory.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ResolutionRecord {
+    /// As written in the Dockerfile (looked up without parsing it: parsing a reference
+    /// compiles oci-client's reference regex, a good part of an unchanged rebuild's time).
+    reference: String,
+    /// Canonical (`docker.io/library/busybox:latest`).
+    name: String,
+    platform: String,
+    manifest: Digest,
+    /// Seconds since the epoch.
+    resolved_at: u64,
 }
 
 /// What a pull is doing, for progress display.
@@ -413,12 +452,82 @@ impl Registry {
     /// Resolves `reference` to its platform manifest and fetches only the config: the layers
     /// are described (with diffIDs) but left for [`Registry::fetch_blob`], so a build that
     /// finds every step in the cache never downloads them.
+    ///
+    /// A resolution the store keeps (see [`TAG_TTL`]) is used without asking the registry
+    /// when it is recent, or the reference is pinned by digest; and, with a warning in
+    /// [`PulledImage::resolution`], when the registry cannot be reached or fails.
+    /// [`RegistryOptions::always_resolve`] asks every time and never falls back.
     pub async fn resolve(&self, reference: &str, store: &Store) -> Result<PulledImage, RegistryError> {
+        let kept = if self.opts.always_resolve { None } else { self.kept_resolution(reference, store) };
+        if let Some((age, image)) = &kept {
+            if *age < TAG_TTL || reference.contains('@') {
+                let mut image = image.clone();
+                image.resolution = Resolution::Recent(*age);
+                return Ok(image);
+            }
+        }
         let name = normalize_reference(reference)?.whole();
-        let (doc, _, digest) = self.manifest(reference).await?;
-        let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
-        self.fetch_blob(reference, &config_desc.0, config_desc.1, store).await?;
-        finish_pull(name, digest, config_desc.0, layer_descs, store)
+        let asked = async {
+            let (doc, bytes, digest) = self.manifest(reference).await?;
+            let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
+            self.fetch_blob(reference, &config_desc.0, config_desc.1, store).await?;
+            // The manifest too, so the next build can do without the registry.
+            store.put_blob_bytes(&bytes).map_err(|source| RegistryError::Store { reference: name.clone(), source })?;
+            finish_pull(name.clone(), digest, config_desc.0, layer_descs, store)
+        };
+        match (asked.await, kept) {
+            (Ok(image), _) => {
+                self.keep_resolution(reference, &name, &image.manifest_digest, store);
+                Ok(image)
+            }
+            // The registry is down, throttling or failing: a build that worked a moment
+            // ago keeps working. Refusals and unknown tags are real answers, not outages.
+            (Err(e @ (RegistryError::Unreachable { .. } | RegistryError::Registry { .. })), Some((age, mut image))) => {
+                image.resolution = Resolution::Stale(age, e.to_string());
+                Ok(image)
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    fn resolution_file(&self, reference: &str, store: &Store) -> PathBuf {
+        let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
+        store.root().join("resolved").join(format!("{}.json", Digest::of(format!("{reference}\n{platform}").as_bytes()).hex()))
+    }
+
+    /// The store's resolution of `reference` (as written) for this platform and its age, if
+    /// its manifest and config are still in the store.
+    fn kept_resolution(&self, reference: &str, store: &Store) -> Option<(std::time::Duration, PulledImage)> {
+        let rec: ResolutionRecord = serde_json::from_slice(&std::fs::read(self.resolution_file(reference, store)).ok()?).ok()?;
+        let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
+        if rec.reference != reference || rec.platform != platform {
+            return None;
+        }
+        let doc: Value = serde_json::from_slice(&store.read_blob(&rec.manifest).ok()?).ok()?;
+        let (config, layers) = parse_manifest(&rec.name, &doc).ok()?;
+        if !store.has_blob(&config.0) {
+            return None;
+        }
+        let image = finish_pull(rec.name, rec.manifest, config.0, layers, store).ok()?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        Some((std::time::Duration::from_secs(now.saturating_sub(rec.resolved_at)), image))
+    }
+
+    /// Keeps `name → manifest` in the store (best effort: it only saves a registry round trip).
+    fn keep_resolution(&self, reference: &str, name: &str, manifest: &Digest, store: &Store) {
+        let file = self.resolution_file(reference, store);
+        let rec = ResolutionRecord {
+            reference: reference.to_string(),
+            name: name.to_string(),
+            platform: format!("{}/{}", self.opts.platform.0, self.opts.platform.1),
+            manifest: manifest.clone(),
+            resolved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
+        };
+        if let (Some(dir), Ok(bytes)) = (file.parent(), serde_json::to_vec(&rec)) {
+            if std::fs::create_dir_all(dir).is_ok() {
+                let _ = store.write_file_atomic(&file, &bytes);
+            }
+        }
     }
 
     /// Pulls `reference` into the store: the manifest (an index is resolved to the platform),
@@ -739,7 +848,7 @@ fn finish_pull(
             Ok(LayerDesc { digest, diff_id, size, media_type: oci_layer_media_type(&mt) })
         })
         .collect::<Result<Vec<_>, RegistryError>>()?;
-    Ok(PulledImage { reference, manifest_digest, config, config_digest, layers })
+    Ok(PulledImage { reference, manifest_digest, config, config_digest, layers, resolution: Resolution::Fresh })
 }
 
 /// Reads an OCI image layout (`FROM oci-layout://DIR[:TAG]`) into the store for linux/amd64;

@@ -62,8 +62,7 @@ fn project_context(base: &str, tag: &str) -> tempfile::TempDir {
     let df = format!(
         "FROM {base}\nRUN awk 'BEGIN{{srand({seed}); for(i=0;i<300000;i++) printf \"%08x\", rand()*4294967295}}' > /noise-{tag} && echo {tag} > /tag\nCOPY src/ /src/\nRUN cat /src/* > /all && sleep 0.3\n"
     );
-    let ctx = context(&[("Dockerfile", &df), ("src/a", "a\n"), ("src/b", "b\n")]);
-    ctx
+    context(&[("Dockerfile", &df), ("src/a", "a\n"), ("src/b", "b\n")])
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -82,7 +81,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// last process that opened it.
 const SKELETON_DIRS: &[&str] = &[
     "blobs", "blobs/sha256", "layers", "layers/sha256", "layers/built", "cache", "cache/explain", "tmp", "run", "run/proc-clone", "owners",
-    "refs", "statcache", "mounts", "mounts/cache",
+    "refs", "statcache", "resolved", "mounts", "mounts/cache",
 ];
 
 /// Everything under `root` that is not the empty skeleton.
@@ -145,11 +144,11 @@ fn du_and_prune_account_for_everything() {
     build_digest(&root, a.path(), work.path(), &[]);
     std::thread::sleep(Duration::from_millis(1100));
     build_digest(&root, b.path(), work.path(), &[]);
-    let (ok, _) = all_output(&mut rbuild_ns(&root, &["build", "--progress=plain"]).arg(failing.path()));
+    let (ok, _) = all_output(rbuild_ns(&root, &["build", "--progress=plain"]).arg(failing.path()));
     assert!(!ok);
     kill_when(&root, &["build", "--progress=plain"], killed.path(), "about-to-sleep");
     assert!(non_empty(&root.join("tmp")), "the killed build's RUN upperdir is in tmp/");
-    for dir in ["blobs/sha256", "layers/sha256", "layers/built", "cache", "cache/explain", "statcache", "mounts/cache"] {
+    for dir in ["blobs/sha256", "layers/sha256", "layers/built", "cache", "cache/explain", "statcache", "resolved", "mounts/cache"] {
         assert!(non_empty(&root.join(dir)), "{dir} should hold something before the prune");
     }
 
@@ -375,4 +374,51 @@ fn cache_keys_do_not_depend_on_where_contexts_are_or_who_owns_them() {
     let (_, log) = build(ctx1.path(), lib2.path());
     assert_eq!(log.matches("CACHED").count(), 1, "{log}");
     assert!(log.contains("cache miss: changed bind-content"), "{log}");
+}
+
+#[test]
+fn base_image_tags_are_not_asked_again_for_a_while_and_survive_an_outage() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("store");
+    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo one > /one\n"))]);
+    let (first, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert!(log.contains(&format!("resolved {base} to")), "{log}");
+    // Move the tag: another image under the same name, pushed from another store.
+    let moved = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo moved > /moved\n"))]);
+    must(rbuild_ns(&work.path().join("other"), &["build", "--progress=plain", "-t", &base, "--push"]).arg(moved.path()));
+    // Within the TTL the store's resolution holds: nothing asked, nothing rerun.
+    let (again, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(again, first);
+    assert!(log.contains("--pull asks the registry") && !log.contains("cache miss"), "{log}");
+    // --pull asks: the moved tag's image is the new base, and the RUN runs on it.
+    let (pulled, log) = build_digest(&root, ctx.path(), work.path(), &["--pull"]);
+    assert_ne!(pulled, first, "{log}");
+    assert!(log.contains(&format!("resolved {base} to")) && log.contains("cache miss"), "{log}");
+
+    // An outage: within the TTL nothing changes ...
+    reg.stop();
+    let (during, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(during, pulled, "{log}");
+    // ... --pull fails, naming the registry ...
+    let (ok, log) = all_output(rbuild_ns(&root, &["build", "--progress=plain", "--pull"]).arg(ctx.path()));
+    assert!(!ok && log.contains("is unreachable"), "{log}");
+    // ... and past the TTL the last resolution is used, with a warning.
+    for e in std::fs::read_dir(root.join("resolved")).unwrap() {
+        let p = e.unwrap().path();
+        let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        rec["resolved_at"] = serde_json::json!(rec["resolved_at"].as_u64().unwrap() - 3600);
+        std::fs::write(&p, rec.to_string()).unwrap();
+    }
+    let (stale, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(stale, pulled);
+    assert!(log.contains("because the registry did not answer"), "{log}");
+    reg.restart();
+    // Back up and past the TTL: asked again, and the answer is kept.
+    let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert!(log.contains(&format!("resolved {base} to")), "{log}");
+    let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert!(log.contains("--pull asks the registry"), "{log}");
 }

@@ -70,8 +70,8 @@ pub struct Usage {
     pub mounts: KindUsage,
     /// `tmp/`: work in progress (or left by killed builds until the next open or prune).
     pub tmp: KindUsage,
-    /// `statcache/` and `cache/explain/`: context stat caches and what explains cache
-    /// misses (count: files).
+    /// `statcache/`, `cache/explain/` and `resolved/`: context stat caches, what explains
+    /// cache misses, and base image tags resolved recently (count: files).
     pub metadata: KindUsage,
 }
 
@@ -165,10 +165,11 @@ pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
     // Stat caches and miss explanations: only speed and messages, all reclaimable.
     let statcache = count_children(&root.join("statcache"), &|_| true, &no_pin);
     let explain = count_children(&root.join("cache/explain"), &|_| true, &no_pin);
+    let resolved = count_children(&root.join("resolved"), &|_| true, &no_pin);
     u.metadata = KindUsage {
-        count: statcache.count + explain.count,
-        bytes: statcache.bytes + explain.bytes,
-        reclaimable: statcache.reclaimable + explain.reclaimable,
+        count: statcache.count + explain.count + resolved.count,
+        bytes: statcache.bytes + explain.bytes + resolved.bytes,
+        reclaimable: statcache.reclaimable + explain.reclaimable + resolved.reclaimable,
     };
     // Layers: sizes of the whole layers/ tree once; count layer names plus unlinked built dirs.
     u.layers.bytes = tree_size(&root.join("layers"));
@@ -504,6 +505,22 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
             now.duration_since(used).unwrap_or_default() > d
         });
         if opts.all || old {
+            report.bytes += tree_size(&p);
+            remove_any(&p)?;
+        }
+    }
+    // Tag resolutions (tag -> manifest, so a rebuild need not ask the registry): all with
+    // `all`, otherwise those whose manifest the sweep above removed.
+    for e in entries(&root.join("resolved")) {
+        let p = e.path();
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let manifest = fs::read(&p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("manifest")?.as_str()?.parse::<Digest>().ok());
+        if opts.all || !manifest.is_some_and(|m| store.has_blob(&m)) {
             report.bytes += tree_size(&p);
             remove_any(&p)?;
         }

@@ -11,7 +11,10 @@
 //! - `tmp/`: work space; everything is written there first and renamed into place,
 //!   so a killed build never leaves a half-written blob, layer or record under a final name;
 //! - `refs/<sha256 of name>.json`: names for manifests that prune keeps;
+//! - `cache/explain/<sha256 of step id>.json`: the key inputs of each step's last miss, to
+//!   say what changed at the next one;
 //! - `statcache/<sha256 of context path>.json`: stat caches of build contexts;
+//! - `resolved/<sha256 of reference and platform>.json`: base image references resolved recently;
 //! - `lock`, `owners/<pid>.lock`: the store lock and per-process owner locks.
 //!
 //! See [`store`] for the invariants that make sharing and crashes safe, [`gc`] for

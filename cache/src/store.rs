@@ -24,8 +24,8 @@
 //!    have pid 1). `tmp/` entries are named `<prefix>-<token>-<n>`; the process holds an
 //!    exclusive `flock` on `owners/<token>.lock` for its lifetime. On open, entries whose
 //!    owner lock is free (and, without a lock file, whose pid is not alive here) are removed.
-//!    Leftover `.NAME.tmp-<token>-<n>` files of [`write_file_atomic`] in `cache/`, `refs/`
-//!    and `statcache/` are removed the same way.
+//!    Leftover `.NAME.tmp-<token>-<n>` files of [`write_file_atomic`] in `cache/`, `refs/`,
+//!    `statcache/` and `resolved/` are removed the same way.
 //! 6. **Crash model.** Blobs and records are fsynced, so they survive power loss; unpacked
 //!    layer dirs are not (they are rebuilt from blobs), and a SIGKILL cannot harm them
 //!    since the page cache survives the process.
@@ -225,7 +225,7 @@ impl Store {
                 None => unknown.push(e.path()),
             }
         }
-        for dir in ["cache", "refs", "statcache"] {
+        for dir in ["cache", "refs", "statcache", "resolved"] {
             for e in fs::read_dir(self.root.join(dir)).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")).and_then(|(_, t)| temp_owner(&format!("x-{t}"))) {

@@ -63,6 +63,16 @@ impl Registry {
         format!("{}/busybox:latest", self.addr)
     }
 
+    /// Stops the registry (an outage); [`Registry::restart`] brings it back on the same port.
+    pub fn stop(&self) {
+        ok(Command::new(testbed().join("registry-down")).arg(self.port()).arg(self.dir.path()));
+    }
+
+    /// Starts the registry again on its port, with the same storage.
+    pub fn restart(&self) {
+        ok(Command::new(testbed().join("registry-up")).arg(self.port()).arg(self.dir.path()));
+    }
+
     /// The registry's storage directory.
     pub fn storage(&self) -> &Path {
         self.dir.path()
