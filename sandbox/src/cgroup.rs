@@ -81,7 +81,7 @@ pub struct Layout {
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -109,7 +109,7 @@ fn cgroup_mounts(mountinfo: &str) -> Vec<(String, PathBuf, String, Vec<String>)>
             let post: Vec<&str> = post.split_whitespace().collect();
             let fstype = *post.first()?;
             let opts = post.get(2).map(|o| o.split(',').map(str::to_string).collect()).unwrap_or_default();
-            Some((unescape(pre.get(3)?), PathBuf::from(unescape(pre.get(4)?)), fstype.to_string(), opts))
+            Some((unescape_mountinfo(pre.get(3)?), PathBuf::from(unescape_mountinfo(pre.get(4)?)), fstype.to_string(), opts))
         })
         .collect();
     all.iter()
@@ -520,6 +520,12 @@ impl Drop for StepCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
 
     /// This development machine: cgroup v1 controllers, an empty unified hierarchy.
     const HYBRID_CGROUP: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/b3a5\n2:cpuacct:/\n1:cpu:/\n0::/\n";

@@ -89,28 +89,12 @@ fn mount_points_below(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for line in text.lines() {
         let Some(mp) = line.split(' ').nth(4) else { continue };
-        let p = PathBuf::from(unescape_mountinfo(mp));
+        let p = PathBuf::from(crate::cgroup::unescape_mountinfo(mp));
         if p != root && p.starts_with(root) {
             out.push(p);
         }
     }
     out
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn open_in_root(root: &OwnedFd, path: &str, flags: OFlags) -> std::io::Result<OwnedFd> {
@@ -410,15 +394,4 @@ fn exec(spec: &RunSpec, root: &Path, output: &mut dyn Write) -> Result<ExitKind,
         (None, Some(s)) => ExitKind::Signaled(s),
         _ => ExitKind::Exited(125),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-    }
 }

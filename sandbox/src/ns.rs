@@ -165,7 +165,8 @@ pub(crate) struct MountsSetUp {
     pub proc_locked: Option<String>,
     pub warnings: Vec<String>,
 }
-fn user_name(uid: u32) -> String {
+/// The login name of `uid` from /etc/passwd, or the number.
+pub(crate) fn user_name(uid: u32) -> String {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     passwd
         .lines()
@@ -262,7 +263,8 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
     std::process::exit(code);
 }
 
-fn which(prog: &str) -> Option<PathBuf> {
+/// `prog` on `$PATH` (a standard one when unset).
+pub(crate) fn which(prog: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())
         .to_string_lossy()

@@ -7,6 +7,7 @@
 
 use crate::cgroup::{self, Controller};
 use crate::idmap::{sub_ranges, SubRange};
+use crate::ns::{user_name, which};
 use crate::spec::Isolation;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use std::path::{Path, PathBuf};
@@ -504,15 +505,6 @@ fn privileged_helper(p: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let setuid = std::fs::metadata(p).map(|m| m.mode() & 0o4000 != 0 && m.uid() == 0).unwrap_or(false);
     setuid || rustix::fs::getxattr(p, "security.capability", &mut [0u8; 64]).is_ok()
-}
-
-fn user_name(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 2 && f[2] == uid.to_string()).map(|f| f[0].to_string()).unwrap_or_else(|| uid.to_string())
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
 }
 
 /// Mount points below /proc (masks, as container runtimes make them).
