@@ -374,6 +374,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
             bail!("SOURCE_DATE_EPOCH={v:?}: want whole seconds since 1970");
         }
     }
+    rbuild::registry::ensure_trust_anchors(&root.join("run"));
     let progress = Progress::new(args.progress);
     let (isolation, limits) = choose_sandbox(&args, &root, ns.as_ref(), &progress)?;
     for w in ns.iter().flat_map(|ns| &ns.warnings) {

@@ -110,6 +110,16 @@ pub enum RegistryError {
         /// What went wrong.
         message: String,
     },
+    /// The HTTPS client cannot be set up (no CA certificates on the system).
+    #[error("{reference}: registry {registry}: cannot set up TLS ({message}); install CA certificates (Debian: ca-certificates) or point SSL_CERT_FILE at a bundle, or use --insecure-registry {registry} for a plain-HTTP registry")]
+    Tls {
+        /// The image.
+        reference: String,
+        /// `host[:port]`.
+        registry: String,
+        /// Why.
+        message: String,
+    },
     /// A file (of a layout, or a blob being uploaded) could not be read.
     #[error("{reference}: {}: {source}", path.display())]
     Io {
@@ -369,6 +379,52 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RegistryError> {
     }
 }
 
+/// A self-signed certificate whose private key was thrown away when it was made: the only
+/// trust anchor on systems without CA certificates (it can never verify a server; plain-HTTP
+/// clients never ask it to).
+const NO_TLS_ANCHOR: &str = "-----BEGIN CERTIFICATE-----
+MIIBrzCCAVWgAwIBAgIUWQZ//y2I+3zRXxS3t+2QsF/UCK0wCgYIKoZIzj0EAwIw
+LDEqMCgGA1UEAwwhcmJ1aWxkIHBsYWluLUhUVFAgY2xpZW50IChubyBUTFMpMCAX
+DTI2MTIwMjEwMzUxMloYDzIxMjYxMTA4MTAzNTEyWjAsMSowKAYDVQQDDCFyYnVp
+bGQgcGxhaW4tSFRUUCBjbGllbnQgKG5vIFRMUykwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAR796ZOxflAn6uc+NaRtEGKpSUx/C0i/M8D0a0H0Kz3bWfj3b+JLi7Q
+oNPsV2TsJZUOPiBZ3UHmEHe0WS2Uj/P1o1MwUTAdBgNVHQ4EFgQUfV+bIEicElhY
+mdk7KdcEgfLhStEwHwYDVR0jBBgwFoAUfV+bIEicElhYmdk7KdcEgfLhStEwDwYD
+VR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiBia4bjKMa+Vvb1lq6DJYjU
+byahTLFHySR0ZLhXOAtY6gIhANdCK/VRJIi+soGXGPSatf2m9EKBpC5imv4MUspV
+wu0h
+-----END CERTIFICATE-----
+";
+
+/// Set when the system has no CA certificates ([`ensure_trust_anchors`]).
+static NO_SYSTEM_CERTIFICATES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Bundles where TLS libraries look for CA certificates (Debian, Fedora, SUSE, Alpine).
+const CA_BUNDLES: [&str; 5] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem", "/etc/pki/tls/cacert.pem"];
+
+/// Makes registry clients possible on a system without CA certificates (a minimal image,
+/// rbuild in a RUN step). oci-client builds a default HTTP client inside every client it
+/// makes, and that one panics when no trust anchor loads; so `SSL_CERT_FILE` is pointed at
+/// [`NO_TLS_ANCHOR`], written into `dir`. Plain-HTTP registries then work, and HTTPS ones fail
+/// with [`RegistryError::Tls`], which says what to install.
+///
+/// Sets an environment variable: call it while the process has one thread.
+pub fn ensure_trust_anchors(dir: &Path) {
+    let given = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    if given.as_deref().is_some_and(Path::is_file) || (given.is_none() && CA_BUNDLES.iter().any(|b| Path::new(b).is_file())) {
+        return;
+    }
+    if reqwest::Client::builder().build().is_ok() {
+        return; // certificates from a directory (SSL_CERT_DIR, /etc/ssl/certs/*.pem)
+    }
+    let file = dir.join("no-tls-anchor.pem");
+    if std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&file, NO_TLS_ANCHOR)).is_ok() {
+        std::env::set_var("SSL_CERT_FILE", &file);
+    }
+    NO_SYSTEM_CERTIFICATES.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn docker_config_dir() -> Option<PathBuf> {
     std::env::var_os("DOCKER_CONFIG")
         .map(PathBuf::from)
@@ -381,18 +437,26 @@ impl Registry {
         Registry { opts, clients: Mutex::new(HashMap::new()), pull_authed: Mutex::new(Default::default()) }
     }
 
-    fn client(&self, registry: &str) -> Client {
-        let mut c = self.clients.lock().unwrap();
-        c.entry(registry.to_string())
-            .or_insert_with(|| {
-                let http = is_loopback(registry) || self.opts.insecure.iter().any(|i| i == registry);
-                Client::new(ClientConfig {
-                    protocol: if http { ClientProtocol::Http } else { ClientProtocol::Https },
-                    max_concurrent_download: PULL_CONCURRENCY,
-                    ..Default::default()
-                })
-            })
-            .clone()
+    /// The client for `registry` (one per registry, reused); `reference` names the image in
+    /// errors.
+    fn client(&self, registry: &str, reference: &str) -> Result<Client, RegistryError> {
+        let mut c = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = c.get(registry) {
+            return Ok(client.clone());
+        }
+        let http = is_loopback(registry) || self.opts.insecure.iter().any(|i| i == registry);
+        let config = ClientConfig {
+            protocol: if http { ClientProtocol::Http } else { ClientProtocol::Https },
+            max_concurrent_download: PULL_CONCURRENCY,
+            ..Default::default()
+        };
+        let tls_error = |message: String| RegistryError::Tls { reference: reference.to_string(), registry: registry.to_string(), message };
+        if !http && NO_SYSTEM_CERTIFICATES.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(tls_error(format!("no CA certificates in {} or SSL_CERT_FILE/SSL_CERT_DIR", CA_BUNDLES.join(", "))));
+        }
+        let client = Client::try_from(config).map_err(|e| tls_error(format!("{e:#}")))?;
+        c.insert(registry.to_string(), client.clone());
+        Ok(client)
     }
 
     /// [`Registry::pull_with_progress`] without progress.
@@ -406,7 +470,7 @@ impl Registry {
         let r = normalize_reference(reference)?;
         let name = r.whole();
         let host = r.resolve_registry().to_string();
-        let client = self.client(&host);
+        let client = self.client(&host, &name)?;
         let auth = credentials(&host)?;
         let (bytes, header_digest) =
             client.pull_manifest_raw(&r, &auth, ACCEPT).await.map_err(|e| classify(&name, &host, "fetching the manifest", e))?;
@@ -439,7 +503,7 @@ impl Registry {
         let r = normalize_reference(reference)?;
         let name = r.whole();
         let host = r.resolve_registry().to_string();
-        let client = self.client(&host);
+        let client = self.client(&host, &name)?;
         let repo = format!("{host}/{}", r.repository());
         if !self.pull_authed.lock().unwrap().contains(&repo) {
             let auth = credentials(&host)?;
@@ -542,7 +606,7 @@ impl Registry {
         let r = normalize_reference(reference)?;
         let name = r.whole();
         let host = r.resolve_registry().to_string();
-        let client = self.client(&host);
+        let client = self.client(&host, &name)?;
         // manifest() authenticated this client for the repository already.
         let (doc, manifest_bytes, digest) = self.manifest(reference).await?;
         progress(PullEvent::Resolved { reference: name.clone(), digest: digest.clone() });
@@ -630,7 +694,7 @@ impl Registry {
         for ((host, repo), r) in &repos {
             let name = r.whole();
             let repository = format!("{}/{}", r.registry(), repo);
-            let client = self.client(host);
+            let client = self.client(host, &name)?;
             let auth = credentials(host)?;
             client.auth(r, &auth, RegistryOperation::Push).await.map_err(|e| classify(&name, host, "authenticating to push", e))?;
             let source = mount_from.get(host).cloned();
@@ -649,7 +713,7 @@ impl Registry {
         for r in &refs {
             let name = r.whole();
             let host = r.resolve_registry().to_string();
-            let client = self.client(&host);
+            let client = self.client(&host, &name)?;
             client
                 .push_manifest_raw(r, image.manifest_bytes.clone(), ct.clone())
                 .await

@@ -280,3 +280,37 @@ fn limits_without_a_usable_cgroup_warn_and_build_anyway() {
         assert!(!sandbox_line(&err).contains("limits:"), "no limit is claimed: {err}");
     }
 }
+
+#[test]
+fn without_ca_certificates_plain_http_registries_work_and_https_ones_say_what_is_missing() {
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let root = tempfile::tempdir().unwrap();
+    for (from, passes) in [(base.as_str(), true), ("registry.invalid/busybox:1", false)] {
+        let ctx = context(&[("Dockerfile", &format!("FROM {from}\nCOPY a /a\n")), ("a", "x\n")]);
+        let dest = root.path().join(if passes { "out-http" } else { "out-https" });
+        // No bundle anywhere (a minimal image): /etc/ssl hidden, SSL_CERT_* unset.
+        let b = run(Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount -t tmpfs tmpfs /etc/ssl && exec env -u SSL_CERT_FILE -u SSL_CERT_DIR "$@""#)
+            .arg("sh")
+            .arg(rbuild_bin())
+            .args(["build", "--progress=plain", "--root"])
+            .arg(root.path().join("store"))
+            .arg("--output")
+            .arg(format!("type=local,dest={}", dest.display()))
+            .arg(ctx.path()));
+        let err = stderr(&b);
+        assert!(!err.contains("panicked"), "{err}");
+        if passes {
+            assert!(b.status.success(), "a plain-HTTP registry needs no CA certificates:\n{err}");
+            assert_eq!(read(dest.join("a")), "x\n");
+        } else {
+            assert!(!b.status.success(), "{err}");
+            for want in ["Dockerfile:1", "registry registry.invalid: cannot set up TLS (no CA certificates", "install CA certificates (Debian: ca-certificates)"] {
+                assert!(err.contains(want), "the error does not say {want:?}:\n{err}");
+            }
+            assert!(!dest.exists());
+        }
+    }
+}

@@ -13,8 +13,9 @@
 //! | e | the same as d with seccomp and AppArmor unconfined |
 //! | f | a pod-like sandbox: root of a user namespace (65536 IDs) with SYS_ADMIN there, /proc masked from inside it, the store on an emptyDir-like bind mount |
 //! | f-overlay | the same with the store on overlayfs (a container's root filesystem) |
-//! | f2 | the same with the /proc masks locked (made outside the user namespace): the shared-PID fallback |
-//! | f3 | a pod-like sandbox without SYS_ADMIN, /proc unmasked (ci/k8s/job-unmasked.yaml) |
+//! | f2 | the same with the /proc masks locked (made outside the user namespace): the shared-PID fallback; with `--isolation=strict`, a refusal naming the fix |
+//! | f3 | a pod-like sandbox without SYS_ADMIN, /proc unmasked (ci/k8s/job-unmasked.yaml): rbuild makes its own user namespace |
+//! | f4 | the same with /proc masked (ci/k8s/job-masked-proc.yaml): its own user namespace locks the masks, the shared-PID fallback |
 //! | g | nested: rbuild in a RUN step of rbuild in a RUN step of rbuild |
 //! | ci-image | ci/Dockerfile built by rbuild, checked with skopeo and umoci |
 //!
@@ -222,6 +223,9 @@ for r in bus fs irq sys sysrq-trigger; do
 done
 "#;
 
+/// Runs the rest of the line as root without CAP_SYS_ADMIN (a pod that was not given it).
+const DROP_SYS_ADMIN: &str = "setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin";
+
 /// Where the store of a pod-like case lives.
 #[derive(Clone, Copy, PartialEq)]
 enum PodStore {
@@ -240,11 +244,18 @@ enum PodProc {
     MaskedLocked,
     /// Not masked, and root of the pod without SYS_ADMIN.
     UnmaskedNoSysAdmin,
+    /// Masked from inside, and root of the pod without SYS_ADMIN.
+    MaskedNoSysAdmin,
 }
 
 /// A pod-like sandbox: a user namespace mapping 0..65536 to 800000.. (as a pod with
 /// hostUsers: false gets), its own mount and PID namespaces, root inside; builds there.
 fn pod_like(store: PodStore, proc: PodProc) -> Built {
+    pod_like_with(store, proc, "")
+}
+
+/// [`pod_like`] with `flags` added to `rbuild build`.
+fn pod_like_with(store: PodStore, proc: PodProc, flags: &str) -> Built {
     let (_reg, base) = registry();
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
@@ -265,11 +276,12 @@ fn pod_like(store: PodStore, proc: PodProc) -> Built {
             q(d.join("mnt"))
         ),
     };
-    let build = build_cmd(&d.join("mnt/store"), &dest, &base);
+    let build = format!("{} {flags}", build_cmd(&d.join("mnt/store"), &dest, &base));
     let inner = match proc {
         PodProc::MaskedInside => format!("{MASK_PROC}\n{mount_store}\n{build}"),
         PodProc::MaskedLocked => format!("{mount_store}\n{build}"),
-        PodProc::UnmaskedNoSysAdmin => format!("{mount_store}\nsetpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {build}"),
+        PodProc::UnmaskedNoSysAdmin => format!("{mount_store}\n{DROP_SYS_ADMIN} {build}"),
+        PodProc::MaskedNoSysAdmin => format!("{MASK_PROC}\n{mount_store}\n{DROP_SYS_ADMIN} {build}"),
     };
     // A pod gets its PID namespace with the user namespace; with locked masks the PID
     // namespace (and its masked /proc) comes from outside, as a runtime makes it.
@@ -318,21 +330,34 @@ fn f2_pod_like_with_locked_proc_masks() {
 }
 
 #[test]
-#[ignore = "needs rbuild to make its own user namespace when it runs as root without CAP_SYS_ADMIN; until then it stops \
-            with \"setting up the build namespace: unshare(CLONE_NEWNS): Operation not permitted\""]
-fn f3_pod_like_without_sys_admin_with_unmasked_proc() {
-    let b = pod_like(PodStore::EmptyDir, PodProc::UnmaskedNoSysAdmin);
-    b.passed().own_proc();
+fn f2_strict_refuses_with_the_documented_message() {
+    let b = pod_like_with(PodStore::EmptyDir, PodProc::MaskedLocked, "--isolation=strict");
+    b.failed_saying(&[
+        "--isolation=strict: RUN steps cannot get a PID namespace and /proc of their own here",
+        "are locked: rbuild runs below a user namespace it does not own",
+        "procMount: Unmasked",
+        "capabilities: add: [SYS_ADMIN]",
+    ]);
+    assert!(!b.rootfs.exists(), "a refused build writes no output");
     cleanup(&b);
 }
 
 #[test]
-fn f3_fails_today_with_the_documented_message() {
-    // Until the missing piece lands, this case ends with the message that names what the
-    // environment lacks and the fix; this test pins that message (remove it, with the
-    // `#[ignore]` of the case, when it does).
+fn f3_pod_like_without_sys_admin_with_unmasked_proc() {
     let b = pod_like(PodStore::EmptyDir, PodProc::UnmaskedNoSysAdmin);
-    b.failed_saying(&["setting up the build namespace: unshare(CLONE_NEWNS): Operation not permitted"]);
+    b.passed().says("sandbox: root without CAP_SYS_ADMIN: a user namespace of its own, uid and gid map 0→0 (65536)").own_proc();
+    assert_eq!(b.run_uid_map(), ["0 0 65536"]);
+    cleanup(&b);
+}
+
+#[test]
+fn f4_pod_like_without_sys_admin_with_masked_proc() {
+    // ci/k8s/job-masked-proc.yaml: rbuild's own user namespace locks the pod's masks.
+    let b = pod_like(PodStore::EmptyDir, PodProc::MaskedNoSysAdmin);
+    b.passed()
+        .says("sandbox: root without CAP_SYS_ADMIN: a user namespace of its own, uid and gid map 0→0 (65536)")
+        .says("procMount: Unmasked")
+        .shared_proc();
     cleanup(&b);
 }
 
@@ -340,9 +365,10 @@ fn f3_fails_today_with_the_documented_message() {
 fn g_nested_two_levels_deep() {
     let (_reg, base) = registry();
     let t = tempfile::tempdir().unwrap();
-    // The named context `rb`: the rbuild binary, its shared libraries and CA certificates.
+    // The named context `rb`: the rbuild binary and its shared libraries (no CA certificates:
+    // the registry is plain HTTP).
     let rb = t.path().join("rb");
-    std::fs::create_dir_all(rb.join("etc/ssl/certs")).unwrap();
+    std::fs::create_dir_all(&rb).unwrap();
     if std::fs::hard_link(rbuild_bin(), rb.join("rbuild")).is_err() {
         std::fs::copy(rbuild_bin(), rb.join("rbuild")).unwrap();
     }
@@ -353,7 +379,6 @@ fn g_nested_two_levels_deep() {
         std::fs::copy(lib, &to).unwrap();
     }
     assert!(rb.join("lib64").is_dir() && rb.join("lib").is_dir(), "unexpected ldd output: {ldd}");
-    std::fs::copy("/etc/ssl/certs/ca-certificates.crt", rb.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
     let dest = t.path().join("rootfs");
     let script = format!(
         "{} build --progress=plain --root {} -f {} --build-context rb={} --build-arg BASE={} --build-arg LEVEL=2 \

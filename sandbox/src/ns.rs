@@ -67,16 +67,22 @@ const INSIDE_ENV: &str = "RBUILD_IN_USERNS";
 pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, NamespaceError> {
     // The marker names the parent that re-executed us; a stale or forged one (e.g. inherited
     // by a process started from a build) does not count, so we never skip our own unshare.
-    let inside = std::env::var(INSIDE_ENV).ok().and_then(|v| v.parse::<i32>().ok()) == Some(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()));
+    let marker = std::env::var(INSIDE_ENV).unwrap_or_default();
+    std::env::remove_var(INSIDE_ENV);
+    let (parent, of_root) = match marker.strip_suffix(":root") {
+        Some(p) => (p, true),
+        None => (marker.as_str(), false),
+    };
+    let inside = parent.parse::<i32>().ok() == Some(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()));
+    let euid_root = rustix::process::geteuid().is_root();
     let rootless = if inside {
-        std::env::remove_var(INSIDE_ENV);
         true
-    } else if !rustix::process::geteuid().is_root() {
-        std::env::remove_var(INSIDE_ENV);
-        reexec_in_user_namespace(opts)?;
+    } else if !euid_root || !has_sys_admin() {
+        // Root without CAP_SYS_ADMIN (a pod without it, `docker run` as root) cannot unshare a
+        // mount namespace where it is: it takes a user namespace of its own, as a user would.
+        reexec_in_user_namespace(opts, euid_root)?;
         unreachable!("reexec_in_user_namespace returns only in the child");
     } else {
-        std::env::remove_var(INSIDE_ENV);
         false
     };
     let id_map = IdMap::current().map_err(sys_err("reading /proc/self/uid_map"))?;
@@ -92,7 +98,9 @@ pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, Name
     // The re-exec'd child already has its own mount namespace (unshared with the user namespace).
     let m = setup_mounts(&mut LinuxSyscalls, &opts.state_dir, !rootless, proc_is_ours())?;
     warnings.extend(m.warnings);
-    let mode = if rootless {
+    let mode = if rootless && of_root {
+        format!("root without CAP_SYS_ADMIN: a user namespace of its own, {}", id_map.describe())
+    } else if rootless {
         format!("rootless: user namespace, {}", id_map.describe())
     } else if id_map.is_full() {
         "root: host IDs".to_string()
@@ -100,6 +108,19 @@ pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, Name
         format!("root of a user namespace, {}", id_map.describe())
     };
     Ok(BuildNamespace { id_map, mode, warnings, proc_clone: m.proc_clone, proc_locked: m.proc_locked })
+}
+
+/// Whether this process holds CAP_SYS_ADMIN in its user namespace (what unsharing a mount
+/// namespace needs).
+pub(crate) fn has_sys_admin() -> bool {
+    rustix::thread::capabilities(None).is_ok_and(|c| c.effective.contains(rustix::thread::CapabilitySet::SYS_ADMIN))
+}
+
+/// Whether this process may write any ID map of its own namespace into a child's (CAP_SETUID
+/// and CAP_SETGID here, as root of a container has them).
+pub(crate) fn may_map_any_id() -> bool {
+    use rustix::thread::CapabilitySet as C;
+    rustix::thread::capabilities(None).is_ok_and(|c| c.effective.contains(C::SETUID | C::SETGID))
 }
 
 /// Whether `/proc` belongs to our PID namespace (`/proc/self` names us). A parent must write
@@ -177,7 +198,10 @@ pub(crate) fn user_name(uid: u32) -> String {
 }
 
 /// Runs this program again inside a new user+mount namespace; exits with its status.
-fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
+///
+/// `as_root`: we are root without CAP_SYS_ADMIN. With CAP_SETUID/CAP_SETGID the child gets
+/// every ID of our namespace (identity map); otherwise root's subordinate ranges, as a user.
+fn reexec_in_user_namespace(opts: &EnterOptions, as_root: bool) -> Result<(), NamespaceError> {
     let uid = rustix::process::getuid().as_raw();
     let gid = rustix::process::getgid().as_raw();
     let name = user_name(uid);
@@ -186,7 +210,12 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
     let subgids = sub_ranges(Path::new("/etc/subgid"), &name, uid);
     let have_helpers = which("newuidmap").is_some() && which("newgidmap").is_some();
     let mut cmd = Command::new("/proc/self/exe");
-    cmd.args(std::env::args_os().skip(1)).env(INSIDE_ENV, std::process::id().to_string());
+    let marker = if as_root { format!("{}:root", std::process::id()) } else { std::process::id().to_string() };
+    cmd.args(std::env::args_os().skip(1)).env(INSIDE_ENV, marker);
+    let identity = (as_root && may_map_any_id())
+        .then(|| IdMap::current().ok())
+        .flatten()
+        .map(|m| (crate::idmap::nested_identity(&m.uids), crate::idmap::nested_identity(&m.gids)));
     if let Ok(a0) = std::env::current_exe() {
         use std::os::unix::process::CommandExt;
         cmd.arg0(a0);
@@ -194,6 +223,16 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
     let sigs = sys::block_termination_signals();
     let allow_single = opts.allow_single_id;
     let map = move |pid: u32| -> Result<(), String> {
+        let base = format!("/proc/{pid}");
+        if let Some((uids, gids)) = &identity {
+            let direct = std::fs::write(format!("{base}/uid_map"), uids).and_then(|_| std::fs::write(format!("{base}/gid_map"), gids));
+            match direct {
+                Ok(()) => return Ok(()),
+                // The kernel writes a map once: a failed write leaves it unset, so the
+                // helpers below may still try.
+                Err(e) => eprintln!("warning: mapping this namespace's IDs into the build's failed ({e}); trying root's subordinate ranges"),
+            }
+        }
         let mapped = if have_helpers && !subuids.is_empty() && !subgids.is_empty() {
             let args = |own: u32, r: &[crate::idmap::SubRange]| {
                 let mut a = vec![pid.to_string(), "0".into(), own.to_string(), "1".into()];
@@ -226,7 +265,6 @@ fn reexec_in_user_namespace(opts: &EnterOptions) -> Result<(), NamespaceError> {
         match mapped {
             Ok(()) => Ok(()),
             Err(why) if allow_single => {
-                let base = format!("/proc/{pid}");
                 std::fs::write(format!("{base}/setgroups"), "deny")
                     .and_then(|_| std::fs::write(format!("{base}/uid_map"), format!("0 {uid} 1\n")))
                     .and_then(|_| std::fs::write(format!("{base}/gid_map"), format!("0 {gid} 1\n")))
