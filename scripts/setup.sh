@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
 pkgs=(ca-certificates curl gcc pkg-config uidmap busybox-static skopeo umoci docker-registry)
-# For the test suite: podman (docker archive loading), zstd.
-[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman zstd git python3)
+# For the test suite: podman (docker archive loading, the matrix's container cases, with runc:
+# crun fails on this kind of machine's hybrid cgroups), zstd.
+[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman runc zstd git python3)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

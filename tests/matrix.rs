@@ -16,11 +16,13 @@
 //! | f2 | the same with the /proc masks locked (made outside the user namespace): the shared-PID fallback; with `--isolation=strict`, a refusal naming the fix |
 //! | f3 | a pod-like sandbox without SYS_ADMIN, /proc unmasked (ci/k8s/job-unmasked.yaml): rbuild makes its own user namespace |
 //! | f4 | the same with /proc masked (ci/k8s/job-masked-proc.yaml): its own user namespace locks the masks, the shared-PID fallback |
+//! | f-ci | the image of ci/Dockerfile as ci/k8s/job.yaml runs it, in f's pod-like sandbox (umoci-unpacked, overlayfs root, pivot_root), store on an emptyDir |
+//! | f-ci-overlay | the same with the store on the container's overlayfs root |
 //! | g | nested: rbuild in a RUN step of rbuild in a RUN step of rbuild |
 //! | ci-image | ci/Dockerfile built by rbuild, checked with skopeo and umoci |
 //!
-//! Slow cases (the Debian-based image of ci/Dockerfile: d, d2, e, ci-image) run only with
-//! `RBUILD_SLOW_TESTS=1`. Cases that need work not merged yet are `#[ignore]`d with the reason.
+//! Slow cases (the Debian-based image of ci/Dockerfile: d, d2, e, f-ci, f-ci-overlay, ci-image) run only with
+//! `RBUILD_SLOW_TESTS=1`.
 //! Every build on the host runs inside an extra PID namespace (`unshare --pid --fork
 //! --mount-proc`); the podman cases in the container's own.
 
@@ -471,6 +473,91 @@ fn ci_image_is_built_by_rbuild_and_has_what_rbuild_needs() {
     assert_eq!(std::fs::metadata(rootfs.join("var/lib/rbuild")).unwrap().uid(), 1000);
     assert!(!rootfs.join("var/lib/apt/lists").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false), "apt lists left in the image");
     assert!(!rootfs.join("usr/sbin/setcap").exists(), "libcap2-bin purged");
+}
+
+/// Where a pod of the ci image keeps rbuild's store.
+#[derive(Clone, Copy, PartialEq)]
+enum CiPodStore {
+    /// An emptyDir at the image's volume /var/lib/rbuild (ci/k8s/job.yaml).
+    EmptyDir,
+    /// Nothing mounted there: the container's overlayfs root filesystem.
+    RootFs,
+}
+
+/// The image of ci/Dockerfile run as ci/k8s/job.yaml runs it, without a cluster: a pod-like
+/// user namespace (65536 IDs from 800000, root with SYS_ADMIN there), the image unpacked by
+/// umoci inside it, an overlayfs root filesystem over it with /dev, a /proc masked as runtimes
+/// mask it (from inside the pod's namespaces), the context and an output directory bound in,
+/// `pivot_root` into it, and `rbuild build` from the image run there as root.
+fn ci_pod(store: CiPodStore) -> Built {
+    let (layout, _) = ci_image();
+    let (_reg, base) = registry();
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    for sub in ["image", "upper", "work", "root", "emptydir", "out"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    ok(Command::new("chown").arg("800000:800000").args(["image", "upper", "work", "root", "emptydir", "out"].map(|s| d.join(s))));
+    let store_mount = match store {
+        CiPodStore::EmptyDir => format!("mount --bind {} \"$R/var/lib/rbuild\"", q(d.join("emptydir"))),
+        CiPodStore::RootFs => String::new(),
+    };
+    let inner = format!(
+        r#"umoci unpack --image {layout}:ci {image} >/dev/null
+R={root}
+mount -t overlay overlay -o lowerdir={image}/rootfs,upperdir={upper},workdir={work} "$R"
+mount --rbind /dev "$R/dev"
+mount -t proc proc "$R/proc"
+cd "$R"
+{mask}
+cd /
+{store_mount}
+mkdir -p "$R/out" && mount --bind {out} "$R/out"
+mount --bind -o ro {ctx} "$R/workspace"
+cd "$R" && pivot_root . mnt
+exec chroot . /bin/sh -euc 'umount -l /mnt && exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RBUILD_ROOT=/var/lib/rbuild     /usr/local/bin/rbuild build --progress=plain --build-arg BASE={base} --output type=local,dest=/out/rootfs /workspace'"#,
+        layout = q(layout),
+        image = q(d.join("image")),
+        root = q(d.join("root")),
+        upper = q(d.join("upper")),
+        work = q(d.join("work")),
+        mask = MASK_PROC.replace("/proc/", "proc/"),
+        out = q(d.join("out")),
+        ctx = q(matrix_ctx()),
+    );
+    // newuidmap maps root's range: give root one in this mount namespace only.
+    std::fs::write(d.join("subid"), "root:800000:65536\n").unwrap();
+    let script = format!(
+        "mount --bind {subid} /etc/subuid\nmount --bind {subid} /etc/subgid\n\
+         unshare --user --map-users=800000,0,65536 --map-groups=800000,0,65536 --setuid 0 --setgid 0 --mount --pid --fork --mount-proc sh -euc {}",
+        q(inner),
+        subid = q(d.join("subid")),
+    );
+    let b = Built::from(in_pid_ns(&script), d.join("out/rootfs"));
+    std::mem::forget(t); // removed by cleanup(), after the checks
+    b
+}
+
+#[test]
+fn f_ci_image_in_a_pod_store_on_an_emptydir() {
+    if !slow_enabled("f-ci") {
+        return;
+    }
+    let b = ci_pod(CiPodStore::EmptyDir);
+    b.passed().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").own_proc();
+    assert!(!b.log.contains("is on overlayfs"), "the store is on the emptyDir:\n{}", b.log);
+    assert_eq!(b.run_uid_map(), ["0 0 65536"]);
+    cleanup(&b);
+}
+
+#[test]
+fn f_ci_image_in_a_pod_store_on_its_overlay_root() {
+    if !slow_enabled("f-ci-overlay") {
+        return;
+    }
+    let b = ci_pod(CiPodStore::RootFs);
+    b.passed().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").says("is on overlayfs").says("mount an emptyDir").own_proc();
+    cleanup(&b);
 }
 
 /// The image of ci/Dockerfile in podman's storage, as `localhost/rbuild-matrix:ci`.
