@@ -6,7 +6,8 @@ sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
 pkgs=(ca-certificates curl gcc pkg-config uidmap busybox-static skopeo umoci docker-registry)
 # For the test suite: podman (docker archive loading, the matrix's container cases, with runc:
 # crun fails on this kind of machine's hybrid cgroups), zstd.
-[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman runc zstd git python3)
+# fuse-overlayfs: the snapshotter fallback tests.
+[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman runc fuse-overlayfs zstd git python3)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

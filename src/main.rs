@@ -229,10 +229,17 @@ fn choose_sandbox(
         IsolationArg::Strict => IsolationPolicy::Strict,
         IsolationArg::None => IsolationPolicy::None,
     };
-    let mode = match policy {
+    let mode = match (policy, ns) {
         // No namespaces will be made: nothing to try.
-        IsolationPolicy::None => SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None },
-        _ => build_mode(root, ns.and_then(|ns| ns.proc_locked.clone())),
+        (IsolationPolicy::None, _) => SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None, container: None },
+        // --isolation=auto where user namespaces are refused (see run_build).
+        (_, None) => SandboxMode {
+            user_namespaces: false,
+            overlay: OverlayKind::None,
+            proc_locked: None,
+            container: rbuild_sandbox::probe::root_in_container(),
+        },
+        (_, Some(ns)) => build_mode(root, ns.proc_locked.clone()),
     };
     let (isolation, lost) = mode.choose(policy).map_err(anyhow::Error::msg)?;
     let mut limits = rbuild_sandbox::Limits { memory: args.memory, cpus: args.cpus, pids: args.pids_limit };
@@ -340,8 +347,13 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     // --isolation=none makes no namespace at all (where none can be made): RUN steps rewrite
-    // this container's own root, which must be a throwaway one.
-    let ns = if args.isolation == rbuild::cli::IsolationArg::None {
+    // this container's own root, which must be a throwaway one. --isolation=auto goes there
+    // by itself as root in a container that refuses user namespaces (Docker's default seccomp
+    // profile), where the sandbox is impossible and Kaniko is what users had.
+    let auto_none = args.isolation == rbuild::cli::IsolationArg::Auto
+        && rbuild_sandbox::probe::root_in_container().is_some()
+        && rbuild_sandbox::probe::user_namespaces_refused(&root).is_some();
+    let ns = if args.isolation == rbuild::cli::IsolationArg::None || auto_none {
         if rbuild_sandbox::container_evidence().is_none() {
             bail!(
                 "--isolation=none rewrites the root filesystem of the machine it runs on with the image's files, and this does not look \

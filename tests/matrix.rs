@@ -10,6 +10,7 @@
 //! | c | an ordinary user without them (single-ID fallback, with a warning) |
 //! | d | in a podman container of the image built from ci/Dockerfile, default seccomp, masked /proc (locked for rbuild: the shared-PID fallback) |
 //! | d2 | the same with `--security-opt unmask=ALL` (the full sandbox) |
+//! | d3 | the ci image as root under a Docker-like seccomp profile (no unshare, mount or namespace clone): `--isolation=auto` falls back to none, Kaniko-style; strict refuses |
 //! | e | the same as d with seccomp and AppArmor unconfined |
 //! | f | a pod-like sandbox: root of a user namespace (65536 IDs) with SYS_ADMIN there, /proc masked from inside it, the store on an emptyDir-like bind mount |
 //! | f-overlay | the same with the store on overlayfs (a container's root filesystem) |
@@ -21,7 +22,7 @@
 //! | g | nested: rbuild in a RUN step of rbuild in a RUN step of rbuild |
 //! | ci-image | ci/Dockerfile built by rbuild, checked with skopeo and umoci |
 //!
-//! Slow cases (the Debian-based image of ci/Dockerfile: d, d2, e, f-ci, f-ci-overlay, ci-image) run only with
+//! Slow cases (the Debian-based image of ci/Dockerfile: d, d2, d3, e, f-ci, f-ci-overlay, ci-image) run only with
 //! `RBUILD_SLOW_TESTS=1`.
 //! Every build on the host runs inside an extra PID namespace (`unshare --pid --fork
 //! --mount-proc`); the podman cases in the container's own.
@@ -577,6 +578,11 @@ fn podman_image() -> &'static str {
 /// `--ulimit nofile=…,nproc=…` within the hard limits (podman's defaults exceed them and
 /// runc fails with "error setting rlimits"), `--network host` for the loopback registry.
 fn podman_build(security: &[&str]) -> (tempfile::TempDir, Built) {
+    podman_build_with(security, &[])
+}
+
+/// [`podman_build`] with `flags` added to `rbuild build`.
+fn podman_build_with(security: &[&str], flags: &[&str]) -> (tempfile::TempDir, Built) {
     let (_reg, base) = registry();
     let image = podman_image();
     let t = tempfile::tempdir().unwrap();
@@ -592,7 +598,9 @@ fn podman_build(security: &[&str]) -> (tempfile::TempDir, Built) {
         .arg("-v")
         .arg(format!("{}:/out", out.display()))
         .arg(image)
-        .args(["build", "--progress=plain", "--build-arg"])
+        .args(["build", "--progress=plain"])
+        .args(flags)
+        .arg("--build-arg")
         .arg(format!("BASE={base}"))
         .args(["--output", "type=local,dest=/out/rootfs", "/ctx"]);
     let b = Built::from(run(&mut cmd), out.join("rootfs"));
@@ -634,4 +642,53 @@ fn e_podman_unconfined_seccomp_and_apparmor() {
     let (_t, b) = podman_build(&["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"]);
     b.passed().shared_proc();
     assert!(!b.log.contains("sethostname is refused"), "unconfined seccomp allows sethostname:\n{}", b.log);
+}
+
+/// The part of Docker's default seccomp profile that matters here: a container without
+/// SYS_ADMIN may not unshare, setns, mount, or clone with namespace flags (clone3 is ENOSYS so
+/// that libc falls back to clone). Everything else is allowed.
+const DOCKER_LIKE_SECCOMP: &str = r#"{
+  "defaultAction": "SCMP_ACT_ALLOW",
+  "syscalls": [
+    { "names": ["unshare", "setns", "mount", "umount2", "pivot_root"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 },
+    { "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+      "args": [{ "index": 0, "value": 268435456, "valueTwo": 268435456, "op": "SCMP_CMP_MASKED_EQ" }] },
+    { "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+      "args": [{ "index": 0, "value": 131072, "valueTwo": 131072, "op": "SCMP_CMP_MASKED_EQ" }] },
+    { "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38 }
+  ]
+}"#;
+
+#[test]
+fn d3_podman_docker_like_seccomp_as_root_falls_back_to_none() {
+    if !slow_enabled("d3") {
+        return;
+    }
+    let profile = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(profile.path(), DOCKER_LIKE_SECCOMP).unwrap();
+    let seccomp = format!("seccomp={}", profile.path().display());
+    let (_t, b) = podman_build(&["--user", "0", "--security-opt", &seccomp]);
+    b.passed()
+        .says("sandbox: none (/run/.containerenv exists, root filesystem is overlayfs); RUN steps: no namespaces (--isolation=none)")
+        .says("user namespaces are refused here, so RUN steps cannot have a sandbox")
+        .says("the way Kaniko does");
+    assert_eq!(b.file("run.txt"), "built by RUN\n");
+    assert_eq!(b.file("hello.txt"), "hello from the matrix\n");
+    // No isolation at all: the step saw the container's PID 1 (rbuild) and its ID map.
+    assert!(b.file("proc-check/cmdline-1").contains("rbuild"), "{}", b.file("proc-check/cmdline-1"));
+    assert_eq!(b.run_uid_map(), ["0 0 4294967295"]);
+}
+
+#[test]
+fn d3_strict_refuses_with_the_documented_message() {
+    if !slow_enabled("d3-strict") {
+        return;
+    }
+    let profile = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(profile.path(), DOCKER_LIKE_SECCOMP).unwrap();
+    let seccomp = format!("seccomp={}", profile.path().display());
+    let (_t, b) = podman_build_with(&["--user", "0", "--security-opt", &seccomp], &["--isolation=strict"]);
+    // Root without SYS_ADMIN needs a user namespace for the build itself: that is refused first.
+    b.failed_saying(&["cannot create a user namespace for the build", "seccomp=unconfined", "--isolation=auto or none builds anyway"]);
+    assert!(!b.rootfs.exists());
 }

@@ -276,8 +276,9 @@ fn reexec_in_user_namespace(opts: &EnterOptions, as_root: bool) -> Result<(), Na
     let mut child = crate::spawn::spawn_mapped(&mut cmd, libc::CLONE_NEWUSER | libc::CLONE_NEWNS, None, map).map_err(|why| {
         if why.starts_with("starting the sandbox process") {
             NamespaceError::IdMap(format!(
-                "cannot create a user namespace for the build: {why}. Unprivileged user namespaces must be enabled \
-                 (sysctl user.max_user_namespaces > 0, and not blocked by AppArmor or seccomp)"
+                "cannot create a user namespace for the build: {why}; {}. As root in a throwaway container, \
+                 --isolation=auto or none builds anyway, with RUN steps run Kaniko-style (no isolation)",
+                crate::probe::USERNS_FIX
             ))
         } else {
             NamespaceError::IdMap(format!(

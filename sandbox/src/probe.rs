@@ -71,6 +71,10 @@ pub struct SandboxMode {
     /// Why RUN steps cannot mount a procfs of their own (the masks on `/proc` are locked, so
     /// they cannot have a PID namespace of their own either), if so.
     pub proc_locked: Option<String>,
+    /// Running as root in what looks like a throwaway container ([`crate::container_evidence`]):
+    /// where user namespaces are refused, `--isolation=auto` then runs RUN steps the way
+    /// Kaniko does ([`Isolation::None`]) instead of failing.
+    pub container: Option<String>,
 }
 
 /// `rbuild build --isolation`: what to do when the full sandbox is not possible.
@@ -89,7 +93,7 @@ pub enum IsolationPolicy {
 pub const PROC_FIX: &str = "run the pod with `securityContext.procMount: Unmasked` (with `hostUsers: false`), or give it SYS_ADMIN in its own \
      user namespace (`hostUsers: false`, `capabilities: add: [SYS_ADMIN]`) so that rbuild starts where it owns the namespace holding the masks";
 
-const USERNS_FIX: &str = "allow them: sysctl user.max_user_namespaces=15000; in Kubernetes `hostUsers: false` with seccompProfile \
+pub(crate) const USERNS_FIX: &str = "allow them: sysctl user.max_user_namespaces=15000; in Kubernetes `hostUsers: false` with seccompProfile \
      and appArmorProfile Unconfined; with docker/podman `--security-opt seccomp=unconfined --security-opt apparmor=unconfined`";
 
 impl SandboxMode {
@@ -124,6 +128,19 @@ impl SandboxMode {
                              ended by rbuild, not by the kernel. To get the full sandbox back: {PROC_FIX}. --isolation=strict refuses to build without it"
                         )),
                     ));
+                }
+                if !self.user_namespaces {
+                    if let Some(evidence) = &self.container {
+                        return Ok((
+                            Isolation::None,
+                            Some(format!(
+                                "user namespaces are refused here, so RUN steps cannot have a sandbox: as root in a container ({evidence}) \
+                                 rbuild runs them the way Kaniko does, as plain processes in this container's own root filesystem, which it \
+                                 replaces with each stage's files (--isolation=none). A step can see and signal rbuild and read its store and \
+                                 credentials. To get the sandbox back: {USERNS_FIX}. --isolation=strict refuses to build without it"
+                            )),
+                        ));
+                    }
                 }
                 let warning = (!self.user_namespaces)
                     .then(|| format!("user namespaces are refused here, so RUN steps will fail (`rbuild doctor` says why). To allow them: {USERNS_FIX}"));
@@ -166,7 +183,19 @@ pub fn build_mode(store: &Path, proc_locked: Option<String>) -> SandboxMode {
         Err(_) => OverlayKind::None,
     };
     let _ = std::fs::remove_dir_all(&scratch);
-    SandboxMode { user_namespaces, overlay, proc_locked }
+    SandboxMode { user_namespaces, overlay, proc_locked, container: root_in_container() }
+}
+
+/// [`crate::container_evidence`] when running as root (only root can rewrite the root
+/// filesystem with an image's files).
+pub fn root_in_container() -> Option<String> {
+    rustix::process::geteuid().is_root().then(crate::container_evidence).flatten()
+}
+
+/// Why user namespaces cannot be created here, if they cannot (one trial in a child; `dir` is
+/// a scratch directory rbuild owns).
+pub fn user_namespaces_refused(dir: &Path) -> Option<String> {
+    trial("userns", dir).err()
 }
 
 fn fuse_overlayfs() -> Option<PathBuf> {
@@ -356,7 +385,7 @@ pub fn probe(store: &Path) -> Probe {
     checks.push(cgroup_check());
 
     let _ = std::fs::remove_dir_all(&scratch);
-    Probe { checks, mode: SandboxMode { user_namespaces, overlay, proc_locked } }
+    Probe { checks, mode: SandboxMode { user_namespaces, overlay, proc_locked, container: root_in_container() } }
 }
 
 /// Name of a filesystem by its statfs magic.
@@ -626,7 +655,7 @@ mod tests {
     }
 
     fn full() -> SandboxMode {
-        SandboxMode { user_namespaces: true, overlay: OverlayKind::Native, proc_locked: None }
+        SandboxMode { user_namespaces: true, overlay: OverlayKind::Native, proc_locked: None, container: None }
     }
 
     #[test]
@@ -654,13 +683,28 @@ mod tests {
 
     #[test]
     fn no_user_namespaces_warn_under_auto_and_fail_under_strict() {
-        let m = SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None };
+        let m = SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None, container: None };
         let (iso, w) = m.choose(IsolationPolicy::Auto).unwrap();
         assert_eq!(iso, Isolation::Full);
         assert!(w.unwrap().contains("seccomp=unconfined"));
         assert!(m.choose(IsolationPolicy::Strict).unwrap_err().contains("cannot get a user namespace"));
         assert_eq!(m.describe(iso), "NO user namespaces, no overlay (tmpfs upper layers or copies of the layers), private /proc");
         assert_eq!(m.choose(IsolationPolicy::None).unwrap().0, Isolation::None);
+    }
+
+    #[test]
+    fn no_user_namespaces_as_root_in_a_container_fall_back_to_none_under_auto_only() {
+        let m = SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None, container: Some("/.dockerenv exists".into()) };
+        let (iso, w) = m.choose(IsolationPolicy::Auto).unwrap();
+        assert_eq!(iso, Isolation::None);
+        let w = w.unwrap();
+        for want in ["/.dockerenv exists", "--isolation=none", "the way Kaniko does", "seccomp=unconfined", "--isolation=strict"] {
+            assert!(w.contains(want), "{want}: {w}");
+        }
+        assert!(m.choose(IsolationPolicy::Strict).unwrap_err().contains("cannot get a user namespace"));
+        // With user namespaces, the container changes nothing.
+        let full_in_container = SandboxMode { container: Some("/.dockerenv exists".into()), ..full() };
+        assert_eq!(full_in_container.choose(IsolationPolicy::Auto).unwrap(), (Isolation::Full, None));
     }
 
     #[test]

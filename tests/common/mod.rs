@@ -93,7 +93,7 @@ impl Drop for Registry {
 pub fn ensure_tools() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let need: Vec<&str> = ["skopeo", "umoci", "docker-registry", "uidmap", "busybox-static", "curl", "podman", "runc", "zstd", "git", "python3"]
+        let need: Vec<&str> = ["skopeo", "umoci", "docker-registry", "uidmap", "busybox-static", "curl", "podman", "runc", "fuse-overlayfs", "zstd", "git", "python3"]
             .into_iter()
             .filter(|p| !Command::new("dpkg").args(["-s", p]).output().map(|o| o.status.success()).unwrap_or(false))
             .collect();
