@@ -6,8 +6,8 @@ sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
 pkgs=(ca-certificates curl gcc pkg-config uidmap busybox-static skopeo umoci docker-registry)
 # For the test suite: podman (docker archive loading, the matrix's container cases, with runc:
 # crun fails on this kind of machine's hybrid cgroups), zstd.
-# fuse-overlayfs: the snapshotter fallback tests.
-[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman runc fuse-overlayfs zstd git python3)
+# fuse-overlayfs and attr (setfattr): the snapshotter fallback tests.
+[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman runc fuse-overlayfs attr libcap2-bin procps zstd git python3)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -106,6 +106,34 @@ fn locked_proc_masks_build_with_a_shared_pid_namespace() {
 }
 
 #[test]
+fn shared_pid_steps_end_when_rbuild_is_killed() {
+    // No PID namespace of the step's own whose end would kill what it started: the step's init
+    // must end it when the builder goes, even by SIGKILL.
+    let ctx = busybox_context("RUN sleep 1717 & sleep 1718; echo never\n");
+    let root = tempfile::tempdir().unwrap();
+    let script = format!(
+        "{rbuild} build --progress=plain --root {root} {ctx} 2>{root}/log & b=$!\n\
+         for i in $(seq 300); do pgrep -f '^sleep 1718' >/dev/null && break; sleep 0.1; done\n\
+         pgrep -f '^sleep 1718' >/dev/null || {{ echo NEVER-STARTED; cat {root}/log; exit 0; }}\n\
+         grep -q 'shared PID namespace and /proc (masks locked)' {root}/log || {{ echo NOT-SHARED-PID; cat {root}/log; exit 0; }}\n\
+         kill -9 $b\n\
+         for i in $(seq 50); do pgrep -f '^sleep 171[78]' >/dev/null || break; sleep 0.1; done\n\
+         if pgrep -f '^sleep 171[78]' >/dev/null; then echo LEFT; ps -eo pid,ppid,args; else echo CLEAN; fi",
+        rbuild = rbuild_bin().display(),
+        root = root.path().display(),
+        ctx = ctx.path().display()
+    );
+    let res = run(&mut locked(&format!("sh -c {}", shell_quote(&script))));
+    let out = String::from_utf8_lossy(&res.stdout);
+    assert!(out.starts_with("CLEAN"), "what the step started outlived rbuild:\n{out}{}", stderr(&res));
+}
+
+/// Single-quotes for sh.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[test]
 fn strict_isolation_refuses_locked_proc_masks_and_names_the_fix() {
     let ctx = busybox_context("RUN echo hi\n");
     let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -305,8 +305,17 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
 }
 
 fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
-    // If the helper dies, so does the step.
-    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // If the helper dies, so does the step. In a PID namespace of its own our SIGKILL ends it
+    // all; in a shared one nothing would end what the step started, so we take SIGTERM and end
+    // it ourselves (blocked first: it is taken in the wait loop below).
+    let shared = spec.isolation == Isolation::SharedPid;
+    let waitset = shared.then(|| sys::block_signals(&[libc::SIGTERM, libc::SIGCHLD]));
+    let helper = rustix::process::getppid();
+    let death = if shared { rustix::process::Signal::TERM } else { rustix::process::Signal::KILL };
+    let _ = rustix::process::set_parent_process_death_signal(Some(death));
+    if rustix::process::getppid() != helper {
+        return Err("the builder went away before the step started".into());
+    }
     // Root of the new user namespace (the parent wrote its maps before it released us).
     ctx(sys::set_ids(0, 0), || "becoming root of the step's user namespace".into())?;
     if spec.snapshotter == Snapshotter::FuseOverlay {
@@ -366,9 +375,21 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
         sys::exit_now(127);
     }
     // PID 1: reap everything until the command itself exits. When we exit, the kernel kills
-    // every other process of the namespace, so nothing the step started survives it.
+    // every other process of the namespace, so nothing the step started survives it. (In a
+    // shared PID namespace: poll, and sleep on SIGCHLD or the helper's death signal.)
+    let wait_flags = if shared { rustix::process::WaitOptions::NOHANG } else { rustix::process::WaitOptions::empty() };
     loop {
-        match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+        match rustix::process::wait(wait_flags) {
+            Ok(None) => {
+                if let Some(set) = &waitset {
+                    if sys::sigwait(set) == libc::SIGTERM {
+                        // The builder is gone (or a step signalled us): end the step.
+                        end_descendants();
+                        let _ = writeln!(status, "status:signaled:{}", libc::SIGTERM);
+                        return Ok(128 + libc::SIGTERM);
+                    }
+                }
+            }
             Ok(Some((pid, st))) if pid.as_raw_nonzero().get() == child => {
                 let line = if let Some(sig) = st.terminating_signal() {
                     format!("status:signaled:{sig}")

@@ -182,12 +182,17 @@ pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (so a forwarding thread can `sigwait` them).
 pub fn block_termination_signals() -> libc::sigset_t {
+    block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+}
+
+/// Blocks `signals` in this thread; returns them as a set for [`sigwait`].
+pub fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local, zero-initialised set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
