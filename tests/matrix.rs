@@ -265,8 +265,6 @@ fn pod_like_with(store: PodStore, proc: PodProc, flags: &str) -> Built {
     for sub in ["emptydir", "mnt", "ovl/lower", "ovl/upper", "ovl/work", "out"] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
-    // newuidmap maps root's range: give root one in this mount namespace only.
-    std::fs::write(d.join("subid"), "root:800000:65536\n").unwrap();
     ok(Command::new("chown").args(["-R", "800000:800000"]).arg(d.join("emptydir")).arg(d.join("ovl")).arg(d.join("out")));
     let dest = d.join("out/rootfs");
     let mount_store = match store {
@@ -290,15 +288,25 @@ fn pod_like_with(store: PodStore, proc: PodProc, flags: &str) -> Built {
     // namespace (and its masked /proc) comes from outside, as a runtime makes it.
     let pid_ns = if proc == PodProc::MaskedLocked { "" } else { "--pid --fork --mount-proc" };
     let outer_masks = if proc == PodProc::MaskedLocked { MASK_PROC } else { "" };
-    let script = format!(
-        "{outer_masks}\nmount --bind {subid} /etc/subuid\nmount --bind {subid} /etc/subgid\n\
-         unshare --user --map-users=800000,0,65536 --map-groups=800000,0,65536 --setuid 0 --setgid 0 --mount {pid_ns} sh -euc {}",
-        q(inner),
-        subid = q(d.join("subid")),
-    );
+    let script = format!("{outer_masks}\n{}", in_pod_userns(d, pid_ns, &inner));
     let b = Built::from(in_pid_ns(&script), dest);
     std::mem::forget(t); // removed below, after the checks read it
     b
+}
+
+/// A script line that runs `inner` (sh) as root of a pod-like user namespace: 65536 IDs from
+/// 800000 (as a pod with hostUsers: false gets) and a mount namespace, plus `pid_ns` flags of
+/// unshare. `dir` holds the subordinate-ID file newuidmap needs for root.
+fn in_pod_userns(dir: &Path, pid_ns: &str, inner: &str) -> String {
+    // newuidmap maps root's range: give root one in this mount namespace only.
+    let subid = dir.join("subid");
+    std::fs::write(&subid, "root:800000:65536\n").unwrap();
+    format!(
+        "mount --bind {subid} /etc/subuid\nmount --bind {subid} /etc/subgid\n\
+         unshare --user --map-users=800000,0,65536 --map-groups=800000,0,65536 --setuid 0 --setgid 0 --mount {pid_ns} sh -euc {}",
+        q(inner),
+        subid = q(&subid),
+    )
 }
 
 /// Removes a pod-like case's directory (its files belong to the pod's IDs).
@@ -526,14 +534,7 @@ exec chroot . /bin/sh -euc 'umount -l /mnt && exec env -i PATH=/usr/local/sbin:/
         out = q(d.join("out")),
         ctx = q(matrix_ctx()),
     );
-    // newuidmap maps root's range: give root one in this mount namespace only.
-    std::fs::write(d.join("subid"), "root:800000:65536\n").unwrap();
-    let script = format!(
-        "mount --bind {subid} /etc/subuid\nmount --bind {subid} /etc/subgid\n\
-         unshare --user --map-users=800000,0,65536 --map-groups=800000,0,65536 --setuid 0 --setgid 0 --mount --pid --fork --mount-proc sh -euc {}",
-        q(inner),
-        subid = q(d.join("subid")),
-    );
+    let script = in_pod_userns(d, "--pid --fork --mount-proc", &inner);
     let b = Built::from(in_pid_ns(&script), d.join("out/rootfs"));
     std::mem::forget(t); // removed by cleanup(), after the checks
     b
