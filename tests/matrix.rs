@@ -104,6 +104,18 @@ impl Built {
         self
     }
 
+    /// `rbuild doctor`, run after the build in the same environment, predicted the RUN steps'
+    /// sandbox the build's own line reports.
+    fn doctor_agrees(&self) -> &Self {
+        let built = self.log.lines().find_map(|l| l.strip_prefix("sandbox: ")?.split_once("; RUN steps: ").map(|(_, r)| r.to_string()));
+        let built = built.unwrap_or_else(|| panic!("no sandbox line:\n{}", self.log));
+        let built = built.split("; limits:").next().unwrap_or_default().to_string();
+        let predicted = self.log.lines().find_map(|l| l.split_once(": RUN steps: ").map(|(_, r)| r.to_string()));
+        let predicted = predicted.unwrap_or_else(|| panic!("no doctor summary:\n{}", self.log));
+        assert_eq!(predicted, built, "rbuild doctor predicted another sandbox than the build got:\n{}", self.log);
+        self
+    }
+
     /// The ID map RUN steps had, one line per extent (`inside outside count`).
     fn run_uid_map(&self) -> Vec<String> {
         self.file("proc-check/uid_map").lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
@@ -277,13 +289,17 @@ fn pod_like_with(store: PodStore, proc: PodProc, flags: &str) -> Built {
             q(d.join("mnt"))
         ),
     };
+    // The build, then `rbuild doctor` in the same place (its verdict's exit code ignored):
+    // what it predicts is checked against what the build did ([`Built::doctor_agrees`]).
     let build = format!("{} {flags}", build_cmd(&d.join("mnt/store"), &dest, &base));
-    let inner = match proc {
-        PodProc::MaskedInside => format!("{MASK_PROC}\n{mount_store}\n{build}"),
-        PodProc::MaskedLocked => format!("{mount_store}\n{build}"),
-        PodProc::UnmaskedNoSysAdmin => format!("{mount_store}\n{DROP_SYS_ADMIN} {build}"),
-        PodProc::MaskedNoSysAdmin => format!("{MASK_PROC}\n{mount_store}\n{DROP_SYS_ADMIN} {build}"),
+    let doctor = format!("{} doctor --root {} || true", q(rbuild_bin()), q(d.join("mnt/store")));
+    let (masks, caps) = match proc {
+        PodProc::MaskedInside => (MASK_PROC, ""),
+        PodProc::MaskedLocked => ("", ""),
+        PodProc::UnmaskedNoSysAdmin => ("", DROP_SYS_ADMIN),
+        PodProc::MaskedNoSysAdmin => (MASK_PROC, DROP_SYS_ADMIN),
     };
+    let inner = format!("{masks}\n{mount_store}\n{caps} {build}\n{caps} {doctor}");
     // A pod gets its PID namespace with the user namespace; with locked masks the PID
     // namespace (and its masked /proc) comes from outside, as a runtime makes it.
     let pid_ns = if proc == PodProc::MaskedLocked { "" } else { "--pid --fork --mount-proc" };
@@ -319,7 +335,7 @@ fn cleanup(b: &Built) {
 #[test]
 fn f_pod_like_store_on_an_emptydir() {
     let b = pod_like(PodStore::EmptyDir, PodProc::MaskedInside);
-    b.passed().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").own_proc();
+    b.passed().doctor_agrees().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").own_proc();
     assert!(!b.log.contains("cannot make a clean clone of /proc"), "{}", b.log);
     assert_eq!(b.run_uid_map(), ["0 0 65536"]);
     cleanup(&b);
@@ -328,7 +344,7 @@ fn f_pod_like_store_on_an_emptydir() {
 #[test]
 fn f_pod_like_store_on_overlayfs() {
     let b = pod_like(PodStore::Overlay, PodProc::MaskedInside);
-    b.passed().own_proc().says("is on overlayfs").says("mount an emptyDir");
+    b.passed().doctor_agrees().own_proc().says("is on overlayfs").says("mount an emptyDir");
     assert_eq!(b.run_uid_map(), ["0 0 65536"]);
     cleanup(&b);
 }
@@ -336,7 +352,7 @@ fn f_pod_like_store_on_overlayfs() {
 #[test]
 fn f2_pod_like_with_locked_proc_masks() {
     let b = pod_like(PodStore::EmptyDir, PodProc::MaskedLocked);
-    b.passed().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").shared_proc();
+    b.passed().doctor_agrees().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").shared_proc();
     cleanup(&b);
 }
 
@@ -356,7 +372,7 @@ fn f2_strict_refuses_with_the_documented_message() {
 #[test]
 fn f3_pod_like_without_sys_admin_with_unmasked_proc() {
     let b = pod_like(PodStore::EmptyDir, PodProc::UnmaskedNoSysAdmin);
-    b.passed().says("sandbox: root without CAP_SYS_ADMIN: a user namespace of its own, uid and gid map 0→0 (65536)").own_proc();
+    b.passed().doctor_agrees().says("sandbox: root without CAP_SYS_ADMIN: a user namespace of its own, uid and gid map 0→0 (65536)").own_proc();
     assert_eq!(b.run_uid_map(), ["0 0 65536"]);
     cleanup(&b);
 }
@@ -365,7 +381,7 @@ fn f3_pod_like_without_sys_admin_with_unmasked_proc() {
 fn f4_pod_like_without_sys_admin_with_masked_proc() {
     // ci/k8s/job-masked-proc.yaml: rbuild's own user namespace locks the pod's masks.
     let b = pod_like(PodStore::EmptyDir, PodProc::MaskedNoSysAdmin);
-    b.passed()
+    b.passed().doctor_agrees()
         .says("sandbox: root without CAP_SYS_ADMIN: a user namespace of its own, uid and gid map 0→0 (65536)")
         .says("procMount: Unmasked")
         .shared_proc();
