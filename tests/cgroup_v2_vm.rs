@@ -76,6 +76,7 @@ fn init2() -> String {
     for (name, flags, _) in CASES {
         s.push_str(&format!("echo '@@CASE {name}'\nrbuild build --progress=plain {flags} --root /tmp/store /ctx/{name} 2>&1\necho \"@@RC {name} $?\"\n"));
     }
+    s.push_str("echo '@@CASE oom-victims'\ndmesg | grep -o 'Killed process [0-9]* ([^)]*)'\necho '@@RC oom-victims 0'\n");
     s.push_str("echo '@@CASE leftovers'\nfind /sys/fs/cgroup/ci -name 'rbuild-step-*'\necho '@@RC leftovers 0'\npoweroff -f\n");
     s
 }
@@ -197,6 +198,11 @@ fn memory_limit_oom_kills_a_run_step_in_cgroup_v2() {
     assert!(sandbox_line(out).ends_with("; limits: memory 64 MiB (cgroup v2)"), "{out}");
     assert!(error_line(out).contains("killed by signal 9 (killed: memory limit 64 MiB reached (--memory))"), "{out}");
     // The same step without the limit gets through: the limit, not the machine, stopped it.
+    // What the OOM killer took: the step's processes (oom_score_adj 1000), never the
+    // sandbox's rbuild helper or init, which must live to report the step's end.
+    let (_, victims) = vm().case("oom-victims");
+    assert!(victims.contains("Killed process"), "the limit was met by the OOM killer:\n{victims}");
+    assert!(!victims.contains("(rbuild)"), "the OOM killer took a sandbox process:\n{victims}");
     let (rc, out) = vm().case("memory-unlimited");
     assert_eq!(rc, 0, "{out}");
     assert!(out.contains("survived 150000000"), "{out}");

@@ -357,6 +357,9 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     let _ = status.flush();
     let child = ctx(sys::fork(), || "fork".into())?;
     if child == 0 {
+        // The step's processes are the OOM killer's first choice: at a memory limit the step
+        // dies, never the sandbox's helper and init that share its cgroup and report on it.
+        let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
         // Under a single-ID map the kernel denies setgroups; the only group is then ours.
         let setgroups_denied = std::fs::read_to_string("/proc/self/setgroups").map(|s| s.trim() == "deny").unwrap_or(false);
         if !setgroups_denied {

@@ -349,6 +349,9 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     }
     match status {
         Some(status) => Ok(RunOutcome { status, created_mountpoints: created, warnings, limit_hit }),
+        // Killed at a limit before it could report (the OOM killer may take the sandbox's own
+        // processes too): the limit is the cause, and the step counts as killed.
+        None if limit_hit.is_some() => Ok(RunOutcome { status: ExitKind::Signaled(libc::SIGKILL), created_mountpoints: created, warnings, limit_hit }),
         None => Err(RunError::Sandbox("the RUN sandbox ended without reporting a status".into())),
     }
 }
