@@ -443,7 +443,7 @@ fn ci_image() -> &'static (PathBuf, String) {
     IMAGE.get_or_init(|| {
         ensure_tools();
         let reg = Registry::start();
-        ok(Command::new(testbed().join("make-base-images")).arg(&reg.addr));
+        reg.with_debian();
         let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let layout = tmp.join("matrix-ci-image");
         let _ = std::fs::remove_dir_all(&layout);

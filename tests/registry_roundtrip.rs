@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+mod common;
+
 fn testbed() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/testbed")
 }
@@ -34,8 +36,7 @@ impl TestRegistry {
         TestRegistry { addr: out.trim().lines().last().unwrap().to_string(), dir }
     }
     fn with_busybox(&self) -> String {
-        ok(Command::new(testbed().join("make-base-images")).args(["--busybox-only", &self.addr]));
-        format!("{}/busybox:latest", self.addr)
+        common::push_base_image(&self.addr, "busybox", "latest")
     }
     /// Where the registry keeps a blob's bytes (filesystem storage driver layout).
     fn blob_file(&self, d: &Digest) -> PathBuf {
@@ -281,9 +282,7 @@ async fn missing_images_and_unreachable_registries_are_named() {
 #[tokio::test(flavor = "multi_thread")]
 async fn testbed_oci_layout_loads_with_verified_blobs() {
     let t = tempfile::tempdir().unwrap();
-    let out = t.path().join("oci");
-    ok(Command::new(testbed().join("make-base-images")).args(["--busybox-only", "--no-push", "--oci-out"]).arg(&out));
-    let dir = out.join("busybox");
+    let dir = common::base_image_layouts(false).join("busybox");
     let store = Store::open(&t.path().join("store")).unwrap();
     let img = load_oci_layout(&dir, Some("latest"), &store).unwrap();
     assert!(img.reference.starts_with("oci-layout://"));

@@ -41,6 +41,48 @@ pub fn ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The testbed's base images as OCI layouts of this test binary's own (`busybox:latest`, and
+/// `debian:bookworm` once asked for), written once per binary.
+///
+/// Tests run in parallel, and make-base-images is not safe to run concurrently: its cache
+/// check can fail under load and rebuild the cached image in place, and a push running beside
+/// that rebuild sends an image without layers. So it runs once per binary, under a lock, and
+/// tests push from the copy it writes.
+pub fn base_image_layouts(debian: bool) -> PathBuf {
+    static BUSYBOX: OnceLock<PathBuf> = OnceLock::new();
+    static ALL: OnceLock<PathBuf> = OnceLock::new();
+    let make = |debian: bool| {
+        // The binary's name without cargo's hash (`matrix-0123abcd` → `matrix`).
+        let exe = std::env::current_exe().ok().and_then(|e| e.file_stem().map(|s| s.to_string_lossy().into_owned())).unwrap_or_default();
+        let name = exe.rsplit_once('-').map_or(exe.as_str(), |(n, _)| n).to_string();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("testbed-{name}-{}", if debian { "all" } else { "busybox" }));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cmd = Command::new("flock");
+        cmd.arg("/var/tmp/rbuild-testbed.lock").arg(testbed().join("make-base-images"));
+        if !debian {
+            cmd.arg("--busybox-only");
+        }
+        ok(cmd.args(["--no-push", "--oci-out"]).arg(&dir));
+        dir
+    };
+    if debian {
+        ALL.get_or_init(|| make(true)).clone()
+    } else {
+        BUSYBOX.get_or_init(|| make(false)).clone()
+    }
+}
+
+/// Pushes `name:tag` from [`base_image_layouts`] to the registry at `addr`; returns its reference.
+pub fn push_base_image(addr: &str, name: &str, tag: &str) -> String {
+    let layouts = base_image_layouts(name == "debian");
+    let reference = format!("{addr}/{name}:{tag}");
+    ok(Command::new("skopeo")
+        .args(["copy", "-q", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{tag}", layouts.join(name).display()))
+        .arg(format!("docker://{reference}")));
+    reference
+}
+
 /// A distribution registry started for one test, stopped on drop.
 pub struct Registry {
     /// `127.0.0.1:PORT`.
@@ -59,8 +101,13 @@ impl Registry {
 
     /// Pushes the testbed busybox image; returns `ADDR/busybox:latest`.
     pub fn with_busybox(&self) -> String {
-        ok(Command::new(testbed().join("make-base-images")).args(["--busybox-only", &self.addr]));
-        format!("{}/busybox:latest", self.addr)
+        push_base_image(&self.addr, "busybox", "latest")
+    }
+
+    /// Pushes the testbed Debian 12 image (slow the first time: debootstrap); returns
+    /// `ADDR/debian:bookworm`.
+    pub fn with_debian(&self) -> String {
+        push_base_image(&self.addr, "debian", "bookworm")
     }
 
     /// Stops the registry (an outage); [`Registry::restart`] brings it back on the same port.
