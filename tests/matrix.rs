@@ -676,15 +676,20 @@ const DOCKER_LIKE_SECCOMP: &str = r#"{
   ]
 }"#;
 
+/// The ci image as root (`--user 0`) under [`DOCKER_LIKE_SECCOMP`], `flags` added to the build.
+fn docker_like_build(flags: &[&str]) -> (tempfile::TempDir, Built) {
+    let profile = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(profile.path(), DOCKER_LIKE_SECCOMP).unwrap();
+    let seccomp = format!("seccomp={}", profile.path().display());
+    podman_build_with(&["--user", "0", "--security-opt", &seccomp], flags)
+}
+
 #[test]
 fn d3_podman_docker_like_seccomp_as_root_falls_back_to_none() {
     if !slow_enabled("d3") {
         return;
     }
-    let profile = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(profile.path(), DOCKER_LIKE_SECCOMP).unwrap();
-    let seccomp = format!("seccomp={}", profile.path().display());
-    let (_t, b) = podman_build(&["--user", "0", "--security-opt", &seccomp]);
+    let (_t, b) = docker_like_build(&[]);
     b.passed()
         .says("sandbox: none (/run/.containerenv exists, root filesystem is overlayfs); RUN steps: no namespaces (--isolation=none)")
         .says("user namespaces are refused here, so RUN steps cannot have a sandbox")
@@ -701,10 +706,7 @@ fn d3_strict_refuses_with_the_documented_message() {
     if !slow_enabled("d3-strict") {
         return;
     }
-    let profile = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(profile.path(), DOCKER_LIKE_SECCOMP).unwrap();
-    let seccomp = format!("seccomp={}", profile.path().display());
-    let (_t, b) = podman_build_with(&["--user", "0", "--security-opt", &seccomp], &["--isolation=strict"]);
+    let (_t, b) = docker_like_build(&["--isolation=strict"]);
     // Root without SYS_ADMIN needs a user namespace for the build itself: that is refused first.
     b.failed_saying(&["cannot create a user namespace for the build", "seccomp=unconfined", "--isolation=auto or none builds anyway"]);
     assert!(!b.rootfs.exists());
