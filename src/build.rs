@@ -386,7 +386,8 @@ impl Builder {
                     for src in &c.sources {
                         if let rbuild_dag::SourceArg::Path(p) = src {
                             if !p.contains('$') && !p.contains("://") && !p.starts_with("git@") {
-                                let _ = self.context_hash(p);
+                                // The hashing job runs already; the map keeps its shared result.
+                                drop(self.context_hash(p));
                             }
                         }
                     }
@@ -1788,8 +1789,7 @@ fn state_from_config(config: &Value) -> ImageState {
     let keys = |v: Option<&Value>| -> std::collections::BTreeSet<String> {
         v.and_then(|v| v.as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default()
     };
-    let mut st = ImageState::default();
-    st.env = strs(c.get("Env"))
+    let env = strs(c.get("Env"))
         .unwrap_or_default()
         .into_iter()
         .map(|kv| match kv.split_once('=') {
@@ -1797,6 +1797,7 @@ fn state_from_config(config: &Value) -> ImageState {
             None => (kv, String::new()),
         })
         .collect();
+    let mut st = ImageState { env, ..Default::default() };
     st.user = c.get("User").and_then(|v| v.as_str()).unwrap_or("").to_string();
     st.workdir = c.get("WorkingDir").and_then(|v| v.as_str()).filter(|s| !s.is_empty()).unwrap_or("/").to_string();
     st.cmd = strs(c.get("Cmd"));

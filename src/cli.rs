@@ -15,6 +15,7 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // one value per process, parsed once
 pub enum Command {
     /// Build an image from a Dockerfile and a context directory.
     Build(BuildArgs),

@@ -385,7 +385,7 @@ pub fn stage_copy(
             target_comps
         };
         let parent_len = if sel.md.is_dir() { target_comps.len() } else { target_comps.len().saturating_sub(1) };
-        ensure_parents(staging, image, &target_comps[..parent_len], default_owner.unwrap_or((0, 0)), sel.md.is_dir().then_some(&attrs))?;
+        ensure_parents(staging, image, &target_comps[..parent_len], default_owner.unwrap_or((0, 0)), sel.md.is_dir().then_some(attrs))?;
         let target = staging.join(target_comps.join("/"));
         let ex = Exclude { m: attrs.exclude.as_ref(), base: sel.rel.clone() };
         if sel.md.is_dir() {
@@ -517,39 +517,6 @@ fn copy_tree(source: &Source<'_>, rel: &str, target: &Path, owner: Option<(u32, 
     Ok(n)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chmod_forms() {
-        assert_eq!(parse_chmod("0755").unwrap(), Chmod::Octal(0o755));
-        let c = parse_chmod("u+x,go-w").unwrap();
-        assert_eq!(c.apply(0o666, false), 0o744);
-        assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, true), 0o555);
-        assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, false), 0o444);
-        assert_eq!(parse_chmod("+x").unwrap().apply(0o600, false), 0o711);
-        assert_eq!(parse_chmod("g=u").unwrap_err().to_string().contains("symbolic"), true);
-        assert!(parse_chmod("9999").is_err());
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("*.txt", "a.txt"));
-        assert!(!glob_match("*.txt", "a.txt.bak"));
-        assert!(glob_match("file?", "file1"));
-        assert!(glob_match("[a-c]x", "bx"));
-        assert!(!glob_match("[^a-c]x", "bx"));
-    }
-
-    #[test]
-    fn escapes() {
-        assert!(src_escapes("../x"));
-        assert!(src_escapes("a/../../x"));
-        assert!(!src_escapes("a/../x"));
-    }
-}
-
 /// Creates the directory `comps` (and missing parents) in `staging`, owned by root, copying
 /// the metadata of directories the image already has.
 pub fn ensure_dir(staging: &Path, image: &LayerStack, comps: &[String]) -> Result<(), CopyError> {
@@ -586,4 +553,37 @@ pub fn stage_inline(staging: &Path, image: &LayerStack, inline: &[(String, Strin
         n += stage_bytes(staging, image, name, content.as_bytes(), &dest, attrs)?;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chmod_forms() {
+        assert_eq!(parse_chmod("0755").unwrap(), Chmod::Octal(0o755));
+        let c = parse_chmod("u+x,go-w").unwrap();
+        assert_eq!(c.apply(0o666, false), 0o744);
+        assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, true), 0o555);
+        assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, false), 0o444);
+        assert_eq!(parse_chmod("+x").unwrap().apply(0o600, false), 0o711);
+        assert!(parse_chmod("g=u").unwrap_err().to_string().contains("symbolic"));
+        assert!(parse_chmod("9999").is_err());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.txt", "a.txt"));
+        assert!(!glob_match("*.txt", "a.txt.bak"));
+        assert!(glob_match("file?", "file1"));
+        assert!(glob_match("[a-c]x", "bx"));
+        assert!(!glob_match("[^a-c]x", "bx"));
+    }
+
+    #[test]
+    fn escapes() {
+        assert!(src_escapes("../x"));
+        assert!(src_escapes("a/../../x"));
+        assert!(!src_escapes("a/../x"));
+    }
 }

@@ -107,7 +107,7 @@ impl LayerStack {
                 comps.reverse();
                 done.clear();
                 // Re-walk from the root with the target prefixed to what is left.
-                let mut rest: Vec<String> = pending.drain(..).collect();
+                let mut rest: Vec<String> = std::mem::take(&mut pending);
                 rest.extend(comps);
                 pending = rest;
             }

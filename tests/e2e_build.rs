@@ -33,7 +33,8 @@ CMD ["cat", "/app/greeting"]
 "#;
 
 fn demo_context(base: &str) -> tempfile::TempDir {
-    let ctx = context(&[
+    
+    context(&[
         ("Dockerfile", &DOCKERFILE.replace("{BASE}", base)),
         ("hello.txt", "hello file\n"),
         ("tool.sh", "#!/bin/sh\necho tool\n"),
@@ -41,8 +42,7 @@ fn demo_context(base: &str) -> tempfile::TempDir {
         ("dir/sub/b", "b\n"),
         ("ignored.log", "must not be copied\n"),
         (".dockerignore", "*.log\n"),
-    ]);
-    ctx
+    ])
 }
 
 #[test]

@@ -45,8 +45,8 @@ fn hostile_tars_stay_inside() {
         raw_entry(&mut b, b"rel", tar::EntryType::Symlink, Some(rel.as_bytes()), b"");
         raw_entry(&mut b, b"rel/pwned2", tar::EntryType::Regular, None, b"x");
         raw_entry(&mut b, b"rel/.wh.target", tar::EntryType::Regular, None, b"");
-        let hl = format!("../outside/target");
-        let _ = raw_entry(&mut b, b"hl", tar::EntryType::Link, Some(hl.as_bytes()), b"");
+        let hl = "../outside/target".to_string();
+        raw_entry(&mut b, b"hl", tar::EntryType::Link, Some(hl.as_bytes()), b"");
         raw_entry(&mut b, b"fine", tar::EntryType::Regular, None, b"fine");
         let bytes = b.into_inner().unwrap();
         let res = if mode == "unpack" {
@@ -174,7 +174,7 @@ fn blob_digests_are_deterministic_and_right() {
     let d = t.path().join("d");
     fs::create_dir_all(d.join("sub")).unwrap();
     fs::write(d.join("sub/a"), "a".repeat(100_000)).unwrap();
-    fs::write(d.join(format!("{}", "n".repeat(150))), "long name").unwrap();
+    fs::write(d.join("n".repeat(150)), "long name").unwrap();
     std::os::unix::fs::symlink("x".repeat(120), d.join("longlink")).unwrap();
     for c in [Compression::Gzip { level: 6 }, Compression::Zstd { level: 3 }, Compression::Uncompressed] {
         let a = write_layer_blob(&d, &t.path().join("a"), c, &DiffOptions { source_date_epoch: Some(0) }).unwrap();
