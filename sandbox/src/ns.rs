@@ -137,10 +137,10 @@ pub(crate) fn setup_mounts(sys: &mut dyn Syscalls, state_dir: &Path, unshare: bo
     let mut warnings = Vec::new();
     let mut locked = None;
     if unshare {
-        sys.unshare(libc::CLONE_NEWNS).map_err(sys_err("unshare(CLONE_NEWNS)"))?;
+        sys.unshare(libc::CLONE_NEWNS).map_err(mount_refused("unshare(CLONE_NEWNS)"))?;
     }
     // Nothing we mount may propagate back to the parent mount namespace.
-    sys.make_rprivate(Path::new("/")).map_err(sys_err("making / private"))?;
+    sys.make_rprivate(Path::new("/")).map_err(mount_refused("making / private"))?;
     let target = state_dir.join("proc-clone");
     std::fs::create_dir_all(&target).map_err(sys_err(format!("creating {}", target.display())))?;
     // Non-recursive: a procfs without the masks' mounts on it is "fully visible", which is what
@@ -168,6 +168,22 @@ pub(crate) fn setup_mounts(sys: &mut dyn Syscalls, state_dir: &Path, unshare: bo
         }
     }
     Ok(MountsSetUp { proc_clone, proc_locked: locked, warnings })
+}
+
+/// [`sys_err`] for the first namespace and mount calls of a build: where they are refused
+/// (EPERM, EACCES) the error says what usually refuses them and the ways out.
+fn mount_refused(what: &'static str) -> impl FnOnce(std::io::Error) -> NamespaceError {
+    move |source| {
+        let what = match source.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => format!(
+                "{what} (refused: a container's AppArmor profile denies mount, e.g. docker-default; so does a seccomp profile \
+                 without SYS_ADMIN. Run the container with `--security-opt apparmor=unconfined` and seccomp unconfined, or, in a \
+                 throwaway container, build with --isolation=none)"
+            ),
+            _ => what.to_string(),
+        };
+        NamespaceError::Sys { what, source }
+    }
 }
 
 /// Why RUN steps cannot mount a procfs of their own: the clone of /proc failed with `e`.
@@ -326,6 +342,22 @@ mod tests {
         assert_eq!(m.proc_clone.as_deref(), Some(want.as_path()));
         assert!(m.warnings.is_empty() && m.proc_locked.is_none());
         assert_eq!(r.calls, vec!["unshare 0x20000".to_string(), "rprivate /".into(), format!("bind /proc {}", want.display())]);
+    }
+
+    #[test]
+    fn refused_mounts_name_apparmor_and_the_ways_out() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = RecordingSyscalls::default();
+        r.fail.push(("rprivate /".into(), libc::EACCES));
+        let e = setup_mounts(&mut r, t.path(), true, true).unwrap_err().to_string();
+        for want in ["making / private", "AppArmor", "apparmor=unconfined", "--isolation=none", "Permission denied"] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // Other failures are reported as they are.
+        let mut r = RecordingSyscalls::default();
+        r.fail.push(("unshare".into(), libc::EINVAL));
+        let e = setup_mounts(&mut r, t.path(), true, true).unwrap_err().to_string();
+        assert!(e.starts_with("unshare(CLONE_NEWNS): ") && !e.contains("AppArmor"), "{e}");
     }
 
     #[test]
