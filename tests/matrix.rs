@@ -11,6 +11,7 @@
 //! | d | in a podman container of the image built from ci/Dockerfile, default seccomp, masked /proc (locked for rbuild: the shared-PID fallback) |
 //! | d2 | the same with `--security-opt unmask=ALL` (the full sandbox) |
 //! | d3 | the ci image as root under a Docker-like seccomp profile (no unshare, mount or namespace clone): `--isolation=auto` falls back to none, Kaniko-style; strict refuses |
+//! | d4 | the ci image as root with mounts refused (a seccomp stand-in for AppArmor's docker-default): fails naming AppArmor and the ways out; `--isolation=none` builds |
 //! | e | the same as d with seccomp and AppArmor unconfined |
 //! | f | a pod-like sandbox: root of a user namespace (65536 IDs) with SYS_ADMIN there, /proc masked from inside it, the store on an emptyDir-like bind mount |
 //! | f-overlay | the same with the store on overlayfs (a container's root filesystem) |
@@ -22,7 +23,7 @@
 //! | g | nested: rbuild in a RUN step of rbuild in a RUN step of rbuild |
 //! | ci-image | ci/Dockerfile built by rbuild, checked with skopeo and umoci |
 //!
-//! Slow cases (the Debian-based image of ci/Dockerfile: d, d2, d3, e, f-ci, f-ci-overlay, ci-image) run only with
+//! Slow cases (the Debian-based image of ci/Dockerfile: d, d2, d3, d4, e, f-ci, f-ci-overlay, ci-image) run only with
 //! `RBUILD_SLOW_TESTS=1`.
 //! Every build on the host runs inside an extra PID namespace (`unshare --pid --fork
 //! --mount-proc`); the podman cases in the container's own.
@@ -676,10 +677,24 @@ const DOCKER_LIKE_SECCOMP: &str = r#"{
   ]
 }"#;
 
+/// What an AppArmor profile like docker-default does to rbuild (this machine has no AppArmor):
+/// mount, umount and pivot_root refused, namespaces allowed.
+const MOUNTS_DENIED_SECCOMP: &str = r#"{
+  "defaultAction": "SCMP_ACT_ALLOW",
+  "syscalls": [
+    { "names": ["mount", "umount2", "pivot_root", "fsopen", "fsmount", "move_mount", "open_tree", "mount_setattr"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13 }
+  ]
+}"#;
+
 /// The ci image as root (`--user 0`) under [`DOCKER_LIKE_SECCOMP`], `flags` added to the build.
 fn docker_like_build(flags: &[&str]) -> (tempfile::TempDir, Built) {
+    seccomp_build(DOCKER_LIKE_SECCOMP, flags)
+}
+
+/// The ci image as root (`--user 0`) under the seccomp `profile`, `flags` added to the build.
+fn seccomp_build(profile_json: &str, flags: &[&str]) -> (tempfile::TempDir, Built) {
     let profile = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(profile.path(), DOCKER_LIKE_SECCOMP).unwrap();
+    std::fs::write(profile.path(), profile_json).unwrap();
     let seccomp = format!("seccomp={}", profile.path().display());
     podman_build_with(&["--user", "0", "--security-opt", &seccomp], flags)
 }
@@ -710,4 +725,18 @@ fn d3_strict_refuses_with_the_documented_message() {
     // Root without SYS_ADMIN needs a user namespace for the build itself: that is refused first.
     b.failed_saying(&["cannot create a user namespace for the build", "seccomp=unconfined", "--isolation=auto or none builds anyway"]);
     assert!(!b.rootfs.exists());
+}
+
+#[test]
+fn d4_podman_mounts_denied_fails_naming_apparmor_and_the_ways_out() {
+    if !slow_enabled("d4") {
+        return;
+    }
+    let (_t, b) = seccomp_build(MOUNTS_DENIED_SECCOMP, &[]);
+    b.failed_saying(&["making / private", "AppArmor", "apparmor=unconfined", "--isolation=none", "Permission denied"]);
+    assert!(!b.rootfs.exists());
+    // The way out it names works there.
+    let (_t, b) = seccomp_build(MOUNTS_DENIED_SECCOMP, &["--isolation=none"]);
+    b.passed().says("RUN steps: no namespaces (--isolation=none)");
+    assert_eq!(b.file("run.txt"), "built by RUN\n");
 }
