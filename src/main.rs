@@ -490,9 +490,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
 /// in the build read a copy of the CA bundle in the store (through `SSL_CERT_FILE`).
 /// Called while the process is single-threaded.
 fn keep_ca_certificates(store: &std::path::Path) {
-    let bundle = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).into_iter().chain(
-        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem"].map(PathBuf::from),
-    );
+    let bundle = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).into_iter().chain(rbuild::registry::CA_BUNDLES.map(PathBuf::from));
     for b in bundle {
         let copy = store.join("run/ca-certificates.crt");
         if b.is_file() && std::fs::create_dir_all(store.join("run")).is_ok() && std::fs::copy(&b, &copy).is_ok() {

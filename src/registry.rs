@@ -400,7 +400,7 @@ wu0h
 static NO_SYSTEM_CERTIFICATES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Bundles where TLS libraries look for CA certificates (Debian, Fedora, SUSE, Alpine).
-const CA_BUNDLES: [&str; 5] =
+pub const CA_BUNDLES: [&str; 5] =
     ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem", "/etc/pki/tls/cacert.pem"];
 
 /// Makes registry clients possible on a system without CA certificates (a minimal image,
