@@ -129,18 +129,16 @@ impl SandboxMode {
                         )),
                     ));
                 }
-                if !self.user_namespaces {
-                    if let Some(evidence) = &self.container {
-                        return Ok((
-                            Isolation::None,
-                            Some(format!(
-                                "user namespaces are refused here, so RUN steps cannot have a sandbox: as root in a container ({evidence}) \
-                                 rbuild runs them the way Kaniko does, as plain processes in this container's own root filesystem, which it \
-                                 replaces with each stage's files (--isolation=none). A step can see and signal rbuild and read its store and \
-                                 credentials. To get the sandbox back: {USERNS_FIX}. --isolation=strict refuses to build without it"
-                            )),
-                        ));
-                    }
+                if let (false, Some(evidence)) = (self.user_namespaces, &self.container) {
+                    return Ok((
+                        Isolation::None,
+                        Some(format!(
+                            "user namespaces are refused here, so RUN steps cannot have a sandbox: as root in a container ({evidence}) \
+                             rbuild runs them the way Kaniko does, as plain processes in this container's own root filesystem, which it \
+                             replaces with each stage's files (--isolation=none). A step can see and signal rbuild and read its store and \
+                             credentials. To get the sandbox back: {USERNS_FIX}. --isolation=strict refuses to build without it"
+                        )),
+                    ));
                 }
                 let warning = (!self.user_namespaces)
                     .then(|| format!("user namespaces are refused here, so RUN steps will fail (`rbuild doctor` says why). To allow them: {USERNS_FIX}"));
@@ -183,7 +181,13 @@ pub fn build_mode(store: &Path, proc_locked: Option<String>) -> SandboxMode {
         Err(_) => OverlayKind::None,
     };
     let _ = std::fs::remove_dir_all(&scratch);
-    SandboxMode { user_namespaces, overlay, proc_locked, container: root_in_container() }
+    SandboxMode { user_namespaces, overlay, proc_locked, container: container_if_refused(user_namespaces) }
+}
+
+/// [`SandboxMode::container`]: looked for only where user namespaces are refused, the one
+/// case [`SandboxMode::choose`] reads it.
+fn container_if_refused(user_namespaces: bool) -> Option<String> {
+    (!user_namespaces).then(root_in_container).flatten()
 }
 
 /// [`crate::container_evidence`] when running as root (only root can rewrite the root
@@ -385,7 +389,7 @@ pub fn probe(store: &Path) -> Probe {
     checks.push(cgroup_check());
 
     let _ = std::fs::remove_dir_all(&scratch);
-    Probe { checks, mode: SandboxMode { user_namespaces, overlay, proc_locked, container: root_in_container() } }
+    Probe { checks, mode: SandboxMode { user_namespaces, overlay, proc_locked, container: container_if_refused(user_namespaces) } }
 }
 
 /// Name of a filesystem by its statfs magic.
@@ -480,19 +484,14 @@ fn id_map_check(root: bool) -> Check {
         };
         let verdict = if full || map.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()).sum::<u64>() >= 65536 { Verdict::Ok } else { Verdict::Degraded };
         let fix = (verdict != Verdict::Ok).then(|| "map at least 65536 IDs into the container's user namespace".to_string());
-        if !crate::ns::has_sys_admin() {
-            // Builds then re-execute in a user namespace of their own (crate::ns).
-            return check(
-                "ID map",
-                verdict,
-                if crate::ns::may_map_any_id() {
-                    format!("{detail}; no CAP_SYS_ADMIN, so builds make a user namespace of their own mapping the same IDs")
-                } else {
-                    format!("{detail}; no CAP_SYS_ADMIN, CAP_SETUID or CAP_SETGID, so builds make a user namespace of their own mapping root's subordinate ranges, or root alone")
-                },
-                fix,
-            );
-        }
+        // Without CAP_SYS_ADMIN builds re-execute in a user namespace of their own (crate::ns).
+        let detail = if crate::ns::has_sys_admin() {
+            detail
+        } else if crate::ns::may_map_any_id() {
+            format!("{detail}; no CAP_SYS_ADMIN, so builds make a user namespace of their own mapping the same IDs")
+        } else {
+            format!("{detail}; no CAP_SYS_ADMIN, CAP_SETUID or CAP_SETGID, so builds make a user namespace of their own mapping root's subordinate ranges, or root alone")
+        };
         return check("ID map", verdict, detail, fix);
     }
     let name = user_name(uid);
