@@ -38,20 +38,6 @@ fn kernel() -> (PathBuf, PathBuf) {
     (find("vmlinuz-").unwrap(), find("overlay.ko").unwrap())
 }
 
-/// The busybox-based context of a case: busybox as the image, then `run`.
-fn case_context(dir: &Path, run: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::copy(busybox(), dir.join("busybox")).unwrap();
-    std::fs::write(
-        dir.join("Dockerfile"),
-        format!("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n{run}"),
-    )
-    .unwrap();
-}
-
-fn busybox() -> &'static str {
-    ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static")
-}
 
 /// The cases: name, `rbuild build` flags, the RUN line.
 const CASES: [(&str, &str, &str); 4] = [
@@ -115,7 +101,7 @@ fn vm() -> &'static VmRun {
         for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "newroot", "ctx"] {
             std::fs::create_dir_all(ir.join(d)).unwrap();
         }
-        std::fs::copy(busybox(), ir.join("bin/busybox")).unwrap();
+        std::fs::copy(busybox_static(), ir.join("bin/busybox")).unwrap();
         // rbuild without its debug information (the initramfs is held in memory), and its libraries.
         ok(Command::new("strip").arg("-o").arg(ir.join("bin/rbuild")).arg(rbuild_bin()));
         let ldd = ok(Command::new("ldd").arg(rbuild_bin()));
@@ -127,7 +113,7 @@ fn vm() -> &'static VmRun {
         std::fs::copy(&overlay, ir.join("overlay.ko")).unwrap();
         std::fs::write(ir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
         for (name, _, run) in CASES {
-            case_context(&ir.join("ctx").join(name), run);
+            write_busybox_context(&ir.join("ctx").join(name), run);
         }
         // The initramfs root cannot be pivot_root'ed away from (RUN steps need that), so the
         // first stage moves everything to a tmpfs and switches to it.

@@ -13,12 +13,8 @@ use std::process::{Command, Output};
 /// A context whose image is a static busybox, then `run` (Dockerfile lines).
 fn busybox_context(run: &str) -> tempfile::TempDir {
     ensure_tools();
-    let ctx = context(&[(
-        "Dockerfile",
-        &format!("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n{run}"),
-    )]);
-    let bb = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static");
-    std::fs::copy(bb, ctx.path().join("busybox")).unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    write_busybox_context(ctx.path(), run);
     ctx
 }
 

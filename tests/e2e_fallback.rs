@@ -165,7 +165,7 @@ exec /bin/busybox sh -c 'busybox umount -l /old && busybox rmdir /old && test ! 
 "#,
         r = scratch.path().display(),
         rbuild = rbuild_bin().display(),
-        busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).unwrap(),
+        busybox = busybox_static(),
         ctx = ctx.display(),
         out = out.display(),
     );

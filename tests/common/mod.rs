@@ -151,6 +151,23 @@ pub fn ensure_tools() {
     });
 }
 
+/// The static busybox of Debian's busybox-static.
+pub fn busybox_static() -> &'static str {
+    ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static")
+}
+
+/// Writes into `dir` a context whose image is the static busybox (no registry needed), then
+/// `run` (Dockerfile lines).
+pub fn write_busybox_context(dir: &Path, run: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(busybox_static(), dir.join("busybox")).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n{run}"),
+    )
+    .unwrap();
+}
+
 /// Writes a build context from `(path, content)` pairs.
 pub fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
