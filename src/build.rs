@@ -79,16 +79,22 @@ pub struct BuildOutcome {
 }
 
 /// The content digest of one COPY source in the context, being computed or done.
-type ContextHash = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Digest, String>>>;
+type ContextHash =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Digest, String>>>;
 
 /// A background job several tasks may wait for.
-type SharedJob<T> = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, String>>>;
+type SharedJob<T> =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, String>>>;
 
 /// A layer's blob and digests: known, or still being exported in the background.
 #[derive(Clone)]
 enum LayerSlot {
     Ready(LayerDesc),
-    Pending(futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<LayerDesc, String>>>),
+    Pending(
+        futures_util::future::Shared<
+            futures_util::future::BoxFuture<'static, Result<LayerDesc, String>>,
+        >,
+    ),
 }
 
 impl std::fmt::Debug for LayerSlot {
@@ -222,7 +228,9 @@ fn finish_pstep(pstep: &ProgressStep, res: Result<Option<Layer>>) -> Result<Opti
 
 fn created_by_of(step: &Step) -> &str {
     match step {
-        Step::Run { created_by, .. } | Step::Copy { created_by, .. } | Step::Workdir { created_by, .. } => created_by,
+        Step::Run { created_by, .. }
+        | Step::Copy { created_by, .. }
+        | Step::Workdir { created_by, .. } => created_by,
     }
 }
 
@@ -248,7 +256,10 @@ impl ImageFs {
     fn scratch(platform: &str) -> ImageFs {
         let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
         ImageFs {
-            key: CacheKeyBuilder::new("scratch").str("platform", platform).str("epoch", &format!("{:?}", source_date_epoch())).finish(),
+            key: CacheKeyBuilder::new("scratch")
+                .str("platform", platform)
+                .str("epoch", &format!("{:?}", source_date_epoch()))
+                .finish(),
             layers: Vec::new(),
             config: json!({"architecture": arch, "os": os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}),
             state: ImageState::scratch(),
@@ -256,8 +267,6 @@ impl ImageFs {
             chain: Vec::new(),
         }
     }
-
-
 }
 
 /// Runs one build.
@@ -302,22 +311,33 @@ pub struct Builder {
 
 /// Runs the whole build described by `opts`.
 pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Result<BuildOutcome> {
-    let text = fs::read_to_string(&opts.dockerfile).with_context(|| format!("reading Dockerfile {}", opts.dockerfile.display()))?;
+    let text = fs::read_to_string(&opts.dockerfile)
+        .with_context(|| format!("reading Dockerfile {}", opts.dockerfile.display()))?;
     let dockerfile = rbuild_dag::parse(&text, &opts.dockerfile).map_err(|e| anyhow!("{e}"))?;
     if !opts.context.is_dir() {
         bail!("build context {}: not a directory", opts.context.display());
     }
-    let ignore = rbuild_dag::ignore::load_ignore(&opts.context, &opts.dockerfile).map_err(|e| anyhow!("{e}"))?;
-    let resolved = rbuild_dag::resolve_global_args(&dockerfile, &opts.build_args).map_err(|e| anyhow!("{e}"))?;
-    let (os, arch) = opts.platform.split_once('/').ok_or_else(|| anyhow!("--platform {:?}: want OS/ARCH", opts.platform))?;
+    let ignore = rbuild_dag::ignore::load_ignore(&opts.context, &opts.dockerfile)
+        .map_err(|e| anyhow!("{e}"))?;
+    let resolved = rbuild_dag::resolve_global_args(&dockerfile, &opts.build_args)
+        .map_err(|e| anyhow!("{e}"))?;
+    let (os, arch) = opts
+        .platform
+        .split_once('/')
+        .ok_or_else(|| anyhow!("--platform {:?}: want OS/ARCH", opts.platform))?;
     let registry = Registry::new(RegistryOptions {
         insecure: opts.insecure_registries.clone(),
         platform: (os.to_string(), arch.to_string()),
         always_resolve: opts.pull,
     });
     let ctx_hasher = crate::ctxhash::ContextHasher::new(store.clone());
-    let rootfs = crate::fallback::RootfsMode::new(opts.rootfs.clone(), store.root().to_path_buf(), store.temp_path("rootfs"), progress.clone())
-        .map_err(anyhow::Error::msg)?;
+    let rootfs = crate::fallback::RootfsMode::new(
+        opts.rootfs.clone(),
+        store.root().to_path_buf(),
+        store.temp_path("rootfs"),
+        progress.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let builder = Arc::new(Builder {
         rootfs: Arc::new(rootfs),
         store,
@@ -338,7 +358,11 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         unpack_jobs: Mutex::new(HashMap::new()),
         touched: Mutex::new(Vec::new()),
         running: std::sync::atomic::AtomicUsize::new(0),
-        dockerfile_name: opts.dockerfile.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "Dockerfile".into()),
+        dockerfile_name: opts
+            .dockerfile
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "Dockerfile".into()),
         lines: text.lines().map(str::to_string).collect(),
         build_args: opts.build_args.clone(),
         resolved,
@@ -354,9 +378,16 @@ impl Builder {
             self.progress.warn(&format!("# syntax={syntax} is ignored: rbuild builds every Dockerfile with its own frontend"));
         }
         if let Some(check) = &self.dockerfile.directives.check {
-            self.progress.warn(&format!("# check={check} is ignored: rbuild runs no build checks yet"));
+            self.progress.warn(&format!(
+                "# check={check} is ignored: rbuild runs no build checks yet"
+            ));
         }
-        let plan = rbuild_dag::graph::plan(&self.dockerfile, self.opts.target.as_deref(), &self.resolved).map_err(|e| anyhow!("{e}"))?;
+        let plan = rbuild_dag::graph::plan(
+            &self.dockerfile,
+            self.opts.target.as_deref(),
+            &self.resolved,
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         self.load_imports().await;
         // Pull every external image the plan names right away, so pulls overlap with execution
         // instead of waiting for the step that needs them (errors surface where they are used).
@@ -379,7 +410,9 @@ impl Builder {
         // hashing overlaps with execution too (sources using variables are hashed when reached).
         for ps in &plan.stages {
             for instr in &self.dockerfile.stages[ps.index].instructions {
-                if let rbuild_dag::InstructionKind::Copy(c) | rbuild_dag::InstructionKind::Add(c) = &instr.kind {
+                if let rbuild_dag::InstructionKind::Copy(c) | rbuild_dag::InstructionKind::Add(c) =
+                    &instr.kind
+                {
                     if c.from.is_some() {
                         continue;
                     }
@@ -433,7 +466,9 @@ impl Builder {
         self.finish_exports().await?;
         let mut pushed = None;
         for out in &self.opts.outputs {
-            let step = self.progress.start(&format!("exporting {}", describe_output(out)));
+            let step = self
+                .progress
+                .start(&format!("exporting {}", describe_output(out)));
             let res: Result<()> = async {
                 match out {
                     OutputSpec::Registry => {
@@ -452,7 +487,12 @@ impl Builder {
                     }
                     OutputSpec::Docker(path) => {
                         self.ensure_blobs(&image.layers).await?;
-                        crate::output::write_docker_archive(path, &image, &self.store, &self.opts.tags)?
+                        crate::output::write_docker_archive(
+                            path,
+                            &image,
+                            &self.store,
+                            &self.opts.tags,
+                        )?
                     }
                     OutputSpec::Local(dir) => {
                         self.ensure_blobs(&image.layers).await?;
@@ -474,7 +514,9 @@ impl Builder {
             if *spec == CacheSpec::Inline {
                 continue; // already in the image config
             }
-            let step = self.progress.start(&format!("exporting cache {}", describe_cache(spec)));
+            let step = self
+                .progress
+                .start(&format!("exporting cache {}", describe_cache(spec)));
             match self.export_cache(spec, &fs, &step).await {
                 Ok(()) => step.done(),
                 Err(e) => {
@@ -486,7 +528,10 @@ impl Builder {
         self.keep_imported_hits();
         let (stats, errors) = self.ctx_hasher.save();
         if stats.files_known > 0 {
-            self.progress.info(&format!("context: {} of {} files read to hash them, the others unchanged since last time", stats.files_read, stats.files_known));
+            self.progress.info(&format!(
+                "context: {} of {} files read to hash them, the others unchanged since last time",
+                stats.files_read, stats.files_known
+            ));
         }
         for e in errors {
             self.progress.warn(&e);
@@ -509,24 +554,34 @@ impl Builder {
         let mut all = CacheExport::new();
         if !self.opts.no_cache {
             for spec in &self.opts.cache_from {
-                let step = self.progress.start(&format!("importing cache {}", describe_cache(spec)));
+                let step = self
+                    .progress
+                    .start(&format!("importing cache {}", describe_cache(spec)));
                 match crate::cachesync::import(spec, &self.registry, &self.store).await {
                     Ok(Some(imp)) => {
                         step.log(&format!("{} records from {}", imp.export.len(), imp.source));
                         let mut origins = self.origins.lock().unwrap();
                         for l in imp.export.layers() {
-                            origins.entry(l.digest).or_insert_with(|| imp.origin.clone());
+                            origins
+                                .entry(l.digest)
+                                .or_insert_with(|| imp.origin.clone());
                         }
                         all.merge(imp.export);
                         step.done();
                     }
                     Ok(None) => {
                         step.done();
-                        self.progress.warn(&format!("--cache-from {}: no rbuild cache there; building without it", describe_cache(spec)));
+                        self.progress.warn(&format!(
+                            "--cache-from {}: no rbuild cache there; building without it",
+                            describe_cache(spec)
+                        ));
                     }
                     Err(e) => {
                         step.done();
-                        self.progress.warn(&format!("--cache-from {}: {e:#}; building without it", describe_cache(spec)));
+                        self.progress.warn(&format!(
+                            "--cache-from {}: {e:#}; building without it",
+                            describe_cache(spec)
+                        ));
                     }
                 }
             }
@@ -553,19 +608,33 @@ impl Builder {
                     let me = self.clone();
                     let d = d.clone();
                     async move {
-                        let _permit = me.fetch_permits.acquire().await.map_err(|e| e.to_string())?;
+                        let _permit = me
+                            .fetch_permits
+                            .acquire()
+                            .await
+                            .map_err(|e| e.to_string())?;
                         let origin = me.origins.lock().unwrap().get(&d.digest).cloned();
                         let res: Result<()> = match origin {
-                            Some(BlobOrigin::Registry(r)) => me.registry.fetch_blob(&r, &d.digest, d.size, &me.store).await.map(|_| ()).map_err(Into::into),
+                            Some(BlobOrigin::Registry(r)) => me
+                                .registry
+                                .fetch_blob(&r, &d.digest, d.size, &me.store)
+                                .await
+                                .map(|_| ())
+                                .map_err(Into::into),
                             Some(BlobOrigin::Layout(dir)) => {
                                 let store = me.store.clone();
                                 let digest = d.digest.clone();
-                                tokio::task::spawn_blocking(move || crate::cachesync::fetch_from_layout(&dir, &digest, &store))
-                                    .await
-                                    .map_err(|e| anyhow!("{e}"))
-                                    .and_then(|r| r)
+                                tokio::task::spawn_blocking(move || {
+                                    crate::cachesync::fetch_from_layout(&dir, &digest, &store)
+                                })
+                                .await
+                                .map_err(|e| anyhow!("{e}"))
+                                .and_then(|r| r)
                             }
-                            None => Err(anyhow!("blob {} is not in the store and no image or cache source has it", d.digest)),
+                            None => Err(anyhow!(
+                                "blob {} is not in the store and no image or cache source has it",
+                                d.digest
+                            )),
                         };
                         res.map_err(|e| format!("{e:#}"))
                     }
@@ -621,7 +690,9 @@ impl Builder {
             let me = self.clone();
             let e = e.clone();
             async move {
-                let Some(l) = e.resolve().await? else { return Ok(None) };
+                let Some(l) = e.resolve().await? else {
+                    return Ok(None);
+                };
                 if !l.dir.exists() {
                     let d = l.desc.get().await?;
                     me.ensure_unpacked(&d).await?;
@@ -650,7 +721,10 @@ impl Builder {
             }
         }
         self.ensure_blobs(&from_layouts).await?;
-        Ok(self.registry.push_with_origins(image, &self.store, tags, &origins, |_| {}).await?)
+        Ok(self
+            .registry
+            .push_with_origins(image, &self.store, tags, &origins, |_| {})
+            .await?)
     }
 
     /// The records `--cache-to` (or an inline cache) exports for a build ending in `fs`.
@@ -673,7 +747,12 @@ impl Builder {
             let layer = match slot {
                 Some(s) => {
                     let d = s.get().await?;
-                    Some(LayerRef { diff_id: d.diff_id, digest: d.digest, size: d.size, media_type: d.media_type })
+                    Some(LayerRef {
+                        diff_id: d.diff_id,
+                        digest: d.digest,
+                        size: d.size,
+                        media_type: d.media_type,
+                    })
                 }
                 None => None,
             };
@@ -683,23 +762,37 @@ impl Builder {
     }
 
     /// Writes one `--cache-to` destination.
-    async fn export_cache(self: &Arc<Self>, spec: &CacheSpec, fs: &ImageFs, step: &ProgressStep) -> Result<()> {
+    async fn export_cache(
+        self: &Arc<Self>,
+        spec: &CacheSpec,
+        fs: &ImageFs,
+        step: &ProgressStep,
+    ) -> Result<()> {
         let mode = match spec {
             CacheSpec::Registry { mode, .. } | CacheSpec::Local { mode, .. } => *mode,
             CacheSpec::Inline => CacheMode::Min,
         };
         let export = self.cache_records(mode, fs).await?;
         let art = crate::cachesync::artifact(&export, &self.store)?;
-        step.log(&format!("{} records, {} layers", export.len(), art.layers.len()));
+        step.log(&format!(
+            "{} records, {} layers",
+            export.len(),
+            art.layers.len()
+        ));
         match spec {
             CacheSpec::Registry { reference, .. } => {
-                let d = self.push_image(&art, std::slice::from_ref(reference)).await?;
+                let d = self
+                    .push_image(&art, std::slice::from_ref(reference))
+                    .await?;
                 step.log(&format!("pushed {reference}@{d}"));
             }
             CacheSpec::Local { dir, .. } => {
                 self.ensure_blobs(&art.layers).await?;
                 let (dir, art, store) = (dir.clone(), art.clone(), self.store.clone());
-                tokio::task::spawn_blocking(move || crate::cachesync::write_local(&dir, &art, &store)).await??;
+                tokio::task::spawn_blocking(move || {
+                    crate::cachesync::write_local(&dir, &art, &store)
+                })
+                .await??;
             }
             CacheSpec::Inline => {}
         }
@@ -723,7 +816,10 @@ impl Builder {
     /// The result of stage `idx`, built once however many stages ask for it.
     // A boxed `dyn Send` future, not an `async fn`: stages and steps await each other
     // recursively, and the compiler needs a named type to see that the cycle is `Send`.
-    fn stage_result(self: &Arc<Self>, idx: usize) -> futures_util::future::BoxFuture<'static, Result<ImageFs>> {
+    fn stage_result(
+        self: &Arc<Self>,
+        idx: usize,
+    ) -> futures_util::future::BoxFuture<'static, Result<ImageFs>> {
         let me = self.clone();
         Box::pin(async move {
             let cell = me.stages.lock().unwrap().entry(idx).or_default().clone();
@@ -736,16 +832,28 @@ impl Builder {
     async fn image_fs(self: &Arc<Self>, reference: &str) -> Result<ImageFs> {
         // --build-context NAME=docker-image://REF or =oci-layout://DIR replaces an image by name.
         let mapped = self.opts.build_contexts.get(reference).and_then(|v| {
-            v.strip_prefix("docker-image://").map(str::to_string).or_else(|| v.starts_with("oci-layout://").then(|| v.clone()))
+            v.strip_prefix("docker-image://")
+                .map(str::to_string)
+                .or_else(|| v.starts_with("oci-layout://").then(|| v.clone()))
         });
         let reference = mapped.as_deref().unwrap_or(reference);
-        let cell = self.images.lock().unwrap().entry(reference.to_string()).or_default().clone();
-        let fs = cell.get_or_try_init(|| self.pull_and_unpack(reference)).await?;
+        let cell = self
+            .images
+            .lock()
+            .unwrap()
+            .entry(reference.to_string())
+            .or_default()
+            .clone();
+        let fs = cell
+            .get_or_try_init(|| self.pull_and_unpack(reference))
+            .await?;
         Ok(fs.clone())
     }
 
     async fn pull_and_unpack(self: &Arc<Self>, reference: &str) -> Result<ImageFs> {
-        let step = self.progress.start(&format!("[internal] load image {reference}"));
+        let step = self
+            .progress
+            .start(&format!("[internal] load image {reference}"));
         let res = self.pull_and_unpack_inner(reference, &step).await;
         match &res {
             Ok(_) => step.done(),
@@ -754,19 +862,28 @@ impl Builder {
         res
     }
 
-    async fn pull_and_unpack_inner(self: &Arc<Self>, reference: &str, step: &ProgressStep) -> Result<ImageFs> {
+    async fn pull_and_unpack_inner(
+        self: &Arc<Self>,
+        reference: &str,
+        step: &ProgressStep,
+    ) -> Result<ImageFs> {
         let pulled = if let Some(rest) = reference.strip_prefix("oci-layout://") {
             let (dir, tag) = split_layout_ref(rest);
             let store = self.store.clone();
             let dir = PathBuf::from(dir);
             let tag = tag.map(str::to_string);
-            tokio::task::spawn_blocking(move || registry::load_oci_layout(&dir, tag.as_deref(), &store)).await??
+            tokio::task::spawn_blocking(move || {
+                registry::load_oci_layout(&dir, tag.as_deref(), &store)
+            })
+            .await??
         } else {
             // Manifest and config only: the layers come from the registry when needed.
             let pulled = self.registry.resolve(reference, &self.store).await?;
             let mut origins = self.origins.lock().unwrap();
             for l in &pulled.layers {
-                origins.entry(l.digest.clone()).or_insert_with(|| BlobOrigin::Registry(reference.to_string()));
+                origins
+                    .entry(l.digest.clone())
+                    .or_insert_with(|| BlobOrigin::Registry(reference.to_string()));
             }
             pulled
         };
@@ -781,16 +898,31 @@ impl Builder {
                 pulled.manifest_digest
             )),
         }
-        let layers: Vec<LayerEntry> =
-            pulled.layers.iter().map(|l| LayerEntry::Known(Layer { desc: LayerSlot::Ready(l.clone()), dir: self.store.layer_dir(&l.diff_id) })).collect();
+        let layers: Vec<LayerEntry> = pulled
+            .layers
+            .iter()
+            .map(|l| {
+                LayerEntry::Known(Layer {
+                    desc: LayerSlot::Ready(l.clone()),
+                    dir: self.store.layer_dir(&l.diff_id),
+                })
+            })
+            .collect();
         if !self.lazy() {
             // No cache to import: every step will need the base's files, so fetch them now.
-            futures_util::future::try_join_all(pulled.layers.iter().map(|l| self.ensure_unpacked(l))).await?;
+            futures_util::future::try_join_all(
+                pulled.layers.iter().map(|l| self.ensure_unpacked(l)),
+            )
+            .await?;
         }
         let config: Value = serde_json::from_slice(&self.store.read_blob(&pulled.config_digest)?)
             .with_context(|| format!("{reference}: image config is not JSON"))?;
         let state = state_from_config(&config);
-        let history = config.get("history").and_then(|h| h.as_array()).cloned().unwrap_or_default();
+        let history = config
+            .get("history")
+            .and_then(|h| h.as_array())
+            .cloned()
+            .unwrap_or_default();
         Ok(ImageFs {
             // The epoch is part of every key: a layer built without clamped times must not be
             // reused by a reproducible build.
@@ -807,11 +939,18 @@ impl Builder {
     }
 
     fn stage_label(&self, idx: usize) -> String {
-        self.dockerfile.stages[idx].name.clone().unwrap_or_else(|| format!("stage-{idx}"))
+        self.dockerfile.stages[idx]
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{idx}"))
     }
 
     fn err_at(&self, line: usize, msg: impl std::fmt::Display) -> anyhow::Error {
-        let text = self.lines.get(line.saturating_sub(1)).map(String::as_str).unwrap_or("");
+        let text = self
+            .lines
+            .get(line.saturating_sub(1))
+            .map(String::as_str)
+            .unwrap_or("");
         anyhow!("{}:{line}: {msg}\n  {line} | {text}", self.dockerfile_name)
     }
 
@@ -821,31 +960,58 @@ impl Builder {
     /// whose result is only copied from by a step that hits never runs at all.
     async fn build_stage(self: Arc<Self>, idx: usize) -> Result<ImageFs> {
         let stage = &self.dockerfile.stages[idx];
-        let base_text = rbuild_dag::expand_base(stage, &self.resolved).map_err(|e| anyhow!("{e}"))?;
+        let base_text =
+            rbuild_dag::expand_base(stage, &self.resolved).map_err(|e| anyhow!("{e}"))?;
         let base = rbuild_dag::graph::resolve_base(&self.dockerfile, idx, &base_text);
         let mut fs = match base {
             Base::Scratch => ImageFs::scratch(&self.opts.platform),
             Base::Stage(i) => self.stage_result(i).await?,
-            Base::Image(r) => self.image_fs(&r).await.map_err(|e| self.err_at(stage.line, format!("FROM {r}: {e:#}")))?,
+            Base::Image(r) => self
+                .image_fs(&r)
+                .await
+                .map_err(|e| self.err_at(stage.line, format!("FROM {r}: {e:#}")))?,
         };
-        let mut dispatcher = StageDispatcher::new(fs.state.clone(), &self.resolved, &self.build_args, self.dockerfile.directives.escape)
-            .with_file(self.dockerfile_name.clone());
+        let mut dispatcher = StageDispatcher::new(
+            fs.state.clone(),
+            &self.resolved,
+            &self.build_args,
+            self.dockerfile.directives.escape,
+        )
+        .with_file(self.dockerfile_name.clone());
         // ONBUILD triggers of the base run first, as if written right after FROM.
-        let triggers = dispatcher.take_onbuild_triggers().map_err(|e| anyhow!("{e}"))?;
-        let instructions: Vec<&rbuild_dag::Instruction> = triggers.iter().chain(stage.instructions.iter()).collect();
+        let triggers = dispatcher
+            .take_onbuild_triggers()
+            .map_err(|e| anyhow!("{e}"))?;
+        let instructions: Vec<&rbuild_dag::Instruction> =
+            triggers.iter().chain(stage.instructions.iter()).collect();
         let total = instructions.len() + 1;
         for (i, instr) in instructions.into_iter().enumerate() {
-            let line = if i < triggers.len() { stage.line } else { instr.line };
-            let name = format!("[{} {}/{}] {}", self.stage_label(idx), i + 2, total, one_line(&instr.original));
+            let line = if i < triggers.len() {
+                stage.line
+            } else {
+                instr.line
+            };
+            let name = format!(
+                "[{} {}/{}] {}",
+                self.stage_label(idx),
+                i + 2,
+                total,
+                one_line(&instr.original)
+            );
             let dispatched = dispatcher.dispatch(instr).map_err(|e| anyhow!("{e}"))?;
             match dispatched {
                 None => {
-                    let created_by = dispatcher.history().last().map(|h| h.created_by.clone()).unwrap_or_default();
+                    let created_by = dispatcher
+                        .history()
+                        .last()
+                        .map(|h| h.created_by.clone())
+                        .unwrap_or_default();
                     fs.history.push(history_entry(&created_by, true));
                 }
                 Some(step) => {
                     let id = format!("{}\u{0}{}\u{0}{}", self.opts.dockerfile.display(), idx, i);
-                    self.add_step(&mut fs, step, StepCtx { name, id, line }).await?;
+                    self.add_step(&mut fs, step, StepCtx { name, id, line })
+                        .await?;
                 }
             }
             fs.state = dispatcher.state().clone();
@@ -884,7 +1050,10 @@ impl Builder {
                 let _running = RunningGuard::new(&me.running);
                 match me.execute(&parent, &step, &job_key, planned, &ctx).await {
                     Ok(layer) => {
-                        me.touched.lock().unwrap().push((job_key, layer.as_ref().map(|l| l.desc.clone())));
+                        me.touched
+                            .lock()
+                            .unwrap()
+                            .push((job_key, layer.as_ref().map(|l| l.desc.clone())));
                         Ok(layer)
                     }
                     // A step this one needed failed, and said so already.
@@ -897,7 +1066,10 @@ impl Builder {
         .boxed()
         .shared();
         fs.key = key.clone();
-        let entry = LayerEntry::Deferred { job, history: fs.history.len() };
+        let entry = LayerEntry::Deferred {
+            job,
+            history: fs.history.len(),
+        };
         fs.history.push(history_entry(&created_by, false));
         fs.layers.push(entry.clone());
         fs.chain.push((key, Some(entry)));
@@ -907,13 +1079,25 @@ impl Builder {
     /// [`Builder::materialize`] for what a step needs; a failure there is the failure of an
     /// earlier step, reported by that step.
     async fn materialize_dep(self: &Arc<Self>, fs: &ImageFs) -> Result<LayerStack> {
-        self.materialize(fs).await.map_err(|e| anyhow::Error::new(DependencyFailed(format!("{e:#}"))))
+        self.materialize(fs)
+            .await
+            .map_err(|e| anyhow::Error::new(DependencyFailed(format!("{e:#}"))))
     }
 
     /// The cache key of a step and what running it needs, computed without reading any layer.
     async fn plan_step(self: &Arc<Self>, fs: &ImageFs, step: &Step) -> Result<PlannedStep> {
         match step {
-            Step::Run { argv, env, user, workdir, network, files, mounts, security, .. } => {
+            Step::Run {
+                argv,
+                env,
+                user,
+                workdir,
+                network,
+                files,
+                mounts,
+                security,
+                ..
+            } => {
                 if security.as_deref() == Some("insecure") {
                     bail!("RUN --security=insecure is not allowed: rbuild grants no extra privileges to RUN steps");
                 }
@@ -933,17 +1117,39 @@ impl Builder {
                     .str("network", &format!("{net:?}"))
                     .strs("mounts", mounts);
                 for f in files {
-                    kb.str("file", &f.path).str("data", &f.data).str("mode", &format!("{:o}", f.mode));
+                    kb.str("file", &f.path)
+                        .str("data", &f.data)
+                        .str("mode", &format!("{:o}", f.mode));
                 }
                 self.mount_key_inputs(mounts, &mut kb).await?;
-                Ok(PlannedStep { key: kb.finish(), fields: kb.fields().to_vec(), inputs: StepInputs::Run { net } })
+                Ok(PlannedStep {
+                    key: kb.finish(),
+                    fields: kb.fields().to_vec(),
+                    inputs: StepInputs::Run { net },
+                })
             }
-            Step::Copy { sources, dest, from, chown, chmod, is_add, link, parents, exclude, checksum, keep_git_dir, .. } => {
+            Step::Copy {
+                sources,
+                dest,
+                from,
+                chown,
+                chmod,
+                is_add,
+                link,
+                parents,
+                exclude,
+                checksum,
+                keep_git_dir,
+                ..
+            } => {
                 let mode = chmod.as_deref().map(copy::parse_chmod).transpose()?;
                 let exclude_m = if exclude.is_empty() {
                     None
                 } else {
-                    Some(rbuild_dag::ignore::IgnoreMatcher::new(&exclude.join("\n")).map_err(|e| anyhow!("--exclude: {e}"))?)
+                    Some(
+                        rbuild_dag::ignore::IgnoreMatcher::new(&exclude.join("\n"))
+                            .map_err(|e| anyhow!("--exclude: {e}"))?,
+                    )
                 };
                 // A named directory context (--build-context NAME=DIR) reads like the main context.
                 let dir_context = from.as_ref().and_then(|n| self.named_dir_context(n));
@@ -961,17 +1167,30 @@ impl Builder {
                 let mut cleanup = crate::remote::Cleanup::default();
                 for s in sources {
                     match s {
-                        rbuild_dag::dispatch::CopySource::Path(p) if *is_add && crate::remote::is_git_url(p) => {
-                            let (store, spec, keep, sum) = (self.store.clone(), p.clone(), *keep_git_dir, checksum.clone());
-                            let co = tokio::task::spawn_blocking(move || crate::remote::git_checkout(&store, &spec, keep, sum.as_deref())).await??;
+                        rbuild_dag::dispatch::CopySource::Path(p)
+                            if *is_add && crate::remote::is_git_url(p) =>
+                        {
+                            let (store, spec, keep, sum) = (
+                                self.store.clone(),
+                                p.clone(),
+                                *keep_git_dir,
+                                checksum.clone(),
+                            );
+                            let co = tokio::task::spawn_blocking(move || {
+                                crate::remote::git_checkout(&store, &spec, keep, sum.as_deref())
+                            })
+                            .await??;
                             cleanup.0.push(co.dir.clone());
                             h.update(p.as_bytes());
                             h.update(co.commit.as_bytes());
                             h.update(&[*keep_git_dir as u8]);
                             checkouts.push(co);
                         }
-                        rbuild_dag::dispatch::CopySource::Path(p) if *is_add && crate::remote::is_http_url(p) => {
-                            let d = crate::remote::download(&self.store, p, checksum.as_deref()).await?;
+                        rbuild_dag::dispatch::CopySource::Path(p)
+                            if *is_add && crate::remote::is_http_url(p) =>
+                        {
+                            let d = crate::remote::download(&self.store, p, checksum.as_deref())
+                                .await?;
                             cleanup.0.push(d.path.clone());
                             h.update(p.as_bytes());
                             h.update(d.digest.as_str().as_bytes());
@@ -979,7 +1198,9 @@ impl Builder {
                         }
                         rbuild_dag::dispatch::CopySource::Path(p) => {
                             if checksum.is_some() {
-                                bail!("ADD --checksum is only for URLs and git repositories, not {p}");
+                                bail!(
+                                    "ADD --checksum is only for URLs and git repositories, not {p}"
+                                );
                             }
                             h.update(p.as_bytes());
                             if let Some(dir) = &dir_context {
@@ -990,7 +1211,9 @@ impl Builder {
                                 h.update(d.as_str().as_bytes());
                             }
                         }
-                        rbuild_dag::dispatch::CopySource::Inline { name, content } => inline.push((name.clone(), content.clone())),
+                        rbuild_dag::dispatch::CopySource::Inline { name, content } => {
+                            inline.push((name.clone(), content.clone()))
+                        }
                     }
                 }
                 for (n, c) in &inline {
@@ -1004,11 +1227,14 @@ impl Builder {
                     .strs("exclude", exclude)
                     .str("parents", &parents.to_string())
                     // A named directory by its name: where it is on this machine must not count.
-                    .str("from", &match (&from_fs, from) {
-                        (Some(f), _) => f.key.to_string(),
-                        (None, Some(name)) => format!("context:{name}"),
-                        (None, None) => "context".to_string(),
-                    })
+                    .str(
+                        "from",
+                        &match (&from_fs, from) {
+                            (Some(f), _) => f.key.to_string(),
+                            (None, Some(name)) => format!("context:{name}"),
+                            (None, None) => "context".to_string(),
+                        },
+                    )
                     .str("content", content.as_str())
                     .str("dest", dest)
                     // Names resolve against the parent's /etc/passwd, which the parent key fixes.
@@ -1017,25 +1243,58 @@ impl Builder {
                 Ok(PlannedStep {
                     key: kb.finish(),
                     fields: kb.fields().to_vec(),
-                    inputs: StepInputs::Copy(Box::new(CopyInputs { mode, exclude: exclude_m, dir_context, from_fs, inline, downloads, checkouts, cleanup })),
+                    inputs: StepInputs::Copy(Box::new(CopyInputs {
+                        mode,
+                        exclude: exclude_m,
+                        dir_context,
+                        from_fs,
+                        inline,
+                        downloads,
+                        checkouts,
+                        cleanup,
+                    })),
                 })
             }
             Step::Workdir { path, .. } => {
                 // Whether the directory exists and who owns it follow from the parent state,
                 // so the key needs no look at the layers.
                 let mut kb = CacheKeyBuilder::new("workdir");
-                kb.str("parent", fs.key.as_str()).str("path", path).str("user", &fs.state.user);
-                Ok(PlannedStep { key: kb.finish(), fields: kb.fields().to_vec(), inputs: StepInputs::Workdir })
+                kb.str("parent", fs.key.as_str())
+                    .str("path", path)
+                    .str("user", &fs.state.user);
+                Ok(PlannedStep {
+                    key: kb.finish(),
+                    fields: kb.fields().to_vec(),
+                    inputs: StepInputs::Workdir,
+                })
             }
         }
     }
 
     /// Runs a step that missed the cache on top of `fs` (fetching, unpacking or running what
     /// it stands on first) and returns the layer it made, if it changed anything.
-    async fn execute(self: &Arc<Self>, fs: &ImageFs, step: &Step, key: &CacheKey, planned: PlannedStep, ctx: &StepCtx) -> Result<Option<Layer>> {
+    async fn execute(
+        self: &Arc<Self>,
+        fs: &ImageFs,
+        step: &Step,
+        key: &CacheKey,
+        planned: PlannedStep,
+        ctx: &StepCtx,
+    ) -> Result<Option<Layer>> {
         let PlannedStep { fields, inputs, .. } = planned;
         match (step, inputs) {
-            (Step::Run { argv, env, user, workdir, files, mounts, .. }, StepInputs::Run { net }) => {
+            (
+                Step::Run {
+                    argv,
+                    env,
+                    user,
+                    workdir,
+                    files,
+                    mounts,
+                    ..
+                },
+                StepInputs::Run { net },
+            ) => {
                 let stack = self.materialize_dep(fs).await?;
                 let prepared = self.prepare_mounts(mounts, files).await?;
                 let pstep = self.progress.start(&ctx.name);
@@ -1052,7 +1311,12 @@ impl Builder {
                         .upperdir(upper.clone())
                         .workdir(work.clone())
                         .argv(argv.clone())
-                        .env(env.iter().cloned().chain(prepared.env.iter().cloned()).collect())
+                        .env(
+                            env.iter()
+                                .cloned()
+                                .chain(prepared.env.iter().cloned())
+                                .collect(),
+                        )
                         .mounts(prepared.mounts.clone())
                         .cwd(workdir.clone())
                         .user(user.clone())
@@ -1087,14 +1351,17 @@ impl Builder {
                             let _ = rbuild_cache::remove_tree(&upper);
                             let what = match status {
                                 rbuild_sandbox::ExitKind::Exited(c) => format!("exit code {c}"),
-                                rbuild_sandbox::ExitKind::Signaled(s) => format!("killed by signal {s}"),
+                                rbuild_sandbox::ExitKind::Signaled(s) => {
+                                    format!("killed by signal {s}")
+                                }
                             };
                             let what = match &outcome.limit_hit {
                                 Some(hit) => format!("{what} ({hit})"),
                                 None => what,
                             };
                             let tail = pstep.tail();
-                            let mut msg = format!("process {:?} did not complete successfully: {what}", argv);
+                            let mut msg =
+                                format!("process {:?} did not complete successfully: {what}", argv);
                             if !tail.is_empty() {
                                 msg.push_str("\n  last output:\n");
                                 for l in tail.iter().rev().take(10).rev() {
@@ -1109,8 +1376,29 @@ impl Builder {
                 .await;
                 finish_pstep(&pstep, res)
             }
-            (Step::Copy { sources, dest, from, chown, is_add, link, parents, .. }, StepInputs::Copy(inputs)) => {
-                let CopyInputs { mode, exclude, dir_context, from_fs, inline, downloads, checkouts, cleanup } = *inputs;
+            (
+                Step::Copy {
+                    sources,
+                    dest,
+                    from,
+                    chown,
+                    is_add,
+                    link,
+                    parents,
+                    ..
+                },
+                StepInputs::Copy(inputs),
+            ) => {
+                let CopyInputs {
+                    mode,
+                    exclude,
+                    dir_context,
+                    from_fs,
+                    inline,
+                    downloads,
+                    checkouts,
+                    cleanup,
+                } = *inputs;
                 // --link: the layer does not depend on what it lands on.
                 let (stack, from_stack) = futures_util::future::try_join(
                     async {
@@ -1132,20 +1420,40 @@ impl Builder {
                 let res = async {
                     self.explain_miss(&ctx.id, &fields, &pstep);
                     let owner = match chown {
-                        Some(c) => Some(stack.resolve_user(c).map_err(|e| anyhow!("--chown={c}: {e}"))?),
+                        Some(c) => Some(
+                            stack
+                                .resolve_user(c)
+                                .map_err(|e| anyhow!("--chown={c}: {e}"))?,
+                        ),
                         None => None,
                     };
-                    let attrs = CopyAttrs { owner, mode: mode.clone(), exclude, parents: *parents };
+                    let attrs = CopyAttrs {
+                        owner,
+                        mode: mode.clone(),
+                        exclude,
+                        parents: *parents,
+                    };
                     let empty_ignore = rbuild_dag::ignore::IgnoreMatcher::default();
                     let source = match (&from_stack, from, &dir_context) {
-                        (_, _, Some(dir)) => Source::Context { root: dir, ignore: &empty_ignore },
-                        (Some(s), Some(name), _) => Source::Layers { stack: s, name: name.clone() },
-                        _ => Source::Context { root: &self.opts.context, ignore: &self.ignore },
+                        (_, _, Some(dir)) => Source::Context {
+                            root: dir,
+                            ignore: &empty_ignore,
+                        },
+                        (Some(s), Some(name), _) => Source::Layers {
+                            stack: s,
+                            name: name.clone(),
+                        },
+                        _ => Source::Context {
+                            root: &self.opts.context,
+                            ignore: &self.ignore,
+                        },
                     };
                     let mut selected = Vec::new();
                     for s in sources {
                         if let rbuild_dag::dispatch::CopySource::Path(p) = s {
-                            if !(*is_add && (crate::remote::is_git_url(p) || crate::remote::is_http_url(p))) {
+                            if !(*is_add
+                                && (crate::remote::is_git_url(p) || crate::remote::is_http_url(p)))
+                            {
                                 selected.extend(source.select(p)?);
                             }
                         }
@@ -1154,54 +1462,99 @@ impl Builder {
                         pstep.log(&format!("git source at {}", co.commit));
                     }
                     let _permit = self.jobs.acquire().await?;
-                        let staging = self.store.temp_dir("copy")?;
-                        // ADD of a local archive extracts it into the destination directory.
-                        let mut archives = Vec::new();
-                        if *is_add && from.is_none() {
-                            let (a, rest): (Vec<_>, Vec<_>) = selected.into_iter().partition(|sel| sel.md.is_file() && copy::archive_kind(&sel.file).is_some());
-                            archives = a;
-                            selected = rest;
-                        }
-                        for a in &archives {
-                            let dest_dir = clean_components(&stack.resolve(dest, true).map(|(p, _, _)| p).unwrap_or_else(|| dest.to_string()));
-                            copy::ensure_dir(&staging, &stack, &dest_dir)?;
-                            let file = fs::File::open(&a.file)?;
-                            let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
-                            rbuild_snapshot::apply_layer(reader, &staging.join(dest_dir.join("/")), &rbuild_snapshot::UnpackOptions::default())
-                                .map_err(|e| anyhow!("ADD {}: extracting: {e}", a.rel))?;
-                        }
-                        let mut n = copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;
-                        n += copy::stage_inline(&staging, &stack, &inline, dest, &attrs)?;
-                        for co in &checkouts {
-                            let src = Source::Context { root: &co.root, ignore: &empty_ignore };
-                            let sel = src.select(".")?;
-                            n += copy::stage_copy(&staging, &stack, &src, &sel, dest, &attrs)?;
-                        }
-                        for d in &downloads {
-                            // Downloaded files are 0600, as docker makes them, unless --chmod says otherwise.
-                            let content = fs::read(&d.path)?;
-                            let mode = attrs.mode.clone().or(Some(copy::Chmod::Octal(0o600)));
-                            let a = CopyAttrs { owner: attrs.owner, mode, exclude: None, parents: false };
-                            let remote_dest = if downloads.len() > 1 && !dest.ends_with('/') { format!("{dest}/") } else { dest.clone() };
-                            n += copy::stage_bytes(&staging, &stack, &d.name, &content, &remote_dest, &a)?;
-                        }
-                        drop(cleanup);
-                        pstep.log(&format!("copied {n} files"));
-                        self.export_layer(staging, key, &pstep)
+                    let staging = self.store.temp_dir("copy")?;
+                    // ADD of a local archive extracts it into the destination directory.
+                    let mut archives = Vec::new();
+                    if *is_add && from.is_none() {
+                        let (a, rest): (Vec<_>, Vec<_>) = selected.into_iter().partition(|sel| {
+                            sel.md.is_file() && copy::archive_kind(&sel.file).is_some()
+                        });
+                        archives = a;
+                        selected = rest;
                     }
-                    .await;
-                    finish_pstep(&pstep, res)
+                    for a in &archives {
+                        let dest_dir = clean_components(
+                            &stack
+                                .resolve(dest, true)
+                                .map(|(p, _, _)| p)
+                                .unwrap_or_else(|| dest.to_string()),
+                        );
+                        copy::ensure_dir(&staging, &stack, &dest_dir)?;
+                        let file = fs::File::open(&a.file)?;
+                        let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
+                        rbuild_snapshot::apply_layer(
+                            reader,
+                            &staging.join(dest_dir.join("/")),
+                            &rbuild_snapshot::UnpackOptions::default(),
+                        )
+                        .map_err(|e| anyhow!("ADD {}: extracting: {e}", a.rel))?;
+                    }
+                    let mut n =
+                        copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;
+                    n += copy::stage_inline(&staging, &stack, &inline, dest, &attrs)?;
+                    for co in &checkouts {
+                        let src = Source::Context {
+                            root: &co.root,
+                            ignore: &empty_ignore,
+                        };
+                        let sel = src.select(".")?;
+                        n += copy::stage_copy(&staging, &stack, &src, &sel, dest, &attrs)?;
+                    }
+                    for d in &downloads {
+                        // Downloaded files are 0600, as docker makes them, unless --chmod says otherwise.
+                        let content = fs::read(&d.path)?;
+                        let mode = attrs.mode.clone().or(Some(copy::Chmod::Octal(0o600)));
+                        let a = CopyAttrs {
+                            owner: attrs.owner,
+                            mode,
+                            exclude: None,
+                            parents: false,
+                        };
+                        let remote_dest = if downloads.len() > 1 && !dest.ends_with('/') {
+                            format!("{dest}/")
+                        } else {
+                            dest.clone()
+                        };
+                        n += copy::stage_bytes(
+                            &staging,
+                            &stack,
+                            &d.name,
+                            &content,
+                            &remote_dest,
+                            &a,
+                        )?;
+                    }
+                    drop(cleanup);
+                    pstep.log(&format!("copied {n} files"));
+                    self.export_layer(staging, key, &pstep)
                 }
+                .await;
+                finish_pstep(&pstep, res)
+            }
             (Step::Workdir { path, .. }, StepInputs::Workdir) => {
                 let stack = self.materialize_dep(fs).await?;
                 let pstep = self.progress.start(&ctx.name);
                 let res = async {
-                    if stack.resolve(path, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false) {
-                        self.store.put_record(key, &CacheRecord { layer: None, created: now_rfc3339() })?;
+                    if stack
+                        .resolve(path, true)
+                        .map(|(_, _, m)| m.is_dir())
+                        .unwrap_or(false)
+                    {
+                        self.store.put_record(
+                            key,
+                            &CacheRecord {
+                                layer: None,
+                                created: now_rfc3339(),
+                            },
+                        )?;
                         return Ok(None);
                     }
                     self.explain_miss(&ctx.id, &fields, &pstep);
-                    let owner = if fs.state.user.is_empty() { (0, 0) } else { stack.resolve_user(&fs.state.user).unwrap_or((0, 0)) };
+                    let owner = if fs.state.user.is_empty() {
+                        (0, 0)
+                    } else {
+                        stack.resolve_user(&fs.state.user).unwrap_or((0, 0))
+                    };
                     let staging = self.store.temp_dir("workdir")?;
                     copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
                     self.export_layer(staging, key, &pstep)
@@ -1215,7 +1568,11 @@ impl Builder {
 
     /// Adds what `RUN --mount` specs read to the step's cache key (never secret values, never
     /// cache-mount contents; the specs themselves are in the key already). Reads no layer.
-    async fn mount_key_inputs(self: &Arc<Self>, specs: &[String], key: &mut CacheKeyBuilder) -> Result<()> {
+    async fn mount_key_inputs(
+        self: &Arc<Self>,
+        specs: &[String],
+        key: &mut CacheKeyBuilder,
+    ) -> Result<()> {
         for spec in specs {
             let m = crate::mounts::parse_mount(spec)?;
             if m.kind != "bind" {
@@ -1227,7 +1584,12 @@ impl Builder {
                     let dir = self.named_dir_context(name).unwrap();
                     let sub = m.source.clone().unwrap_or_else(|| "/".into());
                     let sub = sub.trim_matches('/');
-                    key.str("bind-dir-context", name).str("bind-content", self.dir_hash(&dir, if sub.is_empty() { "." } else { sub }).await?.as_str());
+                    key.str("bind-dir-context", name).str(
+                        "bind-content",
+                        self.dir_hash(&dir, if sub.is_empty() { "." } else { sub })
+                            .await?
+                            .as_str(),
+                    );
                 }
                 Some(name) => {
                     let from = self.copy_from(name).await?;
@@ -1236,7 +1598,10 @@ impl Builder {
                 None => {
                     let subpath = m.source.clone().unwrap_or_else(|| "/".into());
                     let sub = subpath.trim_matches('/');
-                    let d = match self.context_hash(if sub.is_empty() { "." } else { sub }).await {
+                    let d = match self
+                        .context_hash(if sub.is_empty() { "." } else { sub })
+                        .await
+                    {
                         Ok(d) => d,
                         // A source that is not there: the mount fails when the step runs.
                         Err(_) => self.context_hash(".").await.map_err(|e| anyhow!(e))?,
@@ -1250,7 +1615,11 @@ impl Builder {
 
     /// Turns `RUN --mount` specs and heredoc scripts into sandbox mounts (after a cache miss:
     /// this fetches the layers of `from=` stages and takes cache-mount locks).
-    async fn prepare_mounts(self: &Arc<Self>, specs: &[String], files: &[rbuild_dag::dispatch::InlineFile]) -> Result<PreparedMounts> {
+    async fn prepare_mounts(
+        self: &Arc<Self>,
+        specs: &[String],
+        files: &[rbuild_dag::dispatch::InlineFile],
+    ) -> Result<PreparedMounts> {
         use crate::mounts::{parse_mount, SecretSource};
         use rbuild_sandbox::{Mount, MountSource};
         let mut p = PreparedMounts::default();
@@ -1259,7 +1628,13 @@ impl Builder {
             fs::write(&path, &f.data)?;
             fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(f.mode))?;
             p.cleanup.push(path.clone());
-            p.mounts.push(Mount { target: f.path.clone(), source: MountSource::Bind { source: path, readonly: true } });
+            p.mounts.push(Mount {
+                target: f.path.clone(),
+                source: MountSource::Bind {
+                    source: path,
+                    readonly: true,
+                },
+            });
         }
         for spec in specs {
             let m = parse_mount(spec)?;
@@ -1268,35 +1643,66 @@ impl Builder {
                     let target = m.target.clone().unwrap();
                     let subpath = m.source.clone().unwrap_or_else(|| "/".into());
                     let lowerdirs = match &m.from {
-                        Some(name) if self.named_dir_context(name).is_some() => vec![self.named_dir_context(name).unwrap()],
+                        Some(name) if self.named_dir_context(name).is_some() => {
+                            vec![self.named_dir_context(name).unwrap()]
+                        }
                         Some(name) => {
                             let from = self.copy_from(name).await?;
                             self.materialize_dep(&from).await?.top_first
                         }
                         None => vec![self.opts.context.clone()],
                     };
-                    p.mounts.push(Mount { target, source: MountSource::Layers { lowerdirs, subpath, discard_writes: m.rw } });
+                    p.mounts.push(Mount {
+                        target,
+                        source: MountSource::Layers {
+                            lowerdirs,
+                            subpath,
+                            discard_writes: m.rw,
+                        },
+                    });
                 }
                 "cache" => {
                     let target = m.target.clone().unwrap();
                     let id = m.id.clone().unwrap_or_else(|| target.clone());
-                    let base = self.store.root().join("mounts/cache").join(Digest::of(id.as_bytes()).hex());
+                    let base = self
+                        .store
+                        .root()
+                        .join("mounts/cache")
+                        .join(Digest::of(id.as_bytes()).hex());
                     fs::create_dir_all(base.parent().unwrap())?;
                     // sharing=locked: one step at a time; private: a step that finds the cache
                     // in use gets an instance of its own; shared: no lock.
                     let mut dir = base.clone();
                     match m.sharing.as_str() {
                         "locked" => {
-                            let lock = fs::OpenOptions::new().create(true).append(true).open(base.with_extension("lock"))?;
+                            let lock = fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(base.with_extension("lock"))?;
                             let l2 = lock.try_clone()?;
-                            tokio::task::spawn_blocking(move || rustix::fs::flock(&l2, rustix::fs::FlockOperation::LockExclusive)).await??;
+                            tokio::task::spawn_blocking(move || {
+                                rustix::fs::flock(&l2, rustix::fs::FlockOperation::LockExclusive)
+                            })
+                            .await??;
                             p.locks.push(lock);
                         }
                         "private" => {
                             for n in 0.. {
-                                let candidate = if n == 0 { base.clone() } else { base.with_extension(format!("private-{n}")) };
-                                let lock = fs::OpenOptions::new().create(true).append(true).open(candidate.with_extension("lock"))?;
-                                if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
+                                let candidate = if n == 0 {
+                                    base.clone()
+                                } else {
+                                    base.with_extension(format!("private-{n}"))
+                                };
+                                let lock = fs::OpenOptions::new()
+                                    .create(true)
+                                    .append(true)
+                                    .open(candidate.with_extension("lock"))?;
+                                if rustix::fs::flock(
+                                    &lock,
+                                    rustix::fs::FlockOperation::NonBlockingLockExclusive,
+                                )
+                                .is_ok()
+                                {
                                     p.locks.push(lock);
                                     dir = candidate;
                                     break;
@@ -1311,29 +1717,68 @@ impl Builder {
                         if let Some(name) = &m.from {
                             let from = self.copy_from(name).await?;
                             let stack = self.materialize_dep(&from).await?;
-                            let src = Source::Layers { stack: &stack, name: name.clone() };
-                            let sel = src.select(m.source.as_deref().unwrap_or("/").trim_start_matches('/'))?;
-                            copy::stage_copy(&tmp, &LayerStack::default(), &src, &sel, "/", &CopyAttrs::default())?;
+                            let src = Source::Layers {
+                                stack: &stack,
+                                name: name.clone(),
+                            };
+                            let sel = src.select(
+                                m.source.as_deref().unwrap_or("/").trim_start_matches('/'),
+                            )?;
+                            copy::stage_copy(
+                                &tmp,
+                                &LayerStack::default(),
+                                &src,
+                                &sel,
+                                "/",
+                                &CopyAttrs::default(),
+                            )?;
                         }
-                        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o755)))?;
-                        rustix::fs::chown(&tmp, Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))), Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))))?;
+                        fs::set_permissions(
+                            &tmp,
+                            std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o755)),
+                        )?;
+                        rustix::fs::chown(
+                            &tmp,
+                            Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))),
+                            Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))),
+                        )?;
                         if fs::rename(&tmp, &dir).is_err() {
                             let _ = rbuild_cache::remove_tree(&tmp);
                         }
                     }
-                    p.mounts.push(Mount { target, source: MountSource::Bind { source: dir, readonly: m.readonly } });
+                    p.mounts.push(Mount {
+                        target,
+                        source: MountSource::Bind {
+                            source: dir,
+                            readonly: m.readonly,
+                        },
+                    });
                 }
-                "tmpfs" => p.mounts.push(Mount { target: m.target.clone().unwrap(), source: MountSource::Tmpfs { size: m.size } }),
+                "tmpfs" => p.mounts.push(Mount {
+                    target: m.target.clone().unwrap(),
+                    source: MountSource::Tmpfs { size: m.size },
+                }),
                 "secret" => {
                     let id = m
                         .id
                         .clone()
-                        .or_else(|| m.target.as_ref().and_then(|t| t.rsplit('/').next().map(str::to_string)))
+                        .or_else(|| {
+                            m.target
+                                .as_ref()
+                                .and_then(|t| t.rsplit('/').next().map(str::to_string))
+                        })
                         .ok_or_else(|| anyhow!("RUN --mount=type=secret needs id= or target="))?;
                     let value = match self.opts.secrets.get(&id) {
-                        Some(SecretSource::File(f)) => Some(fs::read(f).with_context(|| format!("secret {id}: reading {}", f.display()))?),
+                        Some(SecretSource::File(f)) => Some(
+                            fs::read(f)
+                                .with_context(|| format!("secret {id}: reading {}", f.display()))?,
+                        ),
                         Some(SecretSource::Env(v)) => Some(
-                            std::env::var(v).map_err(|_| anyhow!("secret {id}: environment variable {v} is not set"))?.into_bytes(),
+                            std::env::var(v)
+                                .map_err(|_| {
+                                    anyhow!("secret {id}: environment variable {v} is not set")
+                                })?
+                                .into_bytes(),
                         ),
                         None => None,
                     };
@@ -1344,7 +1789,8 @@ impl Builder {
                         bail!("secret {id} is not defined: pass --secret id={id},src=FILE (or env=VAR)");
                     };
                     if let Some(var) = &m.env {
-                        p.env.push((var.clone(), String::from_utf8_lossy(&value).into_owned()));
+                        p.env
+                            .push((var.clone(), String::from_utf8_lossy(&value).into_owned()));
                         if m.target.is_none() {
                             continue;
                         }
@@ -1352,14 +1798,34 @@ impl Builder {
                     let path = self.store.temp_path("secret");
                     {
                         use std::os::unix::fs::OpenOptionsExt;
-                        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+                        let mut f = fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(&path)?;
                         std::io::Write::write_all(&mut f, &value)?;
                     }
-                    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o400)))?;
-                    rustix::fs::chown(&path, Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))), Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))))?;
+                    fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o400)),
+                    )?;
+                    rustix::fs::chown(
+                        &path,
+                        Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))),
+                        Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))),
+                    )?;
                     p.cleanup.push(path.clone());
-                    let target = m.target.clone().unwrap_or_else(|| format!("/run/secrets/{id}"));
-                    p.mounts.push(Mount { target, source: MountSource::Bind { source: path, readonly: true } });
+                    let target = m
+                        .target
+                        .clone()
+                        .unwrap_or_else(|| format!("/run/secrets/{id}"));
+                    p.mounts.push(Mount {
+                        target,
+                        source: MountSource::Bind {
+                            source: path,
+                            readonly: true,
+                        },
+                    });
                 }
                 "ssh" => {
                     let id = m.id.clone().unwrap_or_else(|| "default".into());
@@ -1369,10 +1835,19 @@ impl Builder {
                         }
                         continue;
                     };
-                    let target = m.target.clone().unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{}", p.ssh_count));
+                    let target = m
+                        .target
+                        .clone()
+                        .unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{}", p.ssh_count));
                     p.ssh_count += 1;
                     p.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
-                    p.mounts.push(Mount { target, source: MountSource::Bind { source: sock.clone(), readonly: false } });
+                    p.mounts.push(Mount {
+                        target,
+                        source: MountSource::Bind {
+                            source: sock.clone(),
+                            readonly: false,
+                        },
+                    });
                 }
                 _ => bail!("RUN --mount=type={} is not supported", m.kind),
             }
@@ -1382,8 +1857,15 @@ impl Builder {
 
     /// The filesystem `COPY --from=NAME` reads: a stage by name or index, else an image.
     async fn copy_from(self: &Arc<Self>, name: &str) -> Result<ImageFs> {
-        let by_name = self.dockerfile.stages.iter().position(|s| s.name.as_deref() == Some(&name.to_lowercase()));
-        let by_index = name.parse::<usize>().ok().filter(|i| *i < self.dockerfile.stages.len());
+        let by_name = self
+            .dockerfile
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(&name.to_lowercase()));
+        let by_index = name
+            .parse::<usize>()
+            .ok()
+            .filter(|i| *i < self.dockerfile.stages.len());
         match by_name.or(by_index) {
             Some(i) => self.stage_result(i).await,
             None => {
@@ -1406,7 +1888,9 @@ impl Builder {
     fn explain_miss(&self, step_id: &str, fields: &[(String, String)], pstep: &ProgressStep) {
         let dir = self.store.root().join("cache/explain");
         let path = dir.join(format!("{}.json", Digest::of(step_id.as_bytes()).hex()));
-        let prev: Option<Vec<(String, String)>> = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let prev: Option<Vec<(String, String)>> = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         let msg = if self.opts.no_cache {
             "cache disabled (--no-cache)".to_string()
         } else {
@@ -1415,7 +1899,12 @@ impl Builder {
                 Some(prev) => {
                     let changed: Vec<&str> = fields
                         .iter()
-                        .filter(|(l, v)| prev.iter().find(|(pl, _)| pl == l).map(|(_, pv)| pv != v).unwrap_or(true))
+                        .filter(|(l, v)| {
+                            prev.iter()
+                                .find(|(pl, _)| pl == l)
+                                .map(|(_, pv)| pv != v)
+                                .unwrap_or(true)
+                        })
                         .map(|(l, _)| match l.as_str() {
                             "parent" => "parent (an earlier step or the base image)",
                             "content" => "content (the copied files)",
@@ -1423,7 +1912,8 @@ impl Builder {
                         })
                         .collect();
                     if changed.is_empty() {
-                        "cache miss: same inputs, but the cached result is no longer in the store".to_string()
+                        "cache miss: same inputs, but the cached result is no longer in the store"
+                            .to_string()
                     } else {
                         format!("cache miss: changed {}", changed.join(", "))
                     }
@@ -1432,7 +1922,10 @@ impl Builder {
         };
         pstep.log(&msg);
         if fs::create_dir_all(&dir).is_ok() {
-            let _ = rbuild_cache::write_file_atomic(&path, &serde_json::to_vec(fields).unwrap_or_default());
+            let _ = rbuild_cache::write_file_atomic(
+                &path,
+                &serde_json::to_vec(fields).unwrap_or_default(),
+            );
         }
     }
 
@@ -1446,22 +1939,39 @@ impl Builder {
         if let Some(rec) = self.store.get_record(key)? {
             return Ok(Some((rec, false)));
         }
-        let Some(rec) = self.imported.get().and_then(|e| e.record(key, &now_rfc3339())) else { return Ok(None) };
-        self.imported_hits.lock().unwrap().push((key.clone(), rec.clone()));
+        let Some(rec) = self
+            .imported
+            .get()
+            .and_then(|e| e.record(key, &now_rfc3339()))
+        else {
+            return Ok(None);
+        };
+        self.imported_hits
+            .lock()
+            .unwrap()
+            .push((key.clone(), rec.clone()));
         Ok(Some((rec, true)))
     }
 
     fn push_layer(&self, fs: &mut ImageFs, key: CacheKey, rec: CacheRecord, created_by: &str) {
         let slot = rec.layer.map(|l| Layer {
             dir: self.store.layer_dir(&l.diff_id),
-            desc: LayerSlot::Ready(LayerDesc { digest: l.digest, diff_id: l.diff_id, size: l.size, media_type: l.media_type }),
+            desc: LayerSlot::Ready(LayerDesc {
+                digest: l.digest,
+                diff_id: l.diff_id,
+                size: l.size,
+                media_type: l.media_type,
+            }),
         });
         self.push_slot(fs, key, slot, created_by);
     }
 
     fn push_slot(&self, fs: &mut ImageFs, key: CacheKey, slot: Option<Layer>, created_by: &str) {
         fs.key = key.clone();
-        self.touched.lock().unwrap().push((key.clone(), slot.as_ref().map(|l| l.desc.clone())));
+        self.touched
+            .lock()
+            .unwrap()
+            .push((key.clone(), slot.as_ref().map(|l| l.desc.clone())));
         fs.chain.push((key, slot.clone().map(LayerEntry::Known)));
         match slot {
             Some(layer) => {
@@ -1476,15 +1986,30 @@ impl Builder {
     /// its lasting place in the store, so the next step can stack on it while the blob (tar,
     /// compression, diffID and digest) is written in the background; `layers/sha256/<diffID>`
     /// then links to it and the cache record is written, in that order.
-    fn export_layer(&self, dir: PathBuf, key: &CacheKey, pstep: &ProgressStep) -> Result<Option<Layer>> {
+    fn export_layer(
+        &self,
+        dir: PathBuf,
+        key: &CacheKey,
+        pstep: &ProgressStep,
+    ) -> Result<Option<Layer>> {
         if fs::read_dir(&dir)?.next().is_none() {
             let _ = fs::remove_dir(&dir);
-            self.store.put_record(key, &CacheRecord { layer: None, created: now_rfc3339() })?;
+            self.store.put_record(
+                key,
+                &CacheRecord {
+                    layer: None,
+                    created: now_rfc3339(),
+                },
+            )?;
             return Ok(None);
         }
         let built = self.store.root().join("layers/built");
         fs::create_dir_all(&built)?;
-        let stable = built.join(format!("{}-{}", key.hex(), dir.file_name().unwrap().to_string_lossy()));
+        let stable = built.join(format!(
+            "{}-{}",
+            key.hex(),
+            dir.file_name().unwrap().to_string_lossy()
+        ));
         fs::rename(&dir, &stable)?;
         let store = self.store.clone();
         let compression = match self.opts.compression {
@@ -1497,26 +2022,52 @@ impl Builder {
         let job = tokio::task::spawn_blocking(move || -> Result<LayerDesc> {
             let started = std::time::Instant::now();
             let tmp = store.temp_path("layer");
-            let opts = rbuild_snapshot::DiffOptions { source_date_epoch: source_date_epoch() };
-            let blob = rbuild_snapshot::write_layer_blob(&src, &tmp, compression, &opts).map_err(|e| {
-                let _ = fs::remove_file(&tmp);
-                anyhow!("writing the layer of {}: {e}", src.display())
-            })?;
+            let opts = rbuild_snapshot::DiffOptions {
+                source_date_epoch: source_date_epoch(),
+            };
+            let blob =
+                rbuild_snapshot::write_layer_blob(&src, &tmp, compression, &opts).map_err(|e| {
+                    let _ = fs::remove_file(&tmp);
+                    anyhow!("writing the layer of {}: {e}", src.display())
+                })?;
             let digest: Digest = blob.digest.parse()?;
             let diff_id: Digest = blob.diff_id.parse()?;
             store.commit_blob_file(&tmp, &digest)?;
             let link = store.layer_dir(&diff_id);
             if !link.exists() {
                 let tmp_link = store.temp_path("layer-link");
-                std::os::unix::fs::symlink(Path::new("../built").join(src.file_name().unwrap()), &tmp_link)?;
+                std::os::unix::fs::symlink(
+                    Path::new("../built").join(src.file_name().unwrap()),
+                    &tmp_link,
+                )?;
                 if fs::rename(&tmp_link, &link).is_err() {
                     let _ = fs::remove_file(&tmp_link);
                 }
             }
-            let layer = LayerRef { diff_id: diff_id.clone(), digest: digest.clone(), size: blob.size, media_type: blob.media_type.to_string() };
-            store.put_record(&key, &CacheRecord { layer: Some(layer), created: now_rfc3339() })?;
-            pstep.log(&format!("layer {diff_id} {} bytes in {:.3}s", blob.size, started.elapsed().as_secs_f64()));
-            Ok(LayerDesc { digest, diff_id, size: blob.size, media_type: blob.media_type.to_string() })
+            let layer = LayerRef {
+                diff_id: diff_id.clone(),
+                digest: digest.clone(),
+                size: blob.size,
+                media_type: blob.media_type.to_string(),
+            };
+            store.put_record(
+                &key,
+                &CacheRecord {
+                    layer: Some(layer),
+                    created: now_rfc3339(),
+                },
+            )?;
+            pstep.log(&format!(
+                "layer {diff_id} {} bytes in {:.3}s",
+                blob.size,
+                started.elapsed().as_secs_f64()
+            ));
+            Ok(LayerDesc {
+                digest,
+                diff_id,
+                size: blob.size,
+                media_type: blob.media_type.to_string(),
+            })
         });
         use futures_util::FutureExt;
         let shared = async move {
@@ -1530,14 +2081,21 @@ impl Builder {
         .shared();
         let slot = LayerSlot::Pending(shared);
         self.exports.lock().unwrap().push(slot.clone());
-        Ok(Some(Layer { desc: slot, dir: stable }))
+        Ok(Some(Layer {
+            desc: slot,
+            dir: stable,
+        }))
     }
 
     /// The content digest of what `pattern` selects in the named directory context `dir`
     /// (no ignore rules apply there), on a blocking thread.
     async fn dir_hash(self: &Arc<Self>, dir: &Path, pattern: &str) -> Result<Digest> {
         let (me, dir, p) = (self.clone(), dir.to_path_buf(), pattern.to_string());
-        let d = tokio::task::spawn_blocking(move || me.ctx_hasher.hash(&dir, &rbuild_dag::ignore::IgnoreMatcher::default(), &p)).await??;
+        let d = tokio::task::spawn_blocking(move || {
+            me.ctx_hasher
+                .hash(&dir, &rbuild_dag::ignore::IgnoreMatcher::default(), &p)
+        })
+        .await??;
         Ok(d)
     }
 
@@ -1553,9 +2111,13 @@ impl Builder {
         let p = pattern.to_string();
         let job = tokio::task::spawn_blocking(move || -> Result<Digest, String> {
             // Reads only files whose stat changed; the digest leaves out owners, times and paths.
-            me.ctx_hasher.hash(&me.opts.context, &me.ignore, &p).map_err(|e| e.to_string())
+            me.ctx_hasher
+                .hash(&me.opts.context, &me.ignore, &p)
+                .map_err(|e| e.to_string())
         });
-        let fut = async move { job.await.map_err(|e| e.to_string())? }.boxed().shared();
+        let fut = async move { job.await.map_err(|e| e.to_string())? }
+            .boxed()
+            .shared();
         map.insert(pattern.to_string(), fut.clone());
         fut
     }
@@ -1572,7 +2134,8 @@ impl Builder {
     /// The final image config and manifest.
     async fn assemble(&self, fs: &ImageFs) -> Result<BuiltImage> {
         // Every deferred step of the image runs from here, all at once.
-        let resolved = futures_util::future::try_join_all(fs.layers.iter().map(|e| e.resolve())).await?;
+        let resolved =
+            futures_util::future::try_join_all(fs.layers.iter().map(|e| e.resolve())).await?;
         let mut history = fs.history.clone();
         for (e, r) in fs.layers.iter().zip(&resolved) {
             if let (LayerEntry::Deferred { history: h, .. }, None) = (e, r) {
@@ -1584,7 +2147,9 @@ impl Builder {
             descs.push(l.desc.get().await?);
         }
         let mut config = fs.config.clone();
-        let obj = config.as_object_mut().ok_or_else(|| anyhow!("base image config is not an object"))?;
+        let obj = config
+            .as_object_mut()
+            .ok_or_else(|| anyhow!("base image config is not an object"))?;
         obj.remove("container_config");
         obj.remove("container");
         obj.remove("docker_version");
@@ -1593,9 +2158,16 @@ impl Builder {
         obj.remove(rbuild_cache::export::INLINE_CONFIG_KEY);
         if self.opts.cache_to.contains(&CacheSpec::Inline) {
             let export = self.cache_records(CacheMode::Min, fs).await?;
-            obj.insert(rbuild_cache::export::INLINE_CONFIG_KEY.into(), serde_json::from_slice(&export.to_json())?);
+            obj.insert(
+                rbuild_cache::export::INLINE_CONFIG_KEY.into(),
+                serde_json::from_slice(&export.to_json())?,
+            );
         }
-        let (os, arch) = self.opts.platform.split_once('/').unwrap_or(("linux", "amd64"));
+        let (os, arch) = self
+            .opts
+            .platform
+            .split_once('/')
+            .unwrap_or(("linux", "amd64"));
         obj.insert("os".into(), json!(os));
         obj.insert("architecture".into(), json!(arch));
         obj.insert("created".into(), json!(now_rfc3339()));
@@ -1672,8 +2244,15 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<PathBuf> {
     let tmp = store.temp_dir("unpack")?;
     let file = store.open_blob(&l.digest)?;
     let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
-    let mut hashing = HashingReader { inner: reader, hasher: rbuild_cache::Hasher::new() };
-    let res = rbuild_snapshot::unpack_layer(&mut hashing, &tmp, &rbuild_snapshot::UnpackOptions::default());
+    let mut hashing = HashingReader {
+        inner: reader,
+        hasher: rbuild_cache::Hasher::new(),
+    };
+    let res = rbuild_snapshot::unpack_layer(
+        &mut hashing,
+        &tmp,
+        &rbuild_snapshot::UnpackOptions::default(),
+    );
     if let Err(e) = res {
         let _ = rbuild_cache::remove_tree(&tmp);
         bail!("unpacking layer {}: {e}", l.digest);
@@ -1683,7 +2262,11 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<PathBuf> {
     let diff_id = hashing.hasher.finish();
     if diff_id != l.diff_id {
         let _ = rbuild_cache::remove_tree(&tmp);
-        bail!("layer {}: uncompressed content is {diff_id}, but the image config says {}", l.digest, l.diff_id);
+        bail!(
+            "layer {}: uncompressed content is {diff_id}, but the image config says {}",
+            l.digest,
+            l.diff_id
+        );
     }
     Ok(store.commit_layer_dir(&tmp, &l.diff_id)?)
 }
@@ -1717,10 +2300,19 @@ fn remove_mountpoint(upper: &Path, image: &LayerStack, rel: &str) {
     }
     for n in (1..comps.len()).rev() {
         let dir = upper.join(comps[..n].join("/"));
-        let Ok(md) = fs::symlink_metadata(&dir) else { continue };
-        let empty = fs::read_dir(&dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let Ok(md) = fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        let empty = fs::read_dir(&dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         let same = match image.resolve(&format!("/{}", comps[..n].join("/")), false) {
-            Some((_, _, lm)) => lm.is_dir() && lm.mode() == md.mode() && lm.uid() == md.uid() && lm.gid() == md.gid(),
+            Some((_, _, lm)) => {
+                lm.is_dir()
+                    && lm.mode() == md.mode()
+                    && lm.uid() == md.uid()
+                    && lm.gid() == md.gid()
+            }
             None => true,
         };
         let opaque = rustix::fs::lgetxattr(&dir, "user.overlay.opaque", &mut [0u8; 4]).is_ok();
@@ -1752,13 +2344,19 @@ fn history_entry(created_by: &str, empty: bool) -> Value {
 /// `SOURCE_DATE_EPOCH` of this build (set from the environment, `--build-arg` or
 /// `--reproducible` before the build starts): timestamps in the image are clamped to it.
 pub fn source_date_epoch() -> Option<i64> {
-    std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.trim().parse::<i64>().ok())
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
 }
 
 /// Now (or `SOURCE_DATE_EPOCH`) as RFC 3339 UTC.
 pub fn now_rfc3339() -> String {
-    let secs = source_date_epoch()
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+    let secs = source_date_epoch().unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    });
     rfc3339(secs)
 }
 
@@ -1777,17 +2375,28 @@ pub fn rfc3339(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
 }
 
 /// Reads the Dockerfile-visible state out of an image config JSON.
 fn state_from_config(config: &Value) -> ImageState {
     let c = config.get("config").cloned().unwrap_or_else(|| json!({}));
     let strs = |v: Option<&Value>| -> Option<Vec<String>> {
-        v.and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        v.and_then(|v| v.as_array()).map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
     };
     let keys = |v: Option<&Value>| -> std::collections::BTreeSet<String> {
-        v.and_then(|v| v.as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default()
+        v.and_then(|v| v.as_object())
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
     };
     let env = strs(c.get("Env"))
         .unwrap_or_default()
@@ -1797,24 +2406,45 @@ fn state_from_config(config: &Value) -> ImageState {
             None => (kv, String::new()),
         })
         .collect();
-    let mut st = ImageState { env, ..Default::default() };
-    st.user = c.get("User").and_then(|v| v.as_str()).unwrap_or("").to_string();
-    st.workdir = c.get("WorkingDir").and_then(|v| v.as_str()).filter(|s| !s.is_empty()).unwrap_or("/").to_string();
+    let mut st = ImageState {
+        env,
+        ..Default::default()
+    };
+    st.user = c
+        .get("User")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    st.workdir = c
+        .get("WorkingDir")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("/")
+        .to_string();
     st.cmd = strs(c.get("Cmd"));
     st.entrypoint = strs(c.get("Entrypoint"));
     st.labels = c
         .get("Labels")
         .and_then(|v| v.as_object())
-        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                .collect()
+        })
         .unwrap_or_default();
     st.exposed_ports = keys(c.get("ExposedPorts"));
     st.volumes = keys(c.get("Volumes"));
-    st.stop_signal = c.get("StopSignal").and_then(|v| v.as_str()).map(str::to_string);
+    st.stop_signal = c
+        .get("StopSignal")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
     if let Some(sh) = strs(c.get("Shell")) {
         st.shell = sh;
     }
     st.onbuild = strs(c.get("OnBuild")).unwrap_or_default();
-    st.healthcheck = c.get("Healthcheck").and_then(|h| serde_json::from_value(h.clone()).ok());
+    st.healthcheck = c
+        .get("Healthcheck")
+        .and_then(|h| serde_json::from_value(h.clone()).ok());
     st
 }
 
@@ -1837,18 +2467,50 @@ fn apply_state_to_config(st: &ImageState, c: &mut Value) {
     let env: Vec<String> = st.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     set(c, "Env", (!env.is_empty()).then(|| json!(env)));
     set(c, "User", (!st.user.is_empty()).then(|| json!(st.user)));
-    set(c, "WorkingDir", (st.workdir != "/" && !st.workdir.is_empty()).then(|| json!(st.workdir)));
+    set(
+        c,
+        "WorkingDir",
+        (st.workdir != "/" && !st.workdir.is_empty()).then(|| json!(st.workdir)),
+    );
     set(c, "Cmd", st.cmd.as_ref().map(|v| json!(v)));
     set(c, "Entrypoint", st.entrypoint.as_ref().map(|v| json!(v)));
-    set(c, "Labels", (!st.labels.is_empty()).then(|| json!(st.labels)));
-    let obj_of = |s: &std::collections::BTreeSet<String>| -> Value { Value::Object(s.iter().map(|k| (k.clone(), json!({}))).collect()) };
-    set(c, "ExposedPorts", (!st.exposed_ports.is_empty()).then(|| obj_of(&st.exposed_ports)));
-    set(c, "Volumes", (!st.volumes.is_empty()).then(|| obj_of(&st.volumes)));
+    set(
+        c,
+        "Labels",
+        (!st.labels.is_empty()).then(|| json!(st.labels)),
+    );
+    let obj_of = |s: &std::collections::BTreeSet<String>| -> Value {
+        Value::Object(s.iter().map(|k| (k.clone(), json!({}))).collect())
+    };
+    set(
+        c,
+        "ExposedPorts",
+        (!st.exposed_ports.is_empty()).then(|| obj_of(&st.exposed_ports)),
+    );
+    set(
+        c,
+        "Volumes",
+        (!st.volumes.is_empty()).then(|| obj_of(&st.volumes)),
+    );
     set(c, "StopSignal", st.stop_signal.as_ref().map(|s| json!(s)));
     let default_shell = ["/bin/sh".to_string(), "-c".to_string()];
-    set(c, "Shell", (st.shell.as_slice() != default_shell.as_slice()).then(|| json!(st.shell)));
-    set(c, "OnBuild", (!st.onbuild.is_empty()).then(|| json!(st.onbuild)));
-    set(c, "Healthcheck", st.healthcheck.as_ref().and_then(|h| serde_json::to_value(h).ok()));
+    set(
+        c,
+        "Shell",
+        (st.shell.as_slice() != default_shell.as_slice()).then(|| json!(st.shell)),
+    );
+    set(
+        c,
+        "OnBuild",
+        (!st.onbuild.is_empty()).then(|| json!(st.onbuild)),
+    );
+    set(
+        c,
+        "Healthcheck",
+        st.healthcheck
+            .as_ref()
+            .and_then(|h| serde_json::to_value(h).ok()),
+    );
 }
 
 #[cfg(test)]

@@ -38,12 +38,19 @@ pub struct Imported {
 }
 
 /// Reads the cache named by `spec`. `Ok(None)`: the source exists but holds no rbuild cache.
-pub async fn import(spec: &CacheSpec, registry: &Registry, store: &Store) -> Result<Option<Imported>> {
+pub async fn import(
+    spec: &CacheSpec,
+    registry: &Registry,
+    store: &Store,
+) -> Result<Option<Imported>> {
     match spec {
         CacheSpec::Registry { reference, .. } => {
             let (doc, _, _) = registry.manifest(reference).await?;
             let config = &doc["config"];
-            let digest: Digest = config["digest"].as_str().ok_or_else(|| anyhow!("{reference}: manifest has no config"))?.parse()?;
+            let digest: Digest = config["digest"]
+                .as_str()
+                .ok_or_else(|| anyhow!("{reference}: manifest has no config"))?
+                .parse()?;
             let size = config["size"].as_u64().unwrap_or(0);
             let media_type = config["mediaType"].as_str().unwrap_or("");
             if size > 64 << 20 {
@@ -52,34 +59,59 @@ pub async fn import(spec: &CacheSpec, registry: &Registry, store: &Store) -> Res
             registry.fetch_blob(reference, &digest, size, store).await?;
             let bytes = store.read_blob(&digest)?;
             let export = if media_type == CACHE_CONFIG_MEDIA_TYPE {
-                CacheExport::from_json(&bytes).with_context(|| format!("{reference}: cache config {digest}"))?
+                CacheExport::from_json(&bytes)
+                    .with_context(|| format!("{reference}: cache config {digest}"))?
             } else {
                 // An image: its config may carry an inline cache.
-                let v: Value = serde_json::from_slice(&bytes).with_context(|| format!("{reference}: config {digest} is not JSON"))?;
+                let v: Value = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{reference}: config {digest} is not JSON"))?;
                 match v.get(INLINE_CONFIG_KEY) {
-                    Some(c) => CacheExport::from_value(c.clone()).with_context(|| format!("{reference}: inline cache"))?,
+                    Some(c) => CacheExport::from_value(c.clone())
+                        .with_context(|| format!("{reference}: inline cache"))?,
                     None => return Ok(None),
                 }
             };
-            Ok(Some(Imported { export, origin: BlobOrigin::Registry(reference.clone()), source: reference.clone() }))
+            Ok(Some(Imported {
+                export,
+                origin: BlobOrigin::Registry(reference.clone()),
+                source: reference.clone(),
+            }))
         }
         CacheSpec::Local { dir, .. } => {
             let index_path = dir.join("index.json");
             let index: Value = match fs::read(&index_path) {
-                Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}: not JSON", index_path.display()))?,
+                Ok(b) => serde_json::from_slice(&b)
+                    .with_context(|| format!("{}: not JSON", index_path.display()))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e).with_context(|| format!("reading {}", index_path.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {}", index_path.display()))
+                }
             };
             let entries = index["manifests"].as_array().cloned().unwrap_or_default();
-            let named = entries.iter().rev().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == LOCAL_CACHE_NAME);
-            let Some(entry) = named.or(entries.last()) else { return Ok(None) };
-            let manifest_digest: Digest = entry["digest"].as_str().unwrap_or("").parse().with_context(|| format!("{}: manifest entry", index_path.display()))?;
+            let named = entries.iter().rev().find(|m| {
+                m["annotations"]["org.opencontainers.image.ref.name"] == LOCAL_CACHE_NAME
+            });
+            let Some(entry) = named.or(entries.last()) else {
+                return Ok(None);
+            };
+            let manifest_digest: Digest = entry["digest"]
+                .as_str()
+                .unwrap_or("")
+                .parse()
+                .with_context(|| format!("{}: manifest entry", index_path.display()))?;
             let manifest: Value = serde_json::from_slice(&read_layout_blob(dir, &manifest_digest)?)
-                .with_context(|| format!("{}: manifest {manifest_digest} is not JSON", dir.display()))?;
-            let config: Digest = manifest["config"]["digest"].as_str().unwrap_or("").parse().with_context(|| format!("{}: manifest config", dir.display()))?;
+                .with_context(|| {
+                    format!("{}: manifest {manifest_digest} is not JSON", dir.display())
+                })?;
+            let config: Digest = manifest["config"]["digest"]
+                .as_str()
+                .unwrap_or("")
+                .parse()
+                .with_context(|| format!("{}: manifest config", dir.display()))?;
             let bytes = read_layout_blob(dir, &config)?;
             let export = if manifest["config"]["mediaType"] == CACHE_CONFIG_MEDIA_TYPE {
-                CacheExport::from_json(&bytes).with_context(|| format!("{}: cache config {config}", dir.display()))?
+                CacheExport::from_json(&bytes)
+                    .with_context(|| format!("{}: cache config {config}", dir.display()))?
             } else {
                 let v: Value = serde_json::from_slice(&bytes)?;
                 match v.get(INLINE_CONFIG_KEY) {
@@ -87,9 +119,15 @@ pub async fn import(spec: &CacheSpec, registry: &Registry, store: &Store) -> Res
                     None => return Ok(None),
                 }
             };
-            Ok(Some(Imported { export, origin: BlobOrigin::Layout(dir.clone()), source: dir.display().to_string() }))
+            Ok(Some(Imported {
+                export,
+                origin: BlobOrigin::Layout(dir.clone()),
+                source: dir.display().to_string(),
+            }))
         }
-        CacheSpec::Inline => bail!("an inline cache is read with --cache-from type=registry,ref=IMAGE"),
+        CacheSpec::Inline => {
+            bail!("an inline cache is read with --cache-from type=registry,ref=IMAGE")
+        }
     }
 }
 
@@ -110,7 +148,8 @@ pub fn fetch_from_layout(dir: &Path, d: &Digest, store: &Store) -> Result<()> {
     }
     let p = dir.join("blobs").join(d.algorithm()).join(d.hex());
     let f = fs::File::open(&p).with_context(|| format!("cache {}: blob {d}", dir.display()))?;
-    rbuild_cache::copy_into_blob(store, std::io::BufReader::new(f), Some(d)).with_context(|| format!("cache {}: blob {d}", p.display()))?;
+    rbuild_cache::copy_into_blob(store, std::io::BufReader::new(f), Some(d))
+        .with_context(|| format!("cache {}: blob {d}", p.display()))?;
     Ok(())
 }
 
@@ -122,7 +161,12 @@ pub fn artifact(export: &CacheExport, store: &Store) -> Result<BuiltImage> {
     let layers: Vec<LayerDesc> = export
         .layers()
         .into_iter()
-        .map(|l| LayerDesc { digest: l.digest, diff_id: l.diff_id, size: l.size, media_type: l.media_type })
+        .map(|l| LayerDesc {
+            digest: l.digest,
+            diff_id: l.diff_id,
+            size: l.size,
+            media_type: l.media_type,
+        })
         .collect();
     Ok(crate::image::store_manifest(
         CACHE_CONFIG_MEDIA_TYPE,

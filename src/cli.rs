@@ -94,9 +94,13 @@ pub struct PruneArgs {
 /// or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), as docker does; case does not matter.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 10GB, 512MiB)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 10GB, 512MiB)"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -107,7 +111,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mi" | "mib" => 1024.0 * 1024.0,
         "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
         "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(format!("{s:?}: unknown size unit {unit:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown size unit {unit:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
     Ok((n * mult).round() as u64)
 }
@@ -121,9 +129,14 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(bad());
     }
     while !rest.is_empty() {
-        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
         let n: f64 = rest[..split].parse().map_err(|_| bad())?;
-        let unit_end = rest[split..].find(|c: char| c.is_ascii_digit()).map(|i| split + i).unwrap_or(rest.len());
+        let unit_end = rest[split..]
+            .find(|c: char| c.is_ascii_digit())
+            .map(|i| split + i)
+            .unwrap_or(rest.len());
         let secs = match &rest[split..unit_end] {
             "ms" => 0.001,
             "s" => 1.0,
@@ -199,11 +212,18 @@ pub enum IsolationArg {
 /// allowed), all powers of 1024 as in `docker run --memory`; at least 6 MiB, as docker requires.
 pub fn parse_memory(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("--memory {s:?}: want a size such as 64m, 512MiB or 2g"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("--memory {s:?}: want a size such as 64m, 512MiB or 2g"))?;
     let unit = unit.trim();
-    let unit = unit.strip_suffix("ib").or_else(|| unit.strip_suffix('b')).unwrap_or(unit);
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(unit);
     let mult: u64 = match unit {
         "" => 1,
         "k" => 1 << 10,
@@ -223,7 +243,9 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
 pub fn parse_cpus(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(c) if c.is_finite() && c >= 0.01 => Ok(c),
-        _ => Err(format!("--cpus {s:?}: want a number of CPUs of at least 0.01, e.g. 0.5 or 2")),
+        _ => Err(format!(
+            "--cpus {s:?}: want a number of CPUs of at least 0.01, e.g. 0.5 or 2"
+        )),
     }
 }
 
@@ -231,7 +253,9 @@ pub fn parse_cpus(s: &str) -> Result<f64, String> {
 pub fn parse_pids_limit(s: &str) -> Result<u64, String> {
     match s.trim().parse::<u64>() {
         Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("--pids-limit {s:?}: want a whole number of processes, at least 1")),
+        _ => Err(format!(
+            "--pids-limit {s:?}: want a whole number of processes, at least 1"
+        )),
     }
 }
 
@@ -408,7 +432,9 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, String> {
     let mut kind = None;
     let mut dest = None;
     for part in spec.split(',') {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("--output {spec:?}: {part:?} is not KEY=VALUE"))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--output {spec:?}: {part:?} is not KEY=VALUE"))?;
         match k {
             "type" => kind = Some(v.to_string()),
             "dest" => dest = Some(PathBuf::from(v)),
@@ -418,13 +444,18 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, String> {
         }
     }
     let kind = kind.ok_or_else(|| format!("--output {spec:?}: missing type="))?;
-    let need_dest = |kind: &str| dest.clone().ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest="));
+    let need_dest = |kind: &str| {
+        dest.clone()
+            .ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest="))
+    };
     match kind.as_str() {
         "registry" | "image" => Ok(OutputSpec::Registry),
         "oci" => Ok(OutputSpec::Oci(need_dest("oci")?)),
         "docker" | "tar" => Ok(OutputSpec::Docker(need_dest("docker")?)),
         "local" => Ok(OutputSpec::Local(need_dest("local")?)),
-        other => Err(format!("--output {spec:?}: unknown type {other:?} (registry, oci, docker, local)")),
+        other => Err(format!(
+            "--output {spec:?}: unknown type {other:?} (registry, oci, docker, local)"
+        )),
     }
 }
 
@@ -463,13 +494,21 @@ pub fn parse_cache_spec(spec: &str, import: bool) -> Result<CacheSpec, String> {
     let flag = if import { "--cache-from" } else { "--cache-to" };
     if !spec.contains('=') {
         if import && !spec.is_empty() {
-            return Ok(CacheSpec::Registry { reference: spec.to_string(), mode: CacheMode::Min });
+            return Ok(CacheSpec::Registry {
+                reference: spec.to_string(),
+                mode: CacheMode::Min,
+            });
         }
-        return Err(format!("{flag} {spec:?}: want type=registry,ref=REF, type=local,{}=DIR or type=inline", if import { "src" } else { "dest" }));
+        return Err(format!(
+            "{flag} {spec:?}: want type=registry,ref=REF, type=local,{}=DIR or type=inline",
+            if import { "src" } else { "dest" }
+        ));
     }
     let (mut kind, mut reference, mut dir, mut mode) = (None, None, None, CacheMode::Min);
     for part in spec.split(',') {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("{flag} {spec:?}: {part:?} is not KEY=VALUE"))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{flag} {spec:?}: {part:?} is not KEY=VALUE"))?;
         match k {
             "type" => kind = Some(v.to_string()),
             "ref" => reference = Some(v.to_string()),
@@ -479,23 +518,42 @@ pub fn parse_cache_spec(spec: &str, import: bool) -> Result<CacheSpec, String> {
                 mode = match v {
                     "min" => CacheMode::Min,
                     "max" => CacheMode::Max,
-                    _ => return Err(format!("{flag} {spec:?}: mode must be min or max, not {v:?}")),
+                    _ => {
+                        return Err(format!(
+                            "{flag} {spec:?}: mode must be min or max, not {v:?}"
+                        ))
+                    }
                 }
             }
             // Options of other builders that change nothing here.
-            "compression" | "compression-level" | "force-compression" | "oci-mediatypes" | "image-manifest" | "ignore-error" | "digest" | "tag" => {}
+            "compression" | "compression-level" | "force-compression" | "oci-mediatypes"
+            | "image-manifest" | "ignore-error" | "digest" | "tag" => {}
             _ => return Err(format!("{flag} {spec:?}: unknown key {k:?}")),
         }
     }
     match kind.as_deref().unwrap_or("registry") {
-        "registry" => Ok(CacheSpec::Registry { reference: reference.ok_or_else(|| format!("{flag} {spec:?}: type=registry needs ref="))?, mode }),
+        "registry" => Ok(CacheSpec::Registry {
+            reference: reference
+                .ok_or_else(|| format!("{flag} {spec:?}: type=registry needs ref="))?,
+            mode,
+        }),
         "local" => Ok(CacheSpec::Local {
-            dir: dir.ok_or_else(|| format!("{flag} {spec:?}: type=local needs {}=", if import { "src" } else { "dest" }))?,
+            dir: dir.ok_or_else(|| {
+                format!(
+                    "{flag} {spec:?}: type=local needs {}=",
+                    if import { "src" } else { "dest" }
+                )
+            })?,
             mode,
         }),
         "inline" if !import => Ok(CacheSpec::Inline),
-        "inline" => Err(format!("{flag} {spec:?}: an inline cache is read with type=registry,ref=IMAGE")),
-        other => Err(format!("{flag} {spec:?}: unknown type {other:?} (registry, local{})", if import { "" } else { ", inline" })),
+        "inline" => Err(format!(
+            "{flag} {spec:?}: an inline cache is read with type=registry,ref=IMAGE"
+        )),
+        other => Err(format!(
+            "{flag} {spec:?}: unknown type {other:?} (registry, local{})",
+            if import { "" } else { ", inline" }
+        )),
     }
 }
 
@@ -519,7 +577,9 @@ pub fn parse_build_args(args: &[String]) -> std::collections::BTreeMap<String, S
 }
 
 /// Parses `--label` values (`KEY=VALUE`, or `KEY` for an empty value); the last one of a key wins.
-pub fn parse_labels(labels: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
+pub fn parse_labels(
+    labels: &[String],
+) -> Result<std::collections::BTreeMap<String, String>, String> {
     let mut out = std::collections::BTreeMap::new();
     for l in labels {
         let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
@@ -539,28 +599,60 @@ mod tests {
     fn resource_limits_parse_like_docker() {
         assert_eq!(parse_memory("64m").unwrap(), 64 << 20);
         assert_eq!(parse_memory("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_memory("64MB").unwrap(), 64 << 20, "docker's units are binary");
+        assert_eq!(
+            parse_memory("64MB").unwrap(),
+            64 << 20,
+            "docker's units are binary"
+        );
         assert_eq!(parse_memory("1.5g").unwrap(), 3 << 29);
         assert_eq!(parse_memory("67108864").unwrap(), 64 << 20);
         assert!(parse_memory("1m").unwrap_err().contains("at least 6 MiB"));
         assert!(parse_memory("64x").unwrap_err().contains("unknown unit"));
         assert!(parse_memory("lots").is_err());
         assert_eq!(parse_cpus("0.5").unwrap(), 0.5);
-        assert!(parse_cpus("0").is_err() && parse_cpus("-1").is_err() && parse_cpus("NaN").is_err() && parse_cpus("inf").is_err());
+        assert!(
+            parse_cpus("0").is_err()
+                && parse_cpus("-1").is_err()
+                && parse_cpus("NaN").is_err()
+                && parse_cpus("inf").is_err()
+        );
         assert_eq!(parse_pids_limit("50").unwrap(), 50);
-        assert!(parse_pids_limit("0").is_err() && parse_pids_limit("-1").is_err() && parse_pids_limit("1.5").is_err());
+        assert!(
+            parse_pids_limit("0").is_err()
+                && parse_pids_limit("-1").is_err()
+                && parse_pids_limit("1.5").is_err()
+        );
     }
 
     #[test]
     fn isolation_defaults_to_auto() {
         let cli = Cli::parse_from(["rbuild", "build", "."]);
-        let Command::Build(b) = cli.command else { panic!() };
+        let Command::Build(b) = cli.command else {
+            panic!()
+        };
         assert_eq!(b.isolation, IsolationArg::Auto);
         assert_eq!((b.memory, b.cpus, b.pids_limit), (None, None, None));
-        let cli = Cli::parse_from(["rbuild", "build", "--isolation", "strict", "--memory", "64m", "--cpus", "1.5", "--pids-limit", "20", "."]);
-        let Command::Build(b) = cli.command else { panic!() };
+        let cli = Cli::parse_from([
+            "rbuild",
+            "build",
+            "--isolation",
+            "strict",
+            "--memory",
+            "64m",
+            "--cpus",
+            "1.5",
+            "--pids-limit",
+            "20",
+            ".",
+        ]);
+        let Command::Build(b) = cli.command else {
+            panic!()
+        };
         assert_eq!(b.isolation, IsolationArg::Strict);
-        assert_eq!((b.memory, b.cpus, b.pids_limit), (Some(64 << 20), Some(1.5), Some(20)));
+        assert_eq!(
+            (b.memory, b.cpus, b.pids_limit),
+            (Some(64 << 20), Some(1.5), Some(20))
+        );
         assert!(Cli::try_parse_from(["rbuild", "build", "--isolation", "partial", "."]).is_err());
     }
 
@@ -570,12 +662,28 @@ mod tests {
         assert_eq!(a[1], "build");
         let a = normalize_args(vec!["rbuild".into(), "--help".into()]);
         assert_eq!(a[1], "--help");
-        let cli = Cli::try_parse_from(normalize_args(vec!["rbuild".into(), "-t".into(), "x".into(), "ctx".into()])).unwrap();
-        let Command::Build(b) = cli.command else { panic!("not a build") };
+        let cli = Cli::try_parse_from(normalize_args(vec![
+            "rbuild".into(),
+            "-t".into(),
+            "x".into(),
+            "ctx".into(),
+        ]))
+        .unwrap();
+        let Command::Build(b) = cli.command else {
+            panic!("not a build")
+        };
         assert_eq!(b.tags, vec!["x"]);
         assert_eq!(b.context, PathBuf::from("ctx"));
-        let cli = Cli::try_parse_from(normalize_args(vec!["rbuild".into(), "prune".into(), "--keep-storage".into(), "1GiB".into()])).unwrap();
-        let Command::Prune(p) = cli.command else { panic!("not a prune") };
+        let cli = Cli::try_parse_from(normalize_args(vec![
+            "rbuild".into(),
+            "prune".into(),
+            "--keep-storage".into(),
+            "1GiB".into(),
+        ]))
+        .unwrap();
+        let Command::Prune(p) = cli.command else {
+            panic!("not a prune")
+        };
         assert_eq!(p.keep_storage, Some(1 << 30));
     }
 
@@ -594,44 +702,104 @@ mod tests {
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("10").is_err(), "a unit is required");
         assert!(parse_duration("3y").is_err());
-        assert_eq!(parse_prune_filters(&["until=30m".into()]).unwrap(), Some(std::time::Duration::from_secs(1800)));
-        assert!(parse_prune_filters(&["type=regular".into()]).unwrap_err().contains("only until="));
+        assert_eq!(
+            parse_prune_filters(&["until=30m".into()]).unwrap(),
+            Some(std::time::Duration::from_secs(1800))
+        );
+        assert!(parse_prune_filters(&["type=regular".into()])
+            .unwrap_err()
+            .contains("only until="));
     }
 
     #[test]
     fn labels_parse() {
         let l = parse_labels(&["a=1".into(), "b".into(), "c=x=y".into(), "a=2".into()]).unwrap();
-        assert_eq!(l.into_iter().collect::<Vec<_>>(), [("a", "2"), ("b", ""), ("c", "x=y")].map(|(k, v)| (k.to_string(), v.to_string())));
-        assert!(parse_labels(&["=v".into()]).unwrap_err().contains("key is empty"));
+        assert_eq!(
+            l.into_iter().collect::<Vec<_>>(),
+            [("a", "2"), ("b", ""), ("c", "x=y")].map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert!(parse_labels(&["=v".into()])
+            .unwrap_err()
+            .contains("key is empty"));
     }
 
     #[test]
     fn outputs_parse() {
-        assert_eq!(parse_output("type=oci,dest=/x").unwrap(), OutputSpec::Oci("/x".into()));
+        assert_eq!(
+            parse_output("type=oci,dest=/x").unwrap(),
+            OutputSpec::Oci("/x".into())
+        );
         assert_eq!(parse_output("type=registry").unwrap(), OutputSpec::Registry);
-        assert_eq!(parse_output("out").unwrap(), OutputSpec::Local("out".into()));
+        assert_eq!(
+            parse_output("out").unwrap(),
+            OutputSpec::Local("out".into())
+        );
         assert!(parse_output("type=oci").unwrap_err().contains("needs dest"));
-        assert!(parse_output("type=zip,dest=x").unwrap_err().contains("unknown type"));
+        assert!(parse_output("type=zip,dest=x")
+            .unwrap_err()
+            .contains("unknown type"));
     }
 
     #[test]
     fn cache_specs_parse() {
-        let r = |s: &str| CacheSpec::Registry { reference: s.into(), mode: CacheMode::Min };
-        assert_eq!(parse_cache_spec("reg:5000/app:cache", true).unwrap(), r("reg:5000/app:cache"));
-        assert_eq!(parse_cache_spec("type=registry,ref=reg/app:c", true).unwrap(), r("reg/app:c"));
+        let r = |s: &str| CacheSpec::Registry {
+            reference: s.into(),
+            mode: CacheMode::Min,
+        };
+        assert_eq!(
+            parse_cache_spec("reg:5000/app:cache", true).unwrap(),
+            r("reg:5000/app:cache")
+        );
+        assert_eq!(
+            parse_cache_spec("type=registry,ref=reg/app:c", true).unwrap(),
+            r("reg/app:c")
+        );
         assert_eq!(
             parse_cache_spec("type=registry,ref=reg/app:c,mode=max", false).unwrap(),
-            CacheSpec::Registry { reference: "reg/app:c".into(), mode: CacheMode::Max }
+            CacheSpec::Registry {
+                reference: "reg/app:c".into(),
+                mode: CacheMode::Max
+            }
         );
-        assert_eq!(parse_cache_spec("type=local,src=/c", true).unwrap(), CacheSpec::Local { dir: "/c".into(), mode: CacheMode::Min });
-        assert_eq!(parse_cache_spec("type=local,dest=/c,mode=max", false).unwrap(), CacheSpec::Local { dir: "/c".into(), mode: CacheMode::Max });
-        assert_eq!(parse_cache_spec("type=inline", false).unwrap(), CacheSpec::Inline);
-        assert!(parse_cache_spec("type=local,dest=/c", true).unwrap_err().contains("unknown key \"dest\""));
-        assert!(parse_cache_spec("type=local", false).unwrap_err().contains("needs dest="));
-        assert!(parse_cache_spec("type=registry", true).unwrap_err().contains("needs ref="));
-        assert!(parse_cache_spec("type=registry,ref=x,mode=all", false).unwrap_err().contains("min or max"));
-        assert!(parse_cache_spec("type=inline", true).unwrap_err().contains("type=registry"));
-        assert!(parse_cache_spec("type=s3,ref=x", false).unwrap_err().contains("unknown type"));
-        assert!(parse_cache_spec("somewhere", false).is_err(), "an export needs a type");
+        assert_eq!(
+            parse_cache_spec("type=local,src=/c", true).unwrap(),
+            CacheSpec::Local {
+                dir: "/c".into(),
+                mode: CacheMode::Min
+            }
+        );
+        assert_eq!(
+            parse_cache_spec("type=local,dest=/c,mode=max", false).unwrap(),
+            CacheSpec::Local {
+                dir: "/c".into(),
+                mode: CacheMode::Max
+            }
+        );
+        assert_eq!(
+            parse_cache_spec("type=inline", false).unwrap(),
+            CacheSpec::Inline
+        );
+        assert!(parse_cache_spec("type=local,dest=/c", true)
+            .unwrap_err()
+            .contains("unknown key \"dest\""));
+        assert!(parse_cache_spec("type=local", false)
+            .unwrap_err()
+            .contains("needs dest="));
+        assert!(parse_cache_spec("type=registry", true)
+            .unwrap_err()
+            .contains("needs ref="));
+        assert!(parse_cache_spec("type=registry,ref=x,mode=all", false)
+            .unwrap_err()
+            .contains("min or max"));
+        assert!(parse_cache_spec("type=inline", true)
+            .unwrap_err()
+            .contains("type=registry"));
+        assert!(parse_cache_spec("type=s3,ref=x", false)
+            .unwrap_err()
+            .contains("unknown type"));
+        assert!(
+            parse_cache_spec("somewhere", false).is_err(),
+            "an export needs a type"
+        );
     }
 }

@@ -20,10 +20,14 @@ pub enum CopyError {
     #[error("{0}: source path is outside the build context")]
     OutsideContext(String),
     /// Several sources need a directory destination.
-    #[error("when copying several sources the destination must be a directory and end with a /: {0}")]
+    #[error(
+        "when copying several sources the destination must be a directory and end with a /: {0}"
+    )]
     DestNotDir(String),
     /// A bad --chmod value.
-    #[error("invalid --chmod {0:?}: want an octal mode such as 0755 or a symbolic one such as u+x,go-w")]
+    #[error(
+        "invalid --chmod {0:?}: want an octal mode such as 0755 or a symbolic one such as u+x,go-w"
+    )]
     BadChmod(String),
     /// An I/O error on a path.
     #[error("{path}: {source}")]
@@ -36,13 +40,19 @@ pub enum CopyError {
 }
 
 fn ioe(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
-    move |source| CopyError::Io { path: path.to_path_buf(), source }
+    move |source| CopyError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Where COPY reads from.
 pub enum Source<'a> {
     /// The build context directory, with its ignore rules.
-    Context { root: &'a Path, ignore: &'a rbuild_dag::ignore::IgnoreMatcher },
+    Context {
+        root: &'a Path,
+        ignore: &'a rbuild_dag::ignore::IgnoreMatcher,
+    },
     /// The filesystem of another stage or image.
     Layers { stack: &'a LayerStack, name: String },
 }
@@ -70,7 +80,9 @@ pub fn glob_match(pat: &str, name: &str) -> bool {
             Some('*') => (0..=n.len()).any(|i| m(&p[1..], &n[i..])),
             Some('?') => !n.is_empty() && m(&p[1..], &n[1..]),
             Some('[') => {
-                let Some(end) = p.iter().position(|&c| c == ']') else { return false };
+                let Some(end) = p.iter().position(|&c| c == ']') else {
+                    return false;
+                };
                 let Some(&c) = n.first() else { return false };
                 let class = &p[1..end];
                 let (neg, class) = match class.first() {
@@ -104,7 +116,9 @@ impl Source<'_> {
         match self {
             Source::Context { root, ignore } => {
                 if rel.is_empty() {
-                    return fs::symlink_metadata(root).ok().map(|m| (root.to_path_buf(), m));
+                    return fs::symlink_metadata(root)
+                        .ok()
+                        .map(|m| (root.to_path_buf(), m));
                 }
                 let p = root.join(rel);
                 let md = fs::symlink_metadata(&p).ok()?;
@@ -124,14 +138,20 @@ impl Source<'_> {
     fn list(&self, rel: &str) -> Result<Vec<String>, CopyError> {
         let mut names = match self {
             Source::Context { root, ignore } => {
-                let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+                let dir = if rel.is_empty() {
+                    root.to_path_buf()
+                } else {
+                    root.join(rel)
+                };
                 let mut v = Vec::new();
                 for e in fs::read_dir(&dir).map_err(ioe(&dir))? {
                     let e = e.map_err(ioe(&dir))?;
                     let name = e.file_name().to_string_lossy().into_owned();
                     let child = join_rel(rel, &name);
                     let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                    if ignore.is_excluded(&child, is_dir) && !(is_dir && ignore.may_include_below(&child)) {
+                    if ignore.is_excluded(&child, is_dir)
+                        && !(is_dir && ignore.may_include_below(&child))
+                    {
                         continue;
                     }
                     v.push(name);
@@ -175,7 +195,9 @@ impl Source<'_> {
         if out.is_empty() {
             return Err(match self {
                 Source::Context { .. } => CopyError::NotFound(src.to_string()),
-                Source::Layers { name, .. } => CopyError::NotFoundInStage(src.to_string(), name.clone()),
+                Source::Layers { name, .. } => {
+                    CopyError::NotFoundInStage(src.to_string(), name.clone())
+                }
             });
         }
         Ok(out)
@@ -214,7 +236,9 @@ pub fn join_rel(base: &str, name: &str) -> String {
 pub fn archive_kind(path: &Path) -> Option<&'static str> {
     let f = fs::File::open(path).ok()?;
     let mut head = [0u8; 6];
-    let n = fs::File::open(path).and_then(|mut g| g.read(&mut head)).ok()?;
+    let n = fs::File::open(path)
+        .and_then(|mut g| g.read(&mut head))
+        .ok()?;
     let kind = if head[..n].starts_with(&[0x1f, 0x8b]) {
         "gzip"
     } else if head[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -280,7 +304,10 @@ impl Chmod {
                             _ => 0,
                         };
                     }
-                    let mask = who | if *who & 0o700 != 0 { 0o4000 } else { 0 } | if *who & 0o070 != 0 { 0o2000 } else { 0 } | if *who == 0o777 { 0o1000 } else { 0 };
+                    let mask = who
+                        | if *who & 0o700 != 0 { 0o4000 } else { 0 }
+                        | if *who & 0o070 != 0 { 0o2000 } else { 0 }
+                        | if *who == 0o777 { 0o1000 } else { 0 };
                     let bits = bits & mask;
                     m = match op {
                         '+' => m | bits,
@@ -298,7 +325,11 @@ impl Chmod {
 pub fn parse_chmod(s: &str) -> Result<Chmod, CopyError> {
     let bad = || CopyError::BadChmod(s.to_string());
     if s.chars().all(|c| c.is_ascii_digit()) {
-        return u32::from_str_radix(s, 8).ok().filter(|m| *m <= 0o7777).map(Chmod::Octal).ok_or_else(bad);
+        return u32::from_str_radix(s, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .map(Chmod::Octal)
+            .ok_or_else(bad);
     }
     let mut clauses = Vec::new();
     for clause in s.split(',') {
@@ -353,10 +384,21 @@ pub fn stage_copy(
                 .resolve(&format!("/{}", parent.join("/")), true)
                 .map(|(p, _, _)| p)
                 .unwrap_or_else(|| format!("/{}", parent.join("/")));
-            (format!("{}/{}", parent_resolved.trim_end_matches('/'), last.join("/")), None)
+            (
+                format!(
+                    "{}/{}",
+                    parent_resolved.trim_end_matches('/'),
+                    last.join("/")
+                ),
+                None,
+            )
         }
     };
-    let dest_exists_as_dir = resolved_dest.1.as_ref().map(|m| m.is_dir()).unwrap_or(false);
+    let dest_exists_as_dir = resolved_dest
+        .1
+        .as_ref()
+        .map(|m| m.is_dir())
+        .unwrap_or(false);
     if multiple && !dest_is_dir_syntax && !dest_exists_as_dir {
         return Err(CopyError::DestNotDir(dest.to_string()));
     }
@@ -379,19 +421,53 @@ pub fn stage_copy(
         let target_comps = if attrs.parents {
             // --parents: the source's own path (relative to the source root) below the destination.
             let mut c = dest_dir_comps.clone();
-            c.extend(sel.rel.split('/').filter(|x| !x.is_empty()).map(str::to_string));
+            c.extend(
+                sel.rel
+                    .split('/')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_string),
+            );
             c
         } else {
             target_comps
         };
-        let parent_len = if sel.md.is_dir() { target_comps.len() } else { target_comps.len().saturating_sub(1) };
-        ensure_parents(staging, image, &target_comps[..parent_len], default_owner.unwrap_or((0, 0)), sel.md.is_dir().then_some(attrs))?;
-        let target = staging.join(target_comps.join("/"));
-        let ex = Exclude { m: attrs.exclude.as_ref(), base: sel.rel.clone() };
-        if sel.md.is_dir() {
-            count += copy_tree(source, &sel.rel, &target, default_owner, attrs.mode.as_ref(), true, &ex)?;
+        let parent_len = if sel.md.is_dir() {
+            target_comps.len()
         } else {
-            count += copy_one(source, &sel.rel, &sel.file, &sel.md, &target, default_owner, attrs.mode.as_ref())?;
+            target_comps.len().saturating_sub(1)
+        };
+        ensure_parents(
+            staging,
+            image,
+            &target_comps[..parent_len],
+            default_owner.unwrap_or((0, 0)),
+            sel.md.is_dir().then_some(attrs),
+        )?;
+        let target = staging.join(target_comps.join("/"));
+        let ex = Exclude {
+            m: attrs.exclude.as_ref(),
+            base: sel.rel.clone(),
+        };
+        if sel.md.is_dir() {
+            count += copy_tree(
+                source,
+                &sel.rel,
+                &target,
+                default_owner,
+                attrs.mode.as_ref(),
+                true,
+                &ex,
+            )?;
+        } else {
+            count += copy_one(
+                source,
+                &sel.rel,
+                &sel.file,
+                &sel.md,
+                &target,
+                default_owner,
+                attrs.mode.as_ref(),
+            )?;
         }
     }
     Ok(count)
@@ -399,7 +475,13 @@ pub fn stage_copy(
 
 /// Creates `comps` below `staging`, copying each directory's metadata from the image when it
 /// exists there, so the layer does not change directories it only passes through.
-fn ensure_parents(staging: &Path, image: &LayerStack, comps: &[String], owner: (u32, u32), last_attrs: Option<&CopyAttrs>) -> Result<(), CopyError> {
+fn ensure_parents(
+    staging: &Path,
+    image: &LayerStack,
+    comps: &[String],
+    owner: (u32, u32),
+    last_attrs: Option<&CopyAttrs>,
+) -> Result<(), CopyError> {
     let mut p = staging.to_path_buf();
     for (i, c) in comps.iter().enumerate() {
         p.push(c);
@@ -410,7 +492,14 @@ fn ensure_parents(staging: &Path, image: &LayerStack, comps: &[String], owner: (
         let image_path = format!("/{}", comps[..=i].join("/"));
         match image.resolve(&image_path, true) {
             Some((_, _, md)) if md.is_dir() => {
-                set_meta(&p, md.uid(), md.gid(), md.mode() & 0o7777, Some((md.mtime(), md.mtime_nsec())), false)?;
+                set_meta(
+                    &p,
+                    md.uid(),
+                    md.gid(),
+                    md.mode() & 0o7777,
+                    Some((md.mtime(), md.mtime_nsec())),
+                    false,
+                )?;
             }
             _ => {
                 let is_last = i + 1 == comps.len();
@@ -425,25 +514,60 @@ fn ensure_parents(staging: &Path, image: &LayerStack, comps: &[String], owner: (
     Ok(())
 }
 
-fn set_meta(p: &Path, uid: u32, gid: u32, mode: u32, mtime: Option<(i64, i64)>, symlink: bool) -> Result<(), CopyError> {
+fn set_meta(
+    p: &Path,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: Option<(i64, i64)>,
+    symlink: bool,
+) -> Result<(), CopyError> {
     use rustix::fs::{chownat, AtFlags, Gid, Uid, CWD};
     // SAFETY-free: rustix validates nothing about ids; the build namespace maps them or fails.
-    chownat(CWD, p, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(|e| CopyError::Io { path: p.to_path_buf(), source: e.into() })?;
+    chownat(
+        CWD,
+        p,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| CopyError::Io {
+        path: p.to_path_buf(),
+        source: e.into(),
+    })?;
     if !symlink {
         fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(ioe(p))?;
     }
     if let Some((s, ns)) = mtime {
         let ts = rustix::fs::Timestamps {
-            last_access: rustix::fs::Timespec { tv_sec: s, tv_nsec: ns as _ },
-            last_modification: rustix::fs::Timespec { tv_sec: s, tv_nsec: ns as _ },
+            last_access: rustix::fs::Timespec {
+                tv_sec: s,
+                tv_nsec: ns as _,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: s,
+                tv_nsec: ns as _,
+            },
         };
-        rustix::fs::utimensat(CWD, p, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| CopyError::Io { path: p.to_path_buf(), source: e.into() })?;
+        rustix::fs::utimensat(CWD, p, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+            CopyError::Io {
+                path: p.to_path_buf(),
+                source: e.into(),
+            }
+        })?;
     }
     Ok(())
 }
 
-fn copy_one(source: &Source<'_>, _rel: &str, file: &Path, md: &fs::Metadata, target: &Path, owner: Option<(u32, u32)>, mode: Option<&Chmod>) -> Result<u64, CopyError> {
+fn copy_one(
+    source: &Source<'_>,
+    _rel: &str,
+    file: &Path,
+    md: &fs::Metadata,
+    target: &Path,
+    owner: Option<(u32, u32)>,
+    mode: Option<&Chmod>,
+) -> Result<u64, CopyError> {
     if let Ok(old) = fs::symlink_metadata(target) {
         if old.is_dir() {
             fs::remove_dir_all(target).map_err(ioe(target))?;
@@ -462,7 +586,14 @@ fn copy_one(source: &Source<'_>, _rel: &str, file: &Path, md: &fs::Metadata, tar
         let mut w = fs::File::create(target).map_err(ioe(target))?;
         io::copy(&mut r, &mut w).map_err(ioe(target))?;
         drop(w);
-        set_meta(target, uid, gid, chmod_apply(mode, md.mode() & 0o7777, false), times, false)?;
+        set_meta(
+            target,
+            uid,
+            gid,
+            chmod_apply(mode, md.mode() & 0o7777, false),
+            times,
+            false,
+        )?;
     } else {
         // Sockets, fifos and devices in a context are skipped, as docker does for sockets.
         let _ = source;
@@ -480,13 +611,26 @@ struct Exclude<'a> {
 impl Exclude<'_> {
     fn excludes(&self, rel: &str, is_dir: bool) -> bool {
         let Some(m) = self.m else { return false };
-        let below = rel.strip_prefix(&self.base).map(|r| r.trim_start_matches('/')).unwrap_or(rel);
+        let below = rel
+            .strip_prefix(&self.base)
+            .map(|r| r.trim_start_matches('/'))
+            .unwrap_or(rel);
         !below.is_empty() && m.is_excluded(below, is_dir)
     }
 }
 
-fn copy_tree(source: &Source<'_>, rel: &str, target: &Path, owner: Option<(u32, u32)>, mode: Option<&Chmod>, top: bool, ex: &Exclude<'_>) -> Result<u64, CopyError> {
-    let (file, md) = source.lookup(rel).ok_or_else(|| CopyError::NotFound(rel.to_string()))?;
+fn copy_tree(
+    source: &Source<'_>,
+    rel: &str,
+    target: &Path,
+    owner: Option<(u32, u32)>,
+    mode: Option<&Chmod>,
+    top: bool,
+    ex: &Exclude<'_>,
+) -> Result<u64, CopyError> {
+    let (file, md) = source
+        .lookup(rel)
+        .ok_or_else(|| CopyError::NotFound(rel.to_string()))?;
     if !md.is_dir() {
         return copy_one(source, rel, &file, &md, target, owner, mode);
     }
@@ -512,7 +656,14 @@ fn copy_tree(source: &Source<'_>, rel: &str, target: &Path, owner: Option<(u32, 
     // destination's own metadata when it already existed, and otherwise creates it.
     if !top {
         let (uid, gid) = owner.unwrap_or((md.uid(), md.gid()));
-        set_meta(target, uid, gid, chmod_apply(mode, md.mode() & 0o7777, true), Some((md.mtime(), md.mtime_nsec())), false)?;
+        set_meta(
+            target,
+            uid,
+            gid,
+            chmod_apply(mode, md.mode() & 0o7777, true),
+            Some((md.mtime(), md.mtime_nsec())),
+            false,
+        )?;
     }
     Ok(n)
 }
@@ -524,30 +675,68 @@ pub fn ensure_dir(staging: &Path, image: &LayerStack, comps: &[String]) -> Resul
 }
 
 /// Like [`ensure_dir`], but new directories belong to `owner` (WORKDIR under a USER).
-pub fn ensure_dir_owned(staging: &Path, image: &LayerStack, comps: &[String], owner: (u32, u32)) -> Result<(), CopyError> {
+pub fn ensure_dir_owned(
+    staging: &Path,
+    image: &LayerStack,
+    comps: &[String],
+    owner: (u32, u32),
+) -> Result<(), CopyError> {
     ensure_parents(staging, image, comps, owner, None)
 }
 
 /// Stages one file given as bytes (a download) named `name` at `dest` (a directory when it
 /// ends with `/` or is one in the image).
-pub fn stage_bytes(staging: &Path, image: &LayerStack, name: &str, content: &[u8], dest: &str, attrs: &CopyAttrs) -> Result<u64, CopyError> {
-    let dest_dir = dest.ends_with('/') || image.resolve(dest, true).map(|(_, _, m)| m.is_dir()).unwrap_or(false);
+pub fn stage_bytes(
+    staging: &Path,
+    image: &LayerStack,
+    name: &str,
+    content: &[u8],
+    dest: &str,
+    attrs: &CopyAttrs,
+) -> Result<u64, CopyError> {
+    let dest_dir = dest.ends_with('/')
+        || image
+            .resolve(dest, true)
+            .map(|(_, _, m)| m.is_dir())
+            .unwrap_or(false);
     let owner = attrs.owner.unwrap_or((0, 0));
-    let mut comps = clean_components(&image.resolve(dest, true).map(|(p, _, _)| p).unwrap_or_else(|| dest.to_string()));
+    let mut comps = clean_components(
+        &image
+            .resolve(dest, true)
+            .map(|(p, _, _)| p)
+            .unwrap_or_else(|| dest.to_string()),
+    );
     if dest_dir {
         comps.push(name.to_string());
     }
     ensure_parents(staging, image, &comps[..comps.len() - 1], owner, None)?;
     let target = staging.join(comps.join("/"));
     fs::write(&target, content).map_err(ioe(&target))?;
-    set_meta(&target, owner.0, owner.1, chmod_apply(attrs.mode.as_ref(), 0o644, false), Some((0, 0)), false)?;
+    set_meta(
+        &target,
+        owner.0,
+        owner.1,
+        chmod_apply(attrs.mode.as_ref(), 0o644, false),
+        Some((0, 0)),
+        false,
+    )?;
     Ok(1)
 }
 
 /// Stages heredoc sources (`COPY <<EOF /path`): each becomes a regular file, mode 0644
 /// unless `--chmod` says otherwise; several go into `dest` as a directory.
-pub fn stage_inline(staging: &Path, image: &LayerStack, inline: &[(String, String)], dest: &str, attrs: &CopyAttrs) -> Result<u64, CopyError> {
-    let dest = if inline.len() > 1 && !dest.ends_with('/') { format!("{dest}/") } else { dest.to_string() };
+pub fn stage_inline(
+    staging: &Path,
+    image: &LayerStack,
+    inline: &[(String, String)],
+    dest: &str,
+    attrs: &CopyAttrs,
+) -> Result<u64, CopyError> {
+    let dest = if inline.len() > 1 && !dest.ends_with('/') {
+        format!("{dest}/")
+    } else {
+        dest.to_string()
+    };
     let mut n = 0;
     for (name, content) in inline {
         n += stage_bytes(staging, image, name, content.as_bytes(), &dest, attrs)?;
@@ -567,7 +756,10 @@ mod tests {
         assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, true), 0o555);
         assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, false), 0o444);
         assert_eq!(parse_chmod("+x").unwrap().apply(0o600, false), 0o711);
-        assert!(parse_chmod("g=u").unwrap_err().to_string().contains("symbolic"));
+        assert!(parse_chmod("g=u")
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic"));
         assert!(parse_chmod("9999").is_err());
     }
 

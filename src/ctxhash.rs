@@ -46,7 +46,10 @@ pub struct HashStats {
 impl ContextHasher {
     /// A hasher whose stat caches live in `store`.
     pub fn new(store: Store) -> ContextHasher {
-        ContextHasher { store, caches: Mutex::new(HashMap::new()) }
+        ContextHasher {
+            store,
+            caches: Mutex::new(HashMap::new()),
+        }
     }
 
     fn cache_for(&self, dir: &Path) -> Arc<Mutex<StatCache>> {
@@ -55,7 +58,11 @@ impl ContextHasher {
             .or_insert_with(|| {
                 // A context unpacked into the store (tar, URL, stdin) is new every time:
                 // nothing worth keeping.
-                let cache = if dir.starts_with(self.store.root()) { StatCache::new() } else { StatCache::load(&self.store, dir) };
+                let cache = if dir.starts_with(self.store.root()) {
+                    StatCache::new()
+                } else {
+                    StatCache::load(&self.store, dir)
+                };
                 Arc::new(Mutex::new(cache))
             })
             .clone()
@@ -63,7 +70,12 @@ impl ContextHasher {
 
     /// The digest of what `pattern` (a path or glob, as in COPY) selects in the directory
     /// `dir` under the rules of `ignore`. Blocks: run it off the async threads.
-    pub fn hash(&self, dir: &Path, ignore: &IgnoreMatcher, pattern: &str) -> Result<Digest, CtxHashError> {
+    pub fn hash(
+        &self,
+        dir: &Path,
+        ignore: &IgnoreMatcher,
+        pattern: &str,
+    ) -> Result<Digest, CtxHashError> {
         let src = Source::Context { root: dir, ignore };
         let selected = src.select(pattern)?;
         let rels: Vec<&str> = selected.iter().map(|s| s.rel.as_str()).collect();

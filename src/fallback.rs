@@ -6,7 +6,9 @@
 //! namespaces in this container's own root (see `rbuild_sandbox::Isolation::None`).
 
 use crate::progress::Progress;
-use rbuild_sandbox::{Fallback, Isolation, RootMountProblem, RunError, RunOutcome, RunSpec, Snapshotter};
+use rbuild_sandbox::{
+    Fallback, Isolation, RootMountProblem, RunError, RunOutcome, RunSpec, Snapshotter,
+};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -26,7 +28,9 @@ pub fn forced_snapshotter() -> Result<Option<Snapshotter>, String> {
         Some("overlay") => Ok(Some(Snapshotter::Overlay)),
         Some("fuse-overlayfs") => Ok(Some(Snapshotter::FuseOverlay)),
         Some("copy") => Ok(Some(Snapshotter::Copy)),
-        Some(other) => Err(format!("RBUILD_SNAPSHOTTER={other:?}: want auto, overlay, fuse-overlayfs or copy")),
+        Some(other) => Err(format!(
+            "RBUILD_SNAPSHOTTER={other:?}: want auto, overlay, fuse-overlayfs or copy"
+        )),
     }
 }
 
@@ -58,7 +62,12 @@ impl RootfsMode {
     /// The mode for a build with state directory `store_root`.
     /// The mode for a build with state directory `store_root`; `scratch` is a path in the
     /// store's temporary space for this build (a tmpfs for upper layers, kept copies).
-    pub fn new(opts: RootfsOptions, store_root: PathBuf, scratch: PathBuf, progress: Progress) -> Result<RootfsMode, String> {
+    pub fn new(
+        opts: RootfsOptions,
+        store_root: PathBuf,
+        scratch: PathBuf,
+        progress: Progress,
+    ) -> Result<RootfsMode, String> {
         let forced = forced_snapshotter()?;
         Ok(RootfsMode {
             opts,
@@ -106,11 +115,18 @@ impl RootfsMode {
                 r => return r,
             }
         }
-        Err(RunError::Sandbox("no way to make the RUN step's root filesystem worked here".into()))
+        Err(RunError::Sandbox(
+            "no way to make the RUN step's root filesystem worked here".into(),
+        ))
     }
 
     /// The fallback after `problem`; another step may have found one already.
-    fn fall_back(&self, problem: RootMountProblem, message: &str, tried: &(Snapshotter, Option<PathBuf>)) -> Result<Fallback, RunError> {
+    fn fall_back(
+        &self,
+        problem: RootMountProblem,
+        message: &str,
+        tried: &(Snapshotter, Option<PathBuf>),
+    ) -> Result<Fallback, RunError> {
         let mut chosen = self.chosen.lock().unwrap();
         if let Some(fb) = chosen.as_ref() {
             if (fb.snapshotter, fb.upper_scratch.clone()) != *tried {
@@ -119,7 +135,10 @@ impl RootfsMode {
         }
         let fb = rbuild_sandbox::fallback_for(problem, message, &self.store_root, &self.tmpfs_dir);
         if (fb.snapshotter, fb.upper_scratch.clone()) == *tried {
-            return Err(RunError::RootMount { problem, message: message.to_string() });
+            return Err(RunError::RootMount {
+                problem,
+                message: message.to_string(),
+            });
         }
         self.progress.warn(&fb.notice);
         *chosen = Some(fb.clone());

@@ -106,8 +106,12 @@ pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
 pub fn oci_layer_media_type(mt: &str) -> String {
     match mt {
         DOCKER_LAYER_GZIP => OCI_LAYER_GZIP.into(),
-        "application/vnd.docker.image.rootfs.diff.tar" => "application/vnd.oci.image.layer.v1.tar".into(),
-        "application/vnd.docker.image.rootfs.diff.tar.zstd" => "application/vnd.oci.image.layer.v1.tar+zstd".into(),
+        "application/vnd.docker.image.rootfs.diff.tar" => {
+            "application/vnd.oci.image.layer.v1.tar".into()
+        }
+        "application/vnd.docker.image.rootfs.diff.tar.zstd" => {
+            "application/vnd.oci.image.layer.v1.tar+zstd".into()
+        }
         other => other.to_string(),
     }
 }
@@ -120,19 +124,28 @@ pub fn canonical(v: &Value) -> Vec<u8> {
 /// Canonical JSON bytes of any serializable document (going through [`Value`] sorts the keys
 /// of the HashMaps inside oci-spec types).
 pub fn to_canonical<T: serde::Serialize>(doc: &T, what: &str) -> Result<Vec<u8>, ImageError> {
-    let v = serde_json::to_value(doc).map_err(|source| ImageError::Json { what: what.to_string(), source })?;
+    let v = serde_json::to_value(doc).map_err(|source| ImageError::Json {
+        what: what.to_string(),
+        source,
+    })?;
     Ok(canonical(&v))
 }
 
 /// Parses an image config, OCI or Docker v2 (Docker's extra keys such as `container_config`
 /// are ignored in the typed result).
 pub fn parse_config(bytes: &[u8], what: &str) -> Result<ImageConfiguration, ImageError> {
-    let mut v: Value = serde_json::from_slice(bytes).map_err(|source| ImageError::Json { what: what.to_string(), source })?;
+    let mut v: Value = serde_json::from_slice(bytes).map_err(|source| ImageError::Json {
+        what: what.to_string(),
+        source,
+    })?;
     config_from_value(&mut v, what)
 }
 
 fn config_from_value(v: &mut Value, what: &str) -> Result<ImageConfiguration, ImageError> {
-    let obj = v.as_object_mut().ok_or_else(|| ImageError::Invalid { what: what.into(), message: "config is not a JSON object".into() })?;
+    let obj = v.as_object_mut().ok_or_else(|| ImageError::Invalid {
+        what: what.into(),
+        message: "config is not a JSON object".into(),
+    })?;
     // Docker writes `"Labels": null`, `"Env": null`, … which oci-spec's typed fields reject.
     if let Some(Value::Object(c)) = obj.get_mut("config") {
         c.retain(|_, x| !x.is_null());
@@ -143,7 +156,10 @@ fn config_from_value(v: &mut Value, what: &str) -> Result<ImageConfiguration, Im
             e.retain(|_, x| !x.is_null());
         }
     }
-    serde_json::from_value(v.clone()).map_err(|source| ImageError::Json { what: what.to_string(), source })
+    serde_json::from_value(v.clone()).map_err(|source| ImageError::Json {
+        what: what.to_string(),
+        source,
+    })
 }
 
 /// The OCI form of a Docker v2 (or OCI) image manifest: Docker media types become their OCI
@@ -174,14 +190,23 @@ pub fn assemble(
     store: &Store,
 ) -> Result<BuiltImage, ImageError> {
     let mut config = config;
-    config.rootfs_mut().set_diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect());
-    let v = serde_json::to_value(&config).map_err(|source| ImageError::Json { what: "image config".into(), source })?;
+    config
+        .rootfs_mut()
+        .set_diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect());
+    let v = serde_json::to_value(&config).map_err(|source| ImageError::Json {
+        what: "image config".into(),
+        source,
+    })?;
     assemble_value(v, layers, &annotations, store)
 }
 
 /// Like [`assemble`] for a config given as JSON (which may carry Docker-only keys such as
 /// `Healthcheck`); `rootfs` is taken as given. No manifest annotations.
-pub fn assemble_json(config: Value, layers: Vec<LayerDesc>, store: &Store) -> anyhow::Result<BuiltImage> {
+pub fn assemble_json(
+    config: Value,
+    layers: Vec<LayerDesc>,
+    store: &Store,
+) -> anyhow::Result<BuiltImage> {
     Ok(assemble_value(config, layers, &BTreeMap::new(), store)?)
 }
 
@@ -195,18 +220,35 @@ pub fn assemble_json_with(
     assemble_value(config, layers, annotations, store)
 }
 
-fn assemble_value(config: Value, layers: Vec<LayerDesc>, annotations: &BTreeMap<String, String>, store: &Store) -> Result<BuiltImage, ImageError> {
+fn assemble_value(
+    config: Value,
+    layers: Vec<LayerDesc>,
+    annotations: &BTreeMap<String, String>,
+    store: &Store,
+) -> Result<BuiltImage, ImageError> {
     let config_bytes = canonical(&config);
     let typed = config_from_value(&mut config.clone(), "image config")?;
     let n_ids = typed.rootfs().diff_ids().len();
     if n_ids != layers.len() {
         return Err(ImageError::Invalid {
             what: "image config".into(),
-            message: format!("rootfs.diff_ids has {n_ids} entries for {} layers", layers.len()),
+            message: format!(
+                "rootfs.diff_ids has {n_ids} entries for {} layers",
+                layers.len()
+            ),
         });
     }
     let config_digest = store.put_blob_bytes(&config_bytes)?;
-    store_manifest(OCI_CONFIG, None, config_bytes, config_digest, layers, annotations, typed, store)
+    store_manifest(
+        OCI_CONFIG,
+        None,
+        config_bytes,
+        config_digest,
+        layers,
+        annotations,
+        typed,
+        store,
+    )
 }
 
 /// Stores an OCI manifest for a stored config blob and `layers` (whose blobs need not be in
@@ -258,21 +300,40 @@ mod tests {
     use std::collections::HashMap;
 
     fn layer(n: u8) -> LayerDesc {
-        LayerDesc { digest: Digest::of(&[n]), diff_id: Digest::of(&[n, n]), size: 4, media_type: DOCKER_LAYER_GZIP.into() }
+        LayerDesc {
+            digest: Digest::of(&[n]),
+            diff_id: Digest::of(&[n, n]),
+            size: 4,
+            media_type: DOCKER_LAYER_GZIP.into(),
+        }
     }
 
     fn typed_config(seed: u64) -> ImageConfiguration {
         // Each HashMap gets its own random hasher state, so iteration order differs per run.
         let mut labels = HashMap::new();
         for i in 0..12u64 {
-            labels.insert(format!("label.{}", (i * 7 + seed) % 12), format!("v{}", (i * 7 + seed) % 12));
+            labels.insert(
+                format!("label.{}", (i * 7 + seed) % 12),
+                format!("v{}", (i * 7 + seed) % 12),
+            );
         }
-        let cfg = ConfigBuilder::default().labels(labels).cmd(vec!["sh".to_string()]).env(vec!["A=1".to_string()]).build().unwrap();
+        let cfg = ConfigBuilder::default()
+            .labels(labels)
+            .cmd(vec!["sh".to_string()])
+            .env(vec!["A=1".to_string()])
+            .build()
+            .unwrap();
         ImageConfigurationBuilder::default()
             .architecture(Arch::Amd64)
             .os(Os::Linux)
             .config(cfg)
-            .rootfs(RootFsBuilder::default().typ("layers").diff_ids(Vec::<String>::new()).build().unwrap())
+            .rootfs(
+                RootFsBuilder::default()
+                    .typ("layers")
+                    .diff_ids(Vec::<String>::new())
+                    .build()
+                    .unwrap(),
+            )
             .build()
             .unwrap()
     }
@@ -290,7 +351,11 @@ mod tests {
             let img = assemble(typed_config(seed), vec![layer(1), layer(2)], ann, &s).unwrap();
             assert_eq!(Digest::of(&img.manifest_bytes), img.manifest_digest);
             assert_eq!(s.read_blob(&img.config_digest).unwrap(), img.config_bytes);
-            assert_eq!(img.config.rootfs().diff_ids().len(), 2, "diff_ids set from the layers");
+            assert_eq!(
+                img.config.rootfs().diff_ids().len(),
+                2,
+                "diff_ids set from the layers"
+            );
             digests.insert((img.config_digest, img.manifest_digest));
         }
         assert_eq!(digests.len(), 1, "same inputs, same digests: {digests:?}");
@@ -317,9 +382,17 @@ mod tests {
         assert_eq!(x.manifest_digest, y.manifest_digest);
         let text = String::from_utf8(x.manifest_bytes.clone()).unwrap();
         assert!(text.contains(OCI_LAYER_GZIP), "{text}");
-        assert!(String::from_utf8(x.config_bytes).unwrap().contains("Healthcheck"), "Docker-only keys survive");
+        assert!(
+            String::from_utf8(x.config_bytes)
+                .unwrap()
+                .contains("Healthcheck"),
+            "Docker-only keys survive"
+        );
         let bad = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
-        assert!(assemble_json(bad, vec![layer(1)], &s).unwrap_err().to_string().contains("1 layers"));
+        assert!(assemble_json(bad, vec![layer(1)], &s)
+            .unwrap_err()
+            .to_string()
+            .contains("1 layers"));
     }
 
     #[test]
@@ -329,11 +402,22 @@ mod tests {
             "rootfs":{"type":"layers","diff_ids":["sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]},
             "history":[{"created":"2024-01-01T00:00:00Z","created_by":"x","empty_layer":null}]}"#;
         let c = parse_config(doc, "config").unwrap();
-        assert_eq!(c.config().as_ref().unwrap().cmd().as_ref().unwrap(), &vec!["sh".to_string()]);
-        assert_eq!(layer_compression(DOCKER_LAYER_GZIP), Some(LayerCompression::Gzip));
-        assert_eq!(layer_compression("application/vnd.oci.image.layer.v1.tar+zstd"), Some(LayerCompression::Zstd));
-        let m = manifest_to_oci(&json!({"mediaType": DOCKER_MANIFEST, "config": {"mediaType": DOCKER_CONFIG},
-            "layers": [{"mediaType": DOCKER_LAYER_GZIP}]}));
+        assert_eq!(
+            c.config().as_ref().unwrap().cmd().as_ref().unwrap(),
+            &vec!["sh".to_string()]
+        );
+        assert_eq!(
+            layer_compression(DOCKER_LAYER_GZIP),
+            Some(LayerCompression::Gzip)
+        );
+        assert_eq!(
+            layer_compression("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Some(LayerCompression::Zstd)
+        );
+        let m = manifest_to_oci(
+            &json!({"mediaType": DOCKER_MANIFEST, "config": {"mediaType": DOCKER_CONFIG},
+            "layers": [{"mediaType": DOCKER_LAYER_GZIP}]}),
+        );
         assert_eq!(m["layers"][0]["mediaType"], OCI_LAYER_GZIP);
         assert_eq!(m["config"]["mediaType"], OCI_CONFIG);
     }

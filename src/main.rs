@@ -2,7 +2,9 @@
 
 use clap::Parser;
 use rbuild::build::{build, BuildOptions};
-use rbuild::cli::{normalize_args, parse_build_args, parse_output, BuildArgs, Cli, Command, OutputSpec};
+use rbuild::cli::{
+    normalize_args, parse_build_args, parse_output, BuildArgs, Cli, Command, OutputSpec,
+};
 use rbuild::progress::Progress;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,12 +34,18 @@ fn open_store_for_gc(root: &Option<PathBuf>) -> anyhow::Result<rbuild_cache::Sto
     use anyhow::Context;
     let root = root.clone().unwrap_or_else(default_root);
     if !root.is_dir() {
-        anyhow::bail!("state directory {}: no such directory (nothing was built there yet)", root.display());
+        anyhow::bail!(
+            "state directory {}: no such directory (nothing was built there yet)",
+            root.display()
+        );
     }
     let root = root.canonicalize()?;
     std::env::set_var("RBUILD_ROOT", &root);
-    rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions { state_dir: root.join("run"), allow_single_id: true })
-        .context("setting up the build namespace")?;
+    rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions {
+        state_dir: root.join("run"),
+        allow_single_id: true,
+    })
+    .context("setting up the build namespace")?;
     Ok(rbuild_cache::Store::open(&root)?)
 }
 
@@ -60,7 +68,10 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
     use rbuild_sandbox::probe::Verdict;
     let root = args.root.clone().unwrap_or_else(default_root);
     if let Err(e) = std::fs::create_dir_all(root.join("tmp")) {
-        eprintln!("error: creating the state directory {}: {e}", root.display());
+        eprintln!(
+            "error: creating the state directory {}: {e}",
+            root.display()
+        );
         return ExitCode::from(2);
     }
     let p = rbuild_sandbox::probe::probe(&root);
@@ -77,10 +88,17 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
     };
     let summary = match verdict {
         Verdict::Ok => format!("a build gets the full sandbox: RUN steps: {build_line}"),
-        Verdict::Degraded => format!("a build works, with what is marked degraded above: RUN steps: {build_line}"),
+        Verdict::Degraded => {
+            format!("a build works, with what is marked degraded above: RUN steps: {build_line}")
+        }
         Verdict::Missing => format!(
             "no sandboxed build is possible here: {}",
-            p.checks.iter().filter(|c| c.verdict == Verdict::Missing).map(|c| c.name).collect::<Vec<_>>().join(", ")
+            p.checks
+                .iter()
+                .filter(|c| c.verdict == Verdict::Missing)
+                .map(|c| c.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     if args.json {
@@ -89,7 +107,10 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
             .iter()
             .map(|c| serde_json::json!({"check": c.name, "verdict": word(c.verdict), "detail": c.detail, "fix": c.fix}))
             .collect();
-        println!("{}", serde_json::json!({"verdict": word(verdict), "summary": summary, "run_steps": build_line, "checks": checks}));
+        println!(
+            "{}",
+            serde_json::json!({"verdict": word(verdict), "summary": summary, "run_steps": build_line, "checks": checks})
+        );
     } else {
         for c in &p.checks {
             println!("{:<9} {:<28} {}", word(c.verdict), c.name, c.detail);
@@ -113,13 +134,33 @@ fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
         ("blobs", "compressed layers, configs, manifests", u.blobs),
         ("layers", "unpacked layers", u.layers),
         ("records", "cache records", u.records),
-        ("cache-mounts", "RUN --mount=type=cache directories", u.mounts),
+        (
+            "cache-mounts",
+            "RUN --mount=type=cache directories",
+            u.mounts,
+        ),
         ("tmp", "work in progress, or left by killed builds", u.tmp),
-        ("metadata", "context stat caches, cache-miss explanations", u.metadata),
+        (
+            "metadata",
+            "context stat caches, cache-miss explanations",
+            u.metadata,
+        ),
     ];
-    let records = if args.verbose { Some(rbuild_cache::record_usage(&store)?) } else { None };
-    let mounts = if args.verbose { rbuild_cache::gc::cache_mount_usage(&store) } else { Vec::new() };
-    let report = if args.verify { Some(rbuild_cache::verify(&store)?) } else { None };
+    let records = if args.verbose {
+        Some(rbuild_cache::record_usage(&store)?)
+    } else {
+        None
+    };
+    let mounts = if args.verbose {
+        rbuild_cache::gc::cache_mount_usage(&store)
+    } else {
+        Vec::new()
+    };
+    let report = if args.verify {
+        Some(rbuild_cache::verify(&store)?)
+    } else {
+        None
+    };
     let now = std::time::SystemTime::now();
     let ago = |t: std::time::SystemTime| now.duration_since(t).unwrap_or_default();
     if args.json {
@@ -139,7 +180,10 @@ fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
                 })
                 .collect();
             o.insert("record_list".into(), list.into());
-            let list: Vec<serde_json::Value> = mounts.iter().map(|(id, b)| serde_json::json!({"id": id, "bytes": b})).collect();
+            let list: Vec<serde_json::Value> = mounts
+                .iter()
+                .map(|(id, b)| serde_json::json!({"id": id, "bytes": b}))
+                .collect();
             o.insert("cache_mount_list".into(), list.into());
         }
         if let Some(r) = &report {
@@ -148,31 +192,70 @@ fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(o));
     } else {
         if let Some(recs) = &records {
-            println!("{:<14} {:>10} {:>7} {:>14}   {:<20}   LAYER", "RECORD", "SIZE", "SHARED", "LAST USED", "CREATED");
+            println!(
+                "{:<14} {:>10} {:>7} {:>14}   {:<20}   LAYER",
+                "RECORD", "SIZE", "SHARED", "LAST USED", "CREATED"
+            );
             for r in recs {
-                let layer = r.diff_id.as_ref().map(|d| d.hex()[..12].to_string()).unwrap_or_else(|| "-".into());
+                let layer = r
+                    .diff_id
+                    .as_ref()
+                    .map(|d| d.hex()[..12].to_string())
+                    .unwrap_or_else(|| "-".into());
                 let shared = if r.shared { "yes" } else { "no" };
-                println!("{:<14} {:>10} {:>7} {:>14}   {:<20}   {layer}", &r.key[..r.key.len().min(12)], human(r.bytes), shared, ago_text(ago(r.last_used)), r.created);
+                println!(
+                    "{:<14} {:>10} {:>7} {:>14}   {:<20}   {layer}",
+                    &r.key[..r.key.len().min(12)],
+                    human(r.bytes),
+                    shared,
+                    ago_text(ago(r.last_used)),
+                    r.created
+                );
             }
             for (id, b) in &mounts {
                 println!("{:<14} {:>10}   cache mount {id}", "mount", human(*b));
             }
             println!();
         }
-        println!("{:<14} {:>8} {:>10} {:>12}   WHAT", "KIND", "COUNT", "SIZE", "RECLAIMABLE");
+        println!(
+            "{:<14} {:>8} {:>10} {:>12}   WHAT",
+            "KIND", "COUNT", "SIZE", "RECLAIMABLE"
+        );
         for (k, what, v) in &rows {
-            println!("{:<14} {:>8} {:>10} {:>12}   {}", k, v.count, human(v.bytes), human(v.reclaimable), what);
+            println!(
+                "{:<14} {:>8} {:>10} {:>12}   {}",
+                k,
+                v.count,
+                human(v.bytes),
+                human(v.reclaimable),
+                what
+            );
         }
-        println!("\nTotal:        {}\nReclaimable:  {}\nStore:        {}", human(u.total_bytes()), human(u.reclaimable_bytes()), store.root().display());
+        println!(
+            "\nTotal:        {}\nReclaimable:  {}\nStore:        {}",
+            human(u.total_bytes()),
+            human(u.reclaimable_bytes()),
+            store.root().display()
+        );
         if let Some(r) = &report {
-            println!("verified {} blobs, {} layer names, {} cache records: {} problems", r.blobs, r.layers, r.records, r.problems.len());
+            println!(
+                "verified {} blobs, {} layer names, {} cache records: {} problems",
+                r.blobs,
+                r.layers,
+                r.records,
+                r.problems.len()
+            );
             for p in &r.problems {
                 println!("  {p}");
             }
         }
     }
     match report {
-        Some(r) if !r.is_ok() => anyhow::bail!("the store at {} has {} problems", store.root().display(), r.problems.len()),
+        Some(r) if !r.is_ok() => anyhow::bail!(
+            "the store at {} has {} problems",
+            store.root().display(),
+            r.problems.len()
+        ),
         _ => Ok(()),
     }
 }
@@ -191,7 +274,12 @@ fn ago_text(d: std::time::Duration) -> String {
 fn run_prune(args: rbuild::cli::PruneArgs) -> anyhow::Result<()> {
     let older_than = rbuild::cli::parse_prune_filters(&args.filter).map_err(anyhow::Error::msg)?;
     let store = open_store_for_gc(&args.root)?;
-    let opts = rbuild_cache::PruneOptions { keep_storage: args.keep_storage, older_than, all: args.all, wait: args.wait };
+    let opts = rbuild_cache::PruneOptions {
+        keep_storage: args.keep_storage,
+        older_than,
+        all: args.all,
+        wait: args.wait,
+    };
     let r = rbuild_cache::prune(&store, &opts)?;
     if args.json {
         println!(
@@ -231,7 +319,12 @@ fn choose_sandbox(
     };
     let mode = match (policy, ns) {
         // No namespaces will be made: nothing to try.
-        (IsolationPolicy::None, _) => SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None, container: None },
+        (IsolationPolicy::None, _) => SandboxMode {
+            user_namespaces: false,
+            overlay: OverlayKind::None,
+            proc_locked: None,
+            container: None,
+        },
         // --isolation=auto where user namespaces are refused (see run_build).
         (_, None) => SandboxMode {
             user_namespaces: false,
@@ -242,7 +335,11 @@ fn choose_sandbox(
         (_, Some(ns)) => build_mode(root, ns.proc_locked.clone()),
     };
     let (isolation, lost) = mode.choose(policy).map_err(anyhow::Error::msg)?;
-    let mut limits = rbuild_sandbox::Limits { memory: args.memory, cpus: args.cpus, pids: args.pids_limit };
+    let mut limits = rbuild_sandbox::Limits {
+        memory: args.memory,
+        cpus: args.cpus,
+        pids: args.pids_limit,
+    };
     let mut limits_note = String::new();
     let mut limits_lost = None;
     if !limits.is_empty() {
@@ -269,9 +366,15 @@ fn choose_sandbox(
     }
     let sandbox = match ns {
         Some(ns) => ns.mode.to_string(),
-        None => format!("none ({})", rbuild_sandbox::container_evidence().unwrap_or_default()),
+        None => format!(
+            "none ({})",
+            rbuild_sandbox::container_evidence().unwrap_or_default()
+        ),
     };
-    progress.info(&format!("sandbox: {sandbox}; RUN steps: {}{limits_note}", mode.describe(isolation)));
+    progress.info(&format!(
+        "sandbox: {sandbox}; RUN steps: {}{limits_note}",
+        mode.describe(isolation)
+    ));
     for w in [lost, limits_lost].into_iter().flatten() {
         progress.warn(&w);
     }
@@ -286,7 +389,9 @@ fn default_root() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|s| !s.is_empty()) {
         return PathBuf::from(x).join("rbuild");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/share/rbuild")
 }
 
@@ -296,7 +401,8 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         Some(r) => r.clone(),
         None => default_root(),
     };
-    std::fs::create_dir_all(&root).with_context(|| format!("creating state directory {}", root.display()))?;
+    std::fs::create_dir_all(&root)
+        .with_context(|| format!("creating state directory {}", root.display()))?;
     let root = root.canonicalize()?;
     // An ordinary user's build re-executes inside a user namespace, where it is root: pin the
     // state directory now so the inner process does not pick root's default.
@@ -305,10 +411,18 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     for o in &args.outputs {
         outputs.push(parse_output(o).map_err(anyhow::Error::msg)?);
     }
-    let cache_from =
-        args.cache_from.iter().map(|c| rbuild::cli::parse_cache_spec(c, true)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
-    let cache_to =
-        args.cache_to.iter().map(|c| rbuild::cli::parse_cache_spec(c, false)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    let cache_from = args
+        .cache_from
+        .iter()
+        .map(|c| rbuild::cli::parse_cache_spec(c, true))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let cache_to = args
+        .cache_to
+        .iter()
+        .map(|c| rbuild::cli::parse_cache_spec(c, false))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
     let labels = rbuild::cli::parse_labels(&args.labels).map_err(anyhow::Error::msg)?;
     if args.push && !outputs.contains(&OutputSpec::Registry) {
         outputs.push(OutputSpec::Registry);
@@ -319,12 +433,18 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     let from_url = rbuild::remote::is_context_url(&context_arg);
     let context_is_dir = !from_stdin && !from_url && context_arg.is_dir();
     if !from_stdin && !from_url && !context_is_dir && !context_arg.is_file() {
-        bail!("build context {}: no such directory or file", context_arg.display());
+        bail!(
+            "build context {}: no such directory or file",
+            context_arg.display()
+        );
     }
     let mut dockerfile = PathBuf::new();
     let mut context = context_arg.clone();
     if context_is_dir {
-        dockerfile = args.file.clone().unwrap_or_else(|| context_arg.join("Dockerfile"));
+        dockerfile = args
+            .file
+            .clone()
+            .unwrap_or_else(|| context_arg.join("Dockerfile"));
         if !dockerfile.is_file() {
             bail!("Dockerfile {}: no such file", dockerfile.display());
         }
@@ -337,8 +457,10 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         }
         let text = std::fs::read_to_string(&dockerfile)?;
         let df = rbuild_dag::parse(&text, &dockerfile).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let resolved = rbuild_dag::resolve_global_args(&df, &parse_build_args(&args.build_args)).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let plan = rbuild_dag::graph::plan(&df, args.target.as_deref(), &resolved).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let resolved = rbuild_dag::resolve_global_args(&df, &parse_build_args(&args.build_args))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let plan = rbuild_dag::graph::plan(&df, args.target.as_deref(), &resolved)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         match what.as_str() {
             "dag" => print!("{}", rbuild_dag::graph::to_text(&plan)),
             "dot" => print!("{}", rbuild_dag::graph::to_dot(&plan)),
@@ -368,8 +490,11 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         None
     } else {
         Some(
-            rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions { state_dir: root.join("run"), allow_single_id: true })
-                .context("setting up the build namespace")?,
+            rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions {
+                state_dir: root.join("run"),
+                allow_single_id: true,
+            })
+            .context("setting up the build namespace")?,
         )
     };
 
@@ -393,12 +518,16 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         progress.warn(w);
     }
     if outputs.is_empty() {
-        progress.warn("no output given: the image stays in rbuild's store only (use --push or --output)");
+        progress.warn(
+            "no output given: the image stays in rbuild's store only (use --push or --output)",
+        );
     }
     // A store on overlayfs (a container's own root) cannot hold overlay upperdirs: the first
     // RUN finds out and falls back (src/fallback.rs), saying how to get the direct path back.
     let store = rbuild_cache::Store::open(&root)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let mut unpacked_context = None;
     let mut _download = rbuild::remote::Cleanup::default();
     if !context_is_dir {
@@ -412,9 +541,14 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
             _download.0.push(d.path.clone());
             Box::new(std::fs::File::open(&d.path)?)
         } else {
-            Box::new(std::fs::File::open(&context_arg).with_context(|| format!("opening {}", context_arg.display()))?)
+            Box::new(
+                std::fs::File::open(&context_arg)
+                    .with_context(|| format!("opening {}", context_arg.display()))?,
+            )
         };
-        if unpack_context(input, &dir).with_context(|| format!("unpacking the build context {}", context_arg.display()))? {
+        if unpack_context(input, &dir)
+            .with_context(|| format!("unpacking the build context {}", context_arg.display()))?
+        {
             dockerfile = match &args.file {
                 Some(f) if f.is_relative() => dir.join(f),
                 Some(f) => f.clone(),
@@ -426,7 +560,10 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         }
         if !dockerfile.is_file() {
             let _ = rbuild_cache::remove_tree(&dir);
-            bail!("Dockerfile {}: not in the build context", dockerfile.display());
+            bail!(
+                "Dockerfile {}: not in the build context",
+                dockerfile.display()
+            );
         }
         context = dir;
     }
@@ -449,7 +586,11 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         cache_from,
         cache_to,
         labels,
-        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        }),
         isolation,
         limits,
         rootfs: rbuild::fallback::RootfsOptions::default(),
@@ -464,7 +605,10 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     }
     let outcome = outcome?;
     let image = &outcome.image;
-    progress.info(&format!("image {} (manifest {})", image.config_digest, image.manifest_digest));
+    progress.info(&format!(
+        "image {} (manifest {})",
+        image.config_digest, image.manifest_digest
+    ));
     if let Some(p) = &args.iidfile {
         rbuild_cache::write_file_atomic(p, image.config_digest.as_str().as_bytes())?;
     }
@@ -490,10 +634,16 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
 /// in the build read a copy of the CA bundle in the store (through `SSL_CERT_FILE`).
 /// Called while the process is single-threaded.
 fn keep_ca_certificates(store: &std::path::Path) {
-    let bundle = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).into_iter().chain(rbuild::registry::CA_BUNDLES.map(PathBuf::from));
+    let bundle = std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(rbuild::registry::CA_BUNDLES.map(PathBuf::from));
     for b in bundle {
         let copy = store.join("run/ca-certificates.crt");
-        if b.is_file() && std::fs::create_dir_all(store.join("run")).is_ok() && std::fs::copy(&b, &copy).is_ok() {
+        if b.is_file()
+            && std::fs::create_dir_all(store.join("run")).is_ok()
+            && std::fs::copy(&b, &copy).is_ok()
+        {
             std::env::set_var("SSL_CERT_FILE", &copy);
             return;
         }
@@ -517,7 +667,12 @@ fn paths_to_keep(opts: &BuildOptions, args: &BuildArgs) -> Vec<PathBuf> {
             _ => {}
         }
     }
-    keep.extend(args.iidfile.iter().chain(args.metadata_file.iter()).map(|p| abs(p)));
+    keep.extend(
+        args.iidfile
+            .iter()
+            .chain(args.metadata_file.iter())
+            .map(|p| abs(p)),
+    );
     for v in opts.build_contexts.values() {
         if !v.contains("://") {
             keep.push(PathBuf::from(v));
@@ -537,10 +692,14 @@ fn paths_to_keep(opts: &BuildOptions, args: &BuildArgs) -> Vec<PathBuf> {
 }
 
 /// `--build-context NAME=VALUE` values; directories are made absolute.
-fn parse_named_contexts(specs: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+fn parse_named_contexts(
+    specs: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     let mut out = std::collections::BTreeMap::new();
     for spec in specs {
-        let (name, value) = spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--build-context {spec:?}: want NAME=VALUE"))?;
+        let (name, value) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--build-context {spec:?}: want NAME=VALUE"))?;
         let value = if value.contains("://") {
             value.to_string()
         } else {
@@ -558,7 +717,10 @@ fn parse_named_contexts(specs: &[String]) -> anyhow::Result<std::collections::BT
 /// Unpacks a context archive (plain tar, gzip or zstd) into `dir`. Returns `false` without
 /// writing anything when the input is not an archive but a Dockerfile, which then becomes
 /// `dir/Dockerfile` (as `docker build -` does).
-fn unpack_context(input: Box<dyn std::io::Read + Send>, dir: &std::path::Path) -> anyhow::Result<bool> {
+fn unpack_context(
+    input: Box<dyn std::io::Read + Send>,
+    dir: &std::path::Path,
+) -> anyhow::Result<bool> {
     use std::io::{BufRead, Read};
     let mut r = std::io::BufReader::with_capacity(1 << 20, input);
     let head = r.fill_buf()?.to_vec();

@@ -19,7 +19,10 @@ pub fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, SecretSource>>
     let mut out = BTreeMap::new();
     for spec in specs {
         let kv = parse_kv(spec)?;
-        let id = kv.get("id").cloned().ok_or_else(|| anyhow!("--secret {spec:?}: id= is required"))?;
+        let id = kv
+            .get("id")
+            .cloned()
+            .ok_or_else(|| anyhow!("--secret {spec:?}: id= is required"))?;
         let src = match (kv.get("src").or(kv.get("source")), kv.get("env")) {
             (Some(f), _) => SecretSource::File(PathBuf::from(f)),
             (None, Some(e)) => SecretSource::Env(e.clone()),
@@ -37,11 +40,14 @@ pub fn parse_ssh(specs: &[String]) -> Result<BTreeMap<String, PathBuf>> {
         let (id, path) = match spec.split_once('=') {
             Some((id, p)) => (id.to_string(), PathBuf::from(p)),
             None => {
-                let sock = std::env::var_os("SSH_AUTH_SOCK").ok_or_else(|| anyhow!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {spec}=SOCKET"))?;
+                let sock = std::env::var_os("SSH_AUTH_SOCK").ok_or_else(|| {
+                    anyhow!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {spec}=SOCKET")
+                })?;
                 (spec.clone(), PathBuf::from(sock))
             }
         };
-        let md = std::fs::metadata(&path).map_err(|e| anyhow!("--ssh {id}: {}: {e}", path.display()))?;
+        let md =
+            std::fs::metadata(&path).map_err(|e| anyhow!("--ssh {id}: {}: {e}", path.display()))?;
         use std::os::unix::fs::FileTypeExt;
         if !md.file_type().is_socket() {
             bail!("--ssh {id}: {} is not a socket", path.display());
@@ -135,9 +141,24 @@ pub fn parse_mount(spec: &str) -> Result<MountSpec> {
                 "shared" | "private" | "locked" => m.sharing = v.clone(),
                 _ => bail!("--mount sharing={v}: want shared, private or locked"),
             },
-            "mode" => m.mode = Some(u32::from_str_radix(v, 8).map_err(|_| anyhow!("--mount mode={v}: want an octal mode"))?),
-            "uid" => m.uid = Some(v.parse().map_err(|_| anyhow!("--mount uid={v}: want a number"))?),
-            "gid" => m.gid = Some(v.parse().map_err(|_| anyhow!("--mount gid={v}: want a number"))?),
+            "mode" => {
+                m.mode = Some(
+                    u32::from_str_radix(v, 8)
+                        .map_err(|_| anyhow!("--mount mode={v}: want an octal mode"))?,
+                )
+            }
+            "uid" => {
+                m.uid = Some(
+                    v.parse()
+                        .map_err(|_| anyhow!("--mount uid={v}: want a number"))?,
+                )
+            }
+            "gid" => {
+                m.gid = Some(
+                    v.parse()
+                        .map_err(|_| anyhow!("--mount gid={v}: want a number"))?,
+                )
+            }
             "size" => m.size = Some(parse_size(v)?),
             "required" => m.required = Some(parse_bool(k, v)?),
             "env" => m.env = Some(v.clone()),
@@ -166,7 +187,9 @@ fn parse_size(v: &str) -> Result<u64> {
         Some('g') => (&v[..v.len() - 1], 1 << 30),
         _ => (v, 1),
     };
-    num.parse::<u64>().map(|n| n * mult).map_err(|_| anyhow!("--mount size={v}: want bytes, or a number with k, m or g"))
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| anyhow!("--mount size={v}: want bytes, or a number with k, m or g"))
 }
 
 #[cfg(test)]
@@ -175,20 +198,63 @@ mod tests {
 
     #[test]
     fn mounts_parse_like_buildkit() {
-        let m = parse_mount("type=cache,target=/root/.cache,id=pip,sharing=locked,mode=0700,uid=1000").unwrap();
-        assert_eq!((m.kind.as_str(), m.target.as_deref(), m.id.as_deref(), m.sharing.as_str(), m.mode, m.uid), ("cache", Some("/root/.cache"), Some("pip"), "locked", Some(0o700), Some(1000)));
+        let m =
+            parse_mount("type=cache,target=/root/.cache,id=pip,sharing=locked,mode=0700,uid=1000")
+                .unwrap();
+        assert_eq!(
+            (
+                m.kind.as_str(),
+                m.target.as_deref(),
+                m.id.as_deref(),
+                m.sharing.as_str(),
+                m.mode,
+                m.uid
+            ),
+            (
+                "cache",
+                Some("/root/.cache"),
+                Some("pip"),
+                "locked",
+                Some(0o700),
+                Some(1000)
+            )
+        );
         let m = parse_mount("target=/src,from=build,source=/out,rw").unwrap();
-        assert_eq!((m.kind.as_str(), m.from.as_deref(), m.source.as_deref(), m.rw), ("bind", Some("build"), Some("/out"), true));
-        assert_eq!(parse_mount("type=tmpfs,target=/t,size=64m").unwrap().size, Some(64 << 20));
-        assert!(parse_mount("type=bogus,target=/x").unwrap_err().to_string().contains("type=bogus"));
-        assert!(parse_mount("type=cache").unwrap_err().to_string().contains("target="));
-        assert!(parse_mount("type=bind,target=rel").unwrap_err().to_string().contains("absolute"));
-        assert!(parse_mount("type=cache,target=/x,colour=red").unwrap_err().to_string().contains("colour"));
+        assert_eq!(
+            (
+                m.kind.as_str(),
+                m.from.as_deref(),
+                m.source.as_deref(),
+                m.rw
+            ),
+            ("bind", Some("build"), Some("/out"), true)
+        );
+        assert_eq!(
+            parse_mount("type=tmpfs,target=/t,size=64m").unwrap().size,
+            Some(64 << 20)
+        );
+        assert!(parse_mount("type=bogus,target=/x")
+            .unwrap_err()
+            .to_string()
+            .contains("type=bogus"));
+        assert!(parse_mount("type=cache")
+            .unwrap_err()
+            .to_string()
+            .contains("target="));
+        assert!(parse_mount("type=bind,target=rel")
+            .unwrap_err()
+            .to_string()
+            .contains("absolute"));
+        assert!(parse_mount("type=cache,target=/x,colour=red")
+            .unwrap_err()
+            .to_string()
+            .contains("colour"));
     }
 
     #[test]
     fn secrets_parse() {
-        let s = parse_secrets(&["id=a,src=/f".into(), "id=b,env=TOKEN".into(), "id=C".into()]).unwrap();
+        let s =
+            parse_secrets(&["id=a,src=/f".into(), "id=b,env=TOKEN".into(), "id=C".into()]).unwrap();
         assert_eq!(s["a"], SecretSource::File("/f".into()));
         assert_eq!(s["b"], SecretSource::Env("TOKEN".into()));
         assert_eq!(s["C"], SecretSource::Env("C".into()));

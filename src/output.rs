@@ -65,7 +65,10 @@ fn store_at(dest: &Path) -> impl FnOnce(StoreError) -> OutputError {
 pub fn tag_of(reference: &str) -> String {
     let last = reference.rsplit('/').next().unwrap_or(reference);
     let no_digest = last.split('@').next().unwrap_or(last);
-    no_digest.split_once(':').map(|(_, t)| t.to_string()).unwrap_or_else(|| "latest".into())
+    no_digest
+        .split_once(':')
+        .map(|(_, t)| t.to_string())
+        .unwrap_or_else(|| "latest".into())
 }
 
 /// A reference with an explicit tag (`app` → `app:latest`), as `docker load` wants RepoTags.
@@ -89,7 +92,12 @@ fn blobs_of(image: &BuiltImage) -> Vec<Digest> {
 /// named by its tag part (one unnamed entry when there are no tags). Blobs are hard-linked
 /// from the store where possible, else copied through a temporary name; `index.json` is
 /// written last and atomically, so a failure never leaves it naming missing blobs.
-pub fn write_oci_layout(dir: &Path, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<()> {
+pub fn write_oci_layout(
+    dir: &Path,
+    image: &BuiltImage,
+    store: &Store,
+    tags: &[String],
+) -> Result<()> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).map_err(io_at(dir, "creating blobs/sha256"))?;
     for d in blobs_of(image) {
@@ -101,19 +109,28 @@ pub fn write_oci_layout(dir: &Path, image: &BuiltImage, store: &Store, tags: &[S
         if fs::hard_link(&src, &dest).is_err() {
             // Another filesystem, most likely: copy, then rename so no partial blob has the name.
             let tmp = blobs.join(format!(".{}.tmp-{}", d.hex(), rbuild_cache::owner_token()));
-            let res = fs::copy(&src, &tmp).and_then(|_| fs::File::open(&tmp)?.sync_all()).and_then(|_| fs::rename(&tmp, &dest));
+            let res = fs::copy(&src, &tmp)
+                .and_then(|_| fs::File::open(&tmp)?.sync_all())
+                .and_then(|_| fs::rename(&tmp, &dest));
             if let Err(e) = res {
                 let _ = fs::remove_file(&tmp);
                 return Err(io_at(dir, format!("copying blob {d}"))(e));
             }
         }
     }
-    write_file_atomic(&dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(store_at(dir))?;
+    write_file_atomic(
+        &dir.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .map_err(store_at(dir))?;
     let index_path = dir.join("index.json");
     let mut manifests: Vec<serde_json::Value> = match fs::read(&index_path) {
-        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
-            .map_err(|e| OutputError::Destination { dest: dir.to_path_buf(), message: format!("existing index.json is not JSON: {e}") })?
-            ["manifests"]
+        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| {
+            OutputError::Destination {
+                dest: dir.to_path_buf(),
+                message: format!("existing index.json is not JSON: {e}"),
+            }
+        })?["manifests"]
             .as_array()
             .cloned()
             .unwrap_or_default(),
@@ -123,7 +140,9 @@ pub fn write_oci_layout(dir: &Path, image: &BuiltImage, store: &Store, tags: &[S
     // Tags written now replace entries of the same name; other images in the layout stay.
     let names: Vec<String> = tags.iter().map(|t| tag_of(t)).collect();
     manifests.retain(|m| {
-        let n = m["annotations"]["org.opencontainers.image.ref.name"].as_str().map(str::to_string);
+        let n = m["annotations"]["org.opencontainers.image.ref.name"]
+            .as_str()
+            .map(str::to_string);
         !matches!(n, Some(n) if names.contains(&n))
     });
     let desc = |name: Option<&str>| {
@@ -159,10 +178,21 @@ fn tar_header(size: u64) -> tar::Header {
 /// Writes a `docker load` / `podman load` archive to `path`: `manifest.json`, `repositories`,
 /// and an OCI layout (`oci-layout`, `index.json`, `blobs/sha256/…`) like `docker save` 25+.
 /// Blobs are streamed from the store into a temporary file that is renamed into place at the end.
-pub fn write_docker_archive(path: &Path, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+pub fn write_docker_archive(
+    path: &Path,
+    image: &BuiltImage,
+    store: &Store,
+    tags: &[String],
+) -> Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io_at(path, "creating its directory"))?;
-    let file_name = path.file_name().and_then(|s| s.to_str()).unwrap_or("image.tar");
+    let file_name = path
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("image.tar");
     let tmp = parent.join(format!(".{file_name}.tmp-{}", rbuild_cache::owner_token()));
     let res = write_archive_to(&tmp, path, image, store, tags);
     if let Err(e) = res {
@@ -173,13 +203,20 @@ pub fn write_docker_archive(path: &Path, image: &BuiltImage, store: &Store, tags
     Ok(())
 }
 
-fn write_archive_to(tmp: &Path, dest: &Path, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<()> {
+fn write_archive_to(
+    tmp: &Path,
+    dest: &Path,
+    image: &BuiltImage,
+    store: &Store,
+    tags: &[String],
+) -> Result<()> {
     let io = |what: &str| io_at(dest, what.to_string());
     let file = fs::File::create(tmp).map_err(io("creating a temporary file"))?;
     let mut b = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, file));
     let add = |b: &mut tar::Builder<io::BufWriter<fs::File>>, name: &str, bytes: &[u8]| {
         let mut h = tar_header(bytes.len() as u64);
-        b.append_data(&mut h, name, bytes).map_err(io_at(dest, format!("writing {name}")))
+        b.append_data(&mut h, name, bytes)
+            .map_err(io_at(dest, format!("writing {name}")))
     };
     add(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let repo_tags: Vec<String> = tags.iter().map(|t| with_tag(t)).collect();
@@ -198,7 +235,11 @@ fn write_archive_to(tmp: &Path, dest: &Path, image: &BuiltImage, store: &Store, 
             let entry = repos.entry(repo.to_string()).or_insert_with(|| json!({}));
             entry[tag] = json!(top.digest.hex());
         }
-        add(&mut b, "repositories", &canonical(&serde_json::Value::Object(repos)))?;
+        add(
+            &mut b,
+            "repositories",
+            &canonical(&serde_json::Value::Object(repos)),
+        )?;
     }
     let mut descs = Vec::new();
     for t in &repo_tags {
@@ -208,19 +249,29 @@ fn write_archive_to(tmp: &Path, dest: &Path, image: &BuiltImage, store: &Store, 
     if descs.is_empty() {
         descs.push(json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()}));
     }
-    add(&mut b, "index.json", &canonical(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs})))?;
+    add(
+        &mut b,
+        "index.json",
+        &canonical(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs})),
+    )?;
     let mut seen = std::collections::HashSet::new();
     for d in blobs_of(image) {
         if !seen.insert(d.clone()) {
             continue;
         }
         let mut f = store.open_blob(&d).map_err(store_at(dest))?;
-        let len = f.metadata().map_err(io_at(dest, format!("reading blob {d}")))?.len();
+        let len = f
+            .metadata()
+            .map_err(io_at(dest, format!("reading blob {d}")))?
+            .len();
         let mut h = tar_header(len);
-        b.append_data(&mut h, format!("blobs/sha256/{}", d.hex()), &mut f).map_err(io_at(dest, format!("writing blob {d}")))?;
+        b.append_data(&mut h, format!("blobs/sha256/{}", d.hex()), &mut f)
+            .map_err(io_at(dest, format!("writing blob {d}")))?;
     }
     let w = b.into_inner().map_err(io("finishing the tar"))?;
-    let file = w.into_inner().map_err(|e| io_at(dest, "flushing")(e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| io_at(dest, "flushing")(e.into_error()))?;
     file.sync_all().map_err(io("syncing"))?;
     Ok(())
 }
@@ -237,13 +288,24 @@ fn split_tag(reference: &str) -> (&str, &str) {
 /// Writes the image's root filesystem to `dir` (which must be empty or absent): every layer
 /// applied in order, whiteouts honoured.
 pub fn write_local(dir: &Path, image: &BuiltImage, store: &Store) -> Result<()> {
-    if dir.exists() && fs::read_dir(dir).map_err(io_at(dir, "listing"))?.next().is_some() {
-        return Err(OutputError::Destination { dest: dir.to_path_buf(), message: "destination of type=local must be empty".into() });
+    if dir.exists()
+        && fs::read_dir(dir)
+            .map_err(io_at(dir, "listing"))?
+            .next()
+            .is_some()
+    {
+        return Err(OutputError::Destination {
+            dest: dir.to_path_buf(),
+            message: "destination of type=local must be empty".into(),
+        });
     }
     fs::create_dir_all(dir).map_err(io_at(dir, "creating"))?;
     for l in &image.layers {
-        apply_one(dir, store, &l.digest)
-            .map_err(|message| OutputError::Layer { dest: dir.to_path_buf(), layer: l.digest.clone(), message })?;
+        apply_one(dir, store, &l.digest).map_err(|message| OutputError::Layer {
+            dest: dir.to_path_buf(),
+            layer: l.digest.clone(),
+            message,
+        })?;
     }
     Ok(())
 }
@@ -252,7 +314,8 @@ pub fn write_local(dir: &Path, image: &BuiltImage, store: &Store) -> Result<()> 
 fn apply_one(dir: &Path, store: &Store, digest: &Digest) -> std::result::Result<(), String> {
     let f = store.open_blob(digest).map_err(|e| e.to_string())?;
     let r = rbuild_snapshot::decompress(io::BufReader::new(f)).map_err(|e| e.to_string())?;
-    rbuild_snapshot::apply_layer(r, dir, &rbuild_snapshot::UnpackOptions::default()).map_err(|e| e.to_string())?;
+    rbuild_snapshot::apply_layer(r, dir, &rbuild_snapshot::UnpackOptions::default())
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -265,7 +328,13 @@ mod tests {
         assert_eq!(tag_of("127.0.0.1:5000/app:v1"), "v1");
         assert_eq!(tag_of("127.0.0.1:5000/app"), "latest");
         assert_eq!(with_tag("127.0.0.1:5000/app"), "127.0.0.1:5000/app:latest");
-        assert_eq!(split_tag("127.0.0.1:5000/app:v1"), ("127.0.0.1:5000/app", "v1"));
-        assert_eq!(split_tag("127.0.0.1:5000/app"), ("127.0.0.1:5000/app", "latest"));
+        assert_eq!(
+            split_tag("127.0.0.1:5000/app:v1"),
+            ("127.0.0.1:5000/app", "v1")
+        );
+        assert_eq!(
+            split_tag("127.0.0.1:5000/app"),
+            ("127.0.0.1:5000/app", "latest")
+        );
     }
 }

@@ -68,26 +68,43 @@ impl Progress {
 
     /// A note not tied to a step (the isolation mode, warnings).
     pub fn info(&self, msg: &str) {
-        self.emit(msg.to_string(), serde_json::json!({"type": "info", "message": msg}));
+        self.emit(
+            msg.to_string(),
+            serde_json::json!({"type": "info", "message": msg}),
+        );
     }
 
     /// A warning.
     pub fn warn(&self, msg: &str) {
-        self.emit(format!("WARNING: {msg}"), serde_json::json!({"type": "warning", "message": msg}));
+        self.emit(
+            format!("WARNING: {msg}"),
+            serde_json::json!({"type": "warning", "message": msg}),
+        );
     }
 
     /// Starts a step named `name` (e.g. `[stage 2/5] RUN make`).
     pub fn start(&self, name: &str) -> Step {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        self.emit(format!("#{id} {name}"), serde_json::json!({"type": "start", "id": id, "name": name}));
+        self.emit(
+            format!("#{id} {name}"),
+            serde_json::json!({"type": "start", "id": id, "name": name}),
+        );
         if let Some(bars) = &self.inner.bars {
             let pb = bars.add(ProgressBar::new_spinner());
-            pb.set_style(ProgressStyle::with_template("{spinner} #{prefix} {elapsed:>4} {wide_msg}").unwrap());
+            pb.set_style(
+                ProgressStyle::with_template("{spinner} #{prefix} {elapsed:>4} {wide_msg}")
+                    .unwrap(),
+            );
             pb.set_prefix(format!("{id} {name}"));
             pb.enable_steady_tick(Duration::from_millis(120));
             self.inner.live.lock().unwrap().insert(id, pb);
         }
-        Step { progress: self.clone(), id, started: Instant::now(), tail: Arc::new(Mutex::new(Tail::default())) }
+        Step {
+            progress: self.clone(),
+            id,
+            started: Instant::now(),
+            tail: Arc::new(Mutex::new(Tail::default())),
+        }
     }
 
     fn finish_bar(&self, id: usize) {
@@ -129,13 +146,19 @@ impl Step {
             pb.set_message(line.to_string());
             return;
         }
-        self.progress.emit(format!("#{id} {t:.3} {line}"), serde_json::json!({"type": "log", "id": id, "line": line}));
+        self.progress.emit(
+            format!("#{id} {t:.3} {line}"),
+            serde_json::json!({"type": "log", "id": id, "line": line}),
+        );
     }
 
     /// Ends the step as done from cache.
     pub fn cached(&self) {
         self.progress.finish_bar(self.id);
-        self.progress.emit(format!("#{} CACHED", self.id), serde_json::json!({"type": "cached", "id": self.id}));
+        self.progress.emit(
+            format!("#{} CACHED", self.id),
+            serde_json::json!({"type": "cached", "id": self.id}),
+        );
     }
 
     /// Ends the step successfully.
@@ -151,7 +174,10 @@ impl Step {
     /// Ends the step with an error.
     pub fn error(&self, msg: &str) {
         self.progress.finish_bar(self.id);
-        self.progress.emit(format!("#{} ERROR: {msg}", self.id), serde_json::json!({"type": "error", "id": self.id, "message": msg}));
+        self.progress.emit(
+            format!("#{} ERROR: {msg}", self.id),
+            serde_json::json!({"type": "error", "id": self.id, "message": msg}),
+        );
     }
 
     /// The last lines of output (for an error message).
@@ -246,7 +272,10 @@ mod tests {
         s.done();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         assert!(text.starts_with("#1 [1/2] RUN x\n"), "{text}");
-        assert!(text.contains(" two\n") && text.contains(" three\n") && text.contains("#1 DONE"), "{text}");
+        assert!(
+            text.contains(" two\n") && text.contains(" three\n") && text.contains("#1 DONE"),
+            "{text}"
+        );
     }
 
     #[test]

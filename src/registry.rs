@@ -4,7 +4,8 @@
 //! only committed to the store when they match the digest that named them.
 
 use crate::image::{
-    oci_layer_media_type, parse_config, BuiltImage, LayerDesc, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
+    oci_layer_media_type, parse_config, BuiltImage, LayerDesc, DOCKER_LIST, DOCKER_MANIFEST,
+    OCI_INDEX, OCI_MANIFEST,
 };
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -154,7 +155,11 @@ pub struct RegistryOptions {
 
 impl Default for RegistryOptions {
     fn default() -> Self {
-        RegistryOptions { insecure: Vec::new(), platform: ("linux".into(), "amd64".into()), always_resolve: false }
+        RegistryOptions {
+            insecure: Vec::new(),
+            platform: ("linux".into(), "amd64".into()),
+            always_resolve: false,
+        }
     }
 }
 
@@ -297,10 +302,19 @@ pub struct Registry {
 /// Whether `host[:port]` is a loopback address, spoken to over plain HTTP like Docker does.
 fn is_loopback(host: &str) -> bool {
     let h = match host.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => h,
+        Some((h, p))
+            if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') =>
+        {
+            h
+        }
         _ => host,
     };
-    h == "localhost" || h == "[::1]" || h == "::1" || h.parse::<std::net::Ipv4Addr>().map(|a| a.is_loopback()).unwrap_or(false)
+    h == "localhost"
+        || h == "[::1]"
+        || h == "::1"
+        || h.parse::<std::net::Ipv4Addr>()
+            .map(|a| a.is_loopback())
+            .unwrap_or(false)
 }
 
 const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
@@ -315,38 +329,93 @@ const PUSH_CHUNK: usize = 8 << 20;
 pub fn normalize_reference(reference: &str) -> Result<Reference, RegistryError> {
     reference
         .parse::<Reference>()
-        .map_err(|e| RegistryError::Reference { reference: reference.to_string(), message: e.to_string() })
+        .map_err(|e| RegistryError::Reference {
+            reference: reference.to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// Classifies an oci-client error so the message says what went wrong in user terms.
-fn classify(reference: &str, registry: &str, what: &'static str, source: OciDistributionError) -> RegistryError {
+fn classify(
+    reference: &str,
+    registry: &str,
+    what: &'static str,
+    source: OciDistributionError,
+) -> RegistryError {
     let reference = reference.to_string();
     let registry = registry.to_string();
     let text = format!("{source:?}");
     match &source {
         OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
-            RegistryError::Unreachable { reference, registry, source }
-        }
-        OciDistributionError::RequestError(e) if matches!(e.status().map(|s| s.as_u16()), Some(401 | 403)) => {
-            RegistryError::Unauthorized { reference, registry, what, source }
-        }
-        OciDistributionError::RequestError(e) if e.status().map(|s| s.as_u16()) == Some(404) => {
-            RegistryError::NotFound { reference, registry, source }
-        }
-        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
-            RegistryError::Unauthorized { reference, registry, what, source }
-        }
-        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound { reference, registry, source },
-        OciDistributionError::RegistryError { .. } | OciDistributionError::ServerError { .. } => {
-            if text.contains("ManifestUnknown") || text.contains("NameUnknown") || text.contains("code: 404") {
-                RegistryError::NotFound { reference, registry, source }
-            } else if text.contains("Unauthorized") || text.contains("Denied") || text.contains("code: 401") || text.contains("code: 403") {
-                RegistryError::Unauthorized { reference, registry, what, source }
-            } else {
-                RegistryError::Registry { reference, what, source }
+            RegistryError::Unreachable {
+                reference,
+                registry,
+                source,
             }
         }
-        _ => RegistryError::Registry { reference, what, source },
+        OciDistributionError::RequestError(e)
+            if matches!(e.status().map(|s| s.as_u16()), Some(401 | 403)) =>
+        {
+            RegistryError::Unauthorized {
+                reference,
+                registry,
+                what,
+                source,
+            }
+        }
+        OciDistributionError::RequestError(e) if e.status().map(|s| s.as_u16()) == Some(404) => {
+            RegistryError::NotFound {
+                reference,
+                registry,
+                source,
+            }
+        }
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => RegistryError::Unauthorized {
+            reference,
+            registry,
+            what,
+            source,
+        },
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound {
+            reference,
+            registry,
+            source,
+        },
+        OciDistributionError::RegistryError { .. } | OciDistributionError::ServerError { .. } => {
+            if text.contains("ManifestUnknown")
+                || text.contains("NameUnknown")
+                || text.contains("code: 404")
+            {
+                RegistryError::NotFound {
+                    reference,
+                    registry,
+                    source,
+                }
+            } else if text.contains("Unauthorized")
+                || text.contains("Denied")
+                || text.contains("code: 401")
+                || text.contains("code: 403")
+            {
+                RegistryError::Unauthorized {
+                    reference,
+                    registry,
+                    what,
+                    source,
+                }
+            } else {
+                RegistryError::Registry {
+                    reference,
+                    what,
+                    source,
+                }
+            }
+        }
+        _ => RegistryError::Registry {
+            reference,
+            what,
+            source,
+        },
     }
 }
 
@@ -359,7 +428,10 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RegistryError> {
         "docker.io" | "index.docker.io" | "registry-1.docker.io" => "https://index.docker.io/v1/",
         r => r,
     };
-    let fail = |message: String| RegistryError::Credentials { registry: registry.to_string(), message };
+    let fail = |message: String| RegistryError::Credentials {
+        registry: registry.to_string(),
+        message,
+    };
     match docker_credential::get_credential(server) {
         Ok(DockerCredential::UsernamePassword(u, p)) => Ok(RegistryAuth::Basic(u, p)),
         // An identity token goes to the registry as a bearer token (no OAuth2 refresh exchange).
@@ -369,12 +441,20 @@ pub fn credentials(registry: &str) -> Result<RegistryAuth, RegistryError> {
             // The crate says the same for "no file" and "bad file"; only the latter is an error.
             let path = docker_config_dir().map(|d| d.join("config.json"));
             match path {
-                Some(p) if p.exists() => Err(fail(format!("{} is not a readable docker config", p.display()))),
+                Some(p) if p.exists() => Err(fail(format!(
+                    "{} is not a readable docker config",
+                    p.display()
+                ))),
                 _ => Ok(RegistryAuth::Anonymous),
             }
         }
-        Err(E::HelperFailure { helper, stderr, .. }) => Err(fail(format!("credential helper {helper} failed: {}", stderr.trim()))),
-        Err(E::HelperCommunicationError) => Err(fail("the configured credential helper could not be run".into())),
+        Err(E::HelperFailure { helper, stderr, .. }) => Err(fail(format!(
+            "credential helper {helper} failed: {}",
+            stderr.trim()
+        ))),
+        Err(E::HelperCommunicationError) => Err(fail(
+            "the configured credential helper could not be run".into(),
+        )),
         Err(e) => Err(fail(format!("{e:?}"))),
     }
 }
@@ -397,11 +477,17 @@ wu0h
 ";
 
 /// Set when the system has no CA certificates ([`ensure_trust_anchors`]).
-static NO_SYSTEM_CERTIFICATES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static NO_SYSTEM_CERTIFICATES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Bundles where TLS libraries look for CA certificates (Debian, Fedora, SUSE, Alpine).
-pub const CA_BUNDLES: [&str; 5] =
-    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem", "/etc/pki/tls/cacert.pem"];
+pub const CA_BUNDLES: [&str; 5] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/etc/pki/tls/cacert.pem",
+];
 
 /// Makes registry clients possible on a system without CA certificates (a minimal image,
 /// rbuild in a RUN step). oci-client builds a default HTTP client inside every client it
@@ -412,14 +498,19 @@ pub const CA_BUNDLES: [&str; 5] =
 /// Sets an environment variable: call it while the process has one thread.
 pub fn ensure_trust_anchors(dir: &Path) {
     let given = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-    if given.as_deref().is_some_and(Path::is_file) || (given.is_none() && CA_BUNDLES.iter().any(|b| Path::new(b).is_file())) {
+    if given.as_deref().is_some_and(Path::is_file)
+        || (given.is_none() && CA_BUNDLES.iter().any(|b| Path::new(b).is_file()))
+    {
         return;
     }
     if reqwest::Client::builder().build().is_ok() {
         return; // certificates from a directory (SSL_CERT_DIR, /etc/ssl/certs/*.pem)
     }
     let file = dir.join("no-tls-anchor.pem");
-    if std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&file, NO_TLS_ANCHOR)).is_ok() {
+    if std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&file, NO_TLS_ANCHOR))
+        .is_ok()
+    {
         std::env::set_var("SSL_CERT_FILE", &file);
     }
     NO_SYSTEM_CERTIFICATES.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -434,7 +525,11 @@ fn docker_config_dir() -> Option<PathBuf> {
 impl Registry {
     /// A client honouring `opts`.
     pub fn new(opts: RegistryOptions) -> Registry {
-        Registry { opts, clients: Mutex::new(HashMap::new()), pull_authed: Mutex::new(Default::default()) }
+        Registry {
+            opts,
+            clients: Mutex::new(HashMap::new()),
+            pull_authed: Mutex::new(Default::default()),
+        }
     }
 
     /// The client for `registry` (one per registry, reused); `reference` names the image in
@@ -446,13 +541,24 @@ impl Registry {
         }
         let http = is_loopback(registry) || self.opts.insecure.iter().any(|i| i == registry);
         let config = ClientConfig {
-            protocol: if http { ClientProtocol::Http } else { ClientProtocol::Https },
+            protocol: if http {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
             max_concurrent_download: PULL_CONCURRENCY,
             ..Default::default()
         };
-        let tls_error = |message: String| RegistryError::Tls { reference: reference.to_string(), registry: registry.to_string(), message };
+        let tls_error = |message: String| RegistryError::Tls {
+            reference: reference.to_string(),
+            registry: registry.to_string(),
+            message,
+        };
         if !http && NO_SYSTEM_CERTIFICATES.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(tls_error(format!("no CA certificates in {} or SSL_CERT_FILE/SSL_CERT_DIR", CA_BUNDLES.join(", "))));
+            return Err(tls_error(format!(
+                "no CA certificates in {} or SSL_CERT_FILE/SSL_CERT_DIR",
+                CA_BUNDLES.join(", ")
+            )));
         }
         let client = Client::try_from(config).map_err(|e| tls_error(format!("{e:#}")))?;
         c.insert(registry.to_string(), client.clone());
@@ -466,16 +572,25 @@ impl Registry {
 
     /// The platform manifest of `reference` (an index is resolved to the configured platform):
     /// its JSON, its bytes and its digest, verified against the digest that named it.
-    pub async fn manifest(&self, reference: &str) -> Result<(Value, Vec<u8>, Digest), RegistryError> {
+    pub async fn manifest(
+        &self,
+        reference: &str,
+    ) -> Result<(Value, Vec<u8>, Digest), RegistryError> {
         let r = normalize_reference(reference)?;
         let name = r.whole();
         let host = r.resolve_registry().to_string();
         let client = self.client(&host, &name)?;
         let auth = credentials(&host)?;
-        let (bytes, header_digest) =
-            client.pull_manifest_raw(&r, &auth, ACCEPT).await.map_err(|e| classify(&name, &host, "fetching the manifest", e))?;
+        let (bytes, header_digest) = client
+            .pull_manifest_raw(&r, &auth, ACCEPT)
+            .await
+            .map_err(|e| classify(&name, &host, "fetching the manifest", e))?;
         let mut digest = Digest::of(&bytes);
-        let pinned = r.digest().map(str::to_string).or_else(|| header_digest.starts_with("sha256:").then_some(header_digest));
+        let pinned = r.digest().map(str::to_string).or_else(|| {
+            header_digest
+                .starts_with("sha256:")
+                .then_some(header_digest)
+        });
         check_manifest_digest(&name, &digest, pinned.as_deref())?;
         let mut manifest_bytes = bytes.to_vec();
         let mut doc = parse_json(&name, "manifest", &manifest_bytes)?;
@@ -496,7 +611,13 @@ impl Registry {
 
     /// Fetches blob `digest` of repository `reference` into the store (streamed, verified),
     /// unless the store has it. Returns the bytes received (0 when it was present).
-    pub async fn fetch_blob(&self, reference: &str, digest: &Digest, size: u64, store: &Store) -> Result<u64, RegistryError> {
+    pub async fn fetch_blob(
+        &self,
+        reference: &str,
+        digest: &Digest,
+        size: u64,
+        store: &Store,
+    ) -> Result<u64, RegistryError> {
         if store.has_blob(digest) {
             return Ok(0);
         }
@@ -507,7 +628,10 @@ impl Registry {
         let repo = format!("{host}/{}", r.repository());
         if !self.pull_authed.lock().unwrap().contains(&repo) {
             let auth = credentials(&host)?;
-            client.auth(&r, &auth, RegistryOperation::Pull).await.map_err(|e| classify(&name, &host, "authenticating to pull", e))?;
+            client
+                .auth(&r, &auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| classify(&name, &host, "authenticating to pull", e))?;
             self.pull_authed.lock().unwrap().insert(repo);
         }
         fetch_blob(&client, &r, &name, &host, digest, size, store).await
@@ -521,8 +645,16 @@ impl Registry {
     /// when it is recent, or the reference is pinned by digest; and, with a warning in
     /// [`PulledImage::resolution`], when the registry cannot be reached or fails.
     /// [`RegistryOptions::always_resolve`] asks every time and never falls back.
-    pub async fn resolve(&self, reference: &str, store: &Store) -> Result<PulledImage, RegistryError> {
-        let kept = if self.opts.always_resolve { None } else { self.kept_resolution(reference, store) };
+    pub async fn resolve(
+        &self,
+        reference: &str,
+        store: &Store,
+    ) -> Result<PulledImage, RegistryError> {
+        let kept = if self.opts.always_resolve {
+            None
+        } else {
+            self.kept_resolution(reference, store)
+        };
         if let Some((age, image)) = &kept {
             if *age < TAG_TTL || reference.contains('@') {
                 let mut image = image.clone();
@@ -534,9 +666,15 @@ impl Registry {
         let asked = async {
             let (doc, bytes, digest) = self.manifest(reference).await?;
             let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
-            self.fetch_blob(reference, &config_desc.0, config_desc.1, store).await?;
+            self.fetch_blob(reference, &config_desc.0, config_desc.1, store)
+                .await?;
             // The manifest too, so the next build can do without the registry.
-            store.put_blob_bytes(&bytes).map_err(|source| RegistryError::Store { reference: name.clone(), source })?;
+            store
+                .put_blob_bytes(&bytes)
+                .map_err(|source| RegistryError::Store {
+                    reference: name.clone(),
+                    source,
+                })?;
             finish_pull(name.clone(), digest, config_desc.0, layer_descs, store)
         };
         match (asked.await, kept) {
@@ -546,7 +684,10 @@ impl Registry {
             }
             // The registry is down, throttling or failing: a build that worked a moment
             // ago keeps working. Refusals and unknown tags are real answers, not outages.
-            (Err(e @ (RegistryError::Unreachable { .. } | RegistryError::Registry { .. })), Some((age, mut image))) => {
+            (
+                Err(e @ (RegistryError::Unreachable { .. } | RegistryError::Registry { .. })),
+                Some((age, mut image)),
+            ) => {
                 image.resolution = Resolution::Stale(age, e.to_string());
                 Ok(image)
             }
@@ -556,13 +697,22 @@ impl Registry {
 
     fn resolution_file(&self, reference: &str, store: &Store) -> PathBuf {
         let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
-        store.root().join("resolved").join(format!("{}.json", Digest::of(format!("{reference}\n{platform}").as_bytes()).hex()))
+        store.root().join("resolved").join(format!(
+            "{}.json",
+            Digest::of(format!("{reference}\n{platform}").as_bytes()).hex()
+        ))
     }
 
     /// The store's resolution of `reference` (as written) for this platform and its age, if
     /// its manifest and config are still in the store.
-    fn kept_resolution(&self, reference: &str, store: &Store) -> Option<(std::time::Duration, PulledImage)> {
-        let rec: ResolutionRecord = serde_json::from_slice(&std::fs::read(self.resolution_file(reference, store)).ok()?).ok()?;
+    fn kept_resolution(
+        &self,
+        reference: &str,
+        store: &Store,
+    ) -> Option<(std::time::Duration, PulledImage)> {
+        let rec: ResolutionRecord =
+            serde_json::from_slice(&std::fs::read(self.resolution_file(reference, store)).ok()?)
+                .ok()?;
         let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
         if rec.reference != reference || rec.platform != platform {
             return None;
@@ -573,8 +723,14 @@ impl Registry {
             return None;
         }
         let image = finish_pull(rec.name, rec.manifest, config.0, layers, store).ok()?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-        Some((std::time::Duration::from_secs(now.saturating_sub(rec.resolved_at)), image))
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        Some((
+            std::time::Duration::from_secs(now.saturating_sub(rec.resolved_at)),
+            image,
+        ))
     }
 
     /// Keeps `name → manifest` in the store (best effort: it only saves a registry round trip).
@@ -585,7 +741,10 @@ impl Registry {
             name: name.to_string(),
             platform: format!("{}/{}", self.opts.platform.0, self.opts.platform.1),
             manifest: manifest.clone(),
-            resolved_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
+            resolved_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
         };
         if let (Some(dir), Ok(bytes)) = (file.parent(), serde_json::to_vec(&rec)) {
             if std::fs::create_dir_all(dir).is_ok() {
@@ -609,15 +768,23 @@ impl Registry {
         let client = self.client(&host, &name)?;
         // manifest() authenticated this client for the repository already.
         let (doc, manifest_bytes, digest) = self.manifest(reference).await?;
-        progress(PullEvent::Resolved { reference: name.clone(), digest: digest.clone() });
+        progress(PullEvent::Resolved {
+            reference: name.clone(),
+            digest: digest.clone(),
+        });
         let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
         let mut wanted: Vec<(Digest, u64)> = Vec::new();
-        for (d, s) in std::iter::once((&config_desc.0, config_desc.1)).chain(layer_descs.iter().map(|l| (&l.0, l.2))) {
+        for (d, s) in std::iter::once((&config_desc.0, config_desc.1))
+            .chain(layer_descs.iter().map(|l| (&l.0, l.2)))
+        {
             if wanted.iter().any(|(w, _)| w == d) {
                 continue;
             }
             if store.has_blob(d) {
-                progress(PullEvent::Cached { digest: d.clone(), size: s });
+                progress(PullEvent::Cached {
+                    digest: d.clone(),
+                    size: s,
+                });
             } else {
                 wanted.push((d.clone(), s));
             }
@@ -626,21 +793,37 @@ impl Registry {
         let host = &host;
         futures_util::stream::iter(wanted)
             .map(|(d, size)| async move {
-                progress(PullEvent::Started { digest: d.clone(), size });
+                progress(PullEvent::Started {
+                    digest: d.clone(),
+                    size,
+                });
                 let got = fetch_blob(client, r, name_ref, host, &d, size, store).await?;
-                progress(PullEvent::Done { digest: d, size: got });
+                progress(PullEvent::Done {
+                    digest: d,
+                    size: got,
+                });
                 Ok::<(), RegistryError>(())
             })
             .buffer_unordered(PULL_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;
         // The manifest goes in last, once everything it names is present.
-        store.put_blob_bytes(&manifest_bytes).map_err(|source| RegistryError::Store { reference: name.clone(), source })?;
+        store
+            .put_blob_bytes(&manifest_bytes)
+            .map_err(|source| RegistryError::Store {
+                reference: name.clone(),
+                source,
+            })?;
         finish_pull(name.clone(), digest, config_desc.0, layer_descs, store)
     }
 
     /// [`Registry::push_with_progress`] without progress.
-    pub async fn push(&self, image: &BuiltImage, store: &Store, tags: &[String]) -> Result<Digest, RegistryError> {
+    pub async fn push(
+        &self,
+        image: &BuiltImage,
+        store: &Store,
+        tags: &[String],
+    ) -> Result<Digest, RegistryError> {
         self.push_with_progress(image, store, tags, |_| {}).await
     }
 
@@ -655,7 +838,8 @@ impl Registry {
         tags: &[String],
         progress: impl Fn(PushEvent) + Send + Sync,
     ) -> Result<Digest, RegistryError> {
-        self.push_with_origins(image, store, tags, &HashMap::new(), progress).await
+        self.push_with_origins(image, store, tags, &HashMap::new(), progress)
+            .await
     }
 
     /// Like [`Registry::push_with_progress`], for an image whose blobs need not all be in the
@@ -674,12 +858,20 @@ impl Registry {
         for t in tags {
             let r = normalize_reference(t)?;
             if r.digest().is_some() {
-                return Err(RegistryError::Reference { reference: t.clone(), message: "cannot push to a digest reference".into() });
+                return Err(RegistryError::Reference {
+                    reference: t.clone(),
+                    message: "cannot push to a digest reference".into(),
+                });
             }
             refs.push(r);
         }
         let mut blobs: Vec<(Digest, u64)> = Vec::new();
-        for (d, s) in image.layers.iter().map(|l| (&l.digest, l.size)).chain([(&image.config_digest, image.config_bytes.len() as u64)]) {
+        for (d, s) in image
+            .layers
+            .iter()
+            .map(|l| (&l.digest, l.size))
+            .chain([(&image.config_digest, image.config_bytes.len() as u64)])
+        {
             if !blobs.iter().any(|(b, _)| b == d) {
                 blobs.push((d.clone(), s));
             }
@@ -687,7 +879,9 @@ impl Registry {
         // Blobs once per repository, however many tags it gets.
         let mut repos: BTreeMap<(String, String), &Reference> = BTreeMap::new();
         for r in &refs {
-            repos.entry((r.resolve_registry().to_string(), r.repository().to_string())).or_insert(r);
+            repos
+                .entry((r.resolve_registry().to_string(), r.repository().to_string()))
+                .or_insert(r);
         }
         // The first repository pushed on each registry, a source for cross-repository mounts.
         let mut mount_from: HashMap<String, Reference> = HashMap::new();
@@ -696,19 +890,36 @@ impl Registry {
             let repository = format!("{}/{}", r.registry(), repo);
             let client = self.client(host, &name)?;
             let auth = credentials(host)?;
-            client.auth(r, &auth, RegistryOperation::Push).await.map_err(|e| classify(&name, host, "authenticating to push", e))?;
+            client
+                .auth(r, &auth, RegistryOperation::Push)
+                .await
+                .map_err(|e| classify(&name, host, "authenticating to push", e))?;
             let source = mount_from.get(host).cloned();
-            let job = BlobPush { registry: self, client: &client, target: r, name: &name, host, repository: &repository, source: source.as_ref(), store, origins };
+            let job = BlobPush {
+                registry: self,
+                client: &client,
+                target: r,
+                name: &name,
+                host,
+                repository: &repository,
+                source: source.as_ref(),
+                store,
+                origins,
+            };
             futures_util::stream::iter(&blobs)
                 .map(|(d, size)| job.run(d, *size, &progress))
                 .buffer_unordered(PUSH_CONCURRENCY)
                 .try_collect::<Vec<()>>()
                 .await?;
-            mount_from.entry(host.clone()).or_insert_with(|| (*r).clone());
+            mount_from
+                .entry(host.clone())
+                .or_insert_with(|| (*r).clone());
         }
-        let ct = http::HeaderValue::from_str(&image.manifest_media_type).map_err(|e| RegistryError::Content {
-            reference: tags.join(", "),
-            message: format!("manifest media type {:?}: {e}", image.manifest_media_type),
+        let ct = http::HeaderValue::from_str(&image.manifest_media_type).map_err(|e| {
+            RegistryError::Content {
+                reference: tags.join(", "),
+                message: format!("manifest media type {:?}: {e}", image.manifest_media_type),
+            }
         })?;
         for r in &refs {
             let name = r.whole();
@@ -718,7 +929,10 @@ impl Registry {
                 .push_manifest_raw(r, image.manifest_bytes.clone(), ct.clone())
                 .await
                 .map_err(|e| classify(&name, &host, "uploading the manifest", e))?;
-            progress(PushEvent::Tagged { reference: name, digest: image.manifest_digest.clone() });
+            progress(PushEvent::Tagged {
+                reference: name,
+                digest: image.manifest_digest.clone(),
+            });
         }
         Ok(image.manifest_digest.clone())
     }
@@ -742,44 +956,93 @@ struct BlobPush<'a> {
 impl BlobPush<'_> {
     /// Makes sure the target repository has blob `d`: present already, mounted from `source`,
     /// or uploaded as a stream of [`PUSH_CHUNK`]-sized reads from the store file.
-    async fn run(&self, d: &Digest, size: u64, progress: &(impl Fn(PushEvent) + Send + Sync)) -> Result<(), RegistryError> {
+    async fn run(
+        &self,
+        d: &Digest,
+        size: u64,
+        progress: &(impl Fn(PushEvent) + Send + Sync),
+    ) -> Result<(), RegistryError> {
         let (name, host) = (self.name, self.host);
         let repository = self.repository.to_string();
-        if self.client.blob_exists(self.target, d.as_str()).await.map_err(|e| classify(name, host, "checking for a blob", e))? {
-            progress(PushEvent::Exists { repository, digest: d.clone() });
+        if self
+            .client
+            .blob_exists(self.target, d.as_str())
+            .await
+            .map_err(|e| classify(name, host, "checking for a blob", e))?
+        {
+            progress(PushEvent::Exists {
+                repository,
+                digest: d.clone(),
+            });
             return Ok(());
         }
         if let Some(src) = self.source {
             // A refused mount (202) is an error to oci-client; uploading is the fallback.
-            if self.client.mount_blob(self.target, src, d.as_str()).await.is_ok() {
-                progress(PushEvent::Mounted { repository, digest: d.clone(), from: format!("{}/{}", src.registry(), src.repository()) });
+            if self
+                .client
+                .mount_blob(self.target, src, d.as_str())
+                .await
+                .is_ok()
+            {
+                progress(PushEvent::Mounted {
+                    repository,
+                    digest: d.clone(),
+                    from: format!("{}/{}", src.registry(), src.repository()),
+                });
                 return Ok(());
             }
         }
         if let Some(origin) = self.origins.get(d) {
             if let Ok(o) = normalize_reference(origin) {
-                if o.resolve_registry() == host && self.client.mount_blob(self.target, &o, d.as_str()).await.is_ok() {
-                    progress(PushEvent::Mounted { repository, digest: d.clone(), from: format!("{}/{}", o.registry(), o.repository()) });
+                if o.resolve_registry() == host
+                    && self
+                        .client
+                        .mount_blob(self.target, &o, d.as_str())
+                        .await
+                        .is_ok()
+                {
+                    progress(PushEvent::Mounted {
+                        repository,
+                        digest: d.clone(),
+                        from: format!("{}/{}", o.registry(), o.repository()),
+                    });
                     return Ok(());
                 }
             }
             if !self.store.has_blob(d) {
-                self.registry.fetch_blob(origin, d, size, self.store).await?;
+                self.registry
+                    .fetch_blob(origin, d, size, self.store)
+                    .await?;
             }
         }
-        progress(PushEvent::Started { repository: repository.clone(), digest: d.clone(), size });
+        progress(PushEvent::Started {
+            repository: repository.clone(),
+            digest: d.clone(),
+            size,
+        });
         let path = self.store.blob_path(d);
         let file = tokio::fs::File::open(&path)
             .await
-            .map_err(|source| RegistryError::Io { reference: name.to_string(), path: path.clone(), source })?;
+            .map_err(|source| RegistryError::Io {
+                reference: name.to_string(),
+                path: path.clone(),
+                source,
+            })?;
         let shown = d.to_string();
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK)
-            .map_err(move |e| OciDistributionError::GenericError(Some(format!("reading blob {shown} from the store: {e}"))));
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK).map_err(move |e| {
+                OciDistributionError::GenericError(Some(format!(
+                    "reading blob {shown} from the store: {e}"
+                )))
+            });
         self.client
             .push_blob_stream(self.target, stream, d.as_str(), Some(size))
             .await
             .map_err(|e| classify(name, host, "uploading a blob", e))?;
-        progress(PushEvent::Done { repository, digest: d.clone() });
+        progress(PushEvent::Done {
+            repository,
+            digest: d.clone(),
+        });
         Ok(())
     }
 }
@@ -794,13 +1057,24 @@ async fn fetch_blob(
     size: u64,
     store: &Store,
 ) -> Result<u64, RegistryError> {
-    let store_err = |source| RegistryError::Store { reference: name.to_string(), source };
+    let store_err = |source| RegistryError::Store {
+        reference: name.to_string(),
+        source,
+    };
     let mut w = store.blob_writer().map_err(store_err)?;
     // Our own hash too, so a mismatch reports what actually arrived.
     let mut h = Hasher::new();
     let mut got = 0u64;
-    let mut stream = client.pull_blob_stream(r, d.as_str()).await.map_err(|e| classify(name, host, "fetching a blob", e))?;
-    let mismatch = |actual| RegistryError::DigestMismatch { reference: name.to_string(), what: "blob", expected: d.clone(), actual };
+    let mut stream = client
+        .pull_blob_stream(r, d.as_str())
+        .await
+        .map_err(|e| classify(name, host, "fetching a blob", e))?;
+    let mismatch = |actual| RegistryError::DigestMismatch {
+        reference: name.to_string(),
+        what: "blob",
+        expected: d.clone(),
+        actual,
+    };
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
@@ -810,15 +1084,27 @@ async fn fetch_blob(
                 if &actual != d && (size == 0 || got >= size) {
                     return Err(mismatch(actual));
                 }
-                return Err(classify(name, host, "fetching a blob", OciDistributionError::IoError(e)));
+                return Err(classify(
+                    name,
+                    host,
+                    "fetching a blob",
+                    OciDistributionError::IoError(e),
+                ));
             }
         };
         got += chunk.len() as u64;
         if size > 0 && got > size {
-            return Err(RegistryError::Content { reference: name.to_string(), message: format!("blob {d} is larger than the {size} bytes its manifest says") });
+            return Err(RegistryError::Content {
+                reference: name.to_string(),
+                message: format!("blob {d} is larger than the {size} bytes its manifest says"),
+            });
         }
         h.update(&chunk);
-        w.write_all(&chunk).map_err(|source| RegistryError::Io { reference: name.to_string(), path: store.root().join("tmp"), source })?;
+        w.write_all(&chunk).map_err(|source| RegistryError::Io {
+            reference: name.to_string(),
+            path: store.root().join("tmp"),
+            source,
+        })?;
     }
     match w.commit(Some(d)) {
         Ok(_) => Ok(got),
@@ -827,14 +1113,20 @@ async fn fetch_blob(
     }
 }
 
-fn check_manifest_digest(reference: &str, actual: &Digest, expected: Option<&str>) -> Result<(), RegistryError> {
+fn check_manifest_digest(
+    reference: &str,
+    actual: &Digest,
+    expected: Option<&str>,
+) -> Result<(), RegistryError> {
     match expected {
         Some(want) if want != actual.as_str() => Err(RegistryError::DigestMismatch {
             reference: reference.to_string(),
             what: "manifest",
-            expected: want.parse().map_err(|e: rbuild_cache::DigestError| RegistryError::Content {
-                reference: reference.to_string(),
-                message: e.to_string(),
+            expected: want.parse().map_err(|e: rbuild_cache::DigestError| {
+                RegistryError::Content {
+                    reference: reference.to_string(),
+                    message: e.to_string(),
+                }
             })?,
             actual: actual.clone(),
         }),
@@ -843,46 +1135,85 @@ fn check_manifest_digest(reference: &str, actual: &Digest, expected: Option<&str
 }
 
 fn parse_json(reference: &str, what: &str, bytes: &[u8]) -> Result<Value, RegistryError> {
-    serde_json::from_slice(bytes).map_err(|e| RegistryError::Content { reference: reference.to_string(), message: format!("{what} is not JSON: {e}") })
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Content {
+        reference: reference.to_string(),
+        message: format!("{what} is not JSON: {e}"),
+    })
 }
 
 /// The digest of the index entry for `platform`, or an error listing what the index offers.
-fn pick_platform(reference: &str, index: &Value, platform: &(String, String)) -> Result<Digest, RegistryError> {
+fn pick_platform(
+    reference: &str,
+    index: &Value,
+    platform: &(String, String),
+) -> Result<Digest, RegistryError> {
     let (os, arch) = platform;
     let mut available = Vec::new();
     for m in index["manifests"].as_array().into_iter().flatten() {
         let p = &m["platform"];
-        let (mos, march) = (p["os"].as_str().unwrap_or("?"), p["architecture"].as_str().unwrap_or("?"));
+        let (mos, march) = (
+            p["os"].as_str().unwrap_or("?"),
+            p["architecture"].as_str().unwrap_or("?"),
+        );
         if mos == os && march == arch {
-            return m["digest"].as_str().unwrap_or("").parse().map_err(|e: rbuild_cache::DigestError| RegistryError::Content {
-                reference: reference.to_string(),
-                message: format!("index entry for {os}/{arch}: {e}"),
-            });
+            return m["digest"].as_str().unwrap_or("").parse().map_err(
+                |e: rbuild_cache::DigestError| RegistryError::Content {
+                    reference: reference.to_string(),
+                    message: format!("index entry for {os}/{arch}: {e}"),
+                },
+            );
         }
-        let variant = p["variant"].as_str().map(|v| format!("/{v}")).unwrap_or_default();
+        let variant = p["variant"]
+            .as_str()
+            .map(|v| format!("/{v}"))
+            .unwrap_or_default();
         available.push(format!("{mos}/{march}{variant}"));
     }
-    Err(RegistryError::Platform { reference: reference.to_string(), wanted: format!("{os}/{arch}"), available })
+    Err(RegistryError::Platform {
+        reference: reference.to_string(),
+        wanted: format!("{os}/{arch}"),
+        available,
+    })
 }
 
 /// `((config digest, size), [(layer digest, media type, size)])` from an image manifest.
 type ManifestBlobs = ((Digest, u64), Vec<(Digest, String, u64)>);
 
 fn parse_manifest(reference: &str, doc: &Value) -> Result<ManifestBlobs, RegistryError> {
-    let bad = |message: String| RegistryError::Content { reference: reference.to_string(), message };
-    let digest = |v: &Value, what: &str| -> Result<Digest, RegistryError> {
-        v["digest"].as_str().ok_or_else(|| bad(format!("manifest: {what} has no digest")))?.parse().map_err(|e: rbuild_cache::DigestError| bad(format!("manifest: {what}: {e}")))
+    let bad = |message: String| RegistryError::Content {
+        reference: reference.to_string(),
+        message,
     };
-    let config = (digest(&doc["config"], "config")?, doc["config"]["size"].as_u64().unwrap_or(0));
+    let digest = |v: &Value, what: &str| -> Result<Digest, RegistryError> {
+        v["digest"]
+            .as_str()
+            .ok_or_else(|| bad(format!("manifest: {what} has no digest")))?
+            .parse()
+            .map_err(|e: rbuild_cache::DigestError| bad(format!("manifest: {what}: {e}")))
+    };
+    let config = (
+        digest(&doc["config"], "config")?,
+        doc["config"]["size"].as_u64().unwrap_or(0),
+    );
     let mut layers = Vec::new();
-    for l in doc["layers"].as_array().ok_or_else(|| bad("manifest has no layers list".into()))? {
+    for l in doc["layers"]
+        .as_array()
+        .ok_or_else(|| bad("manifest has no layers list".into()))?
+    {
         let d = digest(l, "a layer")?;
-        let mt = l["mediaType"].as_str().unwrap_or(crate::image::OCI_LAYER_GZIP).to_string();
+        let mt = l["mediaType"]
+            .as_str()
+            .unwrap_or(crate::image::OCI_LAYER_GZIP)
+            .to_string();
         if mt.contains("nondistributable") || mt.contains("foreign") {
-            return Err(bad(format!("layer {d} has media type {mt}, which rbuild does not fetch")));
+            return Err(bad(format!(
+                "layer {d} has media type {mt}, which rbuild does not fetch"
+            )));
         }
         if crate::image::layer_compression(&mt).is_none() {
-            return Err(bad(format!("layer {d} has media type {mt}, which is not a layer tar")));
+            return Err(bad(format!(
+                "layer {d} has media type {mt}, which is not a layer tar"
+            )));
         }
         layers.push((d, mt, l["size"].as_u64().unwrap_or(0)));
     }
@@ -897,39 +1228,86 @@ fn finish_pull(
     layers: Vec<(Digest, String, u64)>,
     store: &Store,
 ) -> Result<PulledImage, RegistryError> {
-    let bad = |message: String| RegistryError::Content { reference: reference.clone(), message };
-    let bytes = store.read_blob(&config_digest).map_err(|source| RegistryError::Store { reference: reference.clone(), source })?;
-    let config = parse_config(&bytes, &format!("config {config_digest}")).map_err(|e| bad(e.to_string()))?;
+    let bad = |message: String| RegistryError::Content {
+        reference: reference.clone(),
+        message,
+    };
+    let bytes = store
+        .read_blob(&config_digest)
+        .map_err(|source| RegistryError::Store {
+            reference: reference.clone(),
+            source,
+        })?;
+    let config =
+        parse_config(&bytes, &format!("config {config_digest}")).map_err(|e| bad(e.to_string()))?;
     let ids = config.rootfs().diff_ids();
     if ids.len() != layers.len() {
-        return Err(bad(format!("config lists {} diff_ids but the manifest {} layers", ids.len(), layers.len())));
+        return Err(bad(format!(
+            "config lists {} diff_ids but the manifest {} layers",
+            ids.len(),
+            layers.len()
+        )));
     }
     let layers = layers
         .into_iter()
         .zip(ids)
         .map(|((digest, mt, size), id)| {
-            let diff_id = id.parse::<Digest>().map_err(|e| bad(format!("config diff_id: {e}")))?;
-            Ok(LayerDesc { digest, diff_id, size, media_type: oci_layer_media_type(&mt) })
+            let diff_id = id
+                .parse::<Digest>()
+                .map_err(|e| bad(format!("config diff_id: {e}")))?;
+            Ok(LayerDesc {
+                digest,
+                diff_id,
+                size,
+                media_type: oci_layer_media_type(&mt),
+            })
         })
         .collect::<Result<Vec<_>, RegistryError>>()?;
-    Ok(PulledImage { reference, manifest_digest, config, config_digest, layers, resolution: Resolution::Fresh })
+    Ok(PulledImage {
+        reference,
+        manifest_digest,
+        config,
+        config_digest,
+        layers,
+        resolution: Resolution::Fresh,
+    })
 }
 
 /// Reads an OCI image layout (`FROM oci-layout://DIR[:TAG]`) into the store for linux/amd64;
 /// see [`load_oci_layout_for`].
-pub fn load_oci_layout(dir: &Path, tag: Option<&str>, store: &Store) -> Result<PulledImage, RegistryError> {
+pub fn load_oci_layout(
+    dir: &Path,
+    tag: Option<&str>,
+    store: &Store,
+) -> Result<PulledImage, RegistryError> {
     load_oci_layout_for(dir, tag, &RegistryOptions::default().platform, store)
 }
 
 /// Reads an OCI image layout into the store: the image whose `org.opencontainers.image.ref.name`
 /// is `tag` (or the only one when no tag is given), an index resolved to `platform`, and every
 /// blob copied in with its digest verified.
-pub fn load_oci_layout_for(dir: &Path, tag: Option<&str>, platform: &(String, String), store: &Store) -> Result<PulledImage, RegistryError> {
-    let reference = format!("oci-layout://{}{}", dir.display(), tag.map(|t| format!(":{t}")).unwrap_or_default());
-    let bad = |message: String| RegistryError::Content { reference: reference.clone(), message };
+pub fn load_oci_layout_for(
+    dir: &Path,
+    tag: Option<&str>,
+    platform: &(String, String),
+    store: &Store,
+) -> Result<PulledImage, RegistryError> {
+    let reference = format!(
+        "oci-layout://{}{}",
+        dir.display(),
+        tag.map(|t| format!(":{t}")).unwrap_or_default()
+    );
+    let bad = |message: String| RegistryError::Content {
+        reference: reference.clone(),
+        message,
+    };
     let io = |path: PathBuf| {
         let reference = reference.clone();
-        move |source| RegistryError::Io { reference, path, source }
+        move |source| RegistryError::Io {
+            reference,
+            path,
+            source,
+        }
     };
     let blob_path = |d: &Digest| dir.join("blobs").join(d.algorithm()).join(d.hex());
     let read_small = |d: &Digest| -> Result<Vec<u8>, RegistryError> {
@@ -937,12 +1315,21 @@ pub fn load_oci_layout_for(dir: &Path, tag: Option<&str>, platform: &(String, St
         let bytes = std::fs::read(&p).map_err(io(p.clone()))?;
         let actual = Digest::of(&bytes);
         if &actual != d {
-            return Err(RegistryError::DigestMismatch { reference: reference.clone(), what: "blob", expected: d.clone(), actual });
+            return Err(RegistryError::DigestMismatch {
+                reference: reference.clone(),
+                what: "blob",
+                expected: d.clone(),
+                actual,
+            });
         }
         Ok(bytes)
     };
     let index_path = dir.join("index.json");
-    let index = parse_json(&reference, "index.json", &std::fs::read(&index_path).map_err(io(index_path.clone()))?)?;
+    let index = parse_json(
+        &reference,
+        "index.json",
+        &std::fs::read(&index_path).map_err(io(index_path.clone()))?,
+    )?;
     let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
     let desc = match tag {
         Some(t) => manifests
@@ -950,9 +1337,18 @@ pub fn load_oci_layout_for(dir: &Path, tag: Option<&str>, platform: &(String, St
             .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t))
             .ok_or_else(|| bad(format!("no image tagged {t:?} in the layout")))?,
         None if manifests.len() == 1 => &manifests[0],
-        None => return Err(bad(format!("the layout holds {} images; name one with :TAG", manifests.len()))),
+        None => {
+            return Err(bad(format!(
+                "the layout holds {} images; name one with :TAG",
+                manifests.len()
+            )))
+        }
     };
-    let mut d: Digest = desc["digest"].as_str().unwrap_or("").parse().map_err(|e: rbuild_cache::DigestError| bad(e.to_string()))?;
+    let mut d: Digest = desc["digest"]
+        .as_str()
+        .unwrap_or("")
+        .parse()
+        .map_err(|e: rbuild_cache::DigestError| bad(e.to_string()))?;
     let mut bytes = read_small(&d)?;
     let mut doc = parse_json(&reference, "manifest", &bytes)?;
     // An index may nest an index; two levels is plenty in practice.
@@ -974,12 +1370,27 @@ pub fn load_oci_layout_for(dir: &Path, tag: Option<&str>, platform: &(String, St
         match rbuild_cache::copy_into_blob(store, f, Some(blob)) {
             Ok(_) => {}
             Err(StoreError::DigestMismatch { expected, actual }) => {
-                return Err(RegistryError::DigestMismatch { reference: reference.clone(), what: "blob", expected, actual })
+                return Err(RegistryError::DigestMismatch {
+                    reference: reference.clone(),
+                    what: "blob",
+                    expected,
+                    actual,
+                })
             }
-            Err(source) => return Err(RegistryError::Store { reference: reference.clone(), source }),
+            Err(source) => {
+                return Err(RegistryError::Store {
+                    reference: reference.clone(),
+                    source,
+                })
+            }
         }
     }
-    store.put_blob_bytes(&bytes).map_err(|source| RegistryError::Store { reference: reference.clone(), source })?;
+    store
+        .put_blob_bytes(&bytes)
+        .map_err(|source| RegistryError::Store {
+            reference: reference.clone(),
+            source,
+        })?;
     finish_pull(reference.clone(), d, config.0, layers, store)
 }
 
@@ -1002,12 +1413,20 @@ mod tests {
             RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cret")),
             other => panic!("expected basic auth, got {other:?}"),
         }
-        assert!(matches!(credentials("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "tkn"));
-        assert!(matches!(credentials("other.example").unwrap(), RegistryAuth::Anonymous));
+        assert!(
+            matches!(credentials("tok.example").unwrap(), RegistryAuth::Bearer(t) if t == "tkn")
+        );
+        assert!(matches!(
+            credentials("other.example").unwrap(),
+            RegistryAuth::Anonymous
+        ));
         let err = credentials("helped.example").unwrap_err().to_string();
         assert!(err.contains("helped.example"), "{err}");
         std::env::set_var("DOCKER_CONFIG", t.path().join("absent"));
-        assert!(matches!(credentials("reg.example:5000").unwrap(), RegistryAuth::Anonymous));
+        assert!(matches!(
+            credentials("reg.example:5000").unwrap(),
+            RegistryAuth::Anonymous
+        ));
     }
 
     #[test]
@@ -1028,8 +1447,14 @@ mod tests {
         assert_eq!(w("user/app:1"), "docker.io/user/app:1");
         assert_eq!(w("127.0.0.1:5000/busybox"), "127.0.0.1:5000/busybox:latest");
         let pinned = "127.0.0.1:5000/busybox@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        assert_eq!(normalize_reference(pinned).unwrap().digest(), Some(&pinned[pinned.len() - 71..]));
-        assert_eq!(normalize_reference("busybox").unwrap().resolve_registry(), "index.docker.io");
+        assert_eq!(
+            normalize_reference(pinned).unwrap().digest(),
+            Some(&pinned[pinned.len() - 71..])
+        );
+        assert_eq!(
+            normalize_reference("busybox").unwrap().resolve_registry(),
+            "index.docker.io"
+        );
         assert!(normalize_reference("bad ref!").is_err());
     }
 
@@ -1044,6 +1469,11 @@ mod tests {
         assert_eq!(pick_platform("x", &idx, &p).unwrap().as_str(), b);
         let idx = serde_json::json!({"manifests": [{"digest": a, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}]});
         let err = pick_platform("reg/x:1", &idx, &p).unwrap_err().to_string();
-        assert!(err.contains("linux/arm64/v8") && err.contains("linux/amd64") && err.contains("reg/x:1"), "{err}");
+        assert!(
+            err.contains("linux/arm64/v8")
+                && err.contains("linux/amd64")
+                && err.contains("reg/x:1"),
+            "{err}"
+        );
     }
 }

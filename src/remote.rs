@@ -23,7 +23,9 @@ pub struct Download {
 /// ends in `.git`, optionally followed by `#ref[:subdir]`).
 pub fn is_git_url(s: &str) -> bool {
     let no_frag = s.split('#').next().unwrap_or(s);
-    s.starts_with("git@") || s.starts_with("git://") || ((s.starts_with("https://") || s.starts_with("http://")) && no_frag.ends_with(".git"))
+    s.starts_with("git@")
+        || s.starts_with("git://")
+        || ((s.starts_with("https://") || s.starts_with("http://")) && no_frag.ends_with(".git"))
 }
 
 /// Whether an ADD source is a plain http(s) URL.
@@ -35,7 +37,11 @@ pub fn is_http_url(s: &str) -> bool {
 /// against `checksum` (`sha256:…`) when given.
 pub async fn download(store: &Store, url: &str, checksum: Option<&str>) -> Result<Download> {
     let client = reqwest::Client::builder().build()?;
-    let resp = client.get(url).send().await.with_context(|| format!("fetching {url}"))?;
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("fetching {url}"))?;
     let status = resp.status();
     if !status.is_success() {
         bail!("fetching {url}: HTTP {status}");
@@ -87,7 +93,12 @@ pub struct Checkout {
 }
 
 /// Fetches `url[#ref[:subdir]]` with the `git` command into the store's temporary space.
-pub fn git_checkout(store: &Store, spec: &str, keep_git_dir: bool, checksum: Option<&str>) -> Result<Checkout> {
+pub fn git_checkout(
+    store: &Store,
+    spec: &str,
+    keep_git_dir: bool,
+    checksum: Option<&str>,
+) -> Result<Checkout> {
     let (url, frag) = match spec.split_once('#') {
         Some((u, f)) => (u, f),
         None => (spec, ""),
@@ -96,7 +107,11 @@ pub fn git_checkout(store: &Store, spec: &str, keep_git_dir: bool, checksum: Opt
         Some((r, s)) => (r, s),
         None => (frag, ""),
     };
-    let reference = if reference.is_empty() { "HEAD" } else { reference };
+    let reference = if reference.is_empty() {
+        "HEAD"
+    } else {
+        reference
+    };
     let dir = store.temp_dir("git")?;
     let git = |args: &[&str]| -> Result<String> {
         let out = Command::new("git")
@@ -106,7 +121,11 @@ pub fn git_checkout(store: &Store, spec: &str, keep_git_dir: bool, checksum: Opt
             .output()
             .map_err(|e| anyhow!("running git (is it installed?): {e}"))?;
         if !out.status.success() {
-            bail!("git {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "git {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
@@ -162,7 +181,9 @@ impl Drop for Cleanup {
 
 /// `true` for a path that is a URL rbuild can fetch a context from.
 pub fn is_context_url(p: &Path) -> bool {
-    p.to_str().map(|s| s.starts_with("http://") || s.starts_with("https://")).unwrap_or(false)
+    p.to_str()
+        .map(|s| s.starts_with("http://") || s.starts_with("https://"))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -171,7 +192,9 @@ mod tests {
 
     #[test]
     fn url_kinds() {
-        assert!(is_git_url("https://github.com/moby/buildkit.git#v0.10.1:docs"));
+        assert!(is_git_url(
+            "https://github.com/moby/buildkit.git#v0.10.1:docs"
+        ));
         assert!(is_git_url("git@github.com:moby/buildkit.git"));
         assert!(!is_git_url("https://example.com/file.tar.gz"));
         assert!(is_http_url("https://example.com/file.tar.gz"));

@@ -20,16 +20,21 @@ fn is_whiteout(md: &fs::Metadata) -> bool {
 
 fn is_opaque(dir: &Path) -> bool {
     matches!(xattr_get(dir, "user.overlay.opaque").as_deref(), Some(b"y"))
-        || matches!(xattr_get(dir, "trusted.overlay.opaque").as_deref(), Some(b"y"))
+        || matches!(
+            xattr_get(dir, "trusted.overlay.opaque").as_deref(),
+            Some(b"y")
+        )
 }
 
 fn xattr_get(path: &Path, name: &str) -> Option<Vec<u8>> {
-    rustix::fs::lgetxattr(path, name, &mut [0u8; 8]).ok().map(|n| {
-        let mut buf = vec![0u8; 8];
-        let _ = rustix::fs::lgetxattr(path, name, &mut buf);
-        buf.truncate(n);
-        buf
-    })
+    rustix::fs::lgetxattr(path, name, &mut [0u8; 8])
+        .ok()
+        .map(|n| {
+            let mut buf = vec![0u8; 8];
+            let _ = rustix::fs::lgetxattr(path, name, &mut buf);
+            buf.truncate(n);
+            buf
+        })
 }
 
 /// Normalises an absolute image path into its components (no `.`/`..`, never above `/`).
@@ -58,7 +63,11 @@ impl LayerStack {
                         }
                         if !md.is_dir() {
                             // A non-directory here hides everything below it in lower layers.
-                            return if md.file_type().is_symlink() { Some((p, md)) } else { None };
+                            return if md.file_type().is_symlink() {
+                                Some((p, md))
+                            } else {
+                                None
+                            };
                         }
                         if is_opaque(&p) {
                             // Lower layers are hidden below this directory: finish in this layer only.
@@ -67,7 +76,10 @@ impl LayerStack {
                             for r in rest {
                                 q.push(r);
                             }
-                            return fs::symlink_metadata(&q).ok().filter(|m| !is_whiteout(m)).map(|m| (q, m));
+                            return fs::symlink_metadata(&q)
+                                .ok()
+                                .filter(|m| !is_whiteout(m))
+                                .map(|m| (q, m));
                         }
                     }
                     Err(_) => continue 'layers,
@@ -85,7 +97,11 @@ impl LayerStack {
     /// Resolves `path` inside the image (following symlinks in the image, never leaving it),
     /// returning the resolved absolute image path, the backing file and its metadata.
     /// `follow_last` decides whether a symlink in the last component is followed.
-    pub fn resolve(&self, path: &str, follow_last: bool) -> Option<(String, PathBuf, fs::Metadata)> {
+    pub fn resolve(
+        &self,
+        path: &str,
+        follow_last: bool,
+    ) -> Option<(String, PathBuf, fs::Metadata)> {
         let mut pending: Vec<String> = clean_components(path);
         pending.reverse();
         let mut done: Vec<String> = Vec::new();
@@ -101,7 +117,11 @@ impl LayerStack {
                 let target = fs::read_link(&file).ok()?;
                 done.pop();
                 let t = target.to_string_lossy().into_owned();
-                let base = if t.starts_with('/') { String::new() } else { format!("/{}", done.join("/")) };
+                let base = if t.starts_with('/') {
+                    String::new()
+                } else {
+                    format!("/{}", done.join("/"))
+                };
                 let joined = format!("{base}/{t}");
                 let mut comps = clean_components(&joined);
                 comps.reverse();
@@ -119,7 +139,9 @@ impl LayerStack {
     /// Names in a directory of the image, merged across layers (whiteouts and opaque
     /// directories honoured), sorted. Empty when `path` is not a directory.
     pub fn list_dir(&self, path: &str) -> Vec<String> {
-        let Some((resolved, _, md)) = self.resolve(path, true) else { return Vec::new() };
+        let Some((resolved, _, md)) = self.resolve(path, true) else {
+            return Vec::new();
+        };
         if !md.is_dir() {
             return Vec::new();
         }
@@ -175,29 +197,49 @@ impl LayerStack {
             Some((u, g)) => (u, Some(g)),
             None => (spec, None),
         };
-        let passwd = self.read_file("/etc/passwd").map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let passwd = self
+            .read_file("/etc/passwd")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         let (uid, primary_gid) = if user.is_empty() {
             (0, 0)
         } else if let Ok(n) = user.parse::<u32>() {
-            let gid = find_entry(&passwd, |f| f.get(2).and_then(|s| s.parse::<u32>().ok()) == Some(n))
-                .and_then(|f| f.get(3).and_then(|s| s.parse().ok()))
-                .unwrap_or(0);
+            let gid = find_entry(&passwd, |f| {
+                f.get(2).and_then(|s| s.parse::<u32>().ok()) == Some(n)
+            })
+            .and_then(|f| f.get(3).and_then(|s| s.parse().ok()))
+            .unwrap_or(0);
             (n, gid)
         } else {
             let f = find_entry(&passwd, |f| f.first().map(|s| *s == user).unwrap_or(false))
-                .ok_or_else(|| format!("unable to find user {user}: no matching entries in passwd file"))?;
-            let uid = f.get(2).and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad passwd entry for {user}"))?;
-            let gid = f.get(3).and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad passwd entry for {user}"))?;
+                .ok_or_else(|| {
+                    format!("unable to find user {user}: no matching entries in passwd file")
+                })?;
+            let uid = f
+                .get(2)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("bad passwd entry for {user}"))?;
+            let gid = f
+                .get(3)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("bad passwd entry for {user}"))?;
             (uid, gid)
         };
         let gid = match group {
             None => primary_gid,
             Some(g) if g.parse::<u32>().is_ok() => g.parse().unwrap(),
             Some(g) => {
-                let groups = self.read_file("/etc/group").map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                let groups = self
+                    .read_file("/etc/group")
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
                 let f = find_entry(&groups, |f| f.first().map(|s| *s == g).unwrap_or(false))
-                    .ok_or_else(|| format!("unable to find group {g}: no matching entries in group file"))?;
-                f.get(2).and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad group entry for {g}"))?
+                    .ok_or_else(|| {
+                        format!("unable to find group {g}: no matching entries in group file")
+                    })?;
+                f.get(2)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("bad group entry for {g}"))?
             }
         };
         Ok((uid, gid))
@@ -205,12 +247,17 @@ impl LayerStack {
 }
 
 fn find_entry<'a>(text: &'a str, pred: impl Fn(&[&'a str]) -> bool) -> Option<Vec<&'a str>> {
-    text.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() >= 4 && pred(f))
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && pred(f))
 }
 
 /// The file name of a path as a string.
 pub fn file_name(p: &Path) -> String {
-    p.file_name().unwrap_or(OsStr::new("")).to_string_lossy().into_owned()
+    p.file_name()
+        .unwrap_or(OsStr::new(""))
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -219,7 +266,14 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     fn mknod_whiteout(p: &Path) {
-        rustix::fs::mknodat(rustix::fs::CWD, p, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -229,7 +283,11 @@ mod tests {
         fs::create_dir_all(l1.join("etc")).unwrap();
         fs::create_dir_all(l1.join("usr/bin")).unwrap();
         fs::create_dir_all(l1.join("data")).unwrap();
-        fs::write(l1.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/app:/bin/sh\n").unwrap();
+        fs::write(
+            l1.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/app:/bin/sh\n",
+        )
+        .unwrap();
         fs::write(l1.join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
         fs::write(l1.join("usr/bin/tool"), "x").unwrap();
         fs::write(l1.join("data/old"), "x").unwrap();
@@ -241,17 +299,29 @@ mod tests {
         mknod_whiteout(&l2.join("gone"));
         let s = LayerStack::new(vec![l2.clone(), l1.clone()]);
         assert!(s.resolve("/gone", true).is_none());
-        assert!(s.resolve("/data/old", true).is_none(), "opaque dir hides lower content");
+        assert!(
+            s.resolve("/data/old", true).is_none(),
+            "opaque dir hides lower content"
+        );
         assert!(s.resolve("/data/new", true).is_some());
         let (p, _, _) = s.resolve("/bin/tool", true).unwrap();
         assert_eq!(p, "/usr/bin/tool");
         assert_eq!(s.resolve_user("app").unwrap(), (1000, 1001));
         assert_eq!(s.resolve_user("app:staff").unwrap(), (1000, 50));
         assert_eq!(s.resolve_user("42:7").unwrap(), (42, 7));
-        assert!(s.resolve_user("nobody").unwrap_err().contains("unable to find user nobody"));
+        assert!(s
+            .resolve_user("nobody")
+            .unwrap_err()
+            .contains("unable to find user nobody"));
     }
 
     fn xattr_set(p: &Path) {
-        rustix::fs::setxattr(p, "user.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
+        rustix::fs::setxattr(
+            p,
+            "user.overlay.opaque",
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
     }
 }

@@ -21,30 +21,63 @@ fn kernel() -> (PathBuf, PathBuf) {
     let cache = Path::new("/var/tmp/rbuild-vm");
     std::fs::create_dir_all(cache).unwrap();
     let find = |name: &str| -> Option<PathBuf> {
-        walkdir::WalkDir::new(cache.join("k")).into_iter().flatten().find(|e| e.file_name().to_string_lossy().starts_with(name)).map(|e| e.into_path())
+        walkdir::WalkDir::new(cache.join("k"))
+            .into_iter()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(name))
+            .map(|e| e.into_path())
     };
     if find("vmlinuz-").is_none() || find("overlay.ko").is_none() {
         let deps = ok(Command::new("apt-cache").args(["depends", "linux-image-amd64"]));
         let pkg = deps
             .lines()
-            .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Depends: ")
+                    .filter(|p| p.starts_with("linux-image-"))
+            })
             .unwrap_or_else(|| panic!("no kernel package behind linux-image-amd64:\n{deps}"))
             .to_string();
-        ok(Command::new("apt-get").args(["download", "-q", &pkg]).current_dir(cache));
-        let deb = std::fs::read_dir(cache).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "deb")).unwrap();
-        ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(cache.join("k")));
+        ok(Command::new("apt-get")
+            .args(["download", "-q", &pkg])
+            .current_dir(cache));
+        let deb = std::fs::read_dir(cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .unwrap();
+        ok(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(cache.join("k")));
         std::fs::remove_file(deb).unwrap();
     }
     (find("vmlinuz-").unwrap(), find("overlay.ko").unwrap())
 }
 
-
 /// The cases: name, `rbuild build` flags, the RUN line.
 const CASES: [(&str, &str, &str); 4] = [
-    ("memory", "--memory 64m", "RUN x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}\n"),
-    ("memory-unlimited", "", "RUN x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}\n"),
-    ("pids", "--pids-limit 20", "RUN bomb() { bomb | bomb & }; bomb; sleep 2; exit 3\n"),
-    ("cpus", "--cpus 0.2", "RUN (time -f 'usage %U %S' timeout 3 sh -c 'while :; do :; done') 2>&1 | tail -1\n"),
+    (
+        "memory",
+        "--memory 64m",
+        "RUN x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}\n",
+    ),
+    (
+        "memory-unlimited",
+        "",
+        "RUN x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}\n",
+    ),
+    (
+        "pids",
+        "--pids-limit 20",
+        "RUN bomb() { bomb | bomb & }; bomb; sleep 2; exit 3\n",
+    ),
+    (
+        "cpus",
+        "--cpus 0.2",
+        "RUN (time -f 'usage %U %S' timeout 3 sh -c 'while :; do :; done') 2>&1 | tail -1\n",
+    ),
 ];
 
 /// The second stage of the initramfs: the filesystems, a delegated cgroup `/ci` capped at
@@ -162,33 +195,60 @@ fn vm() -> &'static VmRun {
 }
 
 fn sandbox_line(out: &str) -> &str {
-    out.lines().find(|l| l.starts_with("sandbox: ")).unwrap_or_else(|| panic!("no sandbox line:\n{out}"))
+    out.lines()
+        .find(|l| l.starts_with("sandbox: "))
+        .unwrap_or_else(|| panic!("no sandbox line:\n{out}"))
 }
 
 fn error_line(out: &str) -> &str {
-    out.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line:\n{out}"))
+    out.lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line:\n{out}"))
 }
 
 #[test]
 fn doctor_sees_the_delegated_v2_subtree() {
     let (rc, out) = vm().case("doctor");
-    let line = out.lines().find(|l| l.contains("cgroup v2 delegation")).unwrap_or_else(|| panic!("{out}"));
-    assert!(line.starts_with("ok") && line.contains("/sys/fs/cgroup/ci is delegated with memory, cpu and pids"), "{line}\n{out}");
-    assert!(rc == 0 || rc == 1, "doctor's verdict, not a crash: {rc}\n{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("cgroup v2 delegation"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("ok")
+            && line.contains("/sys/fs/cgroup/ci is delegated with memory, cpu and pids"),
+        "{line}\n{out}"
+    );
+    assert!(
+        rc == 0 || rc == 1,
+        "doctor's verdict, not a crash: {rc}\n{out}"
+    );
 }
 
 #[test]
 fn memory_limit_oom_kills_a_run_step_in_cgroup_v2() {
     let (rc, out) = vm().case("memory");
     assert_eq!(rc, 1, "{out}");
-    assert!(sandbox_line(out).ends_with("; limits: memory 64 MiB (cgroup v2)"), "{out}");
-    assert!(error_line(out).contains("killed by signal 9 (killed: memory limit 64 MiB reached (--memory))"), "{out}");
+    assert!(
+        sandbox_line(out).ends_with("; limits: memory 64 MiB (cgroup v2)"),
+        "{out}"
+    );
+    assert!(
+        error_line(out)
+            .contains("killed by signal 9 (killed: memory limit 64 MiB reached (--memory))"),
+        "{out}"
+    );
     // The same step without the limit gets through: the limit, not the machine, stopped it.
     // What the OOM killer took: the step's processes (oom_score_adj 1000), never the
     // sandbox's rbuild helper or init, which must live to report the step's end.
     let (_, victims) = vm().case("oom-victims");
-    assert!(victims.contains("Killed process"), "the limit was met by the OOM killer:\n{victims}");
-    assert!(!victims.contains("(rbuild)"), "the OOM killer took a sandbox process:\n{victims}");
+    assert!(
+        victims.contains("Killed process"),
+        "the limit was met by the OOM killer:\n{victims}"
+    );
+    assert!(
+        !victims.contains("(rbuild)"),
+        "the OOM killer took a sandbox process:\n{victims}"
+    );
     let (rc, out) = vm().case("memory-unlimited");
     assert_eq!(rc, 0, "{out}");
     assert!(out.contains("survived 150000000"), "{out}");
@@ -198,22 +258,40 @@ fn memory_limit_oom_kills_a_run_step_in_cgroup_v2() {
 fn pids_limit_bounds_a_fork_bomb_in_cgroup_v2() {
     let (rc, out) = vm().case("pids");
     assert_eq!(rc, 1, "{out}");
-    assert!(sandbox_line(out).ends_with("; limits: 20 processes (cgroup v2)"), "{out}");
+    assert!(
+        sandbox_line(out).ends_with("; limits: 20 processes (cgroup v2)"),
+        "{out}"
+    );
     let e = error_line(out);
-    assert!(e.contains("(process limit 20 reached (--pids-limit): ") && e.contains("forks refused)"), "{e}");
+    assert!(
+        e.contains("(process limit 20 reached (--pids-limit): ") && e.contains("forks refused)"),
+        "{e}"
+    );
 }
 
 #[test]
 fn cpus_limit_throttles_a_busy_run_step_in_cgroup_v2() {
     let (rc, out) = vm().case("cpus");
     assert_eq!(rc, 0, "{out}");
-    assert!(sandbox_line(out).ends_with("; limits: 0.2 CPU (cgroup v2)"), "{out}");
+    assert!(
+        sandbox_line(out).ends_with("; limits: 0.2 CPU (cgroup v2)"),
+        "{out}"
+    );
     let usage: f64 = out
         .lines()
-        .find_map(|l| l.split_once(" usage ").map(|(_, u)| u.split_whitespace().map(|t| t.parse::<f64>().unwrap()).sum()))
+        .find_map(|l| {
+            l.split_once(" usage ").map(|(_, u)| {
+                u.split_whitespace()
+                    .map(|t| t.parse::<f64>().unwrap())
+                    .sum()
+            })
+        })
         .unwrap_or_else(|| panic!("no usage line:\n{out}"));
     // 0.2 CPU for 3 s is 0.6 s of CPU time.
-    assert!(usage < 0.8, "a busy loop got {usage} s of CPU in 3 s under --cpus 0.2:\n{out}");
+    assert!(
+        usage < 0.8,
+        "a busy loop got {usage} s of CPU in 3 s under --cpus 0.2:\n{out}"
+    );
     assert!(usage > 0.2, "the loop ran at all ({usage} s):\n{out}");
 }
 

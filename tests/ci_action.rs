@@ -60,7 +60,11 @@ fn sha256_hex(data: &[u8]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("data");
     std::fs::write(&f, data).unwrap();
-    ok(Command::new("sha256sum").arg(&f)).split_whitespace().next().unwrap().to_string()
+    ok(Command::new("sha256sum").arg(&f))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 const DOCKERFILE: &str = "ARG BASE
@@ -100,31 +104,64 @@ fn build_push_outputs_match_the_registry() {
             ("INPUT_PUSH", "True"),
             ("INPUT_BUILD_ARGS", &build_args),
             ("INPUT_TARGET", "final"),
-            ("INPUT_LABELS", "org.opencontainers.image.title=demo\nlist=a,b\n\"quoted=say \"\"hi\"\"\"\n"),
+            (
+                "INPUT_LABELS",
+                "org.opencontainers.image.title=demo\nlist=a,b\n\"quoted=say \"\"hi\"\"\"\n",
+            ),
             ("INPUT_SECRETS", &secrets),
             ("INPUT_OUTPUTS", &outputs_in),
         ],
     );
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{log}");
-    assert!(!log.contains(SECRET) && !log.contains("line1"), "a secret was printed:\n{log}");
+    assert!(
+        !log.contains(SECRET) && !log.contains("line1"),
+        "a secret was printed:\n{log}"
+    );
     assert!(!file.contains(SECRET), "a secret reached $GITHUB_OUTPUT");
-    assert!(!log.contains("--cache-from") && !log.contains("--cache-to"), "cache flags only when given:\n{log}");
+    assert!(
+        !log.contains("--cache-from") && !log.contains("--cache-to"),
+        "cache flags only when given:\n{log}"
+    );
     let o = parse_outputs(&file);
-    assert_eq!(o.keys().collect::<Vec<_>>(), ["digest", "imageid", "metadata"], "{file}");
-    assert!(file.contains("metadata<<ghadelimiter_"), "multi-line output in the delimiter form: {file}");
+    assert_eq!(
+        o.keys().collect::<Vec<_>>(),
+        ["digest", "imageid", "metadata"],
+        "{file}"
+    );
+    assert!(
+        file.contains("metadata<<ghadelimiter_"),
+        "multi-line output in the delimiter form: {file}"
+    );
 
     // digest: the manifest every tag points at; imageid: its config.
     for t in ["app:1", "app:2", "app:3"] {
-        assert_eq!(skopeo_inspect(&format!("{r}/{t}"))["Digest"], o["digest"], "{t}");
+        assert_eq!(
+            skopeo_inspect(&format!("{r}/{t}"))["Digest"],
+            o["digest"],
+            "{t}"
+        );
     }
-    let manifest: serde_json::Value =
-        serde_json::from_str(&ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{r}/app:1")))).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&ok(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{r}/app:1"))))
+    .unwrap();
     assert_eq!(manifest["config"]["digest"], o["imageid"]);
     let meta: serde_json::Value = serde_json::from_str(&o["metadata"]).unwrap();
     assert_eq!(meta["containerimage.digest"], o["digest"]);
     assert_eq!(meta["containerimage.config.digest"], o["imageid"]);
-    assert_eq!(meta["tags"], serde_json::json!([format!("{r}/app:1"), format!("{r}/app:2"), format!("{r}/app:3")]));
+    assert_eq!(
+        meta["tags"],
+        serde_json::json!([
+            format!("{r}/app:1"),
+            format!("{r}/app:2"),
+            format!("{r}/app:3")
+        ])
+    );
 
     // Labels and build args as given; the OCI output too.
     let cfg = skopeo_config(&format!("{r}/app:2"));
@@ -133,17 +170,42 @@ fn build_push_outputs_match_the_registry() {
         serde_json::json!({"org.opencontainers.image.title": "demo", "list": "a,b", "quoted": "say \"hi\""}),
         "{cfg}"
     );
-    let env: Vec<&str> = cfg["config"]["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(env.contains(&"A=1") && env.contains(&"B=two words, and a comma"), "{env:?}");
-    assert!(oci.join("index.json").is_file(), "outputs: type=oci written");
+    let env: Vec<&str> = cfg["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"A=1") && env.contains(&"B=two words, and a comma"),
+        "{env:?}"
+    );
+    assert!(
+        oci.join("index.json").is_file(),
+        "outputs: type=oci written"
+    );
 
     // The secrets reached the RUN step, byte for byte, and no layer.
     let rootfs = umoci_unpack_from_registry(&format!("{r}/app:1"), work.path());
-    let sha = |f: &str| std::fs::read_to_string(rootfs.join(f)).unwrap().split_whitespace().next().unwrap().to_string();
+    let sha = |f: &str| {
+        std::fs::read_to_string(rootfs.join(f))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(sha("token.sha"), sha256_hex(SECRET.as_bytes()));
     assert_eq!(sha("multi.sha"), sha256_hex(b"line1\nline2 \"quoted\""));
-    let grep = run(Command::new("grep").args(["-r", "-l", "-a", "--devices=skip", SECRET]).arg(store.path()).arg(work.path()));
-    assert!(grep.stdout.is_empty(), "the secret is on disk: {}", String::from_utf8_lossy(&grep.stdout));
+    let grep = run(Command::new("grep")
+        .args(["-r", "-l", "-a", "--devices=skip", SECRET])
+        .arg(store.path())
+        .arg(work.path()));
+    assert!(
+        grep.stdout.is_empty(),
+        "the secret is on disk: {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
 }
 
 #[test]
@@ -152,7 +214,10 @@ fn cache_inputs_are_passed_through() {
     let reg = Registry::start();
     let base = reg.with_busybox();
     let work = tempfile::tempdir().unwrap();
-    let ctx = context(&[("Dockerfile", "ARG BASE\nFROM ${BASE}\nRUN echo one > /one\n")]);
+    let ctx = context(&[(
+        "Dockerfile",
+        "ARG BASE\nFROM ${BASE}\nRUN echo one > /one\n",
+    )]);
     let cache = work.path().join("cache");
     let build_args = format!("BASE={base}");
     let store1 = tempfile::tempdir().unwrap();
@@ -160,10 +225,21 @@ fn cache_inputs_are_passed_through() {
     let (out, file) = run_action(
         store1.path(),
         work.path(),
-        &[("INPUT_CONTEXT", ctx.path().to_str().unwrap()), ("INPUT_BUILD_ARGS", &build_args), ("INPUT_CACHE_TO", &cache_to)],
+        &[
+            ("INPUT_CONTEXT", ctx.path().to_str().unwrap()),
+            ("INPUT_BUILD_ARGS", &build_args),
+            ("INPUT_CACHE_TO", &cache_to),
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(cache.join("index.json").is_file(), "cache-to reached rbuild");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        cache.join("index.json").is_file(),
+        "cache-to reached rbuild"
+    );
     let first = parse_outputs(&file);
     // A fresh store with cache-from: the RUN step comes from the cache, same image.
     let store2 = tempfile::tempdir().unwrap();
@@ -171,9 +247,17 @@ fn cache_inputs_are_passed_through() {
     let (out, file) = run_action(
         store2.path(),
         work.path(),
-        &[("INPUT_CONTEXT", ctx.path().to_str().unwrap()), ("INPUT_BUILD_ARGS", &build_args), ("INPUT_CACHE_FROM", &cache_from)],
+        &[
+            ("INPUT_CONTEXT", ctx.path().to_str().unwrap()),
+            ("INPUT_BUILD_ARGS", &build_args),
+            ("INPUT_CACHE_FROM", &cache_from),
+        ],
     );
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{log}");
     assert!(log.contains("CACHED"), "{log}");
     let second = parse_outputs(&file);
@@ -188,12 +272,24 @@ fn bad_inputs_fail_clearly_and_write_no_outputs() {
     let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\n")]);
     let c = ctx.path().to_str().unwrap();
     let cases: &[(&[(&str, &str)], &str)] = &[
-        (&[("INPUT_SECRETS", "no-equals-sign-hunter2")], "secrets: an item is not ID=VALUE (the value is not shown)"),
+        (
+            &[("INPUT_SECRETS", "no-equals-sign-hunter2")],
+            "secrets: an item is not ID=VALUE (the value is not shown)",
+        ),
         (&[("INPUT_SECRETS", "bad id=x")], "secrets: bad secret id"),
         (&[("INPUT_LOAD", "true")], "load: rbuild has no daemon"),
-        (&[("INPUT_PLATFORMS", "linux/amd64,linux/arm64")], "platforms: rbuild builds one platform at a time"),
-        (&[("INPUT_TAGS", "\"unterminated")], "unterminated double quote"),
-        (&[("INPUT_RBUILD", "/nonexistent/rbuild")], "rbuild (/nonexistent/rbuild) is not installed"),
+        (
+            &[("INPUT_PLATFORMS", "linux/amd64,linux/arm64")],
+            "platforms: rbuild builds one platform at a time",
+        ),
+        (
+            &[("INPUT_TAGS", "\"unterminated")],
+            "unterminated double quote",
+        ),
+        (
+            &[("INPUT_RBUILD", "/nonexistent/rbuild")],
+            "rbuild (/nonexistent/rbuild) is not installed",
+        ),
         (&[("INPUT_TARGET", "nosuchstage")], "the build failed"),
     ];
     for (inputs, want) in cases {
@@ -218,20 +314,51 @@ fn the_action_maps_every_input_to_the_script() {
     for l in yml.lines() {
         if !l.starts_with(' ') && l.ends_with(':') {
             section = l.trim_end_matches(':');
-        } else if section == "inputs" && l.starts_with("  ") && !l.starts_with("   ") && l.trim_end().ends_with(':') {
+        } else if section == "inputs"
+            && l.starts_with("  ")
+            && !l.starts_with("   ")
+            && l.trim_end().ends_with(':')
+        {
             inputs.push(l.trim().trim_end_matches(':').to_string());
         }
     }
-    for want in ["context", "file", "tags", "push", "build-args", "target", "cache-from", "cache-to", "labels", "outputs", "secrets"] {
-        assert!(inputs.iter().any(|i| i == want), "input {want} missing from action.yml");
+    for want in [
+        "context",
+        "file",
+        "tags",
+        "push",
+        "build-args",
+        "target",
+        "cache-from",
+        "cache-to",
+        "labels",
+        "outputs",
+        "secrets",
+    ] {
+        assert!(
+            inputs.iter().any(|i| i == want),
+            "input {want} missing from action.yml"
+        );
     }
     for i in &inputs {
         let var = format!("INPUT_{}", i.to_uppercase().replace('-', "_"));
-        assert!(yml.contains(&format!("{var}: ${{{{ inputs.{i} }}}}")), "action.yml does not pass {i} as {var}");
-        assert!(script.contains(&format!("input {i})")) || script.contains(&format!("input_bool {i}")), "action.sh never reads {i}");
+        assert!(
+            yml.contains(&format!("{var}: ${{{{ inputs.{i} }}}}")),
+            "action.yml does not pass {i} as {var}"
+        );
+        assert!(
+            script.contains(&format!("input {i})")) || script.contains(&format!("input_bool {i}")),
+            "action.sh never reads {i}"
+        );
     }
     for o in ["imageid", "digest", "metadata"] {
-        assert!(yml.contains(&format!("value: ${{{{ steps.build.outputs.{o} }}}}")), "output {o}");
-        assert!(script.contains(&format!("set_output {o} ")), "action.sh never sets {o}");
+        assert!(
+            yml.contains(&format!("value: ${{{{ steps.build.outputs.{o} }}}}")),
+            "output {o}"
+        );
+        assert!(
+            script.contains(&format!("set_output {o} ")),
+            "action.sh never sets {o}"
+        );
     }
 }

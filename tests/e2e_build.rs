@@ -11,7 +11,12 @@ use std::process::Command;
 /// `rbuild build` wrapped in a fresh PID namespace.
 fn rbuild_in_pidns(root: &std::path::Path) -> Command {
     let mut c = Command::new("unshare");
-    c.args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).arg("build").arg("--progress=plain").arg("--root").arg(root);
+    c.args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .arg("build")
+        .arg("--progress=plain")
+        .arg("--root")
+        .arg(root);
     c
 }
 
@@ -33,7 +38,6 @@ CMD ["cat", "/app/greeting"]
 "#;
 
 fn demo_context(base: &str) -> tempfile::TempDir {
-    
     context(&[
         ("Dockerfile", &DOCKERFILE.replace("{BASE}", base)),
         ("hello.txt", "hello file\n"),
@@ -67,43 +71,92 @@ fn push_inspect_unpack_as_root() {
     // skopeo reads it; the digest matches what rbuild reported; both tags point at it.
     let inspect = skopeo_inspect(&tag);
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
-    assert_eq!(inspect["Digest"], meta["containerimage.digest"], "{inspect}");
+    assert_eq!(
+        inspect["Digest"], meta["containerimage.digest"],
+        "{inspect}"
+    );
     assert_eq!(skopeo_inspect(&tag2)["Digest"], inspect["Digest"]);
-    assert_eq!(std::fs::read_to_string(&iid).unwrap(), meta["containerimage.config.digest"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(&iid).unwrap(),
+        meta["containerimage.config.digest"].as_str().unwrap()
+    );
     let config = skopeo_config(&tag);
     let c = &config["config"];
     assert_eq!(c["User"], "nobody");
     assert_eq!(c["WorkingDir"], "/app");
     assert_eq!(c["Cmd"], serde_json::json!(["cat", "/app/greeting"]));
-    let env: Vec<&str> = c["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(env.contains(&"GREETING=hello") && env.contains(&"TARGET=/app"), "{env:?}");
-    assert!(env.iter().any(|e| e.starts_with("PATH=")), "base PATH kept: {env:?}");
+    let env: Vec<&str> = c["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"GREETING=hello") && env.contains(&"TARGET=/app"),
+        "{env:?}"
+    );
+    assert!(
+        env.iter().any(|e| e.starts_with("PATH=")),
+        "base PATH kept: {env:?}"
+    );
     let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
     // busybox + WORKDIR + 3 COPY + RUN
     assert_eq!(diff_ids.len(), 6, "{config}");
-    let non_empty = config["history"].as_array().unwrap().iter().filter(|h| h["empty_layer"] != true).count();
-    assert_eq!(non_empty, diff_ids.len(), "history matches layers: {config}");
+    let non_empty = config["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["empty_layer"] != true)
+        .count();
+    assert_eq!(
+        non_empty,
+        diff_ids.len(),
+        "history matches layers: {config}"
+    );
 
     // umoci unpacks it: exact files, modes, owners, and the deletions applied.
     let work = tempfile::tempdir().unwrap();
     let rootfs = umoci_unpack_from_registry(&tag, work.path());
-    let rd = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let rd =
+        |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     assert_eq!(rd("app/hello.txt"), "hello file\n");
     assert_eq!(rd("app/greeting"), "hello from /app\n");
     assert_eq!(rd("app/dir/a"), "a\n");
     assert_eq!(rd("app/dir/sub/b"), "b\n");
     assert_eq!(rd("home/new"), "new\n");
-    assert!(!rootfs.join("app/ignored.log").exists() && !rootfs.join("app/dir/ignored.log").exists());
-    assert!(!rootfs.join("etc/group").exists(), "deleted base file must be gone");
+    assert!(
+        !rootfs.join("app/ignored.log").exists() && !rootfs.join("app/dir/ignored.log").exists()
+    );
+    assert!(
+        !rootfs.join("etc/group").exists(),
+        "deleted base file must be gone"
+    );
     assert!(rootfs.join("etc/passwd").exists());
     let md = |p: &str| std::fs::symlink_metadata(rootfs.join(p)).unwrap();
-    assert_eq!(md("usr/local/bin/tool").permissions().mode() & 0o7777, 0o750);
+    assert_eq!(
+        md("usr/local/bin/tool").permissions().mode() & 0o7777,
+        0o750
+    );
     assert_eq!(md("app/greeting").permissions().mode() & 0o7777, 0o640);
-    assert_eq!((md("app/greeting").uid(), md("app/greeting").gid()), (65534, 65534));
+    assert_eq!(
+        (md("app/greeting").uid(), md("app/greeting").gid()),
+        (65534, 65534)
+    );
     assert_eq!(md("app/hello.txt").uid(), 0);
-    assert_eq!(md("app/greeting").ino(), md("app/greeting.link").ino(), "hardlink kept");
-    let home: Vec<_> = std::fs::read_dir(rootfs.join("home")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(home, vec![std::ffi::OsString::from("new")], "replaced directory holds only the new content");
+    assert_eq!(
+        md("app/greeting").ino(),
+        md("app/greeting.link").ino(),
+        "hardlink kept"
+    );
+    let home: Vec<_> = std::fs::read_dir(rootfs.join("home"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        home,
+        vec![std::ffi::OsString::from("new")],
+        "replaced directory holds only the new content"
+    );
     // Nothing the sandbox mounted leaked into the image.
     for p in ["etc/hosts", "etc/resolv.conf", "proc", "dev", "sys"] {
         assert!(!rootfs.join(p).exists(), "{p} leaked into the image");
@@ -114,15 +167,31 @@ fn push_inspect_unpack_as_root() {
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{tag}"))))
     .unwrap();
-    let run_layer = manifest["layers"].as_array().unwrap().last().unwrap()["digest"].as_str().unwrap().to_string();
-    let blob = std::path::Path::new(reg.storage()).join("data/docker/registry/v2/blobs/sha256").join(&run_layer[7..9]).join(&run_layer[7..]).join("data");
+    let run_layer = manifest["layers"].as_array().unwrap().last().unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = std::path::Path::new(reg.storage())
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&run_layer[7..9])
+        .join(&run_layer[7..])
+        .join("data");
     let entries = layer_entries(&blob);
     let has = |suffix: &str| entries.iter().any(|e| e.ends_with(suffix));
     assert!(has(" etc/.wh.group"), "{entries:#?}");
     assert!(has(" home/.wh..wh..opq"), "{entries:#?}");
-    assert!(entries.iter().any(|e| e.starts_with('h') && e.contains("app/greeting.link link to app/greeting")
-        || e.contains("app/greeting link to")), "{entries:#?}");
-    assert!(!entries.iter().any(|e| e.contains("etc/hosts") || e.contains("resolv.conf")), "{entries:#?}");
+    assert!(
+        entries.iter().any(|e| e.starts_with('h')
+            && e.contains("app/greeting.link link to app/greeting")
+            || e.contains("app/greeting link to")),
+        "{entries:#?}"
+    );
+    assert!(
+        !entries
+            .iter()
+            .any(|e| e.contains("etc/hosts") || e.contains("resolv.conf")),
+        "{entries:#?}"
+    );
 }
 
 #[test]
@@ -133,19 +202,39 @@ fn rebuild_is_cached_and_a_change_reruns_only_what_it_reaches() {
     let ctx = demo_context(&base);
     let root = tempfile::tempdir().unwrap();
     let first = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let second = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(second.status.success(), "{err}");
-    assert_eq!(err.matches("CACHED").count(), 5, "every filesystem step cached:\n{err}");
+    assert_eq!(
+        err.matches("CACHED").count(),
+        5,
+        "every filesystem step cached:\n{err}"
+    );
     // Touching an ignored file changes nothing; changing hello.txt reruns that COPY and what follows.
     std::fs::write(ctx.path().join("ignored.log"), "changed").unwrap();
     let third = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
-    assert_eq!(String::from_utf8_lossy(&third.stderr).matches("CACHED").count(), 5);
+    assert_eq!(
+        String::from_utf8_lossy(&third.stderr)
+            .matches("CACHED")
+            .count(),
+        5
+    );
     // Touching a copied file (new mtime, same content) changes nothing either.
     ok(Command::new("touch").arg(ctx.path().join("dir/sub/b")));
     let touched = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
-    assert_eq!(String::from_utf8_lossy(&touched.stderr).matches("CACHED").count(), 5, "{}", String::from_utf8_lossy(&touched.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&touched.stderr)
+            .matches("CACHED")
+            .count(),
+        5,
+        "{}",
+        String::from_utf8_lossy(&touched.stderr)
+    );
     // A file of the third COPY: WORKDIR and the two COPYs before it stay cached.
     std::fs::write(ctx.path().join("dir/sub/b"), "b changed\n").unwrap();
     let changed = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
@@ -158,11 +247,24 @@ fn rebuild_is_cached_and_a_change_reruns_only_what_it_reaches() {
     let fourth = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
     let err = String::from_utf8_lossy(&fourth.stderr);
     assert!(fourth.status.success(), "{err}");
-    assert_eq!(err.matches("CACHED").count(), 1, "only WORKDIR stays cached:\n{err}");
+    assert_eq!(
+        err.matches("CACHED").count(),
+        1,
+        "only WORKDIR stays cached:\n{err}"
+    );
     // --progress plain says why each step missed.
-    assert!(err.contains("cache miss: changed content (the copied files)"), "{err}");
-    assert!(err.contains("cache miss: changed parent (an earlier step or the base image)"), "{err}");
-    let env_change = run(rbuild_in_pidns(root.path()).arg("--build-arg").arg("UNUSED=1").arg(ctx.path()));
+    assert!(
+        err.contains("cache miss: changed content (the copied files)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cache miss: changed parent (an earlier step or the base image)"),
+        "{err}"
+    );
+    let env_change = run(rbuild_in_pidns(root.path())
+        .arg("--build-arg")
+        .arg("UNUSED=1")
+        .arg(ctx.path()));
     assert!(env_change.status.success());
 }
 
@@ -171,7 +273,13 @@ fn outputs_oci_layout_docker_archive_and_local() {
     ensure_tools();
     let reg = Registry::start();
     let base = reg.with_busybox();
-    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo built > /built\n")), ("x", "x")]);
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            &format!("FROM {base}\nRUN echo built > /built\n"),
+        ),
+        ("x", "x"),
+    ]);
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let oci = out.path().join("oci");
@@ -183,19 +291,32 @@ fn outputs_oci_layout_docker_archive_and_local() {
         .arg(format!("--output=type=docker,dest={}", tarball.display()))
         .arg(format!("--output=type=local,dest={}", local.display()))
         .arg(ctx.path()));
-    ok(Command::new("skopeo").arg("inspect").arg(format!("oci:{}:v1", oci.display())));
+    ok(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci:{}:v1", oci.display())));
     let rootfs = umoci_unpack_layout(&oci, "v1", out.path());
-    assert_eq!(std::fs::read_to_string(rootfs.join("built")).unwrap(), "built\n");
-    let inspect = ok(Command::new("skopeo").arg("inspect").arg(format!("docker-archive:{}", tarball.display())));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("built")).unwrap(),
+        "built\n"
+    );
+    let inspect = ok(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("docker-archive:{}", tarball.display())));
     assert!(inspect.contains("\"Layers\""), "{inspect}");
     // podman load takes the archive under its tag.
     let name = format!("localhost/rbuild-e2e-load:{}", std::process::id());
     let tarball2 = out.path().join("image2.tar");
-    ok(rbuild_in_pidns(root.path()).args(["-t", &name]).arg(format!("--output=type=docker,dest={}", tarball2.display())).arg(ctx.path()));
+    ok(rbuild_in_pidns(root.path())
+        .args(["-t", &name])
+        .arg(format!("--output=type=docker,dest={}", tarball2.display()))
+        .arg(ctx.path()));
     let loaded = ok(Command::new("podman").args(["load", "-i"]).arg(&tarball2));
     assert!(loaded.contains(&name), "{loaded}");
     let _ = run(Command::new("podman").args(["image", "rm", &name]));
-    assert_eq!(std::fs::read_to_string(local.join("built")).unwrap(), "built\n");
+    assert_eq!(
+        std::fs::read_to_string(local.join("built")).unwrap(),
+        "built\n"
+    );
     assert!(local.join("bin/busybox").exists());
 }
 
@@ -204,7 +325,10 @@ fn failing_run_names_the_line_and_exit_code() {
     ensure_tools();
     let reg = Registry::start();
     let base = reg.with_busybox();
-    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo fine\nRUN echo about to fail && exit 3\n"))]);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo fine\nRUN echo about to fail && exit 3\n"),
+    )]);
     let root = tempfile::tempdir().unwrap();
     let out = run(rbuild_in_pidns(root.path()).arg(ctx.path()));
     assert!(!out.status.success());
@@ -213,7 +337,9 @@ fn failing_run_names_the_line_and_exit_code() {
     assert!(err.contains("exit code 3"), "{err}");
     assert!(err.contains("about to fail"), "tail of output shown: {err}");
     // Nothing half-written is left in the store's temp space.
-    let tmp: Vec<_> = std::fs::read_dir(root.path().join("tmp")).unwrap().collect();
+    let tmp: Vec<_> = std::fs::read_dir(root.path().join("tmp"))
+        .unwrap()
+        .collect();
     assert!(tmp.is_empty(), "{tmp:?}");
 }
 
@@ -225,17 +351,29 @@ fn bad_input_fails_clearly() {
     let out = run(rbuild(root.path()).arg(ctx.path()));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Dockerfile:2") && err.contains("RUNN"), "{err}");
+    assert!(
+        err.contains("Dockerfile:2") && err.contains("RUNN"),
+        "{err}"
+    );
     let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY missing.txt /\n")]);
     let out = run(rbuild(root.path()).arg(ctx.path()));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("missing.txt") && err.contains("Dockerfile:2"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("missing.txt") && err.contains("Dockerfile:2"),
+        "{err}"
+    );
     let out = run(rbuild(root.path()).arg("/nonexistent-context"));
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/nonexistent-context"));
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("/nonexistent-context")
+    );
     let ctx = context(&[("Dockerfile", "FROM 127.0.0.1:1/nothing\nRUN true\n")]);
     let out = run(rbuild(root.path()).arg(ctx.path()));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("127.0.0.1:1/nothing"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("127.0.0.1:1/nothing"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -244,30 +382,53 @@ fn seventy_layers_mount() {
     // More lower layers than fit in mount(2)'s one-page option string.
     let mut df = String::from("FROM scratch\nCOPY busybox /bin/busybox\n");
     for i in 1..=70 {
-        df.push_str(&format!("RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo {i} > /f{i}\"]\n"));
+        df.push_str(&format!(
+            "RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo {i} > /f{i}\"]\n"
+        ));
     }
     df.push_str("RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox cat /f1 /f70 > /both\"]\n");
     let ctx = context(&[("Dockerfile", &df)]);
     std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    ok(rbuild_in_pidns(root.path()).arg(format!("--output=type=local,dest={}", out.path().join("r").display())).arg(ctx.path()));
-    assert_eq!(std::fs::read_to_string(out.path().join("r/both")).unwrap(), "1\n70\n");
+    ok(rbuild_in_pidns(root.path())
+        .arg(format!(
+            "--output=type=local,dest={}",
+            out.path().join("r").display()
+        ))
+        .arg(ctx.path()));
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("r/both")).unwrap(),
+        "1\n70\n"
+    );
 }
 
 #[test]
 fn zstd_layers() {
     ensure_tools();
-    let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY payload /payload\n"), ("payload", &"zstd ".repeat(1000))]);
+    let ctx = context(&[
+        ("Dockerfile", "FROM scratch\nCOPY payload /payload\n"),
+        ("payload", &"zstd ".repeat(1000)),
+    ]);
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let oci = out.path().join("oci");
-    ok(rbuild(root.path()).args(["--compression", "zstd", "-t", "z:1"]).arg(format!("--output=type=oci,dest={}", oci.display())).arg(ctx.path()));
-    let raw = ok(Command::new("skopeo").args(["inspect", "--raw"]).arg(format!("oci:{}:1", oci.display())));
+    ok(rbuild(root.path())
+        .args(["--compression", "zstd", "-t", "z:1"])
+        .arg(format!("--output=type=oci,dest={}", oci.display()))
+        .arg(ctx.path()));
+    let raw = ok(Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:1", oci.display())));
     let manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
     let layer = &manifest["layers"][0];
-    assert_eq!(layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
-    let blob = oci.join("blobs/sha256").join(&layer["digest"].as_str().unwrap()[7..]);
+    assert_eq!(
+        layer["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+    let blob = oci
+        .join("blobs/sha256")
+        .join(&layer["digest"].as_str().unwrap()[7..]);
     let list = ok(Command::new("tar").arg("--zstd").arg("-tvf").arg(&blob));
     assert!(list.contains(" payload"), "{list}");
 }
@@ -277,7 +438,10 @@ fn multi_stage_args_and_config_instructions() {
     ensure_tools();
     let reg = Registry::start();
     let base = reg.with_busybox();
-    let digest = skopeo_inspect(&base)["Digest"].as_str().unwrap().to_string();
+    let digest = skopeo_inspect(&base)["Digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let by_digest = format!("{}/busybox@{digest}", reg.addr);
     let df = format!(
         r#"ARG BASE={base}
@@ -310,28 +474,54 @@ RUN exit 1
         .arg(rbuild_bin())
         .args(["build", "--progress=plain", "--root"])
         .arg(root.path())
-        .args(["--target", "final", "--build-arg", "VERSION=1.2", "-t", &tag, "--push"])
+        .args([
+            "--target",
+            "final",
+            "--build-arg",
+            "VERSION=1.2",
+            "-t",
+            &tag,
+            "--push",
+        ])
         .arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{err}");
-    assert!(!err.contains("exit 1"), "the unused stage after the target must not run:\n{err}");
-    assert!(!err.contains("test -f /out/version"), "a stage the target does not need must not run:\n{err}");
+    assert!(
+        !err.contains("exit 1"),
+        "the unused stage after the target must not run:\n{err}"
+    );
+    assert!(
+        !err.contains("test -f /out/version"),
+        "a stage the target does not need must not run:\n{err}"
+    );
     let c = skopeo_config(&tag);
     let cfg = &c["config"];
     assert_eq!(cfg["Labels"]["org.example.version"], "1.2", "{c}");
     assert_eq!(cfg["Labels"]["maintainer"], "someone");
-    assert_eq!(cfg["ExposedPorts"], serde_json::json!({"53/udp": {}, "8080/tcp": {}}));
+    assert_eq!(
+        cfg["ExposedPorts"],
+        serde_json::json!({"53/udp": {}, "8080/tcp": {}})
+    );
     assert_eq!(cfg["Volumes"], serde_json::json!({"/data": {}}));
     assert_eq!(cfg["Entrypoint"], serde_json::json!(["/bin/cat"]));
     assert_eq!(cfg["Cmd"], serde_json::json!(["/app/version"]));
     assert_eq!(cfg["StopSignal"], "SIGINT");
     assert_eq!(cfg["Shell"], serde_json::json!(["/bin/sh", "-ec"]));
-    assert_eq!(cfg["Healthcheck"]["Test"], serde_json::json!(["CMD", "true"]));
+    assert_eq!(
+        cfg["Healthcheck"]["Test"],
+        serde_json::json!(["CMD", "true"])
+    );
     assert_eq!(cfg["Healthcheck"]["Interval"], 30_000_000_000u64);
     let work = tempfile::tempdir().unwrap();
     let rootfs = umoci_unpack_from_registry(&tag, work.path());
-    assert_eq!(std::fs::read_to_string(rootfs.join("app/version")).unwrap(), "version 1.2\n");
-    assert_eq!(std::fs::read_to_string(rootfs.join("app/tool")).unwrap(), "tool\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/version")).unwrap(),
+        "version 1.2\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/tool")).unwrap(),
+        "tool\n"
+    );
     // The final image's layers are the base's plus the two COPY layers only.
     assert_eq!(c["rootfs"]["diff_ids"].as_array().unwrap().len(), 3, "{c}");
 }
@@ -357,23 +547,51 @@ COPY --link linked.txt /linked.txt\n";
         ("linked.txt", "l"),
     ]);
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(ctx.path().join("plain.sh"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(
+        ctx.path().join("plain.sh"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let r = out.path().join("r");
-    ok(rbuild(root.path()).arg(format!("--output=type=local,dest={}", r.display())).arg(ctx.path()));
+    ok(rbuild(root.path())
+        .arg(format!("--output=type=local,dest={}", r.display()))
+        .arg(ctx.path()));
     assert!(r.join("app/keep.txt").exists() && r.join("app/sub/kept").exists());
-    assert!(!r.join("app/debug.log").exists() && !r.join("app/skip").exists(), "--exclude");
-    assert!(r.join("app/sub/also.log").exists(), "`*.log` matches one path level, like .dockerignore");
-    assert!(r.join("tree/a/b/file.txt").exists() && r.join("tree/c/d.txt").exists(), "--parents");
-    assert_eq!(std::fs::metadata(r.join("plain.sh")).unwrap().permissions().mode() & 0o7777, 0o744, "symbolic --chmod");
+    assert!(
+        !r.join("app/debug.log").exists() && !r.join("app/skip").exists(),
+        "--exclude"
+    );
+    assert!(
+        r.join("app/sub/also.log").exists(),
+        "`*.log` matches one path level, like .dockerignore"
+    );
+    assert!(
+        r.join("tree/a/b/file.txt").exists() && r.join("tree/c/d.txt").exists(),
+        "--parents"
+    );
+    assert_eq!(
+        std::fs::metadata(r.join("plain.sh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o744,
+        "symbolic --chmod"
+    );
     assert!(r.join("linked.txt").exists());
     // --link layers do not depend on what is below them: a changed earlier step keeps them cached.
     std::fs::write(ctx.path().join("plain.sh"), "#!/bin/sh\necho changed\n").unwrap();
     let again = run(rbuild(root.path()).arg(ctx.path()));
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{err}");
-    let linked_cached = err.lines().skip_while(|l| !l.contains("COPY --link linked.txt")).nth(1).unwrap_or("").to_string();
+    let linked_cached = err
+        .lines()
+        .skip_while(|l| !l.contains("COPY --link linked.txt"))
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
     assert!(linked_cached.ends_with("CACHED"), "{err}");
 }
 
@@ -387,11 +605,20 @@ fn print_dag_shows_the_plan_without_building() {
     let out = ok(rbuild(root.path()).args(["--print", "dag"]).arg(ctx.path()));
     assert!(out.contains("[0] a <- scratch"), "{out}");
     assert!(out.contains("[1] b <- scratch"), "{out}");
-    assert!(out.contains("copy:1@5") && out.contains("(target)"), "{out}");
-    assert!(!out.contains("unused"), "stages the target does not need are pruned: {out}");
+    assert!(
+        out.contains("copy:1@5") && out.contains("(target)"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("unused"),
+        "stages the target does not need are pruned: {out}"
+    );
     let dot = ok(rbuild(root.path()).args(["--print", "dot"]).arg(ctx.path()));
     assert!(dot.starts_with("digraph"), "{dot}");
-    assert!(!root.path().join("blobs").exists(), "--print builds nothing");
+    assert!(
+        !root.path().join("blobs").exists(),
+        "--print builds nothing"
+    );
 }
 
 #[test]
@@ -401,17 +628,29 @@ fn reproducible_builds_match_across_directories_and_stores() {
     let digest_of = |epoch_via_arg: bool, touch: &str| {
         let ctx = context(&[("Dockerfile", df), ("app/a", "a\n"), ("app/b/c", "c\n")]);
         std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
-        ok(Command::new("touch").args(["-d", touch]).arg(ctx.path().join("app/a")).arg(ctx.path().join("app/b")));
+        ok(Command::new("touch")
+            .args(["-d", touch])
+            .arg(ctx.path().join("app/a"))
+            .arg(ctx.path().join("app/b")));
         let root = tempfile::tempdir().unwrap();
         let meta = root.path().join("meta.json");
         let mut c = Command::new("unshare");
-        c.args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--root"]).arg(root.path().join("store"));
+        c.args(["--pid", "--fork", "--mount-proc"])
+            .arg(rbuild_bin())
+            .args(["build", "--progress=plain", "--root"])
+            .arg(root.path().join("store"));
         if epoch_via_arg {
             c.args(["--build-arg", "SOURCE_DATE_EPOCH=1700000000"]);
         } else {
             c.env("SOURCE_DATE_EPOCH", "1700000000");
         }
-        ok(c.arg("--metadata-file").arg(&meta).arg(format!("--output=type=oci,dest={}", root.path().join("oci").display())).arg(ctx.path()));
+        ok(c.arg("--metadata-file")
+            .arg(&meta)
+            .arg(format!(
+                "--output=type=oci,dest={}",
+                root.path().join("oci").display()
+            ))
+            .arg(ctx.path()));
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
         m["containerimage.digest"].as_str().unwrap().to_string()
     };
@@ -430,14 +669,37 @@ fn layer_export_overlaps_with_the_next_step() {
     )]);
     std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
     let root = tempfile::tempdir().unwrap();
-    let out = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--root"]).arg(root.path()).arg(ctx.path()));
+    let out = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(root.path())
+        .arg(ctx.path()));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let next = err.find("next-step-ran").expect("second RUN ran");
     // The 24 MiB layer of the first RUN is exported while the second RUN runs.
-    let big_layer = err.lines().filter(|l| l.starts_with("#2 ") && l.contains(" layer sha256:")).map(|l| err.find(l).unwrap()).next().expect("layer line");
-    assert!(next < big_layer, "the next step waited for the export:\n{err}");
+    let big_layer = err
+        .lines()
+        .filter(|l| l.starts_with("#2 ") && l.contains(" layer sha256:"))
+        .map(|l| err.find(l).unwrap())
+        .next()
+        .expect("layer line");
+    assert!(
+        next < big_layer,
+        "the next step waited for the export:\n{err}"
+    );
     // The records land before the build ends: a rebuild is all cached.
-    let again = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--root"]).arg(root.path()).arg(ctx.path()));
-    assert_eq!(String::from_utf8_lossy(&again.stderr).matches("CACHED").count(), 3);
+    let again = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(root.path())
+        .arg(ctx.path()));
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr)
+            .matches("CACHED")
+            .count(),
+        3
+    );
 }

@@ -13,14 +13,25 @@ const EPOCH: &str = "1700000000";
 /// `rbuild ARGS` in a PID namespace that is SIGKILLed whole if the `unshare` process dies.
 fn rbuild_ns(root: &Path, args: &[&str]) -> Command {
     let mut c = Command::new("unshare");
-    c.args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]).arg(rbuild_bin()).args(args).arg("--root").arg(root);
+    c.args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
+        .arg(rbuild_bin())
+        .args(args)
+        .arg("--root")
+        .arg(root);
     c.env("SOURCE_DATE_EPOCH", EPOCH);
     c
 }
 
 fn all_output(cmd: &mut Command) -> (bool, String) {
     let out = run(cmd);
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 fn must(cmd: &mut Command) -> String {
@@ -31,13 +42,26 @@ fn must(cmd: &mut Command) -> String {
 
 /// Builds `ctx` into a fresh OCI layout under `work` and returns the manifest digest.
 fn build_digest(root: &Path, ctx: &Path, work: &Path, extra: &[&str]) -> (String, String) {
-    let out = work.join(format!("oci-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let out = work.join(format!(
+        "oci-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
     let dest = format!("type=oci,dest={}", out.display());
     let mut args = vec!["build", "--progress=plain", "-t", "x:1", "--output", &dest];
     args.extend_from_slice(extra);
     let log = must(rbuild_ns(root, &args).arg(ctx));
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
-    (index["manifests"][0]["digest"].as_str().unwrap().to_string(), log)
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    (
+        index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        log,
+    )
 }
 
 fn du(root: &Path, verify: bool) -> serde_json::Value {
@@ -52,7 +76,11 @@ fn du_args(root: &Path, extra: &[&str]) -> serde_json::Value {
 
 fn assert_store_ok(root: &Path, when: &str) {
     let d = du(root, true);
-    assert_eq!(d["problems"], serde_json::json!([]), "store after {when}: {d}");
+    assert_eq!(
+        d["problems"],
+        serde_json::json!([]),
+        "store after {when}: {d}"
+    );
 }
 
 fn project_context(base: &str, tag: &str) -> tempfile::TempDir {
@@ -80,8 +108,22 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// What an empty store holds: these directories, the store lock and the owner lock of the
 /// last process that opened it.
 const SKELETON_DIRS: &[&str] = &[
-    "blobs", "blobs/sha256", "layers", "layers/sha256", "layers/built", "cache", "cache/explain", "tmp", "run", "run/proc-clone", "owners",
-    "refs", "statcache", "resolved", "mounts", "mounts/cache",
+    "blobs",
+    "blobs/sha256",
+    "layers",
+    "layers/sha256",
+    "layers/built",
+    "cache",
+    "cache/explain",
+    "tmp",
+    "run",
+    "run/proc-clone",
+    "owners",
+    "refs",
+    "statcache",
+    "resolved",
+    "mounts",
+    "mounts/cache",
 ];
 
 /// Everything under `root` that is not the empty skeleton.
@@ -104,13 +146,20 @@ fn beyond_skeleton(root: &Path) -> Vec<String> {
 }
 
 fn non_empty(dir: &Path) -> bool {
-    std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false)
+    std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
 }
 
 /// Runs `rbuild ARGS` until its output shows `marker`, then SIGKILLs it (its whole PID namespace).
 fn kill_when(root: &Path, args: &[&str], ctx: &Path, marker: &str) {
     use std::io::BufRead;
-    let mut child = rbuild_ns(root, args).arg(ctx).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = rbuild_ns(root, args)
+        .arg(ctx)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut seen = Vec::new();
     for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
@@ -122,7 +171,11 @@ fn kill_when(root: &Path, args: &[&str], ctx: &Path, marker: &str) {
     }
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    assert!(!status.success(), "the build should have been killed at {marker:?}:\n{}", seen.join("\n"));
+    assert!(
+        !status.success(),
+        "the build should have been killed at {marker:?}:\n{}",
+        seen.join("\n")
+    );
 }
 
 #[test]
@@ -146,41 +199,97 @@ fn du_and_prune_account_for_everything() {
     build_digest(&root, b.path(), work.path(), &[]);
     let (ok, _) = all_output(rbuild_ns(&root, &["build", "--progress=plain"]).arg(failing.path()));
     assert!(!ok);
-    kill_when(&root, &["build", "--progress=plain"], killed.path(), "about-to-sleep");
-    assert!(non_empty(&root.join("tmp")), "the killed build's RUN upperdir is in tmp/");
-    for dir in ["blobs/sha256", "layers/sha256", "layers/built", "cache", "cache/explain", "statcache", "resolved", "mounts/cache"] {
-        assert!(non_empty(&root.join(dir)), "{dir} should hold something before the prune");
+    kill_when(
+        &root,
+        &["build", "--progress=plain"],
+        killed.path(),
+        "about-to-sleep",
+    );
+    assert!(
+        non_empty(&root.join("tmp")),
+        "the killed build's RUN upperdir is in tmp/"
+    );
+    for dir in [
+        "blobs/sha256",
+        "layers/sha256",
+        "layers/built",
+        "cache",
+        "cache/explain",
+        "statcache",
+        "resolved",
+        "mounts/cache",
+    ] {
+        assert!(
+            non_empty(&root.join(dir)),
+            "{dir} should hold something before the prune"
+        );
     }
 
     let before = du(&root, true);
     assert_eq!(before["problems"], serde_json::json!([]), "{before}");
-    assert!(before["records"]["count"].as_u64().unwrap() >= 6, "{before}");
-    assert!(before["cache-mounts"]["count"].as_u64().unwrap() >= 1, "{before}");
-    assert!(before["metadata"]["count"].as_u64().unwrap() >= 3, "stat caches and miss explanations: {before}");
+    assert!(
+        before["records"]["count"].as_u64().unwrap() >= 6,
+        "{before}"
+    );
+    assert!(
+        before["cache-mounts"]["count"].as_u64().unwrap() >= 1,
+        "{before}"
+    );
+    assert!(
+        before["metadata"]["count"].as_u64().unwrap() >= 3,
+        "stat caches and miss explanations: {before}"
+    );
     let total = before["total_bytes"].as_u64().unwrap();
-    assert!(total > 7_000_000, "two 2.4 MB noise layers, packed and unpacked: {before}");
-    assert_eq!(before["reclaimable_bytes"], before["total_bytes"], "no image is kept by name: {before}");
+    assert!(
+        total > 7_000_000,
+        "two 2.4 MB noise layers, packed and unpacked: {before}"
+    );
+    assert_eq!(
+        before["reclaimable_bytes"], before["total_bytes"],
+        "no image is kept by name: {before}"
+    );
     // The human table and the verbose listing.
     let table = must(&mut rbuild_ns(&root, &["du", "--verbose"]));
-    assert!(table.contains("RECLAIMABLE") && table.contains("Total:") && table.contains("Reclaimable:"), "{table}");
+    assert!(
+        table.contains("RECLAIMABLE") && table.contains("Total:") && table.contains("Reclaimable:"),
+        "{table}"
+    );
     let listed = du_args(&root, &["--verbose"]);
-    assert_eq!(listed["record_list"].as_array().unwrap().len() as u64, before["records"]["count"].as_u64().unwrap(), "{listed}");
-    assert!(!listed["cache_mount_list"].as_array().unwrap().is_empty(), "{listed}");
+    assert_eq!(
+        listed["record_list"].as_array().unwrap().len() as u64,
+        before["records"]["count"].as_u64().unwrap(),
+        "{listed}"
+    );
+    assert!(
+        !listed["cache_mount_list"].as_array().unwrap().is_empty(),
+        "{listed}"
+    );
 
     // A filter that matches nothing removes no record.
-    let out = must(&mut rbuild_ns(&root, &["prune", "--json", "--filter", "until=1h"]));
+    let out = must(&mut rbuild_ns(
+        &root,
+        &["prune", "--json", "--filter", "until=1h"],
+    ));
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(r["records"], 0, "{out}");
 
     // Keep about one project's worth: the least recently used (a) goes, b stays cached.
     must(&mut rbuild_ns(&root, &["prune", "--keep-storage", "5MB"]));
     let after = du(&root, true);
-    let kept = after["blobs"]["bytes"].as_u64().unwrap() + after["layers"]["bytes"].as_u64().unwrap() + after["records"]["bytes"].as_u64().unwrap();
+    let kept = after["blobs"]["bytes"].as_u64().unwrap()
+        + after["layers"]["bytes"].as_u64().unwrap()
+        + after["records"]["bytes"].as_u64().unwrap();
     assert!(kept <= 5_000_000, "{after}");
     let (_, log_b) = build_digest(&root, b.path(), work.path(), &[]);
-    assert!(!log_b.contains("cache miss"), "b was used last and must still be cached:\n{log_b}");
+    assert!(
+        !log_b.contains("cache miss"),
+        "b was used last and must still be cached:\n{log_b}"
+    );
     let (_, log_a) = build_digest(&root, a.path(), work.path(), &[]);
-    assert!(log_a.contains("cache miss"), "a was pruned and must run again:\n{log_a}");
+    assert!(
+        log_a.contains("cache miss"),
+        "a was pruned and must run again:\n{log_a}"
+    );
 
     // prune --all leaves only the empty skeleton: nothing escapes it.
     let out = must(&mut rbuild_ns(&root, &["prune", "--all"]));
@@ -205,9 +314,16 @@ fn builds_killed_at_any_point_leave_a_usable_store() {
     let root = work.path().join("store");
     // Kill points from "just started" through pulling, unpacking, RUN, COPY and export; each
     // killed build uses --no-cache so it always has work in flight when the signal comes.
-    let points_ms = [30, 120, 250, 400, 600, 800, 1000, 1300, 1600, 2000, 2500, 3000];
+    let points_ms = [
+        30, 120, 250, 400, 600, 800, 1000, 1300, 1600, 2000, 2500, 3000,
+    ];
     for (i, ms) in points_ms.iter().enumerate() {
-        let mut child = rbuild_ns(&root, &["build", "--progress=plain", "--no-cache"]).arg(ctx.path()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = rbuild_ns(&root, &["build", "--progress=plain", "--no-cache"])
+            .arg(ctx.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(*ms));
         let _ = child.kill();
         child.wait().unwrap();
@@ -242,7 +358,12 @@ fn concurrent_builds_share_one_store() {
         let jobs: Vec<_> = [(&a, &want_a), (&a, &want_a), (&b, &want_b)]
             .into_iter()
             .map(|(ctx, want)| {
-                let (root, ctx, work, want) = (root.clone(), ctx.path().to_path_buf(), work.path().to_path_buf(), want.clone());
+                let (root, ctx, work, want) = (
+                    root.clone(),
+                    ctx.path().to_path_buf(),
+                    work.path().to_path_buf(),
+                    want.clone(),
+                );
                 let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
                 std::thread::spawn(move || {
                     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -257,10 +378,16 @@ fn concurrent_builds_share_one_store() {
         assert_store_ok(&root, &format!("round {round}"));
     }
     // A prune waits for running builds instead of pulling layers from under them.
-    let mut builder = rbuild_ns(&root, &["build", "--progress=plain", "--no-cache"]).arg(a.path()).spawn().unwrap();
+    let mut builder = rbuild_ns(&root, &["build", "--progress=plain", "--no-cache"])
+        .arg(a.path())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (pruned, log) = all_output(&mut rbuild_ns(&root, &["prune", "--all", "--wait", "60s"]));
-    assert!(builder.wait().unwrap().success(), "the build must not notice the prune");
+    assert!(
+        builder.wait().unwrap().success(),
+        "the build must not notice the prune"
+    );
     assert!(pruned, "{log}");
     assert_store_ok(&root, "prune during a build");
 }
@@ -272,7 +399,11 @@ fn reproducible_builds_match_across_stores_and_directories() {
     let base = reg.with_busybox();
     let work = tempfile::tempdir().unwrap();
     let df = format!("FROM {base}\nCOPY app/ /app/\nRUN cat /app/* > /joined && mkdir -p /var/x && touch /var/x/stamp\nWORKDIR /srv\nCOPY <<EOF /srv/inline\nhello\nEOF\n");
-    let files = [("Dockerfile", df.as_str()), ("app/one", "1\n"), ("app/two", "2\n")];
+    let files = [
+        ("Dockerfile", df.as_str()),
+        ("app/one", "1\n"),
+        ("app/two", "2\n"),
+    ];
     let c1 = context(&files);
     let c2 = context(&files);
     // Another owner and other mtimes on the second copy's files: the layers must not care.
@@ -282,17 +413,47 @@ fn reproducible_builds_match_across_stores_and_directories() {
         let root = work.path().join(format!("store-{i}"));
         let mut c = Command::new("unshare");
         let out = work.path().join(format!("oci-{i}"));
-        c.args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--reproducible", "-t", "r:1", "--output"]);
-        c.arg(format!("type=oci,dest={}", out.display())).arg("--root").arg(&root).arg(ctx.path());
+        c.args(["--pid", "--fork", "--mount-proc"])
+            .arg(rbuild_bin())
+            .args([
+                "build",
+                "--progress=plain",
+                "--reproducible",
+                "-t",
+                "r:1",
+                "--output",
+            ]);
+        c.arg(format!("type=oci,dest={}", out.display()))
+            .arg("--root")
+            .arg(&root)
+            .arg(ctx.path());
         c.env_remove("SOURCE_DATE_EPOCH");
         ok(&mut c);
-        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
-        digests.push(index["manifests"][0]["digest"].as_str().unwrap().to_string());
-        let insp: serde_json::Value = serde_json::from_str(&ok(Command::new("skopeo").arg("inspect").arg(format!("oci:{}:1", out.display())))).unwrap();
-        assert_eq!(insp["Created"], "1970-01-01T00:00:00Z", "--reproducible without SOURCE_DATE_EPOCH means epoch 0: {insp}");
-        assert_eq!(insp["Digest"], digests[i], "skopeo reads the manifest the index names");
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+        digests.push(
+            index["manifests"][0]["digest"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        let insp: serde_json::Value = serde_json::from_str(&ok(Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci:{}:1", out.display()))))
+        .unwrap();
+        assert_eq!(
+            insp["Created"], "1970-01-01T00:00:00Z",
+            "--reproducible without SOURCE_DATE_EPOCH means epoch 0: {insp}"
+        );
+        assert_eq!(
+            insp["Digest"], digests[i],
+            "skopeo reads the manifest the index names"
+        );
     }
-    assert_eq!(digests[0], digests[1], "same inputs, different stores, directories, owners and times: one digest");
+    assert_eq!(
+        digests[0], digests[1],
+        "same inputs, different stores, directories, owners and times: one digest"
+    );
 }
 
 #[test]
@@ -301,10 +462,20 @@ fn unchanged_context_files_are_not_read_again() {
     let reg = Registry::start();
     let base = reg.with_busybox();
     let work = tempfile::tempdir().unwrap();
-    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nCOPY . /ctx/\nRUN ls /ctx | wc -l\n")), (".dockerignore", "ignored/\n")]);
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            &format!("FROM {base}\nCOPY . /ctx/\nRUN ls /ctx | wc -l\n"),
+        ),
+        (".dockerignore", "ignored/\n"),
+    ]);
     for i in 0..300 {
         std::fs::create_dir_all(ctx.path().join(format!("d{}", i % 10))).unwrap();
-        std::fs::write(ctx.path().join(format!("d{}/f{i}", i % 10)), format!("{i}\n")).unwrap();
+        std::fs::write(
+            ctx.path().join(format!("d{}/f{i}", i % 10)),
+            format!("{i}\n"),
+        )
+        .unwrap();
     }
     std::fs::create_dir_all(ctx.path().join("ignored")).unwrap();
     std::fs::write(ctx.path().join("ignored/x"), "x").unwrap();
@@ -312,17 +483,35 @@ fn unchanged_context_files_are_not_read_again() {
     std::thread::sleep(Duration::from_millis(2100));
     let root = work.path().join("store");
     let files_read = |log: &str| -> u64 {
-        let line = log.lines().find(|l| l.contains("files read to hash them")).unwrap_or_else(|| panic!("no context line:\n{log}"));
-        line.split("context: ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+        let line = log
+            .lines()
+            .find(|l| l.contains("files read to hash them"))
+            .unwrap_or_else(|| panic!("no context line:\n{log}"));
+        line.split("context: ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
-    assert_eq!(files_read(&log), 302, "first build reads every file, Dockerfile and .dockerignore included:\n{log}");
+    assert_eq!(
+        files_read(&log),
+        302,
+        "first build reads every file, Dockerfile and .dockerignore included:\n{log}"
+    );
     let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert_eq!(files_read(&log), 0, "{log}");
     assert!(!log.contains("cache miss"), "{log}");
     // Same content, new mtime: read again, still a cache hit. New content: read, and a miss.
-    let f = std::fs::File::options().write(true).open(ctx.path().join("d1/f1")).unwrap();
-    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600)).unwrap();
+    let f = std::fs::File::options()
+        .write(true)
+        .open(ctx.path().join("d1/f1"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
     std::fs::write(ctx.path().join("d2/f2"), "changed\n").unwrap();
     std::fs::write(ctx.path().join("ignored/x"), "y").unwrap();
     let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
@@ -337,7 +526,8 @@ fn restamp(dir: &Path, uid: u32, secs: u64) {
         std::os::unix::fs::lchown(&p, Some(uid), Some(uid)).unwrap();
         if !p.is_symlink() {
             let f = std::fs::File::open(&p).unwrap();
-            f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs)).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+                .unwrap();
         }
     }
 }
@@ -352,7 +542,11 @@ fn cache_keys_do_not_depend_on_where_contexts_are_or_who_owns_them() {
     let df = format!(
         "FROM {base}\nCOPY app/ /app/\nRUN --mount=type=bind,from=lib,target=/l cat /l/one > /from-lib\nCOPY --from=lib . /lib/\nRUN --mount=type=bind,source=app,target=/a cat /a/x > /from-app\n"
     );
-    let files = [("Dockerfile", df.as_str()), ("app/x", "x\n"), ("app/sub/y", "y\n")];
+    let files = [
+        ("Dockerfile", df.as_str()),
+        ("app/x", "x\n"),
+        ("app/sub/y", "y\n"),
+    ];
     let (ctx1, lib1) = (context(&files), context(&[("one", "1\n")]));
     let (ctx2, lib2) = (context(&files), context(&[("one", "1\n")]));
     restamp(ctx2.path(), 4321, 1_000_000);
@@ -364,7 +558,11 @@ fn cache_keys_do_not_depend_on_where_contexts_are_or_who_owns_them() {
     let (first, _) = build(ctx1.path(), lib1.path());
     // The same files elsewhere, owned by someone else, with other times: every step hits.
     let (second, log) = build(ctx2.path(), lib2.path());
-    assert_eq!(log.matches("CACHED").count(), 4, "every step cached:\n{log}");
+    assert_eq!(
+        log.matches("CACHED").count(),
+        4,
+        "every step cached:\n{log}"
+    );
     assert!(!log.contains("cache miss"), "{log}");
     assert_eq!(first, second, "same files, same image");
     // A changed file of the named context reruns the RUN that bind-mounts it (by content,
@@ -387,28 +585,45 @@ fn base_image_tags_are_not_asked_again_for_a_while_and_survive_an_outage() {
     let (first, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert!(log.contains(&format!("resolved {base} to")), "{log}");
     // Move the tag: another image under the same name, pushed from another store.
-    let moved = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo moved > /moved\n"))]);
-    must(rbuild_ns(&work.path().join("other"), &["build", "--progress=plain", "-t", &base, "--push"]).arg(moved.path()));
+    let moved = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo moved > /moved\n"),
+    )]);
+    must(
+        rbuild_ns(
+            &work.path().join("other"),
+            &["build", "--progress=plain", "-t", &base, "--push"],
+        )
+        .arg(moved.path()),
+    );
     // Within the TTL the store's resolution holds: nothing asked, nothing rerun.
     let (again, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert_eq!(again, first);
-    assert!(log.contains("--pull asks the registry") && !log.contains("cache miss"), "{log}");
+    assert!(
+        log.contains("--pull asks the registry") && !log.contains("cache miss"),
+        "{log}"
+    );
     // --pull asks: the moved tag's image is the new base, and the RUN runs on it.
     let (pulled, log) = build_digest(&root, ctx.path(), work.path(), &["--pull"]);
     assert_ne!(pulled, first, "{log}");
-    assert!(log.contains(&format!("resolved {base} to")) && log.contains("cache miss"), "{log}");
+    assert!(
+        log.contains(&format!("resolved {base} to")) && log.contains("cache miss"),
+        "{log}"
+    );
 
     // An outage: within the TTL nothing changes ...
     reg.stop();
     let (during, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert_eq!(during, pulled, "{log}");
     // ... --pull fails, naming the registry ...
-    let (ok, log) = all_output(rbuild_ns(&root, &["build", "--progress=plain", "--pull"]).arg(ctx.path()));
+    let (ok, log) =
+        all_output(rbuild_ns(&root, &["build", "--progress=plain", "--pull"]).arg(ctx.path()));
     assert!(!ok && log.contains("is unreachable"), "{log}");
     // ... and past the TTL the last resolution is used, with a warning.
     for e in std::fs::read_dir(root.join("resolved")).unwrap() {
         let p = e.unwrap().path();
-        let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let mut rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
         rec["resolved_at"] = serde_json::json!(rec["resolved_at"].as_u64().unwrap() - 3600);
         std::fs::write(&p, rec.to_string()).unwrap();
     }

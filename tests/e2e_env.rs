@@ -24,7 +24,9 @@ fn stderr(o: &Output) -> String {
 
 /// The `sandbox: …` line of a build.
 fn sandbox_line(err: &str) -> &str {
-    err.lines().find(|l| l.starts_with("sandbox: ")).unwrap_or_else(|| panic!("no sandbox line:\n{err}"))
+    err.lines()
+        .find(|l| l.starts_with("sandbox: "))
+        .unwrap_or_else(|| panic!("no sandbox line:\n{err}"))
 }
 
 /// `sh -c SCRIPT` where the masks on /proc are locked for rbuild: a PID namespace of its own
@@ -33,7 +35,16 @@ fn sandbox_line(err: &str) -> &str {
 /// `procMount: Unmasked`. `SCRIPT` ends with what runs in there.
 fn locked(inner: &str) -> Command {
     let mut c = Command::new("unshare");
-    c.args(["--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private", "sh", "-c"]);
+    c.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+    ]);
     c.arg(format!("mount --bind /dev/null /proc/timer_list && exec unshare --user --map-root-user --mount {inner}"));
     c
 }
@@ -45,25 +56,59 @@ fn read(p: PathBuf) -> String {
 #[test]
 fn the_build_line_is_what_the_doctor_predicts() {
     let root = tempfile::tempdir().unwrap();
-    let out = run(Command::new(rbuild_bin()).args(["doctor", "--json", "--root"]).arg(root.path()));
+    let out = run(Command::new(rbuild_bin())
+        .args(["doctor", "--json", "--root"])
+        .arg(root.path()));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let summary = report["summary"].as_str().unwrap();
-    let predicted = summary.split("RUN steps: ").nth(1).unwrap_or_else(|| panic!("{summary}"));
+    let predicted = summary
+        .split("RUN steps: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{summary}"));
     let ctx = busybox_context("RUN echo hi\n");
-    let b = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--memory", "64m", "--root"]).arg(root.path()).arg(ctx.path()));
+    let b = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--memory", "64m", "--root"])
+        .arg(root.path())
+        .arg(ctx.path()));
     let err = stderr(&b);
     assert!(b.status.success(), "{err}");
     let line = sandbox_line(&err);
-    assert!(line.starts_with("sandbox: root: host IDs; RUN steps: user namespaces, overlay (native), private /proc"), "{line}");
-    assert!(line.contains(&format!("RUN steps: {predicted}")), "doctor: {summary}\nbuild: {line}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("sandbox: ")).count(), 1, "one line: {err}");
+    assert!(
+        line.starts_with(
+            "sandbox: root: host IDs; RUN steps: user namespaces, overlay (native), private /proc"
+        ),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("RUN steps: {predicted}")),
+        "doctor: {summary}\nbuild: {line}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("sandbox: ")).count(),
+        1,
+        "one line: {err}"
+    );
     // Whether the limits work, the doctor's cgroup check and the build agree.
-    let cg = report["checks"].as_array().unwrap().iter().find(|c| c["check"] == "cgroup v2 delegation").unwrap();
-    if cg["detail"].as_str().unwrap().contains("--memory, --cpus and --pids-limit work") {
+    let cg = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "cgroup v2 delegation")
+        .unwrap();
+    if cg["detail"]
+        .as_str()
+        .unwrap()
+        .contains("--memory, --cpus and --pids-limit work")
+    {
         assert!(line.contains("; limits: memory 64 MiB (cgroup v"), "{line}");
         assert!(!err.contains("RUN steps run without"), "{err}");
     } else {
-        assert!(err.contains("WARNING: RUN steps run without --memory"), "{err}");
+        assert!(
+            err.contains("WARNING: RUN steps run without --memory"),
+            "{err}"
+        );
     }
 }
 
@@ -89,16 +134,46 @@ fn locked_proc_masks_build_with_a_shared_pid_namespace() {
     assert!(res.status.success(), "{err}");
     let line = sandbox_line(&err);
     assert!(line.ends_with("RUN steps: user namespaces, overlay (native), shared PID namespace and /proc (masks locked)"), "{line}");
-    let warning = err.lines().find(|l| l.starts_with("WARNING: the masks on /proc")).unwrap_or_else(|| panic!("{err}"));
-    for want in ["/proc/timer_list", "share rbuild's PID namespace", "signal those of its own user", "procMount: Unmasked", "SYS_ADMIN", "--isolation=strict"] {
+    let warning = err
+        .lines()
+        .find(|l| l.starts_with("WARNING: the masks on /proc"))
+        .unwrap_or_else(|| panic!("{err}"));
+    for want in [
+        "/proc/timer_list",
+        "share rbuild's PID namespace",
+        "signal those of its own user",
+        "procMount: Unmasked",
+        "SYS_ADMIN",
+        "--isolation=strict",
+    ] {
         assert!(warning.contains(want), "{want}: {warning}");
     }
-    assert_ne!(read(dest.join("pid")).trim(), "1", "not PID 1 of a namespace of its own");
-    assert_eq!(read(dest.join("timer")).trim(), "0", "the masked /proc stays masked");
-    assert_eq!(read(dest.join("builder-visible")).trim(), "1", "the step shares rbuild's PID namespace");
+    assert_ne!(
+        read(dest.join("pid")).trim(),
+        "1",
+        "not PID 1 of a namespace of its own"
+    );
+    assert_eq!(
+        read(dest.join("timer")).trim(),
+        "0",
+        "the masked /proc stays masked"
+    );
+    assert_eq!(
+        read(dest.join("builder-visible")).trim(),
+        "1",
+        "the step shares rbuild's PID namespace"
+    );
     // Its nested user namespace lacks the capabilities rbuild holds, so ptrace access is refused.
-    assert_eq!(read(dest.join("environ-read")).trim(), "0", "but cannot read rbuild's environment");
-    assert_eq!(read(dest.join("sleepers")).trim(), "0", "the first step's background process ended with it");
+    assert_eq!(
+        read(dest.join("environ-read")).trim(),
+        "0",
+        "but cannot read rbuild's environment"
+    );
+    assert_eq!(
+        read(dest.join("sleepers")).trim(),
+        "0",
+        "the first step's background process ended with it"
+    );
 }
 
 #[test]
@@ -121,7 +196,11 @@ fn shared_pid_steps_end_when_rbuild_is_killed() {
     );
     let res = run(&mut locked(&format!("sh -c {}", shell_quote(&script))));
     let out = String::from_utf8_lossy(&res.stdout);
-    assert!(out.starts_with("CLEAN"), "what the step started outlived rbuild:\n{out}{}", stderr(&res));
+    assert!(
+        out.starts_with("CLEAN"),
+        "what the step started outlived rbuild:\n{out}{}",
+        stderr(&res)
+    );
 }
 
 /// Single-quotes for sh.
@@ -143,21 +222,38 @@ fn strict_isolation_refuses_locked_proc_masks_and_names_the_fix() {
     )));
     let err = stderr(&res);
     assert_eq!(res.status.code(), Some(1), "{err}");
-    let e = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{err}"));
-    for want in ["--isolation=strict", "PID namespace and /proc of their own", "/proc/timer_list", "locked", "procMount: Unmasked", "SYS_ADMIN"] {
+    let e = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    for want in [
+        "--isolation=strict",
+        "PID namespace and /proc of their own",
+        "/proc/timer_list",
+        "locked",
+        "procMount: Unmasked",
+        "SYS_ADMIN",
+    ] {
         assert!(e.contains(want), "{want}: {e}");
     }
     assert!(!dest.exists(), "nothing written");
     assert!(!err.contains("#1 "), "no step ran: {err}");
     // The same build under auto works (the refusal is strict's, not the environment's).
-    let res = run(&mut locked(&format!("{} build --progress=plain --root {} {}", rbuild_bin().display(), root.path().display(), ctx.path().display())));
+    let res = run(&mut locked(&format!(
+        "{} build --progress=plain --root {} {}",
+        rbuild_bin().display(),
+        root.path().display(),
+        ctx.path().display()
+    )));
     assert!(res.status.success(), "{}", stderr(&res));
 }
 
 /// This process's directory in the v1 hierarchy of `controller`, when there is one.
 fn v1_dir(controller: &str) -> Option<PathBuf> {
     let l = rbuild_sandbox::cgroup::Layout::current();
-    let c = rbuild_sandbox::cgroup::Controller::ALL.into_iter().find(|c| c.name() == controller)?;
+    let c = rbuild_sandbox::cgroup::Controller::ALL
+        .into_iter()
+        .find(|c| c.name() == controller)?;
     l.v1.get(&c).cloned()
 }
 
@@ -166,7 +262,9 @@ struct TestCgroup(PathBuf);
 
 impl TestCgroup {
     fn new(controller: &str, file: &str, value: &str) -> TestCgroup {
-        let parent = v1_dir(controller).unwrap_or_else(|| panic!("this test needs the cgroup v1 {controller} hierarchy (a hybrid host)"));
+        let parent = v1_dir(controller).unwrap_or_else(|| {
+            panic!("this test needs the cgroup v1 {controller} hierarchy (a hybrid host)")
+        });
         let d = parent.join(format!("rbuild-test-{controller}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(file), value).unwrap();
@@ -175,8 +273,12 @@ impl TestCgroup {
     /// `sh -c` that joins the cgroup, then runs `inner` in a PID namespace of its own.
     fn command(&self, inner: &str) -> Command {
         let mut c = Command::new("sh");
-        c.arg("-c").arg(format!("echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount-proc {inner}", self.0.display()));
-        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c.arg("-c").arg(format!(
+            "echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount-proc {inner}",
+            self.0.display()
+        ));
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         c
     }
     fn run(&self, inner: &str) -> Output {
@@ -184,7 +286,12 @@ impl TestCgroup {
     }
     /// Step cgroups left below it.
     fn leftovers(&self) -> Vec<String> {
-        std::fs::read_dir(&self.0).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("rbuild-step-")).collect()
+        std::fs::read_dir(&self.0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("rbuild-step-"))
+            .collect()
     }
 }
 
@@ -200,26 +307,44 @@ impl Drop for TestCgroup {
 }
 
 fn build_cmd(root: &Path, flags: &str, ctx: &Path) -> String {
-    format!("{} build --progress=plain {flags} --root {} {}", rbuild_bin().display(), root.display(), ctx.display())
+    format!(
+        "{} build --progress=plain {flags} --root {} {}",
+        rbuild_bin().display(),
+        root.display(),
+        ctx.display()
+    )
 }
 
 #[test]
 fn memory_limit_oom_kills_a_run_step_with_a_clear_message() {
-    let ctx = busybox_context("RUN x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}\n");
+    let ctx =
+        busybox_context("RUN x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}\n");
     let root = tempfile::tempdir().unwrap();
     // Safety net: the whole build may use 1 GiB.
     let cg = TestCgroup::new("memory", "memory.limit_in_bytes", &(1u64 << 30).to_string());
     let res = cg.run(&build_cmd(root.path(), "--memory 64m", ctx.path()));
     let err = stderr(&res);
     assert_eq!(res.status.code(), Some(1), "{err}");
-    assert!(sandbox_line(&err).ends_with("; limits: memory 64 MiB (cgroup v1)"), "{err}");
-    let e = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{err}"));
-    assert!(e.contains("killed by signal 9 (killed: memory limit 64 MiB reached (--memory))"), "{e}");
+    assert!(
+        sandbox_line(&err).ends_with("; limits: memory 64 MiB (cgroup v1)"),
+        "{err}"
+    );
+    let e = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        e.contains("killed by signal 9 (killed: memory limit 64 MiB reached (--memory))"),
+        "{e}"
+    );
     assert!(cg.leftovers().is_empty(), "{:?}", cg.leftovers());
     // Without the limit the same step gets through.
     let res = cg.run(&build_cmd(root.path(), "", ctx.path()));
     let err = stderr(&res);
-    assert!(res.status.success() && err.contains("survived 150000000"), "{err}");
+    assert!(
+        res.status.success() && err.contains("survived 150000000"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -232,13 +357,33 @@ fn pids_limit_bounds_a_fork_bomb() {
     let res = cg.run(&build_cmd(root.path(), "--pids-limit 20", ctx.path()));
     let err = stderr(&res);
     assert_eq!(res.status.code(), Some(1), "{err}");
-    assert!(sandbox_line(&err).ends_with("; limits: 20 processes (cgroup v1)"), "{err}");
-    let e = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{err}"));
-    assert!(e.contains("(process limit 20 reached (--pids-limit): ") && e.contains("forks refused)"), "{e}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+    assert!(
+        sandbox_line(&err).ends_with("; limits: 20 processes (cgroup v1)"),
+        "{err}"
+    );
+    let e = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        e.contains("(process limit 20 reached (--pids-limit): ") && e.contains("forks refused)"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
     // The most processes the whole build had at once: rbuild's threads, the sandbox and 20.
-    let peak: u64 = std::fs::read_to_string(cg.0.join("pids.peak")).unwrap().trim().parse().unwrap();
-    assert!(peak < 100, "the step's limit held, far below the test's safety net of 300: peak {peak}");
+    let peak: u64 = std::fs::read_to_string(cg.0.join("pids.peak"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        peak < 100,
+        "the step's limit held, far below the test's safety net of 300: peak {peak}"
+    );
     assert!(cg.leftovers().is_empty(), "{:?}", cg.leftovers());
 }
 
@@ -251,17 +396,33 @@ fn cpus_limit_throttles_a_busy_run_step() {
     let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dest = out.path().join("r");
     let cg = TestCgroup::new("cpu", "cpu.shares", "1024");
-    let mut child = cg.command(&format!("{} --output type=local,dest={}", build_cmd(root.path(), "--cpus 0.2", ctx.path()), dest.display())).spawn().unwrap();
+    let mut child = cg
+        .command(&format!(
+            "{} --output type=local,dest={}",
+            build_cmd(root.path(), "--cpus 0.2", ctx.path()),
+            dest.display()
+        ))
+        .spawn()
+        .unwrap();
     // While the step runs: its cgroup has the quota, and the kernel throttles the loop.
     let mut seen = None;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while seen.is_none() && std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+    while seen.is_none()
+        && std::time::Instant::now() < deadline
+        && child.try_wait().unwrap().is_none()
+    {
         for d in cg.leftovers() {
             let d = cg.0.join(d);
             let stat = std::fs::read_to_string(d.join("cpu.stat")).unwrap_or_default();
-            let throttled: u64 = stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")?.parse().ok()).unwrap_or(0);
+            let throttled: u64 = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("nr_throttled ")?.parse().ok())
+                .unwrap_or(0);
             if throttled > 0 {
-                seen = Some((std::fs::read_to_string(d.join("cpu.cfs_quota_us")).unwrap_or_default(), throttled));
+                seen = Some((
+                    std::fs::read_to_string(d.join("cpu.cfs_quota_us")).unwrap_or_default(),
+                    throttled,
+                ));
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -269,15 +430,32 @@ fn cpus_limit_throttles_a_busy_run_step() {
     let res = child.wait_with_output().unwrap();
     let err = stderr(&res);
     assert!(res.status.success(), "{err}");
-    assert!(sandbox_line(&err).ends_with("; limits: 0.2 CPU (cgroup v1)"), "{err}");
-    let (quota, throttled) = seen.unwrap_or_else(|| panic!("the step's cgroup never throttled the loop\n{err}"));
+    assert!(
+        sandbox_line(&err).ends_with("; limits: 0.2 CPU (cgroup v1)"),
+        "{err}"
+    );
+    let (quota, throttled) =
+        seen.unwrap_or_else(|| panic!("the step's cgroup never throttled the loop\n{err}"));
     assert_eq!(quota.trim(), "20000", "0.2 of the 100 ms period");
-    assert_eq!(read(dest.join("in-step-cgroup")).trim(), "1", "the step runs in a cpu cgroup of its own");
+    assert_eq!(
+        read(dest.join("in-step-cgroup")).trim(),
+        "1",
+        "the step runs in a cpu cgroup of its own"
+    );
     // The last line (time says first that timeout's TERM ended the loop).
     let usage_text = read(dest.join("usage"));
-    let usage: f64 = usage_text.lines().last().unwrap_or_default().split_whitespace().map(|t| t.parse::<f64>().unwrap()).sum();
+    let usage: f64 = usage_text
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|t| t.parse::<f64>().unwrap())
+        .sum();
     // 0.2 CPU for 3 s is 0.6 s of CPU time.
-    assert!(usage < 0.8, "a busy loop got {usage} s of CPU in 3 s under --cpus 0.2 (throttled {throttled} times)");
+    assert!(
+        usage < 0.8,
+        "a busy loop got {usage} s of CPU in 3 s under --cpus 0.2 (throttled {throttled} times)"
+    );
     assert!(cg.leftovers().is_empty(), "{:?}", cg.leftovers());
 }
 
@@ -311,8 +489,13 @@ fn without_ca_certificates_plain_http_registries_work_and_https_ones_say_what_is
     let base = reg.with_busybox();
     let root = tempfile::tempdir().unwrap();
     for (from, passes) in [(base.as_str(), true), ("registry.invalid/busybox:1", false)] {
-        let ctx = context(&[("Dockerfile", &format!("FROM {from}\nCOPY a /a\n")), ("a", "x\n")]);
-        let dest = root.path().join(if passes { "out-http" } else { "out-https" });
+        let ctx = context(&[
+            ("Dockerfile", &format!("FROM {from}\nCOPY a /a\n")),
+            ("a", "x\n"),
+        ]);
+        let dest = root
+            .path()
+            .join(if passes { "out-http" } else { "out-https" });
         // No bundle anywhere (a minimal image): /etc/ssl hidden, SSL_CERT_* unset.
         let b = run(Command::new("unshare")
             .args(["--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private", "sh", "-c"])
@@ -327,12 +510,22 @@ fn without_ca_certificates_plain_http_registries_work_and_https_ones_say_what_is
         let err = stderr(&b);
         assert!(!err.contains("panicked"), "{err}");
         if passes {
-            assert!(b.status.success(), "a plain-HTTP registry needs no CA certificates:\n{err}");
+            assert!(
+                b.status.success(),
+                "a plain-HTTP registry needs no CA certificates:\n{err}"
+            );
             assert_eq!(read(dest.join("a")), "x\n");
         } else {
             assert!(!b.status.success(), "{err}");
-            for want in ["Dockerfile:1", "registry registry.invalid: cannot set up TLS (no CA certificates", "install CA certificates (Debian: ca-certificates)"] {
-                assert!(err.contains(want), "the error does not say {want:?}:\n{err}");
+            for want in [
+                "Dockerfile:1",
+                "registry registry.invalid: cannot set up TLS (no CA certificates",
+                "install CA certificates (Debian: ca-certificates)",
+            ] {
+                assert!(
+                    err.contains(want),
+                    "the error does not say {want:?}:\n{err}"
+                );
             }
             assert!(!dest.exists());
         }

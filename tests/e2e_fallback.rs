@@ -29,17 +29,32 @@ fn meta_digest(meta: &Path) -> String {
 }
 
 fn check_rootfs(rootfs: &Path) {
-    assert_eq!(std::fs::read_to_string(rootfs.join("two")).unwrap(), "one\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("two")).unwrap(),
+        "one\n"
+    );
     assert!(!rootfs.join("bin/ls").exists() && rootfs.join("bin/busybox").exists());
     assert!(!rootfs.join("one-link").exists());
-    let d: Vec<_> = std::fs::read_dir(rootfs.join("d")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let d: Vec<_> = std::fs::read_dir(rootfs.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(d, vec!["again"]);
-    assert_eq!(std::fs::read_to_string(rootfs.join("app/w")).unwrap(), "w\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/w")).unwrap(),
+        "w\n"
+    );
 }
 
 /// Builds `ctx` in new mount and PID namespaces: `pre` (shell) runs first, then rbuild with
 /// `args`; returns rbuild's output.
-fn build_in_namespaces(pre: &str, root: &Path, ctx: &Path, meta: &Path, envs: &[(&str, &str)]) -> Output {
+fn build_in_namespaces(
+    pre: &str,
+    root: &Path,
+    ctx: &Path,
+    meta: &Path,
+    envs: &[(&str, &str)],
+) -> Output {
     let script = format!(
         "set -e\n{pre}\nexec {rbuild} build --progress=plain --root {root} --metadata-file {meta} {ctx}\n",
         rbuild = rbuild_bin().display(),
@@ -48,7 +63,16 @@ fn build_in_namespaces(pre: &str, root: &Path, ctx: &Path, meta: &Path, envs: &[
         ctx = ctx.display()
     );
     let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation=private", "--pid", "--fork", "--mount-proc", "sh", "-c", &script]);
+    c.args([
+        "--mount",
+        "--propagation=private",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "sh",
+        "-c",
+        &script,
+    ]);
     c.env("SOURCE_DATE_EPOCH", SDE);
     for (k, v) in envs {
         c.env(k, v);
@@ -60,8 +84,18 @@ fn build_in_namespaces(pre: &str, root: &Path, ctx: &Path, meta: &Path, envs: &[
 /// Returns it and the directory holding that build's store (`store/`).
 fn reference(ctx: &Path) -> (String, tempfile::TempDir) {
     let t = tempfile::tempdir().unwrap();
-    let out = build_in_namespaces("", &t.path().join("store"), ctx, &t.path().join("meta.json"), &[]);
-    assert!(out.status.success(), "reference build failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = build_in_namespaces(
+        "",
+        &t.path().join("store"),
+        ctx,
+        &t.path().join("meta.json"),
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "reference build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (meta_digest(&t.path().join("meta.json")), t)
 }
 
@@ -69,8 +103,14 @@ fn reference(ctx: &Path) -> (String, tempfile::TempDir) {
 /// digest that differs).
 fn describe(store: &Path, digest: &str) -> String {
     let blob = |d: &str| store.join("blobs").join(d.replace(':', "/"));
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(digest)).unwrap()).unwrap();
-    let mut out = format!("config {}\n", String::from_utf8_lossy(&std::fs::read(blob(m["config"]["digest"].as_str().unwrap())).unwrap()));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(digest)).unwrap()).unwrap();
+    let mut out = format!(
+        "config {}\n",
+        String::from_utf8_lossy(
+            &std::fs::read(blob(m["config"]["digest"].as_str().unwrap())).unwrap()
+        )
+    );
     for l in m["layers"].as_array().unwrap() {
         let d = l["digest"].as_str().unwrap();
         let entries = layer_entries(&blob(d));
@@ -105,17 +145,39 @@ fn store_on_overlayfs_builds_via_the_fallback() {
     let meta = t.path().join("meta.json");
     let out = build_in_namespaces(&pre, &ovl.join("store"), ctx.path(), &meta, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "build with the store on overlayfs failed:\n{err}");
-    let notices: Vec<&str> = err.lines().filter(|l| l.contains("is on overlayfs")).collect();
+    assert!(
+        out.status.success(),
+        "build with the store on overlayfs failed:\n{err}"
+    );
+    let notices: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("is on overlayfs"))
+        .collect();
     assert_eq!(notices.len(), 1, "one line, once per build:\n{err}");
     assert!(notices[0].contains("mount an emptyDir"), "{}", notices[0]);
     let got = meta_digest(&meta);
-    assert_eq!(got, want, "the fallback must make the same image; reference:\n{}", describe(&refdir.path().join("store"), &want));
+    assert_eq!(
+        got,
+        want,
+        "the fallback must make the same image; reference:\n{}",
+        describe(&refdir.path().join("store"), &want)
+    );
 
     // The image itself, from a normal store (the same digest means the same layers).
     let t2 = tempfile::tempdir().unwrap();
-    let out = run(rbuild(&t2.path().join("store")).arg("--output").arg(format!("type=local,dest={}", t2.path().join("rootfs").display())).arg(ctx.path()).env("SOURCE_DATE_EPOCH", SDE));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(rbuild(&t2.path().join("store"))
+        .arg("--output")
+        .arg(format!(
+            "type=local,dest={}",
+            t2.path().join("rootfs").display()
+        ))
+        .arg(ctx.path())
+        .env("SOURCE_DATE_EPOCH", SDE));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     check_rootfs(&t2.path().join("rootfs"));
 }
 
@@ -129,14 +191,39 @@ fn copy_and_fuse_overlayfs_make_the_same_image() {
     for mode in ["copy", "fuse-overlayfs"] {
         let t = tempfile::tempdir().unwrap();
         let meta = t.path().join("meta.json");
-        let out = build_in_namespaces("", &t.path().join("store"), ctx.path(), &meta, &[("RBUILD_SNAPSHOTTER", mode)]);
-        assert!(out.status.success(), "{mode} build failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let out = build_in_namespaces(
+            "",
+            &t.path().join("store"),
+            ctx.path(),
+            &meta,
+            &[("RBUILD_SNAPSHOTTER", mode)],
+        );
+        assert!(
+            out.status.success(),
+            "{mode} build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got = meta_digest(&meta);
-        assert_eq!(got, want, "{mode} must make the same image as overlayfs:\n{}\nreference:\n{}", describe(&t.path().join("store"), &got), describe(&refdir.path().join("store"), &want));
+        assert_eq!(
+            got,
+            want,
+            "{mode} must make the same image as overlayfs:\n{}\nreference:\n{}",
+            describe(&t.path().join("store"), &got),
+            describe(&refdir.path().join("store"), &want)
+        );
     }
     let t = tempfile::tempdir().unwrap();
-    let out = build_in_namespaces("", &t.path().join("store"), ctx.path(), &t.path().join("m.json"), &[("RBUILD_SNAPSHOTTER", "zfs")]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("RBUILD_SNAPSHOTTER=\"zfs\""));
+    let out = build_in_namespaces(
+        "",
+        &t.path().join("store"),
+        ctx.path(),
+        &t.path().join("m.json"),
+        &[("RBUILD_SNAPSHOTTER", "zfs")],
+    );
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("RBUILD_SNAPSHOTTER=\"zfs\"")
+    );
 }
 
 /// Runs rbuild with `--isolation=none` as the only thing in a throwaway root: a tmpfs holding
@@ -170,8 +257,19 @@ exec /bin/busybox sh -c 'busybox umount -l /old && busybox rmdir /old && test ! 
         out = out.display(),
     );
     let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation=private", "--pid", "--fork", "--mount-proc", "sh", "-c", &script]);
-    c.env("SOURCE_DATE_EPOCH", SDE).env_remove("container").env_remove("RBUILD_ALLOW_ROOT_REWRITE");
+    c.args([
+        "--mount",
+        "--propagation=private",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    c.env("SOURCE_DATE_EPOCH", SDE)
+        .env_remove("container")
+        .env_remove("RBUILD_ALLOW_ROOT_REWRITE");
     run(&mut c)
 }
 
@@ -187,22 +285,47 @@ fn isolation_none_builds_busybox_in_a_scratch_root() {
     let out = tempfile::tempdir().unwrap();
     let res = build_in_scratch_root(ctx.path(), out.path(), "");
     let err = String::from_utf8_lossy(&res.stderr);
-    assert!(!res.status.success(), "--isolation=none must refuse outside a container:\n{err}");
-    assert!(err.contains("refusing") && err.contains("RBUILD_ALLOW_ROOT_REWRITE=1"), "{err}");
+    assert!(
+        !res.status.success(),
+        "--isolation=none must refuse outside a container:\n{err}"
+    );
+    assert!(
+        err.contains("refusing") && err.contains("RBUILD_ALLOW_ROOT_REWRITE=1"),
+        "{err}"
+    );
     let after = std::fs::read_to_string(out.path().join("root-after")).unwrap();
-    assert!(after.lines().any(|l| l == "marker"), "a refused build must not touch /: {after}");
+    assert!(
+        after.lines().any(|l| l == "marker"),
+        "a refused build must not touch /: {after}"
+    );
 
     // Allowed: the image is the one overlayfs makes, and `/` holds the image now.
     let out = tempfile::tempdir().unwrap();
     let res = build_in_scratch_root(ctx.path(), out.path(), "RBUILD_ALLOW_ROOT_REWRITE=1");
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "isolation=none build failed:\n{err}");
-    assert!(err.contains("sandbox: none (RBUILD_ALLOW_ROOT_REWRITE=1)") && err.contains("RUN steps get no namespaces"), "{err}");
+    assert!(
+        err.contains("sandbox: none (RBUILD_ALLOW_ROOT_REWRITE=1)")
+            && err.contains("RUN steps get no namespaces"),
+        "{err}"
+    );
     let got = meta_digest(&out.path().join("meta.json"));
-    assert_eq!(got, want, "isolation=none must make the same image as overlayfs:\n{}\nreference:\n{}", describe(&out.path().join("layout"), &got), describe(&refdir.path().join("store"), &want));
+    assert_eq!(
+        got,
+        want,
+        "isolation=none must make the same image as overlayfs:\n{}\nreference:\n{}",
+        describe(&out.path().join("layout"), &got),
+        describe(&refdir.path().join("store"), &want)
+    );
     let after = std::fs::read_to_string(out.path().join("root-after")).unwrap();
     let names: Vec<&str> = after.lines().collect();
-    assert!(!names.contains(&"marker") && names.contains(&"two") && names.contains(&"app") && names.contains(&"store"), "{after}");
+    assert!(
+        !names.contains(&"marker")
+            && names.contains(&"two")
+            && names.contains(&"app")
+            && names.contains(&"store"),
+        "{after}"
+    );
     let rootfs = umoci_unpack_layout(&out.path().join("layout"), "latest", &out.path().join("u"));
     check_rootfs(&rootfs);
 }

@@ -8,17 +8,35 @@ use std::process::{Command, Stdio};
 #[test]
 fn context_from_tar_file_and_stdin() {
     ensure_tools();
-    let ctx = context(&[("Dockerfile", "FROM scratch\nCOPY data /data\n"), ("data", "from the archive\n")]);
+    let ctx = context(&[
+        ("Dockerfile", "FROM scratch\nCOPY data /data\n"),
+        ("data", "from the archive\n"),
+    ]);
     let work = tempfile::tempdir().unwrap();
     let tgz = work.path().join("ctx.tar.gz");
-    ok(Command::new("tar").arg("-czf").arg(&tgz).arg("-C").arg(ctx.path()).arg("."));
+    ok(Command::new("tar")
+        .arg("-czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(ctx.path())
+        .arg("."));
     let root = tempfile::tempdir().unwrap();
     let out1 = work.path().join("out1");
-    ok(rbuild(root.path()).arg(format!("--output=type=local,dest={}", out1.display())).arg(&tgz));
-    assert_eq!(std::fs::read_to_string(out1.join("data")).unwrap(), "from the archive\n");
+    ok(rbuild(root.path())
+        .arg(format!("--output=type=local,dest={}", out1.display()))
+        .arg(&tgz));
+    assert_eq!(
+        std::fs::read_to_string(out1.join("data")).unwrap(),
+        "from the archive\n"
+    );
     // The same archive, uncompressed, on standard input.
     let tar = work.path().join("ctx.tar");
-    ok(Command::new("tar").arg("-cf").arg(&tar).arg("-C").arg(ctx.path()).arg("."));
+    ok(Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(ctx.path())
+        .arg("."));
     let out2 = work.path().join("out2");
     let mut c = rbuild(root.path())
         .arg(format!("--output=type=local,dest={}", out2.display()))
@@ -27,10 +45,17 @@ fn context_from_tar_file_and_stdin() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    c.stdin.take().unwrap().write_all(&std::fs::read(&tar).unwrap()).unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(&tar).unwrap())
+        .unwrap();
     let o = c.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(std::fs::read_to_string(out2.join("data")).unwrap(), "from the archive\n");
+    assert_eq!(
+        std::fs::read_to_string(out2.join("data")).unwrap(),
+        "from the archive\n"
+    );
     // A lone Dockerfile on standard input: an empty context.
     let oci = work.path().join("oci");
     let mut c = rbuild(root.path())
@@ -40,13 +65,22 @@ fn context_from_tar_file_and_stdin() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    c.stdin.take().unwrap().write_all(b"FROM scratch\nLABEL from=stdin\n").unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"FROM scratch\nLABEL from=stdin\n")
+        .unwrap();
     let o = c.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cfg = ok(Command::new("skopeo").args(["inspect", "--config", "--raw"]).arg(format!("oci:{}:stdin", oci.display())));
+    let cfg = ok(Command::new("skopeo")
+        .args(["inspect", "--config", "--raw"])
+        .arg(format!("oci:{}:stdin", oci.display())));
     assert!(cfg.contains("\"from\":\"stdin\""), "{cfg}");
     // Nothing of the unpacked contexts is left in the store.
-    assert_eq!(std::fs::read_dir(root.path().join("tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(root.path().join("tmp")).unwrap().count(),
+        0
+    );
 }
 
 #[test]
@@ -56,7 +90,10 @@ fn named_build_contexts() {
     let base = reg.with_busybox();
     let extra = context(&[("lib/util.txt", "from a named context\n")]);
     let layout = tempfile::tempdir().unwrap();
-    ok(Command::new("skopeo").args(["copy", "-q", "--src-tls-verify=false"]).arg(format!("docker://{base}")).arg(format!("oci:{}:bb", layout.path().display())));
+    ok(Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{base}"))
+        .arg(format!("oci:{}:bb", layout.path().display())));
     let ctx = context(&[(
         "Dockerfile",
         "FROM alpine:3.20\nCOPY --from=extras /lib/util.txt /util.txt\nCOPY --from=tools /bin/busybox /tools-busybox\nRUN cat /util.txt > /ran\n",
@@ -71,11 +108,21 @@ fn named_build_contexts() {
         .arg(root.path())
         .arg(format!("--build-context=alpine:3.20=docker-image://{base}"))
         .arg(format!("--build-context=extras={}", extra.path().display()))
-        .arg(format!("--build-context=tools=oci-layout://{}:bb", layout.path().display()))
+        .arg(format!(
+            "--build-context=tools=oci-layout://{}:bb",
+            layout.path().display()
+        ))
         .arg(format!("--output=type=local,dest={}", r.display()))
         .arg(ctx.path()));
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    assert_eq!(std::fs::read_to_string(r.join("ran")).unwrap(), "from a named context\n");
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("ran")).unwrap(),
+        "from a named context\n"
+    );
     assert!(r.join("tools-busybox").is_file() && r.join("bin/busybox").is_file());
 }
 
@@ -90,7 +137,12 @@ fn add_from_urls_and_git_and_a_context_url() {
     std::fs::create_dir(src.join("docs")).unwrap();
     std::fs::write(src.join("README"), "readme\n").unwrap();
     std::fs::write(src.join("docs/guide"), "guide\n").unwrap();
-    let git = |dir: &std::path::Path, args: &[&str]| ok(Command::new("git").args(["-c", "user.email=t@e", "-c", "user.name=t"]).args(args).current_dir(dir));
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        ok(Command::new("git")
+            .args(["-c", "user.email=t@e", "-c", "user.name=t"])
+            .args(args)
+            .current_dir(dir))
+    };
     git(&src, &["init", "-q", "-b", "main"]);
     git(&src, &["add", "."]);
     git(&src, &["commit", "-q", "-m", "one"]);
@@ -98,11 +150,22 @@ fn add_from_urls_and_git_and_a_context_url() {
     git(site.path(), &["clone", "-q", "--bare", "src", "repo.git"]);
     git(&site.path().join("repo.git"), &["update-server-info"]);
     // A context tarball.
-    let ctxsrc = context(&[("Dockerfile", "FROM scratch\nCOPY hello /hello\n"), ("hello", "from a context URL\n")]);
-    ok(Command::new("tar").arg("-czf").arg(site.path().join("ctx.tar.gz")).arg("-C").arg(ctxsrc.path()).arg("."));
+    let ctxsrc = context(&[
+        ("Dockerfile", "FROM scratch\nCOPY hello /hello\n"),
+        ("hello", "from a context URL\n"),
+    ]);
+    ok(Command::new("tar")
+        .arg("-czf")
+        .arg(site.path().join("ctx.tar.gz"))
+        .arg("-C")
+        .arg(ctxsrc.path())
+        .arg("."));
     let server = HttpServer::serve(site.path());
     let u = &server.url;
-    let sum = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"downloaded\n")));
+    let sum = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"downloaded\n"))
+    );
     let df = format!(
         "FROM scratch\n\
          ADD --checksum={sum} {u}/file.txt /dl/\n\
@@ -114,22 +177,64 @@ fn add_from_urls_and_git_and_a_context_url() {
     let root = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let r = work.path().join("r");
-    ok(rbuild(root.path()).arg(format!("--output=type=local,dest={}", r.display())).arg(ctx.path()));
+    ok(rbuild(root.path())
+        .arg(format!("--output=type=local,dest={}", r.display()))
+        .arg(ctx.path()));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::read_to_string(r.join("dl/file.txt")).unwrap(), "downloaded\n");
-    assert_eq!(std::fs::metadata(r.join("dl/file.txt")).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::read_to_string(r.join("renamed.txt")).unwrap(), "downloaded\n");
-    assert_eq!(std::fs::read_to_string(r.join("repo/README")).unwrap(), "readme\n");
-    assert!(!r.join("repo/.git").exists(), "no .git without --keep-git-dir");
-    assert_eq!(std::fs::read_to_string(r.join("docs/guide")).unwrap(), "guide\n");
+    assert_eq!(
+        std::fs::read_to_string(r.join("dl/file.txt")).unwrap(),
+        "downloaded\n"
+    );
+    assert_eq!(
+        std::fs::metadata(r.join("dl/file.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("renamed.txt")).unwrap(),
+        "downloaded\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("repo/README")).unwrap(),
+        "readme\n"
+    );
+    assert!(
+        !r.join("repo/.git").exists(),
+        "no .git without --keep-git-dir"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("docs/guide")).unwrap(),
+        "guide\n"
+    );
     // A wrong checksum fails, naming the line.
-    let bad = context(&[("Dockerfile", &format!("FROM scratch\nADD --checksum=sha256:{} {u}/file.txt /x\n", "0".repeat(64)))]);
+    let bad = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM scratch\nADD --checksum=sha256:{} {u}/file.txt /x\n",
+            "0".repeat(64)
+        ),
+    )]);
     let o = run(rbuild(root.path()).arg(bad.path()));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("checksum mismatch") && err.contains("Dockerfile:2"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("checksum mismatch") && err.contains("Dockerfile:2"),
+        "{err}"
+    );
     // The context itself from a URL.
     let r2 = work.path().join("r2");
-    ok(rbuild(root.path()).arg(format!("--output=type=local,dest={}", r2.display())).arg(format!("{u}/ctx.tar.gz")));
-    assert_eq!(std::fs::read_to_string(r2.join("hello")).unwrap(), "from a context URL\n");
-    assert_eq!(std::fs::read_dir(root.path().join("tmp")).unwrap().count(), 0, "downloads and checkouts are cleaned up");
+    ok(rbuild(root.path())
+        .arg(format!("--output=type=local,dest={}", r2.display()))
+        .arg(format!("{u}/ctx.tar.gz")));
+    assert_eq!(
+        std::fs::read_to_string(r2.join("hello")).unwrap(),
+        "from a context URL\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(root.path().join("tmp")).unwrap().count(),
+        0,
+        "downloads and checkouts are cleaned up"
+    );
 }

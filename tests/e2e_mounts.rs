@@ -5,7 +5,12 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn build(root: &std::path::Path, ctx: &std::path::Path, extra: &[&str], out: &std::path::Path) -> std::process::Output {
+fn build(
+    root: &std::path::Path,
+    ctx: &std::path::Path,
+    extra: &[&str],
+    out: &std::path::Path,
+) -> std::process::Output {
     run(Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc"])
         .arg(rbuild_bin())
@@ -35,21 +40,53 @@ RUN --mount=type=tmpfs,target=/scratch,size=1m echo t > /scratch/t && grep -q 't
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let r1 = build(root.path(), ctx.path(), &[], &out.path().join("a"));
-    assert!(r1.status.success(), "{}", String::from_utf8_lossy(&r1.stderr));
+    assert!(
+        r1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&r1.stderr)
+    );
     let a = out.path().join("a");
-    assert_eq!(std::fs::read_to_string(a.join("cache-lines")).unwrap().trim(), "1");
-    assert_eq!(std::fs::read_to_string(a.join("from-ctx")).unwrap(), "context data\n");
-    assert_eq!(std::fs::read_to_string(a.join("bind-rw")).unwrap(), "scribble\n");
+    assert_eq!(
+        std::fs::read_to_string(a.join("cache-lines"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(a.join("from-ctx")).unwrap(),
+        "context data\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(a.join("bind-rw")).unwrap(),
+        "scribble\n"
+    );
     assert_eq!(std::fs::read_to_string(a.join("tmpfs-ok")).unwrap(), "ok\n");
     for p in ["cache", "ctx", "mnt", "scratch"] {
-        assert!(!a.join(p).exists(), "mount point /{p} leaked into the image");
+        assert!(
+            !a.join(p).exists(),
+            "mount point /{p} leaked into the image"
+        );
     }
     // The context was not written through the bind mount.
     assert!(!ctx.path().join("new").exists());
     // The cache mount persists across builds (and --no-cache reruns the step).
-    let r2 = build(root.path(), ctx.path(), &["--no-cache"], &out.path().join("b"));
-    assert!(r2.status.success(), "{}", String::from_utf8_lossy(&r2.stderr));
-    assert_eq!(std::fs::read_to_string(out.path().join("b/cache-lines")).unwrap().trim(), "2");
+    let r2 = build(
+        root.path(),
+        ctx.path(),
+        &["--no-cache"],
+        &out.path().join("b"),
+    );
+    assert!(
+        r2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&r2.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("b/cache-lines"))
+            .unwrap()
+            .trim(),
+        "2"
+    );
 }
 
 #[test]
@@ -74,7 +111,13 @@ fn secrets_are_readable_and_leave_no_trace() {
         .args(["build", "--progress=plain", "--root"])
         .arg(root.path())
         .arg(format!("--secret=id=token,src={}", secret.path().display()))
-        .args(["--secret", "id=api,env=RBUILD_TEST_API", "-t", &tag, "--push"])
+        .args([
+            "--secret",
+            "id=api,env=RBUILD_TEST_API",
+            "-t",
+            &tag,
+            "--push",
+        ])
         .env("RBUILD_TEST_API", "from-env")
         .arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
@@ -82,14 +125,36 @@ fn secrets_are_readable_and_leave_no_trace() {
     let work = tempfile::tempdir().unwrap();
     let rootfs = umoci_unpack_from_registry(&tag, work.path());
     // The step saw both secrets (by their lengths, so the values never reach the image).
-    assert_eq!(std::fs::read_to_string(rootfs.join("seen-file-len")).unwrap().trim(), "12");
-    assert_eq!(std::fs::read_to_string(rootfs.join("seen-env-len")).unwrap().trim(), "9");
-    assert!(!rootfs.join("run/secrets").exists(), "the secret's mount point leaked");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("seen-file-len"))
+            .unwrap()
+            .trim(),
+        "12"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("seen-env-len"))
+            .unwrap()
+            .trim(),
+        "9"
+    );
+    assert!(
+        !rootfs.join("run/secrets").exists(),
+        "the secret's mount point leaked"
+    );
     // The values are in no file of the image, nor in its config or history.
-    let grep = run(Command::new("grep").args(["-r", "-l", "-a", "-e", "s3cr3t-value", "-e", "from-env"]).arg(&rootfs));
-    assert!(grep.stdout.is_empty(), "secret found in: {}", String::from_utf8_lossy(&grep.stdout));
+    let grep = run(Command::new("grep")
+        .args(["-r", "-l", "-a", "-e", "s3cr3t-value", "-e", "from-env"])
+        .arg(&rootfs));
+    assert!(
+        grep.stdout.is_empty(),
+        "secret found in: {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
     let config = skopeo_config(&tag).to_string();
-    assert!(!config.contains("from-env") && !config.contains("s3cr3t"), "{config}");
+    assert!(
+        !config.contains("from-env") && !config.contains("s3cr3t"),
+        "{config}"
+    );
     let _ = out;
 }
 
@@ -98,13 +163,21 @@ fn undefined_secret_fails_naming_the_line() {
     ensure_tools();
     let reg = Registry::start();
     let base = reg.with_busybox();
-    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN true\nRUN --mount=type=secret,id=missing cat /run/secrets/missing\n"))]);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {base}\nRUN true\nRUN --mount=type=secret,id=missing cat /run/secrets/missing\n"
+        ),
+    )]);
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let res = build(root.path(), ctx.path(), &[], &out.path().join("r"));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success());
-    assert!(err.contains("Dockerfile:3") && err.contains("secret missing is not defined"), "{err}");
+    assert!(
+        err.contains("Dockerfile:3") && err.contains("secret missing is not defined"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -127,9 +200,18 @@ EOT\n"
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let res = build(root.path(), ctx.path(), &[], &out.path().join("r"));
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    assert_eq!(std::fs::read_to_string(out.path().join("r/h1")).unwrap(), "one\ntwo\n");
-    assert!(std::fs::read_to_string(out.path().join("r/h2")).unwrap().starts_with("script as /dev/pipes/EOT"));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("r/h1")).unwrap(),
+        "one\ntwo\n"
+    );
+    assert!(std::fs::read_to_string(out.path().join("r/h2"))
+        .unwrap()
+        .starts_with("script as /dev/pipes/EOT"));
     assert!(!out.path().join("r/dev").exists());
 }
 
@@ -147,9 +229,24 @@ fn ssh_agent_socket_is_forwarded() {
     )]);
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let res = build(root.path(), ctx.path(), &["--ssh", &format!("default={}", sock.display())], &out.path().join("r"));
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    assert_eq!(std::fs::read_to_string(out.path().join("r/agent")).unwrap(), "/run/buildkit/ssh_agent.0\n");
-    assert_eq!(std::fs::read_to_string(out.path().join("r/not-forwarded")).unwrap(), "none\n");
+    let res = build(
+        root.path(),
+        ctx.path(),
+        &["--ssh", &format!("default={}", sock.display())],
+        &out.path().join("r"),
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("r/agent")).unwrap(),
+        "/run/buildkit/ssh_agent.0\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("r/not-forwarded")).unwrap(),
+        "none\n"
+    );
     assert!(!out.path().join("r/run/buildkit").exists());
 }

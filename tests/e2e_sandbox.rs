@@ -43,15 +43,37 @@ exec {rbuild} build --progress=plain --root {root} --output type=local,dest={out
         out = out.path().join("rootfs").display(),
         ctx = ctx.path().display()
     );
-    let res = run(Command::new("unshare")
-        .args(["--user", "--map-root-user", "--mount", "--propagation=private", "--pid", "--fork", "--mount-proc", "sh", "-c", &script]));
+    let res = run(Command::new("unshare").args([
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "--propagation=private",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "sh",
+        "-c",
+        &script,
+    ]));
     let err = String::from_utf8_lossy(&res.stderr);
-    assert!(res.status.success(), "build under masked /proc failed:\n{err}");
+    assert!(
+        res.status.success(),
+        "build under masked /proc failed:\n{err}"
+    );
     let rootfs = out.path().join("rootfs");
-    assert_eq!(std::fs::read_to_string(rootfs.join("proc-ok")).unwrap(), "ok\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("proc-ok")).unwrap(),
+        "ok\n"
+    );
     let listing = std::fs::read_to_string(rootfs.join("proc-listing")).unwrap();
-    let pids: Vec<&str> = listing.lines().filter(|l| l.chars().all(|c| c.is_ascii_digit())).collect();
-    assert!(pids.contains(&"1") && pids.len() <= 4, "RUN sees only its own PID namespace: {pids:?}");
+    let pids: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    assert!(
+        pids.contains(&"1") && pids.len() <= 4,
+        "RUN sees only its own PID namespace: {pids:?}"
+    );
 }
 
 #[test]
@@ -77,17 +99,30 @@ fn hostile_run_cannot_stop_or_read_the_builder() {
         .arg(rbuild_bin())
         .args(["build", "--progress=plain", "--root"])
         .arg(root.path())
-        .arg(format!("--output=type=local,dest={}", out.path().join("r").display()))
+        .arg(format!(
+            "--output=type=local,dest={}",
+            out.path().join("r").display()
+        ))
         .arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{err}");
-    for m in ["survived-kill-all", "survived-kill-parent", "left-a-sleeper"] {
+    for m in [
+        "survived-kill-all",
+        "survived-kill-parent",
+        "left-a-sleeper",
+    ] {
         assert!(err.contains(m), "{m} missing:\n{err}");
     }
-    assert_eq!(std::fs::read_to_string(out.path().join("r/isolation")).unwrap(), "cannot-see-builder\n");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("r/isolation")).unwrap(),
+        "cannot-see-builder\n"
+    );
     // The background sleeper of the third step did not outlive it.
     let ps = ok(Command::new("ps").args(["-eo", "args"]));
-    assert!(!ps.lines().any(|l| l.trim() == "sleep 1000"), "a RUN step's process outlived it:\n{ps}");
+    assert!(
+        !ps.lines().any(|l| l.trim() == "sleep 1000"),
+        "a RUN step's process outlived it:\n{ps}"
+    );
 }
 
 /// A layer whose entries try to write outside the layer directory.
@@ -111,12 +146,32 @@ fn hostile_layer() -> Vec<u8> {
         h.set_cksum();
         b.append(&h, data).unwrap();
     };
-    raw(b"../../../../../../tmp/rbuild-escape-dotdot", tar::EntryType::Regular, None, b"x");
-    raw(b"lnk", tar::EntryType::Symlink, Some(b"/tmp/rbuild-escape-dir"), b"");
+    raw(
+        b"../../../../../../tmp/rbuild-escape-dotdot",
+        tar::EntryType::Regular,
+        None,
+        b"x",
+    );
+    raw(
+        b"lnk",
+        tar::EntryType::Symlink,
+        Some(b"/tmp/rbuild-escape-dir"),
+        b"",
+    );
     raw(b"lnk/pwned", tar::EntryType::Regular, None, b"x");
-    raw(b"up", tar::EntryType::Symlink, Some(b"../../../../../../tmp/rbuild-escape-dir"), b"");
+    raw(
+        b"up",
+        tar::EntryType::Symlink,
+        Some(b"../../../../../../tmp/rbuild-escape-dir"),
+        b"",
+    );
     raw(b"up/pwned2", tar::EntryType::Regular, None, b"x");
-    raw(b"hl", tar::EntryType::Link, Some(b"../../../../../../tmp/rbuild-escape-dir/target"), b"");
+    raw(
+        b"hl",
+        tar::EntryType::Link,
+        Some(b"../../../../../../tmp/rbuild-escape-dir/target"),
+        b"",
+    );
     raw(b"fine", tar::EntryType::Regular, None, b"fine");
     b.into_inner().unwrap()
 }
@@ -154,14 +209,32 @@ fn hostile_base_layer_cannot_write_outside_its_directory() {
     std::fs::write("/tmp/rbuild-escape-dir/target", "original").unwrap();
     let layout = tempfile::tempdir().unwrap();
     write_layout(layout.path(), &hostile_layer(), "evil");
-    let ctx = context(&[("Dockerfile", &format!("FROM oci-layout://{}:evil\nCOPY Dockerfile /copied\n", layout.path().display()))]);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM oci-layout://{}:evil\nCOPY Dockerfile /copied\n",
+            layout.path().display()
+        ),
+    )]);
     let root = tempfile::tempdir().unwrap();
     let res = run(rbuild(root.path()).arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
-    assert!(!Path::new("/tmp/rbuild-escape-dotdot").exists(), "escaped via ..: {err}");
-    assert!(!Path::new("/tmp/rbuild-escape-dir/pwned").exists(), "escaped via an absolute symlink: {err}");
-    assert!(!Path::new("/tmp/rbuild-escape-dir/pwned2").exists(), "escaped via a relative symlink: {err}");
-    assert_eq!(std::fs::read_to_string("/tmp/rbuild-escape-dir/target").unwrap(), "original");
+    assert!(
+        !Path::new("/tmp/rbuild-escape-dotdot").exists(),
+        "escaped via ..: {err}"
+    );
+    assert!(
+        !Path::new("/tmp/rbuild-escape-dir/pwned").exists(),
+        "escaped via an absolute symlink: {err}"
+    );
+    assert!(
+        !Path::new("/tmp/rbuild-escape-dir/pwned2").exists(),
+        "escaped via a relative symlink: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/tmp/rbuild-escape-dir/target").unwrap(),
+        "original"
+    );
     let _ = std::fs::remove_dir_all("/tmp/rbuild-escape-dir");
 }
 
@@ -174,7 +247,11 @@ fn ensure_user_with_subids() {
     ok(Command::new("useradd").args(["-m", "-s", "/bin/sh", TEST_USER]));
     for f in ["/etc/subuid", "/etc/subgid"] {
         let text = std::fs::read_to_string(f).unwrap_or_default();
-        let kept: String = text.lines().filter(|l| !l.starts_with(&format!("{TEST_USER}:"))).map(|l| format!("{l}\n")).collect();
+        let kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{TEST_USER}:")))
+            .map(|l| format!("{l}\n"))
+            .collect();
         std::fs::write(f, format!("{kept}{TEST_USER}:400000:65536\n")).unwrap();
     }
 }
@@ -196,20 +273,39 @@ fn ordinary_user_with_subuid_range_builds_and_pushes() {
     ok(Command::new("chown").arg(TEST_USER).arg(home.path()));
     let tag = format!("{}/rootless:1", reg.addr);
     let res = run(Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "runuser", "-u", TEST_USER, "--", "env"])
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "runuser",
+            "-u",
+            TEST_USER,
+            "--",
+            "env",
+        ])
         .arg(format!("HOME={}", home.path().display()))
         .arg(rbuild_bin())
         .args(["build", "--progress=plain", "-t", &tag, "--push"])
         .arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{err}");
-    assert!(err.contains("rootless") || err.contains("user namespace"), "the isolation line says how it ran:\n{err}");
-    assert!(home.path().join(".local/share/rbuild/blobs").is_dir(), "default store under the user's home");
+    assert!(
+        err.contains("rootless") || err.contains("user namespace"),
+        "the isolation line says how it ran:\n{err}"
+    );
+    assert!(
+        home.path().join(".local/share/rbuild/blobs").is_dir(),
+        "default store under the user's home"
+    );
     let work = tempfile::tempdir().unwrap();
     let rootfs = umoci_unpack_from_registry(&tag, work.path());
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(rootfs.join("r")).unwrap();
-    assert_eq!((m.uid(), m.gid()), (123, 456), "owners inside the image are the namespace's, not the host's");
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (123, 456),
+        "owners inside the image are the namespace's, not the host's"
+    );
     let f = std::fs::metadata(rootfs.join("f")).unwrap();
     assert_eq!((f.uid(), f.gid()), (65534, 65534));
     assert_eq!(std::fs::read_to_string(rootfs.join("id")).unwrap(), "0\n");
@@ -224,12 +320,19 @@ fn ordinary_user_without_subuid_range_falls_back_to_a_single_id_map() {
     }
     for f in ["/etc/subuid", "/etc/subgid"] {
         let text = std::fs::read_to_string(f).unwrap_or_default();
-        let kept: String = text.lines().filter(|l| !l.starts_with(&format!("{USER}:"))).map(|l| format!("{l}\n")).collect();
+        let kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{USER}:")))
+            .map(|l| format!("{l}\n"))
+            .collect();
         std::fs::write(f, kept).unwrap();
     }
     let reg = Registry::start();
     let base = reg.with_busybox();
-    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo single > /s && id -u > /id\n"))]);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo single > /s && id -u > /id\n"),
+    )]);
     let home = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     for p in [ctx.path(), home.path(), out.path()] {
@@ -237,17 +340,38 @@ fn ordinary_user_without_subuid_range_falls_back_to_a_single_id_map() {
     }
     ok(Command::new("chown").arg(USER).arg(home.path()));
     let res = run(Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "runuser", "-u", USER, "--", "env"])
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "runuser",
+            "-u",
+            USER,
+            "--",
+            "env",
+        ])
         .arg(format!("HOME={}", home.path().display()))
         .arg(rbuild_bin())
         .args(["build", "--progress=plain"])
-        .arg(format!("--output=type=local,dest={}", out.path().join("r").display()))
+        .arg(format!(
+            "--output=type=local,dest={}",
+            out.path().join("r").display()
+        ))
         .arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{err}");
-    assert!(err.contains("single-ID map"), "the fallback is announced:\n{err}");
-    assert_eq!(std::fs::read_to_string(out.path().join("r/s")).unwrap(), "single\n");
-    assert_eq!(std::fs::read_to_string(out.path().join("r/id")).unwrap(), "0\n");
+    assert!(
+        err.contains("single-ID map"),
+        "the fallback is announced:\n{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("r/s")).unwrap(),
+        "single\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("r/id")).unwrap(),
+        "0\n"
+    );
 }
 
 #[test]
@@ -265,10 +389,27 @@ fn network_none_has_only_loopback() {
         .arg(rbuild_bin())
         .args(["build", "--progress=plain", "--network=none", "--root"])
         .arg(root.path())
-        .arg(format!("--output=type=local,dest={}", out.path().join("r").display()))
+        .arg(format!(
+            "--output=type=local,dest={}",
+            out.path().join("r").display()
+        ))
         .arg(ctx.path()));
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    assert_eq!(std::fs::read_to_string(out.path().join("r/ifaces-none")).unwrap(), "lo\n");
-    let host: usize = std::fs::read_to_string(out.path().join("r/ifaces-host")).unwrap().trim().parse().unwrap();
-    assert!(host >= 2, "RUN --network=host sees the host's interfaces ({host})");
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("r/ifaces-none")).unwrap(),
+        "lo\n"
+    );
+    let host: usize = std::fs::read_to_string(out.path().join("r/ifaces-host"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        host >= 2,
+        "RUN --network=host sees the host's interfaces ({host})"
+    );
 }

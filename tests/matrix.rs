@@ -44,31 +44,53 @@ struct Built {
 
 impl Built {
     fn from(out: Output, rootfs: PathBuf) -> Built {
-        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         Built { out, log, rootfs }
     }
 
     /// The build succeeded.
     fn passed(&self) -> &Self {
-        assert!(self.out.status.success(), "the build failed ({}):\n{}", self.out.status, self.log);
+        assert!(
+            self.out.status.success(),
+            "the build failed ({}):\n{}",
+            self.out.status,
+            self.log
+        );
         self
     }
 
     /// The build failed, saying each of `says`.
     fn failed_saying(&self, says: &[&str]) {
-        assert!(!self.out.status.success(), "the build passed, expected a failure saying {says:?}:\n{}", self.log);
+        assert!(
+            !self.out.status.success(),
+            "the build passed, expected a failure saying {says:?}:\n{}",
+            self.log
+        );
         for s in says {
-            assert!(self.log.contains(s), "the failure does not say {s:?}:\n{}", self.log);
+            assert!(
+                self.log.contains(s),
+                "the failure does not say {s:?}:\n{}",
+                self.log
+            );
         }
     }
 
     fn says(&self, s: &str) -> &Self {
-        assert!(self.log.contains(s), "the log does not say {s:?}:\n{}", self.log);
+        assert!(
+            self.log.contains(s),
+            "the log does not say {s:?}:\n{}",
+            self.log
+        );
         self
     }
 
     fn file(&self, rel: &str) -> String {
-        std::fs::read_to_string(self.rootfs.join(rel)).unwrap_or_else(|e| panic!("{rel} in the image: {e}\n{}", self.log))
+        std::fs::read_to_string(self.rootfs.join(rel))
+            .unwrap_or_else(|e| panic!("{rel} in the image: {e}\n{}", self.log))
     }
 
     /// The image has the RUN and COPY results, and the /proc check ran in a RUN step that is
@@ -78,12 +100,29 @@ impl Built {
         assert_eq!(self.file("run.txt"), "built by RUN\n");
         assert_eq!(self.file("hello.txt"), "hello from the matrix\n");
         let init = self.file("proc-check/cmdline-1");
-        assert!(init.contains("__rbuild-run-helper"), "PID 1 is not the step's init: {init:?}");
+        assert!(
+            init.contains("__rbuild-run-helper"),
+            "PID 1 is not the step's init: {init:?}"
+        );
         let status = self.file("proc-check/status");
-        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap_or_else(|| panic!("no NSpid: {status}"));
-        assert_eq!(nspid.split_whitespace().count(), 2, "/proc is not of the step's own PID namespace: {nspid}");
-        let pids: Vec<u32> = self.file("proc-check/pids").split_whitespace().map(|p| p.parse().unwrap()).collect();
-        assert!(pids.contains(&1) && pids.len() <= 10 && pids.iter().all(|&p| p < 100), "processes outside the step are visible: {pids:?}");
+        let nspid = status
+            .lines()
+            .find(|l| l.starts_with("NSpid:"))
+            .unwrap_or_else(|| panic!("no NSpid: {status}"));
+        assert_eq!(
+            nspid.split_whitespace().count(),
+            2,
+            "/proc is not of the step's own PID namespace: {nspid}"
+        );
+        let pids: Vec<u32> = self
+            .file("proc-check/pids")
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert!(
+            pids.contains(&1) && pids.len() <= 10 && pids.iter().all(|&p| p < 100),
+            "processes outside the step are visible: {pids:?}"
+        );
         assert!(!self.file("proc-check/ls-proc-1").trim().is_empty());
         self
     }
@@ -98,7 +137,10 @@ impl Built {
         assert_eq!(self.file("run.txt"), "built by RUN\n");
         assert_eq!(self.file("hello.txt"), "hello from the matrix\n");
         let init = self.file("proc-check/cmdline-1");
-        assert!(!init.contains("__rbuild-run-helper"), "PID 1 is a step's init, not the builder's: {init:?}");
+        assert!(
+            !init.contains("__rbuild-run-helper"),
+            "PID 1 is a step's init, not the builder's: {init:?}"
+        );
         let status = self.file("proc-check/status");
         assert!(status.lines().any(|l| l.starts_with("NSpid:")), "{status}");
         assert!(!self.file("proc-check/ls-proc-1").trim().is_empty());
@@ -108,18 +150,36 @@ impl Built {
     /// `rbuild doctor`, run after the build in the same environment, predicted the RUN steps'
     /// sandbox the build's own line reports.
     fn doctor_agrees(&self) -> &Self {
-        let built = self.log.lines().find_map(|l| l.strip_prefix("sandbox: ")?.split_once("; RUN steps: ").map(|(_, r)| r.to_string()));
+        let built = self.log.lines().find_map(|l| {
+            l.strip_prefix("sandbox: ")?
+                .split_once("; RUN steps: ")
+                .map(|(_, r)| r.to_string())
+        });
         let built = built.unwrap_or_else(|| panic!("no sandbox line:\n{}", self.log));
-        let built = built.split("; limits:").next().unwrap_or_default().to_string();
-        let predicted = self.log.lines().find_map(|l| l.split_once(": RUN steps: ").map(|(_, r)| r.to_string()));
+        let built = built
+            .split("; limits:")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let predicted = self
+            .log
+            .lines()
+            .find_map(|l| l.split_once(": RUN steps: ").map(|(_, r)| r.to_string()));
         let predicted = predicted.unwrap_or_else(|| panic!("no doctor summary:\n{}", self.log));
-        assert_eq!(predicted, built, "rbuild doctor predicted another sandbox than the build got:\n{}", self.log);
+        assert_eq!(
+            predicted, built,
+            "rbuild doctor predicted another sandbox than the build got:\n{}",
+            self.log
+        );
         self
     }
 
     /// The ID map RUN steps had, one line per extent (`inside outside count`).
     fn run_uid_map(&self) -> Vec<String> {
-        self.file("proc-check/uid_map").lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
+        self.file("proc-check/uid_map")
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
     }
 }
 
@@ -147,7 +207,22 @@ fn build_cmd(store: &Path, dest: &Path, base: &str) -> String {
 /// Runs `script` with sh inside an extra PID namespace and a private mount namespace,
 /// killed after ten minutes.
 fn in_pid_ns(script: &str) -> Output {
-    run(Command::new("timeout").args(["-k", "10", "600", "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-euc", script]))
+    run(Command::new("timeout").args([
+        "-k",
+        "10",
+        "600",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        "sh",
+        "-euc",
+        script,
+    ]))
 }
 
 /// A registry with the testbed busybox image; returns it and the image reference.
@@ -163,7 +238,10 @@ fn a_root_on_the_host() {
     let (_reg, base) = registry();
     let t = tempfile::tempdir().unwrap();
     let dest = t.path().join("rootfs");
-    let b = Built::from(in_pid_ns(&build_cmd(&t.path().join("store"), &dest, &base)), dest);
+    let b = Built::from(
+        in_pid_ns(&build_cmd(&t.path().join("store"), &dest, &base)),
+        dest,
+    );
     b.passed().says("sandbox: root: host IDs").own_proc();
     assert_eq!(b.run_uid_map(), ["0 0 4294967295"]);
 }
@@ -180,13 +258,20 @@ fn ordinary_user(name: &str, range: Option<&str>) -> u32 {
     }
     for f in ["/etc/subuid", "/etc/subgid"] {
         let text = std::fs::read_to_string(f).unwrap_or_default();
-        let mut kept: String = text.lines().filter(|l| !l.starts_with(&format!("{name}:"))).map(|l| format!("{l}\n")).collect();
+        let mut kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{name}:")))
+            .map(|l| format!("{l}\n"))
+            .collect();
         if let Some(r) = range {
             kept.push_str(&format!("{name}:{r}\n"));
         }
         std::fs::write(f, kept).unwrap();
     }
-    ok(Command::new("id").args(["-u", name])).trim().parse().unwrap()
+    ok(Command::new("id").args(["-u", name]))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Builds as `user`, with its store, output and HOME in a directory it owns.
@@ -208,7 +293,11 @@ fn b_ordinary_user_with_subordinate_ranges() {
     let (_reg, base) = registry();
     let uid = ordinary_user("rbmatrixb", Some("700000:65536"));
     let (_t, b) = build_as("rbmatrixb", &base);
-    b.passed().says(&format!("sandbox: rootless: user namespace, uid and gid map 0→{uid} (1), 1→700000 (65536)")).own_proc();
+    b.passed()
+        .says(&format!(
+            "sandbox: rootless: user namespace, uid and gid map 0→{uid} (1), 1→700000 (65536)"
+        ))
+        .own_proc();
     assert!(!b.log.contains("single-ID"), "{}", b.log);
     assert_eq!(b.run_uid_map(), ["0 0 1", "1 1 65536"]);
 }
@@ -275,13 +364,28 @@ fn pod_like_with(store: PodStore, proc: PodProc, flags: &str) -> Built {
     let (_reg, base) = registry();
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    for sub in ["emptydir", "mnt", "ovl/lower", "ovl/upper", "ovl/work", "out"] {
+    for sub in [
+        "emptydir",
+        "mnt",
+        "ovl/lower",
+        "ovl/upper",
+        "ovl/work",
+        "out",
+    ] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
-    ok(Command::new("chown").args(["-R", "800000:800000"]).arg(d.join("emptydir")).arg(d.join("ovl")).arg(d.join("out")));
+    ok(Command::new("chown")
+        .args(["-R", "800000:800000"])
+        .arg(d.join("emptydir"))
+        .arg(d.join("ovl"))
+        .arg(d.join("out")));
     let dest = d.join("out/rootfs");
     let mount_store = match store {
-        PodStore::EmptyDir => format!("mount --bind {} {}", q(d.join("emptydir")), q(d.join("mnt"))),
+        PodStore::EmptyDir => format!(
+            "mount --bind {} {}",
+            q(d.join("emptydir")),
+            q(d.join("mnt"))
+        ),
         PodStore::Overlay => format!(
             "mount -t overlay overlay -o lowerdir={},upperdir={},workdir={} {}",
             d.join("ovl/lower").display(),
@@ -293,7 +397,11 @@ fn pod_like_with(store: PodStore, proc: PodProc, flags: &str) -> Built {
     // The build, then `rbuild doctor` in the same place (its verdict's exit code ignored):
     // what it predicts is checked against what the build did ([`Built::doctor_agrees`]).
     let build = format!("{} {flags}", build_cmd(&d.join("mnt/store"), &dest, &base));
-    let doctor = format!("{} doctor --root {} || true", q(rbuild_bin()), q(d.join("mnt/store")));
+    let doctor = format!(
+        "{} doctor --root {} || true",
+        q(rbuild_bin()),
+        q(d.join("mnt/store"))
+    );
     let (masks, caps) = match proc {
         PodProc::MaskedInside => (MASK_PROC, ""),
         PodProc::MaskedLocked => ("", ""),
@@ -303,8 +411,16 @@ fn pod_like_with(store: PodStore, proc: PodProc, flags: &str) -> Built {
     let inner = format!("{masks}\n{mount_store}\n{caps} {build}\n{caps} {doctor}");
     // A pod gets its PID namespace with the user namespace; with locked masks the PID
     // namespace (and its masked /proc) comes from outside, as a runtime makes it.
-    let pid_ns = if proc == PodProc::MaskedLocked { "" } else { "--pid --fork --mount-proc" };
-    let outer_masks = if proc == PodProc::MaskedLocked { MASK_PROC } else { "" };
+    let pid_ns = if proc == PodProc::MaskedLocked {
+        ""
+    } else {
+        "--pid --fork --mount-proc"
+    };
+    let outer_masks = if proc == PodProc::MaskedLocked {
+        MASK_PROC
+    } else {
+        ""
+    };
     let script = format!("{outer_masks}\n{}", in_pod_userns(d, pid_ns, &inner));
     let b = Built::from(in_pid_ns(&script), dest);
     std::mem::forget(t); // removed below, after the checks read it
@@ -336,8 +452,15 @@ fn cleanup(b: &Built) {
 #[test]
 fn f_pod_like_store_on_an_emptydir() {
     let b = pod_like(PodStore::EmptyDir, PodProc::MaskedInside);
-    b.passed().doctor_agrees().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").own_proc();
-    assert!(!b.log.contains("cannot make a clean clone of /proc"), "{}", b.log);
+    b.passed()
+        .doctor_agrees()
+        .says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)")
+        .own_proc();
+    assert!(
+        !b.log.contains("cannot make a clean clone of /proc"),
+        "{}",
+        b.log
+    );
     assert_eq!(b.run_uid_map(), ["0 0 65536"]);
     cleanup(&b);
 }
@@ -345,7 +468,11 @@ fn f_pod_like_store_on_an_emptydir() {
 #[test]
 fn f_pod_like_store_on_overlayfs() {
     let b = pod_like(PodStore::Overlay, PodProc::MaskedInside);
-    b.passed().doctor_agrees().own_proc().says("is on overlayfs").says("mount an emptyDir");
+    b.passed()
+        .doctor_agrees()
+        .own_proc()
+        .says("is on overlayfs")
+        .says("mount an emptyDir");
     assert_eq!(b.run_uid_map(), ["0 0 65536"]);
     cleanup(&b);
 }
@@ -353,13 +480,20 @@ fn f_pod_like_store_on_overlayfs() {
 #[test]
 fn f2_pod_like_with_locked_proc_masks() {
     let b = pod_like(PodStore::EmptyDir, PodProc::MaskedLocked);
-    b.passed().doctor_agrees().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").shared_proc();
+    b.passed()
+        .doctor_agrees()
+        .says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)")
+        .shared_proc();
     cleanup(&b);
 }
 
 #[test]
 fn f2_strict_refuses_with_the_documented_message() {
-    let b = pod_like_with(PodStore::EmptyDir, PodProc::MaskedLocked, "--isolation=strict");
+    let b = pod_like_with(
+        PodStore::EmptyDir,
+        PodProc::MaskedLocked,
+        "--isolation=strict",
+    );
     b.failed_saying(&[
         "--isolation=strict: RUN steps cannot get a PID namespace and /proc of their own here",
         "are locked: rbuild runs below a user namespace it does not own",
@@ -406,7 +540,10 @@ fn g_nested_two_levels_deep() {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(lib, &to).unwrap();
     }
-    assert!(rb.join("lib64").is_dir() && rb.join("lib").is_dir(), "unexpected ldd output: {ldd}");
+    assert!(
+        rb.join("lib64").is_dir() && rb.join("lib").is_dir(),
+        "unexpected ldd output: {ldd}"
+    );
     let dest = t.path().join("rootfs");
     let script = format!(
         "{} build --progress=plain --root {} -f {} --build-context rb={} --build-arg BASE={} --build-arg LEVEL=2 \
@@ -422,7 +559,11 @@ fn g_nested_two_levels_deep() {
     let outer = Built::from(in_pid_ns(&script), dest.clone());
     outer.passed();
     // Each level logs the next one's isolation line inside its RUN step.
-    assert!(outer.log.matches("sandbox: root").count() >= 3, "three levels of rbuild:\n{}", outer.log);
+    assert!(
+        outer.log.matches("sandbox: root").count() >= 3,
+        "three levels of rbuild:\n{}",
+        outer.log
+    );
     Built::from(outer.out.clone(), dest.join("result/result")).own_proc();
 }
 
@@ -470,35 +611,83 @@ fn ci_image_is_built_by_rbuild_and_has_what_rbuild_needs() {
         return;
     }
     let (layout, log) = ci_image();
-    assert!(log.contains("apt-get update"), "the image was built by rbuild from ci/Dockerfile:\n{log}");
-    let cfg: serde_json::Value =
-        serde_json::from_str(&ok(Command::new("skopeo").args(["inspect", "--config"]).arg(format!("oci:{}:ci", layout.display())))).unwrap();
+    assert!(
+        log.contains("apt-get update"),
+        "the image was built by rbuild from ci/Dockerfile:\n{log}"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(&ok(Command::new("skopeo")
+        .args(["inspect", "--config"])
+        .arg(format!("oci:{}:ci", layout.display()))))
+    .unwrap();
     let c = &cfg["config"];
     assert_eq!(c["User"], "rbuild", "{cfg}");
-    assert_eq!(c["Entrypoint"], serde_json::json!(["/usr/local/bin/rbuild"]));
-    assert!(c["Volumes"].get("/var/lib/rbuild").is_some(), "the store is a volume: {cfg}");
-    assert!(c["Env"].as_array().unwrap().iter().any(|e| e == "RBUILD_ROOT=/var/lib/rbuild"), "{cfg}");
+    assert_eq!(
+        c["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/rbuild"])
+    );
+    assert!(
+        c["Volumes"].get("/var/lib/rbuild").is_some(),
+        "the store is a volume: {cfg}"
+    );
+    assert!(
+        c["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "RBUILD_ROOT=/var/lib/rbuild"),
+        "{cfg}"
+    );
     let work = tempfile::tempdir().unwrap();
     let rootfs = umoci_unpack_layout(layout, "ci", work.path());
     // The binary runs there (its libraries are the image's).
-    let version = ok(Command::new("chroot").arg(&rootfs).args(["/usr/local/bin/rbuild", "--version"]));
+    let version = ok(Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/usr/local/bin/rbuild", "--version"]));
     assert!(version.starts_with("rbuild "), "{version}");
     // newuidmap/newgidmap with file capabilities, not setuid (see ci/Dockerfile).
-    for (bin, cap) in [("newuidmap", "cap_setuid=ep"), ("newgidmap", "cap_setgid=ep")] {
+    for (bin, cap) in [
+        ("newuidmap", "cap_setuid=ep"),
+        ("newgidmap", "cap_setgid=ep"),
+    ] {
         let p = rootfs.join("usr/bin").join(bin);
         let caps = ok(Command::new("getcap").arg(&p));
         assert!(caps.contains(cap), "{bin}: {caps}");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o4000, 0, "{bin} is still setuid");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o4000,
+            0,
+            "{bin} is still setuid"
+        );
     }
     assert!(rootfs.join("usr/bin/fuse-overlayfs").is_file());
     assert!(rootfs.join("etc/ssl/certs/ca-certificates.crt").is_file());
-    assert_eq!(std::fs::read_to_string(rootfs.join("etc/subuid")).unwrap(), "rbuild:100000:65536\n");
-    assert_eq!(std::fs::read_to_string(rootfs.join("etc/subgid")).unwrap(), "rbuild:100000:65536\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/subuid")).unwrap(),
+        "rbuild:100000:65536\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/subgid")).unwrap(),
+        "rbuild:100000:65536\n"
+    );
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(std::fs::metadata(rootfs.join("var/lib/rbuild")).unwrap().uid(), 1000);
-    assert!(!rootfs.join("var/lib/apt/lists").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false), "apt lists left in the image");
-    assert!(!rootfs.join("usr/sbin/setcap").exists(), "libcap2-bin purged");
+    assert_eq!(
+        std::fs::metadata(rootfs.join("var/lib/rbuild"))
+            .unwrap()
+            .uid(),
+        1000
+    );
+    assert!(
+        !rootfs
+            .join("var/lib/apt/lists")
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false),
+        "apt lists left in the image"
+    );
+    assert!(
+        !rootfs.join("usr/sbin/setcap").exists(),
+        "libcap2-bin purged"
+    );
 }
 
 /// Where a pod of the ci image keeps rbuild's store.
@@ -523,9 +712,14 @@ fn ci_pod(store: CiPodStore) -> Built {
     for sub in ["image", "upper", "work", "root", "emptydir", "out"] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
-    ok(Command::new("chown").arg("800000:800000").args(["image", "upper", "work", "root", "emptydir", "out"].map(|s| d.join(s))));
+    ok(Command::new("chown")
+        .arg("800000:800000")
+        .args(["image", "upper", "work", "root", "emptydir", "out"].map(|s| d.join(s))));
     let store_mount = match store {
-        CiPodStore::EmptyDir => format!("mount --bind {} \"$R/var/lib/rbuild\"", q(d.join("emptydir"))),
+        CiPodStore::EmptyDir => format!(
+            "mount --bind {} \"$R/var/lib/rbuild\"",
+            q(d.join("emptydir"))
+        ),
         CiPodStore::RootFs => String::new(),
     };
     let inner = format!(
@@ -563,8 +757,14 @@ fn f_ci_image_in_a_pod_store_on_an_emptydir() {
         return;
     }
     let b = ci_pod(CiPodStore::EmptyDir);
-    b.passed().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").own_proc();
-    assert!(!b.log.contains("is on overlayfs"), "the store is on the emptyDir:\n{}", b.log);
+    b.passed()
+        .says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)")
+        .own_proc();
+    assert!(
+        !b.log.contains("is on overlayfs"),
+        "the store is on the emptyDir:\n{}",
+        b.log
+    );
     assert_eq!(b.run_uid_map(), ["0 0 65536"]);
     cleanup(&b);
 }
@@ -575,7 +775,11 @@ fn f_ci_image_in_a_pod_store_on_its_overlay_root() {
         return;
     }
     let b = ci_pod(CiPodStore::RootFs);
-    b.passed().says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)").says("is on overlayfs").says("mount an emptyDir").own_proc();
+    b.passed()
+        .says("sandbox: root of a user namespace, uid and gid map 0→800000 (65536)")
+        .says("is on overlayfs")
+        .says("mount an emptyDir")
+        .own_proc();
     cleanup(&b);
 }
 
@@ -584,7 +788,10 @@ fn podman_image() -> &'static str {
     static NAME: OnceLock<&'static str> = OnceLock::new();
     NAME.get_or_init(|| {
         let (layout, _) = ci_image();
-        ok(Command::new("skopeo").args(["copy", "-q"]).arg(format!("oci:{}:ci", layout.display())).arg("containers-storage:localhost/rbuild-matrix:ci"));
+        ok(Command::new("skopeo")
+            .args(["copy", "-q"])
+            .arg(format!("oci:{}:ci", layout.display()))
+            .arg("containers-storage:localhost/rbuild-matrix:ci"));
         "localhost/rbuild-matrix:ci"
     })
 }
@@ -608,19 +815,36 @@ fn podman_build_with(security: &[&str], flags: &[&str]) -> (tempfile::TempDir, B
     std::fs::create_dir(&out).unwrap();
     ok(Command::new("chmod").args(["0777"]).arg(&out));
     let mut cmd = Command::new("timeout");
-    cmd.args(["-k", "10", "600", "podman", "--runtime", "/usr/sbin/runc", "run", "--rm", "--pull=never", "--network", "host"])
-        .args(["--ulimit", "nofile=8192:8192", "--ulimit", "nproc=8192:8192"])
-        .args(security)
-        .arg("-v")
-        .arg(format!("{}:/ctx:ro", matrix_ctx().display()))
-        .arg("-v")
-        .arg(format!("{}:/out", out.display()))
-        .arg(image)
-        .args(["build", "--progress=plain"])
-        .args(flags)
-        .arg("--build-arg")
-        .arg(format!("BASE={base}"))
-        .args(["--output", "type=local,dest=/out/rootfs", "/ctx"]);
+    cmd.args([
+        "-k",
+        "10",
+        "600",
+        "podman",
+        "--runtime",
+        "/usr/sbin/runc",
+        "run",
+        "--rm",
+        "--pull=never",
+        "--network",
+        "host",
+    ])
+    .args([
+        "--ulimit",
+        "nofile=8192:8192",
+        "--ulimit",
+        "nproc=8192:8192",
+    ])
+    .args(security)
+    .arg("-v")
+    .arg(format!("{}:/ctx:ro", matrix_ctx().display()))
+    .arg("-v")
+    .arg(format!("{}:/out", out.display()))
+    .arg(image)
+    .args(["build", "--progress=plain"])
+    .args(flags)
+    .arg("--build-arg")
+    .arg(format!("BASE={base}"))
+    .args(["--output", "type=local,dest=/out/rootfs", "/ctx"]);
     let b = Built::from(run(&mut cmd), out.join("rootfs"));
     (t, b)
 }
@@ -657,9 +881,18 @@ fn e_podman_unconfined_seccomp_and_apparmor() {
     if !slow_enabled("e") {
         return;
     }
-    let (_t, b) = podman_build(&["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"]);
+    let (_t, b) = podman_build(&[
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+    ]);
     b.passed().shared_proc();
-    assert!(!b.log.contains("sethostname is refused"), "unconfined seccomp allows sethostname:\n{}", b.log);
+    assert!(
+        !b.log.contains("sethostname is refused"),
+        "unconfined seccomp allows sethostname:\n{}",
+        b.log
+    );
 }
 
 /// The part of Docker's default seccomp profile that matters here: a container without
@@ -712,7 +945,11 @@ fn d3_podman_docker_like_seccomp_as_root_falls_back_to_none() {
     assert_eq!(b.file("run.txt"), "built by RUN\n");
     assert_eq!(b.file("hello.txt"), "hello from the matrix\n");
     // No isolation at all: the step saw the container's PID 1 (rbuild) and its ID map.
-    assert!(b.file("proc-check/cmdline-1").contains("rbuild"), "{}", b.file("proc-check/cmdline-1"));
+    assert!(
+        b.file("proc-check/cmdline-1").contains("rbuild"),
+        "{}",
+        b.file("proc-check/cmdline-1")
+    );
     assert_eq!(b.run_uid_map(), ["0 0 4294967295"]);
 }
 
@@ -723,7 +960,11 @@ fn d3_strict_refuses_with_the_documented_message() {
     }
     let (_t, b) = docker_like_build(&["--isolation=strict"]);
     // Root without SYS_ADMIN needs a user namespace for the build itself: that is refused first.
-    b.failed_saying(&["cannot create a user namespace for the build", "seccomp=unconfined", "--isolation=auto or none builds anyway"]);
+    b.failed_saying(&[
+        "cannot create a user namespace for the build",
+        "seccomp=unconfined",
+        "--isolation=auto or none builds anyway",
+    ]);
     assert!(!b.rootfs.exists());
 }
 
@@ -733,10 +974,17 @@ fn d4_podman_mounts_denied_fails_naming_apparmor_and_the_ways_out() {
         return;
     }
     let (_t, b) = seccomp_build(MOUNTS_DENIED_SECCOMP, &[]);
-    b.failed_saying(&["making / private", "AppArmor", "apparmor=unconfined", "--isolation=none", "Permission denied"]);
+    b.failed_saying(&[
+        "making / private",
+        "AppArmor",
+        "apparmor=unconfined",
+        "--isolation=none",
+        "Permission denied",
+    ]);
     assert!(!b.rootfs.exists());
     // The way out it names works there.
     let (_t, b) = seccomp_build(MOUNTS_DENIED_SECCOMP, &["--isolation=none"]);
-    b.passed().says("RUN steps: no namespaces (--isolation=none)");
+    b.passed()
+        .says("RUN steps: no namespaces (--isolation=none)");
     assert_eq!(b.file("run.txt"), "built by RUN\n");
 }

@@ -19,7 +19,10 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
     let ctx = work.path().join("ctx");
     std::fs::create_dir(&ctx).unwrap();
     if dir.join("context").is_dir() {
-        ok(Command::new("cp").arg("-a").arg(dir.join("context/.")).arg(&ctx));
+        ok(Command::new("cp")
+            .arg("-a")
+            .arg(dir.join("context/."))
+            .arg(&ctx));
     }
     // "serve": the case's site/ over HTTP as {{SITE}}; every git-src/NAME becomes a repository
     // at {{SITE}}/NAME.git (git's dumb HTTP protocol).
@@ -29,43 +32,76 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
         let site = work.path().join("site");
         std::fs::create_dir(&site).unwrap();
         if dir.join("site").is_dir() {
-            ok(Command::new("cp").arg("-a").arg(dir.join("site/.")).arg(&site));
+            ok(Command::new("cp")
+                .arg("-a")
+                .arg(dir.join("site/."))
+                .arg(&site));
         }
         for e in std::fs::read_dir(dir.join("git-src")).into_iter().flatten() {
             let src = work.path().join("git-work").join(e.unwrap().file_name());
             std::fs::create_dir_all(src.parent().unwrap()).unwrap();
-            ok(Command::new("cp").arg("-a").arg(dir.join("git-src").join(src.file_name().unwrap())).arg(&src));
-            let git = |d: &Path, args: &[&str]| ok(Command::new("git").args(["-c", "user.email=p@e", "-c", "user.name=p"]).args(args).current_dir(d));
+            ok(Command::new("cp")
+                .arg("-a")
+                .arg(dir.join("git-src").join(src.file_name().unwrap()))
+                .arg(&src));
+            let git = |d: &Path, args: &[&str]| {
+                ok(Command::new("git")
+                    .args(["-c", "user.email=p@e", "-c", "user.name=p"])
+                    .args(args)
+                    .current_dir(d))
+            };
             git(&src, &["init", "-q", "-b", "main"]);
             git(&src, &["add", "."]);
             git(&src, &["commit", "-q", "-m", "parity"]);
-            let bare = site.join(format!("{}.git", src.file_name().unwrap().to_string_lossy()));
-            ok(Command::new("git").arg("clone").arg("-q").arg("--bare").arg(&src).arg(&bare));
+            let bare = site.join(format!(
+                "{}.git",
+                src.file_name().unwrap().to_string_lossy()
+            ));
+            ok(Command::new("git")
+                .arg("clone")
+                .arg("-q")
+                .arg("--bare")
+                .arg(&src)
+                .arg(&bare));
             git(&bare, &["update-server-info"]);
         }
         let s = HttpServer::serve(&site);
         site_url = s.url.clone();
         _server = Some(s);
     }
-    let df = std::fs::read_to_string(dir.join("Dockerfile")).unwrap().replace("{{BASE}}", base).replace("{{SITE}}", &site_url);
+    let df = std::fs::read_to_string(dir.join("Dockerfile"))
+        .unwrap()
+        .replace("{{BASE}}", base)
+        .replace("{{SITE}}", &site_url);
     std::fs::write(ctx.join("Dockerfile"), df).unwrap();
     if expect["busybox_in_context"] == true {
         std::fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
     }
     let oci = work.path().join("oci");
     let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--mount-proc"]).arg(rbuild_bin()).args(["build", "--progress=plain", "--root"]).arg(work.path().join("root"));
-    cmd.args(["-t", "parity:case"]).arg(format!("--output=type=oci,dest={}", oci.display()));
+    cmd.args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(work.path().join("root"));
+    cmd.args(["-t", "parity:case"])
+        .arg(format!("--output=type=oci,dest={}", oci.display()));
     for (k, v) in expect["build_args"].as_object().into_iter().flatten() {
-        cmd.arg("--build-arg").arg(format!("{k}={}", v.as_str().unwrap()));
+        cmd.arg("--build-arg")
+            .arg(format!("{k}={}", v.as_str().unwrap()));
     }
     for (id, v) in expect["secrets"].as_object().into_iter().flatten() {
         let f = work.path().join(format!("secret-{id}"));
         std::fs::write(&f, v.as_str().unwrap()).unwrap();
-        cmd.arg("--secret").arg(format!("id={id},src={}", f.display()));
+        cmd.arg("--secret")
+            .arg(format!("id={id},src={}", f.display()));
     }
     for a in expect["args"].as_array().into_iter().flatten() {
-        cmd.arg(a.as_str().unwrap().replace("{{BASE}}", base).replace("{{CASE}}", &dir.display().to_string()));
+        cmd.arg(
+            a.as_str()
+                .unwrap()
+                .replace("{{BASE}}", base)
+                .replace("{{CASE}}", &dir.display().to_string()),
+        );
     }
     if let Some(t) = expect["target"].as_str() {
         cmd.args(["--target", t]);
@@ -82,7 +118,12 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
     let mode = expect["context"].as_str().unwrap_or("dir");
     let tarball = work.path().join("context.tar.gz");
     if mode != "dir" {
-        ok(Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(&ctx).arg("."));
+        ok(Command::new("tar")
+            .arg("-czf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&ctx)
+            .arg("."));
     }
     let mut stdin_bytes = None;
     match mode {
@@ -110,7 +151,12 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
         None => run(&mut cmd),
         Some(bytes) => {
             use std::io::Write;
-            let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+            let mut child = cmd
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
             child.stdin.take().unwrap().write_all(&bytes).unwrap();
             child.wait_with_output().unwrap()
         }
@@ -126,8 +172,14 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
                 problems.push(format!("{name}: error output lacks {want:?}:\n{stderr}"));
             }
         }
-        if std::fs::read_dir(work.path().join("root/tmp")).map(|d| d.count()).unwrap_or(0) != 0 {
-            problems.push(format!("{name}: the failed build left files in the store's tmp/"));
+        if std::fs::read_dir(work.path().join("root/tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            != 0
+        {
+            problems.push(format!(
+                "{name}: the failed build left files in the store's tmp/"
+            ));
         }
         return;
     }
@@ -150,7 +202,13 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
                 continue;
             }
         };
-        let kind = if md.file_type().is_symlink() { "symlink" } else if md.is_dir() { "dir" } else { "file" };
+        let kind = if md.file_type().is_symlink() {
+            "symlink"
+        } else if md.is_dir() {
+            "dir"
+        } else {
+            "file"
+        };
         if let Some(t) = spec["type"].as_str() {
             if t != kind {
                 problems.push(format!("{name}: {path} is a {kind}, expected {t}"));
@@ -176,7 +234,9 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
             }
         }
         if let Some(t) = spec["target"].as_str() {
-            let got = std::fs::read_link(&p).map(|l| l.display().to_string()).unwrap_or_default();
+            let got = std::fs::read_link(&p)
+                .map(|l| l.display().to_string())
+                .unwrap_or_default();
             if got != t {
                 problems.push(format!("{name}: {path} links to {got:?}, expected {t:?}"));
             }
@@ -189,13 +249,17 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
         }
     }
     if let Some(want) = expect.get("config") {
-        let raw = ok(Command::new("skopeo").args(["inspect", "--config", "--raw"]).arg(format!("oci:{}:case", oci.display())));
+        let raw = ok(Command::new("skopeo")
+            .args(["inspect", "--config", "--raw"])
+            .arg(format!("oci:{}:case", oci.display())));
         let config: Value = serde_json::from_str(&raw).unwrap();
         for (k, v) in want.as_object().unwrap() {
             let got = &config["config"][k];
             let matches = match (k.as_str(), v) {
                 // Env: the listed entries must be present (the base's PATH etc. may be too).
-                ("Env", Value::Array(items)) => items.iter().all(|i| got.as_array().map(|a| a.contains(i)).unwrap_or(false)),
+                ("Env", Value::Array(items)) => items
+                    .iter()
+                    .all(|i| got.as_array().map(|a| a.contains(i)).unwrap_or(false)),
                 _ => got == v,
             };
             if !matches {
@@ -204,7 +268,9 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
         }
     }
     if let Some(lacks) = expect["history_lacks"].as_array() {
-        let raw = ok(Command::new("skopeo").args(["inspect", "--config", "--raw"]).arg(format!("oci:{}:case", oci.display())));
+        let raw = ok(Command::new("skopeo")
+            .args(["inspect", "--config", "--raw"])
+            .arg(format!("oci:{}:case", oci.display())));
         for l in lacks {
             if raw.contains(l.as_str().unwrap()) {
                 problems.push(format!("{name}: the image config mentions {l}"));
@@ -212,9 +278,14 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
         }
     }
     if let Some(n) = expect["layers"].as_u64() {
-        let raw = ok(Command::new("skopeo").args(["inspect", "--config", "--raw"]).arg(format!("oci:{}:case", oci.display())));
+        let raw = ok(Command::new("skopeo")
+            .args(["inspect", "--config", "--raw"])
+            .arg(format!("oci:{}:case", oci.display())));
         let config: Value = serde_json::from_str(&raw).unwrap();
-        let got = config["rootfs"]["diff_ids"].as_array().map(|a| a.len()).unwrap_or(0) as u64;
+        let got = config["rootfs"]["diff_ids"]
+            .as_array()
+            .map(|a| a.len())
+            .unwrap_or(0) as u64;
         if got != n {
             problems.push(format!("{name}: {got} layers, expected {n}"));
         }
@@ -226,12 +297,22 @@ fn parity_suite() {
     ensure_tools();
     let reg = Registry::start();
     let base = reg.with_busybox();
-    let mut cases: Vec<_> = std::fs::read_dir(project().join("testdata/parity")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("expect.json").exists()).collect();
+    let mut cases: Vec<_> = std::fs::read_dir(project().join("testdata/parity"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("expect.json").exists())
+        .collect();
     cases.sort();
     assert!(cases.len() >= 10, "parity cases missing: {cases:?}");
     let mut problems = Vec::new();
     for c in &cases {
         check_case(c, &base, &mut problems);
     }
-    assert!(problems.is_empty(), "{} of {} parity cases failed:\n{}", problems.len(), cases.len(), problems.join("\n\n"));
+    assert!(
+        problems.is_empty(),
+        "{} of {} parity cases failed:\n{}",
+        problems.len(),
+        cases.len(),
+        problems.join("\n\n")
+    );
 }

@@ -25,9 +25,20 @@ impl AuthRegistry {
             .output()
             .unwrap();
         let hash = String::from_utf8(out.stdout).unwrap();
-        assert!(hash.starts_with("$2"), "no bcrypt from python3's crypt: {hash:?}");
-        std::fs::write(dir.path().join("htpasswd"), format!("{user}:{}\n", hash.trim())).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        assert!(
+            hash.starts_with("$2"),
+            "no bcrypt from python3's crypt: {hash:?}"
+        );
+        std::fs::write(
+            dir.path().join("htpasswd"),
+            format!("{user}:{}\n", hash.trim()),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let addr = format!("127.0.0.1:{port}");
         let d = dir.path().display();
         std::fs::write(
@@ -46,7 +57,11 @@ impl AuthRegistry {
             .stderr(log)
             .spawn()
             .unwrap();
-        let me = AuthRegistry { addr, child, _dir: dir };
+        let me = AuthRegistry {
+            addr,
+            child,
+            _dir: dir,
+        };
         for _ in 0..100 {
             if std::net::TcpStream::connect(&me.addr).is_ok() {
                 return me;
@@ -67,7 +82,11 @@ impl Drop for AuthRegistry {
 fn docker_config(dir: &Path, registry: &str, user: &str, pass: &str) {
     let auth = base64(&format!("{user}:{pass}"));
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), format!(r#"{{"auths": {{"{registry}": {{"auth": "{auth}"}}}}}}"#)).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        format!(r#"{{"auths": {{"{registry}": {{"auth": "{auth}"}}}}}}"#),
+    )
+    .unwrap();
 }
 
 fn base64(s: &str) -> String {
@@ -75,7 +94,9 @@ fn base64(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = String::new();
     for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
             if i <= c.len() {
                 out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -102,7 +123,12 @@ fn tiny_image(store: &Store) -> rbuild::image::BuiltImage {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&tar).unwrap();
     let gz = gz.finish().unwrap();
-    let layer = LayerDesc { digest: store.put_blob_bytes(&gz).unwrap(), diff_id: Digest::of(&tar), size: gz.len() as u64, media_type: OCI_LAYER_GZIP.into() };
+    let layer = LayerDesc {
+        digest: store.put_blob_bytes(&gz).unwrap(),
+        diff_id: Digest::of(&tar),
+        size: gz.len() as u64,
+        media_type: OCI_LAYER_GZIP.into(),
+    };
     let config = serde_json::from_value(serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}})).unwrap();
     assemble(config, vec![layer], BTreeMap::new(), store).unwrap()
 }
@@ -118,20 +144,29 @@ async fn basic_auth_credentials_come_from_docker_config() {
 
     // No credentials: refused, and the error says by whom and for what.
     std::env::set_var("DOCKER_CONFIG", t.path().join("none"));
-    let err = client().push(&image, &store, std::slice::from_ref(&target)).await.unwrap_err();
+    let err = client()
+        .push(&image, &store, std::slice::from_ref(&target))
+        .await
+        .unwrap_err();
     assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
     assert!(err.to_string().contains(&target), "{err}");
 
     // Wrong password: refused.
     docker_config(&t.path().join("wrong"), &reg.addr, "alice", "nope");
     std::env::set_var("DOCKER_CONFIG", t.path().join("wrong"));
-    let err = client().push(&image, &store, std::slice::from_ref(&target)).await.unwrap_err();
+    let err = client()
+        .push(&image, &store, std::slice::from_ref(&target))
+        .await
+        .unwrap_err();
     assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
 
     // Right password: push, then pull into a fresh store.
     docker_config(&t.path().join("right"), &reg.addr, "alice", "s3cret-pw");
     std::env::set_var("DOCKER_CONFIG", t.path().join("right"));
-    let d = client().push(&image, &store, std::slice::from_ref(&target)).await.unwrap();
+    let d = client()
+        .push(&image, &store, std::slice::from_ref(&target))
+        .await
+        .unwrap();
     assert_eq!(d, image.manifest_digest);
     let fresh = Store::open(&t.path().join("fresh")).unwrap();
     let pulled = client().pull(&target, &fresh).await.unwrap();

@@ -19,7 +19,12 @@ fn testbed() -> PathBuf {
 fn vm_hwm() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 struct Reg {
@@ -30,16 +35,32 @@ struct Reg {
 impl Drop for Reg {
     fn drop(&mut self) {
         let port = self.addr.rsplit(':').next().unwrap();
-        let _ = Command::new(testbed().join("registry-down")).arg(port).arg(self.dir.path()).output();
+        let _ = Command::new(testbed().join("registry-down"))
+            .arg(port)
+            .arg(self.dir.path())
+            .output();
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn large_blobs_stream_through_flat_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(testbed().join("registry-up")).arg("0").arg(dir.path()).output().unwrap();
+    let out = Command::new(testbed().join("registry-up"))
+        .arg("0")
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(out.status.success());
-    let reg = Reg { addr: String::from_utf8(out.stdout).unwrap().trim().lines().last().unwrap().to_string(), dir };
+    let reg = Reg {
+        addr: String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .lines()
+            .last()
+            .unwrap()
+            .to_string(),
+        dir,
+    };
     let t = tempfile::tempdir().unwrap();
     let store = Store::open(&t.path().join("store")).unwrap();
     // Incompressible content written 1 MiB at a time; it is only a blob to the registry.
@@ -57,20 +78,44 @@ async fn large_blobs_stream_through_flat_memory() {
     }
     drop(buf);
     let digest = w.commit(None).unwrap();
-    let layer = LayerDesc { digest, diff_id: Digest::of(b"not checked by the registry"), size: BLOB as u64, media_type: OCI_LAYER_GZIP.into() };
+    let layer = LayerDesc {
+        digest,
+        diff_id: Digest::of(b"not checked by the registry"),
+        size: BLOB as u64,
+        media_type: OCI_LAYER_GZIP.into(),
+    };
     let config = serde_json::from_value(serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}})).unwrap();
     let image = assemble(config, vec![layer.clone()], BTreeMap::new(), &store).unwrap();
 
     let before = vm_hwm();
     let target = format!("{}/big:v1", reg.addr);
-    Registry::new(RegistryOptions::default()).push(&image, &store, std::slice::from_ref(&target)).await.unwrap();
+    Registry::new(RegistryOptions::default())
+        .push(&image, &store, std::slice::from_ref(&target))
+        .await
+        .unwrap();
     let after_push = vm_hwm();
     let fresh = Store::open(&t.path().join("fresh")).unwrap();
-    let pulled = Registry::new(RegistryOptions::default()).pull(&target, &fresh).await.unwrap();
+    let pulled = Registry::new(RegistryOptions::default())
+        .pull(&target, &fresh)
+        .await
+        .unwrap();
     let after_pull = vm_hwm();
     assert_eq!(pulled.layers[0].digest, layer.digest);
     let mib = |b: u64| b >> 20;
-    eprintln!("VmHWM before {} MiB, after push {} MiB, after pull {} MiB", mib(before), mib(after_push), mib(after_pull));
-    assert!(after_push - before < (BLOB as u64) / 3, "push grew the peak by {} MiB", mib(after_push - before));
-    assert!(after_pull - before < (BLOB as u64) / 3, "pull grew the peak by {} MiB", mib(after_pull - before));
+    eprintln!(
+        "VmHWM before {} MiB, after push {} MiB, after pull {} MiB",
+        mib(before),
+        mib(after_push),
+        mib(after_pull)
+    );
+    assert!(
+        after_push - before < (BLOB as u64) / 3,
+        "push grew the peak by {} MiB",
+        mib(after_push - before)
+    );
+    assert!(
+        after_pull - before < (BLOB as u64) / 3,
+        "pull grew the peak by {} MiB",
+        mib(after_pull - before)
+    );
 }

@@ -3,7 +3,9 @@
 
 use rbuild::image::{assemble, LayerDesc, OCI_LAYER_GZIP};
 use rbuild::output::{write_docker_archive, write_local, write_oci_layout};
-use rbuild::registry::{load_oci_layout, PullEvent, PushEvent, Registry, RegistryError, RegistryOptions};
+use rbuild::registry::{
+    load_oci_layout, PullEvent, PushEvent, Registry, RegistryError, RegistryOptions,
+};
 use rbuild_cache::{Digest, Store};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -18,8 +20,15 @@ fn testbed() -> PathBuf {
 }
 
 fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -32,22 +41,35 @@ struct TestRegistry {
 impl TestRegistry {
     fn start() -> TestRegistry {
         let dir = tempfile::tempdir().unwrap();
-        let out = ok(Command::new(testbed().join("registry-up")).arg("0").arg(dir.path()));
-        TestRegistry { addr: out.trim().lines().last().unwrap().to_string(), dir }
+        let out = ok(Command::new(testbed().join("registry-up"))
+            .arg("0")
+            .arg(dir.path()));
+        TestRegistry {
+            addr: out.trim().lines().last().unwrap().to_string(),
+            dir,
+        }
     }
     fn with_busybox(&self) -> String {
         common::push_base_image(&self.addr, "busybox", "latest")
     }
     /// Where the registry keeps a blob's bytes (filesystem storage driver layout).
     fn blob_file(&self, d: &Digest) -> PathBuf {
-        self.dir.path().join("data/docker/registry/v2/blobs/sha256").join(&d.hex()[..2]).join(d.hex()).join("data")
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&d.hex()[..2])
+            .join(d.hex())
+            .join("data")
     }
 }
 
 impl Drop for TestRegistry {
     fn drop(&mut self) {
         let port = self.addr.rsplit(':').next().unwrap();
-        let _ = Command::new(testbed().join("registry-down")).arg(port).arg(self.dir.path()).output();
+        let _ = Command::new(testbed().join("registry-down"))
+            .arg(port)
+            .arg(self.dir.path())
+            .output();
     }
 }
 
@@ -71,7 +93,10 @@ fn sha_file(p: &Path) -> Digest {
 /// A gzip layer holding `/hello.txt` and `/etc/rbuild-marker`, stored as a blob.
 fn extra_layer(store: &Store) -> LayerDesc {
     let mut tar = tar::Builder::new(Vec::new());
-    for (path, body) in [("hello.txt", &b"hello from rbuild\n"[..]), ("etc/rbuild-marker", b"1\n")] {
+    for (path, body) in [
+        ("hello.txt", &b"hello from rbuild\n"[..]),
+        ("etc/rbuild-marker", b"1\n"),
+    ] {
         let mut h = tar::Header::new_ustar();
         h.set_size(body.len() as u64);
         h.set_mode(0o644);
@@ -86,7 +111,12 @@ fn extra_layer(store: &Store) -> LayerDesc {
     gz.write_all(&tar).unwrap();
     let gz = gz.finish().unwrap();
     let digest = store.put_blob_bytes(&gz).unwrap();
-    LayerDesc { digest, diff_id: Digest::of(&tar), size: gz.len() as u64, media_type: OCI_LAYER_GZIP.into() }
+    LayerDesc {
+        digest,
+        diff_id: Digest::of(&tar),
+        size: gz.len() as u64,
+        media_type: OCI_LAYER_GZIP.into(),
+    }
 }
 
 fn skopeo_json(args: &[&str]) -> serde_json::Value {
@@ -100,36 +130,80 @@ async fn pull_verifies_blobs_and_a_second_pull_downloads_nothing() {
     let t = tempfile::tempdir().unwrap();
     let store = Store::open(t.path()).unwrap();
     let events = Mutex::new(Vec::new());
-    let img = registry().pull_with_progress(&format!("{}/busybox", reg.addr), &store, |e| events.lock().unwrap().push(e)).await.unwrap();
+    let img = registry()
+        .pull_with_progress(&format!("{}/busybox", reg.addr), &store, |e| {
+            events.lock().unwrap().push(e)
+        })
+        .await
+        .unwrap();
     assert_eq!(img.reference, reference, "tag latest is implied");
-    let started = events.lock().unwrap().iter().filter(|e| matches!(e, PullEvent::Started { .. })).count();
-    assert_eq!(started, 1 + img.layers.len(), "config and every layer downloaded once");
+    let started = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, PullEvent::Started { .. }))
+        .count();
+    assert_eq!(
+        started,
+        1 + img.layers.len(),
+        "config and every layer downloaded once"
+    );
     // Every blob is what its name says; diffIDs are the uncompressed layers' digests.
-    assert_eq!(sha_file(&store.blob_path(&img.config_digest)), img.config_digest);
-    assert_eq!(sha_file(&store.blob_path(&img.manifest_digest)), img.manifest_digest);
+    assert_eq!(
+        sha_file(&store.blob_path(&img.config_digest)),
+        img.config_digest
+    );
+    assert_eq!(
+        sha_file(&store.blob_path(&img.manifest_digest)),
+        img.manifest_digest
+    );
     assert!(!img.layers.is_empty());
     for l in &img.layers {
         assert_eq!(sha_file(&store.blob_path(&l.digest)), l.digest);
         let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(store.open_blob(&l.digest).unwrap()).read_to_end(&mut tar).unwrap();
+        flate2::read::GzDecoder::new(store.open_blob(&l.digest).unwrap())
+            .read_to_end(&mut tar)
+            .unwrap();
         assert_eq!(Digest::of(&tar), l.diff_id);
         assert_eq!(l.media_type, OCI_LAYER_GZIP);
     }
     assert_eq!(img.config.rootfs().diff_ids().len(), img.layers.len());
 
     events.lock().unwrap().clear();
-    let again = registry().pull_with_progress(&reference, &store, |e| events.lock().unwrap().push(e)).await.unwrap();
+    let again = registry()
+        .pull_with_progress(&reference, &store, |e| events.lock().unwrap().push(e))
+        .await
+        .unwrap();
     assert_eq!(again.manifest_digest, img.manifest_digest);
     {
         let ev = events.lock().unwrap();
-        assert!(!ev.iter().any(|e| matches!(e, PullEvent::Started { .. })), "nothing downloaded the second time: {ev:?}");
-        assert_eq!(ev.iter().filter(|e| matches!(e, PullEvent::Cached { .. })).count(), 1 + img.layers.len());
+        assert!(
+            !ev.iter().any(|e| matches!(e, PullEvent::Started { .. })),
+            "nothing downloaded the second time: {ev:?}"
+        );
+        assert_eq!(
+            ev.iter()
+                .filter(|e| matches!(e, PullEvent::Cached { .. }))
+                .count(),
+            1 + img.layers.len()
+        );
     }
 
     // By digest too.
     let pinned = format!("{}/busybox@{}", reg.addr, img.manifest_digest);
-    assert_eq!(registry().pull(&pinned, &store).await.unwrap().config_digest, img.config_digest);
-    assert_eq!(std::fs::read_dir(t.path().join("tmp")).unwrap().count(), 0, "no temporary files left");
+    assert_eq!(
+        registry()
+            .pull(&pinned, &store)
+            .await
+            .unwrap()
+            .config_digest,
+        img.config_digest
+    );
+    assert_eq!(
+        std::fs::read_dir(t.path().join("tmp")).unwrap().count(),
+        0,
+        "no temporary files left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -143,56 +217,118 @@ async fn assembled_image_pushes_under_two_tags_and_writes_every_output() {
     let mut layers = pulled.layers.clone();
     layers.push(extra.clone());
     let mut ann = BTreeMap::new();
-    ann.insert("org.opencontainers.image.title".to_string(), "rbuild-test".to_string());
+    ann.insert(
+        "org.opencontainers.image.title".to_string(),
+        "rbuild-test".to_string(),
+    );
     ann.insert("a.first".to_string(), "1".to_string());
     let image = assemble(pulled.config.clone(), layers.clone(), ann.clone(), &store).unwrap();
     let again = assemble(pulled.config.clone(), layers.clone(), ann, &store).unwrap();
-    assert_eq!(image.manifest_digest, again.manifest_digest, "assembly is deterministic");
-    assert_eq!(image.config.rootfs().diff_ids().last().unwrap(), &extra.diff_id.to_string());
+    assert_eq!(
+        image.manifest_digest, again.manifest_digest,
+        "assembly is deterministic"
+    );
+    assert_eq!(
+        image.config.rootfs().diff_ids().last().unwrap(),
+        &extra.diff_id.to_string()
+    );
 
     let v1 = format!("{}/app:v1", reg.addr);
     let v2 = format!("{}/team/app:v2", reg.addr);
     let events = Mutex::new(Vec::new());
     let d = registry()
-        .push_with_progress(&image, &store, &[v1.clone(), v2.clone()], |e| events.lock().unwrap().push(e))
+        .push_with_progress(&image, &store, &[v1.clone(), v2.clone()], |e| {
+            events.lock().unwrap().push(e)
+        })
         .await
         .unwrap();
     assert_eq!(d, image.manifest_digest);
     {
         let ev = events.lock().unwrap();
-        let uploaded = ev.iter().filter(|e| matches!(e, PushEvent::Done { .. })).count();
-        assert_eq!(uploaded, layers.len() + 1, "every blob uploaded once: {ev:?}");
+        let uploaded = ev
+            .iter()
+            .filter(|e| matches!(e, PushEvent::Done { .. }))
+            .count();
+        assert_eq!(
+            uploaded,
+            layers.len() + 1,
+            "every blob uploaded once: {ev:?}"
+        );
         let mounted = ev.iter().filter(|e| matches!(e, PushEvent::Mounted { repository, .. } if repository.ends_with("team/app"))).count();
-        assert_eq!(mounted, layers.len() + 1, "and mounted into the second repository: {ev:?}");
+        assert_eq!(
+            mounted,
+            layers.len() + 1,
+            "and mounted into the second repository: {ev:?}"
+        );
         // The manifests come after every blob.
-        let first_tag = ev.iter().position(|e| matches!(e, PushEvent::Tagged { .. })).unwrap();
-        assert!(ev[first_tag..].iter().all(|e| matches!(e, PushEvent::Tagged { .. })), "{ev:?}");
+        let first_tag = ev
+            .iter()
+            .position(|e| matches!(e, PushEvent::Tagged { .. }))
+            .unwrap();
+        assert!(
+            ev[first_tag..]
+                .iter()
+                .all(|e| matches!(e, PushEvent::Tagged { .. })),
+            "{ev:?}"
+        );
     }
     for r in [&v1, &v2] {
         let info = skopeo_json(&["--tls-verify=false", &format!("docker://{r}")]);
         assert_eq!(info["Digest"], image.manifest_digest.to_string(), "{r}");
         let want: Vec<String> = layers.iter().map(|l| l.digest.to_string()).collect();
         assert_eq!(info["Layers"], serde_json::json!(want), "{r}");
-        let raw = ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{r}")]));
-        assert_eq!(raw.as_bytes(), &image.manifest_bytes[..], "registry serves our exact manifest bytes");
+        let raw = ok(Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{r}"),
+        ]));
+        assert_eq!(
+            raw.as_bytes(),
+            &image.manifest_bytes[..],
+            "registry serves our exact manifest bytes"
+        );
     }
     // A second push finds every blob already there.
     events.lock().unwrap().clear();
-    registry().push_with_progress(&image, &store, std::slice::from_ref(&v1), |e| events.lock().unwrap().push(e)).await.unwrap();
-    assert!(!events.lock().unwrap().iter().any(|e| matches!(e, PushEvent::Started { .. })));
+    registry()
+        .push_with_progress(&image, &store, std::slice::from_ref(&v1), |e| {
+            events.lock().unwrap().push(e)
+        })
+        .await
+        .unwrap();
+    assert!(!events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, PushEvent::Started { .. })));
 
     // OCI layout, checked by skopeo and unpacked by umoci.
     let layout = t.path().join("layout");
-    write_oci_layout(&layout, &image, &store, &[v1.clone(), format!("{}/app:latest", reg.addr)]).unwrap();
+    write_oci_layout(
+        &layout,
+        &image,
+        &store,
+        &[v1.clone(), format!("{}/app:latest", reg.addr)],
+    )
+    .unwrap();
     for tag in ["v1", "latest"] {
         let info = skopeo_json(&[&format!("oci:{}:{tag}", layout.display())]);
         assert_eq!(info["Digest"], image.manifest_digest.to_string());
     }
     let bundle = t.path().join("bundle");
-    ok(Command::new("umoci").args(["unpack", "--image", &format!("{}:v1", layout.display())]).arg(&bundle));
-    assert_eq!(std::fs::read_to_string(bundle.join("rootfs/hello.txt")).unwrap(), "hello from rbuild\n");
+    ok(Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:v1", layout.display())])
+        .arg(&bundle));
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/hello.txt")).unwrap(),
+        "hello from rbuild\n"
+    );
     assert!(bundle.join("rootfs/bin/busybox").exists());
-    assert!(!layout.join("index.json").with_extension("json.tmp").exists());
+    assert!(!layout
+        .join("index.json")
+        .with_extension("json.tmp")
+        .exists());
 
     // docker archive.
     let archive = t.path().join("out/image.tar");
@@ -207,10 +343,20 @@ async fn assembled_image_pushes_under_two_tags_and_writes_every_output() {
     for want in ["manifest.json", "repositories", "index.json", "oci-layout"] {
         assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
-    if Command::new("podman").arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
+    if Command::new("podman")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
         let loaded = ok(Command::new("podman").args(["load", "-i"]).arg(&archive));
-        assert!(loaded.contains(&v1) || loaded.contains(image.config_digest.hex()), "podman load: {loaded}");
-        let _ = Command::new("podman").args(["image", "rm", "-f", &v1]).output();
+        assert!(
+            loaded.contains(&v1) || loaded.contains(image.config_digest.hex()),
+            "podman load: {loaded}"
+        );
+        let _ = Command::new("podman")
+            .args(["image", "rm", "-f", &v1])
+            .output();
     }
     // The archive is an OCI layout too.
     let info = skopeo_json(&[&format!("oci-archive:{}:v1", archive.display())]);
@@ -219,9 +365,15 @@ async fn assembled_image_pushes_under_two_tags_and_writes_every_output() {
     // Root filesystem.
     let rootfs = t.path().join("rootfs");
     write_local(&rootfs, &image, &store).unwrap();
-    assert_eq!(std::fs::read_to_string(rootfs.join("hello.txt")).unwrap(), "hello from rbuild\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("hello.txt")).unwrap(),
+        "hello from rbuild\n"
+    );
     assert!(rootfs.join("bin/busybox").exists());
-    assert!(write_local(&rootfs, &image, &store).is_err(), "type=local refuses a non-empty directory");
+    assert!(
+        write_local(&rootfs, &image, &store).is_err(),
+        "type=local refuses a non-empty directory"
+    );
 
     // The layout we wrote loads back as a base image.
     let fresh = Store::open(&t.path().join("store2")).unwrap();
@@ -247,7 +399,12 @@ async fn a_tampered_blob_fails_with_a_digest_error_and_stores_nothing() {
     let store = Store::open(&t.path().join("store")).unwrap();
     let err = registry().pull(&reference, &store).await.unwrap_err();
     match &err {
-        RegistryError::DigestMismatch { reference: r, expected, actual, .. } => {
+        RegistryError::DigestMismatch {
+            reference: r,
+            expected,
+            actual,
+            ..
+        } => {
             assert_eq!(r, &reference);
             assert_eq!(expected, &victim);
             assert_eq!(actual, &Digest::of(&bytes));
@@ -256,8 +413,14 @@ async fn a_tampered_blob_fails_with_a_digest_error_and_stores_nothing() {
     }
     assert!(err.to_string().contains(victim.as_str()), "{err}");
     assert!(!store.has_blob(&victim));
-    assert!(!store.has_blob(&good.manifest_digest), "no manifest for an incomplete image");
-    assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+    assert!(
+        !store.has_blob(&good.manifest_digest),
+        "no manifest for an incomplete image"
+    );
+    assert_eq!(
+        std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -272,7 +435,11 @@ async fn missing_images_and_unreachable_registries_are_named() {
     assert!(err.to_string().contains(&missing), "{err}");
 
     // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let gone = format!("127.0.0.1:{port}/busybox:latest");
     let err = registry().pull(&gone, &store).await.unwrap_err();
     assert!(matches!(err, RegistryError::Unreachable { .. }), "{err:?}");
@@ -302,14 +469,25 @@ async fn docker_v2_manifests_and_indexes_resolve_to_the_platform() {
 
     // A Docker schema 2 copy: its gzip layers come back with OCI media types.
     let v2 = format!("{}/busybox-v2:latest", reg.addr);
-    ok(Command::new("skopeo").args(["copy", "-q", "--format", "v2s2", "--src-tls-verify=false", "--dest-tls-verify=false"]).args([
-        format!("docker://{base}"),
-        format!("docker://{v2}"),
-    ]));
+    ok(Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--format",
+            "v2s2",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .args([format!("docker://{base}"), format!("docker://{v2}")]));
     let img = registry().pull(&v2, &store).await.unwrap();
-    let raw: serde_json::Value = serde_json::from_slice(&store.read_blob(&img.manifest_digest).unwrap()).unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&img.manifest_digest).unwrap()).unwrap();
     assert_eq!(raw["mediaType"], rbuild::image::DOCKER_MANIFEST);
-    assert!(img.layers.iter().all(|l| l.media_type == OCI_LAYER_GZIP), "{:?}", img.layers);
+    assert!(
+        img.layers.iter().all(|l| l.media_type == OCI_LAYER_GZIP),
+        "{:?}",
+        img.layers
+    );
 
     // An index with two platforms (both entries name the same manifest; only the platform differs).
     let oci = registry().pull(&base, &store).await.unwrap();
@@ -326,16 +504,38 @@ async fn docker_v2_manifests_and_indexes_resolve_to_the_platform() {
     let index_file = t.path().join("index.json");
     std::fs::write(&index_file, serde_json::to_vec(&index).unwrap()).unwrap();
     ok(Command::new("curl")
-        .args(["-fsS", "-X", "PUT", "-H", &format!("Content-Type: {}", rbuild::image::OCI_INDEX), "--data-binary"])
+        .args([
+            "-fsS",
+            "-X",
+            "PUT",
+            "-H",
+            &format!("Content-Type: {}", rbuild::image::OCI_INDEX),
+            "--data-binary",
+        ])
         .arg(format!("@{}", index_file.display()))
         .arg(format!("http://{}/v2/busybox/manifests/multi", reg.addr)));
     let multi = format!("{}/busybox:multi", reg.addr);
-    assert_eq!(registry().pull(&multi, &store).await.unwrap().manifest_digest, oci.manifest_digest);
-    let s390x = Registry::new(RegistryOptions { platform: ("linux".into(), "s390x".into()), ..Default::default() });
+    assert_eq!(
+        registry()
+            .pull(&multi, &store)
+            .await
+            .unwrap()
+            .manifest_digest,
+        oci.manifest_digest
+    );
+    let s390x = Registry::new(RegistryOptions {
+        platform: ("linux".into(), "s390x".into()),
+        ..Default::default()
+    });
     let err = s390x.pull(&multi, &store).await.unwrap_err();
     match &err {
-        RegistryError::Platform { available, .. } => assert_eq!(available, &["linux/arm64/v8", "linux/amd64"]),
+        RegistryError::Platform { available, .. } => {
+            assert_eq!(available, &["linux/arm64/v8", "linux/amd64"])
+        }
         other => panic!("expected a platform error, got {other:?}"),
     }
-    assert!(err.to_string().contains(&multi) && err.to_string().contains("linux/s390x"), "{err}");
+    assert!(
+        err.to_string().contains(&multi) && err.to_string().contains("linux/s390x"),
+        "{err}"
+    );
 }

@@ -49,16 +49,35 @@ fn main() {
     let t = Instant::now();
     let status = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("find '{}' -type f -print0 | xargs -0 sha256sum > /dev/null", dir.display()))
+        .arg(format!(
+            "find '{}' -type f -print0 | xargs -0 sha256sum > /dev/null",
+            dir.display()
+        ))
         .status()
         .unwrap();
     assert!(status.success());
     let shasum = t.elapsed();
-    let size = std::fs::metadata(StatCache::file_for(&store, dir)).unwrap().len();
+    let size = std::fs::metadata(StatCache::file_for(&store, dir))
+        .unwrap()
+        .len();
     println!("files read: first {read1}, second {}", c.files_read());
-    println!("first pass: {:.3}s (hash {:.3}s + save {:.3}s, stat cache {} kB)", first.as_secs_f64(), hash1.as_secs_f64(), (first - hash1).as_secs_f64(), size / 1000);
-    println!("second pass: {:.3}s (of which load {:.3}s)", second.as_secs_f64(), load.as_secs_f64());
-    println!("find|xargs sha256sum: {:.3}s; first pass / sha256sum = {:.2}", shasum.as_secs_f64(), first.as_secs_f64() / shasum.as_secs_f64());
+    println!(
+        "first pass: {:.3}s (hash {:.3}s + save {:.3}s, stat cache {} kB)",
+        first.as_secs_f64(),
+        hash1.as_secs_f64(),
+        (first - hash1).as_secs_f64(),
+        size / 1000
+    );
+    println!(
+        "second pass: {:.3}s (of which load {:.3}s)",
+        second.as_secs_f64(),
+        load.as_secs_f64()
+    );
+    println!(
+        "find|xargs sha256sum: {:.3}s; first pass / sha256sum = {:.2}",
+        shasum.as_secs_f64(),
+        first.as_secs_f64() / shasum.as_secs_f64()
+    );
     let _ = std::fs::remove_dir_all(&st);
 }
 

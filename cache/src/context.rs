@@ -83,7 +83,8 @@ struct Entry {
 
 impl Entry {
     fn trusted_for(&self, st: &Stat) -> bool {
-        self.stat == *st && st.mtime_ns.max(st.ctime_ns) + RACY_WINDOW.as_nanos() as i64 <= self.hashed_ns
+        self.stat == *st
+            && st.mtime_ns.max(st.ctime_ns) + RACY_WINDOW.as_nanos() as i64 <= self.hashed_ns
     }
 }
 
@@ -117,7 +118,10 @@ pub struct StatCache {
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Reads and hashes one file, returning its digest and whether it stayed unchanged
@@ -155,15 +159,22 @@ impl StatCache {
 
     /// Where the stat cache of `context` lives in `store`.
     pub fn file_for(store: &Store, context: &Path) -> PathBuf {
-        let abs = context.canonicalize().unwrap_or_else(|_| context.to_path_buf());
-        store.root().join("statcache").join(format!("{}.json", Digest::of(abs.as_os_str().as_encoded_bytes()).hex()))
+        let abs = context
+            .canonicalize()
+            .unwrap_or_else(|_| context.to_path_buf());
+        store.root().join("statcache").join(format!(
+            "{}.json",
+            Digest::of(abs.as_os_str().as_encoded_bytes()).hex()
+        ))
     }
 
     /// The stat cache of the context directory `context`, persisted in `store`; an absent,
     /// unreadable or foreign file gives an empty cache (it is only an optimization).
     pub fn load(store: &Store, context: &Path) -> StatCache {
         let file = StatCache::file_for(store, context);
-        let context = context.canonicalize().unwrap_or_else(|_| context.to_path_buf());
+        let context = context
+            .canonicalize()
+            .unwrap_or_else(|_| context.to_path_buf());
         let entries = fs::read(&file)
             .ok()
             .and_then(|b| serde_json::from_slice::<OnDisk>(&b).ok())
@@ -177,7 +188,13 @@ impl StatCache {
                 let _ = f.set_modified(SystemTime::now());
             }
         }
-        StatCache { file: Some(file), context, entries, dirty: false, reads: AtomicU64::new(0) }
+        StatCache {
+            file: Some(file),
+            context,
+            entries,
+            dirty: false,
+            reads: AtomicU64::new(0),
+        }
     }
 
     /// The context directory a stat cache file (in `statcache/`) belongs to, if it reads.
@@ -195,7 +212,9 @@ impl StatCache {
     /// Writes the cache back (atomically) if it was loaded from a store and changed,
     /// dropping entries of files that no longer exist.
     pub fn save(&mut self) -> Result<(), ContextError> {
-        let Some(file) = self.file.clone() else { return Ok(()) };
+        let Some(file) = self.file.clone() else {
+            return Ok(());
+        };
         if !self.dirty {
             return Ok(());
         }
@@ -205,8 +224,15 @@ impl StatCache {
         self.forget_missing(&context);
         let file = &file;
         let dir = file.parent().unwrap();
-        fs::create_dir_all(dir).map_err(|source| ContextError::Io { path: dir.to_path_buf(), source })?;
-        let disk = OnDisk { version: FORMAT_VERSION, context: self.context.clone(), entries: std::mem::take(&mut self.entries) };
+        fs::create_dir_all(dir).map_err(|source| ContextError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let disk = OnDisk {
+            version: FORMAT_VERSION,
+            context: self.context.clone(),
+            entries: std::mem::take(&mut self.entries),
+        };
         let bytes = serde_json::to_vec(&disk).expect("stat cache serializes");
         self.entries = disk.entries;
         write_file_atomic(file, &bytes)?;
@@ -232,7 +258,8 @@ impl StatCache {
     /// Forgets entries for paths that no longer exist under `root` (keeps the file small).
     pub fn forget_missing(&mut self, root: &Path) {
         let before = self.entries.len();
-        self.entries.retain(|rel, _| fs::symlink_metadata(root.join(rel)).is_ok());
+        self.entries
+            .retain(|rel, _| fs::symlink_metadata(root.join(rel)).is_ok());
         self.dirty |= self.entries.len() != before;
     }
 
@@ -254,7 +281,14 @@ impl StatCache {
 
     fn remember(&mut self, rel: &str, stat: Stat, hashed_ns: i64, digest: &Digest, stable: bool) {
         if stable {
-            self.entries.insert(rel.to_string(), Entry { stat, hashed_ns, digest: digest.clone() });
+            self.entries.insert(
+                rel.to_string(),
+                Entry {
+                    stat,
+                    hashed_ns,
+                    digest: digest.clone(),
+                },
+            );
         } else {
             // Changed while we read it: the digest is of some mix; do not keep it.
             self.entries.remove(rel);
@@ -272,8 +306,19 @@ impl StatCache {
     /// Like [`StatCache::hash_tree`], but only entries for which `include(rel, is_dir)`
     /// holds are hashed (e.g. not `.dockerignore`d); directories are still descended, so
     /// a re-included file below an excluded directory counts.
-    pub fn hash_tree_filtered(&mut self, root: &Path, selection: &[&str], include: &(dyn Fn(&str, bool) -> bool + Sync)) -> Result<Digest, ContextError> {
-        self.hash_tree_with(root, selection, &|rel, is_dir| if include(rel, is_dir) { Filter::Include } else { Filter::Exclude })
+    pub fn hash_tree_filtered(
+        &mut self,
+        root: &Path,
+        selection: &[&str],
+        include: &(dyn Fn(&str, bool) -> bool + Sync),
+    ) -> Result<Digest, ContextError> {
+        self.hash_tree_with(root, selection, &|rel, is_dir| {
+            if include(rel, is_dir) {
+                Filter::Include
+            } else {
+                Filter::Exclude
+            }
+        })
     }
 
     /// Like [`StatCache::hash_tree`], with `filter(rel, is_dir)` deciding for each entry
@@ -281,7 +326,12 @@ impl StatCache {
     /// walked at all ([`Filter::ExcludeTree`]: nothing below it can count, so an ignored
     /// `node_modules/` or `.git/` costs nothing). The digest is the same as with
     /// [`StatCache::hash_tree_filtered`] given the same decisions.
-    pub fn hash_tree_with(&mut self, root: &Path, selection: &[&str], filter: &dyn Fn(&str, bool) -> Filter) -> Result<Digest, ContextError> {
+    pub fn hash_tree_with(
+        &mut self,
+        root: &Path,
+        selection: &[&str],
+        filter: &dyn Fn(&str, bool) -> Filter,
+    ) -> Result<Digest, ContextError> {
         let mut items = Vec::new();
         let mut starts = Vec::new();
         for sel in selection {
@@ -291,24 +341,49 @@ impl StatCache {
                 return Err(ContextError::Escapes(sel.to_string()));
             }
             starts.push(items.len());
-            let top = if sel.is_empty() { root.to_path_buf() } else { root.join(sel) };
+            let top = if sel.is_empty() {
+                root.to_path_buf()
+            } else {
+                root.join(sel)
+            };
             // A selected path may be (or pass through) a symlink, which is followed as COPY
             // does, but only while it stays inside the context.
-            let canon = |p: &Path| p.canonicalize().map_err(|source| ContextError::Io { path: p.to_path_buf(), source });
+            let canon = |p: &Path| {
+                p.canonicalize().map_err(|source| ContextError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })
+            };
             if !canon(&top)?.starts_with(canon(root)?) {
                 return Err(ContextError::Escapes(sel.to_string()));
             }
-            let mut walk = walkdir::WalkDir::new(&top).follow_links(false).sort_by_file_name().into_iter();
+            let mut walk = walkdir::WalkDir::new(&top)
+                .follow_links(false)
+                .sort_by_file_name()
+                .into_iter();
             while let Some(e) = walk.next() {
                 let e = e.map_err(|e| {
-                    let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| top.clone());
-                    ContextError::Io { path, source: e.into() }
+                    let path = e
+                        .path()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| top.clone());
+                    ContextError::Io {
+                        path,
+                        source: e.into(),
+                    }
                 })?;
                 let rel = e.path().strip_prefix(root).unwrap_or(e.path());
                 let rel = rel.to_string_lossy().into_owned();
                 // The selected path itself is followed (checked above); what is below it is not.
-                let md = if e.depth() == 0 { fs::metadata(e.path()) } else { fs::symlink_metadata(e.path()) };
-                let md = md.map_err(|source| ContextError::Io { path: e.path().to_path_buf(), source })?;
+                let md = if e.depth() == 0 {
+                    fs::metadata(e.path())
+                } else {
+                    fs::symlink_metadata(e.path())
+                };
+                let md = md.map_err(|source| ContextError::Io {
+                    path: e.path().to_path_buf(),
+                    source,
+                })?;
                 let ft = md.file_type();
                 match filter(&rel, ft.is_dir()) {
                     Filter::Include => {}
@@ -325,18 +400,40 @@ impl StatCache {
                 } else if ft.is_dir() {
                     (b'd', Vec::new())
                 } else if ft.is_symlink() {
-                    let t = fs::read_link(e.path()).map_err(|source| ContextError::Io { path: e.path().to_path_buf(), source })?;
+                    let t = fs::read_link(e.path()).map_err(|source| ContextError::Io {
+                        path: e.path().to_path_buf(),
+                        source,
+                    })?;
                     (b'l', t.into_os_string().into_encoded_bytes())
                 } else {
                     (b'o', Vec::new())
                 };
                 let stat = Stat::of(&md);
-                let digest = if kind == b'f' { self.entries.get(&rel).filter(|en| en.trusted_for(&stat)).map(|en| en.digest.clone()) } else { None };
-                items.push(Item { rel, kind, mode: md.mode() & 0o7777, target, stat, digest });
+                let digest = if kind == b'f' {
+                    self.entries
+                        .get(&rel)
+                        .filter(|en| en.trusted_for(&stat))
+                        .map(|en| en.digest.clone())
+                } else {
+                    None
+                };
+                items.push(Item {
+                    rel,
+                    kind,
+                    mode: md.mode() & 0o7777,
+                    target,
+                    stat,
+                    digest,
+                });
             }
         }
         // Read the misses in parallel: the first pass is bound by sha256 and I/O.
-        let misses: Vec<usize> = items.iter().enumerate().filter(|(_, it)| it.kind == b'f' && it.digest.is_none()).map(|(i, _)| i).collect();
+        let misses: Vec<usize> = items
+            .iter()
+            .enumerate()
+            .filter(|(_, it)| it.kind == b'f' && it.digest.is_none())
+            .map(|(i, _)| i)
+            .collect();
         let reads = &self.reads;
         type Outcome = (usize, i64, io::Result<(Digest, bool)>);
         let results: Vec<Outcome> = misses
@@ -344,11 +441,18 @@ impl StatCache {
             .map(|&i| {
                 let hashed_ns = now_ns();
                 reads.fetch_add(1, Ordering::Relaxed);
-                (i, hashed_ns, read_digest(&root.join(&items[i].rel), &items[i].stat))
+                (
+                    i,
+                    hashed_ns,
+                    read_digest(&root.join(&items[i].rel), &items[i].stat),
+                )
             })
             .collect();
         for (i, hashed_ns, res) in results {
-            let (digest, stable) = res.map_err(|source| ContextError::Io { path: root.join(&items[i].rel), source })?;
+            let (digest, stable) = res.map_err(|source| ContextError::Io {
+                path: root.join(&items[i].rel),
+                source,
+            })?;
             let (rel, stat) = (items[i].rel.clone(), items[i].stat);
             self.remember(&rel, stat, hashed_ns, &digest, stable);
             items[i].digest = Some(digest);

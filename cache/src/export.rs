@@ -55,7 +55,10 @@ pub struct ExportedRecord {
 impl CacheExport {
     /// An empty export.
     pub fn new() -> CacheExport {
-        CacheExport { version: FORMAT_VERSION, records: BTreeMap::new() }
+        CacheExport {
+            version: FORMAT_VERSION,
+            records: BTreeMap::new(),
+        }
     }
 
     /// Adds (or replaces) the record of `key`.
@@ -73,12 +76,19 @@ impl CacheExport {
     /// The distinct layers the records name, in key order.
     pub fn layers(&self) -> Vec<LayerRef> {
         let mut seen = std::collections::HashSet::new();
-        self.records.values().filter_map(|r| r.layer.clone()).filter(|l| seen.insert(l.digest.clone())).collect()
+        self.records
+            .values()
+            .filter_map(|r| r.layer.clone())
+            .filter(|l| seen.insert(l.digest.clone()))
+            .collect()
     }
 
     /// The record of `key` as a local [`CacheRecord`] created at `created`.
     pub fn record(&self, key: &CacheKey, created: &str) -> Option<CacheRecord> {
-        self.records.get(key).map(|r| CacheRecord { layer: r.layer.clone(), created: created.to_string() })
+        self.records.get(key).map(|r| CacheRecord {
+            layer: r.layer.clone(),
+            created: created.to_string(),
+        })
     }
 
     /// The document as JSON (keys sorted, so equal exports give equal bytes).
@@ -113,7 +123,11 @@ impl CacheExport {
 
 /// Looks a blob digest up among the layers of an export (for its size and media type).
 pub fn find_layer<'a>(export: &'a CacheExport, digest: &Digest) -> Option<&'a LayerRef> {
-    export.records.values().filter_map(|r| r.layer.as_ref()).find(|l| &l.digest == digest)
+    export
+        .records
+        .values()
+        .filter_map(|r| r.layer.as_ref())
+        .find(|l| &l.digest == digest)
 }
 
 #[cfg(test)]
@@ -139,22 +153,40 @@ mod tests {
         b.insert(Digest::of(b"k3"), Some(layer(2)));
         b.insert(Digest::of(b"k1"), None);
         b.insert(Digest::of(b"k2"), Some(layer(2)));
-        assert_eq!(a.to_json(), b.to_json(), "insertion order must not change the bytes");
+        assert_eq!(
+            a.to_json(),
+            b.to_json(),
+            "insertion order must not change the bytes"
+        );
         let back = CacheExport::from_json(&a.to_json()).unwrap();
         assert_eq!(back, a);
-        assert_eq!(back.layers(), vec![layer(2)], "one blob named twice is listed once");
+        assert_eq!(
+            back.layers(),
+            vec![layer(2)],
+            "one blob named twice is listed once"
+        );
         assert_eq!(back.record(&Digest::of(b"k1"), "t").unwrap().layer, None);
         assert!(back.record(&Digest::of(b"k4"), "t").is_none());
     }
 
     #[test]
     fn refuses_other_versions_and_garbage() {
-        let mut v: serde_json::Value = serde_json::from_slice(&CacheExport::new().to_json()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&CacheExport::new().to_json()).unwrap();
         v["version"] = 2.into();
-        assert!(matches!(CacheExport::from_value(v), Err(ExportError::Version(2))));
-        assert!(matches!(CacheExport::from_json(b"{\"records\": 3}"), Err(ExportError::Malformed(_))));
+        assert!(matches!(
+            CacheExport::from_value(v),
+            Err(ExportError::Version(2))
+        ));
+        assert!(matches!(
+            CacheExport::from_json(b"{\"records\": 3}"),
+            Err(ExportError::Malformed(_))
+        ));
         let bad_key = br#"{"version":1,"records":{"nothex":{"layer":null}}}"#;
-        assert!(CacheExport::from_json(bad_key).is_err(), "keys must be digests");
+        assert!(
+            CacheExport::from_json(bad_key).is_err(),
+            "keys must be digests"
+        );
     }
 
     #[test]

@@ -42,7 +42,10 @@ pub enum GcError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GcError + '_ {
-    move |source| GcError::Io { path: path.to_path_buf(), source }
+    move |source| GcError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Count and apparent size of one kind of thing in the store.
@@ -77,7 +80,14 @@ pub struct Usage {
 
 impl Usage {
     fn kinds(&self) -> [&KindUsage; 6] {
-        [&self.blobs, &self.layers, &self.records, &self.mounts, &self.tmp, &self.metadata]
+        [
+            &self.blobs,
+            &self.layers,
+            &self.records,
+            &self.mounts,
+            &self.tmp,
+            &self.metadata,
+        ]
     }
 
     /// Bytes of every kind together.
@@ -117,7 +127,11 @@ pub(crate) fn tree_size(p: &Path) -> u64 {
 
 fn tree_size_seen(p: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
     let mut total = 0;
-    for e in walkdir::WalkDir::new(p).follow_links(false).into_iter().flatten() {
+    for e in walkdir::WalkDir::new(p)
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+    {
         if let Ok(md) = e.metadata() {
             if md.is_dir() {
                 continue;
@@ -141,27 +155,40 @@ pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
     let root = store.root();
     let (pin_blobs, pin_layers) = pinned_by_refs(store)?;
     let mut u = Usage::default();
-    let count_children = |dir: &Path, filter: &dyn Fn(&str) -> bool, pinned: &dyn Fn(&str) -> bool| -> KindUsage {
-        let mut k = KindUsage::default();
-        for e in entries(dir) {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if filter(&name) {
-                let size = tree_size(&e.path());
-                k.count += 1;
-                k.bytes += size;
-                if !pinned(&name) {
-                    k.reclaimable += size;
+    let count_children =
+        |dir: &Path, filter: &dyn Fn(&str) -> bool, pinned: &dyn Fn(&str) -> bool| -> KindUsage {
+            let mut k = KindUsage::default();
+            for e in entries(dir) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if filter(&name) {
+                    let size = tree_size(&e.path());
+                    k.count += 1;
+                    k.bytes += size;
+                    if !pinned(&name) {
+                        k.reclaimable += size;
+                    }
                 }
             }
-        }
-        k
-    };
+            k
+        };
     let no_pin = |_: &str| false;
-    let blob_pinned = |name: &str| format!("sha256:{name}").parse::<Digest>().is_ok_and(|d| pin_blobs.contains(&d));
+    let blob_pinned = |name: &str| {
+        format!("sha256:{name}")
+            .parse::<Digest>()
+            .is_ok_and(|d| pin_blobs.contains(&d))
+    };
     u.blobs = count_children(&root.join("blobs/sha256"), &|_| true, &blob_pinned);
-    u.records = count_children(&root.join("cache"), &|n| n.ends_with(".json") && !n.starts_with('.'), &no_pin);
+    u.records = count_children(
+        &root.join("cache"),
+        &|n| n.ends_with(".json") && !n.starts_with('.'),
+        &no_pin,
+    );
     u.tmp = count_children(&root.join("tmp"), &|_| true, &no_pin);
-    u.mounts = count_children(&root.join("mounts/cache"), &|n| !n.ends_with(".lock"), &no_pin);
+    u.mounts = count_children(
+        &root.join("mounts/cache"),
+        &|n| !n.ends_with(".lock"),
+        &no_pin,
+    );
     // Stat caches and miss explanations: only speed and messages, all reclaimable.
     let statcache = count_children(&root.join("statcache"), &|_| true, &no_pin);
     let explain = count_children(&root.join("cache/explain"), &|_| true, &no_pin);
@@ -175,7 +202,10 @@ pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
     u.layers.bytes = tree_size(&root.join("layers"));
     let linked = linked_built_dirs(store);
     u.layers.count = entries(&root.join("layers/sha256")).len() as u64
-        + entries(&root.join("layers/built")).iter().filter(|e| !linked.contains(&e.file_name().to_string_lossy().into_owned())).count() as u64;
+        + entries(&root.join("layers/built"))
+            .iter()
+            .filter(|e| !linked.contains(&e.file_name().to_string_lossy().into_owned()))
+            .count() as u64;
     let pinned_layer_bytes: u64 = pin_layers.iter().map(|d| layer_size(store, d)).sum();
     u.layers.reclaimable = u.layers.bytes.saturating_sub(pinned_layer_bytes);
     Ok(u)
@@ -218,12 +248,20 @@ pub fn record_usage(store: &Store) -> Result<Vec<RecordUsage>, GcError> {
     }
     let mut out = Vec::with_capacity(records.len());
     for r in records {
-        let key = r.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let key = r
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let layer = r.rec.as_ref().and_then(|c| c.layer.clone());
         let (bytes, shared) = match &layer {
             Some(l) => {
-                let blob = fs::metadata(store.blob_path(&l.digest)).map(|m| m.len()).unwrap_or(0);
-                let shared = users.get(&l.diff_id).is_some_and(|n| *n > 1) || pin_layers.contains(&l.diff_id) || pin_blobs.contains(&l.digest);
+                let blob = fs::metadata(store.blob_path(&l.digest))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                let shared = users.get(&l.diff_id).is_some_and(|n| *n > 1)
+                    || pin_layers.contains(&l.diff_id)
+                    || pin_blobs.contains(&l.digest);
                 (blob + layer_size(store, &l.diff_id), shared)
             }
             None => (0, false),
@@ -256,9 +294,12 @@ fn built_target(link: &Path) -> Option<String> {
     let t = fs::read_link(link).ok()?;
     let mut comps = t.components();
     match (comps.next()?, comps.next()?, comps.next()?, comps.next()) {
-        (std::path::Component::ParentDir, std::path::Component::Normal(b), std::path::Component::Normal(n), None) if b == "built" => {
-            Some(n.to_string_lossy().into_owned())
-        }
+        (
+            std::path::Component::ParentDir,
+            std::path::Component::Normal(b),
+            std::path::Component::Normal(n),
+            None,
+        ) if b == "built" => Some(n.to_string_lossy().into_owned()),
         _ => None,
     }
 }
@@ -280,7 +321,12 @@ pub struct PruneOptions {
 
 impl Default for PruneOptions {
     fn default() -> Self {
-        PruneOptions { keep_storage: None, older_than: None, all: false, wait: Duration::from_secs(30) }
+        PruneOptions {
+            keep_storage: None,
+            older_than: None,
+            all: false,
+            wait: Duration::from_secs(30),
+        }
     }
 }
 
@@ -316,9 +362,18 @@ fn load_records(store: &Store) -> Vec<RecordInfo> {
             continue;
         }
         let path = e.path();
-        let Ok(md) = fs::metadata(&path) else { continue };
-        let rec = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<CacheRecord>(&b).ok());
-        out.push(RecordInfo { path, used: md.modified().unwrap_or(SystemTime::UNIX_EPOCH), size: md.len(), rec });
+        let Ok(md) = fs::metadata(&path) else {
+            continue;
+        };
+        let rec = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CacheRecord>(&b).ok());
+        out.push(RecordInfo {
+            path,
+            used: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            size: md.len(),
+            rec,
+        });
     }
     // Oldest last use first; the name breaks ties so the order is stable.
     out.sort_by(|a, b| a.used.cmp(&b.used).then_with(|| a.path.cmp(&b.path)));
@@ -329,14 +384,27 @@ fn load_records(store: &Store) -> Vec<RecordInfo> {
 fn pinned_by_refs(store: &Store) -> Result<(HashSet<Digest>, HashSet<Digest>), GcError> {
     let (mut blobs, mut layers) = (HashSet::new(), HashSet::new());
     let mut todo: Vec<Digest> = store.refs()?.into_iter().map(|r| r.digest).collect();
-    let digest_of = |v: &serde_json::Value| v.get("digest").and_then(|d| d.as_str()).and_then(|d| d.parse::<Digest>().ok());
+    let digest_of = |v: &serde_json::Value| {
+        v.get("digest")
+            .and_then(|d| d.as_str())
+            .and_then(|d| d.parse::<Digest>().ok())
+    };
     while let Some(d) = todo.pop() {
         if !blobs.insert(d.clone()) {
             continue;
         }
-        let Ok(bytes) = store.read_blob(&d) else { continue };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
-        for m in v.get("manifests").and_then(|m| m.as_array()).into_iter().flatten() {
+        let Ok(bytes) = store.read_blob(&d) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        for m in v
+            .get("manifests")
+            .and_then(|m| m.as_array())
+            .into_iter()
+            .flatten()
+        {
             todo.extend(digest_of(m));
         }
         if let Some(cfg) = v.get("config").and_then(digest_of) {
@@ -344,11 +412,20 @@ fn pinned_by_refs(store: &Store) -> Result<(HashSet<Digest>, HashSet<Digest>), G
             if let Ok(cb) = store.read_blob(&cfg) {
                 if let Ok(c) = serde_json::from_slice::<serde_json::Value>(&cb) {
                     let ids = c.pointer("/rootfs/diff_ids").and_then(|x| x.as_array());
-                    layers.extend(ids.into_iter().flatten().filter_map(|x| x.as_str()?.parse::<Digest>().ok()));
+                    layers.extend(
+                        ids.into_iter()
+                            .flatten()
+                            .filter_map(|x| x.as_str()?.parse::<Digest>().ok()),
+                    );
                 }
             }
         }
-        for l in v.get("layers").and_then(|m| m.as_array()).into_iter().flatten() {
+        for l in v
+            .get("layers")
+            .and_then(|m| m.as_array())
+            .into_iter()
+            .flatten()
+        {
             blobs.extend(digest_of(l));
         }
     }
@@ -360,7 +437,10 @@ fn remove_any(p: &Path) -> Result<(), GcError> {
         Ok(m) if m.is_dir() => remove_tree(p).map_err(GcError::from),
         Ok(_) => fs::remove_file(p).map_err(io_err(p)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(GcError::Io { path: p.to_path_buf(), source: e }),
+        Err(e) => Err(GcError::Io {
+            path: p.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -380,7 +460,9 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     let now = SystemTime::now();
     let mut remove = vec![false; records.len()];
     for (i, r) in records.iter().enumerate() {
-        let old = opts.older_than.is_some_and(|d| now.duration_since(r.used).unwrap_or_default() > d);
+        let old = opts
+            .older_than
+            .is_some_and(|d| now.duration_since(r.used).unwrap_or_default() > d);
         remove[i] = opts.all || old || r.rec.is_none();
     }
 
@@ -395,13 +477,22 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     }
 
     if let Some(keep) = opts.keep_storage {
-        let blob_size = |d: &Digest| fs::metadata(store.blob_path(d)).map(|m| m.len()).unwrap_or(0);
+        let blob_size = |d: &Digest| {
+            fs::metadata(store.blob_path(d))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
         let layer_size = |d: &Digest| layer_size(store, d);
         let kept_blobs: HashSet<&Digest> = blob_refs.keys().chain(pin_blobs.iter()).collect();
         let kept_layers: HashSet<&Digest> = layer_refs.keys().chain(pin_layers.iter()).collect();
         let mut total: u64 = kept_blobs.iter().map(|d| blob_size(d)).sum::<u64>()
             + kept_layers.iter().map(|d| layer_size(d)).sum::<u64>()
-            + records.iter().zip(&remove).filter(|(_, r)| !**r).map(|(r, _)| r.size).sum::<u64>();
+            + records
+                .iter()
+                .zip(&remove)
+                .filter(|(_, r)| !**r)
+                .map(|(r, _)| r.size)
+                .sum::<u64>();
         for (i, r) in records.iter().enumerate() {
             if total <= keep {
                 break;
@@ -433,9 +524,13 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     }
 
     // Sweep blobs.
-    let keeps = |refs: &HashMap<Digest, u32>, pins: &HashSet<Digest>, d: &Digest| refs.get(d).is_some_and(|c| *c > 0) || pins.contains(d);
+    let keeps = |refs: &HashMap<Digest, u32>, pins: &HashSet<Digest>, d: &Digest| {
+        refs.get(d).is_some_and(|c| *c > 0) || pins.contains(d)
+    };
     for e in entries(&root.join("blobs/sha256")) {
-        let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok();
+        let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy())
+            .parse()
+            .ok();
         if d.as_ref().is_some_and(|d| keeps(&blob_refs, &pin_blobs, d)) {
             continue;
         }
@@ -449,8 +544,12 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     let mut linked = HashSet::new();
     for e in entries(&root.join("layers/sha256")) {
         let p = e.path();
-        let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok();
-        if d.as_ref().is_some_and(|d| keeps(&layer_refs, &pin_layers, d)) {
+        let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy())
+            .parse()
+            .ok();
+        if d.as_ref()
+            .is_some_and(|d| keeps(&layer_refs, &pin_layers, d))
+        {
             linked.extend(built_target(&p));
             continue;
         }
@@ -488,10 +587,15 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
             continue; // a write in progress (prune holds the store alone: a dead one, gone above)
         }
         let old = opts.older_than.is_some_and(|d| {
-            let used = fs::metadata(&p).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            let used = fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
             now.duration_since(used).unwrap_or_default() > d
         });
-        if opts.all || old || crate::context::StatCache::context_of(&p).is_none_or(|dir| !dir.is_dir()) {
+        if opts.all
+            || old
+            || crate::context::StatCache::context_of(&p).is_none_or(|dir| !dir.is_dir())
+        {
             report.bytes += tree_size(&p);
             remove_any(&p)?;
         }
@@ -501,7 +605,9 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     for e in entries(&root.join("cache/explain")) {
         let p = e.path();
         let old = opts.older_than.is_some_and(|d| {
-            let used = fs::metadata(&p).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            let used = fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
             now.duration_since(used).unwrap_or_default() > d
         });
         if opts.all || old {
@@ -560,7 +666,8 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
         rep.blobs += 1;
         let name = e.file_name().to_string_lossy().into_owned();
         let Ok(want) = format!("sha256:{name}").parse::<Digest>() else {
-            rep.problems.push(format!("{}: not a digest name", p.display()));
+            rep.problems
+                .push(format!("{}: not a digest name", p.display()));
             continue;
         };
         let mut f = fs::File::open(&p).map_err(io_err(&p))?;
@@ -574,28 +681,40 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
         }
         let got = h.finish();
         if got != want {
-            rep.problems.push(format!("{}: content is {got}", p.display()));
+            rep.problems
+                .push(format!("{}: content is {got}", p.display()));
         }
     }
     for e in entries(&root.join("layers/sha256")) {
         rep.layers += 1;
         let p = e.path();
-        if format!("sha256:{}", e.file_name().to_string_lossy()).parse::<Digest>().is_err() {
-            rep.problems.push(format!("{}: not a digest name", p.display()));
+        if format!("sha256:{}", e.file_name().to_string_lossy())
+            .parse::<Digest>()
+            .is_err()
+        {
+            rep.problems
+                .push(format!("{}: not a digest name", p.display()));
         } else if !p.is_dir() {
-            rep.problems.push(format!("{}: not a directory (or a dangling link)", p.display()));
+            rep.problems.push(format!(
+                "{}: not a directory (or a dangling link)",
+                p.display()
+            ));
         }
     }
     for r in load_records(store) {
         rep.records += 1;
         match r.rec {
-            None => rep.problems.push(format!("{}: undecodable record", r.path.display())),
+            None => rep
+                .problems
+                .push(format!("{}: undecodable record", r.path.display())),
             Some(CacheRecord { layer: Some(l), .. }) => {
                 if !store.has_blob(&l.digest) {
-                    rep.problems.push(format!("{}: blob {} missing", r.path.display(), l.digest));
+                    rep.problems
+                        .push(format!("{}: blob {} missing", r.path.display(), l.digest));
                 }
                 if !store.has_layer(&l.diff_id) {
-                    rep.problems.push(format!("{}: layer {} missing", r.path.display(), l.diff_id));
+                    rep.problems
+                        .push(format!("{}: layer {} missing", r.path.display(), l.diff_id));
                 }
             }
             Some(_) => {}
@@ -603,7 +722,8 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
     }
     for r in store.refs()? {
         if !store.has_blob(&r.digest) {
-            rep.problems.push(format!("ref {}: manifest {} missing", r.name, r.digest));
+            rep.problems
+                .push(format!("ref {}: manifest {} missing", r.name, r.digest));
         }
     }
     Ok(rep)

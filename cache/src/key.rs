@@ -17,7 +17,11 @@ pub struct CacheKeyBuilder {
 impl CacheKeyBuilder {
     /// Starts a key for a step of the given kind (`run`, `copy`, `from`, ...).
     pub fn new(kind: &str) -> Self {
-        let mut b = CacheKeyBuilder { hasher: Hasher::new(), fields: Vec::new(), depth: 0 };
+        let mut b = CacheKeyBuilder {
+            hasher: Hasher::new(),
+            fields: Vec::new(),
+            depth: 0,
+        };
         b.field("rbuild-cache-key-v1", kind.as_bytes());
         b
     }
@@ -38,8 +42,12 @@ impl CacheKeyBuilder {
         let d = crate::digest::Digest::of(value);
         match self.fields.iter_mut().find(|(l, _)| l == label) {
             // A label used twice (several files, several mounts) folds into one entry.
-            Some((_, v)) => *v = crate::digest::Digest::of(format!("{v}{d}").as_bytes()).hex()[..16].to_string(),
-            None => self.fields.push((label.to_string(), d.hex()[..16].to_string())),
+            Some((_, v)) => {
+                *v = crate::digest::Digest::of(format!("{v}{d}").as_bytes()).hex()[..16].to_string()
+            }
+            None => self
+                .fields
+                .push((label.to_string(), d.hex()[..16].to_string())),
         }
     }
 
@@ -82,8 +90,14 @@ mod tests {
 
     #[test]
     fn fields_cannot_be_shifted() {
-        let a = CacheKeyBuilder::new("run").str("a", "bc").str("d", "").finish();
-        let b = CacheKeyBuilder::new("run").str("a", "b").str("d", "c").finish();
+        let a = CacheKeyBuilder::new("run")
+            .str("a", "bc")
+            .str("d", "")
+            .finish();
+        let b = CacheKeyBuilder::new("run")
+            .str("a", "b")
+            .str("d", "c")
+            .finish();
         assert_ne!(a, b);
     }
 
@@ -95,14 +109,26 @@ mod tests {
             b.fields().to_vec()
         };
         let (a, b) = (k("true", "A=1"), k("true", "A=2"));
-        let changed: Vec<&str> = a.iter().zip(&b).filter(|(x, y)| x != y).map(|(x, _)| x.0.as_str()).collect();
+        let changed: Vec<&str> = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x != y)
+            .map(|(x, _)| x.0.as_str())
+            .collect();
         assert_eq!(changed, vec!["env"]);
-        assert_eq!(a.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), vec!["rbuild-cache-key-v1", "argv", "env"]);
+        assert_eq!(
+            a.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(),
+            vec!["rbuild-cache-key-v1", "argv", "env"]
+        );
     }
 
     #[test]
     fn same_inputs_same_key() {
-        let k = |cmd: &str| CacheKeyBuilder::new("run").strs("argv", &["sh", "-c", cmd]).finish();
+        let k = |cmd: &str| {
+            CacheKeyBuilder::new("run")
+                .strs("argv", &["sh", "-c", cmd])
+                .finish()
+        };
         assert_eq!(k("true"), k("true"));
         assert_ne!(k("true"), k("false"));
     }

@@ -27,9 +27,15 @@ pub mod gc;
 pub mod key;
 pub mod store;
 
-pub use digest::{Digest, DigestError, Hasher};
-pub use key::{CacheKey, CacheKeyBuilder};
 pub use context::{ContextError, Filter, StatCache};
+pub use digest::{Digest, DigestError, Hasher};
 pub use export::{CacheExport, ExportError, ExportedRecord};
-pub use gc::{disk_usage, prune, record_usage, verify, GcError, KindUsage, PruneOptions, PruneReport, RecordUsage, Usage, VerifyReport};
-pub use store::{copy_into_blob, owner_token, remove_tree, write_file_atomic, BlobWriter, CacheRecord, ExclusiveLock, LayerRef, RefEntry, Store, StoreError};
+pub use gc::{
+    disk_usage, prune, record_usage, verify, GcError, KindUsage, PruneOptions, PruneReport,
+    RecordUsage, Usage, VerifyReport,
+};
+pub use key::{CacheKey, CacheKeyBuilder};
+pub use store::{
+    copy_into_blob, owner_token, remove_tree, write_file_atomic, BlobWriter, CacheRecord,
+    ExclusiveLock, LayerRef, RefEntry, Store, StoreError,
+};

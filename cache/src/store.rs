@@ -33,9 +33,9 @@
 use crate::digest::{Digest, Hasher};
 use crate::key::CacheKey;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -142,10 +142,14 @@ pub fn owner_token() -> &'static str {
     static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TOKEN.get_or_init(|| {
         let mut nonce = [0u8; 8];
-        let random = File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut nonce));
+        let random = File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut nonce));
         if random.is_err() {
             // No /dev/urandom: the clock still tells processes of one store apart.
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
             nonce = t.to_le_bytes();
         }
         format!("{}x{}", std::process::id(), hex::encode(nonce))
@@ -162,7 +166,15 @@ impl Store {
     /// while a prune holds it exclusively), this process's owner lock, and removes `tmp/`
     /// entries left by dead processes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for sub in ["blobs/sha256", "layers/sha256", "cache", "tmp", "run", "owners", "refs"] {
+        for sub in [
+            "blobs/sha256",
+            "layers/sha256",
+            "cache",
+            "tmp",
+            "run",
+            "owners",
+            "refs",
+        ] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
@@ -174,7 +186,13 @@ impl Store {
                 Some(l) => l,
                 None => {
                     let path = root.join("lock");
-                    let file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(io_err(&path))?;
+                    let file = OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .map_err(io_err(&path))?;
                     flock(&file, rustix::fs::FlockOperation::LockShared).map_err(io_err(&path))?;
                     let l = Arc::new(StoreLock { path, file });
                     map.insert(root.clone(), Arc::downgrade(&l));
@@ -195,15 +213,31 @@ impl Store {
         let start = Instant::now();
         loop {
             // Converting on the same descriptor: our own shared lock does not conflict.
-            match flock(&self.lock.file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(ExclusiveLock { store: self.clone() }),
+            match flock(
+                &self.lock.file,
+                rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            ) {
+                Ok(()) => {
+                    return Ok(ExclusiveLock {
+                        store: self.clone(),
+                    })
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(StoreError::Io { path: self.lock.path.clone(), source: e }),
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path: self.lock.path.clone(),
+                        source: e,
+                    })
+                }
             }
             if start.elapsed() >= timeout {
                 // A failed conversion drops the old lock (flock(2)): take the shared one back.
-                flock(&self.lock.file, rustix::fs::FlockOperation::LockShared).map_err(io_err(&self.lock.path))?;
-                return Err(StoreError::Busy { path: self.lock.path.clone(), waited: start.elapsed() });
+                flock(&self.lock.file, rustix::fs::FlockOperation::LockShared)
+                    .map_err(io_err(&self.lock.path))?;
+                return Err(StoreError::Busy {
+                    path: self.lock.path.clone(),
+                    waited: start.elapsed(),
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -226,14 +260,26 @@ impl Store {
             }
         }
         for dir in ["cache", "refs", "statcache", "resolved"] {
-            for e in fs::read_dir(self.root.join(dir)).into_iter().flatten().flatten() {
+            for e in fs::read_dir(self.root.join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")).and_then(|(_, t)| temp_owner(&format!("x-{t}"))) {
+                if let Some(pid) = name
+                    .strip_prefix('.')
+                    .and_then(|n| n.rsplit_once(".tmp-"))
+                    .and_then(|(_, t)| temp_owner(&format!("x-{t}")))
+                {
                     by_pid.entry(pid).or_default().push(e.path());
                 }
             }
         }
-        for e in fs::read_dir(self.root.join("owners")).into_iter().flatten().flatten() {
+        for e in fs::read_dir(self.root.join("owners"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(owner) = name.strip_suffix(".lock").filter(|o| valid_owner(o)) {
                 by_pid.entry(owner.to_string()).or_default();
@@ -250,7 +296,11 @@ impl Store {
                 continue;
             }
             let lock_path = self.root.join("owners").join(format!("{pid}.lock"));
-            let os_pid: u32 = pid.split('x').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let os_pid: u32 = pid
+                .split('x')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             let lock = match File::open(&lock_path) {
                 Ok(f) => {
                     if flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
@@ -291,7 +341,10 @@ impl Store {
 
     /// Where the blob with this digest lives (whether or not it exists).
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs").join(digest.algorithm()).join(digest.hex())
+        self.root
+            .join("blobs")
+            .join(digest.algorithm())
+            .join(digest.hex())
     }
 
     /// Whether the blob is present.
@@ -311,7 +364,10 @@ impl Store {
         let bytes = fs::read(&p).map_err(io_err(&p))?;
         let actual = Digest::of(&bytes);
         if &actual != digest {
-            return Err(StoreError::DigestMismatch { expected: digest.clone(), actual });
+            return Err(StoreError::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+            });
         }
         Ok(bytes)
     }
@@ -327,8 +383,18 @@ impl Store {
     /// [`BlobWriter::commit`] verifies and renames it into place.
     pub fn blob_writer(&self) -> Result<BlobWriter, StoreError> {
         let path = self.temp_path("blob");
-        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err(&path))?;
-        Ok(BlobWriter { store: self.clone(), path, file: Some(file), hasher: Hasher::new(), size: 0 })
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            path,
+            file: Some(file),
+            hasher: Hasher::new(),
+            size: 0,
+        })
     }
 
     /// Moves a finished file (written under [`Store::temp_path`]) into place as the blob `digest`.
@@ -347,7 +413,9 @@ impl Store {
     /// A fresh, unused path under `tmp/` (nothing is created).
     pub fn temp_path(&self, prefix: &str) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{prefix}-{}-{n}", owner_token()))
+        self.root
+            .join("tmp")
+            .join(format!("{prefix}-{}-{n}", owner_token()))
     }
 
     /// Creates a fresh, empty directory under `tmp/`.
@@ -359,7 +427,10 @@ impl Store {
 
     /// Where the unpacked layer with this diffID lives (whether or not it exists).
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
-        self.root.join("layers").join(diff_id.algorithm()).join(diff_id.hex())
+        self.root
+            .join("layers")
+            .join(diff_id.algorithm())
+            .join(diff_id.hex())
     }
 
     /// Whether the layer is unpacked in the store.
@@ -374,7 +445,13 @@ impl Store {
         for _ in 0..3 {
             // NOREPLACE: a plain rename(2) would replace an existing *empty* dir that
             // another build may have mounted already.
-            let res = rustix::fs::renameat_with(rustix::fs::CWD, dir, rustix::fs::CWD, &dest, rustix::fs::RenameFlags::NOREPLACE);
+            let res = rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                dir,
+                rustix::fs::CWD,
+                &dest,
+                rustix::fs::RenameFlags::NOREPLACE,
+            );
             let res = match res {
                 Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
                     // Filesystems without RENAME_NOREPLACE: check, then rename (racy only
@@ -382,7 +459,9 @@ impl Store {
                     if fs::symlink_metadata(&dest).is_ok() {
                         Err(rustix::io::Errno::EXIST)
                     } else {
-                        fs::rename(dir, &dest).map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+                        fs::rename(dir, &dest).map_err(|e| {
+                            rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
+                        })
                     }
                 }
                 r => r,
@@ -400,10 +479,20 @@ impl Store {
                     // A dangling link or stray file under the layer's name: replace it.
                     let _ = fs::remove_file(&dest);
                 }
-                Err(e) => return Err(StoreError::Io { path: dest, source: e.into() }),
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path: dest,
+                        source: e.into(),
+                    })
+                }
             }
         }
-        Err(StoreError::Io { path: dest, source: io::Error::other("layer name keeps being taken by something that is not a directory") })
+        Err(StoreError::Io {
+            path: dest,
+            source: io::Error::other(
+                "layer name keeps being taken by something that is not a directory",
+            ),
+        })
     }
 
     fn record_path(&self, key: &CacheKey) -> PathBuf {
@@ -418,7 +507,11 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::Io { path: p, source: e }),
         };
-        let rec: CacheRecord = serde_json::from_slice(&bytes).map_err(|source| StoreError::Record { path: p.clone(), source })?;
+        let rec: CacheRecord =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::Record {
+                path: p.clone(),
+                source,
+            })?;
         if let Some(l) = &rec.layer {
             if !self.has_blob(&l.digest) || !self.has_layer(&l.diff_id) {
                 return Ok(None);
@@ -437,7 +530,9 @@ impl Store {
     }
 
     fn ref_path(&self, name: &str) -> PathBuf {
-        self.root.join("refs").join(format!("{}.json", Digest::of(name.as_bytes()).hex()))
+        self.root
+            .join("refs")
+            .join(format!("{}.json", Digest::of(name.as_bytes()).hex()))
     }
 
     /// Names the manifest (or index) blob `manifest` as `name`, so prune keeps it and the
@@ -446,7 +541,11 @@ impl Store {
         if name.is_empty() || name.contains('\0') {
             return Err(StoreError::RefName(name.to_string()));
         }
-        let bytes = serde_json::to_vec_pretty(&RefEntry { name: name.to_string(), digest: manifest.clone() }).expect("refs serialize");
+        let bytes = serde_json::to_vec_pretty(&RefEntry {
+            name: name.to_string(),
+            digest: manifest.clone(),
+        })
+        .expect("refs serialize");
         self.write_file_atomic(&self.ref_path(name), &bytes)
     }
 
@@ -455,7 +554,8 @@ impl Store {
         let p = self.ref_path(name);
         match fs::read(&p) {
             Ok(b) => {
-                let r: RefEntry = serde_json::from_slice(&b).map_err(|source| StoreError::Record { path: p, source })?;
+                let r: RefEntry = serde_json::from_slice(&b)
+                    .map_err(|source| StoreError::Record { path: p, source })?;
                 Ok((r.name == name).then_some(r.digest))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -485,7 +585,10 @@ impl Store {
             }
             let p = e.path();
             let b = fs::read(&p).map_err(io_err(&p))?;
-            out.push(serde_json::from_slice(&b).map_err(|source| StoreError::Record { path: p, source })?);
+            out.push(
+                serde_json::from_slice(&b)
+                    .map_err(|source| StoreError::Record { path: p, source })?,
+            );
         }
         out.sort_by(|a: &RefEntry, b| a.name.cmp(&b.name));
         Ok(out)
@@ -508,7 +611,10 @@ impl Store {
 pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}-{n}", owner_token()));
     let res = (|| {
         let mut f = File::create(&tmp)?;
@@ -518,7 +624,10 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     })();
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
-        return Err(StoreError::Io { path: dest.to_path_buf(), source: e });
+        return Err(StoreError::Io {
+            path: dest.to_path_buf(),
+            source: e,
+        });
     }
     sync_dir(dir)
 }
@@ -539,7 +648,10 @@ impl ExclusiveLock {
 
 impl Drop for ExclusiveLock {
     fn drop(&mut self) {
-        let _ = flock(&self.store.lock.file, rustix::fs::FlockOperation::LockShared);
+        let _ = flock(
+            &self.store.lock.file,
+            rustix::fs::FlockOperation::LockShared,
+        );
     }
 }
 
@@ -565,13 +677,18 @@ fn temp_owner(name: &str) -> Option<String> {
 /// Whether `s` is an owner token (`<pid>x<hex>`, or a bare pid of older stores).
 fn valid_owner(s: &str) -> bool {
     let (pid, nonce) = s.split_once('x').unwrap_or((s, ""));
-    !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && nonce.bytes().all(|b| b.is_ascii_hexdigit())
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && nonce.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Whether a process with this pid exists (in our pid namespace).
 pub(crate) fn pid_alive(pid: u32) -> bool {
     match rustix::process::Pid::from_raw(pid as i32) {
-        Some(p) => !matches!(rustix::process::test_kill_process(p), Err(rustix::io::Errno::SRCH)),
+        Some(p) => !matches!(
+            rustix::process::test_kill_process(p),
+            Err(rustix::io::Errno::SRCH)
+        ),
         None => false,
     }
 }
@@ -585,7 +702,12 @@ fn take_owner_lock(root: &Path) -> Result<(), StoreError> {
     }
     let path = root.join("owners").join(format!("{}.lock", owner_token()));
     loop {
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
         flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(io_err(&path))?;
         // A cleaner may have unlinked the file (of a dead process with our pid) while we
         // waited: then our lock guards nothing; make a new file.
@@ -601,7 +723,9 @@ fn take_owner_lock(root: &Path) -> Result<(), StoreError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// Removes a directory tree that may contain read-only directories.
@@ -662,7 +786,10 @@ impl BlobWriter {
         if let Some(exp) = expected {
             if exp != &actual {
                 let _ = fs::remove_file(&self.path);
-                return Err(StoreError::DigestMismatch { expected: exp.clone(), actual });
+                return Err(StoreError::DigestMismatch {
+                    expected: exp.clone(),
+                    actual,
+                });
             }
         }
         self.store.commit_blob_file(&self.path, &actual)?;
@@ -691,7 +818,11 @@ impl Drop for BlobWriter {
 }
 
 /// Copies a reader into a new blob, verifying it against `expected`.
-pub fn copy_into_blob<R: Read>(store: &Store, mut r: R, expected: Option<&Digest>) -> Result<Digest, StoreError> {
+pub fn copy_into_blob<R: Read>(
+    store: &Store,
+    mut r: R,
+    expected: Option<&Digest>,
+) -> Result<Digest, StoreError> {
     let mut w = store.blob_writer()?;
     let path = w.path.clone();
     io::copy(&mut r, &mut w).map_err(io_err(path))?;
@@ -735,11 +866,20 @@ mod tests {
         let blob = s.put_blob_bytes(b"layer").unwrap();
         let diff_id = Digest::of(b"tar");
         let rec = CacheRecord {
-            layer: Some(LayerRef { diff_id: diff_id.clone(), digest: blob, size: 5, media_type: "x".into() }),
+            layer: Some(LayerRef {
+                diff_id: diff_id.clone(),
+                digest: blob,
+                size: 5,
+                media_type: "x".into(),
+            }),
             created: "2026-01-01T00:00:00Z".into(),
         };
         s.put_record(&key, &rec).unwrap();
-        assert_eq!(s.get_record(&key).unwrap(), None, "layer dir missing: no hit");
+        assert_eq!(
+            s.get_record(&key).unwrap(),
+            None,
+            "layer dir missing: no hit"
+        );
         let dir = s.temp_dir("layer").unwrap();
         s.commit_layer_dir(&dir, &diff_id).unwrap();
         assert_eq!(s.get_record(&key).unwrap(), Some(rec));

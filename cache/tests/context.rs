@@ -39,7 +39,10 @@ fn unchanged_files_are_not_read_again_and_the_cache_persists() {
     assert_eq!(c.files_read(), 0, "persisted entries are trusted");
     // hash_file too.
     let md = fs::symlink_metadata(ctx.path().join("a.txt")).unwrap();
-    assert_eq!(c.hash_file(ctx.path(), "a.txt", &md).unwrap(), Digest::of(b"hello"));
+    assert_eq!(
+        c.hash_file(ctx.path(), "a.txt", &md).unwrap(),
+        Digest::of(b"hello")
+    );
     assert_eq!(c.files_read(), 0);
 }
 
@@ -59,7 +62,10 @@ fn same_size_and_restored_mtime_is_still_rehashed() {
     f.set_modified(before.modified().unwrap()).unwrap();
     drop(f);
     let after = fs::metadata(&p).unwrap();
-    assert_eq!((after.len(), after.modified().unwrap()), (before.len(), before.modified().unwrap()));
+    assert_eq!(
+        (after.len(), after.modified().unwrap()),
+        (before.len(), before.modified().unwrap())
+    );
     let reads = c.files_read();
     let d2 = c.hash_tree(ctx.path(), &["src"]).unwrap();
     assert_ne!(d1, d2);
@@ -77,7 +83,11 @@ fn recently_modified_files_are_not_trusted() {
     let mut c = StatCache::new();
     c.hash_tree(ctx.path(), &["f"]).unwrap();
     c.hash_tree(ctx.path(), &["f"]).unwrap();
-    assert_eq!(c.files_read(), 2, "racy: modified within the window, so read again");
+    assert_eq!(
+        c.files_read(),
+        2,
+        "racy: modified within the window, so read again"
+    );
 }
 
 #[test]
@@ -88,31 +98,61 @@ fn tree_digest_covers_names_modes_links_and_content_but_not_times_or_owners() {
     tree(b.path());
     let h = |p: &Path, sel: &[&str]| StatCache::new().hash_tree(p, sel).unwrap();
     let base = h(a.path(), &["."]);
-    let f = fs::OpenOptions::new().write(true).open(b.path().join("a.txt")).unwrap();
-    f.set_modified(SystemTime::now() - Duration::from_secs(99999)).unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(b.path().join("a.txt"))
+        .unwrap();
+    f.set_modified(SystemTime::now() - Duration::from_secs(99999))
+        .unwrap();
     let _ = std::os::unix::fs::lchown(b.path().join("src/main.rs"), Some(4321), Some(4321));
     assert_eq!(h(b.path(), &["."]), base, "times and owners do not count");
-    fs::set_permissions(b.path().join("src/main.rs"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(
+        b.path().join("src/main.rs"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let moded = h(b.path(), &["."]);
     assert_ne!(moded, base, "mode counts");
     fs::remove_file(b.path().join("link")).unwrap();
     std::os::unix::fs::symlink("src", b.path().join("link")).unwrap();
     assert_ne!(h(b.path(), &["."]), moded, "link target counts");
     // Selections: order and subsets matter; ignore filter drops entries.
-    assert_ne!(h(a.path(), &["a.txt", "src"]), h(a.path(), &["src", "a.txt"]));
+    assert_ne!(
+        h(a.path(), &["a.txt", "src"]),
+        h(a.path(), &["src", "a.txt"])
+    );
     assert_ne!(h(a.path(), &["src"]), base);
-    let filtered = StatCache::new().hash_tree_filtered(a.path(), &["."], &|rel, _| rel != "a.txt").unwrap();
+    let filtered = StatCache::new()
+        .hash_tree_filtered(a.path(), &["."], &|rel, _| rel != "a.txt")
+        .unwrap();
     assert_ne!(filtered, base);
     assert!(StatCache::new().hash_tree(a.path(), &["../x"]).is_err());
     // A selected symlink is followed inside the context, refused when it leads out.
-    assert_ne!(h(a.path(), &["link"]), h(a.path(), &["a.txt"]), "names differ");
+    assert_ne!(
+        h(a.path(), &["link"]),
+        h(a.path(), &["a.txt"]),
+        "names differ"
+    );
     let before = h(a.path(), &["link"]);
     fs::write(a.path().join("a.txt"), b"HELLO").unwrap();
-    assert_ne!(h(a.path(), &["link"]), before, "followed: the target's content counts");
+    assert_ne!(
+        h(a.path(), &["link"]),
+        before,
+        "followed: the target's content counts"
+    );
     std::os::unix::fs::symlink("/etc", a.path().join("out")).unwrap();
-    let err = StatCache::new().hash_tree(a.path(), &["out/passwd"]).unwrap_err();
-    assert!(err.to_string().contains("leaves the build context"), "{err}");
-    assert!(StatCache::new().hash_tree(a.path(), &["missing"]).unwrap_err().to_string().contains("missing"));
+    let err = StatCache::new()
+        .hash_tree(a.path(), &["out/passwd"])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("leaves the build context"),
+        "{err}"
+    );
+    assert!(StatCache::new()
+        .hash_tree(a.path(), &["missing"])
+        .unwrap_err()
+        .to_string()
+        .contains("missing"));
 }
 
 #[test]
@@ -139,12 +179,21 @@ fn excluded_trees_are_not_walked_and_digests_do_not_change() {
         .unwrap();
     let seen = seen.into_inner().unwrap();
     assert!(seen.contains(&"node_modules".to_string()));
-    assert!(!seen.iter().any(|r| r.starts_with("node_modules/")), "walked below an excluded tree: {seen:?}");
+    assert!(
+        !seen.iter().any(|r| r.starts_with("node_modules/")),
+        "walked below an excluded tree: {seen:?}"
+    );
     // The same decisions without pruning give the same digest.
-    let walked = StatCache::new().hash_tree_filtered(ctx.path(), &["."], &|rel, _| !excluded(rel)).unwrap();
+    let walked = StatCache::new()
+        .hash_tree_filtered(ctx.path(), &["."], &|rel, _| !excluded(rel))
+        .unwrap();
     assert_eq!(with_prune, walked);
     fs::remove_dir_all(ctx.path().join("node_modules")).unwrap();
-    assert_eq!(StatCache::new().hash_tree(ctx.path(), &["."]).unwrap(), walked, "as if the tree were not there");
+    assert_eq!(
+        StatCache::new().hash_tree(ctx.path(), &["."]).unwrap(),
+        walked,
+        "as if the tree were not there"
+    );
 }
 
 #[test]
@@ -163,7 +212,11 @@ fn saving_drops_entries_of_deleted_files() {
     let mut c = StatCache::load(&store, ctx.path());
     c.hash_tree(ctx.path(), &["."]).unwrap();
     c.save().unwrap();
-    assert_eq!(StatCache::load(&store, ctx.path()).len(), 3, "the deleted file's entry is gone");
+    assert_eq!(
+        StatCache::load(&store, ctx.path()).len(),
+        3,
+        "the deleted file's entry is gone"
+    );
 }
 
 #[test]
@@ -178,19 +231,55 @@ fn prune_removes_stat_caches_of_contexts_that_are_gone() {
         c.hash_tree(ctx.path(), &["."]).unwrap();
         c.save().unwrap();
     }
-    let (kept_file, gone_file) = (StatCache::file_for(&store, kept.path()), StatCache::file_for(&store, gone.path()));
-    assert_eq!(StatCache::context_of(&kept_file).unwrap(), kept.path().canonicalize().unwrap());
+    let (kept_file, gone_file) = (
+        StatCache::file_for(&store, kept.path()),
+        StatCache::file_for(&store, gone.path()),
+    );
+    assert_eq!(
+        StatCache::context_of(&kept_file).unwrap(),
+        kept.path().canonicalize().unwrap()
+    );
     drop(gone);
     rbuild_cache::prune(&store, &rbuild_cache::PruneOptions::default()).unwrap();
-    assert!(kept_file.exists(), "the stat cache of an existing context stays");
-    assert!(!gone_file.exists(), "the stat cache of a deleted context goes");
+    assert!(
+        kept_file.exists(),
+        "the stat cache of an existing context stays"
+    );
+    assert!(
+        !gone_file.exists(),
+        "the stat cache of a deleted context goes"
+    );
     // Unused for longer than the filter: goes too; a load counts as a use.
     let old = SystemTime::now() - Duration::from_secs(7200);
-    fs::OpenOptions::new().write(true).open(&kept_file).unwrap().set_modified(old).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&kept_file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
     let _ = StatCache::load(&store, kept.path());
-    rbuild_cache::prune(&store, &rbuild_cache::PruneOptions { older_than: Some(Duration::from_secs(3600)), ..Default::default() }).unwrap();
+    rbuild_cache::prune(
+        &store,
+        &rbuild_cache::PruneOptions {
+            older_than: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(kept_file.exists(), "loaded just now");
-    fs::OpenOptions::new().write(true).open(&kept_file).unwrap().set_modified(old).unwrap();
-    rbuild_cache::prune(&store, &rbuild_cache::PruneOptions { older_than: Some(Duration::from_secs(3600)), ..Default::default() }).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&kept_file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    rbuild_cache::prune(
+        &store,
+        &rbuild_cache::PruneOptions {
+            older_than: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(!kept_file.exists(), "unused for two hours");
 }

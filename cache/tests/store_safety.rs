@@ -14,7 +14,10 @@ const CHILD_ENV: &str = "RBUILD_CACHE_TEST_CHILD";
 struct Rng(u64);
 impl Rng {
     fn new() -> Rng {
-        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
         Rng(t ^ (std::process::id() as u64) << 32 | 1)
     }
     fn next(&mut self) -> u64 {
@@ -31,7 +34,13 @@ impl Rng {
 /// Runs this test binary's `child_entry` as a child process in `mode` on `store`.
 fn spawn_child(mode: &str, store: &Path) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["child_entry", "--exact", "--nocapture", "--test-threads=1", "-q"])
+        .args([
+            "child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            "-q",
+        ])
         .env(CHILD_ENV, format!("{mode}:{}", store.display()))
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -41,7 +50,9 @@ fn spawn_child(mode: &str, store: &Path) -> Child {
 /// Not a test on its own: the body of child processes (does nothing without the env var).
 #[test]
 fn child_entry() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else { return };
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let (mode, root) = spec.split_once(':').unwrap();
     let store = Store::open(Path::new(root)).unwrap();
     match mode {
@@ -70,7 +81,11 @@ fn write_forever(store: &Store) {
         let diff_id = Digest::of(rng.next().to_string().as_bytes());
         let dir = store.temp_dir("unpack").unwrap();
         for i in 0..rng.below(20) {
-            fs::write(dir.join(format!("f{i}")), vec![7u8; rng.below(100_000) as usize]).unwrap();
+            fs::write(
+                dir.join(format!("f{i}")),
+                vec![7u8; rng.below(100_000) as usize],
+            )
+            .unwrap();
         }
         fs::create_dir(dir.join("ro")).unwrap();
         fs::write(dir.join("ro/file"), b"x").unwrap();
@@ -81,15 +96,32 @@ fn write_forever(store: &Store) {
             // As the builder's export_layer: move to layers/built, then link, then record.
             let built = store.root().join("layers/built");
             fs::create_dir_all(&built).unwrap();
-            let name = format!("{}-{}", diff_id.hex(), dir.file_name().unwrap().to_string_lossy());
+            let name = format!(
+                "{}-{}",
+                diff_id.hex(),
+                dir.file_name().unwrap().to_string_lossy()
+            );
             fs::rename(&dir, built.join(&name)).unwrap();
             let tmp_link = store.temp_path("layer-link");
             std::os::unix::fs::symlink(Path::new("../built").join(&name), &tmp_link).unwrap();
             fs::rename(&tmp_link, store.layer_dir(&diff_id)).unwrap();
         }
-        let layer = LayerRef { diff_id, digest: blob.clone(), size, media_type: "x".into() };
+        let layer = LayerRef {
+            diff_id,
+            digest: blob.clone(),
+            size,
+            media_type: "x".into(),
+        };
         let key = Digest::of(rng.next().to_string().as_bytes());
-        store.put_record(&key, &CacheRecord { layer: Some(layer), created: "2026-01-01T00:00:00Z".into() }).unwrap();
+        store
+            .put_record(
+                &key,
+                &CacheRecord {
+                    layer: Some(layer),
+                    created: "2026-01-01T00:00:00Z".into(),
+                },
+            )
+            .unwrap();
         let m = manifest(store, &blob);
         store.set_ref(&format!("img{}", rng.below(4)), &m).unwrap();
     }
@@ -97,13 +129,18 @@ fn write_forever(store: &Store) {
 
 /// Stores a config and manifest naming `layer_blob` (and the config's diff_ids none).
 fn manifest(store: &Store, layer_blob: &Digest) -> Digest {
-    let cfg = store.put_blob_bytes(br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#).unwrap();
+    let cfg = store
+        .put_blob_bytes(br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#)
+        .unwrap();
     let m = serde_json::json!({"schemaVersion":2,"config":{"digest":cfg.to_string()},"layers":[{"digest":layer_blob.to_string()}]});
     store.put_blob_bytes(m.to_string().as_bytes()).unwrap()
 }
 
 fn tmp_entries(root: &Path) -> Vec<String> {
-    fs::read_dir(root.join("tmp")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    fs::read_dir(root.join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -119,17 +156,38 @@ fn sigkill_at_random_points_leaves_a_usable_store() {
         // SIGKILL.
         child.kill().unwrap();
         child.wait().unwrap();
-        if tmp_entries(t.path()).iter().any(|n| n.contains(&format!("-{pid}x"))) {
+        if tmp_entries(t.path())
+            .iter()
+            .any(|n| n.contains(&format!("-{pid}x")))
+        {
             killed_mid_write += 1;
         }
         let store = Store::open(t.path()).unwrap();
         let rep = verify(&store).unwrap();
         assert!(rep.is_ok(), "iteration {i}: {:#?}", rep.problems);
-        let left: Vec<_> = tmp_entries(t.path()).into_iter().filter(|n| n.contains(&format!("-{pid}x"))).collect();
-        assert!(left.is_empty(), "iteration {i}: tmp entries of the dead child remain: {left:?}");
-        let owner_locks: Vec<_> = fs::read_dir(t.path().join("owners")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{pid}x"))).collect();
+        let left: Vec<_> = tmp_entries(t.path())
+            .into_iter()
+            .filter(|n| n.contains(&format!("-{pid}x")))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "iteration {i}: tmp entries of the dead child remain: {left:?}"
+        );
+        let owner_locks: Vec<_> = fs::read_dir(t.path().join("owners"))
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{pid}x"))
+            })
+            .collect();
         assert!(owner_locks.is_empty(), "dead owner's lock file removed");
-        let stray: Vec<_> = fs::read_dir(t.path().join("cache")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+        let stray: Vec<_> = fs::read_dir(t.path().join("cache"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
         assert!(stray.is_empty(), "atomic-write leftovers removed");
         total_records = rep.records;
     }
@@ -138,9 +196,19 @@ fn sigkill_at_random_points_leaves_a_usable_store() {
     assert!(killed_mid_write > 0, "some kills hit mid-write");
     // And prune copes with whatever the kills left (built dirs without links, read-only dirs).
     let store = Store::open(t.path()).unwrap();
-    prune(&store, &PruneOptions { all: true, ..Default::default() }).unwrap();
+    prune(
+        &store,
+        &PruneOptions {
+            all: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(verify(&store).unwrap().is_ok());
-    assert!(fs::read_dir(t.path().join("cache")).unwrap().next().is_none());
+    assert!(fs::read_dir(t.path().join("cache"))
+        .unwrap()
+        .next()
+        .is_none());
 }
 
 #[test]
@@ -175,9 +243,16 @@ fn two_threads_commit_the_same_layers_and_blobs() {
     for i in 0..200 {
         let dir = store.layer_dir(&Digest::of(format!("layer{i}").as_bytes()));
         let n = fs::read_dir(&dir).unwrap().count();
-        assert_eq!(n, if i % 5 == 0 { 0 } else { 1 }, "exactly one build's copy is kept for layer {i}");
+        assert_eq!(
+            n,
+            if i % 5 == 0 { 0 } else { 1 },
+            "exactly one build's copy is kept for layer {i}"
+        );
     }
-    assert!(tmp_entries(t.path()).is_empty(), "losers removed their copies");
+    assert!(
+        tmp_entries(t.path()).is_empty(),
+        "losers removed their copies"
+    );
     assert!(verify(&store).unwrap().is_ok());
 }
 
@@ -189,14 +264,33 @@ fn concurrent_processes_share_a_store_and_prune_waits_for_them() {
     while !t.path().join("child-ready").exists() {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let err = prune(&store, &PruneOptions { all: true, wait: Duration::from_millis(300), ..Default::default() }).unwrap_err();
-    assert!(matches!(err, rbuild_cache::GcError::Store(StoreError::Busy { .. })), "{err}");
+    let err = prune(
+        &store,
+        &PruneOptions {
+            all: true,
+            wait: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, rbuild_cache::GcError::Store(StoreError::Busy { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("lock"), "names the lock: {err}");
     // Our shared lock came back: a second open in this process shares it, no deadlock.
     let again = Store::open(t.path()).unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    prune(&again, &PruneOptions { all: true, wait: Duration::from_secs(5), ..Default::default() }).unwrap();
+    prune(
+        &again,
+        &PruneOptions {
+            all: true,
+            wait: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
 }
 
 #[test]
@@ -239,7 +333,9 @@ struct Fixture {
 
 /// A layer with a blob of `size` bytes and a record; returns (key, blob, diff_id).
 fn add_step(store: &Store, name: &str, size: usize) -> (Digest, Digest, Digest) {
-    let blob = store.put_blob_bytes(&vec![name.as_bytes()[0]; size]).unwrap();
+    let blob = store
+        .put_blob_bytes(&vec![name.as_bytes()[0]; size])
+        .unwrap();
     let diff_id = Digest::of(format!("diff-{name}").as_bytes());
     let dir = store.temp_dir("unpack").unwrap();
     fs::write(dir.join("f"), vec![1u8; size]).unwrap();
@@ -251,8 +347,21 @@ fn add_step(store: &Store, name: &str, size: usize) -> (Digest, Digest, Digest) 
     fs::set_permissions(dir.join("etc"), fs::Permissions::from_mode(0o555)).unwrap();
     store.commit_layer_dir(&dir, &diff_id).unwrap();
     let key = Digest::of(format!("key-{name}").as_bytes());
-    let layer = LayerRef { diff_id: diff_id.clone(), digest: blob.clone(), size: size as u64, media_type: "x".into() };
-    store.put_record(&key, &CacheRecord { layer: Some(layer), created: "2026-01-01T00:00:00Z".into() }).unwrap();
+    let layer = LayerRef {
+        diff_id: diff_id.clone(),
+        digest: blob.clone(),
+        size: size as u64,
+        media_type: "x".into(),
+    };
+    store
+        .put_record(
+            &key,
+            &CacheRecord {
+                layer: Some(layer),
+                created: "2026-01-01T00:00:00Z".into(),
+            },
+        )
+        .unwrap();
     (key, blob, diff_id)
 }
 
@@ -274,7 +383,13 @@ fn prune_keeps_what_refs_and_records_name_and_removes_the_rest() {
     let img_diff = Digest::of(b"image diff");
     let d = store.temp_dir("unpack").unwrap();
     store.commit_layer_dir(&d, &img_diff).unwrap();
-    let cfg = store.put_blob_bytes(serde_json::json!({"rootfs":{"diff_ids":[img_diff.to_string()]}}).to_string().as_bytes()).unwrap();
+    let cfg = store
+        .put_blob_bytes(
+            serde_json::json!({"rootfs":{"diff_ids":[img_diff.to_string()]}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
     let m = store.put_blob_bytes(serde_json::json!({"config":{"digest":cfg.to_string()},"layers":[{"digest":img_layer.to_string()}]}).to_string().as_bytes()).unwrap();
     store.set_ref("example.com/app:1", &m).unwrap();
     assert_eq!(store.get_ref("example.com/app:1").unwrap(), Some(m.clone()));
@@ -293,21 +408,45 @@ fn prune_keeps_what_refs_and_records_name_and_removes_the_rest() {
     let usage = rbuild_cache::disk_usage(&store).unwrap();
     assert_eq!(usage.records.count, 2);
     assert_eq!(usage.blobs.count, 6);
-    assert_eq!(usage.tmp.count, 2, "the dead build's entry is gone only at the next open; the stray file stays");
+    assert_eq!(
+        usage.tmp.count, 2,
+        "the dead build's entry is gone only at the next open; the stray file stays"
+    );
     assert_eq!(usage.layers.count, 5, "4 names + 1 unlinked built dir");
     // What the ref keeps is not reclaimable; records, tmp and the rest are.
-    let pinned: u64 = [&img_layer, &cfg, &m].iter().map(|d| fs::metadata(store.blob_path(d)).unwrap().len()).sum();
+    let pinned: u64 = [&img_layer, &cfg, &m]
+        .iter()
+        .map(|d| fs::metadata(store.blob_path(d)).unwrap().len())
+        .sum();
     assert_eq!(usage.blobs.reclaimable, usage.blobs.bytes - pinned);
     assert_eq!(usage.records.reclaimable, usage.records.bytes);
     assert_eq!(usage.tmp.reclaimable, usage.tmp.bytes);
-    assert_eq!(usage.reclaimable_bytes(), usage.total_bytes() - pinned, "the ref's layer dir is empty");
+    assert_eq!(
+        usage.reclaimable_bytes(),
+        usage.total_bytes() - pinned,
+        "the ref's layer dir is empty"
+    );
     let listed = rbuild_cache::record_usage(&store).unwrap();
-    assert_eq!(listed.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), vec![ka.hex(), kb.hex()], "least recently used first");
-    assert!(listed.iter().all(|r| !r.shared && r.bytes > 1000), "{listed:?}");
+    assert_eq!(
+        listed.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        vec![ka.hex(), kb.hex()],
+        "least recently used first"
+    );
+    assert!(
+        listed.iter().all(|r| !r.shared && r.bytes > 1000),
+        "{listed:?}"
+    );
 
     let rep = prune(&store, &PruneOptions::default()).unwrap();
-    assert_eq!((rep.records, rep.blobs, rep.layers, rep.tmp), (0, 1, 2, 2), "{rep:?}");
-    assert!(fs::read_dir(root.join("tmp")).unwrap().next().is_none(), "prune empties tmp/");
+    assert_eq!(
+        (rep.records, rep.blobs, rep.layers, rep.tmp),
+        (0, 1, 2, 2),
+        "{rep:?}"
+    );
+    assert!(
+        fs::read_dir(root.join("tmp")).unwrap().next().is_none(),
+        "prune empties tmp/"
+    );
     assert!(!store.has_blob(&orphan) && !store.has_layer(&orphan_layer));
     assert!(!root.join("layers/built/zzz-upper-1-1").exists());
     for b in [&ba, &bb, &img_layer, &cfg, &m] {
@@ -319,13 +458,29 @@ fn prune_keeps_what_refs_and_records_name_and_removes_the_rest() {
     assert!(verify(&store).unwrap().is_ok());
 
     // older_than: record a (used two hours ago) goes, with its blob and layer.
-    let rep = prune(&store, &PruneOptions { older_than: Some(Duration::from_secs(3600)), ..Default::default() }).unwrap();
+    let rep = prune(
+        &store,
+        &PruneOptions {
+            older_than: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!((rep.records, rep.blobs, rep.layers), (1, 1, 1), "{rep:?}");
-    assert!(store.get_record(&ka).unwrap().is_none() && !store.has_blob(&ba) && !store.has_layer(&la));
+    assert!(
+        store.get_record(&ka).unwrap().is_none() && !store.has_blob(&ba) && !store.has_layer(&la)
+    );
     assert!(store.get_record(&kb).unwrap().is_some());
 
     // all: every record goes; the ref's image stays.
-    let rep = prune(&store, &PruneOptions { all: true, ..Default::default() }).unwrap();
+    let rep = prune(
+        &store,
+        &PruneOptions {
+            all: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(rep.records, 1);
     assert!(!store.has_blob(&bb) && !store.has_layer(&lb));
     for b in [&img_layer, &cfg, &m] {
@@ -350,10 +505,23 @@ fn keep_storage_removes_least_recently_used_first() {
     old(&store.record_file(&k3), Duration::from_secs(100));
     // A hit makes k1 the most recently used.
     assert!(store.get_record(&k1).unwrap().is_some());
-    let m = fs::metadata(store.record_file(&k1)).unwrap().modified().unwrap();
-    assert!(SystemTime::now().duration_since(m).unwrap() < Duration::from_secs(5), "get_record touches");
+    let m = fs::metadata(store.record_file(&k1))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(
+        SystemTime::now().duration_since(m).unwrap() < Duration::from_secs(5),
+        "get_record touches"
+    );
     // Each step is ~200 kB (blob + layer); room for one.
-    let rep = prune(&store, &PruneOptions { keep_storage: Some(250_000), ..Default::default() }).unwrap();
+    let rep = prune(
+        &store,
+        &PruneOptions {
+            keep_storage: Some(250_000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(rep.records, 2, "{rep:?}");
     assert!(rep.bytes >= 400_000);
     assert!(store.get_record(&k1).unwrap().is_some());

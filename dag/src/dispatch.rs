@@ -147,7 +147,10 @@ impl ImageState {
 
     /// Value of env var `k`.
     pub fn get_env(&self, k: &str) -> Option<&str> {
-        self.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+        self.env
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
     }
     /// Sets env var `k` (replacing in place or appending).
     pub fn set_env(&mut self, k: &str, v: &str) {
@@ -273,8 +276,16 @@ pub enum Step {
 
 /// Proxy build args usable without declaration and never recorded in history.
 pub const PROXY_ARGS: &[&str] = &[
-    "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy",
-    "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
 ];
 
 /// Whether `name` is one of [`PROXY_ARGS`].
@@ -303,17 +314,27 @@ pub fn platform_args() -> BTreeMap<String, String> {
 
 /// Platform ARGs for `build`/`target` platforms (`os/arch[/variant]`) and the
 /// target stage name (`TARGETSTAGE`, `default` when none).
-pub fn platform_args_for(build: &str, target: &str, target_stage: Option<&str>) -> BTreeMap<String, String> {
+pub fn platform_args_for(
+    build: &str,
+    target: &str,
+    target_stage: Option<&str>,
+) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     for (p, plat) in [("BUILD", build), ("TARGET", target)] {
         let mut parts = plat.split('/');
         m.insert(format!("{p}PLATFORM"), plat.to_string());
         m.insert(format!("{p}OS"), parts.next().unwrap_or("").to_string());
         m.insert(format!("{p}ARCH"), parts.next().unwrap_or("").to_string());
-        m.insert(format!("{p}VARIANT"), parts.next().unwrap_or("").to_string());
+        m.insert(
+            format!("{p}VARIANT"),
+            parts.next().unwrap_or("").to_string(),
+        );
         m.insert(format!("{p}OSVERSION"), String::new());
     }
-    m.insert("TARGETSTAGE".into(), target_stage.unwrap_or("default").to_string());
+    m.insert(
+        "TARGETSTAGE".into(),
+        target_stage.unwrap_or("default").to_string(),
+    );
     m
 }
 
@@ -345,7 +366,11 @@ impl ResolvedArgs {
 }
 
 fn loc_of(file: &str, line: usize, text: &str) -> Location {
-    Location { file: file.to_string(), line, text: text.to_string() }
+    Location {
+        file: file.to_string(),
+        line,
+        text: text.to_string(),
+    }
 }
 
 /// Resolves the global ARGs: `--build-arg` overrides defaults; defaults are
@@ -377,15 +402,17 @@ pub fn resolve_global_args_for(
     };
     let lexer = df.lexer();
     for a in &df.global_args {
-        let value = match (build_args.get(&a.name), &a.default) {
-            (Some(v), _) => Some(v.clone()),
-            (None, Some(d)) => Some(
-                lexer
-                    .expand_word(d, &|k| r.get(k))
-                    .map_err(|e| DispatchError::Expand { at: df.location(a.line), source: e })?,
-            ),
-            (None, None) => None,
-        };
+        let value =
+            match (build_args.get(&a.name), &a.default) {
+                (Some(v), _) => Some(v.clone()),
+                (None, Some(d)) => Some(lexer.expand_word(d, &|k| r.get(k)).map_err(|e| {
+                    DispatchError::Expand {
+                        at: df.location(a.line),
+                        source: e,
+                    }
+                })?),
+                (None, None) => None,
+            };
         r.declared.push((a.name.clone(), value));
     }
     Ok(r)
@@ -397,10 +424,14 @@ pub fn unused_build_args(df: &Dockerfile, build_args: &BTreeMap<String, String>)
     let platform = platform_args();
     let declared = |name: &str| {
         df.global_args.iter().any(|a| a.name == name)
-            || df.stages.iter().flat_map(|s| &s.instructions).any(|i| match &i.kind {
-                InstructionKind::Arg(decls) => decls.iter().any(|a| a.name == name),
-                _ => false,
-            })
+            || df
+                .stages
+                .iter()
+                .flat_map(|s| &s.instructions)
+                .any(|i| match &i.kind {
+                    InstructionKind::Arg(decls) => decls.iter().any(|a| a.name == name),
+                    _ => false,
+                })
     };
     build_args
         .keys()
@@ -414,7 +445,10 @@ pub fn expand_base(stage: &Stage, resolved: &ResolvedArgs) -> Result<String, Dis
     let at = || loc_of(&resolved.file, stage.line, &format!("FROM {}", stage.base));
     let v = Lexer::new(resolved.escape)
         .expand_word(&stage.base, &|k| resolved.get(k))
-        .map_err(|e| DispatchError::Expand { at: at(), source: e })?;
+        .map_err(|e| DispatchError::Expand {
+            at: at(),
+            source: e,
+        })?;
     if v.is_empty() {
         return Err(DispatchError::Invalid {
             at: at(),
@@ -425,13 +459,22 @@ pub fn expand_base(stage: &Stage, resolved: &ResolvedArgs) -> Result<String, Dis
 }
 
 /// Expands a stage's `--platform` with the global args.
-pub fn expand_platform(stage: &Stage, resolved: &ResolvedArgs) -> Result<Option<String>, DispatchError> {
-    let Some(p) = &stage.platform else { return Ok(None) };
+pub fn expand_platform(
+    stage: &Stage,
+    resolved: &ResolvedArgs,
+) -> Result<Option<String>, DispatchError> {
+    let Some(p) = &stage.platform else {
+        return Ok(None);
+    };
     Lexer::new(resolved.escape)
         .expand_word(p, &|k| resolved.get(k))
         .map(Some)
         .map_err(|e| DispatchError::Expand {
-            at: loc_of(&resolved.file, stage.line, &format!("FROM --platform={p} {}", stage.base)),
+            at: loc_of(
+                &resolved.file,
+                stage.line,
+                &format!("FROM --platform={p} {}", stage.base),
+            ),
             source: e,
         })
 }
@@ -489,9 +532,21 @@ impl StageDispatcher {
         }
         let src = format!("FROM scratch\n{}\n", triggers.join("\n"));
         let name = format!("{} (ONBUILD of base image)", self.file);
-        let df = crate::parser::parse_with_escape(&src, std::path::Path::new(&name), self.lexer.escape())
-            .map_err(|e| DispatchError::Invalid { at: loc_of(&self.file, 0, &triggers.join("; ")), message: e.to_string() })?;
-        Ok(df.stages.into_iter().next().map(|s| s.instructions).unwrap_or_default())
+        let df = crate::parser::parse_with_escape(
+            &src,
+            std::path::Path::new(&name),
+            self.lexer.escape(),
+        )
+        .map_err(|e| DispatchError::Invalid {
+            at: loc_of(&self.file, 0, &triggers.join("; ")),
+            message: e.to_string(),
+        })?;
+        Ok(df
+            .stages
+            .into_iter()
+            .next()
+            .map(|s| s.instructions)
+            .unwrap_or_default())
     }
 
     /// Sets the file name used in error messages (default: the Dockerfile path).
@@ -523,7 +578,10 @@ impl StageDispatcher {
     /// Looks up a variable for expansion in the build state's env (image env
     /// and ARG values; whichever of ENV/ARG was set last wins, as in BuildKit).
     pub fn lookup(&self, name: &str) -> Option<String> {
-        self.run_env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        self.run_env
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
     }
 
     fn set_run_env(&mut self, k: &str, v: &str) {
@@ -536,19 +594,36 @@ impl StageDispatcher {
     }
 
     fn expand(&self, i: &Instruction, w: &str) -> Result<String, DispatchError> {
-        self.lexer.expand_word(w, &|k| self.lookup(k)).map_err(|e| DispatchError::Expand { at: self.at(i), source: e })
+        self.lexer
+            .expand_word(w, &|k| self.lookup(k))
+            .map_err(|e| DispatchError::Expand {
+                at: self.at(i),
+                source: e,
+            })
     }
 
     fn expand_words(&self, i: &Instruction, w: &str) -> Result<Vec<String>, DispatchError> {
-        self.lexer.expand_words(w, &|k| self.lookup(k)).map_err(|e| DispatchError::Expand { at: self.at(i), source: e })
+        self.lexer
+            .expand_words(w, &|k| self.lookup(k))
+            .map_err(|e| DispatchError::Expand {
+                at: self.at(i),
+                source: e,
+            })
     }
 
     fn invalid(&self, i: &Instruction, message: impl Into<String>) -> DispatchError {
-        DispatchError::Invalid { at: self.at(i), message: message.into() }
+        DispatchError::Invalid {
+            at: self.at(i),
+            message: message.into(),
+        }
     }
 
     fn record(&mut self, i: &Instruction, created_by: String, empty_layer: bool) {
-        self.history.push(HistoryEntry { created_by, empty_layer, line: i.line });
+        self.history.push(HistoryEntry {
+            created_by,
+            empty_layer,
+            line: i.line,
+        });
     }
 
     /// Dispatches one instruction: updates the state, records history and
@@ -569,7 +644,11 @@ impl StageDispatcher {
                 self.state.workdir = path.clone();
                 let created_by = format!("WORKDIR {path}");
                 self.record(i, created_by.clone(), false);
-                return Ok(Some(Step::Workdir { path, line: i.line, created_by }));
+                return Ok(Some(Step::Workdir {
+                    path,
+                    line: i.line,
+                    created_by,
+                }));
             }
             K::Env(pairs) => {
                 // All pairs are expanded with the env in force before the instruction.
@@ -711,19 +790,29 @@ impl StageDispatcher {
         }
     }
 
-    fn healthcheck(&self, i: &Instruction, h: &HealthcheckArgs) -> Result<Healthcheck, DispatchError> {
+    fn healthcheck(
+        &self,
+        i: &Instruction,
+        h: &HealthcheckArgs,
+    ) -> Result<Healthcheck, DispatchError> {
         let Some(cmd) = &h.command else {
-            return Ok(Healthcheck { test: vec!["NONE".into()], ..Default::default() });
+            return Ok(Healthcheck {
+                test: vec!["NONE".into()],
+                ..Default::default()
+            });
         };
         let test = match cmd {
-            CommandForm::Exec(v) => std::iter::once("CMD".to_string()).chain(v.iter().cloned()).collect(),
+            CommandForm::Exec(v) => std::iter::once("CMD".to_string())
+                .chain(v.iter().cloned())
+                .collect(),
             CommandForm::Shell(s) => vec!["CMD-SHELL".into(), s.clone()],
         };
         let dur = |name: &str, v: &Option<String>| -> Result<u64, DispatchError> {
             match v {
                 None => Ok(0),
                 Some(v) => {
-                    let d = parse_duration(v).map_err(|m| self.invalid(i, format!("--{name}: {m}")))?;
+                    let d =
+                        parse_duration(v).map_err(|m| self.invalid(i, format!("--{name}: {m}")))?;
                     if d != 0 && d < 1_000_000 {
                         return Err(self.invalid(i, format!("{name} cannot be less than 1ms")));
                     }
@@ -759,7 +848,11 @@ impl StageDispatcher {
                 let body = h.body.clone();
                 let arg = if body.starts_with("#!") {
                     let path = format!("/dev/pipes/{}", h.name);
-                    files.push(InlineFile { path: path.clone(), data: body, mode: 0o755 });
+                    files.push(InlineFile {
+                        path: path.clone(),
+                        data: body,
+                        mode: 0o755,
+                    });
                     path
                 } else {
                     body
@@ -841,16 +934,24 @@ impl StageDispatcher {
                     shown.push(p.clone());
                     sources.push(CopySource::Path(p));
                 }
-                SourceArg::Heredoc(Heredoc { name, body, expand, .. }) => {
+                SourceArg::Heredoc(Heredoc {
+                    name, body, expand, ..
+                }) => {
                     let data = if *expand {
                         self.lexer
                             .expand_heredoc(body, &|k| self.lookup(k))
-                            .map_err(|e| DispatchError::Expand { at: self.at(i), source: e })?
+                            .map_err(|e| DispatchError::Expand {
+                                at: self.at(i),
+                                source: e,
+                            })?
                     } else {
                         body.clone()
                     };
                     shown.push(format!("<<{name}"));
-                    sources.push(CopySource::Inline { name: name.clone(), content: data });
+                    sources.push(CopySource::Inline {
+                        name: name.clone(),
+                        content: data,
+                    });
                 }
             }
         }
@@ -861,7 +962,10 @@ impl StageDispatcher {
         }
         // Relative to the workdir, cleaned; a trailing `/` (or `.`) is kept.
         let mut dest = join_clean(self.state.effective_workdir(), &raw_dest);
-        let dirish = raw_dest.is_empty() || raw_dest == "." || raw_dest.ends_with('/') || raw_dest.ends_with("/.");
+        let dirish = raw_dest.is_empty()
+            || raw_dest == "."
+            || raw_dest.ends_with('/')
+            || raw_dest.ends_with("/.");
         if dirish && !dest.ends_with('/') {
             dest.push('/');
         }
@@ -921,7 +1025,11 @@ fn is_lone_heredoc(s: &str) -> bool {
 
 /// `path.Clean(path.Join(base, p))` for absolute results; `p` absolute wins.
 pub fn join_clean(base: &str, p: &str) -> String {
-    let joined = if p.starts_with('/') { p.to_string() } else { format!("{base}/{p}") };
+    let joined = if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("{base}/{p}")
+    };
     let mut parts: Vec<&str> = Vec::new();
     for seg in joined.split('/') {
         match seg {
@@ -967,12 +1075,16 @@ fn validate_chmod(m: &str) -> Result<(), String> {
     if !m.is_empty() && m.chars().all(|c| c.is_ascii_digit()) {
         return match u32::from_str_radix(m, 8) {
             Ok(v) if v <= 0o7777 => Ok(()),
-            _ => Err(format!("invalid chmod parameter: '{m}'. it should be octal string and between 0 and 07777")),
+            _ => Err(format!(
+                "invalid chmod parameter: '{m}'. it should be octal string and between 0 and 07777"
+            )),
         };
     }
     let ok = !m.is_empty()
         && m.split(',').all(|clause| {
-            let who_end = clause.find(|c: char| !"ugoa".contains(c)).unwrap_or(clause.len());
+            let who_end = clause
+                .find(|c: char| !"ugoa".contains(c))
+                .unwrap_or(clause.len());
             let rest = &clause[who_end..];
             !rest.is_empty()
                 && rest.starts_with(['+', '-', '='])
@@ -1014,13 +1126,17 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         return Err(err());
     }
     while !rest.is_empty() {
-        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
         if n == 0 {
             return Err(err());
         }
         let num: f64 = rest[..n].parse().map_err(|_| err())?;
         rest = &rest[n..];
-        let u = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let mult = match &rest[..u] {
             "ns" => 1.0,
             "us" | "µs" => 1e3,
@@ -1072,7 +1188,10 @@ fn trim_frac(f: f64) -> String {
 
 /// Go `%q` of a `[]string`: `["a" "b"]`.
 fn go_quote_list(v: &[String]) -> String {
-    let items: Vec<String> = v.iter().map(|s| serde_json::to_string(s).unwrap_or_default()).collect();
+    let items: Vec<String> = v
+        .iter()
+        .map(|s| serde_json::to_string(s).unwrap_or_default())
+        .collect();
     format!("[{}]", items.join(" "))
 }
 

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use crate::dispatch::{expand_base, DispatchError, ImageState, ResolvedArgs, StageDispatcher, Step};
+use crate::dispatch::{
+    expand_base, DispatchError, ImageState, ResolvedArgs, StageDispatcher, Step,
+};
 use crate::parser::{Dockerfile, InstructionKind, Location};
 
 /// Errors from planning.
@@ -109,7 +111,11 @@ pub fn resolve_from(df: &Dockerfile, from: &str) -> Base {
 
 /// `from=` value of a `--mount` spec (CSV `key=value` fields).
 pub fn mount_from(spec: &str) -> Option<String> {
-    spec.split(',').find_map(|f| f.trim().strip_prefix("from=").map(|v| v.trim_matches('"').to_string()))
+    spec.split(',').find_map(|f| {
+        f.trim()
+            .strip_prefix("from=")
+            .map(|v| v.trim_matches('"').to_string())
+    })
 }
 
 /// Computes dependencies of every stage, prunes to `target` (default: the last
@@ -118,7 +124,11 @@ pub fn mount_from(spec: &str) -> Option<String> {
 /// `--from` values are expanded by a dry dispatch of each stage from an empty
 /// base state with the global args (stage ARG defaults apply; `--build-arg`
 /// values only through the global args).
-pub fn plan(df: &Dockerfile, target: Option<&str>, resolved: &ResolvedArgs) -> Result<BuildPlan, GraphError> {
+pub fn plan(
+    df: &Dockerfile,
+    target: Option<&str>,
+    resolved: &ResolvedArgs,
+) -> Result<BuildPlan, GraphError> {
     let target_idx = match target {
         None => df.stages.len() - 1,
         Some(t) => match df.stage_by_name(t) {
@@ -129,7 +139,10 @@ pub fn plan(df: &Dockerfile, target: Option<&str>, resolved: &ResolvedArgs) -> R
                     .iter()
                     .map(|s| s.name.clone().unwrap_or_else(|| s.index.to_string()))
                     .collect();
-                return Err(GraphError::MissingTarget { target: t.to_string(), available: available.join(", ") });
+                return Err(GraphError::MissingTarget {
+                    target: t.to_string(),
+                    available: available.join(", "),
+                });
             }
         },
     };
@@ -140,41 +153,83 @@ pub fn plan(df: &Dockerfile, target: Option<&str>, resolved: &ResolvedArgs) -> R
         let mut deps = Vec::new();
         let mut images = Vec::new();
         if let Base::Stage(i) = base {
-            deps.push(Edge { stage: i, line: st.line, kind: "from" });
+            deps.push(Edge {
+                stage: i,
+                line: st.line,
+                kind: "from",
+            });
         }
-        let mut d = StageDispatcher::new(ImageState::default(), resolved, &BTreeMap::new(), df.directives.escape);
+        let mut d = StageDispatcher::new(
+            ImageState::default(),
+            resolved,
+            &BTreeMap::new(),
+            df.directives.escape,
+        );
         for ins in &st.instructions {
             let (froms, kind): (Vec<String>, &'static str) = match (&ins.kind, d.dispatch(ins)) {
                 (_, Ok(Some(Step::Copy { from: Some(f), .. }))) => (vec![f], "copy"),
-                (_, Ok(Some(Step::Run { mounts, .. }))) => (mounts.iter().filter_map(|m| mount_from(m)).collect(), "mount"),
+                (_, Ok(Some(Step::Run { mounts, .. }))) => (
+                    mounts.iter().filter_map(|m| mount_from(m)).collect(),
+                    "mount",
+                ),
                 // Dispatch failed (e.g. needs the base image's env): use the raw text.
                 (InstructionKind::Copy(c), Err(_)) => (c.from.iter().cloned().collect(), "copy"),
-                (InstructionKind::Run(r), Err(_)) => (r.mounts.iter().filter_map(|m| mount_from(m)).collect(), "mount"),
+                (InstructionKind::Run(r), Err(_)) => (
+                    r.mounts.iter().filter_map(|m| mount_from(m)).collect(),
+                    "mount",
+                ),
                 _ => (vec![], ""),
             };
             // An empty expansion is left to dispatch to report at build time.
             for f in froms.into_iter().filter(|f| !f.is_empty()) {
                 match resolve_from(df, &f) {
-                    Base::Stage(i) => deps.push(Edge { stage: i, line: ins.line, kind }),
+                    Base::Stage(i) => deps.push(Edge {
+                        stage: i,
+                        line: ins.line,
+                        kind,
+                    }),
                     Base::Image(r) => images.push(r),
                     Base::Scratch => {}
                 }
             }
         }
-        all.push(PlannedStage { index: st.index, name: st.name.clone(), base, deps, images });
+        all.push(PlannedStage {
+            index: st.index,
+            name: st.name.clone(),
+            base,
+            deps,
+            images,
+        });
     }
     // DFS from the target; post-order gives dependencies first.
     let mut color = vec![0u8; all.len()]; // 0 new, 1 on stack, 2 done
     let mut order = Vec::new();
     let mut stack_path = Vec::new();
-    visit(df, &all, target_idx, &mut color, &mut order, &mut stack_path, None)?;
-    Ok(BuildPlan { stages: order.into_iter().map(|i| all[i].clone()).collect(), target: target_idx })
+    visit(
+        df,
+        &all,
+        target_idx,
+        &mut color,
+        &mut order,
+        &mut stack_path,
+        None,
+    )?;
+    Ok(BuildPlan {
+        stages: order.into_iter().map(|i| all[i].clone()).collect(),
+        target: target_idx,
+    })
 }
 
 fn with_file(e: DispatchError, df: &Dockerfile) -> DispatchError {
     match e {
-        DispatchError::Expand { at, source } => DispatchError::Expand { at: fix_loc(at, df), source },
-        DispatchError::Invalid { at, message } => DispatchError::Invalid { at: fix_loc(at, df), message },
+        DispatchError::Expand { at, source } => DispatchError::Expand {
+            at: fix_loc(at, df),
+            source,
+        },
+        DispatchError::Invalid { at, message } => DispatchError::Invalid {
+            at: fix_loc(at, df),
+            message,
+        },
     }
 }
 
@@ -199,7 +254,8 @@ fn visit(
         2 => return Ok(()),
         1 => {
             let start = path.iter().position(|&p| p == i).unwrap_or(0);
-            let mut names: Vec<String> = path[start..].iter().map(|&p| stage_label(df, p)).collect();
+            let mut names: Vec<String> =
+                path[start..].iter().map(|&p| stage_label(df, p)).collect();
             names.push(stage_label(df, i));
             return Err(GraphError::Cycle {
                 at: df.location(via_line.unwrap_or(df.stages[i].line)),
@@ -221,18 +277,39 @@ fn visit(
 
 /// Graphviz rendering of a plan (`--print dag`).
 pub fn to_dot(plan: &BuildPlan) -> String {
-    let label = |s: &PlannedStage| s.name.clone().unwrap_or_else(|| format!("stage-{}", s.index));
+    let label = |s: &PlannedStage| {
+        s.name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", s.index))
+    };
     let mut out = String::from("digraph build {\n  rankdir=LR;\n");
     for s in &plan.stages {
-        let shape = if s.index == plan.target { "doublecircle" } else { "box" };
-        out.push_str(&format!("  s{} [label=\"{}\" shape={}];\n", s.index, label(s), shape));
+        let shape = if s.index == plan.target {
+            "doublecircle"
+        } else {
+            "box"
+        };
+        out.push_str(&format!(
+            "  s{} [label=\"{}\" shape={}];\n",
+            s.index,
+            label(s),
+            shape
+        ));
         match &s.base {
-            Base::Image(r) => out.push_str(&format!("  \"{r}\" -> s{} [label=\"from\"];\n", s.index)),
-            Base::Scratch => out.push_str(&format!("  \"scratch\" -> s{} [label=\"from\"];\n", s.index)),
+            Base::Image(r) => {
+                out.push_str(&format!("  \"{r}\" -> s{} [label=\"from\"];\n", s.index))
+            }
+            Base::Scratch => out.push_str(&format!(
+                "  \"scratch\" -> s{} [label=\"from\"];\n",
+                s.index
+            )),
             Base::Stage(_) => {}
         }
         for e in &s.deps {
-            out.push_str(&format!("  s{} -> s{} [label=\"{}\"];\n", e.stage, s.index, e.kind));
+            out.push_str(&format!(
+                "  s{} -> s{} [label=\"{}\"];\n",
+                e.stage, s.index, e.kind
+            ));
         }
         for r in &s.images {
             out.push_str(&format!("  \"{r}\" -> s{} [label=\"copy\"];\n", s.index));
@@ -246,19 +323,38 @@ pub fn to_dot(plan: &BuildPlan) -> String {
 pub fn to_text(plan: &BuildPlan) -> String {
     let mut out = String::new();
     for s in &plan.stages {
-        let name = s.name.clone().unwrap_or_else(|| format!("stage-{}", s.index));
+        let name = s
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", s.index));
         let base = match &s.base {
             Base::Scratch => "scratch".to_string(),
             Base::Stage(i) => format!("stage {i}"),
             Base::Image(r) => r.clone(),
         };
-        let deps: Vec<String> = s.deps.iter().map(|e| format!("{}:{}@{}", e.kind, e.stage, e.line)).collect();
+        let deps: Vec<String> = s
+            .deps
+            .iter()
+            .map(|e| format!("{}:{}@{}", e.kind, e.stage, e.line))
+            .collect();
         out.push_str(&format!(
             "[{}] {name} <- {base}{}{}{}\n",
             s.index,
-            if deps.is_empty() { String::new() } else { format!(" deps: {}", deps.join(", ")) },
-            if s.images.is_empty() { String::new() } else { format!(" images: {}", s.images.join(", ")) },
-            if s.index == plan.target { " (target)" } else { "" },
+            if deps.is_empty() {
+                String::new()
+            } else {
+                format!(" deps: {}", deps.join(", "))
+            },
+            if s.images.is_empty() {
+                String::new()
+            } else {
+                format!(" images: {}", s.images.join(", "))
+            },
+            if s.index == plan.target {
+                " (target)"
+            } else {
+                ""
+            },
         ));
     }
     out

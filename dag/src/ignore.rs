@@ -101,7 +101,11 @@ fn compile(p: &str) -> Result<Vec<Tok>, String> {
                 if cs.get(i) == Some(&'/') {
                     i += 1;
                 }
-                toks.push(if i >= cs.len() { Tok::AnyTail } else { Tok::AnyDirs });
+                toks.push(if i >= cs.len() {
+                    Tok::AnyTail
+                } else {
+                    Tok::AnyDirs
+                });
                 continue;
             }
             '*' => toks.push(Tok::Star),
@@ -122,7 +126,9 @@ fn compile(p: &str) -> Result<Vec<Tok>, String> {
                 let mut ranges = Vec::new();
                 let mut first = true;
                 loop {
-                    let Some(&c) = cs.get(j) else { return Err("unterminated character class".into()) };
+                    let Some(&c) = cs.get(j) else {
+                        return Err("unterminated character class".into());
+                    };
                     if c == ']' && !first {
                         break;
                     }
@@ -157,7 +163,8 @@ fn matches(t: &[Tok], s: &[char]) -> bool {
         Some(Tok::Lit(c)) => s.first() == Some(c) && matches(&t[1..], &s[1..]),
         Some(Tok::One) => s.first().is_some_and(|&c| c != '/') && matches(&t[1..], &s[1..]),
         Some(Tok::Class(neg, ranges)) => {
-            s.first().is_some_and(|&c| c != '/' && ranges.iter().any(|&(a, b)| a <= c && c <= b) != *neg)
+            s.first()
+                .is_some_and(|&c| c != '/' && ranges.iter().any(|&(a, b)| a <= c && c <= b) != *neg)
                 && matches(&t[1..], &s[1..])
         }
         Some(Tok::Star) => {
@@ -175,7 +182,8 @@ fn matches(t: &[Tok], s: &[char]) -> bool {
         Some(Tok::AnyTail) => true,
         Some(Tok::AnyDirs) => {
             // empty, or any prefix ending in '/'
-            matches(&t[1..], s) || (0..s.len()).any(|k| s[k] == '/' && matches(&t[1..], &s[k + 1..]))
+            matches(&t[1..], s)
+                || (0..s.len()).any(|k| s[k] == '/' && matches(&t[1..], &s[k + 1..]))
         }
     }
 }
@@ -231,7 +239,12 @@ impl IgnoreMatcher {
                 message,
             })?;
             let dirs = p.split('/').count();
-            patterns.push(Pattern { text: p, exclusion, toks, dirs });
+            patterns.push(Pattern {
+                text: p,
+                exclusion,
+                toks,
+                dirs,
+            });
         }
         Ok(IgnoreMatcher { patterns })
     }
@@ -303,7 +316,10 @@ impl IgnoreMatcher {
 
 /// Loads the ignore rules for a build: `<Dockerfile>.dockerignore` beside the
 /// Dockerfile wins over `<context>/.dockerignore`; none → empty matcher.
-pub fn load_ignore(context_dir: &Path, dockerfile_path: &Path) -> Result<IgnoreMatcher, IgnoreError> {
+pub fn load_ignore(
+    context_dir: &Path,
+    dockerfile_path: &Path,
+) -> Result<IgnoreMatcher, IgnoreError> {
     let mut candidates = Vec::new();
     if let Some(name) = dockerfile_path.file_name() {
         let mut n = name.to_os_string();
@@ -360,7 +376,10 @@ mod tests {
         assert!(!i.is_excluded("README.md", false));
         assert!(i.is_excluded("README-secret.md", false));
         let i = m("!keep\n*\n");
-        assert!(i.is_excluded("keep", false), "later * overrides the earlier exception");
+        assert!(
+            i.is_excluded("keep", false),
+            "later * overrides the earlier exception"
+        );
     }
 
     #[test]
@@ -374,7 +393,10 @@ mod tests {
         assert!(j.can_skip_dir("vendor"));
         assert!(!j.can_skip_dir("src"), "src not excluded");
         let k = m("vendor\n!**/keep\n");
-        assert!(!k.can_skip_dir("vendor"), "wildcard exception may match below");
+        assert!(
+            !k.can_skip_dir("vendor"),
+            "wildcard exception may match below"
+        );
     }
 
     #[test]

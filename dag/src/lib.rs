@@ -18,13 +18,13 @@ pub mod ignore;
 pub mod parser;
 pub mod shell;
 
-pub use parser::{
-    parse, ArgDecl, CommandForm, CopyArgs, Directives, Dockerfile, HealthcheckArgs, Heredoc,
-    Instruction, InstructionKind, Location, ParseError, RunArgs, SourceArg, Stage, Word,
-};
 pub use dispatch::{
     expand_base, resolve_global_args, CopySource, DispatchError, HistoryEntry, ImageState,
     ResolvedArgs, StageDispatcher, Step,
 };
 pub use graph::{plan, Base, BuildPlan, GraphError};
 pub use ignore::{load_ignore, IgnoreMatcher};
+pub use parser::{
+    parse, ArgDecl, CommandForm, CopyArgs, Directives, Dockerfile, HealthcheckArgs, Heredoc,
+    Instruction, InstructionKind, Location, ParseError, RunArgs, SourceArg, Stage, Word,
+};

@@ -125,7 +125,11 @@ pub struct Directives {
 
 impl Default for Directives {
     fn default() -> Self {
-        Directives { escape: '\\', syntax: None, check: None }
+        Directives {
+            escape: '\\',
+            syntax: None,
+            check: None,
+        }
     }
 }
 
@@ -320,14 +324,20 @@ impl Dockerfile {
         Location {
             file: self.path.display().to_string(),
             line,
-            text: self.lines.get(line.wrapping_sub(1)).cloned().unwrap_or_default(),
+            text: self
+                .lines
+                .get(line.wrapping_sub(1))
+                .cloned()
+                .unwrap_or_default(),
         }
     }
 
     /// The stage named `name` (case-insensitive) or with that numeric index.
     pub fn stage_by_name(&self, name: &str) -> Option<&Stage> {
         let lower = name.to_ascii_lowercase();
-        self.stages.iter().find(|s| s.name.as_deref() == Some(lower.as_str()))
+        self.stages
+            .iter()
+            .find(|s| s.name.as_deref() == Some(lower.as_str()))
     }
 
     /// The lexer for this file's escape character.
@@ -347,8 +357,24 @@ struct Logical {
 }
 
 const KEYWORDS: &[&str] = &[
-    "add", "arg", "cmd", "copy", "entrypoint", "env", "expose", "from", "healthcheck", "label",
-    "maintainer", "onbuild", "run", "shell", "stopsignal", "user", "volume", "workdir",
+    "add",
+    "arg",
+    "cmd",
+    "copy",
+    "entrypoint",
+    "env",
+    "expose",
+    "from",
+    "healthcheck",
+    "label",
+    "maintainer",
+    "onbuild",
+    "run",
+    "shell",
+    "stopsignal",
+    "user",
+    "volume",
+    "workdir",
 ];
 
 /// Parses Dockerfile `source`; `path` is used in messages and stored.
@@ -358,22 +384,39 @@ pub fn parse(source: &str, path: &Path) -> Result<Dockerfile, ParseError> {
 
 /// Like [`parse`] but with a fixed escape character (no directives are read);
 /// used for ONBUILD triggers inherited from a base image.
-pub fn parse_with_escape(source: &str, path: &Path, escape: char) -> Result<Dockerfile, ParseError> {
+pub fn parse_with_escape(
+    source: &str,
+    path: &Path,
+    escape: char,
+) -> Result<Dockerfile, ParseError> {
     parse_inner(source, path, Some(escape))
 }
 
 fn parse_inner(source: &str, path: &Path, escape: Option<char>) -> Result<Dockerfile, ParseError> {
     let file = path.display().to_string();
     let source = source.strip_prefix('\u{feff}').unwrap_or(source);
-    let lines: Vec<String> = source.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+    let lines: Vec<String> = source
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect();
     let (mut directives, mut first) = parse_directives(&lines);
     if let Some(e) = escape {
-        directives = Directives { escape: e, ..Default::default() };
+        directives = Directives {
+            escape: e,
+            ..Default::default()
+        };
         first = 0;
     }
-    let loc = |line: usize, text: &str| Location { file: file.clone(), line, text: text.to_string() };
+    let loc = |line: usize, text: &str| Location {
+        file: file.clone(),
+        line,
+        text: text.to_string(),
+    };
     let logical = split_logical(&lines, first, directives.escape).map_err(|(line, delim)| {
-        ParseError::UnterminatedHeredoc { at: loc(line, &lines[line - 1]), delimiter: delim }
+        ParseError::UnterminatedHeredoc {
+            at: loc(line, &lines[line - 1]),
+            delimiter: delim,
+        }
     })?;
 
     let lexer = Lexer::new(directives.escape);
@@ -390,7 +433,10 @@ fn parse_inner(source: &str, path: &Path, escape: Option<char>) -> Result<Docker
             let stage = parse_from(&l, &directives, stages.len(), &at)?;
             if let Some(n) = &stage.name {
                 if stages.iter().any(|s| s.name.as_ref() == Some(n)) {
-                    return Err(ParseError::DuplicateStage { at, name: n.clone() });
+                    return Err(ParseError::DuplicateStage {
+                        at,
+                        name: n.clone(),
+                    });
                 }
             }
             stages.push(stage);
@@ -398,9 +444,11 @@ fn parse_inner(source: &str, path: &Path, escape: Option<char>) -> Result<Docker
         }
         let kind = parse_instruction(&l, &kw, &directives, &lexer, &at)?;
         match (stages.last_mut(), kind) {
-            (Some(st), kind) => {
-                st.instructions.push(Instruction { line: l.line, original: l.text.clone(), kind })
-            }
+            (Some(st), kind) => st.instructions.push(Instruction {
+                line: l.line,
+                original: l.text.clone(),
+                kind,
+            }),
             (None, InstructionKind::Arg(decls)) => global_args.extend(decls),
             (None, _) => return Err(ParseError::NoStage { at }),
         }
@@ -408,7 +456,13 @@ fn parse_inner(source: &str, path: &Path, escape: Option<char>) -> Result<Docker
     if stages.is_empty() {
         return Err(ParseError::Empty { file });
     }
-    Ok(Dockerfile { path: path.to_path_buf(), directives, global_args, stages, lines })
+    Ok(Dockerfile {
+        path: path.to_path_buf(),
+        directives,
+        global_args,
+        stages,
+        lines,
+    })
 }
 
 /// Reads `# key=value` directives at the top; returns them and the index of the
@@ -419,8 +473,12 @@ fn parse_directives(lines: &[String]) -> (Directives, usize) {
     let mut seen = std::collections::HashSet::new();
     for (i, line) in lines.iter().enumerate() {
         let t = line.trim();
-        let Some(rest) = t.strip_prefix('#') else { return (d, i) };
-        let Some((k, v)) = rest.split_once('=') else { return (d, i) };
+        let Some(rest) = t.strip_prefix('#') else {
+            return (d, i);
+        };
+        let Some((k, v)) = rest.split_once('=') else {
+            return (d, i);
+        };
         let k = k.trim().to_ascii_lowercase();
         let v = v.trim().to_string();
         if k.contains(char::is_whitespace) || !seen.insert(k.clone()) {
@@ -440,7 +498,11 @@ fn parse_directives(lines: &[String]) -> (Directives, usize) {
 /// end of line), drops comment and blank lines inside continuations and collects
 /// heredoc bodies for RUN/COPY/ADD. Err gives (line, delimiter) of an
 /// unterminated heredoc.
-fn split_logical(lines: &[String], first: usize, escape: char) -> Result<Vec<Logical>, (usize, String)> {
+fn split_logical(
+    lines: &[String],
+    first: usize,
+    escape: char,
+) -> Result<Vec<Logical>, (usize, String)> {
     let mut out = Vec::new();
     let mut i = first;
     while i < lines.len() {
@@ -468,27 +530,51 @@ fn split_logical(lines: &[String], first: usize, escape: char) -> Result<Vec<Log
             i += 1;
         }
         let text = text.trim_end().to_string();
-        let kw = text.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+        let kw = text
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let mut heredocs = Vec::new();
         let tail_start = i;
         if matches!(kw.as_str(), "run" | "copy" | "add") {
             for (name, expand, chomp, fd) in heredoc_words(&text) {
                 let mut body = String::new();
                 loop {
-                    let Some(line) = lines.get(i) else { return Err((start + 1, name)) };
+                    let Some(line) = lines.get(i) else {
+                        return Err((start + 1, name));
+                    };
                     i += 1;
-                    let line = if chomp { line.trim_start_matches('\t') } else { line.as_str() };
+                    let line = if chomp {
+                        line.trim_start_matches('\t')
+                    } else {
+                        line.as_str()
+                    };
                     if line == name {
                         break;
                     }
                     body.push_str(line);
                     body.push('\n');
                 }
-                heredocs.push(Heredoc { name, body, expand, chomp, fd });
+                heredocs.push(Heredoc {
+                    name,
+                    body,
+                    expand,
+                    chomp,
+                    fd,
+                });
             }
         }
-        let tail = lines[tail_start..i].iter().map(|l| format!("{l}\n")).collect();
-        out.push(Logical { line: start + 1, text, tail, heredocs });
+        let tail = lines[tail_start..i]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        out.push(Logical {
+            line: start + 1,
+            text,
+            tail,
+            heredocs,
+        });
     }
     Ok(out)
 }
@@ -511,7 +597,9 @@ fn heredoc_words(text: &str) -> Vec<(String, bool, bool, Option<u32>)> {
     let mut out = Vec::new();
     for w in Lexer::new('\\').split_raw_words(text) {
         let digits: String = w.chars().take_while(|c| c.is_ascii_digit()).collect();
-        let Some(rest) = w[digits.len()..].strip_prefix("<<") else { continue };
+        let Some(rest) = w[digits.len()..].strip_prefix("<<") else {
+            continue;
+        };
         let (chomp, rest) = match rest.strip_prefix('-') {
             Some(r) => (true, r),
             None => (false, rest),
@@ -520,7 +608,9 @@ fn heredoc_words(text: &str) -> Vec<(String, bool, bool, Option<u32>)> {
             continue;
         }
         let quoted = rest.contains('"') || rest.contains('\'');
-        let Ok(name) = Lexer::new('\\').expand_word(rest, &|_| None) else { continue };
+        let Ok(name) = Lexer::new('\\').expand_word(rest, &|_| None) else {
+            continue;
+        };
         if name.is_empty() {
             continue;
         }
@@ -530,7 +620,10 @@ fn heredoc_words(text: &str) -> Vec<(String, bool, bool, Option<u32>)> {
 }
 
 fn syntax(at: &Location, message: impl Into<String>) -> ParseError {
-    ParseError::Syntax { at: at.clone(), message: message.into() }
+    ParseError::Syntax {
+        at: at.clone(),
+        message: message.into(),
+    }
 }
 
 fn shell_err(at: &Location, e: ShellError) -> ParseError {
@@ -544,7 +637,10 @@ fn crate_parse<T>(
     at: &Location,
     f: impl FnOnce(&pd::Instruction<'_>) -> Result<T, ParseError>,
 ) -> Result<T, ParseError> {
-    let is_from = l.text.get(..4).is_some_and(|k| k.eq_ignore_ascii_case("from"));
+    let is_from = l
+        .text
+        .get(..4)
+        .is_some_and(|k| k.eq_ignore_ascii_case("from"));
     let prefix = if is_from { "" } else { "FROM scratch\n" };
     let src = format!("# escape={}\n{prefix}{}\n{}", d.escape, l.text, l.tail);
     let parsed = pd::parse(&src);
@@ -565,9 +661,16 @@ fn crate_parse<T>(
     res
 }
 
-fn parse_from(l: &Logical, d: &Directives, index: usize, at: &Location) -> Result<Stage, ParseError> {
+fn parse_from(
+    l: &Logical,
+    d: &Directives,
+    index: usize,
+    at: &Location,
+) -> Result<Stage, ParseError> {
     crate_parse(l, d, at, |i| {
-        let pd::Instruction::From(f) = i else { return Err(syntax(at, "expected FROM")) };
+        let pd::Instruction::From(f) = i else {
+            return Err(syntax(at, "expected FROM"));
+        };
         let mut platform = None;
         for fl in &f.options {
             match &*fl.name.value {
@@ -585,7 +688,8 @@ fn parse_from(l: &Logical, d: &Directives, index: usize, at: &Location) -> Resul
             Some((_, n)) => {
                 let n = n.value.to_ascii_lowercase();
                 let ok = n.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-                    && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+                    && n.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
                 if !ok {
                     return Err(syntax(at, format!("invalid name for build stage: {n:?}, name can't start with a number or contain symbols")));
                 }
@@ -606,7 +710,9 @@ fn parse_from(l: &Logical, d: &Directives, index: usize, at: &Location) -> Resul
 
 fn command_form(c: &pd::Command<'_>) -> CommandForm {
     match c {
-        pd::Command::Exec(v) => CommandForm::Exec(v.value.iter().map(|s| s.value.to_string()).collect()),
+        pd::Command::Exec(v) => {
+            CommandForm::Exec(v.value.iter().map(|s| s.value.to_string()).collect())
+        }
         pd::Command::Shell(s) => CommandForm::Shell(s.value.trim().to_string()),
         _ => CommandForm::Shell(String::new()),
     }
@@ -619,7 +725,12 @@ fn check_flags(
     instruction: &str,
     at: &Location,
 ) -> Result<Vec<(String, Option<String>)>, ParseError> {
-    let pairs = flags.iter().map(|f| (f.name.value.to_string(), f.value.as_ref().map(|v| v.value.to_string())));
+    let pairs = flags.iter().map(|f| {
+        (
+            f.name.value.to_string(),
+            f.value.as_ref().map(|v| v.value.to_string()),
+        )
+    });
     validate_flags(pairs.collect(), allowed, instruction, at)
 }
 
@@ -653,7 +764,10 @@ fn flag_bool(name: &str, v: &Option<String>, at: &Location) -> Result<bool, Pars
     match v.as_deref() {
         None | Some("true") => Ok(true),
         Some("false") => Ok(false),
-        Some(o) => Err(syntax(at, format!("expecting boolean value for flag {name}, not: {o}"))),
+        Some(o) => Err(syntax(
+            at,
+            format!("expecting boolean value for flag {name}, not: {o}"),
+        )),
     }
 }
 
@@ -683,14 +797,24 @@ fn run_from_flags(
     heredocs: Vec<Heredoc>,
     at: &Location,
 ) -> Result<RunArgs, ParseError> {
-    let mut r = RunArgs { command, heredocs, mounts: vec![], network: None, security: None };
+    let mut r = RunArgs {
+        command,
+        heredocs,
+        mounts: vec![],
+        network: None,
+        security: None,
+    };
     for (n, v) in flags {
         match n.as_str() {
             "mount" => r.mounts.push(flag_value(&n, v, at)?),
             "network" => r.network = Some(flag_value(&n, v, at)?),
             "security" => r.security = Some(flag_value(&n, v, at)?),
             _ => {
-                return Err(ParseError::UnknownFlag { at: at.clone(), instruction: "RUN".into(), flag: n })
+                return Err(ParseError::UnknownFlag {
+                    at: at.clone(),
+                    instruction: "RUN".into(),
+                    flag: n,
+                })
             }
         }
     }
@@ -711,8 +835,13 @@ fn parse_instruction(
         let args = l.text[3..].trim_start();
         let (flags, rest) = split_leading_flags(args);
         let flags = validate_flags(flags, RUN_FLAGS, "RUN", at)?;
-        return run_from_flags(flags, CommandForm::Shell(rest.to_string()), l.heredocs.clone(), at)
-            .map(InstructionKind::Run);
+        return run_from_flags(
+            flags,
+            CommandForm::Shell(rest.to_string()),
+            l.heredocs.clone(),
+            at,
+        )
+        .map(InstructionKind::Run);
     }
     // BuildKit extracts leading `--flags` for every instruction and rejects
     // unknown ones; the crate only does so for some, so check the rest here.
@@ -721,7 +850,10 @@ fn parse_instruction(
         validate_flags(flags, &[], &kw.to_ascii_uppercase(), at)?;
     }
     if kw == "shell" && !l.text[5..].trim_start().starts_with('[') {
-        return Err(syntax(at, "SHELL requires the arguments to be in JSON form"));
+        return Err(syntax(
+            at,
+            "SHELL requires the arguments to be in JSON form",
+        ));
     }
     crate_parse(l, d, at, |i| instruction_from_crate(i, l, lexer, at))
 }
@@ -735,7 +867,11 @@ fn kv_pairs(
     lexer
         .split_key_values(text, true, instr)
         .map_err(|e| shell_err(at, e))
-        .map(|v| v.into_iter().map(|(k, v)| (k, v.unwrap_or_default())).collect())
+        .map(|v| {
+            v.into_iter()
+                .map(|(k, v)| (k, v.unwrap_or_default()))
+                .collect()
+        })
 }
 
 fn instruction_from_crate(
@@ -748,23 +884,38 @@ fn instruction_from_crate(
     Ok(match i {
         I::Run(r) => {
             let flags = check_flags(&r.options, RUN_FLAGS, "RUN", at)?;
-            InstructionKind::Run(run_from_flags(flags, command_form(&r.arguments), vec![], at)?)
+            InstructionKind::Run(run_from_flags(
+                flags,
+                command_form(&r.arguments),
+                vec![],
+                at,
+            )?)
         }
         I::Copy(c) => InstructionKind::Copy(copy_args(&c.options, &c.src, &c.dest, l, false, at)?),
         I::Add(c) => InstructionKind::Add(copy_args(&c.options, &c.src, &c.dest, l, true, at)?),
         I::Env(e) => InstructionKind::Env(kv_pairs(lexer, &e.arguments.value, "ENV", at)?),
         I::Label(e) => InstructionKind::Label(kv_pairs(lexer, &e.arguments.value, "LABEL", at)?),
         I::Arg(a) => {
-            let kv = lexer.split_key_values(&a.arguments.value, false, "ARG").map_err(|e| shell_err(at, e))?;
+            let kv = lexer
+                .split_key_values(&a.arguments.value, false, "ARG")
+                .map_err(|e| shell_err(at, e))?;
             InstructionKind::Arg(
-                kv.into_iter().map(|(name, default)| ArgDecl { name, default, line: l.line }).collect(),
+                kv.into_iter()
+                    .map(|(name, default)| ArgDecl {
+                        name,
+                        default,
+                        line: l.line,
+                    })
+                    .collect(),
             )
         }
         I::Workdir(w) => InstructionKind::Workdir(w.arguments.value.to_string()),
         I::User(u) => InstructionKind::User(u.arguments.value.to_string()),
         I::Stopsignal(s) => InstructionKind::StopSignal(s.arguments.value.to_string()),
         I::Maintainer(m) => InstructionKind::Maintainer(m.name.value.to_string()),
-        I::Expose(e) => InstructionKind::Expose(e.arguments.iter().map(|s| s.value.to_string()).collect()),
+        I::Expose(e) => {
+            InstructionKind::Expose(e.arguments.iter().map(|s| s.value.to_string()).collect())
+        }
         I::Volume(v) => InstructionKind::Volume(match &v.arguments {
             pd::JsonOrStringArray::Json(j) => j.value.iter().map(|s| s.value.to_string()).collect(),
             pd::JsonOrStringArray::String(s) => s.iter().map(|s| s.value.to_string()).collect(),
@@ -777,7 +928,13 @@ fn instruction_from_crate(
         I::Healthcheck(h) => {
             let flags = check_flags(
                 &h.options,
-                &["interval", "timeout", "start-period", "start-interval", "retries"],
+                &[
+                    "interval",
+                    "timeout",
+                    "start-period",
+                    "start-interval",
+                    "retries",
+                ],
                 "HEALTHCHECK",
                 at,
             )?;
@@ -800,9 +957,16 @@ fn instruction_from_crate(
         }
         I::Onbuild(_) => {
             let trigger = l.text[7..].trim_start();
-            let tkw = trigger.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            let tkw = trigger
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
             if matches!(tkw.as_str(), "onbuild" | "from" | "maintainer") {
-                return Err(syntax(at, format!("{} isn't allowed as an ONBUILD trigger", tkw.to_uppercase())));
+                return Err(syntax(
+                    at,
+                    format!("{} isn't allowed as an ONBUILD trigger", tkw.to_uppercase()),
+                ));
             }
             InstructionKind::Onbuild(trigger.to_string())
         }
@@ -820,9 +984,23 @@ fn copy_args(
     at: &Location,
 ) -> Result<CopyArgs, ParseError> {
     let (name, allowed): (&str, &[&str]) = if is_add {
-        ("ADD", &["chown", "chmod", "link", "exclude", "checksum", "keep-git-dir", "unpack"])
+        (
+            "ADD",
+            &[
+                "chown",
+                "chmod",
+                "link",
+                "exclude",
+                "checksum",
+                "keep-git-dir",
+                "unpack",
+            ],
+        )
     } else {
-        ("COPY", &["from", "chown", "chmod", "link", "parents", "exclude"])
+        (
+            "COPY",
+            &["from", "chown", "chmod", "link", "parents", "exclude"],
+        )
     };
     let mut c = CopyArgs::default();
     for (n, v) in check_flags(options, allowed, name, at)? {

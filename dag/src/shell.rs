@@ -135,14 +135,23 @@ impl Lexer {
     /// Expands variables in a heredoc body: quotes and escapes are kept verbatim,
     /// only `$…` substitutions happen (used for `COPY <<EOF` with an unquoted delimiter).
     pub fn expand_heredoc(&self, body: &str, env: EnvLookup<'_>) -> Result<String, ShellError> {
-        let mode = Mode { heredoc: true, skip_unset: false };
+        let mode = Mode {
+            heredoc: true,
+            skip_unset: false,
+        };
         let mut s = self.scan(body, env, mode);
         let (out, _) = s.process(None)?;
         Ok(out)
     }
 
     fn scan<'a>(&'a self, text: &str, env: EnvLookup<'a>, mode: Mode) -> Scan<'a> {
-        Scan { chars: text.chars().collect(), pos: 0, lx: self, env, mode }
+        Scan {
+            chars: text.chars().collect(),
+            pos: 0,
+            lx: self,
+            env,
+            mode,
+        }
     }
 
     /// Parses `ENV`/`LABEL`/`ARG`-style arguments into raw (unexpanded) pairs.
@@ -158,7 +167,9 @@ impl Lexer {
     ) -> Result<Vec<(String, Option<String>)>, ShellError> {
         let words = self.split_raw_words(text);
         if words.is_empty() {
-            return Err(ShellError::KeyValue(format!("{instruction} requires at least one argument")));
+            return Err(ShellError::KeyValue(format!(
+                "{instruction} requires at least one argument"
+            )));
         }
         if legacy && !words[0].contains('=') {
             // Legacy `KEY value words`: the value is the rest of the text after the key.
@@ -166,7 +177,9 @@ impl Lexer {
             let key_len = words[0].len();
             let rest = t[key_len.min(t.len())..].trim_start();
             if rest.is_empty() {
-                return Err(ShellError::KeyValue(format!("{instruction} must have two arguments")));
+                return Err(ShellError::KeyValue(format!(
+                    "{instruction} must have two arguments"
+                )));
             }
             return Ok(vec![(words[0].clone(), Some(rest.to_string()))]);
         }
@@ -440,7 +453,11 @@ impl Scan<'_> {
             '}' => Ok(value.unwrap_or_default()),
             ':' | '-' | '+' | '?' => {
                 let colon = c == ':';
-                let op = if colon { self.next().ok_or(ShellError::MissingBrace)? } else { c };
+                let op = if colon {
+                    self.next().ok_or(ShellError::MissingBrace)?
+                } else {
+                    c
+                };
                 if colon && !matches!(op, '-' | '+' | '?') {
                     return Err(ShellError::UnsupportedModifier(format!(":{op}")));
                 }
@@ -477,7 +494,11 @@ impl Scan<'_> {
                 }
                 let pat = self.pattern('}')?;
                 let v = value.unwrap_or_default();
-                Ok(if c == '#' { trim_prefix(&v, &pat, longest) } else { trim_suffix(&v, &pat, longest) })
+                Ok(if c == '#' {
+                    trim_prefix(&v, &pat, longest)
+                } else {
+                    trim_suffix(&v, &pat, longest)
+                })
             }
             '/' => {
                 let all = self.peek() == Some('/');
@@ -588,7 +609,10 @@ fn replace(v: &str, pat: &[PatTok], repl: &str, all: bool) -> String {
     while i < cs.len() {
         if !done {
             // longest match starting at i
-            if let Some(e) = (i + 1..=cs.len()).rev().find(|&e| glob_match(pat, &cs[i..e])) {
+            if let Some(e) = (i + 1..=cs.len())
+                .rev()
+                .find(|&e| glob_match(pat, &cs[i..e]))
+            {
                 out.push_str(repl);
                 i = e;
                 done = !all;
@@ -607,7 +631,12 @@ mod tests {
     use std::collections::HashMap;
 
     fn env() -> HashMap<&'static str, &'static str> {
-        HashMap::from([("A", "apple"), ("E", ""), ("SP", "x  y"), ("P", "/usr/local/bin.tar.gz")])
+        HashMap::from([
+            ("A", "apple"),
+            ("E", ""),
+            ("SP", "x  y"),
+            ("P", "/usr/local/bin.tar.gz"),
+        ])
     }
     fn ew(w: &str) -> Result<String, ShellError> {
         let m = env();
@@ -615,7 +644,9 @@ mod tests {
     }
     fn ws(w: &str) -> Vec<String> {
         let m = env();
-        Lexer::default().expand_words(w, &|k| m.get(k).map(|s| s.to_string())).unwrap()
+        Lexer::default()
+            .expand_words(w, &|k| m.get(k).map(|s| s.to_string()))
+            .unwrap()
     }
 
     #[test]
@@ -636,8 +667,14 @@ mod tests {
         assert_eq!(ew("\"a\\\"b\"").unwrap(), "a\"b");
         assert_eq!(ew("\"a\\nb\"").unwrap(), "a\\nb");
         assert_eq!(ew("a\\ b").unwrap(), "a b");
-        assert_eq!(ew("'unterminated"), Err(ShellError::UnterminatedSingleQuote));
-        assert_eq!(ew("\"unterminated"), Err(ShellError::UnterminatedDoubleQuote));
+        assert_eq!(
+            ew("'unterminated"),
+            Err(ShellError::UnterminatedSingleQuote)
+        );
+        assert_eq!(
+            ew("\"unterminated"),
+            Err(ShellError::UnterminatedDoubleQuote)
+        );
     }
 
     #[test]
@@ -676,8 +713,14 @@ mod tests {
         assert_eq!(e.to_string(), "E: must be set");
         let e = ew("${NOPE?}").unwrap_err();
         assert_eq!(e.to_string(), "NOPE: is not allowed to be unset");
-        assert_eq!(ew("${E:?}").unwrap_err().to_string(), "E: is not allowed to be empty");
-        assert_eq!(ew("${NOPE:?}").unwrap_err().to_string(), "NOPE: is not allowed to be unset");
+        assert_eq!(
+            ew("${E:?}").unwrap_err().to_string(),
+            "E: is not allowed to be empty"
+        );
+        assert_eq!(
+            ew("${NOPE:?}").unwrap_err().to_string(),
+            "NOPE: is not allowed to be unset"
+        );
     }
 
     #[test]
@@ -699,9 +742,18 @@ mod tests {
         assert_eq!(ew("${A:-x"), Err(ShellError::MissingBrace));
         assert_eq!(ew("${}"), Err(ShellError::BadSubstitution));
         assert_eq!(ew("${:-x}"), Err(ShellError::BadSubstitution));
-        assert_eq!(ew("${A^x}"), Err(ShellError::UnsupportedModifier("^".into())));
-        assert_eq!(ew("${A:#x}").unwrap_err().to_string(), "unsupported modifier (:#) in substitution");
-        assert_eq!(ew("${A").unwrap_err().to_string(), "syntax error: missing '}'");
+        assert_eq!(
+            ew("${A^x}"),
+            Err(ShellError::UnsupportedModifier("^".into()))
+        );
+        assert_eq!(
+            ew("${A:#x}").unwrap_err().to_string(),
+            "unsupported modifier (:#) in substitution"
+        );
+        assert_eq!(
+            ew("${A").unwrap_err().to_string(),
+            "syntax error: missing '}'"
+        );
     }
 
     #[test]
@@ -719,7 +771,9 @@ mod tests {
     fn heredoc_expansion_keeps_quotes() {
         let m = env();
         let out = Lexer::default()
-            .expand_heredoc("echo \"$A\" '$A' \\$A \\n\n", &|k| m.get(k).map(|s| s.to_string()))
+            .expand_heredoc("echo \"$A\" '$A' \\$A \\n\n", &|k| {
+                m.get(k).map(|s| s.to_string())
+            })
             .unwrap();
         assert_eq!(out, "echo \"apple\" 'apple' $A \\n\n");
     }
@@ -727,7 +781,9 @@ mod tests {
     #[test]
     fn key_values() {
         let lx = Lexer::default();
-        let kv = lx.split_key_values("a=b c=\"d e\" f='g h'", true, "ENV").unwrap();
+        let kv = lx
+            .split_key_values("a=b c=\"d e\" f='g h'", true, "ENV")
+            .unwrap();
         assert_eq!(
             kv,
             vec![
@@ -736,14 +792,18 @@ mod tests {
                 ("f".into(), Some("'g h'".into()))
             ]
         );
-        let kv = lx.split_key_values("KEY some value  words", true, "ENV").unwrap();
+        let kv = lx
+            .split_key_values("KEY some value  words", true, "ENV")
+            .unwrap();
         assert_eq!(kv, vec![("KEY".into(), Some("some value  words".into()))]);
         let kv = lx.split_key_values("A B=1", false, "ARG").unwrap();
         assert_eq!(kv, vec![("A".into(), None), ("B".into(), Some("1".into()))]);
         assert!(lx.split_key_values("a=b c", true, "ENV").is_err());
         let m = env();
         let f = |k: &str| m.get(k).map(|s| s.to_string());
-        let kv = lx.expand_key_values("x=$A y=\"$SP z\" w='$A'", true, "ENV", &f).unwrap();
+        let kv = lx
+            .expand_key_values("x=$A y=\"$SP z\" w='$A'", true, "ENV", &f)
+            .unwrap();
         assert_eq!(
             kv,
             vec![
@@ -752,7 +812,9 @@ mod tests {
                 ("w".into(), Some("$A".into()))
             ]
         );
-        let kv = lx.expand_key_values("LEG ${A}  pie", true, "ENV", &f).unwrap();
+        let kv = lx
+            .expand_key_values("LEG ${A}  pie", true, "ENV", &f)
+            .unwrap();
         assert_eq!(kv, vec![("LEG".into(), Some("apple  pie".into()))]);
         assert!(lx.split_key_values("=b", true, "ENV").is_err());
         assert!(lx.split_key_values("KEY", true, "ENV").is_err());

@@ -13,9 +13,17 @@ struct Run {
     d: StageDispatcher,
 }
 
-fn run_with(src: &str, base: ImageState, build_args: &[(&str, &str)], stage: usize) -> Result<Run, String> {
+fn run_with(
+    src: &str,
+    base: ImageState,
+    build_args: &[(&str, &str)],
+    stage: usize,
+) -> Result<Run, String> {
     let df = parse(src, Path::new("Dockerfile")).map_err(|e| e.to_string())?;
-    let ba: BTreeMap<String, String> = build_args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let ba: BTreeMap<String, String> = build_args
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let resolved = resolve_global_args(&df, &ba).map_err(|e| e.to_string())?;
     let mut d = StageDispatcher::new(base, &resolved, &ba, df.directives.escape);
     let mut steps = Vec::new();
@@ -52,10 +60,17 @@ fn env_expansion_uses_previous_env() {
     let r = run("FROM a\nENV A=1\nENV A=2 B=$A C=\"${A} x\"\nENV LEG value with $A\nRUN true\n");
     let st = r.d.state();
     assert_eq!(st.get_env("A"), Some("2"));
-    assert_eq!(st.get_env("B"), Some("1"), "pairs expand with the env before the instruction");
+    assert_eq!(
+        st.get_env("B"),
+        Some("1"),
+        "pairs expand with the env before the instruction"
+    );
     assert_eq!(st.get_env("C"), Some("1 x"));
     assert_eq!(st.get_env("LEG"), Some("value with 2"));
-    assert_eq!(st.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["PATH", "A", "B", "C", "LEG"]);
+    assert_eq!(
+        st.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        vec!["PATH", "A", "B", "C", "LEG"]
+    );
     assert_eq!(r.d.history()[1].created_by, "ENV A=2 B=1 C=1 x");
     assert!(r.d.history()[1].empty_layer);
 }
@@ -64,9 +79,24 @@ fn env_expansion_uses_previous_env() {
 fn run_shell_and_exec_and_history() {
     let r = run("FROM a\nRUN echo hi\nRUN [\"echo\", \"$HOME\"]\nSHELL [\"/bin/bash\", \"-eu\", \"-c\"]\nRUN echo bash\n");
     assert_eq!(argv_of(&r.steps[0]), vec!["/bin/sh", "-c", "echo hi"]);
-    assert_eq!(argv_of(&r.steps[1]), vec!["echo", "$HOME"], "exec form is not expanded");
-    assert_eq!(argv_of(&r.steps[3]), vec!["/bin/bash", "-eu", "-c", "echo bash"]);
-    let Some(Step::Run { created_by, workdir, user, .. }) = &r.steps[0] else { panic!() };
+    assert_eq!(
+        argv_of(&r.steps[1]),
+        vec!["echo", "$HOME"],
+        "exec form is not expanded"
+    );
+    assert_eq!(
+        argv_of(&r.steps[3]),
+        vec!["/bin/bash", "-eu", "-c", "echo bash"]
+    );
+    let Some(Step::Run {
+        created_by,
+        workdir,
+        user,
+        ..
+    }) = &r.steps[0]
+    else {
+        panic!()
+    };
     assert_eq!(created_by, "RUN /bin/sh -c echo hi # buildkit");
     assert_eq!(workdir, "/");
     assert_eq!(user, "");
@@ -79,32 +109,67 @@ fn run_shell_and_exec_and_history() {
 fn arg_scoping_across_stages() {
     let src = "ARG V=global\nARG ONLY=g2\nFROM a\nRUN echo $V\nARG V\nRUN echo $V\nFROM b\nARG V=local\nRUN x\nFROM c\nRUN y\n";
     let r = run_with(src, ImageState::default(), &[], 0).unwrap();
-    assert_eq!(get(&env_of(&r.steps[0]), "V"), None, "global ARG invisible before re-declaration");
+    assert_eq!(
+        get(&env_of(&r.steps[0]), "V"),
+        None,
+        "global ARG invisible before re-declaration"
+    );
     assert_eq!(get(&env_of(&r.steps[2]), "V"), Some("global"));
-    let Some(Step::Run { created_by, .. }) = &r.steps[2] else { panic!() };
+    let Some(Step::Run { created_by, .. }) = &r.steps[2] else {
+        panic!()
+    };
     assert_eq!(created_by, "RUN |1 V=global /bin/sh -c echo $V # buildkit");
-    assert_eq!(r.d.state().get_env("V"), None, "ARG never persisted into image env");
+    assert_eq!(
+        r.d.state().get_env("V"),
+        None,
+        "ARG never persisted into image env"
+    );
     let r = run_with(src, ImageState::default(), &[], 1).unwrap();
     assert_eq!(get(&env_of(&r.steps[1]), "V"), Some("local"));
     let r = run_with(src, ImageState::default(), &[], 2).unwrap();
-    assert_eq!(get(&env_of(&r.steps[0]), "V"), None, "ARG scope ends with the stage");
+    assert_eq!(
+        get(&env_of(&r.steps[0]), "V"),
+        None,
+        "ARG scope ends with the stage"
+    );
 }
 
 #[test]
 fn build_arg_overrides() {
     let src = "ARG G=gdef\nFROM a\nARG G\nARG L=ldef\nARG N\nRUN x\n";
-    let r = run_with(src, ImageState::default(), &[("G", "gcli"), ("L", "lcli")], 0).unwrap();
+    let r = run_with(
+        src,
+        ImageState::default(),
+        &[("G", "gcli"), ("L", "lcli")],
+        0,
+    )
+    .unwrap();
     let env = env_of(&r.steps[3]);
     assert_eq!(get(&env, "G"), Some("gcli"));
     assert_eq!(get(&env, "L"), Some("lcli"));
     assert_eq!(get(&env, "N"), None);
-    let Some(Step::Run { created_by, .. }) = &r.steps[3] else { panic!() };
-    assert_eq!(created_by, "RUN |3 G=gcli L=lcli N= /bin/sh -c x # buildkit");
-    assert_eq!(r.d.history()[1].created_by, "ARG L=lcli", "history shows the final value");
+    let Some(Step::Run { created_by, .. }) = &r.steps[3] else {
+        panic!()
+    };
+    assert_eq!(
+        created_by,
+        "RUN |3 G=gcli L=lcli N= /bin/sh -c x # buildkit"
+    );
+    assert_eq!(
+        r.d.history()[1].created_by,
+        "ARG L=lcli",
+        "history shows the final value"
+    );
     assert_eq!(r.d.history()[0].created_by, "ARG G=gcli");
     assert_eq!(r.d.history()[2].created_by, "ARG N");
     // undeclared build args are not visible
-    let r = run_with("FROM a\nRUN x\n", ImageState::default(), &[("SECRET", "s")], 0).unwrap();
+    let r = run_with(
+        "FROM a\nRUN x\n",
+        ImageState::default(),
+        &[("SECRET", "s")],
+        0,
+    )
+    .unwrap();
     assert_eq!(get(&env_of(&r.steps[0]), "SECRET"), None);
 }
 
@@ -117,27 +182,61 @@ fn env_and_arg_last_set_wins_and_arg_defaults_expand() {
     assert_eq!(get(&env, "Y"), Some("fromarg-y"));
     assert_eq!(r.d.state().get_env("X"), Some("again"));
     assert_eq!(get(&env_of(&r.steps[5]), "X"), Some("again"));
-    let Some(Step::Run { created_by, .. }) = &r.steps[5] else { panic!() };
-    assert_eq!(created_by, "RUN |2 X=again Y=fromarg-y /bin/sh -c u # buildkit");
+    let Some(Step::Run { created_by, .. }) = &r.steps[5] else {
+        panic!()
+    };
+    assert_eq!(
+        created_by,
+        "RUN |2 X=again Y=fromarg-y /bin/sh -c u # buildkit"
+    );
 }
 
 #[test]
 fn predefined_args() {
     let src = "FROM a\nRUN a\nARG TARGETARCH\nARG TARGETOS\nRUN b\n";
-    let r = run_with(src, ImageState::default(), &[("HTTP_PROXY", "http://p:3128"), ("no_proxy", "x")], 0).unwrap();
+    let r = run_with(
+        src,
+        ImageState::default(),
+        &[("HTTP_PROXY", "http://p:3128"), ("no_proxy", "x")],
+        0,
+    )
+    .unwrap();
     let env = env_of(&r.steps[0]);
-    assert_eq!(get(&env, "HTTP_PROXY"), Some("http://p:3128"), "proxies need no ARG");
+    assert_eq!(
+        get(&env, "HTTP_PROXY"),
+        Some("http://p:3128"),
+        "proxies need no ARG"
+    );
     assert_eq!(get(&env, "no_proxy"), Some("x"));
-    assert_eq!(get(&env, "TARGETARCH"), None, "platform args need re-declaration (BuildKit)");
+    assert_eq!(
+        get(&env, "TARGETARCH"),
+        None,
+        "platform args need re-declaration (BuildKit)"
+    );
     let env = env_of(&r.steps[3]);
     assert!(get(&env, "TARGETARCH").is_some_and(|a| !a.is_empty()));
     assert_eq!(get(&env, "TARGETOS"), Some("linux"));
     for h in r.d.history() {
-        assert!(!h.created_by.contains("proxy") && !h.created_by.contains("PROXY"), "{}", h.created_by);
+        assert!(
+            !h.created_by.contains("proxy") && !h.created_by.contains("PROXY"),
+            "{}",
+            h.created_by
+        );
     }
     // declared proxy ARG still not in history
-    let r = run_with("FROM a\nARG HTTP_PROXY\nRUN c\n", ImageState::default(), &[("HTTP_PROXY", "p")], 0).unwrap();
-    let Some(Step::Run { created_by, env, .. }) = &r.steps[1] else { panic!() };
+    let r = run_with(
+        "FROM a\nARG HTTP_PROXY\nRUN c\n",
+        ImageState::default(),
+        &[("HTTP_PROXY", "p")],
+        0,
+    )
+    .unwrap();
+    let Some(Step::Run {
+        created_by, env, ..
+    }) = &r.steps[1]
+    else {
+        panic!()
+    };
     assert_eq!(created_by, "RUN /bin/sh -c c # buildkit");
     assert_eq!(get(env, "HTTP_PROXY"), Some("p"));
 }
@@ -147,25 +246,43 @@ fn global_args_and_from() {
     let src = "ARG REG=docker.io\nARG TAG=${REG}-1\nARG EMPTY\nFROM ${REG}/lib/alpine:${TAG:-x}\nFROM $EMPTY\n";
     let df = parse(src, Path::new("Dockerfile")).unwrap();
     let r = resolve_global_args(&df, &BTreeMap::new()).unwrap();
-    assert_eq!(expand_base(&df.stages[0], &r).unwrap(), "docker.io/lib/alpine:docker.io-1");
+    assert_eq!(
+        expand_base(&df.stages[0], &r).unwrap(),
+        "docker.io/lib/alpine:docker.io-1"
+    );
     let e = expand_base(&df.stages[1], &r).unwrap_err().to_string();
     assert!(e.contains("base name ($EMPTY) should not be blank"), "{e}");
     let ba = BTreeMap::from([("REG".to_string(), "quay.io".to_string())]);
     let r = resolve_global_args(&df, &ba).unwrap();
-    assert_eq!(expand_base(&df.stages[0], &r).unwrap(), "quay.io/lib/alpine:quay.io-1");
+    assert_eq!(
+        expand_base(&df.stages[0], &r).unwrap(),
+        "quay.io/lib/alpine:quay.io-1"
+    );
     assert!(r.get("TARGETPLATFORM").unwrap().starts_with("linux/"));
-    let df = parse("FROM --platform=$BUILDPLATFORM x:$TARGETOS\n", Path::new("D")).unwrap();
+    let df = parse(
+        "FROM --platform=$BUILDPLATFORM x:$TARGETOS\n",
+        Path::new("D"),
+    )
+    .unwrap();
     let r = resolve_global_args(&df, &BTreeMap::new()).unwrap();
     assert_eq!(expand_base(&df.stages[0], &r).unwrap(), "x:linux");
     // explicit platforms and target stage; build args override predefined values
-    let df = parse("ARG X=$TARGETARCH-$TARGETVARIANT-$TARGETSTAGE\nFROM img:$X\n", Path::new("D")).unwrap();
+    let df = parse(
+        "ARG X=$TARGETARCH-$TARGETVARIANT-$TARGETSTAGE\nFROM img:$X\n",
+        Path::new("D"),
+    )
+    .unwrap();
     let pre = rbuild_dag::dispatch::platform_args_for("linux/amd64", "linux/arm/v7", Some("final"));
     assert_eq!(pre["BUILDARCH"], "amd64");
-    let r = rbuild_dag::dispatch::resolve_global_args_for(&df, &BTreeMap::new(), pre.clone()).unwrap();
+    let r =
+        rbuild_dag::dispatch::resolve_global_args_for(&df, &BTreeMap::new(), pre.clone()).unwrap();
     assert_eq!(expand_base(&df.stages[0], &r).unwrap(), "img:arm-v7-final");
     let ba = BTreeMap::from([("TARGETARCH".to_string(), "riscv64".to_string())]);
     let r = rbuild_dag::dispatch::resolve_global_args_for(&df, &ba, pre).unwrap();
-    assert_eq!(expand_base(&df.stages[0], &r).unwrap(), "img:riscv64-v7-final");
+    assert_eq!(
+        expand_base(&df.stages[0], &r).unwrap(),
+        "img:riscv64-v7-final"
+    );
 }
 
 #[test]
@@ -189,9 +306,14 @@ fn workdir_user_and_copy_dest() {
             _ => None,
         })
         .collect();
-    assert_eq!(dests, vec!["/opt/x/rel/", "/opt/x/", "/abs/", "/opt/x/y", "/b/"]);
+    assert_eq!(
+        dests,
+        vec!["/opt/x/rel/", "/opt/x/", "/abs/", "/opt/x/y", "/b/"]
+    );
     let Some(Step::Run { .. }) = &r.steps[0] else {
-        let Some(Step::Workdir { created_by, .. }) = &r.steps[0] else { panic!() };
+        let Some(Step::Workdir { created_by, .. }) = &r.steps[0] else {
+            panic!()
+        };
         assert_eq!(created_by, "WORKDIR /app");
         return;
     };
@@ -200,53 +322,121 @@ fn workdir_user_and_copy_dest() {
 #[test]
 fn copy_expansion_flags_and_errors() {
     let r = run("FROM a\nARG S=src\nARG F=builder\nCOPY --from=$F --chown=${U:-1000}:1000 --chmod=0644 --exclude=*.md $S/a /d/\n");
-    let Some(Step::Copy { sources, from, chown, chmod, exclude, created_by, is_add, .. }) = &r.steps[2] else { panic!() };
+    let Some(Step::Copy {
+        sources,
+        from,
+        chown,
+        chmod,
+        exclude,
+        created_by,
+        is_add,
+        ..
+    }) = &r.steps[2]
+    else {
+        panic!()
+    };
     assert_eq!(sources, &vec![CopySource::Path("src/a".into())]);
     assert_eq!(from.as_deref(), Some("builder"));
     assert_eq!(chown.as_deref(), Some("1000:1000"));
     assert_eq!(chmod.as_deref(), Some("0644"));
     assert_eq!(exclude, &vec!["*.md".to_string()]);
     assert!(!is_add);
-    assert_eq!(created_by, "COPY --chown=1000:1000 --chmod=0644 src/a /d/ # buildkit");
+    assert_eq!(
+        created_by,
+        "COPY --chown=1000:1000 --chmod=0644 src/a /d/ # buildkit"
+    );
     for bad in ["888", "u+q", "abc", "x+r"] {
-        let e = run_with(&format!("FROM a\nCOPY --chmod={bad} a /d\n"), ImageState::default(), &[], 0).err().unwrap();
-        assert!(e.starts_with("Dockerfile:2: invalid chmod parameter"), "{e}");
+        let e = run_with(
+            &format!("FROM a\nCOPY --chmod={bad} a /d\n"),
+            ImageState::default(),
+            &[],
+            0,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.starts_with("Dockerfile:2: invalid chmod parameter"),
+            "{e}"
+        );
     }
     for good in ["0755", "u+x,g-w", "a=rX"] {
-        run_with(&format!("FROM a\nCOPY --chmod={good} a /d\n"), ImageState::default(), &[], 0).unwrap();
+        run_with(
+            &format!("FROM a\nCOPY --chmod={good} a /d\n"),
+            ImageState::default(),
+            &[],
+            0,
+        )
+        .unwrap();
     }
-    let e = run_with("FROM a\nCOPY a b /nodir\n", ImageState::default(), &[], 0).err().unwrap();
-    assert!(e.starts_with("Dockerfile:2: When using COPY with more than one source file"), "{e}");
+    let e = run_with("FROM a\nCOPY a b /nodir\n", ImageState::default(), &[], 0)
+        .err()
+        .unwrap();
+    assert!(
+        e.starts_with("Dockerfile:2: When using COPY with more than one source file"),
+        "{e}"
+    );
 }
 
 #[test]
 fn heredoc_run_and_copy() {
     let (src, _) = (
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/heredoc.Dockerfile")).unwrap(),
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/heredoc.Dockerfile"),
+        )
+        .unwrap(),
         (),
     );
     let src = src.replacen("FROM alpine\n", "FROM alpine\nENV X=ex\n", 1);
     let r = run(&src);
     // single heredoc as the whole command: the body is the script
-    assert_eq!(argv_of(&r.steps[1]), vec!["/bin/sh", "-c", "apk add curl\necho done\n"]);
+    assert_eq!(
+        argv_of(&r.steps[1]),
+        vec!["/bin/sh", "-c", "apk add curl\necho done\n"]
+    );
     // complex: reconstituted for the shell
-    assert_eq!(argv_of(&r.steps[2]), vec!["/bin/sh", "-c", "python3 <<PY > /out.txt\nprint(\"hi\")\nPY"]);
+    assert_eq!(
+        argv_of(&r.steps[2]),
+        vec![
+            "/bin/sh",
+            "-c",
+            "python3 <<PY > /out.txt\nprint(\"hi\")\nPY"
+        ]
+    );
     assert_eq!(
         argv_of(&r.steps[3]),
-        vec!["/bin/sh", "-c", "<<A cat > /a && <<B cat > /b\nalpha\nA\nbeta\nB"]
+        vec![
+            "/bin/sh",
+            "-c",
+            "<<A cat > /a && <<B cat > /b\nalpha\nA\nbeta\nB"
+        ]
     );
     // shebang: file provided at /dev/pipes/<name>
-    let Some(Step::Run { argv, files, .. }) = &r.steps[5] else { panic!() };
+    let Some(Step::Run { argv, files, .. }) = &r.steps[5] else {
+        panic!()
+    };
     assert_eq!(argv, &vec!["/bin/sh", "-c", "/dev/pipes/SCRIPT"]);
     assert_eq!(files[0].path, "/dev/pipes/SCRIPT");
     assert_eq!(files[0].data, "#!/bin/sh\necho $HOME\n");
     assert_eq!(files[0].mode, 0o755);
-    let Some(Step::Copy { sources, created_by, .. }) = &r.steps[6] else { panic!() };
+    let Some(Step::Copy {
+        sources,
+        created_by,
+        ..
+    }) = &r.steps[6]
+    else {
+        panic!()
+    };
     assert_eq!(
         sources,
         &vec![
-            CopySource::Inline { name: "one".into(), content: "content ex\n".into() },
-            CopySource::Inline { name: "two".into(), content: "raw $X\n".into() },
+            CopySource::Inline {
+                name: "one".into(),
+                content: "content ex\n".into()
+            },
+            CopySource::Inline {
+                name: "two".into(),
+                content: "raw $X\n".into()
+            },
         ]
     );
     assert_eq!(created_by, "COPY <<one <<two /dst/ # buildkit");
@@ -264,11 +454,29 @@ fn entrypoint_cmd_interplay() {
     assert_eq!(r.d.state().cmd, None);
     assert_eq!(r.d.state().entrypoint, Some(vec!["/app".to_string()]));
     // ...but not a CMD set in this stage (either order)
-    let r = run_with("FROM a\nCMD [\"--help\"]\nENTRYPOINT /app run\n", base.clone(), &[], 0).unwrap();
+    let r = run_with(
+        "FROM a\nCMD [\"--help\"]\nENTRYPOINT /app run\n",
+        base.clone(),
+        &[],
+        0,
+    )
+    .unwrap();
     assert_eq!(r.d.state().cmd, Some(vec!["--help".to_string()]));
-    assert_eq!(r.d.state().entrypoint, Some(vec!["/bin/sh".into(), "-c".into(), "/app run".to_string()]));
-    assert_eq!(r.d.history()[1].created_by, "ENTRYPOINT [\"/bin/sh\" \"-c\" \"/app run\"]");
-    let r = run_with("FROM a\nENTRYPOINT [\"/app\"]\nCMD [\"x\"]\n", base.clone(), &[], 0).unwrap();
+    assert_eq!(
+        r.d.state().entrypoint,
+        Some(vec!["/bin/sh".into(), "-c".into(), "/app run".to_string()])
+    );
+    assert_eq!(
+        r.d.history()[1].created_by,
+        "ENTRYPOINT [\"/bin/sh\" \"-c\" \"/app run\"]"
+    );
+    let r = run_with(
+        "FROM a\nENTRYPOINT [\"/app\"]\nCMD [\"x\"]\n",
+        base.clone(),
+        &[],
+        0,
+    )
+    .unwrap();
     assert_eq!(r.d.state().cmd, Some(vec!["x".to_string()]));
     // no ENTRYPOINT: inherited CMD stays
     let r = run_with("FROM a\nENV A=1\n", base, &[], 0).unwrap();
@@ -301,7 +509,10 @@ fn config_instructions() {
     );
     assert_eq!(st.labels.get("a").map(String::as_str), Some("override"));
     assert_eq!(st.labels.get("b c").map(String::as_str), Some("two words"));
-    assert_eq!(st.volumes.iter().cloned().collect::<Vec<_>>(), vec!["/data", "/x", "/y"]);
+    assert_eq!(
+        st.volumes.iter().cloned().collect::<Vec<_>>(),
+        vec!["/data", "/x", "/y"]
+    );
     assert_eq!(st.stop_signal.as_deref(), Some("SIGQUIT"));
     let h = st.healthcheck.as_ref().unwrap();
     assert_eq!(h.test, vec!["CMD-SHELL", "curl -f localhost"]);
@@ -310,8 +521,15 @@ fn config_instructions() {
     assert_eq!(h.retries, 3);
     assert_eq!(st.onbuild, vec!["RUN make"]);
     assert_eq!(st.author.as_deref(), Some("Jane"));
-    let hist: Vec<&str> = r.d.history().iter().map(|h| h.created_by.as_str()).collect();
-    assert_eq!(hist[1], "EXPOSE [80/tcp 8080/udp 7000/tcp 7001/tcp 7002/tcp]");
+    let hist: Vec<&str> =
+        r.d.history()
+            .iter()
+            .map(|h| h.created_by.as_str())
+            .collect();
+    assert_eq!(
+        hist[1],
+        "EXPOSE [80/tcp 8080/udp 7000/tcp 7001/tcp 7002/tcp]"
+    );
     assert_eq!(
         hist[7],
         "HEALTHCHECK {Test:[CMD-SHELL curl -f localhost] Interval:1m30s Timeout:500ms StartPeriod:0s StartInterval:0s Retries:3}"
@@ -329,22 +547,66 @@ fn config_instructions() {
 
 #[test]
 fn dispatch_errors_name_line() {
-    let e = run_with("FROM a\nENV A=1\nRUN x\nWORKDIR ${MISSING:?set it}\n", ImageState::default(), &[], 0).err().unwrap();
-    assert_eq!(e, "Dockerfile:4: MISSING: set it\n  4 | WORKDIR ${MISSING:?set it}");
-    let e = run_with("FROM a\nEXPOSE 80/xyz\n", ImageState::default(), &[], 0).err().unwrap();
-    assert!(e.starts_with("Dockerfile:2: invalid port: \"80/xyz\""), "{e}");
-    let e = run_with("FROM a\nSTOPSIGNAL SIGNOPE\n", ImageState::default(), &[], 0).err().unwrap();
+    let e = run_with(
+        "FROM a\nENV A=1\nRUN x\nWORKDIR ${MISSING:?set it}\n",
+        ImageState::default(),
+        &[],
+        0,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(
+        e,
+        "Dockerfile:4: MISSING: set it\n  4 | WORKDIR ${MISSING:?set it}"
+    );
+    let e = run_with("FROM a\nEXPOSE 80/xyz\n", ImageState::default(), &[], 0)
+        .err()
+        .unwrap();
+    assert!(
+        e.starts_with("Dockerfile:2: invalid port: \"80/xyz\""),
+        "{e}"
+    );
+    let e = run_with(
+        "FROM a\nSTOPSIGNAL SIGNOPE\n",
+        ImageState::default(),
+        &[],
+        0,
+    )
+    .err()
+    .unwrap();
     assert!(e.starts_with("Dockerfile:2: Invalid signal"), "{e}");
-    let e = run_with("FROM a\nHEALTHCHECK --interval=5x CMD true\n", ImageState::default(), &[], 0).err().unwrap();
+    let e = run_with(
+        "FROM a\nHEALTHCHECK --interval=5x CMD true\n",
+        ImageState::default(),
+        &[],
+        0,
+    )
+    .err()
+    .unwrap();
     assert!(e.contains("invalid duration"), "{e}");
-    let e = run_with("FROM a\nRUN --network=bogus x\n", ImageState::default(), &[], 0).err().unwrap();
+    let e = run_with(
+        "FROM a\nRUN --network=bogus x\n",
+        ImageState::default(),
+        &[],
+        0,
+    )
+    .err()
+    .unwrap();
     assert!(e.contains("unsupported network mode"), "{e}");
 }
 
 #[test]
 fn run_flags_and_mounts_expand() {
     let r = run("FROM a\nARG C=/cache\nRUN --mount=type=cache,target=$C --network=none --security=insecure make\n");
-    let Some(Step::Run { mounts, network, security, .. }) = &r.steps[1] else { panic!() };
+    let Some(Step::Run {
+        mounts,
+        network,
+        security,
+        ..
+    }) = &r.steps[1]
+    else {
+        panic!()
+    };
     assert_eq!(mounts, &vec!["type=cache,target=/cache".to_string()]);
     assert_eq!(network.as_deref(), Some("none"));
     assert_eq!(security.as_deref(), Some("insecure"));
@@ -365,20 +627,32 @@ fn durations() {
 
 #[test]
 fn onbuild_triggers_from_base() {
-    let base = ImageState { onbuild: vec!["RUN make".into(), "ENV BUILT=1".into()], ..ImageState::scratch() };
+    let base = ImageState {
+        onbuild: vec!["RUN make".into(), "ENV BUILT=1".into()],
+        ..ImageState::scratch()
+    };
     let df = parse("FROM a\nONBUILD RUN again\n", Path::new("Dockerfile")).unwrap();
     let resolved = resolve_global_args(&df, &BTreeMap::new()).unwrap();
     let mut d = StageDispatcher::new(base, &resolved, &BTreeMap::new(), '\\');
     let trig = d.take_onbuild_triggers().unwrap();
     assert_eq!(trig.len(), 2);
-    assert!(d.state().onbuild.is_empty(), "inherited triggers are consumed");
-    assert_eq!(argv_of(&d.dispatch(&trig[0]).unwrap()), vec!["/bin/sh", "-c", "make"]);
+    assert!(
+        d.state().onbuild.is_empty(),
+        "inherited triggers are consumed"
+    );
+    assert_eq!(
+        argv_of(&d.dispatch(&trig[0]).unwrap()),
+        vec!["/bin/sh", "-c", "make"]
+    );
     d.dispatch(&trig[1]).unwrap();
     assert_eq!(d.state().get_env("BUILT"), Some("1"));
     d.dispatch(&df.stages[0].instructions[0]).unwrap();
     assert_eq!(d.state().onbuild, vec!["RUN again"]);
     let mut bad = StageDispatcher::new(
-        ImageState { onbuild: vec!["RUNX x".into()], ..Default::default() },
+        ImageState {
+            onbuild: vec!["RUNX x".into()],
+            ..Default::default()
+        },
         &resolved,
         &BTreeMap::new(),
         '\\',
@@ -394,20 +668,38 @@ fn scratch_state_and_default_path() {
     // RUN without PATH in the image still gets the default one
     let r = run("FROM a\nRUN x\n");
     assert!(get(&env_of(&r.steps[0]), "PATH").is_some_and(|p| p.starts_with("/usr/local/sbin")));
-    assert_eq!(r.d.state().env[0].0, "PATH", "written into the config like BuildKit");
-    let custom = ImageState { env: vec![("PATH".into(), "/bin".into())], ..Default::default() };
+    assert_eq!(
+        r.d.state().env[0].0,
+        "PATH",
+        "written into the config like BuildKit"
+    );
+    let custom = ImageState {
+        env: vec![("PATH".into(), "/bin".into())],
+        ..Default::default()
+    };
     let r = run_with("FROM a\nRUN x\n", custom, &[], 0).unwrap();
     assert_eq!(get(&env_of(&r.steps[0]), "PATH"), Some("/bin"));
-    let e = run_with("FROM a\nENV ONLYKEY\n", ImageState::default(), &[], 0).err().unwrap();
-    assert!(e.starts_with("Dockerfile:2: ENV must have two arguments"), "{e}");
+    let e = run_with("FROM a\nENV ONLYKEY\n", ImageState::default(), &[], 0)
+        .err()
+        .unwrap();
+    assert!(
+        e.starts_with("Dockerfile:2: ENV must have two arguments"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unused_build_args_reported() {
     let df = parse("ARG G\nFROM a\nARG L\n", Path::new("Dockerfile")).unwrap();
-    let ba: BTreeMap<String, String> = [("G", "1"), ("L", "2"), ("X", "3"), ("HTTP_PROXY", "p"), ("TARGETARCH", "arm64")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let ba: BTreeMap<String, String> = [
+        ("G", "1"),
+        ("L", "2"),
+        ("X", "3"),
+        ("HTTP_PROXY", "p"),
+        ("TARGETARCH", "arm64"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     assert_eq!(rbuild_dag::dispatch::unused_build_args(&df, &ba), vec!["X"]);
 }

@@ -1,7 +1,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rbuild_dag::graph::{plan, resolve_base, resolve_from, to_dot, to_text, Base, BuildPlan, GraphError};
+use rbuild_dag::graph::{
+    plan, resolve_base, resolve_from, to_dot, to_text, Base, BuildPlan, GraphError,
+};
 use rbuild_dag::{parse, resolve_global_args, Dockerfile};
 
 fn df(src: &str) -> Dockerfile {
@@ -21,7 +23,10 @@ fn order(p: &BuildPlan) -> Vec<usize> {
 
 #[test]
 fn default_target_prunes_unused() {
-    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/multistage.Dockerfile")).unwrap();
+    let src = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/multistage.Dockerfile"),
+    )
+    .unwrap();
     let (_, p) = mk(&src, Some("runtime")).unwrap();
     assert_eq!(order(&p), vec![0, 1]);
     assert_eq!(p.target, 1);
@@ -54,7 +59,8 @@ fn dependencies_copy_mount_numeric_and_images() {
     assert_eq!(order(&p), vec![1, 0, 3]);
     let c = p.stages.last().unwrap();
     assert_eq!(c.base, Base::Image("oci-layout:///tmp/layout:tag".into()));
-    let deps: Vec<(usize, usize, &str)> = c.deps.iter().map(|e| (e.stage, e.line, e.kind)).collect();
+    let deps: Vec<(usize, usize, &str)> =
+        c.deps.iter().map(|e| (e.stage, e.line, e.kind)).collect();
     assert_eq!(deps, vec![(1, 6, "copy"), (0, 7, "copy"), (1, 9, "mount")]);
     assert_eq!(c.images, vec!["nginx:latest"]);
     assert_eq!(p.stages[0].base, Base::Scratch);
@@ -62,7 +68,11 @@ fn dependencies_copy_mount_numeric_and_images() {
 
 #[test]
 fn from_stage_with_global_arg() {
-    let (_, p) = mk("ARG B=builder\nFROM alpine AS Builder\nFROM ${B}\nRUN x\n", None).unwrap();
+    let (_, p) = mk(
+        "ARG B=builder\nFROM alpine AS Builder\nFROM ${B}\nRUN x\n",
+        None,
+    )
+    .unwrap();
     assert_eq!(order(&p), vec![0, 1]);
     assert_eq!(p.stages[1].base, Base::Stage(0));
 }
@@ -82,22 +92,37 @@ fn topological_order_diamond() {
 fn missing_target() {
     let e = mk("FROM a AS one\nFROM b AS two\n", Some("three")).unwrap_err();
     assert!(matches!(e, GraphError::MissingTarget { .. }));
-    assert_eq!(e.to_string(), "target stage \"three\" could not be found (stages: one, two)");
+    assert_eq!(
+        e.to_string(),
+        "target stage \"three\" could not be found (stages: one, two)"
+    );
 }
 
 #[test]
 fn cycles_detected_with_line() {
-    let e = mk("FROM alpine AS a\nCOPY --from=b /x /x\nFROM alpine AS b\nCOPY --from=a /y /y\n", Some("a")).unwrap_err();
+    let e = mk(
+        "FROM alpine AS a\nCOPY --from=b /x /x\nFROM alpine AS b\nCOPY --from=a /y /y\n",
+        Some("a"),
+    )
+    .unwrap_err();
     assert!(matches!(e, GraphError::Cycle { .. }));
     let s = e.to_string();
     // the edge closing the cycle (b's COPY --from=a) is named
-    assert!(s.starts_with("Dockerfile:4: circular dependency detected on stage: a -> b -> a"), "{s}");
+    assert!(
+        s.starts_with("Dockerfile:4: circular dependency detected on stage: a -> b -> a"),
+        "{s}"
+    );
     assert!(s.contains("  4 | COPY --from=a /y /y"), "{s}");
     // a stage based on itself
     let e = mk("FROM x AS x\n", None).unwrap_err().to_string();
-    assert!(e.starts_with("Dockerfile:1: circular dependency detected on stage: x -> x"), "{e}");
+    assert!(
+        e.starts_with("Dockerfile:1: circular dependency detected on stage: x -> x"),
+        "{e}"
+    );
     // FROM cycle through a later stage
-    let e = mk("FROM b AS a\nFROM a AS b\n", None).unwrap_err().to_string();
+    let e = mk("FROM b AS a\nFROM a AS b\n", None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("circular dependency"), "{e}");
 }
 
@@ -109,7 +134,11 @@ fn resolve_helpers_and_render() {
     assert_eq!(resolve_base(&d, 1, "buildx"), Base::Image("buildx".into()));
     assert_eq!(resolve_from(&d, "0"), Base::Stage(0));
     assert_eq!(resolve_from(&d, "5"), Base::Image("5".into()));
-    let (_, p) = mk("FROM golang AS build\nFROM scratch\nCOPY --from=build /a /a\n", None).unwrap();
+    let (_, p) = mk(
+        "FROM golang AS build\nFROM scratch\nCOPY --from=build /a /a\n",
+        None,
+    )
+    .unwrap();
     let dot = to_dot(&p);
     assert!(dot.starts_with("digraph build {"));
     assert!(dot.contains("s0 -> s1 [label=\"copy\"]"), "{dot}");

@@ -23,11 +23,70 @@ impl Rng {
 }
 
 const PIECES: &[&str] = &[
-    "FROM ", "RUN ", "COPY ", "ADD ", "ENV ", "ARG ", "LABEL ", "WORKDIR ", "USER ", "EXPOSE ", "VOLUME ",
-    "CMD ", "ENTRYPOINT ", "SHELL ", "HEALTHCHECK ", "ONBUILD ", "STOPSIGNAL ", "MAINTAINER ", "from ",
-    "a", "b", "=", " ", "  ", "\n", "\n", "\\", "\\\n", "`", "'", "\"", "$", "${", "}", ":-", ":?", "#", "%",
-    "/", "*", "**", "?", "[", "]", "!", "<<", "<<-", "EOF", "\nEOF\n", "--from=", "--mount=", "--link", "é",
-    "# escape=`\n", "[\"x\"]", "AS ", "scratch", "0", "1", ",", "\t", "\r\n", "NONE", "CMD",
+    "FROM ",
+    "RUN ",
+    "COPY ",
+    "ADD ",
+    "ENV ",
+    "ARG ",
+    "LABEL ",
+    "WORKDIR ",
+    "USER ",
+    "EXPOSE ",
+    "VOLUME ",
+    "CMD ",
+    "ENTRYPOINT ",
+    "SHELL ",
+    "HEALTHCHECK ",
+    "ONBUILD ",
+    "STOPSIGNAL ",
+    "MAINTAINER ",
+    "from ",
+    "a",
+    "b",
+    "=",
+    " ",
+    "  ",
+    "\n",
+    "\n",
+    "\\",
+    "\\\n",
+    "`",
+    "'",
+    "\"",
+    "$",
+    "${",
+    "}",
+    ":-",
+    ":?",
+    "#",
+    "%",
+    "/",
+    "*",
+    "**",
+    "?",
+    "[",
+    "]",
+    "!",
+    "<<",
+    "<<-",
+    "EOF",
+    "\nEOF\n",
+    "--from=",
+    "--mount=",
+    "--link",
+    "é",
+    "# escape=`\n",
+    "[\"x\"]",
+    "AS ",
+    "scratch",
+    "0",
+    "1",
+    ",",
+    "\t",
+    "\r\n",
+    "NONE",
+    "CMD",
 ];
 
 #[test]
@@ -36,7 +95,11 @@ fn random_dockerfiles_never_panic() {
     let mut parsed = 0;
     for _ in 0..4000 {
         let n = 1 + rng.next() % 40;
-        let mut src = String::from(if rng.next() & 1 == 0 { "FROM a AS s\n" } else { "" });
+        let mut src = String::from(if rng.next() & 1 == 0 {
+            "FROM a AS s\n"
+        } else {
+            ""
+        });
         for _ in 0..n {
             src.push_str(rng.pick(PIECES));
         }
@@ -44,17 +107,30 @@ fn random_dockerfiles_never_panic() {
         let _ = lx.expand_words(&src, &|k| (k == "a").then(|| "x y".to_string()));
         let _ = lx.expand_heredoc(&src, &|_| None);
         let _ = lx.split_key_values(&src, true, "ENV");
-        let _ = IgnoreMatcher::new(&src).map(|m| (m.is_excluded("a/b", false), m.may_include_below("a")));
-        let Ok(df) = parse(&src, Path::new("Dockerfile")) else { continue };
+        let _ = IgnoreMatcher::new(&src)
+            .map(|m| (m.is_excluded("a/b", false), m.may_include_below("a")));
+        let Ok(df) = parse(&src, Path::new("Dockerfile")) else {
+            continue;
+        };
         parsed += 1;
-        let Ok(resolved) = resolve_global_args(&df, &BTreeMap::new()) else { continue };
+        let Ok(resolved) = resolve_global_args(&df, &BTreeMap::new()) else {
+            continue;
+        };
         let _ = plan(&df, None, &resolved);
         for st in &df.stages {
-            let mut d = StageDispatcher::new(ImageState::default(), &resolved, &BTreeMap::new(), df.directives.escape);
+            let mut d = StageDispatcher::new(
+                ImageState::default(),
+                &resolved,
+                &BTreeMap::new(),
+                df.directives.escape,
+            );
             for i in &st.instructions {
                 let _ = d.dispatch(i);
             }
         }
     }
-    assert!(parsed > 100, "generator should produce some valid files ({parsed})");
+    assert!(
+        parsed > 100,
+        "generator should produce some valid files ({parsed})"
+    );
 }

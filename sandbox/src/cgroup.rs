@@ -86,7 +86,10 @@ pub(crate) fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -108,13 +111,26 @@ fn cgroup_mounts(mountinfo: &str) -> Vec<(String, PathBuf, String, Vec<String>)>
             let pre: Vec<&str> = pre.split_whitespace().collect();
             let post: Vec<&str> = post.split_whitespace().collect();
             let fstype = *post.first()?;
-            let opts = post.get(2).map(|o| o.split(',').map(str::to_string).collect()).unwrap_or_default();
-            Some((unescape_mountinfo(pre.get(3)?), PathBuf::from(unescape_mountinfo(pre.get(4)?)), fstype.to_string(), opts))
+            let opts = post
+                .get(2)
+                .map(|o| o.split(',').map(str::to_string).collect())
+                .unwrap_or_default();
+            Some((
+                unescape_mountinfo(pre.get(3)?),
+                PathBuf::from(unescape_mountinfo(pre.get(4)?)),
+                fstype.to_string(),
+                opts,
+            ))
         })
         .collect();
     all.iter()
         .enumerate()
-        .filter(|(i, (_, mnt, t, _))| (t == "cgroup" || t == "cgroup2") && !all[i + 1..].iter().any(|(_, later, _, _)| mnt.starts_with(later)))
+        .filter(|(i, (_, mnt, t, _))| {
+            (t == "cgroup" || t == "cgroup2")
+                && !all[i + 1..]
+                    .iter()
+                    .any(|(_, later, _, _)| mnt.starts_with(later))
+        })
         .map(|(_, m)| m.clone())
         .collect()
 }
@@ -131,19 +147,35 @@ fn dir_in(root: &str, mnt: &Path, path: &str) -> Option<PathBuf> {
         r
     };
     let rel = rel.trim_start_matches('/');
-    Some(if rel.is_empty() { mnt.to_path_buf() } else { mnt.join(rel) })
+    Some(if rel.is_empty() {
+        mnt.to_path_buf()
+    } else {
+        mnt.join(rel)
+    })
 }
 
 impl Layout {
     /// Parses `/proc/self/cgroup` and `/proc/self/mountinfo`.
     pub fn parse(self_cgroup: &str, mountinfo: &str) -> Layout {
         let mounts = cgroup_mounts(mountinfo);
-        let mut layout = Layout { hybrid: mounts.iter().any(|(_, _, t, o)| t == "cgroup" && o.iter().any(|o| Controller::ALL.iter().any(|c| c.name() == o))), ..Layout::default() };
+        let mut layout = Layout {
+            hybrid: mounts.iter().any(|(_, _, t, o)| {
+                t == "cgroup"
+                    && o.iter()
+                        .any(|o| Controller::ALL.iter().any(|c| c.name() == o))
+            }),
+            ..Layout::default()
+        };
         for line in self_cgroup.lines() {
             let mut f = line.splitn(3, ':');
-            let (Some(id), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else { continue };
+            let (Some(id), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
             if id == "0" && ctrls.is_empty() {
-                layout.v2 = mounts.iter().filter(|(_, _, t, _)| t == "cgroup2").find_map(|(root, mnt, _, _)| dir_in(root, mnt, path));
+                layout.v2 = mounts
+                    .iter()
+                    .filter(|(_, _, t, _)| t == "cgroup2")
+                    .find_map(|(root, mnt, _, _)| dir_in(root, mnt, path));
                 continue;
             }
             let names: Vec<&str> = ctrls.split(',').collect();
@@ -190,10 +222,18 @@ impl V2State {
     /// Reads the state of `dir`.
     pub fn read(dir: &Path) -> V2State {
         let ctrls = read(&dir.join("cgroup.controllers"));
-        let available = Controller::ALL.into_iter().filter(|c| ctrls.split_whitespace().any(|n| n == c.name())).collect();
+        let available = Controller::ALL
+            .into_iter()
+            .filter(|c| ctrls.split_whitespace().any(|n| n == c.name()))
+            .collect();
         let w = |p: &Path| rustix::fs::access(p, rustix::fs::Access::WRITE_OK).is_ok();
-        let writable = w(dir) && w(&dir.join("cgroup.subtree_control")) && w(&dir.join("cgroup.procs"));
-        V2State { dir: dir.to_path_buf(), available, writable }
+        let writable =
+            w(dir) && w(&dir.join("cgroup.subtree_control")) && w(&dir.join("cgroup.procs"));
+        V2State {
+            dir: dir.to_path_buf(),
+            available,
+            writable,
+        }
     }
 
     /// Whether the subtree is delegated to us for `c`.
@@ -211,10 +251,20 @@ fn unique_name(prefix: &str) -> String {
         let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
         match uuid.split('-').next().filter(|s| s.len() == 8) {
             Some(s) => s.to_string(),
-            None => format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)),
+            None => format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ),
         }
     });
-    format!("{prefix}-{}-{tag}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{tag}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Whether we may create a cgroup in the v1 hierarchy directory `dir` (tried, then removed).
@@ -252,13 +302,25 @@ impl Prepared {
         Controller::needed_by(limits)
             .into_iter()
             .filter(|c| self.how(*c).is_none())
-            .map(|c| format!("{} ({})", c.flag(), self.missing.get(&c).map(String::as_str).unwrap_or("no cgroup controller")))
+            .map(|c| {
+                format!(
+                    "{} ({})",
+                    c.flag(),
+                    self.missing
+                        .get(&c)
+                        .map(String::as_str)
+                        .unwrap_or("no cgroup controller")
+                )
+            })
             .collect()
     }
 
     /// `cgroup v1` / `cgroup v2` / `cgroup v2 and v1` for the controllers `limits` needs.
     pub fn describe(&self, limits: &Limits) -> String {
-        let mut hows: Vec<&str> = Controller::needed_by(limits).into_iter().filter_map(|c| self.how(c)).collect();
+        let mut hows: Vec<&str> = Controller::needed_by(limits)
+            .into_iter()
+            .filter_map(|c| self.how(c))
+            .collect();
         hows.sort();
         hows.dedup();
         hows.join(" and ")
@@ -269,11 +331,19 @@ impl Prepared {
 /// into the leaf `dir/rbuild` when the no-internal-process rule requires it.
 pub fn enable_v2(dir: &Path, wanted: &[Controller]) -> Result<(), String> {
     let enabled = read(&dir.join("cgroup.subtree_control"));
-    let todo: Vec<&str> = wanted.iter().map(|c| c.name()).filter(|n| !enabled.split_whitespace().any(|e| e == *n)).collect();
+    let todo: Vec<&str> = wanted
+        .iter()
+        .map(|c| c.name())
+        .filter(|n| !enabled.split_whitespace().any(|e| e == *n))
+        .collect();
     if todo.is_empty() {
         return Ok(());
     }
-    let line = todo.iter().map(|n| format!("+{n}")).collect::<Vec<_>>().join(" ");
+    let line = todo
+        .iter()
+        .map(|n| format!("+{n}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     let write = || std::fs::write(dir.join("cgroup.subtree_control"), &line);
     match write() {
         Ok(()) => Ok(()),
@@ -288,9 +358,18 @@ pub fn enable_v2(dir: &Path, wanted: &[Controller]) -> Result<(), String> {
                 // A process may have ended meanwhile; kernel threads cannot move (EINVAL).
                 let _ = std::fs::write(leaf.join("cgroup.procs"), pid);
             }
-            write().map_err(|e| format!("enabling {line} in {}: {e} (after moving its processes to {})", dir.join("cgroup.subtree_control").display(), leaf.display()))
+            write().map_err(|e| {
+                format!(
+                    "enabling {line} in {}: {e} (after moving its processes to {})",
+                    dir.join("cgroup.subtree_control").display(),
+                    leaf.display()
+                )
+            })
         }
-        Err(e) => Err(format!("enabling {line} in {}: {e}", dir.join("cgroup.subtree_control").display())),
+        Err(e) => Err(format!(
+            "enabling {line} in {}: {e}",
+            dir.join("cgroup.subtree_control").display()
+        )),
     }
 }
 
@@ -317,15 +396,23 @@ pub fn prepare(layout: &Layout) -> Prepared {
         for c in &todo {
             p.missing.entry(*c).or_insert_with(|| {
                 if !st.writable {
-                    format!("{} is not writable: the cgroup v2 subtree is not delegated to rbuild", dir.display())
+                    format!(
+                        "{} is not writable: the cgroup v2 subtree is not delegated to rbuild",
+                        dir.display()
+                    )
                 } else {
-                    format!("the {} controller is not in {}", c.name(), dir.join("cgroup.controllers").display())
+                    format!(
+                        "the {} controller is not in {}",
+                        c.name(),
+                        dir.join("cgroup.controllers").display()
+                    )
                 }
             });
         }
     } else {
         for c in &todo {
-            p.missing.insert(*c, "no cgroup v2 hierarchy is mounted".into());
+            p.missing
+                .insert(*c, "no cgroup v2 hierarchy is mounted".into());
         }
     }
     for c in todo {
@@ -337,7 +424,8 @@ pub fn prepare(layout: &Layout) -> Prepared {
                 }
                 Err(e) => {
                     let why = p.missing.remove(&c).unwrap_or_default();
-                    p.missing.insert(c, format!("{why}; and cgroup v1 {}: {e}", dir.display()));
+                    p.missing
+                        .insert(c, format!("{why}; and cgroup v1 {}: {e}", dir.display()));
                 }
             }
         }
@@ -369,7 +457,12 @@ const CPU_PERIOD_US: u64 = 100_000;
 pub const SANDBOX_PIDS: u64 = 2;
 
 fn write_file(dir: &Path, file: &str, value: &str) -> io::Result<()> {
-    std::fs::write(dir.join(file), value).map_err(|e| io::Error::new(e.kind(), format!("writing {value:?} to {}: {e}", dir.join(file).display())))
+    std::fs::write(dir.join(file), value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("writing {value:?} to {}: {e}", dir.join(file).display()),
+        )
+    })
 }
 
 impl StepCgroup {
@@ -377,11 +470,23 @@ impl StepCgroup {
     /// when no limit can be enforced (the build warned about that at its start).
     pub fn create(p: &Prepared, limits: &Limits) -> io::Result<Option<StepCgroup>> {
         let name = unique_name("rbuild-step");
-        let mut cg = StepCgroup { dirs: Vec::new(), v2: None, memory: None, pids: None, limits: *limits };
-        let quota = limits.cpus.map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000));
+        let mut cg = StepCgroup {
+            dirs: Vec::new(),
+            v2: None,
+            memory: None,
+            pids: None,
+            limits: *limits,
+        };
+        let quota = limits
+            .cpus
+            .map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000));
         let pids = limits.pids.map(|n| (n + SANDBOX_PIDS).to_string());
         let needed = Controller::needed_by(limits);
-        let via_v2: Vec<Controller> = needed.iter().copied().filter(|c| p.how(*c) == Some("cgroup v2")).collect();
+        let via_v2: Vec<Controller> = needed
+            .iter()
+            .copied()
+            .filter(|c| p.how(*c) == Some("cgroup v2"))
+            .collect();
         if let (false, Some((parent, _))) = (via_v2.is_empty(), &p.v2) {
             let d = parent.join(&name);
             std::fs::create_dir(&d)?;
@@ -398,7 +503,11 @@ impl StepCgroup {
                         }
                         cg.memory = Some((d.clone(), true));
                     }
-                    Controller::Cpu => write_file(&d, "cpu.max", &format!("{} {CPU_PERIOD_US}", quota.unwrap_or(CPU_PERIOD_US)))?,
+                    Controller::Cpu => write_file(
+                        &d,
+                        "cpu.max",
+                        &format!("{} {CPU_PERIOD_US}", quota.unwrap_or(CPU_PERIOD_US)),
+                    )?,
                     Controller::Pids => {
                         write_file(&d, "pids.max", pids.as_deref().unwrap_or("max"))?;
                         cg.pids = Some((d.clone(), true));
@@ -406,7 +515,11 @@ impl StepCgroup {
                 }
             }
         }
-        for c in needed.iter().copied().filter(|c| p.how(*c) == Some("cgroup v1")) {
+        for c in needed
+            .iter()
+            .copied()
+            .filter(|c| p.how(*c) == Some("cgroup v1"))
+        {
             let d = p.v1[&c].join(&name);
             if !cg.dirs.contains(&d) {
                 // Controllers may share a hierarchy (cpu,cpuacct).
@@ -429,7 +542,11 @@ impl StepCgroup {
                 }
                 Controller::Cpu => {
                     write_file(&d, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
-                    write_file(&d, "cpu.cfs_quota_us", &quota.unwrap_or(CPU_PERIOD_US).to_string())?;
+                    write_file(
+                        &d,
+                        "cpu.cfs_quota_us",
+                        &quota.unwrap_or(CPU_PERIOD_US).to_string(),
+                    )?;
                 }
                 Controller::Pids => {
                     write_file(&d, "pids.max", pids.as_deref().unwrap_or("max"))?;
@@ -457,18 +574,30 @@ impl StepCgroup {
     /// OOM kill is what ends a step).
     pub fn limit_hit(&self) -> Option<String> {
         let count = |text: String, key: &str| -> u64 {
-            text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+                .unwrap_or(0)
         };
         if let Some((d, v2)) = &self.memory {
-            let n = if *v2 { count(read(&d.join("memory.events")), "oom_kill ") } else { count(read(&d.join("memory.oom_control")), "oom_kill ") };
+            let n = if *v2 {
+                count(read(&d.join("memory.events")), "oom_kill ")
+            } else {
+                count(read(&d.join("memory.oom_control")), "oom_kill ")
+            };
             if n > 0 {
-                return Some(format!("killed: memory limit {} reached (--memory)", human_bytes(self.limits.memory.unwrap_or(0))));
+                return Some(format!(
+                    "killed: memory limit {} reached (--memory)",
+                    human_bytes(self.limits.memory.unwrap_or(0))
+                ));
             }
         }
         if let Some((d, _)) = &self.pids {
             let n = count(read(&d.join("pids.events")), "max ");
             if n > 0 {
-                return Some(format!("process limit {} reached (--pids-limit): {n} forks refused", self.limits.pids.unwrap_or(0)));
+                return Some(format!(
+                    "process limit {} reached (--pids-limit): {n} forks refused",
+                    self.limits.pids.unwrap_or(0)
+                ));
             }
         }
         None
@@ -478,7 +607,11 @@ impl StepCgroup {
     pub fn kill_all(&self) {
         // Only PIDs a real cgroup filesystem lists (never those of a file that merely has the name).
         #[allow(clippy::useless_conversion)]
-        let is_cgroupfs = |d: &Path| rustix::fs::statfs(d).map(|s| matches!(i64::from(s.f_type), 0x27e0eb | 0x63677270)).unwrap_or(false);
+        let is_cgroupfs = |d: &Path| {
+            rustix::fs::statfs(d)
+                .map(|s| matches!(i64::from(s.f_type), 0x27e0eb | 0x63677270))
+                .unwrap_or(false)
+        };
         if let Some(d) = self.v2.as_deref().filter(|d| is_cgroupfs(d)) {
             if write_file(d, "cgroup.kill", "1").is_ok() {
                 return;
@@ -487,7 +620,10 @@ impl StepCgroup {
         for _ in 0..200 {
             let mut any = false;
             for d in self.dirs.iter().filter(|d| is_cgroupfs(d)) {
-                for pid in read(&d.join("cgroup.procs")).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                for pid in read(&d.join("cgroup.procs"))
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
                     any = true;
                     if let Some(p) = rustix::process::Pid::from_raw(pid) {
                         let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
@@ -509,7 +645,9 @@ impl Drop for StepCgroup {
             // Killed processes leave their cgroup a moment after they die.
             for _ in 0..400 {
                 match std::fs::remove_dir(d) {
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
                     _ => break,
                 }
             }
@@ -528,7 +666,8 @@ mod tests {
     }
 
     /// This development machine: cgroup v1 controllers, an empty unified hierarchy.
-    const HYBRID_CGROUP: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/b3a5\n2:cpuacct:/\n1:cpu:/\n0::/\n";
+    const HYBRID_CGROUP: &str =
+        "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/b3a5\n2:cpuacct:/\n1:cpu:/\n0::/\n";
     const HYBRID_MOUNTINFO: &str = "\
 25 24 0:22 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 26 25 0:23 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
@@ -544,7 +683,10 @@ mod tests {
         let l = Layout::parse(HYBRID_CGROUP, HYBRID_MOUNTINFO);
         assert!(l.hybrid);
         assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
-        assert_eq!(l.v1[&Controller::Memory], Path::new("/sys/fs/cgroup/memory/process_api/b3a5"));
+        assert_eq!(
+            l.v1[&Controller::Memory],
+            Path::new("/sys/fs/cgroup/memory/process_api/b3a5")
+        );
         assert_eq!(l.v1[&Controller::Cpu], Path::new("/sys/fs/cgroup/cpu"));
         assert_eq!(l.v1[&Controller::Pids], Path::new("/sys/fs/cgroup/pids"));
     }
@@ -565,7 +707,10 @@ mod tests {
         let l = Layout::parse("0::/kubepods/pod1/ctr 1/sub\n", mi);
         assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/sub")));
         let l = Layout::parse("0::/kubepods/pod1/ctr 10\n", mi);
-        assert_eq!(l.v2, None, "a sibling that merely shares the prefix is not below the root");
+        assert_eq!(
+            l.v2, None,
+            "a sibling that merely shares the prefix is not below the root"
+        );
         assert_eq!(Layout::parse("0::/\n", "").v2, None, "no cgroup2 mount");
     }
 
@@ -573,7 +718,11 @@ mod tests {
     fn hierarchies_under_a_later_mount_are_hidden() {
         let covered = format!("{HYBRID_MOUNTINFO}50 24 0:40 / /sys/fs/cgroup rw - tmpfs none rw\n");
         let l = Layout::parse(HYBRID_CGROUP, &covered);
-        assert_eq!(l, Layout::default(), "a tmpfs over /sys/fs/cgroup hides every hierarchy");
+        assert_eq!(
+            l,
+            Layout::default(),
+            "a tmpfs over /sys/fs/cgroup hides every hierarchy"
+        );
         let v2_on_top = format!("{covered}51 50 0:32 / /sys/fs/cgroup rw - cgroup2 none rw\n");
         let l = Layout::parse(HYBRID_CGROUP, &v2_on_top);
         assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup")));
@@ -586,7 +735,11 @@ mod tests {
         for f in ["cgroup.subtree_control", "cgroup.procs"] {
             std::fs::write(t.path().join(f), "").unwrap();
         }
-        std::fs::write(t.path().join("cgroup.controllers"), "cpuset cpu io memory\n").unwrap();
+        std::fs::write(
+            t.path().join("cgroup.controllers"),
+            "cpuset cpu io memory\n",
+        )
+        .unwrap();
         let st = V2State::read(t.path());
         assert_eq!(st.available, vec![Controller::Memory, Controller::Cpu]);
         assert!(st.delegates(Controller::Memory) && !st.delegates(Controller::Pids));
@@ -598,40 +751,81 @@ mod tests {
         let (v2, v1) = (t.path().join("v2"), t.path().join("v1mem"));
         std::fs::create_dir_all(&v2).unwrap();
         std::fs::create_dir_all(&v1).unwrap();
-        let p = Prepared { v2: Some((v2.clone(), vec![Controller::Cpu, Controller::Pids])), v1: [(Controller::Memory, v1.clone())].into(), missing: BTreeMap::new() };
-        let limits = Limits { memory: Some(64 << 20), cpus: Some(0.5), pids: Some(10) };
+        let p = Prepared {
+            v2: Some((v2.clone(), vec![Controller::Cpu, Controller::Pids])),
+            v1: [(Controller::Memory, v1.clone())].into(),
+            missing: BTreeMap::new(),
+        };
+        let limits = Limits {
+            memory: Some(64 << 20),
+            cpus: Some(0.5),
+            pids: Some(10),
+        };
         assert_eq!(p.describe(&limits), "cgroup v1 and cgroup v2");
         assert!(p.unenforceable(&limits).is_empty());
         let cg = StepCgroup::create(&p, &limits).unwrap().unwrap();
         let [d2, d1] = [&cg.dirs()[0], &cg.dirs()[1]];
         assert!(d2.starts_with(&v2) && d1.starts_with(&v1));
         assert_eq!(read(&d2.join("cpu.max")), "50000 100000");
-        assert_eq!(read(&d2.join("pids.max")), "12", "the helper and the step's init are not counted");
-        assert_eq!(read(&d1.join("memory.limit_in_bytes")), (64u64 << 20).to_string());
+        assert_eq!(
+            read(&d2.join("pids.max")),
+            "12",
+            "the helper and the step's init are not counted"
+        );
+        assert_eq!(
+            read(&d1.join("memory.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
         assert!(!d2.join("memory.max").exists());
         cg.add(4242).unwrap();
         assert_eq!(read(&d1.join("cgroup.procs")), "4242");
         assert_eq!(cg.limit_hit(), None);
-        std::fs::write(d1.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n").unwrap();
-        assert_eq!(cg.limit_hit().as_deref(), Some("killed: memory limit 64 MiB reached (--memory)"));
+        std::fs::write(
+            d1.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cg.limit_hit().as_deref(),
+            Some("killed: memory limit 64 MiB reached (--memory)")
+        );
         std::fs::write(d1.join("memory.oom_control"), "oom_kill 0\n").unwrap();
         std::fs::write(d2.join("pids.events"), "max 7\n").unwrap();
-        assert_eq!(cg.limit_hit().as_deref(), Some("process limit 10 reached (--pids-limit): 7 forks refused"));
+        assert_eq!(
+            cg.limit_hit().as_deref(),
+            Some("process limit 10 reached (--pids-limit): 7 forks refused")
+        );
     }
 
     #[test]
     fn a_v2_memory_limit_and_its_oom_kills() {
         let t = tempfile::tempdir().unwrap();
-        let p = Prepared { v2: Some((t.path().to_path_buf(), Controller::ALL.to_vec())), ..Prepared::default() };
-        let limits = Limits { memory: Some(100 << 20), ..Limits::default() };
+        let p = Prepared {
+            v2: Some((t.path().to_path_buf(), Controller::ALL.to_vec())),
+            ..Prepared::default()
+        };
+        let limits = Limits {
+            memory: Some(100 << 20),
+            ..Limits::default()
+        };
         assert_eq!(p.describe(&limits), "cgroup v2");
         let cg = StepCgroup::create(&p, &limits).unwrap().unwrap();
         let d = &cg.dirs()[0];
         assert_eq!(cg.dirs().len(), 1);
         assert_eq!(read(&d.join("memory.max")), (100u64 << 20).to_string());
-        assert!(!d.join("cpu.max").exists() && !d.join("pids.max").exists(), "only the limits asked for");
-        std::fs::write(d.join("memory.events"), "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n").unwrap();
-        assert_eq!(cg.limit_hit().as_deref(), Some("killed: memory limit 100 MiB reached (--memory)"));
+        assert!(
+            !d.join("cpu.max").exists() && !d.join("pids.max").exists(),
+            "only the limits asked for"
+        );
+        std::fs::write(
+            d.join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cg.limit_hit().as_deref(),
+            Some("killed: memory limit 100 MiB reached (--memory)")
+        );
     }
 
     #[test]
@@ -639,17 +833,34 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("cgroup.subtree_control"), "memory\n").unwrap();
         enable_v2(t.path(), &[Controller::Memory]).unwrap();
-        assert_eq!(read(&t.path().join("cgroup.subtree_control")), "memory\n", "nothing to do");
-        enable_v2(t.path(), &[Controller::Memory, Controller::Cpu, Controller::Pids]).unwrap();
+        assert_eq!(
+            read(&t.path().join("cgroup.subtree_control")),
+            "memory\n",
+            "nothing to do"
+        );
+        enable_v2(
+            t.path(),
+            &[Controller::Memory, Controller::Cpu, Controller::Pids],
+        )
+        .unwrap();
         assert_eq!(read(&t.path().join("cgroup.subtree_control")), "+cpu +pids");
     }
 
     #[test]
     fn missing_controllers_are_named_with_the_reason() {
         let mut p = Prepared::default();
-        p.missing.insert(Controller::Memory, "no cgroup v2 hierarchy is mounted".into());
-        let limits = Limits { memory: Some(1 << 30), ..Limits::default() };
-        assert_eq!(p.unenforceable(&limits), vec!["--memory (no cgroup v2 hierarchy is mounted)".to_string()]);
+        p.missing.insert(
+            Controller::Memory,
+            "no cgroup v2 hierarchy is mounted".into(),
+        );
+        let limits = Limits {
+            memory: Some(1 << 30),
+            ..Limits::default()
+        };
+        assert_eq!(
+            p.unenforceable(&limits),
+            vec!["--memory (no cgroup v2 hierarchy is mounted)".to_string()]
+        );
         assert!(StepCgroup::create(&p, &limits).unwrap().is_none());
     }
 }

@@ -12,16 +12,30 @@ pub(crate) type LayerId = (u64, u64, i64, u32);
 
 /// Identity of the layer directory `p`.
 pub(crate) fn layer_id(p: &Path) -> Result<LayerId, RunError> {
-    let st = rustix::fs::statx(rustix::fs::CWD, p, rustix::fs::AtFlags::empty(), rustix::fs::StatxFlags::BASIC_STATS | rustix::fs::StatxFlags::BTIME)
-        .map_err(|e| RunError::Setup { what: format!("layer {}", p.display()), source: e.into() })?;
-    Ok((rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor), st.stx_ino, st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
+    let st = rustix::fs::statx(
+        rustix::fs::CWD,
+        p,
+        rustix::fs::AtFlags::empty(),
+        rustix::fs::StatxFlags::BASIC_STATS | rustix::fs::StatxFlags::BTIME,
+    )
+    .map_err(|e| RunError::Setup {
+        what: format!("layer {}", p.display()),
+        source: e.into(),
+    })?;
+    Ok((
+        rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+        st.stx_ino,
+        st.stx_btime.tv_sec,
+        st.stx_btime.tv_nsec,
+    ))
 }
 
 /// How many of the top layers of `ids` must be applied to a root holding `held` (top first);
 /// `None`: it must be rebuilt.
 pub(crate) fn extra_layers(held: Option<&[LayerId]>, ids: &[LayerId]) -> Option<usize> {
     let held = held?;
-    (ids.len() >= held.len() && ids[ids.len() - held.len()..] == *held).then(|| ids.len() - held.len())
+    (ids.len() >= held.len() && ids[ids.len() - held.len()..] == *held)
+        .then(|| ids.len() - held.len())
 }
 
 struct Cached {
@@ -46,25 +60,52 @@ pub(crate) struct Lease {
 
 /// A root for layers `ids`: from the pool under `cache` (the best kept one), else a new
 /// directory there, else (no cache) `<scratch>/copyroot`.
-pub(crate) fn take(cache: Option<&Path>, scratch: &Path, ids: &[LayerId]) -> Result<Lease, RunError> {
-    let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(|e| RunError::Setup { what: format!("creating {}", d.display()), source: e });
+pub(crate) fn take(
+    cache: Option<&Path>,
+    scratch: &Path,
+    ids: &[LayerId],
+) -> Result<Lease, RunError> {
+    let mkdir = |d: &Path| {
+        std::fs::create_dir_all(d).map_err(|e| RunError::Setup {
+            what: format!("creating {}", d.display()),
+            source: e,
+        })
+    };
     let Some(cache) = cache else {
         let dir = scratch.join("copyroot");
         mkdir(&dir)?;
-        return Ok(Lease { dir, lowers: None, cache: None });
+        return Ok(Lease {
+            dir,
+            lowers: None,
+            cache: None,
+        });
     };
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let mine = |c: &Cached| c.cache == cache && c.dir.is_dir();
-    let best = pool.iter().position(|c| mine(c) && extra_layers(Some(&c.lowers), ids).is_some()).or_else(|| pool.iter().position(mine));
+    let best = pool
+        .iter()
+        .position(|c| mine(c) && extra_layers(Some(&c.lowers), ids).is_some())
+        .or_else(|| pool.iter().position(mine));
     if let Some(i) = best {
         let c = pool.remove(i);
-        return Ok(Lease { dir: c.dir, lowers: Some(c.lowers), cache: Some(cache.to_path_buf()) });
+        return Ok(Lease {
+            dir: c.dir,
+            lowers: Some(c.lowers),
+            cache: Some(cache.to_path_buf()),
+        });
     }
     drop(pool);
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir = cache.join(format!("root-{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    let dir = cache.join(format!(
+        "root-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     mkdir(&dir)?;
-    Ok(Lease { dir, lowers: None, cache: Some(cache.to_path_buf()) })
+    Ok(Lease {
+        dir,
+        lowers: None,
+        cache: Some(cache.to_path_buf()),
+    })
 }
 
 impl Lease {
@@ -73,8 +114,17 @@ impl Lease {
         match (self.cache, lowers) {
             (Some(cache), Some(lowers)) => {
                 let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-                pool.push(Cached { cache: cache.clone(), dir: self.dir, lowers });
-                let mine: Vec<usize> = pool.iter().enumerate().filter(|(_, c)| c.cache == cache).map(|(i, _)| i).collect();
+                pool.push(Cached {
+                    cache: cache.clone(),
+                    dir: self.dir,
+                    lowers,
+                });
+                let mine: Vec<usize> = pool
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.cache == cache)
+                    .map(|(i, _)| i)
+                    .collect();
                 if mine.len() > KEEP {
                     let old = pool.remove(mine[0]);
                     drop(pool);
@@ -94,7 +144,9 @@ impl Lease {
 pub fn forget_copy_cache(cache: &Path) {
     let gone: Vec<Cached> = {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let (gone, keep) = std::mem::take(&mut *pool).into_iter().partition(|c| c.cache == cache);
+        let (gone, keep) = std::mem::take(&mut *pool)
+            .into_iter()
+            .partition(|c| c.cache == cache);
         *pool = keep;
         gone
     };

@@ -62,19 +62,34 @@ pub fn container_evidence() -> Option<String> {
         }
     }
     if marker.is_none() {
-        marker = std::env::var("container").ok().filter(|c| !c.is_empty()).map(|c| format!("container={c}"));
+        marker = std::env::var("container")
+            .ok()
+            .filter(|c| !c.is_empty())
+            .map(|c| format!("container={c}"));
     }
     if marker.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         marker = Some("KUBERNETES_SERVICE_HOST is set".into());
     }
     if marker.is_none() {
         let cg = std::fs::read_to_string("/proc/1/cgroup").unwrap_or_default();
-        marker = ["docker", "kubepods", "containerd", "libpod", "lxc", "buildkit"].iter().find(|w| cg.contains(*w)).map(|w| format!("/proc/1/cgroup names {w}"));
+        marker = [
+            "docker",
+            "kubepods",
+            "containerd",
+            "libpod",
+            "lxc",
+            "buildkit",
+        ]
+        .iter()
+        .find(|w| cg.contains(*w))
+        .map(|w| format!("/proc/1/cgroup names {w}"));
     }
     let marker = marker?;
     // f_type's integer type differs between architectures.
     #[allow(clippy::useless_conversion)]
-    let fs = rustix::fs::statfs("/").map(|st| i64::from(st.f_type)).unwrap_or(0);
+    let fs = rustix::fs::statfs("/")
+        .map(|st| i64::from(st.f_type))
+        .unwrap_or(0);
     let root_fs = match fs {
         0x794c_7630 => "overlayfs",
         0x6573_5546 => "fuse",
@@ -88,7 +103,9 @@ fn mount_points_below(root: &Path) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some(mp) = line.split(' ').nth(4) else { continue };
+        let Some(mp) = line.split(' ').nth(4) else {
+            continue;
+        };
         let p = PathBuf::from(crate::cgroup::unescape_mountinfo(mp));
         if p != root && p.starts_with(root) {
             out.push(p);
@@ -100,7 +117,13 @@ fn mount_points_below(root: &Path) -> Vec<PathBuf> {
 fn open_in_root(root: &OwnedFd, path: &str, flags: OFlags) -> std::io::Result<OwnedFd> {
     let p = path.trim_start_matches('/');
     let p = if p.is_empty() { "." } else { p };
-    Ok(rustix::fs::openat2(root, p, flags | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS)?)
+    Ok(rustix::fs::openat2(
+        root,
+        p,
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )?)
 }
 
 fn read_in_root(root: &OwnedFd, path: &str) -> String {
@@ -120,13 +143,18 @@ fn find_in_root(root: &OwnedFd, name: &str, path: &str) -> Option<String> {
         open_in_root(root, p, OFlags::PATH)
             .ok()
             .and_then(|fd| rustix::fs::fstat(&fd).ok())
-            .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile && st.st_mode & 0o111 != 0)
+            .map(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                    && st.st_mode & 0o111 != 0
+            })
             .unwrap_or(false)
     };
     if name.contains('/') {
         return Some(name.to_string());
     }
-    path.split(':').map(|d| format!("{}/{name}", if d.is_empty() { "." } else { d })).find(|p| is_exe(p))
+    path.split(':')
+        .map(|d| format!("{}/{name}", if d.is_empty() { "." } else { d }))
+        .find(|p| is_exe(p))
 }
 
 /// A `RUN --mount` done by copying (no mounts without namespaces): what to undo afterwards.
@@ -148,10 +176,15 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
         ));
     }
     if !rustix::process::geteuid().is_root() {
-        return Err(RunError::Sandbox("--isolation=none needs root (the image's files belong to many users)".into()));
+        return Err(RunError::Sandbox(
+            "--isolation=none needs root (the image's files belong to many users)".into(),
+        ));
     }
     if spec.network == Network::None {
-        return Err(RunError::Sandbox("RUN --network=none needs a network namespace, which --isolation=none does not make".into()));
+        return Err(RunError::Sandbox(
+            "RUN --network=none needs a network namespace, which --isolation=none does not make"
+                .into(),
+        ));
     }
     let mut guard = ROOT.lock().unwrap_or_else(|e| e.into_inner());
     let mut skip = Skip::none();
@@ -164,7 +197,11 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
     skip.add_below(&root, &keep);
 
     // The root must hold exactly the step's layers.
-    let ids = spec.lowerdirs.iter().map(|p| layer_id(p)).collect::<Result<Vec<_>, _>>()?;
+    let ids = spec
+        .lowerdirs
+        .iter()
+        .map(|p| layer_id(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let reuse = match guard.as_ref() {
         Some(st) if st.root == root => crate::copyroot::extra_layers(Some(&st.lowers), &ids),
         _ => None,
@@ -174,17 +211,23 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
         Some(extra) => {
             // Only new layers on top of what the root holds: apply them.
             if extra > 0 {
-                assemble(&spec.lowerdirs[..extra], &root, &skip).map_err(tree("applying the new layers to the root"))?;
+                assemble(&spec.lowerdirs[..extra], &root, &skip)
+                    .map_err(tree("applying the new layers to the root"))?;
             }
         }
         None => {
             clear_except(&root, &skip).map_err(tree(format!("emptying {}", root.display())))?;
-            assemble(&spec.lowerdirs, &root, &skip).map_err(tree(format!("copying the image's layers into {}", root.display())))?;
+            assemble(&spec.lowerdirs, &root, &skip).map_err(tree(format!(
+                "copying the image's layers into {}",
+                root.display()
+            )))?;
         }
     }
-    let baseline = Baseline::capture(&root, &skip).map_err(tree("recording the root filesystem"))?;
+    let baseline =
+        Baseline::capture(&root, &skip).map_err(tree("recording the root filesystem"))?;
     // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into the layer.
-    assemble(std::slice::from_ref(&spec.upperdir), &root, &skip).map_err(tree("applying the upperdir"))?;
+    assemble(std::slice::from_ref(&spec.upperdir), &root, &skip)
+        .map_err(tree("applying the upperdir"))?;
     let mut created = Vec::new();
     let mut placed = Vec::new();
     let res = place_mounts(spec, &root, &mut skip, &mut created, &mut placed).and_then(|()| {
@@ -196,8 +239,11 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
     let status = res?;
     undo?;
     if status == ExitKind::Exited(0) {
-        rbuild_snapshot::clear_except(&spec.upperdir, &Skip::none()).map_err(tree("emptying the upperdir"))?;
-        let stats = baseline.diff_into(&root, &spec.upperdir, &skip).map_err(tree("finding what the step changed"))?;
+        rbuild_snapshot::clear_except(&spec.upperdir, &Skip::none())
+            .map_err(tree("emptying the upperdir"))?;
+        let stats = baseline
+            .diff_into(&root, &spec.upperdir, &skip)
+            .map_err(tree("finding what the step changed"))?;
         let mut lowers = ids;
         if stats.entries + stats.whiteouts > 0 {
             lowers.insert(0, layer_id(&spec.upperdir)?);
@@ -206,13 +252,27 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
     }
     let mut warnings = Vec::new();
     if !spec.limits.is_empty() {
-        warnings.push(format!("{} not enforced: --isolation=none puts RUN steps in no cgroup of their own", spec.limits.describe()));
+        warnings.push(format!(
+            "{} not enforced: --isolation=none puts RUN steps in no cgroup of their own",
+            spec.limits.describe()
+        ));
     }
-    Ok(RunOutcome { status, created_mountpoints: created, warnings, limit_hit: None })
+    Ok(RunOutcome {
+        status,
+        created_mountpoints: created,
+        warnings,
+        limit_hit: None,
+    })
 }
 
 /// `RUN --mount`s by copying into the root; each target is skipped by the diff.
-fn place_mounts(spec: &RunSpec, root: &Path, skip: &mut Skip, created: &mut Vec<String>, placed: &mut Vec<Placed>) -> Result<(), RunError> {
+fn place_mounts(
+    spec: &RunSpec,
+    root: &Path,
+    skip: &mut Skip,
+    created: &mut Vec<String>,
+    placed: &mut Vec<Placed>,
+) -> Result<(), RunError> {
     for m in &spec.mounts {
         let rel = m.target.trim_start_matches('/').to_string();
         let target = root.join(&rel);
@@ -222,30 +282,54 @@ fn place_mounts(spec: &RunSpec, root: &Path, skip: &mut Skip, created: &mut Vec<
                 m.target
             )));
         }
-        let parent = Path::new(&rel).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = Path::new(&rel)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if !parent.is_empty() {
-            crate::init::ensure_mountpoint(root, &parent, true, created).map_err(RunError::Sandbox)?;
+            crate::init::ensure_mountpoint(root, &parent, true, created)
+                .map_err(RunError::Sandbox)?;
         }
         let what = || format!("RUN --mount at {}", m.target);
         match &m.source {
             MountSource::Bind { source, readonly } => {
-                let md = std::fs::metadata(source).map_err(setup(format!("{}: {}", what(), source.display())))?;
+                let md = std::fs::metadata(source).map_err(setup(format!(
+                    "{}: {}",
+                    what(),
+                    source.display()
+                )))?;
                 if md.is_dir() {
                     std::fs::create_dir(&target).map_err(setup(what()))?;
-                    assemble(std::slice::from_ref(source), &target, &Skip::none()).map_err(tree(what()))?;
-                    placed.push(Placed { target: target.clone(), copy_back: (!readonly).then(|| source.clone()) });
+                    assemble(std::slice::from_ref(source), &target, &Skip::none())
+                        .map_err(tree(what()))?;
+                    placed.push(Placed {
+                        target: target.clone(),
+                        copy_back: (!readonly).then(|| source.clone()),
+                    });
                 } else if md.is_file() {
                     std::fs::copy(source, &target).map_err(setup(what()))?;
-                    placed.push(Placed { target: target.clone(), copy_back: None });
+                    placed.push(Placed {
+                        target: target.clone(),
+                        copy_back: None,
+                    });
                 } else {
-                    return Err(RunError::Sandbox(format!("{}: {} cannot be copied (a socket?); --isolation=none has no mounts", what(), source.display())));
+                    return Err(RunError::Sandbox(format!(
+                        "{}: {} cannot be copied (a socket?); --isolation=none has no mounts",
+                        what(),
+                        source.display()
+                    )));
                 }
             }
             MountSource::Tmpfs { .. } => {
                 std::fs::create_dir(&target).map_err(setup(what()))?;
-                placed.push(Placed { target: target.clone(), copy_back: None });
+                placed.push(Placed {
+                    target: target.clone(),
+                    copy_back: None,
+                });
             }
-            MountSource::Layers { lowerdirs, subpath, .. } => {
+            MountSource::Layers {
+                lowerdirs, subpath, ..
+            } => {
                 let sub = subpath.trim_start_matches('/');
                 if sub.is_empty() {
                     std::fs::create_dir(&target).map_err(setup(what()))?;
@@ -254,20 +338,30 @@ fn place_mounts(spec: &RunSpec, root: &Path, skip: &mut Skip, created: &mut Vec<
                     // The layers merged in the work directory (in the store), then the part asked for.
                     let tmp = spec.workdir.join(format!("mount-{}", placed.len()));
                     std::fs::create_dir_all(&tmp).map_err(setup(what()))?;
-                    let r = assemble(lowerdirs, &tmp, &Skip::none()).map_err(tree(what())).and_then(|_| {
-                        let src = tmp.join(sub);
-                        let md = std::fs::symlink_metadata(&src).map_err(setup(format!("{}: source {subpath}", what())))?;
-                        if md.is_dir() {
-                            std::fs::create_dir(&target).map_err(setup(what()))?;
-                            assemble(std::slice::from_ref(&src), &target, &Skip::none()).map(|_| ()).map_err(tree(what()))
-                        } else {
-                            std::fs::copy(&src, &target).map(|_| ()).map_err(setup(what()))
-                        }
-                    });
+                    let r = assemble(lowerdirs, &tmp, &Skip::none())
+                        .map_err(tree(what()))
+                        .and_then(|_| {
+                            let src = tmp.join(sub);
+                            let md = std::fs::symlink_metadata(&src)
+                                .map_err(setup(format!("{}: source {subpath}", what())))?;
+                            if md.is_dir() {
+                                std::fs::create_dir(&target).map_err(setup(what()))?;
+                                assemble(std::slice::from_ref(&src), &target, &Skip::none())
+                                    .map(|_| ())
+                                    .map_err(tree(what()))
+                            } else {
+                                std::fs::copy(&src, &target)
+                                    .map(|_| ())
+                                    .map_err(setup(what()))
+                            }
+                        });
                     let _ = remove_tree(&tmp);
                     r?;
                 }
-                placed.push(Placed { target: target.clone(), copy_back: None });
+                placed.push(Placed {
+                    target: target.clone(),
+                    copy_back: None,
+                });
             }
         }
         skip.add(&rel);
@@ -292,7 +386,10 @@ fn unplace_mounts(root: &Path, placed: &[Placed], created: &[String]) -> Result<
         if let Some(back) = &p.copy_back {
             let r = rbuild_snapshot::clear_except(back, &Skip::none())
                 .and_then(|_| copy_overlay_tree(&p.target, back).map(|_| ()))
-                .map_err(tree(format!("copying {} back to the cache", p.target.display())));
+                .map_err(tree(format!(
+                    "copying {} back to the cache",
+                    p.target.display()
+                )));
             if let Err(e) = r {
                 first_err.get_or_insert(e);
             }
@@ -310,24 +407,53 @@ fn unplace_mounts(root: &Path, placed: &[Placed], created: &[String]) -> Result<
 
 /// Runs the command; streams its output; kills whatever it left running.
 fn exec(spec: &RunSpec, root: &Path, output: &mut dyn Write) -> Result<ExitKind, RunError> {
-    let rootfd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| setup(format!("{}", root.display()))(e.into()))?;
+    let rootfd = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| setup(format!("{}", root.display()))(e.into()))?;
     if open_in_root(&rootfd, &spec.cwd, OFlags::DIRECTORY | OFlags::PATH).is_err() {
-        return Err(RunError::Sandbox(format!("working directory {} (it must exist in the image)", spec.cwd)));
+        return Err(RunError::Sandbox(format!(
+            "working directory {} (it must exist in the image)",
+            spec.cwd
+        )));
     }
-    let (uid, gid, groups) = crate::init::resolve_user_in(&spec.user, &read_in_root(&rootfd, "/etc/passwd"), &read_in_root(&rootfd, "/etc/group")).map_err(RunError::Sandbox)?;
-    let path_env = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_else(|| crate::DEFAULT_PATH.to_string());
-    let exe = find_in_root(&rootfd, &spec.argv[0], &path_env)
-        .ok_or_else(|| RunError::Sandbox(format!("exec {}: executable file not found in $PATH ({path_env})", spec.argv[0])))?;
-    let nul = |s: &str, what: &str| CString::new(s).map_err(|_| RunError::Sandbox(format!("{what} contains a NUL byte")));
+    let (uid, gid, groups) = crate::init::resolve_user_in(
+        &spec.user,
+        &read_in_root(&rootfd, "/etc/passwd"),
+        &read_in_root(&rootfd, "/etc/group"),
+    )
+    .map_err(RunError::Sandbox)?;
+    let path_env = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| crate::DEFAULT_PATH.to_string());
+    let exe = find_in_root(&rootfd, &spec.argv[0], &path_env).ok_or_else(|| {
+        RunError::Sandbox(format!(
+            "exec {}: executable file not found in $PATH ({path_env})",
+            spec.argv[0]
+        ))
+    })?;
+    let nul = |s: &str, what: &str| {
+        CString::new(s).map_err(|_| RunError::Sandbox(format!("{what} contains a NUL byte")))
+    };
     let child_setup = crate::sys::DirectChild {
-        chroot: if root == Path::new("/") { None } else { Some(nul(&root.to_string_lossy(), "the root path")?) },
+        chroot: if root == Path::new("/") {
+            None
+        } else {
+            Some(nul(&root.to_string_lossy(), "the root path")?)
+        },
         cwd: nul(&spec.cwd, "the working directory")?,
         uid,
         gid,
         groups,
     };
     // Outside a chroot the command is found by its path in the root, which is then `/`.
-    let (out_r, out_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| setup("pipe")(e.into()))?;
+    let (out_r, out_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| setup("pipe")(e.into()))?;
     let out_w2 = out_w.try_clone().map_err(setup("dup"))?;
     let mut cmd = std::process::Command::new(&exe);
     {
@@ -335,9 +461,14 @@ fn exec(spec: &RunSpec, root: &Path, output: &mut dyn Write) -> Result<ExitKind,
         cmd.arg0(&spec.argv[0]);
     }
     // stdin: a pipe already at EOF (no /dev/null needed in the root).
-    let (in_r, in_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| setup("pipe")(e.into()))?;
+    let (in_r, in_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| setup("pipe")(e.into()))?;
     drop(in_w);
-    cmd.args(&spec.argv[1..]).env_clear().stdin(std::process::Stdio::from(in_r)).stdout(std::process::Stdio::from(out_w)).stderr(std::process::Stdio::from(out_w2));
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .stdin(std::process::Stdio::from(in_r))
+        .stdout(std::process::Stdio::from(out_w))
+        .stderr(std::process::Stdio::from(out_w2));
     let mut has_path = false;
     for (k, v) in &spec.env {
         has_path |= k == "PATH";
@@ -347,7 +478,9 @@ fn exec(spec: &RunSpec, root: &Path, output: &mut dyn Write) -> Result<ExitKind,
         cmd.env("PATH", crate::DEFAULT_PATH);
     }
     crate::sys::set_direct_pre_exec(&mut cmd, child_setup);
-    let child = cmd.spawn().map_err(|e| RunError::Sandbox(format!("exec {}: {e}", spec.argv[0])))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| RunError::Sandbox(format!("exec {}: {e}", spec.argv[0])))?;
     drop(cmd);
     let pgid = rustix::process::Pid::from_raw(child.id() as i32).expect("child pid");
     let done = std::sync::Arc::new(Mutex::new(None::<(std::process::ExitStatus, Instant)>));
@@ -387,7 +520,12 @@ fn exec(spec: &RunSpec, root: &Path, output: &mut dyn Write) -> Result<ExitKind,
         }
     }
     let _ = waiter.join();
-    let st = done.lock().unwrap().take().map(|(s, _)| s).ok_or_else(|| RunError::Sandbox("waiting for the command failed".into()))?;
+    let st = done
+        .lock()
+        .unwrap()
+        .take()
+        .map(|(s, _)| s)
+        .ok_or_else(|| RunError::Sandbox("waiting for the command failed".into()))?;
     use std::os::unix::process::ExitStatusExt;
     Ok(match (st.code(), st.signal()) {
         (Some(c), _) => ExitKind::Exited(c),

@@ -22,7 +22,9 @@ const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
 fn on_overlayfs(p: &Path) -> bool {
     // f_type's integer type differs between architectures.
     #[allow(clippy::useless_conversion)]
-    rustix::fs::statfs(p).map(|st| i64::from(st.f_type) == OVERLAYFS_MAGIC).unwrap_or(false)
+    rustix::fs::statfs(p)
+        .map(|st| i64::from(st.f_type) == OVERLAYFS_MAGIC)
+        .unwrap_or(false)
 }
 
 /// Whether this kernel honours xattr whiteouts in lower layers (Linux 6.7 and later), which
@@ -30,7 +32,9 @@ fn on_overlayfs(p: &Path) -> bool {
 pub fn kernel_reads_xattr_whiteouts() -> bool {
     let u = rustix::system::uname();
     let release = u.release().to_string_lossy();
-    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
     let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     (major, minor) >= (6, 7)
 }
@@ -38,36 +42,64 @@ pub fn kernel_reads_xattr_whiteouts() -> bool {
 /// A directory for upper layers: `$RBUILD_UPPER_DIR`, else a tmpfs mounted at `tmpfs_dir`
 /// (in the build's own mount namespace), else `/dev/shm`. Returns it and how to describe it.
 fn upper_dir(tmpfs_dir: &Path) -> Option<(PathBuf, String)> {
-    if let Some(d) = std::env::var_os("RBUILD_UPPER_DIR").filter(|d| !d.is_empty()).map(PathBuf::from) {
+    if let Some(d) = std::env::var_os("RBUILD_UPPER_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+    {
         if d.is_dir() && !on_overlayfs(&d) {
             return Some((d.clone(), format!("{} ($RBUILD_UPPER_DIR)", d.display())));
         }
     }
     if std::fs::create_dir_all(tmpfs_dir).is_ok()
         && LinuxSyscalls
-            .mount("tmpfs", tmpfs_dir, "tmpfs", rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV, "mode=0700")
+            .mount(
+                "tmpfs",
+                tmpfs_dir,
+                "tmpfs",
+                rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+                "mode=0700",
+            )
             .is_ok()
     {
-        return Some((tmpfs_dir.to_path_buf(), "a tmpfs of rbuild's own (memory use grows with what a step writes)".into()));
+        return Some((
+            tmpfs_dir.to_path_buf(),
+            "a tmpfs of rbuild's own (memory use grows with what a step writes)".into(),
+        ));
     }
     let shm = Path::new("/dev/shm");
-    if shm.is_dir() && !on_overlayfs(shm) && rustix::fs::access(shm, rustix::fs::Access::WRITE_OK).is_ok() {
-        return Some((shm.to_path_buf(), "/dev/shm (memory; a container's /dev/shm is often only 64 MB)".into()));
+    if shm.is_dir()
+        && !on_overlayfs(shm)
+        && rustix::fs::access(shm, rustix::fs::Access::WRITE_OK).is_ok()
+    {
+        return Some((
+            shm.to_path_buf(),
+            "/dev/shm (memory; a container's /dev/shm is often only 64 MB)".into(),
+        ));
     }
     None
 }
 
 /// What to do after `problem` (with the sandbox's `message`) for a build whose state
 /// directory is `store`; a tmpfs for upper layers may be mounted at `tmpfs_dir`.
-pub fn fallback_for(problem: RootMountProblem, message: &str, store: &Path, tmpfs_dir: &Path) -> Fallback {
-    let copy = |why: String| Fallback {
+pub fn fallback_for(
+    problem: RootMountProblem,
+    message: &str,
+    store: &Path,
+    tmpfs_dir: &Path,
+) -> Fallback {
+    let copy = |why: String| {
+        Fallback {
         snapshotter: Snapshotter::Copy,
         upper_scratch: None,
         notice: format!("rbuild: {why}: RUN steps now run on copies of the image's layers (the copy snapshotter: slower, more disk)"),
+    }
     };
     match problem {
         RootMountProblem::UpperOnOverlayfs => {
-            let why = format!("the store {} is on overlayfs, which cannot hold the upper layer of a RUN step", store.display());
+            let why = format!(
+                "the store {} is on overlayfs, which cannot hold the upper layer of a RUN step",
+                store.display()
+            );
             let back = "For the direct path, mount an emptyDir (any non-overlay volume) at the store or pass --root on one.";
             if !kernel_reads_xattr_whiteouts() {
                 let mut f = copy(format!("{why}, and this kernel (before Linux 6.7) cannot read the whiteouts such a store holds"));
@@ -118,11 +150,30 @@ mod tests {
     #[test]
     fn refused_overlay_names_the_way_back() {
         let t = tempfile::tempdir().unwrap();
-        let f = fallback_for(RootMountProblem::FuseUnavailable, "no /dev/fuse", Path::new("/store"), &t.path().join("x"));
+        let f = fallback_for(
+            RootMountProblem::FuseUnavailable,
+            "no /dev/fuse",
+            Path::new("/store"),
+            &t.path().join("x"),
+        );
         assert_eq!(f.snapshotter, Snapshotter::Copy);
-        assert!(f.notice.contains("no /dev/fuse") && f.notice.contains("copy snapshotter") && f.notice.contains("/dev/fuse"), "{}", f.notice);
-        let f = fallback_for(RootMountProblem::OverlayUnavailable, "EPERM", Path::new("/store"), &t.path().join("x"));
-        assert!(matches!(f.snapshotter, Snapshotter::FuseOverlay | Snapshotter::Copy));
+        assert!(
+            f.notice.contains("no /dev/fuse")
+                && f.notice.contains("copy snapshotter")
+                && f.notice.contains("/dev/fuse"),
+            "{}",
+            f.notice
+        );
+        let f = fallback_for(
+            RootMountProblem::OverlayUnavailable,
+            "EPERM",
+            Path::new("/store"),
+            &t.path().join("x"),
+        );
+        assert!(matches!(
+            f.snapshotter,
+            Snapshotter::FuseOverlay | Snapshotter::Copy
+        ));
         assert!(f.notice.contains("5.11"), "{}", f.notice);
     }
 
@@ -133,10 +184,19 @@ mod tests {
             return;
         }
         std::env::set_var("RBUILD_UPPER_DIR", t.path());
-        let f = fallback_for(RootMountProblem::UpperOnOverlayfs, "EINVAL", Path::new("/store"), &t.path().join("tmpfs"));
+        let f = fallback_for(
+            RootMountProblem::UpperOnOverlayfs,
+            "EINVAL",
+            Path::new("/store"),
+            &t.path().join("tmpfs"),
+        );
         std::env::remove_var("RBUILD_UPPER_DIR");
         assert_eq!(f.snapshotter, Snapshotter::Overlay);
         assert_eq!(f.upper_scratch.as_deref(), Some(t.path()));
-        assert!(f.notice.contains("mount an emptyDir") && f.notice.contains("RBUILD_UPPER_DIR"), "{}", f.notice);
+        assert!(
+            f.notice.contains("mount an emptyDir") && f.notice.contains("RBUILD_UPPER_DIR"),
+            "{}",
+            f.notice
+        );
     }
 }

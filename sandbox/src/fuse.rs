@@ -42,7 +42,9 @@ pub(crate) struct FuseMount {
 fn is_fuse(p: &Path) -> bool {
     // f_type's integer type differs between architectures.
     #[allow(clippy::useless_conversion)]
-    rustix::fs::statfs(p).map(|st| i64::from(st.f_type) == FUSE_SUPER_MAGIC).unwrap_or(false)
+    rustix::fs::statfs(p)
+        .map(|st| i64::from(st.f_type) == FUSE_SUPER_MAGIC)
+        .unwrap_or(false)
 }
 
 fn log_tail(log: &Path) -> String {
@@ -51,47 +53,90 @@ fn log_tail(log: &Path) -> String {
     if text.is_empty() {
         "no output".into()
     } else {
-        text.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" / ")
+        text.lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join(" / ")
     }
 }
 
 /// Mounts the step's root at `<scratch>/rootfs` with fuse-overlayfs. Called in the helper,
 /// after the step's namespaces exist and `/` is private.
 pub(crate) fn start(spec: &RunSpec) -> Result<FuseMount, String> {
-    let bin = spec.fuse_binary.clone().ok_or("fuse-overlayfs is not installed")?;
+    let bin = spec
+        .fuse_binary
+        .clone()
+        .ok_or("fuse-overlayfs is not installed")?;
     let target = spec.scratch.join("rootfs");
     let empty = spec.scratch.join("empty");
-    let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() { vec![empty.as_path()] } else { spec.lowerdirs.iter().map(|p| p.as_path()).collect() };
-    for p in lowers.iter().copied().chain([spec.upperdir.as_path(), spec.workdir.as_path()]) {
+    let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() {
+        vec![empty.as_path()]
+    } else {
+        spec.lowerdirs.iter().map(|p| p.as_path()).collect()
+    };
+    for p in lowers
+        .iter()
+        .copied()
+        .chain([spec.upperdir.as_path(), spec.workdir.as_path()])
+    {
         let s = p.to_string_lossy();
         if s.contains(':') || s.contains(',') {
-            return Err(format!("fuse-overlayfs cannot take the path {s} (it contains ':' or ',')"));
+            return Err(format!(
+                "fuse-overlayfs cannot take the path {s} (it contains ':' or ',')"
+            ));
         }
     }
-    let lower = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+    let lower = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     // writeback=0: every write reaches the upperdir before the call returns, so nothing is
     // lost when the daemon goes after the step.
-    let opts = format!("lowerdir={lower},upperdir={},workdir={},writeback=0", spec.upperdir.display(), spec.workdir.display());
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={},writeback=0",
+        spec.upperdir.display(),
+        spec.workdir.display()
+    );
     let log = spec.scratch.join("fuse-overlayfs.log");
     let out = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| format!("dup: {e}"))?;
     let mut cmd = Command::new(&bin);
-    cmd.arg("-f").arg("-o").arg(&opts).arg(&target).stdin(Stdio::null()).stdout(out).stderr(err).env_clear();
+    cmd.arg("-f")
+        .arg("-o")
+        .arg(&opts)
+        .arg(&target)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env_clear();
     // It must not outlive the helper.
     crate::sys::set_death_signal(&mut cmd);
-    let mut child = cmd.spawn().map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if is_fuse(&target) {
             return Ok(FuseMount { child, target, log });
         }
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(format!("fuse-overlayfs exited ({st}) before mounting the root: {}", log_tail(&log)));
+            return Err(format!(
+                "fuse-overlayfs exited ({st}) before mounting the root: {}",
+                log_tail(&log)
+            ));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("fuse-overlayfs did not mount the root within 20 s: {}", log_tail(&log)));
+            return Err(format!(
+                "fuse-overlayfs did not mount the root within 20 s: {}",
+                log_tail(&log)
+            ));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -105,7 +150,9 @@ impl FuseMount {
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => return None,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();

@@ -12,7 +12,14 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Files of /proc hidden behind /dev/null (runc's list).
-pub const MASKED_FILES: &[&str] = &["kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug"];
+pub const MASKED_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+];
 /// Directories of /proc hidden behind an empty read-only tmpfs.
 pub const MASKED_DIRS: &[&str] = &["acpi", "asound", "scsi"];
 /// Parts of /proc made read-only.
@@ -25,7 +32,12 @@ pub fn mask_proc(m: &mut dyn Syscalls, proc: &Path, null: &Path) -> std::io::Res
 
 /// [`mask_proc`]; `recursive` binds the read-only parts with what is mounted below them (a
 /// bind of the builder's masked `/proc` has locked mounts there, which a plain bind refuses).
-fn mask_proc_with(m: &mut dyn Syscalls, proc: &Path, null: &Path, recursive: bool) -> std::io::Result<()> {
+fn mask_proc_with(
+    m: &mut dyn Syscalls,
+    proc: &Path,
+    null: &Path,
+    recursive: bool,
+) -> std::io::Result<()> {
     for f in MASKED_FILES {
         let p = proc.join(f);
         if p.exists() {
@@ -35,7 +47,13 @@ fn mask_proc_with(m: &mut dyn Syscalls, proc: &Path, null: &Path, recursive: boo
     for d in MASKED_DIRS {
         let p = proc.join(d);
         if p.is_dir() {
-            m.mount("tmpfs", &p, "tmpfs", MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "size=0")?;
+            m.mount(
+                "tmpfs",
+                &p,
+                "tmpfs",
+                MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                "size=0",
+            )?;
         }
     }
     for r in READONLY {
@@ -82,7 +100,12 @@ pub fn helper_main() -> ! {
         let f = match crate::fuse::start(&spec) {
             Ok(f) => f,
             Err(e) => {
-                let _ = writeln!(status, "error:rootmount:{}:{}", crate::run::RootMountProblem::FuseUnavailable.tag(), e.replace('\n', " "));
+                let _ = writeln!(
+                    status,
+                    "error:rootmount:{}:{}",
+                    crate::run::RootMountProblem::FuseUnavailable.tag(),
+                    e.replace('\n', " ")
+                );
                 sys::exit_now(125);
             }
         };
@@ -104,7 +127,9 @@ pub fn helper_main() -> ! {
     match sys::fork() {
         Ok(0) => {
             if spec.isolation == Isolation::SharedPid {
-                if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+                if let Err(e) =
+                    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+                {
                     let _ = writeln!(status, "error:becoming the step's subreaper: {e}");
                     sys::exit_now(125);
                 }
@@ -147,7 +172,12 @@ fn ctx<T>(r: std::io::Result<T>, what: impl FnOnce() -> String) -> Result<T, Str
 
 /// Creates `rel` in `root` as a directory or empty file when missing; records what it made
 /// (parents first), so the caller can remove it from the upperdir.
-pub(crate) fn ensure_mountpoint(root: &Path, rel: &str, dir: bool, created: &mut Vec<String>) -> Result<PathBuf, String> {
+pub(crate) fn ensure_mountpoint(
+    root: &Path,
+    rel: &str,
+    dir: bool,
+    created: &mut Vec<String>,
+) -> Result<PathBuf, String> {
     let mut p = root.to_path_buf();
     let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
     for (i, c) in comps.iter().enumerate() {
@@ -157,14 +187,20 @@ pub(crate) fn ensure_mountpoint(root: &Path, rel: &str, dir: bool, created: &mut
             Ok(md) if md.file_type().is_symlink() => {
                 // A symlink in the image where a mount point goes (e.g. /etc/resolv.conf ->
                 // ../run/...): mounting would follow it out of the image; refuse.
-                return Err(format!("/{rel}: is a symbolic link in the image; cannot mount over it"));
+                return Err(format!(
+                    "/{rel}: is a symbolic link in the image; cannot mount over it"
+                ));
             }
             Ok(_) => {}
             Err(_) => {
                 if last && !dir {
-                    ctx(std::fs::write(&p, b""), || format!("creating mount point /{rel}"))?;
+                    ctx(std::fs::write(&p, b""), || {
+                        format!("creating mount point /{rel}")
+                    })?;
                 } else {
-                    ctx(std::fs::create_dir(&p), || format!("creating mount point /{rel}"))?;
+                    ctx(std::fs::create_dir(&p), || {
+                        format!("creating mount point /{rel}")
+                    })?;
                 }
                 created.push(comps[..=i].join("/"));
             }
@@ -200,7 +236,9 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
         Err(e) => return Err(format!("sethostname: {e}")),
     }
     // Nothing we mount may propagate to the builder's mount namespace.
-    ctx(m.make_rprivate(Path::new("/")), || "making / private".into())?;
+    ctx(m.make_rprivate(Path::new("/")), || {
+        "making / private".into()
+    })?;
     if spec.network == Network::None {
         ctx(m.loopback_up(), || "bringing up loopback".into())?;
     }
@@ -208,21 +246,40 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
     let rootfs = scratch.join("rootfs");
     let empty = scratch.join("empty");
     // FROM scratch: an empty directory is the single lower layer.
-    let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() { vec![empty.as_path()] } else { spec.lowerdirs.iter().map(|p| p.as_path()).collect() };
+    let lowers: Vec<&Path> = if spec.lowerdirs.is_empty() {
+        vec![empty.as_path()]
+    } else {
+        spec.lowerdirs.iter().map(|p| p.as_path()).collect()
+    };
     match spec.snapshotter {
         Snapshotter::Overlay => {
             if let Err(e) = m.mount_overlay(&lowers, &spec.upperdir, &spec.workdir, &rootfs) {
                 // f_type's integer type differs between architectures.
                 #[allow(clippy::useless_conversion)]
-                let on_overlay = rustix::fs::statfs(&spec.upperdir).map(|st| i64::from(st.f_type) == 0x794c7630).unwrap_or(false);
+                let on_overlay = rustix::fs::statfs(&spec.upperdir)
+                    .map(|st| i64::from(st.f_type) == 0x794c7630)
+                    .unwrap_or(false);
                 let hint = if on_overlay {
                     " (the store is on overlayfs, which cannot hold upperdirs: put --root on another filesystem, e.g. an emptyDir volume)"
                 } else {
                     ""
                 };
-                let msg = format!("mounting the overlay root filesystem ({} layers): {e}{hint}", spec.lowerdirs.len());
+                let msg = format!(
+                    "mounting the overlay root filesystem ({} layers): {e}{hint}",
+                    spec.lowerdirs.len()
+                );
                 // Tagged, so that the builder can pick another snapshotter.
-                let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENODEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | libc::EACCES));
+                let refused = matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc::EPERM
+                            | libc::ENODEV
+                            | libc::EINVAL
+                            | libc::EOPNOTSUPP
+                            | libc::ENOSYS
+                            | libc::EACCES
+                    )
+                );
                 let problem = if on_overlay {
                     Some(crate::run::RootMountProblem::UpperOnOverlayfs)
                 } else if refused {
@@ -239,16 +296,28 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
         // fuse-overlayfs already serves it (the helper started it).
         Snapshotter::FuseOverlay => {}
         // The copy the builder made.
-        Snapshotter::Copy => ctx(m.bind(&spec.copy_root, &rootfs), || "binding the root filesystem (copy snapshotter)".into())?,
+        Snapshotter::Copy => ctx(m.bind(&spec.copy_root, &rootfs), || {
+            "binding the root filesystem (copy snapshotter)".into()
+        })?,
     }
     let null = Path::new("/dev/null");
     let proc = ensure_mountpoint(&rootfs, "proc", true, created)?;
     if spec.isolation == Isolation::SharedPid {
         // The builder's PID namespace: its /proc, masks and all, masked again like runc does.
-        ctx(m.rbind(Path::new("/proc"), &proc), || "binding the builder's /proc for the RUN step (shared PID namespace)".into())?;
-        ctx(mask_proc_with(m, &proc, null, true), || "masking /proc".into())?;
+        ctx(m.rbind(Path::new("/proc"), &proc), || {
+            "binding the builder's /proc for the RUN step (shared PID namespace)".into()
+        })?;
+        ctx(mask_proc_with(m, &proc, null, true), || {
+            "masking /proc".into()
+        })?;
     } else {
-        if let Err(e) = m.mount("proc", &proc, "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "") {
+        if let Err(e) = m.mount(
+            "proc",
+            &proc,
+            "proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            "",
+        ) {
             return Err(format!(
                 "mounting /proc for the RUN step: {e}. The kernel allows a new procfs only where an unmasked /proc is visible: \
                  where rbuild runs below a masked /proc it cannot unmask, use `procMount: Unmasked` or give the pod SYS_ADMIN \
@@ -269,7 +338,16 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
         }
     }
     let dev = ensure_mountpoint(&rootfs, "dev", true, created)?;
-    ctx(m.mount("tmpfs", &dev, "tmpfs", MountFlags::NOSUID | MountFlags::NOEXEC, "mode=755,size=65536k"), || "mounting /dev".into())?;
+    ctx(
+        m.mount(
+            "tmpfs",
+            &dev,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            "mode=755,size=65536k",
+        ),
+        || "mounting /dev".into(),
+    )?;
     // mknod of real devices is EPERM in a user namespace: bind the host's.
     for d in ["null", "zero", "full", "random", "urandom", "tty"] {
         let host = Path::new("/dev").join(d);
@@ -282,21 +360,42 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
     }
     let pts = dev.join("pts");
     let _ = std::fs::create_dir(&pts);
-    if m.mount("devpts", &pts, "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, "newinstance,ptmxmode=0666,mode=0620").is_ok() {
+    if m.mount(
+        "devpts",
+        &pts,
+        "devpts",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
+    .is_ok()
+    {
         let _ = std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"));
     } else {
         let _ = std::fs::remove_dir(&pts);
     }
     let shm = dev.join("shm");
     let _ = std::fs::create_dir(&shm);
-    let _ = m.mount("shm", &shm, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "mode=1777,size=65536k");
-    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+    let _ = m.mount(
+        "shm",
+        &shm,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        "mode=1777,size=65536k",
+    );
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         let _ = std::os::unix::fs::symlink(target, dev.join(name));
     }
     // Generated files live in the scratch dir; bound over the image's, they never reach the layer.
     for f in ["hosts", "resolv.conf", "hostname"] {
         let t = ensure_mountpoint(&rootfs, &format!("etc/{f}"), false, created)?;
-        ctx(m.bind(&scratch.join("files").join(f), &t), || format!("binding /etc/{f}"))?;
+        ctx(m.bind(&scratch.join("files").join(f), &t), || {
+            format!("binding /etc/{f}")
+        })?;
     }
     for (i, mnt) in spec.mounts.iter().enumerate() {
         extra_mount(m, spec, &rootfs, i, mnt, created)?;
@@ -311,17 +410,25 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     let shared = spec.isolation == Isolation::SharedPid;
     let waitset = shared.then(|| sys::block_signals(&[libc::SIGTERM, libc::SIGCHLD]));
     let helper = rustix::process::getppid();
-    let death = if shared { rustix::process::Signal::TERM } else { rustix::process::Signal::KILL };
+    let death = if shared {
+        rustix::process::Signal::TERM
+    } else {
+        rustix::process::Signal::KILL
+    };
     let _ = rustix::process::set_parent_process_death_signal(Some(death));
     if rustix::process::getppid() != helper {
         return Err("the builder went away before the step started".into());
     }
     // Root of the new user namespace (the parent wrote its maps before it released us).
-    ctx(sys::set_ids(0, 0), || "becoming root of the step's user namespace".into())?;
+    ctx(sys::set_ids(0, 0), || {
+        "becoming root of the step's user namespace".into()
+    })?;
     if spec.snapshotter == Snapshotter::FuseOverlay {
         // A mount namespace of the step's own: pivot_root must move only the step's
         // processes into the new root, never the fuse-overlayfs daemon serving it.
-        ctx(m.unshare(libc::CLONE_NEWNS), || "unshare(CLONE_NEWNS)".into())?;
+        ctx(m.unshare(libc::CLONE_NEWNS), || {
+            "unshare(CLONE_NEWNS)".into()
+        })?;
     }
     let prepared = prepare_root(m, spec)?;
     for c in &prepared.created {
@@ -332,19 +439,43 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     }
     // Into the new root; the old one is detached and unreachable.
     let rootfs = spec.scratch.join("rootfs");
-    ctx(std::env::set_current_dir(&rootfs), || "chdir to the root filesystem".into())?;
-    ctx(m.pivot_root(Path::new("."), Path::new(".")), || "pivot_root".into())?;
-    ctx(m.umount_detach(Path::new(".")), || "detaching the old root".into())?;
+    ctx(std::env::set_current_dir(&rootfs), || {
+        "chdir to the root filesystem".into()
+    })?;
+    ctx(m.pivot_root(Path::new("."), Path::new(".")), || {
+        "pivot_root".into()
+    })?;
+    ctx(m.umount_detach(Path::new(".")), || {
+        "detaching the old root".into()
+    })?;
     ctx(std::env::set_current_dir("/"), || "chdir /".into())?;
-    ctx(std::env::set_current_dir(&spec.cwd), || format!("working directory {} (it must exist in the image)", spec.cwd))?;
+    ctx(std::env::set_current_dir(&spec.cwd), || {
+        format!(
+            "working directory {} (it must exist in the image)",
+            spec.cwd
+        )
+    })?;
     let (uid, gid, groups) = resolve_user(&spec.user)?;
-    let path_env = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_else(|| DEFAULT_PATH.to_string());
-    let exe = find_executable(&spec.argv[0], &path_env).ok_or_else(|| format!("exec {}: executable file not found in $PATH ({path_env})", spec.argv[0]))?;
+    let path_env = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let exe = find_executable(&spec.argv[0], &path_env).ok_or_else(|| {
+        format!(
+            "exec {}: executable file not found in $PATH ({path_env})",
+            spec.argv[0]
+        )
+    })?;
     let mut env: Vec<CString> = Vec::new();
     let mut has_path = false;
     for (k, v) in &spec.env {
         has_path |= k == "PATH";
-        env.push(CString::new(format!("{k}={v}")).map_err(|_| format!("environment variable {k} contains a NUL byte"))?);
+        env.push(
+            CString::new(format!("{k}={v}"))
+                .map_err(|_| format!("environment variable {k} contains a NUL byte"))?,
+        );
     }
     if !has_path {
         env.push(CString::new(format!("PATH={DEFAULT_PATH}")).unwrap());
@@ -352,8 +483,14 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     if !spec.env.iter().any(|(k, _)| k == "HOSTNAME") {
         env.push(CString::new(format!("HOSTNAME={}", spec.hostname)).unwrap());
     }
-    let argv: Vec<CString> = spec.argv.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>().map_err(|_| "argument contains a NUL byte".to_string())?;
-    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|_| "executable path contains a NUL byte".to_string())?;
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "argument contains a NUL byte".to_string())?;
+    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes())
+        .map_err(|_| "executable path contains a NUL byte".to_string())?;
     let _ = status.flush();
     let child = ctx(sys::fork(), || "fork".into())?;
     if child == 0 {
@@ -361,7 +498,9 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
         // dies, never the sandbox's helper and init that share its cgroup and report on it.
         let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
         // Under a single-ID map the kernel denies setgroups; the only group is then ours.
-        let setgroups_denied = std::fs::read_to_string("/proc/self/setgroups").map(|s| s.trim() == "deny").unwrap_or(false);
+        let setgroups_denied = std::fs::read_to_string("/proc/self/setgroups")
+            .map(|s| s.trim() == "deny")
+            .unwrap_or(false);
         if !setgroups_denied {
             if let Err(e) = sys::setgroups(&groups) {
                 let _ = writeln!(status, "error:setgroups for user {:?}: {e}", spec.user);
@@ -369,7 +508,11 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
             }
         }
         if let Err(e) = sys::set_ids(uid, gid) {
-            let _ = writeln!(status, "error:switching to user {:?} ({uid}:{gid}): {e}", spec.user);
+            let _ = writeln!(
+                status,
+                "error:switching to user {:?} ({uid}:{gid}): {e}",
+                spec.user
+            );
             sys::exit_now(126);
         }
         sys::unblock_all_signals();
@@ -380,7 +523,11 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     // PID 1: reap everything until the command itself exits. When we exit, the kernel kills
     // every other process of the namespace, so nothing the step started survives it. (In a
     // shared PID namespace: poll, and sleep on SIGCHLD or the helper's death signal.)
-    let wait_flags = if shared { rustix::process::WaitOptions::NOHANG } else { rustix::process::WaitOptions::empty() };
+    let wait_flags = if shared {
+        rustix::process::WaitOptions::NOHANG
+    } else {
+        rustix::process::WaitOptions::empty()
+    };
     loop {
         match rustix::process::wait(wait_flags) {
             Ok(None) => {
@@ -404,7 +551,9 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
                     end_descendants();
                 }
                 let _ = writeln!(status, "{line}");
-                let code = st.exit_status().unwrap_or_else(|| 128 + st.terminating_signal().unwrap_or(0));
+                let code = st
+                    .exit_status()
+                    .unwrap_or_else(|| 128 + st.terminating_signal().unwrap_or(0));
                 return Ok(code);
             }
             Ok(_) => continue,
@@ -416,12 +565,16 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
 
 /// The children of `pid`, from `/proc/*/stat` (the builder's /proc, in a shared PID namespace).
 fn children_of(pid: u32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|p| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
             // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
-            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
         })
         .collect()
 }
@@ -452,7 +605,14 @@ fn end_descendants() {
 }
 
 /// Mounts one `RUN --mount` (or heredoc script) at its target inside `rootfs`.
-fn extra_mount(m: &mut dyn Syscalls, spec: &RunSpec, rootfs: &Path, i: usize, mnt: &crate::spec::Mount, created: &mut Vec<String>) -> Result<(), String> {
+fn extra_mount(
+    m: &mut dyn Syscalls,
+    spec: &RunSpec,
+    rootfs: &Path,
+    i: usize,
+    mnt: &crate::spec::Mount,
+    created: &mut Vec<String>,
+) -> Result<(), String> {
     use crate::spec::MountSource;
     let rel = mnt.target.trim_start_matches('/');
     let what = || format!("mount at {}", mnt.target);
@@ -460,7 +620,9 @@ fn extra_mount(m: &mut dyn Syscalls, spec: &RunSpec, rootfs: &Path, i: usize, mn
         MountSource::Bind { source, readonly } => {
             let is_dir = source.is_dir();
             let t = ensure_mountpoint(rootfs, rel, is_dir, created)?;
-            ctx(m.rbind(source, &t), || format!("{}: binding {}", what(), source.display()))?;
+            ctx(m.rbind(source, &t), || {
+                format!("{}: binding {}", what(), source.display())
+            })?;
             if *readonly {
                 ctx(m.remount_ro(&t, false), what)?;
             }
@@ -468,23 +630,45 @@ fn extra_mount(m: &mut dyn Syscalls, spec: &RunSpec, rootfs: &Path, i: usize, mn
         MountSource::Tmpfs { size } => {
             let t = ensure_mountpoint(rootfs, rel, true, created)?;
             let data = size.map(|s| format!("size={s}")).unwrap_or_default();
-            ctx(m.mount("tmpfs", &t, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, &data), what)?;
+            ctx(
+                m.mount(
+                    "tmpfs",
+                    &t,
+                    "tmpfs",
+                    MountFlags::NOSUID | MountFlags::NODEV,
+                    &data,
+                ),
+                what,
+            )?;
         }
-        MountSource::Layers { lowerdirs, subpath, discard_writes } => {
+        MountSource::Layers {
+            lowerdirs,
+            subpath,
+            discard_writes,
+        } => {
             // The layers as a filesystem of their own, in our scratch space, then bind the part asked for.
             let base = spec.scratch.join(format!("mount{i}"));
             let merged = base.join("merged");
             ctx(std::fs::create_dir_all(&merged), what)?;
             let empty = spec.scratch.join("empty");
-            let mut lower: Vec<String> = lowerdirs.iter().map(|p| p.display().to_string()).collect();
+            let mut lower: Vec<String> =
+                lowerdirs.iter().map(|p| p.display().to_string()).collect();
             let mut data;
             if *discard_writes {
                 let (u, w) = (base.join("upper"), base.join("work"));
-                ctx(std::fs::create_dir_all(&u).and_then(|_| std::fs::create_dir_all(&w)), what)?;
+                ctx(
+                    std::fs::create_dir_all(&u).and_then(|_| std::fs::create_dir_all(&w)),
+                    what,
+                )?;
                 if lower.is_empty() {
                     lower.push(empty.display().to_string());
                 }
-                data = format!("lowerdir={},upperdir={},workdir={},userxattr", lower.join(":"), u.display(), w.display());
+                data = format!(
+                    "lowerdir={},upperdir={},workdir={},userxattr",
+                    lower.join(":"),
+                    u.display(),
+                    w.display()
+                );
             } else {
                 // Without an upper layer overlay needs two lowers.
                 lower.push(empty.display().to_string());
@@ -492,11 +676,19 @@ fn extra_mount(m: &mut dyn Syscalls, spec: &RunSpec, rootfs: &Path, i: usize, mn
             }
             if data.len() > 4000 {
                 data = format!("{}…", &data[..64]);
-                return Err(format!("{}: too many layers for a mount source ({data})", what()));
+                return Err(format!(
+                    "{}: too many layers for a mount source ({data})",
+                    what()
+                ));
             }
-            ctx(m.mount("overlay", &merged, "overlay", MountFlags::empty(), &data), what)?;
+            ctx(
+                m.mount("overlay", &merged, "overlay", MountFlags::empty(), &data),
+                what,
+            )?;
             let src = merged.join(subpath.trim_start_matches('/'));
-            let md = ctx(std::fs::symlink_metadata(&src), || format!("{}: source {subpath}", what()))?;
+            let md = ctx(std::fs::symlink_metadata(&src), || {
+                format!("{}: source {subpath}", what())
+            })?;
             let t = ensure_mountpoint(rootfs, rel, md.is_dir(), created)?;
             ctx(m.bind(&src, &t), what)?;
             if !*discard_writes {
@@ -517,7 +709,11 @@ fn find_executable(name: &str, path: &str) -> Option<PathBuf> {
     }
     path.split(':')
         .map(|d| Path::new(if d.is_empty() { "." } else { d }).join(name))
-        .find(|p| std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
 }
 
 /// Resolves `USER` in the (new) root's /etc/passwd and /etc/group, like runc.
@@ -528,7 +724,11 @@ pub fn resolve_user(spec: &str) -> Result<(u32, u32, Vec<u32>), String> {
 }
 
 /// [`resolve_user`] on given file contents.
-pub fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<(u32, u32, Vec<u32>), String> {
+pub fn resolve_user_in(
+    spec: &str,
+    passwd: &str,
+    group: &str,
+) -> Result<(u32, u32, Vec<u32>), String> {
     if spec.is_empty() {
         return Ok((0, 0, Vec::new()));
     }
@@ -536,23 +736,42 @@ pub fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<(u32, u3
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let pw: Vec<Vec<&str>> = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 4).collect();
+    let pw: Vec<Vec<&str>> = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4)
+        .collect();
     let (uid, name, primary) = if let Ok(n) = u.parse::<u32>() {
         let e = pw.iter().find(|f| f[2] == u);
-        (n, e.map(|f| f[0].to_string()), e.and_then(|f| f[3].parse().ok()).unwrap_or(0))
+        (
+            n,
+            e.map(|f| f[0].to_string()),
+            e.and_then(|f| f[3].parse().ok()).unwrap_or(0),
+        )
     } else {
-        let e = pw.iter().find(|f| f[0] == u).ok_or_else(|| format!("unable to find user {u}: no matching entries in passwd file"))?;
-        (e[2].parse().map_err(|_| format!("bad uid for {u} in /etc/passwd"))?, Some(u.to_string()), e[3].parse().map_err(|_| format!("bad gid for {u} in /etc/passwd"))?)
+        let e = pw.iter().find(|f| f[0] == u).ok_or_else(|| {
+            format!("unable to find user {u}: no matching entries in passwd file")
+        })?;
+        (
+            e[2].parse()
+                .map_err(|_| format!("bad uid for {u} in /etc/passwd"))?,
+            Some(u.to_string()),
+            e[3].parse()
+                .map_err(|_| format!("bad gid for {u} in /etc/passwd"))?,
+        )
     };
-    let gr: Vec<Vec<&str>> = group.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 3).collect();
+    let gr: Vec<Vec<&str>> = group
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 3)
+        .collect();
     let gid = match g {
         None => primary,
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => gr
-                .iter()
-                .find(|f| f[0] == g)
-                .ok_or_else(|| format!("unable to find group {g}: no matching entries in group file"))?[2]
+            Err(_) => gr.iter().find(|f| f[0] == g).ok_or_else(|| {
+                format!("unable to find group {g}: no matching entries in group file")
+            })?[2]
                 .parse()
                 .map_err(|_| format!("bad gid for group {g}"))?,
         },
@@ -582,7 +801,6 @@ mod tests {
     use super::*;
     use crate::syscalls::RecordingSyscalls;
 
-
     fn spec_in(dir: &Path, network: Network) -> RunSpec {
         let mut s = RunSpec::builder()
             .lowerdirs(vec![dir.join("lower")])
@@ -607,17 +825,44 @@ mod tests {
         r.fail.push(("mount sysfs".into(), libc::EPERM));
         let p = prepare_root(&mut r, &spec).unwrap();
         // /sys was created for the attempt, then removed again.
-        assert_eq!(p.created, vec!["proc", "dev", "etc/hosts", "etc/resolv.conf", "etc/hostname"]);
+        assert_eq!(
+            p.created,
+            vec![
+                "proc",
+                "dev",
+                "etc/hosts",
+                "etc/resolv.conf",
+                "etc/hostname"
+            ]
+        );
         assert!(!spec.scratch.join("rootfs/sys").exists());
-        assert!(p.warnings[0].contains("/sys is not mounted"), "{:?}", p.warnings);
+        assert!(
+            p.warnings[0].contains("/sys is not mounted"),
+            "{:?}",
+            p.warnings
+        );
         let root = spec.scratch.join("rootfs");
         let c = &r.calls;
         assert_eq!(c[0], "sethostname rbuild");
         assert_eq!(c[1], "rprivate /");
-        assert!(c[2].starts_with(&format!("overlay {} ", t.path().join("lower").display())), "{}", c[2]);
-        assert_eq!(c[3], format!("mount proc {} proc", root.join("proc").display()));
-        assert!(c.contains(&format!("bind /dev/null {}", root.join("dev/null").display())));
-        assert!(c.contains(&format!("bind {} {}", spec.scratch.join("files/hosts").display(), root.join("etc/hosts").display())));
+        assert!(
+            c[2].starts_with(&format!("overlay {} ", t.path().join("lower").display())),
+            "{}",
+            c[2]
+        );
+        assert_eq!(
+            c[3],
+            format!("mount proc {} proc", root.join("proc").display())
+        );
+        assert!(c.contains(&format!(
+            "bind /dev/null {}",
+            root.join("dev/null").display()
+        )));
+        assert!(c.contains(&format!(
+            "bind {} {}",
+            spec.scratch.join("files/hosts").display(),
+            root.join("etc/hosts").display()
+        )));
         assert!(!c.iter().any(|l| l == "loopback_up"));
     }
 
@@ -632,8 +877,18 @@ mod tests {
         assert!(p.created.contains(&"sys".to_string()));
         assert_eq!(r.calls[2], "loopback_up");
         // FROM scratch: the empty directory is the only lower layer.
-        assert!(r.calls[3].starts_with(&format!("overlay {} ", spec.scratch.join("empty").display())), "{}", r.calls[3]);
-        assert!(r.calls.iter().any(|l| l.starts_with("mount sysfs") && l.ends_with(" ro")));
+        assert!(
+            r.calls[3].starts_with(&format!(
+                "overlay {} ",
+                spec.scratch.join("empty").display()
+            )),
+            "{}",
+            r.calls[3]
+        );
+        assert!(r
+            .calls
+            .iter()
+            .any(|l| l.starts_with("mount sysfs") && l.ends_with(" ro")));
     }
 
     #[test]
@@ -643,7 +898,10 @@ mod tests {
         let mut r = RecordingSyscalls::default();
         r.fail.push(("mount proc".into(), libc::EPERM));
         let e = prepare_root(&mut r, &spec).unwrap_err();
-        assert!(e.contains("procMount: Unmasked") && e.contains("SYS_ADMIN"), "{e}");
+        assert!(
+            e.contains("procMount: Unmasked") && e.contains("SYS_ADMIN"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -662,14 +920,24 @@ mod tests {
         assert_eq!(r.calls[3], format!("rbind /proc {}", proc.display()));
         // Read-only parts with what is below them (locked mounts refuse a plain bind).
         let sys = proc.join("sys");
-        assert!(r.calls.contains(&format!("rbind {} {}", sys.display(), sys.display())), "{:?}", r.calls);
+        assert!(
+            r.calls
+                .contains(&format!("rbind {} {}", sys.display(), sys.display())),
+            "{:?}",
+            r.calls
+        );
         assert!(r.calls.contains(&format!("ro {}", sys.display())));
-        assert!(r.calls.contains(&format!("bind /dev/null {}", proc.join("keys").display())));
+        assert!(r
+            .calls
+            .contains(&format!("bind /dev/null {}", proc.join("keys").display())));
     }
 
     #[test]
     fn children_are_found_by_their_parent_pid() {
-        let mut c = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let kids = children_of(std::process::id());
         let _ = c.kill();
         let _ = c.wait();
@@ -685,12 +953,20 @@ mod tests {
         // As under docker's or podman's default seccomp profile.
         r.fail.push(("sethostname".into(), libc::EPERM));
         let p = prepare_root(&mut r, &spec).unwrap();
-        assert!(p.warnings.iter().any(|w| w.contains("keeps the builder's hostname") && w.contains("seccomp")), "{:?}", p.warnings);
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("keeps the builder's hostname") && w.contains("seccomp")),
+            "{:?}",
+            p.warnings
+        );
         assert_eq!(r.calls[1], "rprivate /", "the step goes on");
         // Any other failure still stops the step.
         let mut r = RecordingSyscalls::default();
         r.fail.push(("sethostname".into(), libc::EINVAL));
-        assert!(prepare_root(&mut r, &spec).unwrap_err().starts_with("sethostname: "));
+        assert!(prepare_root(&mut r, &spec)
+            .unwrap_err()
+            .starts_with("sethostname: "));
     }
 
     #[test]
@@ -698,7 +974,16 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("../run/resolv.conf", t.path().join("resolv.conf")).unwrap();
         let mut created = vec![];
-        let e = ensure_mountpoint(t.path().parent().unwrap(), &format!("{}/resolv.conf", t.path().file_name().unwrap().to_string_lossy()), false, &mut created).unwrap_err();
+        let e = ensure_mountpoint(
+            t.path().parent().unwrap(),
+            &format!(
+                "{}/resolv.conf",
+                t.path().file_name().unwrap().to_string_lossy()
+            ),
+            false,
+            &mut created,
+        )
+        .unwrap_err();
         assert!(e.contains("symbolic link"));
         let mut created = vec![];
         ensure_mountpoint(t.path(), "a/b/c", false, &mut created).unwrap();
@@ -734,10 +1019,24 @@ mod tests {
         let passwd = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1000::/app:/bin/sh\n";
         let group = "root:x:0:\nnogroup:x:65534:\napp:x:1000:\nwheel:x:10:app\n";
         assert_eq!(resolve_user_in("", passwd, group).unwrap(), (0, 0, vec![]));
-        assert_eq!(resolve_user_in("nobody", passwd, group).unwrap(), (65534, 65534, vec![65534]));
-        assert_eq!(resolve_user_in("app", passwd, group).unwrap(), (1000, 1000, vec![1000, 10]));
-        assert_eq!(resolve_user_in("app:wheel", passwd, group).unwrap(), (1000, 10, vec![10]));
-        assert_eq!(resolve_user_in("4242", passwd, group).unwrap(), (4242, 0, vec![0]));
-        assert!(resolve_user_in("ghost", passwd, group).unwrap_err().contains("unable to find user ghost"));
+        assert_eq!(
+            resolve_user_in("nobody", passwd, group).unwrap(),
+            (65534, 65534, vec![65534])
+        );
+        assert_eq!(
+            resolve_user_in("app", passwd, group).unwrap(),
+            (1000, 1000, vec![1000, 10])
+        );
+        assert_eq!(
+            resolve_user_in("app:wheel", passwd, group).unwrap(),
+            (1000, 10, vec![10])
+        );
+        assert_eq!(
+            resolve_user_in("4242", passwd, group).unwrap(),
+            (4242, 0, vec![0])
+        );
+        assert!(resolve_user_in("ghost", passwd, group)
+            .unwrap_err()
+            .contains("unable to find user ghost"));
     }
 }

@@ -24,21 +24,24 @@ mod init;
 mod ns;
 pub mod probe;
 mod run;
-mod spec;
 mod spawn;
+mod spec;
 mod sys;
 mod syscalls;
 
-pub use idmap::{Extent, IdMap};
-pub use init::{mask_proc, resolve_user_in, DEFAULT_PATH, MASKED_DIRS, MASKED_FILES, READONLY};
-pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};
-pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
 pub use copyroot::forget_copy_cache;
 pub use direct::container_evidence;
 pub use fallback::{fallback_for, kernel_reads_xattr_whiteouts, Fallback};
 pub use fuse::fuse_overlayfs_binary;
+pub use idmap::{Extent, IdMap};
+pub use init::{mask_proc, resolve_user_in, DEFAULT_PATH, MASKED_DIRS, MASKED_FILES, READONLY};
+pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
 pub use run::{run, ExitKind, RootMountProblem, RunError, RunOutcome};
-pub use spec::{human_bytes, Isolation, Limits, Mount, MountSource, Network, RunSpec, RunSpecBuilder, Snapshotter, SpecError};
+pub use spec::{
+    human_bytes, Isolation, Limits, Mount, MountSource, Network, RunSpec, RunSpecBuilder,
+    Snapshotter, SpecError,
+};
+pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};
 
 /// argv\[1\] that makes the rbuild binary act as the RUN-step helper.
 pub const HELPER_ARG: &str = "__rbuild-run-helper";
@@ -48,10 +51,19 @@ pub fn dispatch_helper() {
     if std::env::args_os().nth(1).is_some_and(|a| a == HELPER_ARG) {
         init::helper_main();
     }
-    if std::env::args_os().nth(1).is_some_and(|a| a == probe::PROBE_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == probe::PROBE_ARG)
+    {
         let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-        let what = args.get(2).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
-        let dir = args.get(3).map(std::path::PathBuf::from).unwrap_or_default();
+        let what = args
+            .get(2)
+            .map(|a| a.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = args
+            .get(3)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_default();
         probe::probe_child_main(&what, &dir);
     }
 }

@@ -73,7 +73,8 @@ pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, Name
         Some(p) => (p, true),
         None => (marker.as_str(), false),
     };
-    let inside = parent.parse::<i32>().ok() == Some(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()));
+    let inside = parent.parse::<i32>().ok()
+        == Some(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()));
     let euid_root = rustix::process::geteuid().is_root();
     let rootless = if inside {
         true
@@ -96,10 +97,18 @@ pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, Name
         );
     }
     // The re-exec'd child already has its own mount namespace (unshared with the user namespace).
-    let m = setup_mounts(&mut LinuxSyscalls, &opts.state_dir, !rootless, proc_is_ours())?;
+    let m = setup_mounts(
+        &mut LinuxSyscalls,
+        &opts.state_dir,
+        !rootless,
+        proc_is_ours(),
+    )?;
     warnings.extend(m.warnings);
     let mode = if rootless && of_root {
-        format!("root without CAP_SYS_ADMIN: a user namespace of its own, {}", id_map.describe())
+        format!(
+            "root without CAP_SYS_ADMIN: a user namespace of its own, {}",
+            id_map.describe()
+        )
     } else if rootless {
         format!("rootless: user namespace, {}", id_map.describe())
     } else if id_map.is_full() {
@@ -107,13 +116,22 @@ pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, Name
     } else {
         format!("root of a user namespace, {}", id_map.describe())
     };
-    Ok(BuildNamespace { id_map, mode, warnings, proc_clone: m.proc_clone, proc_locked: m.proc_locked })
+    Ok(BuildNamespace {
+        id_map,
+        mode,
+        warnings,
+        proc_clone: m.proc_clone,
+        proc_locked: m.proc_locked,
+    })
 }
 
 /// Whether this process holds CAP_SYS_ADMIN in its user namespace (what unsharing a mount
 /// namespace needs).
 pub(crate) fn has_sys_admin() -> bool {
-    rustix::thread::capabilities(None).is_ok_and(|c| c.effective.contains(rustix::thread::CapabilitySet::SYS_ADMIN))
+    rustix::thread::capabilities(None).is_ok_and(|c| {
+        c.effective
+            .contains(rustix::thread::CapabilitySet::SYS_ADMIN)
+    })
 }
 
 /// Whether this process may write any ID map of its own namespace into a child's (CAP_SETUID
@@ -127,20 +145,29 @@ pub(crate) fn may_map_any_id() -> bool {
 /// a child's ID maps through a procfs of its own PID namespace, or `/proc/<pid>` is another
 /// process.
 fn proc_is_ours() -> bool {
-    std::fs::read_link("/proc/self").map(|l| l.to_string_lossy() == std::process::id().to_string()).unwrap_or(false)
+    std::fs::read_link("/proc/self")
+        .map(|l| l.to_string_lossy() == std::process::id().to_string())
+        .unwrap_or(false)
 }
 
 /// The mount side of the build namespace: a private mount namespace, the non-recursive clone
 /// of `/proc` at `<state_dir>/proc-clone` and, when `/proc` shows another PID namespace, a
 /// fresh (masked) procfs over it. Returns the clone, or why the masks on /proc prevent it.
-pub(crate) fn setup_mounts(sys: &mut dyn Syscalls, state_dir: &Path, unshare: bool, proc_ours: bool) -> Result<MountsSetUp, NamespaceError> {
+pub(crate) fn setup_mounts(
+    sys: &mut dyn Syscalls,
+    state_dir: &Path,
+    unshare: bool,
+    proc_ours: bool,
+) -> Result<MountsSetUp, NamespaceError> {
     let mut warnings = Vec::new();
     let mut locked = None;
     if unshare {
-        sys.unshare(libc::CLONE_NEWNS).map_err(mount_refused("unshare(CLONE_NEWNS)"))?;
+        sys.unshare(libc::CLONE_NEWNS)
+            .map_err(mount_refused("unshare(CLONE_NEWNS)"))?;
     }
     // Nothing we mount may propagate back to the parent mount namespace.
-    sys.make_rprivate(Path::new("/")).map_err(mount_refused("making / private"))?;
+    sys.make_rprivate(Path::new("/"))
+        .map_err(mount_refused("making / private"))?;
     let target = state_dir.join("proc-clone");
     std::fs::create_dir_all(&target).map_err(sys_err(format!("creating {}", target.display())))?;
     // Non-recursive: a procfs without the masks' mounts on it is "fully visible", which is what
@@ -156,7 +183,9 @@ pub(crate) fn setup_mounts(sys: &mut dyn Syscalls, state_dir: &Path, unshare: bo
     };
     if !proc_ours {
         // Replace /proc by one of our PID namespace, masked again.
-        let flags = rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV | rustix::mount::MountFlags::NOEXEC;
+        let flags = rustix::mount::MountFlags::NOSUID
+            | rustix::mount::MountFlags::NODEV
+            | rustix::mount::MountFlags::NOEXEC;
         let res = sys
             .mount("proc", Path::new("/proc"), "proc", flags, "")
             .and_then(|_| crate::init::mask_proc(sys, Path::new("/proc"), Path::new("/dev/null")));
@@ -167,7 +196,11 @@ pub(crate) fn setup_mounts(sys: &mut dyn Syscalls, state_dir: &Path, unshare: bo
             ));
         }
     }
-    Ok(MountsSetUp { proc_clone, proc_locked: locked, warnings })
+    Ok(MountsSetUp {
+        proc_clone,
+        proc_locked: locked,
+        warnings,
+    })
 }
 
 /// [`sys_err`] for the first namespace and mount calls of a build: where they are refused
@@ -226,12 +259,22 @@ fn reexec_in_user_namespace(opts: &EnterOptions, as_root: bool) -> Result<(), Na
     let subgids = sub_ranges(Path::new("/etc/subgid"), &name, uid);
     let have_helpers = which("newuidmap").is_some() && which("newgidmap").is_some();
     let mut cmd = Command::new("/proc/self/exe");
-    let marker = if as_root { format!("{}:root", std::process::id()) } else { std::process::id().to_string() };
-    cmd.args(std::env::args_os().skip(1)).env(INSIDE_ENV, marker);
+    let marker = if as_root {
+        format!("{}:root", std::process::id())
+    } else {
+        std::process::id().to_string()
+    };
+    cmd.args(std::env::args_os().skip(1))
+        .env(INSIDE_ENV, marker);
     let identity = (as_root && may_map_any_id())
         .then(|| IdMap::current().ok())
         .flatten()
-        .map(|m| (crate::idmap::nested_identity(&m.uids), crate::idmap::nested_identity(&m.gids)));
+        .map(|m| {
+            (
+                crate::idmap::nested_identity(&m.uids),
+                crate::idmap::nested_identity(&m.gids),
+            )
+        });
     if let Ok(a0) = std::env::current_exe() {
         use std::os::unix::process::CommandExt;
         cmd.arg0(a0);
@@ -241,7 +284,8 @@ fn reexec_in_user_namespace(opts: &EnterOptions, as_root: bool) -> Result<(), Na
     let map = move |pid: u32| -> Result<(), String> {
         let base = format!("/proc/{pid}");
         if let Some((uids, gids)) = &identity {
-            let direct = std::fs::write(format!("{base}/uid_map"), uids).and_then(|_| std::fs::write(format!("{base}/gid_map"), gids));
+            let direct = std::fs::write(format!("{base}/uid_map"), uids)
+                .and_then(|_| std::fs::write(format!("{base}/gid_map"), gids));
             match direct {
                 Ok(()) => return Ok(()),
                 // The kernel writes a map once: a failed write leaves it unset, so the
@@ -280,12 +324,10 @@ fn reexec_in_user_namespace(opts: &EnterOptions, as_root: bool) -> Result<(), Na
         };
         match mapped {
             Ok(()) => Ok(()),
-            Err(why) if allow_single => {
-                std::fs::write(format!("{base}/setgroups"), "deny")
-                    .and_then(|_| std::fs::write(format!("{base}/uid_map"), format!("0 {uid} 1\n")))
-                    .and_then(|_| std::fs::write(format!("{base}/gid_map"), format!("0 {gid} 1\n")))
-                    .map_err(|e| format!("{why}; writing a single-ID map failed too: {e}"))
-            }
+            Err(why) if allow_single => std::fs::write(format!("{base}/setgroups"), "deny")
+                .and_then(|_| std::fs::write(format!("{base}/uid_map"), format!("0 {uid} 1\n")))
+                .and_then(|_| std::fs::write(format!("{base}/gid_map"), format!("0 {gid} 1\n")))
+                .map_err(|e| format!("{why}; writing a single-ID map failed too: {e}")),
             Err(why) => Err(why),
         }
     };
@@ -314,7 +356,9 @@ fn reexec_in_user_namespace(opts: &EnterOptions, as_root: bool) -> Result<(), Na
     });
     let status = child.wait().map_err(sys_err("waiting for the build"))?;
     use std::os::unix::process::ExitStatusExt;
-    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     std::process::exit(code);
 }
 
@@ -341,7 +385,14 @@ mod tests {
         let want = t.path().join("proc-clone");
         assert_eq!(m.proc_clone.as_deref(), Some(want.as_path()));
         assert!(m.warnings.is_empty() && m.proc_locked.is_none());
-        assert_eq!(r.calls, vec!["unshare 0x20000".to_string(), "rprivate /".into(), format!("bind /proc {}", want.display())]);
+        assert_eq!(
+            r.calls,
+            vec![
+                "unshare 0x20000".to_string(),
+                "rprivate /".into(),
+                format!("bind /proc {}", want.display())
+            ]
+        );
     }
 
     #[test]
@@ -349,15 +400,28 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let mut r = RecordingSyscalls::default();
         r.fail.push(("rprivate /".into(), libc::EACCES));
-        let e = setup_mounts(&mut r, t.path(), true, true).unwrap_err().to_string();
-        for want in ["making / private", "AppArmor", "apparmor=unconfined", "--isolation=none", "Permission denied"] {
+        let e = setup_mounts(&mut r, t.path(), true, true)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "making / private",
+            "AppArmor",
+            "apparmor=unconfined",
+            "--isolation=none",
+            "Permission denied",
+        ] {
             assert!(e.contains(want), "{want}: {e}");
         }
         // Other failures are reported as they are.
         let mut r = RecordingSyscalls::default();
         r.fail.push(("unshare".into(), libc::EINVAL));
-        let e = setup_mounts(&mut r, t.path(), true, true).unwrap_err().to_string();
-        assert!(e.starts_with("unshare(CLONE_NEWNS): ") && !e.contains("AppArmor"), "{e}");
+        let e = setup_mounts(&mut r, t.path(), true, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("unshare(CLONE_NEWNS): ") && !e.contains("AppArmor"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -368,8 +432,14 @@ mod tests {
         let m = setup_mounts(&mut r, t.path(), false, true).unwrap();
         assert!(m.proc_clone.is_none() && m.warnings.is_empty());
         let why = m.proc_locked.unwrap();
-        assert!(why.contains("locked") && why.contains("Invalid argument"), "{why}");
-        assert!(!t.path().join("proc-clone").exists(), "no empty mount point is left behind");
+        assert!(
+            why.contains("locked") && why.contains("Invalid argument"),
+            "{why}"
+        );
+        assert!(
+            !t.path().join("proc-clone").exists(),
+            "no empty mount point is left behind"
+        );
         assert!(!r.calls.iter().any(|c| c.starts_with("unshare")));
     }
 
@@ -379,8 +449,16 @@ mod tests {
         let mut r = RecordingSyscalls::default();
         let m = setup_mounts(&mut r, t.path(), false, false).unwrap();
         assert!(m.warnings.is_empty());
-        assert!(r.calls.contains(&"mount proc /proc proc".to_string()), "{:?}", r.calls);
+        assert!(
+            r.calls.contains(&"mount proc /proc proc".to_string()),
+            "{:?}",
+            r.calls
+        );
         // mask_proc runs against the real /proc of this machine, which has keys.
-        assert!(r.calls.contains(&"bind /dev/null /proc/keys".to_string()), "{:?}", r.calls);
+        assert!(
+            r.calls.contains(&"bind /dev/null /proc/keys".to_string()),
+            "{:?}",
+            r.calls
+        );
     }
 }

@@ -152,7 +152,11 @@ impl SandboxMode {
         if isolation == Isolation::None {
             return "no namespaces (--isolation=none)".into();
         }
-        let userns = if self.user_namespaces { "user namespaces" } else { "NO user namespaces" };
+        let userns = if self.user_namespaces {
+            "user namespaces"
+        } else {
+            "NO user namespaces"
+        };
         let overlay = match self.overlay {
             OverlayKind::Native => "overlay (native)",
             OverlayKind::Fuse => "overlay (fuse-overlayfs)",
@@ -170,7 +174,9 @@ impl SandboxMode {
 /// mount on the store's filesystem); `proc_locked` comes from the build namespace's real
 /// attempt to clone `/proc` ([`crate::BuildNamespace::proc_locked`]).
 pub fn build_mode(store: &Path, proc_locked: Option<String>) -> SandboxMode {
-    let scratch = store.join("tmp").join(format!("probe-{}", std::process::id()));
+    let scratch = store
+        .join("tmp")
+        .join(format!("probe-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&scratch);
     // The overlay trial makes a user namespace too: when it works, one child was enough.
     let overlay_trial = trial("overlay", &scratch);
@@ -181,7 +187,12 @@ pub fn build_mode(store: &Path, proc_locked: Option<String>) -> SandboxMode {
         Err(_) => OverlayKind::None,
     };
     let _ = std::fs::remove_dir_all(&scratch);
-    SandboxMode { user_namespaces, overlay, proc_locked, container: container_if_refused(user_namespaces) }
+    SandboxMode {
+        user_namespaces,
+        overlay,
+        proc_locked,
+        container: container_if_refused(user_namespaces),
+    }
 }
 
 /// [`SandboxMode::container`]: looked for only where user namespaces are refused, the one
@@ -193,7 +204,10 @@ fn container_if_refused(user_namespaces: bool) -> Option<String> {
 /// [`crate::container_evidence`] when running as root (only root can rewrite the root
 /// filesystem with an image's files).
 pub fn root_in_container() -> Option<String> {
-    rustix::process::geteuid().is_root().then(crate::container_evidence).flatten()
+    rustix::process::geteuid()
+        .is_root()
+        .then(crate::container_evidence)
+        .flatten()
 }
 
 /// Why user namespaces cannot be created here, if they cannot (one trial in a child; `dir` is
@@ -210,9 +224,28 @@ impl Probe {
     /// The verdict for builds: missing if a check a sandboxed build needs (user namespaces, an
     /// overlay, a procfs for RUN steps, a store filesystem that can hold upperdirs) is missing.
     pub fn build_verdict(&self) -> Verdict {
-        let essential = |name: &str| matches!(name, "user namespaces" | "overlay in a user namespace" | "/proc for RUN steps" | "store filesystem");
-        let worst_essential = self.checks.iter().filter(|c| essential(c.name)).map(|c| c.verdict).max().unwrap_or(Verdict::Ok);
-        let worst = self.checks.iter().map(|c| c.verdict).max().unwrap_or(Verdict::Ok);
+        let essential = |name: &str| {
+            matches!(
+                name,
+                "user namespaces"
+                    | "overlay in a user namespace"
+                    | "/proc for RUN steps"
+                    | "store filesystem"
+            )
+        };
+        let worst_essential = self
+            .checks
+            .iter()
+            .filter(|c| essential(c.name))
+            .map(|c| c.verdict)
+            .max()
+            .unwrap_or(Verdict::Ok);
+        let worst = self
+            .checks
+            .iter()
+            .map(|c| c.verdict)
+            .max()
+            .unwrap_or(Verdict::Ok);
         if worst_essential == Verdict::Missing {
             Verdict::Missing
         } else if worst > Verdict::Ok {
@@ -228,12 +261,24 @@ impl Probe {
     }
 }
 
-fn check(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Option<String>) -> Check {
-    Check { name, verdict, detail: detail.into(), fix }
+fn check(
+    name: &'static str,
+    verdict: Verdict,
+    detail: impl Into<String>,
+    fix: Option<String>,
+) -> Check {
+    Check {
+        name,
+        verdict,
+        detail: detail.into(),
+        fix,
+    }
 }
 
 fn read_trim(p: &str) -> Option<String> {
-    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Runs one trial in a child; `Ok(())` or the child's message.
@@ -241,12 +286,21 @@ fn trial(what: &str, dir: &Path) -> Result<(), String> {
     if crate::sys::single_threaded() {
         return trial_forked(what, dir);
     }
-    let out = Command::new("/proc/self/exe").arg(PROBE_ARG).arg(what).arg(dir).output().map_err(|e| format!("starting the probe: {e}"))?;
+    let out = Command::new("/proc/self/exe")
+        .arg(PROBE_ARG)
+        .arg(what)
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("starting the probe: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Err(if msg.is_empty() { format!("probe {what} failed ({})", out.status) } else { msg })
+        Err(if msg.is_empty() {
+            format!("probe {what} failed ({})", out.status)
+        } else {
+            msg
+        })
     }
 }
 
@@ -254,7 +308,8 @@ fn trial(what: &str, dir: &Path) -> Result<(), String> {
 /// single thread); the child's error comes back on a pipe.
 fn trial_forked(what: &str, dir: &Path) -> Result<(), String> {
     use std::io::{Read, Write};
-    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {e}"))?;
     match crate::sys::fork() {
         Ok(0) => {
             drop(r);
@@ -290,7 +345,9 @@ fn trial_forked(what: &str, dir: &Path) -> Result<(), String> {
 /// directory below it, so its filesystem is what is tested).
 pub fn probe(store: &Path) -> Probe {
     let root = rustix::process::geteuid().is_root();
-    let scratch = store.join("tmp").join(format!("probe-{}", std::process::id()));
+    let scratch = store
+        .join("tmp")
+        .join(format!("probe-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&scratch);
     let mut checks = Vec::new();
 
@@ -299,7 +356,15 @@ pub fn probe(store: &Path) -> Probe {
     let clone_sysctl = read_trim("/proc/sys/kernel/unprivileged_userns_clone");
     let apparmor = read_trim("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
     let userns = match trial("userns", &scratch) {
-        Ok(()) => check("user namespaces", Verdict::Ok, format!("can be created (max_user_namespaces={})", max.map_or("?".into(), |m| m.to_string())), None),
+        Ok(()) => check(
+            "user namespaces",
+            Verdict::Ok,
+            format!(
+                "can be created (max_user_namespaces={})",
+                max.map_or("?".into(), |m| m.to_string())
+            ),
+            None,
+        ),
         Err(e) => {
             let why = if max == Some(0) {
                 "user.max_user_namespaces is 0".to_string()
@@ -310,7 +375,12 @@ pub fn probe(store: &Path) -> Probe {
             } else {
                 format!("refused ({e}); in a container this is the runtime's seccomp profile or AppArmor")
             };
-            check("user namespaces", Verdict::Missing, why, Some(USERNS_FIX.into()))
+            check(
+                "user namespaces",
+                Verdict::Missing,
+                why,
+                Some(USERNS_FIX.into()),
+            )
         }
     };
     let user_namespaces = userns.verdict == Verdict::Ok;
@@ -362,7 +432,10 @@ pub fn probe(store: &Path) -> Probe {
     // /proc.
     let masks = proc_masks();
     let proc_trial = trial("proc", &scratch);
-    let proc_locked = proc_trial.as_ref().err().map(|e| crate::ns::locked_reason(e, &masks));
+    let proc_locked = proc_trial
+        .as_ref()
+        .err()
+        .map(|e| crate::ns::locked_reason(e, &masks));
     checks.push(match &proc_locked {
         None => check(
             "/proc for RUN steps",
@@ -389,7 +462,15 @@ pub fn probe(store: &Path) -> Probe {
     checks.push(cgroup_check());
 
     let _ = std::fs::remove_dir_all(&scratch);
-    Probe { checks, mode: SandboxMode { user_namespaces, overlay, proc_locked, container: container_if_refused(user_namespaces) } }
+    Probe {
+        checks,
+        mode: SandboxMode {
+            user_namespaces,
+            overlay,
+            proc_locked,
+            container: container_if_refused(user_namespaces),
+        },
+    }
 }
 
 /// Name of a filesystem by its statfs magic.
@@ -425,12 +506,27 @@ fn store_fs_check(store: &Path) -> Check {
                     Some("mount an emptyDir (or any volume) and point --root / RBUILD_ROOT at it".into()),
                 )
             } else if free < 1 << 30 {
-                check("store filesystem", Verdict::Degraded, format!("{} is on {name}, {} MiB free", store.display(), free >> 20), Some("give the store more space".into()))
+                check(
+                    "store filesystem",
+                    Verdict::Degraded,
+                    format!("{} is on {name}, {} MiB free", store.display(), free >> 20),
+                    Some("give the store more space".into()),
+                )
             } else {
-                check("store filesystem", Verdict::Ok, format!("{} is on {name}, {} GiB free", store.display(), free >> 30), None)
+                check(
+                    "store filesystem",
+                    Verdict::Ok,
+                    format!("{} is on {name}, {} GiB free", store.display(), free >> 30),
+                    None,
+                )
             }
         }
-        Err(e) => check("store filesystem", Verdict::Missing, format!("statfs {}: {e}", store.display()), Some("create the store directory".into())),
+        Err(e) => check(
+            "store filesystem",
+            Verdict::Missing,
+            format!("statfs {}: {e}", store.display()),
+            Some("create the store directory".into()),
+        ),
     }
 }
 
@@ -439,27 +535,58 @@ fn cgroup_check() -> Check {
     let fix = Some("run rbuild in a cgroup v2 subtree delegated to it (systemd `Delegate=yes`, `systemd-run --user --scope -p Delegate=yes`, or a container runtime with a private cgroup namespace)".to_string());
     let names = |cs: &[Controller]| cs.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ");
     let v2 = layout.v2.as_deref().map(cgroup::V2State::read);
-    let by_v2: Vec<Controller> = Controller::ALL.into_iter().filter(|c| v2.as_ref().is_some_and(|s| s.delegates(*c))).collect();
+    let by_v2: Vec<Controller> = Controller::ALL
+        .into_iter()
+        .filter(|c| v2.as_ref().is_some_and(|s| s.delegates(*c)))
+        .collect();
     if by_v2.len() == Controller::ALL.len() {
         let dir = layout.v2.as_deref().unwrap_or(Path::new("?"));
-        return check("cgroup v2 delegation", Verdict::Ok, format!("{} is delegated with memory, cpu and pids: --memory, --cpus and --pids-limit work", dir.display()), None);
+        return check(
+            "cgroup v2 delegation",
+            Verdict::Ok,
+            format!(
+                "{} is delegated with memory, cpu and pids: --memory, --cpus and --pids-limit work",
+                dir.display()
+            ),
+            None,
+        );
     }
     let v2_part = match (&layout.v2, &v2) {
         (Some(dir), Some(st)) => format!(
             "{}{}: controllers [{}]",
             dir.display(),
             if st.writable { "" } else { " is not writable" },
-            std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default().trim()
+            std::fs::read_to_string(dir.join("cgroup.controllers"))
+                .unwrap_or_default()
+                .trim()
         ),
         _ => "no cgroup v2 hierarchy".to_string(),
     };
-    let by_v1: Vec<Controller> =
-        Controller::ALL.into_iter().filter(|c| !by_v2.contains(c) && layout.v1.get(c).is_some_and(|d| cgroup::v1_writable(d).is_ok())).collect();
-    let enforced: Vec<Controller> = Controller::ALL.into_iter().filter(|c| by_v2.contains(c) || by_v1.contains(c)).collect();
-    let lost: Vec<&str> = Controller::ALL.into_iter().filter(|c| !enforced.contains(c)).map(|c| c.flag()).collect();
+    let by_v1: Vec<Controller> = Controller::ALL
+        .into_iter()
+        .filter(|c| {
+            !by_v2.contains(c)
+                && layout
+                    .v1
+                    .get(c)
+                    .is_some_and(|d| cgroup::v1_writable(d).is_ok())
+        })
+        .collect();
+    let enforced: Vec<Controller> = Controller::ALL
+        .into_iter()
+        .filter(|c| by_v2.contains(c) || by_v1.contains(c))
+        .collect();
+    let lost: Vec<&str> = Controller::ALL
+        .into_iter()
+        .filter(|c| !enforced.contains(c))
+        .map(|c| c.flag())
+        .collect();
     let mut detail = v2_part;
     if !by_v1.is_empty() {
-        detail.push_str(&format!("; cgroup v1 hierarchies (hybrid setup) take step cgroups for {}", names(&by_v1)));
+        detail.push_str(&format!(
+            "; cgroup v1 hierarchies (hybrid setup) take step cgroups for {}",
+            names(&by_v1)
+        ));
     } else if layout.hybrid {
         detail.push_str("; the controllers are in cgroup v1 hierarchies rbuild cannot write to");
     }
@@ -479,11 +606,25 @@ fn id_map_check(root: bool) -> Check {
         let detail = if full {
             "root with host IDs: every ID of an image is kept".to_string()
         } else {
-            let count: u64 = map.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()).sum();
+            let count: u64 = map
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+                .sum();
             format!("root of a user namespace mapping {count} IDs")
         };
-        let verdict = if full || map.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()).sum::<u64>() >= 65536 { Verdict::Ok } else { Verdict::Degraded };
-        let fix = (verdict != Verdict::Ok).then(|| "map at least 65536 IDs into the container's user namespace".to_string());
+        let verdict = if full
+            || map
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+                .sum::<u64>()
+                >= 65536
+        {
+            Verdict::Ok
+        } else {
+            Verdict::Degraded
+        };
+        let fix = (verdict != Verdict::Ok)
+            .then(|| "map at least 65536 IDs into the container's user namespace".to_string());
         // Without CAP_SYS_ADMIN builds re-execute in a user namespace of their own (crate::ns).
         let detail = if crate::ns::has_sys_admin() {
             detail
@@ -498,19 +639,41 @@ fn id_map_check(root: bool) -> Check {
     let subuids = sub_ranges(Path::new("/etc/subuid"), &name, uid);
     let subgids = sub_ranges(Path::new("/etc/subgid"), &name, uid);
     let helpers = ["newuidmap", "newgidmap"].map(|h| which(h).map(|p| privileged_helper(&p)));
-    let fix_range = format!("sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}");
+    let fix_range =
+        format!("sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}");
     if helpers.iter().any(|h| h.is_none()) {
-        return check("ID map", Verdict::Degraded, "newuidmap/newgidmap are not installed: builds map only your own ID", Some("apt-get install uidmap".into()));
+        return check(
+            "ID map",
+            Verdict::Degraded,
+            "newuidmap/newgidmap are not installed: builds map only your own ID",
+            Some("apt-get install uidmap".into()),
+        );
     }
     if helpers.iter().any(|h| h == &Some(false)) {
-        return check("ID map", Verdict::Degraded, "newuidmap/newgidmap are neither setuid nor given file capabilities", Some("reinstall uidmap (it sets them)".into()));
+        return check(
+            "ID map",
+            Verdict::Degraded,
+            "newuidmap/newgidmap are neither setuid nor given file capabilities",
+            Some("reinstall uidmap (it sets them)".into()),
+        );
     }
     if subuids.is_empty() || subgids.is_empty() {
-        return check("ID map", Verdict::Degraded, format!("no range for {name} in /etc/subuid and /etc/subgid: builds map only your own ID"), Some(fix_range));
+        return check(
+            "ID map",
+            Verdict::Degraded,
+            format!(
+                "no range for {name} in /etc/subuid and /etc/subgid: builds map only your own ID"
+            ),
+            Some(fix_range),
+        );
     }
     let overlaps = [("/etc/subuid", &subuids), ("/etc/subgid", &subgids)]
         .iter()
-        .flat_map(|(f, mine)| overlapping_users(Path::new(f), &name, uid, mine).into_iter().map(move |o| format!("{o} in {f}")))
+        .flat_map(|(f, mine)| {
+            overlapping_users(Path::new(f), &name, uid, mine)
+                .into_iter()
+                .map(move |o| format!("{o} in {f}"))
+        })
         .collect::<Vec<_>>();
     let count: u64 = subuids.iter().map(|r| r.count as u64).sum();
     if !overlaps.is_empty() {
@@ -521,7 +684,12 @@ fn id_map_check(root: bool) -> Check {
             Some("give every user a range of their own (usermod --del-subuids / --add-subuids)".into()),
         );
     }
-    check("ID map", Verdict::Ok, format!("{name}: your ID and {count} subordinate IDs (newuidmap/newgidmap)"), None)
+    check(
+        "ID map",
+        Verdict::Ok,
+        format!("{name}: your ID and {count} subordinate IDs (newuidmap/newgidmap)"),
+        None,
+    )
 }
 
 /// Users other than `name`/`id` whose ranges in `file` intersect `mine`.
@@ -533,8 +701,14 @@ pub fn overlapping_users(file: &Path, name: &str, id: u32, mine: &[SubRange]) ->
         if f.len() != 3 || f[0] == name || f[0] == id.to_string() {
             continue;
         }
-        let (Ok(start), Ok(count)) = (f[1].parse::<u64>(), f[2].parse::<u64>()) else { continue };
-        if mine.iter().any(|m| (m.start as u64) < start + count && start < m.start as u64 + m.count as u64) && !out.contains(&f[0].to_string()) {
+        let (Ok(start), Ok(count)) = (f[1].parse::<u64>(), f[2].parse::<u64>()) else {
+            continue;
+        };
+        if mine
+            .iter()
+            .any(|m| (m.start as u64) < start + count && start < m.start as u64 + m.count as u64)
+            && !out.contains(&f[0].to_string())
+        {
             out.push(f[0].to_string());
         }
     }
@@ -544,7 +718,9 @@ pub fn overlapping_users(file: &Path, name: &str, id: u32, mine: &[SubRange]) ->
 /// Whether a helper binary can do its job: setuid root, or file capabilities.
 fn privileged_helper(p: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let setuid = std::fs::metadata(p).map(|m| m.mode() & 0o4000 != 0 && m.uid() == 0).unwrap_or(false);
+    let setuid = std::fs::metadata(p)
+        .map(|m| m.mode() & 0o4000 != 0 && m.uid() == 0)
+        .unwrap_or(false);
     setuid || rustix::fs::getxattr(p, "security.capability", &mut [0u8; 64]).is_ok()
 }
 
@@ -565,7 +741,10 @@ fn enter_trial_namespaces(sys: &mut dyn Syscalls) -> std::io::Result<()> {
     if rustix::process::geteuid().is_root() && crate::ns::has_sys_admin() {
         return sys.unshare(libc::CLONE_NEWNS);
     }
-    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+    let (uid, gid) = (
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    );
     sys.unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS)?;
     std::fs::write("/proc/self/setgroups", "deny")?;
     std::fs::write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
@@ -628,12 +807,22 @@ mod tests {
     fn overlapping_ranges_are_found() {
         let t = tempfile::tempdir().unwrap();
         let f = t.path().join("subuid");
-        std::fs::write(&f, "alice:100000:65536\nbob:165536:65536\ncarol:150000:1000\n1001:231072:10\n").unwrap();
+        std::fs::write(
+            &f,
+            "alice:100000:65536\nbob:165536:65536\ncarol:150000:1000\n1001:231072:10\n",
+        )
+        .unwrap();
         let alice = sub_ranges(&f, "alice", 1000);
         assert_eq!(overlapping_users(&f, "alice", 1000, &alice), vec!["carol"]);
         let bob = sub_ranges(&f, "bob", 1002);
-        assert!(overlapping_users(&f, "bob", 1002, &bob).is_empty(), "adjacent is not overlapping");
-        let mine = [SubRange { start: 231075, count: 1 }];
+        assert!(
+            overlapping_users(&f, "bob", 1002, &bob).is_empty(),
+            "adjacent is not overlapping"
+        );
+        let mine = [SubRange {
+            start: 231075,
+            count: 1,
+        }];
         assert_eq!(overlapping_users(&f, "dave", 1003, &mine), vec!["1001"]);
     }
 
@@ -647,63 +836,135 @@ mod tests {
             ],
             mode: full(),
         };
-        assert_eq!(p(Verdict::Ok, Verdict::Ok, Verdict::Ok).build_verdict(), Verdict::Ok);
-        assert_eq!(p(Verdict::Ok, Verdict::Ok, Verdict::Missing).build_verdict(), Verdict::Degraded);
-        assert_eq!(p(Verdict::Ok, Verdict::Degraded, Verdict::Ok).build_verdict(), Verdict::Degraded);
-        assert_eq!(p(Verdict::Missing, Verdict::Ok, Verdict::Ok).build_verdict(), Verdict::Missing);
+        assert_eq!(
+            p(Verdict::Ok, Verdict::Ok, Verdict::Ok).build_verdict(),
+            Verdict::Ok
+        );
+        assert_eq!(
+            p(Verdict::Ok, Verdict::Ok, Verdict::Missing).build_verdict(),
+            Verdict::Degraded
+        );
+        assert_eq!(
+            p(Verdict::Ok, Verdict::Degraded, Verdict::Ok).build_verdict(),
+            Verdict::Degraded
+        );
+        assert_eq!(
+            p(Verdict::Missing, Verdict::Ok, Verdict::Ok).build_verdict(),
+            Verdict::Missing
+        );
     }
 
     fn full() -> SandboxMode {
-        SandboxMode { user_namespaces: true, overlay: OverlayKind::Native, proc_locked: None, container: None }
+        SandboxMode {
+            user_namespaces: true,
+            overlay: OverlayKind::Native,
+            proc_locked: None,
+            container: None,
+        }
     }
 
     #[test]
     fn auto_keeps_the_full_sandbox_where_it_is_possible() {
-        assert_eq!(full().choose(IsolationPolicy::Auto).unwrap(), (Isolation::Full, None));
-        assert_eq!(full().choose(IsolationPolicy::Strict).unwrap(), (Isolation::Full, None));
-        assert_eq!(full().describe(Isolation::Full), "user namespaces, overlay (native), private /proc");
+        assert_eq!(
+            full().choose(IsolationPolicy::Auto).unwrap(),
+            (Isolation::Full, None)
+        );
+        assert_eq!(
+            full().choose(IsolationPolicy::Strict).unwrap(),
+            (Isolation::Full, None)
+        );
+        assert_eq!(
+            full().describe(Isolation::Full),
+            "user namespaces, overlay (native), private /proc"
+        );
     }
 
     #[test]
     fn locked_masks_share_the_pid_namespace_under_auto_and_fail_under_strict() {
-        let m = SandboxMode { proc_locked: Some("the masks on /proc are locked (EINVAL; masked: /proc/kcore)".into()), ..full() };
+        let m = SandboxMode {
+            proc_locked: Some("the masks on /proc are locked (EINVAL; masked: /proc/kcore)".into()),
+            ..full()
+        };
         let (iso, warning) = m.choose(IsolationPolicy::Auto).unwrap();
         assert_eq!(iso, Isolation::SharedPid);
         let w = warning.unwrap();
-        for want in ["/proc/kcore", "share rbuild's PID namespace", "procMount: Unmasked", "SYS_ADMIN", "--isolation=strict"] {
+        for want in [
+            "/proc/kcore",
+            "share rbuild's PID namespace",
+            "procMount: Unmasked",
+            "SYS_ADMIN",
+            "--isolation=strict",
+        ] {
             assert!(w.contains(want), "{want}: {w}");
         }
-        assert_eq!(m.describe(iso), "user namespaces, overlay (native), shared PID namespace and /proc (masks locked)");
+        assert_eq!(
+            m.describe(iso),
+            "user namespaces, overlay (native), shared PID namespace and /proc (masks locked)"
+        );
         let e = m.choose(IsolationPolicy::Strict).unwrap_err();
-        for want in ["--isolation=strict", "PID namespace and /proc", "/proc/kcore", "procMount: Unmasked", "SYS_ADMIN"] {
+        for want in [
+            "--isolation=strict",
+            "PID namespace and /proc",
+            "/proc/kcore",
+            "procMount: Unmasked",
+            "SYS_ADMIN",
+        ] {
             assert!(e.contains(want), "{want}: {e}");
         }
     }
 
     #[test]
     fn no_user_namespaces_warn_under_auto_and_fail_under_strict() {
-        let m = SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None, container: None };
+        let m = SandboxMode {
+            user_namespaces: false,
+            overlay: OverlayKind::None,
+            proc_locked: None,
+            container: None,
+        };
         let (iso, w) = m.choose(IsolationPolicy::Auto).unwrap();
         assert_eq!(iso, Isolation::Full);
         assert!(w.unwrap().contains("seccomp=unconfined"));
-        assert!(m.choose(IsolationPolicy::Strict).unwrap_err().contains("cannot get a user namespace"));
+        assert!(m
+            .choose(IsolationPolicy::Strict)
+            .unwrap_err()
+            .contains("cannot get a user namespace"));
         assert_eq!(m.describe(iso), "NO user namespaces, no overlay (tmpfs upper layers or copies of the layers), private /proc");
         assert_eq!(m.choose(IsolationPolicy::None).unwrap().0, Isolation::None);
     }
 
     #[test]
     fn no_user_namespaces_as_root_in_a_container_fall_back_to_none_under_auto_only() {
-        let m = SandboxMode { user_namespaces: false, overlay: OverlayKind::None, proc_locked: None, container: Some("/.dockerenv exists".into()) };
+        let m = SandboxMode {
+            user_namespaces: false,
+            overlay: OverlayKind::None,
+            proc_locked: None,
+            container: Some("/.dockerenv exists".into()),
+        };
         let (iso, w) = m.choose(IsolationPolicy::Auto).unwrap();
         assert_eq!(iso, Isolation::None);
         let w = w.unwrap();
-        for want in ["/.dockerenv exists", "--isolation=none", "the way Kaniko does", "seccomp=unconfined", "--isolation=strict"] {
+        for want in [
+            "/.dockerenv exists",
+            "--isolation=none",
+            "the way Kaniko does",
+            "seccomp=unconfined",
+            "--isolation=strict",
+        ] {
             assert!(w.contains(want), "{want}: {w}");
         }
-        assert!(m.choose(IsolationPolicy::Strict).unwrap_err().contains("cannot get a user namespace"));
+        assert!(m
+            .choose(IsolationPolicy::Strict)
+            .unwrap_err()
+            .contains("cannot get a user namespace"));
         // With user namespaces, the container changes nothing.
-        let full_in_container = SandboxMode { container: Some("/.dockerenv exists".into()), ..full() };
-        assert_eq!(full_in_container.choose(IsolationPolicy::Auto).unwrap(), (Isolation::Full, None));
+        let full_in_container = SandboxMode {
+            container: Some("/.dockerenv exists".into()),
+            ..full()
+        };
+        assert_eq!(
+            full_in_container.choose(IsolationPolicy::Auto).unwrap(),
+            (Isolation::Full, None)
+        );
     }
 
     #[test]

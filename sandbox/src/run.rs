@@ -1,8 +1,8 @@
 //! The builder's side of a RUN step: spawn the helper in fresh namespaces, map its IDs,
 //! stream its output, collect its status.
 
-use crate::idmap::{nested_identity, IdMap};
 use crate::cgroup::StepCgroup;
+use crate::idmap::{nested_identity, IdMap};
 use crate::spec::{Isolation, MountSource, Network, RunSpec, Snapshotter};
 use crate::HELPER_ARG;
 use rbuild_snapshot::{assemble, clear_except, copy_overlay_tree, Baseline, Skip};
@@ -58,7 +58,13 @@ impl RootMountProblem {
         }
     }
     fn from_tag(t: &str) -> Option<RootMountProblem> {
-        [RootMountProblem::UpperOnOverlayfs, RootMountProblem::OverlayUnavailable, RootMountProblem::FuseUnavailable].into_iter().find(|p| p.tag() == t)
+        [
+            RootMountProblem::UpperOnOverlayfs,
+            RootMountProblem::OverlayUnavailable,
+            RootMountProblem::FuseUnavailable,
+        ]
+        .into_iter()
+        .find(|p| p.tag() == t)
     }
 }
 
@@ -109,11 +115,17 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
         return crate::direct::run(spec, output);
     }
     let mut spec = spec.clone();
-    let base = spec.upperdir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
+    let base = spec
+        .upperdir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "step".into());
     let upperdir = spec.upperdir.clone();
     // The upper and work directories (and our scratch space) on another filesystem.
     let relocated = match spec.upper_scratch.clone() {
-        Some(dir) if spec.snapshotter != Snapshotter::Copy => Some(relocate(&mut spec, &dir, &base)?),
+        Some(dir) if spec.snapshotter != Snapshotter::Copy => {
+            Some(relocate(&mut spec, &dir, &base)?)
+        }
         _ => None,
     };
     spec.scratch = match &relocated {
@@ -124,9 +136,13 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
     if let (Ok(outcome), Some(_)) = (&res, &relocated) {
         if outcome.status == ExitKind::Exited(0) {
             // Back into the store, whiteouts in the form its filesystem accepts.
-            let back = clear_except(&upperdir, &Skip::none()).and_then(|_| copy_overlay_tree(&spec.upperdir, &upperdir));
+            let back = clear_except(&upperdir, &Skip::none())
+                .and_then(|_| copy_overlay_tree(&spec.upperdir, &upperdir));
             if let Err(e) = back {
-                res = Err(tree(format!("copying the step's changes into {}", upperdir.display()))(e));
+                res = Err(tree(format!(
+                    "copying the step's changes into {}",
+                    upperdir.display()
+                ))(e));
             }
         }
     }
@@ -155,34 +171,59 @@ fn relocate(spec: &mut RunSpec, dir: &Path, base: &str) -> Result<std::path::Pat
     for d in [&u, &w] {
         std::fs::create_dir_all(d).map_err(setup(format!("creating {}", d.display())))?;
     }
-    copy_overlay_tree(&spec.upperdir, &u).map_err(tree(format!("copying {} to {}", spec.upperdir.display(), u.display())))?;
+    copy_overlay_tree(&spec.upperdir, &u).map_err(tree(format!(
+        "copying {} to {}",
+        spec.upperdir.display(),
+        u.display()
+    )))?;
     spec.upperdir = u;
     spec.workdir = w;
     Ok(r)
 }
 
-fn run_with_snapshotter(spec: &mut RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
-    std::fs::create_dir_all(&spec.scratch).map_err(setup(format!("creating {}", spec.scratch.display())))?;
+fn run_with_snapshotter(
+    spec: &mut RunSpec,
+    output: &mut dyn Write,
+) -> Result<RunOutcome, RunError> {
+    std::fs::create_dir_all(&spec.scratch)
+        .map_err(setup(format!("creating {}", spec.scratch.display())))?;
     match spec.snapshotter {
         Snapshotter::Overlay => run_in(spec, output),
         Snapshotter::FuseOverlay => {
-            let fuse_problem = |message: String| RunError::RootMount { problem: RootMountProblem::FuseUnavailable, message };
-            spec.fuse_binary = Some(crate::fuse::fuse_overlayfs_binary().ok_or_else(|| fuse_problem("fuse-overlayfs is not installed".into()))?);
+            let fuse_problem = |message: String| RunError::RootMount {
+                problem: RootMountProblem::FuseUnavailable,
+                message,
+            };
+            spec.fuse_binary = Some(
+                crate::fuse::fuse_overlayfs_binary()
+                    .ok_or_else(|| fuse_problem("fuse-overlayfs is not installed".into()))?,
+            );
             if !Path::new("/dev/fuse").exists() {
                 return Err(fuse_problem("fuse-overlayfs needs /dev/fuse, which this container does not have (docker run --device /dev/fuse)".into()));
             }
             materialize_layer_mounts(spec)?;
             let outcome = run_in(spec, output)?;
-            rbuild_snapshot::normalize_fuse_upper(&spec.upperdir, &spec.lowerdirs).map_err(tree("rewriting fuse-overlayfs's upperdir"))?;
+            rbuild_snapshot::normalize_fuse_upper(&spec.upperdir, &spec.lowerdirs)
+                .map_err(tree("rewriting fuse-overlayfs's upperdir"))?;
             Ok(outcome)
         }
         Snapshotter::Copy => {
-            let ids = spec.lowerdirs.iter().map(|p| crate::copyroot::layer_id(p)).collect::<Result<Vec<_>, _>>()?;
+            let ids = spec
+                .lowerdirs
+                .iter()
+                .map(|p| crate::copyroot::layer_id(p))
+                .collect::<Result<Vec<_>, _>>()?;
             let lease = crate::copyroot::take(spec.copy_cache.as_deref(), &spec.scratch, &ids)?;
             let res = run_copy(spec, output, &lease.dir, lease.lowers.as_deref(), &ids);
             // The root is kept for the next step only when it holds exactly known layers.
             let held = match &res {
-                Ok((o, Some(upper_id))) if o.status == ExitKind::Exited(0) => Some(upper_id.iter().copied().chain(ids.iter().copied()).collect()),
+                Ok((o, Some(upper_id))) if o.status == ExitKind::Exited(0) => Some(
+                    upper_id
+                        .iter()
+                        .copied()
+                        .chain(ids.iter().copied())
+                        .collect(),
+                ),
                 _ => None,
             };
             lease.give_back(held);
@@ -205,18 +246,23 @@ fn run_copy(
         // Only new layers on top of what the root holds: apply them.
         Some(extra) => {
             if extra > 0 {
-                assemble(&spec.lowerdirs[..extra], root, &Skip::none()).map_err(tree("applying the new layers (copy snapshotter)"))?;
+                assemble(&spec.lowerdirs[..extra], root, &Skip::none())
+                    .map_err(tree("applying the new layers (copy snapshotter)"))?;
             }
         }
         None => {
-            clear_except(root, &Skip::none()).map_err(tree(format!("emptying {}", root.display())))?;
-            assemble(&spec.lowerdirs, root, &Skip::none()).map_err(tree("copying the image's layers (copy snapshotter)"))?;
+            clear_except(root, &Skip::none())
+                .map_err(tree(format!("emptying {}", root.display())))?;
+            assemble(&spec.lowerdirs, root, &Skip::none())
+                .map_err(tree("copying the image's layers (copy snapshotter)"))?;
         }
     }
     spec.copy_root = root.to_path_buf();
-    let baseline = Baseline::capture(root, &Skip::none()).map_err(tree("recording the root filesystem"))?;
+    let baseline =
+        Baseline::capture(root, &Skip::none()).map_err(tree("recording the root filesystem"))?;
     // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into the layer.
-    assemble(std::slice::from_ref(&spec.upperdir), root, &Skip::none()).map_err(tree("applying the upperdir"))?;
+    assemble(std::slice::from_ref(&spec.upperdir), root, &Skip::none())
+        .map_err(tree("applying the upperdir"))?;
     clear_except(&spec.upperdir, &Skip::none()).map_err(tree("emptying the upperdir"))?;
     materialize_layer_mounts(spec)?;
     // Coarse file-time clocks: every change the step makes gets a later ctime than the baseline.
@@ -225,13 +271,19 @@ fn run_copy(
     if outcome.status != ExitKind::Exited(0) {
         return Ok((outcome, None));
     }
-    let stats = baseline.diff_into(root, &spec.upperdir, &Skip::none()).map_err(tree("finding what the step changed"))?;
+    let stats = baseline
+        .diff_into(root, &spec.upperdir, &Skip::none())
+        .map_err(tree("finding what the step changed"))?;
     // The mount points the sandbox made leave the root (the caller takes them out of the layer).
     for c in outcome.created_mountpoints.iter().rev() {
         let p = root.join(c);
         let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
     }
-    let upper = if stats.entries + stats.whiteouts > 0 { Some(crate::copyroot::layer_id(&spec.upperdir)?) } else { None };
+    let upper = if stats.entries + stats.whiteouts > 0 {
+        Some(crate::copyroot::layer_id(&spec.upperdir)?)
+    } else {
+        None
+    };
     Ok((outcome, Some(upper)))
 }
 
@@ -240,17 +292,30 @@ fn run_copy(
 fn materialize_layer_mounts(spec: &mut RunSpec) -> Result<(), RunError> {
     let scratch = spec.scratch.clone();
     for (i, m) in spec.mounts.iter_mut().enumerate() {
-        let MountSource::Layers { lowerdirs, subpath, discard_writes } = &m.source else { continue };
+        let MountSource::Layers {
+            lowerdirs,
+            subpath,
+            discard_writes,
+        } = &m.source
+        else {
+            continue;
+        };
         let sub = subpath.trim_start_matches('/');
         let source = if lowerdirs.len() == 1 && !discard_writes {
             lowerdirs[0].join(sub)
         } else {
             let dir = scratch.join(format!("mount{i}-copy"));
             std::fs::create_dir_all(&dir).map_err(setup(format!("creating {}", dir.display())))?;
-            assemble(lowerdirs, &dir, &Skip::none()).map_err(tree(format!("copying the layers of the mount at {}", m.target)))?;
+            assemble(lowerdirs, &dir, &Skip::none()).map_err(tree(format!(
+                "copying the layers of the mount at {}",
+                m.target
+            )))?;
             dir.join(sub)
         };
-        m.source = MountSource::Bind { source, readonly: !discard_writes };
+        m.source = MountSource::Bind {
+            source,
+            readonly: !discard_writes,
+        };
     }
     Ok(())
 }
@@ -258,15 +323,18 @@ fn materialize_layer_mounts(spec: &mut RunSpec) -> Result<(), RunError> {
 fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
     let scratch = &spec.scratch;
     for d in ["rootfs", "empty", "files"] {
-        std::fs::create_dir_all(scratch.join(d)).map_err(setup(format!("creating {}", scratch.display())))?;
+        std::fs::create_dir_all(scratch.join(d))
+            .map_err(setup(format!("creating {}", scratch.display())))?;
     }
-    write_generated_files(spec, &scratch.join("files")).map_err(setup("writing /etc/hosts and /etc/resolv.conf"))?;
+    write_generated_files(spec, &scratch.join("files"))
+        .map_err(setup("writing /etc/hosts and /etc/resolv.conf"))?;
     let own = IdMap::current().map_err(setup("reading the build's ID map"))?;
 
     let (out_r, out_w) = pipe()?;
     let (st_r, st_w) = pipe()?;
     let out_w2 = out_w.try_clone().map_err(setup("dup"))?;
-    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    let mut flags =
+        libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if spec.isolation != Isolation::SharedPid {
         flags |= libc::CLONE_NEWPID;
     }
@@ -277,7 +345,8 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     let cgroup = if spec.limits.is_empty() {
         None
     } else {
-        StepCgroup::create(crate::cgroup::prepared(), &spec.limits).map_err(setup("creating the RUN step's cgroup"))?
+        StepCgroup::create(crate::cgroup::prepared(), &spec.limits)
+            .map_err(setup("creating the RUN step's cgroup"))?
     };
     if spec.snapshotter == Snapshotter::FuseOverlay {
         // The helper starts fuse-overlayfs first and then makes the PID namespace itself, so
@@ -285,15 +354,22 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
         flags &= !libc::CLONE_NEWPID;
     }
     let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg(HELPER_ARG).stdin(Stdio::piped()).stdout(Stdio::from(out_w)).stderr(Stdio::from(out_w2)).env_clear();
+    cmd.arg(HELPER_ARG)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(out_w))
+        .stderr(Stdio::from(out_w2))
+        .env_clear();
     // The child's maps: an identity of every extent of ours.
     let cg = cgroup.as_ref();
     let mut child = crate::spawn::spawn_mapped(&mut cmd, flags, Some(&st_w), |pid| {
         if let Some(cg) = cg {
-            cg.add(pid).map_err(|e| format!("putting the RUN step into its cgroup: {e}"))?;
+            cg.add(pid)
+                .map_err(|e| format!("putting the RUN step into its cgroup: {e}"))?;
         }
         std::fs::write(format!("/proc/{pid}/uid_map"), nested_identity(&own.uids))
-            .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), nested_identity(&own.gids)))
+            .and_then(|_| {
+                std::fs::write(format!("/proc/{pid}/gid_map"), nested_identity(&own.gids))
+            })
             .map_err(|e| format!("writing the ID map of the RUN sandbox (pid {pid}): {e}"))
     })
     .map_err(RunError::Sandbox)?;
@@ -312,7 +388,12 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
                 let _ = output.write_all(&buf[..n]);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(RunError::Setup { what: "reading the step's output".into(), source: e }),
+            Err(e) => {
+                return Err(RunError::Setup {
+                    what: "reading the step's output".into(),
+                    source: e,
+                })
+            }
         }
     }
     let _ = child.wait();
@@ -341,23 +422,41 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     if let Some(e) = errors.iter().find_map(|e| e.strip_prefix("rootmount:")) {
         let (tag, message) = e.split_once(':').unwrap_or(("", e));
         if let Some(problem) = RootMountProblem::from_tag(tag) {
-            return Err(RunError::RootMount { problem, message: message.to_string() });
+            return Err(RunError::RootMount {
+                problem,
+                message: message.to_string(),
+            });
         }
     }
     if !errors.is_empty() {
         return Err(RunError::Sandbox(errors.join("; ")));
     }
     match status {
-        Some(status) => Ok(RunOutcome { status, created_mountpoints: created, warnings, limit_hit }),
+        Some(status) => Ok(RunOutcome {
+            status,
+            created_mountpoints: created,
+            warnings,
+            limit_hit,
+        }),
         // Killed at a limit before it could report (the OOM killer may take the sandbox's own
         // processes too): the limit is the cause, and the step counts as killed.
-        None if limit_hit.is_some() => Ok(RunOutcome { status: ExitKind::Signaled(libc::SIGKILL), created_mountpoints: created, warnings, limit_hit }),
-        None => Err(RunError::Sandbox("the RUN sandbox ended without reporting a status".into())),
+        None if limit_hit.is_some() => Ok(RunOutcome {
+            status: ExitKind::Signaled(libc::SIGKILL),
+            created_mountpoints: created,
+            warnings,
+            limit_hit,
+        }),
+        None => Err(RunError::Sandbox(
+            "the RUN sandbox ended without reporting a status".into(),
+        )),
     }
 }
 
 fn write_generated_files(spec: &RunSpec, dir: &Path) -> std::io::Result<()> {
-    let mut hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", spec.hostname);
+    let mut hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+        spec.hostname
+    );
     for (name, addr) in &spec.extra_hosts {
         hosts.push_str(&format!("{addr}\t{name}\n"));
     }

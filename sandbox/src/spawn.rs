@@ -49,7 +49,9 @@ pub fn spawn_mapped(
         // Our copies of the child's ends: closing them lets the mapper see EOF if the child died.
         drop(ready_w);
         drop(sync_r);
-        let mapped = mapper.join().unwrap_or_else(|_| Err("ID-map thread panicked".into()));
+        let mapped = mapper
+            .join()
+            .unwrap_or_else(|_| Err("ID-map thread panicked".into()));
         match (spawned, mapped) {
             (_, Err(e)) => Err(e),
             (Err(e), Ok(())) => Err(format!("starting the sandbox process: {e}")),

@@ -317,16 +317,32 @@ mod tests {
     #[test]
     fn limits_describe_themselves() {
         assert!(Limits::default().is_empty());
-        let l = Limits { memory: Some(64 << 20), cpus: Some(0.5), pids: Some(100) };
+        let l = Limits {
+            memory: Some(64 << 20),
+            cpus: Some(0.5),
+            pids: Some(100),
+        };
         assert_eq!(l.describe(), "memory 64 MiB, 0.5 CPU, 100 processes");
-        assert_eq!(Limits { cpus: Some(2.0), ..Limits::default() }.describe(), "2 CPUs");
+        assert_eq!(
+            Limits {
+                cpus: Some(2.0),
+                ..Limits::default()
+            }
+            .describe(),
+            "2 CPUs"
+        );
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         assert_eq!(human_bytes(100), "100 B");
     }
 
     #[test]
     fn old_specs_deserialize_with_full_isolation_and_no_limits() {
-        let s = RunSpec::builder().upperdir("/u".into()).workdir("/w".into()).argv(vec!["true".into()]).build().unwrap();
+        let s = RunSpec::builder()
+            .upperdir("/u".into())
+            .workdir("/w".into())
+            .argv(vec!["true".into()])
+            .build()
+            .unwrap();
         let mut v = serde_json::to_value(&s).unwrap();
         v.as_object_mut().unwrap().remove("isolation");
         v.as_object_mut().unwrap().remove("limits");

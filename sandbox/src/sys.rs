@@ -21,7 +21,12 @@ pub fn unshare(flags: libc::c_int) -> io::Result<()> {
 
 /// Whether this process has a single thread (from `/proc/self/status`).
 pub fn single_threaded() -> bool {
-    std::fs::read_to_string("/proc/self/status").map(|s| s.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Threads:", "1"])).unwrap_or(false)
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Threads:", "1"])
+        })
+        .unwrap_or(false)
 }
 
 /// `fork(2)`; only called from single-threaded processes (the helper, and the probe after
@@ -72,7 +77,8 @@ pub fn exit_now(code: i32) -> ! {
 /// Brings the loopback interface of the current network namespace up.
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: socket() takes integers; the fd is closed below.
-    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: ifreq is plain old data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
@@ -101,7 +107,11 @@ pub fn loopback_up() -> io::Result<()> {
 pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: fcntl on an fd with integer arguments.
     let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
-    let new = if on { flags | libc::FD_CLOEXEC } else { flags & !libc::FD_CLOEXEC };
+    let new = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
     // SAFETY: as above.
     check(unsafe { libc::fcntl(fd, libc::F_SETFD, new) }).map(|_| ())
 }
@@ -132,7 +142,14 @@ pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
     // threaded process.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // The parent may block termination signals for its forwarding thread; the
@@ -170,7 +187,11 @@ pub fn set_pre_exec(cmd: &mut Command, pre: PreExec) {
             // Last, so that fd 3 may be any of the fds used above. dup2 clears FD_CLOEXEC,
             // except when the fd already is 3 (then dup2 does nothing): clear it by hand.
             if let Some(fd) = pre.fd3 {
-                let r = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+                let r = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
                 if r < 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -232,7 +253,14 @@ pub fn set_death_signal(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and the closure allocates nothing.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
             Ok(())

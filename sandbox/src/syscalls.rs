@@ -11,7 +11,14 @@ use std::path::Path;
 /// Mount, namespace and root-switching system calls.
 pub trait Syscalls {
     /// `mount(source, target, fstype, flags, data)` of a new filesystem.
-    fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> io::Result<()>;
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> io::Result<()>;
     /// A non-recursive bind mount (`MS_BIND` without `MS_REC`).
     fn bind(&mut self, source: &Path, target: &Path) -> io::Result<()>;
     /// A recursive bind mount (`MS_BIND|MS_REC`).
@@ -21,7 +28,13 @@ pub trait Syscalls {
     /// `mount --make-rprivate target`.
     fn make_rprivate(&mut self, target: &Path) -> io::Result<()>;
     /// An overlay of `lowers` (top first) with `upper` and `work`, mounted with `userxattr`.
-    fn mount_overlay(&mut self, lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io::Result<()>;
+    fn mount_overlay(
+        &mut self,
+        lowers: &[&Path],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> io::Result<()>;
     /// `pivot_root(new_root, put_old)`.
     fn pivot_root(&mut self, new_root: &Path, put_old: &Path) -> io::Result<()>;
     /// `umount2(target, MNT_DETACH)`.
@@ -39,7 +52,14 @@ pub trait Syscalls {
 pub struct LinuxSyscalls;
 
 impl Syscalls for LinuxSyscalls {
-    fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> io::Result<()> {
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> io::Result<()> {
         let data = CString::new(data).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         rustix::mount::mount(source, target, fstype, flags, data.as_c_str()).map_err(Into::into)
     }
@@ -50,17 +70,30 @@ impl Syscalls for LinuxSyscalls {
         rustix::mount::mount_bind_recursive(source, target).map_err(Into::into)
     }
     fn remount_ro(&mut self, target: &Path, noexec: bool) -> io::Result<()> {
-        let mut flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+        let mut flags =
+            MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
         if noexec {
             flags |= MountFlags::NOEXEC;
         }
         rustix::mount::mount_remount(target, flags, c"").map_err(Into::into)
     }
     fn make_rprivate(&mut self, target: &Path) -> io::Result<()> {
-        rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE | MountPropagationFlags::REC).map_err(Into::into)
+        rustix::mount::mount_change(
+            target,
+            MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+        )
+        .map_err(Into::into)
     }
-    fn mount_overlay(&mut self, lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
-        use rustix::mount::{fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount};
+    fn mount_overlay(
+        &mut self,
+        lowers: &[&Path],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> io::Result<()> {
+        use rustix::mount::{
+            fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
+        };
         use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
         // The new mount API takes one lower layer per call (`lowerdir+`, Linux 6.8), so the
         // layer count is not bounded by the one-page limit of mount(2)'s option string.
@@ -74,14 +107,28 @@ impl Syscalls for LinuxSyscalls {
             fsconfig_set_flag(&fs, "userxattr")?;
             fsconfig_create(&fs)?;
             let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
-            move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+            move_mount(
+                &mnt,
+                "",
+                rustix::fs::CWD,
+                target,
+                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            )
         })();
         match new_api {
             Ok(()) => Ok(()),
             // Older kernels: the classic call.
             Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::INVAL) => {
-                let lower = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
-                let data = format!("lowerdir={lower},upperdir={},workdir={},userxattr", upper.display(), work.display());
+                let lower = lowers
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":");
+                let data = format!(
+                    "lowerdir={lower},upperdir={},workdir={},userxattr",
+                    upper.display(),
+                    work.display()
+                );
                 self.mount("overlay", target, "overlay", MountFlags::empty(), &data)
             }
             Err(e) => Err(e.into()),
@@ -125,8 +172,23 @@ impl RecordingSyscalls {
 }
 
 impl Syscalls for RecordingSyscalls {
-    fn mount(&mut self, source: &str, target: &Path, fstype: &str, flags: MountFlags, _data: &str) -> io::Result<()> {
-        self.rec(format!("mount {source} {} {fstype}{}", target.display(), if flags.contains(MountFlags::RDONLY) { " ro" } else { "" }))
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        flags: MountFlags,
+        _data: &str,
+    ) -> io::Result<()> {
+        self.rec(format!(
+            "mount {source} {} {fstype}{}",
+            target.display(),
+            if flags.contains(MountFlags::RDONLY) {
+                " ro"
+            } else {
+                ""
+            }
+        ))
     }
     fn bind(&mut self, source: &Path, target: &Path) -> io::Result<()> {
         self.rec(format!("bind {} {}", source.display(), target.display()))
@@ -140,12 +202,31 @@ impl Syscalls for RecordingSyscalls {
     fn make_rprivate(&mut self, target: &Path) -> io::Result<()> {
         self.rec(format!("rprivate {}", target.display()))
     }
-    fn mount_overlay(&mut self, lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
-        let l = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
-        self.rec(format!("overlay {l} {} {} {}", upper.display(), work.display(), target.display()))
+    fn mount_overlay(
+        &mut self,
+        lowers: &[&Path],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> io::Result<()> {
+        let l = lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        self.rec(format!(
+            "overlay {l} {} {} {}",
+            upper.display(),
+            work.display(),
+            target.display()
+        ))
     }
     fn pivot_root(&mut self, new_root: &Path, put_old: &Path) -> io::Result<()> {
-        self.rec(format!("pivot_root {} {}", new_root.display(), put_old.display()))
+        self.rec(format!(
+            "pivot_root {} {}",
+            new_root.display(),
+            put_old.display()
+        ))
     }
     fn umount_detach(&mut self, target: &Path) -> io::Result<()> {
         self.rec(format!("umount_detach {}", target.display()))

@@ -14,32 +14,74 @@ type Test = (&'static str, fn());
 
 const TESTS: &[Test] = &[
     ("output_and_exit_code", output_and_exit_code),
-    ("upper_holds_writes_and_whiteouts", upper_holds_writes_and_whiteouts),
+    (
+        "upper_holds_writes_and_whiteouts",
+        upper_holds_writes_and_whiteouts,
+    ),
     ("proc_is_private_and_masked", proc_is_private_and_masked),
     ("network_none_has_only_lo", network_none_has_only_lo),
-    ("host_network_sees_host_interfaces", host_network_sees_host_interfaces),
+    (
+        "host_network_sees_host_interfaces",
+        host_network_sees_host_interfaces,
+    ),
     ("kill_all_does_not_escape", kill_all_does_not_escape),
-    ("killing_the_parent_does_not_stop_the_step", killing_the_parent_does_not_stop_the_step),
-    ("background_processes_die_with_the_step", background_processes_die_with_the_step),
-    ("created_mountpoints_are_reported_and_generated_files_stay_out", created_mountpoints_are_reported_and_generated_files_stay_out),
+    (
+        "killing_the_parent_does_not_stop_the_step",
+        killing_the_parent_does_not_stop_the_step,
+    ),
+    (
+        "background_processes_die_with_the_step",
+        background_processes_die_with_the_step,
+    ),
+    (
+        "created_mountpoints_are_reported_and_generated_files_stay_out",
+        created_mountpoints_are_reported_and_generated_files_stay_out,
+    ),
     ("user_nobody", user_nobody),
-    ("user_name_group_and_missing_user", user_name_group_and_missing_user),
+    (
+        "user_name_group_and_missing_user",
+        user_name_group_and_missing_user,
+    ),
     ("signaled_status", signaled_status),
-    ("missing_executable_names_argv0", missing_executable_names_argv0),
+    (
+        "missing_executable_names_argv0",
+        missing_executable_names_argv0,
+    ),
     ("missing_cwd_is_a_clear_error", missing_cwd_is_a_clear_error),
     ("hostname_hosts_and_env", hostname_hosts_and_env),
-    ("from_scratch_with_a_bound_binary", from_scratch_with_a_bound_binary),
+    (
+        "from_scratch_with_a_bound_binary",
+        from_scratch_with_a_bound_binary,
+    ),
     ("selftest_binary_as_helper", selftest_binary_as_helper),
     ("masked_proc_pod", masked_proc_pod),
-    ("masked_proc_locked_falls_back_to_the_shared_pid_namespace", masked_proc_locked_falls_back_to_the_shared_pid_namespace),
-    ("masked_proc_locked_strict_refuses", masked_proc_locked_strict_refuses),
-    ("shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind", shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind),
-    ("memory_limit_oom_kills_the_step_and_says_so", memory_limit_oom_kills_the_step_and_says_so),
-    ("pids_limit_bounds_a_fork_bomb", pids_limit_bounds_a_fork_bomb),
+    (
+        "masked_proc_locked_falls_back_to_the_shared_pid_namespace",
+        masked_proc_locked_falls_back_to_the_shared_pid_namespace,
+    ),
+    (
+        "masked_proc_locked_strict_refuses",
+        masked_proc_locked_strict_refuses,
+    ),
+    (
+        "shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind",
+        shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind,
+    ),
+    (
+        "memory_limit_oom_kills_the_step_and_says_so",
+        memory_limit_oom_kills_the_step_and_says_so,
+    ),
+    (
+        "pids_limit_bounds_a_fork_bomb",
+        pids_limit_bounds_a_fork_bomb,
+    ),
     ("rootless_full_map", rootless_full_map),
     ("rootless_single_id", rootless_single_id),
     ("parallel_steps_from_threads", parallel_steps_from_threads),
-    ("rootless_sigterm_is_forwarded", rootless_sigterm_is_forwarded),
+    (
+        "rootless_sigterm_is_forwarded",
+        rootless_sigterm_is_forwarded,
+    ),
     ("bench_true_root", bench_true_root),
 ];
 
@@ -52,13 +94,20 @@ fn main() {
         let name = &args[i + 1];
         let (_, f) = TESTS.iter().find(|(n, _)| n == name).expect("known test");
         // Inside our own PID namespace: make sure of it before running anything hostile.
-        assert_eq!(std::process::id(), 1, "inner tests must run as PID 1 of their own PID namespace");
+        assert_eq!(
+            std::process::id(),
+            1,
+            "inner tests must run as PID 1 of their own PID namespace"
+        );
         f();
         return;
     }
     let filters: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
     let list = args.iter().any(|a| a == "--list");
-    let chosen: Vec<&Test> = TESTS.iter().filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str()))).collect();
+    let chosen: Vec<&Test> = TESTS
+        .iter()
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+        .collect();
     if list {
         for (n, _) in &chosen {
             println!("{n}: test");
@@ -66,7 +115,10 @@ fn main() {
         return;
     }
     if !rustix::process::geteuid().is_root() {
-        println!("sandbox e2e tests need root (they create users and namespaces); skipped {}", chosen.len());
+        println!(
+            "sandbox e2e tests need root (they create users and namespaces); skipped {}",
+            chosen.len()
+        );
         return;
     }
     println!("running {} tests", chosen.len());
@@ -77,16 +129,28 @@ fn main() {
         if out.status.success() {
             println!("test {name} ... ok");
             let so = String::from_utf8_lossy(&out.stdout);
-            for l in so.lines().filter(|l| l.starts_with("bench:") || l.starts_with("note:")) {
+            for l in so
+                .lines()
+                .filter(|l| l.starts_with("bench:") || l.starts_with("note:"))
+            {
                 println!("    {l}");
             }
         } else {
             println!("test {name} ... FAILED ({})", out.status);
-            println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            println!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
             failed.push(*name);
         }
     }
-    println!("\ntest result: {}. {} passed; {} failed", if failed.is_empty() { "ok" } else { "FAILED" }, chosen.len() - failed.len(), failed.len());
+    println!(
+        "\ntest result: {}. {} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        chosen.len() - failed.len(),
+        failed.len()
+    );
     if !failed.is_empty() {
         println!("failures: {failed:?}");
         std::process::exit(101);
@@ -114,12 +178,23 @@ fn run_inner(exe: &Path, name: &str) -> std::process::Output {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let st = child.wait().unwrap();
-            std::fs::write(&e, format!("{}\nTIMED OUT after 240 s\n", std::fs::read_to_string(&e).unwrap_or_default())).unwrap();
+            std::fs::write(
+                &e,
+                format!(
+                    "{}\nTIMED OUT after 240 s\n",
+                    std::fs::read_to_string(&e).unwrap_or_default()
+                ),
+            )
+            .unwrap();
             break st;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    std::process::Output { status, stdout: std::fs::read(&o).unwrap(), stderr: std::fs::read(&e).unwrap() }
+    std::process::Output {
+        status,
+        stdout: std::fs::read(&o).unwrap(),
+        stderr: std::fs::read(&e).unwrap(),
+    }
 }
 
 // ---------------------------------------------------------------- fixtures
@@ -138,11 +213,17 @@ struct Fixture {
 }
 
 fn busybox() -> &'static str {
-    ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static installed")
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static installed")
 }
 
 fn fixture() -> Fixture {
-    let tmp = tempfile::Builder::new().prefix("rbuild-sandbox-e2e-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("rbuild-sandbox-e2e-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let base = tmp.path().to_path_buf();
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
     let rootfs = base.join("rootfs");
@@ -159,7 +240,11 @@ fn fixture() -> Fixture {
         }
     }
     std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n").unwrap();
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nwheel:x:10:app\napp:x:1000:\nnogroup:x:65534:\n").unwrap();
+    std::fs::write(
+        rootfs.join("etc/group"),
+        "root:x:0:\nwheel:x:10:app\napp:x:1000:\nnogroup:x:65534:\n",
+    )
+    .unwrap();
     std::fs::write(rootfs.join("l2file"), "l2\n").unwrap();
     std::fs::write(rootfs.join("dirA/old"), "old\n").unwrap();
     let layer = base.join("layer");
@@ -167,7 +252,14 @@ fn fixture() -> Fixture {
     std::fs::write(layer.join("l3file"), "l3\n").unwrap();
     let state = base.join("state");
     std::fs::create_dir_all(&state).unwrap();
-    Fixture { _tmp: tmp, base, rootfs, layer, state, n: Default::default() }
+    Fixture {
+        _tmp: tmp,
+        base,
+        rootfs,
+        layer,
+        state,
+        n: Default::default(),
+    }
 }
 
 struct Step {
@@ -178,7 +270,9 @@ struct Step {
 
 impl Step {
     fn ok(&self) -> &RunOutcome {
-        self.res.as_ref().unwrap_or_else(|e| panic!("run failed: {e}\noutput:\n{}", self.out))
+        self.res
+            .as_ref()
+            .unwrap_or_else(|e| panic!("run failed: {e}\noutput:\n{}", self.out))
     }
     fn status(&self) -> ExitKind {
         self.ok().status
@@ -189,7 +283,10 @@ impl Fixture {
     fn builder(&self, script: &str) -> (RunSpecBuilder, PathBuf) {
         let i = self.n.get();
         self.n.set(i + 1);
-        let (u, w) = (self.base.join(format!("upper{i}")), self.base.join(format!("work{i}")));
+        let (u, w) = (
+            self.base.join(format!("upper{i}")),
+            self.base.join(format!("work{i}")),
+        );
         std::fs::create_dir_all(&u).unwrap();
         std::fs::create_dir_all(&w).unwrap();
         let b = RunSpec::builder()
@@ -204,7 +301,11 @@ impl Fixture {
         let spec = f(b).build().unwrap();
         let mut out = Vec::new();
         let res = rbuild_sandbox::run(&spec, &mut out);
-        Step { out: String::from_utf8_lossy(&out).into_owned(), res, upper }
+        Step {
+            out: String::from_utf8_lossy(&out).into_owned(),
+            res,
+            upper,
+        }
     }
     fn run(&self, script: &str) -> Step {
         self.run_with(script, |b| b)
@@ -214,9 +315,16 @@ impl Fixture {
 /// Enters the build namespace (as rbuild does before any thread) and makes the fixture.
 fn setup() -> Fixture {
     let f = fixture();
-    let ns = rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions { state_dir: f.state.clone(), allow_single_id: false }).unwrap();
+    let ns = rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions {
+        state_dir: f.state.clone(),
+        allow_single_id: false,
+    })
+    .unwrap();
     assert!(ns.warnings.is_empty(), "{:?}", ns.warnings);
-    assert_eq!(ns.proc_clone.as_deref(), Some(f.state.join("proc-clone").as_path()));
+    assert_eq!(
+        ns.proc_clone.as_deref(),
+        Some(f.state.join("proc-clone").as_path())
+    );
     f
 }
 
@@ -226,7 +334,11 @@ fn output_and_exit_code() {
     let f = setup();
     let s = f.run("echo to-stdout; echo to-stderr >&2; exit 3");
     assert_eq!(s.status(), ExitKind::Exited(3), "{}", s.out);
-    assert!(s.out.contains("to-stdout\n") && s.out.contains("to-stderr\n"), "{}", s.out);
+    assert!(
+        s.out.contains("to-stdout\n") && s.out.contains("to-stderr\n"),
+        "{}",
+        s.out
+    );
     let s = f.run("cat /l3file /l2file; id -u; echo $$");
     assert_eq!(s.status(), ExitKind::Exited(0));
     // PID 1 is our init; the command is its child.
@@ -241,10 +353,20 @@ fn upper_holds_writes_and_whiteouts() {
     let md = std::fs::metadata(s.upper.join("x")).unwrap();
     assert_eq!((md.uid(), md.gid()), (1000, 1000));
     let wh = std::fs::symlink_metadata(s.upper.join("l2file")).unwrap();
-    assert!(wh.file_type().is_char_device() && wh.rdev() == 0, "l2file must be a 0:0 whiteout");
-    let opaque = Command::new("getfattr").args(["--only-values", "-n", "user.overlay.opaque"]).arg(s.upper.join("dirA")).output().unwrap();
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "l2file must be a 0:0 whiteout"
+    );
+    let opaque = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.overlay.opaque"])
+        .arg(s.upper.join("dirA"))
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&opaque.stdout), "y");
-    assert_eq!(std::fs::read_to_string(s.upper.join("l3file")).unwrap(), "l3\nmore\n");
+    assert_eq!(
+        std::fs::read_to_string(s.upper.join("l3file")).unwrap(),
+        "l3\nmore\n"
+    );
     // The lower layers are untouched.
     assert!(f.rootfs.join("l2file").exists() && f.rootfs.join("dirA/old").exists());
 }
@@ -254,8 +376,14 @@ fn proc_is_private_and_masked() {
     let s = f.run("ls /proc | grep '^[0-9]' | tr '\\n' ' '; echo; wc -c < /proc/keys; wc -c < /proc/timer_list; touch /proc/sys/kernel/x 2>&1 | head -c0; grep -c ' /proc/sys ' /proc/self/mounts; grep ' /proc/sys ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1; readlink /proc/self");
     assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
     let lines: Vec<&str> = s.out.lines().collect();
-    let pids: Vec<u32> = lines[0].split_whitespace().map(|p| p.parse().unwrap()).collect();
-    assert!(pids.contains(&1) && pids.len() <= 8 && pids.iter().all(|&p| p < 50), "pids {pids:?}");
+    let pids: Vec<u32> = lines[0]
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(
+        pids.contains(&1) && pids.len() <= 8 && pids.iter().all(|&p| p < 50),
+        "pids {pids:?}"
+    );
     assert_eq!(lines[1].trim(), "0", "/proc/keys is masked");
     assert_eq!(lines[2].trim(), "0", "/proc/timer_list is masked");
     assert_eq!(lines[3].trim(), "1");
@@ -270,17 +398,33 @@ fn network_none_has_only_lo() {
     let s = f.run_with("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; ls /sys/class/net; cat /etc/resolv.conf | grep -c nameserver; ip addr show lo | grep -c 'inet 127.0.0.1'", |b| b.network(Network::None));
     let lines: Vec<&str> = s.out.lines().collect();
     assert_eq!(lines, vec!["lo", "lo", "0", "1"], "{}", s.out);
-    assert!(s.ok().warnings.is_empty(), "sysfs mounts with a netns: {:?}", s.ok().warnings);
+    assert!(
+        s.ok().warnings.is_empty(),
+        "sysfs mounts with a netns: {:?}",
+        s.ok().warnings
+    );
 }
 
 fn host_network_sees_host_interfaces() {
     let f = setup();
-    let host: Vec<String> = std::fs::read_to_string("/proc/net/dev").unwrap().lines().skip(2).map(|l| l.split(':').next().unwrap().trim().to_string()).collect();
+    let host: Vec<String> = std::fs::read_to_string("/proc/net/dev")
+        .unwrap()
+        .lines()
+        .skip(2)
+        .map(|l| l.split(':').next().unwrap().trim().to_string())
+        .collect();
     let s = f.run("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '");
     let inside: Vec<String> = s.out.lines().map(str::to_string).collect();
     assert_eq!(inside, host);
     // No sysfs without an own network namespace: the step is told.
-    assert!(s.ok().warnings.iter().any(|w| w.contains("/sys is not mounted")), "{:?}", s.ok().warnings);
+    assert!(
+        s.ok()
+            .warnings
+            .iter()
+            .any(|w| w.contains("/sys is not mounted")),
+        "{:?}",
+        s.ok().warnings
+    );
     assert!(!s.ok().created_mountpoints.contains(&"sys".to_string()));
 }
 
@@ -319,26 +463,53 @@ fn background_processes_die_with_the_step() {
 
 fn created_mountpoints_are_reported_and_generated_files_stay_out() {
     let f = setup();
-    let s = f.run_with("echo '10.0.0.1 extra' >> /etc/hosts; cat /etc/hosts; ls -d /proc /dev /sys 2>&1", |b| b.network(Network::None));
+    let s = f.run_with(
+        "echo '10.0.0.1 extra' >> /etc/hosts; cat /etc/hosts; ls -d /proc /dev /sys 2>&1",
+        |b| b.network(Network::None),
+    );
     assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
     let mut created = s.ok().created_mountpoints.clone();
     created.sort();
-    assert_eq!(created, vec!["dev", "etc/hostname", "etc/hosts", "etc/resolv.conf", "proc", "sys"]);
+    assert_eq!(
+        created,
+        vec![
+            "dev",
+            "etc/hostname",
+            "etc/hosts",
+            "etc/resolv.conf",
+            "proc",
+            "sys"
+        ]
+    );
     // What remains in the upperdir are the empty mount points only; the caller removes them.
     let hosts = s.upper.join("etc/hosts");
-    assert_eq!(std::fs::metadata(&hosts).unwrap().len(), 0, "generated /etc/hosts must not land in the layer");
+    assert_eq!(
+        std::fs::metadata(&hosts).unwrap().len(),
+        0,
+        "generated /etc/hosts must not land in the layer"
+    );
     for c in &s.ok().created_mountpoints {
         let p = s.upper.join(c);
         if p.is_dir() {
-            assert_eq!(std::fs::read_dir(&p).unwrap().count(), 0, "{c} not empty in upper");
+            assert_eq!(
+                std::fs::read_dir(&p).unwrap().count(),
+                0,
+                "{c} not empty in upper"
+            );
         }
     }
-    assert!(s.out.contains("10.0.0.1 extra") && s.out.contains("localhost"), "{}", s.out);
+    assert!(
+        s.out.contains("10.0.0.1 extra") && s.out.contains("localhost"),
+        "{}",
+        s.out
+    );
 }
 
 fn user_nobody() {
     let f = setup();
-    let s = f.run_with("id -u; id -g; touch /tmp/n && stat -c %u:%g /tmp/n", |b| b.user("nobody".into()));
+    let s = f.run_with("id -u; id -g; touch /tmp/n && stat -c %u:%g /tmp/n", |b| {
+        b.user("nobody".into())
+    });
     assert_eq!(s.out, "65534\n65534\n65534:65534\n", "{:?}", s.res);
     let md = std::fs::metadata(s.upper.join("tmp/n")).unwrap();
     assert_eq!(md.uid(), 65534);
@@ -365,10 +536,16 @@ fn missing_executable_names_argv0() {
     let f = setup();
     let s = f.run_with("", |b| b.argv(vec!["/no/such/tool".into(), "x".into()]));
     let e = s.res.unwrap_err().to_string();
-    assert!(e.contains("/no/such/tool") && e.contains("No such file"), "{e}");
+    assert!(
+        e.contains("/no/such/tool") && e.contains("No such file"),
+        "{e}"
+    );
     let s = f.run_with("", |b| b.argv(vec!["nosuchtool".into()]));
     let e = s.res.unwrap_err().to_string();
-    assert!(e.contains("nosuchtool: executable file not found in $PATH"), "{e}");
+    assert!(
+        e.contains("nosuchtool: executable file not found in $PATH"),
+        "{e}"
+    );
 }
 
 fn missing_cwd_is_a_clear_error() {
@@ -386,18 +563,38 @@ fn hostname_hosts_and_env() {
     let s = f.run_with("hostname; grep -c 'box1' /etc/hosts; grep '^1.2.3.4' /etc/hosts; echo \"$PATH|$FOO|$HOME_X\"; env | grep -c SECRET_OF_HOST", |b| {
         b.hostname("box1".into()).extra_hosts(vec![("reg.local".into(), "1.2.3.4".into())]).env(vec![("FOO".into(), "bar".into())])
     });
-    assert_eq!(s.out, format!("box1\n1\n1.2.3.4\treg.local\n{}|bar|\n0\n", rbuild_sandbox::DEFAULT_PATH));
+    assert_eq!(
+        s.out,
+        format!(
+            "box1\n1\n1.2.3.4\treg.local\n{}|bar|\n0\n",
+            rbuild_sandbox::DEFAULT_PATH
+        )
+    );
 }
 
 fn from_scratch_with_a_bound_binary() {
     let f = setup();
     let s = f.run_with("", |b| {
         b.lowerdirs(vec![])
-            .argv(vec!["/busybox".into(), "sh".into(), "-c".into(), "/busybox echo scratch > /f; /busybox ls /".into()])
-            .mounts(vec![rbuild_sandbox::Mount { target: "/busybox".into(), source: rbuild_sandbox::MountSource::Bind { source: busybox().into(), readonly: true } }])
+            .argv(vec![
+                "/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                "/busybox echo scratch > /f; /busybox ls /".into(),
+            ])
+            .mounts(vec![rbuild_sandbox::Mount {
+                target: "/busybox".into(),
+                source: rbuild_sandbox::MountSource::Bind {
+                    source: busybox().into(),
+                    readonly: true,
+                },
+            }])
     });
     assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
-    assert_eq!(std::fs::read_to_string(s.upper.join("f")).unwrap(), "scratch\n");
+    assert_eq!(
+        std::fs::read_to_string(s.upper.join("f")).unwrap(),
+        "scratch\n"
+    );
     assert!(s.ok().created_mountpoints.contains(&"busybox".to_string()));
 }
 
@@ -407,10 +604,20 @@ fn selftest() -> &'static str {
 
 fn selftest_binary_as_helper() {
     let f = fixture();
-    let out = Command::new(selftest()).arg("--state").arg(&f.state).arg("--rootfs").arg(&f.rootfs).args(["--", "sh", "-c", "echo via-selftest; exit 4"]).output().unwrap();
+    let out = Command::new(selftest())
+        .arg("--state")
+        .arg(&f.state)
+        .arg("--rootfs")
+        .arg(&f.rootfs)
+        .args(["--", "sh", "-c", "echo via-selftest; exit 4"])
+        .output()
+        .unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{so}");
-    assert!(so.contains("via-selftest\n") && so.contains("status: Exited(4)"), "{so}");
+    assert!(
+        so.contains("via-selftest\n") && so.contains("status: Exited(4)"),
+        "{so}"
+    );
     assert!(so.contains("mode: root: host IDs"), "{so}");
 }
 
@@ -450,8 +657,24 @@ sys.exit(os.waitstatus_to_exitcode(st) & 255)
 fn pod_command(f: &Fixture, inner: &str) -> Command {
     let script = format!("{MASK_PROC}; grep -c ' /proc/' /proc/self/mountinfo; {inner} \"$@\"");
     let mut c = Command::new("python3");
-    c.args(["-c", USERNS_LAUNCHER, "unshare", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c", &script, "pod"]);
-    c.arg(selftest()).arg("--state").arg(&f.state).arg("--rootfs").arg(&f.rootfs);
+    c.args([
+        "-c",
+        USERNS_LAUNCHER,
+        "unshare",
+        "--mount",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "sh",
+        "-c",
+        &script,
+        "pod",
+    ]);
+    c.arg(selftest())
+        .arg("--state")
+        .arg(&f.state)
+        .arg("--rootfs")
+        .arg(&f.rootfs);
     c.args(["--", "sh", "-c", "ls /proc | grep '^[0-9]' | tr '\\n' ' '; echo; cat /proc/self/status | grep NSpid; wc -c < /proc/keys"]);
     c
 }
@@ -460,18 +683,38 @@ fn masked_proc_pod() {
     let f = fixture();
     let out = pod_command(&f, "exec").output().unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{so}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(so.contains("mode: root of a user namespace, uid and gid map 0→0 (65536)"), "{so}");
+    assert!(
+        out.status.success(),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        so.contains("mode: root of a user namespace, uid and gid map 0→0 (65536)"),
+        "{so}"
+    );
     assert!(!so.lines().any(|l| l.starts_with("warning:")), "{so}");
     // Only the step's own PIDs, and NSpid shows one level more than the pod.
-    let pids_line = so.lines().skip_while(|l| *l != "--- output ---").nth(1).unwrap();
-    let pids: Vec<u32> = pids_line.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let pids_line = so
+        .lines()
+        .skip_while(|l| *l != "--- output ---")
+        .nth(1)
+        .unwrap();
+    let pids: Vec<u32> = pids_line
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert!(pids.contains(&1) && pids.len() <= 6, "{so}");
     let nspid = so.lines().find(|l| l.starts_with("NSpid:")).unwrap();
     // A procfs of the step's own PID namespace: one level only, and a small pid.
-    let levels: Vec<u32> = nspid["NSpid:".len()..].split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let levels: Vec<u32> = nspid["NSpid:".len()..]
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert!(levels.len() == 1 && levels[0] < 20, "{nspid}");
-    assert!(so.contains("NSpid:") && so.contains("\n0\n--- end ---"), "/proc/keys must be masked: {so}");
+    assert!(
+        so.contains("NSpid:") && so.contains("\n0\n--- end ---"),
+        "/proc/keys must be masked: {so}"
+    );
     assert!(so.contains("status: Exited(0)"), "{so}");
     println!("note: masked pod: {}", nspid.replace('\t', " "));
 }
@@ -479,20 +722,49 @@ fn masked_proc_pod() {
 fn masked_proc_locked_falls_back_to_the_shared_pid_namespace() {
     let f = fixture();
     // One more user namespace below the pod: the pod's masks are locked for rbuild.
-    let out = pod_command(&f, "exec unshare --user --map-root-user --mount").output().unwrap();
+    let out = pod_command(&f, "exec unshare --user --map-root-user --mount")
+        .output()
+        .unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{so}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(so.contains("proc_clone: None"), "{so}");
-    let warning = so.lines().find(|l| l.starts_with("warning: the masks on /proc")).unwrap_or_else(|| panic!("{so}"));
-    for want in ["/proc/keys", "locked", "share rbuild's PID namespace", "procMount: Unmasked", "SYS_ADMIN"] {
+    let warning = so
+        .lines()
+        .find(|l| l.starts_with("warning: the masks on /proc"))
+        .unwrap_or_else(|| panic!("{so}"));
+    for want in [
+        "/proc/keys",
+        "locked",
+        "share rbuild's PID namespace",
+        "procMount: Unmasked",
+        "SYS_ADMIN",
+    ] {
         assert!(warning.contains(want), "{want}: {warning}");
     }
     assert!(so.contains("isolation: SharedPid: user namespaces, overlay (native), shared PID namespace and /proc (masks locked)"), "{so}");
     // The step sees the pod's PID namespace (the selftest is its PID 1), still masked.
-    let pids_line = so.lines().skip_while(|l| *l != "--- output ---").nth(1).unwrap();
-    let pids: Vec<u32> = pids_line.split_whitespace().map(|p| p.parse().unwrap()).collect();
-    assert!(pids.contains(&1) && pids.len() >= 4, "the helper, init and the command beside the selftest: {so}");
-    assert!(so.contains("\n0\n--- end ---"), "/proc/keys stays masked: {so}");
+    let pids_line = so
+        .lines()
+        .skip_while(|l| *l != "--- output ---")
+        .nth(1)
+        .unwrap();
+    let pids: Vec<u32> = pids_line
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(
+        pids.contains(&1) && pids.len() >= 4,
+        "the helper, init and the command beside the selftest: {so}"
+    );
+    assert!(
+        so.contains("\n0\n--- end ---"),
+        "/proc/keys stays masked: {so}"
+    );
     assert!(so.contains("status: Exited(0)"), "{so}");
     println!("note: locked: {warning}");
 }
@@ -504,12 +776,28 @@ fn masked_proc_locked_strict_refuses() {
     let args: Vec<std::ffi::OsString> = c.get_args().map(|a| a.to_os_string()).collect();
     let dd = args.iter().position(|a| a == "--").unwrap();
     let mut c2 = Command::new(c.get_program());
-    c2.args(&args[..dd]).args(["--isolation", "strict"]).args(&args[dd..]);
+    c2.args(&args[..dd])
+        .args(["--isolation", "strict"])
+        .args(&args[dd..]);
     let out = c2.output().unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{so}{}", String::from_utf8_lossy(&out.stderr));
-    let err = so.lines().find(|l| l.starts_with("enter error:")).unwrap_or_else(|| panic!("{so}"));
-    for want in ["--isolation=strict", "PID namespace and /proc of their own", "locked", "procMount: Unmasked", "SYS_ADMIN"] {
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = so
+        .lines()
+        .find(|l| l.starts_with("enter error:"))
+        .unwrap_or_else(|| panic!("{so}"));
+    for want in [
+        "--isolation=strict",
+        "PID namespace and /proc of their own",
+        "locked",
+        "procMount: Unmasked",
+        "SYS_ADMIN",
+    ] {
         assert!(err.contains(want), "{want}: {err}");
     }
     assert!(!so.contains("--- output ---"), "nothing ran: {so}");
@@ -527,8 +815,16 @@ fn shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind() {
     assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
     let lines: Vec<&str> = s.out.lines().collect();
     let pid: u32 = lines[0].parse().unwrap();
-    assert!(pid > 1, "the command is not PID 1 of a namespace of its own: {}", s.out);
-    assert!(lines[1].contains("--inner"), "PID 1 is the test process, the builder: {}", s.out);
+    assert!(
+        pid > 1,
+        "the command is not PID 1 of a namespace of its own: {}",
+        s.out
+    );
+    assert!(
+        lines[1].contains("--inner"),
+        "PID 1 is the test process, the builder: {}",
+        s.out
+    );
     assert_eq!(lines[2].trim(), "0", "/proc/keys is masked again");
     assert_eq!(lines[3].trim(), "ro", "/proc/sys is read-only");
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -547,31 +843,62 @@ fn shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind() {
 fn memory_limit_oom_kills_the_step_and_says_so() {
     let f = setup();
     let hog = "x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}";
-    let s = f.run_with(hog, |b| b.limits(Limits { memory: Some(64 << 20), ..Limits::default() }));
+    let s = f.run_with(hog, |b| {
+        b.limits(Limits {
+            memory: Some(64 << 20),
+            ..Limits::default()
+        })
+    });
     let o = s.ok();
     assert_ne!(o.status, ExitKind::Exited(0), "{}", s.out);
-    assert_eq!(o.limit_hit.as_deref(), Some("killed: memory limit 64 MiB reached (--memory)"), "{}", s.out);
+    assert_eq!(
+        o.limit_hit.as_deref(),
+        Some("killed: memory limit 64 MiB reached (--memory)"),
+        "{}",
+        s.out
+    );
     // The same step without the limit gets through, and has nothing to report.
     let s = f.run(hog);
     assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
     assert_eq!(s.out, "survived 150000000\n");
     assert_eq!(s.ok().limit_hit, None);
-    assert!(leftover_step_cgroups().is_empty(), "{:?}", leftover_step_cgroups());
+    assert!(
+        leftover_step_cgroups().is_empty(),
+        "{:?}",
+        leftover_step_cgroups()
+    );
 }
 
 fn pids_limit_bounds_a_fork_bomb() {
     let f = setup();
     // A fork bomb for two seconds, then a failure (whether or not the shell itself could fork).
-    let s = f.run_with("bomb() { bomb | bomb & }; bomb; sleep 2; exit 3", |b| b.limits(Limits { pids: Some(20), ..Limits::default() }));
+    let s = f.run_with("bomb() { bomb | bomb & }; bomb; sleep 2; exit 3", |b| {
+        b.limits(Limits {
+            pids: Some(20),
+            ..Limits::default()
+        })
+    });
     let o = s.ok();
     assert_ne!(o.status, ExitKind::Exited(0));
     let hit = o.limit_hit.clone().unwrap_or_default();
-    assert!(hit.starts_with("process limit 20 reached (--pids-limit): ") && hit.ends_with("forks refused"), "{hit:?}");
+    assert!(
+        hit.starts_with("process limit 20 reached (--pids-limit): ")
+            && hit.ends_with("forks refused"),
+        "{hit:?}"
+    );
     // Nothing of the bomb is left.
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let left = std::fs::read_dir("/proc").unwrap().flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count();
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .count();
     assert!(left < 10, "{left} processes in the test's PID namespace");
-    assert!(leftover_step_cgroups().is_empty(), "{:?}", leftover_step_cgroups());
+    assert!(
+        leftover_step_cgroups().is_empty(),
+        "{:?}",
+        leftover_step_cgroups()
+    );
     println!("note: fork bomb: {hit}");
 }
 
@@ -582,20 +909,38 @@ fn leftover_step_cgroups() -> Vec<PathBuf> {
         .chain(l.v2.iter())
         .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
         .map(|e| e.path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("rbuild-step-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("rbuild-step-")
+        })
         .collect()
 }
 
 fn ensure_user(name: &str, subid: Option<u32>) -> u32 {
-    if Command::new("id").arg(name).output().unwrap().status.success() {
+    if Command::new("id")
+        .arg(name)
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
         // keep
     } else {
-        let st = Command::new("useradd").args(["-m", "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", name]).status().unwrap();
+        let st = Command::new("useradd")
+            .args(["-m", "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", name])
+            .status()
+            .unwrap();
         assert!(st.success(), "useradd {name}");
     }
     for file in ["/etc/subuid", "/etc/subgid"] {
         let text = std::fs::read_to_string(file).unwrap_or_default();
-        let mut lines: Vec<String> = text.lines().filter(|l| !l.starts_with(&format!("{name}:"))).map(str::to_string).collect();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{name}:")))
+            .map(str::to_string)
+            .collect();
         if let Some(start) = subid {
             lines.push(format!("{name}:{start}:65536"));
         }
@@ -610,7 +955,12 @@ fn ensure_user(name: &str, subid: Option<u32>) -> u32 {
 
 fn as_user(name: &str, f: &Fixture, extra: &[&str]) -> (Option<i32>, String) {
     // Layers are unpacked by the build namespace with mapped owners; here: the user's own.
-    let st = Command::new("chown").args(["-R", "-h", &format!("{name}:{name}")]).arg(&f.state).arg(&f.rootfs).status().unwrap();
+    let st = Command::new("chown")
+        .args(["-R", "-h", &format!("{name}:{name}")])
+        .arg(&f.state)
+        .arg(&f.rootfs)
+        .status()
+        .unwrap();
     assert!(st.success());
     let out = Command::new("setpriv")
         .args(["--reuid", name, "--regid", name, "--init-groups", "--"])
@@ -623,7 +973,14 @@ fn as_user(name: &str, f: &Fixture, extra: &[&str]) -> (Option<i32>, String) {
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .output()
         .unwrap();
-    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 fn rootless_full_map() {
@@ -631,33 +988,68 @@ fn rootless_full_map() {
     let uid = ensure_user("rbtest", Some(300000));
     let (code, so) = as_user("rbtest", &f, &["--keep", "--", "sh", "-c", "id -u; cat /proc/self/uid_map | tr -s ' ' | tr '\\n' ';'; echo; echo x > /owned && chown 1000:1000 /owned; ls /proc | grep -c '^[0-9]'"]);
     assert_eq!(code, Some(0), "{so}");
-    assert!(so.contains(&format!("mode: rootless: user namespace, uid and gid map 0→{uid} (1), 1→300000 (65536)")), "{so}");
+    assert!(
+        so.contains(&format!(
+            "mode: rootless: user namespace, uid and gid map 0→{uid} (1), 1→300000 (65536)"
+        )),
+        "{so}"
+    );
     assert!(so.contains("\n0\n 0 0 1; 1 1 65536;\n"), "{so}");
     let upper = so.lines().find_map(|l| l.strip_prefix("upper: ")).unwrap();
     let md = std::fs::metadata(Path::new(upper).join("owned")).unwrap();
-    assert_eq!((md.uid(), md.gid()), (300999, 300999), "uid 1000 in the image is 300999 on disk");
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (300999, 300999),
+        "uid 1000 in the image is 300999 on disk"
+    );
     let x = std::fs::metadata(Path::new(upper).join("owned")).unwrap();
     assert!(x.is_file());
     // The rootless benchmark with the full map.
     let (code, so) = as_user("rbtest", &f, &["--bench", "50"]);
     assert_eq!(code, Some(0), "{so}");
-    println!("note: rootless full map: {}", so.lines().find(|l| l.starts_with("bench:")).unwrap());
+    println!(
+        "note: rootless full map: {}",
+        so.lines().find(|l| l.starts_with("bench:")).unwrap()
+    );
 }
 
 fn rootless_single_id() {
     let f = fixture();
     let uid = ensure_user("rbtest2", None);
-    let (code, so) = as_user("rbtest2", &f, &["--", "sh", "-c", "id -u; cat /proc/self/uid_map | tr -s ' '; echo y > /y"]);
+    let (code, so) = as_user(
+        "rbtest2",
+        &f,
+        &[
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map | tr -s ' '; echo y > /y",
+        ],
+    );
     assert_eq!(code, Some(0), "{so}");
-    assert!(so.contains(&format!("mode: rootless: user namespace, uid and gid map 0→{uid} (1)")), "{so}");
-    assert!(so.contains("warning: no subordinate ID range could be used"), "{so}");
-    assert!(so.contains("files owned by other users than root cannot be represented"), "{so}");
+    assert!(
+        so.contains(&format!(
+            "mode: rootless: user namespace, uid and gid map 0→{uid} (1)"
+        )),
+        "{so}"
+    );
+    assert!(
+        so.contains("warning: no subordinate ID range could be used"),
+        "{so}"
+    );
+    assert!(
+        so.contains("files owned by other users than root cannot be represented"),
+        "{so}"
+    );
     assert!(so.contains("\n0\n 0 0 1\n"), "{so}");
     // Without the fallback: a clear error, no build.
     let (code, so) = as_user("rbtest2", &f, &["--no-single-id", "--", "true"]);
     assert_eq!(code, Some(3), "{so}");
     assert!(so.contains("enter error: cannot map IDs for the build's user namespace: no range for rbtest2 in /etc/subuid and /etc/subgid"), "{so}");
-    println!("note: {}", so.lines().find(|l| l.starts_with("enter error")).unwrap());
+    println!(
+        "note: {}",
+        so.lines().find(|l| l.starts_with("enter error")).unwrap()
+    );
 }
 
 fn bench_true_root() {
@@ -678,7 +1070,13 @@ fn bench_true_root() {
 
 fn parallel_steps_from_threads() {
     let f = setup();
-    let builders: Vec<_> = (0..4).map(|i| f.builder(&format!("for j in 1 2 3; do echo step{i}-$j; sleep 0.0$j; done; exit {i}"))).collect();
+    let builders: Vec<_> = (0..4)
+        .map(|i| {
+            f.builder(&format!(
+                "for j in 1 2 3; do echo step{i}-$j; sleep 0.0$j; done; exit {i}"
+            ))
+        })
+        .collect();
     let handles: Vec<_> = builders
         .into_iter()
         .map(|(b, _)| {
@@ -700,10 +1098,22 @@ fn parallel_steps_from_threads() {
 fn rootless_sigterm_is_forwarded() {
     let f = fixture();
     ensure_user("rbtest", Some(300000));
-    let st = Command::new("chown").args(["-R", "-h", "rbtest:rbtest"]).arg(&f.state).arg(&f.rootfs).status().unwrap();
+    let st = Command::new("chown")
+        .args(["-R", "-h", "rbtest:rbtest"])
+        .arg(&f.state)
+        .arg(&f.rootfs)
+        .status()
+        .unwrap();
     assert!(st.success());
     let mut child = Command::new("setpriv")
-        .args(["--reuid", "rbtest", "--regid", "rbtest", "--init-groups", "--"])
+        .args([
+            "--reuid",
+            "rbtest",
+            "--regid",
+            "rbtest",
+            "--init-groups",
+            "--",
+        ])
         .arg(selftest())
         .arg("--state")
         .arg(&f.state)
@@ -723,7 +1133,11 @@ fn rootless_sigterm_is_forwarded() {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     let t = std::time::Instant::now();
-    rustix::process::kill_process(rustix::process::Pid::from_raw(child.id() as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     assert!(t.elapsed() < std::time::Duration::from_secs(3));
     // The outer process exits with the re-exec'd child's status: killed by SIGTERM, 128+15.
@@ -731,7 +1145,10 @@ fn rootless_sigterm_is_forwarded() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            assert!(!String::from_utf8_lossy(&c).contains("sleep\x004321"), "the step outlived the build");
+            assert!(
+                !String::from_utf8_lossy(&c).contains("sleep\x004321"),
+                "the step outlived the build"
+            );
         }
     }
 }

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn generate(layer: &Path, files: usize, big: usize) {
@@ -21,7 +24,11 @@ fn generate(layer: &Path, files: usize, big: usize) {
         std::fs::create_dir_all(layer.join(format!("src/d{d}"))).unwrap();
     }
     for i in 0..files {
-        std::fs::write(layer.join(format!("src/d{}/f{i}.txt", i % 200)), format!("file {i}\n").repeat(1 + i % 50)).unwrap();
+        std::fs::write(
+            layer.join(format!("src/d{}/f{i}.txt", i % 200)),
+            format!("file {i}\n").repeat(1 + i % 50),
+        )
+        .unwrap();
     }
     let mut blob = vec![0u8; 1 << 20];
     for (i, b) in blob.iter_mut().enumerate() {
@@ -73,8 +80,14 @@ fn drop_caches() {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let base = args.first().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rbuild-tree-bench"));
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let base = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("rbuild-tree-bench"));
     let (files, big) = (env("FILES", 20_000), env("BIG", 10));
     let layer = base.join(format!("layer-{files}-{big}"));
     if !layer.join("src").exists() {
@@ -111,12 +124,28 @@ fn main() {
     let t = Instant::now();
     let (n, bytes) = content_scan(&root);
     let t_scan = t.elapsed().as_secs_f64();
-    println!("tree: {} entries, {:.0} MB copied by assemble", st.entries, st.bytes as f64 / 1e6);
+    println!(
+        "tree: {} entries, {:.0} MB copied by assemble",
+        st.entries,
+        st.bytes as f64 / 1e6
+    );
     println!("assemble (copy the layer)         {t_assemble:8.3} s");
-    println!("stat baseline                     {t_capture:8.3} s   ({} entries)", baseline.len());
-    println!("stat-walk diff into the upperdir  {t_diff:8.3} s   ({} entries, {} whiteouts written)", d.entries, d.whiteouts);
-    println!("full content scan (sha256)        {t_scan:8.3} s   ({n} files, {:.0} MB read)", bytes as f64 / 1e6);
-    println!("ratio stat walk (baseline + diff) / content scan: {:.3}", (t_capture + t_diff) / t_scan);
+    println!(
+        "stat baseline                     {t_capture:8.3} s   ({} entries)",
+        baseline.len()
+    );
+    println!(
+        "stat-walk diff into the upperdir  {t_diff:8.3} s   ({} entries, {} whiteouts written)",
+        d.entries, d.whiteouts
+    );
+    println!(
+        "full content scan (sha256)        {t_scan:8.3} s   ({n} files, {:.0} MB read)",
+        bytes as f64 / 1e6
+    );
+    println!(
+        "ratio stat walk (baseline + diff) / content scan: {:.3}",
+        (t_capture + t_diff) / t_scan
+    );
     let _ = std::fs::remove_dir_all(&root);
     let _ = std::fs::remove_dir_all(&upper);
 }

@@ -71,7 +71,9 @@ impl Write for ChunkSender {
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 64 * 1024));
-            self.tx.send(chunk).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "layer compressor stopped"))?;
+            self.tx.send(chunk).map_err(|_| {
+                io::Error::new(io::ErrorKind::BrokenPipe, "layer compressor stopped")
+            })?;
         }
         Ok(())
     }
@@ -95,18 +97,28 @@ impl Write for HashingFile {
     }
 }
 
-fn compress_chunks(rx: Receiver<Vec<u8>>, out: HashingFile, compression: Compression) -> io::Result<HashingFile> {
+fn compress_chunks(
+    rx: Receiver<Vec<u8>>,
+    out: HashingFile,
+    compression: Compression,
+) -> io::Result<HashingFile> {
     match compression {
         Compression::Gzip { level } => {
-            let mut enc = flate2::write::GzEncoder::new(io::BufWriter::with_capacity(CHUNK, out), flate2::Compression::new(level));
+            let mut enc = flate2::write::GzEncoder::new(
+                io::BufWriter::with_capacity(CHUNK, out),
+                flate2::Compression::new(level),
+            );
             for c in rx {
                 enc.write_all(&c)?;
             }
             enc.finish()?.into_inner().map_err(|e| e.into_error())
         }
         Compression::Zstd { level } => {
-            let mut enc = zstd::stream::write::Encoder::new(io::BufWriter::with_capacity(CHUNK, out), level)?;
-            let workers = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+            let mut enc =
+                zstd::stream::write::Encoder::new(io::BufWriter::with_capacity(CHUNK, out), level)?;
+            let workers = std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1);
             if workers > 1 {
                 enc.multithread(workers)?;
             }
@@ -127,17 +139,47 @@ fn compress_chunks(rx: Receiver<Vec<u8>>, out: HashingFile, compression: Compres
 
 /// Writes the layer of `dir` to `dest_file` in one pass (see the module docs); the file is
 /// synced before this returns. On error `dest_file` may exist and is the caller's to remove.
-pub fn write_layer_blob(dir: &Path, dest_file: &Path, compression: Compression, opts: &DiffOptions) -> Result<LayerBlob, DiffError> {
-    let ioe = |source| DiffError::Io { path: dest_file.to_path_buf(), source };
+pub fn write_layer_blob(
+    dir: &Path,
+    dest_file: &Path,
+    compression: Compression,
+    opts: &DiffOptions,
+) -> Result<LayerBlob, DiffError> {
+    let ioe = |source| DiffError::Io {
+        path: dest_file.to_path_buf(),
+        source,
+    };
     let file = File::create(dest_file).map_err(ioe)?;
     let (tx, rx) = sync_channel::<Vec<u8>>(4);
     let (tar_res, comp_res) = std::thread::scope(|s| {
-        let comp = s.spawn(move || compress_chunks(rx, HashingFile { file, hash: Sha256::new(), size: 0 }, compression));
-        let mut sender = ChunkSender { tx, buf: Vec::with_capacity(CHUNK + 64 * 1024), hash: Sha256::new() };
-        let r = write_layer_tar(dir, &mut sender, opts).and_then(|_| sender.flush().map_err(|e| DiffError::Io { path: dir.to_path_buf(), source: e }));
+        let comp = s.spawn(move || {
+            compress_chunks(
+                rx,
+                HashingFile {
+                    file,
+                    hash: Sha256::new(),
+                    size: 0,
+                },
+                compression,
+            )
+        });
+        let mut sender = ChunkSender {
+            tx,
+            buf: Vec::with_capacity(CHUNK + 64 * 1024),
+            hash: Sha256::new(),
+        };
+        let r = write_layer_tar(dir, &mut sender, opts).and_then(|_| {
+            sender.flush().map_err(|e| DiffError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })
+        });
         let diff = sender.hash.clone().finalize();
         drop(sender);
-        (r.map(|_| diff), comp.join().expect("compressor thread panicked"))
+        (
+            r.map(|_| diff),
+            comp.join().expect("compressor thread panicked"),
+        )
     });
     let out = comp_res.map_err(ioe)?;
     let diff = tar_res?;

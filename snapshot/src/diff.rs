@@ -21,7 +21,10 @@ pub enum DiffError {
 }
 
 fn ioe(path: &Path) -> impl FnOnce(io::Error) -> DiffError + '_ {
-    move |source| DiffError::Io { path: path.to_path_buf(), source }
+    move |source| DiffError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// How to write a layer.
@@ -46,11 +49,23 @@ pub struct DiffStats {
 /// exactly the step's changes. Entries are sorted by path; overlay whiteouts (0:0 character
 /// devices) become `.wh.NAME` files and opaque directories get `.wh..wh..opq`; overlay's
 /// private xattrs are dropped.
-pub fn write_layer_tar<W: Write>(dir: &Path, out: W, opts: &DiffOptions) -> Result<DiffStats, DiffError> {
-    let mut w = Writer { b: tar::Builder::new(out), opts, links: HashMap::new(), stats: DiffStats::default() };
+pub fn write_layer_tar<W: Write>(
+    dir: &Path,
+    out: W,
+    opts: &DiffOptions,
+) -> Result<DiffStats, DiffError> {
+    let mut w = Writer {
+        b: tar::Builder::new(out),
+        opts,
+        links: HashMap::new(),
+        stats: DiffStats::default(),
+    };
     w.b.mode(tar::HeaderMode::Complete);
     w.walk(dir, "")?;
-    w.b.into_inner().map_err(ioe(dir))?.flush().map_err(ioe(dir))?;
+    w.b.into_inner()
+        .map_err(ioe(dir))?
+        .flush()
+        .map_err(ioe(dir))?;
     Ok(w.stats)
 }
 
@@ -106,18 +121,30 @@ impl<W: Write> Writer<'_, W> {
     }
 
     fn walk(&mut self, dir: &Path, rel: &str) -> Result<(), DiffError> {
-        let mut names: Vec<_> = fs::read_dir(dir).map_err(ioe(dir))?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>().map_err(ioe(dir))?;
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .map_err(ioe(dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(ioe(dir))?;
         names.sort_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
         for name in names {
             let path = dir.join(&name);
             let name = name.to_string_lossy().into_owned();
-            let rel_path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let rel_path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             let md = fs::symlink_metadata(&path).map_err(ioe(&path))?;
             let ft = md.file_type();
             if crate::whiteout::is_whiteout(&path, &md) {
                 // An overlay whiteout (either form). Overlay hard-links all whiteouts to one
                 // inode, so its link count says nothing about hardlinks.
-                let wh = if rel.is_empty() { format!(".wh.{name}") } else { format!("{rel}/.wh.{name}") };
+                let wh = if rel.is_empty() {
+                    format!(".wh.{name}")
+                } else {
+                    format!("{rel}/.wh.{name}")
+                };
                 let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, self.mtime(&md));
                 self.append(&mut h, &wh, None, &[], io::empty(), &path)?;
                 self.stats.whiteouts += 1;
@@ -128,16 +155,31 @@ impl<W: Write> Writer<'_, W> {
             let mtime = self.mtime(&md);
             if ft.is_dir() {
                 let mut h = self.header(tar::EntryType::Directory, mode, md.uid(), md.gid(), mtime);
-                self.append(&mut h, &format!("{rel_path}/"), None, &x, io::empty(), &path)?;
+                self.append(
+                    &mut h,
+                    &format!("{rel_path}/"),
+                    None,
+                    &x,
+                    io::empty(),
+                    &path,
+                )?;
                 if is_opaque(&path) {
                     let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, mtime);
-                    self.append(&mut h, &format!("{rel_path}/.wh..wh..opq"), None, &[], io::empty(), &path)?;
+                    self.append(
+                        &mut h,
+                        &format!("{rel_path}/.wh..wh..opq"),
+                        None,
+                        &[],
+                        io::empty(),
+                        &path,
+                    )?;
                 }
                 self.walk(&path, &rel_path)?;
             } else if ft.is_file() {
                 if md.nlink() > 1 {
                     if let Some(first) = self.links.get(&(md.dev(), md.ino())).cloned() {
-                        let mut h = self.header(tar::EntryType::Link, mode, md.uid(), md.gid(), mtime);
+                        let mut h =
+                            self.header(tar::EntryType::Link, mode, md.uid(), md.gid(), mtime);
                         self.append(&mut h, &rel_path, Some(&first), &[], io::empty(), &path)?;
                         continue;
                     }
@@ -151,7 +193,14 @@ impl<W: Write> Writer<'_, W> {
             } else if ft.is_symlink() {
                 let target = fs::read_link(&path).map_err(ioe(&path))?;
                 let mut h = self.header(tar::EntryType::Symlink, mode, md.uid(), md.gid(), mtime);
-                self.append(&mut h, &rel_path, Some(&target.to_string_lossy()), &[], io::empty(), &path)?;
+                self.append(
+                    &mut h,
+                    &rel_path,
+                    Some(&target.to_string_lossy()),
+                    &[],
+                    io::empty(),
+                    &path,
+                )?;
             } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
                 let kind = if ft.is_fifo() {
                     tar::EntryType::Fifo
@@ -163,8 +212,10 @@ impl<W: Write> Writer<'_, W> {
                 let mut h = self.header(kind, mode, md.uid(), md.gid(), mtime);
                 if !ft.is_fifo() {
                     let dev = md.rdev();
-                    h.set_device_major(rustix::fs::major(dev)).map_err(ioe(&path))?;
-                    h.set_device_minor(rustix::fs::minor(dev)).map_err(ioe(&path))?;
+                    h.set_device_major(rustix::fs::major(dev))
+                        .map_err(ioe(&path))?;
+                    h.set_device_minor(rustix::fs::minor(dev))
+                        .map_err(ioe(&path))?;
                 }
                 self.append(&mut h, &rel_path, None, &x, io::empty(), &path)?;
             }
@@ -173,7 +224,14 @@ impl<W: Write> Writer<'_, W> {
         Ok(())
     }
 
-    fn header(&self, kind: tar::EntryType, mode: u32, uid: u32, gid: u32, mtime: u64) -> tar::Header {
+    fn header(
+        &self,
+        kind: tar::EntryType,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: u64,
+    ) -> tar::Header {
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(kind);
         h.set_mode(mode);
@@ -186,7 +244,15 @@ impl<W: Write> Writer<'_, W> {
 
     /// Appends one entry; names or link targets that do not fit the ustar header, and
     /// xattrs, go into a PAX extended header before it.
-    fn append<R: io::Read>(&mut self, h: &mut tar::Header, name: &str, link: Option<&str>, x: &[(String, Vec<u8>)], data: R, path: &Path) -> Result<(), DiffError> {
+    fn append<R: io::Read>(
+        &mut self,
+        h: &mut tar::Header,
+        name: &str,
+        link: Option<&str>,
+        x: &[(String, Vec<u8>)],
+        data: R,
+        path: &Path,
+    ) -> Result<(), DiffError> {
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
         if h.set_path(name).is_err() || name.len() > 100 {
             pax.push(("path".into(), name.as_bytes().to_vec()));
@@ -205,7 +271,9 @@ impl<W: Write> Writer<'_, W> {
             pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
         }
         if !pax.is_empty() {
-            self.b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).map_err(ioe(path))?;
+            self.b
+                .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .map_err(ioe(path))?;
         }
         h.set_cksum();
         self.b.append(h, data).map_err(ioe(path))?;

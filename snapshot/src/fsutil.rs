@@ -24,7 +24,11 @@ pub fn clean(path: &Path) -> Vec<String> {
 
 /// Opens `rel` (components) below `root` as a directory, resolving in root.
 pub fn open_dir_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
-    let p = if rel.is_empty() { ".".to_string() } else { rel.join("/") };
+    let p = if rel.is_empty() {
+        ".".to_string()
+    } else {
+        rel.join("/")
+    };
     openat2(
         root,
         p.as_str(),
@@ -79,7 +83,12 @@ pub fn remove_at(dir: &impl AsFd, name: &str) -> io::Result<()> {
         Err(e) => return Err(e.into()),
     };
     if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-        let sub = rustix::fs::openat(dir, name, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         clear_dir(&sub)?;
         rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR)?;
     } else {
@@ -90,7 +99,12 @@ pub fn remove_at(dir: &impl AsFd, name: &str) -> io::Result<()> {
 
 /// Names in a directory fd (without `.` and `..`).
 pub fn list(dir: &impl AsFd) -> io::Result<Vec<String>> {
-    let fd = rustix::fs::openat(dir, ".", OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
     let mut d = rustix::fs::Dir::read_from(&fd)?;
     let mut out = Vec::new();
     while let Some(e) = d.read() {

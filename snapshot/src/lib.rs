@@ -22,9 +22,15 @@ mod whiteout;
 pub use compress::{decompress, write_layer_blob, Compression, LayerBlob};
 pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
 pub use fsutil::clean as clean_components;
-pub use tree::{assemble, clear_except, copy_overlay_tree, normalize_fuse_upper, AssembleStats, Baseline, Skip, TreeDiffStats, TreeError};
+pub use tree::{
+    assemble, clear_except, copy_overlay_tree, normalize_fuse_upper, AssembleStats, Baseline, Skip,
+    TreeDiffStats, TreeError,
+};
 pub use unpack::{apply_layer, unpack_layer, IdRange, UnpackError, UnpackOptions, UnpackStats};
-pub use whiteout::{is_opaque, is_whiteout, is_whiteout_at, make_whiteout_at, opaque_value, set_opaque, WhiteoutForm, OPAQUE_XATTRS, WHITEOUT_XATTRS};
+pub use whiteout::{
+    is_opaque, is_whiteout, is_whiteout_at, make_whiteout_at, opaque_value, set_opaque,
+    WhiteoutForm, OPAQUE_XATTRS, WHITEOUT_XATTRS,
+};
 
 /// The overlay xattr namespace rbuild uses (overlay's `userxattr` mode, usable rootless).
 pub const OVERLAY_XATTR_PREFIX: &str = "user.overlay.";

@@ -66,7 +66,11 @@ impl Skip {
 
     /// Skips `rel` (relative to the root; a leading `/` is ignored).
     pub fn add(&mut self, rel: impl AsRef<Path>) {
-        let rel: PathBuf = rel.as_ref().components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect();
+        let rel: PathBuf = rel
+            .as_ref()
+            .components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .collect();
         if rel.as_os_str().is_empty() {
             return;
         }
@@ -134,11 +138,21 @@ fn ftype(st: &Statx) -> FileType {
 }
 
 fn open_dir(dir: &impl AsFd, name: &CStr) -> rustix::io::Result<OwnedFd> {
-    rustix::fs::openat(dir, name, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 fn open_root(path: &Path) -> Result<OwnedFd, TreeError> {
-    rustix::fs::open(path, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(rx(path))
+    rustix::fs::open(
+        path,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(rx(path))
 }
 
 /// Names in a directory, without `.` and `..`.
@@ -160,7 +174,10 @@ fn os(name: &CStr) -> &OsStr {
 }
 
 fn ts(t: rustix::fs::StatxTimestamp) -> rustix::fs::Timespec {
-    rustix::fs::Timespec { tv_sec: t.tv_sec, tv_nsec: t.tv_nsec as _ }
+    rustix::fs::Timespec {
+        tv_sec: t.tv_sec,
+        tv_nsec: t.tv_nsec as _,
+    }
 }
 
 /// Everything rbuild copies about an entry, besides content and xattrs.
@@ -194,7 +211,9 @@ impl Meta {
             nlink: st.stx_nlink,
             mtime: (st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec),
             ctime: (st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec),
-            btime: StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::BTIME).then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec)),
+            btime: StatxFlags::from_bits_retain(st.stx_mask)
+                .contains(StatxFlags::BTIME)
+                .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec)),
             rdev: (st.stx_rdev_major, st.stx_rdev_minor),
             xhash: 0,
         }
@@ -288,7 +307,12 @@ fn copy_data(src: &OwnedFd, dst: &OwnedFd, len: u64) -> io::Result<()> {
                 }
             }
             Err(rustix::io::Errno::INTR) => continue,
-            Err(rustix::io::Errno::XDEV | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP) => break,
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP,
+            ) => break,
             Err(e) => return Err(e.into()),
         }
     }
@@ -308,14 +332,36 @@ enum Copied {
 
 /// Copies the non-directory `name` of `src_dir` (with `statx` `st`) to `dname` in `dst_dir`,
 /// which must not exist: content, owner, mode, xattrs, times.
-fn copy_entry(src_dir: &impl AsFd, name: &CStr, st: &Statx, dst_dir: &impl AsFd, dname: &CStr) -> io::Result<Copied> {
-    let times = Timestamps { last_access: ts(st.stx_atime), last_modification: ts(st.stx_mtime) };
-    let owner = (Some(rustix::fs::Uid::from_raw(st.stx_uid)), Some(rustix::fs::Gid::from_raw(st.stx_gid)));
+fn copy_entry(
+    src_dir: &impl AsFd,
+    name: &CStr,
+    st: &Statx,
+    dst_dir: &impl AsFd,
+    dname: &CStr,
+) -> io::Result<Copied> {
+    let times = Timestamps {
+        last_access: ts(st.stx_atime),
+        last_modification: ts(st.stx_mtime),
+    };
+    let owner = (
+        Some(rustix::fs::Uid::from_raw(st.stx_uid)),
+        Some(rustix::fs::Gid::from_raw(st.stx_gid)),
+    );
     let perm = Mode::from_raw_mode((st.stx_mode as u32 & 0o7777) as _);
     match ftype(st) {
         FileType::RegularFile => {
-            let s = rustix::fs::openat(src_dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())?;
-            let d = rustix::fs::openat(dst_dir, dname, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::from_raw_mode(0o600))?;
+            let s = rustix::fs::openat(
+                src_dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let d = rustix::fs::openat(
+                dst_dir,
+                dname,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
             copy_data(&s, &d, st.stx_size)?;
             rustix::fs::fchown(&d, owner.0, owner.1)?;
             // After chown, which clears setuid and setgid.
@@ -335,7 +381,9 @@ fn copy_entry(src_dir: &impl AsFd, name: &CStr, st: &Statx, dst_dir: &impl AsFd,
             let dev = rustix::fs::makedev(st.stx_rdev_major, st.stx_rdev_minor);
             match rustix::fs::mknodat(dst_dir, dname, ft, perm, dev) {
                 Ok(()) => {}
-                Err(rustix::io::Errno::PERM) if ft != FileType::Fifo => return Ok(Copied::SkippedDevice),
+                Err(rustix::io::Errno::PERM) if ft != FileType::Fifo => {
+                    return Ok(Copied::SkippedDevice)
+                }
                 Err(e) => return Err(e.into()),
             }
             rustix::fs::chownat(dst_dir, dname, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
@@ -349,21 +397,42 @@ fn copy_entry(src_dir: &impl AsFd, name: &CStr, st: &Statx, dst_dir: &impl AsFd,
 }
 
 /// Copies a directory's owner, mode and xattrs (times are set after its entries).
-fn copy_dir_meta(src: &impl AsFd, st: &Statx, dst: &impl AsFd, replace_xattrs: bool) -> io::Result<()> {
-    rustix::fs::fchown(dst, Some(rustix::fs::Uid::from_raw(st.stx_uid)), Some(rustix::fs::Gid::from_raw(st.stx_gid)))?;
+fn copy_dir_meta(
+    src: &impl AsFd,
+    st: &Statx,
+    dst: &impl AsFd,
+    replace_xattrs: bool,
+) -> io::Result<()> {
+    rustix::fs::fchown(
+        dst,
+        Some(rustix::fs::Uid::from_raw(st.stx_uid)),
+        Some(rustix::fs::Gid::from_raw(st.stx_gid)),
+    )?;
     rustix::fs::fchmod(dst, Mode::from_raw_mode((st.stx_mode as u32 & 0o7777) as _))?;
     copy_xattrs(src, dst, replace_xattrs)
 }
 
 fn set_times_fd(fd: &impl AsFd, st: &Statx) -> io::Result<()> {
-    rustix::fs::futimens(fd, &Timestamps { last_access: ts(st.stx_atime), last_modification: ts(st.stx_mtime) })?;
+    rustix::fs::futimens(
+        fd,
+        &Timestamps {
+            last_access: ts(st.stx_atime),
+            last_modification: ts(st.stx_mtime),
+        },
+    )?;
     Ok(())
 }
 
 /// Removes `name` from `dir` (recursively), except what `skip` keeps: a kept ancestor stays
 /// and loses only what is not kept below it. Never follows symlinks or leaves the filesystem
 /// of `dir` (mount points are left alone).
-fn remove_in(dir: &impl AsFd, name: &CStr, rel: &Path, skip: &Skip, dev: (u32, u32)) -> io::Result<()> {
+fn remove_in(
+    dir: &impl AsFd,
+    name: &CStr,
+    rel: &Path,
+    skip: &Skip,
+    dev: (u32, u32),
+) -> io::Result<()> {
     if skip.skipped(rel) {
         return Ok(());
     }
@@ -403,7 +472,8 @@ fn clear_in(dir: &impl AsFd, rel: &Path, skip: &Skip, dev: (u32, u32)) -> io::Re
 }
 
 fn root_dev(fd: &impl AsFd, path: &Path) -> Result<(u32, u32), TreeError> {
-    let st = rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS).map_err(rx(path))?;
+    let st = rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS)
+        .map_err(rx(path))?;
     Ok((st.stx_dev_major, st.stx_dev_minor))
 }
 
@@ -428,10 +498,22 @@ struct Assembler<'a> {
 
 /// Makes `dest` (an existing directory, normally empty) hold the merged view of the
 /// overlay-form layer directories `lowers_top_first`, as overlayfs would show them.
-pub fn assemble(lowers_top_first: &[PathBuf], dest: &Path, skip: &Skip) -> Result<AssembleStats, TreeError> {
+pub fn assemble(
+    lowers_top_first: &[PathBuf],
+    dest: &Path,
+    skip: &Skip,
+) -> Result<AssembleStats, TreeError> {
     let dest_root = open_root(dest)?;
     let dev = root_dev(&dest_root, dest)?;
-    let mut a = Assembler { dest_root, dest, skip, dev, stats: AssembleStats::default(), links: HashMap::new(), dir_times: BTreeMap::new() };
+    let mut a = Assembler {
+        dest_root,
+        dest,
+        skip,
+        dev,
+        stats: AssembleStats::default(),
+        links: HashMap::new(),
+        dir_times: BTreeMap::new(),
+    };
     for layer in lowers_top_first.iter().rev() {
         let src = open_root(layer)?;
         a.links.clear();
@@ -442,8 +524,12 @@ pub fn assemble(lowers_top_first: &[PathBuf], dest: &Path, skip: &Skip) -> Resul
     let mut dirs: Vec<(PathBuf, Statx)> = std::mem::take(&mut a.dir_times).into_iter().collect();
     dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
     for (rel, st) in dirs {
-        let times = Timestamps { last_access: ts(st.stx_atime), last_modification: ts(st.stx_mtime) };
-        rustix::fs::utimensat(&a.dest_root, &rel, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(rx(dest.join(&rel)))?;
+        let times = Timestamps {
+            last_access: ts(st.stx_atime),
+            last_modification: ts(st.stx_mtime),
+        };
+        rustix::fs::utimensat(&a.dest_root, &rel, &times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(rx(dest.join(&rel)))?;
     }
     Ok(a.stats)
 }
@@ -451,13 +537,25 @@ pub fn assemble(lowers_top_first: &[PathBuf], dest: &Path, skip: &Skip) -> Resul
 impl Assembler<'_> {
     /// Forgets the recorded times of `rel` and everything below it (removed or replaced).
     fn forget(&mut self, rel: &Path) {
-        let gone: Vec<PathBuf> = self.dir_times.range(rel.to_path_buf()..).map(|(p, _)| p).take_while(|p| p.starts_with(rel)).cloned().collect();
+        let gone: Vec<PathBuf> = self
+            .dir_times
+            .range(rel.to_path_buf()..)
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(rel))
+            .cloned()
+            .collect();
         for p in gone {
             self.dir_times.remove(&p);
         }
     }
 
-    fn layer_dir(&mut self, src: &OwnedFd, dst: &OwnedFd, rel: &Path, layer: &Path) -> Result<(), TreeError> {
+    fn layer_dir(
+        &mut self,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        rel: &Path,
+        layer: &Path,
+    ) -> Result<(), TreeError> {
         let src_path = || layer.join(rel);
         for name in names(src).map_err(rx(src_path()))? {
             let child = rel.join(os(&name));
@@ -498,9 +596,11 @@ impl Assembler<'_> {
                         }
                         remove_in(dst, &name, &child, self.skip, self.dev).map_err(ioe(dpath()))?;
                         self.forget(&child);
-                        rustix::fs::mkdirat(dst, &name, Mode::from_raw_mode(0o700)).map_err(rx(dpath()))?;
+                        rustix::fs::mkdirat(dst, &name, Mode::from_raw_mode(0o700))
+                            .map_err(rx(dpath()))?;
                     }
-                    None => rustix::fs::mkdirat(dst, &name, Mode::from_raw_mode(0o700)).map_err(rx(dpath()))?,
+                    None => rustix::fs::mkdirat(dst, &name, Mode::from_raw_mode(0o700))
+                        .map_err(rx(dpath()))?,
                 }
                 let d = open_dir(dst, &name).map_err(rx(dpath()))?;
                 copy_dir_meta(&s, &st, &d, true).map_err(ioe(dpath()))?;
@@ -520,7 +620,14 @@ impl Assembler<'_> {
             let key = (st.stx_dev_major, st.stx_dev_minor, st.stx_ino);
             if st.stx_nlink > 1 && ftype(&st) == FileType::RegularFile {
                 if let Some(first) = self.links.get(&key) {
-                    rustix::fs::linkat(&self.dest_root, first.as_path(), dst, &name, AtFlags::empty()).map_err(rx(dpath()))?;
+                    rustix::fs::linkat(
+                        &self.dest_root,
+                        first.as_path(),
+                        dst,
+                        &name,
+                        AtFlags::empty(),
+                    )
+                    .map_err(rx(dpath()))?;
                     self.stats.entries += 1;
                     continue;
                 }
@@ -563,9 +670,16 @@ impl Baseline {
         let st = rustix::fs::statx(&fd, c"", AtFlags::EMPTY_PATH, STATX_MASK).map_err(rx(root))?;
         let dev = (st.stx_dev_major, st.stx_dev_minor);
         let mut entries = 0;
-        let mut node = Node { meta: Meta::of(&st), children: HashMap::new() };
+        let mut node = Node {
+            meta: Meta::of(&st),
+            children: HashMap::new(),
+        };
         capture_dir(&fd, root, Path::new(""), skip, dev, &mut node, &mut entries)?;
-        Ok(Baseline { root: node, dev, entries })
+        Ok(Baseline {
+            root: node,
+            dev,
+            entries,
+        })
     }
 
     /// Entries recorded.
@@ -580,13 +694,26 @@ impl Baseline {
 
     /// Writes what changed in `root` since the capture into `upper` (an existing, empty
     /// directory) in overlay form.
-    pub fn diff_into(&self, root: &Path, upper: &Path, skip: &Skip) -> Result<TreeDiffStats, TreeError> {
+    pub fn diff_into(
+        &self,
+        root: &Path,
+        upper: &Path,
+        skip: &Skip,
+    ) -> Result<TreeDiffStats, TreeError> {
         let fd = open_root(root)?;
-        let mut w = DiffWalk { skip, dev: self.dev, root, links: HashMap::new(), tree: ChangeNode::default() };
+        let mut w = DiffWalk {
+            skip,
+            dev: self.dev,
+            root,
+            links: HashMap::new(),
+            tree: ChangeNode::default(),
+        };
         w.walk(&fd, Path::new(""), &self.root)?;
         // An inode that gained a path was copied up by overlayfs under each of its names:
         // write every name of every emitted multiply-linked inode.
-        let DiffWalk { links, mut tree, .. } = w;
+        let DiffWalk {
+            links, mut tree, ..
+        } = w;
         for paths in links.values() {
             if paths.iter().any(|(_, emitted)| *emitted) {
                 for (p, emitted) in paths {
@@ -597,13 +724,27 @@ impl Baseline {
             }
         }
         let upper_fd = open_root(upper)?;
-        let mut wr = Writer { root, upper, upper_root: upper_fd.try_clone().map_err(ioe(upper))?, written: HashMap::new(), stats: TreeDiffStats::default() };
+        let mut wr = Writer {
+            root,
+            upper,
+            upper_root: upper_fd.try_clone().map_err(ioe(upper))?,
+            written: HashMap::new(),
+            stats: TreeDiffStats::default(),
+        };
         wr.write(&fd, &upper_fd, Path::new(""), &tree)?;
         Ok(wr.stats)
     }
 }
 
-fn capture_dir(dir: &OwnedFd, root: &Path, rel: &Path, skip: &Skip, dev: (u32, u32), node: &mut Node, n: &mut u64) -> Result<(), TreeError> {
+fn capture_dir(
+    dir: &OwnedFd,
+    root: &Path,
+    rel: &Path,
+    skip: &Skip,
+    dev: (u32, u32),
+    node: &mut Node,
+    n: &mut u64,
+) -> Result<(), TreeError> {
     for name in names(dir).map_err(rx(root.join(rel)))? {
         let child = rel.join(os(&name));
         if skip.skipped(&child) {
@@ -615,7 +756,10 @@ fn capture_dir(dir: &OwnedFd, root: &Path, rel: &Path, skip: &Skip, dev: (u32, u
             Err(e) => return Err(rx(root.join(&child))(e)),
         };
         let mut meta = Meta::of(&st);
-        let mut c = Node { meta, children: HashMap::new() };
+        let mut c = Node {
+            meta,
+            children: HashMap::new(),
+        };
         if meta.is_dir() {
             if (st.stx_dev_major, st.stx_dev_minor) != dev {
                 continue; // a mount point
@@ -623,7 +767,12 @@ fn capture_dir(dir: &OwnedFd, root: &Path, rel: &Path, skip: &Skip, dev: (u32, u
             let sub = open_dir(dir, &name).map_err(rx(root.join(&child)))?;
             capture_dir(&sub, root, &child, skip, dev, &mut c, n)?;
         } else if meta.is_reg() && meta.nlink > 1 {
-            if let Ok(f) = rustix::fs::openat(dir, &name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty()) {
+            if let Ok(f) = rustix::fs::openat(
+                dir,
+                &name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
                 meta.xhash = xattr_hash(&f);
                 c.meta = meta;
             }
@@ -673,7 +822,14 @@ struct DiffWalk<'a> {
 
 /// Whether a non-directory changed since the baseline.
 fn changed(b: &Meta, now: &Meta, xhash_now: impl FnOnce() -> u64) -> bool {
-    if b.ino != now.ino || b.size != now.size || b.mtime != now.mtime || b.perm != now.perm || b.uid != now.uid || b.gid != now.gid || b.rdev != now.rdev {
+    if b.ino != now.ino
+        || b.size != now.size
+        || b.mtime != now.mtime
+        || b.perm != now.perm
+        || b.uid != now.uid
+        || b.gid != now.gid
+        || b.rdev != now.rdev
+    {
         return true;
     }
     if b.ctime == now.ctime {
@@ -688,7 +844,10 @@ fn changed(b: &Meta, now: &Meta, xhash_now: impl FnOnce() -> u64) -> bool {
 impl DiffWalk<'_> {
     fn note_link(&mut self, st: &Statx, rel: &Path, emitted: bool) {
         if st.stx_nlink > 1 && ftype(st) != FileType::Directory {
-            self.links.entry((st.stx_dev_major, st.stx_dev_minor, st.stx_ino)).or_default().push((rel.to_path_buf(), emitted));
+            self.links
+                .entry((st.stx_dev_major, st.stx_dev_minor, st.stx_ino))
+                .or_default()
+                .push((rel.to_path_buf(), emitted));
         }
     }
 
@@ -723,14 +882,21 @@ impl DiffWalk<'_> {
                     any = true;
                 }
                 Some(b) if now.is_dir() => {
-                    let same = b.meta.ino == now.ino && (b.meta.btime.is_none() || now.btime.is_none() || b.meta.btime == now.btime);
+                    let same = b.meta.ino == now.ino
+                        && (b.meta.btime.is_none()
+                            || now.btime.is_none()
+                            || b.meta.btime == now.btime);
                     if !same {
                         // Removed and made again: overlayfs makes it opaque.
                         self.add_subtree(dir, &name, &child, &st, true)?;
                         any = true;
                         continue;
                     }
-                    let self_changed = b.meta.ctime != now.ctime || b.meta.mtime != now.mtime || b.meta.perm != now.perm || b.meta.uid != now.uid || b.meta.gid != now.gid;
+                    let self_changed = b.meta.ctime != now.ctime
+                        || b.meta.mtime != now.mtime
+                        || b.meta.perm != now.perm
+                        || b.meta.uid != now.uid
+                        || b.meta.gid != now.gid;
                     let sub = open_dir(dir, &name).map_err(rx(self.root.join(&child)))?;
                     let below = self.walk(&sub, &child, b)?;
                     if self_changed || below {
@@ -740,9 +906,14 @@ impl DiffWalk<'_> {
                 }
                 Some(b) => {
                     let is_changed = changed(&b.meta, &now, || {
-                        rustix::fs::openat(dir, &name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())
-                            .map(|f| xattr_hash(&f))
-                            .unwrap_or(0)
+                        rustix::fs::openat(
+                            dir,
+                            &name,
+                            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                            Mode::empty(),
+                        )
+                        .map(|f| xattr_hash(&f))
+                        .unwrap_or(0)
                     });
                     self.note_link(&st, &child, is_changed);
                     if is_changed {
@@ -765,7 +936,14 @@ impl DiffWalk<'_> {
     }
 
     /// Records `name` (and, for a directory, everything below it) as new.
-    fn add_subtree(&mut self, dir: &OwnedFd, name: &CStr, rel: &Path, st: &Statx, opaque: bool) -> Result<(), TreeError> {
+    fn add_subtree(
+        &mut self,
+        dir: &OwnedFd,
+        name: &CStr,
+        rel: &Path,
+        st: &Statx,
+        opaque: bool,
+    ) -> Result<(), TreeError> {
         if ftype(st) != FileType::Directory {
             self.note_link(st, rel, true);
             self.tree.insert(rel, Op::Entry);
@@ -783,7 +961,9 @@ impl DiffWalk<'_> {
                 Err(rustix::io::Errno::NOENT) => continue,
                 Err(e) => return Err(rx(self.root.join(&child))(e)),
             };
-            if ftype(&cst) == FileType::Directory && (cst.stx_dev_major, cst.stx_dev_minor) != self.dev {
+            if ftype(&cst) == FileType::Directory
+                && (cst.stx_dev_major, cst.stx_dev_minor) != self.dev
+            {
                 continue;
             }
             self.add_subtree(&sub, &n, &child, &cst, false)?;
@@ -802,7 +982,13 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    fn write(&mut self, src: &OwnedFd, dst: &OwnedFd, rel: &Path, node: &ChangeNode) -> Result<(), TreeError> {
+    fn write(
+        &mut self,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        rel: &Path,
+        node: &ChangeNode,
+    ) -> Result<(), TreeError> {
         for (name, child) in &node.children {
             let crel = rel.join(name);
             let cname = std::ffi::CString::new(name.as_bytes()).expect("file names have no NUL");
@@ -821,12 +1007,21 @@ impl Writer<'_> {
                     let key = (st.stx_dev_major, st.stx_dev_minor, st.stx_ino);
                     if st.stx_nlink > 1 && ftype(&st) != FileType::Directory {
                         if let Some(first) = self.written.get(&key) {
-                            rustix::fs::linkat(&self.upper_root, first.as_path(), dst, &cname, AtFlags::empty()).map_err(rx(upath()))?;
+                            rustix::fs::linkat(
+                                &self.upper_root,
+                                first.as_path(),
+                                dst,
+                                &cname,
+                                AtFlags::empty(),
+                            )
+                            .map_err(rx(upath()))?;
                             self.stats.entries += 1;
                             continue;
                         }
                     }
-                    if let Copied::Done(n) = copy_entry(src, &cname, &st, dst, &cname).map_err(ioe(upath()))? {
+                    if let Copied::Done(n) =
+                        copy_entry(src, &cname, &st, dst, &cname).map_err(ioe(upath()))?
+                    {
                         self.stats.entries += 1;
                         self.stats.bytes += n;
                         if st.stx_nlink > 1 {
@@ -837,7 +1032,9 @@ impl Writer<'_> {
                 Some(Op::Dir { .. }) | None => {
                     let st = stx(src, &cname).map_err(rx(self.root.join(&crel)))?;
                     if ftype(&st) != FileType::Directory {
-                        return Err(ioe(self.root.join(&crel))(io::Error::other("changed from a directory while the layer was written")));
+                        return Err(ioe(self.root.join(&crel))(io::Error::other(
+                            "changed from a directory while the layer was written",
+                        )));
                     }
                     let s = open_dir(src, &cname).map_err(rx(self.root.join(&crel)))?;
                     match rustix::fs::mkdirat(dst, &cname, Mode::from_raw_mode(0o700)) {
@@ -909,12 +1106,15 @@ fn copy_overlay_dir(
         let key = (st.stx_dev_major, st.stx_dev_minor, st.stx_ino);
         if st.stx_nlink > 1 {
             if let Some(first) = links.get(&key) {
-                rustix::fs::linkat(droot, first.as_path(), d, &name, AtFlags::empty()).map_err(rx(dst.join(&crel)))?;
+                rustix::fs::linkat(droot, first.as_path(), d, &name, AtFlags::empty())
+                    .map_err(rx(dst.join(&crel)))?;
                 stats.entries += 1;
                 continue;
             }
         }
-        if let Copied::Done(n) = copy_entry(s, &name, &st, d, &name).map_err(ioe(dst.join(&crel)))? {
+        if let Copied::Done(n) =
+            copy_entry(s, &name, &st, d, &name).map_err(ioe(dst.join(&crel)))?
+        {
             stats.entries += 1;
             stats.bytes += n;
             if st.stx_nlink > 1 {
@@ -946,13 +1146,21 @@ fn lower_lookup(lowers_top_first: &[PathBuf], rel: &Path) -> Option<std::fs::Met
             if !md.is_dir() {
                 return None;
             }
-            let opaque = rustix::fs::open(&p, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map(|fd| is_opaque(&fd)).unwrap_or(false);
+            let opaque = rustix::fs::open(
+                &p,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map(|fd| is_opaque(&fd))
+            .unwrap_or(false);
             if opaque {
                 // Nothing below this layer shows here; this layer has nothing either, unless
                 // the rest of the path exists in it.
                 let rest: PathBuf = comps[i + 1..].iter().collect();
                 let q = p.join(rest);
-                return std::fs::symlink_metadata(&q).ok().filter(|md| !crate::whiteout::is_whiteout(&q, md));
+                return std::fs::symlink_metadata(&q)
+                    .ok()
+                    .filter(|md| !crate::whiteout::is_whiteout(&q, md));
             }
         }
     }
@@ -971,12 +1179,18 @@ pub fn normalize_fuse_upper(upper: &Path, lowers_top_first: &[PathBuf]) -> Resul
     Ok(())
 }
 
-fn normalize_dir(dir: &OwnedFd, path: &Path, rel: &Path, lowers: &[PathBuf]) -> Result<(), TreeError> {
+fn normalize_dir(
+    dir: &OwnedFd,
+    path: &Path,
+    rel: &Path,
+    lowers: &[PathBuf],
+) -> Result<(), TreeError> {
     let st = rustix::fs::statx(dir, c"", AtFlags::EMPTY_PATH, STATX_MASK).map_err(rx(path))?;
     let dev = (st.stx_dev_major, st.stx_dev_minor);
     let mut opaque = false;
     let mut v = [0u8; 4];
-    if matches!(rustix::fs::fgetxattr(dir, "user.fuseoverlayfs.opaque", &mut v[..]), Ok(1) if v[0] == b'y') {
+    if matches!(rustix::fs::fgetxattr(dir, "user.fuseoverlayfs.opaque", &mut v[..]), Ok(1) if v[0] == b'y')
+    {
         opaque = true;
     }
     let entries = names(dir).map_err(rx(path))?;
@@ -999,7 +1213,11 @@ fn normalize_dir(dir: &OwnedFd, path: &Path, rel: &Path, lowers: &[PathBuf]) -> 
             }
         }
     }
-    let in_lowers = if rel.as_os_str().is_empty() { None } else { lower_lookup(lowers, rel) };
+    let in_lowers = if rel.as_os_str().is_empty() {
+        None
+    } else {
+        lower_lookup(lowers, rel)
+    };
     // Opaque where the layers have something there (a directory made again), else not.
     let opaque = opaque && in_lowers.is_some();
     if opaque {
@@ -1028,10 +1246,19 @@ fn normalize_dir(dir: &OwnedFd, path: &Path, rel: &Path, lowers: &[PathBuf]) -> 
             normalize_dir(&sub, &cpath, &crel, lowers)?;
         }
         if matches!(ftype(&cst), FileType::Directory | FileType::RegularFile) {
-            let f = rustix::fs::openat(dir, &name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty()).map_err(rx(&cpath))?;
+            let f = rustix::fs::openat(
+                dir,
+                &name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(rx(&cpath))?;
             let mut list = vec![0u8; 65536];
             let len = rustix::fs::flistxattr(&f, &mut list[..]).unwrap_or(0);
-            for raw in list[..len].split(|b| *b == 0).filter(|s| s.starts_with(b"user.fuseoverlayfs.")) {
+            for raw in list[..len]
+                .split(|b| *b == 0)
+                .filter(|s| s.starts_with(b"user.fuseoverlayfs."))
+            {
                 let c = std::ffi::CString::new(raw).expect("no NUL");
                 let _ = rustix::fs::fremovexattr(&f, c.as_c_str());
             }
@@ -1043,8 +1270,14 @@ fn normalize_dir(dir: &OwnedFd, path: &Path, rel: &Path, lowers: &[PathBuf]) -> 
         Some(lm) if only_copied_up => {
             use std::os::unix::fs::MetadataExt;
             let t = Timestamps {
-                last_access: rustix::fs::Timespec { tv_sec: lm.atime(), tv_nsec: lm.atime_nsec() as _ },
-                last_modification: rustix::fs::Timespec { tv_sec: lm.mtime(), tv_nsec: lm.mtime_nsec() as _ },
+                last_access: rustix::fs::Timespec {
+                    tv_sec: lm.atime(),
+                    tv_nsec: lm.atime_nsec() as _,
+                },
+                last_modification: rustix::fs::Timespec {
+                    tv_sec: lm.mtime(),
+                    tv_nsec: lm.mtime_nsec() as _,
+                },
             };
             rustix::fs::futimens(dir, &t).map_err(rx(path))?;
         }
@@ -1063,13 +1296,20 @@ mod tests {
     }
 
     fn mkwh(p: &Path) {
-        let dir = rustix::fs::open(p.parent().unwrap(), OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+        let dir = rustix::fs::open(
+            p.parent().unwrap(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
         make_whiteout_at(&dir, p.file_name().unwrap()).unwrap();
     }
 
     fn xget(p: &Path, n: &str) -> Option<Vec<u8>> {
         let mut v = [0u8; 64];
-        rustix::fs::lgetxattr(p, n, &mut v[..]).ok().map(|l| v[..l].to_vec())
+        rustix::fs::lgetxattr(p, n, &mut v[..])
+            .ok()
+            .map(|l| v[..l].to_vec())
     }
 
     /// Two layers: a base and one on top with a whiteout, an opaque directory and a
@@ -1088,15 +1328,37 @@ mod tests {
         std::fs::write(l1.join("k/f"), "f").unwrap();
         std::fs::hard_link(l1.join("a"), l1.join("a-link")).unwrap();
         symlink("d/x", l1.join("s")).unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, l1.join("fifo"), FileType::Fifo, Mode::from_raw_mode(0o640), 0).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            l1.join("fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o640),
+            0,
+        )
+        .unwrap();
         std::fs::set_permissions(l1.join("d"), std::fs::Permissions::from_mode(0o750)).unwrap();
         std::os::unix::fs::lchown(l1.join("d/x"), Some(1000), Some(1001)).unwrap();
         rustix::fs::lsetxattr(l1.join("d/x"), "user.note", b"hello", XattrFlags::empty()).unwrap();
-        let old = Timestamps { last_access: rustix::fs::Timespec { tv_sec: 1_000_000_000, tv_nsec: 123_456_789 }, last_modification: rustix::fs::Timespec { tv_sec: 1_000_000_000, tv_nsec: 123_456_789 } };
+        let old = Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 1_000_000_000,
+                tv_nsec: 123_456_789,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 1_000_000_000,
+                tv_nsec: 123_456_789,
+            },
+        };
         rustix::fs::utimensat(rustix::fs::CWD, l1.join("d/x"), &old, AtFlags::empty()).unwrap();
         rustix::fs::utimensat(rustix::fs::CWD, l1.join("d"), &old, AtFlags::empty()).unwrap();
         mkwh(&l2.join("e/gone"));
-        rustix::fs::lsetxattr(l2.join("o"), "user.overlay.opaque", b"y", XattrFlags::empty()).unwrap();
+        rustix::fs::lsetxattr(
+            l2.join("o"),
+            "user.overlay.opaque",
+            b"y",
+            XattrFlags::empty(),
+        )
+        .unwrap();
         std::fs::write(l2.join("o/new"), "new").unwrap();
         std::fs::write(l2.join("k"), "k is a file now").unwrap();
         vec![l2, l1]
@@ -1114,21 +1376,50 @@ mod tests {
         let stats = assemble(&lowers, &r, &Skip::none()).unwrap();
         assert!(stats.entries > 8, "{stats:?}");
         assert_eq!(std::fs::read_to_string(r.join("a")).unwrap(), "a1");
-        assert!(!r.join("e/gone").exists() && r.join("e/kept").exists(), "whiteout applied");
-        assert!(!r.join("o/old").exists() && r.join("o/new").exists(), "opaque dir applied");
-        assert_eq!(std::fs::read_to_string(r.join("k")).unwrap(), "k is a file now");
+        assert!(
+            !r.join("e/gone").exists() && r.join("e/kept").exists(),
+            "whiteout applied"
+        );
+        assert!(
+            !r.join("o/old").exists() && r.join("o/new").exists(),
+            "opaque dir applied"
+        );
+        assert_eq!(
+            std::fs::read_to_string(r.join("k")).unwrap(),
+            "k is a file now"
+        );
         let a = std::fs::metadata(r.join("a")).unwrap();
         assert_eq!(a.nlink(), 2, "hardlinks stay hardlinks");
         assert_eq!(a.ino(), std::fs::metadata(r.join("a-link")).unwrap().ino());
-        assert_ne!(a.ino(), std::fs::metadata(lowers[1].join("a")).unwrap().ino(), "a copy, never the layer's inode");
+        assert_ne!(
+            a.ino(),
+            std::fs::metadata(lowers[1].join("a")).unwrap().ino(),
+            "a copy, never the layer's inode"
+        );
         assert_eq!(std::fs::read_link(r.join("s")).unwrap(), Path::new("d/x"));
         let x = std::fs::symlink_metadata(r.join("d/x")).unwrap();
-        assert_eq!((x.uid(), x.gid(), x.mtime(), x.mtime_nsec()), (1000, 1001, 1_000_000_000, 123_456_789));
-        assert_eq!(xget(&r.join("d/x"), "user.note").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(
+            (x.uid(), x.gid(), x.mtime(), x.mtime_nsec()),
+            (1000, 1001, 1_000_000_000, 123_456_789)
+        );
+        assert_eq!(
+            xget(&r.join("d/x"), "user.note").as_deref(),
+            Some(&b"hello"[..])
+        );
         let d = std::fs::symlink_metadata(r.join("d")).unwrap();
-        assert_eq!((d.mode() & 0o7777, d.mtime(), d.mtime_nsec()), (0o750, 1_000_000_000, 123_456_789));
-        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::symlink_metadata(r.join("fifo")).unwrap().file_type()));
-        assert!(xget(&r.join("o"), "user.overlay.opaque").is_none(), "overlay xattrs stay out of a root filesystem");
+        assert_eq!(
+            (d.mode() & 0o7777, d.mtime(), d.mtime_nsec()),
+            (0o750, 1_000_000_000, 123_456_789)
+        );
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+            &std::fs::symlink_metadata(r.join("fifo"))
+                .unwrap()
+                .file_type()
+        ));
+        assert!(
+            xget(&r.join("o"), "user.overlay.opaque").is_none(),
+            "overlay xattrs stay out of a root filesystem"
+        );
     }
 
     #[test]
@@ -1141,15 +1432,34 @@ mod tests {
         std::fs::create_dir_all(l1.join("d/e")).unwrap();
         std::fs::create_dir_all(l1.join("x")).unwrap();
         std::fs::create_dir_all(l2.join("d")).unwrap();
-        rustix::fs::lsetxattr(l2.join("d"), "user.overlay.opaque", b"y", XattrFlags::empty()).unwrap();
+        rustix::fs::lsetxattr(
+            l2.join("d"),
+            "user.overlay.opaque",
+            b"y",
+            XattrFlags::empty(),
+        )
+        .unwrap();
         std::fs::write(l2.join("x"), "a file now").unwrap();
-        let old = Timestamps { last_access: rustix::fs::Timespec { tv_sec: 7, tv_nsec: 0 }, last_modification: rustix::fs::Timespec { tv_sec: 7, tv_nsec: 0 } };
+        let old = Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 7,
+                tv_nsec: 0,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 7,
+                tv_nsec: 0,
+            },
+        };
         rustix::fs::utimensat(rustix::fs::CWD, l1.join("x"), &old, AtFlags::empty()).unwrap();
         let r = t.path().join("root");
         std::fs::create_dir(&r).unwrap();
         assemble(&[l2.clone(), l1], &r, &Skip::none()).unwrap();
         assert!(!r.join("d/e").exists());
-        assert_ne!(std::fs::metadata(r.join("x")).unwrap().mtime(), 7, "the file got the time of the directory it replaced");
+        assert_ne!(
+            std::fs::metadata(r.join("x")).unwrap().mtime(),
+            7,
+            "the file got the time of the directory it replaced"
+        );
     }
 
     #[test]
@@ -1184,7 +1494,10 @@ mod tests {
         got.sort();
         assert_eq!(
             got,
-            vec!["a", "a-link", "d", "d/x", "e", "e/kept", "fifo", "k", "new", "new-link", "o", "o/again"],
+            vec![
+                "a", "a-link", "d", "d/x", "e", "e/kept", "fifo", "k", "new", "new-link", "o",
+                "o/again"
+            ],
             "{st:?}"
         );
         let wh = |p: &str| {
@@ -1192,13 +1505,32 @@ mod tests {
             crate::whiteout::is_whiteout(&up.join(p), &md)
         };
         assert!(wh("e/kept") && wh("fifo"));
-        assert_eq!(xget(&up.join("o"), "user.overlay.opaque").as_deref(), Some(&b"y"[..]));
-        assert_eq!(xget(&up.join("k"), "user.overlay.opaque").as_deref(), Some(&b"y"[..]));
-        assert!(xget(&up.join("d"), "user.overlay.opaque").is_none() && xget(&up.join("e"), "user.overlay.opaque").is_none());
+        assert_eq!(
+            xget(&up.join("o"), "user.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
+        assert_eq!(
+            xget(&up.join("k"), "user.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
+        assert!(
+            xget(&up.join("d"), "user.overlay.opaque").is_none()
+                && xget(&up.join("e"), "user.overlay.opaque").is_none()
+        );
         let d = std::fs::symlink_metadata(up.join("d")).unwrap();
-        assert_eq!((d.mode() & 0o7777, d.mtime(), d.mtime_nsec()), (0o750, 1_000_000_000, 123_456_789), "an unchanged parent keeps its metadata");
-        assert_eq!(std::fs::metadata(up.join("new")).unwrap().ino(), std::fs::metadata(up.join("new-link")).unwrap().ino());
-        assert_eq!(std::fs::metadata(up.join("a")).unwrap().ino(), std::fs::metadata(up.join("a-link")).unwrap().ino());
+        assert_eq!(
+            (d.mode() & 0o7777, d.mtime(), d.mtime_nsec()),
+            (0o750, 1_000_000_000, 123_456_789),
+            "an unchanged parent keeps its metadata"
+        );
+        assert_eq!(
+            std::fs::metadata(up.join("new")).unwrap().ino(),
+            std::fs::metadata(up.join("new-link")).unwrap().ino()
+        );
+        assert_eq!(
+            std::fs::metadata(up.join("a")).unwrap().ino(),
+            std::fs::metadata(up.join("a-link")).unwrap().ino()
+        );
         assert_eq!(st.whiteouts, 2);
     }
 
@@ -1236,7 +1568,10 @@ mod tests {
         skip.add_below(&r, &[r.join("var/lib/store")]);
         clear_except(&r, &skip).unwrap();
         assert!(!r.join("var/other").exists());
-        assert_eq!(std::fs::read_to_string(r.join("var/lib/store/blob")).unwrap(), "precious");
+        assert_eq!(
+            std::fs::read_to_string(r.join("var/lib/store/blob")).unwrap(),
+            "precious"
+        );
         assemble(&lowers, &r, &skip).unwrap();
         let base = Baseline::capture(&r, &skip).unwrap();
         std::fs::write(r.join("var/lib/store/blob2"), "written by the builder").unwrap();
@@ -1258,7 +1593,10 @@ mod tests {
         copy_overlay_tree(&lowers[0], &dst).unwrap();
         let md = std::fs::symlink_metadata(dst.join("e/gone")).unwrap();
         assert!(crate::whiteout::is_whiteout(&dst.join("e/gone"), &md));
-        assert_eq!(xget(&dst.join("o"), "user.overlay.opaque").as_deref(), Some(&b"y"[..]));
+        assert_eq!(
+            xget(&dst.join("o"), "user.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
     }
 
     #[test]
@@ -1272,9 +1610,28 @@ mod tests {
         std::fs::write(u.join("d/.wh.gone"), "").unwrap();
         std::fs::write(u.join("d/o/.wh..wh..opq"), "").unwrap();
         std::fs::write(u.join("d/o/f"), "f").unwrap();
-        rustix::fs::lsetxattr(u.join("d/o"), "user.fuseoverlayfs.opaque", b"y", XattrFlags::empty()).unwrap();
-        rustix::fs::lsetxattr(u.join("d/o/f"), "user.fuseoverlayfs.origin", b"x", XattrFlags::empty()).unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, u.join("d/o/.wh..opq"), FileType::CharacterDevice, Mode::empty(), 0).unwrap();
+        rustix::fs::lsetxattr(
+            u.join("d/o"),
+            "user.fuseoverlayfs.opaque",
+            b"y",
+            XattrFlags::empty(),
+        )
+        .unwrap();
+        rustix::fs::lsetxattr(
+            u.join("d/o/f"),
+            "user.fuseoverlayfs.origin",
+            b"x",
+            XattrFlags::empty(),
+        )
+        .unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            u.join("d/o/.wh..opq"),
+            FileType::CharacterDevice,
+            Mode::empty(),
+            0,
+        )
+        .unwrap();
         std::fs::create_dir_all(u.join("d/new")).unwrap();
         std::fs::write(u.join("d/new/.wh..wh..opq"), "").unwrap();
         std::fs::write(u.join("d/.wh.never-there"), "").unwrap();
@@ -1291,17 +1648,33 @@ mod tests {
         }
         normalize_fuse_upper(u, &[l.path().to_path_buf()]).unwrap();
         assert_eq!(walkdir(u), vec!["d", "d/gone", "d/new", "d/o", "d/o/f"]);
-        assert!(xget(&u.join("d/new"), "user.overlay.opaque").is_none(), "a new directory hides nothing");
+        assert!(
+            xget(&u.join("d/new"), "user.overlay.opaque").is_none(),
+            "a new directory hides nothing"
+        );
         let md = std::fs::symlink_metadata(u.join("d/gone")).unwrap();
         assert!(crate::whiteout::is_whiteout(&u.join("d/gone"), &md));
-        assert_eq!(xget(&u.join("d/o"), "user.overlay.opaque").as_deref(), Some(&b"y"[..]));
-        assert!(xget(&u.join("d/o"), "user.fuseoverlayfs.opaque").is_none() && xget(&u.join("d/o/f"), "user.fuseoverlayfs.origin").is_none());
-        assert_eq!(std::fs::metadata(u.join("d")).unwrap().mtime_nsec(), before, "directory times are kept");
+        assert_eq!(
+            xget(&u.join("d/o"), "user.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
+        assert!(
+            xget(&u.join("d/o"), "user.fuseoverlayfs.opaque").is_none()
+                && xget(&u.join("d/o/f"), "user.fuseoverlayfs.origin").is_none()
+        );
+        assert_eq!(
+            std::fs::metadata(u.join("d")).unwrap().mtime_nsec(),
+            before,
+            "directory times are kept"
+        );
     }
 
     fn walkdir(p: &Path) -> Vec<String> {
         fn go(base: &Path, p: &Path, out: &mut Vec<String>) {
-            let mut es: Vec<_> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+            let mut es: Vec<_> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
             es.sort();
             for e in es {
                 out.push(e.strip_prefix(base).unwrap().display().to_string());

@@ -74,19 +74,36 @@ enum Mode_ {
 
 /// Unpacks an (uncompressed) OCI layer into `dest`, an empty directory that becomes an
 /// overlayfs lower layer.
-pub fn unpack_layer<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions) -> Result<UnpackStats, UnpackError> {
+pub fn unpack_layer<R: Read>(
+    tar: R,
+    dest: &Path,
+    opts: &UnpackOptions,
+) -> Result<UnpackStats, UnpackError> {
     run(tar, dest, opts, Mode_::Overlay)
 }
 
 /// Applies an (uncompressed) OCI layer onto the root filesystem `rootfs`: whiteouts delete,
 /// opaque markers empty their directory of what lower layers put there.
-pub fn apply_layer<R: Read>(tar: R, rootfs: &Path, opts: &UnpackOptions) -> Result<UnpackStats, UnpackError> {
+pub fn apply_layer<R: Read>(
+    tar: R,
+    rootfs: &Path,
+    opts: &UnpackOptions,
+) -> Result<UnpackStats, UnpackError> {
     run(tar, rootfs, opts, Mode_::Apply)
 }
 
-fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Result<UnpackStats, UnpackError> {
-    let root: OwnedFd = rustix::fs::open(dest, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| UnpackError::Dest(dest.to_path_buf(), e.into()))?;
+fn run<R: Read>(
+    tar: R,
+    dest: &Path,
+    opts: &UnpackOptions,
+    mode: Mode_,
+) -> Result<UnpackStats, UnpackError> {
+    let root: OwnedFd = rustix::fs::open(
+        dest,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| UnpackError::Dest(dest.to_path_buf(), e.into()))?;
     let mut archive = tar::Archive::new(tar);
     let mut stats = UnpackStats::default();
     let mut dir_times: Vec<(Vec<String>, i64)> = Vec::new();
@@ -95,9 +112,14 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
         let mut entry = entry.map_err(UnpackError::Tar)?;
         let raw_path = entry.path().map_err(UnpackError::Tar)?.into_owned();
         let name = raw_path.display().to_string();
-        let err = |e: io::Error| UnpackError::Entry { entry: name.clone(), source: e };
+        let err = |e: io::Error| UnpackError::Entry {
+            entry: name.clone(),
+            source: e,
+        };
         let comps = clean(&raw_path);
-        let Some((last, parent)) = comps.split_last() else { continue };
+        let Some((last, parent)) = comps.split_last() else {
+            continue;
+        };
         let hdr = entry.header().clone();
         let uid = hdr.uid().map_err(UnpackError::Tar)?;
         let gid = hdr.gid().map_err(UnpackError::Tar)?;
@@ -115,7 +137,9 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
         // Whiteouts.
         if last == ".wh..wh..opq" {
             match mode {
-                Mode_::Overlay => set_xattr_fd(&parent_fd, "user.overlay.opaque", b"y").map_err(err)?,
+                Mode_::Overlay => {
+                    set_xattr_fd(&parent_fd, "user.overlay.opaque", b"y").map_err(err)?
+                }
                 Mode_::Apply => {
                     for child in crate::fsutil::list(&parent_fd).map_err(err)? {
                         let mut p = parent.to_vec();
@@ -142,8 +166,11 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
         let kind = hdr.entry_type();
         // An existing entry of another type is replaced; an existing directory stays
         // (a directory entry only updates its metadata).
-        let existing = rustix::fs::statat(&parent_fd, last.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
-        let existing_is_dir = existing.map(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory).unwrap_or(false);
+        let existing =
+            rustix::fs::statat(&parent_fd, last.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+        let existing_is_dir = existing
+            .map(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory)
+            .unwrap_or(false);
         if existing.is_some() && !(kind.is_dir() && existing_is_dir) {
             remove_at(&parent_fd, last).map_err(err)?;
         }
@@ -151,29 +178,61 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
         match kind {
             tar::EntryType::Directory => {
                 if !existing_is_dir {
-                    rustix::fs::mkdirat(&parent_fd, last.as_str(), Mode::from_raw_mode(0o755)).map_err(|e| err(e.into()))?;
+                    rustix::fs::mkdirat(&parent_fd, last.as_str(), Mode::from_raw_mode(0o755))
+                        .map_err(|e| err(e.into()))?;
                 }
                 dir_times.push((comps.clone(), mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                let fd = rustix::fs::openat(&parent_fd, last.as_str(), OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::from_raw_mode(0o600))
-                    .map_err(|e| err(e.into()))?;
+                let fd = rustix::fs::openat(
+                    &parent_fd,
+                    last.as_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| err(e.into()))?;
                 let mut f = std::fs::File::from(fd);
                 io::copy(&mut entry, &mut f).map_err(err)?;
             }
             tar::EntryType::Symlink => {
-                let target = hdr.link_name().map_err(UnpackError::Tar)?.unwrap_or_default().into_owned();
-                rustix::fs::symlinkat(target.as_path(), &parent_fd, last.as_str()).map_err(|e| err(e.into()))?;
+                let target = hdr
+                    .link_name()
+                    .map_err(UnpackError::Tar)?
+                    .unwrap_or_default()
+                    .into_owned();
+                rustix::fs::symlinkat(target.as_path(), &parent_fd, last.as_str())
+                    .map_err(|e| err(e.into()))?;
             }
             tar::EntryType::Link => {
-                let target = hdr.link_name().map_err(UnpackError::Tar)?.unwrap_or_default().into_owned();
+                let target = hdr
+                    .link_name()
+                    .map_err(UnpackError::Tar)?
+                    .unwrap_or_default()
+                    .into_owned();
                 let tcomps = clean(&target);
                 let Some((tlast, tparent)) = tcomps.split_last() else {
-                    return Err(err(io::Error::new(io::ErrorKind::InvalidData, "hardlink with an empty target")));
+                    return Err(err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "hardlink with an empty target",
+                    )));
                 };
                 let tparent_fd = open_dir_in(&root, tparent).map_err(err)?;
-                rustix::fs::linkat(&tparent_fd, tlast.as_str(), &parent_fd, last.as_str(), AtFlags::empty()).map_err(|e| {
-                    err(io::Error::new(io::Error::from(e).kind(), format!("hardlink to {}: {e}", target.display())))
+                rustix::fs::linkat(
+                    &tparent_fd,
+                    tlast.as_str(),
+                    &parent_fd,
+                    last.as_str(),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| {
+                    err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("hardlink to {}: {e}", target.display()),
+                    ))
                 })?;
                 // A hardlink shares its target's inode: owner and mode are the target's.
                 set_owner_mode = false;
@@ -196,9 +255,15 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
                     Err(e) => return Err(err(e.into())),
                 }
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => continue,
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => continue,
             other => {
-                return Err(err(io::Error::new(io::ErrorKind::InvalidData, format!("unsupported entry type {other:?}"))));
+                return Err(err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unsupported entry type {other:?}"),
+                )));
             }
         }
         if set_owner_mode {
@@ -212,7 +277,8 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
             .map_err(|e| err(e.into()))?;
             if kind != tar::EntryType::Symlink {
                 // After chown, which clears setuid/setgid bits.
-                rustix::fs::chmodat(&parent_fd, last.as_str(), perm, AtFlags::empty()).map_err(|e| err(e.into()))?;
+                rustix::fs::chmodat(&parent_fd, last.as_str(), perm, AtFlags::empty())
+                    .map_err(|e| err(e.into()))?;
             }
             // Extended attributes (security.capability, user.*), never overlay's own.
             if let Some(exts) = entry.pax_extensions().map_err(UnpackError::Tar)? {
@@ -227,9 +293,16 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
                         }
                     }
                 }
-                if !xattrs.is_empty() && matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory) {
-                    let fd = rustix::fs::openat(&parent_fd, last.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                        .map_err(|e| err(e.into()))?;
+                if !xattrs.is_empty()
+                    && matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory)
+                {
+                    let fd = rustix::fs::openat(
+                        &parent_fd,
+                        last.as_str(),
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| err(e.into()))?;
                     for (k, v) in xattrs {
                         set_xattr_fd(&fd, &k, &v).map_err(err)?;
                     }
@@ -255,8 +328,19 @@ fn run<R: Read>(tar: R, dest: &Path, opts: &UnpackOptions, mode: Mode_) -> Resul
 }
 
 fn set_mtime(dir: &impl AsFd, name: &str, mtime: i64) -> io::Result<()> {
-    let t = rustix::fs::Timespec { tv_sec: mtime, tv_nsec: 0 };
-    rustix::fs::utimensat(dir, name, &rustix::fs::Timestamps { last_access: t, last_modification: t }, AtFlags::SYMLINK_NOFOLLOW)?;
+    let t = rustix::fs::Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        dir,
+        name,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
     Ok(())
 }
 

@@ -28,11 +28,15 @@ pub enum WhiteoutForm {
 }
 
 fn has_any_xattr_path(path: &Path, names: &[&str]) -> bool {
-    names.iter().any(|n| rustix::fs::lgetxattr(path, *n, &mut [0u8; 4][..]).is_ok())
+    names
+        .iter()
+        .any(|n| rustix::fs::lgetxattr(path, *n, &mut [0u8; 4][..]).is_ok())
 }
 
 fn has_any_xattr_fd(fd: &impl AsFd, names: &[&str]) -> bool {
-    names.iter().any(|n| rustix::fs::fgetxattr(fd, *n, &mut [0u8; 4][..]).is_ok())
+    names
+        .iter()
+        .any(|n| rustix::fs::fgetxattr(fd, *n, &mut [0u8; 4][..]).is_ok())
 }
 
 /// Whether `path` (with metadata `md`, not followed) is a whiteout in either form.
@@ -45,7 +49,11 @@ pub fn is_whiteout(path: &Path, md: &Metadata) -> bool {
 }
 
 /// [`is_whiteout`] for `name` in the directory `dir`, given its `statx`.
-pub fn is_whiteout_at<P: rustix::path::Arg>(dir: &impl AsFd, name: P, st: &rustix::fs::Statx) -> bool {
+pub fn is_whiteout_at<P: rustix::path::Arg>(
+    dir: &impl AsFd,
+    name: P,
+    st: &rustix::fs::Statx,
+) -> bool {
     let ft = FileType::from_raw_mode(st.stx_mode as u32);
     if ft == FileType::CharacterDevice {
         return st.stx_rdev_major == 0 && st.stx_rdev_minor == 0;
@@ -54,7 +62,12 @@ pub fn is_whiteout_at<P: rustix::path::Arg>(dir: &impl AsFd, name: P, st: &rusti
         return false;
     }
     // Only empty regular files get this far, so the open is rare and cheap.
-    match rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty()) {
+    match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
         Ok(fd) => has_any_xattr_fd(&fd, &WHITEOUT_XATTRS),
         Err(_) => false,
     }
@@ -87,10 +100,19 @@ pub fn set_opaque(dir: &impl AsFd) -> io::Result<()> {
 
 /// Creates a whiteout for `name` in `dir` (which must not hold `name`): a 0:0 device owned by
 /// root, or, where the filesystem refuses that (EPERM on overlayfs), the xattr form.
-pub fn make_whiteout_at<P: rustix::path::Arg + Copy>(dir: &impl AsFd, name: P) -> io::Result<WhiteoutForm> {
+pub fn make_whiteout_at<P: rustix::path::Arg + Copy>(
+    dir: &impl AsFd,
+    name: P,
+) -> io::Result<WhiteoutForm> {
     match rustix::fs::mknodat(dir, name, FileType::CharacterDevice, Mode::empty(), 0) {
         Ok(()) => {
-            rustix::fs::chownat(dir, name, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::ROOT), AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::chownat(
+                dir,
+                name,
+                Some(rustix::fs::Uid::ROOT),
+                Some(rustix::fs::Gid::ROOT),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
             Ok(WhiteoutForm::Device)
         }
         Err(rustix::io::Errno::PERM) | Err(rustix::io::Errno::OPNOTSUPP) => {
@@ -102,7 +124,13 @@ pub fn make_whiteout_at<P: rustix::path::Arg + Copy>(dir: &impl AsFd, name: P) -
             )?;
             rustix::fs::fsetxattr(&fd, "user.overlay.whiteout", b"y", XattrFlags::empty())?;
             drop(fd);
-            rustix::fs::chownat(dir, name, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::ROOT), AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::chownat(
+                dir,
+                name,
+                Some(rustix::fs::Uid::ROOT),
+                Some(rustix::fs::Gid::ROOT),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
             // The kernel looks for xattr whiteouts only in directories marked `x`; an opaque
             // (`y`) directory needs no whiteouts at all, so leave that mark alone.
             if opaque_value(dir).is_none() {
@@ -121,17 +149,27 @@ mod tests {
     #[test]
     fn device_whiteouts_are_recognised_and_plain_files_are_not() {
         let t = tempfile::tempdir().unwrap();
-        let dir = rustix::fs::open(t.path(), OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+        let dir =
+            rustix::fs::open(t.path(), OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
         std::fs::write(t.path().join("plain"), b"").unwrap();
         let md = std::fs::symlink_metadata(t.path().join("plain")).unwrap();
         assert!(!is_whiteout(&t.path().join("plain"), &md));
         if !rustix::process::geteuid().is_root() {
             return;
         }
-        assert_eq!(make_whiteout_at(&dir, "gone").unwrap(), WhiteoutForm::Device);
+        assert_eq!(
+            make_whiteout_at(&dir, "gone").unwrap(),
+            WhiteoutForm::Device
+        );
         let p = t.path().join("gone");
         assert!(is_whiteout(&p, &std::fs::symlink_metadata(&p).unwrap()));
-        let st = rustix::fs::statx(&dir, "gone", AtFlags::SYMLINK_NOFOLLOW, rustix::fs::StatxFlags::BASIC_STATS).unwrap();
+        let st = rustix::fs::statx(
+            &dir,
+            "gone",
+            AtFlags::SYMLINK_NOFOLLOW,
+            rustix::fs::StatxFlags::BASIC_STATS,
+        )
+        .unwrap();
         assert!(is_whiteout_at(&dir, "gone", &st));
         assert_eq!(opaque_value(&dir), None);
     }
@@ -146,6 +184,9 @@ mod tests {
         }
         assert!(is_whiteout(&p, &std::fs::symlink_metadata(&p).unwrap()));
         std::fs::write(&p, b"x").unwrap();
-        assert!(!is_whiteout(&p, &std::fs::symlink_metadata(&p).unwrap()), "a file with content is never a whiteout");
+        assert!(
+            !is_whiteout(&p, &std::fs::symlink_metadata(&p).unwrap()),
+            "a file with content is never a whiteout"
+        );
     }
 }

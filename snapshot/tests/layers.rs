@@ -7,7 +7,13 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 
-fn raw_entry(b: &mut tar::Builder<Vec<u8>>, name: &[u8], kind: tar::EntryType, link: Option<&[u8]>, data: &[u8]) {
+fn raw_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    name: &[u8],
+    kind: tar::EntryType,
+    link: Option<&[u8]>,
+    data: &[u8],
+) {
     let mut h = tar::Header::new_old();
     {
         let old = h.as_old_mut();
@@ -38,15 +44,45 @@ fn hostile_tars_stay_inside() {
         let _ = fs::remove_dir_all(&dest);
         fs::create_dir(&dest).unwrap();
         let mut b = tar::Builder::new(Vec::new());
-        raw_entry(&mut b, b"../../../../escape-dotdot", tar::EntryType::Regular, None, b"x");
-        raw_entry(&mut b, b"abs", tar::EntryType::Symlink, Some(o.as_bytes()), b"");
+        raw_entry(
+            &mut b,
+            b"../../../../escape-dotdot",
+            tar::EntryType::Regular,
+            None,
+            b"x",
+        );
+        raw_entry(
+            &mut b,
+            b"abs",
+            tar::EntryType::Symlink,
+            Some(o.as_bytes()),
+            b"",
+        );
         raw_entry(&mut b, b"abs/pwned", tar::EntryType::Regular, None, b"x");
         let rel = format!("../{}", "outside");
-        raw_entry(&mut b, b"rel", tar::EntryType::Symlink, Some(rel.as_bytes()), b"");
+        raw_entry(
+            &mut b,
+            b"rel",
+            tar::EntryType::Symlink,
+            Some(rel.as_bytes()),
+            b"",
+        );
         raw_entry(&mut b, b"rel/pwned2", tar::EntryType::Regular, None, b"x");
-        raw_entry(&mut b, b"rel/.wh.target", tar::EntryType::Regular, None, b"");
+        raw_entry(
+            &mut b,
+            b"rel/.wh.target",
+            tar::EntryType::Regular,
+            None,
+            b"",
+        );
         let hl = "../outside/target".to_string();
-        raw_entry(&mut b, b"hl", tar::EntryType::Link, Some(hl.as_bytes()), b"");
+        raw_entry(
+            &mut b,
+            b"hl",
+            tar::EntryType::Link,
+            Some(hl.as_bytes()),
+            b"",
+        );
         raw_entry(&mut b, b"fine", tar::EntryType::Regular, None, b"fine");
         let bytes = b.into_inner().unwrap();
         let res = if mode == "unpack" {
@@ -57,18 +93,35 @@ fn hostile_tars_stay_inside() {
         // The hardlink to a path that is not in the layer fails; everything before it landed inside.
         let err = res.unwrap_err().to_string();
         assert!(err.contains("hl"), "{err}");
-        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1, "{mode}: something was written outside");
-        assert_eq!(fs::read_to_string(outside.join("target")).unwrap(), "original");
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            1,
+            "{mode}: something was written outside"
+        );
+        assert_eq!(
+            fs::read_to_string(outside.join("target")).unwrap(),
+            "original"
+        );
         assert!(!t.path().join("escape-dotdot").exists());
-        assert!(dest.join("escape-dotdot").exists(), "`..` is clamped at the layer root");
+        assert!(
+            dest.join("escape-dotdot").exists(),
+            "`..` is clamped at the layer root"
+        );
         // Entries through symlinks land inside the layer (the dangling link is replaced by a directory).
-        assert!(dest.join("abs/pwned").exists() || dest.join(o.trim_start_matches('/')).join("pwned").exists());
+        assert!(
+            dest.join("abs/pwned").exists()
+                || dest.join(o.trim_start_matches('/')).join("pwned").exists()
+        );
     }
 }
 
 /// Mounts an overlay (userxattr) of `lowers` with `upper`, runs `script` in the merged dir.
 fn overlay_run(lowers: &[&Path], upper: &Path, work: &Path, merged: &Path, script: &str) {
-    let lower = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+    let lower = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     let cmd = format!(
         "mount -t overlay overlay -o lowerdir={lower},upperdir={},workdir={},userxattr {} && cd {} && {script}",
         upper.display(),
@@ -76,8 +129,15 @@ fn overlay_run(lowers: &[&Path], upper: &Path, work: &Path, merged: &Path, scrip
         merged.display(),
         merged.display()
     );
-    let out = Command::new("unshare").args(["--mount", "--propagation=private", "sh", "-ec", &cmd]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation=private", "sh", "-ec", &cmd])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn entries(blob: &[u8]) -> Vec<(String, tar::EntryType, Option<String>, Vec<String>)> {
@@ -110,7 +170,12 @@ fn overlay_round_trip_whiteouts_opaque_hardlinks() {
     let (l1, upper, work, merged) = (p("l1"), p("upper"), p("work"), p("merged"));
     // A base layer in OCI form, unpacked to overlay form.
     let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in [("etc/group", "g"), ("etc/passwd", "p"), ("home/old/f", "o"), ("keep/k", "k")] {
+    for (name, data) in [
+        ("etc/group", "g"),
+        ("etc/passwd", "p"),
+        ("home/old/f", "o"),
+        ("keep/k", "k"),
+    ] {
         let mut h = tar::Header::new_ustar();
         h.set_path(name).unwrap();
         h.set_size(data.len() as u64);
@@ -126,7 +191,11 @@ fn overlay_round_trip_whiteouts_opaque_hardlinks() {
     // A second OCI layer with a whiteout and an opaque dir, unpacked to overlay form.
     let l2 = p("l2");
     let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in [("keep/.wh.k", ""), ("home/.wh..wh..opq", ""), ("home/fresh", "f")] {
+    for (name, data) in [
+        ("keep/.wh.k", ""),
+        ("home/.wh..wh..opq", ""),
+        ("home/fresh", "f"),
+    ] {
         let mut h = tar::Header::new_ustar();
         h.set_path(name).unwrap();
         h.set_size(data.len() as u64);
@@ -154,18 +223,26 @@ fn overlay_round_trip_whiteouts_opaque_hardlinks() {
     let hard: Vec<_> = e.iter().filter(|x| x.1 == tar::EntryType::Link).collect();
     assert_eq!(hard.len(), 1, "{e:?}");
     assert_eq!((hard[0].0.as_str(), hard[0].2.as_deref()), ("b", Some("a")));
-    assert!(e.iter().all(|x| x.3.iter().all(|k| !k.contains("overlay"))), "overlay xattrs leaked: {e:?}");
+    assert!(
+        e.iter().all(|x| x.3.iter().all(|k| !k.contains("overlay"))),
+        "overlay xattrs leaked: {e:?}"
+    );
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted, "entries sorted");
-    assert!(names.contains(&"deep/") && names.contains(&"deep/er/") && names.contains(&"deep/er/f"));
+    assert!(
+        names.contains(&"deep/") && names.contains(&"deep/er/") && names.contains(&"deep/er/f")
+    );
     // Applying base + this layer to a plain rootfs gives the merged view.
     let rootfs = p("rootfs");
     apply_layer(&base[..], &rootfs, &UnpackOptions::default()).unwrap();
     apply_layer(&blob[..], &rootfs, &UnpackOptions::default()).unwrap();
     assert!(!rootfs.join("etc/group").exists() && rootfs.join("etc/passwd").exists());
     assert!(!rootfs.join("home/old").exists() && rootfs.join("home/new").exists());
-    assert_eq!(fs::metadata(rootfs.join("a")).unwrap().ino(), fs::metadata(rootfs.join("b")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(rootfs.join("a")).unwrap().ino(),
+        fs::metadata(rootfs.join("b")).unwrap().ino()
+    );
 }
 
 #[test]
@@ -176,19 +253,55 @@ fn blob_digests_are_deterministic_and_right() {
     fs::write(d.join("sub/a"), "a".repeat(100_000)).unwrap();
     fs::write(d.join("n".repeat(150)), "long name").unwrap();
     std::os::unix::fs::symlink("x".repeat(120), d.join("longlink")).unwrap();
-    for c in [Compression::Gzip { level: 6 }, Compression::Zstd { level: 3 }, Compression::Uncompressed] {
-        let a = write_layer_blob(&d, &t.path().join("a"), c, &DiffOptions { source_date_epoch: Some(0) }).unwrap();
-        let b = write_layer_blob(&d, &t.path().join("b"), c, &DiffOptions { source_date_epoch: Some(0) }).unwrap();
+    for c in [
+        Compression::Gzip { level: 6 },
+        Compression::Zstd { level: 3 },
+        Compression::Uncompressed,
+    ] {
+        let a = write_layer_blob(
+            &d,
+            &t.path().join("a"),
+            c,
+            &DiffOptions {
+                source_date_epoch: Some(0),
+            },
+        )
+        .unwrap();
+        let b = write_layer_blob(
+            &d,
+            &t.path().join("b"),
+            c,
+            &DiffOptions {
+                source_date_epoch: Some(0),
+            },
+        )
+        .unwrap();
         assert_eq!(a, b, "{c:?}");
         let bytes = fs::read(t.path().join("a")).unwrap();
         assert_eq!(bytes.len() as u64, a.size);
         use sha2::Digest;
-        assert_eq!(a.digest, format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes))));
+        assert_eq!(
+            a.digest,
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)))
+        );
         let mut plain = Vec::new();
-        decompress(std::io::Cursor::new(bytes)).unwrap().read_to_end(&mut plain).unwrap();
-        assert_eq!(a.diff_id, format!("sha256:{}", hex::encode(sha2::Sha256::digest(&plain))));
+        decompress(std::io::Cursor::new(bytes))
+            .unwrap()
+            .read_to_end(&mut plain)
+            .unwrap();
+        assert_eq!(
+            a.diff_id,
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&plain)))
+        );
         let e = entries(&plain);
-        assert!(e.iter().any(|x| x.0 == "n".repeat(150)), "long name via PAX");
-        assert!(e.iter().any(|x| x.2.as_deref() == Some(&"x".repeat(120)[..])), "long link via PAX");
+        assert!(
+            e.iter().any(|x| x.0 == "n".repeat(150)),
+            "long name via PAX"
+        );
+        assert!(
+            e.iter()
+                .any(|x| x.2.as_deref() == Some(&"x".repeat(120)[..])),
+            "long link via PAX"
+        );
     }
 }

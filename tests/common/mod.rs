@@ -14,7 +14,11 @@ pub fn project() -> PathBuf {
 /// `../shared/testbed`, beside the project.
 pub fn testbed() -> PathBuf {
     let p = project().join("../shared/testbed");
-    assert!(p.join("registry-up").exists(), "{} missing: the tests need ../shared/testbed beside the checkout", p.display());
+    assert!(
+        p.join("registry-up").exists(),
+        "{} missing: the tests need ../shared/testbed beside the checkout",
+        p.display()
+    );
     p
 }
 
@@ -25,7 +29,8 @@ pub fn rbuild_bin() -> PathBuf {
 
 /// Runs a command, returning its output; panics with context if it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
 /// Runs a command that must succeed; returns stdout.
@@ -53,12 +58,22 @@ pub fn base_image_layouts(debian: bool) -> PathBuf {
     static ALL: OnceLock<PathBuf> = OnceLock::new();
     let make = |debian: bool| {
         // The binary's name without cargo's hash (`matrix-0123abcd` → `matrix`).
-        let exe = std::env::current_exe().ok().and_then(|e| e.file_stem().map(|s| s.to_string_lossy().into_owned())).unwrap_or_default();
-        let name = exe.rsplit_once('-').map_or(exe.as_str(), |(n, _)| n).to_string();
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("testbed-{name}-{}", if debian { "all" } else { "busybox" }));
+        let exe = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        let name = exe
+            .rsplit_once('-')
+            .map_or(exe.as_str(), |(n, _)| n)
+            .to_string();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "testbed-{name}-{}",
+            if debian { "all" } else { "busybox" }
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         let mut cmd = Command::new("flock");
-        cmd.arg("/var/tmp/rbuild-testbed.lock").arg(testbed().join("make-base-images"));
+        cmd.arg("/var/tmp/rbuild-testbed.lock")
+            .arg(testbed().join("make-base-images"));
         if !debian {
             cmd.arg("--busybox-only");
         }
@@ -94,7 +109,9 @@ impl Registry {
     /// Starts a registry on a free port with its storage in a temp dir.
     pub fn start() -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let out = ok(Command::new(testbed().join("registry-up")).arg("0").arg(dir.path()));
+        let out = ok(Command::new(testbed().join("registry-up"))
+            .arg("0")
+            .arg(dir.path()));
         let addr = out.trim().lines().last().unwrap().to_string();
         Registry { addr, dir }
     }
@@ -112,12 +129,16 @@ impl Registry {
 
     /// Stops the registry (an outage); [`Registry::restart`] brings it back on the same port.
     pub fn stop(&self) {
-        ok(Command::new(testbed().join("registry-down")).arg(self.port()).arg(self.dir.path()));
+        ok(Command::new(testbed().join("registry-down"))
+            .arg(self.port())
+            .arg(self.dir.path()));
     }
 
     /// Starts the registry again on its port, with the same storage.
     pub fn restart(&self) {
-        ok(Command::new(testbed().join("registry-up")).arg(self.port()).arg(self.dir.path()));
+        ok(Command::new(testbed().join("registry-up"))
+            .arg(self.port())
+            .arg(self.dir.path()));
     }
 
     /// The registry's storage directory.
@@ -132,7 +153,10 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = Command::new(testbed().join("registry-down")).arg(self.port()).arg(self.dir.path()).output();
+        let _ = Command::new(testbed().join("registry-down"))
+            .arg(self.port())
+            .arg(self.dir.path())
+            .output();
     }
 }
 
@@ -140,20 +164,45 @@ impl Drop for Registry {
 pub fn ensure_tools() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let need: Vec<&str> = ["skopeo", "umoci", "docker-registry", "uidmap", "busybox-static", "curl", "podman", "runc", "fuse-overlayfs", "zstd", "git", "python3"]
-            .into_iter()
-            .filter(|p| !Command::new("dpkg").args(["-s", p]).output().map(|o| o.status.success()).unwrap_or(false))
-            .collect();
+        let need: Vec<&str> = [
+            "skopeo",
+            "umoci",
+            "docker-registry",
+            "uidmap",
+            "busybox-static",
+            "curl",
+            "podman",
+            "runc",
+            "fuse-overlayfs",
+            "zstd",
+            "git",
+            "python3",
+        ]
+        .into_iter()
+        .filter(|p| {
+            !Command::new("dpkg")
+                .args(["-s", p])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .collect();
         if !need.is_empty() {
             let _ = Command::new("apt-get").args(["update", "-qq"]).output();
-            ok(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&need).env("DEBIAN_FRONTEND", "noninteractive"));
+            ok(Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&need)
+                .env("DEBIAN_FRONTEND", "noninteractive"));
         }
     });
 }
 
 /// The static busybox of Debian's busybox-static.
 pub fn busybox_static() -> &'static str {
-    ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static")
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static")
 }
 
 /// Writes into `dir` a context whose image is the static busybox (no registry needed), then
@@ -182,39 +231,55 @@ pub fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
 /// An `rbuild` command with a private state directory and plain progress.
 pub fn rbuild(root: &Path) -> Command {
     let mut c = Command::new(rbuild_bin());
-    c.arg("build").arg("--progress=plain").arg("--root").arg(root);
+    c.arg("build")
+        .arg("--progress=plain")
+        .arg("--root")
+        .arg(root);
     c
 }
 
 /// Copies `docker://REF` to an OCI layout and unpacks it with umoci; returns the rootfs.
 pub fn umoci_unpack_from_registry(reference: &str, work: &Path) -> PathBuf {
     let layout = work.join("layout");
-    ok(Command::new("skopeo").args(["copy", "-q", "--src-tls-verify=false"]).arg(format!("docker://{reference}")).arg(format!("oci:{}:img", layout.display())));
+    ok(Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci:{}:img", layout.display())));
     umoci_unpack_layout(&layout, "img", work)
 }
 
 /// Unpacks `LAYOUT:TAG` with umoci; returns the rootfs.
 pub fn umoci_unpack_layout(layout: &Path, tag: &str, work: &Path) -> PathBuf {
     let bundle = work.join("bundle");
-    ok(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", layout.display())).arg(&bundle));
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(&bundle));
     bundle.join("rootfs")
 }
 
 /// `skopeo inspect` of a registry image, as JSON.
 pub fn skopeo_inspect(reference: &str) -> serde_json::Value {
-    let out = ok(Command::new("skopeo").args(["inspect", "--tls-verify=false"]).arg(format!("docker://{reference}")));
+    let out = ok(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{reference}")));
     serde_json::from_str(&out).unwrap()
 }
 
 /// `skopeo inspect --config`.
 pub fn skopeo_config(reference: &str) -> serde_json::Value {
-    let out = ok(Command::new("skopeo").args(["inspect", "--config", "--raw", "--tls-verify=false"]).arg(format!("docker://{reference}")));
+    let out = ok(Command::new("skopeo")
+        .args(["inspect", "--config", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}")));
     serde_json::from_str(&out).unwrap()
 }
 
 /// Entry names of a (gzip or zstd or plain) layer blob, in order, read with GNU tar.
 pub fn layer_entries(blob: &Path) -> Vec<String> {
-    let out = ok(Command::new("tar").args(["--numeric-owner", "-tvf"]).arg(blob).arg("--auto-compress"));
+    let out = ok(Command::new("tar")
+        .args(["--numeric-owner", "-tvf"])
+        .arg(blob)
+        .arg("--auto-compress"));
     out.lines().map(|l| l.to_string()).collect()
 }
 
@@ -237,10 +302,19 @@ impl HttpServer {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         // "Serving HTTP on 127.0.0.1 port 41237 (http://127.0.0.1:41237/) ..."
-        let port = line.split("port ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("http.server said {line:?}"));
-        HttpServer { child, url: format!("http://127.0.0.1:{port}") }
+        let port = line
+            .split("port ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("http.server said {line:?}"));
+        HttpServer {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
     }
 }
 

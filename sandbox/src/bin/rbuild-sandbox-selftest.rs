@@ -17,7 +17,15 @@ use std::time::Instant;
 fn main() {
     rbuild_sandbox::dispatch_helper();
     let mut args = std::env::args().skip(1);
-    let (mut state, mut lowers, mut net, mut user, mut cwd, mut keep, mut bench) = (None, vec![], Network::Host, String::new(), "/".to_string(), false, 0usize);
+    let (mut state, mut lowers, mut net, mut user, mut cwd, mut keep, mut bench) = (
+        None,
+        vec![],
+        Network::Host,
+        String::new(),
+        "/".to_string(),
+        false,
+        0usize,
+    );
     let mut argv = vec![];
     let mut single = true;
     let mut policy = IsolationPolicy::Auto;
@@ -26,12 +34,24 @@ fn main() {
         match a.as_str() {
             "--state" => state = args.next().map(PathBuf::from),
             "--rootfs" => lowers.extend(args.next().map(PathBuf::from)),
-            "--net" => net = if args.next().as_deref() == Some("none") { Network::None } else { Network::Host },
+            "--net" => {
+                net = if args.next().as_deref() == Some("none") {
+                    Network::None
+                } else {
+                    Network::Host
+                }
+            }
             "--user" => user = args.next().unwrap_or_default(),
             "--cwd" => cwd = args.next().unwrap_or_default(),
             "--keep" => keep = true,
             "--no-single-id" => single = false,
-            "--isolation" => policy = if args.next().as_deref() == Some("strict") { IsolationPolicy::Strict } else { IsolationPolicy::Auto },
+            "--isolation" => {
+                policy = if args.next().as_deref() == Some("strict") {
+                    IsolationPolicy::Strict
+                } else {
+                    IsolationPolicy::Auto
+                }
+            }
             "--memory" => limits.memory = args.next().and_then(|n| n.parse().ok()),
             "--pids-limit" => limits.pids = args.next().and_then(|n| n.parse().ok()),
             "--bench" => bench = args.next().and_then(|n| n.parse().ok()).unwrap_or(50),
@@ -48,7 +68,10 @@ fn main() {
         eprintln!("selftest: --state DIR is required");
         std::process::exit(64);
     };
-    let ns = match rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions { state_dir: state.clone(), allow_single_id: single }) {
+    let ns = match rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions {
+        state_dir: state.clone(),
+        allow_single_id: single,
+    }) {
         Ok(ns) => ns,
         Err(e) => {
             println!("enter error: {e}");
@@ -84,7 +107,18 @@ fn main() {
         (u, w)
     };
     let spec = |u: PathBuf, w: PathBuf, argv: Vec<String>| {
-        RunSpec::builder().lowerdirs(lowers.clone()).upperdir(u).workdir(w).argv(argv).cwd(cwd.clone()).user(user.clone()).network(net).isolation(isolation).limits(limits).build().expect("spec")
+        RunSpec::builder()
+            .lowerdirs(lowers.clone())
+            .upperdir(u)
+            .workdir(w)
+            .argv(argv)
+            .cwd(cwd.clone())
+            .user(user.clone())
+            .network(net)
+            .isolation(isolation)
+            .limits(limits)
+            .build()
+            .expect("spec")
     };
     if bench > 0 {
         let mut times = vec![];
@@ -105,7 +139,14 @@ fn main() {
         }
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let q = |f: f64| times[((times.len() - 1) as f64 * f).round() as usize];
-        println!("bench: n={} median={:.2}ms min={:.2}ms p90={:.2}ms max={:.2}ms", times.len(), q(0.5), times[0], q(0.9), times[times.len() - 1]);
+        println!(
+            "bench: n={} median={:.2}ms min={:.2}ms p90={:.2}ms max={:.2}ms",
+            times.len(),
+            q(0.5),
+            times[0],
+            q(0.9),
+            times[times.len() - 1]
+        );
         return;
     }
     let (u, w) = mk(0);
@@ -128,7 +169,11 @@ fn main() {
             for w in &o.warnings {
                 println!("step warning: {w}");
             }
-            std::process::exit(if o.status == ExitKind::Exited(0) { 0 } else { 1 });
+            std::process::exit(if o.status == ExitKind::Exited(0) {
+                0
+            } else {
+                1
+            });
         }
         Err(e) => {
             println!("run error: {e}");
