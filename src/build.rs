@@ -1346,7 +1346,12 @@ impl Builder {
                         pstep.log(&format!("warning: {w}"));
                     }
                     match outcome.status {
-                        rbuild_sandbox::ExitKind::Exited(0) => {}
+                        // A limit that acted on a step that still succeeded (a contained fork bomb).
+                        rbuild_sandbox::ExitKind::Exited(0) => {
+                            if let Some(hit) = &outcome.limit_hit {
+                                pstep.log(&format!("warning: {hit}"));
+                            }
+                        }
                         status => {
                             let _ = rbuild_cache::remove_tree(&upper);
                             let what = match status {

@@ -249,14 +249,11 @@ pub fn parse_cpus(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Parses `--pids-limit`: a whole number of processes, at least 1.
+/// Parses `--pids-limit`: a whole number of processes; 0 means unlimited.
 pub fn parse_pids_limit(s: &str) -> Result<u64, String> {
-    match s.trim().parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!(
-            "--pids-limit {s:?}: want a whole number of processes, at least 1"
-        )),
-    }
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("--pids-limit {s:?}: want a whole number of processes (0: unlimited)"))
 }
 
 /// Options of `rbuild build`.
@@ -327,8 +324,8 @@ pub struct BuildArgs {
     #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
     pub cpus: Option<f64>,
 
-    /// Maximum number of processes (and threads) of each RUN step.
-    #[arg(long = "pids-limit", value_name = "N", value_parser = parse_pids_limit)]
+    /// Maximum number of processes (and threads) of each RUN step [default: 2048]; 0: unlimited.
+    #[arg(long = "pids-limit", value_name = "N", env = "RBUILD_PIDS_LIMIT", value_parser = parse_pids_limit)]
     pub pids_limit: Option<u64>,
 
     /// Progress output.
@@ -617,10 +614,11 @@ mod tests {
                 && parse_cpus("inf").is_err()
         );
         assert_eq!(parse_pids_limit("50").unwrap(), 50);
+        assert_eq!(parse_pids_limit("0").unwrap(), 0, "unlimited");
         assert!(
-            parse_pids_limit("0").is_err()
-                && parse_pids_limit("-1").is_err()
+            parse_pids_limit("-1").is_err()
                 && parse_pids_limit("1.5").is_err()
+                && parse_pids_limit("").is_err()
         );
     }
 

@@ -83,7 +83,11 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
     };
     // The mode a build would get here, under the default --isolation=auto.
     let build_line = match p.mode.choose(rbuild_sandbox::probe::IsolationPolicy::Auto) {
-        Ok((isolation, _)) => p.mode.describe(isolation),
+        Ok((isolation, _)) => format!(
+            "{}; limits: {}",
+            p.mode.describe(isolation),
+            p.pids.describe(rbuild_sandbox::limits::DEFAULT_PIDS_LIMIT)
+        ),
         Err(e) => e,
     };
     let summary = match verdict {
@@ -335,35 +339,10 @@ fn choose_sandbox(
         (_, Some(ns)) => build_mode(root, ns.proc_locked.clone()),
     };
     let (isolation, lost) = mode.choose(policy).map_err(anyhow::Error::msg)?;
-    let mut limits = rbuild_sandbox::Limits {
-        memory: args.memory,
-        cpus: args.cpus,
-        pids: args.pids_limit,
-    };
-    let mut limits_note = String::new();
-    let mut limits_lost = None;
-    if !limits.is_empty() {
-        let cg = rbuild_sandbox::cgroup::prepared();
-        let unenforceable = cg.unenforceable(&limits);
-        if !unenforceable.is_empty() {
-            limits_lost = Some(format!(
-                "RUN steps run without {}: no cgroup rbuild may use for them. To enforce them, run rbuild in a cgroup v2 subtree \
-                 delegated to it (systemd `Delegate=yes`, `systemd-run --scope -p Delegate=yes`, a container with its own cgroup \
-                 namespace), or as root where cgroup v1 hierarchies hold the controllers",
-                unenforceable.join(", ")
-            ));
-            use rbuild_sandbox::cgroup::Controller;
-            let keep = |c: Controller| cg.how(c).is_some();
-            limits = rbuild_sandbox::Limits {
-                memory: limits.memory.filter(|_| keep(Controller::Memory)),
-                cpus: limits.cpus.filter(|_| keep(Controller::Cpu)),
-                pids: limits.pids.filter(|_| keep(Controller::Pids)),
-            };
-        }
-        if !limits.is_empty() {
-            limits_note = format!("; limits: {} ({})", limits.describe(), cg.describe(&limits));
-        }
-    }
+    let limits = resolve_limits(args, isolation, root);
+    let limits_note = format!("; limits: {}", limits.note);
+    let limits_lost = limits.lost;
+    let limits = limits.limits;
     let sandbox = match ns {
         Some(ns) => ns.mode.to_string(),
         None => format!(
@@ -379,6 +358,48 @@ fn choose_sandbox(
         progress.warn(&w);
     }
     Ok((isolation, limits))
+}
+
+/// The limits RUN steps get: `--memory`, `--cpus` and `--pids-limit` against the cgroups
+/// rbuild may use (none under `--isolation=none`) and, for the process limit, `RLIMIT_NPROC`.
+fn resolve_limits(
+    args: &BuildArgs,
+    isolation: rbuild_sandbox::Isolation,
+    root: &std::path::Path,
+) -> rbuild_sandbox::limits::Resolved {
+    use rbuild_sandbox::cgroup::{self, Controller};
+    use rbuild_sandbox::limits::{pids_cgroup, resolve, Asked, PidsBound};
+    let asked = Asked {
+        memory: args.memory,
+        cpus: args.cpus,
+        pids: args.pids_limit,
+    };
+    let none;
+    let cg = if isolation == rbuild_sandbox::Isolation::None {
+        let why = "--isolation=none puts RUN steps in no cgroup of their own";
+        none = cgroup::Prepared {
+            missing: Controller::ALL
+                .into_iter()
+                .map(|c| (c, why.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        &none
+    } else if asked.memory.is_none() && asked.cpus.is_none() && asked.pids == Some(0) {
+        // Nothing to enforce: leave the cgroups as they are.
+        return resolve(
+            &asked,
+            &cgroup::Prepared::default(),
+            &PidsBound::None(String::new()),
+        );
+    } else {
+        cgroup::prepared()
+    };
+    let scratch = root.join("tmp");
+    let pids = PidsBound::find(pids_cgroup(cg), isolation, || {
+        rbuild_sandbox::probe::nproc_rlimit_bounds(&scratch)
+    });
+    resolve(&asked, cg, &pids)
 }
 
 /// The state directory when `--root` is not given.

@@ -13,7 +13,7 @@
 //! A step's processes are put into its cgroup before the sandbox helper execs (see
 //! [`crate::run`]), and the cgroup is emptied and removed when the step ends.
 
-use crate::spec::{human_bytes, Limits};
+use crate::spec::{human_bytes, Limits, ProcessLimit};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -53,7 +53,7 @@ impl Controller {
         }
     }
 
-    /// The controllers `limits` needs.
+    /// The controllers `limits` needs (an `RLIMIT_NPROC` process limit needs none).
     pub fn needed_by(limits: &Limits) -> Vec<Controller> {
         let mut v = Vec::new();
         if limits.memory.is_some() {
@@ -62,7 +62,7 @@ impl Controller {
         if limits.cpus.is_some() {
             v.push(Controller::Cpu);
         }
-        if limits.pids.is_some() {
+        if let Some(ProcessLimit::Cgroup(_)) = limits.pids {
             v.push(Controller::Pids);
         }
         v
@@ -296,35 +296,6 @@ impl Prepared {
             None
         }
     }
-
-    /// The limits of `limits` that cannot be enforced, each with the reason.
-    pub fn unenforceable(&self, limits: &Limits) -> Vec<String> {
-        Controller::needed_by(limits)
-            .into_iter()
-            .filter(|c| self.how(*c).is_none())
-            .map(|c| {
-                format!(
-                    "{} ({})",
-                    c.flag(),
-                    self.missing
-                        .get(&c)
-                        .map(String::as_str)
-                        .unwrap_or("no cgroup controller")
-                )
-            })
-            .collect()
-    }
-
-    /// `cgroup v1` / `cgroup v2` / `cgroup v2 and v1` for the controllers `limits` needs.
-    pub fn describe(&self, limits: &Limits) -> String {
-        let mut hows: Vec<&str> = Controller::needed_by(limits)
-            .into_iter()
-            .filter_map(|c| self.how(c))
-            .collect();
-        hows.sort();
-        hows.dedup();
-        hows.join(" and ")
-    }
 }
 
 /// Enables `wanted` for the children of the v2 cgroup `dir`, moving the processes of `dir`
@@ -480,7 +451,7 @@ impl StepCgroup {
         let quota = limits
             .cpus
             .map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000));
-        let pids = limits.pids.map(|n| (n + SANDBOX_PIDS).to_string());
+        let pids = limits.pids.map(|p| (p.max() + SANDBOX_PIDS).to_string());
         let needed = Controller::needed_by(limits);
         let via_v2: Vec<Controller> = needed
             .iter()
@@ -594,9 +565,19 @@ impl StepCgroup {
         if let Some((d, _)) = &self.pids {
             let n = count(read(&d.join("pids.events")), "max ");
             if n > 0 {
+                let limit = self.limits.pids.map_or(0, ProcessLimit::max);
+                // On cgroup v1 (and v2 before Linux 6.13) `pids.events` counts the forks refused
+                // to the step whichever cgroup's limit refused them; the peak tells whose: the
+                // step's own limit refuses only with the step at its maximum.
+                let peak = read(&d.join("pids.peak")).trim().parse::<u64>().ok();
+                if let Some(p) = peak.filter(|p| *p < limit + SANDBOX_PIDS) {
+                    return Some(format!(
+                        "{n} forks refused by a process limit outside rbuild (the step had at most {} processes, below its own limit of {limit})",
+                        p.saturating_sub(SANDBOX_PIDS)
+                    ));
+                }
                 return Some(format!(
-                    "process limit {} reached (--pids-limit): {n} forks refused",
-                    self.limits.pids.unwrap_or(0)
+                    "process limit {limit} reached (--pids-limit): {n} forks refused"
                 ));
             }
         }
@@ -759,10 +740,12 @@ mod tests {
         let limits = Limits {
             memory: Some(64 << 20),
             cpus: Some(0.5),
-            pids: Some(10),
+            pids: Some(ProcessLimit::Cgroup(10)),
         };
-        assert_eq!(p.describe(&limits), "cgroup v1 and cgroup v2");
-        assert!(p.unenforceable(&limits).is_empty());
+        assert_eq!(
+            (p.how(Controller::Memory), p.how(Controller::Pids)),
+            (Some("cgroup v1"), Some("cgroup v2"))
+        );
         let cg = StepCgroup::create(&p, &limits).unwrap().unwrap();
         let [d2, d1] = [&cg.dirs()[0], &cg.dirs()[1]];
         assert!(d2.starts_with(&v2) && d1.starts_with(&v1));
@@ -795,6 +778,26 @@ mod tests {
             cg.limit_hit().as_deref(),
             Some("process limit 10 reached (--pids-limit): 7 forks refused")
         );
+        std::fs::write(d2.join("pids.peak"), "12\n").unwrap();
+        assert_eq!(
+            cg.limit_hit().as_deref(),
+            Some("process limit 10 reached (--pids-limit): 7 forks refused"),
+            "the peak at the maximum"
+        );
+        std::fs::write(d2.join("pids.peak"), "9\n").unwrap();
+        assert_eq!(
+            cg.limit_hit().as_deref(),
+            Some("7 forks refused by a process limit outside rbuild (the step had at most 7 processes, below its own limit of 10)")
+        );
+        let rlimit_only = Limits {
+            pids: Some(ProcessLimit::Rlimit(10)),
+            ..Limits::default()
+        };
+        assert!(Controller::needed_by(&rlimit_only).is_empty());
+        assert!(
+            StepCgroup::create(&p, &rlimit_only).unwrap().is_none(),
+            "RLIMIT_NPROC needs no cgroup"
+        );
     }
 
     #[test]
@@ -808,7 +811,6 @@ mod tests {
             memory: Some(100 << 20),
             ..Limits::default()
         };
-        assert_eq!(p.describe(&limits), "cgroup v2");
         let cg = StepCgroup::create(&p, &limits).unwrap().unwrap();
         let d = &cg.dirs()[0];
         assert_eq!(cg.dirs().len(), 1);
@@ -857,10 +859,7 @@ mod tests {
             memory: Some(1 << 30),
             ..Limits::default()
         };
-        assert_eq!(
-            p.unenforceable(&limits),
-            vec!["--memory (no cgroup v2 hierarchy is mounted)".to_string()]
-        );
+        assert_eq!(p.how(Controller::Memory), None);
         assert!(StepCgroup::create(&p, &limits).unwrap().is_none());
     }
 }

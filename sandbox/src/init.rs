@@ -3,7 +3,7 @@
 //! pivots into it and runs the command as init: reaping, and taking every other process of
 //! the step with it when it exits.
 
-use crate::spec::{Isolation, Network, RunSpec, Snapshotter};
+use crate::spec::{Isolation, Network, ProcessLimit, RunSpec, Snapshotter};
 use crate::sys;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use rustix::mount::MountFlags;
@@ -408,7 +408,10 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     // all; in a shared one nothing would end what the step started, so we take SIGTERM and end
     // it ourselves (blocked first: it is taken in the wait loop below).
     let shared = spec.isolation == Isolation::SharedPid;
-    let waitset = shared.then(|| sys::block_signals(&[libc::SIGTERM, libc::SIGCHLD]));
+    // No kernel counter says whether RLIMIT_NPROC refused a fork, so PID 1 samples how many
+    // processes its namespace holds (a shared one holds others too: no sampling there).
+    let sample = matches!(spec.limits.pids, Some(ProcessLimit::Rlimit(_))) && !shared;
+    let waitset = (shared || sample).then(|| sys::block_signals(&[libc::SIGTERM, libc::SIGCHLD]));
     let helper = rustix::process::getppid();
     let death = if shared {
         rustix::process::Signal::TERM
@@ -515,6 +518,23 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
             );
             sys::exit_now(126);
         }
+        if let Some(ProcessLimit::Rlimit(n)) = spec.limits.pids {
+            // Set here, inside the step's user namespace, so the kernel counts the processes of
+            // this namespace's users (the helper and init among them), never rbuild's or other
+            // steps'; the hard limit too, which the step cannot raise again.
+            let fuse = u64::from(spec.snapshotter == Snapshotter::FuseOverlay);
+            let max = Some(n + crate::cgroup::SANDBOX_PIDS + fuse);
+            if let Err(e) = rustix::process::setrlimit(
+                rustix::process::Resource::Nproc,
+                rustix::process::Rlimit {
+                    current: max,
+                    maximum: max,
+                },
+            ) {
+                let _ = writeln!(status, "error:setting RLIMIT_NPROC to {n}: {e}");
+                sys::exit_now(126);
+            }
+        }
         sys::unblock_all_signals();
         let e = sys::execve(&exe_c, &argv, &env);
         let _ = writeln!(status, "error:exec {}: {e}", spec.argv[0]);
@@ -523,16 +543,27 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     // PID 1: reap everything until the command itself exits. When we exit, the kernel kills
     // every other process of the namespace, so nothing the step started survives it. (In a
     // shared PID namespace: poll, and sleep on SIGCHLD or the helper's death signal.)
-    let wait_flags = if shared {
+    let wait_flags = if waitset.is_some() {
         rustix::process::WaitOptions::NOHANG
     } else {
         rustix::process::WaitOptions::empty()
     };
+    let mut peak = 0;
+    let mut sampled: Option<std::time::Instant> = None;
     loop {
+        if sample && sampled.is_none_or(|t| t.elapsed() >= SAMPLE_EVERY) {
+            peak = peak.max(processes_in_namespace().saturating_sub(1));
+            sampled = Some(std::time::Instant::now());
+        }
         match rustix::process::wait(wait_flags) {
             Ok(None) => {
                 if let Some(set) = &waitset {
-                    if sys::sigwait(set) == libc::SIGTERM {
+                    let sig = if sample {
+                        sys::sigtimedwait(set, SAMPLE_EVERY)
+                    } else {
+                        Some(sys::sigwait(set))
+                    };
+                    if sig == Some(libc::SIGTERM) {
                         // The builder is gone (or a step signalled us): end the step.
                         end_descendants();
                         let _ = writeln!(status, "status:signaled:{}", libc::SIGTERM);
@@ -550,6 +581,9 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
                     // No PID namespace whose end kills the rest: we do it.
                     end_descendants();
                 }
+                if sample {
+                    let _ = writeln!(status, "processes:{peak}");
+                }
                 let _ = writeln!(status, "{line}");
                 let code = st
                     .exit_status()
@@ -561,6 +595,25 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
             Err(e) => return Err(format!("waiting for the command: {e}")),
         }
     }
+}
+
+/// How often PID 1 counts the processes of a step bounded by `RLIMIT_NPROC`.
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The processes of this PID namespace (zombies too: they count until reaped), init included.
+fn processes_in_namespace() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter(|e| {
+        e.as_ref().is_ok_and(|e| {
+            e.file_name()
+                .as_encoded_bytes()
+                .iter()
+                .all(u8::is_ascii_digit)
+        })
+    })
+    .count() as u64
 }
 
 /// The children of `pid`, from `/proc/*/stat` (the builder's /proc, in a shared PID namespace).

@@ -21,6 +21,7 @@ mod fallback;
 mod fuse;
 mod idmap;
 mod init;
+pub mod limits;
 mod ns;
 pub mod probe;
 mod run;
@@ -38,8 +39,8 @@ pub use init::{mask_proc, resolve_user_in, DEFAULT_PATH, MASKED_DIRS, MASKED_FIL
 pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
 pub use run::{run, ExitKind, RootMountProblem, RunError, RunOutcome};
 pub use spec::{
-    human_bytes, Isolation, Limits, Mount, MountSource, Network, RunSpec, RunSpecBuilder,
-    Snapshotter, SpecError,
+    human_bytes, Isolation, Limits, Mount, MountSource, Network, ProcessLimit, RunSpec,
+    RunSpecBuilder, Snapshotter, SpecError,
 };
 pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};
 

@@ -7,6 +7,7 @@
 
 use crate::cgroup::{self, Controller};
 use crate::idmap::{sub_ranges, SubRange};
+use crate::limits::{PidsBound, DEFAULT_PIDS_LIMIT};
 use crate::ns::{user_name, which};
 use crate::spec::Isolation;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
@@ -47,6 +48,8 @@ pub struct Probe {
     pub checks: Vec<Check>,
     /// What a build would get, from the same trials.
     pub mode: SandboxMode,
+    /// How a build's RUN steps would be bounded in processes.
+    pub pids: PidsBound,
 }
 
 /// How RUN steps' root filesystems can be stacked from the image's layers.
@@ -458,18 +461,97 @@ pub fn probe(store: &Path) -> Probe {
     // The store's filesystem.
     checks.push(store_fs_check(store));
 
-    // cgroup v2 delegation.
-    checks.push(cgroup_check());
+    // cgroup v2 delegation, and the process limit of RUN steps.
+    let layout = cgroup::Layout::current();
+    checks.push(cgroup_check(&layout));
+    let mode = SandboxMode {
+        user_namespaces,
+        overlay,
+        proc_locked,
+        container: container_if_refused(user_namespaces),
+    };
+    let isolation = mode
+        .choose(IsolationPolicy::Auto)
+        .map_or(Isolation::Full, |(i, _)| i);
+    let pids = PidsBound::find(pids_cgroup_here(&layout), isolation, || {
+        nproc_rlimit_bounds(&scratch)
+    });
+    checks.push(process_limit_check(&pids));
 
     let _ = std::fs::remove_dir_all(&scratch);
-    Probe {
-        checks,
-        mode: SandboxMode {
-            user_namespaces,
-            overlay,
-            proc_locked,
-            container: container_if_refused(user_namespaces),
-        },
+    Probe { checks, mode, pids }
+}
+
+/// Whether `RLIMIT_NPROC` bounds a RUN step here: a fork under a limit of one, in a user
+/// namespace of its own as a step has (so without capabilities in the initial one), is refused
+/// unless the kernel exempts our host uid as root. Before Linux 5.14 the limit counted every
+/// process of the host user, not only the step's, so it is not used there.
+pub fn nproc_rlimit_bounds(dir: &Path) -> Result<(), String> {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    if (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (5, 14) {
+        return Err(format!(
+            "RLIMIT_NPROC counts every process of the user before Linux 5.14 (this is {release})"
+        ));
+    }
+    trial("nproc", dir).map_err(|e| format!("RLIMIT_NPROC does not bound RUN steps here: {e}"))
+}
+
+/// The v2 controllers delegated to us, and the v1 hierarchies we may write, read-only (the
+/// doctor moves nothing, unlike [`cgroup::prepare`]).
+fn controllers_here(layout: &cgroup::Layout) -> (Vec<Controller>, Vec<Controller>) {
+    let v2 = layout.v2.as_deref().map(cgroup::V2State::read);
+    let by_v2: Vec<Controller> = Controller::ALL
+        .into_iter()
+        .filter(|c| v2.as_ref().is_some_and(|s| s.delegates(*c)))
+        .collect();
+    let by_v1 = Controller::ALL
+        .into_iter()
+        .filter(|c| {
+            !by_v2.contains(c)
+                && layout
+                    .v1
+                    .get(c)
+                    .is_some_and(|d| cgroup::v1_writable(d).is_ok())
+        })
+        .collect();
+    (by_v2, by_v1)
+}
+
+/// What [`crate::limits::pids_cgroup`] says for a build here.
+fn pids_cgroup_here(layout: &cgroup::Layout) -> Result<&'static str, String> {
+    match controllers_here(layout) {
+        (v2, _) if v2.contains(&Controller::Pids) => Ok("cgroup v2"),
+        (_, v1) if v1.contains(&Controller::Pids) => Ok("cgroup v1"),
+        _ => Err("no pids cgroup rbuild may use".into()),
+    }
+}
+
+fn process_limit_check(pids: &PidsBound) -> Check {
+    let what = pids.describe(DEFAULT_PIDS_LIMIT);
+    match pids {
+        PidsBound::None(_) => check(
+            "process limit",
+            Verdict::Degraded,
+            format!(
+                "RUN steps get {what}: a fork bomb in a step can take every PID of the machine"
+            ),
+            Some(format!(
+                "{}; or build as a user whose host uid is not root",
+                crate::limits::CGROUP_FIX
+            )),
+        ),
+        _ => check(
+            "process limit",
+            Verdict::Ok,
+            format!("RUN steps get at most {what} (--pids-limit changes it)"),
+            None,
+        ),
     }
 }
 
@@ -530,15 +612,10 @@ fn store_fs_check(store: &Path) -> Check {
     }
 }
 
-fn cgroup_check() -> Check {
-    let layout = cgroup::Layout::current();
+fn cgroup_check(layout: &cgroup::Layout) -> Check {
     let fix = Some("run rbuild in a cgroup v2 subtree delegated to it (systemd `Delegate=yes`, `systemd-run --user --scope -p Delegate=yes`, or a container runtime with a private cgroup namespace)".to_string());
     let names = |cs: &[Controller]| cs.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ");
-    let v2 = layout.v2.as_deref().map(cgroup::V2State::read);
-    let by_v2: Vec<Controller> = Controller::ALL
-        .into_iter()
-        .filter(|c| v2.as_ref().is_some_and(|s| s.delegates(*c)))
-        .collect();
+    let (by_v2, by_v1) = controllers_here(layout);
     if by_v2.len() == Controller::ALL.len() {
         let dir = layout.v2.as_deref().unwrap_or(Path::new("?"));
         return check(
@@ -551,6 +628,7 @@ fn cgroup_check() -> Check {
             None,
         );
     }
+    let v2 = layout.v2.as_deref().map(cgroup::V2State::read);
     let v2_part = match (&layout.v2, &v2) {
         (Some(dir), Some(st)) => format!(
             "{}{}: controllers [{}]",
@@ -562,16 +640,6 @@ fn cgroup_check() -> Check {
         ),
         _ => "no cgroup v2 hierarchy".to_string(),
     };
-    let by_v1: Vec<Controller> = Controller::ALL
-        .into_iter()
-        .filter(|c| {
-            !by_v2.contains(c)
-                && layout
-                    .v1
-                    .get(c)
-                    .is_some_and(|d| cgroup::v1_writable(d).is_ok())
-        })
-        .collect();
     let enforced: Vec<Controller> = Controller::ALL
         .into_iter()
         .filter(|c| by_v2.contains(c) || by_v1.contains(c))
@@ -795,6 +863,28 @@ fn run_trial(what: &str, dir: &Path) -> std::io::Result<()> {
             std::fs::create_dir_all(&t)?;
             sys.bind(Path::new("/proc"), &t)
         }
+        "nproc" => {
+            sys.unshare(libc::CLONE_NEWUSER)?;
+            let one = rustix::process::Rlimit {
+                current: Some(1),
+                maximum: Some(1),
+            };
+            rustix::process::setrlimit(rustix::process::Resource::Nproc, one)?;
+            match crate::sys::fork() {
+                Ok(0) => crate::sys::exit_now(0),
+                Ok(pid) => {
+                    let _ = rustix::process::waitpid(
+                        rustix::process::Pid::from_raw(pid),
+                        rustix::process::WaitOptions::empty(),
+                    );
+                    Err(std::io::Error::other(
+                        "a step's user is root on the host, which the kernel exempts from it",
+                    ))
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
         other => Err(std::io::Error::other(format!("unknown probe {other}"))),
     }
 }
@@ -835,6 +925,7 @@ mod tests {
                 check("cgroup v2 delegation", other, "", None),
             ],
             mode: full(),
+            pids: PidsBound::Rlimit,
         };
         assert_eq!(
             p(Verdict::Ok, Verdict::Ok, Verdict::Ok).build_verdict(),

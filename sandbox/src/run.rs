@@ -3,7 +3,7 @@
 
 use crate::cgroup::StepCgroup;
 use crate::idmap::{nested_identity, IdMap};
-use crate::spec::{Isolation, MountSource, Network, RunSpec, Snapshotter};
+use crate::spec::{Isolation, MountSource, Network, ProcessLimit, RunSpec, Snapshotter};
 use crate::HELPER_ARG;
 use rbuild_snapshot::{assemble, clear_except, copy_overlay_tree, Baseline, Skip};
 use std::io::{Read, Write};
@@ -342,7 +342,7 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
         flags |= libc::CLONE_NEWNET;
     }
     // The step's cgroup: the helper joins it before it execs, so all the step's processes are in it.
-    let cgroup = if spec.limits.is_empty() {
+    let cgroup = if !spec.limits.needs_cgroup() {
         None
     } else {
         StepCgroup::create(crate::cgroup::prepared(), &spec.limits)
@@ -406,6 +406,7 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     let mut status = None;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
+    let mut peak = None;
     for line in status_text.lines() {
         if let Some(p) = line.strip_prefix("created:") {
             created.push(p.to_string());
@@ -417,8 +418,11 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
             warnings.push(w.to_string());
         } else if let Some(e) = line.strip_prefix("error:") {
             errors.push(e.to_string());
+        } else if let Some(n) = line.strip_prefix("processes:") {
+            peak = n.parse().ok();
         }
     }
+    let limit_hit = limit_hit.or_else(|| rlimit_hit(spec.limits.pids, peak?));
     if let Some(e) = errors.iter().find_map(|e| e.strip_prefix("rootmount:")) {
         let (tag, message) = e.split_once(':').unwrap_or(("", e));
         if let Some(problem) = RootMountProblem::from_tag(tag) {
@@ -449,6 +453,17 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
         None => Err(RunError::Sandbox(
             "the RUN sandbox ended without reporting a status".into(),
         )),
+    }
+}
+
+/// The sentence for a step that reached its `RLIMIT_NPROC` limit, from the most processes
+/// its init counted at once (threads count for the kernel too, but are not sampled).
+fn rlimit_hit(limit: Option<ProcessLimit>, peak: u64) -> Option<String> {
+    match limit {
+        Some(ProcessLimit::Rlimit(n)) if peak >= n => Some(format!(
+            "process limit {n} reached (--pids-limit, RLIMIT_NPROC): {peak} processes at once"
+        )),
+        _ => None,
     }
 }
 

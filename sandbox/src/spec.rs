@@ -50,8 +50,28 @@ pub enum Isolation {
     None,
 }
 
+/// A RUN step's process limit and how it is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProcessLimit {
+    /// `pids.max` of the step's cgroup: every process and thread of the step counts.
+    Cgroup(u64),
+    /// `RLIMIT_NPROC` of the step's command, set inside the step's own user namespace, where
+    /// no pids cgroup can be had: the processes and threads of each of the step's users count
+    /// (the kernel exempts only a host uid of root, which is why [`crate::limits`] checks first).
+    Rlimit(u64),
+}
+
+impl ProcessLimit {
+    /// The number of processes.
+    pub fn max(self) -> u64 {
+        match self {
+            ProcessLimit::Cgroup(n) | ProcessLimit::Rlimit(n) => n,
+        }
+    }
+}
+
 /// Resource limits of a RUN step, enforced through a cgroup of its own (see
-/// [`crate::cgroup`]); `None` fields are not limited.
+/// [`crate::cgroup`]) or, for the process limit, `RLIMIT_NPROC`; `None` fields are not limited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
     /// Memory in bytes (swap included where the kernel accounts it).
@@ -59,13 +79,20 @@ pub struct Limits {
     /// CPU time as a number of CPUs (`0.5`: half of one CPU).
     pub cpus: Option<f64>,
     /// Processes (and threads) of the step's command, the sandbox's own two not counted.
-    pub pids: Option<u64>,
+    pub pids: Option<ProcessLimit>,
 }
 
 impl Limits {
     /// Whether no limit is set.
     pub fn is_empty(&self) -> bool {
         self.memory.is_none() && self.cpus.is_none() && self.pids.is_none()
+    }
+
+    /// Whether the step needs a cgroup (any limit but an `RLIMIT_NPROC` one).
+    pub fn needs_cgroup(&self) -> bool {
+        self.memory.is_some()
+            || self.cpus.is_some()
+            || matches!(self.pids, Some(ProcessLimit::Cgroup(_)))
     }
 
     /// E.g. `memory 64 MiB, 0.5 CPUs, 100 processes`.
@@ -78,7 +105,7 @@ impl Limits {
             parts.push(format!("{c} CPU{}", if c > 1.0 { "s" } else { "" }));
         }
         if let Some(p) = self.pids {
-            parts.push(format!("{p} processes"));
+            parts.push(format!("{} processes", p.max()));
         }
         parts.join(", ")
     }
@@ -320,7 +347,7 @@ mod tests {
         let l = Limits {
             memory: Some(64 << 20),
             cpus: Some(0.5),
-            pids: Some(100),
+            pids: Some(ProcessLimit::Cgroup(100)),
         };
         assert_eq!(l.describe(), "memory 64 MiB, 0.5 CPU, 100 processes");
         assert_eq!(
@@ -331,6 +358,12 @@ mod tests {
             .describe(),
             "2 CPUs"
         );
+        let rlimit = Limits {
+            pids: Some(ProcessLimit::Rlimit(2048)),
+            ..Limits::default()
+        };
+        assert!(!rlimit.is_empty() && !rlimit.needs_cgroup() && l.needs_cgroup());
+        assert_eq!(rlimit.describe(), "2048 processes");
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         assert_eq!(human_bytes(100), "100 B");
     }

@@ -228,6 +228,17 @@ pub fn sigwait(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// Waits up to `timeout` for one of the (blocked) signals in `set`; `None` on timeout.
+pub fn sigtimedwait(set: &libc::sigset_t, timeout: std::time::Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: set is a valid sigset, ts a valid timespec; a null siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
+}
+
 /// Restores the default disposition of the termination signals and unblocks them (in a
 /// child before exec).
 pub fn unblock_all_signals() {

@@ -5,7 +5,9 @@
 //! (`unshare --pid --fork --mount-proc`), so a sandbox bug (e.g. `kill -9 -1` escaping the
 //! step) can only kill processes of that namespace. Needs root (skips otherwise).
 
-use rbuild_sandbox::{ExitKind, Isolation, Limits, Network, RunOutcome, RunSpec, RunSpecBuilder};
+use rbuild_sandbox::{
+    ExitKind, Isolation, Limits, Network, ProcessLimit, RunOutcome, RunSpec, RunSpecBuilder,
+};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -874,7 +876,7 @@ fn pids_limit_bounds_a_fork_bomb() {
     // A fork bomb for two seconds, then a failure (whether or not the shell itself could fork).
     let s = f.run_with("bomb() { bomb | bomb & }; bomb; sleep 2; exit 3", |b| {
         b.limits(Limits {
-            pids: Some(20),
+            pids: Some(ProcessLimit::Cgroup(20)),
             ..Limits::default()
         })
     });

@@ -53,7 +53,12 @@ fn main() {
                 }
             }
             "--memory" => limits.memory = args.next().and_then(|n| n.parse().ok()),
-            "--pids-limit" => limits.pids = args.next().and_then(|n| n.parse().ok()),
+            "--pids-limit" => {
+                limits.pids = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .map(rbuild_sandbox::ProcessLimit::Cgroup)
+            }
             "--bench" => bench = args.next().and_then(|n| n.parse().ok()).unwrap_or(50),
             "--" => {
                 argv.extend(args.by_ref());
