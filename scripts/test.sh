@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests of every crate and the end-to-end tests against a real
 # registry (started per test on a free loopback port). Needs root (sudo is used if not).
+# It runs inside scripts/bounded: its own PID namespace, a pids and a memory cgroup and a time
+# limit, stated in the first line it prints, so that a test that escapes rbuild's own limits
+# cannot take the machine down. The suite's steps are in scripts/test-inner.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RBUILD_SETUP_TESTS=1 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-[ -x ../shared/testbed/registry-up ] || { echo "test: ../shared/testbed is missing beside the checkout" >&2; exit 1; }
-sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -E env PATH=$PATH"
-# Base images once, before tests run in parallel (the testbed cache is not concurrency-safe).
-# RBUILD_SLOW_TESTS=1 adds the cases with the Debian image (tests/matrix.rs).
-if [ "${RBUILD_SLOW_TESTS:-0}" = 1 ]; then
-  $sudo ../shared/testbed/make-base-images --no-push >/dev/null
-else
-  $sudo ../shared/testbed/make-base-images --busybox-only --no-push >/dev/null
+# 8192 processes, half the machine's memory, 3600 s (below CI's 90 minutes).
+bounds=(--pids 8192 --mem 50% --time 3600 --name rbuild-tests)
+if [ "$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1; then
+  exec scripts/bounded "${bounds[@]}" -- bash scripts/test-inner.sh "$@"
 fi
-$sudo cargo test --workspace --locked "$@"
+# The bounds need root; the setup step still runs as this user (test-inner.sh).
+exec sudo -E env PATH="$PATH" RBUILD_TEST_USER="$(id -u):$(id -g)" \
+  scripts/bounded "${bounds[@]}" -- bash scripts/test-inner.sh "$@"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The steps of the test suite, which scripts/test.sh runs inside scripts/bounded: run that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+if [ -n "${RBUILD_TEST_USER:-}" ] && [ "$(id -u)" = 0 ]; then
+  # test.sh took root through sudo for the bounds: set up as the user who ran it, as before
+  # (Rust, if it is missing, goes to that user's home; packages through sudo).
+  uid=${RBUILD_TEST_USER%:*}
+  home=$(getent passwd "$uid" | cut -d: -f6)
+  setpriv --reuid="$uid" --regid="${RBUILD_TEST_USER#*:}" --init-groups \
+    env HOME="${home:-$HOME}" RBUILD_SETUP_TESTS=1 bash scripts/setup.sh
+else
+  RBUILD_SETUP_TESTS=1 bash scripts/setup.sh
+fi
+unset RBUILD_TEST_USER
+[ -x ../shared/testbed/registry-up ] || { echo "test: ../shared/testbed is missing beside the checkout" >&2; exit 1; }
+sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -E env PATH=$PATH"
+# Base images once, before tests run in parallel (the testbed cache is not concurrency-safe).
+# RBUILD_SLOW_TESTS=1 adds the cases with the Debian image (tests/matrix.rs).
+if [ "${RBUILD_SLOW_TESTS:-0}" = 1 ]; then
+  $sudo ../shared/testbed/make-base-images --no-push >/dev/null
+else
+  $sudo ../shared/testbed/make-base-images --busybox-only --no-push >/dev/null
+fi
+$sudo cargo test --workspace --locked "$@"
