@@ -401,13 +401,90 @@ pub fn prepare(layout: &Layout) -> Prepared {
             }
         }
     }
+    for dir in p.v2.iter().map(|(d, _)| d).chain(p.v1.values()) {
+        remove_stale_step_cgroups(dir, STALE_AFTER);
+    }
     p
+}
+
+/// How old an empty step cgroup must be before [`prepare`] removes it: a build makes a step's
+/// cgroup a moment before it puts the step in it.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the empty step cgroups below `dir` older than `age`: what builds that were killed
+/// (SIGKILL, no chance to clean up) left behind. The kernel refuses to remove one that holds
+/// processes, so a running step's cgroup stays.
+fn remove_stale_step_cgroups(dir: &Path, age: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|a| a >= age);
+        if old && e.file_name().to_string_lossy().starts_with("rbuild-step-") {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
 }
 
 /// [`prepare`] for this process, done once (it may move rbuild into a leaf cgroup).
 pub fn prepared() -> &'static Prepared {
     static P: OnceLock<Prepared> = OnceLock::new();
     P.get_or_init(|| prepare(&Layout::current()))
+}
+
+/// What the limits of the cgroup at `dir` refused to the processes below it, from the
+/// kernel's counters, one sentence each; empty when they refused nothing. For an outer bound
+/// around rbuild (the test suite's, a CI runner's) this tells whether rbuild's own limits held.
+/// Only counters of this cgroup's own limit count, never those its descendants' limits raise:
+/// - pids: `pids.events.local` (cgroup v2 from Linux 6.13: forks this limit refused), else
+///   `pids.events` (v1 and older v2: forks refused to this cgroup's own processes), and the
+///   most processes at once (`pids.peak`) at `pids.max`, where any refusal by this limit puts
+///   it;
+/// - memory: v1 `memory.failcnt` (this limit hit), v2 `memory.events.local` `max` and `oom`
+///   (the hierarchical `memory.events` and v1's `oom_kill` count descendants' OOM kills too).
+pub fn refusals(dir: &Path) -> Vec<String> {
+    let value = |file: &str, key: Option<&str>| -> Option<u64> {
+        let text = std::fs::read_to_string(dir.join(file)).ok()?;
+        match key {
+            None => text.trim().parse().ok(),
+            Some(k) => text
+                .lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse().ok()),
+        }
+    };
+    let mut out = Vec::new();
+    let events = if dir.join("pids.events.local").exists() {
+        "pids.events.local"
+    } else {
+        "pids.events"
+    };
+    if let Some(n) = value(events, Some("max")).filter(|n| *n > 0) {
+        out.push(format!("{n} forks refused ({events})"));
+    }
+    if let (Some(peak), Some(max)) = (value("pids.peak", None), value("pids.max", None)) {
+        if peak >= max {
+            out.push(format!("pids.max {max} reached (pids.peak {peak})"));
+        }
+    }
+    for (file, key, what) in [
+        ("memory.failcnt", None, "memory limit hit"),
+        ("memory.events.local", Some("max"), "memory limit hit"),
+        (
+            "memory.events.local",
+            Some("oom"),
+            "out of memory at the limit",
+        ),
+    ] {
+        if let Some(n) = value(file, key).filter(|n| *n > 0) {
+            out.push(format!("{what} {n} times ({file})"));
+        }
+    }
+    out
 }
 
 /// One RUN step's cgroup (a directory per hierarchy it uses); emptied and removed on drop.
@@ -827,6 +904,74 @@ mod tests {
         assert_eq!(
             cg.limit_hit().as_deref(),
             Some("killed: memory limit 100 MiB reached (--memory)")
+        );
+    }
+
+    #[test]
+    fn stale_empty_step_cgroups_are_removed() {
+        let t = tempfile::tempdir().unwrap();
+        for d in [
+            "rbuild-step-1-a-0",
+            "rbuild-step-2-b-0/busy",
+            "rbuild-other",
+        ] {
+            std::fs::create_dir_all(t.path().join(d)).unwrap();
+        }
+        remove_stale_step_cgroups(t.path(), std::time::Duration::from_secs(3600));
+        assert!(t.path().join("rbuild-step-1-a-0").exists(), "too young");
+        remove_stale_step_cgroups(t.path(), std::time::Duration::ZERO);
+        assert!(
+            !t.path().join("rbuild-step-1-a-0").exists(),
+            "an empty one goes"
+        );
+        assert!(
+            t.path().join("rbuild-step-2-b-0").exists(),
+            "one that is not empty stays (as the kernel keeps one holding processes)"
+        );
+        assert!(t.path().join("rbuild-other").exists(), "only step cgroups");
+    }
+
+    #[test]
+    fn refusals_come_from_the_kernels_counters() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        assert!(refusals(d).is_empty(), "no counters, nothing refused");
+        std::fs::write(d.join("pids.events"), "max 0\n").unwrap();
+        std::fs::write(d.join("pids.max"), "6000\n").unwrap();
+        std::fs::write(d.join("pids.peak"), "2065\n").unwrap();
+        std::fs::write(d.join("memory.failcnt"), "0\n").unwrap();
+        // A step's OOM kill below counts in v1's hierarchical oom_kill: not this limit's doing.
+        std::fs::write(
+            d.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        )
+        .unwrap();
+        assert!(refusals(d).is_empty());
+        std::fs::write(d.join("pids.peak"), "6000\n").unwrap();
+        std::fs::write(d.join("memory.failcnt"), "3\n").unwrap();
+        assert_eq!(
+            refusals(d),
+            [
+                "pids.max 6000 reached (pids.peak 6000)",
+                "memory limit hit 3 times (memory.failcnt)"
+            ]
+        );
+        std::fs::write(d.join("pids.events"), "max 7\n").unwrap();
+        assert_eq!(refusals(d)[0], "7 forks refused (pids.events)");
+        // cgroup v2 from 6.13: the local counters are this limit's own.
+        std::fs::write(d.join("pids.events.local"), "max 0\n").unwrap();
+        std::fs::write(
+            d.join("memory.events.local"),
+            "low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            refusals(d)[1..],
+            [
+                "memory limit hit 3 times (memory.failcnt)",
+                "memory limit hit 2 times (memory.events.local)",
+                "out of memory at the limit 1 times (memory.events.local)"
+            ]
         );
     }
 

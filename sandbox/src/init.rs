@@ -548,18 +548,26 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     } else {
         rustix::process::WaitOptions::empty()
     };
-    let mut peak = 0;
+    let (mut peak, mut every) = (0, SAMPLE_EVERY);
     let mut sampled: Option<std::time::Instant> = None;
+    let near = spec.limits.pids.map_or(u64::MAX, |p| p.max() - p.max() / 8);
     loop {
-        if sample && sampled.is_none_or(|t| t.elapsed() >= SAMPLE_EVERY) {
-            peak = peak.max(processes_in_namespace().saturating_sub(1));
+        if sample && sampled.is_none_or(|t| t.elapsed() >= every) {
+            let now = processes_in_namespace().saturating_sub(1);
+            peak = peak.max(now);
+            // Near the limit a step churns (refused shells exit, others fork): look closely.
+            every = if now >= near {
+                SAMPLE_NEAR_THE_LIMIT
+            } else {
+                SAMPLE_EVERY
+            };
             sampled = Some(std::time::Instant::now());
         }
         match rustix::process::wait(wait_flags) {
             Ok(None) => {
                 if let Some(set) = &waitset {
                     let sig = if sample {
-                        sys::sigtimedwait(set, SAMPLE_EVERY)
+                        sys::sigtimedwait(set, every)
                     } else {
                         Some(sys::sigwait(set))
                     };
@@ -599,6 +607,9 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
 
 /// How often PID 1 counts the processes of a step bounded by `RLIMIT_NPROC`.
 const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How often once the step is within an eighth of that limit.
+const SAMPLE_NEAR_THE_LIMIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The processes of this PID namespace (zombies too: they count until reaped), init included.
 fn processes_in_namespace() -> u64 {

@@ -456,13 +456,16 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     }
 }
 
-/// The sentence for a step that reached its `RLIMIT_NPROC` limit, from the most processes
-/// its init counted at once (threads count for the kernel too, but are not sampled).
+/// The sentence for a step that reached its `RLIMIT_NPROC` limit, from the most processes its
+/// init counted at once. The count is sampled, and /proc and the kernel's count differ by a few
+/// processes either way while a step churns at its limit (zombies, tasks on their way out), so
+/// a peak within 1/128 of the limit counts as reached. Threads count for the kernel too but are
+/// not sampled: a limit reached by threads alone is not reported.
 fn rlimit_hit(limit: Option<ProcessLimit>, peak: u64) -> Option<String> {
     match limit {
-        Some(ProcessLimit::Rlimit(n)) if peak >= n => Some(format!(
-            "process limit {n} reached (--pids-limit, RLIMIT_NPROC): {peak} processes at once"
-        )),
+        Some(ProcessLimit::Rlimit(n)) if peak >= n - n / 128 => {
+            Some(format!("process limit {n} reached (--pids-limit, RLIMIT_NPROC): up to {peak} processes at once"))
+        }
         _ => None,
     }
 }
@@ -483,4 +486,23 @@ fn write_generated_files(spec: &RunSpec, dir: &Path) -> std::io::Result<()> {
     };
     std::fs::write(dir.join("resolv.conf"), resolv)?;
     std::fs::write(dir.join("hostname"), format!("{}\n", spec.hostname))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_rlimit_is_reached_at_or_near_its_sampled_peak() {
+        let limit = Some(ProcessLimit::Rlimit(2048));
+        assert_eq!(rlimit_hit(limit, 2052).as_deref(), Some("process limit 2048 reached (--pids-limit, RLIMIT_NPROC): up to 2052 processes at once"));
+        assert!(rlimit_hit(limit, 2032).is_some(), "within 1/128");
+        assert_eq!(rlimit_hit(limit, 2031), None);
+        assert_eq!(
+            rlimit_hit(Some(ProcessLimit::Cgroup(20)), 20),
+            None,
+            "a cgroup's limit has its own counters"
+        );
+        assert_eq!(rlimit_hit(None, 5000), None);
+    }
 }
