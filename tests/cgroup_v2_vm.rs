@@ -56,8 +56,8 @@ fn kernel() -> (PathBuf, PathBuf) {
     (find("vmlinuz-").unwrap(), find("overlay.ko").unwrap())
 }
 
-/// The cases: name, `rbuild build` flags, the RUN line.
-const CASES: [(&str, &str, &str); 4] = [
+/// The cases: name, environment and flags of `rbuild build`, the RUN line.
+const CASES: [(&str, &str, &str); 5] = [
     (
         "memory",
         "--memory 64m",
@@ -73,11 +73,26 @@ const CASES: [(&str, &str, &str); 4] = [
         "--pids-limit 20",
         "RUN bomb() { bomb | bomb & }; bomb; sleep 2; exit 3\n",
     ),
+    // The default limit, set by the environment (2048 would outgrow the machine's /ci cap).
+    (
+        "pids-env",
+        "RBUILD_PIDS_LIMIT=64",
+        "RUN bomb() { bomb | bomb & }; bomb; sleep 2; exit 3\n",
+    ),
     (
         "cpus",
         "--cpus 0.2",
         "RUN (time -f 'usage %U %S' timeout 3 sh -c 'while :; do :; done') 2>&1 | tail -1\n",
     ),
+];
+
+/// The counters of the outer cgroup `/ci` the console shows after every case.
+const OUTER_COUNTERS: [&str; 5] = [
+    "pids.events",
+    "pids.events.local",
+    "pids.peak",
+    "pids.max",
+    "memory.events.local",
 ];
 
 /// The second stage of the initramfs: the filesystems, a delegated cgroup `/ci` capped at
@@ -93,7 +108,17 @@ fn init2() -> String {
          echo '@@CASE doctor'\nrbuild doctor --root /tmp/store 2>&1\necho \"@@RC doctor $?\"\n",
     );
     for (name, flags, _) in CASES {
-        s.push_str(&format!("echo '@@CASE {name}'\nrbuild build --progress=plain {flags} --root /tmp/store /ctx/{name} 2>&1\necho \"@@RC {name} $?\"\n"));
+        // `VAR=value` flags go into the environment.
+        let (env, flags): (Vec<&str>, Vec<&str>) = flags
+            .split_whitespace()
+            .partition(|f| f.contains('=') && !f.starts_with('-'));
+        let (env, flags) = (env.join(" "), flags.join(" "));
+        s.push_str(&format!("echo '@@CASE {name}'\n{env} rbuild build --progress=plain {flags} --root /tmp/store /ctx/{name} 2>&1\necho \"@@RC {name} $?\"\n"));
+    }
+    for f in OUTER_COUNTERS {
+        s.push_str(&format!(
+            "echo '@@CASE outer-{f}'\ncat /sys/fs/cgroup/ci/{f}\necho \"@@RC outer-{f} $?\"\n"
+        ));
     }
     s.push_str("echo '@@CASE oom-victims'\ndmesg | grep -o 'Killed process [0-9]* ([^)]*)'\necho '@@RC oom-victims 0'\n");
     s.push_str("echo '@@CASE leftovers'\nfind /sys/fs/cgroup/ci -name 'rbuild-step-*'\necho '@@RC leftovers 0'\npoweroff -f\n");
@@ -229,7 +254,8 @@ fn memory_limit_oom_kills_a_run_step_in_cgroup_v2() {
     let (rc, out) = vm().case("memory");
     assert_eq!(rc, 1, "{out}");
     assert!(
-        sandbox_line(out).ends_with("; limits: memory 64 MiB (cgroup v2)"),
+        sandbox_line(out)
+            .ends_with("; limits: memory 64 MiB (cgroup v2), 2048 processes (cgroup v2)"),
         "{out}"
     );
     assert!(
@@ -270,11 +296,53 @@ fn pids_limit_bounds_a_fork_bomb_in_cgroup_v2() {
 }
 
 #[test]
+fn the_default_pids_limit_from_the_environment_bounds_a_fork_bomb_in_cgroup_v2() {
+    let (rc, out) = vm().case("pids-env");
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        sandbox_line(out).ends_with("; limits: 64 processes (cgroup v2)"),
+        "{out}"
+    );
+    let e = error_line(out);
+    assert!(
+        e.contains("(process limit 64 reached (--pids-limit): ") && e.contains("forks refused)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_outer_cgroup_refused_nothing_in_any_case() {
+    // /ci caps the whole machine's builds (300 processes, 900 MiB) above every case's own
+    // limit: its counters, read by the same code as the other hostile tests', stay clean.
+    let v = vm();
+    for (name, _, _) in CASES {
+        v.case(name);
+    }
+    let t = tempfile::tempdir().unwrap();
+    for f in OUTER_COUNTERS {
+        // A counter this kernel does not have (cat failed) is left out.
+        if let (0, text) = v.case(&format!("outer-{f}")) {
+            std::fs::write(t.path().join(f), text).unwrap();
+        }
+    }
+    assert!(
+        t.path().join("pids.events").exists() && t.path().join("memory.events.local").exists(),
+        "no counters from the machine:\n{}",
+        v.console
+    );
+    let refused = rbuild_sandbox::cgroup::refusals(t.path());
+    assert!(
+        refused.is_empty(),
+        "the outer /ci bound acted, so a step's own limit did not hold: {refused:?}"
+    );
+}
+
+#[test]
 fn cpus_limit_throttles_a_busy_run_step_in_cgroup_v2() {
     let (rc, out) = vm().case("cpus");
     assert_eq!(rc, 0, "{out}");
     assert!(
-        sandbox_line(out).ends_with("; limits: 0.2 CPU (cgroup v2)"),
+        sandbox_line(out).ends_with("; limits: 0.2 CPU (cgroup v2), 2048 processes (cgroup v2)"),
         "{out}"
     );
     let usage: f64 = out

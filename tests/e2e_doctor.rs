@@ -64,16 +64,18 @@ fn root_on_the_host_gets_the_full_sandbox() {
         "the exit status follows the verdict: {r}"
     );
     assert_eq!(
-        r["run_steps"], "user namespaces, overlay (native), private /proc",
-        "the mode a build gets: {r}"
+        r["run_steps"],
+        "user namespaces, overlay (native), private /proc; limits: 2048 processes (cgroup v1)",
+        "the mode and the process limit a build gets: {r}"
     );
     assert!(
         r["summary"]
             .as_str()
             .unwrap()
-            .ends_with("RUN steps: user namespaces, overlay (native), private /proc"),
+            .ends_with("RUN steps: user namespaces, overlay (native), private /proc; limits: 2048 processes (cgroup v1)"),
         "{r}"
     );
+    assert_eq!(check(&r, "process limit")["verdict"], "ok", "{r}");
     // The human form has the same checks, and a fix under each one that is not ok.
     let out = run(Command::new(rbuild_bin())
         .args(["doctor", "--root"])
@@ -138,7 +140,7 @@ fn locked_proc_masks_are_degraded_to_a_shared_pid_namespace_with_the_pod_fix() {
         "degraded",
         "one mapped ID is not enough for images: {r}"
     );
-    assert!(r["summary"].as_str().unwrap().ends_with("RUN steps: user namespaces, overlay (native), shared PID namespace and /proc (masks locked)"), "{r}");
+    assert!(r["summary"].as_str().unwrap().ends_with("RUN steps: user namespaces, overlay (native), shared PID namespace and /proc (masks locked); limits: 2048 processes (cgroup v1)"), "{r}");
     assert_eq!(code, 1, "{r}");
     // The same masks, not locked: the clone works.
     let script = format!(
@@ -212,33 +214,10 @@ fn a_store_on_overlayfs_is_degraded_with_the_emptydir_fix() {
     );
 }
 
-fn set_subids(user: &str, range: Option<&str>) {
-    for f in ["/etc/subuid", "/etc/subgid"] {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        let mut kept: String = text
-            .lines()
-            .filter(|l| !l.starts_with(&format!("{user}:")))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        if let Some(r) = range {
-            kept.push_str(&format!("{user}:{r}\n"));
-        }
-        std::fs::write(f, kept).unwrap();
-    }
-}
-
-fn ensure_user(name: &str) {
-    if !run(Command::new("id").arg(name)).status.success() {
-        ok(Command::new("useradd").args(["-m", "-s", "/bin/sh", name]));
-    }
-}
-
 #[test]
 fn ordinary_users_ranges_are_checked_for_presence_and_overlap() {
     ensure_tools();
     let (a, b) = ("rbdoctora", "rbdoctorb");
-    ensure_user(a);
-    ensure_user(b);
     let home = tempfile::tempdir().unwrap();
     ok(Command::new("chmod").args(["a+rwx"]).arg(home.path()));
     let as_user = |u: &str| {
@@ -250,7 +229,8 @@ fn ordinary_users_ranges_are_checked_for_presence_and_overlap() {
         c.arg(home.path().join(format!("store-{u}")));
         c
     };
-    set_subids(a, None);
+    ordinary_user(a, None);
+    ordinary_user(b, None);
     let (_, r) = doctor(&mut as_user(a));
     let m = check(&r, "ID map");
     assert_eq!(m["verdict"], "degraded", "{r}");
@@ -260,12 +240,30 @@ fn ordinary_users_ranges_are_checked_for_presence_and_overlap() {
         )),
         "{r}"
     );
-    set_subids(a, Some("500000:65536"));
-    set_subids(b, Some("600000:65536"));
+    ordinary_user(a, Some("500000:65536"));
+    ordinary_user(b, Some("600000:65536"));
     let (_, r) = doctor(&mut as_user(a));
     assert_eq!(check(&r, "ID map")["verdict"], "ok", "{r}");
+    // No cgroup an ordinary user may use on this (hybrid) machine: RLIMIT_NPROC bounds the
+    // steps, as the build's sandbox line says (tests/hostile.rs).
+    let pids = check(&r, "process limit");
+    assert_eq!(pids["verdict"], "ok", "{r}");
+    assert!(
+        pids["detail"]
+            .as_str()
+            .unwrap()
+            .contains("2048 processes per user (RLIMIT_NPROC)"),
+        "{r}"
+    );
+    assert!(
+        r["run_steps"]
+            .as_str()
+            .unwrap()
+            .ends_with("; limits: 2048 processes per user (RLIMIT_NPROC)"),
+        "{r}"
+    );
     // b's range reaches into a's: both are told.
-    set_subids(b, Some("560000:65536"));
+    ordinary_user(b, Some("560000:65536"));
     let (_, r) = doctor(&mut as_user(a));
     let m = check(&r, "ID map");
     assert_eq!(m["verdict"], "degraded", "{r}");
@@ -276,6 +274,6 @@ fn ordinary_users_ranges_are_checked_for_presence_and_overlap() {
             .contains(&format!("overlaps {b} in /etc/subuid")),
         "{r}"
     );
-    set_subids(a, None);
-    set_subids(b, None);
+    ordinary_user(a, None);
+    ordinary_user(b, None);
 }

@@ -81,8 +81,16 @@ fn the_build_line_is_what_the_doctor_predicts() {
         ),
         "{line}"
     );
+    // The same sandbox, and the same process limit after the --memory the build was given.
+    let (mode, pids) = predicted
+        .split_once("; limits: ")
+        .unwrap_or_else(|| panic!("{summary}"));
     assert!(
-        line.contains(&format!("RUN steps: {predicted}")),
+        line.contains(&format!("RUN steps: {mode}; limits: ")),
+        "doctor: {summary}\nbuild: {line}"
+    );
+    assert!(
+        line.ends_with(&format!(", {pids}")),
         "doctor: {summary}\nbuild: {line}"
     );
     assert_eq!(
@@ -133,7 +141,7 @@ fn locked_proc_masks_build_with_a_shared_pid_namespace() {
     let err = stderr(&res);
     assert!(res.status.success(), "{err}");
     let line = sandbox_line(&err);
-    assert!(line.ends_with("RUN steps: user namespaces, overlay (native), shared PID namespace and /proc (masks locked)"), "{line}");
+    assert!(line.ends_with("RUN steps: user namespaces, overlay (native), shared PID namespace and /proc (masks locked); limits: 2048 processes (cgroup v1)"), "{line}");
     let warning = err
         .lines()
         .find(|l| l.starts_with("WARNING: the masks on /proc"))
@@ -248,64 +256,6 @@ fn strict_isolation_refuses_locked_proc_masks_and_names_the_fix() {
     assert!(res.status.success(), "{}", stderr(&res));
 }
 
-/// This process's directory in the v1 hierarchy of `controller`, when there is one.
-fn v1_dir(controller: &str) -> Option<PathBuf> {
-    let l = rbuild_sandbox::cgroup::Layout::current();
-    let c = rbuild_sandbox::cgroup::Controller::ALL
-        .into_iter()
-        .find(|c| c.name() == controller)?;
-    l.v1.get(&c).cloned()
-}
-
-/// A cgroup of the test's own (v1), removed on drop: a safety net around a build.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new(controller: &str, file: &str, value: &str) -> TestCgroup {
-        let parent = v1_dir(controller).unwrap_or_else(|| {
-            panic!("this test needs the cgroup v1 {controller} hierarchy (a hybrid host)")
-        });
-        let d = parent.join(format!("rbuild-test-{controller}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(file), value).unwrap();
-        TestCgroup(d)
-    }
-    /// `sh -c` that joins the cgroup, then runs `inner` in a PID namespace of its own.
-    fn command(&self, inner: &str) -> Command {
-        let mut c = Command::new("sh");
-        c.arg("-c").arg(format!(
-            "echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount-proc {inner}",
-            self.0.display()
-        ));
-        c.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        c
-    }
-    fn run(&self, inner: &str) -> Output {
-        run(&mut self.command(inner))
-    }
-    /// Step cgroups left below it.
-    fn leftovers(&self) -> Vec<String> {
-        std::fs::read_dir(&self.0)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("rbuild-step-"))
-            .collect()
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for _ in 0..200 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
-}
-
 fn build_cmd(root: &Path, flags: &str, ctx: &Path) -> String {
     format!(
         "{} build --progress=plain {flags} --root {} {}",
@@ -321,12 +271,13 @@ fn memory_limit_oom_kills_a_run_step_with_a_clear_message() {
         busybox_context("RUN x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}\n");
     let root = tempfile::tempdir().unwrap();
     // Safety net: the whole build may use 1 GiB.
-    let cg = TestCgroup::new("memory", "memory.limit_in_bytes", &(1u64 << 30).to_string());
+    let cg = OuterBound::new("memory", "memory.limit_in_bytes", &(1u64 << 30).to_string());
     let res = cg.run(&build_cmd(root.path(), "--memory 64m", ctx.path()));
     let err = stderr(&res);
     assert_eq!(res.status.code(), Some(1), "{err}");
     assert!(
-        sandbox_line(&err).ends_with("; limits: memory 64 MiB (cgroup v1)"),
+        sandbox_line(&err)
+            .ends_with("; limits: memory 64 MiB (cgroup v1), 2048 processes (cgroup v1)"),
         "{err}"
     );
     let e = err
@@ -345,6 +296,8 @@ fn memory_limit_oom_kills_a_run_step_with_a_clear_message() {
         res.status.success() && err.contains("survived 150000000"),
         "{err}"
     );
+    // The step's limit stopped the hog; the outer 1 GiB never acted.
+    cg.assert_refused_nothing();
 }
 
 #[test]
@@ -352,7 +305,7 @@ fn pids_limit_bounds_a_fork_bomb() {
     let ctx = busybox_context("RUN bomb() { bomb | bomb & }; bomb; sleep 2; exit 3\n");
     let root = tempfile::tempdir().unwrap();
     // Safety net: the whole build may have 300 processes, whatever rbuild does.
-    let cg = TestCgroup::new("pids", "pids.max", "300");
+    let cg = OuterBound::new("pids", "pids.max", "300");
     let started = std::time::Instant::now();
     let res = cg.run(&build_cmd(root.path(), "--pids-limit 20", ctx.path()));
     let err = stderr(&res);
@@ -375,15 +328,12 @@ fn pids_limit_bounds_a_fork_bomb() {
         started.elapsed()
     );
     // The most processes the whole build had at once: rbuild's threads, the sandbox and 20.
-    let peak: u64 = std::fs::read_to_string(cg.0.join("pids.peak"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let peak = cg.counter("pids.peak", None);
     assert!(
         peak < 100,
         "the step's limit held, far below the test's safety net of 300: peak {peak}"
     );
+    cg.assert_refused_nothing();
     assert!(cg.leftovers().is_empty(), "{:?}", cg.leftovers());
 }
 
@@ -395,7 +345,7 @@ fn cpus_limit_throttles_a_busy_run_step() {
     );
     let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dest = out.path().join("r");
-    let cg = TestCgroup::new("cpu", "cpu.shares", "1024");
+    let cg = OuterBound::new("cpu", "cpu.shares", "1024");
     let mut child = cg
         .command(&format!(
             "{} --output type=local,dest={}",
@@ -412,7 +362,7 @@ fn cpus_limit_throttles_a_busy_run_step() {
         && child.try_wait().unwrap().is_none()
     {
         for d in cg.leftovers() {
-            let d = cg.0.join(d);
+            let d = cg.dir.join(d);
             let stat = std::fs::read_to_string(d.join("cpu.stat")).unwrap_or_default();
             let throttled: u64 = stat
                 .lines()
@@ -431,7 +381,7 @@ fn cpus_limit_throttles_a_busy_run_step() {
     let err = stderr(&res);
     assert!(res.status.success(), "{err}");
     assert!(
-        sandbox_line(&err).ends_with("; limits: 0.2 CPU (cgroup v1)"),
+        sandbox_line(&err).ends_with("; limits: 0.2 CPU (cgroup v1), 2048 processes (cgroup v1)"),
         "{err}"
     );
     let (quota, throttled) =
@@ -466,7 +416,11 @@ fn limits_without_a_usable_cgroup_warn_and_build_anyway() {
     // A container without cgroups, then one with an empty cgroup v2 hierarchy (no controllers
     // delegated; on this machine they all belong to v1 hierarchies).
     for (setup, why) in [
-        ("mount -t tmpfs none /sys/fs/cgroup", "--memory (no cgroup v2 hierarchy is mounted), --pids-limit (no cgroup v2 hierarchy is mounted)"),
+        (
+            "mount -t tmpfs none /sys/fs/cgroup",
+            "--memory (no cgroup v2 hierarchy is mounted), --pids-limit (no pids cgroup rbuild may use: no cgroup v2 hierarchy is mounted; \
+             and RLIMIT_NPROC does not bound RUN steps here: a step's user is root on the host, which the kernel exempts from it)",
+        ),
         ("mount -t tmpfs none /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup", "--memory (the memory controller is not in /sys/fs/cgroup/cgroup.controllers)"),
     ] {
         let res = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private", "sh", "-c"]).arg(format!(
@@ -479,7 +433,9 @@ fn limits_without_a_usable_cgroup_warn_and_build_anyway() {
         let w = err.lines().find(|l| l.starts_with("WARNING: RUN steps run without ")).unwrap_or_else(|| panic!("{setup}: {err}"));
         assert!(w.contains(why), "{why}: {w}");
         assert!(w.contains("Delegate=yes"), "names the fix: {w}");
-        assert!(!sandbox_line(&err).contains("limits:"), "no limit is claimed: {err}");
+        let line = sandbox_line(&err);
+        assert!(line.contains("; limits: no process limit (no pids cgroup rbuild may use: "), "no limit is claimed: {line}");
+        assert!(!line.contains("memory 64 MiB"), "no limit is claimed: {line}");
     }
 }
 

@@ -94,8 +94,19 @@ fn hostile_run_cannot_stop_or_read_the_builder() {
         ),
     )]);
     let out = tempfile::tempdir().unwrap();
+    // The outer bound: a PID namespace of the test's own, with a sentinel process beside
+    // rbuild that a `kill -9 -1` escaping the step's PID namespace would take.
+    let sentinel = "sleep 1717 & s=$!; \"$@\"; rc=$?; kill -0 $s && echo outer-sentinel-alive >&2; kill $s; exit $rc";
     let res = run(Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "sh",
+            "-c",
+            sentinel,
+            "sh",
+        ])
         .arg(rbuild_bin())
         .args(["build", "--progress=plain", "--root"])
         .arg(root.path())
@@ -110,6 +121,7 @@ fn hostile_run_cannot_stop_or_read_the_builder() {
         "survived-kill-all",
         "survived-kill-parent",
         "left-a-sleeper",
+        "outer-sentinel-alive",
     ] {
         assert!(err.contains(m), "{m} missing:\n{err}");
     }
@@ -384,8 +396,19 @@ fn network_none_has_only_loopback() {
     ))]);
     let root = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
+    // The outer bound: a PID namespace of the test's own, with a sentinel process beside
+    // rbuild that a `kill -9 -1` escaping the step's PID namespace would take.
+    let sentinel = "sleep 1717 & s=$!; \"$@\"; rc=$?; kill -0 $s && echo outer-sentinel-alive >&2; kill $s; exit $rc";
     let res = run(Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "sh",
+            "-c",
+            sentinel,
+            "sh",
+        ])
         .arg(rbuild_bin())
         .args(["build", "--progress=plain", "--network=none", "--root"])
         .arg(root.path())

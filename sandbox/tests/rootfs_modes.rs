@@ -7,6 +7,8 @@
 //! Safety: as in `sandbox.rs`, every test runs as PID 1 of a fresh PID namespace (and mount
 //! namespace). Needs root (skips otherwise).
 
+mod bounds;
+
 use rbuild_sandbox::{
     ExitKind, Isolation, RootMountProblem, RunError, RunOutcome, RunSpec, RunSpecBuilder,
     Snapshotter,
@@ -835,6 +837,7 @@ fn fuse_daemons() -> Vec<String> {
 
 fn fuse_overlayfs_is_gone_after_a_hostile_step() {
     let e = setup();
+    let mut sentinel = bounds::Sentinel::start();
     let r = e.run(
         e.builder("kill -9 -1 2>/dev/null; sleep 0.1; cat /proc/[0-9]*/comm | grep -c fuse-overlayfs; echo alive > /x; sleep 1000 &", e.lowers.clone()).snapshotter(Snapshotter::FuseOverlay),
     );
@@ -852,6 +855,7 @@ fn fuse_overlayfs_is_gone_after_a_hostile_step() {
         "fuse-overlayfs outlived the step: {:?}",
         fuse_daemons()
     );
+    sentinel.assert_alive();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !mounts.contains("fuse-overlayfs") && !mounts.contains(" fuse."),

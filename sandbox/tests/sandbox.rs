@@ -5,6 +5,8 @@
 //! (`unshare --pid --fork --mount-proc`), so a sandbox bug (e.g. `kill -9 -1` escaping the
 //! step) can only kill processes of that namespace. Needs root (skips otherwise).
 
+mod bounds;
+
 use rbuild_sandbox::{
     ExitKind, Isolation, Limits, Network, ProcessLimit, RunOutcome, RunSpec, RunSpecBuilder,
 };
@@ -432,18 +434,23 @@ fn host_network_sees_host_interfaces() {
 
 fn kill_all_does_not_escape() {
     let f = setup();
+    // The outer bound: this test's PID namespace, where the sentinel lives.
+    let mut sentinel = bounds::Sentinel::start();
     let s = f.run("sleep 1000 & kill -9 -1; echo survived");
     assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
     assert_eq!(s.out, "survived\n");
+    sentinel.assert_alive();
     // We (PID 1 of the test's namespace) are obviously alive; so is a second step.
     assert_eq!(f.run("echo again").out, "again\n");
 }
 
 fn killing_the_parent_does_not_stop_the_step() {
     let f = setup();
+    let mut sentinel = bounds::Sentinel::start();
     let s = f.run("echo ppid=$PPID; kill -9 $PPID; kill -9 1; sleep 0.1; echo alive; exit 7");
     assert_eq!(s.out, "ppid=1\nalive\n");
     assert_eq!(s.status(), ExitKind::Exited(7));
+    sentinel.assert_alive();
 }
 
 fn background_processes_die_with_the_step() {
@@ -844,6 +851,9 @@ fn shared_pid_step_sees_the_builder_masked_and_leaves_nothing_behind() {
 
 fn memory_limit_oom_kills_the_step_and_says_so() {
     let f = setup();
+    // The outer bound: 1 GiB for this whole test, the step's own limit 64 MiB.
+    let outer =
+        bounds::OuterCgroup::enter("memory", "memory.limit_in_bytes", &(1u64 << 30).to_string());
     let hog = "x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived ${#x}";
     let s = f.run_with(hog, |b| {
         b.limits(Limits {
@@ -869,10 +879,13 @@ fn memory_limit_oom_kills_the_step_and_says_so() {
         "{:?}",
         leftover_step_cgroups()
     );
+    outer.assert_refused_nothing();
 }
 
 fn pids_limit_bounds_a_fork_bomb() {
     let f = setup();
+    // The outer bound: 300 processes for this whole test, the step's own limit 20.
+    let outer = bounds::OuterCgroup::enter("pids", "pids.max", "300");
     // A fork bomb for two seconds, then a failure (whether or not the shell itself could fork).
     let s = f.run_with("bomb() { bomb | bomb & }; bomb; sleep 2; exit 3", |b| {
         b.limits(Limits {
@@ -901,6 +914,7 @@ fn pids_limit_bounds_a_fork_bomb() {
         "{:?}",
         leftover_step_cgroups()
     );
+    outer.assert_refused_nothing();
     println!("note: fork bomb: {hit}");
 }
 

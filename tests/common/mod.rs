@@ -2,9 +2,10 @@
 //! testbed base images, and the rbuild binary.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// The project root.
 pub fn project() -> PathBuf {
@@ -322,5 +323,164 @@ impl Drop for HttpServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Single-quotes for sh.
+pub fn q(s: impl AsRef<OsStr>) -> String {
+    format!("'{}'", s.as_ref().to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// Serialises edits of /etc/subuid and /etc/subgid between the tests of a binary.
+pub static SUBIDS: Mutex<()> = Mutex::new(());
+
+/// Makes `name` an ordinary user whose subordinate range (both files) is `range`
+/// (`START:COUNT`) or none; returns its uid.
+pub fn ordinary_user(name: &str, range: Option<&str>) -> u32 {
+    let _g = SUBIDS.lock().unwrap_or_else(|e| e.into_inner());
+    if !run(Command::new("id").arg(name)).status.success() {
+        ok(Command::new("useradd").args(["-m", "-s", "/bin/sh", name]));
+    }
+    for f in ["/etc/subuid", "/etc/subgid"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let mut kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{name}:")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if let Some(r) = range {
+            kept.push_str(&format!("{name}:{r}\n"));
+        }
+        std::fs::write(f, kept).unwrap();
+    }
+    ok(Command::new("id").args(["-u", name]))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A script line that runs `inner` (sh) as root of a pod-like user namespace: 65536 IDs from
+/// 800000 (as a pod with hostUsers: false gets) and a mount namespace, plus `pid_ns` flags of
+/// unshare. `dir` holds the subordinate-ID file newuidmap needs for root.
+pub fn in_pod_userns(dir: &Path, pid_ns: &str, inner: &str) -> String {
+    // newuidmap maps root's range: give root one in this mount namespace only.
+    let subid = dir.join("subid");
+    std::fs::write(&subid, "root:800000:65536\n").unwrap();
+    format!(
+        "mount --bind {subid} /etc/subuid\nmount --bind {subid} /etc/subgid\n\
+         unshare --user --map-users=800000,0,65536 --map-groups=800000,0,65536 --setuid 0 --setgid 0 --mount {pid_ns} sh -euc {}",
+        q(inner),
+        subid = q(&subid),
+    )
+}
+
+/// This process's directory in the v1 hierarchy of `controller`, when there is one.
+fn v1_dir(controller: &str) -> Option<PathBuf> {
+    let l = rbuild_sandbox::cgroup::Layout::current();
+    let c = rbuild_sandbox::cgroup::Controller::ALL
+        .into_iter()
+        .find(|c| c.name() == controller)?;
+    l.v1.get(&c).cloned()
+}
+
+/// A cgroup of a test's own (cgroup v1, as on the hybrid test machines), removed on drop: the
+/// outer bound a hostile build runs in. It is larger than rbuild's own limit, so a test can
+/// tell whose limit acted: [`OuterBound::assert_refused_nothing`].
+pub struct OuterBound {
+    /// The cgroup's directory.
+    pub dir: PathBuf,
+    controller: String,
+}
+
+impl OuterBound {
+    /// A new cgroup of `controller` below this process's, with `file` set to `value`.
+    pub fn new(controller: &str, file: &str, value: &str) -> OuterBound {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let parent = v1_dir(controller).unwrap_or_else(|| {
+            panic!("this test needs the cgroup v1 {controller} hierarchy (a hybrid host)")
+        });
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = parent.join(format!(
+            "rbuild-test-{controller}-{}-{n}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), value).unwrap();
+        OuterBound {
+            dir,
+            controller: controller.to_string(),
+        }
+    }
+
+    /// `sh -c` that joins the cgroup, then runs the shell command `inner` in a PID namespace
+    /// and a private mount namespace of its own.
+    pub fn command(&self, inner: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "echo $$ > {}/cgroup.procs && exec unshare --pid --fork --kill-child --mount-proc --mount --propagation private sh -c {}",
+            self.dir.display(),
+            q(inner)
+        ));
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    }
+
+    /// Runs [`OuterBound::command`].
+    pub fn run(&self, inner: &str) -> Output {
+        run(&mut self.command(inner))
+    }
+
+    /// Step cgroups left below it.
+    pub fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("rbuild-step-"))
+            .collect()
+    }
+
+    /// A number the kernel keeps in `file` of the cgroup: the file's value, or the value of
+    /// its line `key` (`max` of pids.events, `oom_kill` of memory.oom_control).
+    pub fn counter(&self, file: &str, key: Option<&str>) -> u64 {
+        let text = std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_else(|e| panic!("{}/{file}: {e}", self.dir.display()));
+        let value = match key {
+            None => Some(text.trim()),
+            Some(k) => text
+                .lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')),
+        };
+        value
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}/{file}: no number{}: {text:?}",
+                    self.dir.display(),
+                    key.map(|k| format!(" for {k}")).unwrap_or_default()
+                )
+            })
+    }
+
+    /// Asserts that this bound refused nothing to what ran in it
+    /// ([`rbuild_sandbox::cgroup::refusals`]): rbuild's own limits held.
+    pub fn assert_refused_nothing(&self) {
+        let refused = rbuild_sandbox::cgroup::refusals(&self.dir);
+        assert!(
+            refused.is_empty(),
+            "the outer bound acted, so rbuild's own limit did not hold: {refused:?}"
+        );
+    }
+}
+
+impl Drop for OuterBound {
+    fn drop(&mut self) {
+        for _ in 0..200 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
