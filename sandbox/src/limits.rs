@@ -184,6 +184,13 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    /// No flags.
+    const DEFAULTS: Asked = Asked {
+        memory: None,
+        cpus: None,
+        pids: None,
+    };
+
     fn v1_all() -> Prepared {
         Prepared {
             v1: Controller::ALL
@@ -211,15 +218,7 @@ mod tests {
         let bound = PidsBound::find(pids_cgroup(&cg), Isolation::Full, || {
             panic!("no trial where a cgroup takes it")
         });
-        let r = resolve(
-            &Asked {
-                memory: None,
-                cpus: None,
-                pids: None,
-            },
-            &cg,
-            &bound,
-        );
+        let r = resolve(&DEFAULTS, &cg, &bound);
         assert_eq!(
             r.limits,
             Limits {
@@ -281,15 +280,7 @@ mod tests {
         let bound = PidsBound::find(pids_cgroup(&cg), Isolation::Full, || {
             Err("RLIMIT_NPROC does not bound root".into())
         });
-        let r = resolve(
-            &Asked {
-                memory: None,
-                cpus: None,
-                pids: None,
-            },
-            &cg,
-            &bound,
-        );
+        let r = resolve(&DEFAULTS, &cg, &bound);
         assert_eq!(r.limits, Limits::default());
         assert_eq!(r.note, "no process limit (no pids cgroup rbuild may use: no cgroup v2 hierarchy is mounted; and RLIMIT_NPROC does not bound root)");
         assert_eq!(r.lost, None, "the default says so in the sandbox line only");
