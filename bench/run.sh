@@ -3,7 +3,8 @@
 #   1. turning a RUN step into a layer: 100,000 small files, and one 512 MiB file
 #      (rbuild's one-pass upperdir → tar → gzip+digests, against GNU tar | gzip -6 | sha256sum
 #      over the very same directory), with rbuild's peak memory;
-#   2. the fixed cost of one `RUN true` (rbuild against buildah, both as root, same base image).
+#   2. the fixed cost of one `RUN true` (rbuild against buildah, both as root, same base image),
+#      and what the default process limit (a pids cgroup per step) adds to it.
 # Needs root, ../shared/testbed, and buildah (installed if missing). Prints a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,8 @@ layer_case big
 # same Dockerfile without RUN lines) / 20, for both builders.
 { echo "FROM $base"; } > "$work/ctx-true/Dockerfile.base"
 run_rbuild() { "$bin" build --progress=plain --no-cache --root "$work/root-true" -f "$1" "$work/ctx-true" 2>/dev/null; }
+# The same without the default process limit: what each step's pids cgroup costs.
+run_rbuild_nolimit() { "$bin" build --progress=plain --no-cache --pids-limit 0 --root "$work/root-true" -f "$1" "$work/ctx-true" 2>/dev/null; }
 run_buildah() { buildah --storage-driver=overlay bud --runtime=/usr/sbin/runc --isolation=oci --network=host -q --layers=false --pull-never --tls-verify=false -f "$1" "$work/ctx-true" >/dev/null 2>&1; }
 buildah pull --tls-verify=false -q "docker://$base" >/dev/null
 run_rbuild "$work/ctx-true/Dockerfile"   # warm the store
@@ -64,5 +67,6 @@ per_step() { # runner
   t0=$(secs); $1 "$work/ctx-true/Dockerfile.base"; t1=$(secs); $1 "$work/ctx-true/Dockerfile"; t2=$(secs)
   python3 -c "print(f'{(($t2-$t1)-($t1-$t0))/20*1000:.1f}')"
 }
-r=$(per_step run_rbuild); b=$(per_step run_buildah)
+r=$(per_step run_rbuild); r0=$(per_step run_rbuild_nolimit); b=$(per_step run_buildah)
 printf '%-34s rbuild %7sms  buildah (runc) %7sms  ratio %5s\n' "fixed cost of one RUN true" "$r" "$b" "$(python3 -c "print(f'{$r/$b:.2f}')")"
+printf '%-34s rbuild %7sms  rbuild --pids-limit 0 %7sms  ratio %5s\n' "the default process limit" "$r" "$r0" "$(python3 -c "print(f'{$r/$r0:.2f}')")"
