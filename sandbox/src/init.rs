@@ -522,8 +522,10 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
             // Set here, inside the step's user namespace, so the kernel counts the processes of
             // this namespace's users (the helper and init among them), never rbuild's or other
             // steps'; the hard limit too, which the step cannot raise again.
+            // A lower hard limit the builder already had stays (raising it is not allowed).
             let fuse = u64::from(spec.snapshotter == Snapshotter::FuseOverlay);
-            let max = Some(n + crate::cgroup::SANDBOX_PIDS + fuse);
+            let had = rustix::process::getrlimit(rustix::process::Resource::Nproc).maximum;
+            let max = Some((n + crate::cgroup::SANDBOX_PIDS + fuse).min(had.unwrap_or(u64::MAX)));
             if let Err(e) = rustix::process::setrlimit(
                 rustix::process::Resource::Nproc,
                 rustix::process::Rlimit {
