@@ -75,14 +75,34 @@ pub fn mkdir_all_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
     Ok(cur)
 }
 
-/// Removes `name` in `dir` (recursively for directories), never following symlinks.
+/// Removes `name` in `dir` (recursively for directories), never following symlinks, never
+/// leaving `dir` (`name` must be one plain name: not empty, `.`, `..` or with a `/`) and never
+/// crossing into another mount (a directory that is a mount's root is refused).
 pub fn remove_at(dir: &impl AsFd, name: &str) -> io::Result<()> {
-    let st = match rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("refusing to remove {name:?}: not a name inside its directory"),
+        ));
+    }
+    let st = match rustix::fs::statx(
+        dir,
+        name,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        rustix::fs::StatxFlags::TYPE,
+    ) {
         Ok(st) => st,
         Err(rustix::io::Errno::NOENT) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+    if rustix::fs::FileType::from_raw_mode(st.stx_mode as u32) == rustix::fs::FileType::Directory {
+        let mount_root = rustix::fs::StatxAttributes::MOUNT_ROOT;
+        if st.stx_attributes_mask.contains(mount_root) && st.stx_attributes.contains(mount_root) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("refusing to remove {name:?}: another filesystem is mounted there"),
+            ));
+        }
         let sub = rustix::fs::openat(
             dir,
             name,

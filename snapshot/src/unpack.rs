@@ -92,6 +92,20 @@ pub fn apply_layer<R: Read>(
     run(tar, rootfs, opts, Mode_::Apply)
 }
 
+/// What the whiteout `.wh.HIDDEN` removes: `HIDDEN`, a name in the whiteout's directory;
+/// `None` for the reserved `.wh..wh.` names (aufs metadata); an error for a bare `.wh.` (the
+/// image spec requires one) and for names that are not inside the directory (`.`, `..`).
+fn whiteout_target(hidden: &str) -> Result<Option<&str>, String> {
+    match hidden {
+        "" => Err("a whiteout without a name (bare .wh.) is invalid".into()),
+        "." | ".." => Err(format!(
+            "whiteout of {hidden:?} refused: it names no file inside its directory"
+        )),
+        h if h.starts_with(".wh.") => Ok(None),
+        h => Ok(Some(h)),
+    }
+}
+
 fn run<R: Read>(
     tar: R,
     dest: &Path,
@@ -154,6 +168,12 @@ fn run<R: Read>(
             continue;
         }
         if let Some(hidden) = last.strip_prefix(".wh.") {
+            let hidden = match whiteout_target(hidden) {
+                Ok(Some(h)) => h,
+                // aufs' metadata (`.wh..wh.plnk`, …): no file of the image, as docker skips it.
+                Ok(None) => continue,
+                Err(why) => return Err(err(io::Error::new(io::ErrorKind::InvalidData, why))),
+            };
             remove_at(&parent_fd, hidden).map_err(err)?;
             if mode == Mode_::Overlay {
                 crate::whiteout::make_whiteout_at(&parent_fd, hidden).map_err(err)?;
