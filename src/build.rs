@@ -1587,30 +1587,23 @@ impl Builder {
                 Some(name) if self.named_dir_context(name).is_some() => {
                     // Its content (not where it is): a changed file reruns the step.
                     let dir = self.named_dir_context(name).unwrap();
-                    let sub = m.source.clone().unwrap_or_else(|| "/".into());
-                    let sub = sub.trim_matches('/');
-                    key.str("bind-dir-context", name).str(
-                        "bind-content",
-                        self.dir_hash(&dir, if sub.is_empty() { "." } else { sub })
-                            .await?
-                            .as_str(),
-                    );
+                    let sub = bind_source_in(&dir, m.source.as_deref())?;
+                    key.str("bind-dir-context", name)
+                        .str("bind-content", self.dir_hash(&dir, &sub).await?.as_str());
                 }
                 Some(name) => {
                     let from = self.copy_from(name).await?;
                     key.str("bind-from", from.key.as_str());
                 }
                 None => {
-                    let subpath = m.source.clone().unwrap_or_else(|| "/".into());
-                    let sub = subpath.trim_matches('/');
-                    let d = match self
-                        .context_hash(if sub.is_empty() { "." } else { sub })
-                        .await
-                    {
-                        Ok(d) => d,
-                        // A source that is not there: the mount fails when the step runs.
-                        Err(_) => self.context_hash(".").await.map_err(|e| anyhow!(e))?,
-                    };
+                    // What the step will see: the source resolved inside the context.
+                    let sub = bind_source_in(&self.opts.context, m.source.as_deref())?;
+                    let d = self.context_hash(&sub).await.map_err(|e| {
+                        anyhow!(
+                            "RUN --mount source {}: {e}",
+                            m.source.as_deref().unwrap_or("/")
+                        )
+                    })?;
                     key.str("bind-context", d.as_str());
                 }
             }
@@ -2516,6 +2509,26 @@ fn apply_state_to_config(st: &ImageState, c: &mut Value) {
             .as_ref()
             .and_then(|h| serde_json::to_value(h).ok()),
     );
+}
+
+/// The `source=` of a bind mount of the directory `root` (the build context, a named context)
+/// as the step will see it: resolved inside `root` (`..` stops there, symlinks resolve in it),
+/// relative to it (`.` for the whole). A source that is not there fails here, naming it.
+fn bind_source_in(root: &Path, source: Option<&str>) -> Result<String> {
+    let source = source.unwrap_or("/");
+    let resolved = rbuild_snapshot::resolve_in_root(root, source).map_err(|e| {
+        anyhow!(
+            "RUN --mount source {source}: {e} (resolved inside {})",
+            root.display()
+        )
+    })?;
+    let base = fs::canonicalize(root)?;
+    let rel = resolved
+        .strip_prefix(&base)
+        .unwrap_or(Path::new(""))
+        .to_string_lossy()
+        .into_owned();
+    Ok(if rel.is_empty() { ".".into() } else { rel })
 }
 
 #[cfg(test)]

@@ -341,7 +341,8 @@ fn place_mounts(
                     let r = assemble(lowerdirs, &tmp, &Skip::none())
                         .map_err(tree(what()))
                         .and_then(|_| {
-                            let src = tmp.join(sub);
+                            let src = rbuild_snapshot::resolve_in_root(&tmp, sub)
+                                .map_err(setup(format!("{}: source {subpath}", what())))?;
                             let md = std::fs::symlink_metadata(&src)
                                 .map_err(setup(format!("{}: source {subpath}", what())))?;
                             if md.is_dir() {

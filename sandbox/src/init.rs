@@ -751,11 +751,19 @@ fn extra_mount(
                 m.mount("overlay", &merged, "overlay", MountFlags::empty(), &data),
                 what,
             )?;
-            let src = merged.join(subpath.trim_start_matches('/'));
-            let md = ctx(std::fs::symlink_metadata(&src), || {
+            // The source resolved inside the layers (`..` and symlinks stay there), bound
+            // through its fd: never a path the kernel would resolve again in our namespace.
+            let fd = ctx(rbuild_snapshot::open_in_root(&merged, subpath), || {
                 format!("{}: source {subpath}", what())
             })?;
-            let t = ensure_mountpoint(rootfs, rel, md.is_dir(), created)?;
+            let st = ctx(rustix::fs::fstat(&fd).map_err(std::io::Error::from), what)?;
+            let is_dir =
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+            let src = PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&fd)
+            ));
+            let t = ensure_mountpoint(rootfs, rel, is_dir, created)?;
             ctx(m.bind(&src, &t), what)?;
             if !*discard_writes {
                 ctx(m.remount_ro(&t, false), what)?;

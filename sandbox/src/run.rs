@@ -302,7 +302,10 @@ fn materialize_layer_mounts(spec: &mut RunSpec) -> Result<(), RunError> {
         };
         let sub = subpath.trim_start_matches('/');
         let source = if lowerdirs.len() == 1 && !discard_writes {
-            lowerdirs[0].join(sub)
+            rbuild_snapshot::resolve_in_root(&lowerdirs[0], sub).map_err(setup(format!(
+                "RUN --mount at {}: source {subpath}",
+                m.target
+            )))?
         } else {
             let dir = scratch.join(format!("mount{i}-copy"));
             std::fs::create_dir_all(&dir).map_err(setup(format!("creating {}", dir.display())))?;
@@ -310,7 +313,10 @@ fn materialize_layer_mounts(spec: &mut RunSpec) -> Result<(), RunError> {
                 "copying the layers of the mount at {}",
                 m.target
             )))?;
-            dir.join(sub)
+            rbuild_snapshot::resolve_in_root(&dir, sub).map_err(setup(format!(
+                "RUN --mount at {}: source {subpath}",
+                m.target
+            )))?
         };
         m.source = MountSource::Bind {
             source,

@@ -39,6 +39,47 @@ pub fn open_dir_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
     .map_err(io::Error::from)
 }
 
+/// Opens `rel` below the directory `root` as an `O_PATH` fd, resolved as in a chroot: `..`
+/// stops at `root` and symlinks, absolute or relative, final component included, resolve
+/// inside it. `rel` may be absolute (`/` is `root`); the entry must exist.
+pub fn open_in_root(root: &Path, rel: &str) -> io::Result<OwnedFd> {
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let rel = rel.trim_start_matches('/');
+    openat2(
+        &root_fd,
+        if rel.is_empty() { "." } else { rel },
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(io::Error::from)
+}
+
+/// [`open_in_root`] as a path of this mount namespace, for code that must hand a path on
+/// (to another process, to a copy): the entry as resolved now, always below `root`.
+pub fn resolve_in_root(root: &Path, rel: &str) -> io::Result<std::path::PathBuf> {
+    use std::os::fd::AsRawFd;
+    let fd = open_in_root(root, rel)?;
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let root = std::fs::canonicalize(root)?;
+    if !path.starts_with(&root) {
+        // The root was moved or replaced meanwhile: refuse rather than guess.
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{rel} resolved to {}, outside {}",
+                path.display(),
+                root.display()
+            ),
+        ));
+    }
+    Ok(path)
+}
+
 /// Opens (creating as needed, mode 0755) the directory `rel` below `root`.
 pub fn mkdir_all_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
     match open_dir_in(root, rel) {

@@ -22,6 +22,7 @@ mod whiteout;
 pub use compress::{decompress, write_layer_blob, Compression, LayerBlob};
 pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
 pub use fsutil::clean as clean_components;
+pub use fsutil::{open_in_root, resolve_in_root};
 pub use tree::{
     assemble, clear_except, copy_overlay_tree, normalize_fuse_upper, AssembleStats, Baseline, Skip,
     TreeDiffStats, TreeError,
