@@ -1176,8 +1176,16 @@ impl Builder {
                                 *keep_git_dir,
                                 checksum.clone(),
                             );
+                            // An ssh agent only when the build forwards one (`--ssh default`).
+                            let agent = self.opts.ssh.get("default").cloned();
                             let co = tokio::task::spawn_blocking(move || {
-                                crate::remote::git_checkout(&store, &spec, keep, sum.as_deref())
+                                crate::remote::git_checkout(
+                                    &store,
+                                    &spec,
+                                    keep,
+                                    sum.as_deref(),
+                                    agent.as_deref(),
+                                )
                             })
                             .await??;
                             cleanup.0.push(co.dir.clone());

@@ -92,32 +92,85 @@ pub struct Checkout {
     pub commit: String,
 }
 
+/// The parts of an `ADD` git source `url[#ref[:subdir]]`, checked: a ref that git would take
+/// for an option, and a subdirectory that climbs out with `..`, are refused.
+fn git_source(spec: &str) -> Result<(&str, &str, &str)> {
+    let (url, frag) = spec.split_once('#').unwrap_or((spec, ""));
+    let (reference, subdir) = frag.split_once(':').unwrap_or((frag, ""));
+    if reference.starts_with('-') {
+        bail!("{spec}: git ref {reference:?} starts with '-', which git would take for an option");
+    }
+    if std::path::Path::new(subdir)
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        bail!("{spec}: subdirectory {subdir:?} climbs out of the repository with ..");
+    }
+    Ok((
+        url,
+        if reference.is_empty() {
+            "HEAD"
+        } else {
+            reference
+        },
+        subdir,
+    ))
+}
+
 /// Fetches `url[#ref[:subdir]]` with the `git` command into the store's temporary space.
+///
+/// git runs with a cleaned environment: no system or user configuration (a `~/.gitconfig`
+/// could rewrite URLs, add headers or run helpers), no credential helper, no terminal prompt,
+/// only the network protocols an ADD URL can name, and no ssh agent unless the build forwards
+/// one (`ssh_agent`, from `--ssh default`), as BuildKit requires. `checksum` must equal the
+/// commit in full.
 pub fn git_checkout(
     store: &Store,
     spec: &str,
     keep_git_dir: bool,
     checksum: Option<&str>,
+    ssh_agent: Option<&Path>,
 ) -> Result<Checkout> {
-    let (url, frag) = match spec.split_once('#') {
-        Some((u, f)) => (u, f),
-        None => (spec, ""),
-    };
-    let (reference, subdir) = match frag.split_once(':') {
-        Some((r, s)) => (r, s),
-        None => (frag, ""),
-    };
-    let reference = if reference.is_empty() {
-        "HEAD"
-    } else {
-        reference
-    };
+    let (url, reference, subdir) = git_source(spec)?;
+    if checksum.is_some_and(|c| c.is_empty()) {
+        bail!("{spec}: --checksum is empty");
+    }
     let dir = store.temp_dir("git")?;
+    let home = store.temp_dir("git-home")?;
     let git = |args: &[&str]| -> Result<String> {
-        let out = Command::new("git")
+        let mut cmd = Command::new("git");
+        cmd.args(["-c", "credential.helper=", "-c", "core.hooksPath=/dev/null"])
             .args(args)
             .current_dir(&dir)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
+            .env("HOME", &home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ALLOW_PROTOCOL", "http:https:git:ssh")
+            .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
+        for v in [
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+        ] {
+            if let Some(x) = std::env::var_os(v) {
+                cmd.env(v, x);
+            }
+        }
+        if let Some(sock) = ssh_agent {
+            cmd.env("SSH_AUTH_SOCK", sock);
+        }
+        let out = cmd
             .output()
             .map_err(|e| anyhow!("running git (is it installed?): {e}"))?;
         if !out.status.success() {
@@ -131,14 +184,16 @@ pub fn git_checkout(
     };
     let res = (|| -> Result<String> {
         git(&["init", "-q"])?;
-        git(&["remote", "add", "origin", url])?;
-        // A shallow fetch where the server allows it; dumb-HTTP servers do not.
-        if git(&["fetch", "-q", "--depth", "1", "origin", reference]).is_err() {
-            git(&["fetch", "-q", "origin", reference])?;
+        git(&["remote", "add", "--", "origin", url])?;
+        // A shallow fetch where the server allows it; dumb-HTTP servers do not. `--` ends the
+        // options: nothing after it is taken for one.
+        if git(&["fetch", "-q", "--depth", "1", "--", "origin", reference]).is_err() {
+            git(&["fetch", "-q", "--", "origin", reference])?;
         }
         git(&["checkout", "-q", "FETCH_HEAD"])?;
         git(&["rev-parse", "HEAD"])
     })();
+    let _ = rbuild_cache::remove_tree(&home);
     let commit = match res {
         Ok(c) => c,
         Err(e) => {
@@ -147,19 +202,22 @@ pub fn git_checkout(
         }
     };
     if let Some(want) = checksum {
-        if !commit.starts_with(want) {
+        if want != commit {
             let _ = rbuild_cache::remove_tree(&dir);
-            bail!("checksum mismatch for {spec}: --checksum={want}, commit is {commit}");
+            bail!("checksum mismatch for {spec}: --checksum={want}, commit is {commit} (the full commit is compared)");
         }
     }
     if !keep_git_dir {
         rbuild_cache::remove_tree(&dir.join(".git"))?;
     }
-    let root = dir.join(subdir.trim_start_matches('/'));
-    if !root.is_dir() {
+    // Inside the checkout: a symlink in the repository resolves in it, never on this machine.
+    let root = rbuild_snapshot::resolve_in_root(&dir, subdir)
+        .ok()
+        .filter(|r| r.is_dir());
+    let Some(root) = root else {
         let _ = rbuild_cache::remove_tree(&dir);
         bail!("{spec}: no directory {subdir:?} in the repository");
-    }
+    };
     Ok(Checkout { dir, root, commit })
 }
 
@@ -189,6 +247,26 @@ pub fn is_context_url(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn git_sources_refuse_option_refs_and_climbing_subdirs() {
+        assert_eq!(
+            git_source("https://h/r.git").unwrap(),
+            ("https://h/r.git", "HEAD", "")
+        );
+        assert_eq!(
+            git_source("https://h/r.git#v1:docs/x").unwrap(),
+            ("https://h/r.git", "v1", "docs/x")
+        );
+        let e = git_source("https://h/r.git#--upload-pack=touch /tmp/x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("starts with '-'"), "{e}");
+        let e = git_source("https://h/r.git#main:docs/../../etc")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("climbs out of the repository"), "{e}");
+    }
 
     #[test]
     fn url_kinds() {

@@ -152,3 +152,131 @@ fn bind_mount_sources_resolve_inside_a_stage() {
         "the missing source is named:\n{log}"
     );
 }
+
+/// Two git repositories published for git's dumb HTTP protocol: `repo.git` (README "repo",
+/// `docs/guide`, a symlink `hostetc` to `/etc`) and `other.git` (README "other").
+fn git_site() -> (tempfile::TempDir, HttpServer, String) {
+    ensure_tools();
+    let site = tempfile::tempdir().unwrap();
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        ok(Command::new("git")
+            .args(["-c", "user.email=t@e", "-c", "user.name=t"])
+            .args(args)
+            .current_dir(dir))
+    };
+    for (name, readme) in [("repo", "repo\n"), ("other", "other\n")] {
+        let src = site.path().join(format!("{name}-src"));
+        std::fs::create_dir_all(src.join("docs")).unwrap();
+        std::fs::write(src.join("README"), readme).unwrap();
+        std::fs::write(src.join("docs/guide"), "guide\n").unwrap();
+        std::os::unix::fs::symlink("/etc", src.join("hostetc")).unwrap();
+        git(&src, &["init", "-q", "-b", "main"]);
+        git(&src, &["add", "."]);
+        git(&src, &["commit", "-q", "-m", "one"]);
+        git(
+            site.path(),
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                &format!("{name}-src"),
+                &format!("{name}.git"),
+            ],
+        );
+        git(
+            &site.path().join(format!("{name}.git")),
+            &["update-server-info"],
+        );
+    }
+    let commit = git(&site.path().join("repo-src"), &["rev-parse", "HEAD"])
+        .trim()
+        .to_string();
+    let server = HttpServer::serve(site.path());
+    (site, server, commit)
+}
+
+/// Builds `FROM scratch` + `add` (ADD lines) with `HOME=home`; returns (status ok, log, out).
+fn build_add(add: &str, home: &std::path::Path) -> (bool, String, tempfile::TempDir) {
+    let ctx = context(&[("Dockerfile", &format!("FROM scratch\n{add}"))]);
+    let t = tempfile::tempdir().unwrap();
+    let res = run(rbuild(&t.path().join("store"))
+        .env("HOME", home)
+        .arg(format!(
+            "--output=type=local,dest={}",
+            t.path().join("out").display()
+        ))
+        .arg(ctx.path()));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr)
+    );
+    (res.status.success(), log, t)
+}
+
+#[test]
+fn add_of_git_refuses_option_refs_and_escaping_subdirs_and_ignores_the_users_git_config() {
+    let (_site, server, commit) = git_site();
+    let u = &server.url;
+    let home = tempfile::tempdir().unwrap();
+    // The user's ~/.gitconfig would send the fetch of repo.git to other.git.
+    std::fs::write(
+        home.path().join(".gitconfig"),
+        format!("[url \"{u}/other.git\"]\n\tinsteadOf = {u}/repo.git\n"),
+    )
+    .unwrap();
+    let (ok_, log, t) = build_add(&format!("ADD {u}/repo.git#main /repo/\n"), home.path());
+    assert!(ok_, "{log}");
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("out/repo/README")).unwrap(),
+        "repo\n",
+        "git read the user's configuration"
+    );
+    // A ref git would take for an option.
+    let marker = home.path().join("pwned");
+    let (ok_, log, _t) = build_add(
+        &format!(
+            "ADD {u}/repo.git#--upload-pack=touch\\ {} /repo/\n",
+            marker.display()
+        ),
+        home.path(),
+    );
+    assert!(!ok_ && log.contains("starts with '-'"), "{log}");
+    assert!(!marker.exists(), "git ran the ref as an option");
+    // A subdirectory that climbs out, and one that is a symlink to the machine's /etc.
+    let (ok_, log, _t) = build_add(
+        &format!("ADD {u}/repo.git#main:docs/../.. /x/\n"),
+        home.path(),
+    );
+    assert!(
+        !ok_ && log.contains("climbs out of the repository"),
+        "{log}"
+    );
+    let (ok_, log, t) = build_add(&format!("ADD {u}/repo.git#main:hostetc /x/\n"), home.path());
+    assert!(
+        !ok_ && log.contains("no directory \"hostetc\" in the repository"),
+        "{log}"
+    );
+    assert!(!t.path().join("out/x/passwd").exists());
+    // --checksum is the whole commit: a prefix (or nothing) never matches.
+    let (ok_, log, _t) = build_add(
+        &format!(
+            "ADD --checksum={} {u}/repo.git#main /repo/\n",
+            &commit[..12]
+        ),
+        home.path(),
+    );
+    assert!(
+        !ok_ && log.contains("checksum mismatch") && log.contains("the full commit is compared"),
+        "{log}"
+    );
+    let (ok_, log, t) = build_add(
+        &format!("ADD --checksum={commit} {u}/repo.git#main:docs /docs/\n"),
+        home.path(),
+    );
+    assert!(ok_, "{log}");
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("out/docs/guide")).unwrap(),
+        "guide\n"
+    );
+}
