@@ -122,8 +122,8 @@ fn git_source(spec: &str) -> Result<(&str, &str, &str)> {
 /// git runs with a cleaned environment: no system or user configuration (a `~/.gitconfig`
 /// could rewrite URLs, add headers or run helpers), no credential helper, no terminal prompt,
 /// only the network protocols an ADD URL can name, and no ssh agent unless the build forwards
-/// one (`ssh_agent`, from `--ssh default`), as BuildKit requires. `checksum` must equal the
-/// commit in full.
+/// one (`ssh_agent`, from `--ssh default`), as BuildKit requires. `checksum` is the commit
+/// or a hex prefix of it, as in BuildKit; an empty one never matches.
 pub fn git_checkout(
     store: &Store,
     spec: &str,
@@ -132,8 +132,10 @@ pub fn git_checkout(
     ssh_agent: Option<&Path>,
 ) -> Result<Checkout> {
     let (url, reference, subdir) = git_source(spec)?;
-    if checksum.is_some_and(|c| c.is_empty()) {
-        bail!("{spec}: --checksum is empty");
+    // As BuildKit: a hex commit hash or a prefix of one; empty or anything else never matches.
+    if let Some(c) = checksum.filter(|c| c.is_empty() || !c.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        bail!("{spec}: invalid checksum {c:?} for a git URL, expected a hex commit hash");
     }
     let dir = store.temp_dir("git")?;
     let home = store.temp_dir("git-home")?;
@@ -202,9 +204,9 @@ pub fn git_checkout(
         }
     };
     if let Some(want) = checksum {
-        if want != commit {
+        if !commit.starts_with(&want.to_ascii_lowercase()) {
             let _ = rbuild_cache::remove_tree(&dir);
-            bail!("checksum mismatch for {spec}: --checksum={want}, commit is {commit} (the full commit is compared)");
+            bail!("checksum mismatch for {spec}: expected checksum to match {want}, got {commit}");
         }
     }
     if !keep_git_dir {
