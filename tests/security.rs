@@ -290,3 +290,58 @@ fn add_of_git_refuses_option_refs_escaping_subdirs_and_empty_checksums_and_ignor
         "guide\n"
     );
 }
+
+#[test]
+fn the_store_is_private_to_its_owner() {
+    ensure_tools();
+    // A parent every user may traverse, and a store an older rbuild left world-readable.
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    ok(Command::new("chmod").arg("755").arg(t.path()));
+    let store = t.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    ok(Command::new("chmod").arg("755").arg(&store));
+    let ctx = tempfile::tempdir().unwrap();
+    write_busybox_context(
+        ctx.path(),
+        "RUN cp /bin/busybox /suid && chmod 4755 /suid\n",
+    );
+    let res = run(Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(&store)
+        .arg(ctx.path()));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&store).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // The image's setuid-root file is on disk in the store, and no other user reaches it.
+    let suid = walkdir::WalkDir::new(store.join("layers"))
+        .into_iter()
+        .flatten()
+        .find(|e| {
+            e.file_name() == "suid"
+                && e.metadata()
+                    .is_ok_and(|m| m.permissions().mode() & 0o4000 != 0)
+        })
+        .expect("the layer holds the setuid file")
+        .into_path();
+    for probe in [
+        vec!["ls", store.join("layers").to_str().unwrap()],
+        vec!["test", "-e", suid.to_str().unwrap()],
+    ] {
+        let out = run(Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .args(&probe));
+        assert!(
+            !out.status.success(),
+            "another user ran {probe:?} in the store"
+        );
+    }
+}

@@ -161,8 +161,20 @@ static STORE_LOCKS: Mutex<Option<HashMap<PathBuf, Weak<StoreLock>>>> = Mutex::ne
 /// Owner locks of this process by root; held until the process ends.
 static OWNER_LOCKS: Mutex<Option<HashMap<PathBuf, File>>> = Mutex::new(None);
 
+/// Makes the store's root directory 0700 when it is ours: the layers below it hold what images
+/// hold (setuid files, devices, secrets of cache mounts), which no other user of the machine
+/// may reach. A root someone else owns (an administrator's shared store) is left as it is.
+fn private_root(root: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = fs::metadata(root).map_err(io_err(root))?;
+    if md.uid() == rustix::process::geteuid().as_raw() && md.mode() & 0o077 != 0 {
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io_err(root))?;
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Opens (creating if needed) the store at `root`: takes the shared store lock (waiting
+    /// Opens (creating if needed) the store at `root`, private to its owner: takes the shared store lock (waiting
     /// while a prune holds it exclusively), this process's owner lock, and removes `tmp/`
     /// entries left by dead processes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
@@ -178,6 +190,7 @@ impl Store {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
+        private_root(root)?;
         let root = root.canonicalize().map_err(io_err(root))?;
         let lock = {
             let mut map = STORE_LOCKS.lock().unwrap();
