@@ -1779,13 +1779,11 @@ impl Builder {
                             fs::read(f)
                                 .with_context(|| format!("secret {id}: reading {}", f.display()))?,
                         ),
-                        Some(SecretSource::Env(v)) => Some(
-                            std::env::var(v)
-                                .map_err(|_| {
-                                    anyhow!("secret {id}: environment variable {v} is not set")
-                                })?
-                                .into_bytes(),
-                        ),
+                        Some(SecretSource::Env { var, value }) => {
+                            Some(value.clone().ok_or_else(|| {
+                                anyhow!("secret {id}: environment variable {var} is not set")
+                            })?)
+                        }
                         None => None,
                     };
                     let Some(value) = value else {

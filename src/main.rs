@@ -519,6 +519,13 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         )
     };
 
+    // Secrets from environment variables leave the environment (still single-threaded), and
+    // nothing that shares this PID namespace may read this process's memory or /proc files:
+    // only a process with CAP_SYS_PTRACE over it could, never a RUN step.
+    let secrets = rbuild::mounts::parse_secrets(&args.secrets)?;
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .context("making rbuild non-dumpable")?;
+
     // SOURCE_DATE_EPOCH: --build-arg wins over the environment; --reproducible defaults it to 0.
     // Set while the process is still single-threaded.
     let build_args = parse_build_args(&args.build_args);
@@ -601,7 +608,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         network: args.network,
         compression: args.compression,
         platform: args.platform.clone(),
-        secrets: rbuild::mounts::parse_secrets(&args.secrets)?,
+        secrets,
         build_contexts: parse_named_contexts(&args.build_contexts)?,
         ssh: rbuild::mounts::parse_ssh(&args.ssh)?,
         cache_from,

@@ -5,16 +5,39 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Where a `--secret` comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum SecretSource {
     /// A file's content.
     File(PathBuf),
-    /// An environment variable of the rbuild process.
-    Env(String),
+    /// An environment variable of the rbuild process: its value, taken out of the environment
+    /// when the secrets are parsed (`None`: it was not set).
+    Env {
+        /// The variable's name.
+        var: String,
+        /// Its value.
+        value: Option<Vec<u8>>,
+    },
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            // Never the value.
+            SecretSource::Env { var, value } => f
+                .debug_struct("Env")
+                .field("var", var)
+                .field("set", &value.is_some())
+                .finish(),
+        }
+    }
 }
 
 /// Parses `--secret id=ID[,src=FILE|,env=VAR]` values (like buildx: with neither, the
-/// environment variable named ID).
+/// environment variable named ID). The values of environment variables are read now and the
+/// variables removed from rbuild's environment, so no process rbuild starts inherits them and
+/// none is kept where a step sharing rbuild's PID namespace could look. Call it before any
+/// thread exists.
 pub fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, SecretSource>> {
     let mut out = BTreeMap::new();
     for spec in specs {
@@ -25,8 +48,11 @@ pub fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, SecretSource>>
             .ok_or_else(|| anyhow!("--secret {spec:?}: id= is required"))?;
         let src = match (kv.get("src").or(kv.get("source")), kv.get("env")) {
             (Some(f), _) => SecretSource::File(PathBuf::from(f)),
-            (None, Some(e)) => SecretSource::Env(e.clone()),
-            (None, None) => SecretSource::Env(id.clone()),
+            (None, e) => {
+                let var = e.unwrap_or(&id).clone();
+                let value = rbuild_sandbox::take_env(&var);
+                SecretSource::Env { var, value }
+            }
         };
         out.insert(id, src);
     }

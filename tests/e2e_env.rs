@@ -127,7 +127,10 @@ fn locked_proc_masks_build_with_a_shared_pid_namespace() {
          RUN for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done > /cmdlines; \
              grep -c '[b]uild --progress' /cmdlines > /builder-visible; grep -c '^sleep 1000' /cmdlines > /sleepers; \
              for p in /proc/[0-9]*; do cat $p/environ 2>/dev/null; done | tr '\\0' '\\n' | grep -c RBUILD_TEST_SECRET > /environ-read; \
-             rm /cmdlines; true\n",
+             rm /cmdlines; true\n\
+         RUN grep NoNewPrivs /proc/self/status | tr -d ' \\t' > /nnp; \
+             for p in /proc/[0-9]*; do if tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '[b]uild --progress'; then \
+             ls $p/root/ 2>/dev/null | wc -l > /root-walk; head -c 1 $p/mem 2>/dev/null | wc -c > /mem-read; fi; done; true\n",
     );
     let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dest = out.path().join("r");
@@ -181,6 +184,32 @@ fn locked_proc_masks_build_with_a_shared_pid_namespace() {
         read(dest.join("sleepers")).trim(),
         "0",
         "the first step's background process ended with it"
+    );
+    // rbuild is not dumpable, and the step gains no privilege (issue 10, item 4).
+    assert_eq!(
+        read(dest.join("nnp")).trim(),
+        "NoNewPrivs:1",
+        "a step sharing rbuild's PID namespace runs with no_new_privs"
+    );
+    assert_eq!(
+        read(dest.join("root-walk")).trim(),
+        "0",
+        "a step walked rbuild's root through /proc"
+    );
+    assert_eq!(
+        read(dest.join("mem-read")).trim(),
+        "0",
+        "a step read rbuild's memory"
+    );
+    let warning = err
+        .lines()
+        .find(|l| l.starts_with("WARNING: the masks on /proc"))
+        .unwrap();
+    assert!(
+        warning.contains("not dumpable")
+            && warning.contains("no_new_privs")
+            && warning.contains("can end the build"),
+        "{warning}"
     );
 }
 

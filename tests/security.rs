@@ -345,3 +345,72 @@ fn the_store_is_private_to_its_owner() {
         );
     }
 }
+
+#[test]
+fn secrets_from_the_environment_leave_rbuilds_environment() {
+    ensure_tools();
+    let ctx = tempfile::tempdir().unwrap();
+    write_busybox_context(
+        ctx.path(),
+        "RUN --mount=type=secret,id=tok cat /run/secrets/tok > /got; sleep 3\n",
+    );
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store-env-secret");
+    let mut child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args([
+            "build",
+            "--progress=plain",
+            "--secret",
+            "id=tok,env=RBUILD_TEST_TOKEN",
+            "--root",
+        ])
+        .arg(&store)
+        .arg(format!(
+            "--output=type=local,dest={}",
+            t.path().join("out").display()
+        ))
+        .arg(ctx.path())
+        .env("RBUILD_TEST_TOKEN", "tok-5e1c9a")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the step runs: rbuild's /proc/PID/environ (as root sees it) holds no token.
+    let mut seen = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.is_none()
+        && std::time::Instant::now() < deadline
+        && child.try_wait().unwrap().is_none()
+    {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with(rbuild_bin().to_str().unwrap())
+                && cmdline.contains("store-env-secret")
+            {
+                let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+                if !environ.is_empty() {
+                    seen = Some(String::from_utf8_lossy(&environ).into_owned());
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let environ = seen.expect("rbuild's environment was never read");
+    assert!(
+        !environ.contains("tok-5e1c9a"),
+        "the secret stayed in rbuild's environment"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("out/got")).unwrap(),
+        "tok-5e1c9a",
+        "the step still gets the secret"
+    );
+}

@@ -518,6 +518,14 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
             );
             sys::exit_now(126);
         }
+        if shared {
+            // Sharing rbuild's PID namespace, the step gains no privilege through a setuid or
+            // file-capability binary with which to reach rbuild.
+            if let Err(e) = rustix::thread::set_no_new_privs(true) {
+                let _ = writeln!(status, "error:setting no_new_privs: {e}");
+                sys::exit_now(126);
+            }
+        }
         if let Some(ProcessLimit::Rlimit(n)) = spec.limits.pids {
             // Set here, inside the step's user namespace, so the kernel counts the processes of
             // this namespace's users (the helper and init among them), never rbuild's or other

@@ -42,6 +42,7 @@ pub use spec::{
     human_bytes, Isolation, Limits, Mount, MountSource, Network, ProcessLimit, RunSpec,
     RunSpecBuilder, Snapshotter, SpecError,
 };
+pub use sys::take_env;
 pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};
 
 /// argv\[1\] that makes the rbuild binary act as the RUN-step helper.

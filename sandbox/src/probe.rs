@@ -127,8 +127,9 @@ impl SandboxMode {
                         Isolation::SharedPid,
                         Some(format!(
                             "{why}. RUN steps therefore share rbuild's PID namespace and see its masked /proc instead of their own: a step can \
-                             see every process of the container and signal those of its own user (rbuild included), and what it leaves running is \
-                             ended by rbuild, not by the kernel. To get the full sandbox back: {PROC_FIX}. --isolation=strict refuses to build without it"
+                             see every process of the container, their command lines, and signal those of its own user (rbuild included: a step \
+                             can end the build), and what it leaves running is ended by rbuild, not by the kernel. It cannot read rbuild's memory, \
+                             environment or files through /proc (rbuild is not dumpable) nor gain privileges (no_new_privs). To get the full sandbox back: {PROC_FIX}. --isolation=strict refuses to build without it"
                         )),
                     ));
                 }

@@ -250,6 +250,28 @@ pub fn unblock_all_signals() {
     }
 }
 
+/// Takes the environment variable `name` out of this process: returns its value, overwrites
+/// the value's bytes where they lie (for a variable given at exec that is the block
+/// `/proc/PID/environ` shows, which unsetting alone leaves as it was) and unsets it. Call it
+/// while this process has one thread: nothing else may read the environment meanwhile.
+pub fn take_env(name: &str) -> Option<Vec<u8>> {
+    let value = std::env::var_os(name)?.into_encoded_bytes();
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getenv returns null or a pointer to the NUL-terminated value inside the
+    // environment; the process is single-threaded (the caller's contract), so nothing else
+    // reads or changes the environment while the value's own bytes (strlen of them, never its
+    // terminator) are overwritten before the variable is unset.
+    unsafe {
+        let p = libc::getenv(c.as_ptr());
+        if !p.is_null() {
+            let len = libc::strlen(p);
+            std::ptr::write_bytes(p, 0, len);
+        }
+    }
+    std::env::remove_var(name);
+    Some(value)
+}
+
 /// The status pipe the builder placed at fd 3 of a RUN helper.
 pub fn status_fd3() -> std::fs::File {
     use std::os::fd::FromRawFd;
