@@ -279,11 +279,25 @@ mod tests {
 
     #[test]
     fn secrets_parse() {
-        let s =
-            parse_secrets(&["id=a,src=/f".into(), "id=b,env=TOKEN".into(), "id=C".into()]).unwrap();
+        let s = parse_secrets(&[
+            "id=a,src=/f".into(),
+            "id=b,env=RBUILD_UNSET_TEST_TOKEN".into(),
+            "id=RBUILD_UNSET_TEST_C".into(),
+        ])
+        .unwrap();
         assert_eq!(s["a"], SecretSource::File("/f".into()));
-        assert_eq!(s["b"], SecretSource::Env("TOKEN".into()));
-        assert_eq!(s["C"], SecretSource::Env("C".into()));
+        // Neither variable is set (reading a set one would change this test's environment).
+        let unset = |var: &str| SecretSource::Env {
+            var: var.into(),
+            value: None,
+        };
+        assert_eq!(s["b"], unset("RBUILD_UNSET_TEST_TOKEN"));
+        assert_eq!(s["RBUILD_UNSET_TEST_C"], unset("RBUILD_UNSET_TEST_C"));
+        assert_eq!(
+            format!("{:?}", s["b"]),
+            "Env { var: \"RBUILD_UNSET_TEST_TOKEN\", set: false }",
+            "Debug never shows a value"
+        );
         assert!(parse_secrets(&["src=/f".into()]).is_err());
     }
 }
