@@ -42,6 +42,9 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// `--pull`: ask registries what base image tags point to, whatever the store knows.
     pub pull: bool,
+    /// `--stale-tag-max-age`: the oldest resolution of a base image tag used while its
+    /// registry cannot be reached.
+    pub stale_tag_max_age: std::time::Duration,
     /// Network of RUN steps.
     pub network: NetworkArg,
     /// Layer compression.
@@ -329,6 +332,8 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         insecure: opts.insecure_registries.clone(),
         platform: (os.to_string(), arch.to_string()),
         always_resolve: opts.pull,
+        max_stale: opts.stale_tag_max_age,
+        timeouts: crate::registry::Timeouts::default(),
     });
     let ctx_hasher = crate::ctxhash::ContextHasher::new(store.clone());
     let rootfs = crate::fallback::RootfsMode::new(

@@ -307,6 +307,11 @@ pub struct BuildArgs {
     #[arg(long)]
     pub pull: bool,
 
+    /// When a base image's registry cannot be reached, use what its tag pointed to at the
+    /// last successful resolution only if that is at most this old (`30m`, `24h`, `7d`).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub stale_tag_max_age: std::time::Duration,
+
     /// Network of RUN steps.
     #[arg(long, value_enum, default_value = "host")]
     pub network: NetworkArg,

@@ -605,6 +605,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         insecure_registries: args.insecure_registries.clone(),
         no_cache: args.no_cache,
         pull: args.pull,
+        stale_tag_max_age: args.stale_tag_max_age,
         network: args.network,
         compression: args.compression,
         platform: args.platform.clone(),

@@ -151,6 +151,11 @@ pub struct RegistryOptions {
     /// Ask the registry what a tag points to on every [`Registry::resolve`] (`--pull`),
     /// instead of using a resolution younger than [`TAG_TTL`] kept in the store.
     pub always_resolve: bool,
+    /// The oldest kept resolution used when the registry cannot be reached
+    /// (`--stale-tag-max-age`); an older one fails the build as the outage does.
+    pub max_stale: std::time::Duration,
+    /// How long to wait on a registry.
+    pub timeouts: Timeouts,
 }
 
 impl Default for RegistryOptions {
@@ -159,7 +164,50 @@ impl Default for RegistryOptions {
             insecure: Vec::new(),
             platform: ("linux".into(), "amd64".into()),
             always_resolve: false,
+            max_stale: DEFAULT_MAX_STALE,
+            timeouts: Timeouts::default(),
         }
+    }
+}
+
+/// How old a kept tag resolution may be to stand in for a registry that cannot be reached.
+pub const DEFAULT_MAX_STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// How long rbuild waits on the network (registries, `ADD <url>`, context URLs): for a
+/// connection, and for the next bytes of an answer. The second is an idle timeout: a slow
+/// transfer that keeps moving is never cut off, a stalled one ends in an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Until a connection is made.
+    pub connect: std::time::Duration,
+    /// Between two reads of an answer.
+    pub idle: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    /// 30 s to connect, 60 s idle; `RBUILD_CONNECT_TIMEOUT` and `RBUILD_IDLE_TIMEOUT` (whole
+    /// seconds) change them.
+    fn default() -> Self {
+        let secs = |var: &str, default: u64| {
+            let v = std::env::var(var)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|s| *s > 0);
+            std::time::Duration::from_secs(v.unwrap_or(default))
+        };
+        Timeouts {
+            connect: secs("RBUILD_CONNECT_TIMEOUT", 30),
+            idle: secs("RBUILD_IDLE_TIMEOUT", 60),
+        }
+    }
+}
+
+impl Timeouts {
+    /// An HTTP client builder with these timeouts.
+    pub fn http_client(&self) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .connect_timeout(self.connect)
+            .read_timeout(self.idle)
     }
 }
 
@@ -547,6 +595,8 @@ impl Registry {
                 ClientProtocol::Https
             },
             max_concurrent_download: PULL_CONCURRENCY,
+            connect_timeout: Some(self.opts.timeouts.connect),
+            read_timeout: Some(self.opts.timeouts.idle),
             ..Default::default()
         };
         let tls_error = |message: String| RegistryError::Tls {
@@ -684,10 +734,11 @@ impl Registry {
             }
             // The registry is down, throttling or failing: a build that worked a moment
             // ago keeps working. Refusals and unknown tags are real answers, not outages.
+            // Only up to an age: a resolution older than that is no longer what the tag means.
             (
                 Err(e @ (RegistryError::Unreachable { .. } | RegistryError::Registry { .. })),
                 Some((age, mut image)),
-            ) => {
+            ) if age <= self.opts.max_stale => {
                 image.resolution = Resolution::Stale(age, e.to_string());
                 Ok(image)
             }

@@ -36,7 +36,7 @@ pub fn is_http_url(s: &str) -> bool {
 /// Downloads `url` into the store's temporary space, hashing it on the way, and checks it
 /// against `checksum` (`sha256:…`) when given.
 pub async fn download(store: &Store, url: &str, checksum: Option<&str>) -> Result<Download> {
-    let client = reqwest::Client::builder().build()?;
+    let client = crate::registry::Timeouts::default().http_client().build()?;
     let resp = client
         .get(url)
         .send()

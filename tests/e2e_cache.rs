@@ -630,6 +630,19 @@ fn base_image_tags_are_not_asked_again_for_a_while_and_survive_an_outage() {
     let (stale, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert_eq!(stale, pulled);
     assert!(log.contains("because the registry did not answer"), "{log}");
+    assert!(
+        log.contains("using what it pointed to 36"),
+        "the warning names the age (an hour): {log}"
+    );
+    // Only up to --stale-tag-max-age: an hour-old resolution is too old for 30 minutes.
+    let (ok, log) = all_output(
+        rbuild_ns(
+            &root,
+            &["build", "--progress=plain", "--stale-tag-max-age", "30m"],
+        )
+        .arg(ctx.path()),
+    );
+    assert!(!ok && log.contains("is unreachable"), "{log}");
     reg.restart();
     // Back up and past the TTL: asked again, and the answer is kept.
     let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);

@@ -414,3 +414,44 @@ fn secrets_from_the_environment_leave_rbuilds_environment() {
         "the step still gets the secret"
     );
 }
+
+#[test]
+fn a_stalled_registry_ends_in_a_clear_error_not_a_hang() {
+    ensure_tools();
+    // A "registry" that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM 127.0.0.1:{port}/busybox:latest\nRUN true\n"),
+    )]);
+    let t = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let res = run(rbuild(&t.path().join("store"))
+        .env("RBUILD_IDLE_TIMEOUT", "2")
+        .arg(ctx.path()));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains(&format!("registry 127.0.0.1:{port} is unreachable"))
+            && err.contains("Dockerfile:1"),
+        "{err}"
+    );
+    println!(
+        "{}",
+        err.lines()
+            .find(|l| l.contains("unreachable"))
+            .unwrap_or_default()
+    );
+}
