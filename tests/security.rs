@@ -433,7 +433,12 @@ fn a_stalled_registry_ends_in_a_clear_error_not_a_hang() {
     )]);
     let t = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
-    let res = run(rbuild(&t.path().join("store"))
+    // Without an idle timeout this would hang: 120 s ends it, and the test fails.
+    let res = run(Command::new("timeout")
+        .arg("120")
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(t.path().join("store"))
         .env("RBUILD_IDLE_TIMEOUT", "2")
         .arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
