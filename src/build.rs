@@ -45,6 +45,9 @@ pub struct BuildOptions {
     /// `--stale-tag-max-age`: the oldest resolution of a base image tag used while its
     /// registry cannot be reached.
     pub stale_tag_max_age: std::time::Duration,
+    /// `--allow-link-local-urls`: `ADD <url>` may fetch from link-local (cloud metadata)
+    /// addresses.
+    pub allow_link_local_urls: bool,
     /// Network of RUN steps.
     pub network: NetworkArg,
     /// Layer compression.
@@ -1202,8 +1205,13 @@ impl Builder {
                         rbuild_dag::dispatch::CopySource::Path(p)
                             if *is_add && crate::remote::is_http_url(p) =>
                         {
-                            let d = crate::remote::download(&self.store, p, checksum.as_deref())
-                                .await?;
+                            let d = crate::remote::download(
+                                &self.store,
+                                p,
+                                checksum.as_deref(),
+                                self.opts.allow_link_local_urls,
+                            )
+                            .await?;
                             cleanup.0.push(d.path.clone());
                             h.update(p.as_bytes());
                             h.update(d.digest.as_str().as_bytes());

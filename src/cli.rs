@@ -312,6 +312,12 @@ pub struct BuildArgs {
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     pub stale_tag_max_age: std::time::Duration,
 
+    /// Let `ADD <url>` and context URLs fetch from link-local addresses (169.254.0.0/16,
+    /// fe80::/10, fd00:ec2::254), where clouds serve the machine's metadata and credentials;
+    /// refused by default.
+    #[arg(long)]
+    pub allow_link_local_urls: bool,
+
     /// Network of RUN steps.
     #[arg(long, value_enum, default_value = "host")]
     pub network: NetworkArg,

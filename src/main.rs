@@ -565,7 +565,12 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
             Box::new(std::io::stdin())
         } else if from_url {
             let url = context_arg.to_string_lossy().into_owned();
-            let d = runtime.block_on(rbuild::remote::download(&store, &url, None))?;
+            let d = runtime.block_on(rbuild::remote::download(
+                &store,
+                &url,
+                None,
+                args.allow_link_local_urls,
+            ))?;
             _download.0.push(d.path.clone());
             Box::new(std::fs::File::open(&d.path)?)
         } else {
@@ -606,6 +611,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         no_cache: args.no_cache,
         pull: args.pull,
         stale_tag_max_age: args.stale_tag_max_age,
+        allow_link_local_urls: args.allow_link_local_urls,
         network: args.network,
         compression: args.compression,
         platform: args.platform.clone(),

@@ -33,15 +33,106 @@ pub fn is_http_url(s: &str) -> bool {
     (s.starts_with("https://") || s.starts_with("http://")) && !is_git_url(s)
 }
 
+/// Whether `ip` is where clouds serve instance metadata and credentials to the machine itself:
+/// link-local IPv4 (169.254.0.0/16), link-local IPv6 (fe80::/10) and AWS's fd00:ec2::254.
+/// `ADD <url>` fetches from the build machine's network, so a Dockerfile naming such an
+/// address would read the machine's cloud credentials into the image.
+pub fn is_metadata_address(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+    }
+}
+
+const METADATA_HINT: &str = "a link-local (cloud metadata) address, refused by default: pass --allow-link-local-urls to fetch from it";
+
+/// A resolver that leaves out metadata addresses ([`is_metadata_address`]): a name that
+/// resolves only to such addresses fails to connect.
+struct NoMetadataResolver;
+
+impl reqwest::dns::Resolve for NoMetadataResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let h = host.clone();
+            let all: Vec<std::net::SocketAddr> = tokio::task::spawn_blocking(move || {
+                std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), 0)).map(|a| a.collect())
+            })
+            .await??;
+            let kept: Vec<std::net::SocketAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| !is_metadata_address(a.ip()))
+                .collect();
+            if kept.is_empty() && !all.is_empty() {
+                return Err(format!("{host} resolves to {METADATA_HINT}").into());
+            }
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Refuses `url` when its host is a metadata address written as an IP (names are checked when
+/// they are resolved, [`NoMetadataResolver`]).
+fn check_url_host(url: &reqwest::Url) -> Result<(), String> {
+    let host = url.host_str().unwrap_or_default();
+    let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    else {
+        return Ok(());
+    };
+    if is_metadata_address(ip) {
+        return Err(format!("{url}: {ip} is {METADATA_HINT}"));
+    }
+    Ok(())
+}
+
+/// The HTTP client of `ADD <url>` and context URLs: the network timeouts, and, unless
+/// `allow_link_local`, no connection to a metadata address, also not through a redirect or a
+/// name that resolves to one.
+fn url_client(allow_link_local: bool) -> Result<reqwest::Client> {
+    let mut b = crate::registry::Timeouts::default().http_client();
+    if !allow_link_local {
+        b = b
+            .dns_resolver(NoMetadataResolver)
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.previous().len() >= 10 {
+                    return attempt.error("too many redirects");
+                }
+                match check_url_host(attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(e) => attempt.error(e),
+                }
+            }));
+    }
+    Ok(b.build()?)
+}
+
 /// Downloads `url` into the store's temporary space, hashing it on the way, and checks it
-/// against `checksum` (`sha256:…`) when given.
-pub async fn download(store: &Store, url: &str, checksum: Option<&str>) -> Result<Download> {
-    let client = crate::registry::Timeouts::default().http_client().build()?;
+/// against `checksum` (`sha256:…`) when given. Metadata addresses are refused unless
+/// `allow_link_local` ([`is_metadata_address`]).
+pub async fn download(
+    store: &Store,
+    url: &str,
+    checksum: Option<&str>,
+    allow_link_local: bool,
+) -> Result<Download> {
+    let client = url_client(allow_link_local)?;
+    if !allow_link_local {
+        let parsed = reqwest::Url::parse(url).with_context(|| format!("fetching {url}"))?;
+        check_url_host(&parsed).map_err(|e| anyhow!("fetching {e}"))?;
+    }
     let resp = client
         .get(url)
         .send()
         .await
-        .with_context(|| format!("fetching {url}"))?;
+        .map_err(|e| anyhow!("fetching {url}: {}", error_chain(&e)))?;
     let status = resp.status();
     if !status.is_success() {
         bail!("fetching {url}: HTTP {status}");
@@ -79,6 +170,21 @@ pub async fn download(store: &Store, url: &str, checksum: Option<&str>) -> Resul
         }
     }
     Ok(Download { path, digest, name })
+}
+
+/// An error with its causes, where the one that says why is often the innermost.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// A checked-out git repository in the store's temporary space.
@@ -249,6 +355,35 @@ pub fn is_context_url(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_addresses_are_link_local_and_aws_ipv6() {
+        for ip in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(is_metadata_address(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "8.8.8.8",
+            "::1",
+            "fd00:ec2::253",
+            "2001:db8::1",
+        ] {
+            assert!(!is_metadata_address(ip.parse().unwrap()), "{ip}");
+        }
+        let e = check_url_host(&"http://[fd00:ec2::254]/latest".parse().unwrap()).unwrap_err();
+        assert!(e.contains("--allow-link-local-urls"), "{e}");
+        assert!(
+            check_url_host(&"http://example.com/x".parse().unwrap()).is_ok(),
+            "names are checked when resolved"
+        );
+    }
 
     #[test]
     fn git_sources_refuse_option_refs_and_climbing_subdirs() {

@@ -460,3 +460,79 @@ fn a_stalled_registry_ends_in_a_clear_error_not_a_hang() {
             .unwrap_or_default()
     );
 }
+
+/// An HTTP server on loopback that answers every request with a redirect to `location`.
+fn redirector(location: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(s, "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    port
+}
+
+#[test]
+fn add_of_a_url_refuses_cloud_metadata_addresses() {
+    ensure_tools();
+    let port = redirector("http://169.254.169.254/latest/meta-data/iam/security-credentials/");
+    let hosts = tempfile::tempdir().unwrap();
+    std::fs::write(
+        hosts.path().join("hosts"),
+        "127.0.0.1 localhost\n169.254.169.254 metadata.test\n",
+    )
+    .unwrap();
+    for (url, says) in [
+        (
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "169.254.169.254 is a link-local (cloud metadata) address",
+        ),
+        (
+            "http://[fd00:ec2::254]/latest/meta-data/".to_string(),
+            "fd00:ec2::254 is a link-local (cloud metadata) address",
+        ),
+        (
+            format!("http://127.0.0.1:{port}/creds"),
+            "169.254.169.254 is a link-local (cloud metadata) address",
+        ),
+        (
+            "http://metadata.test/latest/".to_string(),
+            "metadata.test resolves to a link-local (cloud metadata) address",
+        ),
+    ] {
+        let ctx = context(&[("Dockerfile", &format!("FROM scratch\nADD {url} /creds\n"))]);
+        let t = tempfile::tempdir().unwrap();
+        // A name of our own for the metadata address, in a mount namespace of this build.
+        let script = format!(
+            "mount --bind {} /etc/hosts && exec \"$@\"",
+            hosts.path().join("hosts").display()
+        );
+        let res = run(Command::new("timeout")
+            .args([
+                "120",
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+                "sh",
+            ])
+            .arg(rbuild_bin())
+            .args(["build", "--progress=plain", "--root"])
+            .arg(t.path().join("store"))
+            .env("RBUILD_CONNECT_TIMEOUT", "3")
+            .arg(ctx.path()));
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{url}: {err}");
+        assert!(
+            err.contains(says) && err.contains("--allow-link-local-urls"),
+            "{url}: {err}"
+        );
+    }
+}
