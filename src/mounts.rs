@@ -202,6 +202,12 @@ pub fn parse_mount(spec: &str) -> Result<MountSpec> {
         if !t.starts_with('/') {
             bail!("--mount target={t}: must be an absolute path");
         }
+        if std::path::Path::new(t)
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            bail!("--mount target={t}: .. is not allowed in a mount target");
+        }
     }
     Ok(m)
 }
@@ -275,6 +281,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("colour"));
+    }
+
+    #[test]
+    fn mount_targets_with_dot_dot_are_refused() {
+        let e = parse_mount("type=cache,target=/root/../../proc/sys")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(".. is not allowed"), "{e}");
+        assert!(
+            parse_mount("type=tmpfs,target=/a..b/c").is_ok(),
+            "a name with dots is no .."
+        );
     }
 
     #[test]
