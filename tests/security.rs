@@ -15,11 +15,7 @@ fn a_whiteout_of_dot_dot_in_a_run_step_deletes_nothing_outside_the_output() {
     let out = t.path().join("a/sub/out");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     std::fs::write(t.path().join("a/sub/sibling"), "keep").unwrap();
-    let res = run(Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(rbuild_bin())
-        .args(["build", "--progress=plain", "--root"])
-        .arg(t.path().join("store"))
+    let res = run(build_in_pid_ns(t.path().join("store"))
         .arg(format!("--output=type=local,dest={}", out.display()))
         .arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
@@ -38,6 +34,16 @@ fn a_whiteout_of_dot_dot_in_a_run_step_deletes_nothing_outside_the_output() {
 
 /// A build of `dockerfile_run` (busybox image) with a secret file outside its context, at
 /// `T/outside/secret`; returns (the build's output, its log, the secret, T).
+/// `rbuild build --progress=plain --root STORE` in a PID namespace of its own.
+fn build_in_pid_ns(store: impl AsRef<std::path::Path>) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(store.as_ref());
+    c
+}
+
 fn build_beside_a_secret(
     run_lines: &dyn Fn(&std::path::Path) -> String,
     setup: &dyn Fn(&std::path::Path),
@@ -50,11 +56,7 @@ fn build_beside_a_secret(
     let ctx = t.path().join("ctx");
     write_busybox_context(&ctx, &run_lines(t.path()));
     setup(&ctx);
-    let res = run(Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(rbuild_bin())
-        .args(["build", "--progress=plain", "--root"])
-        .arg(t.path().join("store"))
+    let res = run(build_in_pid_ns(t.path().join("store"))
         .arg(format!(
             "--output=type=local,dest={}",
             t.path().join("out").display()
@@ -305,12 +307,7 @@ fn the_store_is_private_to_its_owner() {
         ctx.path(),
         "RUN cp /bin/busybox /suid && chmod 4755 /suid\n",
     );
-    let res = run(Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(rbuild_bin())
-        .args(["build", "--progress=plain", "--root"])
-        .arg(&store)
-        .arg(ctx.path()));
+    let res = run(build_in_pid_ns(&store).arg(ctx.path()));
     assert!(
         res.status.success(),
         "{}",
@@ -356,17 +353,8 @@ fn secrets_from_the_environment_leave_rbuilds_environment() {
     );
     let t = tempfile::tempdir().unwrap();
     let store = t.path().join("store-env-secret");
-    let mut child = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(rbuild_bin())
-        .args([
-            "build",
-            "--progress=plain",
-            "--secret",
-            "id=tok,env=RBUILD_TEST_TOKEN",
-            "--root",
-        ])
-        .arg(&store)
+    let mut child = build_in_pid_ns(&store)
+        .args(["--secret", "id=tok,env=RBUILD_TEST_TOKEN"])
         .arg(format!(
             "--output=type=local,dest={}",
             t.path().join("out").display()
@@ -376,20 +364,36 @@ fn secrets_from_the_environment_leave_rbuilds_environment() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // While the step runs: rbuild's /proc/PID/environ (as root sees it) holds no token.
+    // While the step runs (its `sleep 3` is there, so rbuild is well past reading its
+    // secrets): rbuild's /proc/PID/environ, as root sees it, holds no token.
     let mut seen = None;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while seen.is_none()
         && std::time::Instant::now() < deadline
         && child.try_wait().unwrap().is_none()
     {
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
+        let cmdlines: Vec<(std::path::PathBuf, String)> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                (
+                    e.path(),
+                    String::from_utf8_lossy(
+                        &std::fs::read(e.path().join("cmdline")).unwrap_or_default(),
+                    )
+                    .into_owned(),
+                )
+            })
+            .collect();
+        if !cmdlines.iter().any(|(_, c)| c == "sleep\x003\x00") {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        for (dir, cmdline) in &cmdlines {
             if cmdline.starts_with(rbuild_bin().to_str().unwrap())
                 && cmdline.contains("store-env-secret")
             {
-                let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+                let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
                 if !environ.is_empty() {
                     seen = Some(String::from_utf8_lossy(&environ).into_owned());
                 }
