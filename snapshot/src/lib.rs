@@ -12,6 +12,7 @@
 //!   where overlayfs cannot (the copy snapshotter) and turn what a step changed back into an
 //!   overlay-form upperdir; see the `tree` module.
 
+mod bounded_tar;
 mod compress;
 mod diff;
 mod fsutil;

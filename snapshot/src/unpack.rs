@@ -118,7 +118,7 @@ fn run<R: Read>(
         Mode::empty(),
     )
     .map_err(|e| UnpackError::Dest(dest.to_path_buf(), e.into()))?;
-    let mut archive = tar::Archive::new(tar);
+    let mut archive = tar::Archive::new(crate::bounded_tar::BoundedTar::new(tar));
     let mut stats = UnpackStats::default();
     let mut dir_times: Vec<(Vec<String>, i64)> = Vec::new();
     let mut written: HashSet<Vec<String>> = HashSet::new();

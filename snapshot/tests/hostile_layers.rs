@@ -1,10 +1,12 @@
 //! Hostile whiteouts: a whiteout whose hidden name is `..`, `.` or empty is refused with an
 //! error naming the entry, in both ways a layer is applied (into an overlay lowerdir and onto a
 //! plain root), and nothing outside the destination is touched; aufs' reserved `.wh..wh.`
-//! names are skipped; no removal crosses into another mount.
+//! names are skipped; no removal crosses into another mount; an oversized PAX header is
+//! refused before anything reads it.
 
 use rbuild_snapshot::*;
 use std::fs;
+use std::io::Read as _;
 use std::path::Path;
 use std::process::Command;
 
@@ -161,4 +163,25 @@ fn no_removal_crosses_a_mount() {
         String::from_utf8_lossy(&res.stderr)
     );
     assert!(res.status.success() && log.contains("1 passed"), "{log}");
+}
+
+#[test]
+fn an_oversized_pax_header_is_refused_before_it_is_read() {
+    // A PAX header claiming 64 MiB, and the 64 MiB behind it: the tar crate would read it all
+    // into memory (a claim of gigabytes costs the layer's author nothing more).
+    let mut h = tar::Header::new_ustar();
+    h.set_path("x").unwrap();
+    h.set_size(64 << 20);
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_cksum();
+    let stream = std::io::Read::chain(&h.as_bytes()[..], std::io::repeat(b'a').take(64 << 20));
+    let (t, out) = destination();
+    let e = apply_layer(stream, &out, &UnpackOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("PAX extended header of 67108864 bytes, over the limit of 1048576"),
+        "{e}"
+    );
+    untouched(t.path());
 }
