@@ -384,28 +384,22 @@ fn cpus_limit_throttles_a_busy_run_step() {
         .spawn()
         .unwrap();
     // While the step runs: its cgroup has the quota, and the kernel throttles the loop.
-    let mut seen = None;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while seen.is_none()
-        && std::time::Instant::now() < deadline
-        && child.try_wait().unwrap().is_none()
-    {
-        for d in cg.leftovers() {
+    let seen = while_running(&mut child, std::time::Duration::from_secs(60), || {
+        cg.leftovers().into_iter().find_map(|d| {
             let d = cg.dir.join(d);
             let stat = std::fs::read_to_string(d.join("cpu.stat")).unwrap_or_default();
             let throttled: u64 = stat
                 .lines()
                 .find_map(|l| l.strip_prefix("nr_throttled ")?.parse().ok())
                 .unwrap_or(0);
-            if throttled > 0 {
-                seen = Some((
+            (throttled > 0).then(|| {
+                (
                     std::fs::read_to_string(d.join("cpu.cfs_quota_us")).unwrap_or_default(),
                     throttled,
-                ));
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+                )
+            })
+        })
+    });
     let res = child.wait_with_output().unwrap();
     let err = stderr(&res);
     assert!(res.status.success(), "{err}");

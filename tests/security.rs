@@ -366,12 +366,7 @@ fn secrets_from_the_environment_leave_rbuilds_environment() {
         .unwrap();
     // While the step runs (its `sleep 3` is there, so rbuild is well past reading its
     // secrets): rbuild's /proc/PID/environ, as root sees it, holds no token.
-    let mut seen = None;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while seen.is_none()
-        && std::time::Instant::now() < deadline
-        && child.try_wait().unwrap().is_none()
-    {
+    let seen = while_running(&mut child, std::time::Duration::from_secs(60), || {
         let cmdlines: Vec<(std::path::PathBuf, String)> = std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
@@ -386,21 +381,15 @@ fn secrets_from_the_environment_leave_rbuilds_environment() {
             })
             .collect();
         if !cmdlines.iter().any(|(_, c)| c == "sleep\x003\x00") {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            continue;
+            return None;
         }
-        for (dir, cmdline) in &cmdlines {
-            if cmdline.starts_with(rbuild_bin().to_str().unwrap())
-                && cmdline.contains("store-env-secret")
-            {
-                let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
-                if !environ.is_empty() {
-                    seen = Some(String::from_utf8_lossy(&environ).into_owned());
-                }
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+        cmdlines.iter().find_map(|(dir, cmdline)| {
+            let rbuild = cmdline.starts_with(rbuild_bin().to_str().unwrap())
+                && cmdline.contains("store-env-secret");
+            let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+            (rbuild && !environ.is_empty()).then(|| String::from_utf8_lossy(&environ).into_owned())
+        })
+    });
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),

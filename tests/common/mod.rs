@@ -484,3 +484,19 @@ impl Drop for OuterBound {
         }
     }
 }
+
+/// Calls `probe` every 50 ms while `child` runs (at most `limit`), until it returns something.
+pub fn while_running<T>(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
+}
