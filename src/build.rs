@@ -291,6 +291,9 @@ pub struct Builder {
     /// Content digests of context files by stat, kept in the store between builds.
     ctx_hasher: crate::ctxhash::ContextHasher,
     ignore: rbuild_dag::ignore::IgnoreMatcher,
+    /// Whiteouts of what `.dockerignore` excludes, for bind mounts of the context (made on
+    /// first use; `None` when nothing is excluded).
+    ignore_layer: OnceCell<Option<PathBuf>>,
     /// Records of `--cache-from` caches (read before any stage starts).
     imported: std::sync::OnceLock<CacheExport>,
     /// Imported records this build used, written to the store once their layers are local.
@@ -358,6 +361,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         context_hashes: Mutex::new(HashMap::new()),
         ctx_hasher,
         ignore,
+        ignore_layer: OnceCell::new(),
         imported: std::sync::OnceLock::new(),
         imported_hits: Mutex::new(Vec::new()),
         origins: Mutex::new(HashMap::new()),
@@ -1632,6 +1636,36 @@ impl Builder {
         Ok(())
     }
 
+    /// [`crate::ignored::write_ignore_layer`] for the build context, made once per build.
+    async fn context_ignore_layer(self: &Arc<Self>) -> Result<Option<PathBuf>> {
+        let me = self.clone();
+        self.ignore_layer
+            .get_or_try_init(|| async move {
+                if me.ignore.patterns().is_empty() {
+                    return Ok(None);
+                }
+                tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>> {
+                    let layer = me.store.temp_dir("dockerignore")?;
+                    let n =
+                        crate::ignored::write_ignore_layer(&me.opts.context, &me.ignore, &layer)
+                            .with_context(|| {
+                                format!(
+                                    "hiding what .dockerignore excludes from {}",
+                                    me.opts.context.display()
+                                )
+                            })?;
+                    if n == 0 {
+                        let _ = rbuild_cache::remove_tree(&layer);
+                        return Ok(None);
+                    }
+                    Ok(Some(layer))
+                })
+                .await?
+            })
+            .await
+            .cloned()
+    }
+
     /// Turns `RUN --mount` specs and heredoc scripts into sandbox mounts (after a cache miss:
     /// this fetches the layers of `from=` stages and takes cache-mount locks).
     async fn prepare_mounts(
@@ -1669,7 +1703,11 @@ impl Builder {
                             let from = self.copy_from(name).await?;
                             self.materialize_dep(&from).await?.top_first
                         }
-                        None => vec![self.opts.context.clone()],
+                        // The context as BuildKit sends it: what .dockerignore excludes is absent.
+                        None => match self.context_ignore_layer().await? {
+                            Some(hide) => vec![hide, self.opts.context.clone()],
+                            None => vec![self.opts.context.clone()],
+                        },
                     };
                     p.mounts.push(Mount {
                         target,
@@ -2286,6 +2324,14 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<PathBuf> {
         );
     }
     Ok(store.commit_layer_dir(&tmp, &l.diff_id)?)
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        if let Some(Some(layer)) = self.ignore_layer.get() {
+            let _ = rbuild_cache::remove_tree(layer);
+        }
+    }
 }
 
 struct HashingReader<R> {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod copy;
 pub mod ctxhash;
 pub mod fallback;
+pub mod ignored;
 pub mod image;
 pub mod mounts;
 pub mod output;

@@ -529,3 +529,71 @@ fn add_of_a_url_refuses_cloud_metadata_addresses() {
         );
     }
 }
+
+#[test]
+fn dockerignore_applies_to_bind_mounts_of_the_context() {
+    ensure_tools();
+    let ctx = tempfile::tempdir().unwrap();
+    write_busybox_context(
+        ctx.path(),
+        "RUN --mount=type=bind,target=/ctx cd /ctx && find . | sort > /listing\n\
+         RUN --mount=type=bind,target=/ctx,rw cd /ctx && rm -f ok.txt && test ! -e secret.txt && echo rw-ok > /rw\n",
+    );
+    for f in [
+        "secret.txt",
+        "ok.txt",
+        "build/a",
+        "build/keep",
+        "node_modules/x/y",
+    ] {
+        std::fs::create_dir_all(ctx.path().join(f).parent().unwrap()).unwrap();
+        std::fs::write(ctx.path().join(f), "x").unwrap();
+    }
+    std::fs::write(
+        ctx.path().join(".dockerignore"),
+        "secret.txt\nbuild/\n!build/keep\nnode_modules\n",
+    )
+    .unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let res = run(build_in_pid_ns(t.path().join("store"))
+        .arg(format!(
+            "--output=type=local,dest={}",
+            t.path().join("out").display()
+        ))
+        .arg(ctx.path()));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let listing = std::fs::read_to_string(t.path().join("out/listing")).unwrap();
+    for absent in ["secret.txt", "build/a", "node_modules"] {
+        assert!(
+            !listing.contains(absent),
+            "{absent} is ignored but the bind mount shows it:\n{listing}"
+        );
+    }
+    for present in ["./ok.txt", "./build/keep", "./Dockerfile"] {
+        assert!(
+            listing.lines().any(|l| l == present),
+            "{present} missing:\n{listing}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("out/rw")).unwrap(),
+        "rw-ok\n"
+    );
+    assert!(
+        ctx.path().join("ok.txt").exists(),
+        "an rw bind of the context stays copy-on-write"
+    );
+    assert_eq!(
+        std::fs::read_dir(t.path().join("store/tmp"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("dockerignore"))
+            .count(),
+        0,
+        "the whiteout layer is gone after the build"
+    );
+}
