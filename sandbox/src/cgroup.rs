@@ -207,6 +207,19 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
+/// A number the kernel keeps in `file` of the cgroup `dir`: the file's whole value
+/// (`pids.peak`), or that of its line `key` (`max` of `pids.events`, `oom_kill` of
+/// `memory.oom_control`); `None` when the file or line is not there.
+pub fn counter(dir: &Path, file: &str, key: Option<&str>) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(file)).ok()?;
+    match key {
+        None => text.trim().parse().ok(),
+        Some(k) => text
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse().ok()),
+    }
+}
+
 /// What the unified hierarchy offers at our cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct V2State {
@@ -448,15 +461,7 @@ pub fn prepared() -> &'static Prepared {
 /// - memory: v1 `memory.failcnt` (this limit hit), v2 `memory.events.local` `max` and `oom`
 ///   (the hierarchical `memory.events` and v1's `oom_kill` count descendants' OOM kills too).
 pub fn refusals(dir: &Path) -> Vec<String> {
-    let value = |file: &str, key: Option<&str>| -> Option<u64> {
-        let text = std::fs::read_to_string(dir.join(file)).ok()?;
-        match key {
-            None => text.trim().parse().ok(),
-            Some(k) => text
-                .lines()
-                .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse().ok()),
-        }
-    };
+    let value = |file: &str, key: Option<&str>| counter(dir, file, key);
     let mut out = Vec::new();
     let events = if dir.join("pids.events.local").exists() {
         "pids.events.local"
@@ -621,17 +626,13 @@ impl StepCgroup {
     /// Which limit the step ran into, as a sentence for the build's error (memory first: an
     /// OOM kill is what ends a step).
     pub fn limit_hit(&self) -> Option<String> {
-        let count = |text: String, key: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
-                .unwrap_or(0)
-        };
         if let Some((d, v2)) = &self.memory {
-            let n = if *v2 {
-                count(read(&d.join("memory.events")), "oom_kill ")
+            let file = if *v2 {
+                "memory.events"
             } else {
-                count(read(&d.join("memory.oom_control")), "oom_kill ")
+                "memory.oom_control"
             };
+            let n = counter(d, file, Some("oom_kill")).unwrap_or(0);
             if n > 0 {
                 return Some(format!(
                     "killed: memory limit {} reached (--memory)",
@@ -640,13 +641,13 @@ impl StepCgroup {
             }
         }
         if let Some((d, _)) = &self.pids {
-            let n = count(read(&d.join("pids.events")), "max ");
+            let n = counter(d, "pids.events", Some("max")).unwrap_or(0);
             if n > 0 {
                 let limit = self.limits.pids.map_or(0, ProcessLimit::max);
                 // On cgroup v1 (and v2 before Linux 6.13) `pids.events` counts the forks refused
                 // to the step whichever cgroup's limit refused them; the peak tells whose: the
                 // step's own limit refuses only with the step at its maximum.
-                let peak = read(&d.join("pids.peak")).trim().parse::<u64>().ok();
+                let peak = counter(d, "pids.peak", None);
                 if let Some(p) = peak.filter(|p| *p < limit + SANDBOX_PIDS) {
                     return Some(format!(
                         "{n} forks refused by a process limit outside rbuild (the step had at most {} processes, below its own limit of {limit})",

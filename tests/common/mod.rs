@@ -441,26 +441,15 @@ impl OuterBound {
             .collect()
     }
 
-    /// A number the kernel keeps in `file` of the cgroup: the file's value, or the value of
-    /// its line `key` (`max` of pids.events, `oom_kill` of memory.oom_control).
+    /// [`rbuild_sandbox::cgroup::counter`] of this cgroup, which must be there.
     pub fn counter(&self, file: &str, key: Option<&str>) -> u64 {
-        let text = std::fs::read_to_string(self.dir.join(file))
-            .unwrap_or_else(|e| panic!("{}/{file}: {e}", self.dir.display()));
-        let value = match key {
-            None => Some(text.trim()),
-            Some(k) => text
-                .lines()
-                .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')),
-        };
-        value
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "{}/{file}: no number{}: {text:?}",
-                    self.dir.display(),
-                    key.map(|k| format!(" for {k}")).unwrap_or_default()
-                )
-            })
+        rbuild_sandbox::cgroup::counter(&self.dir, file, key).unwrap_or_else(|| {
+            panic!(
+                "{}/{file}: no number{}",
+                self.dir.display(),
+                key.map(|k| format!(" for {k}")).unwrap_or_default()
+            )
+        })
     }
 
     /// Asserts that this bound refused nothing to what ran in it
