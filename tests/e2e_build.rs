@@ -8,18 +8,6 @@ use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 
-/// `rbuild build` wrapped in a fresh PID namespace.
-fn rbuild_in_pidns(root: &std::path::Path) -> Command {
-    let mut c = Command::new("unshare");
-    c.args(["--pid", "--fork", "--mount-proc"])
-        .arg(rbuild_bin())
-        .arg("build")
-        .arg("--progress=plain")
-        .arg("--root")
-        .arg(root);
-    c
-}
-
 const DOCKERFILE: &str = r#"FROM {BASE}
 ENV GREETING=hello \
     TARGET=/app

@@ -7,7 +7,7 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// A context whose image is a static busybox, then `run` (Dockerfile lines).
@@ -285,15 +285,6 @@ fn strict_isolation_refuses_locked_proc_masks_and_names_the_fix() {
     assert!(res.status.success(), "{}", stderr(&res));
 }
 
-fn build_cmd(root: &Path, flags: &str, ctx: &Path) -> String {
-    format!(
-        "{} build --progress=plain {flags} --root {} {}",
-        rbuild_bin().display(),
-        root.display(),
-        ctx.display()
-    )
-}
-
 #[test]
 fn memory_limit_oom_kills_a_run_step_with_a_clear_message() {
     let ctx =
@@ -301,7 +292,7 @@ fn memory_limit_oom_kills_a_run_step_with_a_clear_message() {
     let root = tempfile::tempdir().unwrap();
     // Safety net: the whole build may use 1 GiB.
     let cg = OuterBound::new("memory", "memory.limit_in_bytes", &(1u64 << 30).to_string());
-    let res = cg.run(&build_cmd(root.path(), "--memory 64m", ctx.path()));
+    let res = cg.run(&build_line(root.path(), "--memory 64m", ctx.path()));
     let err = stderr(&res);
     assert_eq!(res.status.code(), Some(1), "{err}");
     assert!(
@@ -319,7 +310,7 @@ fn memory_limit_oom_kills_a_run_step_with_a_clear_message() {
     );
     assert!(cg.leftovers().is_empty(), "{:?}", cg.leftovers());
     // Without the limit the same step gets through.
-    let res = cg.run(&build_cmd(root.path(), "", ctx.path()));
+    let res = cg.run(&build_line(root.path(), "", ctx.path()));
     let err = stderr(&res);
     assert!(
         res.status.success() && err.contains("survived 150000000"),
@@ -336,7 +327,7 @@ fn pids_limit_bounds_a_fork_bomb() {
     // Safety net: the whole build may have 300 processes, whatever rbuild does.
     let cg = OuterBound::new("pids", "pids.max", "300");
     let started = std::time::Instant::now();
-    let res = cg.run(&build_cmd(root.path(), "--pids-limit 20", ctx.path()));
+    let res = cg.run(&build_line(root.path(), "--pids-limit 20", ctx.path()));
     let err = stderr(&res);
     assert_eq!(res.status.code(), Some(1), "{err}");
     assert!(
@@ -378,7 +369,7 @@ fn cpus_limit_throttles_a_busy_run_step() {
     let mut child = cg
         .command(&format!(
             "{} --output type=local,dest={}",
-            build_cmd(root.path(), "--cpus 0.2", ctx.path()),
+            build_line(root.path(), "--cpus 0.2", ctx.path()),
             dest.display()
         ))
         .spawn()
@@ -448,7 +439,7 @@ fn limits_without_a_usable_cgroup_warn_and_build_anyway() {
     ] {
         let res = run(Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private", "sh", "-c"]).arg(format!(
             "{setup} && exec {}",
-            build_cmd(root.path(), "--no-cache --memory 64m --pids-limit 50", ctx.path())
+            build_line(root.path(), "--no-cache --memory 64m --pids-limit 50", ctx.path())
         )));
         let err = stderr(&res);
         assert!(res.status.success(), "{err}");

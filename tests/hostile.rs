@@ -8,7 +8,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
 use std::process::Output;
 use std::sync::Mutex;
 
@@ -35,15 +34,6 @@ fn bomb_context() -> tempfile::TempDir {
 /// A temporary directory that other users can reach (`$TMPDIR` may be private, as in a jail).
 fn shared_tempdir() -> tempfile::TempDir {
     tempfile::tempdir_in("/var/tmp").unwrap()
-}
-
-fn build_cmd(store: &Path, flags: &str, ctx: &Path) -> String {
-    format!(
-        "{} build --progress=plain {flags} --root {} {}",
-        q(rbuild_bin()),
-        q(store),
-        q(ctx)
-    )
 }
 
 fn log(o: &Output) -> String {
@@ -89,7 +79,7 @@ fn a_fork_bomb_as_root_is_stopped_by_the_default_pids_cgroup() {
     let _one = BOMBS.lock().unwrap_or_else(|e| e.into_inner());
     let (ctx, t) = (bomb_context(), tempfile::tempdir().unwrap());
     let outer = OuterBound::new("pids", "pids.max", OUTER_PIDS);
-    let out = outer.run(&build_cmd(&t.path().join("store"), "", ctx.path()));
+    let out = outer.run(&build_line(&t.path().join("store"), "", ctx.path()));
     stopped_by_rbuild(
         &out,
         &outer,
@@ -112,7 +102,7 @@ fn a_fork_bomb_as_an_ordinary_user_is_stopped_by_rlimit_nproc() {
     let out = outer.run(&format!(
         "runuser -u rbhostile -- env HOME={} {}",
         q(t.path()),
-        build_cmd(&t.path().join("store"), "", ctx.path())
+        build_line(&t.path().join("store"), "", ctx.path())
     ));
     stopped_by_rbuild(
         &out,
@@ -133,7 +123,7 @@ fn a_fork_bomb_in_a_pod_like_user_namespace_is_stopped_by_rlimit_nproc() {
         .args(["800000:800000"])
         .arg(&store));
     let outer = OuterBound::new("pids", "pids.max", OUTER_PIDS);
-    let inner = build_cmd(&store.join("store"), "", ctx.path());
+    let inner = build_line(&store.join("store"), "", ctx.path());
     let out = outer.run(&in_pod_userns(
         t.path(),
         "--pid --fork --mount-proc",
@@ -155,7 +145,7 @@ fn pids_limit_0_takes_rbuilds_limit_away() {
     // Today's behaviour before the default: only the outer bound stops the bomb. A small one,
     // then: whatever rbuild does, this build gets 1000 processes.
     let outer = OuterBound::new("pids", "pids.max", "1000");
-    let out = outer.run(&build_cmd(
+    let out = outer.run(&build_line(
         &t.path().join("store"),
         "--pids-limit 0",
         ctx.path(),

@@ -15,7 +15,7 @@ fn a_whiteout_of_dot_dot_in_a_run_step_deletes_nothing_outside_the_output() {
     let out = t.path().join("a/sub/out");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     std::fs::write(t.path().join("a/sub/sibling"), "keep").unwrap();
-    let res = run(build_in_pid_ns(t.path().join("store"))
+    let res = run(rbuild_in_pidns(&t.path().join("store"))
         .arg(format!("--output=type=local,dest={}", out.display()))
         .arg(ctx.path()));
     let err = String::from_utf8_lossy(&res.stderr);
@@ -34,16 +34,6 @@ fn a_whiteout_of_dot_dot_in_a_run_step_deletes_nothing_outside_the_output() {
 
 /// A build of `dockerfile_run` (busybox image) with a secret file outside its context, at
 /// `T/outside/secret`; returns (the build's output, its log, the secret, T).
-/// `rbuild build --progress=plain --root STORE` in a PID namespace of its own.
-fn build_in_pid_ns(store: impl AsRef<std::path::Path>) -> Command {
-    let mut c = Command::new("unshare");
-    c.args(["--pid", "--fork", "--mount-proc"])
-        .arg(rbuild_bin())
-        .args(["build", "--progress=plain", "--root"])
-        .arg(store.as_ref());
-    c
-}
-
 fn build_beside_a_secret(
     run_lines: &dyn Fn(&std::path::Path) -> String,
     setup: &dyn Fn(&std::path::Path),
@@ -56,7 +46,7 @@ fn build_beside_a_secret(
     let ctx = t.path().join("ctx");
     write_busybox_context(&ctx, &run_lines(t.path()));
     setup(&ctx);
-    let res = run(build_in_pid_ns(t.path().join("store"))
+    let res = run(rbuild_in_pidns(&t.path().join("store"))
         .arg(format!(
             "--output=type=local,dest={}",
             t.path().join("out").display()
@@ -307,7 +297,7 @@ fn the_store_is_private_to_its_owner() {
         ctx.path(),
         "RUN cp /bin/busybox /suid && chmod 4755 /suid\n",
     );
-    let res = run(build_in_pid_ns(&store).arg(ctx.path()));
+    let res = run(rbuild_in_pidns(&store).arg(ctx.path()));
     assert!(
         res.status.success(),
         "{}",
@@ -353,7 +343,7 @@ fn secrets_from_the_environment_leave_rbuilds_environment() {
     );
     let t = tempfile::tempdir().unwrap();
     let store = t.path().join("store-env-secret");
-    let mut child = build_in_pid_ns(&store)
+    let mut child = rbuild_in_pidns(&store)
         .args(["--secret", "id=tok,env=RBUILD_TEST_TOKEN"])
         .arg(format!(
             "--output=type=local,dest={}",
@@ -555,7 +545,7 @@ fn dockerignore_applies_to_bind_mounts_of_the_context() {
     )
     .unwrap();
     let t = tempfile::tempdir().unwrap();
-    let res = run(build_in_pid_ns(t.path().join("store"))
+    let res = run(rbuild_in_pidns(&t.path().join("store"))
         .arg(format!(
             "--output=type=local,dest={}",
             t.path().join("out").display()

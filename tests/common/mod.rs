@@ -239,6 +239,26 @@ pub fn rbuild(root: &Path) -> Command {
     c
 }
 
+/// [`rbuild`] wrapped in a fresh PID namespace: `rbuild build --progress=plain --root ROOT`.
+pub fn rbuild_in_pidns(root: &Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--mount-proc"])
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(root);
+    c
+}
+
+/// The shell command line of `rbuild build --progress=plain FLAGS --root STORE CONTEXT`.
+pub fn build_line(store: &Path, flags: &str, ctx: &Path) -> String {
+    format!(
+        "{} build --progress=plain {flags} --root {} {}",
+        q(rbuild_bin()),
+        q(store),
+        q(ctx)
+    )
+}
+
 /// Copies `docker://REF` to an OCI layout and unpacks it with umoci; returns the rootfs.
 pub fn umoci_unpack_from_registry(reference: &str, work: &Path) -> PathBuf {
     let layout = work.join("layout");
