@@ -68,47 +68,12 @@ pub struct Selected {
     pub md: fs::Metadata,
 }
 
-fn has_glob(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
+use rbuild_dag::glob::has_wildcards as has_glob;
 
-/// Minimal glob match of one path component (`*`, `?`, `[...]`), as filepath.Match does.
+/// Whether one path component matches a source pattern, as Go's `filepath.Match` (which
+/// BuildKit uses) decides; a malformed pattern matches nothing.
 pub fn glob_match(pat: &str, name: &str) -> bool {
-    fn m(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|i| m(&p[1..], &n[i..])),
-            Some('?') => !n.is_empty() && m(&p[1..], &n[1..]),
-            Some('[') => {
-                let Some(end) = p.iter().position(|&c| c == ']') else {
-                    return false;
-                };
-                let Some(&c) = n.first() else { return false };
-                let class = &p[1..end];
-                let (neg, class) = match class.first() {
-                    Some('^') | Some('!') => (true, &class[1..]),
-                    _ => (false, class),
-                };
-                let mut hit = false;
-                let mut i = 0;
-                while i < class.len() {
-                    if i + 2 < class.len() && class[i + 1] == '-' {
-                        hit |= class[i] <= c && c <= class[i + 2];
-                        i += 3;
-                    } else {
-                        hit |= class[i] == c;
-                        i += 1;
-                    }
-                }
-                hit != neg && m(&p[end + 1..], &n[1..])
-            }
-            Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && m(&p[2..], &n[1..]),
-            Some(&c) => n.first() == Some(&c) && m(&p[1..], &n[1..]),
-        }
-    }
-    let p: Vec<char> = pat.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    m(&p, &n)
+    rbuild_dag::glob::Glob::component(pat).is_ok_and(|g| g.matches(name))
 }
 
 impl Source<'_> {

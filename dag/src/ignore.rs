@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::glob::Glob;
+
 /// Errors loading an ignore file.
 #[derive(Debug, Error)]
 pub enum IgnoreError {
@@ -32,21 +34,6 @@ pub enum IgnoreError {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Tok {
-    Lit(char),
-    /// `*`: any run of non-`/` chars.
-    Star,
-    /// `?`: one non-`/` char.
-    One,
-    /// `[...]`: (negated, ranges).
-    Class(bool, Vec<(char, char)>),
-    /// `**` at the end: anything.
-    AnyTail,
-    /// `**` / `**/` elsewhere: empty or anything ending in `/`.
-    AnyDirs,
-}
-
 /// One compiled pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pattern {
@@ -54,9 +41,7 @@ pub struct Pattern {
     pub text: String,
     /// `!` exception.
     pub exclusion: bool,
-    toks: Vec<Tok>,
-    /// Number of path components in the pattern.
-    dirs: usize,
+    glob: Glob,
 }
 
 /// Compiled `.dockerignore` rules.
@@ -90,121 +75,10 @@ fn clean(p: &str) -> String {
     }
 }
 
-fn compile(p: &str) -> Result<Vec<Tok>, String> {
-    let cs: Vec<char> = p.chars().collect();
-    let mut toks = Vec::new();
-    let mut i = 0;
-    while i < cs.len() {
-        match cs[i] {
-            '*' if cs.get(i + 1) == Some(&'*') => {
-                i += 2;
-                if cs.get(i) == Some(&'/') {
-                    i += 1;
-                }
-                toks.push(if i >= cs.len() {
-                    Tok::AnyTail
-                } else {
-                    Tok::AnyDirs
-                });
-                continue;
-            }
-            '*' => toks.push(Tok::Star),
-            '?' => toks.push(Tok::One),
-            '\\' => {
-                i += 1;
-                match cs.get(i) {
-                    Some(&c) => toks.push(Tok::Lit(c)),
-                    None => return Err("trailing backslash".into()),
-                }
-            }
-            '[' => {
-                let mut j = i + 1;
-                let neg = matches!(cs.get(j), Some('^') | Some('!'));
-                if neg {
-                    j += 1;
-                }
-                let mut ranges = Vec::new();
-                let mut first = true;
-                loop {
-                    let Some(&c) = cs.get(j) else {
-                        return Err("unterminated character class".into());
-                    };
-                    if c == ']' && !first {
-                        break;
-                    }
-                    first = false;
-                    let c = if c == '\\' {
-                        j += 1;
-                        *cs.get(j).ok_or("unterminated character class")?
-                    } else {
-                        c
-                    };
-                    if cs.get(j + 1) == Some(&'-') && cs.get(j + 2).is_some_and(|&e| e != ']') {
-                        ranges.push((c, cs[j + 2]));
-                        j += 3;
-                    } else {
-                        ranges.push((c, c));
-                        j += 1;
-                    }
-                }
-                toks.push(Tok::Class(neg, ranges));
-                i = j;
-            }
-            c => toks.push(Tok::Lit(c)),
-        }
-        i += 1;
-    }
-    Ok(toks)
-}
-
-fn matches(t: &[Tok], s: &[char]) -> bool {
-    match t.first() {
-        None => s.is_empty(),
-        Some(Tok::Lit(c)) => s.first() == Some(c) && matches(&t[1..], &s[1..]),
-        Some(Tok::One) => s.first().is_some_and(|&c| c != '/') && matches(&t[1..], &s[1..]),
-        Some(Tok::Class(neg, ranges)) => {
-            s.first()
-                .is_some_and(|&c| c != '/' && ranges.iter().any(|&(a, b)| a <= c && c <= b) != *neg)
-                && matches(&t[1..], &s[1..])
-        }
-        Some(Tok::Star) => {
-            let mut k = 0;
-            loop {
-                if matches(&t[1..], &s[k..]) {
-                    return true;
-                }
-                if k >= s.len() || s[k] == '/' {
-                    return false;
-                }
-                k += 1;
-            }
-        }
-        Some(Tok::AnyTail) => true,
-        Some(Tok::AnyDirs) => {
-            // empty, or any prefix ending in '/'
-            matches(&t[1..], s)
-                || (0..s.len()).any(|k| s[k] == '/' && matches(&t[1..], &s[k + 1..]))
-        }
-    }
-}
-
 impl Pattern {
     /// Whether the pattern matches exactly this (cleaned, relative) path.
     pub fn matches(&self, path: &str) -> bool {
-        let cs: Vec<char> = path.chars().collect();
-        matches(&self.toks, &cs)
-    }
-
-    /// Literal prefix of the pattern before its first wildcard.
-    fn literal_prefix(&self) -> String {
-        let mut s = String::new();
-        for t in &self.toks {
-            match t {
-                Tok::Lit(c) => s.push(*c),
-                _ => break,
-            }
-        }
-        s
+        self.glob.matches(path)
     }
 }
 
@@ -232,18 +106,16 @@ impl IgnoreMatcher {
             if p.len() > 1 && p.starts_with('/') {
                 p = p[1..].to_string();
             }
-            let toks = compile(&p).map_err(|message| IgnoreError::BadPattern {
+            let glob = Glob::path(&p).map_err(|e| IgnoreError::BadPattern {
                 path: name.into(),
                 line: n + 1,
                 pattern: l.into(),
-                message,
+                message: e.to_string(),
             })?;
-            let dirs = p.split('/').count();
             patterns.push(Pattern {
                 text: p,
                 exclusion,
-                toks,
-                dirs,
+                glob,
             });
         }
         Ok(IgnoreMatcher { patterns })
@@ -294,9 +166,8 @@ impl IgnoreMatcher {
         let dir = clean(rel_dir.trim_start_matches('/'));
         let dir_slash = format!("{dir}/");
         self.patterns.iter().filter(|p| p.exclusion).any(|p| {
-            let lit = p.literal_prefix();
-            let fully_literal = lit.chars().count() == p.toks.len();
-            if fully_literal {
+            let lit = p.glob.literal_prefix();
+            if p.glob.is_literal() {
                 // Exception names a path: is it this dir, below it, or above it?
                 let t = format!("{}/", p.text);
                 t.starts_with(&dir_slash) || dir_slash.starts_with(&t)

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod dispatch;
+pub mod glob;
 pub mod graph;
 pub mod ignore;
 pub mod parser;

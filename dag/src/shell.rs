@@ -4,6 +4,8 @@
 
 use thiserror::Error;
 
+use crate::glob::{Glob, Tok};
+
 /// Errors from word expansion.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ShellError {
@@ -517,38 +519,38 @@ impl Scan<'_> {
     }
 
     /// Reads a glob pattern up to `stop`, expanding variables but keeping escapes.
-    fn pattern(&mut self, stop: char) -> Result<Vec<PatTok>, ShellError> {
+    fn pattern(&mut self, stop: char) -> Result<Glob, ShellError> {
         self.pattern_until(&[stop])
     }
 
-    fn pattern_until(&mut self, stops: &[char]) -> Result<Vec<PatTok>, ShellError> {
+    fn pattern_until(&mut self, stops: &[char]) -> Result<Glob, ShellError> {
         let mut toks = Vec::new();
         loop {
             let c = self.peek().ok_or(ShellError::MissingBrace)?;
             if stops.contains(&c) {
                 self.pos += 1;
-                return Ok(toks);
+                return Ok(Glob::shell(toks));
             }
             match c {
-                '$' => toks.extend(self.dollar()?.chars().map(PatTok::Lit)),
-                '\'' => toks.extend(self.single_quoted()?.chars().map(PatTok::Lit)),
-                '"' => toks.extend(self.double_quoted()?.chars().map(PatTok::Lit)),
+                '$' => toks.extend(self.dollar()?.chars().map(Tok::Lit)),
+                '\'' => toks.extend(self.single_quoted()?.chars().map(Tok::Lit)),
+                '"' => toks.extend(self.double_quoted()?.chars().map(Tok::Lit)),
                 '*' => {
                     self.pos += 1;
-                    toks.push(PatTok::Star)
+                    toks.push(Tok::Star)
                 }
                 '?' => {
                     self.pos += 1;
-                    toks.push(PatTok::One)
+                    toks.push(Tok::One)
                 }
                 _ => {
                     self.pos += 1;
                     if c == self.lx.escape {
                         if let Some(n) = self.next() {
-                            toks.push(PatTok::Lit(n));
+                            toks.push(Tok::Lit(n));
                         }
                     } else {
-                        toks.push(PatTok::Lit(c));
+                        toks.push(Tok::Lit(c));
                     }
                 }
             }
@@ -556,65 +558,46 @@ impl Scan<'_> {
     }
 }
 
-/// A token of a `${VAR#pattern}`-style glob.
-#[derive(Debug, Clone, Copy)]
-enum PatTok {
-    Lit(char),
-    Star,
-    One,
-}
-
-fn glob_match(p: &[PatTok], s: &[char]) -> bool {
-    match p.first() {
-        None => s.is_empty(),
-        Some(PatTok::Star) => (0..=s.len()).any(|i| glob_match(&p[1..], &s[i..])),
-        Some(PatTok::One) => !s.is_empty() && glob_match(&p[1..], &s[1..]),
-        Some(PatTok::Lit(c)) => s.first() == Some(c) && glob_match(&p[1..], &s[1..]),
-    }
-}
-
-fn trim_prefix(v: &str, pat: &[PatTok], longest: bool) -> String {
+fn trim_prefix(v: &str, pat: &Glob, longest: bool) -> String {
     let cs: Vec<char> = v.chars().collect();
-    let mut ends: Vec<usize> = (0..=cs.len()).collect();
-    if longest {
-        ends.reverse();
+    let hits = pat.prefix_matches(&cs);
+    let mut ends = (0..=cs.len()).filter(|&e| hits[e]);
+    match if longest {
+        ends.next_back()
+    } else {
+        ends.next()
+    } {
+        Some(e) => cs[e..].iter().collect(),
+        None => v.to_string(),
     }
-    for e in ends {
-        if glob_match(pat, &cs[..e]) {
-            return cs[e..].iter().collect();
-        }
-    }
-    v.to_string()
 }
 
-fn trim_suffix(v: &str, pat: &[PatTok], longest: bool) -> String {
+fn trim_suffix(v: &str, pat: &Glob, longest: bool) -> String {
     let cs: Vec<char> = v.chars().collect();
-    let mut starts: Vec<usize> = (0..=cs.len()).collect();
-    if !longest {
-        starts.reverse();
+    let hits = pat.suffix_matches(&cs);
+    let mut starts = (0..=cs.len()).filter(|&s| hits[s]);
+    match if longest {
+        starts.next()
+    } else {
+        starts.next_back()
+    } {
+        Some(s) => cs[..s].iter().collect(),
+        None => v.to_string(),
     }
-    for s in starts {
-        if glob_match(pat, &cs[s..]) {
-            return cs[..s].iter().collect();
-        }
-    }
-    v.to_string()
 }
 
-fn replace(v: &str, pat: &[PatTok], repl: &str, all: bool) -> String {
+fn replace(v: &str, pat: &Glob, repl: &str, all: bool) -> String {
     let cs: Vec<char> = v.chars().collect();
     let mut out = String::new();
     let mut i = 0;
     let mut done = false;
     while i < cs.len() {
         if !done {
-            // longest match starting at i
-            if let Some(e) = (i + 1..=cs.len())
-                .rev()
-                .find(|&e| glob_match(pat, &cs[i..e]))
-            {
+            // The longest non-empty match starting at i.
+            let hits = pat.prefix_matches(&cs[i..]);
+            if let Some(len) = (1..hits.len()).rev().find(|&k| hits[k]) {
                 out.push_str(repl);
-                i = e;
+                i += len;
                 done = !all;
                 continue;
             }
