@@ -512,10 +512,17 @@ fn split_logical(
             continue;
         }
         let start = i;
-        let mut text = t.trim_end().to_string();
+        // Each physical line is looked at once and appended once: a long run of
+        // continuation lines costs linear time, not a copy of the whole text per line.
+        let mut text = String::new();
+        let mut cur = t.trim_end();
         i += 1;
-        while let Some(stripped) = strip_continuation(&text, escape) {
-            text = stripped;
+        loop {
+            let Some(body) = strip_continuation(cur, escape) else {
+                text.push_str(cur);
+                break;
+            };
+            text.push_str(body);
             // Skip blank and comment lines inside the continuation.
             while i < lines.len() && {
                 let n = lines[i].trim_start();
@@ -526,7 +533,7 @@ fn split_logical(
             if i >= lines.len() {
                 break;
             }
-            text.push_str(lines[i].trim_end());
+            cur = lines[i].trim_end();
             i += 1;
         }
         let text = text.trim_end().to_string();
@@ -582,13 +589,13 @@ fn split_logical(
 /// If `line` ends with the escape char (plus blanks) that is not itself
 /// escaped, returns the line without it (BuildKit's continuation rule: `foo \\`
 /// does not continue).
-fn strip_continuation(line: &str, escape: char) -> Option<String> {
+fn strip_continuation(line: &str, escape: char) -> Option<&str> {
     let t = line.trim_end_matches([' ', '\t']);
     let body = t.strip_suffix(escape)?;
     if body.ends_with(escape) {
         return None;
     }
-    Some(body.to_string())
+    Some(body)
 }
 
 /// Heredoc markers in an instruction line: (name, expand, chomp, fd). Detection

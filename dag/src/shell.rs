@@ -38,7 +38,13 @@ pub enum ShellError {
     /// Malformed key=value list (ENV/LABEL/ARG).
     #[error("{0}")]
     KeyValue(String),
+    /// `${…}` nested deeper than any real Dockerfile does.
+    #[error("substitutions nested more than {0} levels deep")]
+    TooDeep(usize),
 }
+
+/// How deep `${…}` may nest.
+pub const MAX_NESTING: usize = 64;
 
 /// Environment lookup used for expansion: returns the value of a variable if set.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -105,6 +111,8 @@ struct Scan<'a> {
     lx: &'a Lexer,
     env: EnvLookup<'a>,
     mode: Mode,
+    /// `${` levels open.
+    depth: usize,
 }
 
 impl Lexer {
@@ -153,6 +161,7 @@ impl Lexer {
             lx: self,
             env,
             mode,
+            depth: 0,
         }
     }
 
@@ -443,6 +452,19 @@ impl Scan<'_> {
             });
         }
         self.pos += 1; // '{'
+                       // `${a:-${b:-${c…}}}` recurses once per level: bound it, so that a hostile
+                       // Dockerfile gets an error and not a stack overflow.
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(ShellError::TooDeep(MAX_NESTING));
+        }
+        let r = self.braced();
+        self.depth -= 1;
+        r
+    }
+
+    /// `${…}` after its `{`.
+    fn braced(&mut self) -> Result<String, ShellError> {
         match self.peek() {
             None => return Err(ShellError::MissingBrace),
             Some('{' | '}' | ':') => return Err(ShellError::BadSubstitution),
