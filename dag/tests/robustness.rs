@@ -137,7 +137,6 @@ fn random_dockerfiles_never_panic() {
 
 /// Hang detector for the input below, not a speed target: 15 times what the linear code
 /// takes here in a debug build, a tenth of what the quadratic code it replaced took.
-
 const HANG: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[test]
