@@ -680,10 +680,19 @@ impl Builder {
                         me.ensure_blob(&d).await.map_err(|e| format!("{e:#}"))?;
                         let store = me.store.clone();
                         let d2 = d.clone();
-                        tokio::task::spawn_blocking(move || unpack_into_store(&store, &d2))
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .map_err(|e| format!("{e:#}"))
+                        let (dir, skipped) =
+                            tokio::task::spawn_blocking(move || unpack_into_store(&store, &d2))
+                                .await
+                                .map_err(|e| e.to_string())?
+                                .map_err(|e| format!("{e:#}"))?;
+                        if !skipped.is_empty() {
+                            me.progress.warn(&format!(
+                                "layer {}: trusted.* xattrs left out (only the host's root may set them, and the kernel acts on them): {}",
+                                d.digest,
+                                skipped.join(", ")
+                            ));
+                        }
+                        Ok(dir)
                     }
                     .boxed()
                     .shared()
@@ -2292,9 +2301,10 @@ fn split_layout_ref(rest: &str) -> (&str, Option<&str>) {
     }
 }
 
-fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<PathBuf> {
+/// Unpacks a layer into the store; gives its directory and the `trusted.*` xattrs left out.
+fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<(PathBuf, Vec<String>)> {
     if store.has_layer(&l.diff_id) {
-        return Ok(store.layer_dir(&l.diff_id));
+        return Ok((store.layer_dir(&l.diff_id), Vec::new()));
     }
     let tmp = store.temp_dir("unpack")?;
     let file = store.open_blob(&l.digest)?;
@@ -2308,10 +2318,13 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<PathBuf> {
         &tmp,
         &rbuild_snapshot::UnpackOptions::default(),
     );
-    if let Err(e) = res {
-        let _ = rbuild_cache::remove_tree(&tmp);
-        bail!("unpacking layer {}: {e}", l.digest);
-    }
+    let stats = match res {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = rbuild_cache::remove_tree(&tmp);
+            bail!("unpacking layer {}: {e}", l.digest);
+        }
+    };
     // Drain what the tar reader left (end-of-archive padding) so the diffID covers it all.
     std::io::copy(&mut hashing, &mut std::io::sink())?;
     let diff_id = hashing.hasher.finish();
@@ -2323,7 +2336,10 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<PathBuf> {
             l.diff_id
         );
     }
-    Ok(store.commit_layer_dir(&tmp, &l.diff_id)?)
+    Ok((
+        store.commit_layer_dir(&tmp, &l.diff_id)?,
+        stats.skipped_xattrs,
+    ))
 }
 
 impl Drop for Builder {

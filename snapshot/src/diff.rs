@@ -2,8 +2,10 @@
 
 use crate::is_overlay_xattr;
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -61,7 +63,7 @@ pub fn write_layer_tar<W: Write>(
         stats: DiffStats::default(),
     };
     w.b.mode(tar::HeaderMode::Complete);
-    w.walk(dir, "")?;
+    w.walk(dir, b"")?;
     w.b.into_inner()
         .map_err(ioe(dir))?
         .flush()
@@ -72,30 +74,52 @@ pub fn write_layer_tar<W: Write>(
 struct Writer<'a, W: Write> {
     b: tar::Builder<W>,
     opts: &'a DiffOptions,
-    links: HashMap<(u64, u64), String>,
+    links: HashMap<(u64, u64), Vec<u8>>,
     stats: DiffStats,
 }
 
-fn xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut names = vec![0u8; 4096];
-    let n = match rustix::fs::llistxattr(path, &mut names[..]) {
-        Ok(n) => n,
-        Err(_) => return Vec::new(),
+/// The xattrs of `path` that belong in a layer, in full: the name list is read at the size
+/// the kernel reports, however long. Names that are not UTF-8 cannot be PAX keys and are
+/// left out.
+fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let names = loop {
+        let size = match rustix::fs::llistxattr(path, &mut [0u8; 0][..]) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::OPNOTSUPP) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut names = vec![0u8; size];
+        match rustix::fs::llistxattr(path, &mut names[..]) {
+            Ok(n) => {
+                names.truncate(n);
+                break names;
+            }
+            // Grew in between: ask again.
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(e.into()),
+        }
     };
     let mut out = Vec::new();
-    for raw in names[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
-        let name = String::from_utf8_lossy(raw).into_owned();
-        if is_overlay_xattr(&name) {
+    for raw in names.split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let Ok(name) = std::str::from_utf8(raw) else {
+            continue;
+        };
+        if is_overlay_xattr(name) {
             continue;
         }
+        // 64 KiB is the kernel's limit for one value.
         let mut val = vec![0u8; 65536];
-        if let Ok(len) = rustix::fs::lgetxattr(path, name.as_str(), &mut val[..]) {
-            val.truncate(len);
-            out.push((name, val));
+        match rustix::fs::lgetxattr(path, name, &mut val[..]) {
+            Ok(len) => {
+                val.truncate(len);
+                out.push((name.to_string(), val));
+            }
+            Err(rustix::io::Errno::NODATA) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     out.sort();
-    out
+    Ok(out)
 }
 
 fn is_opaque(path: &Path) -> bool {
@@ -120,7 +144,7 @@ impl<W: Write> Writer<'_, W> {
         t.max(0) as u64
     }
 
-    fn walk(&mut self, dir: &Path, rel: &str) -> Result<(), DiffError> {
+    fn walk(&mut self, dir: &Path, rel: &[u8]) -> Result<(), DiffError> {
         let mut names: Vec<_> = fs::read_dir(dir)
             .map_err(ioe(dir))?
             .map(|e| e.map(|e| e.file_name()))
@@ -129,35 +153,36 @@ impl<W: Write> Writer<'_, W> {
         names.sort_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
         for name in names {
             let path = dir.join(&name);
-            let name = name.to_string_lossy().into_owned();
-            let rel_path = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
+            // Names are bytes: a file name need not be UTF-8, and goes into the layer as is.
+            let name = name.as_bytes();
+            let join = |name: &[u8]| {
+                let mut p = rel.to_vec();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(name);
+                p
             };
+            let rel_path = join(name);
             let md = fs::symlink_metadata(&path).map_err(ioe(&path))?;
             let ft = md.file_type();
             if crate::whiteout::is_whiteout(&path, &md) {
                 // An overlay whiteout (either form). Overlay hard-links all whiteouts to one
                 // inode, so its link count says nothing about hardlinks.
-                let wh = if rel.is_empty() {
-                    format!(".wh.{name}")
-                } else {
-                    format!("{rel}/.wh.{name}")
-                };
+                let wh = join(&[b".wh.", name].concat());
                 let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, self.mtime(&md));
                 self.append(&mut h, &wh, None, &[], io::empty(), &path)?;
                 self.stats.whiteouts += 1;
                 continue;
             }
-            let x = xattrs(&path);
+            let x = xattrs(&path).map_err(ioe(&path))?;
             let mode = md.mode() & 0o7777;
             let mtime = self.mtime(&md);
             if ft.is_dir() {
                 let mut h = self.header(tar::EntryType::Directory, mode, md.uid(), md.gid(), mtime);
                 self.append(
                     &mut h,
-                    &format!("{rel_path}/"),
+                    &[&rel_path[..], b"/"].concat(),
                     None,
                     &x,
                     io::empty(),
@@ -167,7 +192,7 @@ impl<W: Write> Writer<'_, W> {
                     let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, mtime);
                     self.append(
                         &mut h,
-                        &format!("{rel_path}/.wh..wh..opq"),
+                        &[&rel_path[..], b"/.wh..wh..opq"].concat(),
                         None,
                         &[],
                         io::empty(),
@@ -196,7 +221,7 @@ impl<W: Write> Writer<'_, W> {
                 self.append(
                     &mut h,
                     &rel_path,
-                    Some(&target.to_string_lossy()),
+                    Some(target.as_os_str().as_bytes()),
                     &[],
                     io::empty(),
                     &path,
@@ -247,24 +272,24 @@ impl<W: Write> Writer<'_, W> {
     fn append<R: io::Read>(
         &mut self,
         h: &mut tar::Header,
-        name: &str,
-        link: Option<&str>,
+        name: &[u8],
+        link: Option<&[u8]>,
         x: &[(String, Vec<u8>)],
         data: R,
         path: &Path,
     ) -> Result<(), DiffError> {
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-        if h.set_path(name).is_err() || name.len() > 100 {
-            pax.push(("path".into(), name.as_bytes().to_vec()));
-            set_raw_name(h, name.as_bytes());
+        if name.len() > 100 || h.set_path(OsStr::from_bytes(name)).is_err() {
+            pax.push(("path".into(), name.to_vec()));
+            set_raw_name(h, name);
         }
         if let Some(l) = link {
-            if l.len() > 100 || h.set_link_name(l).is_err() {
-                pax.push(("linkpath".into(), l.as_bytes().to_vec()));
+            if l.len() > 100 || h.set_link_name(OsStr::from_bytes(l)).is_err() {
+                pax.push(("linkpath".into(), l.to_vec()));
                 let old = h.as_old_mut();
                 let n = l.len().min(100);
                 old.linkname = [0; 100];
-                old.linkname[..n].copy_from_slice(&l.as_bytes()[..n]);
+                old.linkname[..n].copy_from_slice(&l[..n]);
             }
         }
         for (k, v) in x {

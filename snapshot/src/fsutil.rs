@@ -2,8 +2,10 @@
 //! `RESOLVE_IN_ROOT`, so `..` and symlinks (absolute or relative) stay inside the root.
 
 use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
 /// Splits a tar path into clean components: `.` dropped, `..` clamped at the root (as
@@ -22,16 +24,37 @@ pub fn clean(path: &Path) -> Vec<String> {
     out
 }
 
+/// [`clean`] byte for byte: names that are not UTF-8 (a layer may hold any bytes but `/`
+/// and NUL) stay as they are.
+pub fn clean_os(path: &Path) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(s) => out.push(s.to_os_string()),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Opens `rel` (components) below `root` as a directory, resolving in root.
-pub fn open_dir_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
-    let p = if rel.is_empty() {
-        ".".to_string()
-    } else {
-        rel.join("/")
-    };
+pub fn open_dir_in<S: AsRef<OsStr>>(root: &impl AsFd, rel: &[S]) -> io::Result<OwnedFd> {
+    let mut p: Vec<u8> = Vec::new();
+    for (i, c) in rel.iter().enumerate() {
+        if i > 0 {
+            p.push(b'/');
+        }
+        p.extend_from_slice(c.as_ref().as_bytes());
+    }
+    if p.is_empty() {
+        p.push(b'.');
+    }
     openat2(
         root,
-        p.as_str(),
+        OsStr::from_bytes(&p),
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
@@ -81,24 +104,25 @@ pub fn resolve_in_root(root: &Path, rel: &str) -> io::Result<std::path::PathBuf>
 }
 
 /// Opens (creating as needed, mode 0755) the directory `rel` below `root`.
-pub fn mkdir_all_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
+pub fn mkdir_all_in<S: AsRef<OsStr>>(root: &impl AsFd, rel: &[S]) -> io::Result<OwnedFd> {
     match open_dir_in(root, rel) {
         Ok(fd) => return Ok(fd),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let mut cur = open_dir_in(root, &[])?;
+    let mut cur = open_dir_in::<&str>(root, &[])?;
     for (i, c) in rel.iter().enumerate() {
+        let c = c.as_ref();
         match open_dir_in(root, &rel[..=i]) {
             Ok(fd) => cur = fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match rustix::fs::mkdirat(&cur, c.as_str(), Mode::from_raw_mode(0o755)) {
+                match rustix::fs::mkdirat(&cur, c, Mode::from_raw_mode(0o755)) {
                     Ok(()) => {}
                     Err(rustix::io::Errno::EXIST) => {
                         // Something not a directory (a dangling symlink, a file) is in the way:
                         // replace it, as docker does when a layer puts a directory there.
                         remove_at(&cur, c)?;
-                        rustix::fs::mkdirat(&cur, c.as_str(), Mode::from_raw_mode(0o755))?;
+                        rustix::fs::mkdirat(&cur, c, Mode::from_raw_mode(0o755))?;
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -107,7 +131,7 @@ pub fn mkdir_all_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
                 let parent = open_dir_in(root, &rel[..i])?;
                 remove_at(&parent, c)?;
-                rustix::fs::mkdirat(&parent, c.as_str(), Mode::from_raw_mode(0o755))?;
+                rustix::fs::mkdirat(&parent, c, Mode::from_raw_mode(0o755))?;
                 cur = open_dir_in(root, &rel[..=i])?;
             }
             Err(e) => return Err(e),
@@ -119,8 +143,10 @@ pub fn mkdir_all_in(root: &impl AsFd, rel: &[String]) -> io::Result<OwnedFd> {
 /// Removes `name` in `dir` (recursively for directories), never following symlinks, never
 /// leaving `dir` (`name` must be one plain name: not empty, `.`, `..` or with a `/`) and never
 /// crossing into another mount (a directory that is a mount's root is refused).
-pub fn remove_at(dir: &impl AsFd, name: &str) -> io::Result<()> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+pub fn remove_at(dir: &impl AsFd, name: impl AsRef<OsStr>) -> io::Result<()> {
+    let name = name.as_ref();
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("refusing to remove {name:?}: not a name inside its directory"),
@@ -159,7 +185,7 @@ pub fn remove_at(dir: &impl AsFd, name: &str) -> io::Result<()> {
 }
 
 /// Names in a directory fd (without `.` and `..`).
-pub fn list(dir: &impl AsFd) -> io::Result<Vec<String>> {
+pub fn list(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
     let fd = rustix::fs::openat(
         dir,
         ".",
@@ -170,9 +196,9 @@ pub fn list(dir: &impl AsFd) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     while let Some(e) = d.read() {
         let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name != "." && name != ".." {
-            out.push(name);
+        let name = e.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            out.push(OsStr::from_bytes(name).to_os_string());
         }
     }
     Ok(out)

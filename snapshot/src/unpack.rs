@@ -1,11 +1,13 @@
 //! OCI layer tar → directory, safely.
 
-use crate::fsutil::{clean, mkdir_all_in, open_dir_in, remove_at};
+use crate::fsutil::{clean_os, mkdir_all_in, open_dir_in, remove_at};
 use crate::is_overlay_xattr;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// Errors while unpacking; each names the tar entry.
@@ -62,6 +64,8 @@ pub struct UnpackStats {
     pub entries: u64,
     /// Device nodes that could not be created (no privilege over devices) and were skipped.
     pub skipped_devices: u64,
+    /// `trusted.*` xattrs left out, as `entry: name` (the first few).
+    pub skipped_xattrs: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -95,15 +99,79 @@ pub fn apply_layer<R: Read>(
 /// What the whiteout `.wh.HIDDEN` removes: `HIDDEN`, a name in the whiteout's directory;
 /// `None` for the reserved `.wh..wh.` names (aufs metadata); an error for a bare `.wh.` (the
 /// image spec requires one) and for names that are not inside the directory (`.`, `..`).
-fn whiteout_target(hidden: &str) -> Result<Option<&str>, String> {
+fn whiteout_target(hidden: &[u8]) -> Result<Option<&[u8]>, String> {
     match hidden {
-        "" => Err("a whiteout without a name (bare .wh.) is invalid".into()),
-        "." | ".." => Err(format!(
-            "whiteout of {hidden:?} refused: it names no file inside its directory"
+        b"" => Err("a whiteout without a name (bare .wh.) is invalid".into()),
+        b"." | b".." => Err(format!(
+            "whiteout of {:?} refused: it names no file inside its directory",
+            String::from_utf8_lossy(hidden)
         )),
-        h if h.starts_with(".wh.") => Ok(None),
+        h if h.starts_with(b".wh.") => Ok(None),
         h => Ok(Some(h)),
     }
+}
+
+/// The largest logical size of a sparse entry. Holes stay holes on disk, but the tar crate
+/// hands them over as zeros that must be read through: an entry claiming exabytes would run
+/// for ever. Image layers rarely hold sparse files at all (docker and BuildKit write none).
+pub const MAX_SPARSE_SIZE: u64 = 64 << 30;
+
+/// What a PAX header may say of an entry beyond its name (the tar crate's header accessors
+/// read only the fixed fields).
+#[derive(Default)]
+struct Pax {
+    uid: Option<u64>,
+    gid: Option<u64>,
+    mtime: Option<i64>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn pax_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Pax> {
+    let mut pax = Pax::default();
+    let Some(exts) = entry.pax_extensions()? else {
+        return Ok(pax);
+    };
+    let bad = |k: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad PAX {k}"));
+    for ext in exts {
+        let ext = ext?;
+        let Ok(key) = ext.key() else { continue };
+        let value = ext.value().map_err(|_| bad(key));
+        match key {
+            "uid" => pax.uid = Some(value?.parse().map_err(|_| bad(key))?),
+            "gid" => pax.gid = Some(value?.parse().map_err(|_| bad(key))?),
+            // Seconds, maybe with a fraction and a sign; the fraction is dropped.
+            "mtime" => {
+                let v = value?;
+                let secs = v.split('.').next().unwrap_or("");
+                pax.mtime = Some(secs.parse().map_err(|_| bad(key))?);
+            }
+            _ => {
+                if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
+                    pax.xattrs.push((x.to_string(), ext.value_bytes().to_vec()));
+                }
+            }
+        }
+    }
+    Ok(pax)
+}
+
+/// Writes a sparse entry's data: runs of zeros (the holes, as the tar crate yields them)
+/// become holes again instead of blocks on disk.
+fn write_sparse(from: &mut impl Read, to: &mut std::fs::File, size: u64) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut buf = vec![0u8; 64 << 10];
+    let mut done = 0u64;
+    while done < size {
+        let want = buf.len().min((size - done) as usize);
+        from.read_exact(&mut buf[..want])?;
+        if buf[..want].iter().all(|&b| b == 0) {
+            to.seek(SeekFrom::Current(want as i64))?;
+        } else {
+            to.write_all(&buf[..want])?;
+        }
+        done += want as u64;
+    }
+    to.set_len(size)
 }
 
 fn run<R: Read>(
@@ -120,8 +188,8 @@ fn run<R: Read>(
     .map_err(|e| UnpackError::Dest(dest.to_path_buf(), e.into()))?;
     let mut archive = tar::Archive::new(crate::bounded_tar::BoundedTar::new(tar));
     let mut stats = UnpackStats::default();
-    let mut dir_times: Vec<(Vec<String>, i64)> = Vec::new();
-    let mut written: HashSet<Vec<String>> = HashSet::new();
+    let mut dir_times: Vec<(Vec<OsString>, i64)> = Vec::new();
+    let mut written: HashSet<Vec<OsString>> = HashSet::new();
     for entry in archive.entries().map_err(UnpackError::Tar)? {
         let mut entry = entry.map_err(UnpackError::Tar)?;
         let raw_path = entry.path().map_err(UnpackError::Tar)?.into_owned();
@@ -130,13 +198,30 @@ fn run<R: Read>(
             entry: name.clone(),
             source: e,
         };
-        let comps = clean(&raw_path);
+        let invalid = |why: String| err(io::Error::new(io::ErrorKind::InvalidData, why));
+        let comps = clean_os(&raw_path);
         let Some((last, parent)) = comps.split_last() else {
             continue;
         };
+        let last_b = last.as_bytes();
         let hdr = entry.header().clone();
-        let uid = hdr.uid().map_err(UnpackError::Tar)?;
-        let gid = hdr.gid().map_err(UnpackError::Tar)?;
+        let pax = pax_of(&mut entry).map_err(err)?;
+        let uid = match pax.uid {
+            Some(u) => u,
+            None => hdr.uid().map_err(UnpackError::Tar)?,
+        };
+        let gid = match pax.gid {
+            Some(g) => g,
+            None => hdr.gid().map_err(UnpackError::Tar)?,
+        };
+        // 2^32-1 is "no change" to chown: IDs from there up cannot be given, and are
+        // refused rather than cut down to another user's ID.
+        if uid >= u64::from(u32::MAX) || gid >= u64::from(u32::MAX) {
+            return Err(invalid(format!(
+                "owner {uid}:{gid} is out of range (IDs go up to {})",
+                u32::MAX - 1
+            )));
+        }
         if let Some(r) = opts.id_range {
             if uid > r.max_uid || gid > r.max_gid {
                 return Err(UnpackError::Unmapped {
@@ -149,7 +234,7 @@ fn run<R: Read>(
         }
         let parent_fd = mkdir_all_in(&root, parent).map_err(err)?;
         // Whiteouts.
-        if last == ".wh..wh..opq" {
+        if last_b == b".wh..wh..opq" {
             match mode {
                 Mode_::Overlay => {
                     set_xattr_fd(&parent_fd, "user.overlay.opaque", b"y").map_err(err)?
@@ -167,12 +252,12 @@ fn run<R: Read>(
             stats.entries += 1;
             continue;
         }
-        if let Some(hidden) = last.strip_prefix(".wh.") {
+        if let Some(hidden) = last_b.strip_prefix(b".wh.") {
             let hidden = match whiteout_target(hidden) {
-                Ok(Some(h)) => h,
+                Ok(Some(h)) => OsStr::from_bytes(h),
                 // aufs' metadata (`.wh..wh.plnk`, …): no file of the image, as docker skips it.
                 Ok(None) => continue,
-                Err(why) => return Err(err(io::Error::new(io::ErrorKind::InvalidData, why))),
+                Err(why) => return Err(invalid(why)),
             };
             remove_at(&parent_fd, hidden).map_err(err)?;
             if mode == Mode_::Overlay {
@@ -182,12 +267,16 @@ fn run<R: Read>(
             continue;
         }
         let perm = Mode::from_raw_mode((hdr.mode().map_err(UnpackError::Tar)? & 0o7777) as _);
-        let mtime = hdr.mtime().unwrap_or(0) as i64;
+        // Clamped into what a timestamp holds: a huge unsigned value must not wrap to a
+        // date before 1970.
+        let mtime = match pax.mtime {
+            Some(t) => t,
+            None => hdr.mtime().unwrap_or(0).min(i64::MAX as u64) as i64,
+        };
         let kind = hdr.entry_type();
         // An existing entry of another type is replaced; an existing directory stays
         // (a directory entry only updates its metadata).
-        let existing =
-            rustix::fs::statat(&parent_fd, last.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+        let existing = rustix::fs::statat(&parent_fd, last, AtFlags::SYMLINK_NOFOLLOW).ok();
         let existing_is_dir = existing
             .map(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory)
             .unwrap_or(false);
@@ -198,15 +287,22 @@ fn run<R: Read>(
         match kind {
             tar::EntryType::Directory => {
                 if !existing_is_dir {
-                    rustix::fs::mkdirat(&parent_fd, last.as_str(), Mode::from_raw_mode(0o755))
+                    rustix::fs::mkdirat(&parent_fd, last, Mode::from_raw_mode(0o755))
                         .map_err(|e| err(e.into()))?;
                 }
                 dir_times.push((comps.clone(), mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                let size = entry.size();
+                let sparse = kind == tar::EntryType::GNUSparse;
+                if sparse && size > MAX_SPARSE_SIZE {
+                    return Err(invalid(format!(
+                        "sparse file of {size} bytes refused: over {MAX_SPARSE_SIZE}"
+                    )));
+                }
                 let fd = rustix::fs::openat(
                     &parent_fd,
-                    last.as_str(),
+                    last,
                     OFlags::WRONLY
                         | OFlags::CREATE
                         | OFlags::EXCL
@@ -216,44 +312,40 @@ fn run<R: Read>(
                 )
                 .map_err(|e| err(e.into()))?;
                 let mut f = std::fs::File::from(fd);
-                io::copy(&mut entry, &mut f).map_err(err)?;
+                if sparse {
+                    write_sparse(&mut entry, &mut f, size).map_err(err)?;
+                } else {
+                    io::copy(&mut entry, &mut f).map_err(err)?;
+                }
             }
             tar::EntryType::Symlink => {
-                let target = hdr
-                    .link_name()
-                    .map_err(UnpackError::Tar)?
-                    .unwrap_or_default()
-                    .into_owned();
-                rustix::fs::symlinkat(target.as_path(), &parent_fd, last.as_str())
+                // The entry's link name, not the header's: PAX `linkpath` and GNU long links
+                // hold targets over 100 bytes.
+                let target = entry
+                    .link_name_bytes()
+                    .map(|b| b.into_owned())
+                    .unwrap_or_default();
+                rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent_fd, last)
                     .map_err(|e| err(e.into()))?;
             }
             tar::EntryType::Link => {
-                let target = hdr
-                    .link_name()
-                    .map_err(UnpackError::Tar)?
-                    .unwrap_or_default()
-                    .into_owned();
-                let tcomps = clean(&target);
+                let target = entry
+                    .link_name_bytes()
+                    .map(|b| b.into_owned())
+                    .unwrap_or_default();
+                let target = Path::new(OsStr::from_bytes(&target));
+                let tcomps = clean_os(target);
                 let Some((tlast, tparent)) = tcomps.split_last() else {
-                    return Err(err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "hardlink with an empty target",
-                    )));
+                    return Err(invalid("hardlink with an empty target".into()));
                 };
                 let tparent_fd = open_dir_in(&root, tparent).map_err(err)?;
-                rustix::fs::linkat(
-                    &tparent_fd,
-                    tlast.as_str(),
-                    &parent_fd,
-                    last.as_str(),
-                    AtFlags::empty(),
-                )
-                .map_err(|e| {
-                    err(io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("hardlink to {}: {e}", target.display()),
-                    ))
-                })?;
+                rustix::fs::linkat(&tparent_fd, tlast, &parent_fd, last, AtFlags::empty())
+                    .map_err(|e| {
+                        err(io::Error::new(
+                            io::Error::from(e).kind(),
+                            format!("hardlink to {}: {e}", target.display()),
+                        ))
+                    })?;
                 // A hardlink shares its target's inode: owner and mode are the target's.
                 set_owner_mode = false;
             }
@@ -266,7 +358,7 @@ fn run<R: Read>(
                 let major = hdr.device_major().ok().flatten().unwrap_or(0);
                 let minor = hdr.device_minor().ok().flatten().unwrap_or(0);
                 let dev = rustix::fs::makedev(major, minor);
-                match rustix::fs::mknodat(&parent_fd, last.as_str(), ft, perm, dev) {
+                match rustix::fs::mknodat(&parent_fd, last, ft, perm, dev) {
                     Ok(()) => {}
                     Err(rustix::io::Errno::PERM) if ft != FileType::Fifo => {
                         stats.skipped_devices += 1;
@@ -280,16 +372,13 @@ fn run<R: Read>(
             | tar::EntryType::GNULongName
             | tar::EntryType::GNULongLink => continue,
             other => {
-                return Err(err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("unsupported entry type {other:?}"),
-                )));
+                return Err(invalid(format!("unsupported entry type {other:?}")));
             }
         }
         if set_owner_mode {
             rustix::fs::chownat(
                 &parent_fd,
-                last.as_str(),
+                last,
                 Some(rustix::fs::Uid::from_raw(uid as u32)),
                 Some(rustix::fs::Gid::from_raw(gid as u32)),
                 AtFlags::SYMLINK_NOFOLLOW,
@@ -297,35 +386,37 @@ fn run<R: Read>(
             .map_err(|e| err(e.into()))?;
             if kind != tar::EntryType::Symlink {
                 // After chown, which clears setuid/setgid bits.
-                rustix::fs::chmodat(&parent_fd, last.as_str(), perm, AtFlags::empty())
+                rustix::fs::chmodat(&parent_fd, last, perm, AtFlags::empty())
                     .map_err(|e| err(e.into()))?;
             }
-            // Extended attributes (security.capability, user.*), never overlay's own.
-            if let Some(exts) = entry.pax_extensions().map_err(UnpackError::Tar)? {
-                let mut xattrs = Vec::new();
-                for ext in exts {
-                    let ext = ext.map_err(UnpackError::Tar)?;
-                    if let Ok(key) = ext.key() {
-                        if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
-                            if !is_overlay_xattr(x) {
-                                xattrs.push((x.to_string(), ext.value_bytes().to_vec()));
-                            }
-                        }
-                    }
+            // Extended attributes (security.capability, user.*), never overlay's own, and
+            // no trusted.* ones: they steer the kernel's own use of the filesystem (overlay
+            // keeps its metadata there) and only the host's root may set them.
+            let mut xattrs = Vec::new();
+            for (k, v) in pax.xattrs {
+                if is_overlay_xattr(&k) {
+                    continue;
                 }
-                if !xattrs.is_empty()
-                    && matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory)
-                {
-                    let fd = rustix::fs::openat(
-                        &parent_fd,
-                        last.as_str(),
-                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| err(e.into()))?;
-                    for (k, v) in xattrs {
-                        set_xattr_fd(&fd, &k, &v).map_err(err)?;
+                if k.starts_with("trusted.") {
+                    if stats.skipped_xattrs.len() < MAX_REPORTED {
+                        stats.skipped_xattrs.push(format!("{name}: {k}"));
                     }
+                    continue;
+                }
+                xattrs.push((k, v));
+            }
+            if !xattrs.is_empty()
+                && matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory)
+            {
+                let fd = rustix::fs::openat(
+                    &parent_fd,
+                    last,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| err(e.into()))?;
+                for (k, v) in xattrs {
+                    set_xattr_fd(&fd, &k, &v).map_err(err)?;
                 }
             }
             if kind != tar::EntryType::Directory {
@@ -347,7 +438,10 @@ fn run<R: Read>(
     Ok(stats)
 }
 
-fn set_mtime(dir: &impl AsFd, name: &str, mtime: i64) -> io::Result<()> {
+/// How many skipped xattrs [`UnpackStats`] names (the rest are not listed).
+const MAX_REPORTED: usize = 16;
+
+fn set_mtime(dir: &impl AsFd, name: &OsStr, mtime: i64) -> io::Result<()> {
     let t = rustix::fs::Timespec {
         tv_sec: mtime,
         tv_nsec: 0,

@@ -1,0 +1,310 @@
+//! What a layer entry carries beyond its data, read and written exactly (issue 10, low
+//! items and item 7): names that are not UTF-8, owners out of range or given by PAX, mtimes
+//! that do not fit, `trusted.*` xattrs, long xattr lists, long link targets and sparse files.
+
+use rbuild_snapshot::*;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A GNU header for `kind` with root owner and mode 0644.
+fn header(kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1);
+    h.set_size(size);
+    h
+}
+
+/// Appends an entry named by raw bytes (the tar crate's path setters want UTF-8 on some
+/// paths; the GNU name field takes any bytes).
+fn append_raw(b: &mut tar::Builder<Vec<u8>>, mut h: tar::Header, name: &[u8], data: &[u8]) {
+    let g = h.as_gnu_mut().unwrap();
+    g.name = [0; 100];
+    g.name[..name.len()].copy_from_slice(name);
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+}
+
+fn unpack(tar: &[u8], dest: &Path) -> Result<UnpackStats, UnpackError> {
+    unpack_layer(tar, dest, &UnpackOptions::default())
+}
+
+#[test]
+fn names_that_are_not_utf8_survive_byte_for_byte() {
+    let mut b = tar::Builder::new(Vec::new());
+    append_raw(&mut b, header(tar::EntryType::Directory, 0), b"d\xff/", b"");
+    append_raw(
+        &mut b,
+        header(tar::EntryType::Regular, 2),
+        b"d\xff/caf\xe9",
+        b"hi",
+    );
+    append_raw(
+        &mut b,
+        header(tar::EntryType::Regular, 1),
+        b"d\xff/gone\xfe",
+        b"x",
+    );
+    let tar = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    unpack(&tar, t.path()).unwrap();
+    let dir = t.path().join(OsStr::from_bytes(b"d\xff"));
+    assert_eq!(
+        fs::read(dir.join(OsStr::from_bytes(b"caf\xe9"))).unwrap(),
+        b"hi"
+    );
+
+    // Whiteouts and opaque markers reach such names too.
+    let mut b = tar::Builder::new(Vec::new());
+    append_raw(
+        &mut b,
+        header(tar::EntryType::Regular, 0),
+        b"d\xff/.wh.gone\xfe",
+        b"",
+    );
+    let tar2 = b.into_inner().unwrap();
+    apply_layer(&tar2[..], t.path(), &UnpackOptions::default()).unwrap();
+    assert!(!dir.join(OsStr::from_bytes(b"gone\xfe")).exists());
+    let mut b = tar::Builder::new(Vec::new());
+    append_raw(
+        &mut b,
+        header(tar::EntryType::Regular, 0),
+        b"d\xff/.wh..wh..opq",
+        b"",
+    );
+    let tar3 = b.into_inner().unwrap();
+    apply_layer(&tar3[..], t.path(), &UnpackOptions::default()).unwrap();
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "opaque emptied it");
+
+    // And the layer written from a directory holds the same bytes.
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join(OsStr::from_bytes(b"n\xe9e")), "1").unwrap();
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"t\xe9"), src.path().join("l")).unwrap();
+    let mut out = Vec::new();
+    write_layer_tar(src.path(), &mut out, &DiffOptions::default()).unwrap();
+    let mut a = tar::Archive::new(&out[..]);
+    let mut seen = Vec::new();
+    for e in a.entries().unwrap() {
+        let e = e.unwrap();
+        seen.push((
+            e.path_bytes().into_owned(),
+            e.link_name_bytes().map(|l| l.into_owned()),
+        ));
+    }
+    assert!(seen.contains(&(b"n\xe9e".to_vec(), None)), "{seen:?}");
+    assert!(
+        seen.contains(&(b"l".to_vec(), Some(b"t\xe9".to_vec()))),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn owners_out_of_range_are_refused_and_pax_owners_are_used() {
+    // 2^32 would be cut to 0 (root) by a cast; 2^32-1 is chown's "leave as is".
+    for uid in [1u64 << 32, u64::from(u32::MAX)] {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(tar::EntryType::Regular, 1);
+        h.set_uid(uid);
+        b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let e = unpack(&tar, t.path()).expect_err("out of range");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("layer entry f") && msg.contains("out of range"),
+            "{msg}"
+        );
+        assert!(!t.path().join("f").exists());
+    }
+    // A PAX uid/gid (what Go's tar writes for IDs over 2097151) wins over the header's.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("uid", &b"3000000"[..]), ("gid", &b"3000001"[..])])
+        .unwrap();
+    let mut h = header(tar::EntryType::Regular, 1);
+    b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let range = IdRange {
+        max_uid: 65535,
+        max_gid: 65535,
+    };
+    let e = unpack_layer(
+        &tar[..],
+        t.path(),
+        &UnpackOptions {
+            id_range: Some(range),
+        },
+    )
+    .expect_err("the PAX owner is outside the map");
+    assert!(e.to_string().contains("3000000:3000001"), "{e}");
+    if is_root() {
+        unpack(&tar, t.path()).unwrap();
+        let md = fs::metadata(t.path().join("f")).unwrap();
+        assert_eq!((md.uid(), md.gid()), (3000000, 3000001));
+    }
+}
+
+#[test]
+fn mtimes_are_clamped_not_wrapped() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Regular, 1);
+    // Base-256 in the GNU header: over i64::MAX, which a cast makes negative.
+    h.set_mtime(u64::MAX - 5);
+    b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    unpack(&tar, t.path()).unwrap();
+    let md = fs::metadata(t.path().join("f")).unwrap();
+    assert!(md.mtime() > 0, "mtime wrapped to {}", md.mtime());
+    // A PAX mtime with a fraction is read, not ignored.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("mtime", &b"1700000000.75"[..])])
+        .unwrap();
+    let mut h = header(tar::EntryType::Regular, 1);
+    b.append_data(&mut h, "g", &b"x"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    unpack(&tar, t.path()).unwrap();
+    assert_eq!(
+        fs::metadata(t.path().join("g")).unwrap().mtime(),
+        1700000000
+    );
+}
+
+#[test]
+fn trusted_xattrs_are_skipped_and_reported() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("SCHILY.xattr.trusted.evil", &b"1"[..]),
+        ("SCHILY.xattr.user.ok", &b"2"[..]),
+    ])
+    .unwrap();
+    let mut h = header(tar::EntryType::Regular, 1);
+    b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let stats = match unpack(&tar, t.path()) {
+        Ok(s) => s,
+        // A filesystem without user xattrs refuses user.ok: nothing to learn here.
+        Err(e) if e.to_string().contains("Operation not supported") => return,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(stats.skipped_xattrs, vec!["f: trusted.evil".to_string()]);
+    let f = t.path().join("f");
+    let mut v = [0u8; 8];
+    assert!(rustix::fs::getxattr(&f, "trusted.evil", &mut v).is_err());
+    assert_eq!(rustix::fs::getxattr(&f, "user.ok", &mut v).unwrap(), 1);
+}
+
+#[test]
+fn xattr_lists_over_4k_go_into_the_layer_whole() {
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("f");
+    fs::write(&f, "x").unwrap();
+    let names: Vec<String> = (0..100)
+        .map(|i| format!("user.{}{i:03}", "n".repeat(60)))
+        .collect();
+    for n in &names {
+        match rustix::fs::setxattr(&f, n.as_str(), b"v", rustix::fs::XattrFlags::empty()) {
+            Ok(()) => {}
+            // No user xattrs here (or no room for this many): nothing to test.
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSPC) => return,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let mut out = Vec::new();
+    write_layer_tar(src.path(), &mut out, &DiffOptions::default()).unwrap();
+    let mut a = tar::Archive::new(&out[..]);
+    let mut got = Vec::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        if let Some(exts) = e.pax_extensions().unwrap() {
+            for x in exts {
+                let x = x.unwrap();
+                if let Some(n) = x.key().unwrap().strip_prefix("SCHILY.xattr.") {
+                    got.push(n.to_string());
+                }
+            }
+        }
+    }
+    got.sort();
+    assert_eq!(got, names, "a list over 4 KiB was dropped or cut");
+}
+
+#[test]
+fn symlink_targets_over_100_bytes_are_kept_whole() {
+    let target = format!("/{}/{}", "t".repeat(120), "x".repeat(80));
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Symlink, 0);
+    b.append_link(&mut h, "l", &target).unwrap();
+    let tar = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    unpack(&tar, t.path()).unwrap();
+    assert_eq!(
+        fs::read_link(t.path().join("l")).unwrap().to_str().unwrap(),
+        target
+    );
+}
+
+/// A GNU sparse entry: `real` bytes long, holding `data` at offset `at` and holes elsewhere.
+fn sparse(real: u64, at: u64, data: &[u8]) -> Vec<u8> {
+    let mut h = header(tar::EntryType::GNUSparse, data.len() as u64);
+    let g = h.as_gnu_mut().unwrap();
+    // Octal, or GNU base-256 for what octal cannot hold.
+    let octal = |field: &mut [u8], v: u64| {
+        let s = format!("{v:0w$o}", w = field.len() - 1);
+        if s.len() < field.len() {
+            field[..s.len()].copy_from_slice(s.as_bytes());
+            field[s.len()..].fill(0);
+        } else {
+            field.fill(0);
+            field[0] = 0x80;
+            let n = field.len();
+            field[n - 8..].copy_from_slice(&v.to_be_bytes());
+        }
+    };
+    octal(&mut g.sparse[0].offset, at);
+    octal(&mut g.sparse[0].numbytes, data.len() as u64);
+    // The map ends with an empty chunk at the real size.
+    octal(&mut g.sparse[1].offset, real);
+    octal(&mut g.sparse[1].numbytes, 0);
+    octal(&mut g.realsize, real);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut data = data.to_vec();
+    data.resize(data.len().div_ceil(512) * 512, 0);
+    h.set_path("s").unwrap();
+    h.set_cksum();
+    b.append(&h, &data[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn sparse_files_stay_sparse_and_are_bounded() {
+    let t = tempfile::tempdir().unwrap();
+    let data = vec![7u8; 4096];
+    unpack(&sparse(256 << 20, 128 << 20, &data), t.path()).unwrap();
+    let md = fs::metadata(t.path().join("s")).unwrap();
+    assert_eq!(md.len(), 256 << 20);
+    assert!(
+        md.blocks() * 512 < 16 << 20,
+        "holes were written out: {} bytes on disk",
+        md.blocks() * 512
+    );
+    let got = fs::read(t.path().join("s")).unwrap();
+    assert_eq!(&got[128 << 20..(128 << 20) + 4096], &data[..]);
+    assert!(got[..128 << 20].iter().all(|&b| b == 0));
+
+    // An exabyte of holes would be read through for ever: refused, naming the entry.
+    let t = tempfile::tempdir().unwrap();
+    let e = unpack(&sparse(1 << 60, 0, &data), t.path()).expect_err("too large");
+    assert!(e.to_string().contains("layer entry s: sparse file"), "{e}");
+}
