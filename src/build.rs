@@ -629,7 +629,13 @@ impl Builder {
                         let res: Result<()> = match origin {
                             Some(BlobOrigin::Registry(r)) => me
                                 .registry
-                                .fetch_blob(&r, &d.digest, d.size, &me.store)
+                                .fetch_blob(
+                                    &r,
+                                    &d.digest,
+                                    d.size,
+                                    crate::registry::MAX_UNSIZED_BLOB,
+                                    &me.store,
+                                )
                                 .await
                                 .map(|_| ())
                                 .map_err(Into::into),

@@ -56,7 +56,9 @@ pub async fn import(
             if size > 64 << 20 {
                 bail!("{reference}: config of {size} bytes is too large for a cache document");
             }
-            registry.fetch_blob(reference, &digest, size, store).await?;
+            registry
+                .fetch_blob(reference, &digest, size, crate::registry::MAX_CONFIG, store)
+                .await?;
             let bytes = store.read_blob(&digest)?;
             let export = if media_type == CACHE_CONFIG_MEDIA_TYPE {
                 CacheExport::from_json(&bytes)

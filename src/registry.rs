@@ -20,6 +20,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+mod manifest;
+pub use manifest::MAX_MANIFEST;
+
 /// Errors talking to registries or reading image layouts; each names the image involved.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -345,6 +348,8 @@ pub struct Registry {
     clients: Mutex<HashMap<String, Client>>,
     /// `host/repository`s this client holds a pull token for.
     pull_authed: Mutex<std::collections::HashSet<String>>,
+    /// The plain HTTP client of [`manifest::ManifestGet`], made on first use.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 /// Whether `host[:port]` is a loopback address, spoken to over plain HTTP like Docker does.
@@ -577,6 +582,7 @@ impl Registry {
             opts,
             clients: Mutex::new(HashMap::new()),
             pull_authed: Mutex::new(Default::default()),
+            http: std::sync::OnceLock::new(),
         }
     }
 
@@ -587,7 +593,7 @@ impl Registry {
         if let Some(client) = c.get(registry) {
             return Ok(client.clone());
         }
-        let http = is_loopback(registry) || self.opts.insecure.iter().any(|i| i == registry);
+        let http = self.plain_http(registry);
         let config = ClientConfig {
             protocol: if http {
                 ClientProtocol::Http
@@ -615,6 +621,33 @@ impl Registry {
         Ok(client)
     }
 
+    /// Whether `registry` is spoken to over plain HTTP (loopback, or `--insecure-registry`).
+    fn plain_http(&self, registry: &str) -> bool {
+        is_loopback(registry) || self.opts.insecure.iter().any(|i| i == registry)
+    }
+
+    /// The plain HTTP client for manifest GETs (one per build).
+    fn http_client(
+        &self,
+        registry: &str,
+        reference: &str,
+    ) -> Result<reqwest::Client, RegistryError> {
+        if let Some(c) = self.http.get() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .opts
+            .timeouts
+            .http_client()
+            .build()
+            .map_err(|e| RegistryError::Tls {
+                reference: reference.to_string(),
+                registry: registry.to_string(),
+                message: format!("{e:#}"),
+            })?;
+        Ok(self.http.get_or_init(|| c).clone())
+    }
+
     /// [`Registry::pull_with_progress`] without progress.
     pub async fn pull(&self, reference: &str, store: &Store) -> Result<PulledImage, RegistryError> {
         self.pull_with_progress(reference, store, |_| {}).await
@@ -631,10 +664,20 @@ impl Registry {
         let host = r.resolve_registry().to_string();
         let client = self.client(&host, &name)?;
         let auth = credentials(&host)?;
-        let (bytes, header_digest) = client
-            .pull_manifest_raw(&r, &auth, ACCEPT)
-            .await
-            .map_err(|e| classify(&name, &host, "fetching the manifest", e))?;
+        let http = self.http_client(&host, &name)?;
+        let mut get = manifest::ManifestGet {
+            client: &client,
+            http: &http,
+            scheme: if self.plain_http(&host) {
+                "http"
+            } else {
+                "https"
+            },
+            name: &name,
+            host: &host,
+            what: "fetching the manifest",
+        };
+        let (bytes, header_digest) = get.fetch(&r, &auth, ACCEPT).await?;
         let mut digest = Digest::of(&bytes);
         let pinned = r.digest().map(str::to_string).or_else(|| {
             header_digest
@@ -647,10 +690,8 @@ impl Registry {
         if doc.get("manifests").is_some() {
             let chosen = pick_platform(&name, &doc, &self.opts.platform)?;
             let r2 = r.clone_with_digest(chosen.to_string());
-            let (b2, _) = client
-                .pull_manifest_raw(&r2, &auth, ACCEPT)
-                .await
-                .map_err(|e| classify(&name, &host, "fetching the platform manifest", e))?;
+            get.what = "fetching the platform manifest";
+            let (b2, _) = get.fetch(&r2, &auth, ACCEPT).await?;
             digest = Digest::of(&b2);
             check_manifest_digest(&name, &digest, Some(chosen.as_str()))?;
             manifest_bytes = b2.to_vec();
@@ -660,12 +701,15 @@ impl Registry {
     }
 
     /// Fetches blob `digest` of repository `reference` into the store (streamed, verified),
-    /// unless the store has it. Returns the bytes received (0 when it was present).
+    /// unless the store has it. Returns the bytes received (0 when it was present). `size` 0
+    /// is unknown: then at most `unsized_cap` bytes are read ([`MAX_CONFIG`] for a config,
+    /// [`MAX_UNSIZED_BLOB`] for a layer).
     pub async fn fetch_blob(
         &self,
         reference: &str,
         digest: &Digest,
         size: u64,
+        unsized_cap: u64,
         store: &Store,
     ) -> Result<u64, RegistryError> {
         if store.has_blob(digest) {
@@ -684,7 +728,16 @@ impl Registry {
                 .map_err(|e| classify(&name, &host, "authenticating to pull", e))?;
             self.pull_authed.lock().unwrap().insert(repo);
         }
-        fetch_blob(&client, &r, &name, &host, digest, size, store).await
+        fetch_blob(
+            &client,
+            &r,
+            &name,
+            &host,
+            digest,
+            (size, unsized_cap),
+            store,
+        )
+        .await
     }
 
     /// Resolves `reference` to its platform manifest and fetches only the config: the layers
@@ -716,7 +769,7 @@ impl Registry {
         let asked = async {
             let (doc, bytes, digest) = self.manifest(reference).await?;
             let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
-            self.fetch_blob(reference, &config_desc.0, config_desc.1, store)
+            self.fetch_blob(reference, &config_desc.0, config_desc.1, MAX_CONFIG, store)
                 .await?;
             // The manifest too, so the next build can do without the registry.
             store
@@ -824,11 +877,11 @@ impl Registry {
             digest: digest.clone(),
         });
         let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
-        let mut wanted: Vec<(Digest, u64)> = Vec::new();
-        for (d, s) in std::iter::once((&config_desc.0, config_desc.1))
-            .chain(layer_descs.iter().map(|l| (&l.0, l.2)))
+        let mut wanted: Vec<(Digest, u64, u64)> = Vec::new();
+        for (d, s, cap) in std::iter::once((&config_desc.0, config_desc.1, MAX_CONFIG))
+            .chain(layer_descs.iter().map(|l| (&l.0, l.2, MAX_UNSIZED_BLOB)))
         {
-            if wanted.iter().any(|(w, _)| w == d) {
+            if wanted.iter().any(|(w, _, _)| w == d) {
                 continue;
             }
             if store.has_blob(d) {
@@ -837,18 +890,18 @@ impl Registry {
                     size: s,
                 });
             } else {
-                wanted.push((d.clone(), s));
+                wanted.push((d.clone(), s, cap));
             }
         }
         let (client, r, name_ref, progress) = (&client, &r, &name, &progress);
         let host = &host;
         futures_util::stream::iter(wanted)
-            .map(|(d, size)| async move {
+            .map(|(d, size, cap)| async move {
                 progress(PullEvent::Started {
                     digest: d.clone(),
                     size,
                 });
-                let got = fetch_blob(client, r, name_ref, host, &d, size, store).await?;
+                let got = fetch_blob(client, r, name_ref, host, &d, (size, cap), store).await?;
                 progress(PullEvent::Done {
                     digest: d,
                     size: got,
@@ -1062,7 +1115,7 @@ impl BlobPush<'_> {
             }
             if !self.store.has_blob(d) {
                 self.registry
-                    .fetch_blob(origin, d, size, self.store)
+                    .fetch_blob(origin, d, size, MAX_UNSIZED_BLOB, self.store)
                     .await?;
             }
         }
@@ -1098,6 +1151,13 @@ impl BlobPush<'_> {
     }
 }
 
+/// The most rbuild reads of a blob whose descriptor gives no size (0 or missing, which the
+/// image spec does not allow but some tools write): the digest is still checked at the end.
+pub const MAX_UNSIZED_BLOB: u64 = 1 << 30;
+
+/// The most rbuild reads of an image config or index file from an OCI layout.
+pub const MAX_CONFIG: u64 = 64 << 20;
+
 /// Streams one blob from the registry into the store, verifying digest and size.
 async fn fetch_blob(
     client: &Client,
@@ -1105,7 +1165,7 @@ async fn fetch_blob(
     name: &str,
     host: &str,
     d: &Digest,
-    size: u64,
+    (size, unsized_cap): (u64, u64),
     store: &Store,
 ) -> Result<u64, RegistryError> {
     let store_err = |source| RegistryError::Store {
@@ -1148,6 +1208,15 @@ async fn fetch_blob(
             return Err(RegistryError::Content {
                 reference: name.to_string(),
                 message: format!("blob {d} is larger than the {size} bytes its manifest says"),
+            });
+        }
+        // A descriptor without a size (0 or missing) is no licence to stream for ever.
+        if size == 0 && got > unsized_cap {
+            return Err(RegistryError::Content {
+                reference: name.to_string(),
+                message: format!(
+                    "blob {d} has no size in its manifest and the registry sent more than the {unsized_cap} bytes rbuild takes for such a blob"
+                ),
             });
         }
         h.update(&chunk);
@@ -1334,6 +1403,23 @@ pub fn load_oci_layout(
     load_oci_layout_for(dir, tag, &RegistryOptions::default().platform, store)
 }
 
+/// Reads a JSON file of an image layout, refusing one over `limit` bytes (a layout from
+/// elsewhere may hold anything, `/dev/zero` behind a symlink included).
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("over {limit} bytes: not an image document"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Reads an OCI image layout into the store: the image whose `org.opencontainers.image.ref.name`
 /// is `tag` (or the only one when no tag is given), an index resolved to `platform`, and every
 /// blob copied in with its digest verified.
@@ -1363,7 +1449,7 @@ pub fn load_oci_layout_for(
     let blob_path = |d: &Digest| dir.join("blobs").join(d.algorithm()).join(d.hex());
     let read_small = |d: &Digest| -> Result<Vec<u8>, RegistryError> {
         let p = blob_path(d);
-        let bytes = std::fs::read(&p).map_err(io(p.clone()))?;
+        let bytes = read_bounded(&p, MAX_CONFIG).map_err(io(p.clone()))?;
         let actual = Digest::of(&bytes);
         if &actual != d {
             return Err(RegistryError::DigestMismatch {
@@ -1379,7 +1465,7 @@ pub fn load_oci_layout_for(
     let index = parse_json(
         &reference,
         "index.json",
-        &std::fs::read(&index_path).map_err(io(index_path.clone()))?,
+        &read_bounded(&index_path, MAX_CONFIG).map_err(io(index_path.clone()))?,
     )?;
     let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
     let desc = match tag {
