@@ -192,6 +192,7 @@ fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
         }
         if let Some(r) = &report {
             o.insert("problems".into(), serde_json::json!(r.problems));
+            o.insert("removed".into(), serde_json::json!(r.removed));
         }
         println!("{}", serde_json::Value::Object(o));
     } else {
@@ -243,14 +244,23 @@ fn run_du(args: rbuild::cli::DuArgs) -> anyhow::Result<()> {
         );
         if let Some(r) = &report {
             println!(
-                "verified {} blobs, {} layer names, {} cache records: {} problems",
+                "verified {} blobs, {} layers ({} compared with their blobs), {} cache records: {} problems",
                 r.blobs,
                 r.layers,
+                r.layers_compared,
                 r.records,
                 r.problems.len()
             );
             for p in &r.problems {
                 println!("  {p}");
+            }
+            if !r.removed.is_empty() {
+                println!(
+                    "removed, to be fetched or unpacked again by the next build that needs them:"
+                );
+                for p in &r.removed {
+                    println!("  {p}");
+                }
             }
         }
     }

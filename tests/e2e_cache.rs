@@ -650,3 +650,41 @@ fn base_image_tags_are_not_asked_again_for_a_while_and_survive_an_outage() {
     let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert!(log.contains("--pull asks the registry"), "{log}");
 }
+
+#[test]
+fn a_corrupt_layer_is_found_by_verify_and_built_again() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let store = tempfile::tempdir().unwrap();
+    let root = store.path().join("store");
+    let work = tempfile::tempdir().unwrap();
+    let ctx = project_context(&base, "c");
+    let (first, _) = build_digest(&root, ctx.path(), work.path(), &[]);
+    // A bit flip on disk in the RUN step's unpacked layer: same size, other bytes.
+    let tag = walk(&root.join("layers"))
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "tag"))
+        .expect("the step's layer holds /tag");
+    std::fs::write(&tag, "X\n").unwrap();
+    let (ok, log) = all_output(&mut rbuild_ns(&root, &["du", "--verify"]));
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("differs from its blob")
+            && log.contains("tag: content differs from the layer"),
+        "{log}"
+    );
+    assert!(
+        log.contains("removed, to be fetched or unpacked again"),
+        "{log}"
+    );
+    assert_store_ok(&root, "verify removed the corrupt layer");
+    // The step is built again, to the same image, and its layer holds the right bytes.
+    let (again, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(first, again, "{log}");
+    assert!(walk(&root.join("layers"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "tag"))
+        .all(|p| std::fs::read_to_string(p).unwrap() == "c\n"),);
+    assert_store_ok(&root, "the rebuild");
+}

@@ -16,11 +16,11 @@
 //! `blobs/`, `layers/` and `tmp/` (not this process's) goes, so nothing is left behind
 //! that prune cannot find.
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::Digest;
 use crate::store::{remove_tree, CacheRecord, Store, StoreError};
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -41,7 +41,7 @@ pub enum GcError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GcError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GcError + '_ {
     move |source| GcError::Io {
         path: path.to_path_buf(),
         source,
@@ -145,7 +145,7 @@ fn tree_size_seen(p: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
     total
 }
 
-fn entries(dir: &Path) -> Vec<fs::DirEntry> {
+pub(crate) fn entries(dir: &Path) -> Vec<fs::DirEntry> {
     fs::read_dir(dir).into_iter().flatten().flatten().collect()
 }
 
@@ -347,14 +347,14 @@ pub struct PruneReport {
     pub bytes: u64,
 }
 
-struct RecordInfo {
-    path: PathBuf,
+pub(crate) struct RecordInfo {
+    pub(crate) path: PathBuf,
     used: SystemTime,
     size: u64,
-    rec: Option<CacheRecord>,
+    pub(crate) rec: Option<CacheRecord>,
 }
 
-fn load_records(store: &Store) -> Vec<RecordInfo> {
+pub(crate) fn load_records(store: &Store) -> Vec<RecordInfo> {
     let mut out = Vec::new();
     for e in entries(&store.root().join("cache")) {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -432,7 +432,7 @@ fn pinned_by_refs(store: &Store) -> Result<(HashSet<Digest>, HashSet<Digest>), G
     Ok((blobs, layers))
 }
 
-fn remove_any(p: &Path) -> Result<(), GcError> {
+pub(crate) fn remove_any(p: &Path) -> Result<(), GcError> {
     match fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => remove_tree(p).map_err(GcError::from),
         Ok(_) => fs::remove_file(p).map_err(io_err(p)),
@@ -632,99 +632,4 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         }
     }
     Ok(report)
-}
-
-/// What [`verify`] checked and found wrong.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct VerifyReport {
-    /// Blobs whose content was hashed.
-    pub blobs: u64,
-    /// Layer names checked.
-    pub layers: u64,
-    /// Cache records checked.
-    pub records: u64,
-    /// One line per problem, naming the path.
-    pub problems: Vec<String>,
-}
-
-impl VerifyReport {
-    /// Whether no problem was found.
-    pub fn is_ok(&self) -> bool {
-        self.problems.is_empty()
-    }
-}
-
-/// Checks the store's integrity: every blob's sha256 matches its name, every layer name is
-/// a directory (no dangling links), every record decodes and its blob and layer exist,
-/// every ref's manifest exists.
-pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
-    let root = store.root();
-    let mut rep = VerifyReport::default();
-    let mut buf = vec![0u8; 1 << 20];
-    for e in entries(&root.join("blobs/sha256")) {
-        let p = e.path();
-        rep.blobs += 1;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(want) = format!("sha256:{name}").parse::<Digest>() else {
-            rep.problems
-                .push(format!("{}: not a digest name", p.display()));
-            continue;
-        };
-        let mut f = fs::File::open(&p).map_err(io_err(&p))?;
-        let mut h = Hasher::new();
-        loop {
-            let n = f.read(&mut buf).map_err(io_err(&p))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        let got = h.finish();
-        if got != want {
-            rep.problems
-                .push(format!("{}: content is {got}", p.display()));
-        }
-    }
-    for e in entries(&root.join("layers/sha256")) {
-        rep.layers += 1;
-        let p = e.path();
-        if format!("sha256:{}", e.file_name().to_string_lossy())
-            .parse::<Digest>()
-            .is_err()
-        {
-            rep.problems
-                .push(format!("{}: not a digest name", p.display()));
-        } else if !p.is_dir() {
-            rep.problems.push(format!(
-                "{}: not a directory (or a dangling link)",
-                p.display()
-            ));
-        }
-    }
-    for r in load_records(store) {
-        rep.records += 1;
-        match r.rec {
-            None => rep
-                .problems
-                .push(format!("{}: undecodable record", r.path.display())),
-            Some(CacheRecord { layer: Some(l), .. }) => {
-                if !store.has_blob(&l.digest) {
-                    rep.problems
-                        .push(format!("{}: blob {} missing", r.path.display(), l.digest));
-                }
-                if !store.has_layer(&l.diff_id) {
-                    rep.problems
-                        .push(format!("{}: layer {} missing", r.path.display(), l.diff_id));
-                }
-            }
-            Some(_) => {}
-        }
-    }
-    for r in store.refs()? {
-        if !store.has_blob(&r.digest) {
-            rep.problems
-                .push(format!("ref {}: manifest {} missing", r.name, r.digest));
-        }
-    }
-    Ok(rep)
 }

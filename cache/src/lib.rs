@@ -26,16 +26,18 @@ pub mod export;
 pub mod gc;
 pub mod key;
 pub mod store;
+pub mod verify;
 
 pub use context::{ContextError, Filter, StatCache};
 pub use digest::{Digest, DigestError, Hasher};
 pub use export::{CacheExport, ExportError, ExportedRecord};
 pub use gc::{
-    disk_usage, prune, record_usage, verify, GcError, KindUsage, PruneOptions, PruneReport,
-    RecordUsage, Usage, VerifyReport,
+    disk_usage, prune, record_usage, GcError, KindUsage, PruneOptions, PruneReport, RecordUsage,
+    Usage,
 };
 pub use key::{CacheKey, CacheKeyBuilder};
 pub use store::{
     copy_into_blob, owner_token, remove_tree, write_file_atomic, BlobWriter, CacheRecord,
     ExclusiveLock, LayerRef, RefEntry, Store, StoreError,
 };
+pub use verify::{verify, VerifyReport};

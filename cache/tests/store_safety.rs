@@ -70,15 +70,6 @@ fn child_entry() {
 fn write_forever(store: &Store) {
     let mut rng = Rng::new();
     loop {
-        let mut w = store.blob_writer().unwrap();
-        let chunks = 1 + rng.below(64);
-        for _ in 0..chunks {
-            let b: Vec<u8> = (0..16384).map(|_| rng.next() as u8).collect();
-            w.write_all(&b).unwrap();
-        }
-        let size = w.size();
-        let blob = w.commit(None).unwrap();
-        let diff_id = Digest::of(rng.next().to_string().as_bytes());
         let dir = store.temp_dir("unpack").unwrap();
         for i in 0..rng.below(20) {
             fs::write(
@@ -90,6 +81,17 @@ fn write_forever(store: &Store) {
         fs::create_dir(dir.join("ro")).unwrap();
         fs::write(dir.join("ro/file"), b"x").unwrap();
         fs::set_permissions(dir.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+        // The blob is the layer's tar (so `verify` can compare them), written in chunks
+        // so that a kill can land in the middle.
+        let mut tar = Vec::new();
+        rbuild_snapshot::write_layer_tar(&dir, &mut tar, &Default::default()).unwrap();
+        let mut w = store.blob_writer().unwrap();
+        for chunk in tar.chunks(16384) {
+            w.write_all(chunk).unwrap();
+        }
+        let size = w.size();
+        let blob = w.commit(None).unwrap();
+        let diff_id = Digest::of(&tar);
         if rng.below(2) == 0 {
             store.commit_layer_dir(&dir, &diff_id).unwrap();
         } else {
@@ -333,18 +335,20 @@ struct Fixture {
 
 /// A layer with a blob of `size` bytes and a record; returns (key, blob, diff_id).
 fn add_step(store: &Store, name: &str, size: usize) -> (Digest, Digest, Digest) {
-    let blob = store
-        .put_blob_bytes(&vec![name.as_bytes()[0]; size])
-        .unwrap();
-    let diff_id = Digest::of(format!("diff-{name}").as_bytes());
     let dir = store.temp_dir("unpack").unwrap();
     fs::write(dir.join("f"), vec![1u8; size]).unwrap();
+    fs::write(dir.join(name), name).unwrap();
     // Read-only dirs and files owned by another uid, as unpacked layers have.
     fs::create_dir(dir.join("etc")).unwrap();
     fs::write(dir.join("etc/passwd"), b"root").unwrap();
     let _ = std::os::unix::fs::chown(dir.join("etc/passwd"), Some(1234), Some(1234));
     let _ = std::os::unix::fs::chown(dir.join("etc"), Some(1234), Some(1234));
     fs::set_permissions(dir.join("etc"), fs::Permissions::from_mode(0o555)).unwrap();
+    // The blob is the directory's own layer tar, so `verify` can compare the two.
+    let mut tar = Vec::new();
+    rbuild_snapshot::write_layer_tar(&dir, &mut tar, &Default::default()).unwrap();
+    let blob = store.put_blob_bytes(&tar).unwrap();
+    let diff_id = Digest::of(&tar);
     store.commit_layer_dir(&dir, &diff_id).unwrap();
     let key = Digest::of(format!("key-{name}").as_bytes());
     let layer = LayerRef {
@@ -379,9 +383,11 @@ fn prune_keeps_what_refs_and_records_name_and_removes_the_rest() {
     let (kb, bb, lb) = add_step(&store, "b", 2000);
     old(&store.record_file(&ka), Duration::from_secs(7200));
     // An image kept by a ref: manifest -> config (diff_ids) + layer blob.
-    let img_layer = store.put_blob_bytes(b"image layer").unwrap();
-    let img_diff = Digest::of(b"image diff");
     let d = store.temp_dir("unpack").unwrap();
+    let mut tar = Vec::new();
+    rbuild_snapshot::write_layer_tar(&d, &mut tar, &Default::default()).unwrap();
+    let img_layer = store.put_blob_bytes(&tar).unwrap();
+    let img_diff = Digest::of(&tar);
     store.commit_layer_dir(&d, &img_diff).unwrap();
     let cfg = store
         .put_blob_bytes(
@@ -541,6 +547,40 @@ fn verify_finds_corruption() {
     assert_eq!(rep.problems.len(), 2, "{:?}", rep.problems);
     assert!(rep.problems.iter().any(|p| p.contains("content is")));
     assert!(rep.problems.iter().any(|p| p.contains("missing")));
+    // The corrupt blob is removed (it would be fetched again), and with it the record.
+    assert!(!store.has_blob(&blob));
+    assert!(verify(&store).unwrap().is_ok());
+}
+
+#[test]
+fn verify_compares_layers_with_their_blobs_and_removes_what_is_corrupt() {
+    let Fixture { store, _t } = fixture();
+    let (key, blob, diff) = add_step(&store, "v", 10);
+    let (key2, _, diff2) = add_step(&store, "w", 10);
+    let rep = verify(&store).unwrap();
+    assert!(rep.is_ok(), "{:?}", rep.problems);
+    assert_eq!(rep.layers_compared, 2);
+    // Same size, other bytes: a bit flip in an unpacked layer.
+    let f = store.layer_dir(&diff).join("f");
+    fs::write(&f, vec![2u8; 10]).unwrap();
+    let rep = verify(&store).unwrap();
+    assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
+    assert!(
+        rep.problems[0].contains("differs from its blob")
+            && rep.problems[0].contains("f: content differs from the layer"),
+        "{:?}",
+        rep.problems
+    );
+    // Removed, with its record, so the step is built (and the layer unpacked) again.
+    assert!(!store.has_layer(&diff));
+    assert!(store.get_record(&key).unwrap().is_none());
+    assert!(store.has_blob(&blob), "the blob was fine");
+    assert!(
+        store.get_record(&key2).unwrap().is_some(),
+        "the other step stays"
+    );
+    assert!(store.has_layer(&diff2));
+    assert!(verify(&store).unwrap().is_ok());
 }
 
 #[test]

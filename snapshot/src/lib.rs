@@ -11,6 +11,7 @@
 //! - [`assemble`], [`Baseline`] and [`copy_overlay_tree`] give RUN steps a root filesystem
 //!   where overlayfs cannot (the copy snapshotter) and turn what a step changed back into an
 //!   overlay-form upperdir; see the `tree` module.
+//! - [`compare_layer`] checks an unpacked layer against its tar (the store's `du --verify`).
 
 mod bounded_tar;
 mod compress;
@@ -18,6 +19,7 @@ mod diff;
 mod fsutil;
 mod tree;
 mod unpack;
+mod verify;
 mod whiteout;
 
 pub use compress::{decompress, write_layer_blob, Compression, LayerBlob};
@@ -29,6 +31,7 @@ pub use tree::{
     TreeDiffStats, TreeError,
 };
 pub use unpack::{apply_layer, unpack_layer, IdRange, UnpackError, UnpackOptions, UnpackStats};
+pub use verify::compare_layer;
 pub use whiteout::{
     is_opaque, is_whiteout, is_whiteout_at, make_whiteout_at, opaque_value, set_opaque,
     WhiteoutForm, OPAQUE_XATTRS, WHITEOUT_XATTRS,

@@ -308,3 +308,43 @@ fn sparse_files_stay_sparse_and_are_bounded() {
     let e = unpack(&sparse(1 << 60, 0, &data), t.path()).expect_err("too large");
     assert!(e.to_string().contains("layer entry s: sparse file"), "{e}");
 }
+
+#[test]
+fn an_unpacked_layer_is_compared_with_its_tar() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Directory, 0);
+    h.set_mode(0o755);
+    b.append_data(&mut h, "etc/", &b""[..]).unwrap();
+    let mut h = header(tar::EntryType::Regular, 5);
+    b.append_data(&mut h, "etc/conf", &b"hello"[..]).unwrap();
+    let mut h = header(tar::EntryType::Symlink, 0);
+    b.append_link(&mut h, "etc/l", "conf").unwrap();
+    let mut h = header(tar::EntryType::Link, 0);
+    b.append_link(&mut h, "etc/hard", "etc/conf").unwrap();
+    let mut h = header(tar::EntryType::Regular, 0);
+    b.append_data(&mut h, "usr/bin/.wh.gone", &b""[..]).unwrap();
+    let mut h = header(tar::EntryType::Regular, 0);
+    b.append_data(&mut h, "opt/.wh..wh..opq", &b""[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("l");
+    fs::create_dir(&dir).unwrap();
+    unpack(&tar, &dir).unwrap();
+    assert_eq!(compare_layer(&tar[..], &dir).unwrap(), Vec::<String>::new());
+
+    // Same size, other bytes: only the content hash can tell.
+    fs::remove_file(dir.join("etc/hard")).unwrap();
+    fs::write(dir.join("etc/conf"), "HELLO").unwrap();
+    fs::write(dir.join("etc/stray"), "x").unwrap();
+    fs::remove_file(dir.join("etc/l")).unwrap();
+    let problems = compare_layer(&tar[..], &dir).unwrap();
+    assert_eq!(
+        problems,
+        vec![
+            "etc/conf: content differs from the layer",
+            "etc/hard: missing (No such file or directory (os error 2))",
+            "etc/l: missing (No such file or directory (os error 2))",
+            "etc/stray: not in the layer",
+        ],
+    );
+}
