@@ -2105,6 +2105,7 @@ impl Builder {
             store.commit_blob_file(&tmp, &digest)?;
             let link = store.layer_dir(&diff_id);
             if !link.exists() {
+                rbuild_cache::Store::sync_layer_dir(&src)?;
                 let tmp_link = store.temp_path("layer-link");
                 std::os::unix::fs::symlink(
                     Path::new("../built").join(src.file_name().unwrap()),

@@ -688,3 +688,47 @@ fn a_corrupt_layer_is_found_by_verify_and_built_again() {
         .all(|p| std::fs::read_to_string(p).unwrap() == "c\n"),);
     assert_store_ok(&root, "the rebuild");
 }
+
+#[test]
+fn layers_reach_the_disk_before_they_are_named() {
+    ensure_tools();
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("strace missing: skipped");
+        return;
+    }
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let store = tempfile::tempdir().unwrap();
+    let root = store.path().join("store");
+    let ctx = project_context(&base, "s");
+    let trace = store.path().join("trace");
+    let mut cmd = Command::new("strace");
+    cmd.args([
+        "-f",
+        "-qq",
+        "-e",
+        "trace=syncfs,rename,renameat,renameat2",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(rbuild_bin())
+    .args(["build", "--progress=plain", "--root"])
+    .arg(&root)
+    .arg(ctx.path());
+    must(&mut cmd);
+    let log = std::fs::read_to_string(&trace).unwrap();
+    // Every name given to a layer (the base layer's directory, the RUN steps' links) comes
+    // after a syncfs.
+    let mut synced = false;
+    let mut named = 0;
+    for l in log.lines() {
+        if l.contains("syncfs(") {
+            synced = true;
+        } else if l.contains("/layers/sha256/") && l.contains("rename") {
+            assert!(synced, "a layer was named before any syncfs:\n{log}");
+            synced = false;
+            named += 1;
+        }
+    }
+    assert!(named >= 3, "base layer and two RUN layers: {named}\n{log}");
+}

@@ -26,9 +26,10 @@
 //!    owner lock is free (and, without a lock file, whose pid is not alive here) are removed.
 //!    Leftover `.NAME.tmp-<token>-<n>` files of [`write_file_atomic`] in `cache/`, `refs/`,
 //!    `statcache/` and `resolved/` are removed the same way.
-//! 6. **Crash model.** Blobs and records are fsynced, so they survive power loss; unpacked
-//!    layer dirs are not (they are rebuilt from blobs), and a SIGKILL cannot harm them
-//!    since the page cache survives the process.
+//! 6. **Crash model.** Blobs, records and unpacked layer dirs are flushed to disk before
+//!    they are named (layers with one `syncfs`), so a named one survives power loss; a
+//!    SIGKILL cannot harm them anyway since the page cache survives the process. What is
+//!    found corrupt later (`du --verify`) is removed and fetched or unpacked again.
 
 use crate::digest::{Digest, Hasher};
 use crate::key::CacheKey;
@@ -451,9 +452,23 @@ impl Store {
         self.layer_dir(diff_id).is_dir()
     }
 
-    /// Moves a fully written directory (under `tmp/`) into place as the layer `diff_id`.
-    /// If another build committed the same layer first, `dir` is removed and theirs is kept.
+    /// Flushes what was written into the layer directory `dir` to disk, before it is named
+    /// as a complete layer: a crash after the rename must not leave a named layer with
+    /// files that never reached the disk. `syncfs` of the store's filesystem rather than an
+    /// fsync per file: one call, and the kernel writes back in its own order.
+    pub fn sync_layer_dir(dir: &Path) -> Result<(), StoreError> {
+        let d = File::open(dir).map_err(io_err(dir))?;
+        rustix::fs::syncfs(&d).map_err(|e| StoreError::Io {
+            path: dir.to_path_buf(),
+            source: e.into(),
+        })
+    }
+
+    /// Moves a fully written directory (under `tmp/`) into place as the layer `diff_id`,
+    /// after flushing it to disk. If another build committed the same layer first, `dir` is
+    /// removed and theirs is kept.
     pub fn commit_layer_dir(&self, dir: &Path, diff_id: &Digest) -> Result<PathBuf, StoreError> {
+        Self::sync_layer_dir(dir)?;
         let dest = self.layer_dir(diff_id);
         for _ in 0..3 {
             // NOREPLACE: a plain rename(2) would replace an existing *empty* dir that
