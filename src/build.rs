@@ -74,6 +74,9 @@ pub struct BuildOptions {
     pub labels: BTreeMap<String, String>,
     /// What RUN steps' root filesystems need besides `isolation` (paths `none` keeps).
     pub rootfs: crate::fallback::RootfsOptions,
+    /// Whether the build runs in a mount namespace of its own (not `--isolation=none`):
+    /// then secrets live on a tmpfs only this build sees.
+    pub own_mount_namespace: bool,
 }
 
 /// What a build produced.
@@ -294,6 +297,9 @@ pub struct Builder {
     /// Whiteouts of what `.dockerignore` excludes, for bind mounts of the context (made on
     /// first use; `None` when nothing is excluded).
     ignore_layer: OnceCell<Option<PathBuf>>,
+    /// Where secret files go while their step runs: a tmpfs in the build's own mount
+    /// namespace (`Some`), or, failing that, the store's `tmp/` (`None`).
+    secrets_tmpfs: std::sync::OnceLock<Option<PathBuf>>,
     /// Records of `--cache-from` caches (read before any stage starts).
     imported: std::sync::OnceLock<CacheExport>,
     /// Imported records this build used, written to the store once their layers are local.
@@ -362,6 +368,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         ctx_hasher,
         ignore,
         ignore_layer: OnceCell::new(),
+        secrets_tmpfs: std::sync::OnceLock::new(),
         imported: std::sync::OnceLock::new(),
         imported_hits: Mutex::new(Vec::new()),
         origins: Mutex::new(HashMap::new()),
@@ -670,6 +677,76 @@ impl Builder {
         Ok(())
     }
 
+    /// A fresh path for a secret file: on a tmpfs mounted (once per build) in the build's
+    /// own mount namespace, so that secrets never reach a disk and vanish with the build
+    /// even when it is killed; in the store's `tmp/` where no such mount can be made (then
+    /// removed after the step, as before), with a warning.
+    fn secret_path(&self) -> PathBuf {
+        let dir = self.secrets_tmpfs.get_or_init(|| {
+            let why = if self.opts.own_mount_namespace {
+                let mounted = self.store.temp_dir("secrets").and_then(|dir| {
+                    use rbuild_sandbox::Syscalls;
+                    rbuild_sandbox::LinuxSyscalls
+                        .mount(
+                            "tmpfs",
+                            &dir,
+                            "tmpfs",
+                            // Not noexec: a step's bind of a secret remounts it without
+                            // noexec, which a flag locked by a user namespace refuses.
+                            rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+                            "mode=0711,size=64m",
+                        )
+                        .map(|()| dir.clone())
+                        .map_err(|e| {
+                            let _ = fs::remove_dir(&dir);
+                            rbuild_cache::StoreError::Io {
+                                path: dir,
+                                source: e,
+                            }
+                        })
+                });
+                match mounted {
+                    Ok(dir) => return Some(dir),
+                    Err(e) => format!("mounting a tmpfs for them failed: {e}"),
+                }
+            } else {
+                "--isolation=none makes no mount namespace to hide a tmpfs in".to_string()
+            };
+            self.progress.warn(&format!(
+                "secrets are written to the store's tmp/ on disk while their step runs ({why})"
+            ));
+            None
+        });
+        match dir {
+            Some(d) => d.join(format!(
+                "s{}",
+                SECRET_N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )),
+            None => self.store.temp_path("secret"),
+        }
+    }
+
+    /// Whether blob `digest` in the store no longer matches its digest; such a blob is
+    /// removed (and forgotten by this build's fetches, so that [`Builder::ensure_blob`]
+    /// fetches it again) with a warning.
+    async fn drop_if_corrupt(self: &Arc<Self>, digest: &Digest) -> bool {
+        let store = self.store.clone();
+        let d = digest.clone();
+        let intact = tokio::task::spawn_blocking(move || store.blob_is_intact(&d))
+            .await
+            .unwrap_or(Ok(true))
+            .unwrap_or(true);
+        if intact {
+            return false;
+        }
+        let _ = fs::remove_file(self.store.blob_path(digest));
+        self.blob_jobs.lock().unwrap().remove(digest);
+        self.progress.warn(&format!(
+            "blob {digest} in the store no longer matches its digest (corrupted on disk): removed, fetching it again"
+        ));
+        true
+    }
+
     /// Makes sure layer `d` is unpacked in the store (once per build) and returns its directory.
     async fn ensure_unpacked(self: &Arc<Self>, d: &LayerDesc) -> Result<PathBuf> {
         use futures_util::FutureExt;
@@ -684,13 +761,21 @@ impl Builder {
                     let d = d.clone();
                     async move {
                         me.ensure_blob(&d).await.map_err(|e| format!("{e:#}"))?;
-                        let store = me.store.clone();
-                        let d2 = d.clone();
-                        let (dir, skipped) =
-                            tokio::task::spawn_blocking(move || unpack_into_store(&store, &d2))
+                        let unpack = |me: Arc<Self>, d: LayerDesc| async move {
+                            let store = me.store.clone();
+                            tokio::task::spawn_blocking(move || unpack_into_store(&store, &d))
                                 .await
                                 .map_err(|e| e.to_string())?
-                                .map_err(|e| format!("{e:#}"))?;
+                                .map_err(|e| format!("{e:#}"))
+                        };
+                        let mut res = unpack(me.clone(), d.clone()).await;
+                        if res.is_err() && me.drop_if_corrupt(&d.digest).await {
+                            // Fetched again, once: a blob that rotted on disk is not used
+                            // (and failed on) for ever.
+                            me.ensure_blob(&d).await.map_err(|e| format!("{e:#}"))?;
+                            res = unpack(me.clone(), d.clone()).await;
+                        }
+                        let (dir, skipped) = res?;
                         if !skipped.is_empty() {
                             me.progress.warn(&format!(
                                 "layer {}: trusted.* xattrs left out (only the host's root may set them, and the kernel acts on them): {}",
@@ -1865,7 +1950,7 @@ impl Builder {
                             continue;
                         }
                     }
-                    let path = self.store.temp_path("secret");
+                    let path = self.secret_path();
                     {
                         use std::os::unix::fs::OpenOptionsExt;
                         let mut f = fs::OpenOptions::new()
@@ -2316,10 +2401,7 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<(PathBuf, Vec<Strin
     let tmp = store.temp_dir("unpack")?;
     let file = store.open_blob(&l.digest)?;
     let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
-    let mut hashing = HashingReader {
-        inner: reader,
-        hasher: rbuild_cache::Hasher::new(),
-    };
+    let mut hashing = rbuild_cache::VerifyingReader::hashing(reader);
     let res = rbuild_snapshot::unpack_layer(
         &mut hashing,
         &tmp,
@@ -2334,7 +2416,7 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<(PathBuf, Vec<Strin
     };
     // Drain what the tar reader left (end-of-archive padding) so the diffID covers it all.
     std::io::copy(&mut hashing, &mut std::io::sink())?;
-    let diff_id = hashing.hasher.finish();
+    let diff_id = hashing.finish();
     if diff_id != l.diff_id {
         let _ = rbuild_cache::remove_tree(&tmp);
         bail!(
@@ -2349,24 +2431,19 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<(PathBuf, Vec<Strin
     ))
 }
 
+/// Names of secret files on the tmpfs.
+static SECRET_N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Drop for Builder {
     fn drop(&mut self) {
+        if let Some(Some(dir)) = self.secrets_tmpfs.get() {
+            use rbuild_sandbox::Syscalls;
+            let _ = rbuild_sandbox::LinuxSyscalls.umount_detach(dir);
+            let _ = fs::remove_dir(dir);
+        }
         if let Some(Some(layer)) = self.ignore_layer.get() {
             let _ = rbuild_cache::remove_tree(layer);
         }
-    }
-}
-
-struct HashingReader<R> {
-    inner: R,
-    hasher: rbuild_cache::Hasher,
-}
-
-impl<R: std::io::Read> std::io::Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
     }
 }
 

@@ -639,6 +639,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         isolation,
         limits,
         rootfs: rbuild::fallback::RootfsOptions::default(),
+        own_mount_namespace: ns.is_some(),
     };
     let mut opts = opts;
     if isolation == rbuild_sandbox::Isolation::None {

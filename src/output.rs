@@ -106,12 +106,29 @@ pub fn write_oci_layout(
             continue;
         }
         let src = store.blob_path(&d);
-        if fs::hard_link(&src, &dest).is_err() {
-            // Another filesystem, most likely: copy, then rename so no partial blob has the name.
+        // A link shares the store's bytes: they are checked first, so that a blob that
+        // rotted in the store never reaches the layout under its digest.
+        let linked = match store.blob_is_intact(&d).map_err(store_at(dir))? {
+            true => fs::hard_link(&src, &dest).is_ok(),
+            false => {
+                let e = match store.hash_blob(&d).map_err(store_at(dir))? {
+                    Some(actual) => rbuild_cache::mismatch_error(&d, &actual),
+                    None => io::Error::new(io::ErrorKind::NotFound, "not in the store"),
+                };
+                return Err(io_at(dir, format!("copying blob {d}"))(e));
+            }
+        };
+        if !linked {
+            // Another filesystem, most likely: copy (verifying), then rename so no partial
+            // blob has the name.
             let tmp = blobs.join(format!(".{}.tmp-{}", d.hex(), rbuild_cache::owner_token()));
-            let res = fs::copy(&src, &tmp)
-                .and_then(|_| fs::File::open(&tmp)?.sync_all())
-                .and_then(|_| fs::rename(&tmp, &dest));
+            let res = (|| {
+                let mut from = rbuild_cache::VerifyingReader::new(fs::File::open(&src)?, d.clone());
+                let mut to = fs::File::create(&tmp)?;
+                io::copy(&mut from, &mut to)?;
+                to.sync_all()?;
+                fs::rename(&tmp, &dest)
+            })();
             if let Err(e) = res {
                 let _ = fs::remove_file(&tmp);
                 return Err(io_at(dir, format!("copying blob {d}"))(e));
@@ -259,12 +276,14 @@ fn write_archive_to(
         if !seen.insert(d.clone()) {
             continue;
         }
-        let mut f = store.open_blob(&d).map_err(store_at(dest))?;
+        let f = store.open_blob(&d).map_err(store_at(dest))?;
         let len = f
             .metadata()
             .map_err(io_at(dest, format!("reading blob {d}")))?
             .len();
         let mut h = tar_header(len);
+        // Checked as it streams: a corrupt blob ends the archive with an error.
+        let mut f = rbuild_cache::VerifyingReader::new(f, d.clone());
         b.append_data(&mut h, format!("blobs/sha256/{}", d.hex()), &mut f)
             .map_err(io_at(dest, format!("writing blob {d}")))?;
     }

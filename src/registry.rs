@@ -1133,8 +1133,19 @@ impl BlobPush<'_> {
                 source,
             })?;
         let shown = d.to_string();
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK).map_err(move |e| {
+        // Hashed as it streams; a blob that rotted in the store ends the upload with an
+        // error naming it, instead of the registry's bare digest refusal.
+        let hasher = std::sync::Arc::new(Mutex::new(Hasher::new()));
+        let (h1, h2, want) = (hasher.clone(), hasher, d.clone());
+        let check = futures_util::stream::once(async move {
+            let got = std::mem::take(&mut *h2.lock().unwrap()).finish();
+            (got != want).then(|| Err(rbuild_cache::mismatch_error(&want, &got)))
+        })
+        .filter_map(futures_util::future::ready);
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK)
+            .inspect_ok(move |chunk| h1.lock().unwrap().update(chunk))
+            .chain(check)
+            .map_err(move |e| {
                 OciDistributionError::GenericError(Some(format!(
                     "reading blob {shown} from the store: {e}"
                 )))

@@ -587,3 +587,69 @@ fn dockerignore_applies_to_bind_mounts_of_the_context() {
         "the whiteout layer is gone after the build"
     );
 }
+
+/// Every file below `dir` whose content holds `needle` (a walk of what this mount namespace
+/// sees: the host's view of the store).
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(files_holding(&p, needle)),
+            Ok(t) if t.is_file() => {
+                let b = std::fs::read(&p).unwrap_or_default();
+                if b.windows(needle.len()).any(|w| w == needle) {
+                    out.push(p);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn secret_files_never_reach_the_stores_disk() {
+    ensure_tools();
+    let ctx = tempfile::tempdir().unwrap();
+    write_busybox_context(
+        ctx.path(),
+        // The Dockerfile must not hold the secret: its text goes into the image config.
+        "RUN --mount=type=secret,id=key test \"$(wc -c < /run/secrets/key)\" = 10 && touch /ok && sleep 3\n",
+    );
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("key");
+    std::fs::write(&key, "key-77d0c3").unwrap();
+    let store = t.path().join("store");
+    let mut child = rbuild_in_pidns(&store)
+        .args(["--secret", &format!("id=key,src={}", key.display())])
+        .arg(format!(
+            "--output=type=local,dest={}",
+            t.path().join("out").display()
+        ))
+        .arg(ctx.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the step runs, with its secret mounted, the host's view of the store holds it
+    // nowhere: it is on a tmpfs in the build's own mount namespace.
+    let mut looked = 0;
+    let found = while_running(&mut child, std::time::Duration::from_secs(60), || {
+        if !store.join("tmp").is_dir() {
+            return None;
+        }
+        looked += 1;
+        let f = files_holding(&store, b"key-77d0c3");
+        (!f.is_empty()).then_some(f)
+    });
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(t.path().join("out/ok").exists(), "the step got its secret");
+    assert!(looked > 10, "the store was hardly looked at ({looked})");
+    assert_eq!(found, None, "the secret is on the store's disk");
+    assert!(
+        !err.contains("secrets are written to the store's tmp/"),
+        "{err}"
+    );
+}

@@ -102,9 +102,86 @@ impl Hasher {
     }
 }
 
+/// A reader that hashes what passes through it and, given the digest the bytes must have,
+/// fails at the end of the stream when they do not (an error of kind `InvalidData` naming
+/// both), so that no caller takes a corrupt blob for a complete one.
+pub struct VerifyingReader<R> {
+    inner: R,
+    hasher: Hasher,
+    expected: Option<Digest>,
+}
+
+impl<R> VerifyingReader<R> {
+    /// Checks the stream against `expected` at its end.
+    pub fn new(inner: R, expected: Digest) -> Self {
+        VerifyingReader {
+            inner,
+            hasher: Hasher::new(),
+            expected: Some(expected),
+        }
+    }
+
+    /// Only hashes (the digest is learnt from [`VerifyingReader::finish`]).
+    pub fn hashing(inner: R) -> Self {
+        VerifyingReader {
+            inner,
+            hasher: Hasher::new(),
+            expected: None,
+        }
+    }
+
+    /// The digest of what was read.
+    pub fn finish(self) -> Digest {
+        self.hasher.finish()
+    }
+}
+
+/// The error a [`VerifyingReader`] (or a stream doing the same) ends with.
+pub fn mismatch_error(expected: &Digest, actual: &Digest) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "blob {expected} in the store is corrupt: its content is {actual} (`rbuild du --verify` removes it)"
+        ),
+    )
+}
+
+impl<R: std::io::Read> std::io::Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        if n == 0 && !buf.is_empty() {
+            if let Some(want) = self.expected.take() {
+                let got = self.hasher.clone().finish();
+                if got != want {
+                    return Err(mismatch_error(&want, &got));
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verifying_reader_fails_at_the_end_of_wrong_content() {
+        use std::io::Read;
+        let want = Digest::of(b"right");
+        let mut ok = Vec::new();
+        VerifyingReader::new(&b"right"[..], want.clone())
+            .read_to_end(&mut ok)
+            .unwrap();
+        let e = VerifyingReader::new(&b"wrong"[..], want.clone())
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e
+            .to_string()
+            .contains(&format!("blob {want} in the store is corrupt")));
+    }
 
     #[test]
     fn digest_of_empty_is_the_well_known_one() {

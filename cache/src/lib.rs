@@ -29,7 +29,7 @@ pub mod store;
 pub mod verify;
 
 pub use context::{ContextError, Filter, StatCache};
-pub use digest::{Digest, DigestError, Hasher};
+pub use digest::{mismatch_error, Digest, DigestError, Hasher, VerifyingReader};
 pub use export::{CacheExport, ExportError, ExportedRecord};
 pub use gc::{
     disk_usage, prune, record_usage, GcError, KindUsage, PruneOptions, PruneReport, RecordUsage,

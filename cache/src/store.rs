@@ -366,6 +366,31 @@ impl Store {
         self.blob_path(digest).is_file()
     }
 
+    /// Whether blob `digest` still hashes to its digest (false also when it is missing).
+    pub fn blob_is_intact(&self, digest: &Digest) -> Result<bool, StoreError> {
+        Ok(self.hash_blob(digest)?.as_ref() == Some(digest))
+    }
+
+    /// What blob `digest`'s file hashes to now (`None` when it is missing).
+    pub fn hash_blob(&self, digest: &Digest) -> Result<Option<Digest>, StoreError> {
+        let p = self.blob_path(digest);
+        let mut f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&p)(e)),
+        };
+        let mut h = Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(io_err(&p))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(Some(h.finish()))
+    }
+
     /// Opens a present blob for reading.
     pub fn open_blob(&self, digest: &Digest) -> Result<File, StoreError> {
         let p = self.blob_path(digest);
@@ -415,10 +440,8 @@ impl Store {
     /// The caller vouches that the file's content has that digest.
     pub fn commit_blob_file(&self, tmp: &Path, digest: &Digest) -> Result<PathBuf, StoreError> {
         let dest = self.blob_path(digest);
-        if dest.exists() {
-            let _ = fs::remove_file(tmp);
-            return Ok(dest);
-        }
+        // Renamed over a copy already there, never skipped: the new copy was just hashed,
+        // the old one may have rotted since (readers of the old keep their open file).
         fs::rename(tmp, &dest).map_err(io_err(&dest))?;
         sync_dir(dest.parent().unwrap())?;
         Ok(dest)

@@ -1,12 +1,11 @@
 //! `rbuild du --verify`: the store checked against its own digests, and what is found
 //! corrupt removed so that the next build fetches or unpacks it again instead of using it.
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::Digest;
 use crate::gc::{entries, io_err, load_records, remove_any, GcError};
 use crate::store::{CacheRecord, Store};
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
 
 /// What [`verify`] checked and found wrong.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -91,7 +90,6 @@ fn layer_blobs(store: &Store) -> HashMap<Digest, Digest> {
 pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
     let root = store.root();
     let mut rep = VerifyReport::default();
-    let mut buf = vec![0u8; 1 << 20];
     let mut corrupt_blobs = std::collections::HashSet::new();
     for e in entries(&root.join("blobs/sha256")) {
         let p = e.path();
@@ -102,16 +100,9 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
                 .push(format!("{}: not a digest name", p.display()));
             continue;
         };
-        let mut f = fs::File::open(&p).map_err(io_err(&p))?;
-        let mut h = Hasher::new();
-        loop {
-            let n = f.read(&mut buf).map_err(io_err(&p))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        let got = h.finish();
+        let Some(got) = store.hash_blob(&want)? else {
+            continue;
+        };
         if got != want {
             rep.problems
                 .push(format!("{}: content is {got}", p.display()));

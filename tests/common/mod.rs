@@ -2,6 +2,8 @@
 //! testbed base images, and the rbuild binary.
 #![allow(dead_code)]
 
+pub mod store;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
