@@ -48,6 +48,8 @@ pub struct BuildOptions {
     /// `--allow-link-local-urls`: `ADD <url>` may fetch from link-local (cloud metadata)
     /// addresses.
     pub allow_link_local_urls: bool,
+    /// `--allow security.insecure`: `RUN --security=insecure` may run.
+    pub allow_insecure: bool,
     /// Network of RUN steps.
     pub network: NetworkArg,
     /// Layer compression.
@@ -74,6 +76,8 @@ pub struct BuildOptions {
     pub labels: BTreeMap<String, String>,
     /// What RUN steps' root filesystems need besides `isolation` (paths `none` keeps).
     pub rootfs: crate::fallback::RootfsOptions,
+    /// What the project is, for cache mounts without `id=` (see [`cache_mount_key`]).
+    pub project: String,
     /// Whether the build runs in a mount namespace of its own (not `--isolation=none`):
     /// then secrets live on a tmpfs only this build sees.
     pub own_mount_namespace: bool,
@@ -187,7 +191,7 @@ struct PlannedStep {
 
 /// Inputs gathered while keying a step, kept for running it.
 enum StepInputs {
-    Run { net: NetworkArg },
+    Run { net: NetworkArg, insecure: bool },
     Copy(Box<CopyInputs>),
     Workdir,
 }
@@ -1210,8 +1214,9 @@ impl Builder {
                 security,
                 ..
             } => {
-                if security.as_deref() == Some("insecure") {
-                    bail!("RUN --security=insecure is not allowed: rbuild grants no extra privileges to RUN steps");
+                let insecure = security.as_deref() == Some("insecure");
+                if insecure && !self.opts.allow_insecure {
+                    bail!("RUN --security=insecure is not allowed: the step would keep every capability of its user namespace and run without a seccomp filter; grant it with --allow security.insecure");
                 }
                 let net = match network.as_deref() {
                     Some("none") => NetworkArg::None,
@@ -1228,6 +1233,9 @@ impl Builder {
                     .str("workdir", workdir)
                     .str("network", &format!("{net:?}"))
                     .strs("mounts", mounts);
+                if insecure {
+                    kb.str("security", "insecure");
+                }
                 for f in files {
                     kb.str("file", &f.path)
                         .str("data", &f.data)
@@ -1237,7 +1245,7 @@ impl Builder {
                 Ok(PlannedStep {
                     key: kb.finish(),
                     fields: kb.fields().to_vec(),
-                    inputs: StepInputs::Run { net },
+                    inputs: StepInputs::Run { net, insecure },
                 })
             }
             Step::Copy {
@@ -1418,7 +1426,7 @@ impl Builder {
                     mounts,
                     ..
                 },
-                StepInputs::Run { net },
+                StepInputs::Run { net, insecure },
             ) => {
                 let stack = self.materialize_dep(fs).await?;
                 let prepared = self.prepare_mounts(mounts, files).await?;
@@ -1451,6 +1459,11 @@ impl Builder {
                             NetworkArg::None => rbuild_sandbox::Network::None,
                         })
                         .isolation(self.opts.isolation)
+                        .security(if insecure {
+                            rbuild_sandbox::Security::Insecure
+                        } else {
+                            rbuild_sandbox::Security::Sandbox
+                        })
                         .limits(self.opts.limits)
                         .build()?;
                     let mut out = pstep.output();
@@ -1820,12 +1833,17 @@ impl Builder {
                 }
                 "cache" => {
                     let target = m.target.clone().unwrap();
-                    let id = m.id.clone().unwrap_or_else(|| target.clone());
+                    let ns = self
+                        .build_args
+                        .get("BUILDKIT_CACHE_MOUNT_NS")
+                        .cloned()
+                        .unwrap_or_default();
+                    let key = cache_mount_key(&self.opts.project, &ns, m.id.as_deref(), &target);
                     let base = self
                         .store
                         .root()
                         .join("mounts/cache")
-                        .join(Digest::of(id.as_bytes()).hex());
+                        .join(Digest::of(key.as_bytes()).hex());
                     fs::create_dir_all(base.parent().unwrap())?;
                     // sharing=locked: one step at a time; private: a step that finds the cache
                     // in use gets an instance of its own; shared: no lock.
@@ -2679,6 +2697,19 @@ fn apply_state_to_config(st: &ImageState, c: &mut Value) {
 /// The `source=` of a bind mount of the directory `root` (the build context, a named context)
 /// as the step will see it: resolved inside `root` (`..` stops there, symlinks resolve in it),
 /// relative to it (`.` for the whole). A source that is not there fails here, naming it.
+/// What names a cache mount's directory. With `id=` the id alone (prefixed by
+/// `BUILDKIT_CACHE_MOUNT_NS`, as BuildKit does): a name shared on purpose, across projects.
+/// Without, the target *and the project*: a Dockerfile from one repository cannot fill the
+/// package cache another one's build then trusts (BuildKit shares those on a builder;
+/// rbuild's store often serves many projects of a CI machine).
+fn cache_mount_key(project: &str, ns: &str, id: Option<&str>, target: &str) -> String {
+    match id {
+        Some(id) if ns.is_empty() => id.to_string(),
+        Some(id) => format!("{ns}/{id}"),
+        None => format!("project={project}\nns={ns}\ntarget={target}"),
+    }
+}
+
 fn bind_source_in(root: &Path, source: Option<&str>) -> Result<String> {
     let source = source.unwrap_or("/");
     let resolved = rbuild_snapshot::resolve_in_root(root, source).map_err(|e| {

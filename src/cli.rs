@@ -318,6 +318,12 @@ pub struct BuildArgs {
     #[arg(long)]
     pub allow_link_local_urls: bool,
 
+    /// Grants an entitlement, as `docker buildx build --allow` does: `security.insecure` lets
+    /// `RUN --security=insecure` steps keep every capability of their user namespace, with no
+    /// seccomp filter (what a nested build needs).
+    #[arg(long = "allow", value_enum, value_name = "ENTITLEMENT")]
+    pub allow: Vec<Entitlement>,
+
     /// Network of RUN steps.
     #[arg(long, value_enum, default_value = "host")]
     pub network: NetworkArg,
@@ -811,4 +817,12 @@ mod tests {
             "an export needs a type"
         );
     }
+}
+
+/// An entitlement of `--allow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Entitlement {
+    /// `RUN --security=insecure`.
+    #[value(name = "security.insecure")]
+    SecurityInsecure,
 }

@@ -85,9 +85,16 @@ impl Source<'_> {
                         .ok()
                         .map(|m| (root.to_path_buf(), m));
                 }
-                let p = root.join(rel);
+                // Symlinks on the way resolve inside the context, as BuildKit's do in the
+                // context it was sent: never to the host's files (`link -> /etc`), and what
+                // `.dockerignore` excludes stays excluded when reached through a link.
+                let (dir, real) = in_context(root, rel.rsplit_once('/').map_or("", |(d, _)| d))?;
+                let name = rel.rsplit_once('/').map_or(rel, |(_, n)| n);
+                let p = dir.join(name);
                 let md = fs::symlink_metadata(&p).ok()?;
-                if ignore.is_excluded(rel, md.is_dir()) {
+                if ignore.is_excluded(rel, md.is_dir())
+                    || ignore.is_excluded(&join_rel(&real, name), md.is_dir())
+                {
                     return None;
                 }
                 Some((p, md))
@@ -103,10 +110,8 @@ impl Source<'_> {
     fn list(&self, rel: &str) -> Result<Vec<String>, CopyError> {
         let mut names = match self {
             Source::Context { root, ignore } => {
-                let dir = if rel.is_empty() {
-                    root.to_path_buf()
-                } else {
-                    root.join(rel)
+                let Some((dir, _)) = in_context(root, rel) else {
+                    return Ok(Vec::new());
                 };
                 let mut v = Vec::new();
                 for e in fs::read_dir(&dir).map_err(ioe(&dir))? {
@@ -167,6 +172,21 @@ impl Source<'_> {
         }
         Ok(out)
     }
+}
+
+/// The directory `rel` of the context `root`, resolved inside it (symlinks included), and
+/// its path relative to `root` once resolved; `None` when it does not exist.
+fn in_context(root: &Path, rel: &str) -> Option<(PathBuf, String)> {
+    if rel.is_empty() {
+        return Some((root.to_path_buf(), String::new()));
+    }
+    let dir = rbuild_snapshot::resolve_in_root(root, rel).ok()?;
+    let real = dir
+        .strip_prefix(fs::canonicalize(root).ok()?)
+        .ok()?
+        .to_string_lossy()
+        .into_owned();
+    Some((dir, real))
 }
 
 fn src_escapes(src: &str) -> bool {

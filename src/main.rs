@@ -566,6 +566,18 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Cache mounts without an `id=` belong to this project: the context directory, or what
+    // a remote context was named by (an unpacked one lives in a fresh temp directory).
+    let project = if from_stdin {
+        "-".to_string()
+    } else if context_is_dir {
+        std::fs::canonicalize(&context_arg)
+            .unwrap_or_else(|_| context_arg.clone())
+            .display()
+            .to_string()
+    } else {
+        context_arg.display().to_string()
+    };
     let mut unpacked_context = None;
     let mut _download = rbuild::remote::Cleanup::default();
     if !context_is_dir {
@@ -622,6 +634,9 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         pull: args.pull,
         stale_tag_max_age: args.stale_tag_max_age,
         allow_link_local_urls: args.allow_link_local_urls,
+        allow_insecure: args
+            .allow
+            .contains(&rbuild::cli::Entitlement::SecurityInsecure),
         network: args.network,
         compression: args.compression,
         platform: args.platform.clone(),
@@ -640,6 +655,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         limits,
         rootfs: rbuild::fallback::RootfsOptions::default(),
         own_mount_namespace: ns.is_some(),
+        project,
     };
     let mut opts = opts;
     if isolation == rbuild_sandbox::Isolation::None {

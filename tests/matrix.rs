@@ -492,8 +492,8 @@ fn g_nested_two_levels_deep() {
     );
     let dest = t.path().join("rootfs");
     let script = format!(
-        "{} build --progress=plain --root {} -f {} --build-context rb={} --build-arg BASE={} --build-arg LEVEL=2 \
-         --output type=local,dest={} {}",
+        "{} build --progress=plain --root {} -f {} --allow security.insecure --build-context rb={} --build-arg BASE={} \
+         --build-arg LEVEL=2 --output type=local,dest={} {}",
         q(rbuild_bin()),
         q(t.path().join("store")),
         q(matrix_ctx().join("Dockerfile.nested")),

@@ -615,7 +615,8 @@ fn secret_files_never_reach_the_stores_disk() {
     write_busybox_context(
         ctx.path(),
         // The Dockerfile must not hold the secret: its text goes into the image config.
-        "RUN --mount=type=secret,id=key test \"$(wc -c < /run/secrets/key)\" = 10 && touch /ok && sleep 3\n",
+        // (`sleep 4`: another test waits for a step's `sleep 3`.)
+        "RUN --mount=type=secret,id=key test \"$(wc -c < /run/secrets/key)\" = 10 && touch /ok && sleep 4\n",
     );
     let t = tempfile::tempdir().unwrap();
     let key = t.path().join("key");
@@ -652,4 +653,187 @@ fn secret_files_never_reach_the_stores_disk() {
         !err.contains("secrets are written to the store's tmp/"),
         "{err}"
     );
+}
+
+/// Runs `run` (after busybox is installed) and gives the local output directory and stderr.
+fn build_step(run: &str, extra: &[&str]) -> (tempfile::TempDir, bool, String) {
+    ensure_tools();
+    let ctx = tempfile::tempdir().unwrap();
+    write_busybox_context(ctx.path(), run);
+    let t = tempfile::tempdir().unwrap();
+    let res = run_cmd_in(&t, &ctx, extra);
+    (t, res.0, res.1)
+}
+
+fn run_cmd_in(t: &tempfile::TempDir, ctx: &tempfile::TempDir, extra: &[&str]) -> (bool, String) {
+    let res = run(rbuild_in_pidns(&t.path().join("store"))
+        .args(extra)
+        .arg(format!(
+            "--output=type=local,dest={}",
+            t.path().join("out").display()
+        ))
+        .arg(ctx.path()));
+    (
+        res.status.success(),
+        String::from_utf8_lossy(&res.stderr).into_owned(),
+    )
+}
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+const PROBE: &str = "RUN grep -E '^(Cap|Seccomp|NoNewPrivs)' /proc/self/status > /status; \
+    umount /proc/kcore 2>/dev/null; echo $? > /umount; \
+    mount -o remount,rw /proc/sys 2>/dev/null; echo $? > /remount; \
+    unshare -U true 2>/dev/null; echo $? > /unshare; \
+    [ \"$(cut -d' ' -f6 /proc/$$/stat)\" = \"$$\" ]; echo $? > /own-session\n";
+
+#[test]
+fn run_steps_get_buildkits_capabilities_a_seccomp_filter_and_a_session_of_their_own() {
+    let (t, ok, err) = build_step(PROBE, &[]);
+    assert!(ok, "{err}");
+    let out = t.path().join("out");
+    let status = std::fs::read_to_string(out.join("status")).unwrap();
+    assert_eq!(
+        status_field(&status, "CapEff"),
+        "00000000a80425fb",
+        "{status}"
+    );
+    assert_eq!(
+        status_field(&status, "CapBnd"),
+        "00000000a80425fb",
+        "{status}"
+    );
+    assert_eq!(
+        status_field(&status, "CapInh"),
+        "0000000000000000",
+        "{status}"
+    );
+    assert_eq!(
+        status_field(&status, "CapAmb"),
+        "0000000000000000",
+        "{status}"
+    );
+    assert_eq!(status_field(&status, "Seccomp"), "2", "{status}");
+    // As BuildKit: no no_new_privs, so that sudo in an image still works.
+    assert_eq!(status_field(&status, "NoNewPrivs"), "0", "{status}");
+    let rc = |f: &str| {
+        std::fs::read_to_string(out.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_ne!(rc("umount"), "0", "step root unmounted a /proc mask");
+    assert_ne!(
+        rc("remount"),
+        "0",
+        "step root remounted /proc/sys read-write"
+    );
+    assert_ne!(rc("unshare"), "0", "step made a user namespace of its own");
+    assert_eq!(
+        rc("own-session"),
+        "0",
+        "the step leads no session of its own"
+    );
+}
+
+#[test]
+fn security_insecure_needs_the_entitlement_and_then_keeps_every_capability() {
+    let run = PROBE.replacen("RUN ", "RUN --security=insecure ", 1);
+    let (_t, ok, err) = build_step(&run, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("RUN --security=insecure is not allowed")
+            && err.contains("--allow security.insecure"),
+        "{err}"
+    );
+    let (t, ok, err) = build_step(&run, &["--allow", "security.insecure"]);
+    assert!(ok, "{err}");
+    let status = std::fs::read_to_string(t.path().join("out/status")).unwrap();
+    let eff = u64::from_str_radix(&status_field(&status, "CapEff"), 16).unwrap();
+    assert!(eff & (1 << 21) != 0, "no CAP_SYS_ADMIN: {status}");
+    assert_eq!(status_field(&status, "Seccomp"), "0", "{status}");
+}
+
+#[test]
+fn copy_through_a_symlink_stays_in_the_context_and_honours_dockerignore() {
+    ensure_tools();
+    let ctx = tempfile::tempdir().unwrap();
+    write_busybox_context(ctx.path(), "");
+    std::fs::create_dir(ctx.path().join("secret")).unwrap();
+    std::fs::write(ctx.path().join("secret/key"), "k").unwrap();
+    std::fs::write(ctx.path().join(".dockerignore"), "secret\n").unwrap();
+    std::os::unix::fs::symlink("/etc", ctx.path().join("esc")).unwrap();
+    std::os::unix::fs::symlink("secret", ctx.path().join("lnk")).unwrap();
+    std::os::unix::fs::symlink("../../etc", ctx.path().join("up")).unwrap();
+    let df = std::fs::read_to_string(ctx.path().join("Dockerfile")).unwrap();
+    for (copy, says) in [
+        // The host's /etc/hostname, reached through an absolute link.
+        ("COPY esc/hostname /h", "esc/hostname"),
+        ("COPY up/hostname /h", "up/hostname"),
+        ("COPY es[c]/hostname /h", "es[c]/hostname"),
+        // An ignored file, reached through a link to its directory.
+        ("COPY lnk/key /k", "lnk/key"),
+        ("COPY lnk/* /k/", "lnk/*"),
+    ] {
+        std::fs::write(ctx.path().join("Dockerfile"), format!("{df}{copy}\n")).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let (ok, err) = run_cmd_in(&t, &ctx, &[]);
+        assert!(!ok, "{copy}: copied");
+        assert!(
+            err.contains(says) && err.contains("not found"),
+            "{copy}: {err}"
+        );
+        assert!(!t.path().join("out/h").exists() && !t.path().join("out/k").exists());
+    }
+    // A link inside the context to what is not ignored still works.
+    std::fs::create_dir(ctx.path().join("data")).unwrap();
+    std::fs::write(ctx.path().join("data/f"), "d").unwrap();
+    std::os::unix::fs::symlink("data", ctx.path().join("pub")).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("{df}COPY pub/f /p\n"),
+    )
+    .unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let (ok, err) = run_cmd_in(&t, &ctx, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("out/p")).unwrap(),
+        "d"
+    );
+}
+
+#[test]
+fn cache_mounts_without_an_id_belong_to_their_project() {
+    ensure_tools();
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let df = "ARG P\nRUN --mount=type=cache,target=/c cat /c/x > /seen 2>/dev/null; echo $P > /c/x\n\
+               RUN --mount=type=cache,target=/d,id=shared cat /d/x > /shared 2>/dev/null; echo $P > /d/x\n";
+    let build = |p: &str| {
+        let ctx = t.path().join(p);
+        write_busybox_context(&ctx, df);
+        let out = t.path().join(format!("out-{p}"));
+        let res = run(rbuild_in_pidns(&store)
+            .args(["--build-arg", &format!("P={p}")])
+            .arg(format!("--output=type=local,dest={}", out.display()))
+            .arg(&ctx));
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+        (read("seen"), read("shared"))
+    };
+    assert_eq!(build("a"), (String::new(), String::new()));
+    // Another project: its own cache at /c, the one named by id= shared.
+    assert_eq!(build("b"), (String::new(), "a\n".to_string()));
 }

@@ -3,7 +3,7 @@
 //! pivots into it and runs the command as init: reaping, and taking every other process of
 //! the step with it when it exits.
 
-use crate::spec::{Isolation, Network, ProcessLimit, RunSpec, Snapshotter};
+use crate::spec::{Isolation, Network, ProcessLimit, RunSpec, Security, Snapshotter};
 use crate::sys;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use rustix::mount::MountFlags;
@@ -494,12 +494,31 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
         .map_err(|_| "argument contains a NUL byte".to_string())?;
     let exe_c = CString::new(exe.as_os_str().as_encoded_bytes())
         .map_err(|_| "executable path contains a NUL byte".to_string())?;
+    let confinement = match spec.security {
+        Security::Sandbox => Some(crate::confine::Confinement::new()?),
+        Security::Insecure => None,
+    };
     let _ = status.flush();
     let child = ctx(sys::fork(), || "fork".into())?;
     if child == 0 {
         // The step's processes are the OOM killer's first choice: at a memory limit the step
         // dies, never the sandbox's helper and init that share its cgroup and report on it.
         let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+        // A session of its own: no controlling terminal of the builder's, so the bound
+        // /dev/tty leads nowhere (no reading or faking the user's keystrokes).
+        if let Err(e) = rustix::process::setsid() {
+            let _ = writeln!(status, "error:setsid: {e}");
+            sys::exit_now(126);
+        }
+        if let Some(c) = &confinement {
+            if let Err(e) = c.apply() {
+                let _ = writeln!(
+                    status,
+                    "error:confining the step (capabilities, seccomp): {e}"
+                );
+                sys::exit_now(126);
+            }
+        }
         // Under a single-ID map the kernel denies setgroups; the only group is then ours.
         let setgroups_denied = std::fs::read_to_string("/proc/self/setgroups")
             .map(|s| s.trim() == "deny")

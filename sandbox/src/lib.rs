@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod cgroup;
+pub mod confine;
 mod copyroot;
 mod direct;
 mod fallback;
@@ -40,7 +41,7 @@ pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError
 pub use run::{run, ExitKind, RootMountProblem, RunError, RunOutcome};
 pub use spec::{
     human_bytes, Isolation, Limits, Mount, MountSource, Network, ProcessLimit, RunSpec,
-    RunSpecBuilder, Snapshotter, SpecError,
+    RunSpecBuilder, Security, Snapshotter, SpecError,
 };
 pub use sys::take_env;
 pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};

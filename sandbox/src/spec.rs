@@ -3,6 +3,17 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// What a RUN step may do beyond its namespaces (`RUN --security`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Security {
+    /// BuildKit's default: 14 capabilities and a seccomp filter ([`crate::confine`]).
+    #[default]
+    Sandbox,
+    /// Every capability of the step's user namespace, no filter (`--security=insecure`,
+    /// allowed with `--allow security.insecure`).
+    Insecure,
+}
+
 /// Network of a RUN step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Network {
@@ -189,6 +200,9 @@ pub struct RunSpec {
     /// Extra mounts, in order.
     #[serde(default)]
     pub mounts: Vec<Mount>,
+    /// Capabilities and seccomp filter of the step.
+    #[serde(default)]
+    pub security: Security,
     /// How much of the sandbox the step gets.
     #[serde(default)]
     pub isolation: Isolation,
@@ -254,6 +268,7 @@ pub struct RunSpecBuilder {
     extra_hosts: Vec<(String, String)>,
     mounts: Vec<Mount>,
     isolation: Isolation,
+    security: Security,
     limits: Limits,
     snapshotter: Snapshotter,
     upper_scratch: Option<PathBuf>,
@@ -299,6 +314,7 @@ impl RunSpecBuilder {
     setter!(extra_hosts, Vec<(String, String)>);
     setter!(mounts, Vec<Mount>);
     setter!(isolation, Isolation);
+    setter!(security, Security);
     setter!(limits, Limits);
     setter!(snapshotter, Snapshotter);
     setter!(upper_scratch, PathBuf, opt);
@@ -324,6 +340,7 @@ impl RunSpecBuilder {
             extra_hosts: self.extra_hosts,
             mounts: self.mounts,
             isolation: self.isolation,
+            security: self.security,
             limits: self.limits,
             snapshotter: self.snapshotter,
             upper_scratch: self.upper_scratch,

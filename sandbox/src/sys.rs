@@ -19,6 +19,30 @@ pub fn unshare(flags: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::unshare(flags) }).map(|_| ())
 }
 
+/// Installs a seccomp filter on the calling thread (`PR_SET_SECCOMP`) without setting
+/// `no_new_privs` first: the caller holds CAP_SYS_ADMIN in its user namespace, which the
+/// kernel accepts instead (see [`crate::confine`] for why).
+pub fn install_seccomp(filter: &[seccompiler::sock_filter]) -> io::Result<()> {
+    let len = u16::try_from(filter.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "seccomp filter too long"))?;
+    let prog = libc::sock_fprog {
+        len,
+        // seccompiler's sock_filter is `#[repr(C)] { u16, u8, u8, u32 }`, the kernel's
+        // struct, as libc's is: the pointer cast changes no layout.
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` points at `filter`, alive and unchanged for the call; the kernel copies
+    // the program and keeps no pointer to our memory.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        )
+    })
+    .map(|_| ())
+}
+
 /// Whether this process has a single thread (from `/proc/self/status`).
 pub fn single_threaded() -> bool {
     std::fs::read_to_string("/proc/self/status")
