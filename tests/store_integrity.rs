@@ -4,27 +4,47 @@
 
 mod common;
 use common::store::*;
+
+/// A registry with busybox, an empty store, a work directory and a project context.
+struct Fixture {
+    reg: Registry,
+    root: std::path::PathBuf,
+    work: tempfile::TempDir,
+    ctx: tempfile::TempDir,
+    _store: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Fixture {
+        ensure_tools();
+        let reg = Registry::start();
+        let base = reg.with_busybox();
+        let store = tempfile::tempdir().unwrap();
+        Fixture {
+            root: store.path().join("store"),
+            work: tempfile::tempdir().unwrap(),
+            ctx: project_context(&base, tag),
+            _store: store,
+            reg,
+        }
+    }
+}
 use common::*;
 use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn a_corrupt_layer_is_found_by_verify_and_built_again() {
-    ensure_tools();
-    let reg = Registry::start();
-    let base = reg.with_busybox();
-    let store = tempfile::tempdir().unwrap();
-    let root = store.path().join("store");
-    let work = tempfile::tempdir().unwrap();
-    let ctx = project_context(&base, "c");
-    let (first, _) = build_digest(&root, ctx.path(), work.path(), &[]);
+    let f = Fixture::new("c");
+    let (root, work, ctx) = (&f.root, f.work.path(), f.ctx.path());
+    let (first, _) = build_digest(root, ctx, work, &[]);
     // A bit flip on disk in the RUN step's unpacked layer: same size, other bytes.
     let tag = walk(&root.join("layers"))
         .into_iter()
         .find(|p| p.file_name().is_some_and(|n| n == "tag"))
         .expect("the step's layer holds /tag");
     std::fs::write(&tag, "X\n").unwrap();
-    let (ok, log) = all_output(&mut rbuild_ns(&root, &["du", "--verify"]));
+    let (ok, log) = all_output(&mut rbuild_ns(root, &["du", "--verify"]));
     assert!(!ok, "{log}");
     assert!(
         log.contains("differs from its blob")
@@ -35,15 +55,15 @@ fn a_corrupt_layer_is_found_by_verify_and_built_again() {
         log.contains("removed, to be fetched or unpacked again"),
         "{log}"
     );
-    assert_store_ok(&root, "verify removed the corrupt layer");
+    assert_store_ok(root, "verify removed the corrupt layer");
     // The step is built again, to the same image, and its layer holds the right bytes.
-    let (again, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    let (again, log) = build_digest(root, ctx, work, &[]);
     assert_eq!(first, again, "{log}");
     assert!(walk(&root.join("layers"))
         .into_iter()
         .filter(|p| p.file_name().is_some_and(|n| n == "tag"))
         .all(|p| std::fs::read_to_string(p).unwrap() == "c\n"),);
-    assert_store_ok(&root, "the rebuild");
+    assert_store_ok(root, "the rebuild");
 }
 
 #[test]
@@ -53,12 +73,9 @@ fn layers_reach_the_disk_before_they_are_named() {
         eprintln!("strace missing: skipped");
         return;
     }
-    let reg = Registry::start();
-    let base = reg.with_busybox();
-    let store = tempfile::tempdir().unwrap();
-    let root = store.path().join("store");
-    let ctx = project_context(&base, "s");
-    let trace = store.path().join("trace");
+    let f = Fixture::new("s");
+    let (root, ctx) = (&f.root, f.ctx.path());
+    let trace = f.work.path().join("trace");
     let mut cmd = Command::new("strace");
     cmd.args([
         "-f",
@@ -70,8 +87,8 @@ fn layers_reach_the_disk_before_they_are_named() {
     .arg(&trace)
     .arg(rbuild_bin())
     .args(["build", "--progress=plain", "--root"])
-    .arg(&root)
-    .arg(ctx.path());
+    .arg(root)
+    .arg(ctx);
     must(&mut cmd);
     let log = std::fs::read_to_string(&trace).unwrap();
     // Every name given to a layer (the base layer's directory, the RUN steps' links) comes
@@ -92,18 +109,13 @@ fn layers_reach_the_disk_before_they_are_named() {
 
 #[test]
 fn a_base_layer_blob_corrupted_on_disk_is_fetched_again() {
-    ensure_tools();
-    let reg = Registry::start();
-    let base = reg.with_busybox();
-    let store = tempfile::tempdir().unwrap();
-    let root = store.path().join("store");
-    let work = tempfile::tempdir().unwrap();
-    let ctx = project_context(&base, "r");
-    let (first, _) = build_digest(&root, ctx.path(), work.path(), &[]);
+    let f = Fixture::new("r");
+    let (root, work, ctx) = (&f.root, f.work.path(), f.ctx.path());
+    let (first, _) = build_digest(root, ctx, work, &[]);
     // Rot: flip bytes in the middle of every large blob (the base layer among them), and
     // drop what was unpacked and cached, so the next build must read the blobs again.
     let mut flipped = 0;
-    for e in std::fs::read_dir(root.join("blobs/sha256")).unwrap() {
+    for e in std::fs::read_dir(&root.join("blobs/sha256")).unwrap() {
         let p = e.unwrap().path();
         let mut b = std::fs::read(&p).unwrap();
         if b.len() > 100_000 {
@@ -117,7 +129,7 @@ fn a_base_layer_blob_corrupted_on_disk_is_fetched_again() {
     for d in ["layers", "cache"] {
         rbuild_cache_clear(&root.join(d));
     }
-    let (again, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    let (again, log) = build_digest(root, ctx, work, &[]);
     assert!(
         log.contains(
             "no longer matches its digest (corrupted on disk): removed, fetching it again"
@@ -125,7 +137,7 @@ fn a_base_layer_blob_corrupted_on_disk_is_fetched_again() {
         "{log}"
     );
     assert_eq!(first, again, "{log}");
-    assert_store_ok(&root, "the refetch");
+    assert_store_ok(root, "the refetch");
 }
 
 /// Empties a store directory by hand (read-only directories included), as rot or a careless
@@ -142,17 +154,12 @@ fn rbuild_cache_clear(dir: &Path) {
 
 #[test]
 fn outputs_and_pushes_never_carry_a_corrupt_blob() {
-    ensure_tools();
-    let reg = Registry::start();
-    let base = reg.with_busybox();
-    let store = tempfile::tempdir().unwrap();
-    let root = store.path().join("store");
-    let work = tempfile::tempdir().unwrap();
-    let ctx = project_context(&base, "o");
-    build_digest(&root, ctx.path(), work.path(), &[]);
+    let f = Fixture::new("o");
+    let (root, work, ctx) = (&f.root, f.work.path(), f.ctx.path());
+    build_digest(root, ctx, work, &[]);
     // The RUN step's layer blob (the largest one the build made) rots; the next build
     // finds every step in the cache and goes straight to its outputs.
-    let noise = std::fs::read_dir(root.join("blobs/sha256"))
+    let noise = std::fs::read_dir(&root.join("blobs/sha256"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .max_by_key(|p| std::fs::metadata(p).unwrap().len())
@@ -163,9 +170,9 @@ fn outputs_and_pushes_never_carry_a_corrupt_blob() {
     b[mid] ^= 0xff;
     std::fs::write(&noise, b).unwrap();
     let says = format!("blob {digest} in the store is corrupt");
-    let layout = work.path().join("layout");
-    let archive = work.path().join("image.tar");
-    let image = format!("{}/app:1", reg.addr);
+    let layout = work.join("layout");
+    let archive = work.join("image.tar");
+    let image = format!("{}/app:1", f.reg.addr);
     for (what, args) in [
         (
             "oci",
@@ -179,7 +186,7 @@ fn outputs_and_pushes_never_carry_a_corrupt_blob() {
     ] {
         let mut a = vec!["build", "--progress=plain"];
         a.extend(args.iter().map(String::as_str));
-        let (ok, log) = all_output(rbuild_ns(&root, &a).arg(ctx.path()));
+        let (ok, log) = all_output(rbuild_ns(root, &a).arg(ctx));
         assert!(!ok, "{what}: {log}");
         assert!(log.contains(&says), "{what}: {log}");
     }
