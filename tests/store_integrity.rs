@@ -115,7 +115,7 @@ fn a_base_layer_blob_corrupted_on_disk_is_fetched_again() {
     // Rot: flip bytes in the middle of every large blob (the base layer among them), and
     // drop what was unpacked and cached, so the next build must read the blobs again.
     let mut flipped = 0;
-    for e in std::fs::read_dir(&root.join("blobs/sha256")).unwrap() {
+    for e in std::fs::read_dir(root.join("blobs/sha256")).unwrap() {
         let p = e.unwrap().path();
         let mut b = std::fs::read(&p).unwrap();
         if b.len() > 100_000 {
@@ -159,7 +159,7 @@ fn outputs_and_pushes_never_carry_a_corrupt_blob() {
     build_digest(root, ctx, work, &[]);
     // The RUN step's layer blob (the largest one the build made) rots; the next build
     // finds every step in the cache and goes straight to its outputs.
-    let noise = std::fs::read_dir(&root.join("blobs/sha256"))
+    let noise = std::fs::read_dir(root.join("blobs/sha256"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .max_by_key(|p| std::fs::metadata(p).unwrap().len())
