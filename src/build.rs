@@ -1565,7 +1565,7 @@ impl Builder {
                     let owner = match chown {
                         Some(c) => Some(
                             stack
-                                .resolve_user(c)
+                                .resolve_chown(c)
                                 .map_err(|e| anyhow!("--chown={c}: {e}"))?,
                         ),
                         None => None,
@@ -1628,7 +1628,10 @@ impl Builder {
                         rbuild_snapshot::apply_layer(
                             reader,
                             &staging.join(dest_dir.join("/")),
-                            &rbuild_snapshot::UnpackOptions::default(),
+                            &rbuild_snapshot::UnpackOptions {
+                                owner: attrs.owner,
+                                ..Default::default()
+                            },
                         )
                         .map_err(|e| anyhow!("ADD {}: extracting: {e}", a.rel))?;
                     }

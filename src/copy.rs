@@ -77,7 +77,13 @@ pub fn glob_match(pat: &str, name: &str) -> bool {
 }
 
 impl Source<'_> {
+    /// A source path as COPY names it: a final symlink followed.
     fn lookup(&self, rel: &str) -> Option<(PathBuf, fs::Metadata)> {
+        self.lookup_at(rel, true)
+    }
+
+    /// An entry of the source; `follow`: a final symlink is followed (inside the source).
+    fn lookup_at(&self, rel: &str, follow: bool) -> Option<(PathBuf, fs::Metadata)> {
         match self {
             Source::Context { root, ignore } => {
                 if rel.is_empty() {
@@ -90,17 +96,30 @@ impl Source<'_> {
                 // `.dockerignore` excludes stays excluded when reached through a link.
                 let (dir, real) = in_context(root, rel.rsplit_once('/').map_or("", |(d, _)| d))?;
                 let name = rel.rsplit_once('/').map_or(rel, |(_, n)| n);
-                let p = dir.join(name);
-                let md = fs::symlink_metadata(&p).ok()?;
-                if ignore.is_excluded(rel, md.is_dir())
-                    || ignore.is_excluded(&join_rel(&real, name), md.is_dir())
-                {
+                let mut p = dir.join(name);
+                let mut md = fs::symlink_metadata(&p).ok()?;
+                let mut real = join_rel(&real, name);
+                if follow && md.file_type().is_symlink() {
+                    // A source named directly (or matched) that is a symlink is followed, as
+                    // BuildKit's FollowSymlinks does; inside the context, always.
+                    let (target, target_rel) = in_context(root, rel)?;
+                    md = fs::symlink_metadata(&target).ok()?;
+                    (p, real) = (target, target_rel);
+                }
+                // An excluded directory with a `!` exception below it is still there, with
+                // only what the exceptions bring back (the walk leaves out the rest).
+                let gone = |r: &str| {
+                    ignore.is_excluded(r, md.is_dir())
+                        && !(md.is_dir() && ignore.may_include_below(r))
+                };
+                if gone(rel) || gone(&real) {
                     return None;
                 }
                 Some((p, md))
             }
             Source::Layers { stack, .. } => {
-                let (_, file, md) = stack.resolve(&format!("/{rel}"), false)?;
+                // Followed, as in the context (the image's own symlinks, inside the image).
+                let (_, file, md) = stack.resolve(&format!("/{rel}"), follow)?;
                 Some((file, md))
             }
         }
@@ -162,6 +181,12 @@ impl Source<'_> {
                 out.push(Selected { rel, file, md });
             }
         }
+        // A wildcard that matches nothing copies nothing and is no error (BuildKit's
+        // AllowEmptyWildcard: `COPY package.json package-lock.json* ./`); a plain path that
+        // does not exist is.
+        if out.is_empty() && comps.iter().any(|c| has_glob(c)) {
+            return Ok(out);
+        }
         if out.is_empty() {
             return Err(match self {
                 Source::Context { .. } => CopyError::NotFound(src.to_string()),
@@ -174,8 +199,8 @@ impl Source<'_> {
     }
 }
 
-/// The directory `rel` of the context `root`, resolved inside it (symlinks included), and
-/// its path relative to `root` once resolved; `None` when it does not exist.
+/// The entry `rel` of the context `root`, resolved inside it (symlinks included), and its
+/// path relative to `root` once resolved; `None` when it does not exist.
 fn in_context(root: &Path, rel: &str) -> Option<(PathBuf, String)> {
     if rel.is_empty() {
         return Some((root.to_path_buf(), String::new()));
@@ -393,6 +418,7 @@ pub fn stage_copy(
         Source::Layers { .. } => attrs.owner,
     };
     let mut count = 0;
+    let mut links = Links::new();
     for sel in selected {
         let target_comps: Vec<String> = if sel.md.is_dir() {
             dest_dir_comps.clone()
@@ -442,6 +468,7 @@ pub fn stage_copy(
                 attrs.mode.as_ref(),
                 true,
                 &ex,
+                &mut links,
             )?;
         } else {
             count += copy_one(
@@ -452,6 +479,7 @@ pub fn stage_copy(
                 &target,
                 default_owner,
                 attrs.mode.as_ref(),
+                &mut links,
             )?;
         }
     }
@@ -544,6 +572,12 @@ fn set_meta(
     Ok(())
 }
 
+/// Files of one COPY with more than one link, by (device, inode) of the source: the first
+/// copy's path, which later links of the same file become hardlinks of (as BuildKit keeps
+/// them).
+type Links = std::collections::HashMap<(u64, u64), PathBuf>;
+
+#[allow(clippy::too_many_arguments)]
 fn copy_one(
     source: &Source<'_>,
     _rel: &str,
@@ -552,12 +586,24 @@ fn copy_one(
     target: &Path,
     owner: Option<(u32, u32)>,
     mode: Option<&Chmod>,
+    links: &mut Links,
 ) -> Result<u64, CopyError> {
     if let Ok(old) = fs::symlink_metadata(target) {
         if old.is_dir() {
             fs::remove_dir_all(target).map_err(ioe(target))?;
         } else {
             fs::remove_file(target).map_err(ioe(target))?;
+        }
+    }
+    if md.is_file() && md.nlink() > 1 {
+        match links.get(&(md.dev(), md.ino())) {
+            Some(first) => {
+                fs::hard_link(first, target).map_err(ioe(target))?;
+                return Ok(1);
+            }
+            None => {
+                links.insert((md.dev(), md.ino()), target.to_path_buf());
+            }
         }
     }
     let (uid, gid) = owner.unwrap_or((md.uid(), md.gid()));
@@ -604,6 +650,7 @@ impl Exclude<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn copy_tree(
     source: &Source<'_>,
     rel: &str,
@@ -612,12 +659,14 @@ fn copy_tree(
     mode: Option<&Chmod>,
     top: bool,
     ex: &Exclude<'_>,
+    links: &mut Links,
 ) -> Result<u64, CopyError> {
+    // The source itself is followed if it is a link; what is inside it is copied as it is.
     let (file, md) = source
-        .lookup(rel)
+        .lookup_at(rel, top)
         .ok_or_else(|| CopyError::NotFound(rel.to_string()))?;
     if !md.is_dir() {
-        return copy_one(source, rel, &file, &md, target, owner, mode);
+        return copy_one(source, rel, &file, &md, target, owner, mode, links);
     }
     match fs::symlink_metadata(target) {
         Ok(m) if m.is_dir() => {}
@@ -630,12 +679,21 @@ fn copy_tree(
     let mut n = 0;
     for name in source.list(rel)? {
         let child = join_rel(rel, &name);
-        if let Some((_, cmd)) = source.lookup(&child) {
+        if let Some((_, cmd)) = source.lookup_at(&child, false) {
             if ex.excludes(&child, cmd.is_dir()) {
                 continue;
             }
         }
-        n += copy_tree(source, &child, &target.join(&name), owner, mode, false, ex)?;
+        n += copy_tree(
+            source,
+            &child,
+            &target.join(&name),
+            owner,
+            mode,
+            false,
+            ex,
+            links,
+        )?;
     }
     // The top directory of a directory source is the destination itself: docker keeps the
     // destination's own metadata when it already existed, and otherwise creates it.

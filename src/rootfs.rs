@@ -190,6 +190,16 @@ impl LayerStack {
         fs::read(file).ok()
     }
 
+    /// Resolves `COPY --chown`/`ADD --chown` as BuildKit does: like [`LayerStack::resolve_user`],
+    /// except that a uid given alone is its own gid too (`--chown=1234` is `1234:1234`, as
+    /// docker documents), whatever `/etc/passwd` says.
+    pub fn resolve_chown(&self, spec: &str) -> Result<(u32, u32), String> {
+        match spec.parse::<u32>() {
+            Ok(n) => Ok((n, n)),
+            Err(_) => self.resolve_user(spec),
+        }
+    }
+
     /// Resolves a user (`name` or `uid`) and optional group like runc does with the
     /// image's `/etc/passwd` and `/etc/group`. Returns `(uid, gid)`.
     pub fn resolve_user(&self, spec: &str) -> Result<(u32, u32), String> {
@@ -309,6 +319,16 @@ mod tests {
         assert_eq!(s.resolve_user("app").unwrap(), (1000, 1001));
         assert_eq!(s.resolve_user("app:staff").unwrap(), (1000, 50));
         assert_eq!(s.resolve_user("42:7").unwrap(), (42, 7));
+        assert_eq!(
+            s.resolve_chown("1000").unwrap(),
+            (1000, 1000),
+            "uid alone: gid too"
+        );
+        assert_eq!(
+            s.resolve_chown("app").unwrap(),
+            (1000, 1001),
+            "name: passwd's group"
+        );
         assert!(s
             .resolve_user("nobody")
             .unwrap_err()

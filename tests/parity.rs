@@ -1,6 +1,7 @@
 //! The parity suite: every directory of `testdata/parity/` is a case — a `Dockerfile`, an
 //! optional `context/`, and `expect.json` saying what the built image must hold (files with
-//! content, mode, owner, type; absent paths; image config fields) or how the build must fail.
+//! content, mode, owner, type, link target, `hardlink_of` another path; absent paths; image
+//! config fields) or how the build must fail. `RBUILD_PARITY=a,b` runs only cases a and b.
 //! Each image is written as an OCI layout and checked with umoci and skopeo. `{{BASE}}` in a
 //! Dockerfile is the testbed busybox image in a registry started for the suite.
 
@@ -233,6 +234,12 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
                 }
             }
         }
+        if let Some(other) = spec["hardlink_of"].as_str() {
+            let o = std::fs::symlink_metadata(rootfs.join(other.trim_start_matches('/')));
+            if !o.is_ok_and(|o| o.ino() == md.ino() && o.dev() == md.dev()) {
+                problems.push(format!("{name}: {path} is not a hardlink of {other}"));
+            }
+        }
         if let Some(t) = spec["target"].as_str() {
             let got = std::fs::read_link(&p)
                 .map(|l| l.display().to_string())
@@ -304,6 +311,11 @@ fn parity_suite() {
         .collect();
     cases.sort();
     assert!(cases.len() >= 10, "parity cases missing: {cases:?}");
+    // RBUILD_PARITY=name,name runs only those (while working on them).
+    if let Ok(only) = std::env::var("RBUILD_PARITY") {
+        let only: Vec<&str> = only.split(',').collect();
+        cases.retain(|c| only.iter().any(|o| c.ends_with(o)));
+    }
     let mut problems = Vec::new();
     for c in &cases {
         check_case(c, &base, &mut problems);

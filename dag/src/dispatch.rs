@@ -955,11 +955,9 @@ impl StageDispatcher {
                 }
             }
         }
+        // Several sources to a destination without a trailing `/` are fine where it is a
+        // directory of the image, which only the build knows (BuildKit checks nothing here).
         let raw_dest = self.expand(i, &c.dest)?;
-        if sources.len() > 1 && !raw_dest.ends_with('/') {
-            let name = if is_add { "ADD" } else { "COPY" };
-            return Err(self.invalid(i, format!("When using {name} with more than one source file, the destination must be a directory and end with a /")));
-        }
         // Relative to the workdir, cleaned; a trailing `/` (or `.`) is kept.
         let mut dest = join_clean(self.state.effective_workdir(), &raw_dest);
         let dirish = raw_dest.is_empty()

@@ -29,6 +29,18 @@ pub enum GraphError {
         /// The cycle, e.g. `a -> b -> a`.
         path: String,
     },
+    /// `COPY --from` or `RUN --mount=from=` names a stage further down the file. BuildKit
+    /// knows only the stages above an instruction by name, and takes a later one's name for
+    /// an image to pull; saying so is clearer.
+    #[error("{at}: --from={from} names stage {from:?}, which is defined later (line {defined}); an instruction can use only the stages above it\n{snip}", snip = .at.snippet())]
+    LaterStage {
+        /// The instruction.
+        at: Location,
+        /// The `--from` value.
+        from: String,
+        /// Line of the stage's FROM.
+        defined: usize,
+    },
     /// Expanding a FROM failed.
     #[error(transparent)]
     Dispatch(#[from] DispatchError),
@@ -183,6 +195,13 @@ pub fn plan(
             // An empty expansion is left to dispatch to report at build time.
             for f in froms.into_iter().filter(|f| !f.is_empty()) {
                 match resolve_from(df, &f) {
+                    Base::Stage(i) if i >= st.index => {
+                        return Err(GraphError::LaterStage {
+                            at: df.location(ins.line),
+                            from: f,
+                            defined: df.stages[i].line,
+                        });
+                    }
                     Base::Stage(i) => deps.push(Edge {
                         stage: i,
                         line: ins.line,

@@ -368,13 +368,8 @@ fn copy_expansion_flags_and_errors() {
         )
         .unwrap();
     }
-    let e = run_with("FROM a\nCOPY a b /nodir\n", ImageState::default(), &[], 0)
-        .err()
-        .unwrap();
-    assert!(
-        e.starts_with("Dockerfile:2: When using COPY with more than one source file"),
-        "{e}"
-    );
+    // Whether /nodir is a directory is the build's to find out.
+    run_with("FROM a\nCOPY a b /nodir\n", ImageState::default(), &[], 0).unwrap();
 }
 
 #[test]

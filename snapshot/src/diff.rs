@@ -83,7 +83,7 @@ struct Writer<'a, W: Write> {
 /// left out.
 fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     let names = loop {
-        let size = match rustix::fs::llistxattr(path, &mut [0u8; 0][..]) {
+        let size = match rustix::fs::llistxattr_query(path) {
             Ok(n) => n,
             Err(rustix::io::Errno::OPNOTSUPP) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),

@@ -103,8 +103,25 @@ pub fn resolve_in_root(root: &Path, rel: &str) -> io::Result<std::path::PathBuf>
     Ok(path)
 }
 
-/// Opens (creating as needed, mode 0755) the directory `rel` below `root`.
-pub fn mkdir_all_in<S: AsRef<OsStr>>(root: &impl AsFd, rel: &[S]) -> io::Result<OwnedFd> {
+/// Opens (creating as needed, mode 0755, owned by `owner` where given) the directory `rel`
+/// below `root`.
+pub fn mkdir_all_in<S: AsRef<OsStr>>(
+    root: &impl AsFd,
+    rel: &[S],
+    owner: Option<(u32, u32)>,
+) -> io::Result<OwnedFd> {
+    let made = |dir: &OwnedFd, name: &OsStr| -> io::Result<()> {
+        if let Some((u, g)) = owner {
+            rustix::fs::chownat(
+                dir,
+                name,
+                Some(rustix::fs::Uid::from_raw(u)),
+                Some(rustix::fs::Gid::from_raw(g)),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        Ok(())
+    };
     match open_dir_in(root, rel) {
         Ok(fd) => return Ok(fd),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -126,12 +143,14 @@ pub fn mkdir_all_in<S: AsRef<OsStr>>(root: &impl AsFd, rel: &[S]) -> io::Result<
                     }
                     Err(e) => return Err(e.into()),
                 }
+                made(&cur, c)?;
                 cur = open_dir_in(root, &rel[..=i])?;
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
                 let parent = open_dir_in(root, &rel[..i])?;
                 remove_at(&parent, c)?;
                 rustix::fs::mkdirat(&parent, c, Mode::from_raw_mode(0o755))?;
+                made(&parent, c)?;
                 cur = open_dir_in(root, &rel[..=i])?;
             }
             Err(e) => return Err(e),

@@ -55,6 +55,9 @@ pub struct IdRange {
 pub struct UnpackOptions {
     /// Reject owners outside this range (the build namespace's map).
     pub id_range: Option<IdRange>,
+    /// Give every entry, and every directory made for entries below it, this owner instead
+    /// of the tar's (`ADD --chown` of an archive).
+    pub owner: Option<(u32, u32)>,
 }
 
 /// What an unpack did.
@@ -206,13 +209,18 @@ fn run<R: Read>(
         let last_b = last.as_bytes();
         let hdr = entry.header().clone();
         let pax = pax_of(&mut entry).map_err(err)?;
-        let uid = match pax.uid {
-            Some(u) => u,
-            None => hdr.uid().map_err(UnpackError::Tar)?,
-        };
-        let gid = match pax.gid {
-            Some(g) => g,
-            None => hdr.gid().map_err(UnpackError::Tar)?,
+        let (uid, gid) = match opts.owner {
+            Some((u, g)) => (u64::from(u), u64::from(g)),
+            None => (
+                match pax.uid {
+                    Some(u) => u,
+                    None => hdr.uid().map_err(UnpackError::Tar)?,
+                },
+                match pax.gid {
+                    Some(g) => g,
+                    None => hdr.gid().map_err(UnpackError::Tar)?,
+                },
+            ),
         };
         // 2^32-1 is "no change" to chown: IDs from there up cannot be given, and are
         // refused rather than cut down to another user's ID.
@@ -232,7 +240,7 @@ fn run<R: Read>(
                 });
             }
         }
-        let parent_fd = mkdir_all_in(&root, parent).map_err(err)?;
+        let parent_fd = mkdir_all_in(&root, parent, opts.owner).map_err(err)?;
         // Whiteouts.
         if last_b == b".wh..wh..opq" {
             match mode {
