@@ -66,6 +66,9 @@ pub struct Selected {
     pub file: PathBuf,
     /// Its metadata (not following a final symlink).
     pub md: fs::Metadata,
+    /// With `COPY --parents`: how much of `rel` stays above the destination, the part
+    /// before the source's `/./` pivot (empty without one).
+    pub pivot: String,
 }
 
 use rbuild_dag::glob::has_wildcards as has_glob;
@@ -156,6 +159,11 @@ impl Source<'_> {
     /// Resolves a COPY source (a path or a glob, relative to the source root).
     pub fn select(&self, src: &str) -> Result<Vec<Selected>, CopyError> {
         let comps = clean_components(&format!("/{src}"));
+        // BuildKit cuts a --parents source at its first `/./`.
+        let pivot = src
+            .split_once("/./")
+            .map(|(p, _)| clean_components(&format!("/{p}")).join("/"))
+            .unwrap_or_default();
         if matches!(self, Source::Context { .. }) && src_escapes(src) {
             return Err(CopyError::OutsideContext(src.to_string()));
         }
@@ -178,7 +186,12 @@ impl Source<'_> {
         let mut out = Vec::new();
         for rel in current {
             if let Some((file, md)) = self.lookup(&rel) {
-                out.push(Selected { rel, file, md });
+                out.push(Selected {
+                    rel,
+                    file,
+                    md,
+                    pivot: pivot.clone(),
+                });
             }
         }
         // A wildcard that matches nothing copies nothing and is no error (BuildKit's
@@ -432,8 +445,13 @@ pub fn stage_copy(
         let target_comps = if attrs.parents {
             // --parents: the source's own path (relative to the source root) below the destination.
             let mut c = dest_dir_comps.clone();
+            let below = sel
+                .rel
+                .strip_prefix(&sel.pivot)
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+                .unwrap_or(&sel.rel);
             c.extend(
-                sel.rel
+                below
                     .split('/')
                     .filter(|x| !x.is_empty())
                     .map(str::to_string),
