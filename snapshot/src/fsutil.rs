@@ -104,11 +104,35 @@ pub fn resolve_in_root(root: &Path, rel: &str) -> io::Result<std::path::PathBuf>
 }
 
 /// Opens (creating as needed, mode 0755, owned by `owner` where given) the directory `rel`
-/// below `root`.
+/// below `root`. A dangling symlink on the way stays: what it points to is made, inside the
+/// root, as containerd's applier does (`evil -> /tmp` then `evil/x` puts `x` in `/tmp`).
 pub fn mkdir_all_in<S: AsRef<OsStr>>(
     root: &impl AsFd,
     rel: &[S],
     owner: Option<(u32, u32)>,
+) -> io::Result<OwnedFd> {
+    let rel: Vec<&OsStr> = rel.iter().map(|c| c.as_ref()).collect();
+    mkdir_all_links(root, &rel, owner, 0)
+}
+
+/// Where `dir` (an fd below `root`) is, as components below `root`.
+fn path_below(root: &impl AsFd, dir: &impl AsFd) -> io::Result<Vec<OsString>> {
+    use std::os::fd::AsRawFd;
+    let at = |fd: std::os::fd::BorrowedFd<'_>| {
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    };
+    let (r, d) = (at(root.as_fd())?, at(dir.as_fd())?);
+    let below = d
+        .strip_prefix(&r)
+        .map_err(|_| io::Error::other("a directory left the root while it was being made"))?;
+    Ok(below.iter().map(|c| c.to_os_string()).collect())
+}
+
+fn mkdir_all_links(
+    root: &impl AsFd,
+    rel: &[&OsStr],
+    owner: Option<(u32, u32)>,
+    depth: u32,
 ) -> io::Result<OwnedFd> {
     let made = |dir: &OwnedFd, name: &OsStr| -> io::Result<()> {
         if let Some((u, g)) = owner {
@@ -128,11 +152,22 @@ pub fn mkdir_all_in<S: AsRef<OsStr>>(
         Err(e) => return Err(e),
     }
     let mut cur = open_dir_in::<&str>(root, &[])?;
-    for (i, c) in rel.iter().enumerate() {
-        let c = c.as_ref();
+    for (i, &c) in rel.iter().enumerate() {
         match open_dir_in(root, &rel[..=i]) {
             Ok(fd) => cur = fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Ok(target) = rustix::fs::readlinkat(&cur, c, Vec::new()) {
+                    // Bounded like the kernel's own symlink resolution.
+                    if depth >= 40 {
+                        return Err(rustix::io::Errno::LOOP.into());
+                    }
+                    let mut at = std::path::PathBuf::from("/");
+                    at.extend(path_below(root, &cur)?);
+                    let mut next = clean_os(&at.join(OsStr::from_bytes(target.as_bytes())));
+                    next.extend(rel[i + 1..].iter().map(|c| c.to_os_string()));
+                    let next: Vec<&OsStr> = next.iter().map(|c| c.as_os_str()).collect();
+                    return mkdir_all_links(root, &next, owner, depth + 1);
+                }
                 match rustix::fs::mkdirat(&cur, c, Mode::from_raw_mode(0o755)) {
                     Ok(()) => {}
                     Err(rustix::io::Errno::EXIST) => {

@@ -355,3 +355,68 @@ fn an_unpacked_layer_is_compared_with_its_tar() {
         ],
     );
 }
+
+#[test]
+fn entries_through_a_dangling_symlink_land_where_it_points_inside_the_root() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Symlink, 0);
+    b.append_link(&mut h, "evil", "/tmp").unwrap();
+    let mut h = header(tar::EntryType::Regular, 2);
+    b.append_data(&mut h, "evil/x", &b"x\n"[..]).unwrap();
+    let mut h = header(tar::EntryType::Symlink, 0);
+    b.append_link(&mut h, "a/up", "../../../../t").unwrap();
+    let mut h = header(tar::EntryType::Regular, 2);
+    b.append_data(&mut h, "a/up/y", &b"y\n"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    for apply in [false, true] {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        if apply {
+            apply_layer(&tar[..], &root, &UnpackOptions::default()).unwrap();
+        } else {
+            unpack(&tar, &root).unwrap();
+        }
+        assert_eq!(
+            fs::read_link(root.join("evil")).unwrap().to_str(),
+            Some("/tmp")
+        );
+        assert_eq!(fs::read_to_string(root.join("tmp/x")).unwrap(), "x\n");
+        assert_eq!(
+            fs::read_link(root.join("a/up")).unwrap().to_str(),
+            Some("../../../../t")
+        );
+        assert_eq!(fs::read_to_string(root.join("t/y")).unwrap(), "y\n");
+        // Nothing outside the root.
+        assert_eq!(
+            fs::read_dir(t.path()).unwrap().count(),
+            1,
+            "only the root in its parent"
+        );
+    }
+    // Across layers on a plain root: the earlier layer's link is followed too.
+    let t = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Symlink, 0);
+    b.append_link(&mut h, "evil", "/tmp").unwrap();
+    apply_layer(
+        &b.into_inner().unwrap()[..],
+        t.path(),
+        &UnpackOptions::default(),
+    )
+    .unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Regular, 2);
+    b.append_data(&mut h, "evil/z", &b"z\n"[..]).unwrap();
+    apply_layer(
+        &b.into_inner().unwrap()[..],
+        t.path(),
+        &UnpackOptions::default(),
+    )
+    .unwrap();
+    assert!(fs::symlink_metadata(t.path().join("evil"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read_to_string(t.path().join("tmp/z")).unwrap(), "z\n");
+}
