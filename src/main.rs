@@ -77,6 +77,7 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
     let p = rbuild_sandbox::probe::probe(&root);
     let verdict = p.build_verdict();
     let word = |v: Verdict| match v {
+        Verdict::NotNeeded => "not needed",
         Verdict::Ok => "ok",
         Verdict::Degraded => "degraded",
         Verdict::Missing => "missing",
@@ -91,7 +92,9 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
         Err(e) => e,
     };
     let summary = match verdict {
-        Verdict::Ok => format!("a build gets the full sandbox: RUN steps: {build_line}"),
+        Verdict::Ok | Verdict::NotNeeded => {
+            format!("a build gets the full sandbox: RUN steps: {build_line}")
+        }
         Verdict::Degraded => {
             format!("a build works, with what is marked degraded above: RUN steps: {build_line}")
         }
@@ -117,15 +120,15 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
         );
     } else {
         for c in &p.checks {
-            println!("{:<9} {:<28} {}", word(c.verdict), c.name, c.detail);
+            println!("{:<10} {:<28} {}", word(c.verdict), c.name, c.detail);
             if let Some(f) = &c.fix {
-                println!("{:<9} {:<28} fix: {f}", "", "");
+                println!("{:<10} {:<28} fix: {f}", "", "");
             }
         }
         println!("\n{}: {summary}", word(verdict));
     }
     ExitCode::from(match verdict {
-        Verdict::Ok => 0,
+        Verdict::Ok | Verdict::NotNeeded => 0,
         Verdict::Degraded => 1,
         Verdict::Missing => 2,
     })

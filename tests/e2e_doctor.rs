@@ -57,12 +57,29 @@ fn root_on_the_host_gets_the_full_sandbox() {
     ] {
         assert_eq!(check(&r, c)["verdict"], "ok", "{c}: {r}");
     }
-    assert_ne!(code, 2, "{r}");
+    // Where the full sandbox works, what it does not need is no loss: fuse-overlayfs (a
+    // fallback for refused native overlay) and cgroup v2 delegation where cgroup v1 takes
+    // every limit (this machine is hybrid) are "not needed", and doctor exits 0.
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["verdict"], "ok", "{r}");
     assert_eq!(
-        code == 0,
-        r["verdict"] == "ok",
-        "the exit status follows the verdict: {r}"
+        check(&r, "cgroup v2 delegation")["verdict"],
+        "not needed",
+        "{r}"
     );
+    let (code, r2) = doctor(
+        Command::new(rbuild_bin())
+            .args(["doctor", "--json", "--root"])
+            .arg(store.path())
+            // No fuse-overlayfs on the PATH.
+            .env("PATH", "/nonexistent"),
+    );
+    assert_eq!(
+        check(&r2, "fuse-overlayfs")["verdict"],
+        "not needed",
+        "{r2}"
+    );
+    assert_eq!(code, 0, "{r2}");
     assert_eq!(
         r["run_steps"],
         "user namespaces, overlay (native), private /proc; limits: 2048 processes (cgroup v1)",
@@ -89,7 +106,7 @@ fn root_on_the_host_gets_the_full_sandbox() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| c["verdict"] != "ok")
+        .filter(|c| c["verdict"] != "ok" && !c["fix"].is_null())
     {
         assert!(
             text.contains(&format!("fix: {}", c["fix"].as_str().unwrap())),

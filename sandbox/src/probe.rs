@@ -20,6 +20,8 @@ pub const PROBE_ARG: &str = "__rbuild-probe";
 /// How one check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Verdict {
+    /// Not there, and not needed here (a fallback the build will not use).
+    NotNeeded,
     /// Works.
     Ok,
     /// Works, with less isolation or speed than it could have.
@@ -423,8 +425,18 @@ pub fn probe(store: &Path) -> Probe {
             ),
         },
     });
+    let native_overlay = checks
+        .last()
+        .is_some_and(|c| c.name == "overlay in a user namespace" && c.verdict == Verdict::Ok);
     checks.push(match &fuse {
         Some(f) => check("fuse-overlayfs", Verdict::Ok, format!("{} and /dev/fuse", f.display()), None),
+        // Only a fallback for where native overlay is refused: not a loss where it works.
+        None if native_overlay => check(
+            "fuse-overlayfs",
+            Verdict::NotNeeded,
+            if which("fuse-overlayfs").is_some() { "installed, but /dev/fuse is missing; native overlayfs works, so builds do not need it" } else { "not installed; native overlayfs works, so builds do not need it" },
+            None,
+        ),
         None => check(
             "fuse-overlayfs",
             Verdict::Degraded,
@@ -660,10 +672,11 @@ fn cgroup_check(layout: &cgroup::Layout) -> Check {
         detail.push_str("; the controllers are in cgroup v1 hierarchies rbuild cannot write to");
     }
     if lost.is_empty() {
+        // Every limit works through cgroup v1: delegation would add nothing a build uses.
         detail.push_str(": --memory, --cpus and --pids-limit work");
-    } else {
-        detail.push_str(&format!(": {} cannot be enforced", lost.join(", ")));
+        return check("cgroup v2 delegation", Verdict::NotNeeded, detail, None);
     }
+    detail.push_str(&format!(": {} cannot be enforced", lost.join(", ")));
     check("cgroup v2 delegation", Verdict::Degraded, detail, fix)
 }
 
