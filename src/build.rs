@@ -1433,7 +1433,9 @@ impl Builder {
                 let pstep = self.progress.start(&ctx.name);
                 let res = async {
                     self.explain_miss(&ctx.id, &fields, &pstep);
-                    let _permit = self.jobs.acquire().await?;
+                    // No --jobs permit for the step itself: it may wait on the network, on
+                    // `sleep` or on I/O, and independent steps all run at once, as in
+                    // BuildKit; rbuild's own CPU work (its layer, below) takes one.
                     let upper = self.store.temp_dir("upper")?;
                     let work = self.store.temp_dir("work")?;
                     if stack.resolve(workdir, true).is_none() {
@@ -1514,6 +1516,7 @@ impl Builder {
                             bail!(msg.trim_end().to_string());
                         }
                     }
+                    let _permit = self.jobs.acquire().await?;
                     self.export_layer(upper, key, &pstep)
                 }
                 .await;

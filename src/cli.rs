@@ -390,7 +390,9 @@ pub struct BuildArgs {
     #[arg(long, value_name = "dag|dot")]
     pub print: Option<String>,
 
-    /// Steps that may run at once [default: number of cores].
+    /// How much of rbuild's own CPU work (COPY/ADD, turning a step's changes into a layer)
+    /// runs at once [default: number of cores]. RUN steps are not bounded by it: independent
+    /// ones all run at once, as in BuildKit.
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
 

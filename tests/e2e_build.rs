@@ -691,3 +691,44 @@ fn layer_export_overlaps_with_the_next_step() {
         3
     );
 }
+
+#[test]
+fn independent_run_steps_all_run_at_once_by_default() {
+    ensure_tools();
+    // Four stages meet in a shared cache mount: each step leaves its mark and waits until
+    // all four are there. Any bound below four on concurrent RUN steps (the default --jobs,
+    // the number of cores, was one) leaves them waiting until they give up.
+    let step = |n: &str| {
+        format!(
+            "FROM tools AS {n}\nRUN --mount=type=cache,id=rendezvous,target=/r,sharing=shared \
+             touch /r/{n}; i=0; while [ $(ls /r | wc -l) -lt 4 ]; do i=$((i+1)); [ $i -lt 600 ] || exit 7; sleep 0.05; done; echo {n} > /{n}\n"
+        )
+    };
+    let mut df = String::from(
+        "FROM scratch AS tools\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n",
+    );
+    for n in ["a", "b", "c", "d"] {
+        df.push_str(&step(n));
+    }
+    df.push_str("FROM tools\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nCOPY --from=c /c /c\nCOPY --from=d /d /d\n");
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::copy(busybox_static(), ctx.path().join("busybox")).unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), df).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let out = run(Command::new(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(t.path().join("store"))
+        .arg(format!(
+            "--output=type=local,dest={}",
+            t.path().join("out").display()
+        ))
+        .arg(ctx.path()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the four steps did not all run at once:\n{err}"
+    );
+    for n in ["a", "b", "c", "d"] {
+        assert!(t.path().join("out").join(n).exists(), "{n}");
+    }
+}
