@@ -48,6 +48,9 @@ pub struct BuildOptions {
     /// `--allow-link-local-urls`: `ADD <url>` may fetch from link-local (cloud metadata)
     /// addresses.
     pub allow_link_local_urls: bool,
+    /// `--registry-retries`: tries after the first of a registry request that failed in a
+    /// way that may go away (`None`: the default, or `RBUILD_REGISTRY_RETRIES`).
+    pub registry_retries: Option<usize>,
     /// `--allow security.insecure`: `RUN --security=insecure` may run.
     pub allow_insecure: bool,
     /// Network of RUN steps.
@@ -350,7 +353,18 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         always_resolve: opts.pull,
         max_stale: opts.stale_tag_max_age,
         timeouts: crate::registry::Timeouts::default(),
+        retry: {
+            let mut r = crate::registry::retry::RetryPolicy::default();
+            if let Some(n) = opts.registry_retries {
+                r.retries = n;
+            }
+            r
+        },
     });
+    {
+        let progress = progress.clone();
+        registry.on_retry(Arc::new(move |line: &str| progress.info(line)));
+    }
     let ctx_hasher = crate::ctxhash::ContextHasher::new(store.clone());
     let rootfs = crate::fallback::RootfsMode::new(
         opts.rootfs.clone(),

@@ -318,6 +318,12 @@ pub struct BuildArgs {
     #[arg(long)]
     pub allow_link_local_urls: bool,
 
+    /// How many times a registry request is tried again after a failure that may go away
+    /// (5xx, 429 with its Retry-After, a connection error or reset, a body cut short), with
+    /// exponential backoff and jitter; 0: never [default: 5, or `RBUILD_REGISTRY_RETRIES`].
+    #[arg(long, value_name = "N")]
+    pub registry_retries: Option<usize>,
+
     /// Grants an entitlement, as `docker buildx build --allow` does: `security.insecure` lets
     /// `RUN --security=insecure` steps keep every capability of their user namespace, with no
     /// seccomp filter (what a nested build needs).

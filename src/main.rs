@@ -637,6 +637,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         pull: args.pull,
         stale_tag_max_age: args.stale_tag_max_age,
         allow_link_local_urls: args.allow_link_local_urls,
+        registry_retries: args.registry_retries,
         allow_insecure: args
             .allow
             .contains(&rbuild::cli::Entitlement::SecurityInsecure),

@@ -21,11 +21,26 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 mod manifest;
+pub mod retry;
 pub use manifest::MAX_MANIFEST;
 
 /// Errors talking to registries or reading image layouts; each names the image involved.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// The registry answered with a status that may go away (5xx, 429): tried again.
+    #[error("{reference}: {what}: the registry answered {status}: {message}")]
+    Busy {
+        /// The image.
+        reference: String,
+        /// What was being done.
+        what: &'static str,
+        /// The HTTP status.
+        status: u16,
+        /// Its `Retry-After`, if it sent one.
+        retry_after: Option<std::time::Duration>,
+        /// The start of its answer.
+        message: String,
+    },
     /// The reference does not parse.
     #[error("invalid image reference {reference:?}: {message}")]
     Reference {
@@ -159,6 +174,8 @@ pub struct RegistryOptions {
     pub max_stale: std::time::Duration,
     /// How long to wait on a registry.
     pub timeouts: Timeouts,
+    /// How often to ask again when a registry fails in a way that may go away.
+    pub retry: retry::RetryPolicy,
 }
 
 impl Default for RegistryOptions {
@@ -169,6 +186,7 @@ impl Default for RegistryOptions {
             always_resolve: false,
             max_stale: DEFAULT_MAX_STALE,
             timeouts: Timeouts::default(),
+            retry: retry::RetryPolicy::default(),
         }
     }
 }
@@ -350,6 +368,8 @@ pub struct Registry {
     pull_authed: Mutex<std::collections::HashSet<String>>,
     /// The plain HTTP client of [`manifest::ManifestGet`], made on first use.
     http: std::sync::OnceLock<reqwest::Client>,
+    /// Told of every retry.
+    reporter: Mutex<Option<retry::Reporter>>,
 }
 
 /// Whether `host[:port]` is a loopback address, spoken to over plain HTTP like Docker does.
@@ -583,6 +603,7 @@ impl Registry {
             clients: Mutex::new(HashMap::new()),
             pull_authed: Mutex::new(Default::default()),
             http: std::sync::OnceLock::new(),
+            reporter: Mutex::new(None),
         }
     }
 
@@ -619,6 +640,48 @@ impl Registry {
         let client = Client::try_from(config).map_err(|e| tls_error(format!("{e:#}")))?;
         c.insert(registry.to_string(), client.clone());
         Ok(client)
+    }
+
+    /// Has `f` told of every retry (a line of the build's output).
+    pub fn on_retry(&self, f: retry::Reporter) {
+        *self.reporter.lock().unwrap() = Some(f);
+    }
+
+    fn report(&self, line: &str) {
+        if let Some(f) = self.reporter.lock().unwrap().clone() {
+            f(line);
+        }
+    }
+
+    /// Runs `f` until it succeeds, fails for good, or the retries of the policy are spent,
+    /// waiting between tries; `what` names it in the retry lines.
+    async fn with_retries<T, Fut>(
+        &self,
+        what: &str,
+        mut f: impl FnMut() -> Fut,
+    ) -> Result<T, RegistryError>
+    where
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        let policy = self.opts.retry;
+        let mut delays = policy.delays();
+        loop {
+            let e = match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let Some(after) = retry::transient(&e) else {
+                return Err(e);
+            };
+            let Some(wait) = retry::next_wait(&policy, &mut delays, after) else {
+                return Err(e);
+            };
+            self.report(&format!(
+                "{what}: {e}; trying again in {:.1} s",
+                wait.as_secs_f64()
+            ));
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Whether `registry` is spoken to over plain HTTP (loopback, or `--insecure-registry`).
@@ -677,7 +740,9 @@ impl Registry {
             host: &host,
             what: "fetching the manifest",
         };
-        let (bytes, header_digest) = get.fetch(&r, &auth, ACCEPT).await?;
+        let (bytes, header_digest) = self
+            .with_retries(&name, || get.fetch(&r, &auth, ACCEPT))
+            .await?;
         let mut digest = Digest::of(&bytes);
         let pinned = r.digest().map(str::to_string).or_else(|| {
             header_digest
@@ -691,7 +756,9 @@ impl Registry {
             let chosen = pick_platform(&name, &doc, &self.opts.platform)?;
             let r2 = r.clone_with_digest(chosen.to_string());
             get.what = "fetching the platform manifest";
-            let (b2, _) = get.fetch(&r2, &auth, ACCEPT).await?;
+            let (b2, _) = self
+                .with_retries(&name, || get.fetch(&r2, &auth, ACCEPT))
+                .await?;
             digest = Digest::of(&b2);
             check_manifest_digest(&name, &digest, Some(chosen.as_str()))?;
             manifest_bytes = b2.to_vec();
@@ -729,6 +796,7 @@ impl Registry {
             self.pull_authed.lock().unwrap().insert(repo);
         }
         fetch_blob(
+            self,
             &client,
             &r,
             &name,
@@ -901,7 +969,8 @@ impl Registry {
                     digest: d.clone(),
                     size,
                 });
-                let got = fetch_blob(client, r, name_ref, host, &d, (size, cap), store).await?;
+                let got =
+                    fetch_blob(self, client, r, name_ref, host, &d, (size, cap), store).await?;
                 progress(PullEvent::Done {
                     digest: d,
                     size: got,
@@ -1169,8 +1238,13 @@ pub const MAX_UNSIZED_BLOB: u64 = 1 << 30;
 /// The most rbuild reads of an image config or index file from an OCI layout.
 pub const MAX_CONFIG: u64 = 64 << 20;
 
-/// Streams one blob from the registry into the store, verifying digest and size.
+/// Streams one blob from the registry into the store, verifying digest and size. A stream
+/// broken off part-way is tried again from where it stopped (an HTTP Range request; a
+/// registry that answers with the whole blob instead starts it over), and the digest is
+/// still checked over the whole blob.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_blob(
+    reg: &Registry,
     client: &Client,
     r: &Reference,
     name: &str,
@@ -1183,59 +1257,120 @@ async fn fetch_blob(
         reference: name.to_string(),
         source,
     };
-    let mut w = store.blob_writer().map_err(store_err)?;
-    // Our own hash too, so a mismatch reports what actually arrived.
-    let mut h = Hasher::new();
-    let mut got = 0u64;
-    let mut stream = client
-        .pull_blob_stream(r, d.as_str())
-        .await
-        .map_err(|e| classify(name, host, "fetching a blob", e))?;
     let mismatch = |actual| RegistryError::DigestMismatch {
         reference: name.to_string(),
         what: "blob",
         expected: d.clone(),
         actual,
     };
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                // oci-client verifies too and fails the stream's end on a mismatch.
-                let actual = h.finish();
-                if &actual != d && (size == 0 || got >= size) {
-                    return Err(mismatch(actual));
+    let mut w = store.blob_writer().map_err(store_err)?;
+    // Our own hash too, so a mismatch reports what actually arrived.
+    let mut h = Hasher::new();
+    let mut got = 0u64;
+    let policy = reg.opts.retry;
+    let mut delays = policy.delays();
+    loop {
+        let mut stream = if got == 0 {
+            client
+                .pull_blob_stream(r, d.as_str())
+                .await
+                .map(|s| s.stream)
+        } else {
+            match client
+                .pull_blob_stream_partial(r, d.as_str(), got, None)
+                .await
+            {
+                Ok(oci_client::client::BlobResponse::Partial(s)) => Ok(s.stream),
+                Ok(oci_client::client::BlobResponse::Full(s)) => {
+                    // No ranges here: start over.
+                    w = store.blob_writer().map_err(store_err)?;
+                    h = Hasher::new();
+                    got = 0;
+                    Ok(s.stream)
                 }
-                return Err(classify(
+                Err(e) => Err(e),
+            }
+        }
+        .map_err(|e| classify(name, host, "fetching a blob", e));
+        let mut broke = None;
+        if let Ok(stream) = &mut stream {
+            while let Some(chunk) = stream.next().await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // oci-client verifies a whole stream too and fails its end on a
+                        // mismatch: that is no reason to ask again.
+                        let actual = h.clone().finish();
+                        if &actual != d && size > 0 && got >= size {
+                            return Err(mismatch(actual));
+                        }
+                        broke = Some(classify(
+                            name,
+                            host,
+                            "fetching a blob",
+                            OciDistributionError::IoError(e),
+                        ));
+                        break;
+                    }
+                };
+                got += chunk.len() as u64;
+                if size > 0 && got > size {
+                    return Err(RegistryError::Content {
+                        reference: name.to_string(),
+                        message: format!(
+                            "blob {d} is larger than the {size} bytes its manifest says"
+                        ),
+                    });
+                }
+                // A descriptor without a size (0 or missing) is no licence to stream for ever.
+                if size == 0 && got > unsized_cap {
+                    return Err(RegistryError::Content {
+                        reference: name.to_string(),
+                        message: format!(
+                            "blob {d} has no size in its manifest and the registry sent more than the {unsized_cap} bytes rbuild takes for such a blob"
+                        ),
+                    });
+                }
+                h.update(&chunk);
+                w.write_all(&chunk).map_err(|source| RegistryError::Io {
+                    reference: name.to_string(),
+                    path: store.root().join("tmp"),
+                    source,
+                })?;
+            }
+            // Ended early without an error: a body cut short.
+            if broke.is_none() && size > 0 && got < size {
+                broke = Some(classify(
                     name,
                     host,
                     "fetching a blob",
-                    OciDistributionError::IoError(e),
+                    OciDistributionError::IoError(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the blob ended after {got} of {size} bytes"),
+                    )),
                 ));
             }
+        }
+        let e = match (stream, broke) {
+            (Err(e), _) | (Ok(_), Some(e)) => e,
+            (Ok(_), None) => break,
         };
-        got += chunk.len() as u64;
-        if size > 0 && got > size {
-            return Err(RegistryError::Content {
-                reference: name.to_string(),
-                message: format!("blob {d} is larger than the {size} bytes its manifest says"),
-            });
-        }
-        // A descriptor without a size (0 or missing) is no licence to stream for ever.
-        if size == 0 && got > unsized_cap {
-            return Err(RegistryError::Content {
-                reference: name.to_string(),
-                message: format!(
-                    "blob {d} has no size in its manifest and the registry sent more than the {unsized_cap} bytes rbuild takes for such a blob"
-                ),
-            });
-        }
-        h.update(&chunk);
-        w.write_all(&chunk).map_err(|source| RegistryError::Io {
-            reference: name.to_string(),
-            path: store.root().join("tmp"),
-            source,
-        })?;
+        let Some(after) = retry::transient(&e) else {
+            return Err(e);
+        };
+        let Some(wait) = retry::next_wait(&policy, &mut delays, after) else {
+            return Err(e);
+        };
+        reg.report(&format!(
+            "{name}: blob {d}: {e}; trying again{} in {:.1} s",
+            if got > 0 {
+                format!(" from byte {got}")
+            } else {
+                String::new()
+            },
+            wait.as_secs_f64()
+        ));
+        tokio::time::sleep(wait).await;
     }
     match w.commit(Some(d)) {
         Ok(_) => Ok(got),

@@ -63,6 +63,11 @@ impl ManifestGet<'_> {
             .await
             .map_err(|e| oci(OciDistributionError::RequestError(e)))?;
         let status = res.status();
+        let retry_after = res
+            .headers()
+            .get("Retry-After")
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::retry::parse_retry_after);
         let digest = res
             .headers()
             .get("Docker-Content-Digest")
@@ -97,6 +102,19 @@ impl ManifestGet<'_> {
         }
         if !status.is_success() {
             body.truncate(4096);
+            if status.is_server_error() || status.as_u16() == 429 {
+                return Err(RegistryError::Busy {
+                    reference: self.name.to_string(),
+                    what: self.what,
+                    status: status.as_u16(),
+                    retry_after,
+                    message: String::from_utf8_lossy(&body)
+                        .trim()
+                        .chars()
+                        .take(200)
+                        .collect(),
+                });
+            }
             return Err(oci(OciDistributionError::ServerError {
                 code: status.as_u16(),
                 url,

@@ -1,0 +1,87 @@
+//! Registries fail; builds do not (issue 11, item 2): the real registry behind a
+//! fault-injecting proxy (tests/common/faults.rs), one build per fault, each in a fresh store.
+
+mod common;
+use common::faults::{Fault, FaultProxy};
+use common::*;
+use std::process::Command;
+
+fn build_through(proxy: &FaultProxy, extra: &[&str]) -> (bool, String) {
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}/busybox:latest\nRUN echo ok > /ok\n", proxy.addr),
+    )]);
+    let t = tempfile::tempdir().unwrap();
+    let out = run(Command::new("timeout")
+        .arg("300")
+        .arg(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(t.path().join("store"))
+        .arg(format!(
+            "--output=type=local,dest={}",
+            t.path().join("out").display()
+        ))
+        .args(extra)
+        .arg(ctx.path()));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let ok = out.status.success() && t.path().join("out/ok").exists();
+    (ok, log)
+}
+
+#[test]
+fn pulls_get_through_503s_429s_and_a_reset_blob() {
+    ensure_tools();
+    let reg = Registry::start();
+    reg.with_busybox();
+    for fault in [
+        Fault::Every503Twice,
+        Fault::Blobs503Twice,
+        Fault::BlobResetOnce,
+        Fault::Manifests429,
+    ] {
+        let proxy = FaultProxy::start(&reg.addr, fault);
+        let (ok, log) = build_through(&proxy, &[]);
+        assert!(ok, "{fault:?}: {log}");
+        assert!(proxy.count() >= 1, "{fault:?}: no fault was injected");
+        assert!(
+            log.contains("trying again"),
+            "{fault:?}: one line per retry: {log}"
+        );
+        if fault == Fault::BlobResetOnce {
+            assert!(
+                log.contains("trying again from byte"),
+                "resumed, not restarted: {log}"
+            );
+        }
+        if fault == Fault::Manifests429 {
+            assert!(
+                log.contains("trying again in 1.0 s"),
+                "Retry-After honoured: {log}"
+            );
+        }
+    }
+}
+
+#[test]
+fn retries_are_bounded_and_lasting_errors_fail_at_once() {
+    ensure_tools();
+    let reg = Registry::start();
+    reg.with_busybox();
+    // With no retries, the first 503 ends the build, naming the reference.
+    let proxy = FaultProxy::start(&reg.addr, Fault::Every503Twice);
+    let (ok, log) = build_through(&proxy, &["--registry-retries", "0"]);
+    assert!(!ok);
+    assert!(log.contains("503") && log.contains("busybox"), "{log}");
+    assert!(!log.contains("trying again"), "{log}");
+    // A missing image is not asked for again.
+    let proxy = FaultProxy::start(&reg.addr, Fault::Blobs503Twice);
+    let ctx = context(&[("Dockerfile", &format!("FROM {}/nope:latest\n", proxy.addr))]);
+    let t = tempfile::tempdir().unwrap();
+    let out = run(Command::new(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(t.path().join("store"))
+        .arg(ctx.path()));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!log.contains("trying again"), "{log}");
+}
