@@ -1063,10 +1063,13 @@ impl Registry {
             let repository = format!("{}/{}", r.registry(), repo);
             let client = self.client(host, &name)?;
             let auth = credentials(host)?;
-            client
-                .auth(r, &auth, RegistryOperation::Push)
-                .await
-                .map_err(|e| classify(&name, host, "authenticating to push", e))?;
+            self.with_retries(&name, || async {
+                client
+                    .auth(r, &auth, RegistryOperation::Push)
+                    .await
+                    .map_err(|e| classify(&name, host, "authenticating to push", e))
+            })
+            .await?;
             let source = mount_from.get(host).cloned();
             let job = BlobPush {
                 registry: self,
@@ -1079,8 +1082,10 @@ impl Registry {
                 store,
                 origins,
             };
+            let (job, progress) = (&job, &progress);
             futures_util::stream::iter(&blobs)
-                .map(|(d, size)| job.run(d, *size, &progress))
+                // A failed upload that may go away starts over with a new upload session.
+                .map(|(d, size)| self.with_retries(&name, move || job.run(d, *size, progress)))
                 .buffer_unordered(PUSH_CONCURRENCY)
                 .try_collect::<Vec<()>>()
                 .await?;
@@ -1098,10 +1103,13 @@ impl Registry {
             let name = r.whole();
             let host = r.resolve_registry().to_string();
             let client = self.client(&host, &name)?;
-            client
-                .push_manifest_raw(r, image.manifest_bytes.clone(), ct.clone())
-                .await
-                .map_err(|e| classify(&name, &host, "uploading the manifest", e))?;
+            self.with_retries(&name, || async {
+                client
+                    .push_manifest_raw(r, image.manifest_bytes.clone(), ct.clone())
+                    .await
+                    .map_err(|e| classify(&name, &host, "uploading the manifest", e))
+            })
+            .await?;
             progress(PushEvent::Tagged {
                 reference: name,
                 digest: image.manifest_digest.clone(),

@@ -85,3 +85,56 @@ fn retries_are_bounded_and_lasting_errors_fail_at_once() {
     assert!(!out.status.success());
     assert!(!log.contains("trying again"), "{log}");
 }
+
+#[test]
+fn pushes_get_through_503s_and_an_upload_cut_off() {
+    ensure_tools();
+    let reg = Registry::start();
+    reg.with_busybox();
+    for fault in [Fault::Every503Twice, Fault::UploadResetOnce] {
+        let proxy = FaultProxy::start(&reg.addr, fault);
+        let tag = format!("{}/pushed-{}:1", proxy.addr, fault as u8);
+        let ctx = context(&[(
+            "Dockerfile",
+            &format!(
+                "FROM {}/busybox:latest\nRUN head -c 300000 /dev/urandom > /big\n",
+                reg.addr
+            ),
+        )]);
+        let t = tempfile::tempdir().unwrap();
+        let out = run(Command::new("timeout")
+            .arg("300")
+            .arg(rbuild_bin())
+            .args(["build", "--progress=plain", "--root"])
+            .arg(t.path().join("store"))
+            .args(["-t", &tag, "--push"])
+            .arg(ctx.path()));
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{fault:?}: {log}");
+        assert!(proxy.count() >= 1, "{fault:?}: no fault was injected");
+        assert!(log.contains("trying again"), "{fault:?}: {log}");
+        // The registry has the whole image, as a tool nobody here wrote reads it.
+        let direct = tag.replace(&proxy.addr, &reg.addr);
+        let inspect = run(Command::new("skopeo").args([
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{direct}"),
+        ]));
+        assert!(
+            inspect.status.success(),
+            "{fault:?}: {}",
+            String::from_utf8_lossy(&inspect.stderr)
+        );
+        let copy = run(Command::new("skopeo").args([
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{direct}"),
+            &format!("oci:{}:x", t.path().join("layout").display()),
+        ]));
+        assert!(
+            copy.status.success(),
+            "{fault:?}: every blob is there and verifies: {}",
+            String::from_utf8_lossy(&copy.stderr)
+        );
+    }
+}

@@ -18,6 +18,9 @@ pub enum Fault {
     BlobResetOnce,
     /// Manifests answer 429 with `Retry-After: 1` twice.
     Manifests429,
+    /// The first request that uploads blob data (a PATCH or PUT with a body to an upload
+    /// session) is cut off: its body is read, then the connection closes unanswered.
+    UploadResetOnce,
 }
 
 /// A running proxy; `addr` is its `127.0.0.1:port`.
@@ -111,9 +114,15 @@ fn serve(
         }
         body.extend_from_slice(&chunk[..n]);
     }
+    // Upload sessions have paths of their own (a fresh id, a state query): one key for them
+    // all, so that "twice per path" means twice, not twice per new session.
+    let key = match path.split_once("/blobs/uploads/") {
+        Some((repo, _)) => format!("{method} {repo}/blobs/uploads/*"),
+        None => format!("{method} {}", path.split('?').next().unwrap_or("")),
+    };
     let n = {
         let mut m = seen.lock().unwrap();
-        let c = m.entry(format!("{method} {path}")).or_insert(0);
+        let c = m.entry(key).or_insert(0);
         *c += 1;
         *c
     };
@@ -126,6 +135,14 @@ fn serve(
             "HTTP/1.1 {status}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
         )
     };
+    let upload = path.contains("/blobs/uploads/") && (method == "PATCH" || method == "PUT");
+    if fault == Fault::UploadResetOnce && upload && !body.is_empty() {
+        let mut first = injected.lock().unwrap();
+        if *first == 0 {
+            *first += 1;
+            return client.shutdown(std::net::Shutdown::Both);
+        }
+    }
     match fault {
         Fault::Every503Twice if n <= 2 => return fail(&mut client, "503 Service Unavailable", ""),
         Fault::Blobs503Twice if blob && n <= 2 => {
