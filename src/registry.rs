@@ -670,10 +670,7 @@ impl Registry {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            let Some(after) = retry::transient(&e) else {
-                return Err(e);
-            };
-            let Some(wait) = retry::next_wait(&policy, &mut delays, after) else {
+            let Some(wait) = retry::wait_after(&policy, &mut delays, &e) else {
                 return Err(e);
             };
             self.report(&format!(
@@ -1363,10 +1360,7 @@ async fn fetch_blob(
             (Err(e), _) | (Ok(_), Some(e)) => e,
             (Ok(_), None) => break,
         };
-        let Some(after) = retry::transient(&e) else {
-            return Err(e);
-        };
-        let Some(wait) = retry::next_wait(&policy, &mut delays, after) else {
+        let Some(wait) = retry::wait_after(&policy, &mut delays, &e) else {
             return Err(e);
         };
         reg.report(&format!(

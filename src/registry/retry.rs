@@ -86,6 +86,16 @@ pub fn next_wait(
     })
 }
 
+/// The wait before trying again after `e`; `None` when `e` will not go away or no try is
+/// left.
+pub fn wait_after(
+    policy: &RetryPolicy,
+    delays: &mut impl Iterator<Item = Duration>,
+    e: &RegistryError,
+) -> Option<Duration> {
+    next_wait(policy, delays, transient(e)?)
+}
+
 /// Parses a `Retry-After` header: seconds (an HTTP date is taken as "soon").
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
