@@ -8,11 +8,7 @@
 #   bench/corpus.sh              # every case
 #   bench/corpus.sh c-multistage # one
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked -q
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/rbuild
-tb=$PWD/../shared/testbed
+. "$(dirname "$0")/lib/setup.sh"
 work=$(mktemp -d /var/tmp/rbuild-corpus.XXXXXX)
 . bench/lib/buildkit.sh
 reg=$("$tb/registry-up" 0 "$work/registry")

@@ -7,11 +7,7 @@
 # runs on these machines (the docker CLI is only a client), so `docker build` is not measured.
 # Needs root and ../shared/testbed. Prints a table; ratios are rbuild / buildah.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked -q
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/rbuild
-tb=$PWD/../shared/testbed
+. "$(dirname "$0")/lib/setup.sh"
 N=${N:-7}
 for p in buildah runc; do dpkg -s $p >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $p >/dev/null; done
 work=$(mktemp -d /var/tmp/rbuild-noop.XXXXXX)

@@ -7,11 +7,7 @@
 #      and what the default process limit (a pids cgroup per step) adds to it.
 # Needs root, ../shared/testbed, and buildah (installed if missing). Prints a table.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked -q
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/rbuild
-tb=$PWD/../shared/testbed
+. "$(dirname "$0")/lib/setup.sh"
 for p in buildah runc time; do dpkg -s $p >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $p >/dev/null; done
 work=$(mktemp -d /var/tmp/rbuild-bench.XXXXXX)
 regdir=$work/registry
