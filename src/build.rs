@@ -1463,6 +1463,12 @@ impl Builder {
                         .env(
                             env.iter()
                                 .cloned()
+                                // HOME as BuildKit sets it, unless ENV set one; never part
+                                // of the image's config.
+                                .chain(
+                                    (!env.iter().any(|(k, _)| k == "HOME"))
+                                        .then(|| ("HOME".to_string(), stack.home_of(user))),
+                                )
                                 .chain(prepared.env.iter().cloned())
                                 .collect(),
                         )

@@ -190,6 +190,27 @@ impl LayerStack {
         fs::read(file).ok()
     }
 
+    /// The `HOME` a RUN step of `user` (`USER`'s value; empty: root) gets, as BuildKit sets
+    /// it: the user's home directory in the image's `/etc/passwd`, `/` when it has no entry.
+    pub fn home_of(&self, user: &str) -> String {
+        let name = user.split(':').next().unwrap_or("");
+        let name = if name.is_empty() { "0" } else { name };
+        let passwd = self
+            .read_file("/etc/passwd")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let entry = match name.parse::<u32>() {
+            Ok(uid) => find_entry(&passwd, |f| {
+                f.get(2).and_then(|s| s.parse::<u32>().ok()) == Some(uid)
+            }),
+            Err(_) => find_entry(&passwd, |f| f.first() == Some(&name)),
+        };
+        entry
+            .and_then(|f| f.get(5).map(|h| h.to_string()))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "/".to_string())
+    }
+
     /// Resolves `COPY --chown`/`ADD --chown` as BuildKit does: like [`LayerStack::resolve_user`],
     /// except that a uid given alone is its own gid too (`--chown=1234` is `1234:1234`, as
     /// docker documents), whatever `/etc/passwd` says.
@@ -329,6 +350,10 @@ mod tests {
             (1000, 1001),
             "name: passwd's group"
         );
+        assert_eq!(s.home_of("app"), "/app");
+        assert_eq!(s.home_of("1000:50"), "/app");
+        assert_eq!(s.home_of(""), "/root");
+        assert_eq!(s.home_of("4321"), "/");
         assert!(s
             .resolve_user("nobody")
             .unwrap_err()

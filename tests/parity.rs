@@ -260,6 +260,19 @@ fn check_case(dir: &Path, base: &str, problems: &mut Vec<String>) {
             .args(["inspect", "--config", "--raw"])
             .arg(format!("oci:{}:case", oci.display())));
         let config: Value = serde_json::from_str(&raw).unwrap();
+        // "env_absent": entries the config's Env must not hold (what RUN steps get, such as
+        // HOME, is not the image's).
+        for absent in expect["env_absent"].as_array().into_iter().flatten() {
+            let absent = absent.as_str().unwrap();
+            if config["config"]["Env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e.as_str() == Some(absent))
+            {
+                problems.push(format!("{name}: config Env holds {absent:?}"));
+            }
+        }
         for (k, v) in want.as_object().unwrap() {
             let got = &config["config"][k];
             let matches = match (k.as_str(), v) {
