@@ -1934,15 +1934,7 @@ impl Builder {
                                 &CopyAttrs::default(),
                             )?;
                         }
-                        fs::set_permissions(
-                            &tmp,
-                            std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o755)),
-                        )?;
-                        rustix::fs::chown(
-                            &tmp,
-                            Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))),
-                            Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))),
-                        )?;
+                        set_mode_owner(&tmp, m.mode.unwrap_or(0o755), m.uid, m.gid)?;
                         if fs::rename(&tmp, &dir).is_err() {
                             let _ = rbuild_cache::remove_tree(&tmp);
                         }
@@ -2004,15 +1996,7 @@ impl Builder {
                             .open(&path)?;
                         std::io::Write::write_all(&mut f, &value)?;
                     }
-                    fs::set_permissions(
-                        &path,
-                        std::os::unix::fs::PermissionsExt::from_mode(m.mode.unwrap_or(0o400)),
-                    )?;
-                    rustix::fs::chown(
-                        &path,
-                        Some(rustix::fs::Uid::from_raw(m.uid.unwrap_or(0))),
-                        Some(rustix::fs::Gid::from_raw(m.gid.unwrap_or(0))),
-                    )?;
+                    set_mode_owner(&path, m.mode.unwrap_or(0o400), m.uid, m.gid)?;
                     p.cleanup.push(path.clone());
                     let target = m
                         .target
@@ -2734,6 +2718,18 @@ fn cache_mount_key(project: &str, ns: &str, id: Option<&str>, target: &str) -> S
         Some(id) => format!("{ns}/{id}"),
         None => format!("project={project}\nns={ns}\ntarget={target}"),
     }
+}
+
+/// Gives a mount's source (a cache directory, a secret file) the `mode`, `uid` and `gid` its
+/// `--mount` asked for (root where it did not say).
+fn set_mode_owner(path: &Path, mode: u32, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    rustix::fs::chown(
+        path,
+        Some(rustix::fs::Uid::from_raw(uid.unwrap_or(0))),
+        Some(rustix::fs::Gid::from_raw(gid.unwrap_or(0))),
+    )?;
+    Ok(())
 }
 
 fn bind_source_in(root: &Path, source: Option<&str>) -> Result<String> {

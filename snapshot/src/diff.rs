@@ -122,18 +122,6 @@ fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
-fn is_opaque(path: &Path) -> bool {
-    let mut v = [0u8; 4];
-    for name in ["user.overlay.opaque", "trusted.overlay.opaque"] {
-        if let Ok(n) = rustix::fs::lgetxattr(path, name, &mut v) {
-            if &v[..n] == b"y" {
-                return true;
-            }
-        }
-    }
-    false
-}
-
 impl<W: Write> Writer<'_, W> {
     fn mtime(&self, md: &fs::Metadata) -> u64 {
         let t = md.mtime();
@@ -188,7 +176,7 @@ impl<W: Write> Writer<'_, W> {
                     io::empty(),
                     &path,
                 )?;
-                if is_opaque(&path) {
+                if crate::whiteout::is_opaque_path(&path) {
                     let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, mtime);
                     self.append(
                         &mut h,

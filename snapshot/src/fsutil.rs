@@ -11,17 +11,10 @@ use std::path::{Component, Path};
 /// Splits a tar path into clean components: `.` dropped, `..` clamped at the root (as
 /// containerd does: `../../etc/x` is `etc/x` of the layer), leading `/` ignored.
 pub fn clean(path: &Path) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(s) => out.push(s.to_string_lossy().into_owned()),
-            Component::ParentDir => {
-                out.pop();
-            }
-            _ => {}
-        }
-    }
-    out
+    clean_os(path)
+        .into_iter()
+        .map(|c| c.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// [`clean`] byte for byte: names that are not UTF-8 (a layer may hold any bytes but `/`

@@ -52,10 +52,6 @@ fn sha_of(mut r: impl Read) -> io::Result<[u8; 32]> {
     }
 }
 
-fn opaque_dir(path: &Path) -> bool {
-    fs::File::open(path).is_ok_and(|d| crate::whiteout::is_opaque(&d))
-}
-
 fn show(p: &[OsString]) -> String {
     let joined: Vec<u8> = p.join(std::ffi::OsStr::new("/")).into_vec();
     String::from_utf8_lossy(&joined).into_owned()
@@ -163,7 +159,7 @@ pub fn compare_layer<R: Read>(tar: R, dir: &Path) -> Result<Vec<String>, UnpackE
                     Some("is no longer a directory".to_string())
                 } else if perm != *p0 {
                     Some(format!("mode {perm:o}, the layer says {p0:o}"))
-                } else if *opaque != opaque_dir(&path) {
+                } else if *opaque != crate::whiteout::is_opaque_path(&path) {
                     Some("opaque marker differs".into())
                 } else {
                     None

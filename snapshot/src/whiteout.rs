@@ -92,6 +92,15 @@ pub fn is_opaque(dir: &impl AsFd) -> bool {
     opaque_value(dir) == Some(b'y')
 }
 
+/// Whether the directory at `path` is marked opaque with the value `y` in one of
+/// [`OPAQUE_XATTRS`] (read by path, without opening it: layer writers walk many directories).
+pub(crate) fn is_opaque_path(path: &Path) -> bool {
+    let mut v = [0u8; 4];
+    OPAQUE_XATTRS
+        .iter()
+        .any(|name| rustix::fs::lgetxattr(path, *name, &mut v).is_ok_and(|n| &v[..n] == b"y"))
+}
+
 /// Marks the directory behind `dir` opaque (`user.overlay.opaque=y`).
 pub fn set_opaque(dir: &impl AsFd) -> io::Result<()> {
     rustix::fs::fsetxattr(dir, "user.overlay.opaque", b"y", XattrFlags::empty())?;
