@@ -317,7 +317,8 @@ pub struct Builder {
     fetch_permits: Semaphore,
     /// Blob fetches and layer unpacks, once each per build.
     blob_jobs: Mutex<HashMap<Digest, SharedJob<()>>>,
-    unpack_jobs: Mutex<HashMap<Digest, SharedJob<PathBuf>>>,
+    /// Keyed by diffID, or, for a layer unpacked over the layers below it, by their stack.
+    unpack_jobs: Mutex<HashMap<Digest, SharedJob<Unpacked>>>,
     /// Every step result this build made or reused: what `--cache-to mode=max` exports.
     touched: Mutex<Vec<(CacheKey, Option<LayerSlot>)>>,
     /// Deferred steps running now, so a failed build can wait for them to end.
@@ -765,35 +766,52 @@ impl Builder {
         true
     }
 
-    /// Makes sure layer `d` is unpacked in the store (once per build) and returns its directory.
-    async fn ensure_unpacked(self: &Arc<Self>, d: &LayerDesc) -> Result<PathBuf> {
+    /// Makes sure layer `d` is unpacked in the store (once per build) and says where. With
+    /// `lowers` (the directories of the layers below, newest first), a layer that leaves out
+    /// parent directories is unpacked over them; without, it is only found to need them.
+    async fn ensure_unpacked(
+        self: &Arc<Self>,
+        d: &LayerDesc,
+        lowers: Option<Vec<PathBuf>>,
+    ) -> Result<Unpacked> {
         use futures_util::FutureExt;
         if self.store.has_layer(&d.diff_id) {
-            return Ok(self.store.layer_dir(&d.diff_id));
+            return Ok(Unpacked::Dir(self.store.layer_dir(&d.diff_id)));
+        }
+        let stack = lowers.as_ref().map(|l| stack_key(l, &d.diff_id));
+        if let Some(stack) = &stack {
+            let dir = self.store.layer_over_dir(&d.diff_id, stack);
+            if dir.is_dir() {
+                return Ok(Unpacked::Dir(dir));
+            }
+        } else if self.store.layer_over_root(&d.diff_id).is_dir() {
+            return Ok(Unpacked::NeedsLowers);
         }
         let job = {
             let mut jobs = self.unpack_jobs.lock().unwrap();
-            jobs.entry(d.diff_id.clone())
+            jobs.entry(stack.clone().unwrap_or_else(|| d.diff_id.clone()))
                 .or_insert_with(|| {
                     let me = self.clone();
                     let d = d.clone();
                     async move {
                         me.ensure_blob(&d).await.map_err(|e| format!("{e:#}"))?;
-                        let unpack = |me: Arc<Self>, d: LayerDesc| async move {
+                        let unpack = |me: Arc<Self>, d: LayerDesc, lowers: Option<Vec<PathBuf>>| async move {
                             let store = me.store.clone();
-                            tokio::task::spawn_blocking(move || unpack_into_store(&store, &d))
-                                .await
-                                .map_err(|e| e.to_string())?
-                                .map_err(|e| format!("{e:#}"))
+                            tokio::task::spawn_blocking(move || {
+                                unpack_into_store(&store, &d, lowers.as_deref())
+                            })
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| format!("{e:#}"))
                         };
-                        let mut res = unpack(me.clone(), d.clone()).await;
+                        let mut res = unpack(me.clone(), d.clone(), lowers.clone()).await;
                         if res.is_err() && me.drop_if_corrupt(&d.digest).await {
                             // Fetched again, once: a blob that rotted on disk is not used
                             // (and failed on) for ever.
                             me.ensure_blob(&d).await.map_err(|e| format!("{e:#}"))?;
-                            res = unpack(me.clone(), d.clone()).await;
+                            res = unpack(me.clone(), d.clone(), lowers).await;
                         }
-                        let (dir, skipped) = res?;
+                        let (unpacked, skipped) = res?;
                         if !skipped.is_empty() {
                             me.progress.warn(&format!(
                                 "layer {}: trusted.* xattrs left out (only the host's root may set them, and the kernel acts on them): {}",
@@ -801,7 +819,7 @@ impl Builder {
                                 skipped.join(", ")
                             ));
                         }
-                        Ok(dir)
+                        Ok(unpacked)
                     }
                     .boxed()
                     .shared()
@@ -823,15 +841,34 @@ impl Builder {
                 let Some(l) = e.resolve().await? else {
                     return Ok(None);
                 };
-                if !l.dir.exists() {
-                    let d = l.desc.get().await?;
-                    me.ensure_unpacked(&d).await?;
+                if l.dir.exists() {
+                    return Ok(Some(Ok(l.dir)));
                 }
-                Ok::<_, anyhow::Error>(Some(l.dir))
+                let d = l.desc.get().await?;
+                Ok::<_, anyhow::Error>(Some(match me.ensure_unpacked(&d, None).await? {
+                    Unpacked::Dir(dir) => Ok(dir),
+                    Unpacked::NeedsLowers => Err(d),
+                }))
             }
         });
-        let dirs = futures_util::future::try_join_all(jobs).await?;
-        Ok(LayerStack::new(dirs.into_iter().flatten().rev().collect()))
+        let found = futures_util::future::try_join_all(jobs).await?;
+        // Then, bottom up, the layers that need the ones below them (rare: tars without
+        // their parent directories).
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for f in found.into_iter().flatten() {
+            let dir = match f {
+                Ok(dir) => dir,
+                Err(d) => {
+                    let lowers = dirs.iter().rev().cloned().collect();
+                    match self.ensure_unpacked(&d, Some(lowers)).await? {
+                        Unpacked::Dir(dir) => dir,
+                        Unpacked::NeedsLowers => bail!("layer {}: not unpacked", d.digest),
+                    }
+                }
+            };
+            dirs.push(dir);
+        }
+        Ok(LayerStack::new(dirs.into_iter().rev().collect()))
     }
 
     /// Pushes `image` to `tags`; blobs not in the store are mounted or fetched from where
@@ -1041,7 +1078,7 @@ impl Builder {
         if !self.lazy() {
             // No cache to import: every step will need the base's files, so fetch them now.
             futures_util::future::try_join_all(
-                pulled.layers.iter().map(|l| self.ensure_unpacked(l)),
+                pulled.layers.iter().map(|l| self.ensure_unpacked(l, None)),
             )
             .await?;
         }
@@ -2421,20 +2458,48 @@ fn split_layout_ref(rest: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// Unpacks a layer into the store; gives its directory and the `trusted.*` xattrs left out.
-fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<(PathBuf, Vec<String>)> {
+/// Where a layer is unpacked in the store.
+#[derive(Debug, Clone)]
+enum Unpacked {
+    /// In this directory.
+    Dir(PathBuf),
+    /// Its tar leaves out parent directories, which the layers below it decide: it is
+    /// unpacked once per stack of them ([`Store::layer_over_dir`]).
+    NeedsLowers,
+}
+
+/// Names the stack of layer directories `lowers` (newest first) under layer `diff_id`. Each
+/// store directory's name says what it holds (a diffID, a cache key, or a stack like this).
+fn stack_key(lowers: &[PathBuf], diff_id: &Digest) -> Digest {
+    let mut s = String::from("rbuild layer over a stack, v1\n");
+    for l in lowers.iter().rev() {
+        s.push_str(&l.file_name().unwrap_or_default().to_string_lossy());
+        s.push('\n');
+    }
+    s.push_str(diff_id.as_str());
+    Digest::of(s.as_bytes())
+}
+
+/// Unpacks a layer into the store: without `lowers`, where it depends on nothing below it
+/// (else it is only marked as needing them); with them, over them. Gives where it is and
+/// the `trusted.*` xattrs left out.
+fn unpack_into_store(
+    store: &Store,
+    l: &LayerDesc,
+    lowers: Option<&[PathBuf]>,
+) -> Result<(Unpacked, Vec<String>)> {
     if store.has_layer(&l.diff_id) {
-        return Ok((store.layer_dir(&l.diff_id), Vec::new()));
+        return Ok((Unpacked::Dir(store.layer_dir(&l.diff_id)), Vec::new()));
     }
     let tmp = store.temp_dir("unpack")?;
     let file = store.open_blob(&l.digest)?;
     let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
     let mut hashing = rbuild_cache::VerifyingReader::hashing(reader);
-    let res = rbuild_snapshot::unpack_layer(
-        &mut hashing,
-        &tmp,
-        &rbuild_snapshot::UnpackOptions::default(),
-    );
+    let opts = rbuild_snapshot::UnpackOptions {
+        lowers: lowers.map(<[PathBuf]>::to_vec).unwrap_or_default(),
+        ..Default::default()
+    };
+    let res = rbuild_snapshot::unpack_layer(&mut hashing, &tmp, &opts);
     let stats = match res {
         Ok(s) => s,
         Err(e) => {
@@ -2453,10 +2518,18 @@ fn unpack_into_store(store: &Store, l: &LayerDesc) -> Result<(PathBuf, Vec<Strin
             l.diff_id
         );
     }
-    Ok((
-        store.commit_layer_dir(&tmp, &l.diff_id)?,
-        stats.skipped_xattrs,
-    ))
+    let dir = match lowers {
+        None if stats.implicit_dirs > 0 => {
+            rbuild_cache::remove_tree(&tmp)?;
+            store.mark_layer_over(&l.diff_id)?;
+            return Ok((Unpacked::NeedsLowers, stats.skipped_xattrs));
+        }
+        None => store.commit_layer_dir(&tmp, &l.diff_id)?,
+        Some(lowers) => {
+            store.commit_layer_over(&tmp, &l.diff_id, &stack_key(lowers, &l.diff_id))?
+        }
+    };
+    Ok((Unpacked::Dir(dir), stats.skipped_xattrs))
 }
 
 /// Names of secret files on the tmpfs.
@@ -2613,6 +2686,7 @@ fn state_from_config(config: &Value) -> ImageState {
         .unwrap_or("/")
         .to_string();
     st.cmd = strs(c.get("Cmd"));
+    st.args_escaped = c.get("ArgsEscaped").and_then(Value::as_bool) == Some(true);
     st.entrypoint = strs(c.get("Entrypoint"));
     st.labels = c
         .get("Labels")
@@ -2664,6 +2738,7 @@ fn apply_state_to_config(st: &ImageState, c: &mut Value) {
         (st.workdir != "/" && !st.workdir.is_empty()).then(|| json!(st.workdir)),
     );
     set(c, "Cmd", st.cmd.as_ref().map(|v| json!(v)));
+    set(c, "ArgsEscaped", st.args_escaped.then_some(json!(true)));
     set(c, "Entrypoint", st.entrypoint.as_ref().map(|v| json!(v)));
     set(
         c,

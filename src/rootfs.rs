@@ -4,7 +4,6 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// The layers of an image, top (newest) first.
@@ -12,29 +11,6 @@ use std::path::{Path, PathBuf};
 pub struct LayerStack {
     /// Layer directories, newest first.
     pub top_first: Vec<PathBuf>,
-}
-
-fn is_whiteout(md: &fs::Metadata) -> bool {
-    md.file_type().is_char_device() && md.rdev() == 0
-}
-
-fn is_opaque(dir: &Path) -> bool {
-    matches!(xattr_get(dir, "user.overlay.opaque").as_deref(), Some(b"y"))
-        || matches!(
-            xattr_get(dir, "trusted.overlay.opaque").as_deref(),
-            Some(b"y")
-        )
-}
-
-fn xattr_get(path: &Path, name: &str) -> Option<Vec<u8>> {
-    rustix::fs::lgetxattr(path, name, &mut [0u8; 8])
-        .ok()
-        .map(|n| {
-            let mut buf = vec![0u8; 8];
-            let _ = rustix::fs::lgetxattr(path, name, &mut buf);
-            buf.truncate(n);
-            buf
-        })
 }
 
 /// Normalises an absolute image path into its components (no `.`/`..`, never above `/`).
@@ -51,47 +27,7 @@ impl LayerStack {
     /// Finds the layer file for the exact (already symlink-free) components, honouring
     /// whiteouts and opaque directories.
     fn find_exact(&self, comps: &[String]) -> Option<(PathBuf, fs::Metadata)> {
-        'layers: for layer in &self.top_first {
-            let mut p = layer.clone();
-            for (i, c) in comps.iter().enumerate() {
-                p.push(c);
-                match fs::symlink_metadata(&p) {
-                    Ok(md) if is_whiteout(&md) => return None,
-                    Ok(md) => {
-                        if i + 1 == comps.len() {
-                            return Some((p, md));
-                        }
-                        if !md.is_dir() {
-                            // A non-directory here hides everything below it in lower layers.
-                            return if md.file_type().is_symlink() {
-                                Some((p, md))
-                            } else {
-                                None
-                            };
-                        }
-                        if is_opaque(&p) {
-                            // Lower layers are hidden below this directory: finish in this layer only.
-                            let rest = &comps[i + 1..];
-                            let mut q = p.clone();
-                            for r in rest {
-                                q.push(r);
-                            }
-                            return fs::symlink_metadata(&q)
-                                .ok()
-                                .filter(|m| !is_whiteout(m))
-                                .map(|m| (q, m));
-                        }
-                    }
-                    Err(_) => continue 'layers,
-                }
-            }
-            if comps.is_empty() {
-                if let Ok(md) = fs::symlink_metadata(layer) {
-                    return Some((layer.clone(), md));
-                }
-            }
-        }
-        None
+        rbuild_snapshot::find_in_layers(&self.top_first, comps)
     }
 
     /// Resolves `path` inside the image (following symlinks in the image, never leaving it),
@@ -165,7 +101,7 @@ impl LayerStack {
                         continue;
                     }
                     match e.metadata() {
-                        Ok(m) if is_whiteout(&m) => {
+                        Ok(m) if rbuild_snapshot::is_whiteout(&e.path(), &m) => {
                             hidden.insert(name);
                         }
                         _ => {
@@ -174,7 +110,7 @@ impl LayerStack {
                     }
                 }
             }
-            if is_opaque(&dir) {
+            if rbuild_snapshot::is_opaque_path(&dir) {
                 break;
             }
         }

@@ -5,13 +5,8 @@
 
 mod common;
 use common::*;
-use sha2::{Digest as _, Sha256};
 use std::path::Path;
 use std::process::Command;
-
-fn sha(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
 
 #[test]
 fn run_under_masked_proc_like_a_pod() {
@@ -188,30 +183,6 @@ fn hostile_layer() -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-fn write_layout(dir: &Path, layer: &[u8], tag: &str) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| {
-        let d = sha(bytes);
-        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
-        d
-    };
-    let layer_digest = put(layer);
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}});
-    let config_bytes = serde_json::to_vec(&config).unwrap();
-    let config_digest = put(&config_bytes);
-    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_bytes.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}]});
-    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
-    let manifest_digest = put(&manifest_bytes);
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": manifest_digest, "size": manifest_bytes.len(), "annotations": {"org.opencontainers.image.ref.name": tag}}]});
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-}
-
 #[test]
 fn hostile_base_layer_cannot_write_outside_its_directory() {
     ensure_tools();
@@ -220,7 +191,7 @@ fn hostile_base_layer_cannot_write_outside_its_directory() {
     std::fs::create_dir_all("/tmp/rbuild-escape-dir").unwrap();
     std::fs::write("/tmp/rbuild-escape-dir/target", "original").unwrap();
     let layout = tempfile::tempdir().unwrap();
-    write_layout(layout.path(), &hostile_layer(), "evil");
+    write_oci_layout(layout.path(), &[hostile_layer()], "evil");
     let ctx = context(&[(
         "Dockerfile",
         &format!(
@@ -424,4 +395,138 @@ fn network_none_has_only_loopback() {
         host >= 2,
         "RUN --network=host sees the host's interfaces ({host})"
     );
+}
+
+/// An image layer that leaves out its parent directories is unpacked as the layers below it
+/// have them (issue 11, item 3): `evil -> /tmp` in one layer and `evil/x` in the next put `x`
+/// in the image's `/tmp` with `/evil` still the link, as containerd's applier gives it; a
+/// parent that exists below keeps its mode (`/tmp` stays 1777). Before, the layer's own
+/// directory had a plain `evil/` and `tmp/` that hid the link and made `/tmp` 0755 in RUN
+/// steps.
+#[test]
+fn layers_without_parent_directories_stack_as_the_layers_below_say() {
+    ensure_tools();
+    let entry = |b: &mut tar::Builder<Vec<u8>>,
+                 name: &str,
+                 kind: tar::EntryType,
+                 mode: u32,
+                 link: Option<&str>,
+                 data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        h.set_size(data.len() as u64);
+        match link {
+            Some(l) => b.append_link(&mut h, name, l).unwrap(),
+            None => b.append_data(&mut h, name, data).unwrap(),
+        }
+    };
+    let busybox = std::fs::read(busybox_static()).unwrap();
+    let mut base = tar::Builder::new(Vec::new());
+    entry(
+        &mut base,
+        "bin/",
+        tar::EntryType::Directory,
+        0o755,
+        None,
+        b"",
+    );
+    entry(
+        &mut base,
+        "bin/busybox",
+        tar::EntryType::Regular,
+        0o755,
+        None,
+        &busybox,
+    );
+    entry(
+        &mut base,
+        "bin/sh",
+        tar::EntryType::Symlink,
+        0o777,
+        Some("busybox"),
+        b"",
+    );
+    entry(
+        &mut base,
+        "tmp/",
+        tar::EntryType::Directory,
+        0o1777,
+        None,
+        b"",
+    );
+    let mut link = tar::Builder::new(Vec::new());
+    entry(
+        &mut link,
+        "evil",
+        tar::EntryType::Symlink,
+        0o777,
+        Some("/tmp"),
+        b"",
+    );
+    let mut through = tar::Builder::new(Vec::new());
+    entry(
+        &mut through,
+        "evil/x",
+        tar::EntryType::Regular,
+        0o644,
+        None,
+        b"x\n",
+    );
+    entry(
+        &mut through,
+        "tmp/y",
+        tar::EntryType::Regular,
+        0o644,
+        None,
+        b"y\n",
+    );
+    let layout = tempfile::tempdir().unwrap();
+    write_oci_layout(
+        layout.path(),
+        &[
+            base.into_inner().unwrap(),
+            link.into_inner().unwrap(),
+            through.into_inner().unwrap(),
+        ],
+        "chain",
+    );
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM oci-layout://{}:chain\n\
+             RUN /bin/busybox readlink /evil > /seen && /bin/busybox cat /tmp/x /tmp/y >> /seen \
+             && /bin/busybox stat -c %a /tmp >> /seen\n",
+            layout.path().display()
+        ),
+    )]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for round in ["first build", "from the store"] {
+        let dest = out.path().join(round.replace(' ', "-"));
+        let res = run(rbuild(root.path())
+            .arg("--no-cache")
+            .arg(format!("--output=type=local,dest={}", dest.display()))
+            .arg(ctx.path()));
+        assert!(
+            res.status.success(),
+            "{round}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        assert_eq!(
+            std::fs::read_to_string(dest.join("seen")).unwrap(),
+            "/tmp\nx\ny\n1777\n",
+            "{round}"
+        );
+    }
+    // The layer is kept once per stack below it, and prune leaves no such form behind.
+    let over = root.path().join("layers/over/sha256");
+    assert_eq!(std::fs::read_dir(&over).unwrap().count(), 1);
+    ok(Command::new(rbuild_bin())
+        .args(["prune", "--all", "--root"])
+        .arg(root.path()));
+    assert_eq!(std::fs::read_dir(&over).map(|d| d.count()).unwrap_or(0), 0);
 }

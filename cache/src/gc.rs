@@ -202,6 +202,10 @@ pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
     u.layers.bytes = tree_size(&root.join("layers"));
     let linked = linked_built_dirs(store);
     u.layers.count = entries(&root.join("layers/sha256")).len() as u64
+        + entries(&root.join("layers/over/sha256"))
+            .iter()
+            .map(|e| entries(&e.path()).len() as u64)
+            .sum::<u64>()
         + entries(&root.join("layers/built"))
             .iter()
             .filter(|e| !linked.contains(&e.file_name().to_string_lossy().into_owned()))
@@ -227,10 +231,12 @@ pub fn cache_mount_usage(store: &Store) -> Vec<(String, u64)> {
     out
 }
 
-/// Apparent bytes of the unpacked layer `diff_id` (following its link into `layers/built/`).
+/// Apparent bytes of the unpacked layer `diff_id` (following its link into `layers/built/`),
+/// its per-stack forms (`layers/over/`) included.
 fn layer_size(store: &Store, diff_id: &Digest) -> u64 {
     let p = store.layer_dir(diff_id);
-    match built_target(&p) {
+    let over = tree_size(&store.layer_over_root(diff_id));
+    over + match built_target(&p) {
         Some(b) => tree_size(&store.root().join("layers/built").join(b)),
         None => tree_size(&p),
     }
@@ -557,6 +563,22 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         remove_any(&p)?;
         report.layers += 1;
         report.bytes += size;
+    }
+    // A layer's per-stack forms go with its name.
+    for e in entries(&root.join("layers/over/sha256")) {
+        let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy())
+            .parse()
+            .ok();
+        if d.as_ref()
+            .is_some_and(|d| keeps(&layer_refs, &pin_layers, d))
+        {
+            continue;
+        }
+        let p = e.path();
+        let size = tree_size(&p);
+        report.layers += entries(&p).len() as u64;
+        report.bytes += size;
+        remove_any(&p)?;
     }
     for e in entries(&root.join("layers/built")) {
         if linked.contains(&*e.file_name().to_string_lossy()) {

@@ -491,8 +491,44 @@ impl Store {
     /// after flushing it to disk. If another build committed the same layer first, `dir` is
     /// removed and theirs is kept.
     pub fn commit_layer_dir(&self, dir: &Path, diff_id: &Digest) -> Result<PathBuf, StoreError> {
+        self.commit_dir_as(dir, self.layer_dir(diff_id))
+    }
+
+    /// Where layer `diff_id` is unpacked once per stack of layers below it: a layer whose tar
+    /// leaves out parent directories is unpacked as those layers have them (copied up, or
+    /// moved by a symlink), so it has no one form. That this directory exists says so.
+    pub fn layer_over_root(&self, diff_id: &Digest) -> PathBuf {
+        self.root
+            .join("layers/over")
+            .join(diff_id.algorithm())
+            .join(diff_id.hex())
+    }
+
+    /// The unpacked layer `diff_id` over the stack of layers below it that `stack` names.
+    pub fn layer_over_dir(&self, diff_id: &Digest, stack: &Digest) -> PathBuf {
+        self.layer_over_root(diff_id).join(stack.hex())
+    }
+
+    /// Marks layer `diff_id` as one unpacked per stack (see [`Store::layer_over_root`]).
+    pub fn mark_layer_over(&self, diff_id: &Digest) -> Result<PathBuf, StoreError> {
+        let p = self.layer_over_root(diff_id);
+        fs::create_dir_all(&p).map_err(io_err(&p))?;
+        Ok(p)
+    }
+
+    /// [`Store::commit_layer_dir`] for a layer unpacked over the stack `stack`.
+    pub fn commit_layer_over(
+        &self,
+        dir: &Path,
+        diff_id: &Digest,
+        stack: &Digest,
+    ) -> Result<PathBuf, StoreError> {
+        self.mark_layer_over(diff_id)?;
+        self.commit_dir_as(dir, self.layer_over_dir(diff_id, stack))
+    }
+
+    fn commit_dir_as(&self, dir: &Path, dest: PathBuf) -> Result<PathBuf, StoreError> {
         Self::sync_layer_dir(dir)?;
-        let dest = self.layer_dir(diff_id);
         for _ in 0..3 {
             // NOREPLACE: a plain rename(2) would replace an existing *empty* dir that
             // another build may have mounted already.

@@ -92,6 +92,9 @@ pub struct ImageState {
     pub workdir: String,
     /// `Cmd`.
     pub cmd: Option<Vec<String>>,
+    /// `ArgsEscaped` (Docker's image format): BuildKit sets it with every `CMD`, in either
+    /// form, and a base image's value is kept.
+    pub args_escaped: bool,
     /// `Entrypoint`.
     pub entrypoint: Option<Vec<String>>,
     /// `Labels`.
@@ -119,6 +122,7 @@ impl Default for ImageState {
             user: String::new(),
             workdir: String::new(),
             cmd: None,
+            args_escaped: false,
             entrypoint: None,
             labels: BTreeMap::new(),
             exposed_ports: BTreeSet::new(),
@@ -711,6 +715,7 @@ impl StageDispatcher {
                 let argv = self.command_argv(c);
                 self.record(i, format!("CMD {}", go_quote_list(&argv)), true);
                 self.state.cmd = Some(argv);
+                self.state.args_escaped = true;
                 self.cmd_set = true;
             }
             K::Entrypoint(c) => {

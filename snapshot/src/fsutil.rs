@@ -6,7 +6,8 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Component, Path, PathBuf};
 
 /// Splits a tar path into clean components: `.` dropped, `..` clamped at the root (as
 /// containerd does: `../../etc/x` is `etc/x` of the layer), leading `/` ignored.
@@ -96,20 +97,89 @@ pub fn resolve_in_root(root: &Path, rel: &str) -> io::Result<std::path::PathBuf>
     Ok(path)
 }
 
-/// Opens (creating as needed, mode 0755, owned by `owner` where given) the directory `rel`
-/// below `root`. A dangling symlink on the way stays: what it points to is made, inside the
-/// root, as containerd's applier does (`evil -> /tmp` then `evil/x` puts `x` in `/tmp`).
+/// How [`mkdir_all_in`] makes the directories it needs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MkdirOpts<'a> {
+    /// The owner of every directory made; without one, root (or the lower layer's owner).
+    pub owner: Option<(u32, u32)>,
+    /// The layer directories below the root (an overlay upper being written), newest first:
+    /// a missing directory is looked up in their merged view. Where they hold a directory,
+    /// it is copied up (mode and owner, as containerd's applier makes parents); where they
+    /// hold a symlink, it is followed, inside the root, as if the layers were one tree.
+    pub lowers: &'a [PathBuf],
+}
+
+/// What [`mkdir_all_in`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Made {
+    /// Directories it made.
+    pub dirs: u64,
+    /// Whether a symlink of a lower layer moved the path elsewhere (the directory returned
+    /// is not at `rel` of the root alone).
+    pub moved: bool,
+}
+
+/// Opens (creating as needed, mode 0755) the directory `rel` below `root`. A dangling
+/// symlink on the way stays: what it points to is made, inside the root, as containerd's
+/// applier does (`evil -> /tmp` then `evil/x` puts `x` in `/tmp`); with
+/// [`MkdirOpts::lowers`], so do symlinks of the layers below.
 pub fn mkdir_all_in<S: AsRef<OsStr>>(
     root: &impl AsFd,
     rel: &[S],
-    owner: Option<(u32, u32)>,
+    opts: MkdirOpts<'_>,
+    made: &mut Made,
 ) -> io::Result<OwnedFd> {
     let rel: Vec<&OsStr> = rel.iter().map(|c| c.as_ref()).collect();
-    mkdir_all_links(root, &rel, owner, 0)
+    mkdir_all_links(root, &rel, opts, made, 0)
+}
+
+/// What the layers below hold where a directory is missing.
+enum Lower {
+    Nothing,
+    Dir { mode: u32, uid: u32, gid: u32 },
+    Symlink(Vec<u8>),
+}
+
+/// Looks `name` in the directory `cur` up in `lowers`, unless an opaque directory of the
+/// root hides them there.
+fn lower_at(
+    root: &impl AsFd,
+    cur: &impl AsFd,
+    name: &OsStr,
+    lowers: &[PathBuf],
+) -> io::Result<Lower> {
+    use std::os::unix::fs::MetadataExt;
+    let mut here = path_below(root, cur)?;
+    for i in 0..=here.len() {
+        if crate::whiteout::is_opaque(&open_dir_in(root, &here[..i])?) {
+            return Ok(Lower::Nothing);
+        }
+    }
+    here.push(name.to_os_string());
+    let rel: PathBuf = here.iter().collect();
+    let Some((p, md)) = crate::stack::find_in_layers(lowers, &here) else {
+        return Ok(Lower::Nothing);
+    };
+    // A symlink or file further up in the lower layers is shadowed by the root's directory
+    // there: nothing of them shows below it.
+    if !lowers.iter().any(|l| p == l.join(&rel)) {
+        return Ok(Lower::Nothing);
+    }
+    Ok(if md.file_type().is_symlink() {
+        Lower::Symlink(std::fs::read_link(&p)?.into_os_string().into_vec())
+    } else if md.is_dir() {
+        Lower::Dir {
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+        }
+    } else {
+        Lower::Nothing
+    })
 }
 
 /// Where `dir` (an fd below `root`) is, as components below `root`.
-fn path_below(root: &impl AsFd, dir: &impl AsFd) -> io::Result<Vec<OsString>> {
+pub(crate) fn path_below(root: &impl AsFd, dir: &impl AsFd) -> io::Result<Vec<OsString>> {
     use std::os::fd::AsRawFd;
     let at = |fd: std::os::fd::BorrowedFd<'_>| {
         std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
@@ -124,10 +194,11 @@ fn path_below(root: &impl AsFd, dir: &impl AsFd) -> io::Result<Vec<OsString>> {
 fn mkdir_all_links(
     root: &impl AsFd,
     rel: &[&OsStr],
-    owner: Option<(u32, u32)>,
+    opts: MkdirOpts<'_>,
+    made: &mut Made,
     depth: u32,
 ) -> io::Result<OwnedFd> {
-    let made = |dir: &OwnedFd, name: &OsStr| -> io::Result<()> {
+    let set_owner = |dir: &OwnedFd, name: &OsStr, owner: Option<(u32, u32)>| -> io::Result<()> {
         if let Some((u, g)) = owner {
             rustix::fs::chownat(
                 dir,
@@ -138,6 +209,19 @@ fn mkdir_all_links(
             )?;
         }
         Ok(())
+    };
+    // Goes on at `target` (a symlink's, found in `cur`) with the components after `i`.
+    let follow = |cur: &OwnedFd, target: &[u8], i: usize, made: &mut Made| -> io::Result<OwnedFd> {
+        // Bounded like the kernel's own symlink resolution.
+        if depth >= 40 {
+            return Err(rustix::io::Errno::LOOP.into());
+        }
+        let mut at = std::path::PathBuf::from("/");
+        at.extend(path_below(root, cur)?);
+        let mut next = clean_os(&at.join(OsStr::from_bytes(target)));
+        next.extend(rel[i + 1..].iter().map(|c| c.to_os_string()));
+        let next: Vec<&OsStr> = next.iter().map(|c| c.as_os_str()).collect();
+        mkdir_all_links(root, &next, opts, made, depth + 1)
     };
     match open_dir_in(root, rel) {
         Ok(fd) => return Ok(fd),
@@ -150,16 +234,15 @@ fn mkdir_all_links(
             Ok(fd) => cur = fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if let Ok(target) = rustix::fs::readlinkat(&cur, c, Vec::new()) {
-                    // Bounded like the kernel's own symlink resolution.
-                    if depth >= 40 {
-                        return Err(rustix::io::Errno::LOOP.into());
-                    }
-                    let mut at = std::path::PathBuf::from("/");
-                    at.extend(path_below(root, &cur)?);
-                    let mut next = clean_os(&at.join(OsStr::from_bytes(target.as_bytes())));
-                    next.extend(rel[i + 1..].iter().map(|c| c.to_os_string()));
-                    let next: Vec<&OsStr> = next.iter().map(|c| c.as_os_str()).collect();
-                    return mkdir_all_links(root, &next, owner, depth + 1);
+                    return follow(&cur, target.as_bytes(), i, made);
+                }
+                let lower = match opts.lowers {
+                    [] => Lower::Nothing,
+                    lowers => lower_at(root, &cur, c, lowers)?,
+                };
+                if let Lower::Symlink(target) = &lower {
+                    made.moved = true;
+                    return follow(&cur, target, i, made);
                 }
                 match rustix::fs::mkdirat(&cur, c, Mode::from_raw_mode(0o755)) {
                     Ok(()) => {}
@@ -171,14 +254,28 @@ fn mkdir_all_links(
                     }
                     Err(e) => return Err(e.into()),
                 }
-                made(&cur, c)?;
+                made.dirs += 1;
+                match lower {
+                    Lower::Dir { mode, uid, gid } => {
+                        // Copied up: the merged view keeps the lower directory's mode and owner.
+                        set_owner(&cur, c, Some(opts.owner.unwrap_or((uid, gid))))?;
+                        rustix::fs::chmodat(
+                            &cur,
+                            c,
+                            Mode::from_raw_mode(mode),
+                            rustix::fs::AtFlags::empty(),
+                        )?;
+                    }
+                    _ => set_owner(&cur, c, opts.owner)?,
+                }
                 cur = open_dir_in(root, &rel[..=i])?;
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
                 let parent = open_dir_in(root, &rel[..i])?;
                 remove_at(&parent, c)?;
                 rustix::fs::mkdirat(&parent, c, Mode::from_raw_mode(0o755))?;
-                made(&parent, c)?;
+                made.dirs += 1;
+                set_owner(&parent, c, opts.owner)?;
                 cur = open_dir_in(root, &rel[..=i])?;
             }
             Err(e) => return Err(e),

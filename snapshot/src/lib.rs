@@ -11,12 +11,14 @@
 //! - [`assemble`], [`Baseline`] and [`copy_overlay_tree`] give RUN steps a root filesystem
 //!   where overlayfs cannot (the copy snapshotter) and turn what a step changed back into an
 //!   overlay-form upperdir; see the `tree` module.
+//! - [`find_in_layers`] looks a path up in a stack of such directories without mounting them.
 //! - [`compare_layer`] checks an unpacked layer against its tar (the store's `du --verify`).
 
 mod bounded_tar;
 mod compress;
 mod diff;
 mod fsutil;
+mod stack;
 mod tree;
 mod unpack;
 mod verify;
@@ -26,6 +28,7 @@ pub use compress::{decompress, write_layer_blob, Compression, LayerBlob};
 pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
 pub use fsutil::clean as clean_components;
 pub use fsutil::{open_in_root, resolve_in_root};
+pub use stack::find_in_layers;
 pub use tree::{
     assemble, clear_except, copy_overlay_tree, normalize_fuse_upper, AssembleStats, Baseline, Skip,
     TreeDiffStats, TreeError,
@@ -33,8 +36,8 @@ pub use tree::{
 pub use unpack::{apply_layer, unpack_layer, IdRange, UnpackError, UnpackOptions, UnpackStats};
 pub use verify::compare_layer;
 pub use whiteout::{
-    is_opaque, is_whiteout, is_whiteout_at, make_whiteout_at, opaque_value, set_opaque,
-    WhiteoutForm, OPAQUE_XATTRS, WHITEOUT_XATTRS,
+    is_opaque, is_opaque_path, is_whiteout, is_whiteout_at, make_whiteout_at, opaque_value,
+    set_opaque, WhiteoutForm, OPAQUE_XATTRS, WHITEOUT_XATTRS,
 };
 
 /// The overlay xattr namespace rbuild uses (overlay's `userxattr` mode, usable rootless).

@@ -1,6 +1,6 @@
 //! OCI layer tar → directory, safely.
 
-use crate::fsutil::{clean_os, mkdir_all_in, open_dir_in, remove_at};
+use crate::fsutil::{clean_os, mkdir_all_in, open_dir_in, path_below, remove_at, Made, MkdirOpts};
 use crate::is_overlay_xattr;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::HashSet;
@@ -58,6 +58,13 @@ pub struct UnpackOptions {
     /// Give every entry, and every directory made for entries below it, this owner instead
     /// of the tar's (`ADD --chown` of an archive).
     pub owner: Option<(u32, u32)>,
+    /// The layer directories below this one, newest first (overlay form only). A parent
+    /// directory the tar does not hold is then made as the merged view has it: copied up
+    /// from below, or, where a lower layer has a symlink there, at the symlink's target
+    /// inside the image, as an applier writing through a mount of the layers below does
+    /// (`evil -> /tmp` below, `evil/x` here: `x` lands in `/tmp`). Without them, such
+    /// parents are plain directories, and [`UnpackStats::implicit_dirs`] says there were any.
+    pub lowers: Vec<PathBuf>,
 }
 
 /// What an unpack did.
@@ -69,6 +76,9 @@ pub struct UnpackStats {
     pub skipped_devices: u64,
     /// `trusted.*` xattrs left out, as `entry: name` (the first few).
     pub skipped_xattrs: Vec<String>,
+    /// Parent directories made that the tar holds no entry for. Where there are some, the
+    /// unpacked layer depends on the layers below it (see [`UnpackOptions::lowers`]).
+    pub implicit_dirs: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -191,7 +201,16 @@ fn run<R: Read>(
     .map_err(|e| UnpackError::Dest(dest.to_path_buf(), e.into()))?;
     let mut archive = tar::Archive::new(crate::bounded_tar::BoundedTar::new(tar));
     let mut stats = UnpackStats::default();
-    let mut dir_times: Vec<(Vec<OsString>, i64)> = Vec::new();
+    // (parent as resolved, name, mtime) of directory entries.
+    let mut dir_times: Vec<(Vec<OsString>, OsString, i64)> = Vec::new();
+    let mkdir_opts = MkdirOpts {
+        owner: opts.owner,
+        lowers: if mode == Mode_::Overlay {
+            &opts.lowers
+        } else {
+            &[]
+        },
+    };
     let mut written: HashSet<Vec<OsString>> = HashSet::new();
     for entry in archive.entries().map_err(UnpackError::Tar)? {
         let mut entry = entry.map_err(UnpackError::Tar)?;
@@ -240,7 +259,9 @@ fn run<R: Read>(
                 });
             }
         }
-        let parent_fd = mkdir_all_in(&root, parent, opts.owner).map_err(err)?;
+        let mut made = Made::default();
+        let parent_fd = mkdir_all_in(&root, parent, mkdir_opts, &mut made).map_err(err)?;
+        stats.implicit_dirs += made.dirs;
         // Whiteouts.
         if last_b == b".wh..wh..opq" {
             match mode {
@@ -298,7 +319,13 @@ fn run<R: Read>(
                     rustix::fs::mkdirat(&parent_fd, last, Mode::from_raw_mode(0o755))
                         .map_err(|e| err(e.into()))?;
                 }
-                dir_times.push((comps.clone(), mtime));
+                // Where a lower layer's symlink moved it, the literal path leads elsewhere.
+                let at = if made.moved {
+                    path_below(&root, &parent_fd).map_err(err)?
+                } else {
+                    parent.to_vec()
+                };
+                dir_times.push((at, last.clone(), mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let size = entry.size();
@@ -346,7 +373,8 @@ fn run<R: Read>(
                 let Some((tlast, tparent)) = tcomps.split_last() else {
                     return Err(invalid("hardlink with an empty target".into()));
                 };
-                let tparent_fd = open_dir_in(&root, tparent).map_err(err)?;
+                let tparent_fd =
+                    mkdir_all_in(&root, tparent, mkdir_opts, &mut Made::default()).map_err(err)?;
                 rustix::fs::linkat(&tparent_fd, tlast, &parent_fd, last, AtFlags::empty())
                     .map_err(|e| {
                         err(io::Error::new(
@@ -437,10 +465,9 @@ fn run<R: Read>(
         stats.entries += 1;
     }
     // Directory times last: creating their entries changed them.
-    for (comps, mtime) in dir_times.into_iter().rev() {
-        let (last, parent) = comps.split_last().unwrap();
-        if let Ok(pfd) = open_dir_in(&root, parent) {
-            let _ = set_mtime(&pfd, last, mtime);
+    for (parent, last, mtime) in dir_times.into_iter().rev() {
+        if let Ok(pfd) = open_dir_in(&root, &parent) {
+            let _ = set_mtime(&pfd, &last, mtime);
         }
     }
     Ok(stats)

@@ -94,7 +94,7 @@ pub fn is_opaque(dir: &impl AsFd) -> bool {
 
 /// Whether the directory at `path` is marked opaque with the value `y` in one of
 /// [`OPAQUE_XATTRS`] (read by path, without opening it: layer writers walk many directories).
-pub(crate) fn is_opaque_path(path: &Path) -> bool {
+pub fn is_opaque_path(path: &Path) -> bool {
     let mut v = [0u8; 4];
     OPAQUE_XATTRS
         .iter()

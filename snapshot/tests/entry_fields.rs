@@ -420,3 +420,104 @@ fn entries_through_a_dangling_symlink_land_where_it_points_inside_the_root() {
         .is_symlink());
     assert_eq!(fs::read_to_string(t.path().join("tmp/z")).unwrap(), "z\n");
 }
+
+/// Overlay-form layers: a parent directory the tar does not hold is made as the merged view
+/// of the layers below has it (issue 11, item 3: an entry through a symlinked parent from an
+/// earlier layer). Without the lowers, the layer says it has such parents.
+#[test]
+fn implicit_parents_follow_the_layers_below() {
+    let t = tempfile::tempdir().unwrap();
+    // Layer 1 (newest lower): `evil -> /tmp`, `/tmp` 1777; layer 0: `/srv/data` 0750, 7:8.
+    let l0 = t.path().join("l0");
+    let l1 = t.path().join("l1");
+    fs::create_dir_all(l0.join("srv/data")).unwrap();
+    fs::set_permissions(
+        l0.join("srv/data"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o750),
+    )
+    .unwrap();
+    if is_root() {
+        std::os::unix::fs::lchown(l0.join("srv/data"), Some(7), Some(8)).unwrap();
+    }
+    fs::create_dir_all(l1.join("tmp")).unwrap();
+    fs::set_permissions(
+        l1.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/tmp", l1.join("evil")).unwrap();
+    // This layer: `evil/x`, `evil/sub/` (mtime 5), `srv/data/f` and a hardlink to
+    // `evil/x`, none of their parents.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Regular, 2);
+    b.append_data(&mut h, "evil/x", &b"x\n"[..]).unwrap();
+    let mut h = header(tar::EntryType::Directory, 0);
+    h.set_mtime(5);
+    b.append_data(&mut h, "evil/sub/", &b""[..]).unwrap();
+    let mut h = header(tar::EntryType::Regular, 1);
+    b.append_data(&mut h, "srv/data/f", &b"f"[..]).unwrap();
+    let mut h = header(tar::EntryType::Link, 0);
+    b.append_link(&mut h, "hard", "evil/x").unwrap();
+    let tar = b.into_inner().unwrap();
+
+    let up = t.path().join("up");
+    fs::create_dir(&up).unwrap();
+    let opts = UnpackOptions {
+        lowers: vec![l1.clone(), l0.clone()],
+        ..Default::default()
+    };
+    let stats = unpack_layer(&tar[..], &up, &opts).unwrap();
+    assert!(
+        fs::symlink_metadata(up.join("evil")).is_err(),
+        "the lower layer's symlink still shows"
+    );
+    assert_eq!(fs::read_to_string(up.join("tmp/x")).unwrap(), "x\n");
+    assert_eq!(
+        fs::metadata(up.join("tmp")).unwrap().mode() & 0o7777,
+        0o1777
+    );
+    assert_eq!(fs::metadata(up.join("tmp/sub")).unwrap().mtime(), 5);
+    assert_eq!(
+        fs::metadata(up.join("hard")).unwrap().ino(),
+        fs::metadata(up.join("tmp/x")).unwrap().ino()
+    );
+    let data = fs::metadata(up.join("srv/data")).unwrap();
+    assert_eq!(data.mode() & 0o7777, 0o750, "copied up, not made 0755");
+    if is_root() {
+        assert_eq!((data.uid(), data.gid()), (7, 8));
+    }
+    assert_eq!(stats.implicit_dirs, 3, "tmp, srv, srv/data");
+
+    // An opaque directory of this layer hides the lowers below it: a plain directory.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Directory, 0);
+    b.append_data(&mut h, "srv/", &b""[..]).unwrap();
+    let mut h = header(tar::EntryType::Regular, 0);
+    b.append_data(&mut h, "srv/.wh..wh..opq", &b""[..]).unwrap();
+    let mut h = header(tar::EntryType::Regular, 1);
+    b.append_data(&mut h, "srv/data/g", &b"g"[..]).unwrap();
+    let up2 = t.path().join("up2");
+    fs::create_dir(&up2).unwrap();
+    unpack_layer(&b.into_inner().unwrap()[..], &up2, &opts).unwrap();
+    assert_eq!(
+        fs::metadata(up2.join("srv/data")).unwrap().mode() & 0o7777,
+        0o755
+    );
+
+    // Without the lowers: literal plain directories, and the stats say so.
+    let bare = t.path().join("bare");
+    fs::create_dir(&bare).unwrap();
+    let stats = unpack(&tar, &bare).unwrap();
+    assert!(fs::metadata(bare.join("evil/x")).unwrap().is_file());
+    assert_eq!(stats.implicit_dirs, 3, "evil, srv, srv/data");
+    // A layer with every parent in it depends on nothing below.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Directory, 0);
+    b.append_data(&mut h, "d/", &b""[..]).unwrap();
+    let mut h = header(tar::EntryType::Regular, 1);
+    b.append_data(&mut h, "d/f", &b"f"[..]).unwrap();
+    let self_contained = t.path().join("sc");
+    fs::create_dir(&self_contained).unwrap();
+    let stats = unpack(&b.into_inner().unwrap(), &self_contained).unwrap();
+    assert_eq!(stats.implicit_dirs, 0);
+}
