@@ -360,7 +360,7 @@ fn pids_limit_bounds_a_fork_bomb() {
 #[test]
 fn cpus_limit_throttles_a_busy_run_step() {
     let ctx = busybox_context(
-        "RUN grep -c ':cpu.*:/.*rbuild-step-' /proc/self/cgroup > /in-step-cgroup; \
+        "RUN { grep ':cpu[,:]' /proc/self/cgroup | cut -d: -f3; cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us; } > /in-step-cgroup; \
              time -f '%U %S' timeout 3 sh -c 'while :; do :; done' 2> /usage; true\n",
     );
     let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -401,9 +401,10 @@ fn cpus_limit_throttles_a_busy_run_step() {
     let (quota, throttled) =
         seen.unwrap_or_else(|| panic!("the step's cgroup never throttled the loop\n{err}"));
     assert_eq!(quota.trim(), "20000", "0.2 of the 100 ms period");
+    // In a cgroup namespace of its own, whose root is its cgroup, which /sys/fs/cgroup shows.
     assert_eq!(
-        read(dest.join("in-step-cgroup")).trim(),
-        "1",
+        read(dest.join("in-step-cgroup")),
+        "/\n20000\n",
         "the step runs in a cpu cgroup of its own"
     );
     // The last line (time says first that timeout's TERM ended the loop).

@@ -154,6 +154,47 @@ fn dir_in(root: &str, mnt: &Path, path: &str) -> Option<PathBuf> {
     })
 }
 
+/// A cgroup hierarchy as a RUN step's `/sys/fs/cgroup` shows it: where it is mounted here,
+/// and this process's own directory in it (the step's cgroup, once the helper joined it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnView {
+    /// The mount point, e.g. `/sys/fs/cgroup` or `/sys/fs/cgroup/pids`.
+    pub mount: PathBuf,
+    /// This process's cgroup directory below it.
+    pub own: PathBuf,
+    /// A cgroup2 (unified) hierarchy.
+    pub v2: bool,
+}
+
+/// Every visible cgroup hierarchy with this process's directory in it, from
+/// `/proc/self/cgroup` and `/proc/self/mountinfo` (named v1 hierarchies such as
+/// `name=systemd` included).
+pub fn own_views(self_cgroup: &str, mountinfo: &str) -> Vec<OwnView> {
+    let mounts = cgroup_mounts(mountinfo);
+    let mut out = Vec::new();
+    for line in self_cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(id), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let v2 = id == "0" && ctrls.is_empty();
+        let names: Vec<&str> = ctrls.split(',').filter(|n| !n.is_empty()).collect();
+        let found = mounts.iter().find_map(|(root, mnt, t, o)| {
+            let fits = if v2 {
+                t == "cgroup2"
+            } else {
+                t == "cgroup" && !names.is_empty() && names.iter().all(|n| o.iter().any(|o| o == n))
+            };
+            fits.then(|| dir_in(root, mnt, path).map(|own| (mnt.clone(), own)))
+                .flatten()
+        });
+        if let Some((mount, own)) = found {
+            out.push(OwnView { mount, own, v2 });
+        }
+    }
+    out
+}
+
 impl Layout {
     /// Parses `/proc/self/cgroup` and `/proc/self/mountinfo`.
     pub fn parse(self_cgroup: &str, mountinfo: &str) -> Layout {
@@ -736,6 +777,25 @@ mod tests {
 34 25 0:31 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
 35 25 0:32 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
+
+    #[test]
+    fn own_views_name_each_hierarchy_and_our_directory_in_it() {
+        let own = "12:pids:/process_api/b3a5/step-1\n4:memory:/process_api/b3a5\n1:name=systemd:/init.scope\n0::/\n";
+        let v = own_views(own, HYBRID_MOUNTINFO);
+        let find = |m: &str| v.iter().find(|x| x.mount == Path::new(m)).cloned();
+        assert_eq!(
+            find("/sys/fs/cgroup/pids").unwrap().own,
+            Path::new("/sys/fs/cgroup/pids/process_api/b3a5/step-1")
+        );
+        assert_eq!(
+            find("/sys/fs/cgroup/systemd").unwrap().own,
+            Path::new("/sys/fs/cgroup/systemd/init.scope")
+        );
+        let unified = find("/sys/fs/cgroup/unified").unwrap();
+        assert!(unified.v2);
+        assert_eq!(unified.own, Path::new("/sys/fs/cgroup/unified"));
+        assert!(!find("/sys/fs/cgroup/memory").unwrap().v2);
+    }
 
     #[test]
     fn hybrid_layout_has_v1_controllers_and_an_empty_v2() {

@@ -209,6 +209,74 @@ pub(crate) fn ensure_mountpoint(
     Ok(p)
 }
 
+/// Directories of /sys hidden under an empty read-only tmpfs (runc's default masked paths).
+const SYS_MASKED_DIRS: [&str; 1] = ["firmware"];
+
+/// Mounts at `cg` (the step's `/sys/fs/cgroup`) the step's own cgroups, read-only, as runc
+/// does: a fresh cgroup2 where the host has the unified hierarchy there (it shows the step's
+/// cgroup namespace, whose root is the step's cgroup), else a tmpfs with each hierarchy's
+/// own directory bound under its name (cgroup v1 cannot be mounted in a user namespace).
+fn mount_cgroups(
+    m: &mut dyn Syscalls,
+    cg: &Path,
+    views: &[crate::cgroup::OwnView],
+) -> Result<(), String> {
+    let base = Path::new("/sys/fs/cgroup");
+    if views.is_empty() || !cg.is_dir() {
+        return Ok(());
+    }
+    // Where the builder's /sys was bound, its cgroup mounts go first where the kernel lets
+    // us (they stay, hidden below ours, where they are locked).
+    let _ = m.umount_detach(cg);
+    let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    // Where the unified hierarchy cannot be mounted afresh, its own directory is bound.
+    let unified = |m: &mut dyn Syscalls, v: &crate::cgroup::OwnView, at: &Path| {
+        m.mount("cgroup2", at, "cgroup2", ro, "")
+            .or_else(|_| m.bind(&v.own, at))
+    };
+    if let [v] = views {
+        if v.v2 && v.mount == base {
+            ctx(unified(m, v, cg), || "mounting /sys/fs/cgroup".into())?;
+            return ctx(m.tree_readonly(cg), || {
+                "making /sys/fs/cgroup read-only".into()
+            });
+        }
+    }
+    ctx(
+        m.mount(
+            "tmpfs",
+            cg,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            "mode=755,size=64k",
+        ),
+        || "mounting a tmpfs on /sys/fs/cgroup".into(),
+    )?;
+    for v in views {
+        let Ok(name) = v.mount.strip_prefix(base) else {
+            continue;
+        };
+        if name.as_os_str().is_empty() || name.components().count() != 1 {
+            continue;
+        }
+        let at = cg.join(name);
+        ctx(std::fs::create_dir(&at), || {
+            format!("creating /sys/fs/cgroup/{}", name.display())
+        })?;
+        let res = if v.v2 {
+            unified(m, v, &at)
+        } else {
+            m.bind(&v.own, &at)
+        };
+        ctx(res, || {
+            format!("mounting /sys/fs/cgroup/{}", name.display())
+        })?;
+    }
+    ctx(m.tree_readonly(cg), || {
+        "making /sys/fs/cgroup read-only".into()
+    })
+}
+
 /// What [`prepare_root`] did.
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
@@ -221,7 +289,11 @@ pub(crate) struct Prepared {
 /// Builds the step's root filesystem at `<scratch>/rootfs`, up to (not including) pivot_root:
 /// hostname, private propagation, loopback, overlay, masked procfs, sysfs, /dev, generated
 /// /etc files and extra mounts.
-pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepared, String> {
+pub(crate) fn prepare_root(
+    m: &mut dyn Syscalls,
+    spec: &RunSpec,
+    cgroups: &[crate::cgroup::OwnView],
+) -> Result<Prepared, String> {
     let mut out = Prepared::default();
     let created = &mut out.created;
     // Container runtimes' default seccomp profiles (docker's, podman's) refuse sethostname
@@ -326,15 +398,43 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
         }
         ctx(mask_proc(m, &proc, null), || "masking /proc".into())?;
     }
-    // sysfs: a user namespace may mount it only together with its own network namespace.
+    // /sys, read-only, as runc gives it: a fresh sysfs where the step has a network namespace
+    // of its own (a user namespace may mount one only then), else the builder's, bound
+    // recursively, as rootless runc does.
     let had_sys = rootfs.join("sys").exists();
     let sys_dir = ensure_mountpoint(&rootfs, "sys", true, created)?;
     let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    if let Err(e) = m.mount("sysfs", &sys_dir, "sysfs", ro, "") {
-        out.warnings.push(format!("/sys is not mounted in this step (sysfs: {e}; it needs the step's own network namespace, e.g. --network=none)"));
-        if !had_sys {
-            let _ = std::fs::remove_dir(&sys_dir);
-            created.retain(|c| c != "sys");
+    let sys = match m.mount("sysfs", &sys_dir, "sysfs", ro, "") {
+        Ok(()) => Ok(()),
+        Err(fresh) => m
+            .rbind(Path::new("/sys"), &sys_dir)
+            .and_then(|()| {
+                m.tree_readonly(&sys_dir).inspect_err(|_| {
+                    let _ = m.umount_detach(&sys_dir);
+                })
+            })
+            .map_err(|e| format!("sysfs: {fresh}; a read-only bind of the builder's /sys: {e}")),
+    };
+    match sys {
+        Ok(()) => {
+            // Masked like runc's defaults.
+            for d in SYS_MASKED_DIRS {
+                let p = sys_dir.join(d);
+                if p.is_dir() {
+                    ctx(m.mount("tmpfs", &p, "tmpfs", ro, "size=0"), || {
+                        format!("masking /sys/{d}")
+                    })?;
+                }
+            }
+            mount_cgroups(m, &sys_dir.join("fs/cgroup"), cgroups)?;
+        }
+        Err(e) => {
+            out.warnings
+                .push(format!("/sys is not mounted in this step ({e})"));
+            if !had_sys {
+                let _ = std::fs::remove_dir(&sys_dir);
+                created.retain(|c| c != "sys");
+            }
         }
     }
     let dev = ensure_mountpoint(&rootfs, "dev", true, created)?;
@@ -382,6 +482,20 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
         MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
         "mode=1777,size=65536k",
     );
+    // POSIX message queues of the step's own IPC namespace, as runc mounts them.
+    let mqueue = dev.join("mqueue");
+    let _ = std::fs::create_dir(&mqueue);
+    if m.mount(
+        "mqueue",
+        &mqueue,
+        "mqueue",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        "",
+    )
+    .is_err()
+    {
+        let _ = std::fs::remove_dir(&mqueue);
+    }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -390,11 +504,15 @@ pub(crate) fn prepare_root(m: &mut dyn Syscalls, spec: &RunSpec) -> Result<Prepa
     ] {
         let _ = std::os::unix::fs::symlink(target, dev.join(name));
     }
-    // Generated files live in the scratch dir; bound over the image's, they never reach the layer.
+    // Generated files live in the scratch dir; bound over the image's, read-only as BuildKit
+    // binds them, they never reach the layer.
     for f in ["hosts", "resolv.conf", "hostname"] {
         let t = ensure_mountpoint(&rootfs, &format!("etc/{f}"), false, created)?;
         ctx(m.bind(&scratch.join("files").join(f), &t), || {
             format!("binding /etc/{f}")
+        })?;
+        ctx(m.remount_ro(&t, true), || {
+            format!("making /etc/{f} read-only")
         })?;
     }
     for (i, mnt) in spec.mounts.iter().enumerate() {
@@ -433,7 +551,20 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
             "unshare(CLONE_NEWNS)".into()
         })?;
     }
-    let prepared = prepare_root(m, spec)?;
+    // The step's cgroups as it will see them, read before its cgroup namespace hides the
+    // paths; a namespace of its own then makes its cgroup the root of what it sees (the
+    // helper joined the step's cgroup before it was released).
+    let cgroups = crate::cgroup::own_views(
+        &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+    );
+    if let Err(e) = m.unshare(libc::CLONE_NEWCGROUP) {
+        let _ = writeln!(
+            status,
+            "warning:the step sees the builder's cgroup paths (no cgroup namespace: {e})"
+        );
+    }
+    let prepared = prepare_root(m, spec, &cgroups)?;
     for c in &prepared.created {
         let _ = writeln!(status, "created:{c}");
     }
@@ -482,9 +613,6 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
     }
     if !has_path {
         env.push(CString::new(format!("PATH={DEFAULT_PATH}")).unwrap());
-    }
-    if !spec.env.iter().any(|(k, _)| k == "HOSTNAME") {
-        env.push(CString::new(format!("HOSTNAME={}", spec.hostname)).unwrap());
     }
     let argv: Vec<CString> = spec
         .argv
@@ -922,25 +1050,42 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let spec = spec_in(t.path(), Network::Host);
         let mut r = RecordingSyscalls::default();
-        // As in a user namespace without its own network namespace: sysfs is refused.
+        // As in a user namespace without its own network namespace: sysfs is refused, and the
+        // builder's /sys is bound read-only instead.
         r.fail.push(("mount sysfs".into(), libc::EPERM));
-        let p = prepare_root(&mut r, &spec).unwrap();
-        // /sys was created for the attempt, then removed again.
+        let p = prepare_root(&mut r, &spec, &[]).unwrap();
         assert_eq!(
             p.created,
             vec![
                 "proc",
+                "sys",
                 "dev",
                 "etc/hosts",
                 "etc/resolv.conf",
                 "etc/hostname"
             ]
         );
-        assert!(!spec.scratch.join("rootfs/sys").exists());
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let sys = spec.scratch.join("rootfs/sys");
+        assert!(r.calls.contains(&format!("rbind /sys {}", sys.display())));
+        assert!(r.calls.contains(&format!("tree_ro {}", sys.display())));
+        for f in ["hosts", "resolv.conf", "hostname"] {
+            let t = spec.scratch.join("rootfs/etc").join(f);
+            assert!(r.calls.contains(&format!("ro {}", t.display())), "{f}");
+        }
+        // Where neither works, the step is told, and /sys is not left in the layer.
+        let t2 = tempfile::tempdir().unwrap();
+        let spec2 = spec_in(t2.path(), Network::Host);
+        let mut r2 = RecordingSyscalls::default();
+        r2.fail.push(("mount sysfs".into(), libc::EPERM));
+        r2.fail.push(("rbind /sys".into(), libc::EPERM));
+        let p2 = prepare_root(&mut r2, &spec2, &[]).unwrap();
+        assert!(!p2.created.contains(&"sys".to_string()));
+        assert!(!spec2.scratch.join("rootfs/sys").exists());
         assert!(
-            p.warnings[0].contains("/sys is not mounted"),
+            p2.warnings[0].contains("/sys is not mounted"),
             "{:?}",
-            p.warnings
+            p2.warnings
         );
         let root = spec.scratch.join("rootfs");
         let c = &r.calls;
@@ -973,7 +1118,7 @@ mod tests {
         let mut spec = spec_in(t.path(), Network::None);
         spec.lowerdirs.clear();
         let mut r = RecordingSyscalls::default();
-        let p = prepare_root(&mut r, &spec).unwrap();
+        let p = prepare_root(&mut r, &spec, &[]).unwrap();
         assert!(p.warnings.is_empty());
         assert!(p.created.contains(&"sys".to_string()));
         assert_eq!(r.calls[2], "loopback_up");
@@ -998,7 +1143,7 @@ mod tests {
         let spec = spec_in(t.path(), Network::Host);
         let mut r = RecordingSyscalls::default();
         r.fail.push(("mount proc".into(), libc::EPERM));
-        let e = prepare_root(&mut r, &spec).unwrap_err();
+        let e = prepare_root(&mut r, &spec, &[]).unwrap_err();
         assert!(
             e.contains("procMount: Unmasked") && e.contains("SYS_ADMIN"),
             "{e}"
@@ -1017,7 +1162,7 @@ mod tests {
         let mut r = RecordingSyscalls::default();
         // A fresh procfs would be refused where the masks are locked; it must not be tried.
         r.fail.push(("mount proc".into(), libc::EPERM));
-        prepare_root(&mut r, &spec).unwrap();
+        prepare_root(&mut r, &spec, &[]).unwrap();
         assert_eq!(r.calls[3], format!("rbind /proc {}", proc.display()));
         // Read-only parts with what is below them (locked mounts refuse a plain bind).
         let sys = proc.join("sys");
@@ -1053,7 +1198,7 @@ mod tests {
         let mut r = RecordingSyscalls::default();
         // As under docker's or podman's default seccomp profile.
         r.fail.push(("sethostname".into(), libc::EPERM));
-        let p = prepare_root(&mut r, &spec).unwrap();
+        let p = prepare_root(&mut r, &spec, &[]).unwrap();
         assert!(
             p.warnings
                 .iter()
@@ -1065,7 +1210,7 @@ mod tests {
         // Any other failure still stops the step.
         let mut r = RecordingSyscalls::default();
         r.fail.push(("sethostname".into(), libc::EINVAL));
-        assert!(prepare_root(&mut r, &spec)
+        assert!(prepare_root(&mut r, &spec, &[])
             .unwrap_err()
             .starts_with("sethostname: "));
     }

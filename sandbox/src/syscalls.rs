@@ -25,6 +25,9 @@ pub trait Syscalls {
     fn rbind(&mut self, source: &Path, target: &Path) -> io::Result<()>;
     /// Remounts a bind mount read-only, `nosuid`, `nodev` (and `noexec` when asked).
     fn remount_ro(&mut self, target: &Path, noexec: bool) -> io::Result<()>;
+    /// Makes the mount at `target` and every mount below it read-only, `nosuid`, `nodev`
+    /// and `noexec`, each keeping its other flags (`mount_setattr(2)` with `AT_RECURSIVE`).
+    fn tree_readonly(&mut self, target: &Path) -> io::Result<()>;
     /// `mount --make-rprivate target`.
     fn make_rprivate(&mut self, target: &Path) -> io::Result<()>;
     /// An overlay of `lowers` (top first) with `upper` and `work`, mounted with `userxattr`.
@@ -76,6 +79,9 @@ impl Syscalls for LinuxSyscalls {
             flags |= MountFlags::NOEXEC;
         }
         rustix::mount::mount_remount(target, flags, c"").map_err(Into::into)
+    }
+    fn tree_readonly(&mut self, target: &Path) -> io::Result<()> {
+        sys::mount_tree_readonly(target)
     }
     fn make_rprivate(&mut self, target: &Path) -> io::Result<()> {
         rustix::mount::mount_change(
@@ -198,6 +204,9 @@ impl Syscalls for RecordingSyscalls {
     }
     fn remount_ro(&mut self, target: &Path, _noexec: bool) -> io::Result<()> {
         self.rec(format!("ro {}", target.display()))
+    }
+    fn tree_readonly(&mut self, target: &Path) -> io::Result<()> {
+        self.rec(format!("tree_ro {}", target.display()))
     }
     fn make_rprivate(&mut self, target: &Path) -> io::Result<()> {
         self.rec(format!("rprivate {}", target.display()))

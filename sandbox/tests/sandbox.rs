@@ -28,6 +28,10 @@ const TESTS: &[Test] = &[
         "host_network_sees_host_interfaces",
         host_network_sees_host_interfaces,
     ),
+    (
+        "sys_mqueue_hosts_and_cgroup_like_runc",
+        sys_mqueue_hosts_and_cgroup_like_runc,
+    ),
     ("kill_all_does_not_escape", kill_all_does_not_escape),
     (
         "killing_the_parent_does_not_stop_the_step",
@@ -420,16 +424,72 @@ fn host_network_sees_host_interfaces() {
     let s = f.run("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '");
     let inside: Vec<String> = s.out.lines().map(str::to_string).collect();
     assert_eq!(inside, host);
-    // No sysfs without an own network namespace: the step is told.
+    // No fresh sysfs without an own network namespace: the builder's, bound read-only, as
+    // rootless runc does, and no warning.
     assert!(
-        s.ok()
-            .warnings
-            .iter()
-            .any(|w| w.contains("/sys is not mounted")),
+        !s.ok().warnings.iter().any(|w| w.contains("/sys")),
         "{:?}",
         s.ok().warnings
     );
-    assert!(!s.ok().created_mountpoints.contains(&"sys".to_string()));
+    let s = f.run("ls /sys/class/net | sort; touch /sys/x 2>/dev/null || echo refused");
+    let mut host: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    host.sort();
+    assert_eq!(s.out, format!("{}\nrefused\n", host.join("\n")));
+}
+
+/// What a step sees of /sys, /dev/mqueue, /etc/hosts and its cgroup, as runc gives a
+/// BuildKit step (issue 18): with and without a network namespace of its own.
+fn sys_mqueue_hosts_and_cgroup_like_runc() {
+    let f = setup();
+    let probe = "grep -E ' /(sys|sys/fs/cgroup|dev/mqueue|etc/hosts|etc/resolv.conf) ' /proc/self/mounts | cut -d' ' -f2,3,4 | cut -d, -f1 | sort -u; \
+         ls /sys/firmware | wc -l; ls /sys/fs/cgroup | wc -l; cat /proc/self/cgroup | cut -d: -f3 | sort -u; \
+         echo x >> /etc/hosts 2>/dev/null || echo hosts-ro; echo x > /sys/fs/cgroup/y 2>/dev/null || echo cgroup-ro";
+    for net in [Network::Host, Network::None] {
+        let s = f.run_with(probe, |b| b.network(net));
+        assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
+        let lines: Vec<&str> = s.out.lines().collect();
+        for want in [
+            "/dev/mqueue mqueue rw",
+            "/etc/hosts ",
+            "/etc/resolv.conf ",
+            "/sys sysfs ro",
+        ] {
+            let (point, rest) = want.split_once(' ').unwrap();
+            assert!(
+                lines.iter().any(|l| l.starts_with(&format!("{point} "))
+                    && (rest.is_empty() || l.ends_with(rest) || l.contains(rest))),
+                "{net:?}: no {want:?} in\n{}",
+                s.out
+            );
+        }
+        for ro in ["/etc/hosts", "/etc/resolv.conf", "/sys "] {
+            let l = lines
+                .iter()
+                .find(|l| l.starts_with(ro.trim_end()) && l.contains(' '))
+                .unwrap();
+            assert!(l.ends_with(" ro"), "{net:?}: {l}");
+        }
+        assert!(
+            lines.contains(&"0"),
+            "{net:?}: /sys/firmware is masked:\n{}",
+            s.out
+        );
+        // The step's cgroup namespace: every hierarchy shows its own cgroup as the root.
+        assert!(lines.contains(&"/"), "{net:?}: {}", s.out);
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.starts_with("/") && l.len() > 1 && !l.contains(' ')),
+            "{net:?}: the builder's cgroup paths show:\n{}",
+            s.out
+        );
+        assert!(lines.contains(&"hosts-ro"), "{net:?}: {}", s.out);
+        assert!(lines.contains(&"cgroup-ro"), "{net:?}: {}", s.out);
+        assert!(s.ok().warnings.is_empty(), "{net:?}: {:?}", s.ok().warnings);
+    }
 }
 
 fn kill_all_does_not_escape() {
@@ -473,7 +533,7 @@ fn background_processes_die_with_the_step() {
 fn created_mountpoints_are_reported_and_generated_files_stay_out() {
     let f = setup();
     let s = f.run_with(
-        "echo '10.0.0.1 extra' >> /etc/hosts; cat /etc/hosts; ls -d /proc /dev /sys 2>&1",
+        "echo '10.0.0.1 extra' >> /etc/hosts 2>/dev/null || echo hosts-read-only; cat /etc/hosts; ls -d /proc /dev /sys 2>&1",
         |b| b.network(Network::None),
     );
     assert_eq!(s.status(), ExitKind::Exited(0), "{}", s.out);
@@ -507,8 +567,9 @@ fn created_mountpoints_are_reported_and_generated_files_stay_out() {
             );
         }
     }
+    // Read-only, as BuildKit binds it.
     assert!(
-        s.out.contains("10.0.0.1 extra") && s.out.contains("localhost"),
+        s.out.contains("hosts-read-only") && s.out.contains("localhost"),
         "{}",
         s.out
     );
