@@ -85,9 +85,16 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
     // The mode a build would get here, under the default --isolation=auto.
     let build_line = match p.mode.choose(rbuild_sandbox::probe::IsolationPolicy::Auto) {
         Ok((isolation, _)) => format!(
-            "{}; limits: {}",
+            "{}; limits: {}{}",
             p.mode.describe(isolation),
-            p.pids.describe(rbuild_sandbox::limits::DEFAULT_PIDS_LIMIT)
+            p.pids.describe(rbuild_sandbox::limits::DEFAULT_PIDS_LIMIT),
+            // As the build's line says it (limits::resolve with no flags).
+            match p.pids {
+                rbuild_sandbox::limits::PidsBound::Rlimit => {
+                    format!(", {}", rbuild_sandbox::limits::NO_STEP_CGROUP)
+                }
+                _ => String::new(),
+            }
         ),
         Err(e) => e,
     };
@@ -398,14 +405,8 @@ fn resolve_limits(
             ..Default::default()
         };
         &none
-    } else if asked.memory.is_none() && asked.cpus.is_none() && asked.pids == Some(0) {
-        // Nothing to enforce: leave the cgroups as they are.
-        return resolve(
-            &asked,
-            &cgroup::Prepared::default(),
-            &PidsBound::None(String::new()),
-        );
     } else {
+        // Even with nothing to enforce: each step gets a cgroup of its own where one can be made.
         cgroup::prepared()
     };
     let scratch = root.join("tmp");

@@ -276,7 +276,7 @@ fn ordinary_users_ranges_are_checked_for_presence_and_overlap() {
         r["run_steps"]
             .as_str()
             .unwrap()
-            .ends_with("; limits: 2048 processes per user (RLIMIT_NPROC)"),
+            .ends_with("; limits: 2048 processes per user (RLIMIT_NPROC), no cgroup per step"),
         "{r}"
     );
     // b's range reaches into a's: both are told.

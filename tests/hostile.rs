@@ -58,7 +58,11 @@ fn stopped_by_rbuild(out: &Output, outer: &OuterBound, bound: &str, reached: &st
         .lines()
         .find(|l| l.starts_with("sandbox: "))
         .unwrap_or_else(|| panic!("no sandbox line:\n{tail}"));
-    assert!(line.ends_with(&format!("; limits: {bound}")), "{line}");
+    assert!(line.contains(&format!("; limits: {bound}")), "{line}");
+    if bound.contains("RLIMIT_NPROC") {
+        // No pids cgroup could be made: the line says the steps get no cgroup of their own.
+        assert!(line.ends_with(", no cgroup per step"), "{line}");
+    }
     assert!(log.contains("bomb-step-done"), "{tail}");
     let warning = log
         .lines()
@@ -165,15 +169,14 @@ fn pids_limit_0_takes_rbuilds_limit_away() {
         "{line}"
     );
     assert!(!log.contains("process limit 2048"), "{tail}");
-    // No step cgroup holds the step: its processes are the outer cgroup's own, whose counters
-    // say that its limit was reached and refused forks.
-    let (refused, peak) = (
-        outer.counter("pids.events", Some("max")),
-        outer.counter("pids.peak", None),
-    );
+    // The step's own cgroup has no limit, so what refused the bomb's forks is the outer
+    // bound: its peak is its limit. (On cgroup v1 the kernel counts a refusal in the forking
+    // task's cgroup, the step's, which is gone with the step.)
+    let peak = outer.counter("pids.peak", None);
+    let refused = log.lines().filter(|l| l.contains("can't fork")).count();
     assert!(
         refused > 0 && peak == 1000,
         "the outer bound did not act: {refused} forks refused, peak {peak}\n{tail}"
     );
-    println!("--pids-limit 0: the outer bound of 1000 refused {refused} forks");
+    println!("--pids-limit 0: the outer bound of 1000 refused forks ({refused} said so)");
 }

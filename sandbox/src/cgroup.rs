@@ -560,8 +560,9 @@ fn write_file(dir: &Path, file: &str, value: &str) -> io::Result<()> {
 }
 
 impl StepCgroup {
-    /// Creates the cgroup of one step under what `p` prepared, with `limits` written; `None`
-    /// when no limit can be enforced (the build warned about that at its start).
+    /// Creates the cgroup of one step under what `p` prepared, with `limits` written (a pids
+    /// cgroup without a limit when none is asked for); `None` when no cgroup can be made
+    /// (the sandbox line said so at the build's start).
     pub fn create(p: &Prepared, limits: &Limits) -> io::Result<Option<StepCgroup>> {
         let name = unique_name("rbuild-step");
         let mut cg = StepCgroup {
@@ -574,8 +575,19 @@ impl StepCgroup {
         let quota = limits
             .cpus
             .map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000));
-        let pids = limits.pids.map(|p| (p.max() + SANDBOX_PIDS).to_string());
-        let needed = Controller::needed_by(limits);
+        // Only a cgroup limit goes here (an `RLIMIT_NPROC` one is the step's init's to set).
+        let pids = match limits.pids {
+            Some(p @ crate::spec::ProcessLimit::Cgroup(_)) => {
+                Some((p.max() + SANDBOX_PIDS).to_string())
+            }
+            _ => None,
+        };
+        let mut needed = Controller::needed_by(limits);
+        if needed.is_empty() && p.how(Controller::Pids).is_some() {
+            // No limit asked for: a pids cgroup without one, so that the step still has a
+            // cgroup of its own (ended whole, counted, shown as its own in /sys/fs/cgroup).
+            needed.push(Controller::Pids);
+        }
         let via_v2: Vec<Controller> = needed
             .iter()
             .copied()
@@ -932,10 +944,17 @@ mod tests {
             ..Limits::default()
         };
         assert!(Controller::needed_by(&rlimit_only).is_empty());
-        assert!(
-            StepCgroup::create(&p, &rlimit_only).unwrap().is_none(),
-            "RLIMIT_NPROC needs no cgroup"
+        // No limit needs a cgroup, yet the step gets one where pids cgroups can be made: a
+        // pids cgroup without a limit. Where none can, none.
+        let own = StepCgroup::create(&p, &rlimit_only).unwrap().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(own.dirs()[0].join("pids.max")).unwrap(),
+            "max"
         );
+        drop(own);
+        assert!(StepCgroup::create(&Prepared::default(), &rlimit_only)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

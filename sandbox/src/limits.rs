@@ -93,6 +93,9 @@ pub fn pids_cgroup(cg: &Prepared) -> Result<&'static str, String> {
     })
 }
 
+/// What the sandbox line says where RUN steps get no cgroup of their own.
+pub const NO_STEP_CGROUP: &str = "no cgroup per step";
+
 /// How to get limits enforced that no cgroup can take.
 pub const CGROUP_FIX: &str = "run rbuild in a cgroup v2 subtree delegated to it (systemd `Delegate=yes`, `systemd-run --scope -p Delegate=yes`, a \
      container with its own cgroup namespace), or as root where cgroup v1 hierarchies hold the controllers";
@@ -165,6 +168,13 @@ pub fn resolve(asked: &Asked, cg: &Prepared, pids: &PidsBound) -> Resolved {
                 lost.push(format!("--pids-limit ({why})"));
             }
         }
+    }
+    // A step gets a cgroup of its own wherever the pids controller can make one, limit or
+    // not (it is how the step is ended whole and counted); where none can, the line says so
+    // (why is in the doctor's cgroup check, and in the warning where a limit is lost).
+    let said = matches!(pids, PidsBound::None(_)) && asked.pids != Some(0);
+    if cg.how(Controller::Pids).is_none() && !limits.needs_cgroup() && !said {
+        parts.push(NO_STEP_CGROUP.into());
     }
     let lost = (!lost.is_empty()).then(|| {
         format!(
@@ -258,7 +268,10 @@ mod tests {
             &bound,
         );
         assert_eq!(r.limits.pids, Some(ProcessLimit::Rlimit(300)));
-        assert_eq!(r.note, "300 processes per user (RLIMIT_NPROC)");
+        assert_eq!(
+            r.note,
+            "300 processes per user (RLIMIT_NPROC), no cgroup per step"
+        );
         assert_eq!(r.lost, None, "the asked limit holds");
         // Memory has no such fallback.
         let r = resolve(

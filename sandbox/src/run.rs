@@ -348,12 +348,8 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
         flags |= libc::CLONE_NEWNET;
     }
     // The step's cgroup: the helper joins it before it execs, so all the step's processes are in it.
-    let cgroup = if !spec.limits.needs_cgroup() {
-        None
-    } else {
-        StepCgroup::create(crate::cgroup::prepared(), &spec.limits)
-            .map_err(setup("creating the RUN step's cgroup"))?
-    };
+    let cgroup = StepCgroup::create(crate::cgroup::prepared(), &spec.limits)
+        .map_err(setup("creating the RUN step's cgroup"))?;
     if spec.snapshotter == Snapshotter::FuseOverlay {
         // The helper starts fuse-overlayfs first and then makes the PID namespace itself, so
         // that the daemon is not in it (a first child would be its PID 1).
