@@ -1311,6 +1311,7 @@ impl Builder {
                 exclude,
                 checksum,
                 keep_git_dir,
+                unpack,
                 ..
             } => {
                 let mode = chmod.as_deref().map(copy::parse_chmod).transpose()?;
@@ -1424,6 +1425,10 @@ impl Builder {
                     // Names resolve against the parent's /etc/passwd, which the parent key fixes.
                     .str("chown", chown.as_deref().unwrap_or(""))
                     .str("chmod", &format!("{mode:?}"));
+                if *is_add {
+                    // ADD extracts archives where COPY copies them: not the same result.
+                    kb.str("add", &format!("unpack={unpack:?}"));
+                }
                 Ok(PlannedStep {
                     key: kb.finish(),
                     fields: kb.fields().to_vec(),
@@ -1588,6 +1593,7 @@ impl Builder {
                     is_add,
                     link,
                     parents,
+                    unpack,
                     ..
                 },
                 StepInputs::Copy(inputs),
@@ -1666,16 +1672,26 @@ impl Builder {
                     }
                     let _permit = self.jobs.acquire().await?;
                     let staging = self.store.temp_dir("copy")?;
-                    // ADD of a local archive extracts it into the destination directory.
-                    let mut archives = Vec::new();
-                    if *is_add && from.is_none() {
+                    // ADD of a local archive extracts it into the destination directory,
+                    // unless --unpack=false; a downloaded one only with --unpack=true (as
+                    // BuildKit's dockerfile frontend does).
+                    let mut archives: Vec<(PathBuf, String)> = Vec::new();
+                    if *is_add && from.is_none() && *unpack != Some(false) {
                         let (a, rest): (Vec<_>, Vec<_>) = selected.into_iter().partition(|sel| {
                             sel.md.is_file() && copy::archive_kind(&sel.file).is_some()
                         });
-                        archives = a;
+                        archives.extend(a.into_iter().map(|sel| (sel.file, sel.rel)));
                         selected = rest;
                     }
-                    for a in &archives {
+                    let mut downloads = downloads;
+                    if *unpack == Some(true) {
+                        let (a, rest): (Vec<_>, Vec<_>) = downloads
+                            .into_iter()
+                            .partition(|d| copy::archive_kind(&d.path).is_some());
+                        archives.extend(a.into_iter().map(|d| (d.path, d.name)));
+                        downloads = rest;
+                    }
+                    for (file, rel) in &archives {
                         let dest_dir = clean_components(
                             &stack
                                 .resolve(dest, true)
@@ -1683,7 +1699,7 @@ impl Builder {
                                 .unwrap_or_else(|| dest.to_string()),
                         );
                         copy::ensure_dir(&staging, &stack, &dest_dir)?;
-                        let file = fs::File::open(&a.file)?;
+                        let file = fs::File::open(file)?;
                         let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
                         rbuild_snapshot::apply_layer(
                             reader,
@@ -1693,7 +1709,7 @@ impl Builder {
                                 ..Default::default()
                             },
                         )
-                        .map_err(|e| anyhow!("ADD {}: extracting: {e}", a.rel))?;
+                        .map_err(|e| anyhow!("ADD {rel}: extracting: {e}"))?;
                     }
                     let mut n =
                         copy::stage_copy(&staging, &stack, &source, &selected, dest, &attrs)?;

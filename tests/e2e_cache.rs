@@ -554,3 +554,41 @@ fn base_image_tags_are_not_asked_again_for_a_while_and_survive_an_outage() {
     let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert!(log.contains("--pull asks the registry"), "{log}");
 }
+
+/// `COPY`, `ADD` and `ADD --unpack=false` of one archive to one place give different layers,
+/// so none may be the cache hit of another (ADD's key once lacked it: after a COPY, the ADD
+/// reused the unextracted copy).
+#[test]
+fn copy_and_add_of_an_archive_have_keys_of_their_own() {
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(ctx.path().join("src/sub")).unwrap();
+    std::fs::write(ctx.path().join("src/sub/f"), "in archive\n").unwrap();
+    ok(Command::new("tar")
+        .arg("-czf")
+        .arg(ctx.path().join("a.tar.gz"))
+        .arg("-C")
+        .arg(ctx.path().join("src"))
+        .arg("sub"));
+    let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (i, (step, extracted)) in [
+        ("COPY a.tar.gz /d/", false),
+        ("ADD a.tar.gz /d/", true),
+        ("ADD --unpack=false a.tar.gz /d/", false),
+        ("ADD a.tar.gz /d/", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!("FROM scratch\n{step}\n"),
+        )
+        .unwrap();
+        let dest = out.path().join(i.to_string());
+        ok(rbuild(root.path())
+            .arg(format!("--output=type=local,dest={}", dest.display()))
+            .arg(ctx.path()));
+        assert_eq!(dest.join("d/sub/f").exists(), extracted, "{step}");
+        assert_eq!(dest.join("d/a.tar.gz").exists(), !extracted, "{step}");
+    }
+}

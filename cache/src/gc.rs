@@ -580,6 +580,9 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         report.bytes += size;
         remove_any(&p)?;
     }
+    // The per-stack directories themselves go once empty (not part of the skeleton).
+    let _ = fs::remove_dir(root.join("layers/over/sha256"));
+    let _ = fs::remove_dir(root.join("layers/over"));
     for e in entries(&root.join("layers/built")) {
         if linked.contains(&*e.file_name().to_string_lossy()) {
             continue;
