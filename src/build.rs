@@ -2093,18 +2093,12 @@ impl Builder {
 
     /// The filesystem `COPY --from=NAME` reads: a stage by name or index, else an image.
     async fn copy_from(self: &Arc<Self>, name: &str) -> Result<ImageFs> {
-        let by_name = self
-            .dockerfile
-            .stages
-            .iter()
-            .position(|s| s.name.as_deref() == Some(&name.to_lowercase()));
-        let by_index = name
-            .parse::<usize>()
-            .ok()
-            .filter(|i| *i < self.dockerfile.stages.len());
-        match by_name.or(by_index) {
-            Some(i) => self.stage_result(i).await,
-            None => {
+        // The one stage resolver the plan uses too: a stage by name or index, `scratch` (an
+        // empty filesystem, as BuildKit makes it), else an image.
+        match rbuild_dag::graph::resolve_from(&self.dockerfile, name) {
+            Base::Stage(i) => self.stage_result(i).await,
+            Base::Scratch => Ok(ImageFs::scratch(&self.opts.platform)),
+            Base::Image(_) => {
                 if self.named_dir_context(name).is_some() {
                     bail!("build context {name:?} is a directory: it can be a COPY --from or RUN --mount source, not an image");
                 }
