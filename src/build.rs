@@ -1039,8 +1039,15 @@ impl Builder {
             let store = self.store.clone();
             let dir = PathBuf::from(dir);
             let tag = tag.map(str::to_string);
+            // The build's platform, as for an image from a registry (checked OS/ARCH above).
+            let (os, arch) = self
+                .opts
+                .platform
+                .split_once('/')
+                .unwrap_or(("linux", "amd64"));
+            let platform = (os.to_string(), arch.to_string());
             tokio::task::spawn_blocking(move || {
-                registry::load_oci_layout(&dir, tag.as_deref(), &store)
+                registry::load_oci_layout(&dir, tag.as_deref(), &platform, &store)
             })
             .await??
         } else {

@@ -1541,16 +1541,6 @@ fn finish_pull(
     })
 }
 
-/// Reads an OCI image layout (`FROM oci-layout://DIR[:TAG]`) into the store for linux/amd64;
-/// see [`load_oci_layout_for`].
-pub fn load_oci_layout(
-    dir: &Path,
-    tag: Option<&str>,
-    store: &Store,
-) -> Result<PulledImage, RegistryError> {
-    load_oci_layout_for(dir, tag, &RegistryOptions::default().platform, store)
-}
-
 /// Reads a JSON file of an image layout, refusing one over `limit` bytes (a layout from
 /// elsewhere may hold anything, `/dev/zero` behind a symlink included).
 fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
@@ -1571,7 +1561,7 @@ fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
 /// Reads an OCI image layout into the store: the image whose `org.opencontainers.image.ref.name`
 /// is `tag` (or the only one when no tag is given), an index resolved to `platform`, and every
 /// blob copied in with its digest verified.
-pub fn load_oci_layout_for(
+pub fn load_oci_layout(
     dir: &Path,
     tag: Option<&str>,
     platform: &(String, String),

@@ -238,3 +238,74 @@ fn add_from_urls_and_git_and_a_context_url() {
         "downloads and checkouts are cleaned up"
     );
 }
+
+/// `FROM oci-layout://` picks the build's `--platform` from a multi-platform layout, as an
+/// image from a registry does (it always took linux/amd64 before).
+#[test]
+fn oci_layout_bases_follow_the_build_platform() {
+    use sha2::Digest;
+    ensure_tools();
+    let layout = tempfile::tempdir().unwrap();
+    let blobs = layout.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
+        (d, bytes.len())
+    };
+    let mut platforms = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        h.set_size(arch.len() as u64);
+        b.append_data(&mut h, "arch", arch.as_bytes()).unwrap();
+        let layer = b.into_inner().unwrap();
+        let (ld, ls) = put(&layer);
+        let config = serde_json::json!({"architecture": arch, "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [ld]}});
+        let (cd, cs) = put(&serde_json::to_vec(&config).unwrap());
+        let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ls}]});
+        let (md, ms) = put(&serde_json::to_vec(&manifest).unwrap());
+        platforms.push(
+            serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": md, "size": ms, "platform": {"os": "linux", "architecture": arch}}),
+        );
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": platforms});
+    let (id, is) = put(&serde_json::to_vec(&index).unwrap());
+    std::fs::write(
+        layout.path().join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": id, "size": is, "annotations": {"org.opencontainers.image.ref.name": "multi"}}]});
+    std::fs::write(
+        layout.path().join("index.json"),
+        serde_json::to_vec(&top).unwrap(),
+    )
+    .unwrap();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM oci-layout://{}:multi\nCOPY Dockerfile /df\n",
+            layout.path().display()
+        ),
+    )]);
+    let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for arch in ["amd64", "arm64"] {
+        let dest = out.path().join(arch);
+        ok(rbuild(root.path())
+            .arg(format!("--platform=linux/{arch}"))
+            .arg(format!("--output=type=local,dest={}", dest.display()))
+            .arg(ctx.path()));
+        assert_eq!(std::fs::read_to_string(dest.join("arch")).unwrap(), arch);
+    }
+}

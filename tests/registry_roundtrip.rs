@@ -377,7 +377,7 @@ async fn assembled_image_pushes_under_two_tags_and_writes_every_output() {
 
     // The layout we wrote loads back as a base image.
     let fresh = Store::open(&t.path().join("store2")).unwrap();
-    let loaded = load_oci_layout(&layout, Some("v1"), &fresh).unwrap();
+    let loaded = load_oci_layout(&layout, Some("v1"), &amd64(), &fresh).unwrap();
     assert_eq!(loaded.manifest_digest, image.manifest_digest);
     assert_eq!(loaded.layers, layers);
 }
@@ -451,12 +451,12 @@ async fn testbed_oci_layout_loads_with_verified_blobs() {
     let t = tempfile::tempdir().unwrap();
     let dir = common::base_image_layouts(false).join("busybox");
     let store = Store::open(&t.path().join("store")).unwrap();
-    let img = load_oci_layout(&dir, Some("latest"), &store).unwrap();
+    let img = load_oci_layout(&dir, Some("latest"), &amd64(), &store).unwrap();
     assert!(img.reference.starts_with("oci-layout://"));
     for l in &img.layers {
         assert_eq!(sha_file(&store.blob_path(&l.digest)), l.digest);
     }
-    let err = load_oci_layout(&dir, Some("missing"), &store).unwrap_err();
+    let err = load_oci_layout(&dir, Some("missing"), &amd64(), &store).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
 }
 
@@ -538,4 +538,9 @@ async fn docker_v2_manifests_and_indexes_resolve_to_the_platform() {
         err.to_string().contains(&multi) && err.to_string().contains("linux/s390x"),
         "{err}"
     );
+}
+
+/// The platform the layouts of these tests hold.
+fn amd64() -> (String, String) {
+    ("linux".into(), "amd64".into())
 }
