@@ -99,6 +99,9 @@ type ContextHash =
     futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Digest, String>>>;
 
 /// A background job several tasks may wait for.
+/// A base image, pulled (once per build) when first awaited.
+type ImageCell = Arc<OnceCell<ImageFs>>;
+
 type SharedJob<T> =
     futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, String>>>;
 
@@ -292,7 +295,10 @@ pub struct Builder {
     progress: Progress,
     registry: Registry,
     jobs: Semaphore,
-    images: Mutex<HashMap<String, Arc<OnceCell<ImageFs>>>>,
+    /// Base images by reference and platform, pulled once per build.
+    images: Mutex<HashMap<(String, String), ImageCell>>,
+    /// Registry clients for platforms other than the build's (`FROM --platform`).
+    platform_registries: Mutex<HashMap<String, Arc<Registry>>>,
     stages: Mutex<HashMap<usize, Arc<OnceCell<ImageFs>>>>,
     /// Layer exports running in the background; all are awaited before the build ends.
     exports: Mutex<Vec<LayerSlot>>,
@@ -381,6 +387,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         registry,
         jobs: Semaphore::new(opts.jobs.max(1)),
         images: Mutex::new(HashMap::new()),
+        platform_registries: Mutex::new(HashMap::new()),
         stages: Mutex::new(HashMap::new()),
         exports: Mutex::new(Vec::new()),
         context_hashes: Mutex::new(HashMap::new()),
@@ -430,17 +437,29 @@ impl Builder {
         // Pull every external image the plan names right away, so pulls overlap with execution
         // instead of waiting for the step that needs them (errors surface where they are used).
         for ps in &plan.stages {
-            let mut refs = ps.images.clone();
+            // The base for the stage's own platform (FROM --platform), the rest for the build's.
+            let base_platform = rbuild_dag::dispatch::expand_platform(
+                &self.dockerfile.stages[ps.index],
+                &self.resolved,
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| self.opts.platform.clone());
+            let mut refs: Vec<(String, String)> = ps
+                .images
+                .iter()
+                .map(|r| (r.clone(), self.opts.platform.clone()))
+                .collect();
             if let Base::Image(r) = &ps.base {
-                refs.push(r.clone());
+                refs.push((r.clone(), base_platform));
             }
-            for r in refs {
+            for (r, platform) in refs {
                 if r.contains('$') || self.named_dir_context(&r).is_some() {
                     continue; // expanded only at dispatch, or not an image at all
                 }
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let _ = me.image_fs(&r).await;
+                    let _ = me.image_fs_for(&r, &platform).await;
                 });
             }
         }
@@ -997,6 +1016,11 @@ impl Builder {
 
     /// The filesystem of an external image, pulled and unpacked once per build.
     async fn image_fs(self: &Arc<Self>, reference: &str) -> Result<ImageFs> {
+        self.image_fs_for(reference, &self.opts.platform).await
+    }
+
+    /// The image `reference` for `platform` (`os/arch[/variant]`).
+    async fn image_fs_for(self: &Arc<Self>, reference: &str, platform: &str) -> Result<ImageFs> {
         // --build-context NAME=docker-image://REF or =oci-layout://DIR replaces an image by name.
         let mapped = self.opts.build_contexts.get(reference).and_then(|v| {
             v.strip_prefix("docker-image://")
@@ -1008,20 +1032,23 @@ impl Builder {
             .images
             .lock()
             .unwrap()
-            .entry(reference.to_string())
+            .entry((reference.to_string(), platform.to_string()))
             .or_default()
             .clone();
         let fs = cell
-            .get_or_try_init(|| self.pull_and_unpack(reference))
+            .get_or_try_init(|| self.pull_and_unpack(reference, platform))
             .await?;
         Ok(fs.clone())
     }
 
-    async fn pull_and_unpack(self: &Arc<Self>, reference: &str) -> Result<ImageFs> {
-        let step = self
-            .progress
-            .start(&format!("[internal] load image {reference}"));
-        let res = self.pull_and_unpack_inner(reference, &step).await;
+    async fn pull_and_unpack(self: &Arc<Self>, reference: &str, platform: &str) -> Result<ImageFs> {
+        let name = if platform == self.opts.platform {
+            format!("[internal] load image {reference}")
+        } else {
+            format!("[internal] load image {reference} for {platform}")
+        };
+        let step = self.progress.start(&name);
+        let res = self.pull_and_unpack_inner(reference, platform, &step).await;
         match &res {
             Ok(_) => step.done(),
             Err(e) => step.error(&format!("{e:#}")),
@@ -1029,9 +1056,21 @@ impl Builder {
         res
     }
 
+    /// The registry client that resolves images to `platform`.
+    fn registry_for(&self, platform: &str) -> Arc<Registry> {
+        let mut m = self.platform_registries.lock().unwrap();
+        m.entry(platform.to_string())
+            .or_insert_with(|| {
+                let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
+                Arc::new(self.registry.for_platform(os, arch))
+            })
+            .clone()
+    }
+
     async fn pull_and_unpack_inner(
         self: &Arc<Self>,
         reference: &str,
+        platform: &str,
         step: &ProgressStep,
     ) -> Result<ImageFs> {
         let pulled = if let Some(rest) = reference.strip_prefix("oci-layout://") {
@@ -1039,12 +1078,7 @@ impl Builder {
             let store = self.store.clone();
             let dir = PathBuf::from(dir);
             let tag = tag.map(str::to_string);
-            // The build's platform, as for an image from a registry (checked OS/ARCH above).
-            let (os, arch) = self
-                .opts
-                .platform
-                .split_once('/')
-                .unwrap_or(("linux", "amd64"));
+            let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
             let platform = (os.to_string(), arch.to_string());
             tokio::task::spawn_blocking(move || {
                 registry::load_oci_layout(&dir, tag.as_deref(), &platform, &store)
@@ -1052,7 +1086,13 @@ impl Builder {
             .await??
         } else {
             // Manifest and config only: the layers come from the registry when needed.
-            let pulled = self.registry.resolve(reference, &self.store).await?;
+            let pulled = if platform == self.opts.platform {
+                self.registry.resolve(reference, &self.store).await?
+            } else {
+                self.registry_for(platform)
+                    .resolve(reference, &self.store)
+                    .await?
+            };
             let mut origins = self.origins.lock().unwrap();
             for l in &pulled.layers {
                 origins
@@ -1137,11 +1177,23 @@ impl Builder {
         let base_text =
             rbuild_dag::expand_base(stage, &self.resolved).map_err(|e| anyhow!("{e}"))?;
         let base = rbuild_dag::graph::resolve_base(&self.dockerfile, idx, &base_text);
+        // FROM --platform (with $BUILDPLATFORM, $TARGETPLATFORM ...): the base for that
+        // platform; a stage base keeps its own.
+        let platform = rbuild_dag::dispatch::expand_platform(stage, &self.resolved)
+            .map_err(|e| anyhow!("{e}"))?
+            .unwrap_or_else(|| self.opts.platform.clone());
+        let parts = platform.split('/').count();
+        if !(2..=3).contains(&parts) || platform.split('/').any(str::is_empty) {
+            return Err(self.err_at(
+                stage.line,
+                format!("FROM --platform={platform}: want OS/ARCH[/VARIANT]"),
+            ));
+        }
         let mut fs = match base {
-            Base::Scratch => ImageFs::scratch(&self.opts.platform),
+            Base::Scratch => ImageFs::scratch(&platform),
             Base::Stage(i) => self.stage_result(i).await?,
             Base::Image(r) => self
-                .image_fs(&r)
+                .image_fs_for(&r, &platform)
                 .await
                 .map_err(|e| self.err_at(stage.line, format!("FROM {r}: {e:#}")))?,
         };

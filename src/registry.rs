@@ -642,6 +642,17 @@ impl Registry {
         Ok(client)
     }
 
+    /// A client like this one that resolves images to another platform (`FROM --platform`),
+    /// with connections of its own.
+    pub fn for_platform(&self, os: &str, arch: &str) -> Registry {
+        let r = Registry::new(RegistryOptions {
+            platform: (os.to_string(), arch.to_string()),
+            ..self.opts.clone()
+        });
+        *r.reporter.lock().unwrap() = self.reporter.lock().unwrap().clone();
+        r
+    }
+
     /// Has `f` told of every retry (a line of the build's output).
     pub fn on_retry(&self, f: retry::Reporter) {
         *self.reporter.lock().unwrap() = Some(f);

@@ -308,4 +308,46 @@ fn oci_layout_bases_follow_the_build_platform() {
             .arg(ctx.path()));
         assert_eq!(std::fs::read_to_string(dest.join("arch")).unwrap(), arch);
     }
+    // FROM --platform, literal and with $BUILDPLATFORM, picks per stage (it was parsed and
+    // dropped: every stage got the build's platform).
+    let host = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    };
+    let l = layout.path().display();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM --platform=linux/arm64 oci-layout://{l}:multi AS arm\n\
+             FROM --platform=$BUILDPLATFORM oci-layout://{l}:multi AS build\n\
+             FROM oci-layout://{l}:multi\n\
+             COPY --from=arm /arch /arm-arch\n\
+             COPY --from=build /arch /build-arch\n"
+        ),
+    )
+    .unwrap();
+    for arch in ["amd64", "arm64"] {
+        let dest = out.path().join(format!("stages-{arch}"));
+        ok(rbuild(root.path())
+            .arg(format!("--platform=linux/{arch}"))
+            .arg(format!("--output=type=local,dest={}", dest.display()))
+            .arg(ctx.path()));
+        let read = |f: &str| std::fs::read_to_string(dest.join(f)).unwrap();
+        assert_eq!(
+            (read("arch"), read("arm-arch"), read("build-arch")),
+            (arch.to_string(), "arm64".to_string(), host.to_string())
+        );
+    }
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bad.path().join("Dockerfile"),
+        format!("FROM --platform=linux oci-layout://{l}:multi\n"),
+    )
+    .unwrap();
+    let res = run(rbuild(root.path()).arg(bad.path()));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("Dockerfile:1") && err.contains("want OS/ARCH"),
+        "{err}"
+    );
 }
