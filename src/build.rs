@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use rbuild_cache::{CacheExport, CacheKey, CacheKeyBuilder, CacheRecord, Digest, LayerRef, Store};
 use rbuild_dag::dispatch::{ImageState, StageDispatcher, Step};
 use rbuild_dag::graph::Base;
+use rbuild_dag::mount::MountSpec;
 use rbuild_dag::Dockerfile;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -1342,7 +1343,11 @@ impl Builder {
                     .str("user", user)
                     .str("workdir", workdir)
                     .str("network", &format!("{net:?}"))
-                    .strs("mounts", mounts);
+                    // The specs as written: the same key as when they were kept as text.
+                    .strs(
+                        "mounts",
+                        &mounts.iter().map(|m| m.spec.as_str()).collect::<Vec<_>>(),
+                    );
                 if insecure {
                     kb.str("security", "insecure");
                 }
@@ -1851,11 +1856,10 @@ impl Builder {
     /// cache-mount contents; the specs themselves are in the key already). Reads no layer.
     async fn mount_key_inputs(
         self: &Arc<Self>,
-        specs: &[String],
+        specs: &[MountSpec],
         key: &mut CacheKeyBuilder,
     ) -> Result<()> {
-        for spec in specs {
-            let m = crate::mounts::parse_mount(spec)?;
+        for m in specs {
             if m.kind != "bind" {
                 continue;
             }
@@ -1921,10 +1925,10 @@ impl Builder {
     /// this fetches the layers of `from=` stages and takes cache-mount locks).
     async fn prepare_mounts(
         self: &Arc<Self>,
-        specs: &[String],
+        specs: &[MountSpec],
         files: &[rbuild_dag::dispatch::InlineFile],
     ) -> Result<PreparedMounts> {
-        use crate::mounts::{parse_mount, SecretSource};
+        use crate::mounts::SecretSource;
         use rbuild_sandbox::{Mount, MountSource};
         let mut p = PreparedMounts::default();
         for f in files {
@@ -1940,8 +1944,7 @@ impl Builder {
                 },
             });
         }
-        for spec in specs {
-            let m = parse_mount(spec)?;
+        for m in specs {
             match m.kind.as_str() {
                 "bind" => {
                     let target = m.target.clone().unwrap();

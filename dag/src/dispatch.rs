@@ -225,8 +225,8 @@ pub enum Step {
         workdir: String,
         /// `--network` (`default`, `none`, `host`).
         network: Option<String>,
-        /// Raw `--mount` specs (values expanded).
-        mounts: Vec<String>,
+        /// `--mount`s, parsed (values expanded).
+        mounts: Vec<crate::mount::MountSpec>,
         /// `--security` (`sandbox`, `insecure`).
         security: Option<String>,
         /// Files to provide read-only before running (shebang heredoc scripts).
@@ -877,7 +877,10 @@ impl StageDispatcher {
         };
         let mut mounts = Vec::new();
         for m in &r.mounts {
-            mounts.push(self.expand(i, m)?);
+            let spec = self.expand(i, m)?;
+            mounts.push(
+                crate::mount::parse_mount(&spec).map_err(|e| self.invalid(i, e.to_string()))?,
+            );
         }
         if let Some(n) = &r.network {
             if !matches!(n.as_str(), "default" | "none" | "host") {

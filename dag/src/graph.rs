@@ -121,15 +121,6 @@ pub fn resolve_from(df: &Dockerfile, from: &str) -> Base {
     Base::Image(from.to_string())
 }
 
-/// `from=` value of a `--mount` spec (CSV `key=value` fields).
-pub fn mount_from(spec: &str) -> Option<String> {
-    spec.split(',').find_map(|f| {
-        f.trim()
-            .strip_prefix("from=")
-            .map(|v| v.trim_matches('"').to_string())
-    })
-}
-
 /// Computes dependencies of every stage, prunes to `target` (default: the last
 /// stage) and orders them topologically.
 ///
@@ -181,13 +172,16 @@ pub fn plan(
             let (froms, kind): (Vec<String>, &'static str) = match (&ins.kind, d.dispatch(ins)) {
                 (_, Ok(Some(Step::Copy { from: Some(f), .. }))) => (vec![f], "copy"),
                 (_, Ok(Some(Step::Run { mounts, .. }))) => (
-                    mounts.iter().filter_map(|m| mount_from(m)).collect(),
+                    mounts.iter().filter_map(|m| m.from.clone()).collect(),
                     "mount",
                 ),
                 // Dispatch failed (e.g. needs the base image's env): use the raw text.
                 (InstructionKind::Copy(c), Err(_)) => (c.from.iter().cloned().collect(), "copy"),
                 (InstructionKind::Run(r), Err(_)) => (
-                    r.mounts.iter().filter_map(|m| mount_from(m)).collect(),
+                    r.mounts
+                        .iter()
+                        .filter_map(|m| crate::mount::parse_mount(m).ok()?.from)
+                        .collect(),
                     "mount",
                 ),
                 _ => (vec![], ""),

@@ -16,6 +16,7 @@ pub mod dispatch;
 pub mod glob;
 pub mod graph;
 pub mod ignore;
+pub mod mount;
 pub mod parser;
 pub mod shell;
 

@@ -602,7 +602,12 @@ fn run_flags_and_mounts_expand() {
     else {
         panic!()
     };
-    assert_eq!(mounts, &vec!["type=cache,target=/cache".to_string()]);
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].spec, "type=cache,target=/cache");
+    assert_eq!(
+        (mounts[0].kind.as_str(), mounts[0].target.as_deref()),
+        ("cache", Some("/cache"))
+    );
     assert_eq!(network.as_deref(), Some("none"));
     assert_eq!(security.as_deref(), Some("insecure"));
     let _ = &r.df;
@@ -697,4 +702,22 @@ fn unused_build_args_reported() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     assert_eq!(rbuild_dag::dispatch::unused_build_args(&df, &ba), vec!["X"]);
+}
+
+/// A `--mount` is parsed once, when the RUN is dispatched: a bad one is an error naming the
+/// line, before anything runs.
+#[test]
+fn a_bad_mount_is_refused_at_its_line() {
+    let err = run_with(
+        "FROM a\nRUN --mount=type=cache,target=relative make\n",
+        ImageState::default(),
+        &[],
+        0,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.contains(":2") && err.contains("must be an absolute path"),
+        "{err}"
+    );
 }
