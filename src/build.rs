@@ -99,10 +99,10 @@ pub struct BuildOutcome {
 type ContextHash =
     futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Digest, String>>>;
 
-/// A background job several tasks may wait for.
 /// A base image, pulled (once per build) when first awaited.
 type ImageCell = Arc<OnceCell<ImageFs>>;
 
+/// A background job several tasks may wait for.
 type SharedJob<T> =
     futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, String>>>;
 
@@ -274,7 +274,7 @@ struct ImageFs {
 
 impl ImageFs {
     fn scratch(platform: &str) -> ImageFs {
-        let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
+        let (os, arch) = os_arch(platform);
         ImageFs {
             key: CacheKeyBuilder::new("scratch")
                 .str("platform", platform)
@@ -1062,7 +1062,7 @@ impl Builder {
         let mut m = self.platform_registries.lock().unwrap();
         m.entry(platform.to_string())
             .or_insert_with(|| {
-                let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
+                let (os, arch) = os_arch(platform);
                 Arc::new(self.registry.for_platform(os, arch))
             })
             .clone()
@@ -1079,7 +1079,7 @@ impl Builder {
             let store = self.store.clone();
             let dir = PathBuf::from(dir);
             let tag = tag.map(str::to_string);
-            let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
+            let (os, arch) = os_arch(platform);
             let platform = (os.to_string(), arch.to_string());
             tokio::task::spawn_blocking(move || {
                 registry::load_oci_layout(&dir, tag.as_deref(), &platform, &store)
@@ -2456,11 +2456,7 @@ impl Builder {
                 serde_json::from_slice(&export.to_json())?,
             );
         }
-        let (os, arch) = self
-            .opts
-            .platform
-            .split_once('/')
-            .unwrap_or(("linux", "amd64"));
+        let (os, arch) = os_arch(&self.opts.platform);
         obj.insert("os".into(), json!(os));
         obj.insert("architecture".into(), json!(arch));
         obj.insert("created".into(), json!(now_rfc3339()));
@@ -2528,6 +2524,12 @@ fn split_layout_ref(rest: &str) -> (&str, Option<&str>) {
         Some(i) => (&rest[..slash + i], Some(&rest[slash + i + 1..])),
         None => (rest, None),
     }
+}
+
+/// The OS and architecture (with any variant) of a platform `os/arch[/variant]`, checked
+/// when the build starts and for each `FROM --platform`.
+fn os_arch(platform: &str) -> (&str, &str) {
+    platform.split_once('/').unwrap_or(("linux", "amd64"))
 }
 
 /// Where a layer is unpacked in the store.

@@ -196,18 +196,7 @@ fn run_step_environment_is_the_same_rootless_and_in_a_pod() {
     ordinary_user("rbuilddiff", Some("600000:65536"));
     std::fs::create_dir(d.join("user")).unwrap();
     ok(Command::new("chown").arg("rbuilddiff").arg(d.join("user")));
-    ok(Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            "runuser",
-            "-u",
-            "rbuilddiff",
-            "--",
-            "env",
-        ])
-        .arg(format!("HOME={}", d.join("user").display()))
+    ok(as_user("rbuilddiff", &d.join("user"))
         .arg("sh")
         .arg("-c")
         .arg(format!(

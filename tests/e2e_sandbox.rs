@@ -255,18 +255,7 @@ fn ordinary_user_with_subuid_range_builds_and_pushes() {
     }
     ok(Command::new("chown").arg(TEST_USER).arg(home.path()));
     let tag = format!("{}/rootless:1", reg.addr);
-    let res = run(Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            "runuser",
-            "-u",
-            TEST_USER,
-            "--",
-            "env",
-        ])
-        .arg(format!("HOME={}", home.path().display()))
+    let res = run(as_user(TEST_USER, home.path())
         .arg(rbuild_bin())
         .args(["build", "--progress=plain", "-t", &tag, "--push"])
         .arg(ctx.path()));
@@ -322,18 +311,7 @@ fn ordinary_user_without_subuid_range_falls_back_to_a_single_id_map() {
         ok(Command::new("chmod").args(["a+rwX"]).arg(p));
     }
     ok(Command::new("chown").arg(USER).arg(home.path()));
-    let res = run(Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            "runuser",
-            "-u",
-            USER,
-            "--",
-            "env",
-        ])
-        .arg(format!("HOME={}", home.path().display()))
+    let res = run(as_user(USER, home.path())
         .arg(rbuild_bin())
         .args(["build", "--progress=plain"])
         .arg(format!(

@@ -3,7 +3,9 @@ from `docker save`. Every key of `config` (Env, Cmd, Entrypoint, User, WorkingDi
 ExposedPorts, Volumes, StopSignal, Healthcheck, ...), the platform and the layer count are
 compared; empty values count as absent. Keys matching a line of the allowed-differences file
 (as `config.KEY`, a regular expression, then `# reason`) are reported as allowed."""
-import json, os, re, sys, tarfile
+import json, os, sys, tarfile
+
+from allowed import load_allowed
 
 def oci_config(layout):
     def blob(digest):
@@ -32,13 +34,7 @@ def flatten(cfg):
 
 def main():
     rb_layout, bk_archive, allowed_file, name = sys.argv[1:5]
-    allowed = []
-    if os.path.exists(allowed_file):
-        for line in open(allowed_file):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                pat, _, why = line.partition("#")
-                allowed.append((re.compile(pat.strip()), why.strip()))
+    allowed = load_allowed(allowed_file)
     a, b = flatten(oci_config(rb_layout)), flatten(saved_config(bk_archive))
     problems, explained = [], []
     for k in sorted(set(a) | set(b)):

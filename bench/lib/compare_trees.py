@@ -1,7 +1,9 @@
 """Compares two root filesystems entry by entry (bench/corpus.sh): every path in either, its
 type, permission bits, owner, size, content hash and link target. Paths matching a line of the
 allowed-differences file (a regular expression, then `# reason`) are reported as allowed."""
-import hashlib, os, re, stat, sys
+import hashlib, os, stat, sys
+
+from allowed import load_allowed
 
 def walk(root):
     out = {}
@@ -26,13 +28,7 @@ def walk(root):
 
 def main():
     a_root, b_root, allowed_file, name = sys.argv[1:5]
-    allowed = []
-    if os.path.exists(allowed_file):
-        for line in open(allowed_file):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                pat, _, why = line.partition("#")
-                allowed.append((re.compile(pat.strip()), why.strip()))
+    allowed = load_allowed(allowed_file)
     a, b = walk(a_root), walk(b_root)
     problems, explained = [], {}
     for p in sorted(set(a) | set(b)):

@@ -164,13 +164,19 @@ pub struct OwnView {
     pub own: PathBuf,
     /// A cgroup2 (unified) hierarchy.
     pub v2: bool,
+    /// What `/proc/self/cgroup` names the hierarchy by (v1 controllers, `name=...`).
+    pub controllers: Vec<String>,
 }
 
 /// Every visible cgroup hierarchy with this process's directory in it, from
 /// `/proc/self/cgroup` and `/proc/self/mountinfo` (named v1 hierarchies such as
 /// `name=systemd` included).
 pub fn own_views(self_cgroup: &str, mountinfo: &str) -> Vec<OwnView> {
-    let mounts = cgroup_mounts(mountinfo);
+    views_in(self_cgroup, &cgroup_mounts(mountinfo))
+}
+
+/// [`own_views`] over mounts [`cgroup_mounts`] already read.
+fn views_in(self_cgroup: &str, mounts: &[(String, PathBuf, String, Vec<String>)]) -> Vec<OwnView> {
     let mut out = Vec::new();
     for line in self_cgroup.lines() {
         let mut f = line.splitn(3, ':');
@@ -189,7 +195,12 @@ pub fn own_views(self_cgroup: &str, mountinfo: &str) -> Vec<OwnView> {
                 .flatten()
         });
         if let Some((mount, own)) = found {
-            out.push(OwnView { mount, own, v2 });
+            out.push(OwnView {
+                mount,
+                own,
+                v2,
+                controllers: names.iter().map(|n| n.to_string()).collect(),
+            });
         }
     }
     out
@@ -207,29 +218,14 @@ impl Layout {
             }),
             ..Layout::default()
         };
-        for line in self_cgroup.lines() {
-            let mut f = line.splitn(3, ':');
-            let (Some(id), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
-                continue;
-            };
-            if id == "0" && ctrls.is_empty() {
-                layout.v2 = mounts
-                    .iter()
-                    .filter(|(_, _, t, _)| t == "cgroup2")
-                    .find_map(|(root, mnt, _, _)| dir_in(root, mnt, path));
+        for v in views_in(self_cgroup, &mounts) {
+            if v.v2 {
+                layout.v2 = Some(v.own);
                 continue;
             }
-            let names: Vec<&str> = ctrls.split(',').collect();
             for c in Controller::ALL {
-                if !names.contains(&c.name()) {
-                    continue;
-                }
-                let dir = mounts
-                    .iter()
-                    .filter(|(_, _, t, o)| t == "cgroup" && o.iter().any(|o| o == c.name()))
-                    .find_map(|(root, mnt, _, _)| dir_in(root, mnt, path));
-                if let Some(d) = dir {
-                    layout.v1.insert(c, d);
+                if v.controllers.iter().any(|n| n == c.name()) {
+                    layout.v1.insert(c, v.own.clone());
                 }
             }
         }

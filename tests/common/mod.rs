@@ -382,6 +382,25 @@ pub fn ordinary_user(name: &str, range: Option<&str>) -> u32 {
         .unwrap()
 }
 
+/// A command that runs, in a PID namespace of its own, as the ordinary user `user` with
+/// `HOME` at `home`: add the program and its arguments.
+#[allow(dead_code)]
+pub fn as_user(user: &str, home: &Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "runuser",
+        "-u",
+        user,
+        "--",
+        "env",
+    ])
+    .arg(format!("HOME={}", home.display()));
+    c
+}
+
 /// A script line that runs `inner` (sh) as root of a pod-like user namespace: 65536 IDs from
 /// 800000 (as a pod with hostUsers: false gets) and a mount namespace, plus `pid_ns` flags of
 /// unshare. `dir` holds the subordinate-ID file newuidmap needs for root.
