@@ -311,6 +311,10 @@ pub struct Builder {
     /// Whiteouts of what `.dockerignore` excludes, for bind mounts of the context (made on
     /// first use; `None` when nothing is excluded).
     ignore_layer: OnceCell<Option<PathBuf>>,
+    /// Per stack of layer directories (top first), the directory that shows its held
+    /// entries as the image has them ([`rbuild_snapshot::lift_held`]), stacked on top of it
+    /// while the build runs; `None` where the stack holds none.
+    held_lifts: std::sync::Mutex<HashMap<Vec<PathBuf>, Option<PathBuf>>>,
     /// Where secret files go while their step runs: a tmpfs in the build's own mount
     /// namespace (`Some`), or, failing that, the store's `tmp/` (`None`).
     secrets_tmpfs: std::sync::OnceLock<Option<PathBuf>>,
@@ -395,6 +399,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         ctx_hasher,
         ignore,
         ignore_layer: OnceCell::new(),
+        held_lifts: Default::default(),
         secrets_tmpfs: std::sync::OnceLock::new(),
         imported: std::sync::OnceLock::new(),
         imported_hits: Mutex::new(Vec::new()),
@@ -888,7 +893,41 @@ impl Builder {
             };
             dirs.push(dir);
         }
-        Ok(LayerStack::new(dirs.into_iter().rev().collect()))
+        let mut top_first: Vec<PathBuf> = dirs.into_iter().rev().collect();
+        if let Some(lift) = self.held_lift(&top_first)? {
+            top_first.insert(0, lift);
+        }
+        Ok(LayerStack::new(top_first))
+    }
+
+    /// The directory of the held entries of `top_first` (see [`Builder::held_lifts`]),
+    /// made on first use.
+    fn held_lift(&self, top_first: &[PathBuf]) -> Result<Option<PathBuf>> {
+        let mut lifts = self.held_lifts.lock().unwrap();
+        if let Some(l) = lifts.get(top_first) {
+            return Ok(l.clone());
+        }
+        let any = top_first
+            .iter()
+            .any(|d| rbuild_snapshot::held_path(d).exists());
+        let lift = if any {
+            let dir = self.store.temp_dir("held")?;
+            match rbuild_snapshot::lift_held(top_first, &dir) {
+                Ok(0) => {
+                    rbuild_cache::remove_tree(&dir)?;
+                    None
+                }
+                Ok(_) => Some(dir),
+                Err(e) => {
+                    let _ = rbuild_cache::remove_tree(&dir);
+                    bail!("showing the setuid files and devices of the image: {e}");
+                }
+            }
+        } else {
+            None
+        };
+        lifts.insert(top_first.to_vec(), lift.clone());
+        Ok(lift)
     }
 
     /// Pushes `image` to `tags`; blobs not in the store are mounted or fetched from where
@@ -2303,6 +2342,9 @@ impl Builder {
             dir.file_name().unwrap().to_string_lossy()
         ));
         fs::rename(&dir, &stable)?;
+        // Before anything stacks on it: its setuid bits and devices go into its record.
+        let held = rbuild_snapshot::hold_tree(&stable)
+            .with_context(|| format!("holding the setuid files of {}", stable.display()))?;
         let store = self.store.clone();
         let compression = match self.opts.compression {
             CompressionArg::Gzip => rbuild_snapshot::Compression::Gzip { level: 6 },
@@ -2316,6 +2358,7 @@ impl Builder {
             let tmp = store.temp_path("layer");
             let opts = rbuild_snapshot::DiffOptions {
                 source_date_epoch: source_date_epoch(),
+                held,
             };
             let blob =
                 rbuild_snapshot::write_layer_blob(&src, &tmp, compression, &opts).map_err(|e| {
@@ -2592,12 +2635,14 @@ fn unpack_into_store(
             l.diff_id
         );
     }
+    if lowers.is_none() && stats.implicit_dirs > 0 {
+        rbuild_cache::remove_tree(&tmp)?;
+        store.mark_layer_over(&l.diff_id)?;
+        return Ok((Unpacked::NeedsLowers, stats.skipped_xattrs));
+    }
+    // Beside the directory; committing it moves the record along.
+    stats.held.save(&tmp)?;
     let dir = match lowers {
-        None if stats.implicit_dirs > 0 => {
-            rbuild_cache::remove_tree(&tmp)?;
-            store.mark_layer_over(&l.diff_id)?;
-            return Ok((Unpacked::NeedsLowers, stats.skipped_xattrs));
-        }
         None => store.commit_layer_dir(&tmp, &l.diff_id)?,
         Some(lowers) => {
             store.commit_layer_over(&tmp, &l.diff_id, &stack_key(lowers, &l.diff_id))?
@@ -2615,6 +2660,9 @@ impl Drop for Builder {
             use rbuild_sandbox::Syscalls;
             let _ = rbuild_sandbox::LinuxSyscalls.umount_detach(dir);
             let _ = fs::remove_dir(dir);
+        }
+        for dir in self.held_lifts.lock().unwrap().values().flatten() {
+            let _ = rbuild_cache::remove_tree(dir);
         }
         if let Some(Some(layer)) = self.ignore_layer.get() {
             let _ = rbuild_cache::remove_tree(layer);

@@ -283,8 +283,86 @@ fn add_of_git_refuses_option_refs_escaping_subdirs_and_empty_checksums_and_ignor
     );
 }
 
+/// An uncompressed layer tar: (name, kind, mode, link target or device major:minor, data).
+fn layer_tar(entries: &[(&str, tar::EntryType, u32, &str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, mode, link, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_mode(*mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_size(data.len() as u64);
+        match kind {
+            tar::EntryType::Symlink => b.append_link(&mut h, name, link).unwrap(),
+            _ => {
+                if let Some((ma, mi)) = link.split_once(':') {
+                    h.set_device_major(ma.parse().unwrap()).unwrap();
+                    h.set_device_minor(mi.parse().unwrap()).unwrap();
+                }
+                b.append_data(&mut h, name, *data).unwrap()
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// Regular files with setuid/setgid bits, and devices other than overlay's 0:0 whiteouts,
+/// below `dir`.
+fn held_on_disk(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            let Ok(m) = e.path().symlink_metadata() else {
+                return false;
+            };
+            let ft = m.file_type();
+            (m.is_file() && m.mode() & 0o6000 != 0)
+                || ((ft.is_char_device() || ft.is_block_device()) && m.rdev() != 0)
+        })
+        .map(|e| e.path().display().to_string())
+        .collect()
+}
+
+/// An OCI layout under `dir` whose image has setuid and setgid files and a device, and a
+/// Dockerfile over it whose steps check them (`device_check`: what a step sees of the
+/// device) and make and copy more.
+fn held_base(dir: &std::path::Path, device_check: &str) -> (std::path::PathBuf, String) {
+    let busybox = std::fs::read(busybox_static()).unwrap();
+    use tar::EntryType::*;
+    let layout = dir.join("layout");
+    write_oci_layout(
+        &layout,
+        &[layer_tar(&[
+            ("bin/", Directory, 0o755, "", b""),
+            ("bin/busybox", Regular, 0o755, "", &busybox),
+            ("bin/sh", Symlink, 0o777, "busybox", b""),
+            ("opt/", Directory, 0o755, "", b""),
+            ("opt/su", Regular, 0o4755, "", b"su\n"),
+            ("opt/sg", Regular, 0o2711, "", b"sg\n"),
+            ("opt/null", Char, 0o666, "1:3", b""),
+            ("tmp/", Directory, 0o1777, "", b""),
+        ])],
+        "held",
+    );
+    let from = format!("FROM oci-layout://{}:held", layout.display());
+    let steps = format!(
+        "{from} AS base\n\
+         RUN test -u /opt/su && test -g /opt/sg && {device_check}\n\
+         RUN cp /bin/busybox /made && chmod 6755 /made\n\
+         RUN test -u /made && test -g /made && test -u /opt/su\n\
+         {from}\n\
+         COPY --from=base /made /opt/su /copied/\n\
+         RUN test -u /copied/made && test -g /copied/made && test -u /copied/su\n"
+    );
+    (layout, steps)
+}
+
 #[test]
-fn the_store_is_private_to_its_owner() {
+fn setuid_files_and_devices_stay_in_the_image_and_off_the_stores_disk() {
     ensure_tools();
     // A parent every user may traverse, and a store an older rbuild left world-readable.
     let t = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -292,36 +370,59 @@ fn the_store_is_private_to_its_owner() {
     let store = t.path().join("store");
     std::fs::create_dir(&store).unwrap();
     ok(Command::new("chmod").arg("755").arg(&store));
-    let ctx = tempfile::tempdir().unwrap();
-    write_busybox_context(
-        ctx.path(),
-        "RUN cp /bin/busybox /suid && chmod 4755 /suid\n",
+    let (_, steps) = held_base(
+        t.path(),
+        "test -c /opt/null && test \"$(stat -c %t:%T /opt/null)\" = 1:3",
     );
-    let res = run(rbuild_in_pidns(&store).arg(ctx.path()));
+    let ctx = context(&[("Dockerfile", &steps)]);
+    let oci = t.path().join("oci");
+    let res = run(rbuild_in_pidns(&store)
+        .args(["-t", "example.com/held:v1"])
+        .arg(format!("--output=type=oci,dest={}", oci.display()))
+        .arg(ctx.path()));
     assert!(
         res.status.success(),
-        "{}",
+        "RUN steps see the image's setuid files and devices:\n{}",
         String::from_utf8_lossy(&res.stderr)
     );
+    // The image keeps them: read with umoci.
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let rootfs = umoci_unpack_layout(&oci, "v1", t.path());
+    let mode = |p: &str| rootfs.join(p).symlink_metadata().unwrap().mode() & 0o7777;
+    assert_eq!(mode("opt/su"), 0o4755);
+    assert_eq!(mode("opt/sg"), 0o2711);
+    assert_eq!(mode("copied/made"), 0o6755);
+    assert_eq!(mode("copied/su"), 0o4755);
+    let null = rootfs.join("opt/null").symlink_metadata().unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+    // The store does not.
+    assert_eq!(held_on_disk(&store), Vec::<String>::new());
+    // A later build stacks on the cached layers, whose records keep what they hold.
+    let ctx2 = context(&[(
+        "Dockerfile",
+        &format!("{steps}RUN test -u /copied/made && test -u /opt/su && test -c /opt/null\n"),
+    )]);
+    let res = run(rbuild_in_pidns(&store).arg(ctx2.path()));
+    let log = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{log}");
+    assert_eq!(held_on_disk(&store), Vec::<String>::new());
+    // The store is private to its owner, and even opened up by mistake it gives another
+    // user no setuid file: the stored copy of /made is there, without its bits.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&store).unwrap().permissions().mode() & 0o777,
         0o700
     );
-    // The image's setuid-root file is on disk in the store, and no other user reaches it.
-    let suid = walkdir::WalkDir::new(store.join("layers"))
+    let made = walkdir::WalkDir::new(store.join("layers"))
         .into_iter()
         .flatten()
-        .find(|e| {
-            e.file_name() == "suid"
-                && e.metadata()
-                    .is_ok_and(|m| m.permissions().mode() & 0o4000 != 0)
-        })
-        .expect("the layer holds the setuid file")
+        .find(|e| e.file_name() == "made")
+        .expect("a layer holds /made")
         .into_path();
     for probe in [
         vec!["ls", store.join("layers").to_str().unwrap()],
-        vec!["test", "-e", suid.to_str().unwrap()],
+        vec!["test", "-e", made.to_str().unwrap()],
     ] {
         let out = run(Command::new("runuser")
             .args(["-u", "nobody", "--"])
@@ -331,6 +432,64 @@ fn the_store_is_private_to_its_owner() {
             "another user ran {probe:?} in the store"
         );
     }
+    ok(Command::new("chmod").args(["-R", "o+rX"]).arg(&store));
+    let as_nobody = |args: &[&str]| {
+        run(Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .args(args))
+    };
+    assert!(as_nobody(&["test", "-x", made.to_str().unwrap()])
+        .status
+        .success());
+    assert!(
+        !as_nobody(&["test", "-u", made.to_str().unwrap()])
+            .status
+            .success(),
+        "{} is setuid to another user",
+        made.display()
+    );
+    let found = as_nobody(&[
+        "find",
+        store.to_str().unwrap(),
+        "-perm",
+        "/6000",
+        "-type",
+        "f",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&found.stdout), "");
+}
+
+#[test]
+fn an_ordinary_users_build_holds_setuid_files_off_its_disk_too() {
+    ensure_tools();
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    // No devices without privilege: a step sees none, as before.
+    let (_, steps) = held_base(t.path(), "test ! -e /opt/null");
+    let ctx = t.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), &steps).unwrap();
+    ok(Command::new("chmod").args(["-R", "a+rX"]).arg(t.path()));
+    ordinary_user("rbuildheld", Some("700000:65536"));
+    let home = t.path().join("user");
+    std::fs::create_dir(&home).unwrap();
+    ok(Command::new("chown").arg("rbuildheld").arg(&home));
+    let store = home.join("store");
+    let oci = home.join("oci");
+    ok(as_user("rbuildheld", &home)
+        .arg("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} -t example.com/held:v1 --output type=oci,dest={}",
+            build_line(&store, "", &ctx),
+            q(&oci)
+        )));
+    use std::os::unix::fs::MetadataExt;
+    let rootfs = umoci_unpack_layout(&oci, "v1", t.path());
+    let mode = |p: &str| rootfs.join(p).symlink_metadata().unwrap().mode() & 0o7777;
+    assert_eq!(mode("copied/made"), 0o6755);
+    assert_eq!(mode("copied/su"), 0o4755);
+    assert_eq!(mode("opt/su"), 0o4755);
+    assert_eq!(held_on_disk(&store), Vec::<String>::new());
 }
 
 #[test]

@@ -149,6 +149,23 @@ pub(crate) fn entries(dir: &Path) -> Vec<fs::DirEntry> {
     fs::read_dir(dir).into_iter().flatten().flatten().collect()
 }
 
+/// The layer directory an entry of `layers/` is, or is the held record of
+/// ([`rbuild_snapshot::Held`]): a record lives and goes with its directory.
+fn layer_name(e: &fs::DirEntry) -> String {
+    let n = e.file_name().to_string_lossy().into_owned();
+    match n.strip_suffix(rbuild_snapshot::HELD_SUFFIX) {
+        Some(base) => base.to_string(),
+        None => n,
+    }
+}
+
+/// Whether an entry of `layers/` is a held record rather than a layer.
+pub(crate) fn is_held_record(e: &fs::DirEntry) -> bool {
+    e.file_name()
+        .to_string_lossy()
+        .ends_with(rbuild_snapshot::HELD_SUFFIX)
+}
+
 /// Disk usage of the store by kind (`rbuild du`). Takes no lock beyond the handle's: the
 /// figures are a snapshot while builds may run.
 pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
@@ -201,14 +218,14 @@ pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
     // Layers: sizes of the whole layers/ tree once; count layer names plus unlinked built dirs.
     u.layers.bytes = tree_size(&root.join("layers"));
     let linked = linked_built_dirs(store);
-    u.layers.count = entries(&root.join("layers/sha256")).len() as u64
+    let layers_in = |dir: &Path| entries(dir).into_iter().filter(|e| !is_held_record(e));
+    u.layers.count = layers_in(&root.join("layers/sha256")).count() as u64
         + entries(&root.join("layers/over/sha256"))
             .iter()
-            .map(|e| entries(&e.path()).len() as u64)
+            .map(|e| layers_in(&e.path()).count() as u64)
             .sum::<u64>()
-        + entries(&root.join("layers/built"))
-            .iter()
-            .filter(|e| !linked.contains(&e.file_name().to_string_lossy().into_owned()))
+        + layers_in(&root.join("layers/built"))
+            .filter(|e| !linked.contains(&layer_name(e)))
             .count() as u64;
     let pinned_layer_bytes: u64 = pin_layers.iter().map(|d| layer_size(store, d)).sum();
     u.layers.reclaimable = u.layers.bytes.saturating_sub(pinned_layer_bytes);
@@ -550,9 +567,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     let mut linked = HashSet::new();
     for e in entries(&root.join("layers/sha256")) {
         let p = e.path();
-        let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy())
-            .parse()
-            .ok();
+        let d: Option<Digest> = format!("sha256:{}", layer_name(&e)).parse().ok();
         if d.as_ref()
             .is_some_and(|d| keeps(&layer_refs, &pin_layers, d))
         {
@@ -561,7 +576,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         }
         let size = tree_size(&p);
         remove_any(&p)?;
-        report.layers += 1;
+        report.layers += u64::from(!is_held_record(&e));
         report.bytes += size;
     }
     // A layer's per-stack forms go with its name.
@@ -576,7 +591,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         }
         let p = e.path();
         let size = tree_size(&p);
-        report.layers += entries(&p).len() as u64;
+        report.layers += entries(&p).iter().filter(|e| !is_held_record(e)).count() as u64;
         report.bytes += size;
         remove_any(&p)?;
     }
@@ -584,13 +599,13 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     let _ = fs::remove_dir(root.join("layers/over/sha256"));
     let _ = fs::remove_dir(root.join("layers/over"));
     for e in entries(&root.join("layers/built")) {
-        if linked.contains(&*e.file_name().to_string_lossy()) {
+        if linked.contains(&layer_name(&e)) {
             continue;
         }
         let p = e.path();
         let size = tree_size(&p);
         remove_any(&p)?;
-        report.layers += 1;
+        report.layers += u64::from(!is_held_record(&e));
         report.bytes += size;
     }
     if opts.all {

@@ -529,6 +529,14 @@ impl Store {
 
     fn commit_dir_as(&self, dir: &Path, dest: PathBuf) -> Result<PathBuf, StoreError> {
         Self::sync_layer_dir(dir)?;
+        // The record of held entries goes first: a layer directory without it would show
+        // its setuid files without their bits. Another build's copy of the same layer has
+        // the same record.
+        let held = rbuild_snapshot::held_path(dir);
+        if held.exists() {
+            let to = with_suffix(&dest, rbuild_snapshot::HELD_SUFFIX);
+            fs::rename(&held, &to).map_err(io_err(&held))?;
+        }
         for _ in 0..3 {
             // NOREPLACE: a plain rename(2) would replace an existing *empty* dir that
             // another build may have mounted already.
@@ -813,6 +821,13 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
+}
+
+/// `path` with `suffix` added to its file name.
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
 }
 
 /// Removes a directory tree that may contain read-only directories.

@@ -2,7 +2,7 @@
 //! corrupt removed so that the next build fetches or unpacks it again instead of using it.
 
 use crate::digest::Digest;
-use crate::gc::{entries, io_err, load_records, remove_any, GcError};
+use crate::gc::{entries, io_err, is_held_record, load_records, remove_any, GcError};
 use crate::store::{CacheRecord, Store};
 use std::collections::HashMap;
 use std::fs;
@@ -112,6 +112,9 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
     let blobs_of = layer_blobs(store);
     let mut corrupt_layers = Vec::new();
     for e in entries(&root.join("layers/sha256")) {
+        if is_held_record(&e) {
+            continue;
+        }
         rep.layers += 1;
         let p = e.path();
         let Ok(id) = format!("sha256:{}", e.file_name().to_string_lossy()).parse::<Digest>() else {
@@ -195,6 +198,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
     for (p, _) in &corrupt_layers {
         // A layer a build made is a link into layers/built/: the directory goes too.
         let target = fs::read_link(p).ok().map(|t| p.parent().unwrap().join(t));
+        let held = rbuild_snapshot::held_path(p);
         let aside = store.temp_path("corrupt");
         fs::rename(p, &aside).map_err(io_err(p))?;
         remove_any(&aside)?;
@@ -204,6 +208,8 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
                 remove_any(&aside)?;
             }
         }
+        // Its record of held entries after it: never a layer without its record.
+        let _ = fs::remove_file(held);
         rep.removed.push(p.display().to_string());
     }
     // Records of what was removed go too: their steps are built again.

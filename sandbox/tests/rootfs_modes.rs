@@ -437,6 +437,7 @@ fn layer_lines(upper: &Path) -> Vec<String> {
         &mut tar,
         &DiffOptions {
             source_date_epoch: Some(EPOCH),
+            ..Default::default()
         },
     )
     .unwrap();

@@ -34,6 +34,9 @@ fn ioe(path: &Path) -> impl FnOnce(io::Error) -> DiffError + '_ {
 pub struct DiffOptions {
     /// Clamp every mtime to at most this (`SOURCE_DATE_EPOCH`), for reproducible layers.
     pub source_date_epoch: Option<i64>,
+    /// The directory's held entries ([`crate::Held`]): written as the image has them, not
+    /// as the disk does.
+    pub held: crate::Held,
 }
 
 /// What went into a layer.
@@ -81,7 +84,7 @@ struct Writer<'a, W: Write> {
 /// The xattrs of `path` that belong in a layer, in full: the name list is read at the size
 /// the kernel reports, however long. Names that are not UTF-8 cannot be PAX keys and are
 /// left out.
-fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     let names = loop {
         let size = match rustix::fs::llistxattr_query(path) {
             Ok(n) => n,
@@ -164,7 +167,11 @@ impl<W: Write> Writer<'_, W> {
                 continue;
             }
             let x = xattrs(&path).map_err(ioe(&path))?;
-            let mode = md.mode() & 0o7777;
+            let held = self.opts.held.get(&rel_path).copied();
+            let mode = match held {
+                Some(h) => h.mode & 0o7777,
+                None => md.mode() & 0o7777,
+            };
             let mtime = self.mtime(&md);
             if ft.is_dir() {
                 let mut h = self.header(tar::EntryType::Directory, mode, md.uid(), md.gid(), mtime);
@@ -188,6 +195,18 @@ impl<W: Write> Writer<'_, W> {
                     )?;
                 }
                 self.walk(&path, &rel_path)?;
+            } else if let Some(h) = held.filter(|h| h.kind != crate::HeldKind::File && ft.is_file())
+            {
+                // A held device's placeholder.
+                let kind = if h.kind == crate::HeldKind::Char {
+                    tar::EntryType::Char
+                } else {
+                    tar::EntryType::Block
+                };
+                let mut h2 = self.header(kind, mode, md.uid(), md.gid(), mtime);
+                h2.set_device_major(h.rdev.0).map_err(ioe(&path))?;
+                h2.set_device_minor(h.rdev.1).map_err(ioe(&path))?;
+                self.append(&mut h2, &rel_path, None, &[], io::empty(), &path)?;
             } else if ft.is_file() {
                 if md.nlink() > 1 {
                     if let Some(first) = self.links.get(&(md.dev(), md.ino())).cloned() {

@@ -18,6 +18,7 @@ mod bounded_tar;
 mod compress;
 mod diff;
 mod fsutil;
+mod held;
 mod stack;
 mod tree;
 mod unpack;
@@ -28,6 +29,10 @@ pub use compress::{decompress, write_layer_blob, Compression, LayerBlob};
 pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
 pub use fsutil::clean as clean_components;
 pub use fsutil::{open_in_root, resolve_in_root};
+pub use held::{
+    disk_mode, held_path, hold_tree, is_held_mode, lift_held, Held, HeldEntry, HeldKind,
+    HELD_SUFFIX,
+};
 pub use stack::find_in_layers;
 pub use tree::{
     assemble, clear_except, copy_overlay_tree, normalize_fuse_upper, AssembleStats, Baseline, Skip,

@@ -1,6 +1,7 @@
 //! OCI layer tar → directory, safely.
 
 use crate::fsutil::{clean_os, mkdir_all_in, open_dir_in, path_below, remove_at, Made, MkdirOpts};
+use crate::held::{Held, HeldEntry, HeldKind};
 use crate::is_overlay_xattr;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::HashSet;
@@ -79,6 +80,9 @@ pub struct UnpackStats {
     /// Parent directories made that the tar holds no entry for. Where there are some, the
     /// unpacked layer depends on the layers below it (see [`UnpackOptions::lowers`]).
     pub implicit_dirs: u64,
+    /// Setuid/setgid files and devices kept off disk (overlay form only): the layer
+    /// directory's record, for the caller to save with [`Held::save`].
+    pub held: Held,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -313,6 +317,20 @@ fn run<R: Read>(
             remove_at(&parent_fd, last).map_err(err)?;
         }
         let mut set_owner_mode = true;
+        // Where the entry really is (a lower layer's symlink may have moved its parent),
+        // as a key of the layer's held record.
+        let held_key = |name: &OsStr| -> Result<Vec<u8>, UnpackError> {
+            let mut at = if made.moved {
+                path_below(&root, &parent_fd).map_err(err)?
+            } else {
+                parent.to_vec()
+            };
+            at.push(name.to_os_string());
+            Ok(join_key(&at))
+        };
+        // The store keeps setuid/setgid bits and device nodes off its disk (crate::held).
+        let mut disk_perm = perm;
+        let hold = mode == Mode_::Overlay;
         match kind {
             tar::EntryType::Directory => {
                 if !existing_is_dir {
@@ -346,6 +364,17 @@ fn run<R: Read>(
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| err(e.into()))?;
+                if hold && crate::held::is_held_mode(perm.bits()) {
+                    disk_perm = Mode::from_raw_mode(crate::held::disk_mode(perm.bits()));
+                    stats.held.insert(
+                        held_key(last)?,
+                        HeldEntry {
+                            kind: HeldKind::File,
+                            mode: perm.bits(),
+                            rdev: (0, 0),
+                        },
+                    );
+                }
                 let mut f = std::fs::File::from(fd);
                 if sparse {
                     write_sparse(&mut entry, &mut f, size).map_err(err)?;
@@ -384,6 +413,13 @@ fn run<R: Read>(
                     })?;
                 // A hardlink shares its target's inode: owner and mode are the target's.
                 set_owner_mode = false;
+                if hold {
+                    let mut t = path_below(&root, &tparent_fd).map_err(err)?;
+                    t.push(tlast.clone());
+                    if let Some(e) = stats.held.get(&join_key(&t)).copied() {
+                        stats.held.insert(held_key(last)?, e);
+                    }
+                }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let ft = match kind {
@@ -393,14 +429,31 @@ fn run<R: Read>(
                 };
                 let major = hdr.device_major().ok().flatten().unwrap_or(0);
                 let minor = hdr.device_minor().ok().flatten().unwrap_or(0);
-                let dev = rustix::fs::makedev(major, minor);
-                match rustix::fs::mknodat(&parent_fd, last, ft, perm, dev) {
-                    Ok(()) => {}
-                    Err(rustix::io::Errno::PERM) if ft != FileType::Fifo => {
-                        stats.skipped_devices += 1;
-                        continue;
+                if hold && ft != FileType::Fifo {
+                    crate::held::make_placeholder_at(&parent_fd, last, 0, 0).map_err(err)?;
+                    disk_perm = Mode::empty();
+                    stats.held.insert(
+                        held_key(last)?,
+                        HeldEntry {
+                            kind: if ft == FileType::CharacterDevice {
+                                HeldKind::Char
+                            } else {
+                                HeldKind::Block
+                            },
+                            mode: perm.bits() & 0o777,
+                            rdev: (major, minor),
+                        },
+                    );
+                } else {
+                    let dev = rustix::fs::makedev(major, minor);
+                    match rustix::fs::mknodat(&parent_fd, last, ft, perm, dev) {
+                        Ok(()) => {}
+                        Err(rustix::io::Errno::PERM) if ft != FileType::Fifo => {
+                            stats.skipped_devices += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(err(e.into())),
                     }
-                    Err(e) => return Err(err(e.into())),
                 }
             }
             tar::EntryType::XGlobalHeader
@@ -422,7 +475,7 @@ fn run<R: Read>(
             .map_err(|e| err(e.into()))?;
             if kind != tar::EntryType::Symlink {
                 // After chown, which clears setuid/setgid bits.
-                rustix::fs::chmodat(&parent_fd, last, perm, AtFlags::empty())
+                rustix::fs::chmodat(&parent_fd, last, disk_perm, AtFlags::empty())
                     .map_err(|e| err(e.into()))?;
             }
             // Extended attributes (security.capability, user.*), never overlay's own, and
@@ -471,6 +524,18 @@ fn run<R: Read>(
         }
     }
     Ok(stats)
+}
+
+/// A path's key in a held record: its components joined by `/`.
+fn join_key(comps: &[OsString]) -> Vec<u8> {
+    let mut k = Vec::new();
+    for c in comps {
+        if !k.is_empty() {
+            k.push(b'/');
+        }
+        k.extend_from_slice(c.as_bytes());
+    }
+    k
 }
 
 /// How many skipped xattrs [`UnpackStats`] names (the rest are not listed).

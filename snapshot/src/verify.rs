@@ -70,7 +70,8 @@ pub fn compare_layer<R: Read>(tar: R, dir: &Path) -> Result<Vec<String>, UnpackE
             continue;
         };
         let hdr = entry.header().clone();
-        let perm = hdr.mode().map_err(UnpackError::Tar)? & 0o777;
+        // Setuid, setgid and sticky bits included: the held record must keep them.
+        let perm = hdr.mode().map_err(UnpackError::Tar)? & 0o7777;
         let last_b = last.as_bytes();
         if last_b == b".wh..wh..opq" {
             match want.get_mut(parent) {
@@ -123,6 +124,11 @@ pub fn compare_layer<R: Read>(tar: R, dir: &Path) -> Result<Vec<String>, UnpackE
         };
         want.insert(comps.clone(), w);
     }
+    let held = crate::Held::load(dir).map_err(|e| UnpackError::Dest(dir.to_path_buf(), e))?;
+    let held_at = |p: &[OsString]| {
+        let key: Vec<u8> = p.join(std::ffi::OsStr::new("/")).into_vec();
+        held.get(&key).copied()
+    };
     let mut problems = Vec::new();
     // Directories the unpacker made for entries below them.
     let mut implied: HashSet<Vec<OsString>> = HashSet::new();
@@ -152,7 +158,11 @@ pub fn compare_layer<R: Read>(tar: R, dir: &Path) -> Result<Vec<String>, UnpackE
             }
         };
         let ft = md.file_type();
-        let perm = md.mode() & 0o777;
+        let h = held_at(p);
+        let perm = match h {
+            Some(h) => h.mode & 0o7777,
+            None => md.mode() & 0o7777,
+        };
         let bad = match w {
             Want::Dir { perm: p0, opaque } => {
                 if !ft.is_dir() {
@@ -194,12 +204,18 @@ pub fn compare_layer<R: Read>(tar: R, dir: &Path) -> Result<Vec<String>, UnpackE
                 _ => Some(format!("is no longer a hardlink of {}", show(target))),
             },
             Want::Node { kind, perm: p0 } => {
+                let placeholder =
+                    |k| ft.is_file() && md.len() == 0 && h.is_some_and(|h| h.kind == k);
                 let ok = match kind {
-                    tar::EntryType::Char => ft.is_char_device(),
-                    tar::EntryType::Block => ft.is_block_device(),
+                    tar::EntryType::Char => {
+                        ft.is_char_device() || placeholder(crate::HeldKind::Char)
+                    }
+                    tar::EntryType::Block => {
+                        ft.is_block_device() || placeholder(crate::HeldKind::Block)
+                    }
                     _ => ft.is_fifo(),
                 };
-                (!ok || perm != *p0).then(|| "device node differs".to_string())
+                (!ok || perm & 0o777 != *p0 & 0o777).then(|| "device node differs".to_string())
             }
             Want::Whiteout => {
                 (!crate::whiteout::is_whiteout(&path, &md)).then(|| "whiteout is gone".to_string())

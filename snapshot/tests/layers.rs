@@ -269,6 +269,7 @@ fn blob_digests_are_deterministic_and_right() {
             c,
             &DiffOptions {
                 source_date_epoch: Some(0),
+                ..Default::default()
             },
         )
         .unwrap();
@@ -278,6 +279,7 @@ fn blob_digests_are_deterministic_and_right() {
             c,
             &DiffOptions {
                 source_date_epoch: Some(0),
+                ..Default::default()
             },
         )
         .unwrap();
