@@ -90,34 +90,10 @@ pub struct PruneArgs {
     pub root: Option<PathBuf>,
 }
 
-/// Parses a size: bytes, or a number with `K`/`M`/`G`/`T` (powers of 1000, with `B` or not)
-/// or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), as docker does; case does not matter.
+/// Parses `--keep-storage`: bytes, or a number with `K`/`M`/`G`/`T` (powers of 1000) or
+/// `KiB`/`MiB`/… (powers of 1024), as docker does.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 10GB, 512MiB)"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "ki" | "kib" => 1024.0,
-        "mi" | "mib" => 1024.0 * 1024.0,
-        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown size unit {unit:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-            ))
-        }
-    };
-    Ok((n * mult).round() as u64)
+    rbuild_dag::units::parse_size(s, rbuild_dag::units::SizeUnits::Decimal)
 }
 
 /// Parses a duration like docker's: `90s`, `30m`, `24h`, `7d`, `1h30m`, `1.5h`.
@@ -211,28 +187,8 @@ pub enum IsolationArg {
 /// Parses `--memory`: bytes, or a number with `k`, `m`, `g` or `t` (`b`, `i` and `ib` after it
 /// allowed), all powers of 1024 as in `docker run --memory`; at least 6 MiB, as docker requires.
 pub fn parse_memory(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("--memory {s:?}: want a size such as 64m, 512MiB or 2g"))?;
-    let unit = unit.trim();
-    let unit = unit
-        .strip_suffix("ib")
-        .or_else(|| unit.strip_suffix('b'))
-        .unwrap_or(unit);
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        _ => return Err(format!("--memory {s:?}: unknown unit (b, k, m, g, t)")),
-    };
-    let bytes = (n * mult as f64).round() as u64;
+    let bytes = rbuild_dag::units::parse_size(s, rbuild_dag::units::SizeUnits::Binary)
+        .map_err(|e| format!("--memory {e}"))?;
     if bytes < 6 << 20 {
         return Err(format!("--memory {s:?}: a RUN step needs at least 6 MiB"));
     }
@@ -629,7 +585,9 @@ mod tests {
         assert_eq!(parse_memory("1.5g").unwrap(), 3 << 29);
         assert_eq!(parse_memory("67108864").unwrap(), 64 << 20);
         assert!(parse_memory("1m").unwrap_err().contains("at least 6 MiB"));
-        assert!(parse_memory("64x").unwrap_err().contains("unknown unit"));
+        assert!(parse_memory("64x")
+            .unwrap_err()
+            .contains("unknown size unit"));
         assert!(parse_memory("lots").is_err());
         assert_eq!(parse_cpus("0.5").unwrap(), 0.5);
         assert!(

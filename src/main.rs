@@ -50,18 +50,7 @@ fn open_store_for_gc(root: &Option<PathBuf>) -> anyhow::Result<rbuild_cache::Sto
 }
 
 fn human(bytes: u64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i + 1 < units.len() {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[i])
-    }
+    rbuild_dag::units::human_bytes(bytes, rbuild_dag::units::SizeUnits::Decimal)
 }
 
 fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {

@@ -136,8 +136,7 @@ impl Default for ImageState {
     }
 }
 
-/// Default `PATH` BuildKit gives scratch images and RUN steps without one.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use crate::units::DEFAULT_PATH;
 
 impl ImageState {
     /// State of `FROM scratch` as BuildKit makes it: `PATH` set, workdir `/`.

@@ -19,6 +19,7 @@ pub mod ignore;
 pub mod mount;
 pub mod parser;
 pub mod shell;
+pub mod units;
 
 pub use dispatch::{
     expand_base, resolve_global_args, CopySource, DispatchError, HistoryEntry, ImageState,
@@ -30,3 +31,4 @@ pub use parser::{
     parse, ArgDecl, CommandForm, CopyArgs, Directives, Dockerfile, HealthcheckArgs, Heredoc,
     Instruction, InstructionKind, Location, ParseError, RunArgs, SourceArg, Stage, Word,
 };
+pub use units::DEFAULT_PATH;

@@ -155,15 +155,8 @@ pub fn parse_mount(spec: &str) -> Result<MountSpec, MountError> {
 }
 
 fn parse_size(v: &str) -> Result<u64, MountError> {
-    let (num, mult) = match v.to_lowercase().chars().last() {
-        Some('k') => (&v[..v.len() - 1], 1u64 << 10),
-        Some('m') => (&v[..v.len() - 1], 1 << 20),
-        Some('g') => (&v[..v.len() - 1], 1 << 30),
-        _ => (v, 1),
-    };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| err!("--mount size={v}: want bytes, or a number with k, m or g"))
+    crate::units::parse_size(v, crate::units::SizeUnits::Binary)
+        .map_err(|e| err!("--mount size={v}: {e}"))
 }
 
 #[cfg(test)]

@@ -928,8 +928,7 @@ fn extra_mount(
     Ok(())
 }
 
-/// PATH when the image sets none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use rbuild_dag::DEFAULT_PATH;
 
 fn find_executable(name: &str, path: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;

@@ -20,6 +20,7 @@ mod copyroot;
 mod direct;
 mod fallback;
 mod fuse;
+mod host;
 mod idmap;
 mod init;
 pub mod limits;
@@ -40,8 +41,8 @@ pub use init::{mask_proc, resolve_user_in, DEFAULT_PATH, MASKED_DIRS, MASKED_FIL
 pub use ns::{enter_build_namespace, BuildNamespace, EnterOptions, NamespaceError};
 pub use run::{run, ExitKind, RootMountProblem, RunError, RunOutcome};
 pub use spec::{
-    human_bytes, Isolation, Limits, Mount, MountSource, Network, ProcessLimit, RunSpec,
-    RunSpecBuilder, Security, Snapshotter, SpecError,
+    Isolation, Limits, Mount, MountSource, Network, ProcessLimit, RunSpec, RunSpecBuilder,
+    Security, Snapshotter, SpecError,
 };
 pub use sys::take_env;
 pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};

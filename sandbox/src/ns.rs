@@ -1,7 +1,7 @@
 //! The build namespace: where rbuild itself runs while it builds.
 
+use crate::host::{has_sys_admin, locked_reason, may_map_any_id, proc_masks, user_name, which};
 use crate::idmap::{sub_ranges, IdMap};
-use crate::probe::proc_masks;
 use crate::sys;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use std::path::{Path, PathBuf};
@@ -125,22 +125,6 @@ pub fn enter_build_namespace(opts: &EnterOptions) -> Result<BuildNamespace, Name
     })
 }
 
-/// Whether this process holds CAP_SYS_ADMIN in its user namespace (what unsharing a mount
-/// namespace needs).
-pub(crate) fn has_sys_admin() -> bool {
-    rustix::thread::capabilities(None).is_ok_and(|c| {
-        c.effective
-            .contains(rustix::thread::CapabilitySet::SYS_ADMIN)
-    })
-}
-
-/// Whether this process may write any ID map of its own namespace into a child's (CAP_SETUID
-/// and CAP_SETGID here, as root of a container has them).
-pub(crate) fn may_map_any_id() -> bool {
-    use rustix::thread::CapabilitySet as C;
-    rustix::thread::capabilities(None).is_ok_and(|c| c.effective.contains(C::SETUID | C::SETGID))
-}
-
 /// Whether `/proc` belongs to our PID namespace (`/proc/self` names us). A parent must write
 /// a child's ID maps through a procfs of its own PID namespace, or `/proc/<pid>` is another
 /// process.
@@ -219,15 +203,6 @@ fn mount_refused(what: &'static str) -> impl FnOnce(std::io::Error) -> Namespace
     }
 }
 
-/// Why RUN steps cannot mount a procfs of their own: the clone of /proc failed with `e`.
-pub(crate) fn locked_reason(e: &dyn std::fmt::Display, masks: &[String]) -> String {
-    format!(
-        "the masks on /proc{} are locked: rbuild runs below a user namespace it does not own, so it cannot make the clean clone \
-         of /proc ({e}) that lets RUN steps mount a procfs of their own",
-        if masks.is_empty() { String::new() } else { format!(" ({})", masks.join(", ")) }
-    )
-}
-
 /// What [`setup_mounts`] did.
 #[derive(Debug)]
 pub(crate) struct MountsSetUp {
@@ -235,17 +210,6 @@ pub(crate) struct MountsSetUp {
     pub proc_locked: Option<String>,
     pub warnings: Vec<String>,
 }
-/// The login name of `uid` from /etc/passwd, or the number.
-pub(crate) fn user_name(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[2] == uid.to_string())
-        .map(|f| f[0].to_string())
-        .unwrap_or_else(|| uid.to_string())
-}
-
 /// Runs this program again inside a new user+mount namespace; exits with its status.
 ///
 /// `as_root`: we are root without CAP_SYS_ADMIN. With CAP_SETUID/CAP_SETGID the child gets
@@ -336,7 +300,7 @@ fn reexec_in_user_namespace(opts: &EnterOptions, as_root: bool) -> Result<(), Na
             NamespaceError::IdMap(format!(
                 "cannot create a user namespace for the build: {why}; {}. As root in a throwaway container, \
                  --isolation=auto or none builds anyway, with RUN steps run Kaniko-style (no isolation)",
-                crate::probe::USERNS_FIX
+                crate::host::USERNS_FIX
             ))
         } else {
             NamespaceError::IdMap(format!(
@@ -360,16 +324,6 @@ fn reexec_in_user_namespace(opts: &EnterOptions, as_root: bool) -> Result<(), Na
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     std::process::exit(code);
-}
-
-/// `prog` on `$PATH` (a standard one when unset).
-pub(crate) fn which(prog: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())
-        .to_string_lossy()
-        .split(':')
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

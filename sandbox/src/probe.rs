@@ -6,9 +6,9 @@
 //! [`probe_child_main`]), so the probing process itself is left as it was.
 
 use crate::cgroup::{self, Controller};
+use crate::host::{proc_masks, user_name, which, USERNS_FIX};
 use crate::idmap::{sub_ranges, SubRange};
 use crate::limits::{PidsBound, DEFAULT_PIDS_LIMIT};
-use crate::ns::{user_name, which};
 use crate::spec::Isolation;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use std::path::{Path, PathBuf};
@@ -97,9 +97,6 @@ pub enum IsolationPolicy {
 /// How to get the full sandbox back where the masks on /proc are locked.
 pub const PROC_FIX: &str = "run the pod with `securityContext.procMount: Unmasked` (with `hostUsers: false`), or give it SYS_ADMIN in its own \
      user namespace (`hostUsers: false`, `capabilities: add: [SYS_ADMIN]`) so that rbuild starts where it owns the namespace holding the masks";
-
-pub(crate) const USERNS_FIX: &str = "allow them: sysctl user.max_user_namespaces=15000; in Kubernetes `hostUsers: false` with seccompProfile \
-     and appArmorProfile Unconfined; with docker/podman `--security-opt seccomp=unconfined --security-opt apparmor=unconfined`";
 
 impl SandboxMode {
     /// The isolation RUN steps get under `policy`, with a warning saying plainly what was lost
@@ -451,7 +448,7 @@ pub fn probe(store: &Path) -> Probe {
     let proc_locked = proc_trial
         .as_ref()
         .err()
-        .map(|e| crate::ns::locked_reason(e, &masks));
+        .map(|e| crate::host::locked_reason(e, &masks));
     checks.push(match &proc_locked {
         None => check(
             "/proc for RUN steps",
@@ -708,9 +705,9 @@ fn id_map_check(root: bool) -> Check {
         let fix = (verdict != Verdict::Ok)
             .then(|| "map at least 65536 IDs into the container's user namespace".to_string());
         // Without CAP_SYS_ADMIN builds re-execute in a user namespace of their own (crate::ns).
-        let detail = if crate::ns::has_sys_admin() {
+        let detail = if crate::host::has_sys_admin() {
             detail
-        } else if crate::ns::may_map_any_id() {
+        } else if crate::host::may_map_any_id() {
             format!("{detail}; no CAP_SYS_ADMIN, so builds make a user namespace of their own mapping the same IDs")
         } else {
             format!("{detail}; no CAP_SYS_ADMIN, CAP_SETUID or CAP_SETGID, so builds make a user namespace of their own mapping root's subordinate ranges, or root alone")
@@ -806,21 +803,11 @@ fn privileged_helper(p: &Path) -> bool {
     setuid || rustix::fs::getxattr(p, "security.capability", &mut [0u8; 64]).is_ok()
 }
 
-/// Mount points below /proc (masks, as container runtimes make them).
-pub fn proc_masks() -> Vec<String> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|mp| mp.starts_with("/proc/") && !mp.starts_with("/proc/sys/fs/binfmt_misc"))
-        .map(str::to_string)
-        .collect()
-}
-
 /// Enters a user namespace mapping only our own IDs (as an ordinary user would get without
 /// ranges) plus a mount namespace; root with CAP_SYS_ADMIN takes a mount namespace only, as
 /// a build does.
 fn enter_trial_namespaces(sys: &mut dyn Syscalls) -> std::io::Result<()> {
-    if rustix::process::geteuid().is_root() && crate::ns::has_sys_admin() {
+    if rustix::process::geteuid().is_root() && crate::host::has_sys_admin() {
         return sys.unshare(libc::CLONE_NEWNS);
     }
     let (uid, gid) = (

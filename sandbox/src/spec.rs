@@ -123,19 +123,8 @@ impl Limits {
 }
 
 /// `64 MiB`, `1.5 GiB`, `512 B`: binary units, as `--memory` takes them.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if v.fract() == 0.0 || i == 0 {
-        format!("{v:.0} {}", UNITS[i])
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
+pub(crate) fn human_bytes(b: u64) -> String {
+    rbuild_dag::units::human_bytes(b, rbuild_dag::units::SizeUnits::Binary)
 }
 
 /// What is mounted at an extra mount point of a RUN step (`RUN --mount`, heredoc scripts).
