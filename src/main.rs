@@ -740,10 +740,7 @@ fn paths_to_keep(opts: &BuildOptions, args: &BuildArgs) -> Vec<PathBuf> {
         }
     }
     keep.extend(opts.ssh.values().map(|p| abs(p)));
-    let docker_config = std::env::var_os("DOCKER_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
-    keep.extend(docker_config);
+    keep.extend(rbuild::registry::docker_config_dir());
     keep
 }
 

@@ -589,7 +589,8 @@ pub fn ensure_trust_anchors(dir: &Path) {
     NO_SYSTEM_CERTIFICATES.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn docker_config_dir() -> Option<PathBuf> {
+/// Where docker keeps its client configuration: `$DOCKER_CONFIG`, else `~/.docker`.
+pub fn docker_config_dir() -> Option<PathBuf> {
     std::env::var_os("DOCKER_CONFIG")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
