@@ -20,6 +20,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] || curl -fsSL https://sh.rustup.rs | sh -s -- -y --profile minimal
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
+# The test suite checks formatting and lints first (scripts/test-inner.sh).
+if [ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && command -v rustup >/dev/null 2>&1; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null
+  done
+fi
 # The test suite builds its own (debug) binaries.
 if [ "${RBUILD_SETUP_TESTS:-0}" != 1 ]; then
   cargo build --release --locked -q

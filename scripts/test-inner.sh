@@ -23,4 +23,7 @@ if [ "${RBUILD_SLOW_TESTS:-0}" = 1 ]; then
 else
   $sudo ../shared/testbed/make-base-images --busybox-only --no-push >/dev/null
 fi
+# Habits first: formatting and lints are part of the suite (issue 12, item 7).
+cargo fmt --all --check
+$sudo cargo clippy --workspace --all-targets --locked -q -- -D warnings
 $sudo cargo test --workspace --locked "$@"
