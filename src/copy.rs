@@ -50,11 +50,18 @@ fn ioe(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
 pub enum Source<'a> {
     /// The build context directory, with its ignore rules.
     Context {
+        /// The context directory.
         root: &'a Path,
+        /// Its `.dockerignore` rules.
         ignore: &'a rbuild_dag::ignore::IgnoreMatcher,
     },
     /// The filesystem of another stage or image.
-    Layers { stack: &'a LayerStack, name: String },
+    Layers {
+        /// Its layers.
+        stack: &'a LayerStack,
+        /// The stage or image, as errors name it.
+        name: String,
+    },
 }
 
 /// A source item resolved to something that exists.

@@ -4,6 +4,9 @@
 //! steps → stage graph), [`rbuild_snapshot`] (layers), [`rbuild_cache`] (the store) and
 //! [`rbuild_sandbox`] (namespaces and the RUN sandbox).
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod build;
 pub mod cachesync;
 pub mod cli;

@@ -1,5 +1,7 @@
 //! The `rbuild` command.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use rbuild::build::{build, BuildOptions};
 use rbuild::cli::{

@@ -20,6 +20,9 @@
 //! See [`store`] for the invariants that make sharing and crashes safe, [`gc`] for
 //! du/prune/verify and [`context`] for context hashing.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod context;
 pub mod digest;
 pub mod export;

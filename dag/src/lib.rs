@@ -10,6 +10,7 @@
 //! 4. for each stage, [`dispatch::expand_base`] / the plan's [`graph::Base`], then a
 //!    [`dispatch::StageDispatcher`] fed with each [`Instruction`].
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod dispatch;

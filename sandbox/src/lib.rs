@@ -12,6 +12,8 @@
 //! stat-walk diff. [`Isolation::None`] runs steps without any namespace, in the builder's own
 //! root, as Kaniko does. Every mode leaves the step's changes in the upperdir in overlay form.
 
+// `unsafe` is denied everywhere but in `sys`, which allows it for its syscalls.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cgroup;

@@ -1,5 +1,7 @@
 //! Every `unsafe` call of the sandbox, each with its reason. Everything else uses rustix.
 
+#![allow(unsafe_code)]
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::RawFd;

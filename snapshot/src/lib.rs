@@ -14,6 +14,9 @@
 //! - [`find_in_layers`] looks a path up in a stack of such directories without mounting them.
 //! - [`compare_layer`] checks an unpacked layer against its tar (the store's `du --verify`).
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 mod bounded_tar;
 mod compress;
 mod diff;

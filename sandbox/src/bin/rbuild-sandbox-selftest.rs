@@ -9,6 +9,8 @@
 //! Exit status: 0 when the step exited 0, 1 when it failed, 2 on a sandbox error, 3 when the
 //! build namespace could not be entered.
 
+#![forbid(unsafe_code)]
+
 use rbuild_sandbox::probe::IsolationPolicy;
 use rbuild_sandbox::{ExitKind, Limits, Network, RunSpec};
 use std::path::PathBuf;
