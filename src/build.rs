@@ -2019,11 +2019,7 @@ impl Builder {
                         .cloned()
                         .unwrap_or_default();
                     let key = cache_mount_key(&self.opts.project, &ns, m.id.as_deref(), &target);
-                    let base = self
-                        .store
-                        .root()
-                        .join("mounts/cache")
-                        .join(Digest::of(key.as_bytes()).hex());
+                    let base = self.store.layout().cache_mount(&key);
                     fs::create_dir_all(base.parent().unwrap())?;
                     // sharing=locked: one step at a time; private: a step that finds the cache
                     // in use gets an instance of its own; shared: no lock.
@@ -2217,7 +2213,7 @@ impl Builder {
     /// Says why a step missed the cache: which of its key's inputs differ from the last time
     /// this step (same Dockerfile, stage and position) was keyed in this store.
     fn explain_miss(&self, step_id: &str, fields: &[(String, String)], pstep: &ProgressStep) {
-        let dir = self.store.root().join("cache/explain");
+        let dir = self.store.layout().explain();
         let path = dir.join(format!("{}.json", Digest::of(step_id.as_bytes()).hex()));
         let prev: Option<Vec<(String, String)>> = fs::read(&path)
             .ok()
@@ -2334,14 +2330,7 @@ impl Builder {
             )?;
             return Ok(None);
         }
-        let built = self.store.root().join("layers/built");
-        fs::create_dir_all(&built)?;
-        let stable = built.join(format!(
-            "{}-{}",
-            key.hex(),
-            dir.file_name().unwrap().to_string_lossy()
-        ));
-        fs::rename(&dir, &stable)?;
+        let stable = self.store.keep_built_layer(&dir, key)?;
         // Before anything stacks on it: its setuid bits and devices go into its record.
         let held = rbuild_snapshot::hold_tree(&stable)
             .with_context(|| format!("holding the setuid files of {}", stable.display()))?;
@@ -2368,18 +2357,7 @@ impl Builder {
             let digest: Digest = blob.digest.parse()?;
             let diff_id: Digest = blob.diff_id.parse()?;
             store.commit_blob_file(&tmp, &digest)?;
-            let link = store.layer_dir(&diff_id);
-            if !link.exists() {
-                rbuild_cache::Store::sync_layer_dir(&src)?;
-                let tmp_link = store.temp_path("layer-link");
-                std::os::unix::fs::symlink(
-                    Path::new("../built").join(src.file_name().unwrap()),
-                    &tmp_link,
-                )?;
-                if fs::rename(&tmp_link, &link).is_err() {
-                    let _ = fs::remove_file(&tmp_link);
-                }
-            }
+            store.link_built_layer(&diff_id, &src)?;
             let layer = LayerRef {
                 diff_id: diff_id.clone(),
                 digest: digest.clone(),

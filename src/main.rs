@@ -44,7 +44,7 @@ fn open_store_for_gc(root: &Option<PathBuf>) -> anyhow::Result<rbuild_cache::Sto
     let root = root.canonicalize()?;
     std::env::set_var("RBUILD_ROOT", &root);
     rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions {
-        state_dir: root.join("run"),
+        state_dir: rbuild_cache::Layout::new(&root).state(),
         allow_single_id: true,
     })
     .context("setting up the build namespace")?;
@@ -58,7 +58,7 @@ fn human(bytes: u64) -> String {
 fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
     use rbuild_sandbox::probe::Verdict;
     let root = args.root.clone().unwrap_or_else(default_root);
-    if let Err(e) = std::fs::create_dir_all(root.join("tmp")) {
+    if let Err(e) = std::fs::create_dir_all(rbuild_cache::Layout::new(&root).tmp()) {
         eprintln!(
             "error: creating the state directory {}: {e}",
             root.display()
@@ -400,7 +400,7 @@ fn resolve_limits(
         // Even with nothing to enforce: each step gets a cgroup of its own where one can be made.
         cgroup::prepared()
     };
-    let scratch = root.join("tmp");
+    let scratch = rbuild_cache::Layout::new(root).tmp();
     let pids = PidsBound::find(pids_cgroup(cg), isolation, || {
         rbuild_sandbox::probe::nproc_rlimit_bounds(&scratch)
     });
@@ -517,7 +517,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     } else {
         Some(
             rbuild_sandbox::enter_build_namespace(&rbuild_sandbox::EnterOptions {
-                state_dir: root.join("run"),
+                state_dir: rbuild_cache::Layout::new(&root).state(),
                 allow_single_id: true,
             })
             .context("setting up the build namespace")?,
@@ -544,7 +544,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
             bail!("SOURCE_DATE_EPOCH={v:?}: want whole seconds since 1970");
         }
     }
-    rbuild::registry::ensure_trust_anchors(&root.join("run"));
+    rbuild::registry::ensure_trust_anchors(&rbuild_cache::Layout::new(&root).state());
     let progress = Progress::new(args.progress);
     let (isolation, limits) = choose_sandbox(&args, &root, ns.as_ref(), &progress)?;
     for w in ns.iter().flat_map(|ns| &ns.warnings) {

@@ -878,7 +878,7 @@ impl Registry {
 
     fn resolution_file(&self, reference: &str, store: &Store) -> PathBuf {
         let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
-        store.root().join("resolved").join(format!(
+        store.layout().resolved().join(format!(
             "{}.json",
             Digest::of(format!("{reference}\n{platform}").as_bytes()).hex()
         ))
@@ -1351,7 +1351,7 @@ async fn fetch_blob(
                 h.update(&chunk);
                 w.write_all(&chunk).map_err(|source| RegistryError::Io {
                     reference: name.to_string(),
-                    path: store.root().join("tmp"),
+                    path: store.layout().tmp(),
                     source,
                 })?;
             }

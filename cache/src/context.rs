@@ -162,7 +162,7 @@ impl StatCache {
         let abs = context
             .canonicalize()
             .unwrap_or_else(|_| context.to_path_buf());
-        store.root().join("statcache").join(format!(
+        store.layout().statcache().join(format!(
             "{}.json",
             Digest::of(abs.as_os_str().as_encoded_bytes()).hex()
         ))

@@ -169,7 +169,6 @@ pub(crate) fn is_held_record(e: &fs::DirEntry) -> bool {
 /// Disk usage of the store by kind (`rbuild du`). Takes no lock beyond the handle's: the
 /// figures are a snapshot while builds may run.
 pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
-    let root = store.root();
     let (pin_blobs, pin_layers) = pinned_by_refs(store)?;
     let mut u = Usage::default();
     let count_children =
@@ -194,37 +193,37 @@ pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
             .parse::<Digest>()
             .is_ok_and(|d| pin_blobs.contains(&d))
     };
-    u.blobs = count_children(&root.join("blobs/sha256"), &|_| true, &blob_pinned);
+    u.blobs = count_children(&store.layout().blobs(), &|_| true, &blob_pinned);
     u.records = count_children(
-        &root.join("cache"),
+        &store.layout().records(),
         &|n| n.ends_with(".json") && !n.starts_with('.'),
         &no_pin,
     );
-    u.tmp = count_children(&root.join("tmp"), &|_| true, &no_pin);
+    u.tmp = count_children(&store.layout().tmp(), &|_| true, &no_pin);
     u.mounts = count_children(
-        &root.join("mounts/cache"),
+        &store.layout().cache_mounts(),
         &|n| !n.ends_with(".lock"),
         &no_pin,
     );
     // Stat caches and miss explanations: only speed and messages, all reclaimable.
-    let statcache = count_children(&root.join("statcache"), &|_| true, &no_pin);
-    let explain = count_children(&root.join("cache/explain"), &|_| true, &no_pin);
-    let resolved = count_children(&root.join("resolved"), &|_| true, &no_pin);
+    let statcache = count_children(&store.layout().statcache(), &|_| true, &no_pin);
+    let explain = count_children(&store.layout().explain(), &|_| true, &no_pin);
+    let resolved = count_children(&store.layout().resolved(), &|_| true, &no_pin);
     u.metadata = KindUsage {
         count: statcache.count + explain.count + resolved.count,
         bytes: statcache.bytes + explain.bytes + resolved.bytes,
         reclaimable: statcache.reclaimable + explain.reclaimable + resolved.reclaimable,
     };
     // Layers: sizes of the whole layers/ tree once; count layer names plus unlinked built dirs.
-    u.layers.bytes = tree_size(&root.join("layers"));
+    u.layers.bytes = tree_size(&store.layout().layers());
     let linked = linked_built_dirs(store);
     let layers_in = |dir: &Path| entries(dir).into_iter().filter(|e| !is_held_record(e));
-    u.layers.count = layers_in(&root.join("layers/sha256")).count() as u64
-        + entries(&root.join("layers/over/sha256"))
+    u.layers.count = layers_in(&store.layout().layer_names()).count() as u64
+        + entries(&store.layout().layers_over())
             .iter()
             .map(|e| layers_in(&e.path()).count() as u64)
             .sum::<u64>()
-        + layers_in(&root.join("layers/built"))
+        + layers_in(&store.layout().built_layers())
             .filter(|e| !linked.contains(&layer_name(e)))
             .count() as u64;
     let pinned_layer_bytes: u64 = pin_layers.iter().map(|d| layer_size(store, d)).sum();
@@ -234,7 +233,7 @@ pub fn disk_usage(store: &Store) -> Result<Usage, GcError> {
 
 /// Cache mounts (`mounts/cache/<id>`) by id, with their apparent sizes (`rbuild du --verbose`).
 pub fn cache_mount_usage(store: &Store) -> Vec<(String, u64)> {
-    let dir = store.root().join("mounts/cache");
+    let dir = store.layout().cache_mounts();
     let mut out: Vec<(String, u64)> = entries(&dir)
         .into_iter()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -254,7 +253,7 @@ fn layer_size(store: &Store, diff_id: &Digest) -> u64 {
     let p = store.layer_dir(diff_id);
     let over = tree_size(&store.layer_over_root(diff_id));
     over + match built_target(&p) {
-        Some(b) => tree_size(&store.root().join("layers/built").join(b)),
+        Some(b) => tree_size(&store.layout().built_layers().join(b)),
         None => tree_size(&p),
     }
 }
@@ -304,7 +303,7 @@ pub fn record_usage(store: &Store) -> Result<Vec<RecordUsage>, GcError> {
 /// Names of `layers/built/` dirs that some `layers/sha256/<id>` symlink points to.
 fn linked_built_dirs(store: &Store) -> HashSet<String> {
     let mut out = HashSet::new();
-    for e in entries(&store.root().join("layers/sha256")) {
+    for e in entries(&store.layout().layer_names()) {
         if let Some(name) = built_target(&e.path()) {
             out.insert(name);
         }
@@ -379,7 +378,7 @@ pub(crate) struct RecordInfo {
 
 pub(crate) fn load_records(store: &Store) -> Vec<RecordInfo> {
     let mut out = Vec::new();
-    for e in entries(&store.root().join("cache")) {
+    for e in entries(&store.layout().records()) {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || !name.ends_with(".json") {
             continue;
@@ -477,7 +476,6 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     report.tmp += n;
     report.bytes += b;
 
-    let root = store.root().to_path_buf();
     let records = load_records(store);
     let (pin_blobs, pin_layers) = pinned_by_refs(store)?;
     let now = SystemTime::now();
@@ -550,7 +548,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     let keeps = |refs: &HashMap<Digest, u32>, pins: &HashSet<Digest>, d: &Digest| {
         refs.get(d).is_some_and(|c| *c > 0) || pins.contains(d)
     };
-    for e in entries(&root.join("blobs/sha256")) {
+    for e in entries(&store.layout().blobs()) {
         let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy())
             .parse()
             .ok();
@@ -565,7 +563,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     }
     // Sweep layer names, then built dirs no kept name links to.
     let mut linked = HashSet::new();
-    for e in entries(&root.join("layers/sha256")) {
+    for e in entries(&store.layout().layer_names()) {
         let p = e.path();
         let d: Option<Digest> = format!("sha256:{}", layer_name(&e)).parse().ok();
         if d.as_ref()
@@ -580,7 +578,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         report.bytes += size;
     }
     // A layer's per-stack forms go with its name.
-    for e in entries(&root.join("layers/over/sha256")) {
+    for e in entries(&store.layout().layers_over()) {
         let d: Option<Digest> = format!("sha256:{}", e.file_name().to_string_lossy())
             .parse()
             .ok();
@@ -596,9 +594,10 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         remove_any(&p)?;
     }
     // The per-stack directories themselves go once empty (not part of the skeleton).
-    let _ = fs::remove_dir(root.join("layers/over/sha256"));
-    let _ = fs::remove_dir(root.join("layers/over"));
-    for e in entries(&root.join("layers/built")) {
+    let over = store.layout().layers_over();
+    let _ = fs::remove_dir(&over);
+    let _ = over.parent().map(fs::remove_dir);
+    for e in entries(&store.layout().built_layers()) {
         if linked.contains(&layer_name(&e)) {
             continue;
         }
@@ -609,7 +608,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         report.bytes += size;
     }
     if opts.all {
-        for e in entries(&root.join("mounts/cache")) {
+        for e in entries(&store.layout().cache_mounts()) {
             let p = e.path();
             let size = tree_size(&p);
             remove_any(&p)?;
@@ -621,7 +620,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     }
     // Stat caches only speed up hashing: all of them go with `all`; otherwise those of
     // context directories that are gone and those unused for `older_than`.
-    for e in entries(&root.join("statcache")) {
+    for e in entries(&store.layout().statcache()) {
         let p = e.path();
         if e.file_name().to_string_lossy().starts_with('.') {
             continue; // a write in progress (prune holds the store alone: a dead one, gone above)
@@ -642,7 +641,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     }
     // What explains cache misses (the inputs each step had last time) goes with the records:
     // all of it with `all`, the entries unused for `older_than` otherwise.
-    for e in entries(&root.join("cache/explain")) {
+    for e in entries(&store.layout().explain()) {
         let p = e.path();
         let old = opts.older_than.is_some_and(|d| {
             let used = fs::metadata(&p)
@@ -657,7 +656,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
     }
     // Tag resolutions (tag -> manifest, so a rebuild need not ask the registry): all with
     // `all`, otherwise those whose manifest the sweep above removed.
-    for e in entries(&root.join("resolved")) {
+    for e in entries(&store.layout().resolved()) {
         let p = e.path();
         if e.file_name().to_string_lossy().starts_with('.') {
             continue;

@@ -33,6 +33,7 @@
 
 use crate::digest::{Digest, Hasher};
 use crate::key::CacheKey;
+use crate::layout::Layout;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -123,6 +124,7 @@ struct StoreLock {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    layout: Layout,
     lock: Arc<StoreLock>,
 }
 
@@ -179,16 +181,7 @@ impl Store {
     /// while a prune holds it exclusively), this process's owner lock, and removes `tmp/`
     /// entries left by dead processes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for sub in [
-            "blobs/sha256",
-            "layers/sha256",
-            "cache",
-            "tmp",
-            "run",
-            "owners",
-            "refs",
-        ] {
-            let p = root.join(sub);
+        for p in Layout::new(root).skeleton() {
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
         private_root(root)?;
@@ -199,7 +192,7 @@ impl Store {
             match map.get(&root).and_then(Weak::upgrade) {
                 Some(l) => l,
                 None => {
-                    let path = root.join("lock");
+                    let path = Layout::new(&root).lock_file();
                     let file = OpenOptions::new()
                         .create(true)
                         .truncate(false)
@@ -215,7 +208,11 @@ impl Store {
             }
         };
         take_owner_lock(&root)?;
-        let store = Store { root, lock };
+        let store = Store {
+            layout: Layout::new(&root),
+            root,
+            lock,
+        };
         store.clean_dead_temps(false);
         Ok(store)
     }
@@ -264,7 +261,7 @@ impl Store {
     pub(crate) fn clean_dead_temps(&self, exclusive: bool) -> (u64, u64) {
         let me = owner_token().to_string();
         let mut by_pid: HashMap<String, Vec<PathBuf>> = HashMap::new();
-        let tmp = self.root.join("tmp");
+        let tmp = self.layout.tmp();
         let mut unknown = Vec::new();
         for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -273,12 +270,9 @@ impl Store {
                 None => unknown.push(e.path()),
             }
         }
-        for dir in ["cache", "refs", "statcache", "resolved"] {
-            for e in fs::read_dir(self.root.join(dir))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
+        let l = &self.layout;
+        for dir in [l.records(), l.refs(), l.statcache(), l.resolved()] {
+            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if let Some(pid) = name
                     .strip_prefix('.')
@@ -289,7 +283,7 @@ impl Store {
                 }
             }
         }
-        for e in fs::read_dir(self.root.join("owners"))
+        for e in fs::read_dir(self.layout.owners())
             .into_iter()
             .flatten()
             .flatten()
@@ -309,7 +303,7 @@ impl Store {
             if pid == me {
                 continue;
             }
-            let lock_path = self.root.join("owners").join(format!("{pid}.lock"));
+            let lock_path = self.layout.owners().join(format!("{pid}.lock"));
             let os_pid: u32 = pid
                 .split('x')
                 .next()
@@ -353,12 +347,14 @@ impl Store {
         &self.root
     }
 
+    /// Where everything is below the root.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
     /// Where the blob with this digest lives (whether or not it exists).
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root
-            .join("blobs")
-            .join(digest.algorithm())
-            .join(digest.hex())
+        self.layout.blob(digest)
     }
 
     /// Whether the blob is present.
@@ -450,8 +446,8 @@ impl Store {
     /// A fresh, unused path under `tmp/` (nothing is created).
     pub fn temp_path(&self, prefix: &str) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        self.root
-            .join("tmp")
+        self.layout
+            .tmp()
             .join(format!("{prefix}-{}-{n}", owner_token()))
     }
 
@@ -464,10 +460,7 @@ impl Store {
 
     /// Where the unpacked layer with this diffID lives (whether or not it exists).
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
-        self.root
-            .join("layers")
-            .join(diff_id.algorithm())
-            .join(diff_id.hex())
+        self.layout.layer(diff_id)
     }
 
     /// Whether the layer is unpacked in the store.
@@ -494,14 +487,40 @@ impl Store {
         self.commit_dir_as(dir, self.layer_dir(diff_id))
     }
 
+    /// Moves a step's finished directory `dir` to `layers/built/`, named by the step's cache
+    /// key, where later steps may stack on it before its blob exists; gives its new path.
+    pub fn keep_built_layer(&self, dir: &Path, key: &CacheKey) -> Result<PathBuf, StoreError> {
+        let built = self.layout.built_layers();
+        fs::create_dir_all(&built).map_err(io_err(&built))?;
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let stable = built.join(format!("{}-{name}", key.hex()));
+        fs::rename(dir, &stable).map_err(io_err(&stable))?;
+        Ok(stable)
+    }
+
+    /// Names the built layer directory `built` (under `layers/built/`) as the layer
+    /// `diff_id`, after flushing it to disk, unless that layer is already there.
+    pub fn link_built_layer(&self, diff_id: &Digest, built: &Path) -> Result<(), StoreError> {
+        let link = self.layer_dir(diff_id);
+        if link.exists() {
+            return Ok(());
+        }
+        Self::sync_layer_dir(built)?;
+        let tmp_link = self.temp_path("layer-link");
+        let target = Path::new("../built").join(built.file_name().unwrap_or_default());
+        std::os::unix::fs::symlink(&target, &tmp_link).map_err(io_err(&tmp_link))?;
+        // Another build may have linked it meanwhile: theirs stays.
+        if fs::rename(&tmp_link, &link).is_err() {
+            let _ = fs::remove_file(&tmp_link);
+        }
+        Ok(())
+    }
+
     /// Where layer `diff_id` is unpacked once per stack of layers below it: a layer whose tar
     /// leaves out parent directories is unpacked as those layers have them (copied up, or
     /// moved by a symlink), so it has no one form. That this directory exists says so.
     pub fn layer_over_root(&self, diff_id: &Digest) -> PathBuf {
-        self.root
-            .join("layers/over")
-            .join(diff_id.algorithm())
-            .join(diff_id.hex())
+        self.layout.layer_over_root(diff_id)
     }
 
     /// The unpacked layer `diff_id` over the stack of layers below it that `stack` names.
@@ -591,7 +610,7 @@ impl Store {
     }
 
     fn record_path(&self, key: &CacheKey) -> PathBuf {
-        self.root.join("cache").join(format!("{}.json", key.hex()))
+        self.layout.records().join(format!("{}.json", key.hex()))
     }
 
     /// The cache record for `key`, if there is one whose layer is still present.
@@ -625,8 +644,8 @@ impl Store {
     }
 
     fn ref_path(&self, name: &str) -> PathBuf {
-        self.root
-            .join("refs")
+        self.layout
+            .refs()
             .join(format!("{}.json", Digest::of(name.as_bytes()).hex()))
     }
 
@@ -670,7 +689,7 @@ impl Store {
 
     /// Every ref, sorted by name.
     pub fn refs(&self) -> Result<Vec<RefEntry>, StoreError> {
-        let dir = self.root.join("refs");
+        let dir = self.layout.refs();
         let mut out = Vec::new();
         for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let e = e.map_err(io_err(&dir))?;
@@ -795,7 +814,9 @@ fn take_owner_lock(root: &Path) -> Result<(), StoreError> {
     if map.contains_key(root) {
         return Ok(());
     }
-    let path = root.join("owners").join(format!("{}.lock", owner_token()));
+    let path = Layout::new(root)
+        .owners()
+        .join(format!("{}.lock", owner_token()));
     loop {
         let f = OpenOptions::new()
             .create(true)

@@ -46,7 +46,7 @@ fn layer_blobs(store: &Store) -> HashMap<Digest, Digest> {
         .into_iter()
         .map(|r| r.digest)
         .collect();
-    for e in entries(&store.root().join("resolved")) {
+    for e in entries(&store.layout().resolved()) {
         let m = fs::read(e.path())
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -88,10 +88,9 @@ fn layer_blobs(store: &Store) -> HashMap<Digest, Digest> {
 /// A corrupt blob or layer is removed (and listed in [`VerifyReport::removed`]), so that
 /// the next build fetches or unpacks it again: a record whose blob is gone is rebuilt.
 pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
-    let root = store.root();
     let mut rep = VerifyReport::default();
     let mut corrupt_blobs = std::collections::HashSet::new();
-    for e in entries(&root.join("blobs/sha256")) {
+    for e in entries(&store.layout().blobs()) {
         let p = e.path();
         rep.blobs += 1;
         let name = e.file_name().to_string_lossy().into_owned();
@@ -111,7 +110,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
     }
     let blobs_of = layer_blobs(store);
     let mut corrupt_layers = Vec::new();
-    for e in entries(&root.join("layers/sha256")) {
+    for e in entries(&store.layout().layer_names()) {
         if is_held_record(&e) {
             continue;
         }
@@ -202,7 +201,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
         let aside = store.temp_path("corrupt");
         fs::rename(p, &aside).map_err(io_err(p))?;
         remove_any(&aside)?;
-        if let Some(t) = target.filter(|t| t.starts_with(root.join("layers"))) {
+        if let Some(t) = target.filter(|t| t.starts_with(store.layout().layers())) {
             let aside = store.temp_path("corrupt");
             if fs::rename(&t, &aside).is_ok() {
                 remove_any(&aside)?;
