@@ -4,12 +4,12 @@
 use crate::cachesync::BlobOrigin;
 use crate::cli::{CacheMode, CacheSpec, CompressionArg, NetworkArg, OutputSpec};
 use crate::copy::{self, CopyAttrs, Source};
-use crate::image::{self, BuiltImage, LayerDesc};
+use crate::image::{self, BuiltImage};
 use crate::progress::{Progress, Step as ProgressStep};
 use crate::registry::{self, Registry, RegistryOptions};
 use crate::rootfs::{clean_components, LayerStack};
 use anyhow::{anyhow, bail, Context as _, Result};
-use rbuild_cache::{CacheExport, CacheKey, CacheKeyBuilder, CacheRecord, Digest, LayerRef, Store};
+use rbuild_cache::{CacheExport, CacheKey, CacheKeyBuilder, CacheRecord, Digest, LayerDesc, Store};
 use rbuild_dag::dispatch::{ImageState, StageDispatcher, Step};
 use rbuild_dag::graph::Base;
 use rbuild_dag::mount::MountSpec;
@@ -971,15 +971,7 @@ impl Builder {
         let mut export = CacheExport::new();
         for (key, slot) in entries {
             let layer = match slot {
-                Some(s) => {
-                    let d = s.get().await?;
-                    Some(LayerRef {
-                        diff_id: d.diff_id,
-                        digest: d.digest,
-                        size: d.size,
-                        media_type: d.media_type,
-                    })
-                }
+                Some(s) => Some(s.get().await?),
                 None => None,
             };
             export.insert(key, layer);
@@ -2283,12 +2275,7 @@ impl Builder {
     fn push_layer(&self, fs: &mut ImageFs, key: CacheKey, rec: CacheRecord, created_by: &str) {
         let slot = rec.layer.map(|l| Layer {
             dir: self.store.layer_dir(&l.diff_id),
-            desc: LayerSlot::Ready(LayerDesc {
-                digest: l.digest,
-                diff_id: l.diff_id,
-                size: l.size,
-                media_type: l.media_type,
-            }),
+            desc: LayerSlot::Ready(l),
         });
         self.push_slot(fs, key, slot, created_by);
     }
@@ -2354,34 +2341,22 @@ impl Builder {
                     let _ = fs::remove_file(&tmp);
                     anyhow!("writing the layer of {}: {e}", src.display())
                 })?;
-            let digest: Digest = blob.digest.parse()?;
-            let diff_id: Digest = blob.diff_id.parse()?;
-            store.commit_blob_file(&tmp, &digest)?;
-            store.link_built_layer(&diff_id, &src)?;
-            let layer = LayerRef {
-                diff_id: diff_id.clone(),
-                digest: digest.clone(),
-                size: blob.size,
-                media_type: blob.media_type.to_string(),
-            };
+            store.commit_blob_file(&tmp, &blob.digest)?;
+            store.link_built_layer(&blob.diff_id, &src)?;
             store.put_record(
                 &key,
                 &CacheRecord {
-                    layer: Some(layer),
+                    layer: Some(blob.clone()),
                     created: now_rfc3339(),
                 },
             )?;
             pstep.log(&format!(
-                "layer {diff_id} {} bytes in {:.3}s",
+                "layer {} {} bytes in {:.3}s",
+                blob.diff_id,
                 blob.size,
                 started.elapsed().as_secs_f64()
             ));
-            Ok(LayerDesc {
-                digest,
-                diff_id,
-                size: blob.size,
-                media_type: blob.media_type.to_string(),
-            })
+            Ok(blob)
         });
         use futures_util::FutureExt;
         let shared = async move {

@@ -160,16 +160,7 @@ pub fn fetch_from_layout(dir: &Path, d: &Digest, store: &Store) -> Result<()> {
 pub fn artifact(export: &CacheExport, store: &Store) -> Result<BuiltImage> {
     let config_bytes = export.to_json();
     let config_digest = store.put_blob_bytes(&config_bytes)?;
-    let layers: Vec<LayerDesc> = export
-        .layers()
-        .into_iter()
-        .map(|l| LayerDesc {
-            digest: l.digest,
-            diff_id: l.diff_id,
-            size: l.size,
-            media_type: l.media_type,
-        })
-        .collect();
+    let layers: Vec<LayerDesc> = export.layers();
     Ok(crate::image::store_manifest(
         CACHE_CONFIG_MEDIA_TYPE,
         Some(CACHE_ARTIFACT_TYPE),

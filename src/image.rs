@@ -48,18 +48,7 @@ pub enum ImageError {
     Store(#[from] StoreError),
 }
 
-/// A layer of an image: its blob and its uncompressed identity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerDesc {
-    /// Digest of the blob.
-    pub digest: Digest,
-    /// Digest of the uncompressed tar.
-    pub diff_id: Digest,
-    /// Blob size.
-    pub size: u64,
-    /// Media type of the blob.
-    pub media_type: String,
-}
+pub use rbuild_cache::LayerDesc;
 
 /// A finished image: config and manifest bytes (stored as blobs) and its layers.
 #[derive(Debug, Clone)]

@@ -11,8 +11,9 @@
 //! layer against its diffID when unpacked, so a tampered cache can make a build slower or fail,
 //! but cannot place unverified bytes in the store.
 
-use crate::store::{CacheRecord, LayerRef};
+use crate::store::CacheRecord;
 use crate::{CacheKey, Digest};
+use rbuild_snapshot::LayerDesc;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -49,7 +50,7 @@ pub struct CacheExport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportedRecord {
     /// The layer the step added, or `None` for a step that left the filesystem alone.
-    pub layer: Option<LayerRef>,
+    pub layer: Option<LayerDesc>,
 }
 
 impl CacheExport {
@@ -62,7 +63,7 @@ impl CacheExport {
     }
 
     /// Adds (or replaces) the record of `key`.
-    pub fn insert(&mut self, key: CacheKey, layer: Option<LayerRef>) {
+    pub fn insert(&mut self, key: CacheKey, layer: Option<LayerDesc>) {
         self.records.insert(key, ExportedRecord { layer });
     }
 
@@ -74,7 +75,7 @@ impl CacheExport {
     }
 
     /// The distinct layers the records name, in key order.
-    pub fn layers(&self) -> Vec<LayerRef> {
+    pub fn layers(&self) -> Vec<LayerDesc> {
         let mut seen = std::collections::HashSet::new();
         self.records
             .values()
@@ -122,7 +123,7 @@ impl CacheExport {
 }
 
 /// Looks a blob digest up among the layers of an export (for its size and media type).
-pub fn find_layer<'a>(export: &'a CacheExport, digest: &Digest) -> Option<&'a LayerRef> {
+pub fn find_layer<'a>(export: &'a CacheExport, digest: &Digest) -> Option<&'a LayerDesc> {
     export
         .records
         .values()
@@ -134,8 +135,8 @@ pub fn find_layer<'a>(export: &'a CacheExport, digest: &Digest) -> Option<&'a La
 mod tests {
     use super::*;
 
-    fn layer(n: u8) -> LayerRef {
-        LayerRef {
+    fn layer(n: u8) -> LayerDesc {
+        LayerDesc {
             diff_id: Digest::of(&[n, 0]),
             digest: Digest::of(&[n, 1]),
             size: n as u64,

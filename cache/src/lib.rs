@@ -9,7 +9,6 @@
 #![warn(missing_docs)]
 
 pub mod context;
-pub mod digest;
 pub mod export;
 pub mod gc;
 pub mod key;
@@ -18,7 +17,6 @@ pub mod store;
 pub mod verify;
 
 pub use context::{ContextError, Filter, StatCache};
-pub use digest::{mismatch_error, Digest, DigestError, Hasher, VerifyingReader};
 pub use export::{CacheExport, ExportError, ExportedRecord};
 pub use gc::{
     disk_usage, prune, record_usage, GcError, KindUsage, PruneOptions, PruneReport, RecordUsage,
@@ -26,8 +24,11 @@ pub use gc::{
 };
 pub use key::{CacheKey, CacheKeyBuilder};
 pub use layout::Layout;
+pub use rbuild_snapshot::digest;
+pub use rbuild_snapshot::digest::{mismatch_error, Digest, DigestError, Hasher, VerifyingReader};
+pub use rbuild_snapshot::LayerDesc;
 pub use store::{
     copy_into_blob, owner_token, remove_tree, write_file_atomic, BlobWriter, CacheRecord,
-    ExclusiveLock, LayerRef, RefEntry, Store, StoreError,
+    ExclusiveLock, RefEntry, Store, StoreError,
 };
 pub use verify::{verify, VerifyReport};

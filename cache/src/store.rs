@@ -34,6 +34,7 @@
 use crate::digest::{Digest, Hasher};
 use crate::key::CacheKey;
 use crate::layout::Layout;
+use rbuild_snapshot::LayerDesc;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -89,24 +90,11 @@ fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
     move |source| StoreError::Io { path, source }
 }
 
-/// A layer as recorded in the cache: its uncompressed identity and its blob.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerRef {
-    /// sha256 of the uncompressed tar.
-    pub diff_id: Digest,
-    /// sha256 of the compressed blob.
-    pub digest: Digest,
-    /// Size of the compressed blob in bytes.
-    pub size: u64,
-    /// OCI media type of the blob.
-    pub media_type: String,
-}
-
 /// What a cached step produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheRecord {
     /// The layer the step added, or `None` for a step that left the filesystem alone.
-    pub layer: Option<LayerRef>,
+    pub layer: Option<LayerDesc>,
     /// RFC 3339 creation time of the step's result.
     pub created: String,
 }
@@ -989,7 +977,7 @@ mod tests {
         let blob = s.put_blob_bytes(b"layer").unwrap();
         let diff_id = Digest::of(b"tar");
         let rec = CacheRecord {
-            layer: Some(LayerRef {
+            layer: Some(LayerDesc {
                 diff_id: diff_id.clone(),
                 digest: blob,
                 size: 5,

@@ -1,6 +1,8 @@
 //! Concurrency, crash safety, prune and verify of the store.
 
-use rbuild_cache::{prune, verify, CacheRecord, Digest, LayerRef, PruneOptions, Store, StoreError};
+use rbuild_cache::{
+    prune, verify, CacheRecord, Digest, LayerDesc, PruneOptions, Store, StoreError,
+};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -108,7 +110,7 @@ fn write_forever(store: &Store) {
             std::os::unix::fs::symlink(Path::new("../built").join(&name), &tmp_link).unwrap();
             fs::rename(&tmp_link, store.layer_dir(&diff_id)).unwrap();
         }
-        let layer = LayerRef {
+        let layer = LayerDesc {
             diff_id,
             digest: blob.clone(),
             size,
@@ -351,7 +353,7 @@ fn add_step(store: &Store, name: &str, size: usize) -> (Digest, Digest, Digest) 
     let diff_id = Digest::of(&tar);
     store.commit_layer_dir(&dir, &diff_id).unwrap();
     let key = Digest::of(format!("key-{name}").as_bytes());
-    let layer = LayerRef {
+    let layer = LayerDesc {
         diff_id: diff_id.clone(),
         digest: blob.clone(),
         size: size as u64,

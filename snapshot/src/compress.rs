@@ -3,6 +3,7 @@
 //! in bounded chunks, so memory stays flat and producing overlaps with compressing.
 
 use crate::diff::{write_layer_tar, DiffError, DiffOptions};
+use crate::digest::Digest;
 use sha2::{Digest as _, Sha256};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -37,17 +38,18 @@ impl Compression {
     }
 }
 
-/// A written layer blob.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerBlob {
-    /// `sha256:` of the uncompressed tar.
-    pub diff_id: String,
-    /// `sha256:` of the blob as written.
-    pub digest: String,
+/// A layer: its blob and its uncompressed identity, as manifests, image configs and cache
+/// records name it. The one layer descriptor of rbuild.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerDesc {
+    /// Digest of the uncompressed tar (the image config's diffID).
+    pub diff_id: Digest,
+    /// Digest of the blob as stored and pushed.
+    pub digest: Digest,
     /// Blob size in bytes.
     pub size: u64,
-    /// OCI media type.
-    pub media_type: &'static str,
+    /// OCI media type of the blob.
+    pub media_type: String,
 }
 
 const CHUNK: usize = 1 << 20;
@@ -144,7 +146,7 @@ pub fn write_layer_blob(
     dest_file: &Path,
     compression: Compression,
     opts: &DiffOptions,
-) -> Result<LayerBlob, DiffError> {
+) -> Result<LayerDesc, DiffError> {
     let ioe = |source| DiffError::Io {
         path: dest_file.to_path_buf(),
         source,
@@ -184,11 +186,11 @@ pub fn write_layer_blob(
     let out = comp_res.map_err(ioe)?;
     let diff = tar_res?;
     out.file.sync_all().map_err(ioe)?;
-    Ok(LayerBlob {
-        diff_id: format!("sha256:{}", hex::encode(diff)),
-        digest: format!("sha256:{}", hex::encode(out.hash.finalize())),
+    Ok(LayerDesc {
+        diff_id: Digest::from_sha256(diff.into()),
+        digest: Digest::from_sha256(out.hash.finalize().into()),
         size: out.size,
-        media_type: compression.media_type(),
+        media_type: compression.media_type().to_string(),
     })
 }
 

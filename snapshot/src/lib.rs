@@ -20,6 +20,7 @@
 mod bounded_tar;
 mod compress;
 mod diff;
+pub mod digest;
 mod fsutil;
 mod held;
 mod stack;
@@ -28,8 +29,9 @@ mod unpack;
 mod verify;
 mod whiteout;
 
-pub use compress::{decompress, write_layer_blob, Compression, LayerBlob};
+pub use compress::{decompress, write_layer_blob, Compression, LayerDesc};
 pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
+pub use digest::{mismatch_error, Digest, DigestError, Hasher, VerifyingReader};
 pub use fsutil::clean as clean_components;
 pub use fsutil::{open_in_root, resolve_in_root};
 pub use held::{

@@ -288,7 +288,7 @@ fn blob_digests_are_deterministic_and_right() {
         assert_eq!(bytes.len() as u64, a.size);
         use sha2::Digest;
         assert_eq!(
-            a.digest,
+            a.digest.as_str(),
             format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)))
         );
         let mut plain = Vec::new();
@@ -297,7 +297,7 @@ fn blob_digests_are_deterministic_and_right() {
             .read_to_end(&mut plain)
             .unwrap();
         assert_eq!(
-            a.diff_id,
+            a.diff_id.as_str(),
             format!("sha256:{}", hex::encode(sha2::Sha256::digest(&plain)))
         );
         let e = entries(&plain);

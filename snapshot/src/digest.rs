@@ -25,6 +25,11 @@ impl Digest {
         h.finish()
     }
 
+    /// The digest whose SHA-256 sum is `sum`.
+    pub fn from_sha256(sum: [u8; 32]) -> Digest {
+        Digest(format!("sha256:{}", hex::encode(sum)))
+    }
+
     /// The full `sha256:<hex>` form.
     pub fn as_str(&self) -> &str {
         &self.0
