@@ -10,7 +10,9 @@ use crate::registry::{self, Registry, RegistryOptions};
 use crate::rootfs::{clean_components, LayerStack};
 use anyhow::{anyhow, bail, Context as _, Result};
 use rbuild_cache::{CacheExport, CacheKey, CacheKeyBuilder, CacheRecord, Digest, LayerDesc, Store};
-use rbuild_dag::dispatch::{ImageState, StageDispatcher, Step};
+use rbuild_dag::dispatch::{
+    CopyStep, ImageState, RunNetwork, RunSecurity, RunStep, StageDispatcher, Step, WorkdirStep,
+};
 use rbuild_dag::graph::Base;
 use rbuild_dag::mount::MountSpec;
 use rbuild_dag::Dockerfile;
@@ -205,7 +207,7 @@ enum StepInputs {
 
 /// What a COPY/ADD found while being keyed.
 struct CopyInputs {
-    mode: Option<copy::Chmod>,
+    mode: Option<rbuild_dag::chmod::Chmod>,
     exclude: Option<rbuild_dag::ignore::IgnoreMatcher>,
     dir_context: Option<PathBuf>,
     from_fs: Option<ImageFs>,
@@ -248,9 +250,9 @@ fn finish_pstep(pstep: &ProgressStep, res: Result<Option<Layer>>) -> Result<Opti
 
 fn created_by_of(step: &Step) -> &str {
     match step {
-        Step::Run { created_by, .. }
-        | Step::Copy { created_by, .. }
-        | Step::Workdir { created_by, .. } => created_by,
+        Step::Run(RunStep { created_by, .. })
+        | Step::Copy(CopyStep { created_by, .. })
+        | Step::Workdir(WorkdirStep { created_by, .. }) => created_by,
     }
 }
 
@@ -1345,7 +1347,7 @@ impl Builder {
     /// The cache key of a step and what running it needs, computed without reading any layer.
     async fn plan_step(self: &Arc<Self>, fs: &ImageFs, step: &Step) -> Result<PlannedStep> {
         match step {
-            Step::Run {
+            Step::Run(RunStep {
                 argv,
                 env,
                 user,
@@ -1355,16 +1357,15 @@ impl Builder {
                 mounts,
                 security,
                 ..
-            } => {
-                let insecure = security.as_deref() == Some("insecure");
+            }) => {
+                let insecure = *security == RunSecurity::Insecure;
                 if insecure && !self.opts.allow_insecure {
                     bail!("RUN --security=insecure is not allowed: the step would keep every capability of its user namespace and run without a seccomp filter; grant it with --allow security.insecure");
                 }
-                let net = match network.as_deref() {
-                    Some("none") => NetworkArg::None,
-                    Some("host") => NetworkArg::Host,
-                    Some("default") | None => self.opts.network,
-                    Some(other) => bail!("unsupported --network={other} (default, none, host)"),
+                let net = match network {
+                    RunNetwork::None => NetworkArg::None,
+                    RunNetwork::Host => NetworkArg::Host,
+                    RunNetwork::Default => self.opts.network,
                 };
                 let env_strs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let mut kb = CacheKeyBuilder::new("run");
@@ -1394,7 +1395,7 @@ impl Builder {
                     inputs: StepInputs::Run { net, insecure },
                 })
             }
-            Step::Copy {
+            Step::Copy(CopyStep {
                 sources,
                 dest,
                 from,
@@ -1408,8 +1409,8 @@ impl Builder {
                 keep_git_dir,
                 unpack,
                 ..
-            } => {
-                let mode = chmod.as_deref().map(copy::parse_chmod).transpose()?;
+            }) => {
+                let mode = chmod.clone();
                 let exclude_m = if exclude.is_empty() {
                     None
                 } else {
@@ -1519,7 +1520,13 @@ impl Builder {
                     .str("dest", dest)
                     // Names resolve against the parent's /etc/passwd, which the parent key fixes.
                     .str("chown", chown.as_deref().unwrap_or(""))
-                    .str("chmod", &format!("{mode:?}"));
+                    .str(
+                        "chmod",
+                        &match &mode {
+                            Some(c) => format!("Some({})", c.key_text()),
+                            None => "None".into(),
+                        },
+                    );
                 if *is_add {
                     // ADD extracts archives where COPY copies them: not the same result.
                     kb.str("add", &format!("unpack={unpack:?}"));
@@ -1539,7 +1546,7 @@ impl Builder {
                     })),
                 })
             }
-            Step::Workdir { path, .. } => {
+            Step::Workdir(WorkdirStep { path, .. }) => {
                 // Whether the directory exists and who owns it follow from the parent state,
                 // so the key needs no look at the layers.
                 let mut kb = CacheKeyBuilder::new("workdir");
@@ -1568,7 +1575,7 @@ impl Builder {
         let PlannedStep { fields, inputs, .. } = planned;
         match (step, inputs) {
             (
-                Step::Run {
+                Step::Run(RunStep {
                     argv,
                     env,
                     user,
@@ -1576,7 +1583,7 @@ impl Builder {
                     files,
                     mounts,
                     ..
-                },
+                }),
                 StepInputs::Run { net, insecure },
             ) => {
                 let stack = self.materialize_dep(fs).await?;
@@ -1680,7 +1687,7 @@ impl Builder {
                 finish_pstep(&pstep, res)
             }
             (
-                Step::Copy {
+                Step::Copy(CopyStep {
                     sources,
                     dest,
                     from,
@@ -1690,7 +1697,7 @@ impl Builder {
                     parents,
                     unpack,
                     ..
-                },
+                }),
                 StepInputs::Copy(inputs),
             ) => {
                 let CopyInputs {
@@ -1820,7 +1827,10 @@ impl Builder {
                     for d in &downloads {
                         // Downloaded files are 0600, as docker makes them, unless --chmod says otherwise.
                         let content = fs::read(&d.path)?;
-                        let mode = attrs.mode.clone().or(Some(copy::Chmod::Octal(0o600)));
+                        let mode = attrs
+                            .mode
+                            .clone()
+                            .or(Some(rbuild_dag::chmod::Chmod::octal(0o600)));
                         let a = CopyAttrs {
                             owner: attrs.owner,
                             mode,
@@ -1848,7 +1858,7 @@ impl Builder {
                 .await;
                 finish_pstep(&pstep, res)
             }
-            (Step::Workdir { path, .. }, StepInputs::Workdir) => {
+            (Step::Workdir(WorkdirStep { path, .. }), StepInputs::Workdir) => {
                 let stack = self.materialize_dep(fs).await?;
                 let pstep = self.progress.start(&ctx.name);
                 let res = async {

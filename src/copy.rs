@@ -24,11 +24,6 @@ pub enum CopyError {
         "when copying several sources the destination must be a directory and end with a /: {0}"
     )]
     DestNotDir(String),
-    /// A bad --chmod value.
-    #[error(
-        "invalid --chmod {0:?}: want an octal mode such as 0755 or a symbolic one such as u+x,go-w"
-    )]
-    BadChmod(String),
     /// An I/O error on a path.
     #[error("{path}: {source}")]
     Io {
@@ -305,88 +300,7 @@ pub struct CopyAttrs {
     pub parents: bool,
 }
 
-/// A `--chmod` value: octal, or symbolic like chmod(1) (`u+x,go-w`, `a=rX`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Chmod {
-    /// Absolute bits.
-    Octal(u32),
-    /// Clauses `(who mask, op, permission letters)`.
-    Symbolic(Vec<(u32, char, String)>),
-}
-
-impl Chmod {
-    /// The mode a file or directory of mode `mode` gets.
-    pub fn apply(&self, mode: u32, is_dir: bool) -> u32 {
-        match self {
-            Chmod::Octal(m) => *m,
-            Chmod::Symbolic(clauses) => {
-                let mut m = mode & 0o7777;
-                for (who, op, perms) in clauses {
-                    let mut bits = 0;
-                    for c in perms.chars() {
-                        bits |= match c {
-                            'r' => 0o444,
-                            'w' => 0o222,
-                            'x' => 0o111,
-                            'X' if is_dir || m & 0o111 != 0 => 0o111,
-                            's' => 0o6000,
-                            't' => 0o1000,
-                            _ => 0,
-                        };
-                    }
-                    let mask = who
-                        | if *who & 0o700 != 0 { 0o4000 } else { 0 }
-                        | if *who & 0o070 != 0 { 0o2000 } else { 0 }
-                        | if *who == 0o777 { 0o1000 } else { 0 };
-                    let bits = bits & mask;
-                    m = match op {
-                        '+' => m | bits,
-                        '-' => m & !bits,
-                        _ => (m & !mask) | bits,
-                    };
-                }
-                m
-            }
-        }
-    }
-}
-
-/// Parses `--chmod`: octal (`0755`) or symbolic (`u+x,g-w,o=r`, `a+X`).
-pub fn parse_chmod(s: &str) -> Result<Chmod, CopyError> {
-    let bad = || CopyError::BadChmod(s.to_string());
-    if s.chars().all(|c| c.is_ascii_digit()) {
-        return u32::from_str_radix(s, 8)
-            .ok()
-            .filter(|m| *m <= 0o7777)
-            .map(Chmod::Octal)
-            .ok_or_else(bad);
-    }
-    let mut clauses = Vec::new();
-    for clause in s.split(',') {
-        let op_at = clause.find(['+', '-', '=']).ok_or_else(bad)?;
-        let (who_s, rest) = clause.split_at(op_at);
-        let mut who = 0;
-        for c in who_s.chars() {
-            who |= match c {
-                'u' => 0o700,
-                'g' => 0o070,
-                'o' => 0o007,
-                'a' => 0o777,
-                _ => return Err(bad()),
-            };
-        }
-        if who == 0 {
-            who = 0o777;
-        }
-        let op = rest.chars().next().ok_or_else(bad)?;
-        let perms = &rest[1..];
-        if !perms.chars().all(|c| "rwxXst".contains(c)) {
-            return Err(bad());
-        }
-        clauses.push((who, op, perms.to_string()));
-    }
-    Ok(Chmod::Symbolic(clauses))
-}
+pub use rbuild_dag::chmod::Chmod;
 
 fn chmod_apply(c: Option<&Chmod>, mode: u32, is_dir: bool) -> u32 {
     c.map(|c| c.apply(mode, is_dir)).unwrap_or(mode)
@@ -815,21 +729,6 @@ pub fn stage_inline(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chmod_forms() {
-        assert_eq!(parse_chmod("0755").unwrap(), Chmod::Octal(0o755));
-        let c = parse_chmod("u+x,go-w").unwrap();
-        assert_eq!(c.apply(0o666, false), 0o744);
-        assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, true), 0o555);
-        assert_eq!(parse_chmod("a=rX").unwrap().apply(0o640, false), 0o444);
-        assert_eq!(parse_chmod("+x").unwrap().apply(0o600, false), 0o711);
-        assert!(parse_chmod("g=u")
-            .unwrap_err()
-            .to_string()
-            .contains("symbolic"));
-        assert!(parse_chmod("9999").is_err());
-    }
 
     #[test]
     fn globs() {

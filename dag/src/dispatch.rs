@@ -213,68 +213,125 @@ pub struct HistoryEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Run a command.
-    Run {
-        /// Full argv (shell form wrapped in the state's shell).
-        argv: Vec<String>,
-        /// Environment: image env + ARG values in scope (last set wins) + proxy build args.
-        env: Vec<(String, String)>,
-        /// User.
-        user: String,
-        /// Working dir (absolute).
-        workdir: String,
-        /// `--network` (`default`, `none`, `host`).
-        network: Option<String>,
-        /// `--mount`s, parsed (values expanded).
-        mounts: Vec<crate::mount::MountSpec>,
-        /// `--security` (`sandbox`, `insecure`).
-        security: Option<String>,
-        /// Files to provide read-only before running (shebang heredoc scripts).
-        files: Vec<InlineFile>,
-        /// Dockerfile line.
-        line: usize,
-        /// History text, e.g. `RUN /bin/sh -c echo hi # buildkit`.
-        created_by: String,
-    },
+    Run(RunStep),
     /// COPY or ADD.
-    Copy {
-        /// Sources.
-        sources: Vec<CopySource>,
-        /// Absolute destination; a trailing `/` is kept (means directory).
-        dest: String,
-        /// `--from` (stage name/index or image), expanded.
-        from: Option<String>,
-        /// `--chown`, expanded.
-        chown: Option<String>,
-        /// `--chmod`, expanded.
-        chmod: Option<String>,
-        /// `--link`.
-        link: bool,
-        /// `--parents`.
-        parents: bool,
-        /// `--exclude` patterns.
-        exclude: Vec<String>,
-        /// `true` for ADD.
-        is_add: bool,
-        /// ADD `--checksum`.
-        checksum: Option<String>,
-        /// ADD `--keep-git-dir`.
-        keep_git_dir: bool,
-        /// ADD `--unpack`.
-        unpack: Option<bool>,
-        /// Dockerfile line.
-        line: usize,
-        /// History text, e.g. `COPY a b /c/ # buildkit`.
-        created_by: String,
-    },
+    Copy(CopyStep),
     /// WORKDIR: the builder creates the directory if missing.
-    Workdir {
-        /// Absolute, cleaned path.
-        path: String,
-        /// Dockerfile line.
-        line: usize,
-        /// History text `WORKDIR /path`.
-        created_by: String,
-    },
+    Workdir(WorkdirStep),
+}
+
+/// Run a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStep {
+    /// Full argv (shell form wrapped in the state's shell).
+    pub argv: Vec<String>,
+    /// Environment: image env + ARG values in scope (last set wins) + proxy build args.
+    pub env: Vec<(String, String)>,
+    /// User.
+    pub user: String,
+    /// Working dir (absolute).
+    pub workdir: String,
+    /// `--network`.
+    pub network: RunNetwork,
+    /// `--mount`s, parsed (values expanded).
+    pub mounts: Vec<crate::mount::MountSpec>,
+    /// `--security`.
+    pub security: RunSecurity,
+    /// Files to provide read-only before running (shebang heredoc scripts).
+    pub files: Vec<InlineFile>,
+    /// Dockerfile line.
+    pub line: usize,
+    /// History text, e.g. `RUN /bin/sh -c echo hi # buildkit`.
+    pub created_by: String,
+}
+
+/// COPY or ADD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyStep {
+    /// Sources.
+    pub sources: Vec<CopySource>,
+    /// Absolute destination; a trailing `/` is kept (means directory).
+    pub dest: String,
+    /// `--from` (stage name/index or image), expanded.
+    pub from: Option<String>,
+    /// `--chown`, expanded.
+    pub chown: Option<String>,
+    /// `--chmod`, expanded and parsed.
+    pub chmod: Option<crate::chmod::Chmod>,
+    /// `--link`.
+    pub link: bool,
+    /// `--parents`.
+    pub parents: bool,
+    /// `--exclude` patterns.
+    pub exclude: Vec<String>,
+    /// `true` for ADD.
+    pub is_add: bool,
+    /// ADD `--checksum`.
+    pub checksum: Option<String>,
+    /// ADD `--keep-git-dir`.
+    pub keep_git_dir: bool,
+    /// ADD `--unpack`.
+    pub unpack: Option<bool>,
+    /// Dockerfile line.
+    pub line: usize,
+    /// History text, e.g. `COPY a b /c/ # buildkit`.
+    pub created_by: String,
+}
+
+/// WORKDIR: the builder creates the directory if missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkdirStep {
+    /// Absolute, cleaned path.
+    pub path: String,
+    /// Dockerfile line.
+    pub line: usize,
+    /// History text `WORKDIR /path`.
+    pub created_by: String,
+}
+
+/// `RUN --network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunNetwork {
+    /// Not given, or `default`: the build's network.
+    #[default]
+    Default,
+    /// `none`: loopback only.
+    None,
+    /// `host`: the builder's network.
+    Host,
+}
+
+impl RunNetwork {
+    /// Parses the flag's value.
+    pub fn parse(v: &str) -> Result<RunNetwork, String> {
+        match v {
+            "default" => Ok(RunNetwork::Default),
+            "none" => Ok(RunNetwork::None),
+            "host" => Ok(RunNetwork::Host),
+            _ => Err(format!("unsupported network mode {v:?}")),
+        }
+    }
+}
+
+/// `RUN --security`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunSecurity {
+    /// Not given, or `sandbox`.
+    #[default]
+    Sandbox,
+    /// `insecure`: every capability, no seccomp filter (if the build allows it).
+    Insecure,
+}
+
+impl RunSecurity {
+    /// Parses the flag's value.
+    pub fn parse(v: &str) -> Result<RunSecurity, String> {
+        match v {
+            "sandbox" => Ok(RunSecurity::Sandbox),
+            "insecure" => Ok(RunSecurity::Insecure),
+            _ => Err(format!("unsupported security mode {v:?}")),
+        }
+    }
 }
 
 /// Proxy build args usable without declaration and never recorded in history.
@@ -647,11 +704,11 @@ impl StageDispatcher {
                 self.state.workdir = path.clone();
                 let created_by = format!("WORKDIR {path}");
                 self.record(i, created_by.clone(), false);
-                return Ok(Some(Step::Workdir {
+                return Ok(Some(Step::Workdir(WorkdirStep {
                     path,
                     line: i.line,
                     created_by,
-                }));
+                })));
             }
             K::Env(pairs) => {
                 // All pairs are expanded with the env in force before the instruction.
@@ -881,16 +938,14 @@ impl StageDispatcher {
                 crate::mount::parse_mount(&spec).map_err(|e| self.invalid(i, e.to_string()))?,
             );
         }
-        if let Some(n) = &r.network {
-            if !matches!(n.as_str(), "default" | "none" | "host") {
-                return Err(self.invalid(i, format!("unsupported network mode {n:?}")));
-            }
-        }
-        if let Some(s) = &r.security {
-            if !matches!(s.as_str(), "sandbox" | "insecure") {
-                return Err(self.invalid(i, format!("unsupported security mode {s:?}")));
-            }
-        }
+        let network = match &r.network {
+            Some(n) => RunNetwork::parse(n).map_err(|e| self.invalid(i, e))?,
+            None => RunNetwork::Default,
+        };
+        let security = match &r.security {
+            Some(s) => RunSecurity::parse(s).map_err(|e| self.invalid(i, e))?,
+            None => RunSecurity::Sandbox,
+        };
         // Env: the build state's env, then undeclared proxy build args.
         let mut env = self.run_env.clone();
         for p in PROXY_ARGS {
@@ -914,18 +969,18 @@ impl StageDispatcher {
         created_by.push_str(&argv.join(" "));
         created_by.push_str(" # buildkit");
         self.record(i, created_by.clone(), false);
-        Ok(Step::Run {
+        Ok(Step::Run(RunStep {
             argv,
             env,
             user: self.state.user.clone(),
             workdir: self.state.effective_workdir().to_string(),
-            network: r.network.clone(),
+            network,
             mounts,
-            security: r.security.clone(),
+            security,
             files,
             line: i.line,
             created_by,
-        })
+        }))
     }
 
     fn copy(&mut self, i: &Instruction, c: &CopyArgs, is_add: bool) -> Result<Step, DispatchError> {
@@ -975,10 +1030,9 @@ impl StageDispatcher {
             dest.push('/');
         }
         let chown = opt(self, &c.chown)?;
-        let chmod = opt(self, &c.chmod)?;
-        if let Some(m) = &chmod {
-            validate_chmod(m).map_err(|e| self.invalid(i, e))?;
-        }
+        let chmod = opt(self, &c.chmod)?
+            .map(|m| crate::chmod::Chmod::parse(&m).map_err(|e| self.invalid(i, e)))
+            .transpose()?;
         if c.checksum.is_some() && sources.len() != 1 {
             return Err(self.invalid(i, "checksum can't be specified for multiple sources"));
         }
@@ -990,7 +1044,7 @@ impl StageDispatcher {
             created_by.push_str(&format!(" --chown={o}"));
         }
         if let Some(m) = &chmod {
-            created_by.push_str(&format!(" --chmod={m}"));
+            created_by.push_str(&format!(" --chmod={}", m.spec));
         }
         for s in &shown {
             created_by.push(' ');
@@ -1001,7 +1055,7 @@ impl StageDispatcher {
         for e in &c.exclude {
             exclude.push(self.expand(i, e)?);
         }
-        let step = Step::Copy {
+        let step = Step::Copy(CopyStep {
             sources,
             dest,
             from: opt(self, &c.from)?,
@@ -1016,7 +1070,7 @@ impl StageDispatcher {
             unpack: c.unpack,
             line: i.line,
             created_by: created_by.clone(),
-        };
+        });
         self.record(i, created_by, false);
         Ok(step)
     }
@@ -1076,32 +1130,6 @@ fn parse_port(raw: &str) -> Result<Vec<String>, String> {
 }
 
 /// Validates a `--chmod` value: octal up to 07777 or a symbolic mode (`u+x,g-w`).
-fn validate_chmod(m: &str) -> Result<(), String> {
-    if !m.is_empty() && m.chars().all(|c| c.is_ascii_digit()) {
-        return match u32::from_str_radix(m, 8) {
-            Ok(v) if v <= 0o7777 => Ok(()),
-            _ => Err(format!(
-                "invalid chmod parameter: '{m}'. it should be octal string and between 0 and 07777"
-            )),
-        };
-    }
-    let ok = !m.is_empty()
-        && m.split(',').all(|clause| {
-            let who_end = clause
-                .find(|c: char| !"ugoa".contains(c))
-                .unwrap_or(clause.len());
-            let rest = &clause[who_end..];
-            !rest.is_empty()
-                && rest.starts_with(['+', '-', '='])
-                && rest.chars().all(|c| "+-=rwxXstugo".contains(c))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("invalid chmod parameter: '{m}'"))
-    }
-}
-
 fn validate_signal(s: &str) -> Result<(), String> {
     if s.parse::<u32>().is_ok() {
         return Ok(());

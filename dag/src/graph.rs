@@ -170,8 +170,10 @@ pub fn plan(
         );
         for ins in &st.instructions {
             let (froms, kind): (Vec<String>, &'static str) = match (&ins.kind, d.dispatch(ins)) {
-                (_, Ok(Some(Step::Copy { from: Some(f), .. }))) => (vec![f], "copy"),
-                (_, Ok(Some(Step::Run { mounts, .. }))) => (
+                (_, Ok(Some(Step::Copy(crate::CopyStep { from: Some(f), .. })))) => {
+                    (vec![f], "copy")
+                }
+                (_, Ok(Some(Step::Run(crate::RunStep { mounts, .. })))) => (
                     mounts.iter().filter_map(|m| m.from.clone()).collect(),
                     "mount",
                 ),

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod chmod;
 pub mod dispatch;
 pub mod glob;
 pub mod graph;
@@ -23,8 +24,8 @@ pub mod shell;
 pub mod units;
 
 pub use dispatch::{
-    expand_base, resolve_global_args, CopySource, DispatchError, HistoryEntry, ImageState,
-    ResolvedArgs, StageDispatcher, Step,
+    expand_base, resolve_global_args, CopySource, CopyStep, DispatchError, HistoryEntry,
+    ImageState, ResolvedArgs, RunNetwork, RunSecurity, RunStep, StageDispatcher, Step, WorkdirStep,
 };
 pub use graph::{plan, Base, BuildPlan, GraphError};
 pub use ignore::{load_ignore, IgnoreMatcher};

@@ -5,6 +5,7 @@ use rbuild_dag::dispatch::{
     expand_base, format_duration, parse_duration, resolve_global_args, CopySource, ImageState,
     StageDispatcher, Step,
 };
+use rbuild_dag::dispatch::{CopyStep, RunStep, WorkdirStep};
 use rbuild_dag::{parse, Dockerfile};
 
 struct Run {
@@ -39,14 +40,14 @@ fn run(src: &str) -> Run {
 
 fn env_of(s: &Option<Step>) -> Vec<(String, String)> {
     match s {
-        Some(Step::Run { env, .. }) => env.clone(),
+        Some(Step::Run(RunStep { env, .. })) => env.clone(),
         o => panic!("not a run: {o:?}"),
     }
 }
 
 fn argv_of(s: &Option<Step>) -> Vec<String> {
     match s {
-        Some(Step::Run { argv, .. }) => argv.clone(),
+        Some(Step::Run(RunStep { argv, .. })) => argv.clone(),
         o => panic!("not a run: {o:?}"),
     }
 }
@@ -88,12 +89,12 @@ fn run_shell_and_exec_and_history() {
         argv_of(&r.steps[3]),
         vec!["/bin/bash", "-eu", "-c", "echo bash"]
     );
-    let Some(Step::Run {
+    let Some(Step::Run(RunStep {
         created_by,
         workdir,
         user,
         ..
-    }) = &r.steps[0]
+    })) = &r.steps[0]
     else {
         panic!()
     };
@@ -115,7 +116,7 @@ fn arg_scoping_across_stages() {
         "global ARG invisible before re-declaration"
     );
     assert_eq!(get(&env_of(&r.steps[2]), "V"), Some("global"));
-    let Some(Step::Run { created_by, .. }) = &r.steps[2] else {
+    let Some(Step::Run(RunStep { created_by, .. })) = &r.steps[2] else {
         panic!()
     };
     assert_eq!(created_by, "RUN |1 V=global /bin/sh -c echo $V # buildkit");
@@ -148,7 +149,7 @@ fn build_arg_overrides() {
     assert_eq!(get(&env, "G"), Some("gcli"));
     assert_eq!(get(&env, "L"), Some("lcli"));
     assert_eq!(get(&env, "N"), None);
-    let Some(Step::Run { created_by, .. }) = &r.steps[3] else {
+    let Some(Step::Run(RunStep { created_by, .. })) = &r.steps[3] else {
         panic!()
     };
     assert_eq!(
@@ -182,7 +183,7 @@ fn env_and_arg_last_set_wins_and_arg_defaults_expand() {
     assert_eq!(get(&env, "Y"), Some("fromarg-y"));
     assert_eq!(r.d.state().get_env("X"), Some("again"));
     assert_eq!(get(&env_of(&r.steps[5]), "X"), Some("again"));
-    let Some(Step::Run { created_by, .. }) = &r.steps[5] else {
+    let Some(Step::Run(RunStep { created_by, .. })) = &r.steps[5] else {
         panic!()
     };
     assert_eq!(
@@ -231,9 +232,9 @@ fn predefined_args() {
         0,
     )
     .unwrap();
-    let Some(Step::Run {
+    let Some(Step::Run(RunStep {
         created_by, env, ..
-    }) = &r.steps[1]
+    })) = &r.steps[1]
     else {
         panic!()
     };
@@ -292,7 +293,7 @@ fn workdir_user_and_copy_dest() {
         .steps
         .iter()
         .filter_map(|s| match s {
-            Some(Step::Workdir { path, .. }) => Some(path.clone()),
+            Some(Step::Workdir(WorkdirStep { path, .. })) => Some(path.clone()),
             _ => None,
         })
         .collect();
@@ -302,7 +303,7 @@ fn workdir_user_and_copy_dest() {
         .steps
         .iter()
         .filter_map(|s| match s {
-            Some(Step::Copy { dest, .. }) => Some(dest.clone()),
+            Some(Step::Copy(CopyStep { dest, .. })) => Some(dest.clone()),
             _ => None,
         })
         .collect();
@@ -310,8 +311,8 @@ fn workdir_user_and_copy_dest() {
         dests,
         vec!["/opt/x/rel/", "/opt/x/", "/abs/", "/opt/x/y", "/b/"]
     );
-    let Some(Step::Run { .. }) = &r.steps[0] else {
-        let Some(Step::Workdir { created_by, .. }) = &r.steps[0] else {
+    let Some(Step::Run(RunStep { .. })) = &r.steps[0] else {
+        let Some(Step::Workdir(WorkdirStep { created_by, .. })) = &r.steps[0] else {
             panic!()
         };
         assert_eq!(created_by, "WORKDIR /app");
@@ -322,7 +323,7 @@ fn workdir_user_and_copy_dest() {
 #[test]
 fn copy_expansion_flags_and_errors() {
     let r = run("FROM a\nARG S=src\nARG F=builder\nCOPY --from=$F --chown=${U:-1000}:1000 --chmod=0644 --exclude=*.md $S/a /d/\n");
-    let Some(Step::Copy {
+    let Some(Step::Copy(CopyStep {
         sources,
         from,
         chown,
@@ -331,14 +332,14 @@ fn copy_expansion_flags_and_errors() {
         created_by,
         is_add,
         ..
-    }) = &r.steps[2]
+    })) = &r.steps[2]
     else {
         panic!()
     };
     assert_eq!(sources, &vec![CopySource::Path("src/a".into())]);
     assert_eq!(from.as_deref(), Some("builder"));
     assert_eq!(chown.as_deref(), Some("1000:1000"));
-    assert_eq!(chmod.as_deref(), Some("0644"));
+    assert_eq!(chmod.as_ref().map(|c| c.spec.as_str()), Some("0644"));
     assert_eq!(exclude, &vec!["*.md".to_string()]);
     assert!(!is_add);
     assert_eq!(
@@ -406,18 +407,18 @@ fn heredoc_run_and_copy() {
         ]
     );
     // shebang: file provided at /dev/pipes/<name>
-    let Some(Step::Run { argv, files, .. }) = &r.steps[5] else {
+    let Some(Step::Run(RunStep { argv, files, .. })) = &r.steps[5] else {
         panic!()
     };
     assert_eq!(argv, &vec!["/bin/sh", "-c", "/dev/pipes/SCRIPT"]);
     assert_eq!(files[0].path, "/dev/pipes/SCRIPT");
     assert_eq!(files[0].data, "#!/bin/sh\necho $HOME\n");
     assert_eq!(files[0].mode, 0o755);
-    let Some(Step::Copy {
+    let Some(Step::Copy(CopyStep {
         sources,
         created_by,
         ..
-    }) = &r.steps[6]
+    })) = &r.steps[6]
     else {
         panic!()
     };
@@ -593,12 +594,12 @@ fn dispatch_errors_name_line() {
 #[test]
 fn run_flags_and_mounts_expand() {
     let r = run("FROM a\nARG C=/cache\nRUN --mount=type=cache,target=$C --network=none --security=insecure make\n");
-    let Some(Step::Run {
+    let Some(Step::Run(RunStep {
         mounts,
         network,
         security,
         ..
-    }) = &r.steps[1]
+    })) = &r.steps[1]
     else {
         panic!()
     };
@@ -608,8 +609,8 @@ fn run_flags_and_mounts_expand() {
         (mounts[0].kind.as_str(), mounts[0].target.as_deref()),
         ("cache", Some("/cache"))
     );
-    assert_eq!(network.as_deref(), Some("none"));
-    assert_eq!(security.as_deref(), Some("insecure"));
+    assert_eq!(*network, rbuild_dag::RunNetwork::None);
+    assert_eq!(*security, rbuild_dag::RunSecurity::Insecure);
     let _ = &r.df;
 }
 
