@@ -187,3 +187,59 @@ pub(super) fn split_layout_ref(rest: &str) -> (&str, Option<&str>) {
 pub(super) fn os_arch(platform: &str) -> (&str, &str) {
     platform.split_once('/').unwrap_or(("linux", "amd64"))
 }
+
+impl Builder {
+    /// Starts pulling every external image `plan` names, and hashing the context sources of
+    /// its COPY and ADD steps, so that both overlap with execution instead of waiting for
+    /// the step that needs them (errors surface where they are used).
+    pub(super) fn prefetch(self: &Arc<Self>, plan: &rbuild_dag::BuildPlan) {
+        for ps in &plan.stages {
+            // The base for the stage's own platform (FROM --platform), the rest for the build's.
+            let base_platform = rbuild_dag::dispatch::expand_platform(
+                &self.dockerfile.stages[ps.index],
+                &self.resolved,
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| self.opts.platform.clone());
+            let mut refs: Vec<(String, String)> = ps
+                .images
+                .iter()
+                .map(|r| (r.clone(), self.opts.platform.clone()))
+                .collect();
+            if let Base::Image(r) = &ps.base {
+                refs.push((r.clone(), base_platform));
+            }
+            for (r, platform) in refs {
+                if r.contains('$') || self.named_dir_context(&r).is_some() {
+                    continue; // expanded only at dispatch, or not an image at all
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _ = me.image_fs_for(&r, &platform).await;
+                });
+            }
+        }
+        // Hash the context sources of every COPY/ADD the plan will run right away, so that
+        // hashing overlaps with execution too (sources using variables are hashed when reached).
+        for ps in &plan.stages {
+            for instr in &self.dockerfile.stages[ps.index].instructions {
+                if let rbuild_dag::InstructionKind::Copy(c) | rbuild_dag::InstructionKind::Add(c) =
+                    &instr.kind
+                {
+                    if c.from.is_some() {
+                        continue;
+                    }
+                    for src in &c.sources {
+                        if let rbuild_dag::SourceArg::Path(p) = src {
+                            if !p.contains('$') && !p.contains("://") && !p.starts_with("git@") {
+                                // The hashing job runs already; the map keeps its shared result.
+                                drop(self.context_hash(p));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

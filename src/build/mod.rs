@@ -27,9 +27,11 @@ use tokio::sync::{OnceCell, Semaphore};
 mod base;
 mod cache;
 mod config;
+mod context;
 mod layers;
 mod mounts;
 mod ops;
+mod outputs;
 
 use base::*;
 use cache::*;
@@ -429,56 +431,7 @@ impl Builder {
         )
         .map_err(|e| anyhow!("{e}"))?;
         self.load_imports().await;
-        // Pull every external image the plan names right away, so pulls overlap with execution
-        // instead of waiting for the step that needs them (errors surface where they are used).
-        for ps in &plan.stages {
-            // The base for the stage's own platform (FROM --platform), the rest for the build's.
-            let base_platform = rbuild_dag::dispatch::expand_platform(
-                &self.dockerfile.stages[ps.index],
-                &self.resolved,
-            )
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| self.opts.platform.clone());
-            let mut refs: Vec<(String, String)> = ps
-                .images
-                .iter()
-                .map(|r| (r.clone(), self.opts.platform.clone()))
-                .collect();
-            if let Base::Image(r) = &ps.base {
-                refs.push((r.clone(), base_platform));
-            }
-            for (r, platform) in refs {
-                if r.contains('$') || self.named_dir_context(&r).is_some() {
-                    continue; // expanded only at dispatch, or not an image at all
-                }
-                let me = self.clone();
-                tokio::spawn(async move {
-                    let _ = me.image_fs_for(&r, &platform).await;
-                });
-            }
-        }
-        // Hash the context sources of every COPY/ADD the plan will run right away, so that
-        // hashing overlaps with execution too (sources using variables are hashed when reached).
-        for ps in &plan.stages {
-            for instr in &self.dockerfile.stages[ps.index].instructions {
-                if let rbuild_dag::InstructionKind::Copy(c) | rbuild_dag::InstructionKind::Add(c) =
-                    &instr.kind
-                {
-                    if c.from.is_some() {
-                        continue;
-                    }
-                    for src in &c.sources {
-                        if let rbuild_dag::SourceArg::Path(p) = src {
-                            if !p.contains('$') && !p.contains("://") && !p.starts_with("git@") {
-                                // The hashing job runs already; the map keeps its shared result.
-                                drop(self.context_hash(p));
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        self.prefetch(&plan);
         // Every stage of the plan starts at once; each waits only for what it depends on.
         let mut tasks = Vec::new();
         for ps in &plan.stages {
@@ -516,52 +469,7 @@ impl Builder {
         // Stages outside the final image exported layers too: their cache records land before
         // the build reports success.
         self.finish_exports().await?;
-        let mut pushed = None;
-        for out in &self.opts.outputs {
-            let step = self
-                .progress
-                .start(&format!("exporting {}", describe_output(out)));
-            let res: Result<()> = async {
-                match out {
-                    OutputSpec::Registry => {
-                        if self.opts.tags.is_empty() {
-                            bail!("pushing needs at least one --tag");
-                        }
-                        let d = self.push_image(&image, &self.opts.tags).await?;
-                        for t in &self.opts.tags {
-                            step.log(&format!("pushed {t}@{d}"));
-                        }
-                        pushed = Some(d);
-                    }
-                    OutputSpec::Oci(dir) => {
-                        self.ensure_blobs(&image.layers).await?;
-                        crate::output::write_oci_layout(dir, &image, &self.store, &self.opts.tags)?
-                    }
-                    OutputSpec::Docker(path) => {
-                        self.ensure_blobs(&image.layers).await?;
-                        crate::output::write_docker_archive(
-                            path,
-                            &image,
-                            &self.store,
-                            &self.opts.tags,
-                        )?
-                    }
-                    OutputSpec::Local(dir) => {
-                        self.ensure_blobs(&image.layers).await?;
-                        crate::output::write_local(dir, &image, &self.store)?
-                    }
-                }
-                Ok(())
-            }
-            .await;
-            match res {
-                Ok(()) => step.done(),
-                Err(e) => {
-                    step.error(&format!("{e:#}"));
-                    return Err(e.context(format!("exporting {}", describe_output(out))));
-                }
-            }
-        }
+        let pushed = self.write_outputs(&image).await?;
         for spec in &self.opts.cache_to {
             if *spec == CacheSpec::Inline {
                 continue; // already in the image config
@@ -598,29 +506,6 @@ impl Builder {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let _ = self.finish_exports().await;
-    }
-
-    /// Pushes `image` to `tags`; blobs not in the store are mounted or fetched from where
-    /// they came from.
-    async fn push_image(self: &Arc<Self>, image: &BuiltImage, tags: &[String]) -> Result<Digest> {
-        let mut origins = HashMap::new();
-        let mut from_layouts = Vec::new();
-        for l in &image.layers {
-            if self.store.has_blob(&l.digest) {
-                continue;
-            }
-            match self.origins.lock().unwrap().get(&l.digest) {
-                Some(BlobOrigin::Registry(r)) => {
-                    origins.insert(l.digest.clone(), r.clone());
-                }
-                _ => from_layouts.push(l.clone()),
-            }
-        }
-        self.ensure_blobs(&from_layouts).await?;
-        Ok(self
-            .registry
-            .push_with_origins(image, &self.store, tags, &origins, |_| {})
-            .await?)
     }
 
     /// The result of stage `idx`, built once however many stages ask for it.
@@ -802,50 +687,6 @@ impl Builder {
         fs.layers.push(entry.clone());
         fs.chain.push((key, Some(entry)));
         Ok(())
-    }
-
-    /// The content digest of what `pattern` selects in the named directory context `dir`
-    /// (no ignore rules apply there), on a blocking thread.
-    async fn dir_hash(self: &Arc<Self>, dir: &Path, pattern: &str) -> Result<Digest> {
-        let (me, dir, p) = (self.clone(), dir.to_path_buf(), pattern.to_string());
-        let d = tokio::task::spawn_blocking(move || {
-            me.ctx_hasher
-                .hash(&dir, &rbuild_dag::ignore::IgnoreMatcher::default(), &p)
-        })
-        .await??;
-        Ok(d)
-    }
-
-    /// The content digest of the context source `pattern` (path or glob), computed once per
-    /// build on a blocking thread.
-    fn context_hash(self: &Arc<Self>, pattern: &str) -> ContextHash {
-        use futures_util::FutureExt;
-        let mut map = self.context_hashes.lock().unwrap();
-        if let Some(h) = map.get(pattern) {
-            return h.clone();
-        }
-        let me = self.clone();
-        let p = pattern.to_string();
-        let job = tokio::task::spawn_blocking(move || -> Result<Digest, String> {
-            // Reads only files whose stat changed; the digest leaves out owners, times and paths.
-            me.ctx_hasher
-                .hash(&me.opts.context, &me.ignore, &p)
-                .map_err(|e| e.to_string())
-        });
-        let fut = async move { job.await.map_err(|e| e.to_string())? }
-            .boxed()
-            .shared();
-        map.insert(pattern.to_string(), fut.clone());
-        fut
-    }
-}
-
-fn describe_output(o: &OutputSpec) -> String {
-    match o {
-        OutputSpec::Registry => "to registry".into(),
-        OutputSpec::Oci(d) => format!("OCI layout {}", d.display()),
-        OutputSpec::Docker(p) => format!("docker archive {}", p.display()),
-        OutputSpec::Local(d) => format!("rootfs to {}", d.display()),
     }
 }
 
