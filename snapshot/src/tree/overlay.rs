@@ -75,43 +75,14 @@ pub(super) fn copy_overlay_dir(
 /// What the layers `lowers_top_first` show at `rel` (overlayfs lookup: whiteouts, opaque
 /// directories and non-directories stop the search); the topmost entry's metadata.
 pub(super) fn lower_lookup(lowers_top_first: &[PathBuf], rel: &Path) -> Option<std::fs::Metadata> {
+    // The one lookup through a stack (crate::stack); a symlink it meets on the way hides
+    // the path here, as overlayfs follows none.
     let comps: Vec<&OsStr> = rel.iter().collect();
-    'layers: for l in lowers_top_first {
-        let mut p = l.clone();
-        for (i, c) in comps.iter().enumerate() {
-            p.push(c);
-            let md = match std::fs::symlink_metadata(&p) {
-                Ok(md) => md,
-                Err(_) => continue 'layers,
-            };
-            if crate::whiteout::is_whiteout(&p, &md) {
-                return None;
-            }
-            if i + 1 == comps.len() {
-                return Some(md);
-            }
-            if !md.is_dir() {
-                return None;
-            }
-            let opaque = rustix::fs::open(
-                &p,
-                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map(|fd| is_opaque(&fd))
-            .unwrap_or(false);
-            if opaque {
-                // Nothing below this layer shows here; this layer has nothing either, unless
-                // the rest of the path exists in it.
-                let rest: PathBuf = comps[i + 1..].iter().collect();
-                let q = p.join(rest);
-                return std::fs::symlink_metadata(&q)
-                    .ok()
-                    .filter(|md| !crate::whiteout::is_whiteout(&q, md));
-            }
-        }
-    }
-    None
+    let (p, md) = crate::stack::find_in_layers(lowers_top_first, &comps)?;
+    lowers_top_first
+        .iter()
+        .any(|l| p == l.join(rel))
+        .then_some(md)
 }
 
 /// Rewrites an upperdir written by fuse-overlayfs over `lowers_top_first` into what the
