@@ -26,6 +26,7 @@ mod host;
 mod idmap;
 mod init;
 pub mod limits;
+mod message;
 mod ns;
 pub mod probe;
 mod run;

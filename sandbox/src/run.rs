@@ -409,30 +409,25 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     let mut peak = None;
-    for line in status_text.lines() {
-        if let Some(p) = line.strip_prefix("created:") {
-            created.push(p.to_string());
-        } else if let Some(c) = line.strip_prefix("status:exited:") {
-            status = c.parse().ok().map(ExitKind::Exited);
-        } else if let Some(c) = line.strip_prefix("status:signaled:") {
-            status = c.parse().ok().map(ExitKind::Signaled);
-        } else if let Some(w) = line.strip_prefix("warning:") {
-            warnings.push(w.to_string());
-        } else if let Some(e) = line.strip_prefix("error:") {
-            errors.push(e.to_string());
-        } else if let Some(n) = line.strip_prefix("processes:") {
-            peak = n.parse().ok();
+    let mut root_mount = None;
+    use crate::message::Message;
+    for m in crate::message::read_messages(&status_text) {
+        match m {
+            Message::Created(p) => created.push(p),
+            Message::Exited(c) => status = Some(ExitKind::Exited(c)),
+            Message::Signaled(s) => status = Some(ExitKind::Signaled(s)),
+            Message::Warning(w) => warnings.push(w),
+            Message::Error(e) => errors.push(e),
+            Message::Processes(n) => peak = Some(n),
+            Message::RootMount { problem, message } => match RootMountProblem::from_tag(&problem) {
+                Some(problem) => root_mount = root_mount.or(Some((problem, message))),
+                None => errors.push(message),
+            },
         }
     }
     let limit_hit = limit_hit.or_else(|| rlimit_hit(spec.limits.pids, peak?));
-    if let Some(e) = errors.iter().find_map(|e| e.strip_prefix("rootmount:")) {
-        let (tag, message) = e.split_once(':').unwrap_or(("", e));
-        if let Some(problem) = RootMountProblem::from_tag(tag) {
-            return Err(RunError::RootMount {
-                problem,
-                message: message.to_string(),
-            });
-        }
+    if let Some((problem, message)) = root_mount {
+        return Err(RunError::RootMount { problem, message });
     }
     if !errors.is_empty() {
         return Err(RunError::Sandbox(errors.join("; ")));

@@ -8,7 +8,7 @@ use crate::sys;
 use crate::syscalls::{LinuxSyscalls, Syscalls};
 use rustix::mount::MountFlags;
 use std::ffi::CString;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 mod root;
@@ -19,20 +19,19 @@ pub use root::{mask_proc, MASKED_DIRS, MASKED_FILES, READONLY};
 use user::*;
 pub use user::{resolve_user, resolve_user_in};
 
-/// The helper's main; never returns. Reports on fd 3 (`created:`, `warning:`, `status:` and
-/// `error:` lines); fd 3 is close-on-exec from here on, so the step's command never holds it.
+/// The helper's main; never returns. Reports on fd 3 ([`crate::message::Message`]s); fd 3 is close-on-exec from here on, so the step's command never holds it.
 pub fn helper_main() -> ! {
     let _ = sys::set_cloexec(3, true);
-    let mut status = sys::status_fd3();
+    let mut status = crate::message::Reporter::new(sys::status_fd3());
     let mut json = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut json) {
-        let _ = writeln!(status, "error:reading the RUN spec: {e}");
+        status.error(format!("reading the RUN spec: {e}"));
         sys::exit_now(125);
     }
     let spec: RunSpec = match serde_json::from_slice(&json) {
         Ok(s) => s,
         Err(e) => {
-            let _ = writeln!(status, "error:bad RUN spec: {e}");
+            status.error(format!("bad RUN spec: {e}"));
             sys::exit_now(125);
         }
     };
@@ -43,18 +42,18 @@ pub fn helper_main() -> ! {
     // fuse-overlayfs serves the root from here, outside the step's PID namespace.
     let fuse = if spec.snapshotter == Snapshotter::FuseOverlay {
         if let Err(e) = LinuxSyscalls.make_rprivate(Path::new("/")) {
-            let _ = writeln!(status, "error:making / private: {e}");
+            status.error(format!("making / private: {e}"));
             sys::exit_now(125);
         }
         let f = match crate::fuse::start(&spec) {
             Ok(f) => f,
             Err(e) => {
-                let _ = writeln!(
-                    status,
-                    "error:rootmount:{}:{}",
-                    crate::run::RootMountProblem::FuseUnavailable.tag(),
-                    e.replace('\n', " ")
-                );
+                status.send(crate::message::Message::RootMount {
+                    problem: crate::run::RootMountProblem::FuseUnavailable
+                        .tag()
+                        .to_string(),
+                    message: e.replace('\n', " "),
+                });
                 sys::exit_now(125);
             }
         };
@@ -62,7 +61,7 @@ pub fn helper_main() -> ! {
         // (With a shared PID namespace there is none to make.)
         if spec.isolation != Isolation::SharedPid {
             if let Err(e) = sys::unshare(libc::CLONE_NEWPID) {
-                let _ = writeln!(status, "error:unshare(CLONE_NEWPID): {e}");
+                status.error(format!("unshare(CLONE_NEWPID): {e}"));
                 drop(f);
                 sys::exit_now(125);
             }
@@ -79,14 +78,14 @@ pub fn helper_main() -> ! {
                 if let Err(e) =
                     rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
                 {
-                    let _ = writeln!(status, "error:becoming the step's subreaper: {e}");
+                    status.error(format!("becoming the step's subreaper: {e}"));
                     sys::exit_now(125);
                 }
             }
             let code = match init(&mut LinuxSyscalls, &spec, &mut status) {
                 Ok(code) => code,
                 Err(e) => {
-                    let _ = writeln!(status, "error:{}", e.replace('\n', " "));
+                    status.error(e.replace('\n', " "));
                     125
                 }
             };
@@ -103,13 +102,13 @@ pub fn helper_main() -> ! {
             };
             // The step is gone: unmount its root, and the daemon goes with it.
             if let Some(w) = fuse.and_then(|f| f.stop()) {
-                let _ = writeln!(status, "warning:{w}");
+                status.warning(w.clone());
             }
             drop(status);
             sys::exit_now(code);
         }
         Err(e) => {
-            let _ = writeln!(status, "error:fork: {e}");
+            status.error(format!("fork: {e}"));
             sys::exit_now(125);
         }
     }
@@ -128,7 +127,11 @@ pub(crate) struct Prepared {
     pub warnings: Vec<String>,
 }
 
-fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Result<i32, String> {
+fn init(
+    m: &mut dyn Syscalls,
+    spec: &RunSpec,
+    status: &mut crate::message::Reporter,
+) -> Result<i32, String> {
     // If the helper dies, so does the step. In a PID namespace of its own our SIGKILL ends it
     // all; in a shared one nothing would end what the step started, so we take SIGTERM and end
     // it ourselves (blocked first: it is taken in the wait loop below).
@@ -166,17 +169,16 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
         &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
     );
     if let Err(e) = m.unshare(libc::CLONE_NEWCGROUP) {
-        let _ = writeln!(
-            status,
-            "warning:the step sees the builder's cgroup paths (no cgroup namespace: {e})"
-        );
+        status.warning(format!(
+            "the step sees the builder's cgroup paths (no cgroup namespace: {e})"
+        ));
     }
     let prepared = prepare_root(m, spec, &cgroups)?;
     for c in &prepared.created {
-        let _ = writeln!(status, "created:{c}");
+        status.send(crate::message::Message::Created(c.clone()));
     }
     for w in &prepared.warnings {
-        let _ = writeln!(status, "warning:{w}");
+        status.warning(w.clone());
     }
     // Into the new root; the old one is detached and unreachable.
     let rootfs = spec.scratch.join("rootfs");
@@ -233,7 +235,7 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
         Security::Sandbox => Some(crate::confine::Confinement::new()?),
         Security::Insecure => None,
     };
-    let _ = status.flush();
+    // Reports are written unbuffered: nothing is pending that the fork could send twice.
     let child = ctx(sys::fork(), || "fork".into())?;
     if child == 0 {
         // The step's processes are the OOM killer's first choice: at a memory limit the step
@@ -242,15 +244,12 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
         // A session of its own: no controlling terminal of the builder's, so the bound
         // /dev/tty leads nowhere (no reading or faking the user's keystrokes).
         if let Err(e) = rustix::process::setsid() {
-            let _ = writeln!(status, "error:setsid: {e}");
+            status.error(format!("setsid: {e}"));
             sys::exit_now(126);
         }
         if let Some(c) = &confinement {
             if let Err(e) = c.apply() {
-                let _ = writeln!(
-                    status,
-                    "error:confining the step (capabilities, seccomp): {e}"
-                );
+                status.error(format!("confining the step (capabilities, seccomp): {e}"));
                 sys::exit_now(126);
             }
         }
@@ -260,23 +259,22 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
             .unwrap_or(false);
         if !setgroups_denied {
             if let Err(e) = sys::setgroups(&groups) {
-                let _ = writeln!(status, "error:setgroups for user {:?}: {e}", spec.user);
+                status.error(format!("setgroups for user {:?}: {e}", spec.user));
                 sys::exit_now(126);
             }
         }
         if let Err(e) = sys::set_ids(uid, gid) {
-            let _ = writeln!(
-                status,
-                "error:switching to user {:?} ({uid}:{gid}): {e}",
+            status.error(format!(
+                "switching to user {:?} ({uid}:{gid}): {e}",
                 spec.user
-            );
+            ));
             sys::exit_now(126);
         }
         if shared {
             // Sharing rbuild's PID namespace, the step gains no privilege through a setuid or
             // file-capability binary with which to reach rbuild.
             if let Err(e) = rustix::thread::set_no_new_privs(true) {
-                let _ = writeln!(status, "error:setting no_new_privs: {e}");
+                status.error(format!("setting no_new_privs: {e}"));
                 sys::exit_now(126);
             }
         }
@@ -295,13 +293,13 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
                     maximum: max,
                 },
             ) {
-                let _ = writeln!(status, "error:setting RLIMIT_NPROC to {n}: {e}");
+                status.error(format!("setting RLIMIT_NPROC to {n}: {e}"));
                 sys::exit_now(126);
             }
         }
         sys::unblock_all_signals();
         let e = sys::execve(&exe_c, &argv, &env);
-        let _ = writeln!(status, "error:exec {}: {e}", spec.argv[0]);
+        status.error(format!("exec {}: {e}", spec.argv[0]));
         sys::exit_now(127);
     }
     // PID 1: reap everything until the command itself exits. When we exit, the kernel kills
@@ -338,25 +336,24 @@ fn init(m: &mut dyn Syscalls, spec: &RunSpec, status: &mut std::fs::File) -> Res
                     if sig == Some(libc::SIGTERM) {
                         // The builder is gone (or a step signalled us): end the step.
                         end_descendants();
-                        let _ = writeln!(status, "status:signaled:{}", libc::SIGTERM);
+                        status.send(crate::message::Message::Signaled(libc::SIGTERM));
                         return Ok(128 + libc::SIGTERM);
                     }
                 }
             }
             Ok(Some((pid, st))) if pid.as_raw_nonzero().get() == child => {
-                let line = if let Some(sig) = st.terminating_signal() {
-                    format!("status:signaled:{sig}")
-                } else {
-                    format!("status:exited:{}", st.exit_status().unwrap_or(0))
+                let outcome = match st.terminating_signal() {
+                    Some(sig) => crate::message::Message::Signaled(sig),
+                    None => crate::message::Message::Exited(st.exit_status().unwrap_or(0)),
                 };
                 if spec.isolation == Isolation::SharedPid {
                     // No PID namespace whose end kills the rest: we do it.
                     end_descendants();
                 }
                 if sample {
-                    let _ = writeln!(status, "processes:{peak}");
+                    status.send(crate::message::Message::Processes(peak));
                 }
-                let _ = writeln!(status, "{line}");
+                status.send(outcome);
                 let code = st
                     .exit_status()
                     .unwrap_or_else(|| 128 + st.terminating_signal().unwrap_or(0));

@@ -245,7 +245,7 @@ pub(crate) fn prepare_root(
                     None
                 };
                 return Err(match problem {
-                    Some(p) => format!("rootmount:{}:{msg}", p.tag()),
+                    Some(p) => format!("{}{}:{msg}", crate::message::ROOT_MOUNT_PREFIX, p.tag()),
                     None => msg,
                 });
             }
