@@ -5,13 +5,13 @@
 //! a layer blob from the import's origin when a step or the output first needs it.
 
 use crate::cli::CacheSpec;
-use crate::image::{canonical, BuiltImage, LayerDesc, OCI_INDEX, OCI_MANIFEST};
+use crate::image::{BuiltImage, LayerDesc, OCI_MANIFEST};
+use crate::oci_layout::{ref_name, OciLayout, REF_NAME};
 use crate::registry::Registry;
 use anyhow::{anyhow, bail, Context as _, Result};
 use rbuild_cache::export::{CACHE_ARTIFACT_TYPE, CACHE_CONFIG_MEDIA_TYPE, INLINE_CONFIG_KEY};
 use rbuild_cache::{CacheExport, Digest, Store};
 use serde_json::{json, Value};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The `org.opencontainers.image.ref.name` of the cache manifest in a local cache directory.
@@ -80,19 +80,18 @@ pub async fn import(
             }))
         }
         CacheSpec::Local { dir, .. } => {
-            let index_path = dir.join("index.json");
-            let index: Value = match fs::read(&index_path) {
-                Ok(b) => serde_json::from_slice(&b)
-                    .with_context(|| format!("{}: not JSON", index_path.display()))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading {}", index_path.display()))
-                }
+            let layout = OciLayout::new(dir);
+            let index_path = layout.index_path();
+            let Some(entries) = layout
+                .manifests(crate::registry::MAX_CONFIG)
+                .with_context(|| format!("reading {}", index_path.display()))?
+            else {
+                return Ok(None);
             };
-            let entries = index["manifests"].as_array().cloned().unwrap_or_default();
-            let named = entries.iter().rev().find(|m| {
-                m["annotations"]["org.opencontainers.image.ref.name"] == LOCAL_CACHE_NAME
-            });
+            let named = entries
+                .iter()
+                .rev()
+                .find(|m| ref_name(m) == Some(LOCAL_CACHE_NAME));
             let Some(entry) = named.or(entries.last()) else {
                 return Ok(None);
             };
@@ -101,16 +100,17 @@ pub async fn import(
                 .unwrap_or("")
                 .parse()
                 .with_context(|| format!("{}: manifest entry", index_path.display()))?;
-            let manifest: Value = serde_json::from_slice(&read_layout_blob(dir, &manifest_digest)?)
-                .with_context(|| {
-                    format!("{}: manifest {manifest_digest} is not JSON", dir.display())
-                })?;
+            let manifest: Value =
+                serde_json::from_slice(&read_layout_blob(&layout, &manifest_digest)?)
+                    .with_context(|| {
+                        format!("{}: manifest {manifest_digest} is not JSON", dir.display())
+                    })?;
             let config: Digest = manifest["config"]["digest"]
                 .as_str()
                 .unwrap_or("")
                 .parse()
                 .with_context(|| format!("{}: manifest config", dir.display()))?;
-            let bytes = read_layout_blob(dir, &config)?;
+            let bytes = read_layout_blob(&layout, &config)?;
             let export = if manifest["config"]["mediaType"] == CACHE_CONFIG_MEDIA_TYPE {
                 CacheExport::from_json(&bytes)
                     .with_context(|| format!("{}: cache config {config}", dir.display()))?
@@ -134,25 +134,17 @@ pub async fn import(
 }
 
 /// Reads a small blob of a layout, verifying its digest.
-fn read_layout_blob(dir: &Path, d: &Digest) -> Result<Vec<u8>> {
-    let p = dir.join("blobs").join(d.algorithm()).join(d.hex());
-    let bytes = fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-    if Digest::of(&bytes) != *d {
-        bail!("{}: content does not match its digest", p.display());
-    }
-    Ok(bytes)
+fn read_layout_blob(layout: &OciLayout, d: &Digest) -> Result<Vec<u8>> {
+    layout
+        .read_blob(d, crate::registry::MAX_CONFIG)
+        .with_context(|| format!("reading {}", layout.blob_path(d).display()))
 }
 
 /// Copies blob `d` of the layout at `dir` into the store, verifying it on the way.
 pub fn fetch_from_layout(dir: &Path, d: &Digest, store: &Store) -> Result<()> {
-    if store.has_blob(d) {
-        return Ok(());
-    }
-    let p = dir.join("blobs").join(d.algorithm()).join(d.hex());
-    let f = fs::File::open(&p).with_context(|| format!("cache {}: blob {d}", dir.display()))?;
-    rbuild_cache::copy_into_blob(store, std::io::BufReader::new(f), Some(d))
-        .with_context(|| format!("cache {}: blob {d}", p.display()))?;
-    Ok(())
+    OciLayout::new(dir)
+        .copy_blob_to_store(d, store)
+        .with_context(|| format!("cache {}: blob {d}", dir.display()))
 }
 
 /// The cache artifact for `export`: a manifest whose config is the cache document and whose
@@ -176,24 +168,29 @@ pub fn artifact(export: &CacheExport, store: &Store) -> Result<BuiltImage> {
 /// Writes the cache artifact into the OCI layout at `dir` (every blob must be in the store),
 /// replacing an earlier cache there; `index.json` is written last.
 pub fn write_local(dir: &Path, art: &BuiltImage, store: &Store) -> Result<()> {
-    crate::output::write_oci_layout(dir, art, store, &[])?;
-    // write_oci_layout adds an unnamed entry; keep exactly one, named, cache entry.
-    let index_path = dir.join("index.json");
-    let mut index: Value = serde_json::from_slice(&fs::read(&index_path)?)?;
-    let mut manifests: Vec<Value> = index["manifests"].as_array().cloned().unwrap_or_default();
-    manifests.retain(|m| {
-        let name = m["annotations"]["org.opencontainers.image.ref.name"].as_str();
-        name.is_some() && name != Some(LOCAL_CACHE_NAME)
-    });
+    let layout = OciLayout::new(dir);
+    for d in art
+        .layers
+        .iter()
+        .map(|l| &l.digest)
+        .chain([&art.config_digest, &art.manifest_digest])
+    {
+        layout
+            .put_blob_from_store(d, store)
+            .with_context(|| format!("cache {}: blob {d}", dir.display()))?;
+    }
+    // Exactly one, named, cache entry; images in the same layout stay.
+    let mut manifests = layout
+        .manifests(crate::registry::MAX_CONFIG)?
+        .unwrap_or_default();
+    manifests.retain(|m| matches!(ref_name(m), Some(n) if n != LOCAL_CACHE_NAME));
     manifests.push(json!({
         "mediaType": OCI_MANIFEST,
         "artifactType": CACHE_ARTIFACT_TYPE,
         "digest": art.manifest_digest.to_string(),
         "size": art.manifest_bytes.len(),
-        "annotations": {"org.opencontainers.image.ref.name": LOCAL_CACHE_NAME},
+        "annotations": {REF_NAME: LOCAL_CACHE_NAME},
     }));
-    index["manifests"] = Value::Array(manifests);
-    index["mediaType"] = json!(OCI_INDEX);
-    rbuild_cache::write_file_atomic(&index_path, &canonical(&index))?;
+    layout.write_index(manifests)?;
     Ok(())
 }

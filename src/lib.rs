@@ -16,6 +16,7 @@ pub mod fallback;
 pub mod ignored;
 pub mod image;
 pub mod mounts;
+pub mod oci_layout;
 pub mod output;
 pub mod progress;
 pub mod registry;

@@ -2,7 +2,8 @@
 //! or its root filesystem in a directory.
 
 use crate::image::{canonical, BuiltImage, OCI_INDEX, OCI_MANIFEST};
-use rbuild_cache::{write_file_atomic, Digest, Store, StoreError};
+use crate::oci_layout::{ref_name, OciLayout, REF_NAME};
+use rbuild_cache::{Digest, Store, StoreError};
 use serde_json::json;
 use std::fs;
 use std::io;
@@ -88,6 +89,9 @@ fn blobs_of(image: &BuiltImage) -> Vec<Digest> {
     v
 }
 
+/// The most of an existing `index.json` read (it lists manifests, never holds them).
+const MAX_INDEX: u64 = 16 << 20;
+
 /// Writes (or adds to) an OCI image layout at `dir`; every tag becomes an `index.json` entry
 /// named by its tag part (one unnamed entry when there are no tags). Blobs are hard-linked
 /// from the store where possible, else copied through a temporary name; `index.json` is
@@ -98,74 +102,29 @@ pub fn write_oci_layout(
     store: &Store,
     tags: &[String],
 ) -> Result<()> {
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).map_err(io_at(dir, "creating blobs/sha256"))?;
+    let layout = OciLayout::new(dir);
     for d in blobs_of(image) {
-        let dest = blobs.join(d.hex());
-        if dest.exists() {
-            continue;
-        }
-        let src = store.blob_path(&d);
-        // A link shares the store's bytes: they are checked first, so that a blob that
-        // rotted in the store never reaches the layout under its digest.
-        let linked = match store.blob_is_intact(&d).map_err(store_at(dir))? {
-            true => fs::hard_link(&src, &dest).is_ok(),
-            false => {
-                let e = match store.hash_blob(&d).map_err(store_at(dir))? {
-                    Some(actual) => rbuild_cache::mismatch_error(&d, &actual),
-                    None => io::Error::new(io::ErrorKind::NotFound, "not in the store"),
-                };
-                return Err(io_at(dir, format!("copying blob {d}"))(e));
-            }
-        };
-        if !linked {
-            // Another filesystem, most likely: copy (verifying), then rename so no partial
-            // blob has the name.
-            let tmp = blobs.join(format!(".{}.tmp-{}", d.hex(), rbuild_cache::owner_token()));
-            let res = (|| {
-                let mut from = rbuild_cache::VerifyingReader::new(fs::File::open(&src)?, d.clone());
-                let mut to = fs::File::create(&tmp)?;
-                io::copy(&mut from, &mut to)?;
-                to.sync_all()?;
-                fs::rename(&tmp, &dest)
-            })();
-            if let Err(e) = res {
-                let _ = fs::remove_file(&tmp);
-                return Err(io_at(dir, format!("copying blob {d}"))(e));
-            }
-        }
+        layout
+            .put_blob_from_store(&d, store)
+            .map_err(io_at(dir, format!("copying blob {d}")))?;
     }
-    write_file_atomic(
-        &dir.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .map_err(store_at(dir))?;
-    let index_path = dir.join("index.json");
-    let mut manifests: Vec<serde_json::Value> = match fs::read(&index_path) {
-        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| {
-            OutputError::Destination {
+    let mut manifests = match layout.manifests(MAX_INDEX) {
+        Ok(m) => m.unwrap_or_default(),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(OutputError::Destination {
                 dest: dir.to_path_buf(),
-                message: format!("existing index.json is not JSON: {e}"),
-            }
-        })?["manifests"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                message: format!("existing {e}"),
+            })
+        }
         Err(e) => return Err(io_at(dir, "reading index.json")(e)),
     };
     // Tags written now replace entries of the same name; other images in the layout stay.
     let names: Vec<String> = tags.iter().map(|t| tag_of(t)).collect();
-    manifests.retain(|m| {
-        let n = m["annotations"]["org.opencontainers.image.ref.name"]
-            .as_str()
-            .map(str::to_string);
-        !matches!(n, Some(n) if names.contains(&n))
-    });
+    manifests.retain(|m| !matches!(ref_name(m), Some(n) if names.iter().any(|x| x == n)));
     let desc = |name: Option<&str>| {
         let mut d = json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()});
         if let Some(n) = name {
-            d["annotations"] = json!({"org.opencontainers.image.ref.name": n});
+            d["annotations"] = json!({ REF_NAME: n });
         }
         d
     };
@@ -175,9 +134,9 @@ pub fn write_oci_layout(
     for n in &names {
         manifests.push(desc(Some(n)));
     }
-    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
-    write_file_atomic(&index_path, &canonical(&index)).map_err(store_at(dir))?;
-    Ok(())
+    layout
+        .write_index(manifests)
+        .map_err(io_at(dir, "writing index.json"))
 }
 
 fn tar_header(size: u64) -> tar::Header {

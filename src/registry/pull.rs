@@ -610,23 +610,6 @@ pub(super) fn finish_pull(
     })
 }
 
-/// Reads a JSON file of an image layout, refusing one over `limit` bytes (a layout from
-/// elsewhere may hold anything, `/dev/zero` behind a symlink included).
-pub(super) fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("over {limit} bytes: not an image document"),
-        ));
-    }
-    Ok(bytes)
-}
-
 /// Reads an OCI image layout into the store: the image whose `org.opencontainers.image.ref.name`
 /// is `tag` (or the only one when no tag is given), an index resolved to `platform`, and every
 /// blob copied in with its digest verified.
@@ -653,7 +636,9 @@ pub fn load_oci_layout(
             source,
         }
     };
-    let blob_path = |d: &Digest| dir.join("blobs").join(d.algorithm()).join(d.hex());
+    use crate::oci_layout::{read_bounded, ref_name, OciLayout};
+    let layout = OciLayout::new(dir);
+    let blob_path = |d: &Digest| layout.blob_path(d);
     let read_small = |d: &Digest| -> Result<Vec<u8>, RegistryError> {
         let p = blob_path(d);
         let bytes = read_bounded(&p, MAX_CONFIG).map_err(io(p.clone()))?;
@@ -668,7 +653,7 @@ pub fn load_oci_layout(
         }
         Ok(bytes)
     };
-    let index_path = dir.join("index.json");
+    let index_path = layout.index_path();
     let index = parse_json(
         &reference,
         "index.json",
@@ -678,7 +663,7 @@ pub fn load_oci_layout(
     let desc = match tag {
         Some(t) => manifests
             .iter()
-            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t))
+            .find(|m| ref_name(m) == Some(t))
             .ok_or_else(|| bad(format!("no image tagged {t:?} in the layout")))?,
         None if manifests.len() == 1 => &manifests[0],
         None => {
