@@ -98,7 +98,7 @@ impl Builder {
         match spec {
             CacheSpec::Registry { reference, .. } => {
                 let d = self
-                    .push_image(&art, std::slice::from_ref(reference))
+                    .push_image(&art, std::slice::from_ref(reference), step)
                     .await?;
                 step.log(&format!("pushed {reference}@{d}"));
             }

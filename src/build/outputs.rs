@@ -19,7 +19,7 @@ impl Builder {
                         if self.opts.tags.is_empty() {
                             bail!("pushing needs at least one --tag");
                         }
-                        let d = self.push_image(image, &self.opts.tags).await?;
+                        let d = self.push_image(image, &self.opts.tags, &step).await?;
                         for t in &self.opts.tags {
                             step.log(&format!("pushed {t}@{d}"));
                         }
@@ -65,6 +65,7 @@ impl Builder {
         self: &Arc<Self>,
         image: &BuiltImage,
         tags: &[String],
+        step: &ProgressStep,
     ) -> Result<Digest> {
         let mut origins = HashMap::new();
         let mut from_layouts = Vec::new();
@@ -82,7 +83,9 @@ impl Builder {
         self.ensure_blobs(&from_layouts).await?;
         Ok(self
             .registry
-            .push_with_origins(image, &self.store, tags, &origins, |_| {})
+            .push_with_origins(image, &self.store, tags, &origins, |e| {
+                step.log(&describe_push(&e))
+            })
             .await?)
     }
 }
@@ -93,5 +96,25 @@ pub(super) fn describe_output(o: &OutputSpec) -> String {
         OutputSpec::Oci(d) => format!("OCI layout {}", d.display()),
         OutputSpec::Docker(p) => format!("docker archive {}", p.display()),
         OutputSpec::Local(d) => format!("rootfs to {}", d.display()),
+    }
+}
+
+/// One line of the progress display for a push event.
+fn describe_push(e: &crate::registry::PushEvent) -> String {
+    use crate::registry::PushEvent as E;
+    match e {
+        E::Exists { repository, digest } => format!("{digest}: already in {repository}"),
+        E::Started {
+            repository,
+            digest,
+            size,
+        } => format!("{digest}: uploading {size} bytes to {repository}"),
+        E::Mounted {
+            repository,
+            digest,
+            from,
+        } => format!("{digest}: mounted into {repository} from {from}"),
+        E::Done { repository, digest } => format!("{digest}: uploaded to {repository}"),
+        E::Tagged { reference, digest } => format!("tagged {reference} as {digest}"),
     }
 }
