@@ -95,22 +95,8 @@ impl Builder {
             export.len(),
             art.layers.len()
         ));
-        match spec {
-            CacheSpec::Registry { reference, .. } => {
-                let d = self
-                    .push_image(&art, std::slice::from_ref(reference), step)
-                    .await?;
-                step.log(&format!("pushed {reference}@{d}"));
-            }
-            CacheSpec::Local { dir, .. } => {
-                self.ensure_blobs(&art.layers).await?;
-                let (dir, art, store) = (dir.clone(), art.clone(), self.store.clone());
-                tokio::task::spawn_blocking(move || {
-                    crate::cachesync::write_local(&dir, &art, &store)
-                })
-                .await??;
-            }
-            CacheSpec::Inline => {}
+        if let Some(exporter) = cache_exporter(spec) {
+            exporter.export(self, &art, step).await?;
         }
         Ok(())
     }

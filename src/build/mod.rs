@@ -40,6 +40,7 @@ pub use config::{now_rfc3339, rfc3339, source_date_epoch};
 use layers::*;
 use mounts::*;
 use ops::{CopyOp, Op, RunOp, WorkdirOp};
+use outputs::cache_exporter;
 
 /// Everything a build needs to know, from the command line.
 #[derive(Debug, Clone)]

@@ -2,6 +2,131 @@
 
 use super::*;
 
+/// Where an image goes, as BuildKit's exporters (`exporter/exporter.go`): every `--output`
+/// and every `--cache-to` target is one, and the build only calls [`Exporter::export`].
+pub(super) trait Exporter: Send + Sync {
+    /// What the progress line says, e.g. `OCI layout ./out`.
+    fn describe(&self) -> String;
+
+    /// Writes `image` (its blobs fetched first where they are not in the store yet); gives
+    /// the manifest digest a registry now holds, if it pushed.
+    fn export<'a>(
+        &'a self,
+        b: &'a Arc<Builder>,
+        image: &'a BuiltImage,
+        step: &'a ProgressStep,
+    ) -> BoxFuture<'a, Result<Option<Digest>>>;
+}
+
+// Not `Send`: the compiler cannot prove it through the push's stream of upload futures
+// (a known limit of its higher-ranked lifetimes), and exports run on the build's own task.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
+/// Pushes to a registry under its tags.
+struct RegistryExporter(Vec<String>);
+
+impl Exporter for RegistryExporter {
+    fn describe(&self) -> String {
+        "to registry".into()
+    }
+
+    fn export<'a>(
+        &'a self,
+        b: &'a Arc<Builder>,
+        image: &'a BuiltImage,
+        step: &'a ProgressStep,
+    ) -> BoxFuture<'a, Result<Option<Digest>>> {
+        Box::pin(async move {
+            if self.0.is_empty() {
+                bail!("pushing needs at least one --tag");
+            }
+            let d = b.push_image(image, &self.0, step).await?;
+            for t in &self.0 {
+                step.log(&format!("pushed {t}@{d}"));
+            }
+            Ok(Some(d))
+        })
+    }
+}
+
+/// What the exporters that write files do (on a blocking thread, with every blob local).
+enum FileTarget {
+    /// An OCI layout directory, entries named by the tags.
+    Oci(PathBuf, Vec<String>),
+    /// A `docker load` archive.
+    Docker(PathBuf, Vec<String>),
+    /// The image's filesystem in a directory.
+    Local(PathBuf),
+    /// A cache artifact in an OCI layout (`--cache-to type=local`).
+    CacheLayout(PathBuf),
+}
+
+impl Exporter for FileTarget {
+    fn describe(&self) -> String {
+        match self {
+            FileTarget::Oci(d, _) => format!("OCI layout {}", d.display()),
+            FileTarget::Docker(p, _) => format!("docker archive {}", p.display()),
+            FileTarget::Local(d) => format!("rootfs to {}", d.display()),
+            FileTarget::CacheLayout(d) => format!("cache to {}", d.display()),
+        }
+    }
+
+    fn export<'a>(
+        &'a self,
+        b: &'a Arc<Builder>,
+        image: &'a BuiltImage,
+        _: &'a ProgressStep,
+    ) -> BoxFuture<'a, Result<Option<Digest>>> {
+        Box::pin(async move {
+            b.ensure_blobs(&image.layers).await?;
+            let (store, image) = (b.store.clone(), image.clone());
+            let target = match self {
+                FileTarget::Oci(d, t) => FileTarget::Oci(d.clone(), t.clone()),
+                FileTarget::Docker(p, t) => FileTarget::Docker(p.clone(), t.clone()),
+                FileTarget::Local(d) => FileTarget::Local(d.clone()),
+                FileTarget::CacheLayout(d) => FileTarget::CacheLayout(d.clone()),
+            };
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                match &target {
+                    FileTarget::Oci(d, tags) => {
+                        crate::output::write_oci_layout(d, &image, &store, tags)?
+                    }
+                    FileTarget::Docker(p, tags) => {
+                        crate::output::write_docker_archive(p, &image, &store, tags)?
+                    }
+                    FileTarget::Local(d) => crate::output::write_local(d, &image, &store)?,
+                    FileTarget::CacheLayout(d) => crate::cachesync::write_local(d, &image, &store)?,
+                }
+                Ok(())
+            })
+            .await??;
+            Ok(None)
+        })
+    }
+}
+
+/// The exporter of an `--output`.
+pub(super) fn output_exporter(o: &OutputSpec, tags: &[String]) -> Box<dyn Exporter> {
+    match o {
+        OutputSpec::Registry => Box::new(RegistryExporter(tags.to_vec())),
+        OutputSpec::Oci(d) => Box::new(FileTarget::Oci(d.clone(), tags.to_vec())),
+        OutputSpec::Docker(p) => Box::new(FileTarget::Docker(p.clone(), tags.to_vec())),
+        OutputSpec::Local(d) => Box::new(FileTarget::Local(d.clone())),
+    }
+}
+
+/// The exporter of a `--cache-to` target (`None` for the inline cache, which is in the
+/// image config already).
+pub(super) fn cache_exporter(c: &CacheSpec) -> Option<Box<dyn Exporter>> {
+    match c {
+        CacheSpec::Registry { reference, .. } => {
+            Some(Box::new(RegistryExporter(vec![reference.clone()])))
+        }
+        CacheSpec::Local { dir, .. } => Some(Box::new(FileTarget::CacheLayout(dir.clone()))),
+        CacheSpec::Inline => None,
+    }
+}
+
 impl Builder {
     /// Writes `image` to every `--output`; gives the pushed manifest's digest, if pushed.
     pub(super) async fn write_outputs(
@@ -10,47 +135,17 @@ impl Builder {
     ) -> Result<Option<Digest>> {
         let mut pushed = None;
         for out in &self.opts.outputs {
-            let step = self
-                .progress
-                .start(&format!("exporting {}", describe_output(out)));
-            let res: Result<()> = async {
-                match out {
-                    OutputSpec::Registry => {
-                        if self.opts.tags.is_empty() {
-                            bail!("pushing needs at least one --tag");
-                        }
-                        let d = self.push_image(image, &self.opts.tags, &step).await?;
-                        for t in &self.opts.tags {
-                            step.log(&format!("pushed {t}@{d}"));
-                        }
-                        pushed = Some(d);
-                    }
-                    OutputSpec::Oci(dir) => {
-                        self.ensure_blobs(&image.layers).await?;
-                        crate::output::write_oci_layout(dir, image, &self.store, &self.opts.tags)?
-                    }
-                    OutputSpec::Docker(path) => {
-                        self.ensure_blobs(&image.layers).await?;
-                        crate::output::write_docker_archive(
-                            path,
-                            image,
-                            &self.store,
-                            &self.opts.tags,
-                        )?
-                    }
-                    OutputSpec::Local(dir) => {
-                        self.ensure_blobs(&image.layers).await?;
-                        crate::output::write_local(dir, image, &self.store)?
-                    }
+            let exporter = output_exporter(out, &self.opts.tags);
+            let what = exporter.describe();
+            let step = self.progress.start(&format!("exporting {what}"));
+            match exporter.export(self, image, &step).await {
+                Ok(d) => {
+                    pushed = pushed.or(d);
+                    step.done()
                 }
-                Ok(())
-            }
-            .await;
-            match res {
-                Ok(()) => step.done(),
                 Err(e) => {
                     step.error(&format!("{e:#}"));
-                    return Err(e.context(format!("exporting {}", describe_output(out))));
+                    return Err(e.context(format!("exporting {what}")));
                 }
             }
         }
@@ -83,19 +178,11 @@ impl Builder {
         self.ensure_blobs(&from_layouts).await?;
         Ok(self
             .registry
-            .push_with_origins(image, &self.store, tags, &origins, |e| {
-                step.log(&describe_push(&e))
+            .push_with_origins(image, &self.store, tags, &origins, {
+                let step = step.clone();
+                move |e: crate::registry::PushEvent| step.log(&describe_push(&e))
             })
             .await?)
-    }
-}
-
-pub(super) fn describe_output(o: &OutputSpec) -> String {
-    match o {
-        OutputSpec::Registry => "to registry".into(),
-        OutputSpec::Oci(d) => format!("OCI layout {}", d.display()),
-        OutputSpec::Docker(p) => format!("docker archive {}", p.display()),
-        OutputSpec::Local(d) => format!("rootfs to {}", d.display()),
     }
 }
 
