@@ -30,6 +30,7 @@ mod message;
 mod ns;
 pub mod probe;
 mod run;
+mod snapshotters;
 mod spawn;
 mod spec;
 mod sys;

@@ -3,9 +3,9 @@
 
 use crate::cgroup::StepCgroup;
 use crate::idmap::{nested_identity, IdMap};
-use crate::spec::{Isolation, MountSource, Network, ProcessLimit, RunSpec, Snapshotter};
+use crate::spec::{Isolation, Network, ProcessLimit, RunSpec, Snapshotter};
 use crate::HELPER_ARG;
-use rbuild_snapshot::{assemble, clear_except, copy_overlay_tree, Baseline, Skip};
+use rbuild_snapshot::{clear_except, copy_overlay_tree, Skip};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -68,12 +68,12 @@ impl RootMountProblem {
     }
 }
 
-fn tree(what: impl Into<String>) -> impl FnOnce(rbuild_snapshot::TreeError) -> RunError {
+pub(crate) fn tree(what: impl Into<String>) -> impl FnOnce(rbuild_snapshot::TreeError) -> RunError {
     let what = what.into();
     move |e| RunError::Sandbox(format!("{what}: {e}"))
 }
 
-fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+pub(crate) fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let what = what.into();
     move |source| RunError::Setup { what, source }
 }
@@ -187,143 +187,12 @@ fn run_with_snapshotter(
 ) -> Result<RunOutcome, RunError> {
     std::fs::create_dir_all(&spec.scratch)
         .map_err(setup(format!("creating {}", spec.scratch.display())))?;
-    match spec.snapshotter {
-        Snapshotter::Overlay => run_in(spec, output),
-        Snapshotter::FuseOverlay => {
-            let fuse_problem = |message: String| RunError::RootMount {
-                problem: RootMountProblem::FuseUnavailable,
-                message,
-            };
-            spec.fuse_binary = Some(
-                crate::fuse::fuse_overlayfs_binary()
-                    .ok_or_else(|| fuse_problem("fuse-overlayfs is not installed".into()))?,
-            );
-            if !Path::new("/dev/fuse").exists() {
-                return Err(fuse_problem("fuse-overlayfs needs /dev/fuse, which this container does not have (docker run --device /dev/fuse)".into()));
-            }
-            materialize_layer_mounts(spec)?;
-            let outcome = run_in(spec, output)?;
-            rbuild_snapshot::normalize_fuse_upper(&spec.upperdir, &spec.lowerdirs)
-                .map_err(tree("rewriting fuse-overlayfs's upperdir"))?;
-            Ok(outcome)
-        }
-        Snapshotter::Copy => {
-            let ids = spec
-                .lowerdirs
-                .iter()
-                .map(|p| crate::copyroot::layer_id(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            let lease = crate::copyroot::take(spec.copy_cache.as_deref(), &spec.scratch, &ids)?;
-            let res = run_copy(spec, output, &lease.dir, lease.lowers.as_deref(), &ids);
-            // The root is kept for the next step only when it holds exactly known layers.
-            let held = match &res {
-                Ok((o, Some(upper_id))) if o.status == ExitKind::Exited(0) => Some(
-                    upper_id
-                        .iter()
-                        .copied()
-                        .chain(ids.iter().copied())
-                        .collect(),
-                ),
-                _ => None,
-            };
-            lease.give_back(held);
-            res.map(|(o, _)| o)
-        }
-    }
-}
-
-/// A step on a copy of its layers at `root` (which holds `held`, when known). Returns the
-/// outcome and, after success, the identity of the upperdir when the root now holds it on
-/// top of the layers (`Some(None)`: the step changed nothing).
-fn run_copy(
-    spec: &mut RunSpec,
-    output: &mut dyn Write,
-    root: &Path,
-    held: Option<&[crate::copyroot::LayerId]>,
-    ids: &[crate::copyroot::LayerId],
-) -> Result<(RunOutcome, Option<Option<crate::copyroot::LayerId>>), RunError> {
-    match crate::copyroot::extra_layers(held, ids) {
-        // Only new layers on top of what the root holds: apply them.
-        Some(extra) => {
-            if extra > 0 {
-                assemble(&spec.lowerdirs[..extra], root, &Skip::none())
-                    .map_err(tree("applying the new layers (copy snapshotter)"))?;
-            }
-        }
-        None => {
-            clear_except(root, &Skip::none())
-                .map_err(tree(format!("emptying {}", root.display())))?;
-            assemble(&spec.lowerdirs, root, &Skip::none())
-                .map_err(tree("copying the image's layers (copy snapshotter)"))?;
-        }
-    }
-    spec.copy_root = root.to_path_buf();
-    let baseline =
-        Baseline::capture(root, &Skip::none()).map_err(tree("recording the root filesystem"))?;
-    // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into the layer.
-    assemble(std::slice::from_ref(&spec.upperdir), root, &Skip::none())
-        .map_err(tree("applying the upperdir"))?;
-    clear_except(&spec.upperdir, &Skip::none()).map_err(tree("emptying the upperdir"))?;
-    materialize_layer_mounts(spec)?;
-    // Coarse file-time clocks: every change the step makes gets a later ctime than the baseline.
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let outcome = run_in(spec, output)?;
-    if outcome.status != ExitKind::Exited(0) {
-        return Ok((outcome, None));
-    }
-    let stats = baseline
-        .diff_into(root, &spec.upperdir, &Skip::none())
-        .map_err(tree("finding what the step changed"))?;
-    // The mount points the sandbox made leave the root (the caller takes them out of the layer).
-    for c in outcome.created_mountpoints.iter().rev() {
-        let p = root.join(c);
-        let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
-    }
-    let upper = if stats.entries + stats.whiteouts > 0 {
-        Some(crate::copyroot::layer_id(&spec.upperdir)?)
-    } else {
-        None
+    let mut snap = crate::snapshotters::for_spec(spec);
+    let res = match snap.prepare(spec) {
+        Ok(()) => run_in(spec, output),
+        Err(e) => Err(e),
     };
-    Ok((outcome, Some(upper)))
-}
-
-/// Without kernel overlayfs, `RUN --mount`s of layers become binds: of the one directory
-/// itself when read-only (the build context), else of a merged copy in the scratch space.
-fn materialize_layer_mounts(spec: &mut RunSpec) -> Result<(), RunError> {
-    let scratch = spec.scratch.clone();
-    for (i, m) in spec.mounts.iter_mut().enumerate() {
-        let MountSource::Layers {
-            lowerdirs,
-            subpath,
-            discard_writes,
-        } = &m.source
-        else {
-            continue;
-        };
-        let sub = subpath.trim_start_matches('/');
-        let source = if lowerdirs.len() == 1 && !discard_writes {
-            rbuild_snapshot::resolve_in_root(&lowerdirs[0], sub).map_err(setup(format!(
-                "RUN --mount at {}: source {subpath}",
-                m.target
-            )))?
-        } else {
-            let dir = scratch.join(format!("mount{i}-copy"));
-            std::fs::create_dir_all(&dir).map_err(setup(format!("creating {}", dir.display())))?;
-            assemble(lowerdirs, &dir, &Skip::none()).map_err(tree(format!(
-                "copying the layers of the mount at {}",
-                m.target
-            )))?;
-            rbuild_snapshot::resolve_in_root(&dir, sub).map_err(setup(format!(
-                "RUN --mount at {}: source {subpath}",
-                m.target
-            )))?
-        };
-        m.source = MountSource::Bind {
-            source,
-            readonly: !discard_writes,
-        };
-    }
-    Ok(())
+    snap.finish(spec, res)
 }
 
 fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {

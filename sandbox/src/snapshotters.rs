@@ -1,0 +1,229 @@
+//! How a RUN step gets its root filesystem, behind one interface, as containerd's
+//! snapshotters (`core/snapshots/snapshotter.go`: Prepare, then Commit): [`Snapshotter`]
+//! prepares the root from the layers before the helper runs, and finishes after it, leaving
+//! the step's changes in the upperdir in overlay form whatever the kind.
+//!
+//! - kernel overlayfs: the helper mounts it; nothing to prepare or finish;
+//! - fuse-overlayfs: the helper starts the daemon; its upperdir is rewritten into the
+//!   kernel's form afterwards;
+//! - copy: the layers are copied into a root (kept between steps where they match), and a
+//!   stat walk after the step writes what changed.
+//!
+//! Upper directories on a tmpfs wrap any of them (`crate::run`, `RunSpec::upper_scratch`),
+//! and `Isolation::None` has no snapshotter of its own (`crate::direct`).
+
+use crate::run::{setup, tree, ExitKind, RootMountProblem, RunError, RunOutcome};
+use crate::spec::{MountSource, RunSpec, Snapshotter as Kind};
+use rbuild_snapshot::{assemble, clear_except, Baseline, Skip};
+use std::path::Path;
+
+/// One kind of root filesystem for RUN steps.
+pub(crate) trait Snapshotter {
+    /// Makes the step's root ready for the helper (which mounts what it mounts inside the
+    /// step's namespaces). When it fails, [`Snapshotter::finish`] still runs, with the error,
+    /// to give back what it took.
+    fn prepare(&mut self, spec: &mut RunSpec) -> Result<(), RunError>;
+
+    /// After the helper: leaves the step's changes in `spec.upperdir` in overlay form, and
+    /// gives the step's outcome.
+    fn finish(
+        &mut self,
+        spec: &RunSpec,
+        res: Result<RunOutcome, RunError>,
+    ) -> Result<RunOutcome, RunError>;
+}
+
+/// The snapshotter `spec` names.
+pub(crate) fn for_spec(spec: &RunSpec) -> Box<dyn Snapshotter> {
+    match spec.snapshotter {
+        Kind::Overlay => Box::new(Overlay),
+        Kind::FuseOverlay => Box::new(FuseOverlay),
+        Kind::Copy => Box::new(Copy::default()),
+    }
+}
+
+/// Kernel overlayfs, mounted by the helper.
+struct Overlay;
+
+impl Snapshotter for Overlay {
+    fn prepare(&mut self, _: &mut RunSpec) -> Result<(), RunError> {
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        _: &RunSpec,
+        res: Result<RunOutcome, RunError>,
+    ) -> Result<RunOutcome, RunError> {
+        res
+    }
+}
+
+/// fuse-overlayfs, started by the helper before the step's PID namespace.
+struct FuseOverlay;
+
+impl Snapshotter for FuseOverlay {
+    fn prepare(&mut self, spec: &mut RunSpec) -> Result<(), RunError> {
+        let fuse_problem = |message: String| RunError::RootMount {
+            problem: RootMountProblem::FuseUnavailable,
+            message,
+        };
+        spec.fuse_binary = Some(
+            crate::fuse::fuse_overlayfs_binary()
+                .ok_or_else(|| fuse_problem("fuse-overlayfs is not installed".into()))?,
+        );
+        if !Path::new("/dev/fuse").exists() {
+            return Err(fuse_problem("fuse-overlayfs needs /dev/fuse, which this container does not have (docker run --device /dev/fuse)".into()));
+        }
+        materialize_layer_mounts(spec)
+    }
+
+    fn finish(
+        &mut self,
+        spec: &RunSpec,
+        res: Result<RunOutcome, RunError>,
+    ) -> Result<RunOutcome, RunError> {
+        let outcome = res?;
+        rbuild_snapshot::normalize_fuse_upper(&spec.upperdir, &spec.lowerdirs)
+            .map_err(tree("rewriting fuse-overlayfs's upperdir"))?;
+        Ok(outcome)
+    }
+}
+
+/// Copies of the layers, kept between steps where the next step stacks on the same ones.
+#[derive(Default)]
+struct Copy {
+    ids: Vec<crate::copyroot::LayerId>,
+    lease: Option<crate::copyroot::Lease>,
+    baseline: Option<Baseline>,
+}
+
+impl Snapshotter for Copy {
+    fn prepare(&mut self, spec: &mut RunSpec) -> Result<(), RunError> {
+        self.ids = spec
+            .lowerdirs
+            .iter()
+            .map(|p| crate::copyroot::layer_id(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let lease = crate::copyroot::take(spec.copy_cache.as_deref(), &spec.scratch, &self.ids)?;
+        let (root, held) = (lease.dir.clone(), lease.lowers.clone());
+        // Leased from here on: given back, kept or not, in finish.
+        self.lease = Some(lease);
+        match crate::copyroot::extra_layers(held.as_deref(), &self.ids) {
+            // Only new layers on top of what the root holds: apply them.
+            Some(extra) => {
+                if extra > 0 {
+                    assemble(&spec.lowerdirs[..extra], &root, &Skip::none())
+                        .map_err(tree("applying the new layers (copy snapshotter)"))?;
+                }
+            }
+            None => {
+                clear_except(&root, &Skip::none())
+                    .map_err(tree(format!("emptying {}", root.display())))?;
+                assemble(&spec.lowerdirs, &root, &Skip::none())
+                    .map_err(tree("copying the image's layers (copy snapshotter)"))?;
+            }
+        }
+        spec.copy_root = root.clone();
+        self.baseline = Some(
+            Baseline::capture(&root, &Skip::none())
+                .map_err(tree("recording the root filesystem"))?,
+        );
+        // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into
+        // the layer.
+        assemble(std::slice::from_ref(&spec.upperdir), &root, &Skip::none())
+            .map_err(tree("applying the upperdir"))?;
+        clear_except(&spec.upperdir, &Skip::none()).map_err(tree("emptying the upperdir"))?;
+        materialize_layer_mounts(spec)?;
+        // Coarse file-time clocks: every change the step makes gets a later ctime than the
+        // baseline.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        spec: &RunSpec,
+        res: Result<RunOutcome, RunError>,
+    ) -> Result<RunOutcome, RunError> {
+        let diffed = (|| {
+            let outcome = res?;
+            if outcome.status != ExitKind::Exited(0) {
+                return Ok((outcome, None));
+            }
+            let root = &spec.copy_root;
+            let baseline = self.baseline.take().ok_or_else(|| {
+                RunError::Sandbox("the copy snapshotter finished a step it did not prepare".into())
+            })?;
+            let stats = baseline
+                .diff_into(root, &spec.upperdir, &Skip::none())
+                .map_err(tree("finding what the step changed"))?;
+            // The mount points the sandbox made leave the root (the caller takes them out
+            // of the layer).
+            for c in outcome.created_mountpoints.iter().rev() {
+                let p = root.join(c);
+                let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
+            }
+            let upper = if stats.entries + stats.whiteouts > 0 {
+                Some(crate::copyroot::layer_id(&spec.upperdir)?)
+            } else {
+                None
+            };
+            Ok((outcome, Some(upper)))
+        })();
+        // The root is kept for the next step only when it holds exactly known layers.
+        let held = match &diffed {
+            Ok((_, Some(upper_id))) => Some(
+                upper_id
+                    .iter()
+                    .copied()
+                    .chain(self.ids.iter().copied())
+                    .collect(),
+            ),
+            _ => None,
+        };
+        if let Some(lease) = self.lease.take() {
+            lease.give_back(held);
+        }
+        diffed.map(|(o, _)| o)
+    }
+}
+
+/// Without kernel overlayfs, `RUN --mount`s of layers become binds: of the one directory
+/// itself when read-only (the build context), else of a merged copy in the scratch space.
+fn materialize_layer_mounts(spec: &mut RunSpec) -> Result<(), RunError> {
+    let scratch = spec.scratch.clone();
+    for (i, m) in spec.mounts.iter_mut().enumerate() {
+        let MountSource::Layers {
+            lowerdirs,
+            subpath,
+            discard_writes,
+        } = &m.source
+        else {
+            continue;
+        };
+        let sub = subpath.trim_start_matches('/');
+        let source = if lowerdirs.len() == 1 && !discard_writes {
+            rbuild_snapshot::resolve_in_root(&lowerdirs[0], sub).map_err(setup(format!(
+                "RUN --mount at {}: source {subpath}",
+                m.target
+            )))?
+        } else {
+            let dir = scratch.join(format!("mount{i}-copy"));
+            std::fs::create_dir_all(&dir).map_err(setup(format!("creating {}", dir.display())))?;
+            assemble(lowerdirs, &dir, &Skip::none()).map_err(tree(format!(
+                "copying the layers of the mount at {}",
+                m.target
+            )))?;
+            rbuild_snapshot::resolve_in_root(&dir, sub).map_err(setup(format!(
+                "RUN --mount at {}: source {subpath}",
+                m.target
+            )))?
+        };
+        m.source = MountSource::Bind {
+            source,
+            readonly: !discard_writes,
+        };
+    }
+    Ok(())
+}
