@@ -12,7 +12,6 @@ pub mod cachesync;
 pub mod cli;
 pub mod copy;
 pub mod ctxhash;
-pub mod fallback;
 pub mod ignored;
 pub mod image;
 pub mod mounts;

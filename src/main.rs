@@ -556,7 +556,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         );
     }
     // A store on overlayfs (a container's own root) cannot hold overlay upperdirs: the first
-    // RUN finds out and falls back (src/fallback.rs), saying how to get the direct path back.
+    // RUN finds out and falls back (rbuild_sandbox::RootfsMode), saying how to get the direct path back.
     let store = rbuild_cache::Store::open(&root)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -649,7 +649,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         }),
         isolation,
         limits,
-        rootfs: rbuild::fallback::RootfsOptions::default(),
+        rootfs: rbuild_sandbox::RootfsOptions::default(),
         own_mount_namespace: ns.is_some(),
         project,
     };

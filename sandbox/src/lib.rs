@@ -38,7 +38,9 @@ mod syscalls;
 
 pub use copyroot::forget_copy_cache;
 pub use direct::container_evidence;
-pub use fallback::{fallback_for, kernel_reads_xattr_whiteouts, Fallback};
+pub use fallback::{
+    fallback_for, kernel_reads_xattr_whiteouts, Fallback, Notify, RootfsMode, RootfsOptions,
+};
 pub use fuse::fuse_overlayfs_binary;
 pub use idmap::{Extent, IdMap};
 pub use init::{mask_proc, resolve_user_in, DEFAULT_PATH, MASKED_DIRS, MASKED_FILES, READONLY};

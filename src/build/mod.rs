@@ -99,7 +99,7 @@ pub struct BuildOptions {
     /// `--label` values, set over the Dockerfile's `LABEL`s in the final image.
     pub labels: BTreeMap<String, String>,
     /// What RUN steps' root filesystems need besides `isolation` (paths `none` keeps).
-    pub rootfs: crate::fallback::RootfsOptions,
+    pub rootfs: rbuild_sandbox::RootfsOptions,
     /// What the project is, for cache mounts without `id=` (see [`cache_mount_key`]).
     pub project: String,
     /// Whether the build runs in a mount namespace of its own (not `--isolation=none`):
@@ -332,7 +332,7 @@ pub struct Builder {
     build_args: BTreeMap<String, String>,
     resolved: rbuild_dag::ResolvedArgs,
     /// Overlayfs, or the fallback this build found it needs.
-    rootfs: Arc<crate::fallback::RootfsMode>,
+    rootfs: Arc<rbuild_sandbox::RootfsMode>,
 }
 
 /// Runs the whole build described by `opts`.
@@ -370,11 +370,14 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         registry.on_retry(Arc::new(move |line: &str| progress.info(line)));
     }
     let ctx_hasher = crate::ctxhash::ContextHasher::new(store.clone());
-    let rootfs = crate::fallback::RootfsMode::new(
+    let rootfs = rbuild_sandbox::RootfsMode::new(
         opts.rootfs.clone(),
         store.root().to_path_buf(),
         store.temp_path("rootfs"),
-        progress.clone(),
+        {
+            let progress = progress.clone();
+            Arc::new(move |line: &str| progress.warn(line))
+        },
     )
     .map_err(anyhow::Error::msg)?;
     let builder = Arc::new(Builder {

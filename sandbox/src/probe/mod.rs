@@ -350,7 +350,7 @@ pub fn probe(store: &Path) -> Probe {
     };
     checks.push(match overlay_trial {
         Ok(()) => check("overlay in a user namespace", Verdict::Ok, "native overlayfs with userxattr works on the store's filesystem", None),
-        // Builds fall back (src/fallback.rs): upper layers on a tmpfs for a store on overlayfs,
+        // Builds fall back (rbuild_sandbox::RootfsMode): upper layers on a tmpfs for a store on overlayfs,
         // fuse-overlayfs, or the copy snapshotter. Slower, never impossible.
         Err(e) => match &fuse {
             Some(f) => check(
