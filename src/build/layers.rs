@@ -24,18 +24,29 @@ impl Builder {
                             .map_err(|e| e.to_string())?;
                         let origin = me.origins.lock().unwrap().get(&d.digest).cloned();
                         let res: Result<()> = match origin {
-                            Some(BlobOrigin::Registry(r)) => me
-                                .registry
-                                .fetch_blob(
-                                    &r,
-                                    &d.digest,
-                                    d.size,
-                                    crate::registry::MAX_UNSIZED_BLOB,
-                                    &me.store,
-                                )
-                                .await
-                                .map(|_| ())
-                                .map_err(Into::into),
+                            Some(BlobOrigin::Registry(r)) => {
+                                let started = std::time::Instant::now();
+                                let res = me
+                                    .registry
+                                    .fetch_blob(
+                                        &r,
+                                        &d.digest,
+                                        d.size,
+                                        crate::registry::MAX_UNSIZED_BLOB,
+                                        &me.store,
+                                    )
+                                    .await;
+                                if res.is_ok() {
+                                    // Pull progress on the display: one line per blob.
+                                    me.progress.info(&format!(
+                                        "fetched {} ({} bytes) from {r} in {:.1}s",
+                                        d.digest,
+                                        d.size,
+                                        started.elapsed().as_secs_f64()
+                                    ));
+                                }
+                                res.map(|_| ()).map_err(Into::into)
+                            }
                             Some(BlobOrigin::Layout(dir)) => {
                                 let store = me.store.clone();
                                 let digest = d.digest.clone();
