@@ -5,7 +5,6 @@ use crate::cgroup::StepCgroup;
 use crate::idmap::{nested_identity, IdMap};
 use crate::spec::{Isolation, Network, ProcessLimit, RunSpec, Snapshotter};
 use crate::HELPER_ARG;
-use rbuild_snapshot::{clear_except, copy_overlay_tree, Skip};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -120,36 +119,16 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "step".into());
-    let upperdir = spec.upperdir.clone();
-    // The upper and work directories (and our scratch space) on another filesystem.
-    let relocated = match spec.upper_scratch.clone() {
-        Some(dir) if spec.snapshotter != Snapshotter::Copy => {
-            Some(relocate(&mut spec, &dir, &base)?)
-        }
-        _ => None,
+    spec.scratch = spec.upperdir.with_file_name(format!("{base}.sandbox"));
+    let default_scratch = spec.scratch.clone();
+    let mut snap = crate::snapshotters::for_spec(&spec, &base);
+    let res = match snap.prepare(&mut spec) {
+        Ok(()) => run_in(&spec, output),
+        Err(e) => Err(e),
     };
-    spec.scratch = match &relocated {
-        Some(r) => r.join("sandbox"),
-        None => spec.upperdir.with_file_name(format!("{base}.sandbox")),
-    };
-    let mut res = run_with_snapshotter(&mut spec, output);
-    if let (Ok(outcome), Some(_)) = (&res, &relocated) {
-        if outcome.status == ExitKind::Exited(0) {
-            // Back into the store, whiteouts in the form its filesystem accepts.
-            let back = clear_except(&upperdir, &Skip::none())
-                .and_then(|_| copy_overlay_tree(&spec.upperdir, &upperdir));
-            if let Err(e) = back {
-                res = Err(tree(format!(
-                    "copying the step's changes into {}",
-                    upperdir.display()
-                ))(e));
-            }
-        }
-    }
+    let res = snap.finish(&spec, res);
     let _ = remove_scratch(&spec.scratch);
-    if let Some(r) = relocated {
-        let _ = remove_scratch(&r);
-    }
+    let _ = remove_scratch(&default_scratch);
     res
 }
 
@@ -159,40 +138,6 @@ fn remove_scratch(p: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         r => r,
     }
-}
-
-/// Moves the step's upper and work directories below `dir`; the caller's upperdir content
-/// (e.g. a WORKDIR made before the step) goes along.
-fn relocate(spec: &mut RunSpec, dir: &Path, base: &str) -> Result<std::path::PathBuf, RunError> {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let r = dir.join(format!("rbuild-{base}-{}-{n}", std::process::id()));
-    let (u, w) = (r.join("upper"), r.join("work"));
-    for d in [&u, &w] {
-        std::fs::create_dir_all(d).map_err(setup(format!("creating {}", d.display())))?;
-    }
-    copy_overlay_tree(&spec.upperdir, &u).map_err(tree(format!(
-        "copying {} to {}",
-        spec.upperdir.display(),
-        u.display()
-    )))?;
-    spec.upperdir = u;
-    spec.workdir = w;
-    Ok(r)
-}
-
-fn run_with_snapshotter(
-    spec: &mut RunSpec,
-    output: &mut dyn Write,
-) -> Result<RunOutcome, RunError> {
-    std::fs::create_dir_all(&spec.scratch)
-        .map_err(setup(format!("creating {}", spec.scratch.display())))?;
-    let mut snap = crate::snapshotters::for_spec(spec);
-    let res = match snap.prepare(spec) {
-        Ok(()) => run_in(spec, output),
-        Err(e) => Err(e),
-    };
-    snap.finish(spec, res)
 }
 
 fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {

@@ -9,13 +9,13 @@
 //! - copy: the layers are copied into a root (kept between steps where they match), and a
 //!   stat walk after the step writes what changed.
 //!
-//! Upper directories on a tmpfs wrap any of them (`crate::run`, `RunSpec::upper_scratch`),
-//! and `Isolation::None` has no snapshotter of its own (`crate::direct`).
+//! Upper directories on another filesystem (`RunSpec::upper_scratch`, a tmpfs) wrap the
+//! first two. `Isolation::None` has no snapshotter of its own (`crate::direct`).
 
 use crate::run::{setup, tree, ExitKind, RootMountProblem, RunError, RunOutcome};
 use crate::spec::{MountSource, RunSpec, Snapshotter as Kind};
-use rbuild_snapshot::{assemble, clear_except, Baseline, Skip};
-use std::path::Path;
+use rbuild_snapshot::{assemble, clear_except, copy_overlay_tree, Baseline, Skip};
+use std::path::{Path, PathBuf};
 
 /// One kind of root filesystem for RUN steps.
 pub(crate) trait Snapshotter {
@@ -33,13 +33,92 @@ pub(crate) trait Snapshotter {
     ) -> Result<RunOutcome, RunError>;
 }
 
-/// The snapshotter `spec` names.
-pub(crate) fn for_spec(spec: &RunSpec) -> Box<dyn Snapshotter> {
-    match spec.snapshotter {
+/// The snapshotter `spec` names; with `spec.upper_scratch`, its upper and work directories
+/// on that other filesystem (`base` names them there).
+pub(crate) fn for_spec(spec: &RunSpec, base: &str) -> Box<dyn Snapshotter> {
+    let inner: Box<dyn Snapshotter> = match spec.snapshotter {
         Kind::Overlay => Box::new(Overlay),
         Kind::FuseOverlay => Box::new(FuseOverlay),
         Kind::Copy => Box::new(Copy::default()),
+    };
+    match &spec.upper_scratch {
+        // The copy snapshotter writes its upperdir after the step: nothing to move.
+        Some(dir) if spec.snapshotter != Kind::Copy => Box::new(UpperElsewhere {
+            inner,
+            dir: dir.clone(),
+            base: base.to_string(),
+            upperdir: PathBuf::new(),
+            relocated: None,
+        }),
+        _ => inner,
     }
+}
+
+/// Another snapshotter with its upper and work directories (and the step's scratch space)
+/// on another filesystem, e.g. a tmpfs where the store is on overlayfs; the changes go back
+/// into the store after the step, whiteouts in the form its filesystem accepts.
+struct UpperElsewhere {
+    inner: Box<dyn Snapshotter>,
+    dir: PathBuf,
+    base: String,
+    /// The step's upperdir in the store.
+    upperdir: PathBuf,
+    /// Where the upper and work directories went.
+    relocated: Option<PathBuf>,
+}
+
+impl Snapshotter for UpperElsewhere {
+    fn prepare(&mut self, spec: &mut RunSpec) -> Result<(), RunError> {
+        self.upperdir = spec.upperdir.clone();
+        let r = relocate(spec, &self.dir, &self.base)?;
+        spec.scratch = r.join("sandbox");
+        self.relocated = Some(r);
+        self.inner.prepare(spec)
+    }
+
+    fn finish(
+        &mut self,
+        spec: &RunSpec,
+        res: Result<RunOutcome, RunError>,
+    ) -> Result<RunOutcome, RunError> {
+        let mut res = self.inner.finish(spec, res);
+        if let (Ok(outcome), Some(_)) = (&res, &self.relocated) {
+            if outcome.status == ExitKind::Exited(0) {
+                let back = clear_except(&self.upperdir, &Skip::none())
+                    .and_then(|_| copy_overlay_tree(&spec.upperdir, &self.upperdir));
+                if let Err(e) = back {
+                    res = Err(tree(format!(
+                        "copying the step's changes into {}",
+                        self.upperdir.display()
+                    ))(e));
+                }
+            }
+        }
+        if let Some(r) = self.relocated.take() {
+            let _ = std::fs::remove_dir_all(r);
+        }
+        res
+    }
+}
+
+/// Moves the step's upper and work directories below `dir`; the caller's upperdir content
+/// (e.g. a WORKDIR made before the step) goes along.
+fn relocate(spec: &mut RunSpec, dir: &Path, base: &str) -> Result<PathBuf, RunError> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let r = dir.join(format!("rbuild-{base}-{}-{n}", std::process::id()));
+    let (u, w) = (r.join("upper"), r.join("work"));
+    for d in [&u, &w] {
+        std::fs::create_dir_all(d).map_err(setup(format!("creating {}", d.display())))?;
+    }
+    copy_overlay_tree(&spec.upperdir, &u).map_err(tree(format!(
+        "copying {} to {}",
+        spec.upperdir.display(),
+        u.display()
+    )))?;
+    spec.upperdir = u;
+    spec.workdir = w;
+    Ok(r)
 }
 
 /// Kernel overlayfs, mounted by the helper.
