@@ -169,14 +169,9 @@ pub fn artifact(export: &CacheExport, store: &Store) -> Result<BuiltImage> {
 /// replacing an earlier cache there; `index.json` is written last.
 pub fn write_local(dir: &Path, art: &BuiltImage, store: &Store) -> Result<()> {
     let layout = OciLayout::new(dir);
-    for d in art
-        .layers
-        .iter()
-        .map(|l| &l.digest)
-        .chain([&art.config_digest, &art.manifest_digest])
-    {
+    for d in crate::output::blobs_of(art) {
         layout
-            .put_blob_from_store(d, store)
+            .put_blob_from_store(&d, store)
             .with_context(|| format!("cache {}: blob {d}", dir.display()))?;
     }
     // Exactly one, named, cache entry; images in the same layout stay.

@@ -82,7 +82,8 @@ fn with_tag(reference: &str) -> String {
     }
 }
 
-fn blobs_of(image: &BuiltImage) -> Vec<Digest> {
+/// Every blob of `image`: layers, config, manifest.
+pub(crate) fn blobs_of(image: &BuiltImage) -> Vec<Digest> {
     let mut v: Vec<Digest> = image.layers.iter().map(|l| l.digest.clone()).collect();
     v.push(image.config_digest.clone());
     v.push(image.manifest_digest.clone());

@@ -357,3 +357,27 @@ pub fn clear_dir(dir: &impl AsFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Sets the access and modification times of `name` in `dir` (not following a symlink);
+/// `CWD` and a path for a path.
+pub(crate) fn set_times_at<P: rustix::path::Arg>(
+    dir: &impl AsFd,
+    name: P,
+    sec: i64,
+    nsec: i64,
+) -> io::Result<()> {
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    };
+    rustix::fs::utimensat(
+        dir,
+        name,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}

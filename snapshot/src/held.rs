@@ -12,8 +12,8 @@
 //! The record is a few lines of text (`kind mode major minor hex-path`): a private file
 //! of the store, read and written only here, so no serialisation crate is pulled in.
 
-use crate::fsutil::clean_os;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use crate::fsutil::{clean_os, set_times_at};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -56,6 +56,18 @@ pub struct HeldEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Held {
     entries: BTreeMap<Vec<u8>, HeldEntry>,
+}
+
+/// A path's key in a held record: its components joined by `/`.
+pub(crate) fn held_key(comps: &[OsString]) -> Vec<u8> {
+    let mut k = Vec::new();
+    for c in comps {
+        if !k.is_empty() {
+            k.push(b'/');
+        }
+        k.extend_from_slice(c.as_bytes());
+    }
+    k
 }
 
 /// Whether a regular file of `mode` has bits the store keeps off disk.
@@ -272,7 +284,7 @@ pub fn hold_tree(dir: &Path) -> io::Result<Held> {
                     Mode::empty(),
                 )?;
                 make_placeholder_at(&pfd, name, md.uid(), md.gid())?;
-                set_times(&path, md.mtime(), md.mtime_nsec())?;
+                set_times_at(&rustix::fs::CWD, &path, md.mtime(), md.mtime_nsec())?;
             }
         }
     }
@@ -303,23 +315,6 @@ pub(crate) fn make_placeholder_at(
     Ok(())
 }
 
-fn set_times(path: &Path, sec: i64, nsec: i64) -> io::Result<()> {
-    let t = Timespec {
-        tv_sec: sec,
-        tv_nsec: nsec as _,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        path,
-        &Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        AtFlags::SYMLINK_NOFOLLOW,
-    )?;
-    Ok(())
-}
-
 /// Copies owner, mode, times and xattrs (never overlay's) of `from` onto `to`, in the
 /// order that keeps them: chown clears setuid bits and file capabilities.
 fn copy_meta(from: &Path, md: &fs::Metadata, to: &Path, mode: u32) -> io::Result<()> {
@@ -341,7 +336,7 @@ fn copy_meta(from: &Path, md: &fs::Metadata, to: &Path, mode: u32) -> io::Result
             rustix::fs::lsetxattr(to, k.as_str(), &v, rustix::fs::XattrFlags::empty())?;
         }
     }
-    set_times(to, md.mtime(), md.mtime_nsec())
+    set_times_at(&rustix::fs::CWD, to, md.mtime(), md.mtime_nsec())
 }
 
 /// Fills the empty directory `dest` with the held entries that the merged view of

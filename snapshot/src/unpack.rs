@@ -319,14 +319,14 @@ fn run<R: Read>(
         let mut set_owner_mode = true;
         // Where the entry really is (a lower layer's symlink may have moved its parent),
         // as a key of the layer's held record.
-        let held_key = |name: &OsStr| -> Result<Vec<u8>, UnpackError> {
+        let key_of = |name: &OsStr| -> Result<Vec<u8>, UnpackError> {
             let mut at = if made.moved {
                 path_below(&root, &parent_fd).map_err(err)?
             } else {
                 parent.to_vec()
             };
             at.push(name.to_os_string());
-            Ok(join_key(&at))
+            Ok(crate::held::held_key(&at))
         };
         // The store keeps setuid/setgid bits and device nodes off its disk (crate::held).
         let mut disk_perm = perm;
@@ -367,7 +367,7 @@ fn run<R: Read>(
                 if hold && crate::held::is_held_mode(perm.bits()) {
                     disk_perm = Mode::from_raw_mode(crate::held::disk_mode(perm.bits()));
                     stats.held.insert(
-                        held_key(last)?,
+                        key_of(last)?,
                         HeldEntry {
                             kind: HeldKind::File,
                             mode: perm.bits(),
@@ -416,8 +416,8 @@ fn run<R: Read>(
                 if hold {
                     let mut t = path_below(&root, &tparent_fd).map_err(err)?;
                     t.push(tlast.clone());
-                    if let Some(e) = stats.held.get(&join_key(&t)).copied() {
-                        stats.held.insert(held_key(last)?, e);
+                    if let Some(e) = stats.held.get(&crate::held::held_key(&t)).copied() {
+                        stats.held.insert(key_of(last)?, e);
                     }
                 }
             }
@@ -433,7 +433,7 @@ fn run<R: Read>(
                     crate::held::make_placeholder_at(&parent_fd, last, 0, 0).map_err(err)?;
                     disk_perm = Mode::empty();
                     stats.held.insert(
-                        held_key(last)?,
+                        key_of(last)?,
                         HeldEntry {
                             kind: if ft == FileType::CharacterDevice {
                                 HeldKind::Char
@@ -509,7 +509,7 @@ fn run<R: Read>(
                 }
             }
             if kind != tar::EntryType::Directory {
-                set_mtime(&parent_fd, last, mtime).map_err(err)?;
+                crate::fsutil::set_times_at(&parent_fd, last, mtime, 0).map_err(err)?;
             }
         }
         if mode == Mode_::Apply {
@@ -520,43 +520,14 @@ fn run<R: Read>(
     // Directory times last: creating their entries changed them.
     for (parent, last, mtime) in dir_times.into_iter().rev() {
         if let Ok(pfd) = open_dir_in(&root, &parent) {
-            let _ = set_mtime(&pfd, &last, mtime);
+            let _ = crate::fsutil::set_times_at(&pfd, &last, mtime, 0);
         }
     }
     Ok(stats)
 }
 
-/// A path's key in a held record: its components joined by `/`.
-fn join_key(comps: &[OsString]) -> Vec<u8> {
-    let mut k = Vec::new();
-    for c in comps {
-        if !k.is_empty() {
-            k.push(b'/');
-        }
-        k.extend_from_slice(c.as_bytes());
-    }
-    k
-}
-
 /// How many skipped xattrs [`UnpackStats`] names (the rest are not listed).
 const MAX_REPORTED: usize = 16;
-
-fn set_mtime(dir: &impl AsFd, name: &OsStr, mtime: i64) -> io::Result<()> {
-    let t = rustix::fs::Timespec {
-        tv_sec: mtime,
-        tv_nsec: 0,
-    };
-    rustix::fs::utimensat(
-        dir,
-        name,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        AtFlags::SYMLINK_NOFOLLOW,
-    )?;
-    Ok(())
-}
 
 fn set_xattr_fd(fd: &impl AsFd, name: &str, value: &[u8]) -> io::Result<()> {
     rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty())?;

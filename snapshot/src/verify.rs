@@ -125,10 +125,7 @@ pub fn compare_layer<R: Read>(tar: R, dir: &Path) -> Result<Vec<String>, UnpackE
         want.insert(comps.clone(), w);
     }
     let held = crate::Held::load(dir).map_err(|e| UnpackError::Dest(dir.to_path_buf(), e))?;
-    let held_at = |p: &[OsString]| {
-        let key: Vec<u8> = p.join(std::ffi::OsStr::new("/")).into_vec();
-        held.get(&key).copied()
-    };
+    let held_at = |p: &[OsString]| held.get(&crate::held::held_key(p)).copied();
     let mut problems = Vec::new();
     // Directories the unpacker made for entries below them.
     let mut implied: HashSet<Vec<OsString>> = HashSet::new();

@@ -4,6 +4,18 @@
 use super::*;
 
 impl Builder {
+    /// Records that the step keyed `key` changed nothing (no layer).
+    pub(super) fn record_no_layer(&self, key: &CacheKey) -> Result<()> {
+        self.store.put_record(
+            key,
+            &CacheRecord {
+                layer: None,
+                created: now_rfc3339(),
+            },
+        )?;
+        Ok(())
+    }
+
     /// Reads every `--cache-from` (documents only; blobs are fetched when needed). A source
     /// that cannot be read is a warning, as with other builders: the build goes on without it.
     pub(super) async fn load_imports(self: &Arc<Self>) {

@@ -258,13 +258,7 @@ impl Builder {
     ) -> Result<Option<Layer>> {
         if fs::read_dir(&dir)?.next().is_none() {
             let _ = fs::remove_dir(&dir);
-            self.store.put_record(
-                key,
-                &CacheRecord {
-                    layer: None,
-                    created: now_rfc3339(),
-                },
-            )?;
+            self.record_no_layer(key)?;
             return Ok(None);
         }
         let stable = self.store.keep_built_layer(&dir, key)?;

@@ -50,6 +50,7 @@ impl Exporter for RegistryExporter {
 }
 
 /// What the exporters that write files do (on a blocking thread, with every blob local).
+#[derive(Clone)]
 enum FileTarget {
     /// An OCI layout directory, entries named by the tags.
     Oci(PathBuf, Vec<String>),
@@ -79,13 +80,7 @@ impl Exporter for FileTarget {
     ) -> BoxFuture<'a, Result<Option<Digest>>> {
         Box::pin(async move {
             b.ensure_blobs(&image.layers).await?;
-            let (store, image) = (b.store.clone(), image.clone());
-            let target = match self {
-                FileTarget::Oci(d, t) => FileTarget::Oci(d.clone(), t.clone()),
-                FileTarget::Docker(p, t) => FileTarget::Docker(p.clone(), t.clone()),
-                FileTarget::Local(d) => FileTarget::Local(d.clone()),
-                FileTarget::CacheLayout(d) => FileTarget::CacheLayout(d.clone()),
-            };
+            let (store, image, target) = (b.store.clone(), image.clone(), self.clone());
             tokio::task::spawn_blocking(move || -> Result<()> {
                 match &target {
                     FileTarget::Oci(d, tags) => {

@@ -5,7 +5,6 @@ use super::*;
 
 /// What a COPY/ADD found while being keyed.
 pub(in crate::build) struct CopyInputs {
-    mode: Option<rbuild_dag::chmod::Chmod>,
     exclude: Option<rbuild_dag::ignore::IgnoreMatcher>,
     dir_context: Option<PathBuf>,
     from_fs: Option<ImageFs>,
@@ -38,7 +37,6 @@ impl Op for CopyOp {
             unpack,
             ..
         } = &self.0;
-        let mode = chmod.clone();
         let exclude_m = if exclude.is_empty() {
             None
         } else {
@@ -144,7 +142,7 @@ impl Op for CopyOp {
             .str("chown", chown.as_deref().unwrap_or(""))
             .str(
                 "chmod",
-                &match &mode {
+                &match chmod {
                     Some(c) => format!("Some({})", c.key_text()),
                     None => "None".into(),
                 },
@@ -157,7 +155,6 @@ impl Op for CopyOp {
             key: kb.finish(),
             fields: kb.fields().to_vec(),
             inputs: CopyInputs {
-                mode,
                 exclude: exclude_m,
                 dir_context,
                 from_fs,
@@ -182,6 +179,7 @@ impl Op for CopyOp {
             dest,
             from,
             chown,
+            chmod,
             is_add,
             link,
             parents,
@@ -190,7 +188,6 @@ impl Op for CopyOp {
         } = &self.0;
         let Planned { fields, inputs, .. } = planned;
         let CopyInputs {
-            mode,
             exclude,
             dir_context,
             from_fs,
@@ -229,7 +226,7 @@ impl Op for CopyOp {
             };
             let attrs = CopyAttrs {
                 owner,
-                mode: mode.clone(),
+                mode: chmod.clone(),
                 exclude,
                 parents: *parents,
             };

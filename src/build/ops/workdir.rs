@@ -41,13 +41,7 @@ impl Op for WorkdirOp {
                 .map(|(_, _, m)| m.is_dir())
                 .unwrap_or(false)
             {
-                b.store.put_record(
-                    key,
-                    &CacheRecord {
-                        layer: None,
-                        created: now_rfc3339(),
-                    },
-                )?;
+                b.record_no_layer(key)?;
                 return Ok(None);
             }
             b.explain_miss(&ctx.id, &fields, &pstep);
