@@ -15,6 +15,7 @@
 //! [`container_evidence`] finds one (or `RBUILD_ALLOW_ROOT_REWRITE=1`).
 
 use crate::run::{ExitKind, RunError, RunOutcome};
+use crate::snapshotters::Snapshotter;
 use crate::spec::{MountSource, Network, RunSpec};
 use rbuild_snapshot::{assemble, clear_except, copy_overlay_tree, Baseline, Skip};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -22,7 +23,7 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::copyroot::{layer_id, LayerId};
@@ -164,92 +165,150 @@ struct Placed {
     copy_back: Option<PathBuf>,
 }
 
-/// Runs one step with [`crate::Isolation::None`]. Blocking; steps are serialised.
-pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
-    let root = spec.rewrite_root.clone();
-    if root == Path::new("/") && container_evidence().is_none() {
-        return Err(RunError::Sandbox(
-            "--isolation=none rewrites this machine's root filesystem with the image's files, and rbuild does not seem to run in a \
-             throwaway container (it wants a container marker such as /.dockerenv or $container and an overlay root filesystem): \
-             refusing. Set RBUILD_ALLOW_ROOT_REWRITE=1 if this really is a throwaway container"
-                .into(),
-        ));
-    }
-    if !rustix::process::geteuid().is_root() {
-        return Err(RunError::Sandbox(
-            "--isolation=none needs root (the image's files belong to many users)".into(),
-        ));
-    }
-    if spec.network == Network::None {
-        return Err(RunError::Sandbox(
-            "RUN --network=none needs a network namespace, which --isolation=none does not make"
-                .into(),
-        ));
-    }
-    let mut guard = ROOT.lock().unwrap_or_else(|e| e.into_inner());
-    let mut skip = Skip::none();
-    let mut keep: Vec<PathBuf> = spec.keep_paths.clone();
-    keep.extend([spec.upperdir.clone(), spec.workdir.clone()]);
-    keep.extend(mount_points_below(&root));
-    if root == Path::new("/") {
-        keep.extend(["/proc", "/sys", "/dev"].map(PathBuf::from));
-    }
-    skip.add_below(&root, &keep);
+/// The root rewritten to hold a step's layers: the snapshotter of [`crate::Isolation::None`].
+/// It holds the one rewritten root from prepare to finish (steps are serialised).
+pub(crate) struct RewriteRoot {
+    guard: Option<MutexGuard<'static, Option<RootState>>>,
+    root: PathBuf,
+    skip: Skip,
+    ids: Vec<LayerId>,
+    baseline: Option<Baseline>,
+}
 
-    // The root must hold exactly the step's layers.
-    let ids = spec
-        .lowerdirs
-        .iter()
-        .map(|p| layer_id(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let reuse = match guard.as_ref() {
-        Some(st) if st.root == root => crate::copyroot::extra_layers(Some(&st.lowers), &ids),
-        _ => None,
-    };
-    *guard = None;
-    match reuse {
-        Some(extra) => {
-            // Only new layers on top of what the root holds: apply them.
-            if extra > 0 {
-                assemble(&spec.lowerdirs[..extra], &root, &skip)
-                    .map_err(tree("applying the new layers to the root"))?;
+impl RewriteRoot {
+    /// For `spec.rewrite_root`.
+    pub(crate) fn new(spec: &RunSpec) -> Self {
+        RewriteRoot {
+            guard: None,
+            root: spec.rewrite_root.clone(),
+            skip: Skip::none(),
+            ids: Vec::new(),
+            baseline: None,
+        }
+    }
+}
+
+impl Snapshotter for RewriteRoot {
+    fn prepare(&mut self, spec: &mut RunSpec) -> Result<(), RunError> {
+        let root = self.root.clone();
+        if root == Path::new("/") && container_evidence().is_none() {
+            return Err(RunError::Sandbox(
+                "--isolation=none rewrites this machine's root filesystem with the image's files, and rbuild does not seem to run in a \
+                 throwaway container (it wants a container marker such as /.dockerenv or $container and an overlay root filesystem): \
+                 refusing. Set RBUILD_ALLOW_ROOT_REWRITE=1 if this really is a throwaway container"
+                    .into(),
+            ));
+        }
+        if !rustix::process::geteuid().is_root() {
+            return Err(RunError::Sandbox(
+                "--isolation=none needs root (the image's files belong to many users)".into(),
+            ));
+        }
+        if spec.network == Network::None {
+            return Err(RunError::Sandbox(
+                "RUN --network=none needs a network namespace, which --isolation=none does not make"
+                    .into(),
+            ));
+        }
+        let guard = self
+            .guard
+            .insert(ROOT.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut keep: Vec<PathBuf> = spec.keep_paths.clone();
+        keep.extend([spec.upperdir.clone(), spec.workdir.clone()]);
+        keep.extend(mount_points_below(&root));
+        if root == Path::new("/") {
+            keep.extend(["/proc", "/sys", "/dev"].map(PathBuf::from));
+        }
+        self.skip.add_below(&root, &keep);
+        // The diff never sees the mounts' targets (copied in and out by the step).
+        for m in &spec.mounts {
+            self.skip.add(m.target.trim_start_matches('/'));
+        }
+        let skip = &self.skip;
+
+        // The root must hold exactly the step's layers.
+        self.ids = spec
+            .lowerdirs
+            .iter()
+            .map(|p| layer_id(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let reuse = match guard.as_ref() {
+            Some(st) if st.root == root => {
+                crate::copyroot::extra_layers(Some(&st.lowers), &self.ids)
+            }
+            _ => None,
+        };
+        **guard = None;
+        match reuse {
+            Some(extra) => {
+                // Only new layers on top of what the root holds: apply them.
+                if extra > 0 {
+                    assemble(&spec.lowerdirs[..extra], &root, skip)
+                        .map_err(tree("applying the new layers to the root"))?;
+                }
+            }
+            None => {
+                clear_except(&root, skip).map_err(tree(format!("emptying {}", root.display())))?;
+                assemble(&spec.lowerdirs, &root, skip).map_err(tree(format!(
+                    "copying the image's layers into {}",
+                    root.display()
+                )))?;
             }
         }
-        None => {
-            clear_except(&root, &skip).map_err(tree(format!("emptying {}", root.display())))?;
-            assemble(&spec.lowerdirs, &root, &skip).map_err(tree(format!(
-                "copying the image's layers into {}",
-                root.display()
-            )))?;
-        }
+        self.baseline =
+            Some(Baseline::capture(&root, skip).map_err(tree("recording the root filesystem"))?);
+        // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into
+        // the layer.
+        assemble(std::slice::from_ref(&spec.upperdir), &root, skip)
+            .map_err(tree("applying the upperdir"))?;
+        Ok(())
     }
-    let baseline =
-        Baseline::capture(&root, &skip).map_err(tree("recording the root filesystem"))?;
-    // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into the layer.
-    assemble(std::slice::from_ref(&spec.upperdir), &root, &skip)
-        .map_err(tree("applying the upperdir"))?;
-    let mut created = Vec::new();
-    let mut placed = Vec::new();
-    let res = place_mounts(spec, &root, &mut skip, &mut created, &mut placed).and_then(|()| {
-        // Coarse file-time clocks: every change the step makes gets a later ctime than the baseline.
-        std::thread::sleep(Duration::from_millis(20));
-        exec(spec, &root, output)
-    });
-    let undo = unplace_mounts(&root, &placed, &created);
-    let status = res?;
-    undo?;
-    if status == ExitKind::Exited(0) {
-        rbuild_snapshot::clear_except(&spec.upperdir, &Skip::none())
-            .map_err(tree("emptying the upperdir"))?;
+
+    fn finish(
+        &mut self,
+        spec: &RunSpec,
+        res: Result<RunOutcome, RunError>,
+    ) -> Result<RunOutcome, RunError> {
+        let outcome = res?;
+        if outcome.status != ExitKind::Exited(0) {
+            return Ok(outcome);
+        }
+        let (Some(guard), Some(baseline)) = (self.guard.as_mut(), self.baseline.take()) else {
+            return Err(RunError::Sandbox(
+                "the rewritten root finished a step it did not prepare".into(),
+            ));
+        };
+        clear_except(&spec.upperdir, &Skip::none()).map_err(tree("emptying the upperdir"))?;
         let stats = baseline
-            .diff_into(&root, &spec.upperdir, &skip)
+            .diff_into(&self.root, &spec.upperdir, &self.skip)
             .map_err(tree("finding what the step changed"))?;
-        let mut lowers = ids;
+        let mut lowers = std::mem::take(&mut self.ids);
         if stats.entries + stats.whiteouts > 0 {
             lowers.insert(0, layer_id(&spec.upperdir)?);
         }
-        *guard = Some(RootState { root, lowers });
+        **guard = Some(RootState {
+            root: self.root.clone(),
+            lowers,
+        });
+        Ok(outcome)
     }
+}
+
+/// Runs one step in the root [`RewriteRoot`] prepared: its mounts copied in, the command,
+/// the mounts taken out again. Blocking.
+pub(crate) fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
+    let root = &spec.rewrite_root;
+    let mut created = Vec::new();
+    let mut placed = Vec::new();
+    let res = place_mounts(spec, root, &mut created, &mut placed).and_then(|()| {
+        // Coarse file-time clocks: every change the step makes gets a later ctime than the
+        // baseline.
+        std::thread::sleep(Duration::from_millis(20));
+        exec(spec, root, output)
+    });
+    let undo = unplace_mounts(root, &placed, &created);
+    let status = res?;
+    undo?;
     let mut warnings = Vec::new();
     if !spec.limits.is_empty() {
         warnings.push(format!(
@@ -265,11 +324,10 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
     })
 }
 
-/// `RUN --mount`s by copying into the root; each target is skipped by the diff.
+/// `RUN --mount`s by copying into the root ([`RewriteRoot`]'s diff skips each target).
 fn place_mounts(
     spec: &RunSpec,
     root: &Path,
-    skip: &mut Skip,
     created: &mut Vec<String>,
     placed: &mut Vec<Placed>,
 ) -> Result<(), RunError> {
@@ -365,7 +423,6 @@ fn place_mounts(
                 });
             }
         }
-        skip.add(&rel);
     }
     Ok(())
 }

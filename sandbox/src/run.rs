@@ -110,9 +110,6 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), RunError> {
 /// Whatever the [`Snapshotter`], the step's changes end up in `spec.upperdir` in overlay
 /// form (whiteouts, opaque directories).
 pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError> {
-    if spec.isolation == Isolation::None {
-        return crate::direct::run(spec, output);
-    }
     let mut spec = spec.clone();
     let base = spec
         .upperdir
@@ -123,6 +120,7 @@ pub fn run(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunErro
     let default_scratch = spec.scratch.clone();
     let mut snap = crate::snapshotters::for_spec(&spec, &base);
     let res = match snap.prepare(&mut spec) {
+        Ok(()) if spec.isolation == Isolation::None => crate::direct::run(&spec, output),
         Ok(()) => run_in(&spec, output),
         Err(e) => Err(e),
     };

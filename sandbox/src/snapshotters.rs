@@ -9,8 +9,12 @@
 //! - copy: the layers are copied into a root (kept between steps where they match), and a
 //!   stat walk after the step writes what changed.
 //!
+//! - the rewritten root of `Isolation::None` (`crate::direct::RewriteRoot`): like copy, but
+//!   the root is the builder's own (`/` in a throwaway container), and the step runs in it
+//!   without namespaces.
+//!
 //! Upper directories on another filesystem (`RunSpec::upper_scratch`, a tmpfs) wrap the
-//! first two. `Isolation::None` has no snapshotter of its own (`crate::direct`).
+//! first two.
 
 use crate::run::{setup, tree, ExitKind, RootMountProblem, RunError, RunOutcome};
 use crate::spec::{MountSource, RunSpec, Snapshotter as Kind};
@@ -36,6 +40,9 @@ pub(crate) trait Snapshotter {
 /// The snapshotter `spec` names; with `spec.upper_scratch`, its upper and work directories
 /// on that other filesystem (`base` names them there).
 pub(crate) fn for_spec(spec: &RunSpec, base: &str) -> Box<dyn Snapshotter> {
+    if spec.isolation == crate::Isolation::None {
+        return Box::new(crate::direct::RewriteRoot::new(spec));
+    }
     let inner: Box<dyn Snapshotter> = match spec.snapshotter {
         Kind::Overlay => Box::new(Overlay),
         Kind::FuseOverlay => Box::new(FuseOverlay),
