@@ -13,13 +13,14 @@
 //! of the store, read and written only here, so no serialisation crate is pulled in.
 
 use crate::fsutil::{clean_os, set_times_at};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx, StatxFlags};
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{OsStr, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The name suffix of a layer directory's record of held entries.
@@ -211,39 +212,94 @@ pub fn hold_tree(dir: &Path) -> io::Result<Held> {
     let mut held = Held::default();
     // Hardlinks share an inode, so the bits a first path clears are gone from the second.
     let mut by_inode: HashMap<(u64, u64), HeldEntry> = HashMap::new();
-    let mut todo: Vec<(PathBuf, Vec<u8>)> = vec![(dir.to_path_buf(), Vec::new())];
     let mut strip: Vec<(PathBuf, fs::Metadata, HeldEntry)> = Vec::new();
-    while let Some((d, rel)) = todo.pop() {
-        for e in fs::read_dir(&d)? {
-            let e = e?;
-            let path = e.path();
+    // A built layer can hold 100k files, and this walk is on the build's critical path:
+    // directory-relative statx, and none for what readdir already says cannot be held.
+    let root = rustix::fs::open(
+        dir,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mask = StatxFlags::TYPE | StatxFlags::MODE | StatxFlags::NLINK | StatxFlags::INO;
+    let mut todo: Vec<Vec<u8>> = vec![Vec::new()];
+    while let Some(rel) = todo.pop() {
+        let fd = if rel.is_empty() {
+            root.try_clone()?
+        } else {
+            rustix::fs::openat(
+                &root,
+                OsStr::from_bytes(&rel),
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?
+        };
+        let join = |name: &[u8]| {
             let mut r = rel.clone();
             if !r.is_empty() {
                 r.push(b'/');
             }
-            r.extend_from_slice(e.file_name().as_bytes());
+            r.extend_from_slice(name);
+            r
+        };
+        // What readdir cannot rule out, stat'ed on all cores when there are many.
+        let mut cands = Vec::new();
+        let mut entries = rustix::fs::Dir::read_from(&fd)?;
+        while let Some(e) = entries.read() {
+            let e = e?;
+            let name = e.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            match e.file_type() {
+                FileType::Directory => todo.push(join(name.to_bytes())),
+                FileType::Symlink | FileType::Fifo | FileType::Socket => {}
+                _ => cands.push(name.to_owned()),
+            }
+        }
+        let stat = |name: &CString| -> io::Result<Option<(FileType, Statx)>> {
+            let st = rustix::fs::statx(&fd, name, AtFlags::SYMLINK_NOFOLLOW, mask)?;
+            let ft = FileType::from_raw_mode(st.stx_mode as u32);
+            Ok(match ft {
+                FileType::Directory | FileType::CharacterDevice | FileType::BlockDevice => {
+                    Some((ft, st))
+                }
+                FileType::RegularFile if is_held_mode(st.stx_mode as u32 & 0o7777) => {
+                    Some((ft, st))
+                }
+                _ => None,
+            })
+        };
+        let found: Vec<Option<(FileType, Statx)>> = if cands.len() > 512 {
+            cands.par_iter().map(stat).collect::<io::Result<_>>()?
+        } else {
+            cands.iter().map(stat).collect::<io::Result<_>>()?
+        };
+        for (name, (ft, st)) in cands.iter().zip(found).filter_map(|(n, f)| Some((n, f?))) {
+            if ft == FileType::Directory {
+                todo.push(join(name.to_bytes()));
+                continue;
+            }
+            if st.stx_nlink > 1 {
+                // st_dev of statx comes in two halves.
+                let dev = rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor);
+                if let Some(h) = by_inode.get(&(dev, st.stx_ino)) {
+                    held.insert(join(name.to_bytes()), *h);
+                    continue;
+                }
+            }
+            let r = join(name.to_bytes());
+            let path = dir.join(OsStr::from_bytes(&r));
             let md = fs::symlink_metadata(&path)?;
-            let ft = md.file_type();
-            if ft.is_dir() {
-                todo.push((path, r));
-                continue;
-            }
-            if let Some(e) = by_inode.get(&(md.dev(), md.ino())) {
-                held.insert(r, *e);
-                continue;
-            }
             let mode = md.mode() & 0o7777;
-            let entry = if ft.is_file() && is_held_mode(mode) {
+            let entry = if ft == FileType::RegularFile {
                 HeldEntry {
                     kind: HeldKind::File,
                     mode,
                     rdev: (0, 0),
                 }
-            } else if (ft.is_char_device() || ft.is_block_device())
-                && !crate::whiteout::is_whiteout(&path, &md)
-            {
+            } else if !crate::whiteout::is_whiteout(&path, &md) {
                 HeldEntry {
-                    kind: if ft.is_char_device() {
+                    kind: if ft == FileType::CharacterDevice {
                         HeldKind::Char
                     } else {
                         HeldKind::Block

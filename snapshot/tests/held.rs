@@ -240,3 +240,41 @@ fn a_built_layer_keeps_its_bits_in_its_tar_and_off_its_disk() {
         );
     }
 }
+
+/// A directory of many entries is stat'ed on several threads: what it holds, hardlinks
+/// and subdirectories among them, is found the same way.
+#[test]
+fn a_large_directory_is_held_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("built");
+    let many = dir.join("many");
+    fs::create_dir_all(&many).unwrap();
+    for i in 0..2000 {
+        fs::write(many.join(format!("f{i}")), b"x").unwrap();
+    }
+    for i in [7, 1500] {
+        fs::set_permissions(
+            many.join(format!("f{i}")),
+            fs::Permissions::from_mode(0o2755),
+        )
+        .unwrap();
+    }
+    fs::hard_link(many.join("f1500"), many.join("link")).unwrap();
+    fs::create_dir(many.join("sub")).unwrap();
+    fs::write(many.join("sub/s"), b"s").unwrap();
+    fs::set_permissions(many.join("sub/s"), fs::Permissions::from_mode(0o4711)).unwrap();
+    let held = hold_tree(&dir).unwrap();
+    assert_nothing_held_on_disk(&dir);
+    let mut names: Vec<_> = held.iter().map(|(p, e)| (p.to_vec(), e.mode)).collect();
+    names.sort();
+    let want = |p: &str, mode| (p.as_bytes().to_vec(), mode);
+    assert_eq!(
+        names,
+        vec![
+            want("many/f1500", 0o2755),
+            want("many/f7", 0o2755),
+            want("many/link", 0o2755),
+            want("many/sub/s", 0o4711),
+        ]
+    );
+}
