@@ -3,7 +3,7 @@
 //! local caches (`--cache-to type=local`).
 
 use crate::image::OCI_INDEX;
-use rbuild_cache::{Digest, Store};
+use rbuild_cache::{Digest, Store, StoreError};
 use serde_json::{json, Value};
 use std::fs;
 use std::io::{self, Read};
@@ -11,6 +11,30 @@ use std::path::{Path, PathBuf};
 
 /// The annotation that names an entry of `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// What reading a blob of a layout can meet.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// A file of the layout could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A blob whose content is not what its name says.
+    #[error("blob {expected} of the layout holds {actual}")]
+    DigestMismatch {
+        /// The digest it is named by.
+        expected: Digest,
+        /// The digest of what it holds.
+        actual: Digest,
+    },
+    /// The store did not take the blob.
+    #[error(transparent)]
+    Store(StoreError),
+}
 
 /// An OCI image layout at a directory (which need not exist yet).
 #[derive(Debug, Clone)]
@@ -61,25 +85,37 @@ impl OciLayout {
 
     /// A small blob (a manifest, a config), read up to `limit` bytes and checked against its
     /// digest.
-    pub fn read_blob(&self, d: &Digest, limit: u64) -> io::Result<Vec<u8>> {
-        let p = self.blob_path(d);
-        let bytes = read_bounded(&p, limit)?;
+    pub fn read_blob(&self, d: &Digest, limit: u64) -> Result<Vec<u8>, LayoutError> {
+        let path = self.blob_path(d);
+        let bytes =
+            read_bounded(&path, limit).map_err(|source| LayoutError::Io { path, source })?;
         let actual = Digest::of(&bytes);
         if actual != *d {
-            return Err(rbuild_cache::mismatch_error(d, &actual));
+            return Err(LayoutError::DigestMismatch {
+                expected: d.clone(),
+                actual,
+            });
         }
         Ok(bytes)
     }
 
     /// Copies blob `d` of the layout into `store`, verifying it on the way.
-    pub fn copy_blob_to_store(&self, d: &Digest, store: &Store) -> io::Result<()> {
+    pub fn copy_blob_to_store(&self, d: &Digest, store: &Store) -> Result<(), LayoutError> {
         if store.has_blob(d) {
             return Ok(());
         }
-        let f = fs::File::open(self.blob_path(d))?;
-        rbuild_cache::copy_into_blob(store, io::BufReader::new(f), Some(d))
-            .map_err(io::Error::other)?;
-        Ok(())
+        let path = self.blob_path(d);
+        let f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(source) => return Err(LayoutError::Io { path, source }),
+        };
+        match rbuild_cache::copy_into_blob(store, io::BufReader::new(f), Some(d)) {
+            Ok(_) => Ok(()),
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                Err(LayoutError::DigestMismatch { expected, actual })
+            }
+            Err(e) => Err(LayoutError::Store(e)),
+        }
     }
 
     /// Puts blob `d` of `store` into the layout: hard-linked where possible, else copied

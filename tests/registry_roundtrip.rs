@@ -458,6 +458,28 @@ async fn testbed_oci_layout_loads_with_verified_blobs() {
     }
     let err = load_oci_layout(&dir, Some("missing"), &amd64(), &store).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
+
+    // A layer blob of a copy of the layout rotted: named as the layout's, never stored.
+    let copy = t.path().join("copy");
+    ok(Command::new("cp").arg("-a").arg(&dir).arg(&copy));
+    let layer = &img.layers[0].digest;
+    let blob = copy.join("blobs/sha256").join(layer.hex());
+    std::fs::remove_file(&blob).unwrap();
+    std::fs::write(&blob, b"not the layer").unwrap();
+    let fresh = Store::open(&t.path().join("fresh")).unwrap();
+    let err = load_oci_layout(&copy, Some("latest"), &amd64(), &fresh).unwrap_err();
+    match &err {
+        RegistryError::DigestMismatch {
+            reference,
+            expected,
+            ..
+        } => {
+            assert_eq!(expected, layer);
+            assert!(reference.starts_with("oci-layout://"), "{err}");
+        }
+        other => panic!("want a digest mismatch, got {other:?}"),
+    }
+    assert!(!fresh.has_blob(layer));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -636,23 +636,22 @@ pub fn load_oci_layout(
             source,
         }
     };
-    use crate::oci_layout::{read_bounded, ref_name, OciLayout};
+    use crate::oci_layout::{read_bounded, ref_name, LayoutError, OciLayout};
     let layout = OciLayout::new(dir);
-    let blob_path = |d: &Digest| layout.blob_path(d);
-    let read_small = |d: &Digest| -> Result<Vec<u8>, RegistryError> {
-        let p = blob_path(d);
-        let bytes = read_bounded(&p, MAX_CONFIG).map_err(io(p.clone()))?;
-        let actual = Digest::of(&bytes);
-        if &actual != d {
-            return Err(RegistryError::DigestMismatch {
-                reference: reference.clone(),
-                what: "blob",
-                expected: d.clone(),
-                actual,
-            });
-        }
-        Ok(bytes)
+    let layout_error = |e: LayoutError| match e {
+        LayoutError::Io { path, source } => io(path)(source),
+        LayoutError::DigestMismatch { expected, actual } => RegistryError::DigestMismatch {
+            reference: reference.clone(),
+            what: "blob",
+            expected,
+            actual,
+        },
+        LayoutError::Store(source) => RegistryError::Store {
+            reference: reference.clone(),
+            source,
+        },
     };
+    let read_small = |d: &Digest| layout.read_blob(d, MAX_CONFIG).map_err(layout_error);
     let index_path = layout.index_path();
     let index = parse_json(
         &reference,
@@ -691,28 +690,9 @@ pub fn load_oci_layout(
     }
     let (config, layers) = parse_manifest(&reference, &doc)?;
     for blob in std::iter::once(&config.0).chain(layers.iter().map(|l| &l.0)) {
-        if store.has_blob(blob) {
-            continue;
-        }
-        let p = blob_path(blob);
-        let f = std::fs::File::open(&p).map_err(io(p.clone()))?;
-        match rbuild_cache::copy_into_blob(store, f, Some(blob)) {
-            Ok(_) => {}
-            Err(StoreError::DigestMismatch { expected, actual }) => {
-                return Err(RegistryError::DigestMismatch {
-                    reference: reference.clone(),
-                    what: "blob",
-                    expected,
-                    actual,
-                })
-            }
-            Err(source) => {
-                return Err(RegistryError::Store {
-                    reference: reference.clone(),
-                    source,
-                })
-            }
-        }
+        layout
+            .copy_blob_to_store(blob, store)
+            .map_err(layout_error)?;
     }
     store
         .put_blob_bytes(&bytes)
