@@ -13,12 +13,14 @@
 //! of the store, read and written only here, so no serialisation crate is pulled in.
 
 use crate::fsutil::{clean_os, set_times_at};
+use crate::tree::Copied;
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx, StatxFlags};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -371,30 +373,6 @@ pub(crate) fn make_placeholder_at(
     Ok(())
 }
 
-/// Copies owner, mode, times and xattrs (never overlay's) of `from` onto `to`, in the
-/// order that keeps them: chown clears setuid bits and file capabilities.
-fn copy_meta(from: &Path, md: &fs::Metadata, to: &Path, mode: u32) -> io::Result<()> {
-    rustix::fs::chownat(
-        rustix::fs::CWD,
-        to,
-        Some(rustix::fs::Uid::from_raw(md.uid())),
-        Some(rustix::fs::Gid::from_raw(md.gid())),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )?;
-    rustix::fs::chmodat(
-        rustix::fs::CWD,
-        to,
-        Mode::from_raw_mode(mode),
-        AtFlags::empty(),
-    )?;
-    if md.is_file() || md.is_dir() {
-        for (k, v) in crate::diff::xattrs(from)? {
-            rustix::fs::lsetxattr(to, k.as_str(), &v, rustix::fs::XattrFlags::empty())?;
-        }
-    }
-    set_times_at(&rustix::fs::CWD, to, md.mtime(), md.mtime_nsec())
-}
-
 /// Fills the empty directory `dest` with the held entries that the merged view of
 /// `top_first` (layer directories, newest first) shows, as the image has them: setuid
 /// files with their bits, devices as devices (where devices cannot be made, a whiteout
@@ -403,7 +381,7 @@ fn copy_meta(from: &Path, md: &fs::Metadata, to: &Path, mode: u32) -> io::Result
 /// Gives how many entries it holds (0: `dest` is not needed).
 pub fn lift_held(top_first: &[PathBuf], dest: &Path) -> io::Result<u64> {
     let mut n = 0;
-    let mut dirs: Vec<(PathBuf, PathBuf, fs::Metadata)> = Vec::new();
+    let mut dirs: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut copies: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for layer in top_first {
         let held = Held::load(layer)?;
@@ -424,44 +402,36 @@ pub fn lift_held(top_first: &[PathBuf], dest: &Path) -> io::Result<u64> {
             if fs::symlink_metadata(&to).is_ok() {
                 continue;
             }
-            match entry.kind {
-                HeldKind::File => {
-                    if let Some(first) = copies.get(&(md.dev(), md.ino())) {
-                        fs::hard_link(first, &to)?;
-                    } else {
-                        let mut out = fs::OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .open(&to)?;
-                        io::copy(&mut fs::File::open(&src)?, &mut out)?;
-                        drop(out);
-                        copy_meta(&src, &md, &to, entry.mode)?;
-                        if md.nlink() > 1 {
-                            copies.insert((md.dev(), md.ino()), to);
-                        }
-                    }
+            if entry.kind == HeldKind::File {
+                if let Some(first) = copies.get(&(md.dev(), md.ino())) {
+                    fs::hard_link(first, &to)?;
+                    n += 1;
+                    continue;
                 }
-                HeldKind::Char | HeldKind::Block => {
-                    let ft = if entry.kind == HeldKind::Char {
-                        FileType::CharacterDevice
-                    } else {
-                        FileType::BlockDevice
-                    };
-                    let dev = rustix::fs::makedev(entry.rdev.0, entry.rdev.1);
-                    let perm = Mode::from_raw_mode(entry.mode & 0o777);
-                    match rustix::fs::mknodat(rustix::fs::CWD, &to, ft, perm, dev) {
-                        Ok(()) => copy_meta(&src, &md, &to, entry.mode & 0o777)?,
-                        Err(rustix::io::Errno::PERM) => {
-                            let parent = rustix::fs::open(
-                                to.parent().unwrap(),
-                                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-                                Mode::empty(),
-                            )?;
-                            crate::whiteout::make_whiteout_at(&parent, to.file_name().unwrap())?;
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
+                if md.nlink() > 1 {
+                    copies.insert((md.dev(), md.ino()), to.clone());
                 }
+            }
+            // The file on disk, with the image's mode (and device) put back.
+            let (src_dir, name) = parent_fd(&src)?;
+            let (to_dir, to_name) = parent_fd(&to)?;
+            let mut st = crate::tree::stx(&src_dir, &name)?;
+            let mode = match entry.kind {
+                HeldKind::File => libc::S_IFREG | entry.mode,
+                HeldKind::Char => libc::S_IFCHR | (entry.mode & 0o777),
+                HeldKind::Block => libc::S_IFBLK | (entry.mode & 0o777),
+            };
+            st.stx_mode = mode as u16;
+            (st.stx_rdev_major, st.stx_rdev_minor) = entry.rdev;
+            match crate::tree::copy_entry(&src_dir, &name, &st, &to_dir, &to_name)? {
+                Copied::Done(_) => {}
+                Copied::SkippedDevice => {
+                    crate::whiteout::make_whiteout_at(
+                        &to_dir,
+                        OsStr::from_bytes(to_name.to_bytes()),
+                    )?;
+                }
+                Copied::Socket => continue,
             }
             n += 1;
         }
@@ -471,14 +441,36 @@ pub fn lift_held(top_first: &[PathBuf], dest: &Path) -> io::Result<u64> {
     }
     // Directory metadata last, deepest first (making entries changed their times); the
     // root too, which overlay and the copy snapshotter take from the top layer.
-    if let Some((root, md)) = crate::stack::find_in_layers::<OsString>(top_first, &[]) {
-        dirs.push((root, dest.to_path_buf(), md));
+    if let Some((root, _)) = crate::stack::find_in_layers::<OsString>(top_first, &[]) {
+        dirs.push((root, dest.to_path_buf()));
     }
-    dirs.sort_by_key(|(_, to, _)| std::cmp::Reverse(to.components().count()));
-    for (from, to, md) in dirs {
-        copy_meta(&from, &md, &to, md.mode() & 0o7777)?;
+    dirs.sort_by_key(|(_, to)| std::cmp::Reverse(to.components().count()));
+    for (from, to) in dirs {
+        let open = |p: &Path| {
+            rustix::fs::open(
+                p,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        };
+        let (from, to) = (open(&from)?, open(&to)?);
+        let st = crate::tree::stx(&from, c".")?;
+        crate::tree::copy_dir_meta(&from, &st, &to, false)?;
+        crate::tree::set_times_fd(&to, &st)?;
     }
     Ok(n)
+}
+
+/// The directory holding `path`, open, and the name in it.
+fn parent_fd(path: &Path) -> io::Result<(OwnedFd, CString)> {
+    let dir = rustix::fs::open(
+        path.parent().unwrap_or(Path::new("/")),
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let name =
+        CString::new(path.file_name().unwrap_or_default().as_bytes()).map_err(io::Error::other)?;
+    Ok((dir, name))
 }
 
 /// Makes the parent directories of `comps` in `dest` (noting each new one with the
@@ -487,7 +479,7 @@ fn make_parents(
     top_first: &[PathBuf],
     dest: &Path,
     comps: &[OsString],
-    dirs: &mut Vec<(PathBuf, PathBuf, fs::Metadata)>,
+    dirs: &mut Vec<(PathBuf, PathBuf)>,
 ) -> io::Result<PathBuf> {
     let mut to = dest.to_path_buf();
     for k in 1..comps.len() {
@@ -495,14 +487,14 @@ fn make_parents(
         if fs::symlink_metadata(&to).is_ok() {
             continue;
         }
-        let Some((from, md)) = crate::stack::find_in_layers(top_first, &comps[..k]) else {
+        let Some((from, _)) = crate::stack::find_in_layers(top_first, &comps[..k]) else {
             return Err(io::Error::other(format!(
                 "{}: parent missing in the layers",
                 comps[..k].iter().collect::<PathBuf>().display()
             )));
         };
         fs::create_dir(&to)?;
-        dirs.push((from, to.clone(), md));
+        dirs.push((from, to.clone()));
     }
     Ok(to)
 }

@@ -137,7 +137,7 @@ pub struct TreeDiffStats {
 
 const STATX_MASK: StatxFlags = StatxFlags::BASIC_STATS.union(StatxFlags::BTIME);
 
-fn stx(dir: &impl AsFd, name: &CStr) -> rustix::io::Result<Statx> {
+pub(crate) fn stx(dir: &impl AsFd, name: &CStr) -> rustix::io::Result<Statx> {
     rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, STATX_MASK)
 }
 
@@ -332,7 +332,7 @@ fn copy_data(src: &OwnedFd, dst: &OwnedFd, len: u64) -> io::Result<()> {
 }
 
 /// How an entry was copied.
-enum Copied {
+pub(crate) enum Copied {
     Done(u64),
     SkippedDevice,
     Socket,
@@ -340,7 +340,7 @@ enum Copied {
 
 /// Copies the non-directory `name` of `src_dir` (with `statx` `st`) to `dname` in `dst_dir`,
 /// which must not exist: content, owner, mode, xattrs, times.
-fn copy_entry(
+pub(crate) fn copy_entry(
     src_dir: &impl AsFd,
     name: &CStr,
     st: &Statx,
@@ -405,7 +405,7 @@ fn copy_entry(
 }
 
 /// Copies a directory's owner, mode and xattrs (times are set after its entries).
-fn copy_dir_meta(
+pub(crate) fn copy_dir_meta(
     src: &impl AsFd,
     st: &Statx,
     dst: &impl AsFd,
@@ -420,7 +420,7 @@ fn copy_dir_meta(
     copy_xattrs(src, dst, replace_xattrs)
 }
 
-fn set_times_fd(fd: &impl AsFd, st: &Statx) -> io::Result<()> {
+pub(crate) fn set_times_fd(fd: &impl AsFd, st: &Statx) -> io::Result<()> {
     rustix::fs::futimens(
         fd,
         &Timestamps {
