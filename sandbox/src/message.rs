@@ -17,10 +17,10 @@ pub(crate) enum Message {
     /// The sandbox failed; the step did not run (or not to its end).
     Error(String),
     /// The step's root could not be mounted this way: the builder may fall back to another
-    /// snapshotter ([`crate::RootMountProblem`], by its tag).
+    /// snapshotter.
     RootMount {
-        /// [`crate::RootMountProblem::tag`].
-        problem: String,
+        /// Why.
+        problem: crate::RootMountProblem,
         /// What failed.
         message: String,
     },
@@ -35,9 +35,6 @@ pub(crate) enum Message {
 /// The helper's end of the channel.
 pub(crate) struct Reporter(std::fs::File);
 
-/// How the helper's errors say the root could not be mounted (`rootmount:TAG:message`).
-pub(crate) const ROOT_MOUNT_PREFIX: &str = "rootmount:";
-
 impl Reporter {
     /// Reports on `f` (fd 3 of the helper).
     pub(crate) fn new(f: std::fs::File) -> Reporter {
@@ -51,21 +48,22 @@ impl Reporter {
         let _ = self.0.write_all(&line);
     }
 
-    /// Sends an error; one that says the root could not be mounted becomes
-    /// [`Message::RootMount`].
+    /// Sends an error (on one line).
     pub(crate) fn error(&mut self, text: impl Into<String>) {
-        let text: String = text.into();
-        let m = match text
-            .strip_prefix(ROOT_MOUNT_PREFIX)
-            .and_then(|r| r.split_once(':'))
-        {
-            Some((problem, message)) => Message::RootMount {
-                problem: problem.to_string(),
-                message: message.to_string(),
-            },
-            None => Message::Error(text),
-        };
-        self.send(m);
+        self.send(Message::Error(text.into().replace('\n', " ")));
+    }
+
+    /// Sends why the step's init failed.
+    pub(crate) fn fail(&mut self, e: crate::init::InitError) {
+        match e {
+            crate::init::InitError::Failed(text) => self.error(text),
+            crate::init::InitError::RootMount { problem, message } => {
+                self.send(Message::RootMount {
+                    problem,
+                    message: message.replace('\n', " "),
+                })
+            }
+        }
     }
 
     /// Sends a warning.
@@ -97,8 +95,11 @@ mod tests {
         let mut r = Reporter::new(t.try_clone().unwrap());
         r.send(Message::Created("/mnt/x".into()));
         r.warning("multi\nline");
-        r.error("rootmount:overlay-unavailable:mount: EPERM");
-        r.error("plain: failure");
+        r.fail(crate::init::InitError::RootMount {
+            problem: crate::RootMountProblem::OverlayUnavailable,
+            message: "mount: EPERM".into(),
+        });
+        r.fail("plain:\nfailure".to_string().into());
         r.send(Message::Exited(3));
         use std::io::{Read, Seek};
         let mut f = t;
@@ -112,7 +113,7 @@ mod tests {
                 Message::Created("/mnt/x".into()),
                 Message::Warning("multi\nline".into()),
                 Message::RootMount {
-                    problem: "overlay-unavailable".into(),
+                    problem: crate::RootMountProblem::OverlayUnavailable,
                     message: "mount: EPERM".into()
                 },
                 Message::Error("plain: failure".into()),
@@ -120,5 +121,9 @@ mod tests {
             ]
         );
         assert!(matches!(&got[5], Message::Error(e) if e.contains("{cut off")));
+        assert!(
+            text.contains(r#""problem":"overlay-unavailable""#),
+            "{text}"
+        );
     }
 }

@@ -36,7 +36,8 @@ pub enum RunError {
 }
 
 /// Why a step's root filesystem could not be mounted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RootMountProblem {
     /// The upperdir is on overlayfs (a container's root filesystem), which overlayfs refuses
     /// as an upper layer.
@@ -46,25 +47,6 @@ pub enum RootMountProblem {
     OverlayUnavailable,
     /// fuse-overlayfs is missing or could not mount the root.
     FuseUnavailable,
-}
-
-impl RootMountProblem {
-    pub(crate) fn tag(self) -> &'static str {
-        match self {
-            RootMountProblem::UpperOnOverlayfs => "upper-on-overlayfs",
-            RootMountProblem::OverlayUnavailable => "overlay-unavailable",
-            RootMountProblem::FuseUnavailable => "fuse-unavailable",
-        }
-    }
-    fn from_tag(t: &str) -> Option<RootMountProblem> {
-        [
-            RootMountProblem::UpperOnOverlayfs,
-            RootMountProblem::OverlayUnavailable,
-            RootMountProblem::FuseUnavailable,
-        ]
-        .into_iter()
-        .find(|p| p.tag() == t)
-    }
 }
 
 pub(crate) fn tree(what: impl Into<String>) -> impl FnOnce(rbuild_snapshot::TreeError) -> RunError {
@@ -231,10 +213,9 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
             Message::Warning(w) => warnings.push(w),
             Message::Error(e) => errors.push(e),
             Message::Processes(n) => peak = Some(n),
-            Message::RootMount { problem, message } => match RootMountProblem::from_tag(&problem) {
-                Some(problem) => root_mount = root_mount.or(Some((problem, message))),
-                None => errors.push(message),
-            },
+            Message::RootMount { problem, message } => {
+                root_mount = root_mount.or(Some((problem, message)))
+            }
         }
     }
     let limit_hit = limit_hit.or_else(|| rlimit_hit(spec.limits.pids, peak?));

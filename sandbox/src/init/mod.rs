@@ -48,11 +48,9 @@ pub fn helper_main() -> ! {
         let f = match crate::fuse::start(&spec) {
             Ok(f) => f,
             Err(e) => {
-                status.send(crate::message::Message::RootMount {
-                    problem: crate::run::RootMountProblem::FuseUnavailable
-                        .tag()
-                        .to_string(),
-                    message: e.replace('\n', " "),
+                status.fail(InitError::RootMount {
+                    problem: crate::run::RootMountProblem::FuseUnavailable,
+                    message: e,
                 });
                 sys::exit_now(125);
             }
@@ -85,7 +83,7 @@ pub fn helper_main() -> ! {
             let code = match init(&mut LinuxSyscalls, &spec, &mut status) {
                 Ok(code) => code,
                 Err(e) => {
-                    status.error(e.replace('\n', " "));
+                    status.fail(e);
                     125
                 }
             };
@@ -118,6 +116,41 @@ fn ctx<T>(r: std::io::Result<T>, what: impl FnOnce() -> String) -> Result<T, Str
     r.map_err(|e| format!("{}: {e}", what()))
 }
 
+/// Why the step's init failed.
+#[derive(Debug)]
+pub(crate) enum InitError {
+    /// The step cannot run.
+    Failed(String),
+    /// The root could not be mounted this way; the builder may fall back to another
+    /// snapshotter.
+    RootMount {
+        /// Why.
+        problem: crate::RootMountProblem,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl From<String> for InitError {
+    fn from(s: String) -> InitError {
+        InitError::Failed(s)
+    }
+}
+
+impl From<&str> for InitError {
+    fn from(s: &str) -> InitError {
+        InitError::Failed(s.to_string())
+    }
+}
+
+impl std::fmt::Display for InitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InitError::Failed(s) | InitError::RootMount { message: s, .. } => f.write_str(s),
+        }
+    }
+}
+
 /// What [`prepare_root`] did.
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
@@ -131,7 +164,7 @@ fn init(
     m: &mut dyn Syscalls,
     spec: &RunSpec,
     status: &mut crate::message::Reporter,
-) -> Result<i32, String> {
+) -> Result<i32, InitError> {
     // If the helper dies, so does the step. In a PID namespace of its own our SIGKILL ends it
     // all; in a shared one nothing would end what the step started, so we take SIGTERM and end
     // it ourselves (blocked first: it is taken in the wait loop below).
@@ -361,7 +394,7 @@ fn init(
             }
             Ok(_) => continue,
             Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(format!("waiting for the command: {e}")),
+            Err(e) => return Err(format!("waiting for the command: {e}").into()),
         }
     }
 }
@@ -550,6 +583,7 @@ mod tests {
         let mut r = RecordingSyscalls::default();
         r.fail.push(("mount proc".into(), libc::EPERM));
         let e = prepare_root(&mut r, &spec, &[]).unwrap_err();
+        let e = e.to_string();
         assert!(
             e.contains("procMount: Unmasked") && e.contains("SYS_ADMIN"),
             "{e}"
@@ -618,6 +652,7 @@ mod tests {
         r.fail.push(("sethostname".into(), libc::EINVAL));
         assert!(prepare_root(&mut r, &spec, &[])
             .unwrap_err()
+            .to_string()
             .starts_with("sethostname: "));
     }
 

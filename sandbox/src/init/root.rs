@@ -178,7 +178,7 @@ pub(crate) fn prepare_root(
     m: &mut dyn Syscalls,
     spec: &RunSpec,
     cgroups: &[crate::cgroup::OwnView],
-) -> Result<Prepared, String> {
+) -> Result<Prepared, InitError> {
     let mut out = Prepared::default();
     let created = &mut out.created;
     // Container runtimes' default seccomp profiles (docker's, podman's) refuse sethostname
@@ -190,7 +190,7 @@ pub(crate) fn prepare_root(
             "the step keeps the builder's hostname: sethostname is refused ({e}), as the default seccomp profiles \
              of docker and podman do; run the container with `--security-opt seccomp=unconfined` to have it"
         )),
-        Err(e) => return Err(format!("sethostname: {e}")),
+        Err(e) => return Err(format!("sethostname: {e}").into()),
     }
     // Nothing we mount may propagate to the builder's mount namespace.
     ctx(m.make_rprivate(Path::new("/")), || {
@@ -245,8 +245,11 @@ pub(crate) fn prepare_root(
                     None
                 };
                 return Err(match problem {
-                    Some(p) => format!("{}{}:{msg}", crate::message::ROOT_MOUNT_PREFIX, p.tag()),
-                    None => msg,
+                    Some(problem) => InitError::RootMount {
+                        problem,
+                        message: msg,
+                    },
+                    None => InitError::Failed(msg),
                 });
             }
         }
@@ -279,7 +282,8 @@ pub(crate) fn prepare_root(
                 "mounting /proc for the RUN step: {e}. The kernel allows a new procfs only where an unmasked /proc is visible: \
                  where rbuild runs below a masked /proc it cannot unmask, use `procMount: Unmasked` or give the pod SYS_ADMIN \
                  in its own user namespace (`hostUsers: false`), or let RUN steps share rbuild's PID namespace (--isolation=auto)"
-            ));
+            )
+            .into());
         }
         ctx(mask_proc(m, &proc, null), || "masking /proc".into())?;
     }
