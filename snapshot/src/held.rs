@@ -413,9 +413,9 @@ pub fn lift_held(top_first: &[PathBuf], dest: &Path) -> io::Result<u64> {
                 }
             }
             // The file on disk, with the image's mode (and device) put back.
-            let (src_dir, name) = parent_fd(&src)?;
-            let (to_dir, to_name) = parent_fd(&to)?;
-            let mut st = crate::tree::stx(&src_dir, &name)?;
+            let (src_dir, name) = parent_fd(&src).map_err(at(&src))?;
+            let (to_dir, to_name) = parent_fd(&to).map_err(at(&to))?;
+            let mut st = crate::tree::stx(&src_dir, &name).map_err(|e| at(&src)(e.into()))?;
             let mode = match entry.kind {
                 HeldKind::File => libc::S_IFREG | entry.mode,
                 HeldKind::Char => libc::S_IFCHR | (entry.mode & 0o777),
@@ -423,7 +423,9 @@ pub fn lift_held(top_first: &[PathBuf], dest: &Path) -> io::Result<u64> {
             };
             st.stx_mode = mode as u16;
             (st.stx_rdev_major, st.stx_rdev_minor) = entry.rdev;
-            match crate::tree::copy_entry(&src_dir, &name, &st, &to_dir, &to_name)? {
+            let copied = crate::tree::copy_entry(&src_dir, &name, &st, &to_dir, &to_name)
+                .map_err(at(&to))?;
+            match copied {
                 Copied::Done(_) => {}
                 Copied::SkippedDevice => {
                     crate::whiteout::make_whiteout_at(
@@ -442,7 +444,10 @@ pub fn lift_held(top_first: &[PathBuf], dest: &Path) -> io::Result<u64> {
     // Directory metadata last, deepest first (making entries changed their times); the
     // root too, which overlay and the copy snapshotter take from the top layer.
     if let Some((root, _)) = crate::stack::find_in_layers::<OsString>(top_first, &[]) {
-        dirs.push((root, dest.to_path_buf()));
+        dirs.push((
+            fs::canonicalize(&root).map_err(at(&root))?,
+            dest.to_path_buf(),
+        ));
     }
     dirs.sort_by_key(|(_, to)| std::cmp::Reverse(to.components().count()));
     for (from, to) in dirs {
@@ -453,12 +458,20 @@ pub fn lift_held(top_first: &[PathBuf], dest: &Path) -> io::Result<u64> {
                 Mode::empty(),
             )
         };
-        let (from, to) = (open(&from)?, open(&to)?);
-        let st = crate::tree::stx(&from, c".")?;
-        crate::tree::copy_dir_meta(&from, &st, &to, false)?;
-        crate::tree::set_times_fd(&to, &st)?;
+        let (from_fd, to_fd) = (
+            open(&from).map_err(|e| at(&from)(e.into()))?,
+            open(&to).map_err(|e| at(&to)(e.into()))?,
+        );
+        let st = crate::tree::stx(&from_fd, c".").map_err(|e| at(&from)(e.into()))?;
+        crate::tree::copy_dir_meta(&from_fd, &st, &to_fd, false).map_err(at(&to))?;
+        crate::tree::set_times_fd(&to_fd, &st).map_err(at(&to))?;
     }
     Ok(n)
+}
+
+/// An I/O error that names `path`.
+fn at(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// The directory holding `path`, open, and the name in it.

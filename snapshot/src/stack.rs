@@ -19,7 +19,9 @@ pub fn find_in_layers<S: AsRef<OsStr>>(
     'layers: for layer in top_first {
         let mut p = layer.clone();
         if comps.is_empty() {
-            if let Ok(md) = fs::symlink_metadata(layer) {
+            // A layer may be a link of the store's to its directory: what overlay stacks
+            // (and the caller reads) is that directory.
+            if let Ok(md) = fs::metadata(layer) {
                 return Some((layer.clone(), md));
             }
             continue;

@@ -167,6 +167,15 @@ fn the_lifted_view_shows_what_the_image_has_where_the_stack_shows_it() {
         fs::metadata(top.join("usr/bin")).unwrap(),
     );
     assert_eq!((lu.mode(), lu.mtime()), (tu.mode(), tu.mtime()));
+    // The store names a built layer by a link to its directory: the root of the lifted
+    // view copies that directory, not the link (whose mode is 0777).
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o750)).unwrap();
+    let linked = t.path().join("linked");
+    std::os::unix::fs::symlink(&top, &linked).unwrap();
+    let lift2 = t.path().join("lift2");
+    fs::create_dir(&lift2).unwrap();
+    assert_eq!(lift_held(&[linked, base.clone()], &lift2).unwrap(), 3);
+    assert_eq!(mode(&lift2), 0o750);
     let null = fs::symlink_metadata(lift.join("dev/null")).unwrap();
     if is_root() {
         assert!(null.file_type().is_char_device());

@@ -202,15 +202,21 @@ impl Builder {
             dirs.push(dir);
         }
         let mut top_first: Vec<PathBuf> = dirs.into_iter().rev().collect();
-        if let Some(lift) = self.held_lift(&top_first)? {
+        // File system work, and a lock held through it: not on the runtime's threads.
+        let me = self.clone();
+        let stack = top_first.clone();
+        let lift = tokio::task::spawn_blocking(move || me.held_lift(&stack))
+            .await
+            .map_err(|e| anyhow!("showing the setuid files and devices of the image: {e}"))??;
+        if let Some(lift) = lift {
             top_first.insert(0, lift);
         }
         Ok(LayerStack::new(top_first))
     }
 
     /// The directory of the held entries of `top_first` (see [`Builder::held_lifts`]),
-    /// made on first use.
-    pub(super) fn held_lift(&self, top_first: &[PathBuf]) -> Result<Option<PathBuf>> {
+    /// made on first use. Blocking.
+    fn held_lift(&self, top_first: &[PathBuf]) -> Result<Option<PathBuf>> {
         let mut lifts = self.held_lifts.lock().unwrap();
         if let Some(l) = lifts.get(top_first) {
             return Ok(l.clone());
