@@ -65,7 +65,7 @@ fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let p = rbuild_sandbox::probe::probe(&root);
+    let p = rbuild_sandbox::probe::probe(&root, &rbuild_cache::Layout::new(&root).tmp());
     let verdict = p.build_verdict();
     let word = |v: Verdict| match v {
         Verdict::NotNeeded => "not needed",
@@ -347,7 +347,10 @@ fn choose_sandbox(
             proc_locked: None,
             container: rbuild_sandbox::probe::root_in_container(),
         },
-        (_, Some(ns)) => build_mode(root, ns.proc_locked.clone()),
+        (_, Some(ns)) => build_mode(
+            &rbuild_cache::Layout::new(root).tmp(),
+            ns.proc_locked.clone(),
+        ),
     };
     let (isolation, lost) = mode.choose(policy).map_err(anyhow::Error::msg)?;
     let limits = resolve_limits(args, isolation, root);
@@ -696,10 +699,11 @@ fn keep_ca_certificates(store: &std::path::Path) {
         .map(PathBuf::from)
         .into_iter()
         .chain(rbuild::registry::CA_BUNDLES.map(PathBuf::from));
+    let state = rbuild_cache::Layout::new(store).state();
     for b in bundle {
-        let copy = store.join("run/ca-certificates.crt");
+        let copy = state.join("ca-certificates.crt");
         if b.is_file()
-            && std::fs::create_dir_all(store.join("run")).is_ok()
+            && std::fs::create_dir_all(&state).is_ok()
             && std::fs::copy(&b, &copy).is_ok()
         {
             std::env::set_var("SSL_CERT_FILE", &copy);

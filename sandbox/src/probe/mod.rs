@@ -182,12 +182,10 @@ impl SandboxMode {
 }
 
 /// The mode a build gets, from the trials `rbuild doctor` makes (a user namespace, an overlay
-/// mount on the store's filesystem); `proc_locked` comes from the build namespace's real
-/// attempt to clone `/proc` ([`crate::BuildNamespace::proc_locked`]).
-pub fn build_mode(store: &Path, proc_locked: Option<String>) -> SandboxMode {
-    let scratch = store
-        .join("tmp")
-        .join(format!("probe-{}", std::process::id()));
+/// mount in `work`, a directory on the store's filesystem); `proc_locked` comes from the
+/// build namespace's real attempt to clone `/proc` ([`crate::BuildNamespace::proc_locked`]).
+pub fn build_mode(work: &Path, proc_locked: Option<String>) -> SandboxMode {
+    let scratch = work.join(format!("probe-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&scratch);
     // The overlay trial makes a user namespace too: when it works, one child was enough.
     let overlay_trial = trial("overlay", &scratch);
@@ -292,13 +290,11 @@ fn read_trim(p: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-/// Probes the environment; `store` is the store root (trial mounts happen in a temporary
-/// directory below it, so its filesystem is what is tested).
-pub fn probe(store: &Path) -> Probe {
+/// Probes the environment for the store at `store`; trial mounts happen in a temporary
+/// directory below `work`, a directory of the store, so its filesystem is what is tested.
+pub fn probe(store: &Path, work: &Path) -> Probe {
     let root = rustix::process::geteuid().is_root();
-    let scratch = store
-        .join("tmp")
-        .join(format!("probe-{}", std::process::id()));
+    let scratch = work.join(format!("probe-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&scratch);
     let mut checks = Vec::new();
 
