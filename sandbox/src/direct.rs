@@ -15,7 +15,7 @@
 //! [`container_evidence`] finds one (or `RBUILD_ALLOW_ROOT_REWRITE=1`).
 
 use crate::run::{ExitKind, RunError, RunOutcome};
-use crate::snapshotters::Snapshotter;
+use crate::snapshotters::{diff_root, fill_root, Snapshotter};
 use crate::spec::{MountSource, Network, RunSpec};
 use rbuild_snapshot::{assemble, clear_except, copy_overlay_tree, Baseline, Skip};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -232,35 +232,12 @@ impl Snapshotter for RewriteRoot {
             .iter()
             .map(|p| layer_id(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let reuse = match guard.as_ref() {
-            Some(st) if st.root == root => {
-                crate::copyroot::extra_layers(Some(&st.lowers), &self.ids)
-            }
+        let held = match guard.as_ref() {
+            Some(st) if st.root == root => Some(st.lowers.clone()),
             _ => None,
         };
         **guard = None;
-        match reuse {
-            Some(extra) => {
-                // Only new layers on top of what the root holds: apply them.
-                if extra > 0 {
-                    assemble(&spec.lowerdirs[..extra], &root, skip)
-                        .map_err(tree("applying the new layers to the root"))?;
-                }
-            }
-            None => {
-                clear_except(&root, skip).map_err(tree(format!("emptying {}", root.display())))?;
-                assemble(&spec.lowerdirs, &root, skip).map_err(tree(format!(
-                    "copying the image's layers into {}",
-                    root.display()
-                )))?;
-            }
-        }
-        self.baseline =
-            Some(Baseline::capture(&root, skip).map_err(tree("recording the root filesystem"))?);
-        // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into
-        // the layer.
-        assemble(std::slice::from_ref(&spec.upperdir), &root, skip)
-            .map_err(tree("applying the upperdir"))?;
+        self.baseline = Some(fill_root(&root, spec, &self.ids, held.as_deref(), skip)?);
         Ok(())
     }
 
@@ -279,12 +256,9 @@ impl Snapshotter for RewriteRoot {
             ));
         };
         clear_except(&spec.upperdir, &Skip::none()).map_err(tree("emptying the upperdir"))?;
-        let stats = baseline
-            .diff_into(&self.root, &spec.upperdir, &self.skip)
-            .map_err(tree("finding what the step changed"))?;
         let mut lowers = std::mem::take(&mut self.ids);
-        if stats.entries + stats.whiteouts > 0 {
-            lowers.insert(0, layer_id(&spec.upperdir)?);
+        if let Some(upper) = diff_root(baseline, &self.root, &spec.upperdir, &self.skip)? {
+            lowers.insert(0, upper);
         }
         **guard = Some(RootState {
             root: self.root.clone(),

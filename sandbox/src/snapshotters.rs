@@ -16,6 +16,7 @@
 //! Upper directories on another filesystem (`RunSpec::upper_scratch`, a tmpfs) wrap the
 //! first two.
 
+use crate::copyroot::LayerId;
 use crate::run::{setup, tree, ExitKind, RootMountProblem, RunError, RunOutcome};
 use crate::spec::{MountSource, RunSpec, Snapshotter as Kind};
 use rbuild_snapshot::{assemble, clear_except, copy_overlay_tree, Baseline, Skip};
@@ -179,7 +180,7 @@ impl Snapshotter for FuseOverlay {
 /// Copies of the layers, kept between steps where the next step stacks on the same ones.
 #[derive(Default)]
 struct Copy {
-    ids: Vec<crate::copyroot::LayerId>,
+    ids: Vec<LayerId>,
     lease: Option<crate::copyroot::Lease>,
     baseline: Option<Baseline>,
 }
@@ -195,30 +196,14 @@ impl Snapshotter for Copy {
         let (root, held) = (lease.dir.clone(), lease.lowers.clone());
         // Leased from here on: given back, kept or not, in finish.
         self.lease = Some(lease);
-        match crate::copyroot::extra_layers(held.as_deref(), &self.ids) {
-            // Only new layers on top of what the root holds: apply them.
-            Some(extra) => {
-                if extra > 0 {
-                    assemble(&spec.lowerdirs[..extra], &root, &Skip::none())
-                        .map_err(tree("applying the new layers (copy snapshotter)"))?;
-                }
-            }
-            None => {
-                clear_except(&root, &Skip::none())
-                    .map_err(tree(format!("emptying {}", root.display())))?;
-                assemble(&spec.lowerdirs, &root, &Skip::none())
-                    .map_err(tree("copying the image's layers (copy snapshotter)"))?;
-            }
-        }
         spec.copy_root = root.clone();
-        self.baseline = Some(
-            Baseline::capture(&root, &Skip::none())
-                .map_err(tree("recording the root filesystem"))?,
-        );
-        // What the caller already put in the upperdir (e.g. the WORKDIR) goes on top, into
-        // the layer.
-        assemble(std::slice::from_ref(&spec.upperdir), &root, &Skip::none())
-            .map_err(tree("applying the upperdir"))?;
+        self.baseline = Some(fill_root(
+            &root,
+            spec,
+            &self.ids,
+            held.as_deref(),
+            &Skip::none(),
+        )?);
         clear_except(&spec.upperdir, &Skip::none()).map_err(tree("emptying the upperdir"))?;
         materialize_layer_mounts(spec)?;
         // Coarse file-time clocks: every change the step makes gets a later ctime than the
@@ -241,20 +226,13 @@ impl Snapshotter for Copy {
             let baseline = self.baseline.take().ok_or_else(|| {
                 RunError::Sandbox("the copy snapshotter finished a step it did not prepare".into())
             })?;
-            let stats = baseline
-                .diff_into(root, &spec.upperdir, &Skip::none())
-                .map_err(tree("finding what the step changed"))?;
+            let upper = diff_root(baseline, root, &spec.upperdir, &Skip::none())?;
             // The mount points the sandbox made leave the root (the caller takes them out
             // of the layer).
             for c in outcome.created_mountpoints.iter().rev() {
                 let p = root.join(c);
                 let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
             }
-            let upper = if stats.entries + stats.whiteouts > 0 {
-                Some(crate::copyroot::layer_id(&spec.upperdir)?)
-            } else {
-                None
-            };
             Ok((outcome, Some(upper)))
         })();
         // The root is kept for the next step only when it holds exactly known layers.
@@ -273,6 +251,58 @@ impl Snapshotter for Copy {
         }
         diffed.map(|(o, _)| o)
     }
+}
+
+/// Makes `root` hold exactly the step's layers (`ids`, top first): only the new ones are
+/// applied where what it `held` is below them, else it is emptied and filled. Then records
+/// its baseline, and puts what the caller already wrote in the upperdir (e.g. the WORKDIR)
+/// on top, so that it goes into the layer.
+pub(crate) fn fill_root(
+    root: &Path,
+    spec: &RunSpec,
+    ids: &[LayerId],
+    held: Option<&[LayerId]>,
+    skip: &Skip,
+) -> Result<Baseline, RunError> {
+    match crate::copyroot::extra_layers(held, ids) {
+        Some(extra) => {
+            if extra > 0 {
+                assemble(&spec.lowerdirs[..extra], root, skip).map_err(tree(format!(
+                    "applying the new layers to {}",
+                    root.display()
+                )))?;
+            }
+        }
+        None => {
+            clear_except(root, skip).map_err(tree(format!("emptying {}", root.display())))?;
+            assemble(&spec.lowerdirs, root, skip).map_err(tree(format!(
+                "copying the image's layers into {}",
+                root.display()
+            )))?;
+        }
+    }
+    let baseline = Baseline::capture(root, skip).map_err(tree("recording the root filesystem"))?;
+    assemble(std::slice::from_ref(&spec.upperdir), root, skip)
+        .map_err(tree("applying the upperdir"))?;
+    Ok(baseline)
+}
+
+/// After a step in a root [`fill_root`] made: writes what changed into `upperdir` (empty),
+/// and gives the id of the new layer, or `None` when nothing changed.
+pub(crate) fn diff_root(
+    baseline: Baseline,
+    root: &Path,
+    upperdir: &Path,
+    skip: &Skip,
+) -> Result<Option<LayerId>, RunError> {
+    let stats = baseline
+        .diff_into(root, upperdir, skip)
+        .map_err(tree("finding what the step changed"))?;
+    Ok(if stats.entries + stats.whiteouts > 0 {
+        Some(crate::copyroot::layer_id(upperdir)?)
+    } else {
+        None
+    })
 }
 
 /// Without kernel overlayfs, `RUN --mount`s of layers become binds: of the one directory
