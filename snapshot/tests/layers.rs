@@ -312,3 +312,65 @@ fn blob_digests_are_deterministic_and_right() {
         );
     }
 }
+
+/// A gzip layer of many blocks, compressed on every core, is one gzip member, and its bytes
+/// do not depend on how many cores compressed it.
+#[test]
+fn parallel_gzip_is_one_member_and_the_same_on_any_core_count() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("d");
+    fs::create_dir_all(&d).unwrap();
+    // 1 MiB that compresses somewhat: eight 128 KiB blocks.
+    let mut x: u64 = 1;
+    let data: Vec<u8> = (0..1 << 20)
+        .map(|i| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if i % 3 == 0 {
+                (x >> 59) as u8
+            } else {
+                b'a' + (i % 7) as u8
+            }
+        })
+        .collect();
+    fs::write(d.join("data"), &data).unwrap();
+    let blob = |name: &str, one_core: bool| {
+        let (d, out) = (d.clone(), t.path().join(name));
+        std::thread::spawn(move || {
+            if one_core {
+                let mut set = rustix::thread::CpuSet::new();
+                set.set(rustix::thread::sched_getcpu());
+                rustix::thread::sched_setaffinity(None, &set).unwrap();
+                assert_eq!(std::thread::available_parallelism().unwrap().get(), 1);
+            }
+            let opts = DiffOptions {
+                source_date_epoch: Some(0),
+                ..Default::default()
+            };
+            write_layer_blob(&d, &out, Compression::Gzip { level: 6 }, &opts).unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    let (all, one) = (blob("all", false), blob("one", true));
+    assert_eq!(all, one);
+    let bytes = fs::read(t.path().join("all")).unwrap();
+    // A single-member decoder reads the whole tar.
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_end(&mut plain)
+        .unwrap();
+    use sha2::Digest;
+    assert_eq!(
+        all.diff_id.as_str(),
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&plain)))
+    );
+    // And gzip itself finds it sound.
+    let st = std::process::Command::new("gzip")
+        .arg("-t")
+        .arg(t.path().join("all"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
