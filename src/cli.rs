@@ -160,6 +160,68 @@ pub enum CompressionArg {
     Gzip,
     /// zstd (level 3): smaller and several times faster; needs containerd ≥ 1.5 / podman ≥ 3.
     Zstd,
+    /// A plain tar.
+    Uncompressed,
+}
+
+/// What a build asks of layer compression: `--compression`, `--compression-level` and
+/// `--force-compression`, or the same keys of an `--output`, as buildx takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompressionChoice {
+    /// The algorithm (gzip when unset).
+    pub kind: Option<CompressionArg>,
+    /// The level (the algorithm's default when unset).
+    pub level: Option<i32>,
+    /// Whether layers compressed otherwise (base images, cached layers) are recompressed.
+    pub force: Option<bool>,
+}
+
+impl CompressionChoice {
+    /// `other` on top of this; `what` names `other` in the error when both set a key to
+    /// different values.
+    pub fn merge(self, other: CompressionChoice, what: &str) -> Result<Self, String> {
+        fn one<T: PartialEq + std::fmt::Debug>(
+            a: Option<T>,
+            b: Option<T>,
+            key: &str,
+            what: &str,
+        ) -> Result<Option<T>, String> {
+            match (a, b) {
+                (Some(x), Some(y)) if x != y => Err(format!(
+                    "{what}: {key} {y:?} differs from the {key} already asked for ({x:?}); rbuild compresses each layer once for every output"
+                )),
+                (x, y) => Ok(y.or(x)),
+            }
+        }
+        Ok(CompressionChoice {
+            kind: one(self.kind, other.kind, "compression", what)?,
+            level: one(self.level, other.level, "compression-level", what)?,
+            force: one(self.force, other.force, "force-compression", what)?,
+        })
+    }
+
+    /// The compression of new layers, its level checked, and whether to force it on all.
+    pub fn resolve(self) -> Result<(rbuild_snapshot::Compression, bool), String> {
+        use rbuild_snapshot::Compression;
+        let force = self.force.unwrap_or(false);
+        let c = match (self.kind.unwrap_or(CompressionArg::Gzip), self.level) {
+            (CompressionArg::Gzip, l) => match l.unwrap_or(6) {
+                l @ 0..=9 => Compression::Gzip { level: l as u32 },
+                l => return Err(format!("--compression-level {l}: gzip takes 0 to 9")),
+            },
+            (CompressionArg::Zstd, l) => match l.unwrap_or(3) {
+                l @ 1..=22 => Compression::Zstd { level: l },
+                l => return Err(format!("--compression-level {l}: zstd takes 1 to 22")),
+            },
+            (CompressionArg::Uncompressed, None) => Compression::Uncompressed,
+            (CompressionArg::Uncompressed, Some(l)) => {
+                return Err(format!(
+                    "--compression-level {l}: uncompressed layers have no level"
+                ))
+            }
+        };
+        Ok((c, force))
+    }
 }
 
 /// Network for RUN steps.
@@ -324,9 +386,19 @@ pub struct BuildArgs {
     #[arg(long)]
     pub reproducible: bool,
 
-    /// Compression of new layers.
-    #[arg(long, value_enum, default_value = "gzip")]
-    pub compression: CompressionArg,
+    /// Compression of new layers (default gzip). The same as an --output's `compression=`.
+    #[arg(long, value_enum)]
+    pub compression: Option<CompressionArg>,
+
+    /// Compression level of new layers: 0-9 for gzip (default 6), 1-22 for zstd (default 3).
+    /// The same as an --output's `compression-level=`.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub compression_level: Option<i32>,
+
+    /// Recompress the layers of the image that are compressed otherwise (base images, layers
+    /// cached from another compression), as buildx's `force-compression=true`.
+    #[arg(long)]
+    pub force_compression: bool,
 
     /// Target platform of base images (only the build machine's own is supported today).
     #[arg(long, value_name = "OS/ARCH", default_value = "linux/amd64")]
@@ -402,10 +474,11 @@ pub enum OutputSpec {
     Local(PathBuf),
 }
 
-/// Parses one `--output` value.
-pub fn parse_output(spec: &str) -> Result<OutputSpec, String> {
+/// Parses one `--output` value, and what it asks of layer compression.
+pub fn parse_output(spec: &str) -> Result<(OutputSpec, CompressionChoice), String> {
+    let mut comp = CompressionChoice::default();
     if !spec.contains('=') {
-        return Ok(OutputSpec::Local(PathBuf::from(spec)));
+        return Ok((OutputSpec::Local(PathBuf::from(spec)), comp));
     }
     let mut kind = None;
     let mut dest = None;
@@ -418,6 +491,21 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, String> {
             "dest" => dest = Some(PathBuf::from(v)),
             "push" if v == "true" => kind = Some("registry".into()),
             "name" | "push" => {}
+            "compression" => {
+                comp.kind = Some(CompressionArg::from_str(v, false).map_err(|_| {
+                    format!("--output {spec:?}: compression {v:?}: want gzip, zstd or uncompressed")
+                })?)
+            }
+            "compression-level" => {
+                comp.level = Some(v.parse().map_err(|_| {
+                    format!("--output {spec:?}: compression-level {v:?} is not a number")
+                })?)
+            }
+            "force-compression" => {
+                comp.force = Some(v.parse().map_err(|_| {
+                    format!("--output {spec:?}: force-compression {v:?}: want true or false")
+                })?)
+            }
             _ => return Err(format!("--output {spec:?}: unknown key {k:?}")),
         }
     }
@@ -426,15 +514,23 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec, String> {
         dest.clone()
             .ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest="))
     };
-    match kind.as_str() {
-        "registry" | "image" => Ok(OutputSpec::Registry),
-        "oci" => Ok(OutputSpec::Oci(need_dest("oci")?)),
-        "docker" | "tar" => Ok(OutputSpec::Docker(need_dest("docker")?)),
-        "local" => Ok(OutputSpec::Local(need_dest("local")?)),
-        other => Err(format!(
-            "--output {spec:?}: unknown type {other:?} (registry, oci, docker, local)"
-        )),
+    let out = match kind.as_str() {
+        "registry" | "image" => OutputSpec::Registry,
+        "oci" => OutputSpec::Oci(need_dest("oci")?),
+        "docker" | "tar" => OutputSpec::Docker(need_dest("docker")?),
+        "local" => OutputSpec::Local(need_dest("local")?),
+        other => {
+            return Err(format!(
+                "--output {spec:?}: unknown type {other:?} (registry, oci, docker, local)"
+            ))
+        }
+    };
+    if matches!(out, OutputSpec::Local(_)) && comp != CompressionChoice::default() {
+        return Err(format!(
+            "--output {spec:?}: a local directory has no layers to compress"
+        ));
     }
+    Ok((out, comp))
 }
 
 /// Which steps a cache export covers.
@@ -707,18 +803,66 @@ mod tests {
     #[test]
     fn outputs_parse() {
         assert_eq!(
-            parse_output("type=oci,dest=/x").unwrap(),
+            parse_output("type=oci,dest=/x").unwrap().0,
             OutputSpec::Oci("/x".into())
         );
-        assert_eq!(parse_output("type=registry").unwrap(), OutputSpec::Registry);
         assert_eq!(
-            parse_output("out").unwrap(),
+            parse_output("type=registry").unwrap().0,
+            OutputSpec::Registry
+        );
+        assert_eq!(
+            parse_output("out").unwrap().0,
             OutputSpec::Local("out".into())
         );
         assert!(parse_output("type=oci").unwrap_err().contains("needs dest"));
         assert!(parse_output("type=zip,dest=x")
             .unwrap_err()
             .contains("unknown type"));
+    }
+
+    #[test]
+    fn compression_comes_from_flags_and_outputs_alike() {
+        use rbuild_snapshot::Compression;
+        let (out, c) =
+            parse_output("type=image,compression=zstd,compression-level=9,force-compression=true")
+                .unwrap();
+        assert_eq!(out, OutputSpec::Registry);
+        assert_eq!(c.resolve().unwrap(), (Compression::Zstd { level: 9 }, true));
+        assert_eq!(
+            CompressionChoice::default().resolve().unwrap(),
+            (Compression::Gzip { level: 6 }, false)
+        );
+        // Flags and an output agree, or the build is refused.
+        let flags = CompressionChoice {
+            kind: Some(CompressionArg::Zstd),
+            ..Default::default()
+        };
+        assert_eq!(flags.merge(c, "--output").unwrap().kind, c.kind);
+        let gz = parse_output("type=oci,dest=/o,compression=gzip").unwrap().1;
+        assert!(flags
+            .merge(gz, "--output type=oci")
+            .unwrap_err()
+            .contains("differs"));
+        for (bad, want) in [
+            ("type=oci,dest=/o,compression=lz4", "want gzip"),
+            ("type=oci,dest=/o,compression-level=x", "not a number"),
+            ("type=oci,dest=/o,force-compression=yes", "true or false"),
+            ("type=local,dest=/o,compression=zstd", "no layers"),
+        ] {
+            assert!(parse_output(bad).unwrap_err().contains(want), "{bad}");
+        }
+        let level = |kind, level| CompressionChoice {
+            kind: Some(kind),
+            level: Some(level),
+            force: None,
+        };
+        assert!(level(CompressionArg::Gzip, 10).resolve().is_err());
+        assert!(level(CompressionArg::Zstd, 0).resolve().is_err());
+        assert!(level(CompressionArg::Uncompressed, 1).resolve().is_err());
+        assert_eq!(
+            level(CompressionArg::Gzip, 0).resolve().unwrap().0,
+            Compression::Gzip { level: 0 }
+        );
     }
 
     #[test]

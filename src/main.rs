@@ -5,7 +5,8 @@
 use clap::Parser;
 use rbuild::build::{build, BuildOptions};
 use rbuild::cli::{
-    normalize_args, parse_build_args, parse_output, BuildArgs, Cli, Command, OutputSpec,
+    normalize_args, parse_build_args, parse_output, BuildArgs, Cli, Command, CompressionChoice,
+    OutputSpec,
 };
 use rbuild::progress::Progress;
 use std::path::PathBuf;
@@ -437,9 +438,19 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     // state directory now so the inner process does not pick root's default.
     std::env::set_var("RBUILD_ROOT", &root);
     let mut outputs = Vec::new();
+    let mut compression = CompressionChoice {
+        kind: args.compression,
+        level: args.compression_level,
+        force: args.force_compression.then_some(true),
+    };
     for o in &args.outputs {
-        outputs.push(parse_output(o).map_err(anyhow::Error::msg)?);
+        let (out, comp) = parse_output(o).map_err(anyhow::Error::msg)?;
+        compression = compression
+            .merge(comp, &format!("--output {o:?}"))
+            .map_err(anyhow::Error::msg)?;
+        outputs.push(out);
     }
+    let (compression, force_compression) = compression.resolve().map_err(anyhow::Error::msg)?;
     let cache_from = args
         .cache_from
         .iter()
@@ -637,7 +648,8 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
             .allow
             .contains(&rbuild::cli::Entitlement::SecurityInsecure),
         network: args.network,
-        compression: args.compression,
+        compression,
+        force_compression,
         platform: args.platform.clone(),
         secrets,
         build_contexts: parse_named_contexts(&args.build_contexts)?,

@@ -421,6 +421,117 @@ fn zstd_layers() {
     assert!(list.contains(" payload"), "{list}");
 }
 
+/// `--compression-level` reaches the compressor; `force-compression=true` (buildx's key,
+/// here in the --output) recompresses the base image's gzip layers and a layer cached as
+/// gzip, keeping their diffIDs; without it they stay as they are.
+#[test]
+fn compression_level_and_force_compression() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            &format!("FROM {base}\nCOPY payload /payload\n"),
+        ),
+        ("payload", &"level ".repeat(20000)),
+    ]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let layers = |oci: &std::path::Path| {
+        let raw = ok(Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci:{}:1", oci.display())));
+        let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        let cfg = ok(Command::new("skopeo")
+            .args(["inspect", "--config", "--raw"])
+            .arg(format!("oci:{}:1", oci.display())));
+        let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        let l: Vec<(String, u64)> = m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["mediaType"].as_str().unwrap().to_string(),
+                    l["size"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        (l, cfg["rootfs"]["diff_ids"].clone())
+    };
+    // gzip -1 and gzip -9 of the same layer: the level is applied.
+    let mut sizes = Vec::new();
+    for level in ["1", "9"] {
+        let oci = out.path().join(format!("gz{level}"));
+        ok(rbuild(root.path())
+            .args(["--no-cache", "--compression-level", level, "-t", "c:1"])
+            .arg(format!("--output=type=oci,dest={}", oci.display()))
+            .arg(ctx.path()));
+        let (l, _) = layers(&oci);
+        assert!(l.iter().all(|(mt, _)| mt.ends_with("tar+gzip")), "{l:?}");
+        sizes.push(l[1].1);
+    }
+    assert!(
+        sizes[1] < sizes[0],
+        "gzip -9 {} vs -1 {}",
+        sizes[1],
+        sizes[0]
+    );
+    // zstd without force: the base layer stays gzip, and so does the cached COPY layer.
+    let plain = out.path().join("plain");
+    ok(rbuild(root.path())
+        .args(["--compression", "zstd", "-t", "c:1"])
+        .arg(format!("--output=type=oci,dest={}", plain.display()))
+        .arg(ctx.path()));
+    let (l, diff_ids) = layers(&plain);
+    assert!(l.iter().all(|(mt, _)| mt.ends_with("tar+gzip")), "{l:?}");
+    // Forced: every layer is zstd, the diffIDs are the same, and the image unpacks.
+    let forced = out.path().join("forced");
+    ok(rbuild(root.path())
+        .args(["-t", "c:1"])
+        .arg(format!(
+            "--output=type=oci,dest={},compression=zstd,force-compression=true",
+            forced.display()
+        ))
+        .arg(ctx.path()));
+    let (l, forced_ids) = layers(&forced);
+    assert!(l.iter().all(|(mt, _)| mt.ends_with("tar+zstd")), "{l:?}");
+    assert_eq!(forced_ids, diff_ids);
+    // zstd itself reads every blob back to its diffID (umoci 0.4 has no zstd).
+    let raw = ok(Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:1", forced.display())));
+    let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    for (l, id) in m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(forced_ids.as_array().unwrap())
+    {
+        let blob = forced
+            .join("blobs/sha256")
+            .join(&l["digest"].as_str().unwrap()[7..]);
+        let sum = ok(Command::new("sh")
+            .arg("-c")
+            .arg(format!("zstd -dc < '{}' | sha256sum", blob.display())));
+        assert_eq!(
+            format!("sha256:{}", sum.split_whitespace().next().unwrap()),
+            id.as_str().unwrap()
+        );
+    }
+    // Outputs that disagree are refused before anything runs.
+    let res = run(rbuild(root.path())
+        .args(["--compression", "gzip"])
+        .arg(format!(
+            "--output=type=oci,dest={},compression=zstd",
+            out.path().join("x").display()
+        ))
+        .arg(ctx.path()));
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("differs"));
+}
+
 #[test]
 fn multi_stage_args_and_config_instructions() {
     ensure_tools();

@@ -158,6 +158,41 @@ pub fn write_layer_blob(
     compression: Compression,
     opts: &DiffOptions,
 ) -> Result<LayerDesc, DiffError> {
+    write_blob(dest_file, compression, |w| {
+        write_layer_tar(dir, &mut *w, opts)?;
+        w.flush().map_err(|source| DiffError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+    })
+}
+
+/// Writes the layer blob `src` (compressed any way [`decompress`] reads) to `dest_file`
+/// compressed as `compression`, in the same one pass as [`write_layer_blob`]; the diffID
+/// comes from the tar on the way. On error `dest_file` may exist and is the caller's to
+/// remove.
+pub fn recompress_blob<R: Read + Send + 'static>(
+    src: R,
+    dest_file: &Path,
+    compression: Compression,
+) -> Result<LayerDesc, DiffError> {
+    let ioe = |source| DiffError::Io {
+        path: dest_file.to_path_buf(),
+        source,
+    };
+    let mut plain = decompress(src).map_err(ioe)?;
+    write_blob(dest_file, compression, |w| {
+        io::copy(&mut plain, &mut *w).map_err(ioe)?;
+        w.flush().map_err(ioe)
+    })
+}
+
+/// The one pass: `produce` writes the tar, hashed on its way to the compressor's thread.
+fn write_blob(
+    dest_file: &Path,
+    compression: Compression,
+    produce: impl FnOnce(&mut ChunkSender) -> Result<(), DiffError>,
+) -> Result<LayerDesc, DiffError> {
     let ioe = |source| DiffError::Io {
         path: dest_file.to_path_buf(),
         source,
@@ -181,12 +216,7 @@ pub fn write_layer_blob(
             buf: Vec::with_capacity(CHUNK + 64 * 1024),
             hash: Sha256::new(),
         };
-        let r = write_layer_tar(dir, &mut sender, opts).and_then(|_| {
-            sender.flush().map_err(|e| DiffError::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            })
-        });
+        let r = produce(&mut sender);
         let diff = sender.hash.clone().finalize();
         drop(sender);
         (

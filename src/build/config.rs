@@ -5,7 +5,7 @@ use super::*;
 
 impl Builder {
     /// The final image config and manifest.
-    pub(super) async fn assemble(&self, fs: &ImageFs) -> Result<BuiltImage> {
+    pub(super) async fn assemble(self: &Arc<Self>, fs: &ImageFs) -> Result<BuiltImage> {
         // Every deferred step of the image runs from here, all at once.
         let resolved =
             futures_util::future::try_join_all(fs.layers.iter().map(|e| e.resolve())).await?;
@@ -53,7 +53,11 @@ impl Builder {
             json!({"type": "layers", "diff_ids": descs.iter().map(|d| d.diff_id.to_string()).collect::<Vec<_>>()}),
         );
         obj.insert("history".into(), Value::Array(history));
-        let layers = descs;
+        let layers = if self.opts.force_compression {
+            self.recompress_layers(descs).await?
+        } else {
+            descs
+        };
         image::assemble_json(config, layers, &self.store)
     }
 }

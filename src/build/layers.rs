@@ -72,6 +72,68 @@ impl Builder {
         job.await.map_err(|e| anyhow!(e))
     }
 
+    /// `layers` with every blob compressed as new layers are (`--force-compression`): the
+    /// others are fetched where needed, decompressed and compressed again, their diffIDs
+    /// checked on the way. The rest stay as they are.
+    pub(super) async fn recompress_layers(
+        self: &Arc<Self>,
+        layers: Vec<LayerDesc>,
+    ) -> Result<Vec<LayerDesc>> {
+        let want = self.opts.compression;
+        let other =
+            |d: &LayerDesc| crate::image::oci_layer_media_type(&d.media_type) != want.media_type();
+        // Fetched all at once; compressed one after the other, each on every core.
+        let need: Vec<LayerDesc> = layers.iter().filter(|d| other(d)).cloned().collect();
+        self.ensure_blobs(&need).await?;
+        let mut out = Vec::with_capacity(layers.len());
+        for d in layers {
+            if !other(&d) {
+                out.push(d);
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let store = self.store.clone();
+            let (from, tmp) = (store.blob_path(&d.digest), store.temp_path("layer"));
+            let old = d.clone();
+            let new = tokio::task::spawn_blocking(move || -> Result<LayerDesc> {
+                let res = fs::File::open(&from)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|f| Ok(rbuild_snapshot::recompress_blob(f, &tmp, want)?));
+                let new = match res {
+                    Ok(new) if new.diff_id == old.diff_id => new,
+                    Ok(new) => {
+                        let _ = fs::remove_file(&tmp);
+                        bail!(
+                            "its tar is {}, not the diffID {} the image names",
+                            new.diff_id,
+                            old.diff_id
+                        )
+                    }
+                    Err(e) => {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                };
+                store.commit_blob_file(&tmp, &new.digest)?;
+                Ok(new)
+            })
+            .await
+            .map_err(|e| anyhow!("{e}"))
+            .and_then(|r| r)
+            .with_context(|| format!("recompressing layer {}", d.digest))?;
+            self.progress.info(&format!(
+                "recompressed layer {} ({}) as {} ({}) in {:.1}s",
+                d.digest,
+                d.media_type,
+                new.digest,
+                new.media_type,
+                started.elapsed().as_secs_f64()
+            ));
+            out.push(new);
+        }
+        Ok(out)
+    }
+
     /// Makes sure the store has the blobs of `layers`, fetching missing ones concurrently.
     pub(super) async fn ensure_blobs(self: &Arc<Self>, layers: &[LayerDesc]) -> Result<()> {
         futures_util::future::try_join_all(layers.iter().map(|l| self.ensure_blob(l))).await?;
@@ -272,10 +334,7 @@ impl Builder {
         let held = rbuild_snapshot::hold_tree(&stable)
             .with_context(|| format!("holding the setuid files of {}", stable.display()))?;
         let store = self.store.clone();
-        let compression = match self.opts.compression {
-            CompressionArg::Gzip => rbuild_snapshot::Compression::Gzip { level: 6 },
-            CompressionArg::Zstd => rbuild_snapshot::Compression::Zstd { level: 3 },
-        };
+        let compression = self.opts.compression;
         let key = key.clone();
         let pstep = pstep.clone();
         let src = stable.clone();

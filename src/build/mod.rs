@@ -2,7 +2,7 @@
 //! ready → image → outputs.
 
 use crate::cachesync::BlobOrigin;
-use crate::cli::{CacheMode, CacheSpec, CompressionArg, NetworkArg, OutputSpec};
+use crate::cli::{CacheMode, CacheSpec, NetworkArg, OutputSpec};
 use crate::copy::{self, CopyAttrs, Source};
 use crate::image::{self, BuiltImage};
 use crate::progress::{Progress, Step as ProgressStep};
@@ -76,8 +76,11 @@ pub struct BuildOptions {
     pub allow_insecure: bool,
     /// Network of RUN steps.
     pub network: NetworkArg,
-    /// Layer compression.
-    pub compression: CompressionArg,
+    /// Compression of new layers.
+    pub compression: rbuild_snapshot::Compression,
+    /// Recompress the image's layers that are compressed otherwise (buildx's
+    /// `force-compression`).
+    pub force_compression: bool,
     /// Target platform `os/arch`.
     pub platform: String,
     /// Steps that may run at once.
