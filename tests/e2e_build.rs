@@ -843,3 +843,102 @@ fn independent_run_steps_all_run_at_once_by_default() {
         assert!(t.path().join("out").join(n).exists(), "{n}");
     }
 }
+
+/// A stage outside the image (it only feeds `COPY --from`) gets no layer blob: only its
+/// diffID. Built later as the target, or exported as a `mode=max` cache, its layer gets a
+/// blob made from its directory, which reads back to that diffID.
+#[test]
+fn stages_outside_the_image_get_blobs_only_when_needed() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {base} AS builder\nRUN mkdir /out && echo built > /out/x && dd if=/dev/urandom of=/out/big bs=1k count=256 2>/dev/null\n\
+             FROM {base}\nCOPY --from=builder /out/x /x\n"
+        ),
+    )]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let build = |extra: &[String]| {
+        let res = run(rbuild(root.path())
+            .args(["-t", "s:1"])
+            .args(extra)
+            .arg(ctx.path()));
+        let log = String::from_utf8_lossy(&res.stderr).into_owned();
+        assert!(res.status.success(), "{log}");
+        log
+    };
+    let log = build(&[format!(
+        "--output=type=oci,dest={}",
+        out.path().join("final").display()
+    )]);
+    assert!(log.contains("(no blob: outside the image)"), "{log}");
+    let blobs =
+        |dir: &std::path::Path| std::fs::read_dir(dir.join("blobs/sha256")).unwrap().count();
+    let stored = blobs(root.path());
+    // The store is sound without that blob.
+    let du = run(Command::new(rbuild_bin())
+        .args(["du", "--verify", "--root"])
+        .arg(root.path()));
+    assert!(
+        du.status.success(),
+        "{}",
+        String::from_utf8_lossy(&du.stdout)
+    );
+    // The builder stage as the image: its RUN layer is cached, and gets its blob now.
+    let builder = out.path().join("builder");
+    let log = build(&[
+        "--target".into(),
+        "builder".into(),
+        format!("--output=type=oci,dest={}", builder.display()),
+    ]);
+    assert!(log.contains("CACHED"), "{log}");
+    assert!(log.contains("made ("), "{log}");
+    assert_eq!(blobs(root.path()), stored + 3, "layer, config, manifest");
+    let raw = ok(Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:1", builder.display())));
+    let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&ok(Command::new("skopeo")
+        .args(["inspect", "--config", "--raw"])
+        .arg(format!("oci:{}:1", builder.display()))))
+    .unwrap();
+    let (layer, id) = (&m["layers"][1], &cfg["rootfs"]["diff_ids"][1]);
+    assert!(layer["mediaType"].as_str().unwrap().ends_with("tar+gzip"));
+    let blob = builder
+        .join("blobs/sha256")
+        .join(&layer["digest"].as_str().unwrap()[7..]);
+    let sum = ok(Command::new("sh")
+        .arg("-c")
+        .arg(format!("gzip -dc < '{}' | sha256sum", blob.display())));
+    assert_eq!(
+        format!("sha256:{}", sum.split_whitespace().next().unwrap()),
+        id.as_str().unwrap()
+    );
+    // A mode=max cache export holds every layer's blob.
+    let cache = out.path().join("cache");
+    build(&[format!(
+        "--cache-to=type=local,dest={},mode=max",
+        cache.display()
+    )]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("index.json")).unwrap()).unwrap();
+    let art = &index["manifests"][0]["digest"].as_str().unwrap()[7..];
+    let art: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("blobs/sha256").join(art)).unwrap())
+            .unwrap();
+    let layers = art["layers"].as_array().unwrap();
+    // The builder's RUN layer and the final COPY layer (base layers are the registry's).
+    assert_eq!(layers.len(), 2, "{art}");
+    for l in layers {
+        let d = l["digest"].as_str().unwrap();
+        let sum = ok(Command::new("sha256sum").arg(cache.join("blobs/sha256").join(&d[7..])));
+        assert_eq!(&sum[..64], &d[7..]);
+        assert!(
+            l["mediaType"].as_str().unwrap().ends_with("tar+gzip"),
+            "{l}"
+        );
+    }
+}

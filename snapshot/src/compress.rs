@@ -52,6 +52,54 @@ pub struct LayerDesc {
     pub media_type: String,
 }
 
+impl LayerDesc {
+    /// A plain tar named by its diffID: a layer whose blob rbuild need not keep, since the
+    /// same tar is made again from the layer's directory ([`layer_diff`] made it so for a
+    /// layer no output needed; `--compression uncompressed` makes them too).
+    pub fn is_plain_tar(&self) -> bool {
+        self.digest == self.diff_id && self.media_type == Compression::Uncompressed.media_type()
+    }
+}
+
+/// The layer of `dir` as a plain tar, hashed and counted but written nowhere: its diffID
+/// without the cost of compressing and storing a blob no output needs yet. The result
+/// [`LayerDesc::is_plain_tar`]; [`write_layer_blob`] makes the blob when one is needed.
+pub fn layer_diff(dir: &Path, opts: &DiffOptions) -> Result<LayerDesc, DiffError> {
+    struct Sink {
+        hash: Sha256,
+        size: u64,
+    }
+    impl Write for Sink {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.hash.update(data);
+            self.size += data.len() as u64;
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut sink = io::BufWriter::with_capacity(
+        CHUNK,
+        Sink {
+            hash: Sha256::new(),
+            size: 0,
+        },
+    );
+    write_layer_tar(dir, &mut sink, opts)?;
+    let sink = sink.into_inner().map_err(|e| DiffError::Io {
+        path: dir.to_path_buf(),
+        source: e.into_error(),
+    })?;
+    let digest = Digest::from_sha256(sink.hash.finalize().into());
+    Ok(LayerDesc {
+        diff_id: digest.clone(),
+        digest,
+        size: sink.size,
+        media_type: Compression::Uncompressed.media_type().to_string(),
+    })
+}
+
 const CHUNK: usize = 1 << 20;
 
 /// Sends written bytes to the compressing side in 1 MiB chunks, hashing them on the way.

@@ -29,7 +29,9 @@ mod unpack;
 mod verify;
 mod whiteout;
 
-pub use compress::{decompress, recompress_blob, write_layer_blob, Compression, LayerDesc};
+pub use compress::{
+    decompress, layer_diff, recompress_blob, write_layer_blob, Compression, LayerDesc,
+};
 pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
 pub use digest::{mismatch_error, Digest, DigestError, Hasher, VerifyingReader};
 pub use fsutil::clean as clean_components;

@@ -64,7 +64,11 @@ impl Builder {
     }
 
     /// The records `--cache-to` (or an inline cache) exports for a build ending in `fs`.
-    pub(super) async fn cache_records(&self, mode: CacheMode, fs: &ImageFs) -> Result<CacheExport> {
+    pub(super) async fn cache_records(
+        self: &Arc<Self>,
+        mode: CacheMode,
+        fs: &ImageFs,
+    ) -> Result<CacheExport> {
         let mut entries: Vec<(CacheKey, Option<LayerSlot>)> = Vec::new();
         match mode {
             CacheMode::Min => {
@@ -81,7 +85,7 @@ impl Builder {
         let mut export = CacheExport::new();
         for (key, slot) in entries {
             let layer = match slot {
-                Some(s) => Some(s.get().await?),
+                Some(s) => self.with_blobs(vec![s.get().await?]).await?.pop(),
                 None => None,
             };
             export.insert(key, layer);

@@ -19,6 +19,9 @@ impl Builder {
         for l in resolved.into_iter().flatten() {
             descs.push(l.desc.get().await?);
         }
+        // A stage made outside the image earlier (another --target) left layers without
+        // blobs.
+        let descs = self.with_blobs(descs).await?;
         let mut config = fs.config.clone();
         let obj = config
             .as_object_mut()

@@ -318,11 +318,16 @@ impl Builder {
     /// its lasting place in the store, so the next step can stack on it while the blob (tar,
     /// compression, diffID and digest) is written in the background; `layers/sha256/<diffID>`
     /// then links to it and the cache record is written, in that order.
+    ///
+    /// A layer of a stage outside the image (one that only feeds `COPY --from` or a mount)
+    /// gets no blob: only its diffID, from its tar on the way to nowhere. Its blob is made
+    /// from the directory if something ever needs it ([`Builder::with_blobs`]).
     pub(super) fn export_layer(
         &self,
         dir: PathBuf,
         key: &CacheKey,
         pstep: &ProgressStep,
+        stage: usize,
     ) -> Result<Option<Layer>> {
         if fs::read_dir(&dir)?.next().is_none() {
             let _ = fs::remove_dir(&dir);
@@ -335,22 +340,29 @@ impl Builder {
             .with_context(|| format!("holding the setuid files of {}", stable.display()))?;
         let store = self.store.clone();
         let compression = self.opts.compression;
+        let needed = self.blob_needed(stage);
         let key = key.clone();
         let pstep = pstep.clone();
         let src = stable.clone();
         let job = tokio::task::spawn_blocking(move || -> Result<LayerDesc> {
             let started = std::time::Instant::now();
-            let tmp = store.temp_path("layer");
             let opts = rbuild_snapshot::DiffOptions {
                 source_date_epoch: source_date_epoch(),
                 held,
             };
-            let blob =
-                rbuild_snapshot::write_layer_blob(&src, &tmp, compression, &opts).map_err(|e| {
-                    let _ = fs::remove_file(&tmp);
-                    anyhow!("writing the layer of {}: {e}", src.display())
-                })?;
-            store.commit_blob_file(&tmp, &blob.digest)?;
+            let blob = if needed {
+                let tmp = store.temp_path("layer");
+                let blob = rbuild_snapshot::write_layer_blob(&src, &tmp, compression, &opts)
+                    .map_err(|e| {
+                        let _ = fs::remove_file(&tmp);
+                        anyhow!("writing the layer of {}: {e}", src.display())
+                    })?;
+                store.commit_blob_file(&tmp, &blob.digest)?;
+                blob
+            } else {
+                rbuild_snapshot::layer_diff(&src, &opts)
+                    .map_err(|e| anyhow!("reading the layer of {}: {e}", src.display()))?
+            };
             store.link_built_layer(&blob.diff_id, &src)?;
             store.put_record(
                 &key,
@@ -360,10 +372,15 @@ impl Builder {
                 },
             )?;
             pstep.log(&format!(
-                "layer {} {} bytes in {:.3}s",
+                "layer {} {} bytes in {:.3}s{}",
                 blob.diff_id,
                 blob.size,
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                if needed {
+                    ""
+                } else {
+                    " (no blob: outside the image)"
+                }
             ));
             Ok(blob)
         });
@@ -383,6 +400,65 @@ impl Builder {
             desc: slot,
             dir: stable,
         }))
+    }
+
+    /// Whether the layers of stage `stage` need blobs when they are made: those of the
+    /// image (the target and the stages it is built FROM), or all with a `mode=max` cache
+    /// export.
+    fn blob_needed(&self, stage: usize) -> bool {
+        let max_cache = self.opts.cache_to.iter().any(|c| {
+            matches!(
+                c,
+                CacheSpec::Registry {
+                    mode: CacheMode::Max,
+                    ..
+                } | CacheSpec::Local {
+                    mode: CacheMode::Max,
+                    ..
+                }
+            )
+        });
+        max_cache || self.image_stages.get().map_or(true, |s| s.contains(&stage))
+    }
+
+    /// `layers` with a blob in the store for each: a plain-tar layer whose blob was never
+    /// made (see [`Builder::export_layer`]) gets one from its directory, compressed as new
+    /// layers are, once per build.
+    pub(super) async fn with_blobs(
+        self: &Arc<Self>,
+        layers: Vec<LayerDesc>,
+    ) -> Result<Vec<LayerDesc>> {
+        let mut out = Vec::with_capacity(layers.len());
+        for d in layers {
+            if !d.is_plain_tar() || self.store.has_blob(&d.digest) {
+                out.push(d);
+                continue;
+            }
+            let job = {
+                use futures_util::FutureExt;
+                let mut made = self.made_blobs.lock().unwrap();
+                made.entry(d.diff_id.clone())
+                    .or_insert_with(|| {
+                        let store = self.store.clone();
+                        let compression = self.opts.compression;
+                        let progress = self.progress.clone();
+                        let d = d.clone();
+                        async move {
+                            tokio::task::spawn_blocking(move || {
+                                make_blob(&store, &d, compression, &progress)
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| format!("{e:#}")))
+                        }
+                        .boxed()
+                        .shared()
+                    })
+                    .clone()
+            };
+            out.push(job.await.map_err(|e| anyhow!(e))?);
+        }
+        Ok(out)
     }
 
     /// Waits for every background layer export of the build.
@@ -469,4 +545,51 @@ pub(super) fn unpack_into_store(
         }
     };
     Ok((Unpacked::Dir(dir), stats.skipped_xattrs))
+}
+
+/// The blob of plain-tar layer `d`, made from its directory in the store (with the record
+/// of what it holds off disk) and checked against its diffID.
+fn make_blob(
+    store: &Store,
+    d: &LayerDesc,
+    compression: rbuild_snapshot::Compression,
+    progress: &Progress,
+) -> Result<LayerDesc> {
+    let started = std::time::Instant::now();
+    let dir = store.layer_dir(&d.diff_id);
+    if !dir.exists() {
+        bail!(
+            "layer {}: neither its blob nor its directory is in the store (`rbuild prune` and build again)",
+            d.diff_id
+        );
+    }
+    let opts = rbuild_snapshot::DiffOptions {
+        source_date_epoch: source_date_epoch(),
+        held: rbuild_snapshot::Held::load(&dir)?,
+    };
+    let tmp = store.temp_path("layer");
+    let blob = match rbuild_snapshot::write_layer_blob(&dir, &tmp, compression, &opts) {
+        Ok(b) if b.diff_id == d.diff_id => b,
+        Ok(b) => {
+            let _ = fs::remove_file(&tmp);
+            bail!(
+                "layer {}: its directory now makes the tar {} (SOURCE_DATE_EPOCH changed since it was built?); build with --no-cache",
+                d.diff_id,
+                b.diff_id
+            )
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            bail!("writing the layer of {}: {e}", dir.display())
+        }
+    };
+    store.commit_blob_file(&tmp, &blob.digest)?;
+    progress.info(&format!(
+        "layer {}: blob {} made ({} bytes in {:.3}s)",
+        d.diff_id,
+        blob.digest,
+        blob.size,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(blob)
 }

@@ -209,6 +209,8 @@ struct StepCtx {
     id: String,
     /// Dockerfile line.
     line: usize,
+    /// The stage's index.
+    stage: usize,
 }
 
 /// A step could not run because a step it stands on failed (and reported it).
@@ -325,6 +327,11 @@ pub struct Builder {
     blob_jobs: Mutex<HashMap<Digest, SharedJob<()>>>,
     /// Keyed by diffID, or, for a layer unpacked over the layers below it, by their stack.
     unpack_jobs: Mutex<HashMap<Digest, SharedJob<Unpacked>>>,
+    /// Blobs made this build for layers that had none, by diffID ([`Builder::with_blobs`]).
+    made_blobs: Mutex<HashMap<Digest, SharedJob<LayerDesc>>>,
+    /// The stages whose layers make up the image: the target and the stages it is built
+    /// FROM (set once the plan is made).
+    image_stages: std::sync::OnceLock<std::collections::HashSet<usize>>,
     /// Every step result this build made or reused: what `--cache-to mode=max` exports.
     touched: Mutex<Vec<(CacheKey, Option<LayerSlot>)>>,
     /// Deferred steps running now, so a failed build can wait for them to end.
@@ -405,6 +412,8 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         fetch_permits: Semaphore::new(4),
         blob_jobs: Mutex::new(HashMap::new()),
         unpack_jobs: Mutex::new(HashMap::new()),
+        made_blobs: Mutex::new(HashMap::new()),
+        image_stages: std::sync::OnceLock::new(),
         touched: Mutex::new(Vec::new()),
         running: std::sync::atomic::AtomicUsize::new(0),
         dockerfile_name: opts
@@ -437,6 +446,19 @@ impl Builder {
             &self.resolved,
         )
         .map_err(|e| anyhow!("{e}"))?;
+        let mut image_stages = std::collections::HashSet::new();
+        let mut at = Some(plan.target);
+        while let Some(i) = at.filter(|i| image_stages.insert(*i)) {
+            at = plan
+                .stages
+                .iter()
+                .find(|s| s.index == i)
+                .and_then(|s| match s.base {
+                    Base::Stage(j) => Some(j),
+                    _ => None,
+                });
+        }
+        let _ = self.image_stages.set(image_stages);
         self.load_imports().await;
         self.prefetch(&plan);
         // Every stage of the plan starts at once; each waits only for what it depends on.
@@ -614,8 +636,17 @@ impl Builder {
                 }
                 Some(step) => {
                     let id = format!("{}\u{0}{}\u{0}{}", self.opts.dockerfile.display(), idx, i);
-                    self.add_step(&mut fs, step, StepCtx { name, id, line })
-                        .await?;
+                    self.add_step(
+                        &mut fs,
+                        step,
+                        StepCtx {
+                            name,
+                            id,
+                            line,
+                            stage: idx,
+                        },
+                    )
+                    .await?;
                 }
             }
             fs.state = dispatcher.state().clone();

@@ -256,7 +256,9 @@ impl Store {
                 source,
             })?;
         if let Some(l) = &rec.layer {
-            if !self.has_blob(&l.digest) || !self.has_layer(&l.diff_id) {
+            // A plain tar's blob is made from its directory when needed.
+            let blob = self.has_blob(&l.digest) || l.is_plain_tar();
+            if !blob || !self.has_layer(&l.diff_id) {
                 return Ok(None);
             }
         }

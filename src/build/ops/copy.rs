@@ -338,7 +338,7 @@ impl Op for CopyOp {
             }
             drop(cleanup);
             pstep.log(&format!("copied {n} files"));
-            b.export_layer(staging, key, &pstep)
+            b.export_layer(staging, key, &pstep, ctx.stage)
         }
         .await;
         finish_pstep(&pstep, res)

@@ -182,7 +182,7 @@ impl Op for RunOp {
                 }
             }
             let _permit = b.jobs.acquire().await?;
-            b.export_layer(upper, key, &pstep)
+            b.export_layer(upper, key, &pstep, ctx.stage)
         }
         .await;
         finish_pstep(&pstep, res)

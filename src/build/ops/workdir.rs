@@ -52,7 +52,7 @@ impl Op for WorkdirOp {
             };
             let staging = b.store.temp_dir("workdir")?;
             crate::copy::ensure_dir_owned(&staging, &stack, &clean_components(path), owner)?;
-            b.export_layer(staging, key, &pstep)
+            b.export_layer(staging, key, &pstep, ctx.stage)
         }
         .await;
         finish_pstep(&pstep, res)
