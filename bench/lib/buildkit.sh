@@ -1,7 +1,8 @@
 # Sourced by the benchmarks: a private dockerd 20.10 (Debian's docker.io, BuildKit built in) as
 # the peer, with its own socket, data root and no bridge, so it changes nothing of the
 # machine's network and shares nothing with another daemon. Needs root.
-#   buildkit_up DIR     starts it (installs docker.io if missing); sets BK_DOCKER
+#   buildkit_up DIR     starts it (installs docker.io if missing); sets BK_DOCKER; more
+#                       dockerd options in $BK_EXTRA
 #   bk_build ARGS...    DOCKER_BUILDKIT=1 docker build with its own 20.10 client
 #   buildkit_down       stops it
 buildkit_up() {
@@ -9,7 +10,7 @@ buildkit_up() {
   dpkg -s docker.io >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io >/dev/null
   mkdir -p "$dir"
   dockerd --data-root "$dir/data" --exec-root "$dir/exec" -H "unix://$dir/docker.sock" \
-    --pidfile "$dir/pid" --bridge=none --iptables=false --ip-masq=false >"$dir/log" 2>&1 &
+    --pidfile "$dir/pid" --bridge=none --iptables=false --ip-masq=false ${BK_EXTRA:-} >"$dir/log" 2>&1 &
   BK_DIR=$dir
   BK_DOCKER="unix://$dir/docker.sock"
   for _ in $(seq 100); do

@@ -1,0 +1,47 @@
+"""The table of bench/peers.sh: per case and variant, the median wall time, CPU time and peak
+RSS of each tool, and the median of the per-run ratios rbuild / best peer (the faster of
+BuildKit and buildah in that run).
+
+    python3 peers_table.py RESULTS   # lines: CASE VARIANT RUN TOOL WALL CPU RSS_MIB
+"""
+import statistics
+import sys
+from collections import defaultdict
+
+rows = defaultdict(lambda: defaultdict(dict))  # (case, variant) -> run -> tool -> (w, c, r)
+order = []
+for line in open(sys.argv[1]):
+    case, variant, run, tool, w, c, r = line.split()
+    key = (case, variant)
+    if key not in order:
+        order.append(key)
+    num = lambda x: None if x in ("fail", "n/a") else float(x)
+    rows[key][run][tool] = (num(w), num(c), num(r))
+
+tools = ["rbuild", "buildkit", "buildah"]
+print("| case | " + " | ".join(f"{t} wall / CPU / RSS" for t in tools) + " | rbuild / best peer (wall) |")
+print("|---|" + "---|" * (len(tools) + 1))
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+for key in order:
+    runs = rows[key]
+    cells = []
+    for t in tools:
+        w = med([runs[r].get(t, (None,) * 3)[0] for r in runs])
+        c = med([runs[r].get(t, (None,) * 3)[1] for r in runs])
+        m = med([runs[r].get(t, (None,) * 3)[2] for r in runs])
+        cells.append("n/a" if w is None else f"{w:.2f} s / {c:.2f} s / {m:.0f} MiB")
+    ratios = []
+    for r in runs.values():
+        mine = r.get("rbuild", (None,))[0]
+        peers = [r.get(t, (None,))[0] for t in tools[1:]]
+        peers = [p for p in peers if p]
+        if mine and peers:
+            ratios.append(mine / min(peers))
+    ratio = med(ratios)
+    print(f"| {key[0]} {key[1]} | " + " | ".join(cells) + f" | {'n/a' if ratio is None else f'{ratio:.2f}'} |")
