@@ -35,7 +35,7 @@ pub use compress::{
 pub use diff::{write_layer_tar, DiffError, DiffOptions, DiffStats};
 pub use digest::{mismatch_error, Digest, DigestError, Hasher, VerifyingReader};
 pub use fsutil::clean as clean_components;
-pub use fsutil::{open_in_root, resolve_in_root};
+pub use fsutil::{list as list_names, open_dir_in, open_in_root, resolve_in_root};
 pub use held::{
     disk_mode, held_path, hold_tree, is_held_mode, lift_held, Held, HeldEntry, HeldKind,
     HELD_SUFFIX,

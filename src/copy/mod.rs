@@ -1,6 +1,8 @@
 //! COPY and ADD of local files and of other stages' files: staged into a plain directory
 //! (no sandbox, no overlay mount) that then becomes the layer.
 
+mod context_tree;
+
 use crate::rootfs::{clean_components, LayerStack};
 use std::fs;
 use std::io::{self, Read};
@@ -613,23 +615,33 @@ fn copy_tree(
         Err(_) => fs::create_dir(target).map_err(ioe(target))?,
     }
     let mut n = 0;
-    for name in source.list(rel)? {
-        let child = join_rel(rel, &name);
-        if let Some((_, cmd)) = source.lookup_at(&child, false) {
-            if ex.excludes(&child, cmd.is_dir()) {
-                continue;
-            }
-        }
-        n += copy_tree(
-            source,
-            &child,
-            &target.join(&name),
+    if let Source::Context { root, ignore } = source {
+        let w = context_tree::Walk {
+            ignore,
+            ex,
             owner,
             mode,
-            false,
-            ex,
-            links,
-        )?;
+        };
+        n = context_tree::copy_contents(root, rel, target, &w, links)?;
+    } else {
+        for name in source.list(rel)? {
+            let child = join_rel(rel, &name);
+            if let Some((_, cmd)) = source.lookup_at(&child, false) {
+                if ex.excludes(&child, cmd.is_dir()) {
+                    continue;
+                }
+            }
+            n += copy_tree(
+                source,
+                &child,
+                &target.join(&name),
+                owner,
+                mode,
+                false,
+                ex,
+                links,
+            )?;
+        }
     }
     // The top directory of a directory source is the destination itself: docker keeps the
     // destination's own metadata when it already existed, and otherwise creates it.
