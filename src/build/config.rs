@@ -19,9 +19,14 @@ impl Builder {
         for l in resolved.into_iter().flatten() {
             descs.push(l.desc.get().await?);
         }
-        // A stage made outside the image earlier (another --target) left layers without
-        // blobs.
-        let descs = self.with_blobs(descs).await?;
+        // A stage made outside the image earlier (another --target), or a build that needed
+        // no blobs, left layers without blobs. Without an output that takes them, the
+        // manifest names the layers as the plain tars they are.
+        let descs = if self.image_needs_blobs() {
+            self.with_blobs(descs).await?
+        } else {
+            descs
+        };
         let mut config = fs.config.clone();
         let obj = config
             .as_object_mut()
@@ -56,7 +61,7 @@ impl Builder {
             json!({"type": "layers", "diff_ids": descs.iter().map(|d| d.diff_id.to_string()).collect::<Vec<_>>()}),
         );
         obj.insert("history".into(), Value::Array(history));
-        let layers = if self.opts.force_compression {
+        let layers = if self.opts.force_compression && self.image_needs_blobs() {
             self.recompress_layers(descs).await?
         } else {
             descs

@@ -341,6 +341,7 @@ impl Builder {
         let store = self.store.clone();
         let compression = self.opts.compression;
         let needed = self.blob_needed(stage);
+        let in_image = self.in_image(stage);
         let key = key.clone();
         let pstep = pstep.clone();
         let src = stable.clone();
@@ -376,10 +377,10 @@ impl Builder {
                 blob.diff_id,
                 blob.size,
                 started.elapsed().as_secs_f64(),
-                if needed {
-                    ""
-                } else {
-                    " (no blob: outside the image)"
+                match (needed, in_image) {
+                    (true, _) => "",
+                    (false, true) => " (no blob: no output takes one)",
+                    (false, false) => " (no blob: outside the image)",
                 }
             ));
             Ok(blob)
@@ -403,8 +404,8 @@ impl Builder {
     }
 
     /// Whether the layers of stage `stage` need blobs when they are made: those of the
-    /// image (the target and the stages it is built FROM), or all with a `mode=max` cache
-    /// export.
+    /// image (the target and the stages it is built FROM) when an output or a cache export
+    /// takes blobs, or all with a `mode=max` cache export.
     fn blob_needed(&self, stage: usize) -> bool {
         let max_cache = self.opts.cache_to.iter().any(|c| {
             matches!(
@@ -418,7 +419,21 @@ impl Builder {
                 }
             )
         });
-        max_cache || self.image_stages.get().map_or(true, |s| s.contains(&stage))
+        max_cache || (self.image_needs_blobs() && self.in_image(stage))
+    }
+
+    /// Whether stage `stage` is the target or one the target is built FROM.
+    fn in_image(&self, stage: usize) -> bool {
+        self.image_stages.get().map_or(true, |s| s.contains(&stage))
+    }
+
+    /// Whether anything of this build takes the image's blobs: an output or a cache export.
+    /// A build that stays in the store compresses nothing, as BuildKit's export to the
+    /// docker image store does not; a later build that needs the blobs makes them from the
+    /// layers ([`Builder::with_blobs`]). (`type=local` unpacks blobs today, so it takes them
+    /// too.)
+    pub(super) fn image_needs_blobs(&self) -> bool {
+        !self.opts.cache_to.is_empty() || !self.opts.outputs.is_empty()
     }
 
     /// `layers` with a blob in the store for each: a plain-tar layer whose blob was never
