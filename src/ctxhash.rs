@@ -69,18 +69,40 @@ impl ContextHasher {
     }
 
     /// The digest of what `pattern` (a path or glob, as in COPY) selects in the directory
-    /// `dir` under the rules of `ignore`. Blocks: run it off the async threads.
+    /// `dir` under the rules of `ignore`, less what a COPY's `--exclude` patterns (`exclude`)
+    /// leave out, which is never read. Blocks: run it off the async threads.
     pub fn hash(
         &self,
         dir: &Path,
         ignore: &IgnoreMatcher,
         pattern: &str,
+        exclude: Option<&IgnoreMatcher>,
     ) -> Result<Digest, CtxHashError> {
         let src = Source::Context { root: dir, ignore };
         let selected = src.select(pattern)?;
         let rels: Vec<&str> = selected.iter().map(|s| s.rel.as_str()).collect();
+        // COPY matches `--exclude` below each source item it copies; an entry is left out
+        // only when every selected item it is below excludes it (so whatever COPY copies
+        // counts). An excluded directory is not walked: COPY does not descend into one.
+        let copy_excludes = |rel: &str, is_dir: bool| {
+            let Some(ex) = exclude else { return false };
+            let mut below = rels
+                .iter()
+                .filter_map(|base| {
+                    if base.is_empty() {
+                        Some(rel)
+                    } else {
+                        rel.strip_prefix(base)
+                            .and_then(|r| r.strip_prefix('/').or(r.is_empty().then_some(r)))
+                    }
+                })
+                .peekable();
+            below.peek().is_some() && below.all(|b| !b.is_empty() && ex.is_excluded(b, is_dir))
+        };
         let filter = |rel: &str, is_dir: bool| {
-            if !ignore.is_excluded(rel, is_dir) {
+            if copy_excludes(rel, is_dir) {
+                Filter::ExcludeTree
+            } else if !ignore.is_excluded(rel, is_dir) {
                 Filter::Include
             } else if is_dir && !ignore.may_include_below(rel) {
                 Filter::ExcludeTree

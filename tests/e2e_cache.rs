@@ -423,6 +423,69 @@ fn unchanged_context_files_are_not_read_again() {
     assert!(log.contains("cache miss: changed content"), "{log}");
 }
 
+#[test]
+fn files_copy_excludes_are_never_read() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let work = tempfile::tempdir().unwrap();
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {base}\nCOPY --exclude=**/*.log --exclude=cache src /src\nRUN find /src | sort\n"
+            ),
+        ),
+        ("src/a", "a\n"),
+        ("src/b.log", "log\n"),
+        ("src/sub/c.log", "log\n"),
+        ("src/sub/d", "d\n"),
+        ("src/cache/x", "x\n"),
+    ]);
+    std::thread::sleep(Duration::from_millis(2100));
+    let root = work.path().join("store");
+    let files_read = |log: &str| -> u64 {
+        let line = log
+            .lines()
+            .find(|l| l.contains("files read to hash them"))
+            .unwrap_or_else(|| panic!("no context line:\n{log}"));
+        line.split("context: ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(
+        files_read(&log),
+        2,
+        "only src/a and src/sub/d are read:\n{log}"
+    );
+    assert!(
+        log.contains("/src/sub/d")
+            && !log.contains("b.log")
+            && !log.contains("c.log")
+            && !log.contains("/src/cache"),
+        "{log}"
+    );
+    // What --exclude leaves out changes: nothing is read, and the COPY is a hit.
+    std::fs::write(ctx.path().join("src/b.log"), "more\n").unwrap();
+    std::fs::write(ctx.path().join("src/sub/c.log"), "more\n").unwrap();
+    std::fs::write(ctx.path().join("src/cache/x"), "y\n").unwrap();
+    std::fs::write(ctx.path().join("src/cache/new"), "z\n").unwrap();
+    let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(files_read(&log), 0, "{log}");
+    assert!(!log.contains("cache miss"), "{log}");
+    // A copied file changes: read, and a miss.
+    std::fs::write(ctx.path().join("src/sub/d"), "changed\n").unwrap();
+    let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
+    assert_eq!(files_read(&log), 1, "{log}");
+    assert!(log.contains("cache miss: changed content"), "{log}");
+}
+
 /// Sets owner and mtime of every file and directory below `dir` (a context copied elsewhere
 /// by another user at another time).
 fn restamp(dir: &Path, uid: u32, secs: u64) {

@@ -232,9 +232,13 @@ impl Builder {
                     }
                     for src in &c.sources {
                         if let rbuild_dag::SourceArg::Path(p) = src {
-                            if !p.contains('$') && !p.contains("://") && !p.starts_with("git@") {
+                            if !p.contains('$')
+                                && !p.contains("://")
+                                && !p.starts_with("git@")
+                                && !c.exclude.iter().any(|e| e.contains('$'))
+                            {
                                 // The hashing job runs already; the map keeps its shared result.
-                                drop(self.context_hash(p));
+                                drop(self.context_hash(p, &c.exclude));
                             }
                         }
                     }

@@ -20,8 +20,10 @@ impl Builder {
                     // Its content (not where it is): a changed file reruns the step.
                     let dir = self.named_dir_context(name).unwrap();
                     let sub = bind_source_in(&dir, m.source.as_deref())?;
-                    key.str("bind-dir-context", name)
-                        .str("bind-content", self.dir_hash(&dir, &sub).await?.as_str());
+                    key.str("bind-dir-context", name).str(
+                        "bind-content",
+                        self.dir_hash(&dir, &sub, None).await?.as_str(),
+                    );
                 }
                 Some(name) => {
                     let from = self.copy_from(name).await?;
@@ -30,7 +32,7 @@ impl Builder {
                 None => {
                     // What the step will see: the source resolved inside the context.
                     let sub = bind_source_in(&self.opts.context, m.source.as_deref())?;
-                    let d = self.context_hash(&sub).await.map_err(|e| {
+                    let d = self.context_hash(&sub, &[]).await.map_err(|e| {
                         anyhow!(
                             "RUN --mount source {}: {e}",
                             m.source.as_deref().unwrap_or("/")

@@ -105,10 +105,10 @@ impl Op for CopyOp {
                     }
                     h.update(p.as_bytes());
                     if let Some(dir) = &dir_context {
-                        let d = b.dir_hash(dir, p).await?;
+                        let d = b.dir_hash(dir, p, exclude_m.clone()).await?;
                         h.update(d.as_str().as_bytes());
                     } else if from.is_none() {
-                        let d = b.context_hash(p).await.map_err(|e| anyhow!(e))?;
+                        let d = b.context_hash(p, exclude).await.map_err(|e| anyhow!(e))?;
                         h.update(d.as_str().as_bytes());
                     }
                 }
