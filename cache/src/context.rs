@@ -17,7 +17,7 @@ use crate::digest::{Digest, Hasher};
 use crate::store::{write_file_atomic, Store, StoreError};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
@@ -113,8 +113,38 @@ pub struct StatCache {
     file: Option<PathBuf>,
     context: PathBuf,
     entries: HashMap<String, Entry>,
+    /// Paths whose entry was added, replaced or dropped since the load: what
+    /// [`StatCache::save`] appends to the journal.
+    changed: HashSet<String>,
+    /// Lines in the journal when it was loaded.
+    journal_lines: usize,
     dirty: bool,
     reads: AtomicU64,
+}
+
+/// One line of the journal: the entry of `p`, or (`e` absent) its removal.
+#[derive(Serialize, Deserialize)]
+struct JournalLine {
+    p: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    e: Option<Entry>,
+}
+
+/// The journal beside a stat cache file: `<file>.log`, one JSON line per changed entry.
+fn journal_of(file: &Path) -> PathBuf {
+    let mut s = file.as_os_str().to_os_string();
+    s.push(".log");
+    PathBuf::from(s)
+}
+
+/// Whether `file` (in `statcache/`) is a journal, kept or removed with its cache file.
+pub fn is_journal(file: &Path) -> bool {
+    file.extension().is_some_and(|e| e == "log")
+}
+
+/// The cache file a journal belongs to.
+pub fn journal_owner(journal: &Path) -> PathBuf {
+    journal.with_extension("")
 }
 
 fn now_ns() -> i64 {
@@ -175,12 +205,28 @@ impl StatCache {
         let context = context
             .canonicalize()
             .unwrap_or_else(|_| context.to_path_buf());
-        let entries = fs::read(&file)
+        let mut entries = fs::read(&file)
             .ok()
             .and_then(|b| serde_json::from_slice::<OnDisk>(&b).ok())
             .filter(|d| d.version == FORMAT_VERSION && d.context == context)
-            .map(|d| d.entries)
-            .unwrap_or_default();
+            .map(|d| d.entries);
+        // The journal replays over the file it belongs to (none without one). A line that
+        // does not read (a write cut short) ends it: each line holds a whole entry, valid
+        // for its own stat tuple, so what came before stays right.
+        let mut journal_lines = 0;
+        if let (Some(entries), Ok(log)) = (entries.as_mut(), fs::read(journal_of(&file))) {
+            for line in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let Ok(j) = serde_json::from_slice::<JournalLine>(line) else {
+                    break;
+                };
+                journal_lines += 1;
+                match j.e {
+                    Some(e) => entries.insert(j.p, e),
+                    None => entries.remove(&j.p),
+                };
+            }
+        }
+        let entries = entries.unwrap_or_default();
         // The file's mtime is its last use (prune --filter until= goes by it), also when an
         // unchanged context leaves nothing to write.
         if !entries.is_empty() {
@@ -192,6 +238,8 @@ impl StatCache {
             file: Some(file),
             context,
             entries,
+            changed: HashSet::new(),
+            journal_lines,
             dirty: false,
             reads: AtomicU64::new(0),
         }
@@ -209,8 +257,11 @@ impl StatCache {
         (h.version == FORMAT_VERSION).then_some(h.context)
     }
 
-    /// Writes the cache back (atomically) if it was loaded from a store and changed,
-    /// dropping entries of files that no longer exist.
+    /// Saves what changed, if the cache was loaded from a store. A few changed entries are
+    /// appended to the journal beside the file (one file changed in a 20k-file context
+    /// writes one line, not the whole cache again); once the journal holds more than a
+    /// quarter of the entries, the cache is written whole (atomically), without the entries
+    /// of files that no longer exist, and the journal starts again.
     pub fn save(&mut self) -> Result<(), ContextError> {
         let Some(file) = self.file.clone() else {
             return Ok(());
@@ -218,24 +269,57 @@ impl StatCache {
         if !self.dirty {
             return Ok(());
         }
-        // Something changed: also drop entries of deleted files, so the file does not grow
-        // with every file a project ever had (an unchanged rebuild skips this and the write).
-        let context = self.context.clone();
-        self.forget_missing(&context);
-        let file = &file;
         let dir = file.parent().unwrap();
-        fs::create_dir_all(dir).map_err(|source| ContextError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let disk = OnDisk {
-            version: FORMAT_VERSION,
-            context: self.context.clone(),
-            entries: std::mem::take(&mut self.entries),
+        let io_at = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ContextError::Io { path, source }
         };
-        let bytes = serde_json::to_vec(&disk).expect("stat cache serializes");
-        self.entries = disk.entries;
-        write_file_atomic(file, &bytes)?;
+        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let journal = journal_of(&file);
+        let lines = self.journal_lines + self.changed.len();
+        if file.exists() && lines <= (self.entries.len() / 4).max(256) {
+            let mut buf = Vec::new();
+            let mut changed: Vec<&String> = self.changed.iter().collect();
+            changed.sort();
+            for p in changed {
+                let line = JournalLine {
+                    p: p.clone(),
+                    e: self.entries.get(p).cloned(),
+                };
+                serde_json::to_writer(&mut buf, &line).expect("journal line serializes");
+                buf.push(b'\n');
+            }
+            // One write of whole lines: another build appending meanwhile cannot split one.
+            use std::io::Write;
+            fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&journal)
+                .and_then(|mut f| f.write_all(&buf))
+                .map_err(io_at(&journal))?;
+            self.journal_lines = lines;
+        } else {
+            // Also drop entries of deleted files, so the file does not grow with every file a
+            // project ever had.
+            let context = self.context.clone();
+            self.forget_missing(&context);
+            let disk = OnDisk {
+                version: FORMAT_VERSION,
+                context: self.context.clone(),
+                entries: std::mem::take(&mut self.entries),
+            };
+            let bytes = serde_json::to_vec(&disk).expect("stat cache serializes");
+            self.entries = disk.entries;
+            write_file_atomic(&file, &bytes)?;
+            match fs::remove_file(&journal) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_at(&journal)(e));
+                }
+                _ => {}
+            }
+            self.journal_lines = 0;
+        }
+        self.changed.clear();
         self.dirty = false;
         Ok(())
     }
@@ -257,10 +341,15 @@ impl StatCache {
 
     /// Forgets entries for paths that no longer exist under `root` (keeps the file small).
     pub fn forget_missing(&mut self, root: &Path) {
-        let before = self.entries.len();
-        self.entries
-            .retain(|rel, _| fs::symlink_metadata(root.join(rel)).is_ok());
-        self.dirty |= self.entries.len() != before;
+        let changed = &mut self.changed;
+        self.entries.retain(|rel, _| {
+            let keep = fs::symlink_metadata(root.join(rel)).is_ok();
+            if !keep {
+                changed.insert(rel.clone());
+            }
+            keep
+        });
+        self.dirty |= !self.changed.is_empty();
     }
 
     /// The sha256 of the regular file `root/rel` whose `lstat` is `md`; reads it only when
@@ -280,6 +369,7 @@ impl StatCache {
     }
 
     fn remember(&mut self, rel: &str, stat: Stat, hashed_ns: i64, digest: &Digest, stable: bool) {
+        self.changed.insert(rel.to_string());
         if stable {
             self.entries.insert(
                 rel.to_string(),

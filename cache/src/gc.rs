@@ -625,6 +625,9 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         if e.file_name().to_string_lossy().starts_with('.') {
             continue; // a write in progress (prune holds the store alone: a dead one, gone above)
         }
+        if crate::context::is_journal(&p) {
+            continue; // goes with its cache file, below
+        }
         let old = opts.older_than.is_some_and(|d| {
             let used = fs::metadata(&p)
                 .and_then(|m| m.modified())
@@ -635,6 +638,13 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
             || old
             || crate::context::StatCache::context_of(&p).is_none_or(|dir| !dir.is_dir())
         {
+            report.bytes += tree_size(&p);
+            remove_any(&p)?;
+        }
+    }
+    for e in entries(&store.layout().statcache()) {
+        let p = e.path();
+        if crate::context::is_journal(&p) && !crate::context::journal_owner(&p).exists() {
             report.bytes += tree_size(&p);
             remove_any(&p)?;
         }

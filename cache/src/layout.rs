@@ -16,7 +16,8 @@
 //! - `tmp/`: work space; everything is written there first and renamed into place,
 //!   so a killed build never leaves a half-written blob, layer or record under a final name;
 //! - `refs/<sha256 of name>.json`: names for manifests that prune keeps;
-//! - `statcache/<sha256 of context path>.json`: stat caches of build contexts;
+//! - `statcache/<sha256 of context path>.json`: stat caches of build contexts, each with
+//!   the journal of its later changes in `<same>.json.log`;
 //! - `resolved/<sha256 of reference and platform>.json`: base image references resolved
 //!   recently;
 //! - `run/`: the build namespace's state (the clone of `/proc`, trust anchors);

@@ -212,9 +212,18 @@ fn saving_drops_entries_of_deleted_files() {
     let mut c = StatCache::load(&store, ctx.path());
     c.hash_tree(ctx.path(), &["."]).unwrap();
     c.save().unwrap();
+    // A small change goes to the journal: the deleted file's entry stays until the cache is
+    // next written whole, which enough changes bring about.
+    assert_eq!(StatCache::load(&store, ctx.path()).len(), 4);
+    for i in 0..300 {
+        fs::write(ctx.path().join(format!("n{i}")), format!("{i}")).unwrap();
+    }
+    let mut c = StatCache::load(&store, ctx.path());
+    c.hash_tree(ctx.path(), &["."]).unwrap();
+    c.save().unwrap();
     assert_eq!(
         StatCache::load(&store, ctx.path()).len(),
-        3,
+        303,
         "the deleted file's entry is gone"
     );
 }
@@ -282,4 +291,76 @@ fn prune_removes_stat_caches_of_contexts_that_are_gone() {
     )
     .unwrap();
     assert!(!kept_file.exists(), "unused for two hours");
+}
+
+#[test]
+fn one_changed_file_appends_to_the_journal_instead_of_rewriting_the_cache() {
+    let ctx = tempfile::tempdir().unwrap();
+    let st = tempfile::tempdir().unwrap();
+    let store = Store::open(st.path()).unwrap();
+    for i in 0..2000 {
+        fs::write(ctx.path().join(format!("f{i}")), format!("{i}")).unwrap();
+    }
+    settle();
+    let mut c = StatCache::load(&store, ctx.path());
+    let d0 = c.hash_tree(ctx.path(), &["."]).unwrap();
+    c.save().unwrap();
+    let file = StatCache::file_for(&store, ctx.path());
+    let journal = std::path::PathBuf::from(format!("{}.log", file.display()));
+    let whole = fs::read(&file).unwrap();
+    assert!(!journal.exists(), "the first save writes the cache whole");
+
+    fs::write(ctx.path().join("f7"), b"changed").unwrap();
+    settle();
+    let mut c = StatCache::load(&store, ctx.path());
+    let d1 = c.hash_tree(ctx.path(), &["."]).unwrap();
+    assert_ne!(d0, d1);
+    assert_eq!(c.files_read(), 1);
+    c.save().unwrap();
+    assert_eq!(
+        fs::read(&file).unwrap(),
+        whole,
+        "the cache file is not rewritten"
+    );
+    let log = fs::read_to_string(&journal).unwrap();
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(log.contains("\"f7\""), "{log}");
+
+    // The journal replays: nothing is read again.
+    let mut c = StatCache::load(&store, ctx.path());
+    assert_eq!(c.hash_tree(ctx.path(), &["."]).unwrap(), d1);
+    assert_eq!(c.files_read(), 0);
+
+    // A line cut short (a killed write) ends the replay; what it held is read again.
+    fs::write(ctx.path().join("f8"), b"changed too").unwrap();
+    settle();
+    let mut c = StatCache::load(&store, ctx.path());
+    c.hash_tree(ctx.path(), &["."]).unwrap();
+    c.save().unwrap();
+    let log = fs::read(&journal).unwrap();
+    fs::write(&journal, &log[..log.len() - 10]).unwrap();
+    let mut c = StatCache::load(&store, ctx.path());
+    c.hash_tree(ctx.path(), &["."]).unwrap();
+    assert_eq!(
+        c.files_read(),
+        1,
+        "only f8, whose line was cut, is read again"
+    );
+    c.save().unwrap();
+
+    // Many changes: the cache is written whole again (deleted files dropped), the journal
+    // starts over.
+    for i in 0..600 {
+        fs::write(ctx.path().join(format!("f{i}")), format!("new {i}")).unwrap();
+    }
+    fs::remove_file(ctx.path().join("f1999")).unwrap();
+    settle();
+    let mut c = StatCache::load(&store, ctx.path());
+    let d2 = c.hash_tree(ctx.path(), &["."]).unwrap();
+    c.save().unwrap();
+    assert!(!journal.exists(), "compacted");
+    let mut c = StatCache::load(&store, ctx.path());
+    assert_eq!(c.len(), 1999);
+    assert_eq!(c.hash_tree(ctx.path(), &["."]).unwrap(), d2);
+    assert_eq!(c.files_read(), 0);
 }
