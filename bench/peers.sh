@@ -10,6 +10,8 @@
 # containers for buildah); CPU is the cgroup's cpuacct.usage, peak RSS the largest sum of
 # VmRSS over the cgroup's processes, sampled every 50 ms (bench/lib/treerss.py).
 # Prints, per case, the medians and the per-run ratio rbuild / best peer, as a Markdown table.
+# Cold cases also run rbuild with `--output type=oci` (rbuild-oci: every image layer
+# compressed), reported against BuildKit's cold build.
 #
 #   bench/peers.sh                  every case but the network-bound ones (apt, gcc)
 #   bench/peers.sh --runs 5 gcc     one case, 5 runs
@@ -41,7 +43,7 @@ cgname=rbuild-peers-$$
 cpu_root=/sys/fs/cgroup/cpuacct
 [ -d $cpu_root ] || cpu_root=/sys/fs/cgroup/cpu,cpuacct
 mem_root=/sys/fs/cgroup/memory
-for t in rbuild buildkit buildah; do mkdir -p "$cpu_root/$cgname/$t" "$mem_root/$cgname/$t"; done
+for t in rbuild rbuild-oci buildkit buildah; do mkdir -p "$cpu_root/$cgname/$t" "$mem_root/$cgname/$t"; done
 reg=$("$tb/registry-up" 0 "$work/registry")
 cleanup() {
   buildkit_down || true
@@ -161,6 +163,11 @@ bh_cold() { buildah rm -a >/dev/null 2>&1 || true; buildah rmi -af >/dev/null 2>
 build() {
   local t=$1 c=$2 push=${3:-} comp=${4:-gzip} dir=$work/ctx/$2
   case $t in
+    rbuild-oci)
+      # A cold build written as an OCI layout: every layer of the image compressed.
+      rm -rf "$work/oci-out"
+      in_cg rbuild-oci "$bin" build --progress=plain --root "$rb_root" --insecure-registry "$reg" \
+        -t "peers/$c:1" --output "type=oci,dest=$work/oci-out" "$dir" ;;
     rbuild)
       local extra=()
       [ -n "$push" ] && extra+=(--push -t "$push") || extra+=(-t "peers/$c:1")
@@ -214,10 +221,13 @@ results=$work/results
 : >"$results"
 run_variant() { # CASE VARIANT PREP [push] [comp]
   local c=$1 v=$2 prep=$3 push=${4:-} comp=${5:-gzip} r t
+  local tools="rbuild buildkit buildah"
+  # Cold builds also with an OCI layout output, against BuildKit's cold build (issue 13).
+  [ "$prep" = cold ] && [ -z "$push" ] && tools="rbuild rbuild-oci buildkit buildah"
   for r in $(seq 1 "$runs"); do
-    for t in rbuild buildkit buildah; do
+    for t in $tools; do
       case $prep in
-        cold) case $t in rbuild) rb_cold ;; buildkit) bk_cold ;; buildah) bh_cold ;; esac ;;
+        cold) case $t in rbuild | rbuild-oci) rb_cold ;; buildkit) bk_cold ;; buildah) bh_cold ;; esac ;;
         *) # a first build, not measured, then the change
           build "$t" "$c" >/dev/null 2>&1 || true
           case $prep in

@@ -18,9 +18,10 @@ for line in open(sys.argv[1]):
     num = lambda x: None if x in ("fail", "n/a") else float(x)
     rows[key][run][tool] = (num(w), num(c), num(r))
 
-tools = ["rbuild", "buildkit", "buildah"]
-print("| case | " + " | ".join(f"{t} wall / CPU / RSS" for t in tools) + " | rbuild / best peer (wall) |")
-print("|---|" + "---|" * (len(tools) + 1))
+tools = ["rbuild", "buildkit", "buildah", "rbuild-oci"]
+print("| case | " + " | ".join(f"{t} wall / CPU / RSS" for t in tools)
+      + " | rbuild / best peer (wall) | rbuild-oci / BuildKit (wall) |")
+print("|---|" + "---|" * (len(tools) + 2))
 
 
 def med(xs):
@@ -39,9 +40,12 @@ for key in order:
     ratios = []
     for r in runs.values():
         mine = r.get("rbuild", (None,))[0]
-        peers = [r.get(t, (None,))[0] for t in tools[1:]]
+        peers = [r.get(t, (None,))[0] for t in ("buildkit", "buildah")]
         peers = [p for p in peers if p]
         if mine and peers:
             ratios.append(mine / min(peers))
     ratio = med(ratios)
-    print(f"| {key[0]} {key[1]} | " + " | ".join(cells) + f" | {'n/a' if ratio is None else f'{ratio:.2f}'} |")
+    oci = med([r["rbuild-oci"][0] / r["buildkit"][0] for r in runs.values()
+               if r.get("rbuild-oci", (None,))[0] and r.get("buildkit", (None,))[0]])
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+    print(f"| {key[0]} {key[1]} | " + " | ".join(cells) + f" | {fmt(ratio)} | {fmt(oci)} |")
