@@ -37,6 +37,42 @@ fn demo_context(base: &str) -> tempfile::TempDir {
     ])
 }
 
+/// With `--push`, a layer's blob goes to the registry as soon as it is made, while later
+/// steps still run; the push then finds it there.
+#[test]
+fn pushed_layers_are_uploaded_while_later_steps_run() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN head -c 300000 /dev/urandom > /a\nRUN sleep 3 && echo b > /b\n"),
+    )]);
+    let root = tempfile::tempdir().unwrap();
+    let tag = format!("{}/early:1", reg.addr);
+    let out = run(rbuild_in_pidns(&root.path().join("store"))
+        .args(["-t", &tag, "--push"])
+        .arg(ctx.path()));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    let at = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
+    let uploaded = at(&|l| l.starts_with("#2 ") && l.contains(": uploaded to "))
+        .unwrap_or_else(|| panic!("the first RUN's layer was not uploaded by its step:\n{log}"));
+    let second_done = at(&|l| l.starts_with("#3 DONE")).expect("second RUN done");
+    assert!(
+        uploaded < second_done,
+        "uploaded only after the last step:\n{log}"
+    );
+    assert!(
+        log.contains(": already in "),
+        "the push found it there:\n{log}"
+    );
+    // The image is whole: skopeo reads it, with the base layer and both new layers.
+    let inspect = skopeo_inspect(&tag);
+    assert_eq!(inspect["Layers"].as_array().unwrap().len(), 3, "{inspect}");
+}
+
 #[test]
 fn push_inspect_unpack_as_root() {
     ensure_tools();

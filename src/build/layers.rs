@@ -323,7 +323,7 @@ impl Builder {
     /// gets no blob: only its diffID, from its tar on the way to nowhere. Its blob is made
     /// from the directory if something ever needs it ([`Builder::with_blobs`]).
     pub(super) fn export_layer(
-        &self,
+        self: &Arc<Self>,
         dir: PathBuf,
         key: &CacheKey,
         pstep: &ProgressStep,
@@ -343,6 +343,7 @@ impl Builder {
         let needed = self.blob_needed(stage);
         let in_image = self.in_image(stage);
         let key = key.clone();
+        let pstep_for_push = pstep.clone();
         let pstep = pstep.clone();
         let src = stable.clone();
         let job = tokio::task::spawn_blocking(move || -> Result<LayerDesc> {
@@ -395,6 +396,9 @@ impl Builder {
         }
         .boxed()
         .shared();
+        if needed && in_image && self.pushes_early() {
+            self.push_early(shared.clone(), pstep_for_push);
+        }
         let slot = LayerSlot::Pending(shared);
         self.exports.lock().unwrap().push(slot.clone());
         Ok(Some(Layer {
@@ -420,6 +424,51 @@ impl Builder {
             )
         });
         max_cache || (self.image_needs_blobs() && self.in_image(stage))
+    }
+
+    /// Whether the image's layer blobs go to the registry as soon as each is made: with
+    /// `--push` (and tags), unless `--force-compression` makes other blobs for the push.
+    fn pushes_early(&self) -> bool {
+        self.opts.outputs.contains(&OutputSpec::Registry)
+            && !self.opts.tags.is_empty()
+            && !self.opts.force_compression
+    }
+
+    /// Uploads the blob of a layer being made once it is there, while later steps run. A
+    /// failure is only a warning: the push uploads what is missing again.
+    fn push_early(
+        self: &Arc<Self>,
+        layer: futures_util::future::Shared<
+            futures_util::future::BoxFuture<'static, Result<LayerDesc, String>>,
+        >,
+        pstep: ProgressStep,
+    ) {
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            // The layer's own failure is the step's to report.
+            let Ok(d) = layer.await else { return };
+            let blobs = [(d.digest.clone(), d.size)];
+            let log = |e: crate::registry::PushEvent| pstep.log(&super::outputs::describe_push(&e));
+            if let Err(e) = me
+                .registry
+                .push_blobs(&blobs, &me.store, &me.opts.tags, log)
+                .await
+            {
+                me.progress.warn(&format!(
+                    "uploading {} while building failed, the push tries again: {e}",
+                    d.digest
+                ));
+            }
+        });
+        self.early_pushes.lock().unwrap().push(task);
+    }
+
+    /// Waits for the uploads [`Builder::push_early`] started.
+    pub(super) async fn early_pushes_done(&self) {
+        let tasks = std::mem::take(&mut *self.early_pushes.lock().unwrap());
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 
     /// Whether stage `stage` is the target or one the target is built FROM.

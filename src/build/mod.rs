@@ -300,6 +300,9 @@ pub struct Builder {
     stages: Mutex<HashMap<usize, Arc<OnceCell<ImageFs>>>>,
     /// Layer exports running in the background; all are awaited before the build ends.
     exports: Mutex<Vec<LayerSlot>>,
+    /// Uploads of the image's layer blobs started as each was made (`--push`); the push
+    /// waits for them, then finds those blobs in the registry.
+    early_pushes: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Content digests of context sources by COPY/ADD source text, computed once and early.
     context_hashes: Mutex<HashMap<String, ContextHash>>,
     /// Content digests of context files by stat, kept in the store between builds.
@@ -400,6 +403,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         platform_registries: Mutex::new(HashMap::new()),
         stages: Mutex::new(HashMap::new()),
         exports: Mutex::new(Vec::new()),
+        early_pushes: Mutex::new(Vec::new()),
         context_hashes: Mutex::new(HashMap::new()),
         ctx_hasher,
         ignore,

@@ -157,6 +157,8 @@ impl Builder {
         tags: &[String],
         step: &ProgressStep,
     ) -> Result<Digest> {
+        // Blobs already on their way need not be sent twice.
+        self.early_pushes_done().await;
         let mut origins = HashMap::new();
         let mut from_layouts = Vec::new();
         for l in &image.layers {
@@ -182,7 +184,7 @@ impl Builder {
 }
 
 /// One line of the progress display for a push event.
-fn describe_push(e: &crate::registry::PushEvent) -> String {
+pub(super) fn describe_push(e: &crate::registry::PushEvent) -> String {
     use crate::registry::PushEvent as E;
     match e {
         E::Exists { repository, digest } => format!("{digest}: already in {repository}"),

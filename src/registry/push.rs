@@ -41,17 +41,6 @@ impl Registry {
         origins: &HashMap<Digest, String>,
         progress: impl Fn(PushEvent) + Send + Sync,
     ) -> Result<Digest, RegistryError> {
-        let mut refs = Vec::new();
-        for t in tags {
-            let r = normalize_reference(t)?;
-            if r.digest().is_some() {
-                return Err(RegistryError::Reference {
-                    reference: t.clone(),
-                    message: "cannot push to a digest reference".into(),
-                });
-            }
-            refs.push(r);
-        }
         let mut blobs: Vec<(Digest, u64)> = Vec::new();
         for (d, s) in image
             .layers
@@ -62,6 +51,69 @@ impl Registry {
             if !blobs.iter().any(|(b, _)| b == d) {
                 blobs.push((d.clone(), s));
             }
+        }
+        let refs = self
+            .upload_blobs(&blobs, store, tags, origins, &progress)
+            .await?;
+        let ct = http::HeaderValue::from_str(&image.manifest_media_type).map_err(|e| {
+            RegistryError::Content {
+                reference: tags.join(", "),
+                message: format!("manifest media type {:?}: {e}", image.manifest_media_type),
+            }
+        })?;
+        for r in &refs {
+            let name = r.whole();
+            let host = r.resolve_registry().to_string();
+            let client = self.client(&host, &name)?;
+            self.with_retries(&name, || async {
+                client
+                    .push_manifest_raw(r, image.manifest_bytes.clone(), ct.clone())
+                    .await
+                    .map_err(|e| classify(&name, &host, "uploading the manifest", e))
+            })
+            .await?;
+            progress(PushEvent::Tagged {
+                reference: name,
+                digest: image.manifest_digest.clone(),
+            });
+        }
+        Ok(image.manifest_digest.clone())
+    }
+
+    /// Uploads `blobs` (digest, size) from the store to the repository of every tag, as a
+    /// push does, without a manifest: what the build may send while later steps still run
+    /// (the push then finds them there). Gives the parsed tags.
+    pub async fn push_blobs(
+        &self,
+        blobs: &[(Digest, u64)],
+        store: &Store,
+        tags: &[String],
+        progress: impl Fn(PushEvent) + Send + Sync,
+    ) -> Result<(), RegistryError> {
+        self.upload_blobs(blobs, store, tags, &HashMap::new(), &progress)
+            .await
+            .map(|_| ())
+    }
+
+    /// The blob half of [`Registry::push_with_origins`]; gives the parsed tags.
+    async fn upload_blobs(
+        &self,
+        blobs: &[(Digest, u64)],
+        store: &Store,
+        tags: &[String],
+        origins: &HashMap<Digest, String>,
+        progress: &(impl Fn(PushEvent) + Send + Sync),
+    ) -> Result<Vec<Reference>, RegistryError> {
+        let mut refs = Vec::new();
+        for t in tags {
+            let r = normalize_reference(t)?;
+            if r.digest().is_some() {
+                return Err(RegistryError::Reference {
+                    reference: t.clone(),
+                    message: "cannot push to a digest reference".into(),
+                });
+            }
+            refs.push(r);
         }
         // Blobs once per repository, however many tags it gets.
         let mut repos: BTreeMap<(String, String), &Reference> = BTreeMap::new();
@@ -97,9 +149,16 @@ impl Registry {
                 origins,
             };
             let (job, progress) = (&job, &progress);
-            futures_util::stream::iter(&blobs)
-                // A failed upload that may go away starts over with a new upload session.
-                .map(|(d, size)| self.with_retries(&name, move || job.run(d, *size, progress)))
+            let name = &name;
+            // A failed upload that may go away starts over with a new upload session. (The
+            // futures are made in a loop, not by a closure, so that the push can run in a
+            // spawned task: a closure over borrowed blobs is not general enough for one.)
+            let mut uploads = Vec::with_capacity(blobs.len());
+            for (d, size) in blobs {
+                let size = *size;
+                uploads.push(self.with_retries(name, move || job.run(d, size, progress)));
+            }
+            futures_util::stream::iter(uploads)
                 .buffer_unordered(PUSH_CONCURRENCY)
                 .try_collect::<Vec<()>>()
                 .await?;
@@ -107,29 +166,7 @@ impl Registry {
                 .entry(host.clone())
                 .or_insert_with(|| (*r).clone());
         }
-        let ct = http::HeaderValue::from_str(&image.manifest_media_type).map_err(|e| {
-            RegistryError::Content {
-                reference: tags.join(", "),
-                message: format!("manifest media type {:?}: {e}", image.manifest_media_type),
-            }
-        })?;
-        for r in &refs {
-            let name = r.whole();
-            let host = r.resolve_registry().to_string();
-            let client = self.client(&host, &name)?;
-            self.with_retries(&name, || async {
-                client
-                    .push_manifest_raw(r, image.manifest_bytes.clone(), ct.clone())
-                    .await
-                    .map_err(|e| classify(&name, &host, "uploading the manifest", e))
-            })
-            .await?;
-            progress(PushEvent::Tagged {
-                reference: name,
-                digest: image.manifest_digest.clone(),
-            });
-        }
-        Ok(image.manifest_digest.clone())
+        Ok(refs)
     }
 }
 
