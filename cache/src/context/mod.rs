@@ -13,8 +13,10 @@
 //! times are left out (like BuildKit's content checksums), so the digest is the same on
 //! every machine and in every checkout.
 
+mod walk;
+
 use crate::digest::{Digest, Hasher};
-use crate::store::{write_file_atomic, Store, StoreError};
+use crate::store::{write_file_atomic_with, Store, StoreError};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -308,9 +310,13 @@ impl StatCache {
                 context: self.context.clone(),
                 entries: std::mem::take(&mut self.entries),
             };
-            let bytes = serde_json::to_vec(&disk).expect("stat cache serializes");
+            // Streamed to the file: for 50k files the JSON is 12 MB that need not be in
+            // memory at once.
+            let written = write_file_atomic_with(&file, |w| {
+                serde_json::to_writer(w, &disk).map_err(io::Error::from)
+            });
             self.entries = disk.entries;
-            write_file_atomic(&file, &bytes)?;
+            written?;
             match fs::remove_file(&journal) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(io_at(&journal)(e));
@@ -420,7 +426,7 @@ impl StatCache {
         &mut self,
         root: &Path,
         selection: &[&str],
-        filter: &dyn Fn(&str, bool) -> Filter,
+        filter: &(dyn Fn(&str, bool) -> Filter + Sync),
     ) -> Result<Digest, ContextError> {
         let mut items = Vec::new();
         let mut starts = Vec::new();
@@ -447,74 +453,56 @@ impl StatCache {
             if !canon(&top)?.starts_with(canon(root)?) {
                 return Err(ContextError::Escapes(sel.to_string()));
             }
-            let mut walk = walkdir::WalkDir::new(&top)
-                .follow_links(false)
-                .sort_by_file_name()
-                .into_iter();
-            while let Some(e) = walk.next() {
-                let e = e.map_err(|e| {
-                    let path = e
-                        .path()
-                        .map(Path::to_path_buf)
-                        .unwrap_or_else(|| top.clone());
-                    ContextError::Io {
-                        path,
-                        source: e.into(),
-                    }
-                })?;
-                let rel = e.path().strip_prefix(root).unwrap_or(e.path());
-                let rel = rel.to_string_lossy().into_owned();
-                // The selected path itself is followed (checked above); what is below it is not.
-                let md = if e.depth() == 0 {
-                    fs::metadata(e.path())
-                } else {
-                    fs::symlink_metadata(e.path())
-                };
-                let md = md.map_err(|source| ContextError::Io {
-                    path: e.path().to_path_buf(),
-                    source,
-                })?;
-                let ft = md.file_type();
-                match filter(&rel, ft.is_dir()) {
-                    Filter::Include => {}
-                    Filter::Exclude => continue,
-                    Filter::ExcludeTree => {
-                        if ft.is_dir() && e.depth() > 0 {
-                            walk.skip_current_dir();
-                        }
-                        continue;
-                    }
-                }
+            // The selected path itself is followed (checked above); what is below it is not.
+            let md = fs::metadata(&top).map_err(|source| ContextError::Io {
+                path: top.clone(),
+                source,
+            })?;
+            let ft = md.file_type();
+            if filter(sel, ft.is_dir()) == Filter::Include {
                 let (kind, target) = if ft.is_file() {
                     (b'f', Vec::new())
                 } else if ft.is_dir() {
                     (b'd', Vec::new())
-                } else if ft.is_symlink() {
-                    let t = fs::read_link(e.path()).map_err(|source| ContextError::Io {
-                        path: e.path().to_path_buf(),
-                        source,
-                    })?;
-                    (b'l', t.into_os_string().into_encoded_bytes())
                 } else {
                     (b'o', Vec::new())
                 };
                 let stat = Stat::of(&md);
                 let digest = if kind == b'f' {
                     self.entries
-                        .get(&rel)
+                        .get(sel)
                         .filter(|en| en.trusted_for(&stat))
                         .map(|en| en.digest.clone())
                 } else {
                     None
                 };
                 items.push(Item {
-                    rel,
+                    rel: sel.to_string(),
                     kind,
                     mode: md.mode() & 0o7777,
                     target,
                     stat,
                     digest,
                 });
+            }
+            if ft.is_dir() {
+                let dir = rustix::fs::open(
+                    &top,
+                    rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::RDONLY
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(|e| ContextError::Io {
+                    path: top.clone(),
+                    source: e.into(),
+                })?;
+                let w = walk::Walk {
+                    root,
+                    entries: &self.entries,
+                    filter,
+                };
+                items.extend(walk::below(&w, &dir, sel)?);
             }
         }
         // Read the misses in parallel: the first pass is bound by sha256 and I/O.

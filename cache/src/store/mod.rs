@@ -354,6 +354,15 @@ impl Store {
 /// Writes `bytes` to `dest` through a temporary file beside it, fsync and rename, so readers
 /// see either the old content or the new one, never a mix.
 pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_file_atomic_with(dest, |f| f.write_all(bytes))
+}
+
+/// [`write_file_atomic`] of what `write` writes, streamed (through a buffer) rather than
+/// held whole in memory first.
+pub fn write_file_atomic_with(
+    dest: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), StoreError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = dest
@@ -362,8 +371,9 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}-{n}", owner_token()));
     let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut f = std::io::BufWriter::with_capacity(1 << 16, File::create(&tmp)?);
+        write(&mut f)?;
+        let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         fs::rename(&tmp, dest)
     })();
