@@ -50,7 +50,7 @@ pub use spec::{
     Isolation, Limits, Mount, MountSource, Network, ProcessLimit, RunSpec, RunSpecBuilder,
     Security, Snapshotter, SpecError,
 };
-pub use sys::take_env;
+pub use sys::{limit_malloc_arenas, take_env};
 pub use syscalls::{LinuxSyscalls, RecordingSyscalls, Syscalls};
 
 /// argv\[1\] that makes the rbuild binary act as the RUN-step helper.

@@ -91,6 +91,17 @@ pub fn install_seccomp(filter: &[seccompiler::sock_filter]) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// Caps glibc's malloc arenas at `n`; call it while the process has one thread. glibc gives
+/// a thread that meets contention an arena of its own (up to 8 per core), and memory freed
+/// in one arena is not reused by another: with tokio's and rayon's threads, a 50k-file COPY
+/// kept about 10 MB more resident than with 2 arenas, at no cost in time.
+pub fn limit_malloc_arenas(n: i32) {
+    // SAFETY: mallopt only sets a tunable of glibc's allocator; it touches no memory of ours.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, n);
+    }
+}
+
 /// Whether this process has a single thread (from `/proc/self/status`).
 pub fn single_threaded() -> bool {
     std::fs::read_to_string("/proc/self/status")
