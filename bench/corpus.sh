@@ -4,8 +4,7 @@
 # compared entry by entry (type, mode, owner, size, content hash, link target), and the two
 # image configs key by key (bench/lib/compare_configs.py). What may
 # differ is listed, with its reason, in each case's `differences` (one regular expression of
-# paths per line, `# reason` after it). Slow (package downloads): opt-in, not in CI. Needs root
-# and ../shared/testbed.
+# paths per line, `# reason` after it). Slow (package downloads): opt-in, not in CI. Needs root.
 #   bench/corpus.sh              # every case
 #   bench/corpus.sh c-multistage # one
 set -euo pipefail

@@ -5,7 +5,7 @@
 # Also the rebuild after `touch` of one file (new mtime, same content: nothing to rerun).
 # rbuild against buildah (`bud --layers`, its layer cache on) in the same run. No Docker engine
 # runs on these machines (the docker CLI is only a client), so `docker build` is not measured.
-# Needs root and ../shared/testbed. Prints a table; ratios are rbuild / buildah.
+# Needs root. Prints a table; ratios are rbuild / buildah.
 set -euo pipefail
 . "$(dirname "$0")/lib/setup.sh"
 N=${N:-7}

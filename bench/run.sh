@@ -5,7 +5,7 @@
 #      over the very same directory), with rbuild's peak memory;
 #   2. the fixed cost of one `RUN true` (rbuild against buildah, both as root, same base image),
 #      and what the default process limit (a pids cgroup per step) adds to it.
-# Needs root, ../shared/testbed, and buildah (installed if missing). Prints a table.
+# Needs root and buildah (installed if missing). Prints a table.
 set -euo pipefail
 . "$(dirname "$0")/lib/setup.sh"
 for p in buildah runc time; do dpkg -s $p >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $p >/dev/null; done

@@ -10,13 +10,13 @@
 #    on an overlayfs (the automatic tmpfs-upper fallback). Reports the wall time of each RUN
 #    step (from --progress=plain) and of the build; ratios against overlay.
 #
-# Needs root and ../shared/testbed. Every build runs in its own mount and PID namespaces.
+# Needs root. Every build runs in its own mount and PID namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -q -p rbuild
 bin=${CARGO_TARGET_DIR:-$PWD/target}/release/rbuild
-tb=$PWD/../shared/testbed
+tb=$PWD/scripts/testbed
 work=$(mktemp -d /var/tmp/rbuild-snapshotters.XXXXXX)
 regdir=$work/registry
 reg=$("$tb/registry-up" 0 "$regdir")

@@ -4,7 +4,7 @@
 #   ci/build-image.sh [--base REF] [--rbuild BIN] [RBUILD BUILD OPTIONS...]
 #
 #   --base REF    the Debian 12 base image (default: debian:bookworm; build args of the same
-#                 name work too). Offline: ../shared/testbed/make-base-images REG pushes one.
+#                 name work too). Offline: scripts/testbed/make-base-images REG pushes one.
 #   --rbuild BIN  the rbuild binary to put into the image, also the one that builds it
 #                 (default: `cargo build --release --locked -p rbuild` and target/release/rbuild)
 #

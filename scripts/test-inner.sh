@@ -14,14 +14,14 @@ else
   RBUILD_SETUP_TESTS=1 bash scripts/setup.sh
 fi
 unset RBUILD_TEST_USER
-[ -x ../shared/testbed/registry-up ] || { echo "test: ../shared/testbed is missing beside the checkout" >&2; exit 1; }
 sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -E env PATH=$PATH"
-# Base images once, before tests run in parallel (the testbed cache is not concurrency-safe).
-# RBUILD_SLOW_TESTS=1 adds the cases with the Debian image (tests/matrix.rs).
+# Base images once, before the tests (scripts/testbed/make-base-images; its cache is locked, so
+# test binaries can also ask for them at once). RBUILD_SLOW_TESTS=1 adds the Debian image
+# (tests/matrix.rs).
 if [ "${RBUILD_SLOW_TESTS:-0}" = 1 ]; then
-  $sudo ../shared/testbed/make-base-images --no-push >/dev/null
+  $sudo scripts/testbed/make-base-images --no-push >/dev/null
 else
-  $sudo ../shared/testbed/make-base-images --busybox-only --no-push >/dev/null
+  $sudo scripts/testbed/make-base-images --busybox-only --no-push >/dev/null
 fi
 # Habits first: formatting and lints are part of the suite (issue 12, item 7).
 cargo fmt --all --check

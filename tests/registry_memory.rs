@@ -12,7 +12,7 @@ use std::process::Command;
 const BLOB: usize = 96 << 20;
 
 fn testbed() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/testbed")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
 }
 
 /// Peak resident set of this process, in bytes.

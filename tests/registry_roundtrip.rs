@@ -16,7 +16,7 @@ use std::sync::Mutex;
 mod common;
 
 fn testbed() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/testbed")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
 }
 
 fn ok(cmd: &mut Command) -> String {

@@ -1,5 +1,5 @@
 # Sourced first by the benchmarks: from the repository root, a release build of rbuild in
-# $bin, and the testbed's helpers in $tb.
+# $bin, and the testbed's helpers (scripts/testbed) in $tb.
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export PATH="$HOME/.cargo/bin:$PATH"
 # RBUILD_BENCH_BIN measures another build of rbuild (e.g. the commit before a change, for a
@@ -10,4 +10,4 @@ else
   cargo build --release --locked -q
   bin=${CARGO_TARGET_DIR:-$PWD/target}/release/rbuild
 fi
-tb=$PWD/../shared/testbed
+tb=$PWD/scripts/testbed

@@ -15,15 +15,9 @@ pub fn project() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared/testbed`, beside the project.
+/// `scripts/testbed`: starting a registry and making the base images.
 pub fn testbed() -> PathBuf {
-    let p = project().join("../shared/testbed");
-    assert!(
-        p.join("registry-up").exists(),
-        "{} missing: the tests need ../shared/testbed beside the checkout",
-        p.display()
-    );
-    p
+    project().join("scripts/testbed")
 }
 
 /// The rbuild binary under test.
@@ -53,10 +47,8 @@ pub fn ok(cmd: &mut Command) -> String {
 /// The testbed's base images as OCI layouts of this test binary's own (`busybox:latest`, and
 /// `debian:bookworm` once asked for), written once per binary.
 ///
-/// Tests run in parallel, and make-base-images is not safe to run concurrently: its cache
-/// check can fail under load and rebuild the cached image in place, and a push running beside
-/// that rebuild sends an image without layers. So it runs once per binary, under a lock, and
-/// tests push from the copy it writes.
+/// It runs once per binary (make-base-images holds a lock on its cache, so binaries running
+/// at once take turns), and tests push from the copy it writes.
 pub fn base_image_layouts(debian: bool) -> PathBuf {
     static BUSYBOX: OnceLock<PathBuf> = OnceLock::new();
     static ALL: OnceLock<PathBuf> = OnceLock::new();
@@ -75,9 +67,7 @@ pub fn base_image_layouts(debian: bool) -> PathBuf {
             if debian { "all" } else { "busybox" }
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut cmd = Command::new("flock");
-        cmd.arg("/var/tmp/rbuild-testbed.lock")
-            .arg(testbed().join("make-base-images"));
+        let mut cmd = Command::new(testbed().join("make-base-images"));
         if !debian {
             cmd.arg("--busybox-only");
         }
