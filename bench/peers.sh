@@ -16,6 +16,13 @@
 #   bench/peers.sh                  every case but the network-bound ones (apt, gcc)
 #   bench/peers.sh --runs 5 gcc     one case, 5 runs
 #   bench/peers.sh --list           the cases
+#   bench/peers.sh --dir /var/tmp   contexts and every tool's storage there instead
+#
+# Contexts and the three tools' storage (rbuild's store, dockerd's data root, buildah's
+# --root) sit on a tmpfs (/dev/shm) by default: on an ext4 without a journal, as this
+# project's machines have, creating inodes within a minute of deleting many (what every
+# cold run does after its predecessor's clean-up) costs seconds of kernel time in
+# `recently_deleted`, more than the builds themselves, and changes from run to run.
 # Needs root. Slow (each case is built 3 × 3 times): opt-in, never in CI.
 set -euo pipefail
 . "$(dirname "$0")/lib/setup.sh"
@@ -24,11 +31,13 @@ set -euo pipefail
 all_cases="stages4 files100k big512 ctx20k copy50k steps60 run50 layer1200-gzip layer1200-zstd"
 net_cases="apt gcc"
 runs=3
+base_dir=/dev/shm
 cases=()
 while [ $# -gt 0 ]; do
   case $1 in
     --runs) runs=$2; shift 2 ;;
     --list) echo "$all_cases $net_cases (network-bound: name them)"; exit 0 ;;
+    --dir) base_dir=$2; shift 2 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) cases+=("$1"); shift ;;
   esac
@@ -38,7 +47,9 @@ done
 for p in buildah runc docker.io pigz zstd; do
   dpkg -s $p >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $p >/dev/null
 done
-work=$(mktemp -d /var/tmp/rbuild-peers.XXXXXX)
+work=$(mktemp -d "$base_dir/rbuild-peers.XXXXXX")
+# buildah's images and containers, beside the others.
+bh() { buildah --root "$work/buildah/root" --runroot "$work/buildah/run" "$@"; }
 cgname=rbuild-peers-$$
 cpu_root=/sys/fs/cgroup/cpuacct
 [ -d $cpu_root ] || cpu_root=/sys/fs/cgroup/cpu,cpuacct
@@ -47,9 +58,10 @@ for t in rbuild rbuild-oci buildkit buildah; do mkdir -p "$cpu_root/$cgname/$t" 
 reg=$("$tb/registry-up" 0 "$work/registry")
 cleanup() {
   buildkit_down || true
-  buildah rm -a >/dev/null 2>&1 || true
-  buildah rmi -af >/dev/null 2>&1 || true
+  bh rm -a >/dev/null 2>&1 || true
+  bh rmi -af >/dev/null 2>&1 || true
   "$tb/registry-down" "${reg##*:}" "$work/registry" >/dev/null 2>&1 || true
+  umount -R "$work/buildah/root/overlay" 2>/dev/null || true
   rm -rf "$work"
   # Sub-cgroups the runtimes made first, then ours.
   for r in "$cpu_root" "$mem_root"; do
@@ -158,7 +170,7 @@ bk_cold() {
   DOCKER_HOST=$BK_DOCKER /usr/bin/docker builder prune -af >/dev/null 2>&1 || true
   DOCKER_HOST=$BK_DOCKER /usr/bin/docker image prune -af >/dev/null 2>&1 || true
 }
-bh_cold() { buildah rm -a >/dev/null 2>&1 || true; buildah rmi -af >/dev/null 2>&1 || true; }
+bh_cold() { bh rm -a >/dev/null 2>&1 || true; bh rmi -af >/dev/null 2>&1 || true; }
 # build TOOL CASE [push REF] [zstd]
 build() {
   local t=$1 c=$2 push=${3:-} comp=${4:-gzip} dir=$work/ctx/$2
@@ -183,11 +195,11 @@ build() {
       fi ;;
     buildah)
       local fmt=()
-      in_cg buildah buildah --storage-driver=overlay bud --runtime=/usr/sbin/runc --isolation=oci \
+      in_cg buildah buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver=overlay bud --runtime=/usr/sbin/runc --isolation=oci \
         --cgroup-parent="/$cgname/buildah" --network=host -q --layers --tls-verify=false -t "peers/$c:1" "$dir"
       if [ -n "$push" ]; then
         [ "$comp" = zstd ] && fmt=(--compression-format zstd)
-        in_cg buildah buildah push --tls-verify=false "${fmt[@]}" "peers/$c:1" "docker://$push"
+        in_cg buildah buildah --root "$work/buildah/root" --runroot "$work/buildah/run" push --tls-verify=false "${fmt[@]}" "peers/$c:1" "docker://$push"
       fi ;;
   esac
 }
@@ -254,5 +266,5 @@ for c in "${cases[@]}"; do
 done
 
 echo
-echo "$(date -u +%F), $(nproc) cores, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg); BuildKit: docker.io $(bk_version); $(buildah --version | cut -d' ' -f1-3); $runs runs, medians"
+echo "$(date -u +%F), $(nproc) cores, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg); BuildKit: docker.io $(bk_version); $(buildah --version | cut -d' ' -f1-3); $runs runs, medians; storage on $(df --output=fstype "$work" | tail -1) ($base_dir)"
 python3 bench/lib/peers_table.py "$results"
