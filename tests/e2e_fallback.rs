@@ -47,7 +47,9 @@ fn check_rootfs(rootfs: &Path) {
 }
 
 /// Builds `ctx` in new mount and PID namespaces: `pre` (shell) runs first, then rbuild with
-/// `args`; returns rbuild's output.
+/// `args`; returns rbuild's output. The image is also written as an OCI layout beside the
+/// store (`ROOT-layout`): a build with no output compresses nothing, and its manifest would
+/// not be comparable with one that has compressed layers.
 fn build_in_namespaces(
     pre: &str,
     root: &Path,
@@ -56,7 +58,7 @@ fn build_in_namespaces(
     envs: &[(&str, &str)],
 ) -> Output {
     let script = format!(
-        "set -e\n{pre}\nexec {rbuild} build --progress=plain --root {root} --metadata-file {meta} {ctx}\n",
+        "set -e\n{pre}\nexec {rbuild} build --progress=plain --root {root} --output type=oci,dest={root}-layout --metadata-file {meta} {ctx}\n",
         rbuild = rbuild_bin().display(),
         root = root.display(),
         meta = meta.display(),
