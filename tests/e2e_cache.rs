@@ -360,6 +360,22 @@ fn reproducible_builds_match_across_stores_and_directories() {
     );
 }
 
+/// How many context files a build read to hash them (its `context: N of M files read` line).
+fn files_read(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains("files read to hash them"))
+        .unwrap_or_else(|| panic!("no context line:\n{log}"));
+    line.split("context: ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn unchanged_context_files_are_not_read_again() {
     ensure_tools();
@@ -386,20 +402,6 @@ fn unchanged_context_files_are_not_read_again() {
     // Files changed within the last 2 s are re-read next time (their times may still move).
     std::thread::sleep(Duration::from_millis(2100));
     let root = work.path().join("store");
-    let files_read = |log: &str| -> u64 {
-        let line = log
-            .lines()
-            .find(|l| l.contains("files read to hash them"))
-            .unwrap_or_else(|| panic!("no context line:\n{log}"));
-        line.split("context: ")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
     let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert_eq!(
         files_read(&log),
@@ -444,20 +446,6 @@ fn files_copy_excludes_are_never_read() {
     ]);
     std::thread::sleep(Duration::from_millis(2100));
     let root = work.path().join("store");
-    let files_read = |log: &str| -> u64 {
-        let line = log
-            .lines()
-            .find(|l| l.contains("files read to hash them"))
-            .unwrap_or_else(|| panic!("no context line:\n{log}"));
-        line.split("context: ")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
     let (_, log) = build_digest(&root, ctx.path(), work.path(), &[]);
     assert_eq!(
         files_read(&log),

@@ -39,14 +39,7 @@ impl Builder {
         let p = pattern.to_string();
         let exclude = exclude.to_vec();
         let job = tokio::task::spawn_blocking(move || -> Result<Digest, String> {
-            let ex = if exclude.is_empty() {
-                None
-            } else {
-                Some(
-                    rbuild_dag::ignore::IgnoreMatcher::new(&exclude.join("\n"))
-                        .map_err(|e| format!("--exclude: {e}"))?,
-                )
-            };
+            let ex = exclude_matcher(&exclude)?;
             // Reads only files whose stat changed; the digest leaves out owners, times and paths.
             me.ctx_hasher
                 .hash(&me.opts.context, &me.ignore, &p, ex.as_ref())
@@ -58,4 +51,16 @@ impl Builder {
         map.insert(memo, fut.clone());
         fut
     }
+}
+
+/// The matcher of a COPY's `--exclude` patterns (none without any).
+pub(super) fn exclude_matcher(
+    exclude: &[String],
+) -> Result<Option<rbuild_dag::ignore::IgnoreMatcher>, String> {
+    if exclude.is_empty() {
+        return Ok(None);
+    }
+    rbuild_dag::ignore::IgnoreMatcher::new(&exclude.join("\n"))
+        .map(Some)
+        .map_err(|e| format!("--exclude: {e}"))
 }

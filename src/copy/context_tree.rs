@@ -4,7 +4,7 @@
 //! (resolving each entry from the root cost about 50 syscalls per file: a 50k-file COPY
 //! spent seconds in `readlink`).
 
-use super::{chmod_apply, ioe, join_rel, Chmod, CopyError, Exclude, Links};
+use super::{chmod_apply, dir_at, ioe, join_rel, Chmod, CopyError, Exclude, Links};
 use rbuild_dag::ignore::IgnoreMatcher;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 use std::ffi::OsStr;
@@ -138,14 +138,7 @@ fn entry(
     };
     match FileType::from_raw_mode(st.st_mode) {
         FileType::Directory => {
-            match fs::symlink_metadata(target) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    fs::remove_file(target).map_err(ioe(target))?;
-                    fs::create_dir(target).map_err(ioe(target))?;
-                }
-                Err(_) => fs::create_dir(target).map_err(ioe(target))?,
-            }
+            dir_at(target)?;
             let sub = rustix::fs::openat(
                 dir,
                 name,

@@ -571,6 +571,19 @@ fn copy_one(
     Ok(1)
 }
 
+/// A directory at `target`: kept if there is one, else made (replacing a file).
+fn dir_at(target: &Path) -> Result<(), CopyError> {
+    match fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            fs::remove_file(target).map_err(ioe(target))?;
+            fs::create_dir(target).map_err(ioe(target))?;
+        }
+        Err(_) => fs::create_dir(target).map_err(ioe(target))?,
+    }
+    Ok(())
+}
+
 /// `--exclude` patterns and the source item they are relative to.
 struct Exclude<'a> {
     m: Option<&'a rbuild_dag::ignore::IgnoreMatcher>,
@@ -606,14 +619,7 @@ fn copy_tree(
     if !md.is_dir() {
         return copy_one(source, rel, &file, &md, target, owner, mode, links);
     }
-    match fs::symlink_metadata(target) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            fs::remove_file(target).map_err(ioe(target))?;
-            fs::create_dir(target).map_err(ioe(target))?;
-        }
-        Err(_) => fs::create_dir(target).map_err(ioe(target))?,
-    }
+    dir_at(target)?;
     let mut n = 0;
     if let Source::Context { root, ignore } = source {
         let w = context_tree::Walk {

@@ -10,7 +10,6 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// What stays the same over one walk.
@@ -31,23 +30,11 @@ fn io_err(root: &Path, rel: &str) -> impl FnOnce(rustix::io::Errno) -> ContextEr
     }
 }
 
-fn names(dir: &impl AsFd) -> rustix::io::Result<Vec<OsString>> {
-    let fd = rustix::fs::openat(
-        dir,
-        ".",
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut d = rustix::fs::Dir::read_from(&fd)?;
-    let mut out = Vec::new();
-    while let Some(e) = d.read() {
-        let name = e?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            out.push(std::ffi::OsStr::from_bytes(&name).to_os_string());
-        }
-    }
-    out.sort();
-    Ok(out)
+/// The names in `dir`, sorted as bytes (walkdir's `sort_by_file_name`).
+fn names(dir: &impl AsFd) -> std::io::Result<Vec<OsString>> {
+    let mut names = rbuild_snapshot::list_names(dir)?;
+    names.sort();
+    Ok(names)
 }
 
 /// The items below the open directory `dir`, whose path relative to the context is `rel`.
@@ -58,7 +45,11 @@ pub(super) fn below(w: &Walk<'_>, dir: &OwnedFd, rel: &str) -> Result<Vec<Item>,
         Sub(OsString, String),
     }
     let mut slots = Vec::new();
-    for name in names(dir).map_err(io_err(w.root, rel))? {
+    let names = names(dir).map_err(|source| ContextError::Io {
+        path: w.root.join(rel),
+        source,
+    })?;
+    for name in names {
         let lossy = name.to_string_lossy();
         let child = if rel.is_empty() {
             lossy.into_owned()

@@ -37,14 +37,7 @@ impl Op for CopyOp {
             unpack,
             ..
         } = &self.0;
-        let exclude_m = if exclude.is_empty() {
-            None
-        } else {
-            Some(
-                rbuild_dag::ignore::IgnoreMatcher::new(&exclude.join("\n"))
-                    .map_err(|e| anyhow!("--exclude: {e}"))?,
-            )
-        };
+        let exclude_m = super::super::context::exclude_matcher(exclude).map_err(|e| anyhow!(e))?;
         // A named directory context (--build-context NAME=DIR) reads like the main context.
         let dir_context = from.as_ref().and_then(|n| b.named_dir_context(n));
         let from_fs = match (from, &dir_context) {
