@@ -4,7 +4,10 @@
 //! (resolving each entry from the root cost about 50 syscalls per file: a 50k-file COPY
 //! spent seconds in `readlink`).
 
-use super::{chmod_apply, dir_at, ioe, join_rel, Chmod, CopyError, Exclude, Links};
+use super::{
+    chmod_apply, dir_at, ignored, in_context, ioe, join_rel, remove_existing, set_meta, Chmod,
+    CopyError, Exclude, Links,
+};
 use rbuild_dag::ignore::IgnoreMatcher;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 use std::ffi::OsStr;
@@ -35,19 +38,13 @@ pub(super) fn copy_contents(
     w: &Walk<'_>,
     links: &mut Links,
 ) -> Result<u64, CopyError> {
-    let top = rbuild_snapshot::resolve_in_root(root, rel).map_err(ioe(root))?;
-    let croot = fs::canonicalize(root).map_err(ioe(root))?;
-    let real = top
-        .strip_prefix(&croot)
-        .map_err(|_| CopyError::OutsideContext(rel.to_string()))?
-        .to_string_lossy()
-        .into_owned();
+    let (top, real) = in_context(root, rel).ok_or_else(|| CopyError::NotFound(rel.to_string()))?;
     let root_fd = rustix::fs::open(
-        &croot,
+        root,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| ioe(&croot)(e.into()))?;
+    .map_err(|e| ioe(root)(e.into()))?;
     let comps: Vec<&str> = real.split('/').filter(|c| !c.is_empty()).collect();
     let dir = rbuild_snapshot::open_dir_in(&root_fd, &comps).map_err(ioe(&top))?;
     walk(&dir, &top, rel, &real, target, w, links)
@@ -55,12 +52,6 @@ pub(super) fn copy_contents(
 
 fn is_dir(st: &Stat) -> bool {
     FileType::from_raw_mode(st.st_mode) == FileType::Directory
-}
-
-/// Whether the context's ignore rules drop `rel`: excluded, and not a directory with a
-/// `!` exception below it (that one stays, with only what the exceptions bring back).
-fn ignored(ignore: &IgnoreMatcher, rel: &str, dir: bool) -> bool {
-    ignore.is_excluded(rel, dir) && !(dir && ignore.may_include_below(rel))
 }
 
 fn walk(
@@ -184,16 +175,14 @@ fn entry(
             let t = rustix::fs::readlinkat(dir, name, Vec::new()).map_err(sys(path))?;
             remove_existing(target)?;
             rustix::fs::symlink(t.as_c_str(), target).map_err(sys(target))?;
-            rustix::fs::chownat(
-                rustix::fs::CWD,
+            set_meta(
                 target,
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(sys(target))?;
-            rustix::fs::utimensat(rustix::fs::CWD, target, &times, AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(sys(target))?;
+                uid,
+                gid,
+                0,
+                Some((st.st_mtime as _, st.st_mtime_nsec as _)),
+                true,
+            )?;
             Ok(1)
         }
         // Sockets, fifos and devices in a context are skipped, as docker does for sockets.
@@ -232,13 +221,5 @@ fn create_new(target: &Path) -> Result<fs::File, CopyError> {
             open().map_err(ioe(target))
         }
         r => r.map_err(ioe(target)),
-    }
-}
-
-fn remove_existing(target: &Path) -> Result<(), CopyError> {
-    match fs::symlink_metadata(target) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(target).map_err(ioe(target)),
-        Ok(_) => fs::remove_file(target).map_err(ioe(target)),
-        Err(_) => Ok(()),
     }
 }

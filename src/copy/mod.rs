@@ -109,11 +109,7 @@ impl Source<'_> {
                 }
                 // An excluded directory with a `!` exception below it is still there, with
                 // only what the exceptions bring back (the walk leaves out the rest).
-                let gone = |r: &str| {
-                    ignore.is_excluded(r, md.is_dir())
-                        && !(md.is_dir() && ignore.may_include_below(r))
-                };
-                if gone(rel) || gone(&real) {
+                if ignored(ignore, rel, md.is_dir()) || ignored(ignore, &real, md.is_dir()) {
                     return None;
                 }
                 Some((p, md))
@@ -139,9 +135,7 @@ impl Source<'_> {
                     let name = e.file_name().to_string_lossy().into_owned();
                     let child = join_rel(rel, &name);
                     let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                    if ignore.is_excluded(&child, is_dir)
-                        && !(is_dir && ignore.may_include_below(&child))
-                    {
+                    if ignored(ignore, &child, is_dir) {
                         continue;
                     }
                     v.push(name);
@@ -211,6 +205,12 @@ impl Source<'_> {
         }
         Ok(out)
     }
+}
+
+/// Whether the context's ignore rules drop `rel`: excluded, and not a directory with a
+/// `!` exception below it (that one stays, with only what the exceptions bring back).
+fn ignored(ignore: &rbuild_dag::ignore::IgnoreMatcher, rel: &str, dir: bool) -> bool {
+    ignore.is_excluded(rel, dir) && !(dir && ignore.may_include_below(rel))
 }
 
 /// The entry `rel` of the context `root`, resolved inside it (symlinks included), and its
@@ -526,13 +526,7 @@ fn copy_one(
     mode: Option<&Chmod>,
     links: &mut Links,
 ) -> Result<u64, CopyError> {
-    if let Ok(old) = fs::symlink_metadata(target) {
-        if old.is_dir() {
-            fs::remove_dir_all(target).map_err(ioe(target))?;
-        } else {
-            fs::remove_file(target).map_err(ioe(target))?;
-        }
-    }
+    remove_existing(target)?;
     if md.is_file() && md.nlink() > 1 {
         match links.get(&(md.dev(), md.ino())) {
             Some(first) => {
@@ -569,6 +563,15 @@ fn copy_one(
         return Ok(0);
     }
     Ok(1)
+}
+
+/// Removes what an earlier source of the same COPY put at `target`, if anything.
+fn remove_existing(target: &Path) -> Result<(), CopyError> {
+    match fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(target).map_err(ioe(target)),
+        Ok(_) => fs::remove_file(target).map_err(ioe(target)),
+        Err(_) => Ok(()),
+    }
 }
 
 /// A directory at `target`: kept if there is one, else made (replacing a file).

@@ -73,6 +73,18 @@ impl Stat {
             mode: md.mode(),
         }
     }
+
+    /// [`Stat::of`] from a `statx`/`fstatat` result, the same tuple.
+    fn of_raw(st: &rustix::fs::Stat) -> Stat {
+        Stat {
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
+            ino: st.st_ino,
+            dev: st.st_dev,
+            mode: st.st_mode,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +100,14 @@ impl Entry {
         self.stat == *st
             && st.mtime_ns.max(st.ctime_ns) + RACY_WINDOW.as_nanos() as i64 <= self.hashed_ns
     }
+}
+
+/// The digest `entries` hold for `rel`, if their entry is trusted for `stat`.
+fn trusted(entries: &HashMap<String, Entry>, rel: &str, stat: &Stat) -> Option<Digest> {
+    entries
+        .get(rel)
+        .filter(|e| e.trusted_for(stat))
+        .map(|e| e.digest.clone())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -120,7 +140,6 @@ pub struct StatCache {
     changed: HashSet<String>,
     /// Lines in the journal when it was loaded.
     journal_lines: usize,
-    dirty: bool,
     reads: AtomicU64,
 }
 
@@ -242,7 +261,6 @@ impl StatCache {
             entries,
             changed: HashSet::new(),
             journal_lines,
-            dirty: false,
             reads: AtomicU64::new(0),
         }
     }
@@ -268,7 +286,7 @@ impl StatCache {
         let Some(file) = self.file.clone() else {
             return Ok(());
         };
-        if !self.dirty {
+        if self.changed.is_empty() {
             return Ok(());
         }
         let dir = file.parent().unwrap();
@@ -326,7 +344,6 @@ impl StatCache {
             self.journal_lines = 0;
         }
         self.changed.clear();
-        self.dirty = false;
         Ok(())
     }
 
@@ -355,17 +372,14 @@ impl StatCache {
             }
             keep
         });
-        self.dirty |= !self.changed.is_empty();
     }
 
     /// The sha256 of the regular file `root/rel` whose `lstat` is `md`; reads it only when
     /// no trusted entry matches `md`'s stat tuple.
     pub fn hash_file(&mut self, root: &Path, rel: &str, md: &Metadata) -> io::Result<Digest> {
         let st = Stat::of(md);
-        if let Some(e) = self.entries.get(rel) {
-            if e.trusted_for(&st) {
-                return Ok(e.digest.clone());
-            }
+        if let Some(d) = trusted(&self.entries, rel, &st) {
+            return Ok(d);
         }
         let hashed_ns = now_ns();
         self.reads.fetch_add(1, Ordering::Relaxed);
@@ -389,7 +403,6 @@ impl StatCache {
             // Changed while we read it: the digest is of some mix; do not keep it.
             self.entries.remove(rel);
         }
-        self.dirty = true;
     }
 
     /// The digest of `selection` (relative paths of files or directories under `root`;
@@ -468,14 +481,9 @@ impl StatCache {
                     (b'o', Vec::new())
                 };
                 let stat = Stat::of(&md);
-                let digest = if kind == b'f' {
-                    self.entries
-                        .get(sel)
-                        .filter(|en| en.trusted_for(&stat))
-                        .map(|en| en.digest.clone())
-                } else {
-                    None
-                };
+                let digest = (kind == b'f')
+                    .then(|| trusted(&self.entries, sel, &stat))
+                    .flatten();
                 items.push(Item {
                     rel: sel.to_string(),
                     kind,

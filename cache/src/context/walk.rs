@@ -3,7 +3,7 @@
 //! the order of a `walkdir` walk sorted by name (pre-order, names compared as bytes), which
 //! the context digest depends on.
 
-use super::{Entry, Filter, Item, Stat};
+use super::{trusted, Entry, Filter, Item, Stat};
 use crate::context::ContextError;
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -76,22 +76,10 @@ pub(super) fn below(w: &Walk<'_>, dir: &OwnedFd, rel: &str) -> Result<Vec<Item>,
                 }
                 _ => (b'o', Vec::new()),
             };
-            let stat = Stat {
-                size: st.st_size as u64,
-                mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
-                ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
-                ino: st.st_ino,
-                dev: st.st_dev,
-                mode: st.st_mode,
-            };
-            let digest = if kind == b'f' {
-                w.entries
-                    .get(&child)
-                    .filter(|e| e.trusted_for(&stat))
-                    .map(|e| e.digest.clone())
-            } else {
-                None
-            };
+            let stat = Stat::of_raw(&st);
+            let digest = (kind == b'f')
+                .then(|| trusted(w.entries, &child, &stat))
+                .flatten();
             slots.push(Slot::Item(Item {
                 rel: child.clone(),
                 kind,
@@ -107,15 +95,14 @@ pub(super) fn below(w: &Walk<'_>, dir: &OwnedFd, rel: &str) -> Result<Vec<Item>,
     }
     // Subdirectories on rayon's threads; each opens its own fd while it runs, so no more
     // are open at once than the walk is deep, per thread.
-    let subs: Vec<(usize, &OsString, &String)> = slots
+    let subs: Vec<(&OsString, &String)> = slots
         .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match s {
-            Slot::Sub(name, rel) => Some((i, name, rel)),
+        .filter_map(|s| match s {
+            Slot::Sub(name, rel) => Some((name, rel)),
             Slot::Item(_) => None,
         })
         .collect();
-    let walk_sub = |(_, name, rel): &(usize, &OsString, &String)| {
+    let walk_sub = |(name, rel): &(&OsString, &String)| {
         let fd = rustix::fs::openat(
             dir,
             *name,
