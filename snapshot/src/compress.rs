@@ -4,6 +4,7 @@
 
 use crate::diff::{write_layer_tar, DiffError, DiffOptions};
 use crate::digest::Digest;
+use crate::gzip_blocks::GzipStoringRandom;
 use sha2::{Digest as _, Sha256};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -161,10 +162,11 @@ fn compress_chunks(
     match compression {
         Compression::Gzip { level } => {
             // pigz's method, one gzip member of independent 128 KiB deflate blocks, on every
-            // core (gzp: see Cargo.toml). The bytes do not depend on the number of threads,
-            // so a layer has one digest on every machine.
+            // core (gzp: see Cargo.toml), random-looking blocks stored (gzip_blocks). The
+            // bytes do not depend on the number of threads, so a layer has one digest on
+            // every machine.
             use gzp::ZWriter;
-            let mut enc: gzp::par::compress::ParCompress<gzp::deflate::Gzip, _> =
+            let mut enc: gzp::par::compress::ParCompress<GzipStoringRandom, _> =
                 gzp::par::compress::ParCompressBuilder::new()
                     .num_threads(cores())
                     .map_err(io::Error::other)?

@@ -22,6 +22,7 @@ mod compress;
 mod diff;
 pub mod digest;
 mod fsutil;
+mod gzip_blocks;
 mod held;
 mod stack;
 mod tree;
