@@ -109,8 +109,9 @@ pub(crate) fn entropy_bits(data: &[u8]) -> f64 {
     }
     let n = data.len() as f64;
     let mut bits = 0.0;
-    for v in 0..256 {
-        let c = counts[0][v] + counts[1][v] + counts[2][v] + counts[3][v];
+    let [a, b, c, d] = &counts;
+    for (((a, b), c), d) in a.iter().zip(b).zip(c).zip(d) {
+        let c = a + b + c + d;
         if c > 0 {
             let p = f64::from(c) / n;
             bits -= p * p.log2();
