@@ -28,7 +28,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib/setup.sh"
 . bench/lib/buildkit.sh
 
-all_cases="stages4 files100k big512 ctx20k copy50k steps60 run50 layer1200-gzip layer1200-zstd"
+all_cases="stages4 files100k big512 ctx20k copy50k steps60 run50 pushearly layer1200-gzip layer1200-zstd"
 net_cases="apt gcc"
 runs=3
 base_dir=/dev/shm
@@ -92,6 +92,23 @@ BK_DOCKER=$(cat "$work/bk-host")
 ctx() { mkdir -p "$work/ctx/$1"; echo "$work/ctx/$1"; }
 # Whether a case that needs context $1 was asked for.
 want() { [[ " ${cases[*]} " == *" $1"* ]]; }
+# payload FILE BYTES: BYTES that compress like real files: /usr of this machine, tarred,
+# repeated.
+payload() {
+  tar -C / -cf "$1.usr.tar" usr/lib usr/share 2>/dev/null || true
+  python3 - "$1.usr.tar" "$1" "$2" <<'PY'
+import sys
+src, dst, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = open(src, 'rb').read()
+with open(dst, 'wb') as f:
+    n = 0
+    while n < size:
+        chunk = data[: size - n]
+        f.write(chunk)
+        n += len(chunk)
+PY
+  rm -f "$1.usr.tar"
+}
 make_contexts() {
   local c
   c=$(ctx stages4)
@@ -103,21 +120,15 @@ make_contexts() {
   printf 'FROM %s\nRUN dd if=/dev/urandom of=/big bs=1M count=512 2>/dev/null\n' "$busybox" >"$c/Dockerfile"
   want layer1200 && {
   c=$(ctx layer1200)
-  # 1.2 GB that compresses like real files: /usr of this machine, tarred, repeated.
-  tar -C / -cf "$c/usr.tar" usr/lib usr/share 2>/dev/null || true
-  python3 - "$c/usr.tar" "$c/payload" <<'PY'
-import sys
-src, dst = sys.argv[1], sys.argv[2]
-data = open(src, 'rb').read()
-with open(dst, 'wb') as f:
-    n = 0
-    while n < 1_200_000_000:
-        chunk = data[: 1_200_000_000 - n]
-        f.write(chunk)
-        n += len(chunk)
-PY
-  rm -f "$c/usr.tar"
+  payload "$c/payload" 1200000000
   printf 'FROM %s\nCOPY payload /payload\n' "$busybox" >"$c/Dockerfile"
+  }
+  want pushearly && {
+  # Layers ready early (issue 13, item 3): a 300 MB COPY, then a 5 s step. Build+push
+  # against the same build with an OCI output (the same blobs made), in the same runs.
+  c=$(ctx pushearly)
+  payload "$c/payload" 300000000
+  printf 'FROM %s\nCOPY payload /payload\nRUN sleep 5\n' "$busybox" >"$c/Dockerfile"
   }
   want ctx20k && {
   c=$(ctx ctx20k)
@@ -177,9 +188,12 @@ build() {
   case $t in
     rbuild-oci)
       # A cold build written as an OCI layout: every layer of the image compressed.
+      # With a push variant's compression: the build alone that its push is measured against.
+      local extra=()
+      [ "$comp" = zstd ] && extra+=(--compression zstd)
       rm -rf "$work/oci-out"
       in_cg rbuild-oci "$bin" build --progress=plain --root "$rb_root" --insecure-registry "$reg" \
-        -t "peers/$c:1" --output "type=oci,dest=$work/oci-out" "$dir" ;;
+        -t "peers/$c:1" "${extra[@]}" --output "type=oci,dest=$work/oci-out" "$dir" ;;
     rbuild)
       local extra=()
       [ -n "$push" ] && extra+=(--push -t "$push") || extra+=(-t "peers/$c:1")
@@ -234,8 +248,9 @@ results=$work/results
 run_variant() { # CASE VARIANT PREP [push] [comp]
   local c=$1 v=$2 prep=$3 push=${4:-} comp=${5:-gzip} r t
   local tools="rbuild buildkit buildah"
-  # Cold builds also with an OCI layout output, against BuildKit's cold build (issue 13).
-  [ "$prep" = cold ] && [ -z "$push" ] && tools="rbuild rbuild-oci buildkit buildah"
+  # Cold builds also with an OCI layout output, against BuildKit's cold build, and pushes
+  # against that build alone (issue 13).
+  [ "$prep" = cold ] && tools="rbuild rbuild-oci buildkit buildah"
   for r in $(seq 1 "$runs"); do
     for t in $tools; do
       case $prep in
@@ -261,6 +276,7 @@ for c in "${cases[@]}"; do
     copy50k) run_variant copy50k cold cold; run_variant copy50k warm warm; run_variant copy50k touched touch ;;
     layer1200-gzip) run_variant layer1200 build+push-gzip cold "$reg/peers/big" gzip ;;
     layer1200-zstd) run_variant layer1200 build+push-zstd cold "$reg/peers/big" zstd ;;
+    pushearly) run_variant pushearly build+push cold "$reg/peers/early" gzip ;;
     *) run_variant "$c" cold cold ;;
   esac
 done

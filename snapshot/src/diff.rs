@@ -1,12 +1,14 @@
 //! Upperdir (or staging directory) → deterministic OCI layer tar.
 
-use crate::is_overlay_xattr;
+use crate::fsutil;
+use crate::xattr::{image_xattrs, Source};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx, StatxFlags};
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Errors while writing a layer; each names the path.
@@ -66,7 +68,13 @@ pub fn write_layer_tar<W: Write>(
         stats: DiffStats::default(),
     };
     w.b.mode(tar::HeaderMode::Complete);
-    w.walk(dir, b"")?;
+    let top = rustix::fs::open(
+        dir,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| ioe(dir)(e.into()))?;
+    w.walk(&top, dir, b"")?;
     w.b.into_inner()
         .map_err(ioe(dir))?
         .flush()
@@ -77,57 +85,54 @@ pub fn write_layer_tar<W: Write>(
 struct Writer<'a, W: Write> {
     b: tar::Builder<W>,
     opts: &'a DiffOptions,
+    /// Hard links seen: (device, inode) → the first path.
     links: HashMap<(u64, u64), Vec<u8>>,
     stats: DiffStats,
 }
 
-/// The xattrs of `path` that belong in a layer, in full: the name list is read at the size
-/// the kernel reports, however long. Names that are not UTF-8 cannot be PAX keys and are
-/// left out.
-pub(crate) fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
-    let names = loop {
-        let size = match rustix::fs::llistxattr_query(path) {
-            Ok(n) => n,
-            Err(rustix::io::Errno::OPNOTSUPP) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut names = vec![0u8; size];
-        match rustix::fs::llistxattr(path, &mut names[..]) {
-            Ok(n) => {
-                names.truncate(n);
-                break names;
-            }
-            // Grew in between: ask again.
-            Err(rustix::io::Errno::RANGE) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let mut out = Vec::new();
-    for raw in names.split(|b| *b == 0).filter(|s| !s.is_empty()) {
-        let Ok(name) = std::str::from_utf8(raw) else {
-            continue;
-        };
-        if is_overlay_xattr(name) {
-            continue;
-        }
-        // 64 KiB is the kernel's limit for one value.
-        let mut val = vec![0u8; 65536];
-        match rustix::fs::lgetxattr(path, name, &mut val[..]) {
-            Ok(len) => {
-                val.truncate(len);
-                out.push((name.to_string(), val));
-            }
-            Err(rustix::io::Errno::NODATA) => {}
-            Err(e) => return Err(e.into()),
+/// The xattrs of `src` that can go into a layer: names that are not UTF-8 cannot be PAX keys
+/// and are left out.
+fn pax_xattrs(src: Source<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    Ok(image_xattrs(src)?
+        .into_iter()
+        .filter_map(|(k, v)| String::from_utf8(k).ok().map(|k| (k, v)))
+        .collect())
+}
+
+/// One entry's metadata, from a directory-relative `statx`.
+struct Meta {
+    kind: FileType,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    size: u64,
+    nlink: u32,
+    ino: (u64, u64),
+    rdev: (u32, u32),
+}
+
+impl Meta {
+    fn of(st: &Statx) -> Meta {
+        Meta {
+            kind: FileType::from_raw_mode(st.stx_mode.into()),
+            mode: u32::from(st.stx_mode),
+            uid: st.stx_uid,
+            gid: st.stx_gid,
+            mtime: st.stx_mtime.tv_sec,
+            size: st.stx_size,
+            nlink: st.stx_nlink,
+            ino: (
+                rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+                st.stx_ino,
+            ),
+            rdev: (st.stx_rdev_major, st.stx_rdev_minor),
         }
     }
-    out.sort();
-    Ok(out)
 }
 
 impl<W: Write> Writer<'_, W> {
-    fn mtime(&self, md: &fs::Metadata) -> u64 {
-        let t = md.mtime();
+    fn mtime(&self, t: i64) -> u64 {
         let t = match self.opts.source_date_epoch {
             Some(e) if t > e => e,
             _ => t,
@@ -135,17 +140,24 @@ impl<W: Write> Writer<'_, W> {
         t.max(0) as u64
     }
 
-    fn walk(&mut self, dir: &Path, rel: &[u8]) -> Result<(), DiffError> {
-        let mut names: Vec<_> = fs::read_dir(dir)
-            .map_err(ioe(dir))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(ioe(dir))?;
-        names.sort_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
+    /// Writes the entries below the directory `dir` (at `path`, for errors; `rel` in the
+    /// layer). Everything is read relative to directory fds: no entry's path is resolved
+    /// from the root again.
+    fn walk(&mut self, dir: &OwnedFd, path: &Path, rel: &[u8]) -> Result<(), DiffError> {
+        let mut names = fsutil::list(dir).map_err(ioe(path))?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let want = StatxFlags::TYPE
+            | StatxFlags::MODE
+            | StatxFlags::UID
+            | StatxFlags::GID
+            | StatxFlags::MTIME
+            | StatxFlags::SIZE
+            | StatxFlags::NLINK
+            | StatxFlags::INO;
         for name in names {
-            let path = dir.join(&name);
+            let path = path.join(&name);
             // Names are bytes: a file name need not be UTF-8, and goes into the layer as is.
-            let name = name.as_bytes();
+            let name = name.as_os_str();
             let join = |name: &[u8]| {
                 let mut p = rel.to_vec();
                 if !p.is_empty() {
@@ -154,27 +166,39 @@ impl<W: Write> Writer<'_, W> {
                 p.extend_from_slice(name);
                 p
             };
-            let rel_path = join(name);
-            let md = fs::symlink_metadata(&path).map_err(ioe(&path))?;
-            let ft = md.file_type();
-            if crate::whiteout::is_whiteout(&path, &md) {
+            let rel_path = join(name.as_bytes());
+            let st = rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, want)
+                .map_err(|e| ioe(&path)(e.into()))?;
+            let md = Meta::of(&st);
+            if crate::whiteout::is_whiteout_at(dir, name, &st) {
                 // An overlay whiteout (either form). Overlay hard-links all whiteouts to one
                 // inode, so its link count says nothing about hardlinks.
-                let wh = join(&[b".wh.", name].concat());
-                let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, self.mtime(&md));
+                let wh = join(&[b".wh.", name.as_bytes()].concat());
+                let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, self.mtime(md.mtime));
                 self.append(&mut h, &wh, None, &[], io::empty(), &path)?;
                 self.stats.whiteouts += 1;
                 continue;
             }
-            let x = xattrs(&path).map_err(ioe(&path))?;
             let held = self.opts.held.get(&rel_path).copied();
             let mode = match held {
                 Some(h) => h.mode & 0o7777,
-                None => md.mode() & 0o7777,
+                None => md.mode & 0o7777,
             };
-            let mtime = self.mtime(&md);
-            if ft.is_dir() {
-                let mut h = self.header(tar::EntryType::Directory, mode, md.uid(), md.gid(), mtime);
+            let mtime = self.mtime(md.mtime);
+            let open = |flags: OFlags| {
+                rustix::fs::openat(
+                    dir,
+                    name,
+                    flags | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| ioe(&path)(e.into()))
+            };
+            let fd_xattrs = |fd: &OwnedFd| pax_xattrs(Source::Fd(fd.as_fd())).map_err(ioe(&path));
+            if md.kind == FileType::Directory {
+                let sub = open(OFlags::DIRECTORY)?;
+                let x = fd_xattrs(&sub)?;
+                let mut h = self.header(tar::EntryType::Directory, mode, md.uid, md.gid, mtime);
                 self.append(
                     &mut h,
                     &[&rel_path[..], b"/"].concat(),
@@ -183,7 +207,7 @@ impl<W: Write> Writer<'_, W> {
                     io::empty(),
                     &path,
                 )?;
-                if crate::whiteout::is_opaque_path(&path) {
+                if crate::whiteout::is_opaque(&sub) {
                     let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, mtime);
                     self.append(
                         &mut h,
@@ -194,8 +218,9 @@ impl<W: Write> Writer<'_, W> {
                         &path,
                     )?;
                 }
-                self.walk(&path, &rel_path)?;
-            } else if let Some(h) = held.filter(|h| h.kind != crate::HeldKind::File && ft.is_file())
+                self.walk(&sub, &path, &rel_path)?;
+            } else if let Some(h) =
+                held.filter(|h| h.kind != crate::HeldKind::File && md.kind == FileType::RegularFile)
             {
                 // A held device's placeholder.
                 let kind = if h.kind == crate::HeldKind::Char {
@@ -203,51 +228,52 @@ impl<W: Write> Writer<'_, W> {
                 } else {
                     tar::EntryType::Block
                 };
-                let mut h2 = self.header(kind, mode, md.uid(), md.gid(), mtime);
+                let mut h2 = self.header(kind, mode, md.uid, md.gid, mtime);
                 h2.set_device_major(h.rdev.0).map_err(ioe(&path))?;
                 h2.set_device_minor(h.rdev.1).map_err(ioe(&path))?;
                 self.append(&mut h2, &rel_path, None, &[], io::empty(), &path)?;
-            } else if ft.is_file() {
-                if md.nlink() > 1 {
-                    if let Some(first) = self.links.get(&(md.dev(), md.ino())).cloned() {
-                        let mut h =
-                            self.header(tar::EntryType::Link, mode, md.uid(), md.gid(), mtime);
+            } else if md.kind == FileType::RegularFile {
+                if md.nlink > 1 {
+                    if let Some(first) = self.links.get(&md.ino).cloned() {
+                        let mut h = self.header(tar::EntryType::Link, mode, md.uid, md.gid, mtime);
                         self.append(&mut h, &rel_path, Some(&first), &[], io::empty(), &path)?;
                         continue;
                     }
-                    self.links.insert((md.dev(), md.ino()), rel_path.clone());
+                    self.links.insert(md.ino, rel_path.clone());
                 }
-                let mut h = self.header(tar::EntryType::Regular, mode, md.uid(), md.gid(), mtime);
-                h.set_size(md.len());
-                let f = File::open(&path).map_err(ioe(&path))?;
-                self.stats.content_bytes += md.len();
-                self.append(&mut h, &rel_path, None, &x, f, &path)?;
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&path).map_err(ioe(&path))?;
-                let mut h = self.header(tar::EntryType::Symlink, mode, md.uid(), md.gid(), mtime);
+                let f = open(OFlags::empty())?;
+                let x = fd_xattrs(&f)?;
+                let mut h = self.header(tar::EntryType::Regular, mode, md.uid, md.gid, mtime);
+                h.set_size(md.size);
+                self.stats.content_bytes += md.size;
+                self.append(&mut h, &rel_path, None, &x, File::from(f), &path)?;
+            } else if md.kind == FileType::Symlink {
+                let target = rustix::fs::readlinkat(dir, name, Vec::new())
+                    .map_err(|e| ioe(&path)(e.into()))?;
+                let mut h = self.header(tar::EntryType::Symlink, mode, md.uid, md.gid, mtime);
                 self.append(
                     &mut h,
                     &rel_path,
-                    Some(target.as_os_str().as_bytes()),
+                    Some(target.as_bytes()),
                     &[],
                     io::empty(),
                     &path,
                 )?;
-            } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
-                let kind = if ft.is_fifo() {
-                    tar::EntryType::Fifo
-                } else if ft.is_char_device() {
-                    tar::EntryType::Char
-                } else {
-                    tar::EntryType::Block
+            } else if matches!(
+                md.kind,
+                FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice
+            ) {
+                let kind = match md.kind {
+                    FileType::Fifo => tar::EntryType::Fifo,
+                    FileType::CharacterDevice => tar::EntryType::Char,
+                    _ => tar::EntryType::Block,
                 };
-                let mut h = self.header(kind, mode, md.uid(), md.gid(), mtime);
-                if !ft.is_fifo() {
-                    let dev = md.rdev();
-                    h.set_device_major(rustix::fs::major(dev))
-                        .map_err(ioe(&path))?;
-                    h.set_device_minor(rustix::fs::minor(dev))
-                        .map_err(ioe(&path))?;
+                // Not opened (a fifo would block, a device is not ours to open): by path.
+                let x = pax_xattrs(Source::Link(&path)).map_err(ioe(&path))?;
+                let mut h = self.header(kind, mode, md.uid, md.gid, mtime);
+                if md.kind != FileType::Fifo {
+                    h.set_device_major(md.rdev.0).map_err(ioe(&path))?;
+                    h.set_device_minor(md.rdev.1).map_err(ioe(&path))?;
                 }
                 self.append(&mut h, &rel_path, None, &x, io::empty(), &path)?;
             }

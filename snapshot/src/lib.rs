@@ -29,6 +29,7 @@ mod tree;
 mod unpack;
 mod verify;
 mod whiteout;
+mod xattr;
 
 pub use compress::{
     decompress, layer_diff, recompress_blob, write_layer_blob, Compression, LayerDesc,
@@ -56,7 +57,8 @@ pub use whiteout::{
 /// The overlay xattr namespace rbuild uses (overlay's `userxattr` mode, usable rootless).
 pub const OVERLAY_XATTR_PREFIX: &str = "user.overlay.";
 
-/// Whether an xattr is overlayfs-private and must never enter or leave a layer.
+/// Whether an xattr is overlayfs-private (or fuse-overlayfs's: it fakes ownership with one)
+/// and must never enter or leave a layer.
 pub fn is_overlay_xattr(name: &str) -> bool {
-    name.starts_with("user.overlay.") || name.starts_with("trusted.overlay.")
+    xattr::is_private(name.as_bytes())
 }

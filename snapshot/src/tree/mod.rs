@@ -16,7 +16,6 @@
 //!   whiteouts into the form the destination accepts; [`normalize_fuse_upper`] rewrites the
 //!   upperdir fuse-overlayfs leaves into the kernel's overlay form.
 
-use crate::is_overlay_xattr;
 use crate::whiteout::{is_opaque, is_whiteout_at, make_whiteout_at, set_opaque};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx, StatxFlags, Timestamps, XattrFlags};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -236,31 +235,7 @@ impl Meta {
 
 /// The xattrs of an fd that belong in an image (overlay's and fuse-overlayfs's own left out).
 fn xattrs_of(fd: &impl AsFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut list = vec![0u8; 65536];
-    let n = match rustix::fs::flistxattr(fd, &mut list[..]) {
-        Ok(n) => n,
-        Err(rustix::io::Errno::OPNOTSUPP) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = Vec::new();
-    for raw in list[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
-        let name = String::from_utf8_lossy(raw);
-        if is_overlay_xattr(&name) || name.starts_with("user.fuseoverlayfs.") {
-            continue;
-        }
-        let cname = std::ffi::CString::new(raw).expect("xattr names have no NUL");
-        let mut val = vec![0u8; 65536];
-        match rustix::fs::fgetxattr(fd, cname.as_c_str(), &mut val[..]) {
-            Ok(len) => {
-                val.truncate(len);
-                out.push((raw.to_vec(), val));
-            }
-            Err(rustix::io::Errno::NODATA) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    out.sort();
-    Ok(out)
+    crate::xattr::image_xattrs(crate::xattr::Source::Fd(fd.as_fd()))
 }
 
 fn xattr_hash(fd: &impl AsFd) -> u64 {
