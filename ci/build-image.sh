@@ -6,7 +6,7 @@
 #   --base REF    the Debian 12 base image (default: debian:bookworm; build args of the same
 #                 name work too). Offline: scripts/testbed/make-base-images REG pushes one.
 #   --rbuild BIN  the rbuild binary to put into the image, also the one that builds it
-#                 (default: `cargo build --release --locked -p rbuild` and target/release/rbuild)
+#                 (default: the static release binary, `scripts/release.sh --binary-only`)
 #
 # Everything else goes to `rbuild build`, e.g. `-t reg.example/rbuild:1 --push` or
 # `--output type=oci,dest=out/rbuild-image`.
@@ -22,14 +22,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$bin" ]; then
-  (cd "$here/.." && cargo build --release --locked -q -p rbuild)
-  bin=${CARGO_TARGET_DIR:-$here/../target}/release/rbuild
+  bin=$(bash "$here/../scripts/release.sh" --binary-only)
 fi
 [ -x "$bin" ] || { echo "build-image: $bin is not an executable rbuild binary" >&2; exit 1; }
 # Only the binary goes into the named context, not a whole target directory.
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 cp "$bin" "$stage/rbuild"
-# Debug information is for developers, not for the image.
-if command -v strip >/dev/null 2>&1; then strip --strip-debug "$stage/rbuild"; fi
 "$bin" build -f "$here/Dockerfile" --build-context "bin=$stage" --build-arg "BASE=$base" "$@" "$here"

@@ -23,6 +23,13 @@ if [ "${RBUILD_SLOW_TESTS:-0}" = 1 ]; then
 else
   $sudo scripts/testbed/make-base-images --busybox-only --no-push >/dev/null
 fi
+# The end-to-end tests run the binary users get: the static release binary (issue 14), made
+# as scripts/release.sh makes it. RBUILD_TEST_BIN=debug runs them with the test build's own.
+case ${RBUILD_TEST_BIN:-} in
+  debug) unset RBUILD_TEST_BIN ;;
+  "") RBUILD_TEST_BIN=$($sudo bash scripts/release.sh --binary-only); export RBUILD_TEST_BIN
+      echo "test: the end-to-end tests run $RBUILD_TEST_BIN" >&2 ;;
+esac
 # Habits first: formatting and lints are part of the suite (issue 12, item 7).
 cargo fmt --all --check
 $sudo cargo clippy --workspace --all-targets --locked -q -- -D warnings

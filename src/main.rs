@@ -2,7 +2,6 @@
 
 #![forbid(unsafe_code)]
 
-use clap::Parser;
 use rbuild::build::{build, BuildOptions};
 use rbuild::cli::{
     normalize_args, parse_build_args, parse_output, BuildArgs, Cli, Command, CompressionChoice,
@@ -20,20 +19,45 @@ fn main() -> ExitCode {
     rbuild_sandbox::dispatch_helper();
     // Before any thread starts: fewer arenas, less memory kept resident (issue 13, item 6).
     rbuild_sandbox::limit_malloc_arenas(2);
-    let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
+    let matches = cli_command().get_matches_from(normalize_args(std::env::args_os().collect()));
+    let cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let res = match cli.command {
         Command::Build(args) => run_build(args),
         Command::Du(args) => run_du(args),
         Command::Prune(args) => run_prune(args),
         Command::Doctor(args) => return run_doctor(args),
+        Command::Completion(args) => {
+            let mut cmd = cli_command();
+            clap_complete::generate(args.shell, &mut cmd, "rbuild", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man(args) => run_man(args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("{} {e:#}", rbuild::progress::error_prefix());
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line, its version naming the commit it was built from (build.rs).
+fn cli_command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command().version(env!("RBUILD_LONG_VERSION"))
+}
+
+fn run_man(args: rbuild::cli::ManArgs) -> anyhow::Result<()> {
+    match args.dir {
+        None => clap_mangen::Man::new(cli_command()).render(&mut std::io::stdout())?,
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(cli_command(), &dir)
+                .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", dir.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn run_doctor(args: rbuild::cli::DoctorArgs) -> ExitCode {
@@ -470,6 +494,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         opts.rootfs.keep_paths = paths_to_keep(&opts, &args);
     }
     let outcome = runtime.block_on(build(store.clone(), opts, progress.clone()));
+    progress.summary(outcome.is_err());
     if let Some(dir) = &unpacked_context {
         let _ = rbuild_cache::remove_tree(dir);
     }

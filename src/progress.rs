@@ -1,5 +1,6 @@
 //! Progress display: one vertex (`#N`) per build step, in BuildKit's plain format, as JSON
-//! lines, or as a live view on a terminal.
+//! lines, or as a live view on a terminal. Colour only in the live view, and never when
+//! `NO_COLOR` is set (<https://no-color.org>).
 
 use crate::cli::ProgressMode;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -17,8 +18,13 @@ pub struct Progress {
 
 struct Inner {
     mode: ProgressMode,
+    color: bool,
     start: Instant,
     next: AtomicUsize,
+    /// Steps ended: run, from cache, failed (for the summary).
+    done: AtomicUsize,
+    cached: AtomicUsize,
+    failed: AtomicUsize,
     out: Mutex<Box<dyn Write + Send>>,
     bars: Option<MultiProgress>,
     live: Mutex<HashMap<usize, ProgressBar>>,
@@ -43,12 +49,25 @@ impl Progress {
         Progress {
             inner: Arc::new(Inner {
                 mode,
+                color: mode == ProgressMode::Tty && color_allowed(),
                 start: Instant::now(),
                 next: AtomicUsize::new(1),
+                done: AtomicUsize::new(0),
+                cached: AtomicUsize::new(0),
+                failed: AtomicUsize::new(0),
                 out: Mutex::new(out),
                 bars,
                 live: Mutex::new(HashMap::new()),
             }),
+        }
+    }
+
+    /// `text` in `color` in the live view, as is elsewhere.
+    fn paint(&self, color: Color, text: &str) -> String {
+        if self.inner.color {
+            format!("\x1b[{}m{text}\x1b[0m", color as u8)
+        } else {
+            text.to_string()
         }
     }
 
@@ -77,7 +96,7 @@ impl Progress {
     /// A warning.
     pub fn warn(&self, msg: &str) {
         self.emit(
-            format!("WARNING: {msg}"),
+            format!("{} {msg}", self.paint(Color::Yellow, "WARNING:")),
             serde_json::json!({"type": "warning", "message": msg}),
         );
     }
@@ -91,10 +110,12 @@ impl Progress {
         );
         if let Some(bars) = &self.inner.bars {
             let pb = bars.add(ProgressBar::new_spinner());
-            pb.set_style(
-                ProgressStyle::with_template("{spinner} #{prefix} {elapsed:>4} {wide_msg}")
-                    .unwrap(),
-            );
+            let template = if self.inner.color {
+                "{spinner:.cyan} #{prefix} {elapsed:>4} {wide_msg:.dim}"
+            } else {
+                "{spinner} #{prefix} {elapsed:>4} {wide_msg}"
+            };
+            pb.set_style(ProgressStyle::with_template(template).unwrap());
             pb.set_prefix(format!("{id} {name}"));
             pb.enable_steady_tick(Duration::from_millis(120));
             self.inner.live.lock().unwrap().insert(id, pb);
@@ -111,6 +132,71 @@ impl Progress {
         if let Some(pb) = self.inner.live.lock().unwrap().remove(&id) {
             pb.finish_and_clear();
         }
+    }
+
+    /// The build's last line in the live view: how long it took and what its steps did
+    /// (`failed`: it ended with an error). The other modes end with their last event.
+    pub fn summary(&self, failed: bool) {
+        if self.inner.mode != ProgressMode::Tty {
+            return;
+        }
+        let secs = self.inner.start.elapsed().as_secs_f64();
+        let n = |c: &AtomicUsize| c.load(Ordering::Relaxed);
+        let (done, cached, errors) = (
+            n(&self.inner.done),
+            n(&self.inner.cached),
+            n(&self.inner.failed),
+        );
+        let steps = format!(
+            "{} step{}: {done} run, {cached} cached{}",
+            done + cached + errors,
+            if done + cached + errors == 1 { "" } else { "s" },
+            if errors > 0 {
+                format!(", {errors} failed")
+            } else {
+                String::new()
+            }
+        );
+        let line = if failed {
+            format!(
+                "{} after {secs:.1}s ({steps})",
+                self.paint(Color::Red, "build failed")
+            )
+        } else {
+            format!(
+                "{} in {secs:.1}s ({steps})",
+                self.paint(Color::Green, "built")
+            )
+        };
+        self.emit(line, serde_json::Value::Null);
+    }
+}
+
+/// ANSI foreground colours (SGR codes) of the live view.
+#[derive(Clone, Copy)]
+enum Color {
+    Red = 31,
+    Green = 32,
+    Yellow = 33,
+    Blue = 34,
+    Cyan = 36,
+}
+
+/// Whether colour may be used at all: `NO_COLOR` set to anything but empty forbids it.
+fn color_allowed() -> bool {
+    color_allowed_by(std::env::var_os("NO_COLOR").as_deref())
+}
+
+fn color_allowed_by(no_color: Option<&std::ffi::OsStr>) -> bool {
+    no_color.is_none_or(|v| v.is_empty())
+}
+
+/// `error:` for a message on stderr: red on a terminal, unless `NO_COLOR` says otherwise.
+pub fn error_prefix() -> &'static str {
+    if std::io::stderr().is_terminal() && color_allowed() {
+        "\x1b[31merror:\x1b[0m"
+    } else {
+        "error:"
     }
 }
 
@@ -155,8 +241,13 @@ impl Step {
     /// Ends the step as done from cache.
     pub fn cached(&self) {
         self.progress.finish_bar(self.id);
+        self.progress.inner.cached.fetch_add(1, Ordering::Relaxed);
         self.progress.emit(
-            format!("#{} CACHED", self.id),
+            format!(
+                "#{} {}",
+                self.id,
+                self.progress.paint(Color::Cyan, "CACHED")
+            ),
             serde_json::json!({"type": "cached", "id": self.id}),
         );
     }
@@ -164,9 +255,15 @@ impl Step {
     /// Ends the step successfully.
     pub fn done(&self) {
         self.progress.finish_bar(self.id);
+        self.progress.inner.done.fetch_add(1, Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64();
         self.progress.emit(
-            format!("#{} DONE {secs:.1}s", self.id),
+            format!(
+                "#{} {}",
+                self.id,
+                self.progress
+                    .paint(Color::Blue, &format!("DONE {secs:.1}s"))
+            ),
             serde_json::json!({"type": "done", "id": self.id, "seconds": secs}),
         );
     }
@@ -174,8 +271,13 @@ impl Step {
     /// Ends the step with an error.
     pub fn error(&self, msg: &str) {
         self.progress.finish_bar(self.id);
+        self.progress.inner.failed.fetch_add(1, Ordering::Relaxed);
         self.progress.emit(
-            format!("#{} ERROR: {msg}", self.id),
+            format!(
+                "#{} {} {msg}",
+                self.id,
+                self.progress.paint(Color::Red, "ERROR:")
+            ),
             serde_json::json!({"type": "error", "id": self.id, "message": msg}),
         );
     }
@@ -276,6 +378,32 @@ mod tests {
             text.contains(" two\n") && text.contains(" three\n") && text.contains("#1 DONE"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn no_color_set_to_anything_but_empty_turns_colour_off() {
+        use std::ffi::OsStr;
+        assert!(color_allowed_by(None));
+        assert!(color_allowed_by(Some(OsStr::new(""))));
+        assert!(!color_allowed_by(Some(OsStr::new("1"))));
+        assert!(!color_allowed_by(Some(OsStr::new("0"))));
+    }
+
+    #[test]
+    fn plain_output_has_no_colour_and_no_summary() {
+        let buf = Buf::default();
+        let p = Progress::with_writer(ProgressMode::Plain, Box::new(buf.clone()));
+        p.start("a").done();
+        p.start("b").error("boom");
+        p.warn("w");
+        p.summary(true);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert!(
+            text.contains("#2 ERROR: boom") && text.contains("WARNING: w"),
+            "{text}"
+        );
+        assert!(!text.contains("build failed"), "{text}");
     }
 
     #[test]

@@ -473,7 +473,7 @@ impl Builder {
 
     /// Whether stage `stage` is the target or one the target is built FROM.
     fn in_image(&self, stage: usize) -> bool {
-        self.image_stages.get().map_or(true, |s| s.contains(&stage))
+        self.image_stages.get().is_none_or(|s| s.contains(&stage))
     }
 
     /// Whether anything of this build takes the image's blobs: an output or a cache export.

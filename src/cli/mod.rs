@@ -6,12 +6,21 @@ use std::path::PathBuf;
 /// rbuild: build OCI images from Dockerfiles without a daemon and without privilege.
 #[derive(Debug, Parser)]
 #[command(name = "rbuild", version, about, long_about = None)]
-#[command(after_help = "`rbuild CONTEXT` is short for `rbuild build CONTEXT`.")]
+#[command(after_help = AFTER_HELP)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The end of `rbuild --help`.
+const AFTER_HELP: &str = "`rbuild CONTEXT` is short for `rbuild build CONTEXT`.
+
+Exit status:
+  0  success
+  1  the command failed (a build step, the Dockerfile, an input, the registry, the store)
+  2  usage error: an unknown flag or a bad value
+  rbuild doctor: 0 full sandbox, 1 degraded, 2 no sandboxed build possible";
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
@@ -26,6 +35,29 @@ pub enum Command {
     /// Check what this environment lets rbuild do, with a fix for everything missing.
     /// Exit status 0: full sandbox; 1: degraded; 2: no sandboxed build possible.
     Doctor(DoctorArgs),
+    /// Print a shell completion script, e.g. `rbuild completion bash >
+    /// /etc/bash_completion.d/rbuild`.
+    Completion(CompletionArgs),
+    /// Print the man page (roff), e.g. `rbuild man > ~/.local/share/man/man1/rbuild.1`, or
+    /// write one page per subcommand into a directory.
+    Man(ManArgs),
+}
+
+/// Options of `rbuild completion`.
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Options of `rbuild man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write rbuild.1 and a page per subcommand (rbuild-build.1, ...) into this directory
+    /// instead of printing rbuild.1.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Options of `rbuild doctor`.
@@ -447,14 +479,15 @@ pub struct BuildArgs {
     pub root: Option<PathBuf>,
 }
 
-/// Subcommand names, so that `rbuild CONTEXT` can mean `rbuild build CONTEXT`.
-pub const SUBCOMMANDS: &[&str] = &["build", "du", "prune", "doctor", "help"];
-
 /// Inserts `build` when the first argument is not a subcommand or a top-level flag.
 pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
         let top_level = matches!(first, "-h" | "--help" | "-V" | "--version");
-        if !top_level && !SUBCOMMANDS.contains(&first) {
+        let subcommand = first == "help"
+            || <Cli as clap::CommandFactory>::command()
+                .find_subcommand(first)
+                .is_some();
+        if !top_level && !subcommand {
             args.insert(1, "build".into());
         }
     }

@@ -20,9 +20,14 @@ pub fn testbed() -> PathBuf {
     project().join("scripts/testbed")
 }
 
-/// The rbuild binary under test.
+/// The rbuild binary under test: this build's, or the one `RBUILD_TEST_BIN` names (the
+/// static release binary: scripts/test.sh --static).
 pub fn rbuild_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_rbuild"))
+    match std::env::var_os("RBUILD_TEST_BIN") {
+        Some(p) if !p.is_empty() => std::fs::canonicalize(&p)
+            .unwrap_or_else(|e| panic!("RBUILD_TEST_BIN={}: {e}", Path::new(&p).display())),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_rbuild")),
+    }
 }
 
 /// Runs a command, returning its output; panics with context if it cannot start.
