@@ -191,9 +191,11 @@ fn color_allowed_by(no_color: Option<&std::ffi::OsStr>) -> bool {
     no_color.is_none_or(|v| v.is_empty())
 }
 
-/// `error:` for a message on stderr: red on a terminal, unless `NO_COLOR` says otherwise.
+/// `error:` for a message on stderr: red on a terminal (not a `dumb` one), unless `NO_COLOR`
+/// says otherwise.
 pub fn error_prefix() -> &'static str {
-    if std::io::stderr().is_terminal() && color_allowed() {
+    let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
+    if std::io::stderr().is_terminal() && !dumb && color_allowed() {
         "\x1b[31merror:\x1b[0m"
     } else {
         "error:"

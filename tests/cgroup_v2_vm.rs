@@ -96,12 +96,14 @@ const OUTER_COUNTERS: [&str; 5] = [
 ];
 
 /// The second stage of the initramfs: the filesystems, a delegated cgroup `/ci` capped at
-/// 900 MiB and 300 processes, rbuild doctor, every case, then what is left in `/ci`.
+/// 900 MiB and 300 processes, rbuild doctor, every case, then what is left in `/ci`. The
+/// console is a terminal: NO_COLOR keeps rbuild's messages plain for the checks.
 fn init2() -> String {
     let mut s = String::from(
         "#!/bin/sh\n/bin/busybox --install -s\n\
          mount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs devtmpfs /dev\n\
          mount -t cgroup2 none /sys/fs/cgroup\ninsmod /overlay.ko\n\
+         export NO_COLOR=1\n\
          echo '+memory +cpu +pids' > /sys/fs/cgroup/cgroup.subtree_control\n\
          mkdir /sys/fs/cgroup/ci\necho 943718400 > /sys/fs/cgroup/ci/memory.max\necho 300 > /sys/fs/cgroup/ci/pids.max\n\
          echo $$ > /sys/fs/cgroup/ci/cgroup.procs\n\
