@@ -64,9 +64,11 @@ if [ ! -x "$tools/bin/cargo-cyclonedx" ]; then
   echo "release: installing cargo-cyclonedx 0.5.9 into $tools (once)" >&2
   cargo install -q --locked --root "$tools" cargo-cyclonedx --version 0.5.9
 fi
+# It writes one per workspace crate; the root's covers the binary, the others included.
 PATH="$tools/bin:$PATH" cargo cyclonedx -q --format json --spec-version 1.5 \
   --target "$target" --override-filename "$name.cdx" --manifest-path Cargo.toml
 mv "$name.cdx.json" "$tmp/"
+rm -f ./*/"$name.cdx.json"
 
 for f in "$tmp"/*; do rm -rf "dist/$(basename "$f")"; mv "$f" dist/; done
 size=$(stat -c %s "dist/$name")

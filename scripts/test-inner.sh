@@ -30,7 +30,9 @@ case ${RBUILD_TEST_BIN:-} in
   "") RBUILD_TEST_BIN=$($sudo bash scripts/release.sh --binary-only); export RBUILD_TEST_BIN
       echo "test: the end-to-end tests run $RBUILD_TEST_BIN" >&2 ;;
 esac
-# Habits first: formatting and lints are part of the suite (issue 12, item 7).
+# Habits first: formatting and lints are part of the suite (issue 12, item 7), and the lock
+# file's licenses, duplicate crates and sources (cargo deny, offline: scripts/deny.sh).
 cargo fmt --all --check
+$sudo bash scripts/deny.sh
 $sudo cargo clippy --workspace --all-targets --locked -q -- -D warnings
 $sudo cargo test --workspace --locked "$@"

@@ -1,8 +1,9 @@
 //! Upperdir (or staging directory) → deterministic OCI layer tar.
 
 use crate::fsutil;
+use crate::tree::Meta;
 use crate::xattr::{image_xattrs, Source};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx, StatxFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, StatxFlags};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
@@ -99,38 +100,6 @@ fn pax_xattrs(src: Source<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
         .collect())
 }
 
-/// One entry's metadata, from a directory-relative `statx`.
-struct Meta {
-    kind: FileType,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-    size: u64,
-    nlink: u32,
-    ino: (u64, u64),
-    rdev: (u32, u32),
-}
-
-impl Meta {
-    fn of(st: &Statx) -> Meta {
-        Meta {
-            kind: FileType::from_raw_mode(st.stx_mode.into()),
-            mode: u32::from(st.stx_mode),
-            uid: st.stx_uid,
-            gid: st.stx_gid,
-            mtime: st.stx_mtime.tv_sec,
-            size: st.stx_size,
-            nlink: st.stx_nlink,
-            ino: (
-                rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
-                st.stx_ino,
-            ),
-            rdev: (st.stx_rdev_major, st.stx_rdev_minor),
-        }
-    }
-}
-
 impl<W: Write> Writer<'_, W> {
     fn mtime(&self, t: i64) -> u64 {
         let t = match self.opts.source_date_epoch {
@@ -170,11 +139,12 @@ impl<W: Write> Writer<'_, W> {
             let st = rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, want)
                 .map_err(|e| ioe(&path)(e.into()))?;
             let md = Meta::of(&st);
+            let kind = FileType::from_raw_mode(md.kind);
             if crate::whiteout::is_whiteout_at(dir, name, &st) {
                 // An overlay whiteout (either form). Overlay hard-links all whiteouts to one
                 // inode, so its link count says nothing about hardlinks.
                 let wh = join(&[b".wh.", name.as_bytes()].concat());
-                let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, self.mtime(md.mtime));
+                let mut h = self.header(tar::EntryType::Regular, 0, 0, 0, self.mtime(md.mtime.0));
                 self.append(&mut h, &wh, None, &[], io::empty(), &path)?;
                 self.stats.whiteouts += 1;
                 continue;
@@ -182,9 +152,9 @@ impl<W: Write> Writer<'_, W> {
             let held = self.opts.held.get(&rel_path).copied();
             let mode = match held {
                 Some(h) => h.mode & 0o7777,
-                None => md.mode & 0o7777,
+                None => md.perm,
             };
-            let mtime = self.mtime(md.mtime);
+            let mtime = self.mtime(md.mtime.0);
             let open = |flags: OFlags| {
                 rustix::fs::openat(
                     dir,
@@ -195,7 +165,7 @@ impl<W: Write> Writer<'_, W> {
                 .map_err(|e| ioe(&path)(e.into()))
             };
             let fd_xattrs = |fd: &OwnedFd| pax_xattrs(Source::Fd(fd.as_fd())).map_err(ioe(&path));
-            if md.kind == FileType::Directory {
+            if kind == FileType::Directory {
                 let sub = open(OFlags::DIRECTORY)?;
                 let x = fd_xattrs(&sub)?;
                 let mut h = self.header(tar::EntryType::Directory, mode, md.uid, md.gid, mtime);
@@ -220,26 +190,26 @@ impl<W: Write> Writer<'_, W> {
                 }
                 self.walk(&sub, &path, &rel_path)?;
             } else if let Some(h) =
-                held.filter(|h| h.kind != crate::HeldKind::File && md.kind == FileType::RegularFile)
+                held.filter(|h| h.kind != crate::HeldKind::File && kind == FileType::RegularFile)
             {
                 // A held device's placeholder.
-                let kind = if h.kind == crate::HeldKind::Char {
+                let entry = if h.kind == crate::HeldKind::Char {
                     tar::EntryType::Char
                 } else {
                     tar::EntryType::Block
                 };
-                let mut h2 = self.header(kind, mode, md.uid, md.gid, mtime);
+                let mut h2 = self.header(entry, mode, md.uid, md.gid, mtime);
                 h2.set_device_major(h.rdev.0).map_err(ioe(&path))?;
                 h2.set_device_minor(h.rdev.1).map_err(ioe(&path))?;
                 self.append(&mut h2, &rel_path, None, &[], io::empty(), &path)?;
-            } else if md.kind == FileType::RegularFile {
+            } else if kind == FileType::RegularFile {
                 if md.nlink > 1 {
-                    if let Some(first) = self.links.get(&md.ino).cloned() {
+                    if let Some(first) = self.links.get(&(md.dev, md.ino)).cloned() {
                         let mut h = self.header(tar::EntryType::Link, mode, md.uid, md.gid, mtime);
                         self.append(&mut h, &rel_path, Some(&first), &[], io::empty(), &path)?;
                         continue;
                     }
-                    self.links.insert(md.ino, rel_path.clone());
+                    self.links.insert((md.dev, md.ino), rel_path.clone());
                 }
                 let f = open(OFlags::empty())?;
                 let x = fd_xattrs(&f)?;
@@ -247,7 +217,7 @@ impl<W: Write> Writer<'_, W> {
                 h.set_size(md.size);
                 self.stats.content_bytes += md.size;
                 self.append(&mut h, &rel_path, None, &x, File::from(f), &path)?;
-            } else if md.kind == FileType::Symlink {
+            } else if kind == FileType::Symlink {
                 let target = rustix::fs::readlinkat(dir, name, Vec::new())
                     .map_err(|e| ioe(&path)(e.into()))?;
                 let mut h = self.header(tar::EntryType::Symlink, mode, md.uid, md.gid, mtime);
@@ -260,18 +230,18 @@ impl<W: Write> Writer<'_, W> {
                     &path,
                 )?;
             } else if matches!(
-                md.kind,
+                kind,
                 FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice
             ) {
-                let kind = match md.kind {
+                let entry = match kind {
                     FileType::Fifo => tar::EntryType::Fifo,
                     FileType::CharacterDevice => tar::EntryType::Char,
                     _ => tar::EntryType::Block,
                 };
                 // Not opened (a fifo would block, a device is not ours to open): by path.
                 let x = pax_xattrs(Source::Link(&path)).map_err(ioe(&path))?;
-                let mut h = self.header(kind, mode, md.uid, md.gid, mtime);
-                if md.kind != FileType::Fifo {
+                let mut h = self.header(entry, mode, md.uid, md.gid, mtime);
+                if kind != FileType::Fifo {
                     h.set_device_major(md.rdev.0).map_err(ioe(&path))?;
                     h.set_device_minor(md.rdev.1).map_err(ioe(&path))?;
                 }

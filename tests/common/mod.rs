@@ -2,6 +2,7 @@
 //! testbed base images, and the rbuild binary.
 #![allow(dead_code)]
 
+pub mod auth;
 pub mod faults;
 pub mod store;
 

@@ -187,26 +187,30 @@ fn ts(t: rustix::fs::StatxTimestamp) -> rustix::fs::Timespec {
     }
 }
 
-/// Everything rbuild copies about an entry, besides content and xattrs.
+/// Everything rbuild copies about an entry, besides content and xattrs: the one reading of a
+/// `statx` (tree copies, and the layer tar's walk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Meta {
-    kind: u32,
-    perm: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    ino: u64,
-    nlink: u32,
-    mtime: (i64, u32),
+pub(crate) struct Meta {
+    /// `S_IFMT` bits.
+    pub(crate) kind: u32,
+    pub(crate) perm: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) size: u64,
+    /// Device and inode: hard links share them.
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) nlink: u32,
+    pub(crate) mtime: (i64, u32),
     ctime: (i64, u32),
     btime: Option<(i64, u32)>,
-    rdev: (u32, u32),
+    pub(crate) rdev: (u32, u32),
     /// Hash of the xattrs, for regular files with more than one link (see `changed`).
     xhash: u64,
 }
 
 impl Meta {
-    fn of(st: &Statx) -> Meta {
+    pub(crate) fn of(st: &Statx) -> Meta {
         let mode = st.stx_mode as u32;
         Meta {
             kind: mode & libc::S_IFMT,
@@ -214,6 +218,7 @@ impl Meta {
             uid: st.stx_uid,
             gid: st.stx_gid,
             size: st.stx_size,
+            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
             ino: st.stx_ino,
             nlink: st.stx_nlink,
             mtime: (st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec),
