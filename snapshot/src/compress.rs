@@ -103,6 +103,9 @@ pub fn layer_diff(dir: &Path, opts: &DiffOptions) -> Result<LayerDesc, DiffError
 
 const CHUNK: usize = 1 << 20;
 
+/// The size of one multi-threaded zstd job (see `compress_chunks`).
+const ZSTD_JOB_BYTES: u32 = 2 << 20;
+
 /// Sends written bytes to the compressing side in 1 MiB chunks, hashing them on the way.
 struct ChunkSender {
     tx: SyncSender<Vec<u8>>,
@@ -184,6 +187,10 @@ fn compress_chunks(
             let workers = cores() as u32;
             if workers > 1 {
                 enc.multithread(workers)?;
+                // zstd's own job size (8 MiB at level 3) keeps several jobs' input and output
+                // buffers resident. 600 MB of /usr, 2 cores, 2026-12-07: peak RSS 123 MB with
+                // zstd's size, 58 MB with 2 MiB jobs, in the same time, the blob 0.3% larger.
+                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_BYTES))?;
             }
             for c in rx {
                 enc.write_all(&c)?;
