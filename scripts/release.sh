@@ -37,8 +37,9 @@ name=rbuild-$version-x86_64-linux
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   cargo build --profile dist --locked -q --target "$target" -p rbuild
 bin=${CARGO_TARGET_DIR:-target}/$target/dist/rbuild
-if ! file -b "$bin" | grep -Eq 'static(-pie)? linked|statically linked'; then
-  echo "release: $bin is not statically linked: $(file -b "$bin")" >&2
+# ldd (Debian's libc-bin, always there) names a static binary, PIE or not.
+if ! ldd "$bin" 2>&1 | grep -Eq 'statically linked|not a dynamic executable'; then
+  echo "release: $bin is not statically linked: $(ldd "$bin" 2>&1 | head -3)" >&2
   exit 1
 fi
 mkdir -p dist

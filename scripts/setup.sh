@@ -8,7 +8,8 @@ pkgs=(ca-certificates curl gcc pkg-config uidmap busybox-static skopeo umoci doc
 # crun fails on this kind of machine's hybrid cgroups), zstd.
 # fuse-overlayfs and attr (setfattr): the snapshotter fallback tests.
 # qemu-system-x86, cpio, binutils (strip): the cgroup v2 tests in a virtual machine.
-[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman runc fuse-overlayfs attr libcap2-bin procps zstd git python3 qemu-system-x86 cpio binutils)
+# tmux: the live progress view in a real terminal; openssl: the token server's signatures.
+[ "${RBUILD_SETUP_TESTS:-0}" = 1 ] && pkgs+=(podman runc fuse-overlayfs attr libcap2-bin procps zstd git python3 qemu-system-x86 cpio binutils tmux openssl)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
