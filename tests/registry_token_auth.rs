@@ -227,16 +227,11 @@ async fn bearer_token_flow_with_a_token_server() {
     assert_eq!(pulled.layers, image.layers);
 
     // A tool nobody here wrote reads it through the same token server.
-    let out = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--creds", "bob:t0ken-pw"])
-        .arg(format!("docker://{target}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::ok(
+        Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", "--creds", "bob:t0ken-pw"])
+            .arg(format!("docker://{target}")),
     );
-    let inspect: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inspect: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(inspect["Digest"], image.manifest_digest.to_string());
 }
