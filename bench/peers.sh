@@ -218,7 +218,8 @@ build() {
   esac
 }
 
-# measure TOOL CMD...: "wall cpu rss_mib" of CMD in TOOL's cgroups; fails with CMD.
+# measure TOOL CMD...: "wall cpu rss_mib own_rss_mib" of CMD in TOOL's cgroups (own: the
+# tool's first process alone, see treerss.py); fails with CMD.
 measure() {
   local t=$1; shift
   local cpu=$cpu_root/$cgname/$t mem=$mem_root/$cgname/$t
@@ -234,11 +235,11 @@ measure() {
   c1=$(cat "$cpu/cpuacct.usage")
   touch "$stop"
   wait $sampler || true
-  if [ $rc -eq 3 ] && [ "$t" = buildkit ]; then echo "n/a n/a n/a"; return 0; fi
+  if [ $rc -eq 3 ] && [ "$t" = buildkit ]; then echo "n/a n/a n/a n/a"; return 0; fi
   if [ $rc -ne 0 ]; then
     echo "$t failed:" >&2; tail -5 "$work/last-$t.log" >&2; return $rc
   fi
-  python3 -c "print(f'{$t1-$t0:.2f} {($c1-$c0)/1e9:.2f} {int(open(\"$peak\").read())/1048576:.0f}')"
+  python3 -c "t, o = open(\"$peak\").read().split(); print(f'{$t1-$t0:.2f} {($c1-$c0)/1e9:.2f} {int(t)/1048576:.0f} {int(o)/1048576:.0f}')"
 }
 
 # A case's variants: what runs before each measured run (not measured), and what runs.
@@ -271,7 +272,7 @@ run_variant() { # CASE VARIANT PREP [push] [comp]
         p=$("$tb/registry-up" 0 "$preg" | tail -1)/$push:$t-$r
       fi
       local m
-      m=$(measure "$t" build "$t" "$c" "$p" "$comp") || m="fail fail fail"
+      m=$(measure "$t" build "$t" "$c" "$p" "$comp") || m="fail fail fail fail"
       if [ -n "$preg" ]; then "$tb/registry-down" "${p%%/*}" "$preg" --purge >/dev/null 2>&1 || true; fi
       echo "$c $v $r $t $m" | tee -a "$results" >&2
     done

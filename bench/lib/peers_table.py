@@ -4,7 +4,10 @@ BuildKit and buildah in that run). In a push variant (build+push...), rbuild-oci
 build alone with the same blobs made (an OCI layout output), and the last column is rbuild's
 build+push over that build.
 
-    python3 peers_table.py RESULTS   # lines: CASE VARIANT RUN TOOL WALL CPU RSS_MIB
+    python3 peers_table.py RESULTS   # lines: CASE VARIANT RUN TOOL WALL CPU RSS_MIB [OWN_RSS_MIB]
+
+rbuild's cells also give its own process's peak RSS (the builder without its step helpers and
+RUN processes), where the results have it.
 """
 import statistics
 import sys
@@ -13,12 +16,12 @@ from collections import defaultdict
 rows = defaultdict(lambda: defaultdict(dict))  # (case, variant) -> run -> tool -> (w, c, r)
 order = []
 for line in open(sys.argv[1]):
-    case, variant, run, tool, w, c, r = line.split()
+    case, variant, run, tool, w, c, r, *own = line.split()
     key = (case, variant)
     if key not in order:
         order.append(key)
     num = lambda x: None if x in ("fail", "n/a") else float(x)
-    rows[key][run][tool] = (num(w), num(c), num(r))
+    rows[key][run][tool] = (num(w), num(c), num(r), num(own[0]) if own else None)
 
 tools = ["rbuild", "buildkit", "buildah", "rbuild-oci"]
 print("| case | " + " | ".join(f"{t} wall / CPU / RSS" for t in tools)
@@ -38,7 +41,9 @@ for key in order:
         w = med([runs[r].get(t, (None,) * 3)[0] for r in runs])
         c = med([runs[r].get(t, (None,) * 3)[1] for r in runs])
         m = med([runs[r].get(t, (None,) * 3)[2] for r in runs])
-        cells.append("n/a" if w is None else f"{w:.2f} s / {c:.2f} s / {m:.0f} MiB")
+        o = med([(runs[r].get(t, (None,) * 4) + (None,))[3] for r in runs])
+        own = f" (own {o:.0f})" if o is not None and t.startswith("rbuild") else ""
+        cells.append("n/a" if w is None else f"{w:.2f} s / {c:.2f} s / {m:.0f} MiB{own}")
     ratios = []
     for r in runs.values():
         mine = r.get("rbuild", (None,))[0]

@@ -1,6 +1,8 @@
 """Peak RSS of a cgroup's process tree: every 50 ms, the sum of VmRSS over the processes of
-the v1 memory cgroup CGROUP and every cgroup below it, until the file STOP exists; the
-largest sum, in bytes, goes to OUT.
+the v1 memory cgroup CGROUP and every cgroup below it, until the file STOP exists. OUT gets
+the largest sum and the largest VmRSS of the tool's own process alone (the one whose parent
+is outside the cgroup: for rbuild, the builder without its step helpers and RUN processes),
+in bytes, separated by a space.
 
     python3 treerss.py CGROUP STOP OUT
 """
@@ -21,22 +23,28 @@ def pids():
                 pass
 
 
-def rss(pid):
+def status(pid):
+    """(VmRSS in bytes, parent pid) of pid."""
+    rss, ppid = 0, 0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("PPid:"):
+                    ppid = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return rss, ppid
 
 
-peak = 0
+peak = own = 0
 while True:
-    peak = max(peak, sum(rss(p) for p in pids()))
+    st = {p: status(p) for p in pids()}
+    peak = max(peak, sum(r for r, _ in st.values()))
+    own = max([own] + [r for r, pp in st.values() if pp not in st])
     if os.path.exists(stop):
         break
     time.sleep(0.05)
 with open(out, "w") as f:
-    f.write(str(peak))
+    f.write(f"{peak} {own}")
