@@ -147,10 +147,10 @@ impl Progress {
             n(&self.inner.cached),
             n(&self.inner.failed),
         );
+        let total = done + cached + errors;
         let steps = format!(
-            "{} step{}: {done} run, {cached} cached{}",
-            done + cached + errors,
-            if done + cached + errors == 1 { "" } else { "s" },
+            "{total} step{}: {done} run, {cached} cached{}",
+            if total == 1 { "" } else { "s" },
             if errors > 0 {
                 format!(", {errors} failed")
             } else {

@@ -328,7 +328,9 @@ pub fn remove_at(dir: &impl AsFd, name: impl AsRef<OsStr>) -> io::Result<()> {
     Ok(())
 }
 
-/// Names in a directory fd (without `.` and `..`).
+/// Names in a directory fd (without `.` and `..`). `dir` may be an `O_PATH` fd: the names
+/// are read from a readable fd of its own, opened here once (`Dir::read_from` would open it
+/// a second time).
 pub fn list(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
     let fd = rustix::fs::openat(
         dir,
@@ -336,7 +338,7 @@ pub fn list(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let mut d = rustix::fs::Dir::read_from(&fd)?;
+    let mut d = rustix::fs::Dir::new(fd)?;
     let mut out = Vec::new();
     while let Some(e) = d.read() {
         let e = e?;

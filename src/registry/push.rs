@@ -82,7 +82,7 @@ impl Registry {
 
     /// Uploads `blobs` (digest, size) from the store to the repository of every tag, as a
     /// push does, without a manifest: what the build may send while later steps still run
-    /// (the push then finds them there). Gives the parsed tags.
+    /// (the push then finds them there).
     pub async fn push_blobs(
         &self,
         blobs: &[(Digest, u64)],

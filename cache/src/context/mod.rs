@@ -110,6 +110,30 @@ fn trusted(entries: &HashMap<String, Entry>, rel: &str, stat: &Stat) -> Option<D
         .map(|e| e.digest.clone())
 }
 
+impl Item {
+    /// The item of `rel`: its permission bits come from `stat`, and a regular file (`f`)
+    /// takes its digest from a trusted entry of `entries` (else it is read later).
+    fn new(
+        entries: &HashMap<String, Entry>,
+        rel: String,
+        kind: u8,
+        target: Vec<u8>,
+        stat: Stat,
+    ) -> Item {
+        let digest = (kind == b'f')
+            .then(|| trusted(entries, &rel, &stat))
+            .flatten();
+        Item {
+            rel,
+            kind,
+            mode: stat.mode & 0o7777,
+            target,
+            stat,
+            digest,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct OnDisk {
     version: u32,
@@ -480,18 +504,13 @@ impl StatCache {
                 } else {
                     (b'o', Vec::new())
                 };
-                let stat = Stat::of(&md);
-                let digest = (kind == b'f')
-                    .then(|| trusted(&self.entries, sel, &stat))
-                    .flatten();
-                items.push(Item {
-                    rel: sel.to_string(),
+                items.push(Item::new(
+                    &self.entries,
+                    sel.to_string(),
                     kind,
-                    mode: md.mode() & 0o7777,
                     target,
-                    stat,
-                    digest,
-                });
+                    Stat::of(&md),
+                ));
             }
             if ft.is_dir() {
                 let dir = rustix::fs::open(

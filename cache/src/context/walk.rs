@@ -3,7 +3,7 @@
 //! the order of a `walkdir` walk sorted by name (pre-order, names compared as bytes), which
 //! the context digest depends on.
 
-use super::{trusted, Entry, Filter, Item, Stat};
+use super::{Entry, Filter, Item, Stat};
 use crate::context::ContextError;
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -76,18 +76,13 @@ pub(super) fn below(w: &Walk<'_>, dir: &OwnedFd, rel: &str) -> Result<Vec<Item>,
                 }
                 _ => (b'o', Vec::new()),
             };
-            let stat = Stat::of_raw(&st);
-            let digest = (kind == b'f')
-                .then(|| trusted(w.entries, &child, &stat))
-                .flatten();
-            slots.push(Slot::Item(Item {
-                rel: child.clone(),
+            slots.push(Slot::Item(Item::new(
+                w.entries,
+                child.clone(),
                 kind,
-                mode: st.st_mode & 0o7777,
                 target,
-                stat,
-                digest,
-            }));
+                Stat::of_raw(&st),
+            )));
         }
         if is_dir {
             slots.push(Slot::Sub(name, child));
