@@ -180,3 +180,53 @@ fn pids_limit_0_takes_rbuilds_limit_away() {
     );
     println!("--pids-limit 0: the outer bound of 1000 refused forks ({refused} said so)");
 }
+
+#[test]
+fn an_rlimit_is_reported_reached_only_when_the_kernel_refused_a_fork() {
+    let _one = BOMBS.lock().unwrap_or_else(|e| e.into_inner());
+    ordinary_user("rbhostile", Some("720000:65536"));
+    let t = shared_tempdir();
+    ok(std::process::Command::new("chown")
+        .arg("rbhostile")
+        .arg(t.path()));
+    let outer = OuterBound::new("pids", "pids.max", OUTER_PIDS);
+    // 92 of 100 processes: close enough to the limit for init to ask the kernel, which allows
+    // another; then a bomb, which the kernel refuses its forks.
+    for (run, reached) in [
+        (
+            "RUN for i in $(seq 92); do sleep 3 & done; wait; echo busy-step-done\n",
+            false,
+        ),
+        (
+            "RUN bomb() { bomb | bomb & }; bomb; sleep 3; echo bomb-step-done\n",
+            true,
+        ),
+    ] {
+        let ctx = shared_tempdir();
+        write_busybox_context(ctx.path(), run);
+        ok(std::process::Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(ctx.path()));
+        let out = outer.run(&format!(
+            "runuser -u rbhostile -- env HOME={} {}",
+            q(t.path()),
+            build_line(&t.path().join("store"), "--pids-limit 100", ctx.path())
+        ));
+        let log = log(&out);
+        assert!(out.status.success(), "{log}");
+        assert!(log.contains("-step-done"), "{log}");
+        let warning = log
+            .lines()
+            .find(|l| l.contains("process limit 100 reached"));
+        if reached {
+            let w = warning.unwrap_or_else(|| panic!("no warning:\n{log}"));
+            assert!(
+                w.contains("(--pids-limit, RLIMIT_NPROC): the kernel refused a fork; "),
+                "{w}"
+            );
+        } else {
+            assert_eq!(warning, None, "92 of 100 processes");
+        }
+    }
+    outer.assert_refused_nothing();
+}

@@ -24,8 +24,13 @@ pub(crate) enum Message {
         /// What failed.
         message: String,
     },
-    /// The most processes the step had at once (sampled where the limit is an rlimit).
-    Processes(u64),
+    /// What PID 1 saw of a step bounded by `RLIMIT_NPROC`.
+    Processes {
+        /// The most processes the step had at once (sampled).
+        peak: u64,
+        /// The kernel refused the step's user a process at that limit.
+        refused: bool,
+    },
     /// The command exited with this code.
     Exited(i32),
     /// The command was killed by this signal.

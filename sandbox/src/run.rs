@@ -212,13 +212,16 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
             Message::Signaled(s) => status = Some(ExitKind::Signaled(s)),
             Message::Warning(w) => warnings.push(w),
             Message::Error(e) => errors.push(e),
-            Message::Processes(n) => peak = Some(n),
+            Message::Processes { peak: n, refused } => peak = Some((n, refused)),
             Message::RootMount { problem, message } => {
                 root_mount = root_mount.or(Some((problem, message)))
             }
         }
     }
-    let limit_hit = limit_hit.or_else(|| rlimit_hit(spec.limits.pids, peak?));
+    let limit_hit = limit_hit.or_else(|| {
+        let (n, refused) = peak?;
+        rlimit_hit(spec.limits.pids, n, refused)
+    });
     if let Some((problem, message)) = root_mount {
         return Err(RunError::RootMount { problem, message });
     }
@@ -246,15 +249,21 @@ fn run_in(spec: &RunSpec, output: &mut dyn Write) -> Result<RunOutcome, RunError
     }
 }
 
-/// The sentence for a step that reached its `RLIMIT_NPROC` limit, from the most processes its
-/// init counted at once. The count is sampled, and /proc and the kernel's count differ by a few
-/// processes either way while a step churns at its limit (zombies, tasks on their way out), so
-/// a peak within 1/128 of the limit counts as reached. Threads count for the kernel too but are
-/// not sampled: a limit reached by threads alone is not reported.
-fn rlimit_hit(limit: Option<ProcessLimit>, peak: u64) -> Option<String> {
+/// The sentence for a step that reached its `RLIMIT_NPROC` limit: the kernel refused a probe
+/// of init's at it (`refused`), or the most processes init counted at once (`peak`) came within
+/// 1/128 of it. The count is sampled, and /proc and the kernel's count differ by a few processes
+/// either way while a step churns at its limit (zombies, tasks on their way out); a starved
+/// init may sample seldom, which is why the probe exists. Threads count for the kernel too but
+/// are not sampled: a limit reached by threads alone is not reported.
+fn rlimit_hit(limit: Option<ProcessLimit>, peak: u64, refused: bool) -> Option<String> {
     match limit {
-        Some(ProcessLimit::Rlimit(n)) if peak >= n - n / 128 => {
-            Some(format!("process limit {n} reached (--pids-limit, RLIMIT_NPROC): up to {peak} processes at once"))
+        Some(ProcessLimit::Rlimit(n)) if refused || peak >= n - n / 128 => {
+            let how = if refused {
+                "the kernel refused a fork; "
+            } else {
+                ""
+            };
+            Some(format!("process limit {n} reached (--pids-limit, RLIMIT_NPROC): {how}up to {peak} processes at once"))
         }
         _ => None,
     }
@@ -283,16 +292,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_rlimit_is_reached_at_or_near_its_sampled_peak() {
+    fn an_rlimit_is_reached_when_refused_or_near_its_sampled_peak() {
         let limit = Some(ProcessLimit::Rlimit(2048));
-        assert_eq!(rlimit_hit(limit, 2052).as_deref(), Some("process limit 2048 reached (--pids-limit, RLIMIT_NPROC): up to 2052 processes at once"));
-        assert!(rlimit_hit(limit, 2032).is_some(), "within 1/128");
-        assert_eq!(rlimit_hit(limit, 2031), None);
+        assert_eq!(rlimit_hit(limit, 2052, false).as_deref(), Some("process limit 2048 reached (--pids-limit, RLIMIT_NPROC): up to 2052 processes at once"));
+        assert!(rlimit_hit(limit, 2032, false).is_some(), "within 1/128");
+        assert_eq!(rlimit_hit(limit, 2031, false), None);
         assert_eq!(
-            rlimit_hit(Some(ProcessLimit::Cgroup(20)), 20),
+            rlimit_hit(limit, 1900, true).as_deref(),
+            Some("process limit 2048 reached (--pids-limit, RLIMIT_NPROC): the kernel refused a fork; up to 1900 processes at once")
+        );
+        assert_eq!(
+            rlimit_hit(Some(ProcessLimit::Cgroup(20)), 20, true),
             None,
             "a cgroup's limit has its own counters"
         );
-        assert_eq!(rlimit_hit(None, 5000), None);
+        assert_eq!(rlimit_hit(None, 5000, true), None);
     }
 }

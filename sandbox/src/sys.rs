@@ -126,6 +126,70 @@ pub fn fork() -> io::Result<libc::pid_t> {
     }
 }
 
+/// Whether `RLIMIT_NPROC` at `limit` refuses user `uid` a new process at this moment. No
+/// kernel file shows the per-user count that limit is checked against, so a child of ours
+/// takes that user and that soft limit and forks; if the kernel refuses, it forks again under
+/// its old soft limit, so a refusal for another reason (a pids cgroup, `pid_max`) is not
+/// taken for the limit's. `None` when it cannot tell. Called from single-threaded init.
+pub fn nproc_refuses(uid: libc::uid_t, limit: u64) -> Option<bool> {
+    const ALLOWED: i32 = 0;
+    const REFUSED: i32 = 1;
+    let probe = fork().ok()?;
+    if probe == 0 {
+        exit_now(match nproc_probe(uid, limit) {
+            Some(true) => REFUSED,
+            Some(false) => ALLOWED,
+            None => 2,
+        });
+    }
+    let pid = rustix::process::Pid::from_raw(probe)?;
+    let status = loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+            Ok(Some((_, st))) => break st,
+            Err(rustix::io::Errno::INTR) => continue,
+            _ => return None,
+        }
+    };
+    match status.exit_status() {
+        Some(ALLOWED) => Some(false),
+        Some(REFUSED) => Some(true),
+        _ => None,
+    }
+}
+
+/// The probe child's side of [`nproc_refuses`].
+fn nproc_probe(uid: libc::uid_t, limit: u64) -> Option<bool> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    if uid != rustix::process::getuid().as_raw() {
+        // SAFETY: plain integer arguments (the kernel counts processes by their real user).
+        check(unsafe { libc::setresuid(uid, uid, uid) }).ok()?;
+    }
+    let old = getrlimit(Resource::Nproc);
+    let at = |current: Option<u64>| Rlimit {
+        current,
+        maximum: old.maximum,
+    };
+    let limited = Some(limit.min(old.maximum.unwrap_or(u64::MAX)));
+    setrlimit(Resource::Nproc, at(limited)).ok()?;
+    // Some(true): a process was made.
+    let try_fork = || match fork() {
+        Ok(0) => exit_now(0),
+        Ok(child) => {
+            let pid = rustix::process::Pid::from_raw(child)?;
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+            Some(true)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Some(false),
+        Err(_) => None,
+    };
+    if try_fork()? {
+        return Some(false);
+    }
+    setrlimit(Resource::Nproc, at(old.maximum)).ok()?;
+    // Refused under the step's limit, allowed under ours: the limit refused.
+    try_fork()
+}
+
 /// `setgroups(2)`.
 pub fn setgroups(groups: &[libc::gid_t]) -> io::Result<()> {
     // SAFETY: the pointer and length describe a live slice.

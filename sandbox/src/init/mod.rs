@@ -170,7 +170,8 @@ fn init(
     // it ourselves (blocked first: it is taken in the wait loop below).
     let shared = spec.isolation == Isolation::SharedPid;
     // No kernel counter says whether RLIMIT_NPROC refused a fork, so PID 1 samples how many
-    // processes its namespace holds (a shared one holds others too: no sampling there).
+    // processes its namespace holds, and near the limit asks the kernel with a fork of its own
+    // (a shared namespace holds others too: no sampling there).
     let sample = matches!(spec.limits.pids, Some(ProcessLimit::Rlimit(_))) && !shared;
     let waitset = (shared || sample).then(|| sys::block_signals(&[libc::SIGTERM, libc::SIGCHLD]));
     let helper = rustix::process::getppid();
@@ -268,6 +269,17 @@ fn init(
         Security::Sandbox => Some(crate::confine::Confinement::new()?),
         Security::Insecure => None,
     };
+    // The step's RLIMIT_NPROC, counted with the sandbox's own processes (and the
+    // fuse-overlayfs daemon's). A lower hard limit the builder already had stays (raising it
+    // is not allowed).
+    let nproc = match spec.limits.pids {
+        Some(ProcessLimit::Rlimit(n)) => {
+            let fuse = u64::from(spec.snapshotter == Snapshotter::FuseOverlay);
+            let had = rustix::process::getrlimit(rustix::process::Resource::Nproc).maximum;
+            Some((n + crate::cgroup::SANDBOX_PIDS + fuse).min(had.unwrap_or(u64::MAX)))
+        }
+        _ => None,
+    };
     // Reports are written unbuffered: nothing is pending that the fork could send twice.
     let child = ctx(sys::fork(), || "fork".into())?;
     if child == 0 {
@@ -311,22 +323,18 @@ fn init(
                 sys::exit_now(126);
             }
         }
-        if let Some(ProcessLimit::Rlimit(n)) = spec.limits.pids {
+        if let Some(max) = nproc {
             // Set here, inside the step's user namespace, so the kernel counts the processes of
             // this namespace's users (the helper and init among them), never rbuild's or other
             // steps'; the hard limit too, which the step cannot raise again.
-            // A lower hard limit the builder already had stays (raising it is not allowed).
-            let fuse = u64::from(spec.snapshotter == Snapshotter::FuseOverlay);
-            let had = rustix::process::getrlimit(rustix::process::Resource::Nproc).maximum;
-            let max = Some((n + crate::cgroup::SANDBOX_PIDS + fuse).min(had.unwrap_or(u64::MAX)));
             if let Err(e) = rustix::process::setrlimit(
                 rustix::process::Resource::Nproc,
                 rustix::process::Rlimit {
-                    current: max,
-                    maximum: max,
+                    current: Some(max),
+                    maximum: Some(max),
                 },
             ) {
-                status.error(format!("setting RLIMIT_NPROC to {n}: {e}"));
+                status.error(format!("setting RLIMIT_NPROC to {max}: {e}"));
                 sys::exit_now(126);
             }
         }
@@ -343,15 +351,19 @@ fn init(
     } else {
         rustix::process::WaitOptions::empty()
     };
-    let (mut peak, mut every) = (0, SAMPLE_EVERY);
+    let (mut peak, mut refused, mut every) = (0, false, SAMPLE_EVERY);
     let mut sampled: Option<std::time::Instant> = None;
     let near = spec.limits.pids.map_or(u64::MAX, |p| p.max() - p.max() / 8);
     loop {
         if sample && sampled.is_none_or(|t| t.elapsed() >= every) {
             let now = processes_in_namespace().saturating_sub(1);
             peak = peak.max(now);
-            // Near the limit a step churns (refused shells exit, others fork): look closely.
+            // Near the limit a step churns (refused shells exit, others fork): look closely,
+            // and ask the kernel whether it refuses the step's user a process.
             every = if now >= near {
+                if let (false, Some(max)) = (refused, nproc) {
+                    refused = sys::nproc_refuses(uid, max) == Some(true);
+                }
                 SAMPLE_NEAR_THE_LIMIT
             } else {
                 SAMPLE_EVERY
@@ -384,7 +396,7 @@ fn init(
                     end_descendants();
                 }
                 if sample {
-                    status.send(crate::message::Message::Processes(peak));
+                    status.send(crate::message::Message::Processes { peak, refused });
                 }
                 status.send(outcome);
                 let code = st
