@@ -354,20 +354,22 @@ fn init(
     let (mut peak, mut refused, mut every) = (0, false, SAMPLE_EVERY);
     let mut sampled: Option<std::time::Instant> = None;
     let near = spec.limits.pids.map_or(u64::MAX, |p| p.max() - p.max() / 8);
+    // Near the limit a step churns (refused shells exit, others fork): look closely, and ask
+    // the kernel whether it refuses the step's user a process.
+    let look = |peak: &mut u64, refused: &mut bool| {
+        let now = processes_in_namespace().saturating_sub(1);
+        *peak = (*peak).max(now);
+        if now < near {
+            return SAMPLE_EVERY;
+        }
+        if let (false, Some(max)) = (*refused, nproc) {
+            *refused = sys::nproc_refuses(uid, max) == Some(true);
+        }
+        SAMPLE_NEAR_THE_LIMIT
+    };
     loop {
         if sample && sampled.is_none_or(|t| t.elapsed() >= every) {
-            let now = processes_in_namespace().saturating_sub(1);
-            peak = peak.max(now);
-            // Near the limit a step churns (refused shells exit, others fork): look closely,
-            // and ask the kernel whether it refuses the step's user a process.
-            every = if now >= near {
-                if let (false, Some(max)) = (refused, nproc) {
-                    refused = sys::nproc_refuses(uid, max) == Some(true);
-                }
-                SAMPLE_NEAR_THE_LIMIT
-            } else {
-                SAMPLE_EVERY
-            };
+            every = look(&mut peak, &mut refused);
             sampled = Some(std::time::Instant::now());
         }
         match rustix::process::wait(wait_flags) {
@@ -396,6 +398,8 @@ fn init(
                     end_descendants();
                 }
                 if sample {
+                    // Once more: a command that a refused fork ended leaves the rest running.
+                    look(&mut peak, &mut refused);
                     status.send(crate::message::Message::Processes { peak, refused });
                 }
                 status.send(outcome);
@@ -404,7 +408,9 @@ fn init(
                     .unwrap_or_else(|| 128 + st.terminating_signal().unwrap_or(0));
                 return Ok(code);
             }
-            Ok(_) => continue,
+            // An orphan of the step ended: processes come and go (a fork bomb collapsing at
+            // its limit takes milliseconds), so look closely.
+            Ok(_) => every = every.min(SAMPLE_NEAR_THE_LIMIT),
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(format!("waiting for the command: {e}").into()),
         }
