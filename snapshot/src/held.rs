@@ -15,7 +15,7 @@
 use crate::fsutil::{clean_os, set_times_at};
 use crate::tree::Copied;
 use rayon::prelude::*;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx, StatxFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, StatxFlags};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs;
@@ -24,6 +24,17 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+/// How many directory entries [`hold_tree`] stats at once.
+const STAT_BATCH: usize = 4096;
+
+/// What [`hold_tree`] keeps of an entry that may be held (or is a directory).
+struct Hit {
+    ft: FileType,
+    nlink: u32,
+    dev: u64,
+    ino: u64,
+}
 
 /// The name suffix of a layer directory's record of held entries.
 pub const HELD_SUFFIX: &str = ".held";
@@ -243,80 +254,101 @@ pub fn hold_tree(dir: &Path) -> io::Result<Held> {
             r.extend_from_slice(name);
             r
         };
-        // What readdir cannot rule out, stat'ed on all cores when there are many.
-        let mut cands = Vec::new();
-        let mut entries = rustix::fs::Dir::read_from(&fd)?;
-        while let Some(e) = entries.read() {
-            let e = e?;
-            let name = e.file_name();
-            if name.to_bytes() == b"." || name.to_bytes() == b".." {
-                continue;
-            }
-            match e.file_type() {
-                FileType::Directory => todo.push(join(name.to_bytes())),
-                FileType::Symlink | FileType::Fifo | FileType::Socket => {}
-                _ => cands.push(name.to_owned()),
-            }
-        }
-        let stat = |name: &CString| -> io::Result<Option<(FileType, Statx)>> {
+        // What readdir cannot rule out, stat'ed on all cores when there are many, a bounded
+        // batch at a time: a directory of 100k files would otherwise hold 100k names and
+        // 100k statx results (256 bytes each) at once, for the few entries that are held.
+        let stat = |name: &CString| -> io::Result<Option<Hit>> {
             let st = rustix::fs::statx(&fd, name, AtFlags::SYMLINK_NOFOLLOW, mask)?;
             let ft = FileType::from_raw_mode(st.stx_mode as u32);
-            Ok(match ft {
-                FileType::Directory | FileType::CharacterDevice | FileType::BlockDevice => {
-                    Some((ft, st))
-                }
-                FileType::RegularFile if is_held_mode(st.stx_mode as u32 & 0o7777) => {
-                    Some((ft, st))
-                }
-                _ => None,
-            })
-        };
-        let found: Vec<Option<(FileType, Statx)>> = if cands.len() > 512 {
-            cands.par_iter().map(stat).collect::<io::Result<_>>()?
-        } else {
-            cands.iter().map(stat).collect::<io::Result<_>>()?
-        };
-        for (name, (ft, st)) in cands.iter().zip(found).filter_map(|(n, f)| Some((n, f?))) {
-            if ft == FileType::Directory {
-                todo.push(join(name.to_bytes()));
-                continue;
-            }
-            if st.stx_nlink > 1 {
+            let held = match ft {
+                FileType::Directory | FileType::CharacterDevice | FileType::BlockDevice => true,
+                FileType::RegularFile => is_held_mode(st.stx_mode as u32 & 0o7777),
+                _ => false,
+            };
+            Ok(held.then(|| Hit {
+                ft,
+                nlink: st.stx_nlink,
                 // st_dev of statx comes in two halves.
-                let dev = rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor);
-                if let Some(h) = by_inode.get(&(dev, st.stx_ino)) {
-                    held.insert(join(name.to_bytes()), *h);
+                dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+                ino: st.stx_ino,
+            }))
+        };
+        let mut entries = rustix::fs::Dir::read_from(&fd)?;
+        let mut cands: Vec<CString> = Vec::new();
+        let mut more = true;
+        while more {
+            cands.clear();
+            while cands.len() < STAT_BATCH {
+                let Some(e) = entries.read() else {
+                    more = false;
+                    break;
+                };
+                let e = e?;
+                let name = e.file_name();
+                if name.to_bytes() == b"." || name.to_bytes() == b".." {
                     continue;
                 }
+                match e.file_type() {
+                    FileType::Directory => todo.push(join(name.to_bytes())),
+                    FileType::Symlink | FileType::Fifo | FileType::Socket => {}
+                    _ => cands.push(name.to_owned()),
+                }
             }
-            let r = join(name.to_bytes());
-            let path = dir.join(OsStr::from_bytes(&r));
-            let md = fs::symlink_metadata(&path)?;
-            let mode = md.mode() & 0o7777;
-            let entry = if ft == FileType::RegularFile {
-                HeldEntry {
-                    kind: HeldKind::File,
-                    mode,
-                    rdev: (0, 0),
-                }
-            } else if !crate::whiteout::is_whiteout(&path, &md) {
-                HeldEntry {
-                    kind: if ft == FileType::CharacterDevice {
-                        HeldKind::Char
-                    } else {
-                        HeldKind::Block
-                    },
-                    mode,
-                    rdev: (rustix::fs::major(md.rdev()), rustix::fs::minor(md.rdev())),
-                }
+            let hit = |(i, n)| stat(n).map(|h| h.map(|h| (i, h))).transpose();
+            let found: Vec<(usize, Hit)> = if cands.len() > 512 {
+                cands
+                    .par_iter()
+                    .enumerate()
+                    .filter_map(hit)
+                    .collect::<io::Result<_>>()?
             } else {
-                continue;
+                cands
+                    .iter()
+                    .enumerate()
+                    .filter_map(hit)
+                    .collect::<io::Result<_>>()?
             };
-            if md.nlink() > 1 {
-                by_inode.insert((md.dev(), md.ino()), entry);
+            for (name, h) in found.into_iter().map(|(i, h)| (&cands[i], h)) {
+                let ft = h.ft;
+                if ft == FileType::Directory {
+                    todo.push(join(name.to_bytes()));
+                    continue;
+                }
+                if h.nlink > 1 {
+                    if let Some(e) = by_inode.get(&(h.dev, h.ino)) {
+                        held.insert(join(name.to_bytes()), *e);
+                        continue;
+                    }
+                }
+                let r = join(name.to_bytes());
+                let path = dir.join(OsStr::from_bytes(&r));
+                let md = fs::symlink_metadata(&path)?;
+                let mode = md.mode() & 0o7777;
+                let entry = if ft == FileType::RegularFile {
+                    HeldEntry {
+                        kind: HeldKind::File,
+                        mode,
+                        rdev: (0, 0),
+                    }
+                } else if !crate::whiteout::is_whiteout(&path, &md) {
+                    HeldEntry {
+                        kind: if ft == FileType::CharacterDevice {
+                            HeldKind::Char
+                        } else {
+                            HeldKind::Block
+                        },
+                        mode,
+                        rdev: (rustix::fs::major(md.rdev()), rustix::fs::minor(md.rdev())),
+                    }
+                } else {
+                    continue;
+                };
+                if md.nlink() > 1 {
+                    by_inode.insert((md.dev(), md.ino()), entry);
+                }
+                held.insert(r, entry);
+                strip.push((path, md, entry));
             }
-            held.insert(r, entry);
-            strip.push((path, md, entry));
         }
     }
     if held.is_empty() {

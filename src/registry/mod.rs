@@ -24,6 +24,7 @@ mod auth;
 mod manifest;
 mod pull;
 mod push;
+mod reference;
 pub mod retry;
 use auth::*;
 pub use auth::{credentials, docker_config_dir, ensure_trust_anchors, CA_BUNDLES};
@@ -392,12 +393,10 @@ const PUSH_CHUNK: usize = 8 << 20;
 
 /// Parses a reference the way Docker does (`busybox` → `docker.io/library/busybox:latest`).
 pub fn normalize_reference(reference: &str) -> Result<Reference, RegistryError> {
-    reference
-        .parse::<Reference>()
-        .map_err(|e| RegistryError::Reference {
-            reference: reference.to_string(),
-            message: e.to_string(),
-        })
+    reference::parse(reference).map_err(|e| RegistryError::Reference {
+        reference: reference.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// Classifies an oci-client error so the message says what went wrong in user terms.
