@@ -250,18 +250,18 @@ fn a_built_layer_keeps_its_bits_in_its_tar_and_off_its_disk() {
     }
 }
 
-/// A directory of many entries is stat'ed on several threads: what it holds, hardlinks
-/// and subdirectories among them, is found the same way.
+/// A directory of many entries is stat'ed on several threads, in batches (of 4096): what it
+/// holds, hardlinks and subdirectories among them, is found the same way.
 #[test]
 fn a_large_directory_is_held_whole() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("built");
     let many = dir.join("many");
     fs::create_dir_all(&many).unwrap();
-    for i in 0..2000 {
+    for i in 0..10_000 {
         fs::write(many.join(format!("f{i}")), b"x").unwrap();
     }
-    for i in [7, 1500] {
+    for i in [7, 1500, 9000] {
         fs::set_permissions(
             many.join(format!("f{i}")),
             fs::Permissions::from_mode(0o2755),
@@ -282,6 +282,7 @@ fn a_large_directory_is_held_whole() {
         vec![
             want("many/f1500", 0o2755),
             want("many/f7", 0o2755),
+            want("many/f9000", 0o2755),
             want("many/link", 0o2755),
             want("many/sub/s", 0o4711),
         ]
