@@ -1,8 +1,9 @@
 """Peak RSS of a cgroup's process tree: every 50 ms, the sum of VmRSS over the processes of
 the v1 memory cgroup CGROUP and every cgroup below it, until the file STOP exists. OUT gets
-the largest sum and the largest VmRSS of the tool's own process alone (the one whose parent
-is outside the cgroup: for rbuild, the builder without its step helpers and RUN processes),
-in bytes, separated by a space.
+the largest sum and the peak RSS of the tool's own process alone (the one whose parent is
+outside the cgroup: for rbuild, the builder without its step helpers and RUN processes; its
+VmHWM, which the kernel keeps, so no peak falls between two samples), in bytes, separated by
+a space.
 
     python3 treerss.py CGROUP STOP OUT
 """
@@ -24,25 +25,27 @@ def pids():
 
 
 def status(pid):
-    """(VmRSS in bytes, parent pid) of pid."""
-    rss, ppid = 0, 0
+    """(VmRSS, VmHWM in bytes, parent pid) of pid."""
+    rss, hwm, ppid = 0, 0, 0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
                 elif line.startswith("PPid:"):
                     ppid = int(line.split()[1])
     except OSError:
         pass
-    return rss, ppid
+    return rss, hwm, ppid
 
 
 peak = own = 0
 while True:
     st = {p: status(p) for p in pids()}
-    peak = max(peak, sum(r for r, _ in st.values()))
-    own = max([own] + [r for r, pp in st.values() if pp not in st])
+    peak = max(peak, sum(r for r, _, _ in st.values()))
+    own = max([own] + [h for _, h, pp in st.values() if pp not in st])
     if os.path.exists(stop):
         break
     time.sleep(0.05)
