@@ -7,7 +7,7 @@
 # Inputs are INPUT_<NAME> environment variables, NAME upper-case with '-' as '_'
 # (INPUT_BUILD_ARGS; the runner's own INPUT_BUILD-ARGS form is read too). List inputs are
 # split like build-push-action's: tags and platforms at newlines and commas; build-args,
-# labels, outputs, cache-from, cache-to, secrets, secret-files, secret-envs, build-contexts
+# labels, annotations, outputs, cache-from, cache-to, secrets, secret-files, secret-envs, build-contexts
 # at newlines only. An item may be double-quoted ("a,b" or a value spanning lines; "" is a
 # quote). Outputs (imageid, digest, metadata) are appended to $GITHUB_OUTPUT, multi-line
 # values in the `name<<DELIMITER` form; without $GITHUB_OUTPUT they are printed.
@@ -125,6 +125,8 @@ parse_list "$(input build-args)" 1
 for a in ${LIST[@]+"${LIST[@]}"}; do args+=(--build-arg "$a"); done
 parse_list "$(input labels)" 1
 for l in ${LIST[@]+"${LIST[@]}"}; do args+=(--label "$l"); done
+parse_list "$(input annotations)" 1
+for a in ${LIST[@]+"${LIST[@]}"}; do args+=(--annotation "$a"); done
 parse_list "$(input outputs)" 1
 for o in ${LIST[@]+"${LIST[@]}"}; do args+=(--output "$o"); done
 parse_list "$(input build-contexts)" 1

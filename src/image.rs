@@ -68,6 +68,9 @@ pub struct BuiltImage {
     /// The config, typed. Docker-only keys (`Healthcheck`, `Shell`, `OnBuild`) have no place in
     /// it; `config_bytes` is authoritative.
     pub config: ImageConfiguration,
+    /// Annotations for the descriptors that name the manifest (`--annotation
+    /// manifest-descriptor:`), where an output writes one (an OCI layout's `index.json`).
+    pub descriptor_annotations: BTreeMap<String, String>,
 }
 
 /// How a layer blob is compressed, judged by its media type.
@@ -279,6 +282,7 @@ pub fn store_manifest(
         manifest_media_type: OCI_MANIFEST.into(),
         layers,
         config,
+        descriptor_annotations: BTreeMap::new(),
     })
 }
 

@@ -285,6 +285,17 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let labels = rbuild::cli::parse_labels(&args.labels).map_err(anyhow::Error::msg)?;
+    if let Some(a) = args
+        .annotations
+        .iter()
+        .find(|a| a.targets.iter().any(|(t, _)| t.needs_index()))
+    {
+        // As BuildKit: index annotations have no image index to go on.
+        bail!(
+            "--annotation {}: index annotations are not supported for a single-platform image (it has no image index)",
+            a.key
+        );
+    }
     if args.push && !outputs.contains(&OutputSpec::Registry) {
         outputs.push(OutputSpec::Registry);
     }
@@ -478,6 +489,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         cache_from,
         cache_to,
         labels,
+        annotations: args.annotations.clone(),
         jobs: args.jobs.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())

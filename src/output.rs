@@ -124,8 +124,12 @@ pub fn write_oci_layout(
     manifests.retain(|m| !matches!(ref_name(m), Some(n) if names.iter().any(|x| x == n)));
     let desc = |name: Option<&str>| {
         let mut d = json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()});
+        let mut a = image.descriptor_annotations.clone();
         if let Some(n) = name {
-            d["annotations"] = json!({ REF_NAME: n });
+            a.insert(REF_NAME.into(), n.into());
+        }
+        if !a.is_empty() {
+            d["annotations"] = json!(a);
         }
         d
     };
@@ -218,13 +222,21 @@ fn write_archive_to(
             &canonical(&serde_json::Value::Object(repos)),
         )?;
     }
-    let mut descs = Vec::new();
-    for t in &repo_tags {
-        descs.push(json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len(),
-            "annotations": {"io.containerd.image.name": t, "org.opencontainers.image.ref.name": tag_of(t)}}));
-    }
+    let desc = |tag: Option<&String>| {
+        let mut d = json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()});
+        let mut a = image.descriptor_annotations.clone();
+        if let Some(t) = tag {
+            a.insert("io.containerd.image.name".into(), t.clone());
+            a.insert(REF_NAME.into(), tag_of(t));
+        }
+        if !a.is_empty() {
+            d["annotations"] = json!(a);
+        }
+        d
+    };
+    let mut descs: Vec<_> = repo_tags.iter().map(|t| desc(Some(t))).collect();
     if descs.is_empty() {
-        descs.push(json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()}));
+        descs.push(desc(None));
     }
     add(
         &mut b,

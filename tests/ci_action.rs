@@ -110,6 +110,10 @@ fn build_push_outputs_match_the_registry() {
             ),
             ("INPUT_SECRETS", &secrets),
             ("INPUT_OUTPUTS", &outputs_in),
+            (
+                "INPUT_ANNOTATIONS",
+                "org.opencontainers.image.description=a, b\nmanifest:k=v\n",
+            ),
         ],
     );
     let log = format!(
@@ -151,6 +155,11 @@ fn build_push_outputs_match_the_registry() {
         .arg(format!("docker://{r}/app:1"))))
     .unwrap();
     assert_eq!(manifest["config"]["digest"], o["imageid"]);
+    assert_eq!(
+        manifest["annotations"],
+        serde_json::json!({"org.opencontainers.image.description": "a, b", "k": "v"}),
+        "annotations split at newlines only"
+    );
     let meta: serde_json::Value = serde_json::from_str(&o["metadata"]).unwrap();
     assert_eq!(meta["containerimage.digest"], o["digest"]);
     assert_eq!(meta["containerimage.config.digest"], o["imageid"]);
@@ -332,6 +341,7 @@ fn the_action_maps_every_input_to_the_script() {
         "cache-from",
         "cache-to",
         "labels",
+        "annotations",
         "outputs",
         "secrets",
     ] {

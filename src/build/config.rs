@@ -66,7 +66,13 @@ impl Builder {
         } else {
             descs
         };
-        image::assemble_json(config, layers, &self.store)
+        use crate::annotations::{annotations_for, AnnotationTarget};
+        let (all, platform) = (&self.opts.annotations, &self.opts.platform);
+        let manifest = annotations_for(all, AnnotationTarget::Manifest, platform);
+        let mut image = image::assemble_json_with(config, layers, &manifest, &self.store)?;
+        image.descriptor_annotations =
+            annotations_for(all, AnnotationTarget::ManifestDescriptor, platform);
+        Ok(image)
     }
 }
 

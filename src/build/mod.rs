@@ -101,6 +101,8 @@ pub struct BuildOptions {
     pub limits: rbuild_sandbox::Limits,
     /// `--label` values, set over the Dockerfile's `LABEL`s in the final image.
     pub labels: BTreeMap<String, String>,
+    /// `--annotation`s.
+    pub annotations: Vec<crate::annotations::Annotation>,
     /// What RUN steps' root filesystems need besides `isolation` (paths `none` keeps).
     pub rootfs: rbuild_sandbox::RootfsOptions,
     /// What the project is, for cache mounts without `id=` (see [`cache_mount_key`]).

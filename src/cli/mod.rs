@@ -329,6 +329,13 @@ pub struct BuildArgs {
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,
 
+    /// An OCI annotation (repeatable), as buildx takes it: `[TYPE[,TYPE]:]KEY=VALUE`, TYPE being
+    /// `manifest` (the default) or `manifest-descriptor` (an OCI layout's `index.json` entry),
+    /// each optionally for one platform (`manifest[linux/arm64]:KEY=VALUE`). `index` and
+    /// `index-descriptor` need an image index, which a single-platform build does not make.
+    #[arg(long = "annotation", value_name = "[TYPE:]KEY=VALUE", value_parser = crate::annotations::parse_annotation)]
+    pub annotations: Vec<crate::annotations::Annotation>,
+
     /// Set a label in the image config (repeatable), over the Dockerfile's `LABEL`s.
     /// `--label KEY` sets an empty value, as docker does.
     #[arg(long = "label", value_name = "KEY=VALUE")]

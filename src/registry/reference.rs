@@ -198,7 +198,8 @@ mod tests {
             "x:-t".into(),
             "x@sha256:x:y".into(),
             "x@@sha256:y".into(),
-            "a.b:5000/x:y@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
+            "a.b:5000/x:y@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                .into(),
             "x:t@sha384:0123".into(),
         ];
         for s in &cases {
