@@ -8,6 +8,7 @@
 
 mod common;
 use common::*;
+use std::path::Path;
 use std::process::Output;
 use std::sync::Mutex;
 
@@ -23,12 +24,36 @@ const BOMB: &str = "RUN bomb() { bomb | bomb & }; bomb; sleep 10; echo bomb-step
 /// A world-readable busybox context with the bomb (a pod's IDs must read it too).
 fn bomb_context() -> tempfile::TempDir {
     ensure_tools();
+    readable_context(BOMB)
+}
+
+/// A world-readable busybox context whose last step is `run`.
+fn readable_context(run: &str) -> tempfile::TempDir {
     let ctx = shared_tempdir();
-    write_busybox_context(ctx.path(), BOMB);
+    write_busybox_context(ctx.path(), run);
     ok(std::process::Command::new("chmod")
         .args(["-R", "a+rX"])
         .arg(ctx.path()));
     ctx
+}
+
+/// The ordinary user `rbhostile` (with subordinate IDs), and a home of its own.
+fn rbhostile_home() -> tempfile::TempDir {
+    ordinary_user("rbhostile", Some("720000:65536"));
+    let t = shared_tempdir();
+    ok(std::process::Command::new("chown")
+        .arg("rbhostile")
+        .arg(t.path()));
+    t
+}
+
+/// Builds `ctx` as `rbhostile` (store in `home`) with `flags`, inside `outer`.
+fn build_as_rbhostile(outer: &OuterBound, home: &Path, flags: &str, ctx: &Path) -> Output {
+    outer.run(&format!(
+        "runuser -u rbhostile -- env HOME={} {}",
+        q(home),
+        build_line(&home.join("store"), flags, ctx)
+    ))
 }
 
 /// A temporary directory that other users can reach (`$TMPDIR` may be private, as in a jail).
@@ -96,18 +121,9 @@ fn a_fork_bomb_as_root_is_stopped_by_the_default_pids_cgroup() {
 #[test]
 fn a_fork_bomb_as_an_ordinary_user_is_stopped_by_rlimit_nproc() {
     let _one = BOMBS.lock().unwrap_or_else(|e| e.into_inner());
-    let ctx = bomb_context();
-    ordinary_user("rbhostile", Some("720000:65536"));
-    let t = shared_tempdir();
-    ok(std::process::Command::new("chown")
-        .arg("rbhostile")
-        .arg(t.path()));
+    let (ctx, home) = (bomb_context(), rbhostile_home());
     let outer = OuterBound::new("pids", "pids.max", OUTER_PIDS);
-    let out = outer.run(&format!(
-        "runuser -u rbhostile -- env HOME={} {}",
-        q(t.path()),
-        build_line(&t.path().join("store"), "", ctx.path())
-    ));
+    let out = build_as_rbhostile(&outer, home.path(), "", ctx.path());
     stopped_by_rbuild(
         &out,
         &outer,
@@ -184,11 +200,7 @@ fn pids_limit_0_takes_rbuilds_limit_away() {
 #[test]
 fn an_rlimit_is_reported_reached_only_when_the_kernel_refused_a_fork() {
     let _one = BOMBS.lock().unwrap_or_else(|e| e.into_inner());
-    ordinary_user("rbhostile", Some("720000:65536"));
-    let t = shared_tempdir();
-    ok(std::process::Command::new("chown")
-        .arg("rbhostile")
-        .arg(t.path()));
+    let home = rbhostile_home();
     let outer = OuterBound::new("pids", "pids.max", OUTER_PIDS);
     // 92 of 100 processes: close enough to the limit for init to ask the kernel, which allows
     // another; then 120 sleepers, of which the kernel refuses the last. (A bomb at 100
@@ -200,16 +212,8 @@ fn an_rlimit_is_reported_reached_only_when_the_kernel_refused_a_fork() {
         ),
         ("RUN for i in $(seq 120); do sleep 3 & done; wait\n", true),
     ] {
-        let ctx = shared_tempdir();
-        write_busybox_context(ctx.path(), run);
-        ok(std::process::Command::new("chmod")
-            .args(["-R", "a+rX"])
-            .arg(ctx.path()));
-        let out = outer.run(&format!(
-            "runuser -u rbhostile -- env HOME={} {}",
-            q(t.path()),
-            build_line(&t.path().join("store"), "--pids-limit 100", ctx.path())
-        ));
+        let ctx = readable_context(run);
+        let out = build_as_rbhostile(&outer, home.path(), "--pids-limit 100", ctx.path());
         let log = log(&out);
         // The shell ends at its first refused fork, and the step with it: the error names
         // the limit.
