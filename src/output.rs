@@ -122,26 +122,27 @@ pub fn write_oci_layout(
     // Tags written now replace entries of the same name; other images in the layout stay.
     let names: Vec<String> = tags.iter().map(|t| tag_of(t)).collect();
     manifests.retain(|m| !matches!(ref_name(m), Some(n) if names.iter().any(|x| x == n)));
-    let desc = |name: Option<&str>| {
-        let mut d = json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()});
-        let mut a = image.descriptor_annotations.clone();
-        if let Some(n) = name {
-            a.insert(REF_NAME.into(), n.into());
-        }
-        if !a.is_empty() {
-            d["annotations"] = json!(a);
-        }
-        d
-    };
     if names.is_empty() {
-        manifests.push(desc(None));
+        manifests.push(manifest_descriptor(image, &[]));
     }
     for n in &names {
-        manifests.push(desc(Some(n)));
+        manifests.push(manifest_descriptor(image, &[(REF_NAME, n.clone())]));
     }
     layout
         .write_index(manifests)
         .map_err(io_at(dir, "writing index.json"))
+}
+
+/// The `index.json` entry naming `image`'s manifest: its descriptor annotations
+/// (`--annotation manifest-descriptor:`) and `names` (the reference annotations of one tag).
+fn manifest_descriptor(image: &BuiltImage, names: &[(&str, String)]) -> serde_json::Value {
+    let mut d = json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()});
+    let mut a = image.descriptor_annotations.clone();
+    a.extend(names.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    if !a.is_empty() {
+        d["annotations"] = json!(a);
+    }
+    d
 }
 
 fn tar_header(size: u64) -> tar::Header {
@@ -222,21 +223,18 @@ fn write_archive_to(
             &canonical(&serde_json::Value::Object(repos)),
         )?;
     }
-    let desc = |tag: Option<&String>| {
-        let mut d = json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()});
-        let mut a = image.descriptor_annotations.clone();
-        if let Some(t) = tag {
-            a.insert("io.containerd.image.name".into(), t.clone());
-            a.insert(REF_NAME.into(), tag_of(t));
-        }
-        if !a.is_empty() {
-            d["annotations"] = json!(a);
-        }
-        d
-    };
-    let mut descs: Vec<_> = repo_tags.iter().map(|t| desc(Some(t))).collect();
+    let mut descs: Vec<_> = repo_tags
+        .iter()
+        .map(|t| {
+            let names = [
+                ("io.containerd.image.name", t.clone()),
+                (REF_NAME, tag_of(t)),
+            ];
+            manifest_descriptor(image, &names)
+        })
+        .collect();
     if descs.is_empty() {
-        descs.push(desc(None));
+        descs.push(manifest_descriptor(image, &[]));
     }
     add(
         &mut b,

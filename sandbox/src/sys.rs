@@ -142,15 +142,7 @@ pub fn nproc_refuses(uid: libc::uid_t, limit: u64) -> Option<bool> {
             None => 2,
         });
     }
-    let pid = rustix::process::Pid::from_raw(probe)?;
-    let status = loop {
-        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
-            Ok(Some((_, st))) => break st,
-            Err(rustix::io::Errno::INTR) => continue,
-            _ => return None,
-        }
-    };
-    match status.exit_status() {
+    match wait_child(probe).ok()?.exit_status() {
         Some(ALLOWED) => Some(false),
         Some(REFUSED) => Some(true),
         _ => None,
@@ -171,23 +163,38 @@ fn nproc_probe(uid: libc::uid_t, limit: u64) -> Option<bool> {
     };
     let limited = Some(limit.min(old.maximum.unwrap_or(u64::MAX)));
     setrlimit(Resource::Nproc, at(limited)).ok()?;
-    // Some(true): a process was made.
-    let try_fork = || match fork() {
-        Ok(0) => exit_now(0),
-        Ok(child) => {
-            let pid = rustix::process::Pid::from_raw(child)?;
-            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
-            Some(true)
-        }
-        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Some(false),
-        Err(_) => None,
-    };
-    if try_fork()? {
+    if fork_allowed().ok()? {
         return Some(false);
     }
     setrlimit(Resource::Nproc, at(old.maximum)).ok()?;
     // Refused under the step's limit, allowed under ours: the limit refused.
-    try_fork()
+    fork_allowed().ok()
+}
+
+/// Whether the kernel lets this process make a child now: forks one that exits at once and
+/// reaps it; `Ok(false)` when the fork is refused with `EAGAIN` (a process limit). From
+/// single-threaded processes only, as [`fork`].
+pub fn fork_allowed() -> io::Result<bool> {
+    match fork() {
+        Ok(0) => exit_now(0),
+        Ok(child) => wait_child(child).map(|_| true),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits for child `pid` to end (again when a signal interrupts the wait).
+pub fn wait_child(pid: libc::pid_t) -> io::Result<rustix::process::WaitStatus> {
+    let pid = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ECHILD))?;
+    loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+            Ok(Some((_, st))) => return Ok(st),
+            Ok(None) => return Err(io::Error::from_raw_os_error(libc::ECHILD)),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// `setgroups(2)`.

@@ -260,12 +260,12 @@ pub fn hold_tree(dir: &Path) -> io::Result<Held> {
         let stat = |name: &CString| -> io::Result<Option<Hit>> {
             let st = rustix::fs::statx(&fd, name, AtFlags::SYMLINK_NOFOLLOW, mask)?;
             let ft = FileType::from_raw_mode(st.stx_mode as u32);
-            let held = match ft {
+            let keep = match ft {
                 FileType::Directory | FileType::CharacterDevice | FileType::BlockDevice => true,
                 FileType::RegularFile => is_held_mode(st.stx_mode as u32 & 0o7777),
                 _ => false,
             };
-            Ok(held.then(|| Hit {
+            Ok(keep.then(|| Hit {
                 ft,
                 nlink: st.stx_nlink,
                 // st_dev of statx comes in two halves.

@@ -39,14 +39,14 @@ pub(crate) fn parse(s: &str) -> Result<Reference, ParseError> {
         return Err(ParseError::NameTooLong);
     }
     if let Some(d) = digest {
-        let want = match d.split_once(':') {
-            Some(("sha256", _)) => 64,
-            Some(("sha384", _)) => 96,
-            Some(("sha512", _)) => 128,
-            Some(_) => return Err(ParseError::DigestUnsupported),
-            None => return Err(ParseError::DigestInvalidFormat),
+        let (alg, hex) = d.split_once(':').ok_or(ParseError::DigestInvalidFormat)?;
+        let want = match alg {
+            "sha256" => 64,
+            "sha384" => 96,
+            "sha512" => 128,
+            _ => return Err(ParseError::DigestUnsupported),
         };
-        if d.split_once(':').map(|(_, h)| h.len()) != Some(want) {
+        if hex.len() != want {
             return Err(ParseError::DigestInvalidLength);
         }
     }

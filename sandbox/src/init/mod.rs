@@ -90,14 +90,10 @@ pub fn helper_main() -> ! {
             sys::exit_now(code);
         }
         Ok(pid) => {
-            let pid = rustix::process::Pid::from_raw(pid).unwrap();
-            let code = loop {
-                match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
-                    Ok(Some((_, st))) => break st.exit_status().unwrap_or(125),
-                    Err(rustix::io::Errno::INTR) => continue,
-                    _ => break 125,
-                }
-            };
+            let code = sys::wait_child(pid)
+                .ok()
+                .and_then(|st| st.exit_status())
+                .unwrap_or(125);
             // The step is gone: unmount its root, and the daemon goes with it.
             if let Some(w) = fuse.and_then(|f| f.stop()) {
                 status.warning(w.clone());

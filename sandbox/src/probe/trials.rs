@@ -46,15 +46,8 @@ pub(super) fn trial_forked(what: &str, dir: &Path) -> Result<(), String> {
             drop(w);
             let mut msg = String::new();
             let _ = std::fs::File::from(r).read_to_string(&mut msg);
-            let pid = rustix::process::Pid::from_raw(pid).expect("fork returned a pid");
-            let status = loop {
-                match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
-                    Err(rustix::io::Errno::INTR) => continue,
-                    other => break other,
-                }
-            };
-            match status {
-                Ok(Some((_, st))) if st.exit_status() == Some(0) => Ok(()),
+            match crate::sys::wait_child(pid) {
+                Ok(st) if st.exit_status() == Some(0) => Ok(()),
                 _ if !msg.is_empty() => Err(msg),
                 other => Err(format!("probe {what} failed ({other:?})")),
             }
@@ -151,19 +144,12 @@ pub(super) fn run_trial(what: &str, dir: &Path) -> std::io::Result<()> {
                 maximum: Some(1),
             };
             rustix::process::setrlimit(rustix::process::Resource::Nproc, one)?;
-            match crate::sys::fork() {
-                Ok(0) => crate::sys::exit_now(0),
-                Ok(pid) => {
-                    let _ = rustix::process::waitpid(
-                        rustix::process::Pid::from_raw(pid),
-                        rustix::process::WaitOptions::empty(),
-                    );
-                    Err(std::io::Error::other(
-                        "a step's user is root on the host, which the kernel exempts from it",
-                    ))
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
-                Err(e) => Err(e),
+            if crate::sys::fork_allowed()? {
+                Err(std::io::Error::other(
+                    "a step's user is root on the host, which the kernel exempts from it",
+                ))
+            } else {
+                Ok(())
             }
         }
         other => Err(std::io::Error::other(format!("unknown probe {other}"))),
