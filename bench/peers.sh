@@ -28,7 +28,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib/setup.sh"
 . bench/lib/buildkit.sh
 
-all_cases="stages4 files100k big512 ctx20k copy50k steps60 run50 pushearly layer1200-gzip layer1200-zstd"
+all_cases="stages4 files100k entries200k big512 ctx20k copy50k steps60 run50 pushearly layer1200-gzip layer1200-zstd"
 net_cases="apt gcc"
 runs=3
 base_dir=/dev/shm
@@ -116,6 +116,9 @@ make_contexts() {
     echo "FROM $busybox"; for s in a b c d; do echo "COPY --from=$s /$s /$s"; done; } >"$c/Dockerfile"
   c=$(ctx files100k)
   printf 'FROM %s\nRUN mkdir /d && awk '\''BEGIN { for (i = 0; i < 100000; i++) { f = "/d/f" i; print i > f; close(f) } }'\''\n' "$busybox" >"$c/Dockerfile"
+  # The 200k-entry layer of issue 13's memory cap: 200k files in 1000 directories.
+  c=$(ctx entries200k)
+  printf 'FROM %s\nRUN mkdir /d && cd /d && seq 0 999 | xargs mkdir && awk '\''BEGIN { for (i = 0; i < 200000; i++) { f = "/d/" (i %% 1000) "/f" i; print i > f; close(f) } }'\''\n' "$busybox" >"$c/Dockerfile"
   c=$(ctx big512)
   printf 'FROM %s\nRUN dd if=/dev/urandom of=/big bs=1M count=512 2>/dev/null\n' "$busybox" >"$c/Dockerfile"
   want layer1200 && {
