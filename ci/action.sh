@@ -113,11 +113,42 @@ if input_bool load; then
 fi
 
 parse_list "$(input platforms)" 0
-if ((${#LIST[@]} > 1)); then
-  die "platforms: rbuild builds one platform at a time (got ${LIST[*]})"
-elif ((${#LIST[@]} == 1)); then
-  args+=(--platform "${LIST[0]}")
+if ((${#LIST[@]} > 0)); then
+  platforms=$(IFS=,; echo "${LIST[*]}")
+  args+=(--platform "$platforms")
 fi
+
+# Provenance as build-push-action attaches it: `true` = mode=max, `false` = none, other
+# values as --attest type=provenance takes them; the run's URL as builder-id unless given.
+# Unset: a default, unless BUILDX_NO_DEFAULT_ATTESTATIONS is set or the image goes to a
+# docker archive: mode=min for a private repository (or where that is not known), max for a
+# public one.
+builder_id=""
+if [ -n "${GITHUB_SERVER_URL:-}" ] && [ -n "${GITHUB_REPOSITORY:-}" ] && [ -n "${GITHUB_RUN_ID:-}" ]; then
+  builder_id="$GITHUB_SERVER_URL/$GITHUB_REPOSITORY/actions/runs/$GITHUB_RUN_ID"
+fi
+with_builder() {
+  if [ -n "$builder_id" ] && [[ $1 != *builder-id=* ]]; then echo "$1,builder-id=$builder_id"; else echo "$1"; fi
+}
+provenance=$(input provenance)
+case ${provenance,,} in
+  true) args+=(--provenance "$(with_builder mode=max)") ;;
+  false) ;;
+  "")
+    no_default=${BUILDX_NO_DEFAULT_ATTESTATIONS:-}
+    if [[ -z $no_default || ${no_default,,} =~ ^(0|false)$ ]] && [[ $(input outputs) != *type=docker* ]]; then
+      if [ "$(input repo-private)" = false ]; then
+        args+=(--provenance "$(with_builder mode=max)")
+      else
+        args+=(--provenance "$(with_builder mode=min)")
+      fi
+    fi ;;
+  *) args+=(--provenance "$(with_builder "$provenance")") ;;
+esac
+case $(input sbom) in
+  "" | false | False | FALSE) ;;
+  *) die "sbom: rbuild does not make SBOM attestations yet" ;;
+esac
 
 parse_list "$(input tags)" 0
 for t in ${LIST[@]+"${LIST[@]}"}; do args+=(--tag "$t"); done

@@ -3,6 +3,7 @@
 //! `[TYPE[,TYPE...]:]KEY=VALUE`, a type being `manifest` (the default), `manifest-descriptor`,
 //! `index` or `index-descriptor`, each optionally for one platform (`manifest[linux/arm64]`).
 
+use rbuild_dag::Platform;
 use std::collections::BTreeMap;
 
 /// What an annotation is written on.
@@ -42,7 +43,7 @@ impl AnnotationTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Annotation {
     /// Where it goes, each for every platform (`None`) or for one (`linux/arm64`).
-    pub targets: Vec<(AnnotationTarget, Option<String>)>,
+    pub targets: Vec<(AnnotationTarget, Option<Platform>)>,
     /// The key.
     pub key: String,
     /// The value.
@@ -76,40 +77,28 @@ pub fn parse_annotation(s: &str) -> Result<Annotation, String> {
 }
 
 /// `TYPE` or `TYPE[PLATFORM]`.
-fn parse_target(t: &str) -> Option<(AnnotationTarget, Option<String>)> {
+fn parse_target(t: &str) -> Option<(AnnotationTarget, Option<Platform>)> {
     match t.split_once('[') {
         None => Some((AnnotationTarget::parse(t)?, None)),
         Some((ty, rest)) => {
-            let p = rest.strip_suffix(']')?;
-            let ok = !p.is_empty()
-                && p.bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'/' | b'-'));
-            ok.then_some((AnnotationTarget::parse(ty)?, Some(normalize_platform(p))))
+            let p = Platform::parse(rest.strip_suffix(']')?).ok()?;
+            Some((AnnotationTarget::parse(ty)?, Some(p)))
         }
     }
 }
 
-/// `arm64` → `linux/arm64`; others as given.
-fn normalize_platform(p: &str) -> String {
-    if p.contains('/') {
-        p.to_string()
-    } else {
-        format!("linux/{p}")
-    }
-}
-
-/// The annotations of `target` for an image of `platform`, the last of a key winning.
+/// The annotations of `target` for an image of `platform` (for the index, `None`: those
+/// given without a platform), the last of a key winning.
 pub fn annotations_for(
     all: &[Annotation],
     target: AnnotationTarget,
-    platform: &str,
+    platform: Option<&Platform>,
 ) -> BTreeMap<String, String> {
-    let platform = normalize_platform(platform);
     all.iter()
         .filter(|a| {
             a.targets
                 .iter()
-                .any(|(t, p)| *t == target && p.as_ref().is_none_or(|p| *p == platform))
+                .any(|(t, p)| *t == target && (p.is_none() || p.as_ref() == platform))
         })
         .map(|a| (a.key.clone(), a.value.clone()))
         .collect()
@@ -134,8 +123,8 @@ mod tests {
             a.targets,
             vec![
                 (Index, None),
-                (Manifest, Some("linux/arm64".into())),
-                (ManifestDescriptor, Some("linux/amd64".into()))
+                (Manifest, Some("linux/arm64".parse().unwrap())),
+                (ManifestDescriptor, Some("linux/amd64".parse().unwrap()))
             ]
         );
         assert_eq!(a.value, "");
@@ -164,12 +153,20 @@ mod tests {
         .iter()
         .map(|s| parse_annotation(s).unwrap())
         .collect();
-        let m = annotations_for(&all, Manifest, "linux/amd64");
+        let m = annotations_for(&all, Manifest, Some(&"linux/amd64".parse().unwrap()));
         assert_eq!(
             m,
             BTreeMap::from([("a".into(), "5".into()), ("c".into(), "3".into())])
         );
-        assert_eq!(annotations_for(&all, Index, "linux/amd64").len(), 1);
-        assert!(annotations_for(&all, ManifestDescriptor, "linux/amd64").is_empty());
+        assert_eq!(
+            annotations_for(&all, Index, Some(&"linux/amd64".parse().unwrap())).len(),
+            1
+        );
+        assert!(annotations_for(
+            &all,
+            ManifestDescriptor,
+            Some(&"linux/amd64".parse().unwrap())
+        )
+        .is_empty());
     }
 }

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod annotations;
+pub mod attest;
 pub mod build;
 pub mod cachesync;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod copy;
 pub mod ctxhash;
 pub mod ignored;
 pub mod image;
+pub mod index;
 pub mod mounts;
 pub mod oci_layout;
 pub mod output;

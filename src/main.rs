@@ -285,11 +285,26 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let labels = rbuild::cli::parse_labels(&args.labels).map_err(anyhow::Error::msg)?;
-    if let Some(a) = args
-        .annotations
-        .iter()
-        .find(|a| a.targets.iter().any(|(t, _)| t.needs_index()))
-    {
+    let mut platforms: Vec<rbuild_dag::Platform> = Vec::new();
+    for p in &args.platforms {
+        if platforms.contains(p) {
+            bail!("--platform {p}: named twice");
+        }
+        platforms.push(p.clone());
+    }
+    if platforms.is_empty() {
+        platforms.push(rbuild_dag::Platform::host());
+    }
+    if platforms.len() > 1 && outputs.iter().any(|o| matches!(o, OutputSpec::Docker(_))) {
+        // As BuildKit: `docker load` takes one image, not an index.
+        bail!("--output type=docker: a docker archive holds one platform's image; with several platforms use type=oci or type=registry");
+    }
+    if let Some(a) = args.annotations.iter().find(|a| {
+        // Attestations make an index even for one platform.
+        platforms.len() == 1
+            && args.provenance.as_ref().is_none_or(|p| p.0.is_none())
+            && a.targets.iter().any(|(t, _)| t.needs_index())
+    }) {
         // As BuildKit: index annotations have no image index to go on.
         bail!(
             "--annotation {}: index annotations are not supported for a single-platform image (it has no image index)",
@@ -482,7 +497,9 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         network: args.network,
         compression,
         force_compression,
-        platform: args.platform.clone(),
+        platforms,
+        provenance: args.provenance.clone().and_then(|p| p.0),
+        attest_form: args.attest_as,
         secrets,
         build_contexts: parse_named_contexts(&args.build_contexts)?,
         ssh: rbuild::mounts::parse_ssh(&args.ssh)?,
@@ -511,27 +528,41 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         let _ = rbuild_cache::remove_tree(dir);
     }
     let outcome = outcome?;
-    let image = &outcome.image;
-    progress.info(&format!(
-        "image {} (manifest {})",
-        image.config_digest, image.manifest_digest
-    ));
+    let built = &outcome.result;
+    match built {
+        rbuild::index::Built::Image(image) => progress.info(&format!(
+            "image {} (manifest {})",
+            image.config_digest, image.manifest_digest
+        )),
+        rbuild::index::Built::Index(index) => {
+            for (p, image) in &index.images {
+                progress.info(&format!(
+                    "image {} for {p} (manifest {})",
+                    image.config_digest, image.manifest_digest
+                ));
+            }
+            progress.info(&format!("index {}", index.digest));
+        }
+    }
     if let Some(p) = &args.iidfile {
-        rbuild_cache::write_file_atomic(p, image.config_digest.as_str().as_bytes())?;
+        rbuild_cache::write_file_atomic(p, built.id().as_str().as_bytes())?;
     }
     if let Some(p) = &args.metadata_file {
-        let meta = serde_json::json!({
-            "containerimage.digest": image.manifest_digest.to_string(),
-            "containerimage.config.digest": image.config_digest.to_string(),
+        let mut meta = serde_json::json!({
+            "containerimage.digest": built.digest().to_string(),
             "containerimage.descriptor": {
-                "mediaType": image.manifest_media_type,
-                "digest": image.manifest_digest.to_string(),
-                "size": image.manifest_bytes.len(),
+                "mediaType": built.media_type(),
+                "digest": built.digest().to_string(),
+                "size": built.bytes().len(),
             },
             "image.name": args.tags.join(","),
             "tags": args.tags,
             "pushed": outcome.pushed.as_ref().map(|d| d.to_string()),
         });
+        // As buildx: a multi-platform build's metadata names no single config.
+        if let Some(config) = built.single_config() {
+            meta["containerimage.config.digest"] = serde_json::json!(config.to_string());
+        }
         rbuild_cache::write_file_atomic(p, serde_json::to_string_pretty(&meta)?.as_bytes())?;
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! Where a built image goes besides a registry: an OCI image layout, a `docker load` archive,
 //! or its root filesystem in a directory.
 
-use crate::image::{canonical, BuiltImage, OCI_INDEX, OCI_MANIFEST};
+use crate::image::{canonical, BuiltImage, OCI_INDEX};
+use crate::index::Built;
 use crate::oci_layout::{ref_name, OciLayout, REF_NAME};
 use rbuild_cache::{Digest, Store, StoreError};
 use serde_json::json;
@@ -97,14 +98,18 @@ const MAX_INDEX: u64 = 16 << 20;
 /// named by its tag part (one unnamed entry when there are no tags). Blobs are hard-linked
 /// from the store where possible, else copied through a temporary name; `index.json` is
 /// written last and atomically, so a failure never leaves it naming missing blobs.
-pub fn write_oci_layout(
-    dir: &Path,
-    image: &BuiltImage,
-    store: &Store,
-    tags: &[String],
-) -> Result<()> {
+pub fn write_oci_layout(dir: &Path, built: &Built, store: &Store, tags: &[String]) -> Result<()> {
     let layout = OciLayout::new(dir);
-    for d in blobs_of(image) {
+    let mut blobs: Vec<Digest> = built
+        .images()
+        .into_iter()
+        .flat_map(|(_, i)| blobs_of(i))
+        .collect();
+    if let Built::Index(x) = built {
+        blobs.extend(x.attestations.iter().flat_map(|a| a.blobs()));
+        blobs.push(x.digest.clone());
+    }
+    for d in blobs {
         layout
             .put_blob_from_store(&d, store)
             .map_err(io_at(dir, format!("copying blob {d}")))?;
@@ -123,26 +128,29 @@ pub fn write_oci_layout(
     let names: Vec<String> = tags.iter().map(|t| tag_of(t)).collect();
     manifests.retain(|m| !matches!(ref_name(m), Some(n) if names.iter().any(|x| x == n)));
     if names.is_empty() {
-        manifests.push(manifest_descriptor(image, &[]));
+        manifests.push(manifest_descriptor(built, &[]));
     }
     for n in &names {
-        manifests.push(manifest_descriptor(image, &[(REF_NAME, n.clone())]));
+        manifests.push(manifest_descriptor(built, &[(REF_NAME, n.clone())]));
     }
     layout
         .write_index(manifests)
         .map_err(io_at(dir, "writing index.json"))
 }
 
-/// The `index.json` entry naming `image`'s manifest: its descriptor annotations
-/// (`--annotation manifest-descriptor:`) and `names` (the reference annotations of one tag).
-fn manifest_descriptor(image: &BuiltImage, names: &[(&str, String)]) -> serde_json::Value {
-    let mut d = json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest.to_string(), "size": image.manifest_bytes.len()});
-    let mut a = image.descriptor_annotations.clone();
+/// The `index.json` entry naming `built`'s manifest or index: its descriptor annotations
+/// (`--annotation manifest-descriptor:` or `index-descriptor:`) and `names` (the reference
+/// annotations of one tag).
+fn manifest_descriptor(built: &Built, names: &[(&str, String)]) -> serde_json::Value {
+    let mut a = built.descriptor_annotations().clone();
     a.extend(names.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    if !a.is_empty() {
-        d["annotations"] = json!(a);
-    }
-    d
+    crate::index::descriptor(
+        built.media_type(),
+        built.digest(),
+        built.bytes().len(),
+        None,
+        &a,
+    )
 }
 
 fn tar_header(size: u64) -> tar::Header {
@@ -223,6 +231,7 @@ fn write_archive_to(
             &canonical(&serde_json::Value::Object(repos)),
         )?;
     }
+    let built = Built::Image(Box::new(image.clone()));
     let mut descs: Vec<_> = repo_tags
         .iter()
         .map(|t| {
@@ -230,11 +239,11 @@ fn write_archive_to(
                 ("io.containerd.image.name", t.clone()),
                 (REF_NAME, tag_of(t)),
             ];
-            manifest_descriptor(image, &names)
+            manifest_descriptor(&built, &names)
         })
         .collect();
     if descs.is_empty() {
-        descs.push(manifest_descriptor(image, &[]));
+        descs.push(manifest_descriptor(&built, &[]));
     }
     add(
         &mut b,

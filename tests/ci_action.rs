@@ -102,6 +102,8 @@ fn build_push_outputs_match_the_registry() {
             ("INPUT_CONTEXT", ctx.path().to_str().unwrap()),
             ("INPUT_TAGS", &tags),
             ("INPUT_PUSH", "True"),
+            // A manifest, not an index: the default provenance has a test of its own.
+            ("INPUT_PROVENANCE", "false"),
             ("INPUT_BUILD_ARGS", &build_args),
             ("INPUT_TARGET", "final"),
             (
@@ -287,10 +289,7 @@ fn bad_inputs_fail_clearly_and_write_no_outputs() {
         ),
         (&[("INPUT_SECRETS", "bad id=x")], "secrets: bad secret id"),
         (&[("INPUT_LOAD", "true")], "load: rbuild has no daemon"),
-        (
-            &[("INPUT_PLATFORMS", "linux/amd64,linux/arm64")],
-            "platforms: rbuild builds one platform at a time",
-        ),
+        (&[("INPUT_SBOM", "true")], "sbom: rbuild does not make SBOM"),
         (
             &[("INPUT_TAGS", "\"unterminated")],
             "unterminated double quote",
@@ -311,6 +310,112 @@ fn bad_inputs_fail_clearly_and_write_no_outputs() {
         assert!(!err.contains("hunter2"), "a secret was printed: {err}");
         assert_eq!(file, "", "{inputs:?}: no outputs after a failure");
     }
+}
+
+/// The provenance the action attaches, as build-push-action: by default mode=min (max for a
+/// public repository) with the run's URL as builder ID, none when disabled; `digest` is then
+/// the index's and `imageid` still the image's config.
+#[test]
+fn the_default_provenance_follows_build_push_action() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_busybox();
+    let store = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {base}\nARG A\nRUN echo $A > /a\n"),
+    )]);
+    let registry_get = |path: &str| -> Vec<u8> {
+        let out = Command::new("curl")
+            .args(["-fsS", "-H"])
+            .arg("Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json")
+            .arg(format!("http://{}/v2/{path}", reg.addr))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "GET {path}");
+        out.stdout
+    };
+    // Runs the action for REPO:1; gives the provenance statement if one is attached, and the
+    // outputs.
+    let provenance_of = |repo: &str, extra: &[(&str, &str)]| {
+        let pushed = format!("{}/{repo}:1", reg.addr);
+        let mut inputs = vec![
+            ("INPUT_CONTEXT", ctx.path().to_str().unwrap()),
+            ("INPUT_TAGS", pushed.as_str()),
+            ("INPUT_PUSH", "true"),
+            ("INPUT_BUILD_ARGS", "A=value-of-a"),
+            ("GITHUB_SERVER_URL", "https://github.com"),
+            ("GITHUB_REPOSITORY", "team/app"),
+            ("GITHUB_RUN_ID", "42"),
+        ];
+        inputs.extend_from_slice(extra);
+        let (out, file) = run_action(store.path(), work.path(), &inputs);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let o = parse_outputs(&file);
+        let top = registry_get(&format!("{repo}/manifests/1"));
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(&top)),
+            o["digest"],
+            "digest names what the tag holds"
+        );
+        let top: serde_json::Value = serde_json::from_slice(&top).unwrap();
+        let Some(manifests) = top["manifests"].as_array() else {
+            assert_eq!(top["config"]["digest"], o["imageid"]);
+            return (None, o);
+        };
+        let image: serde_json::Value = serde_json::from_slice(&registry_get(&format!(
+            "{repo}/manifests/{}",
+            manifests[0]["digest"].as_str().unwrap()
+        )))
+        .unwrap();
+        assert_eq!(
+            image["config"]["digest"], o["imageid"],
+            "imageid: the image's config"
+        );
+        let att = manifests
+            .iter()
+            .find(|m| m["annotations"]["vnd.docker.reference.type"] == "attestation-manifest")
+            .expect("an index holds an attestation");
+        let m: serde_json::Value = serde_json::from_slice(&registry_get(&format!(
+            "{repo}/manifests/{}",
+            att["digest"].as_str().unwrap()
+        )))
+        .unwrap();
+        let stmt: serde_json::Value = serde_json::from_slice(&registry_get(&format!(
+            "{repo}/blobs/{}",
+            m["layers"][0]["digest"].as_str().unwrap()
+        )))
+        .unwrap();
+        (Some(stmt), o)
+    };
+    // Unset, repository visibility unknown: mode=min, the run as builder.
+    let (p, _) = provenance_of("dflt", &[]);
+    let p = p.expect("a default provenance");
+    assert_eq!(
+        p["predicate"]["runDetails"]["builder"]["id"],
+        "https://github.com/team/app/actions/runs/42"
+    );
+    assert!(
+        !p.to_string().contains("value-of-a"),
+        "min: no build-arg values"
+    );
+    // A public repository: mode=max.
+    let (p, _) = provenance_of("pub", &[("INPUT_REPO_PRIVATE", "false")]);
+    assert!(p.unwrap().to_string().contains("value-of-a"), "max");
+    // Disabled, by the input or by BUILDX_NO_DEFAULT_ATTESTATIONS.
+    assert!(provenance_of("off", &[("INPUT_PROVENANCE", "false")])
+        .0
+        .is_none());
+    assert!(
+        provenance_of("env", &[("BUILDX_NO_DEFAULT_ATTESTATIONS", "1")])
+            .0
+            .is_none()
+    );
 }
 
 #[test]
@@ -344,6 +449,9 @@ fn the_action_maps_every_input_to_the_script() {
         "annotations",
         "outputs",
         "secrets",
+        "platforms",
+        "provenance",
+        "sbom",
     ] {
         assert!(
             inputs.iter().any(|i| i == want),

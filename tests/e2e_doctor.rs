@@ -294,3 +294,21 @@ fn ordinary_users_ranges_are_checked_for_presence_and_overlap() {
     ordinary_user(a, None);
     ordinary_user(b, None);
 }
+
+#[test]
+fn emulation_names_the_architectures_run_steps_can_run() {
+    ensure_tools();
+    ensure_emulation();
+    let store = tempfile::tempdir().unwrap();
+    let (_, r) = doctor(
+        Command::new(rbuild_bin())
+            .args(["doctor", "--json", "--root"])
+            .arg(store.path()),
+    );
+    let c = check(&r, "emulation");
+    assert_eq!(c["verdict"], "ok", "{r}");
+    assert!(
+        c["detail"].as_str().unwrap().contains("arm64"),
+        "qemu-aarch64 is registered with F: {c}"
+    );
+}

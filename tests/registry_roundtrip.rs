@@ -307,7 +307,7 @@ async fn assembled_image_pushes_under_two_tags_and_writes_every_output() {
     let layout = t.path().join("layout");
     write_oci_layout(
         &layout,
-        &image,
+        &rbuild::index::Built::Image(Box::new(image.clone())),
         &store,
         &[v1.clone(), format!("{}/app:latest", reg.addr)],
     )
@@ -546,7 +546,7 @@ async fn docker_v2_manifests_and_indexes_resolve_to_the_platform() {
         oci.manifest_digest
     );
     let s390x = Registry::new(RegistryOptions {
-        platform: ("linux".into(), "s390x".into()),
+        platform: "linux/s390x".parse().unwrap(),
         ..Default::default()
     });
     let err = s390x.pull(&multi, &store).await.unwrap_err();
@@ -563,6 +563,6 @@ async fn docker_v2_manifests_and_indexes_resolve_to_the_platform() {
 }
 
 /// The platform the layouts of these tests hold.
-fn amd64() -> (String, String) {
-    ("linux".into(), "amd64".into())
+fn amd64() -> rbuild_dag::Platform {
+    "linux/amd64".parse().unwrap()
 }

@@ -20,6 +20,7 @@ pub mod graph;
 pub mod ignore;
 pub mod mount;
 pub mod parser;
+pub mod platform;
 pub mod shell;
 pub mod units;
 
@@ -33,4 +34,5 @@ pub use parser::{
     parse, ArgDecl, CommandForm, CopyArgs, Directives, Dockerfile, HealthcheckArgs, Heredoc,
     Instruction, InstructionKind, Location, ParseError, RunArgs, SourceArg, Stage, Word,
 };
+pub use platform::{Platform, PlatformError};
 pub use units::DEFAULT_PATH;

@@ -273,7 +273,11 @@ fn global_args_and_from() {
         Path::new("D"),
     )
     .unwrap();
-    let pre = rbuild_dag::dispatch::platform_args_for("linux/amd64", "linux/arm/v7", Some("final"));
+    let pre = rbuild_dag::dispatch::platform_args_for(
+        &"linux/amd64".parse().unwrap(),
+        &"linux/arm/v7".parse().unwrap(),
+        Some("final"),
+    );
     assert_eq!(pre["BUILDARCH"], "amd64");
     let r =
         rbuild_dag::dispatch::resolve_global_args_for(&df, &BTreeMap::new(), pre.clone()).unwrap();

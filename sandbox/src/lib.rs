@@ -16,6 +16,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod binfmt;
 pub mod cgroup;
 pub mod confine;
 mod copyroot;

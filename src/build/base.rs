@@ -6,14 +6,14 @@ use super::*;
 impl Builder {
     /// The filesystem of an external image, pulled and unpacked once per build.
     pub(super) async fn image_fs(self: &Arc<Self>, reference: &str) -> Result<ImageFs> {
-        self.image_fs_for(reference, &self.opts.platform).await
+        self.image_fs_for(reference, &self.platform).await
     }
 
-    /// The image `reference` for `platform` (`os/arch[/variant]`).
+    /// The image `reference` for `platform`.
     pub(super) async fn image_fs_for(
         self: &Arc<Self>,
         reference: &str,
-        platform: &str,
+        platform: &Platform,
     ) -> Result<ImageFs> {
         // --build-context NAME=docker-image://REF or =oci-layout://DIR replaces an image by name.
         let mapped = self.opts.build_contexts.get(reference).and_then(|v| {
@@ -26,21 +26,31 @@ impl Builder {
             .images
             .lock()
             .unwrap()
-            .entry((reference.to_string(), platform.to_string()))
+            .entry((reference.to_string(), platform.clone()))
             .or_default()
             .clone();
         let fs = cell
             .get_or_try_init(|| self.pull_and_unpack(reference, platform))
             .await?;
+        if let Some(digest) = &fs.manifest {
+            self.materials
+                .lock()
+                .unwrap()
+                .push(crate::attest::provenance::Material {
+                    reference: reference.to_string(),
+                    platform: platform.clone(),
+                    digest: digest.clone(),
+                });
+        }
         Ok(fs.clone())
     }
 
     pub(super) async fn pull_and_unpack(
         self: &Arc<Self>,
         reference: &str,
-        platform: &str,
+        platform: &Platform,
     ) -> Result<ImageFs> {
-        let name = if platform == self.opts.platform {
+        let name = if *platform == self.platform && !self.multi {
             format!("[internal] load image {reference}")
         } else {
             format!("[internal] load image {reference} for {platform}")
@@ -54,21 +64,10 @@ impl Builder {
         res
     }
 
-    /// The registry client that resolves images to `platform`.
-    pub(super) fn registry_for(&self, platform: &str) -> Arc<Registry> {
-        let mut m = self.platform_registries.lock().unwrap();
-        m.entry(platform.to_string())
-            .or_insert_with(|| {
-                let (os, arch) = os_arch(platform);
-                Arc::new(self.registry.for_platform(os, arch))
-            })
-            .clone()
-    }
-
     pub(super) async fn pull_and_unpack_inner(
         self: &Arc<Self>,
         reference: &str,
-        platform: &str,
+        platform: &Platform,
         step: &ProgressStep,
     ) -> Result<ImageFs> {
         let pulled = if let Some(rest) = reference.strip_prefix("oci-layout://") {
@@ -76,21 +75,17 @@ impl Builder {
             let store = self.store.clone();
             let dir = PathBuf::from(dir);
             let tag = tag.map(str::to_string);
-            let (os, arch) = os_arch(platform);
-            let platform = (os.to_string(), arch.to_string());
+            let platform = platform.clone();
             tokio::task::spawn_blocking(move || {
                 registry::load_oci_layout(&dir, tag.as_deref(), &platform, &store)
             })
             .await??
         } else {
             // Manifest and config only: the layers come from the registry when needed.
-            let pulled = if platform == self.opts.platform {
-                self.registry.resolve(reference, &self.store).await?
-            } else {
-                self.registry_for(platform)
-                    .resolve(reference, &self.store)
-                    .await?
-            };
+            let pulled = self
+                .registry_for(platform)
+                .resolve(reference, &self.store)
+                .await?;
             let mut origins = self.origins.lock().unwrap();
             for l in &pulled.layers {
                 origins
@@ -136,6 +131,8 @@ impl Builder {
             .cloned()
             .unwrap_or_default();
         Ok(ImageFs {
+            platform: platform.clone(),
+            manifest: Some(pulled.manifest_digest.clone()),
             // The epoch is part of every key: a layer built without clamped times must not be
             // reused by a reproducible build.
             key: CacheKeyBuilder::new("from")
@@ -156,7 +153,7 @@ impl Builder {
         // empty filesystem, as BuildKit makes it), else an image.
         match rbuild_dag::graph::resolve_from(&self.dockerfile, name) {
             Base::Stage(i) => self.stage_result(i).await,
-            Base::Scratch => Ok(ImageFs::scratch(&self.opts.platform)),
+            Base::Scratch => Ok(ImageFs::scratch(&self.platform)),
             Base::Image(_) => {
                 if self.named_dir_context(name).is_some() {
                     bail!("build context {name:?} is a directory: it can be a COPY --from or RUN --mount source, not an image");
@@ -173,6 +170,16 @@ impl Builder {
     }
 }
 
+impl Shared {
+    /// The registry client that resolves images to `platform`.
+    pub(super) fn registry_for(&self, platform: &Platform) -> Arc<Registry> {
+        let mut m = self.platform_registries.lock().unwrap();
+        m.entry(platform.clone())
+            .or_insert_with(|| Arc::new(self.base_registry.for_platform(platform)))
+            .clone()
+    }
+}
+
 pub(super) fn split_layout_ref(rest: &str) -> (&str, Option<&str>) {
     // oci-layout://DIR[:TAG]; a ':' after the last '/' starts the tag.
     let slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
@@ -180,12 +187,6 @@ pub(super) fn split_layout_ref(rest: &str) -> (&str, Option<&str>) {
         Some(i) => (&rest[..slash + i], Some(&rest[slash + i + 1..])),
         None => (rest, None),
     }
-}
-
-/// The OS and architecture (with any variant) of a platform `os/arch[/variant]`, checked
-/// when the build starts and for each `FROM --platform`.
-pub(super) fn os_arch(platform: &str) -> (&str, &str) {
-    platform.split_once('/').unwrap_or(("linux", "amd64"))
 }
 
 impl Builder {
@@ -201,11 +202,12 @@ impl Builder {
             )
             .ok()
             .flatten()
-            .unwrap_or_else(|| self.opts.platform.clone());
-            let mut refs: Vec<(String, String)> = ps
+            .and_then(|p| Platform::parse(&p).ok())
+            .unwrap_or_else(|| self.platform.clone());
+            let mut refs: Vec<(String, Platform)> = ps
                 .images
                 .iter()
-                .map(|r| (r.clone(), self.opts.platform.clone()))
+                .map(|r| (r.clone(), self.platform.clone()))
                 .collect();
             if let Base::Image(r) = &ps.base {
                 refs.push((r.clone(), base_platform));
@@ -245,5 +247,16 @@ impl Builder {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_refs() {
+        assert_eq!(split_layout_ref("/a/b:tag"), ("/a/b", Some("tag")));
+        assert_eq!(split_layout_ref("/a:x/b"), ("/a:x/b", None));
     }
 }

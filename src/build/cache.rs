@@ -93,18 +93,25 @@ impl Builder {
         Ok(export)
     }
 
-    /// Writes one `--cache-to` destination.
+    /// Writes one `--cache-to` destination: the records of the builds that ended in `fss`
+    /// (one per platform), in one cache.
     pub(super) async fn export_cache(
         self: &Arc<Self>,
         spec: &CacheSpec,
-        fs: &ImageFs,
+        fss: &[ImageFs],
         step: &ProgressStep,
     ) -> Result<()> {
         let mode = match spec {
             CacheSpec::Registry { mode, .. } | CacheSpec::Local { mode, .. } => *mode,
             CacheSpec::Inline => CacheMode::Min,
         };
-        let export = self.cache_records(mode, fs).await?;
+        let mut export = CacheExport::new();
+        for fs in fss {
+            export.merge(self.cache_records(mode, fs).await?);
+            if mode == CacheMode::Max {
+                break; // every platform's steps are in `touched` already
+            }
+        }
         let art = crate::cachesync::artifact(&export, &self.store)?;
         step.log(&format!(
             "{} records, {} layers",
@@ -112,7 +119,9 @@ impl Builder {
             art.layers.len()
         ));
         if let Some(exporter) = cache_exporter(spec) {
-            exporter.export(self, &art, step).await?;
+            exporter
+                .export(self, &Built::Image(Box::new(art)), step)
+                .await?;
         }
         Ok(())
     }

@@ -44,9 +44,13 @@ impl Builder {
                 serde_json::from_slice(&export.to_json())?,
             );
         }
-        let (os, arch) = os_arch(&self.opts.platform);
-        obj.insert("os".into(), json!(os));
-        obj.insert("architecture".into(), json!(arch));
+        let p = &self.platform;
+        obj.insert("os".into(), json!(p.os));
+        obj.insert("architecture".into(), json!(p.arch));
+        match &p.variant {
+            Some(v) => obj.insert("variant".into(), json!(v)),
+            None => obj.remove("variant"),
+        };
         obj.insert("created".into(), json!(now_rfc3339()));
         let mut c = obj.get("config").cloned().unwrap_or_else(|| json!({}));
         apply_state_to_config(&fs.state, &mut c);
@@ -67,12 +71,30 @@ impl Builder {
             descs
         };
         use crate::annotations::{annotations_for, AnnotationTarget};
-        let (all, platform) = (&self.opts.annotations, &self.opts.platform);
-        let manifest = annotations_for(all, AnnotationTarget::Manifest, platform);
+        let (all, platform) = (&self.opts.annotations, &self.platform);
+        let manifest = annotations_for(all, AnnotationTarget::Manifest, Some(platform));
         let mut image = image::assemble_json_with(config, layers, &manifest, &self.store)?;
         image.descriptor_annotations =
-            annotations_for(all, AnnotationTarget::ManifestDescriptor, platform);
+            annotations_for(all, AnnotationTarget::ManifestDescriptor, Some(platform));
         Ok(image)
+    }
+
+    /// Makes and stores the index of every platform's image, with the `index` and
+    /// `index-descriptor` annotations.
+    pub(super) fn assemble_index(
+        &self,
+        images: Vec<(Platform, BuiltImage)>,
+        attestations: Vec<crate::attest::BuiltAttestation>,
+    ) -> Result<crate::index::BuiltIndex> {
+        use crate::annotations::{annotations_for, AnnotationTarget};
+        let all = &self.opts.annotations;
+        Ok(crate::index::assemble_index(
+            images,
+            attestations,
+            &annotations_for(all, AnnotationTarget::Index, None),
+            annotations_for(all, AnnotationTarget::IndexDescriptor, None),
+            &self.store,
+        )?)
     }
 }
 

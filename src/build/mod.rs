@@ -5,6 +5,7 @@ use crate::cachesync::BlobOrigin;
 use crate::cli::{CacheMode, CacheSpec, NetworkArg, OutputSpec};
 use crate::copy::{self, CopyAttrs, Source};
 use crate::image::{self, BuiltImage};
+use crate::index::Built;
 use crate::progress::{Progress, Step as ProgressStep};
 use crate::registry::{self, Registry, RegistryOptions};
 use crate::rootfs::{clean_components, LayerStack};
@@ -15,7 +16,7 @@ use rbuild_dag::dispatch::{
 };
 use rbuild_dag::graph::Base;
 use rbuild_dag::mount::MountSpec;
-use rbuild_dag::Dockerfile;
+use rbuild_dag::{Dockerfile, Platform};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OnceCell, Semaphore};
 
+mod attest;
 mod base;
 mod cache;
 mod config;
@@ -32,8 +34,9 @@ mod layers;
 mod mounts;
 mod ops;
 mod outputs;
+mod stages;
 
-use base::*;
+use attest::invocation_id;
 use cache::*;
 use config::*;
 pub use config::{now_rfc3339, rfc3339, source_date_epoch};
@@ -81,8 +84,12 @@ pub struct BuildOptions {
     /// Recompress the image's layers that are compressed otherwise (buildx's
     /// `force-compression`).
     pub force_compression: bool,
-    /// Target platform `os/arch`.
-    pub platform: String,
+    /// Target platforms: one image each, and an index of them where there are several.
+    pub platforms: Vec<Platform>,
+    /// `--provenance`: SLSA provenance of each image (then the result is always an index).
+    pub provenance: Option<crate::attest::provenance::ProvenanceOpts>,
+    /// How attestations are attached (`--attest-as`).
+    pub attest_form: crate::attest::AttestForm,
     /// Steps that may run at once.
     pub jobs: usize,
     /// `--build-context` values by name: a directory, `docker-image://REF` or `oci-layout://DIR[:TAG]`.
@@ -114,8 +121,8 @@ pub struct BuildOptions {
 
 /// What a build produced.
 pub struct BuildOutcome {
-    /// The final image.
-    pub image: BuiltImage,
+    /// The final image, or the index of one image per platform.
+    pub result: Built,
     /// The digest pushed, when pushed.
     pub pushed: Option<Digest>,
 }
@@ -258,6 +265,11 @@ fn created_by_of(step: &Step) -> &str {
 struct ImageFs {
     /// Cache key of this filesystem state.
     key: CacheKey,
+    /// The manifest it was pulled as, for a base image.
+    manifest: Option<Digest>,
+    /// The platform its binaries are for (the base's): RUN steps of another architecture
+    /// than this machine's run under emulation.
+    platform: Platform,
     /// Layers, bottom first.
     layers: Vec<LayerEntry>,
     /// The base's image config (platform, history, ...) as JSON.
@@ -272,15 +284,20 @@ struct ImageFs {
 }
 
 impl ImageFs {
-    fn scratch(platform: &str) -> ImageFs {
-        let (os, arch) = os_arch(platform);
+    fn scratch(platform: &Platform) -> ImageFs {
+        let mut config = json!({"architecture": platform.arch, "os": platform.os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}});
+        if let Some(v) = &platform.variant {
+            config["variant"] = json!(v);
+        }
         ImageFs {
+            platform: platform.clone(),
+            manifest: None,
             key: CacheKeyBuilder::new("scratch")
-                .str("platform", platform)
+                .str("platform", &platform.to_string())
                 .str("epoch", &format!("{:?}", source_date_epoch()))
                 .finish(),
             layers: Vec::new(),
-            config: json!({"architecture": arch, "os": os, "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}),
+            config,
             state: ImageState::scratch(),
             history: Vec::new(),
             chain: Vec::new(),
@@ -288,18 +305,23 @@ impl ImageFs {
     }
 }
 
-/// Runs one build.
-pub struct Builder {
+/// What the builds of every target platform share: the store, the context and its hashes,
+/// base images, blobs and unpacked layers, and step results by cache key, so a stage that is
+/// the same for every platform (`FROM --platform=$BUILDPLATFORM`) runs once.
+pub struct Shared {
     store: Store,
     opts: BuildOptions,
     progress: Progress,
-    registry: Registry,
+    /// The registry client of the first target platform; [`Builder::registry_for`] makes the
+    /// others from it.
+    base_registry: Arc<Registry>,
     jobs: Semaphore,
     /// Base images by reference and platform, pulled once per build.
-    images: Mutex<HashMap<(String, String), ImageCell>>,
-    /// Registry clients for platforms other than the build's (`FROM --platform`).
-    platform_registries: Mutex<HashMap<String, Arc<Registry>>>,
-    stages: Mutex<HashMap<usize, Arc<OnceCell<ImageFs>>>>,
+    images: Mutex<HashMap<(String, Platform), ImageCell>>,
+    /// Registry clients by the platform they resolve images to.
+    platform_registries: Mutex<HashMap<Platform, Arc<Registry>>>,
+    /// Steps that missed the cache, by key: a step two platforms' plans share runs once.
+    steps: Mutex<HashMap<CacheKey, SharedJob<Option<Layer>>>>,
     /// Layer exports running in the background; all are awaited before the build ends.
     exports: Mutex<Vec<LayerSlot>>,
     /// Uploads of the image's layer blobs started as each was made (`--push`); the push
@@ -334,9 +356,6 @@ pub struct Builder {
     unpack_jobs: Mutex<HashMap<Digest, SharedJob<Unpacked>>>,
     /// Blobs made this build for layers that had none, by diffID ([`Builder::with_blobs`]).
     made_blobs: Mutex<HashMap<Digest, SharedJob<LayerDesc>>>,
-    /// The stages whose layers make up the image: the target and the stages it is built
-    /// FROM (set once the plan is made).
-    image_stages: std::sync::OnceLock<std::collections::HashSet<usize>>,
     /// Every step result this build made or reused: what `--cache-to mode=max` exports.
     touched: Mutex<Vec<(CacheKey, Option<LayerSlot>)>>,
     /// Deferred steps running now, so a failed build can wait for them to end.
@@ -345,12 +364,45 @@ pub struct Builder {
     dockerfile_name: String,
     lines: Vec<String>,
     build_args: BTreeMap<String, String>,
-    resolved: rbuild_dag::ResolvedArgs,
     /// Overlayfs, or the fallback this build found it needs.
     rootfs: Arc<rbuild_sandbox::RootfsMode>,
+    /// The Dockerfile's digest, for provenance.
+    dockerfile_digest: Digest,
+    /// When the build started (RFC 3339; `SOURCE_DATE_EPOCH` where set), for provenance.
+    started: String,
+    /// This build's ID, the same in every platform's provenance.
+    invocation_id: String,
 }
 
-/// Runs the whole build described by `opts`.
+/// Builds the image of one target platform; everything else it reaches through
+/// [`Shared`] (the `Deref`), which the other platforms' builders share.
+pub struct Builder {
+    shared: Arc<Shared>,
+    /// The platform this image is for.
+    platform: Platform,
+    /// Resolves base images to `platform`.
+    registry: Arc<Registry>,
+    /// The global ARGs, with this platform's `TARGETPLATFORM` and the rest.
+    resolved: rbuild_dag::ResolvedArgs,
+    stages: Mutex<HashMap<usize, Arc<OnceCell<ImageFs>>>>,
+    /// The stages whose layers make up the image: the target and the stages it is built
+    /// FROM (set once the plan is made).
+    image_stages: std::sync::OnceLock<std::collections::HashSet<usize>>,
+    /// Whether other platforms are built too (progress lines then name this one).
+    multi: bool,
+    /// Base images this platform's stages resolved, for provenance.
+    materials: Mutex<Vec<crate::attest::provenance::Material>>,
+}
+
+impl std::ops::Deref for Builder {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// Runs the whole build described by `opts`: one image, or with several `--platforms` an
+/// image per platform and an index of them.
 pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Result<BuildOutcome> {
     let text = fs::read_to_string(&opts.dockerfile)
         .with_context(|| format!("reading Dockerfile {}", opts.dockerfile.display()))?;
@@ -360,15 +412,14 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
     }
     let ignore = rbuild_dag::ignore::load_ignore(&opts.context, &opts.dockerfile)
         .map_err(|e| anyhow!("{e}"))?;
-    let resolved = rbuild_dag::resolve_global_args(&dockerfile, &opts.build_args)
-        .map_err(|e| anyhow!("{e}"))?;
-    let (os, arch) = opts
-        .platform
-        .split_once('/')
-        .ok_or_else(|| anyhow!("--platform {:?}: want OS/ARCH", opts.platform))?;
+    let first = opts
+        .platforms
+        .first()
+        .cloned()
+        .unwrap_or_else(Platform::host);
     let registry = Registry::new(RegistryOptions {
         insecure: opts.insecure_registries.clone(),
-        platform: (os.to_string(), arch.to_string()),
+        platform: first.clone(),
         always_resolve: opts.pull,
         max_stale: opts.stale_tag_max_age,
         timeouts: crate::registry::Timeouts::default(),
@@ -384,6 +435,7 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         let progress = progress.clone();
         registry.on_retry(Arc::new(move |line: &str| progress.info(line)));
     }
+    let registry = Arc::new(registry);
     let ctx_hasher = crate::ctxhash::ContextHasher::new(store.clone());
     let rootfs = rbuild_sandbox::RootfsMode::new(
         opts.rootfs.clone(),
@@ -395,15 +447,15 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         },
     )
     .map_err(anyhow::Error::msg)?;
-    let builder = Arc::new(Builder {
+    let shared = Arc::new(Shared {
         rootfs: Arc::new(rootfs),
         store,
         progress,
-        registry,
+        platform_registries: Mutex::new(HashMap::from([(first, registry.clone())])),
+        base_registry: registry,
         jobs: Semaphore::new(opts.jobs.max(1)),
         images: Mutex::new(HashMap::new()),
-        platform_registries: Mutex::new(HashMap::new()),
-        stages: Mutex::new(HashMap::new()),
+        steps: Mutex::new(HashMap::new()),
         exports: Mutex::new(Vec::new()),
         early_pushes: Mutex::new(Vec::new()),
         context_hashes: Mutex::new(HashMap::new()),
@@ -419,7 +471,6 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
         blob_jobs: Mutex::new(HashMap::new()),
         unpack_jobs: Mutex::new(HashMap::new()),
         made_blobs: Mutex::new(HashMap::new()),
-        image_stages: std::sync::OnceLock::new(),
         touched: Mutex::new(Vec::new()),
         running: std::sync::atomic::AtomicUsize::new(0),
         dockerfile_name: opts
@@ -429,312 +480,109 @@ pub async fn build(store: Store, opts: BuildOptions, progress: Progress) -> Resu
             .unwrap_or_else(|| "Dockerfile".into()),
         lines: text.lines().map(str::to_string).collect(),
         build_args: opts.build_args.clone(),
-        resolved,
+        dockerfile_digest: Digest::of(text.as_bytes()),
+        started: now_rfc3339(),
+        invocation_id: invocation_id(&text, &opts),
         dockerfile,
         opts,
     });
-    builder.run().await
-}
-
-impl Builder {
-    async fn run(self: &Arc<Self>) -> Result<BuildOutcome> {
-        if let Some(syntax) = &self.dockerfile.directives.syntax {
-            self.progress.warn(&format!("# syntax={syntax} is ignored: rbuild builds every Dockerfile with its own frontend"));
-        }
-        if let Some(check) = &self.dockerfile.directives.check {
-            self.progress.warn(&format!(
-                "# check={check} is ignored: rbuild runs no build checks yet"
-            ));
-        }
-        let plan = rbuild_dag::graph::plan(
-            &self.dockerfile,
-            self.opts.target.as_deref(),
-            &self.resolved,
+    let platforms = shared.opts.platforms.clone();
+    let mut builders = Vec::new();
+    for platform in &platforms {
+        // TARGETPLATFORM and the rest name the platform this image is for (BuildKit's
+        // `defaultArgs`); BUILDPLATFORM is this machine.
+        let predefined = rbuild_dag::dispatch::platform_args_for(&Platform::host(), platform, None);
+        let resolved = rbuild_dag::dispatch::resolve_global_args_for(
+            &shared.dockerfile,
+            &shared.opts.build_args,
+            predefined,
         )
         .map_err(|e| anyhow!("{e}"))?;
-        let mut image_stages = std::collections::HashSet::new();
-        let mut at = Some(plan.target);
-        while let Some(i) = at.filter(|i| image_stages.insert(*i)) {
-            at = plan
-                .stages
-                .iter()
-                .find(|s| s.index == i)
-                .and_then(|s| match s.base {
-                    Base::Stage(j) => Some(j),
-                    _ => None,
-                });
-        }
-        let _ = self.image_stages.set(image_stages);
-        self.load_imports().await;
-        self.prefetch(&plan);
-        // Every stage of the plan starts at once; each waits only for what it depends on.
-        let mut tasks = Vec::new();
-        for ps in &plan.stages {
-            let me = self.clone();
-            let idx = ps.index;
-            tasks.push((idx, tokio::spawn(async move { me.stage_result(idx).await })));
-        }
-        let final_idx = plan.target;
-        let mut final_fs = None;
-        let mut first_err = None;
-        for (idx, t) in tasks {
-            match t.await {
-                Ok(Ok(fs)) if idx == final_idx => final_fs = Some(fs),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(e) => {
-                    first_err.get_or_insert(anyhow!("stage task failed: {e}"));
-                }
-            }
-        }
-        if let Some(e) = first_err {
-            self.settle().await;
-            return Err(e);
-        }
-        let fs = final_fs.ok_or_else(|| anyhow!("target stage produced no result"))?;
-        let image = match self.assemble(&fs).await {
-            Ok(i) => i,
-            Err(e) => {
-                self.settle().await;
-                return Err(e);
-            }
-        };
-        // Stages outside the final image exported layers too: their cache records land before
-        // the build reports success.
-        self.finish_exports().await?;
-        let pushed = self.write_outputs(&image).await?;
-        for spec in &self.opts.cache_to {
-            if *spec == CacheSpec::Inline {
-                continue; // already in the image config
-            }
-            let step = self
-                .progress
-                .start(&format!("exporting cache {}", describe_cache(spec)));
-            match self.export_cache(spec, &fs, &step).await {
-                Ok(()) => step.done(),
-                Err(e) => {
-                    step.error(&format!("{e:#}"));
-                    return Err(e.context(format!("exporting cache {}", describe_cache(spec))));
-                }
-            }
-        }
-        self.keep_imported_hits();
-        let (stats, errors) = self.ctx_hasher.save();
-        if stats.files_known > 0 {
-            self.progress.info(&format!(
-                "context: {} of {} files read to hash them, the others unchanged since last time",
-                stats.files_read, stats.files_known
-            ));
-        }
-        for e in errors {
-            self.progress.warn(&e);
-        }
-        Ok(BuildOutcome { image, pushed })
+        builders.push(Arc::new(Builder {
+            registry: shared.registry_for(platform),
+            shared: shared.clone(),
+            platform: platform.clone(),
+            resolved,
+            stages: Mutex::new(HashMap::new()),
+            image_stages: std::sync::OnceLock::new(),
+            multi: platforms.len() > 1,
+            materials: Mutex::new(Vec::new()),
+        }));
     }
-
-    /// After a failure: lets steps that are running and layer exports finish, so nothing is
-    /// left half-written (steps that have not started never will).
-    async fn settle(&self) {
-        while self.running.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let _ = self.finish_exports().await;
-    }
-
-    /// The result of stage `idx`, built once however many stages ask for it.
-    // A boxed `dyn Send` future, not an `async fn`: stages and steps await each other
-    // recursively, and the compiler needs a named type to see that the cycle is `Send`.
-    fn stage_result(
-        self: &Arc<Self>,
-        idx: usize,
-    ) -> futures_util::future::BoxFuture<'static, Result<ImageFs>> {
-        let me = self.clone();
-        Box::pin(async move {
-            let cell = me.stages.lock().unwrap().entry(idx).or_default().clone();
-            let fs = cell.get_or_try_init(|| me.clone().build_stage(idx)).await?;
-            Ok(fs.clone())
-        })
-    }
-
-    fn stage_label(&self, idx: usize) -> String {
-        self.dockerfile.stages[idx]
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("stage-{idx}"))
-    }
-
-    fn err_at(&self, line: usize, msg: impl std::fmt::Display) -> anyhow::Error {
-        let text = self
-            .lines
-            .get(line.saturating_sub(1))
-            .map(String::as_str)
-            .unwrap_or("");
-        anyhow!("{}:{line}: {msg}\n  {line} | {text}", self.dockerfile_name)
-    }
-
-    /// Lowers stage `idx` into its final [`ImageFs`]: every step is keyed at once; a step
-    /// found in the cache adds its layer, a step that missed adds a deferred layer that runs
-    /// when something needs its files or its blob (see [`LayerEntry::Deferred`]). So a stage
-    /// whose result is only copied from by a step that hits never runs at all.
-    async fn build_stage(self: Arc<Self>, idx: usize) -> Result<ImageFs> {
-        let stage = &self.dockerfile.stages[idx];
-        let base_text =
-            rbuild_dag::expand_base(stage, &self.resolved).map_err(|e| anyhow!("{e}"))?;
-        let base = rbuild_dag::graph::resolve_base(&self.dockerfile, idx, &base_text);
-        // FROM --platform (with $BUILDPLATFORM, $TARGETPLATFORM ...): the base for that
-        // platform; a stage base keeps its own.
-        let platform = rbuild_dag::dispatch::expand_platform(stage, &self.resolved)
-            .map_err(|e| anyhow!("{e}"))?
-            .unwrap_or_else(|| self.opts.platform.clone());
-        let parts = platform.split('/').count();
-        if !(2..=3).contains(&parts) || platform.split('/').any(str::is_empty) {
-            return Err(self.err_at(
-                stage.line,
-                format!("FROM --platform={platform}: want OS/ARCH[/VARIANT]"),
-            ));
-        }
-        let mut fs = match base {
-            Base::Scratch => ImageFs::scratch(&platform),
-            Base::Stage(i) => self.stage_result(i).await?,
-            Base::Image(r) => self
-                .image_fs_for(&r, &platform)
-                .await
-                .map_err(|e| self.err_at(stage.line, format!("FROM {r}: {e:#}")))?,
-        };
-        let mut dispatcher = StageDispatcher::new(
-            fs.state.clone(),
-            &self.resolved,
-            &self.build_args,
-            self.dockerfile.directives.escape,
-        )
-        .with_file(self.dockerfile_name.clone());
-        // ONBUILD triggers of the base run first, as if written right after FROM.
-        let triggers = dispatcher
-            .take_onbuild_triggers()
-            .map_err(|e| anyhow!("{e}"))?;
-        let instructions: Vec<&rbuild_dag::Instruction> =
-            triggers.iter().chain(stage.instructions.iter()).collect();
-        let total = instructions.len() + 1;
-        for (i, instr) in instructions.into_iter().enumerate() {
-            let line = if i < triggers.len() {
-                stage.line
-            } else {
-                instr.line
-            };
-            let name = format!(
-                "[{} {}/{}] {}",
-                self.stage_label(idx),
-                i + 2,
-                total,
-                one_line(&instr.original)
-            );
-            let dispatched = dispatcher.dispatch(instr).map_err(|e| anyhow!("{e}"))?;
-            match dispatched {
-                None => {
-                    let created_by = dispatcher
-                        .history()
-                        .last()
-                        .map(|h| h.created_by.clone())
-                        .unwrap_or_default();
-                    fs.history.push(history_entry(&created_by, true));
-                }
-                Some(step) => {
-                    let id = format!("{}\u{0}{}\u{0}{}", self.opts.dockerfile.display(), idx, i);
-                    self.add_step(
-                        &mut fs,
-                        step,
-                        StepCtx {
-                            name,
-                            id,
-                            line,
-                            stage: idx,
-                        },
-                    )
-                    .await?;
-                }
-            }
-            fs.state = dispatcher.state().clone();
-        }
-        fs.state = dispatcher.state().clone();
-        Ok(fs)
-    }
-
-    /// Keys one filesystem step and adds its result to `fs`: the cached layer on a hit, else a
-    /// deferred layer (the step runs when the layer is first needed).
-    async fn add_step(self: &Arc<Self>, fs: &mut ImageFs, step: Step, ctx: StepCtx) -> Result<()> {
-        let created_by = created_by_of(&step).to_string();
-        match step {
-            Step::Run(s) => self.add_op(fs, RunOp(s), created_by, ctx).await,
-            Step::Copy(s) => self.add_op(fs, CopyOp(s), created_by, ctx).await,
-            Step::Workdir(s) => self.add_op(fs, WorkdirOp(s), created_by, ctx).await,
-        }
-    }
-
-    /// Keys `op` on top of `fs`, then takes its layer from the cache or defers running it:
-    /// the stage's next steps key on this one's key without waiting for it.
-    async fn add_op<O: Op>(
-        self: &Arc<Self>,
-        fs: &mut ImageFs,
-        op: O,
-        created_by: String,
-        ctx: StepCtx,
-    ) -> Result<()> {
-        let planned = match op.key(self, fs).await {
-            Ok(p) => p,
-            Err(e) => {
-                self.progress.start(&ctx.name).error(&format!("{e:#}"));
-                return Err(self.err_at(ctx.line, format!("{e:#}")));
-            }
-        };
-        let key = planned.key.clone();
-        if let Some((hit, imported)) = self.cached(&key)? {
-            let pstep = self.progress.start(&ctx.name);
-            if imported {
-                pstep.log("found in the imported cache");
-            }
-            pstep.cached();
-            self.push_layer(fs, key, hit, &created_by);
-            return Ok(());
-        }
-        use futures_util::FutureExt;
-        let (me, parent) = (self.clone(), fs.clone());
-        let job_key = key.clone();
-        let job = async move {
-            // Spawned, so that a step once started runs to its end whoever waits for it.
-            let task = tokio::spawn(async move {
-                let _running = RunningGuard::new(&me.running);
-                match op.execute(&me, &parent, &job_key, planned, &ctx).await {
-                    Ok(layer) => {
-                        me.touched
-                            .lock()
-                            .unwrap()
-                            .push((job_key, layer.as_ref().map(|l| l.desc.clone())));
-                        Ok(layer)
-                    }
-                    // A step this one needed failed, and said so already.
-                    Err(e) if e.downcast_ref::<DependencyFailed>().is_some() => Err(format!("{e}")),
-                    Err(e) => Err(format!("{:#}", me.err_at(ctx.line, format!("{e:#}")))),
-                }
-            });
-            task.await.map_err(|e| format!("step task failed: {e}"))?
-        }
-        .boxed()
-        .shared();
-        fs.key = key.clone();
-        let entry = LayerEntry::Deferred {
-            job,
-            history: fs.history.len(),
-        };
-        fs.history.push(history_entry(&created_by, false));
-        fs.layers.push(entry.clone());
-        fs.chain.push((key, Some(entry)));
-        Ok(())
-    }
+    run_all(&builders).await
 }
 
-impl Drop for Builder {
+/// Builds every platform's image at once, then writes the outputs: the image itself, or an
+/// index of them.
+async fn run_all(builders: &[Arc<Builder>]) -> Result<BuildOutcome> {
+    let first = builders
+        .first()
+        .ok_or_else(|| anyhow!("no target platform"))?;
+    if let Some(syntax) = &first.dockerfile.directives.syntax {
+        first.progress.warn(&format!(
+            "# syntax={syntax} is ignored: rbuild builds every Dockerfile with its own frontend"
+        ));
+    }
+    if let Some(check) = &first.dockerfile.directives.check {
+        first.progress.warn(&format!(
+            "# check={check} is ignored: rbuild runs no build checks yet"
+        ));
+    }
+    first.load_imports().await;
+    let results = futures_util::future::join_all(builders.iter().map(|b| b.build_image())).await;
+    let mut built = Vec::new();
+    let mut first_err = None;
+    for (b, r) in builders.iter().zip(results) {
+        match r {
+            Ok((fs, image)) => built.push((b.clone(), fs, image)),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        first.settle().await;
+        return Err(e);
+    }
+    // Stages outside the final image exported layers too: their cache records land before
+    // the build reports success.
+    first.finish_exports().await?;
+    let mut attestations = Vec::new();
+    for (b, _, image) in &built {
+        attestations.extend(b.attestation(image)?);
+    }
+    // Attestations live in an index, whatever the platform count (as BuildKit).
+    let result = if built.len() == 1 && attestations.is_empty() {
+        Built::Image(Box::new(built[0].2.clone()))
+    } else {
+        Built::Index(
+            first.assemble_index(
+                built
+                    .iter()
+                    .map(|(b, _, image)| (b.platform.clone(), image.clone()))
+                    .collect(),
+                attestations,
+            )?,
+        )
+    };
+    let pushed = first.write_outputs(&result).await?;
+    let fss: Vec<ImageFs> = built.iter().map(|(_, fs, _)| fs.clone()).collect();
+    first.export_caches(&fss).await?;
+    first.keep_imported_hits();
+    let (stats, errors) = first.ctx_hasher.save();
+    if stats.files_known > 0 {
+        first.progress.info(&format!(
+            "context: {} of {} files read to hash them, the others unchanged since last time",
+            stats.files_read, stats.files_known
+        ));
+    }
+    for e in errors {
+        first.progress.warn(&e);
+    }
+    Ok(BuildOutcome { result, pushed })
+}
+
+impl Drop for Shared {
     fn drop(&mut self) {
         if let Some(Some(dir)) = self.secrets_tmpfs.get() {
             use rbuild_sandbox::Syscalls;
@@ -759,11 +607,5 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
-
-    #[test]
-    fn layout_refs() {
-        assert_eq!(split_layout_ref("/a/b:tag"), ("/a/b", Some("tag")));
-        assert_eq!(split_layout_ref("/a:x/b"), ("/a:x/b", None));
     }
 }

@@ -8,12 +8,12 @@ pub(super) trait Exporter: Send + Sync {
     /// What the progress line says, e.g. `OCI layout ./out`.
     fn describe(&self) -> String;
 
-    /// Writes `image` (its blobs fetched first where they are not in the store yet); gives
-    /// the manifest digest a registry now holds, if it pushed.
+    /// Writes `built` (its blobs fetched first where they are not in the store yet); gives
+    /// the digest a registry now holds (manifest or index), if it pushed.
     fn export<'a>(
         &'a self,
         b: &'a Arc<Builder>,
-        image: &'a BuiltImage,
+        built: &'a Built,
         step: &'a ProgressStep,
     ) -> BoxFuture<'a, Result<Option<Digest>>>;
 }
@@ -33,14 +33,14 @@ impl Exporter for RegistryExporter {
     fn export<'a>(
         &'a self,
         b: &'a Arc<Builder>,
-        image: &'a BuiltImage,
+        built: &'a Built,
         step: &'a ProgressStep,
     ) -> BoxFuture<'a, Result<Option<Digest>>> {
         Box::pin(async move {
             if self.0.is_empty() {
                 bail!("pushing needs at least one --tag");
             }
-            let d = b.push_image(image, &self.0, step).await?;
+            let d = b.push_built(built, &self.0, step).await?;
             for t in &self.0 {
                 step.log(&format!("pushed {t}@{d}"));
             }
@@ -75,22 +75,49 @@ impl Exporter for FileTarget {
     fn export<'a>(
         &'a self,
         b: &'a Arc<Builder>,
-        image: &'a BuiltImage,
-        _: &'a ProgressStep,
+        built: &'a Built,
+        step: &'a ProgressStep,
     ) -> BoxFuture<'a, Result<Option<Digest>>> {
         Box::pin(async move {
-            b.ensure_blobs(&image.layers).await?;
-            let (store, image, target) = (b.store.clone(), image.clone(), self.clone());
+            for (_, image) in built.images() {
+                b.ensure_blobs(&image.layers).await?;
+            }
+            // One platform's index exists for its attestations: a docker archive or a
+            // directory holds the image alone (as buildx, which writes none there either).
+            let built = match built {
+                Built::Index(x)
+                    if x.images.len() == 1
+                        && matches!(self, FileTarget::Docker(..) | FileTarget::Local(_)) =>
+                {
+                    step.log("attestations are not written to this output (only to a registry or an OCI layout)");
+                    &Built::Image(Box::new(x.images[0].1.clone()))
+                }
+                other => other,
+            };
+            let (store, built, target) = (b.store.clone(), built.clone(), self.clone());
             tokio::task::spawn_blocking(move || -> Result<()> {
-                match &target {
-                    FileTarget::Oci(d, tags) => {
-                        crate::output::write_oci_layout(d, &image, &store, tags)?
+                match (&target, &built) {
+                    (FileTarget::Oci(d, tags), _) => {
+                        crate::output::write_oci_layout(d, &built, &store, tags)?
                     }
-                    FileTarget::Docker(p, tags) => {
-                        crate::output::write_docker_archive(p, &image, &store, tags)?
+                    (FileTarget::Docker(p, tags), Built::Image(image)) => {
+                        crate::output::write_docker_archive(p, image, &store, tags)?
                     }
-                    FileTarget::Local(d) => crate::output::write_local(d, &image, &store)?,
-                    FileTarget::CacheLayout(d) => crate::cachesync::write_local(d, &image, &store)?,
+                    (FileTarget::Local(d), Built::Image(image)) => {
+                        crate::output::write_local(d, image, &store)?
+                    }
+                    // As buildx: a directory per platform, named `linux_arm64`.
+                    (FileTarget::Local(d), Built::Index(index)) => {
+                        for (p, image) in &index.images {
+                            crate::output::write_local(&d.join(p.dir_name()), image, &store)?
+                        }
+                    }
+                    (FileTarget::CacheLayout(d), Built::Image(art)) => {
+                        crate::cachesync::write_local(d, art, &store)?
+                    }
+                    (FileTarget::Docker(..) | FileTarget::CacheLayout(_), Built::Index(_)) => {
+                        bail!("{} takes one image, not an index", target.describe())
+                    }
                 }
                 Ok(())
             })
@@ -123,17 +150,14 @@ pub(super) fn cache_exporter(c: &CacheSpec) -> Option<Box<dyn Exporter>> {
 }
 
 impl Builder {
-    /// Writes `image` to every `--output`; gives the pushed manifest's digest, if pushed.
-    pub(super) async fn write_outputs(
-        self: &Arc<Self>,
-        image: &BuiltImage,
-    ) -> Result<Option<Digest>> {
+    /// Writes `built` to every `--output`; gives the pushed digest, if pushed.
+    pub(super) async fn write_outputs(self: &Arc<Self>, built: &Built) -> Result<Option<Digest>> {
         let mut pushed = None;
         for out in &self.opts.outputs {
             let exporter = output_exporter(out, &self.opts.tags);
             let what = exporter.describe();
             let step = self.progress.start(&format!("exporting {what}"));
-            match exporter.export(self, image, &step).await {
+            match exporter.export(self, built, &step).await {
                 Ok(d) => {
                     pushed = pushed.or(d);
                     step.done()
@@ -149,11 +173,11 @@ impl Builder {
 }
 
 impl Builder {
-    /// Pushes `image` to `tags`; blobs not in the store are mounted or fetched from where
-    /// they came from.
-    pub(super) async fn push_image(
+    /// Pushes `built` to `tags` (an index after the manifests it names); blobs not in the
+    /// store are mounted or fetched from where they came from.
+    pub(super) async fn push_built(
         self: &Arc<Self>,
-        image: &BuiltImage,
+        built: &Built,
         tags: &[String],
         step: &ProgressStep,
     ) -> Result<Digest> {
@@ -161,7 +185,7 @@ impl Builder {
         self.early_pushes_done().await;
         let mut origins = HashMap::new();
         let mut from_layouts = Vec::new();
-        for l in &image.layers {
+        for l in built.images().iter().flat_map(|(_, i)| &i.layers) {
             if self.store.has_blob(&l.digest) {
                 continue;
             }
@@ -175,7 +199,7 @@ impl Builder {
         self.ensure_blobs(&from_layouts).await?;
         Ok(self
             .registry
-            .push_with_origins(image, &self.store, tags, &origins, {
+            .push_built(built, &self.store, tags, &origins, {
                 let step = step.clone();
                 move |e: crate::registry::PushEvent| step.log(&describe_push(&e))
             })

@@ -128,6 +128,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     rbuild_dag::units::parse_size(s, rbuild_dag::units::SizeUnits::Decimal)
 }
 
+/// Parses one `--platform` entry (`linux/arm64`, `arm64`, `linux/arm/v7`), normalised.
+pub fn parse_platform(s: &str) -> Result<rbuild_dag::Platform, String> {
+    rbuild_dag::Platform::parse(s).map_err(|e| e.to_string())
+}
+
+/// `--provenance`, parsed (`None` inside: `false`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provenance(pub Option<crate::attest::provenance::ProvenanceOpts>);
+
+fn parse_provenance(s: &str) -> Result<Provenance, String> {
+    crate::attest::provenance::parse_opts(s).map(Provenance)
+}
+
 /// Parses a duration like docker's: `90s`, `30m`, `24h`, `7d`, `1h30m`, `1.5h`.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("{s:?} is not a duration (e.g. 30m, 24h, 7d, 1h30m)");
@@ -329,6 +342,19 @@ pub struct BuildArgs {
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,
 
+    /// SLSA provenance v1 of each image, attached as BuildKit attaches it (an attestation
+    /// manifest in the image index, which it then always makes): `true` (= `mode=max`),
+    /// `false`, `mode=min|max`, `builder-id=URI`, comma-separated.
+    #[arg(long, value_name = "OPTS", value_parser = parse_provenance)]
+    pub provenance: Option<Provenance>,
+
+    /// How attestations are attached: `index` (an attestation manifest in the image index, as
+    /// BuildKit before 0.32), or `referrers` (an OCI 1.1 artifact with a `subject`, in the index
+    /// and listed as a referrer of the image: through the tag schema where the registry has no
+    /// referrers API).
+    #[arg(long = "attest-as", value_enum, default_value = "index")]
+    pub attest_as: crate::attest::AttestForm,
+
     /// An OCI annotation (repeatable), as buildx takes it: `[TYPE[,TYPE]:]KEY=VALUE`, TYPE being
     /// `manifest` (the default) or `manifest-descriptor` (an OCI layout's `index.json` entry),
     /// each optionally for one platform (`manifest[linux/arm64]:KEY=VALUE`). `index` and
@@ -439,9 +465,11 @@ pub struct BuildArgs {
     #[arg(long)]
     pub force_compression: bool,
 
-    /// Target platform of base images (only the build machine's own is supported today).
-    #[arg(long, value_name = "OS/ARCH", default_value = "linux/amd64")]
-    pub platform: String,
+    /// Target platforms, comma-separated or repeated (default: this machine's). More than one
+    /// builds an image per platform, in one plan, and makes an image index of them; RUN steps
+    /// of a foreign architecture run through qemu-user (binfmt_misc; see `rbuild doctor`).
+    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]", value_delimiter = ',', value_parser = parse_platform)]
+    pub platforms: Vec<rbuild_dag::Platform>,
 
     /// A secret for `RUN --mount=type=secret` (repeatable): `id=ID,src=FILE` or `id=ID,env=VAR`.
     /// Secrets never enter a layer, a cache key or the image history.

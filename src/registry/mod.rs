@@ -7,6 +7,7 @@ use crate::image::{
     oci_layer_media_type, parse_config, BuiltImage, LayerDesc, DOCKER_LIST, DOCKER_MANIFEST,
     OCI_INDEX, OCI_MANIFEST,
 };
+use crate::index::Built;
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -171,8 +172,8 @@ pub enum RegistryError {
 pub struct RegistryOptions {
     /// `host[:port]` spoken to over plain HTTP (loopback registries always are).
     pub insecure: Vec<String>,
-    /// Platform `(os, architecture)` to pick from multi-platform images.
-    pub platform: (String, String),
+    /// The platform to pick from multi-platform images.
+    pub platform: rbuild_dag::Platform,
     /// Ask the registry what a tag points to on every [`Registry::resolve`] (`--pull`),
     /// instead of using a resolution younger than [`TAG_TTL`] kept in the store.
     pub always_resolve: bool,
@@ -189,7 +190,7 @@ impl Default for RegistryOptions {
     fn default() -> Self {
         RegistryOptions {
             insecure: Vec::new(),
-            platform: ("linux".into(), "amd64".into()),
+            platform: rbuild_dag::Platform::host(),
             always_resolve: false,
             max_stale: DEFAULT_MAX_STALE,
             timeouts: Timeouts::default(),
@@ -532,9 +533,9 @@ impl Registry {
 
     /// A client like this one that resolves images to another platform (`FROM --platform`),
     /// with connections of its own.
-    pub fn for_platform(&self, os: &str, arch: &str) -> Registry {
+    pub fn for_platform(&self, platform: &rbuild_dag::Platform) -> Registry {
         let r = Registry::new(RegistryOptions {
-            platform: (os.to_string(), arch.to_string()),
+            platform: platform.clone(),
             ..self.opts.clone()
         });
         *r.reporter.lock().unwrap() = self.reporter.lock().unwrap().clone();
@@ -680,7 +681,7 @@ mod tests {
     fn platform_choice_names_what_exists() {
         let a = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
         let b = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
-        let p = ("linux".to_string(), "amd64".to_string());
+        let p: rbuild_dag::Platform = "linux/amd64".parse().unwrap();
         let idx = serde_json::json!({"manifests": [
             {"digest": a, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
             {"digest": b, "platform": {"os": "linux", "architecture": "amd64"}}]});

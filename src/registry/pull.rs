@@ -161,7 +161,7 @@ impl Registry {
     }
 
     pub(super) fn resolution_file(&self, reference: &str, store: &Store) -> PathBuf {
-        let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
+        let platform = self.opts.platform.to_string();
         store.layout().resolved().join(format!(
             "{}.json",
             Digest::of(format!("{reference}\n{platform}").as_bytes()).hex()
@@ -178,7 +178,7 @@ impl Registry {
         let rec: ResolutionRecord =
             serde_json::from_slice(&std::fs::read(self.resolution_file(reference, store)).ok()?)
                 .ok()?;
-        let platform = format!("{}/{}", self.opts.platform.0, self.opts.platform.1);
+        let platform = self.opts.platform.to_string();
         if rec.reference != reference || rec.platform != platform {
             return None;
         }
@@ -210,7 +210,7 @@ impl Registry {
         let rec = ResolutionRecord {
             reference: reference.to_string(),
             name: name.to_string(),
-            platform: format!("{}/{}", self.opts.platform.0, self.opts.platform.1),
+            platform: self.opts.platform.to_string(),
             manifest: manifest.clone(),
             resolved_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -485,9 +485,8 @@ pub(super) fn parse_json(
 pub(super) fn pick_platform(
     reference: &str,
     index: &Value,
-    platform: &(String, String),
+    platform: &rbuild_dag::Platform,
 ) -> Result<Digest, RegistryError> {
-    let (os, arch) = platform;
     let mut available = Vec::new();
     for m in index["manifests"].as_array().into_iter().flatten() {
         let p = &m["platform"];
@@ -495,11 +494,11 @@ pub(super) fn pick_platform(
             p["os"].as_str().unwrap_or("?"),
             p["architecture"].as_str().unwrap_or("?"),
         );
-        if mos == os && march == arch {
+        if platform.matches(mos, march, p["variant"].as_str()) {
             return m["digest"].as_str().unwrap_or("").parse().map_err(
                 |e: rbuild_cache::DigestError| RegistryError::Content {
                     reference: reference.to_string(),
-                    message: format!("index entry for {os}/{arch}: {e}"),
+                    message: format!("index entry for {platform}: {e}"),
                 },
             );
         }
@@ -511,7 +510,7 @@ pub(super) fn pick_platform(
     }
     Err(RegistryError::Platform {
         reference: reference.to_string(),
-        wanted: format!("{os}/{arch}"),
+        wanted: platform.to_string(),
         available,
     })
 }
@@ -616,7 +615,7 @@ pub(super) fn finish_pull(
 pub fn load_oci_layout(
     dir: &Path,
     tag: Option<&str>,
-    platform: &(String, String),
+    platform: &rbuild_dag::Platform,
     store: &Store,
 ) -> Result<PulledImage, RegistryError> {
     let reference = format!(

@@ -55,29 +55,177 @@ impl Registry {
         let refs = self
             .upload_blobs(&blobs, store, tags, origins, &progress)
             .await?;
-        let ct = http::HeaderValue::from_str(&image.manifest_media_type).map_err(|e| {
-            RegistryError::Content {
-                reference: tags.join(", "),
-                message: format!("manifest media type {:?}: {e}", image.manifest_media_type),
-            }
-        })?;
         for r in &refs {
-            let name = r.whole();
-            let host = r.resolve_registry().to_string();
-            let client = self.client(&host, &name)?;
-            self.with_retries(&name, || async {
-                client
-                    .push_manifest_raw(r, image.manifest_bytes.clone(), ct.clone())
-                    .await
-                    .map_err(|e| classify(&name, &host, "uploading the manifest", e))
-            })
-            .await?;
+            self.put_manifest(r, &image.manifest_bytes, &image.manifest_media_type)
+                .await?;
             progress(PushEvent::Tagged {
-                reference: name,
+                reference: r.whole(),
                 digest: image.manifest_digest.clone(),
             });
         }
         Ok(image.manifest_digest.clone())
+    }
+
+    /// Pushes what a build made: an image as [`Registry::push_with_origins`] does, or an
+    /// index: every image's blobs, then each image's manifest by digest into every target
+    /// repository, then the index under every tag. Returns the digest the tags name.
+    pub async fn push_built(
+        &self,
+        built: &Built,
+        store: &Store,
+        tags: &[String],
+        origins: &HashMap<Digest, String>,
+        progress: impl Fn(PushEvent) + Send + Sync,
+    ) -> Result<Digest, RegistryError> {
+        let index = match built {
+            Built::Image(i) => {
+                return self
+                    .push_with_origins(i, store, tags, origins, progress)
+                    .await
+            }
+            Built::Index(x) => x,
+        };
+        let mut blobs: Vec<(Digest, u64)> = Vec::new();
+        let images = index
+            .images
+            .iter()
+            .map(|(_, i)| (&i.layers, &i.config_digest, i.config_bytes.len()));
+        let attestations = index
+            .attestations
+            .iter()
+            .map(|a| (&a.layers, &a.config_digest, a.config_bytes.len()));
+        for (layers, config, config_size) in images.chain(attestations) {
+            for (d, s) in layers
+                .iter()
+                .map(|l| (&l.digest, l.size))
+                .chain([(config, config_size as u64)])
+            {
+                if !blobs.iter().any(|(b, _)| b == d) {
+                    blobs.push((d.clone(), s));
+                }
+            }
+        }
+        let refs = self
+            .upload_blobs(&blobs, store, tags, origins, &progress)
+            .await?;
+        let mut repos: BTreeMap<(String, String), &Reference> = BTreeMap::new();
+        for r in &refs {
+            repos
+                .entry((r.resolve_registry().to_string(), r.repository().to_string()))
+                .or_insert(r);
+        }
+        for r in repos.values() {
+            for (_, image) in &index.images {
+                let by_digest = r.clone_with_digest(image.manifest_digest.to_string());
+                self.put_manifest(
+                    &by_digest,
+                    &image.manifest_bytes,
+                    &image.manifest_media_type,
+                )
+                .await?;
+            }
+            for a in &index.attestations {
+                let by_digest = r.clone_with_digest(a.manifest_digest.to_string());
+                self.put_manifest(&by_digest, &a.manifest_bytes, OCI_MANIFEST)
+                    .await?;
+                if a.artifact_type.is_some() {
+                    self.add_referrer(r, a).await?;
+                }
+            }
+        }
+        for r in &refs {
+            self.put_manifest(r, &index.bytes, OCI_INDEX).await?;
+            progress(PushEvent::Tagged {
+                reference: r.whole(),
+                digest: index.digest.clone(),
+            });
+        }
+        Ok(index.digest.clone())
+    }
+
+    /// Lists attestation `a` as a referrer of its subject in `r`'s repository through the
+    /// distribution spec's fallback: the index tagged `sha256-<subject hex>`, read (missing:
+    /// empty), `a` added once, written back. Done whether or not the registry has the
+    /// referrers API (distribution 2.8 has not): on one that has, the tag is an extra copy of
+    /// what the API lists, which clients reading through the fallback find too.
+    async fn add_referrer(
+        &self,
+        r: &Reference,
+        a: &crate::attest::BuiltAttestation,
+    ) -> Result<(), RegistryError> {
+        let tag = Reference::with_tag(
+            r.registry().to_string(),
+            r.repository().to_string(),
+            crate::attest::referrers_tag(&a.subject),
+        );
+        let name = tag.whole();
+        let host = tag.resolve_registry().to_string();
+        let client = self.client(&host, &name)?;
+        let auth = credentials(&host)?;
+        let http = self.http_client(&host, &name)?;
+        let get = manifest::ManifestGet {
+            client: &client,
+            http: &http,
+            scheme: if self.plain_http(&host) {
+                "http"
+            } else {
+                "https"
+            },
+            name: &name,
+            host: &host,
+            what: "reading the referrers index",
+        };
+        let existing = match self
+            .with_retries(&name, || get.fetch(&tag, &auth, &[OCI_INDEX]))
+            .await
+        {
+            Ok((bytes, _)) => serde_json::from_slice::<Value>(&bytes).ok(),
+            // No referrers yet.
+            Err(RegistryError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        // Not an index: the spec says to assume no referrers and replace it.
+        let mut manifests: Vec<Value> = existing
+            .filter(|v| v["mediaType"] == OCI_INDEX || v["manifests"].is_array())
+            .and_then(|v| v["manifests"].as_array().cloned())
+            .unwrap_or_default();
+        let digest = a.manifest_digest.to_string();
+        if manifests.iter().any(|m| m["digest"] == digest.as_str()) {
+            return Ok(());
+        }
+        let mut d = serde_json::json!({"mediaType": OCI_MANIFEST, "digest": digest, "size": a.manifest_bytes.len()});
+        if let Some(t) = &a.artifact_type {
+            d["artifactType"] = serde_json::json!(t);
+        }
+        manifests.push(d);
+        let index =
+            serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
+        self.put_manifest(&tag, &crate::image::canonical(&index), OCI_INDEX)
+            .await
+    }
+
+    /// PUTs a manifest or index document at `r` (a tag or a digest), with retries.
+    async fn put_manifest(
+        &self,
+        r: &Reference,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<(), RegistryError> {
+        let name = r.whole();
+        let ct = http::HeaderValue::from_str(media_type).map_err(|e| RegistryError::Content {
+            reference: name.clone(),
+            message: format!("manifest media type {media_type:?}: {e}"),
+        })?;
+        let host = r.resolve_registry().to_string();
+        let client = self.client(&host, &name)?;
+        self.with_retries(&name, || async {
+            client
+                .push_manifest_raw(r, bytes.to_vec(), ct.clone())
+                .await
+                .map_err(|e| classify(&name, &host, "uploading the manifest", e))
+        })
+        .await?;
+        Ok(())
     }
 
     /// Uploads `blobs` (digest, size) from the store to the repository of every tag, as a

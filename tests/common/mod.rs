@@ -98,6 +98,73 @@ pub fn push_base_image(addr: &str, name: &str, tag: &str) -> String {
     reference
 }
 
+/// Pushes `busybox:multi` (an index of this machine's busybox and arm64's, made by
+/// `make-base-images --multi-arch`) to the registry at `addr`; returns its reference.
+pub fn push_multi_arch_busybox(addr: &str) -> String {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("testbed-multi");
+        let _ = std::fs::remove_dir_all(&dir);
+        ok(Command::new(testbed().join("make-base-images"))
+            .args(["--busybox-only", "--multi-arch", "--no-push", "--oci-out"])
+            .arg(&dir));
+        dir
+    });
+    let reference = format!("{addr}/busybox:multi");
+    ok(Command::new("skopeo")
+        .args(["copy", "-q", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:multi", dir.join("busybox").display()))
+        .arg(format!("docker://{reference}")));
+    reference
+}
+
+/// RUN steps for arm64 on this machine: qemu-user-static, binfmt_misc and its interpreter
+/// registered with the F flag (`scripts/testbed/emulation-up`), once per test binary.
+pub fn ensure_emulation() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        ok(Command::new(testbed().join("emulation-up")).arg("arm64"));
+    });
+}
+
+/// What is wrong with `doc` against the JSON schema `testdata/schemas/NAME` (draft 7, formats
+/// checked where the validator can), by python3-jsonschema; empty when it is valid.
+pub fn schema_errors(name: &str, doc: &serde_json::Value) -> Vec<String> {
+    let schema = project().join("testdata/schemas").join(name);
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json, sys, jsonschema\n\
+             schema = json.load(open(sys.argv[1]))\n\
+             jsonschema.Draft7Validator.check_schema(schema)\n\
+             v = jsonschema.Draft7Validator(schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)\n\
+             for e in v.iter_errors(json.load(sys.stdin)):\n    print(f'{list(e.absolute_path)}: {e.message}')\n",
+        )
+        .arg(&schema)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(doc.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "validating against {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// A distribution registry started for one test, stopped on drop.
 pub struct Registry {
     /// `127.0.0.1:PORT`.
@@ -177,6 +244,7 @@ pub fn ensure_tools() {
             "zstd",
             "git",
             "python3",
+            "python3-jsonschema",
         ]
         .into_iter()
         .filter(|p| {

@@ -2,6 +2,7 @@
 //! predefines, proxies, and the expansion of FROM lines with them.
 
 use super::*;
+use crate::platform::Platform;
 
 /// Proxy build args usable without declaration and never recorded in history.
 pub const PROXY_ARGS: &[&str] = &[
@@ -22,41 +23,27 @@ pub fn is_proxy_arg(name: &str) -> bool {
     PROXY_ARGS.contains(&name)
 }
 
-/// The host platform as `linux/<arch>[/<variant>]` (OCI names).
-pub fn host_platform() -> String {
-    match std::env::consts::ARCH {
-        "aarch64" => "linux/arm64",
-        "arm" => "linux/arm/v7",
-        "riscv64" => "linux/riscv64",
-        "s390x" => "linux/s390x",
-        "powerpc64" => "linux/ppc64le",
-        _ => "linux/amd64",
-    }
-    .to_string()
-}
-
 /// Platform ARGs of the global scope (BuildKit `defaultArgs`) for a build on
 /// this host targeting the host platform, target stage `default`.
 pub fn platform_args() -> BTreeMap<String, String> {
-    platform_args_for(&host_platform(), &host_platform(), None)
+    platform_args_for(&Platform::host(), &Platform::host(), None)
 }
 
-/// Platform ARGs for `build`/`target` platforms (`os/arch[/variant]`) and the
-/// target stage name (`TARGETSTAGE`, `default` when none).
+/// Platform ARGs for the `build` and `target` platforms and the target stage name
+/// (`TARGETSTAGE`, `default` when none).
 pub fn platform_args_for(
-    build: &str,
-    target: &str,
+    build: &Platform,
+    target: &Platform,
     target_stage: Option<&str>,
 ) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     for (p, plat) in [("BUILD", build), ("TARGET", target)] {
-        let mut parts = plat.split('/');
         m.insert(format!("{p}PLATFORM"), plat.to_string());
-        m.insert(format!("{p}OS"), parts.next().unwrap_or("").to_string());
-        m.insert(format!("{p}ARCH"), parts.next().unwrap_or("").to_string());
+        m.insert(format!("{p}OS"), plat.os.clone());
+        m.insert(format!("{p}ARCH"), plat.arch.clone());
         m.insert(
             format!("{p}VARIANT"),
-            parts.next().unwrap_or("").to_string(),
+            plat.variant.clone().unwrap_or_default(),
         );
         m.insert(format!("{p}OSVERSION"), String::new());
     }

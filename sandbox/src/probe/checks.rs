@@ -293,3 +293,44 @@ pub(super) fn privileged_helper(p: &Path) -> bool {
         .unwrap_or(false);
     setuid || rustix::fs::getxattr(p, "security.capability", &mut [0u8; 64]).is_ok()
 }
+
+/// Which foreign architectures RUN steps can run (`--platform` of another machine): only
+/// builds for those need it, so a missing emulator is "not needed", with the fix.
+pub(super) fn emulation_check(dir: &Path) -> Check {
+    let host = crate::binfmt::qemu_arch(match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    })
+    .to_string();
+    let mut ok = Vec::new();
+    let mut problems = Vec::new();
+    for arch in [
+        "arm64", "amd64", "arm", "ppc64le", "s390x", "riscv64", "386",
+    ] {
+        if crate::binfmt::qemu_arch(arch) == host {
+            continue;
+        }
+        match crate::binfmt::emulator_for(dir, arch) {
+            Ok(_) => ok.push(arch),
+            Err(e) if e.contains("no binfmt_misc entry") => {}
+            Err(e) => problems.push(e),
+        }
+    }
+    if !ok.is_empty() {
+        let mut detail = format!("RUN steps for {} run under qemu-user", ok.join(", "));
+        if !problems.is_empty() {
+            detail.push_str(&format!("; {}", problems.join("; ")));
+        }
+        return check("emulation", Verdict::Ok, detail, None);
+    }
+    let detail = problems.into_iter().next().unwrap_or_else(|| {
+        format!("no qemu-user interpreter is registered in {}: RUN steps can run only for this machine's architecture", dir.display())
+    });
+    check(
+        "emulation",
+        Verdict::NotNeeded,
+        detail,
+        Some(crate::binfmt::BINFMT_FIX.to_string()),
+    )
+}

@@ -431,6 +431,7 @@ pub fn probe(store: &Path, work: &Path) -> Probe {
         nproc_rlimit_bounds(&scratch)
     });
     checks.push(process_limit_check(&pids));
+    checks.push(emulation_check(Path::new(crate::binfmt::BINFMT_DIR)));
 
     let _ = std::fs::remove_dir_all(&scratch);
     Probe { checks, mode, pids }

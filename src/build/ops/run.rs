@@ -92,6 +92,19 @@ impl Op for RunOp {
         let pstep = b.progress.start(&ctx.name);
         let res = async {
             b.explain_miss(&ctx.id, &fields, &pstep);
+            if !Platform::host().same_machine(&fs.platform) {
+                // The kernel hands the step's binaries to qemu-user; say so, as the step
+                // runs many times slower than native.
+                let dir = Path::new(rbuild_sandbox::binfmt::BINFMT_DIR);
+                let emu = rbuild_sandbox::binfmt::emulator_for(dir, &fs.platform.arch)
+                    .map_err(|e| anyhow!("RUN for {}: {e}", fs.platform))?;
+                pstep.log(&format!(
+                    "emulated: {} binaries run through {} ({})",
+                    fs.platform,
+                    emu.interpreter.display(),
+                    emu.name
+                ));
+            }
             // No --jobs permit for the step itself: it may wait on the network, on
             // `sleep` or on I/O, and independent steps all run at once, as in
             // BuildKit; rbuild's own CPU work (its layer, below) takes one.
