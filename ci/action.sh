@@ -145,9 +145,11 @@ case ${provenance,,} in
     fi ;;
   *) args+=(--provenance "$(with_builder "$provenance")") ;;
 esac
-case $(input sbom) in
-  "" | false | False | FALSE) ;;
-  *) die "sbom: rbuild does not make SBOM attestations yet" ;;
+sbom=$(input sbom)
+case ${sbom,,} in
+  "" | false) ;;
+  true) args+=(--sbom true) ;;
+  *) die "sbom: ${sbom@Q}: rbuild scans the image itself (true or false; no generator image)" ;;
 esac
 
 parse_list "$(input tags)" 0

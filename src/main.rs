@@ -303,6 +303,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         // Attestations make an index even for one platform.
         platforms.len() == 1
             && args.provenance.as_ref().is_none_or(|p| p.0.is_none())
+            && args.sbom != Some(true)
             && a.targets.iter().any(|(t, _)| t.needs_index())
     }) {
         // As BuildKit: index annotations have no image index to go on.
@@ -499,6 +500,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         force_compression,
         platforms,
         provenance: args.provenance.clone().and_then(|p| p.0),
+        sbom: args.sbom.unwrap_or(false),
         attest_form: args.attest_as,
         secrets,
         build_contexts: parse_named_contexts(&args.build_contexts)?,

@@ -289,7 +289,10 @@ fn bad_inputs_fail_clearly_and_write_no_outputs() {
         ),
         (&[("INPUT_SECRETS", "bad id=x")], "secrets: bad secret id"),
         (&[("INPUT_LOAD", "true")], "load: rbuild has no daemon"),
-        (&[("INPUT_SBOM", "true")], "sbom: rbuild does not make SBOM"),
+        (
+            &[("INPUT_SBOM", "generator=docker/scout-sbom-indexer")],
+            "rbuild scans the image itself",
+        ),
         (
             &[("INPUT_TAGS", "\"unterminated")],
             "unterminated double quote",

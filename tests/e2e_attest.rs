@@ -343,3 +343,106 @@ fn reproducible_builds_with_provenance_give_the_same_index() {
     }
     assert_eq!(digests[0], digests[1]);
 }
+
+/// An executable that `cargo auditable` would have made: the static busybox with a `.dep-v0`
+/// section holding the zlib-compressed dependency list (the format `auditable-info` reads).
+fn auditable_binary(dir: &std::path::Path) {
+    let deps = dir.join("deps.json");
+    std::fs::write(
+        &deps,
+        r#"{"packages":[{"name":"demo-app","version":"0.3.1","source":"local","root":true,"dependencies":[1]},{"name":"serde","version":"1.0.200","source":"crates.io"}]}"#,
+    )
+    .unwrap();
+    ok(Command::new("python3")
+        .arg("-c")
+        .arg("import sys, zlib; open(sys.argv[2], 'wb').write(zlib.compress(open(sys.argv[1], 'rb').read()))")
+        .arg(&deps)
+        .arg(dir.join("deps.zlib")));
+    ok(Command::new("objcopy")
+        .arg(format!(
+            "--add-section=.dep-v0={}",
+            dir.join("deps.zlib").display()
+        ))
+        .arg(busybox_static())
+        .arg(dir.join("app")));
+    std::fs::remove_file(&deps).unwrap();
+    std::fs::remove_file(dir.join("deps.zlib")).unwrap();
+}
+
+#[test]
+fn the_sbom_lists_debian_python_npm_and_rust_packages_as_valid_spdx() {
+    ensure_tools();
+    let reg = Registry::start();
+    let base = reg.with_debian();
+    let store = tempfile::tempdir().unwrap();
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {base}\nCOPY py /usr/lib/python3/dist-packages/\nCOPY node /app/node_modules/\nCOPY app /usr/local/bin/app\n"
+            ),
+        ),
+        (
+            "py/demo_pkg-1.2.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: demo_pkg\nVersion: 1.2.0\nLicense: MIT\n\nLong description.\n",
+        ),
+        (
+            "node/left-pad/package.json",
+            r#"{"name": "left-pad", "version": "1.3.0", "license": "WTFPL"}"#,
+        ),
+        (
+            "node/@types/node/package.json",
+            r#"{"name": "@types/node", "version": "20.1.0", "license": "MIT"}"#,
+        ),
+    ]);
+    auditable_binary(ctx.path());
+    let pushed = format!("{}/sbom:1", reg.addr);
+    ok(rbuild(store.path())
+        .args(["--sbom", "true", "--push", "-t", &pushed])
+        .arg(ctx.path()));
+    let (_, att) = index_and_attestation(&reg.addr, "sbom", "1");
+    let manifest = json(&get(
+        &reg.addr,
+        &format!("sbom/manifests/{}", att["digest"].as_str().unwrap()),
+    ));
+    let layer = &manifest["layers"][0];
+    assert_eq!(
+        layer["annotations"]["in-toto.io/predicate-type"],
+        "https://spdx.dev/Document"
+    );
+    let stmt = json(&get(
+        &reg.addr,
+        &format!("sbom/blobs/{}", layer["digest"].as_str().unwrap()),
+    ));
+    assert_eq!(
+        schema_errors("in-toto-statement-v1.schema.json", &stmt),
+        Vec::<String>::new()
+    );
+    let doc = &stmt["predicate"];
+    assert_eq!(spdx_errors(doc), Vec::<String>::new(), "{doc}");
+    let purls: Vec<&str> = doc["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["externalRefs"][0]["referenceLocator"].as_str())
+        .collect();
+    for want in [
+        "pkg:pypi/demo-pkg@1.2.0",
+        "pkg:npm/left-pad@1.3.0",
+        "pkg:npm/%40types/node@20.1.0",
+        "pkg:cargo/demo-app@0.3.1",
+        "pkg:cargo/serde@1.0.200",
+    ] {
+        assert!(purls.contains(&want), "{want} missing: {purls:?}");
+    }
+    assert!(
+        purls
+            .iter()
+            .any(|p| p.starts_with("pkg:deb/debian/libc6@") && p.ends_with("&distro=debian-12")),
+        "{purls:?}"
+    );
+    assert!(
+        purls.iter().filter(|p| p.starts_with("pkg:deb/")).count() > 50,
+        "{purls:?}"
+    );
+}

@@ -9,6 +9,7 @@
 //! crate; see docs/research/attestations.md).
 
 pub mod provenance;
+pub mod sbom;
 
 use crate::image::{canonical, ImageError, OCI_CONFIG, OCI_MANIFEST};
 use rbuild_cache::{Digest, LayerDesc, Store};

@@ -1,14 +1,77 @@
-//! The attestations of each platform's image: SLSA provenance (`--provenance`).
+//! The attestations of each platform's image: SLSA provenance (`--provenance`) and an SPDX
+//! SBOM (`--sbom`), in one attestation manifest per image.
 
 use super::*;
-use crate::attest::{self, provenance, BuiltAttestation};
+use crate::attest::{self, provenance, sbom, BuiltAttestation, Statement};
 
 impl Builder {
-    /// The attestation manifest of this platform's `image`, or `None` when none is asked.
-    pub(super) fn attestation(&self, image: &BuiltImage) -> Result<Option<BuiltAttestation>> {
-        let Some(opts) = &self.opts.provenance else {
+    /// The attestation manifest of this platform's `image`, whose target stage ended in `fs`,
+    /// or `None` when none is asked.
+    pub(super) async fn attestation(
+        self: &Arc<Self>,
+        fs: &ImageFs,
+        image: &BuiltImage,
+    ) -> Result<Option<BuiltAttestation>> {
+        let names: Vec<String> = self
+            .opts
+            .tags
+            .iter()
+            .map(|t| attest::purl(t, &self.platform))
+            .collect();
+        let mut statements: Vec<Statement> = Vec::new();
+        if let Some(opts) = &self.opts.provenance {
+            statements.push(attest::statement(
+                &image.manifest_digest,
+                &names,
+                provenance::SLSA_V1,
+                provenance::predicate(&self.provenance_inputs(opts)),
+            ));
+        }
+        if self.opts.sbom {
+            let step = self.progress.start(&format!(
+                "[{}] scanning the image for an SBOM",
+                self.platform
+            ));
+            let stack = self.materialize(fs).await?;
+            let packages = tokio::task::spawn_blocking(move || sbom::scan(&stack)).await?;
+            step.log(&format!("{} packages", packages.len()));
+            step.done();
+            let name = self
+                .opts
+                .tags
+                .first()
+                .cloned()
+                .unwrap_or_else(|| image.config_digest.to_string());
+            let doc = sbom::spdx(
+                &name,
+                &format!("{}:{}", self.platform, image.config_digest.hex()),
+                &now_rfc3339(),
+                &packages,
+            );
+            statements.push(attest::statement(
+                &image.manifest_digest,
+                &names,
+                sbom::SPDX_DOCUMENT,
+                doc,
+            ));
+        }
+        if statements.is_empty() {
             return Ok(None);
-        };
+        }
+        Ok(Some(attest::attestation_manifest(
+            &image.manifest_digest,
+            image.manifest_bytes.len(),
+            &statements,
+            self.opts.attest_form,
+            &self.store,
+        )?))
+    }
+
+    /// What this platform's provenance records.
+    fn provenance_inputs<'a>(
+        &'a self,
+        opts: &'a provenance::ProvenanceOpts,
+    ) -> provenance::Inputs<'a> {
         // What the build read from the context: every COPY/ADD source hashed, all done now.
         let sources: BTreeMap<String, Digest> = self
             .context_hashes
@@ -17,7 +80,7 @@ impl Builder {
             .iter()
             .filter_map(|(src, job)| Some((src.clone(), job.peek()?.clone().ok()?)))
             .collect();
-        let inputs = provenance::Inputs {
+        provenance::Inputs {
             opts,
             dockerfile: self.dockerfile_in_context(),
             dockerfile_digest: self.dockerfile_digest.clone(),
@@ -34,26 +97,7 @@ impl Builder {
             started: self.started.clone(),
             finished: now_rfc3339(),
             invocation_id: self.invocation_id.clone(),
-        };
-        let names: Vec<String> = self
-            .opts
-            .tags
-            .iter()
-            .map(|t| attest::purl(t, &self.platform))
-            .collect();
-        let statement = attest::statement(
-            &image.manifest_digest,
-            &names,
-            provenance::SLSA_V1,
-            provenance::predicate(&inputs),
-        );
-        Ok(Some(attest::attestation_manifest(
-            &image.manifest_digest,
-            image.manifest_bytes.len(),
-            &[statement],
-            self.opts.attest_form,
-            &self.store,
-        )?))
+        }
     }
 
     /// The Dockerfile's path relative to the context where it is inside it (as BuildKit's

@@ -88,6 +88,8 @@ pub struct BuildOptions {
     pub platforms: Vec<Platform>,
     /// `--provenance`: SLSA provenance of each image (then the result is always an index).
     pub provenance: Option<crate::attest::provenance::ProvenanceOpts>,
+    /// `--sbom`: an SPDX SBOM of each image (then the result is always an index).
+    pub sbom: bool,
     /// How attestations are attached (`--attest-as`).
     pub attest_form: crate::attest::AttestForm,
     /// Steps that may run at once.
@@ -548,8 +550,8 @@ async fn run_all(builders: &[Arc<Builder>]) -> Result<BuildOutcome> {
     // the build reports success.
     first.finish_exports().await?;
     let mut attestations = Vec::new();
-    for (b, _, image) in &built {
-        attestations.extend(b.attestation(image)?);
+    for (b, fs, image) in &built {
+        attestations.extend(b.attestation(fs, image).await?);
     }
     // Attestations live in an index, whatever the platform count (as BuildKit).
     let result = if built.len() == 1 && attestations.is_empty() {

@@ -137,6 +137,17 @@ pub fn parse_platform(s: &str) -> Result<rbuild_dag::Platform, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provenance(pub Option<crate::attest::provenance::ProvenanceOpts>);
 
+fn parse_sbom(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ if s.contains("generator=") => Err(format!(
+            "{s:?}: rbuild scans the image itself; it runs no SBOM generator image"
+        )),
+        _ => Err(format!("{s:?}: want true or false")),
+    }
+}
+
 fn parse_provenance(s: &str) -> Result<Provenance, String> {
     crate::attest::provenance::parse_opts(s).map(Provenance)
 }
@@ -347,6 +358,12 @@ pub struct BuildArgs {
     /// `false`, `mode=min|max`, `builder-id=URI`, comma-separated.
     #[arg(long, value_name = "OPTS", value_parser = parse_provenance)]
     pub provenance: Option<Provenance>,
+
+    /// An SPDX 2.3 SBOM of each image's filesystem (Debian packages, Python distributions, npm
+    /// packages, crates of `cargo auditable` binaries), attached as `--provenance` is:
+    /// `true` or `false` (buildx's `--sbom`).
+    #[arg(long, value_name = "BOOL", value_parser = parse_sbom)]
+    pub sbom: Option<bool>,
 
     /// How attestations are attached: `index` (an attestation manifest in the image index, as
     /// BuildKit before 0.32), or `referrers` (an OCI 1.1 artifact with a `subject`, in the index

@@ -165,6 +165,37 @@ pub fn schema_errors(name: &str, doc: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// What the SPDX project's own validator (`pyspdxtools` of the spdx-tools package, from PyPI
+/// into a venv, once per test binary) finds wrong with the SPDX JSON document `doc`; empty
+/// when it is valid.
+pub fn spdx_errors(doc: &serde_json::Value) -> Vec<String> {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    let venv = VENV.get_or_init(|| {
+        let v = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("spdx-venv");
+        if !v.join("bin/pyspdxtools").exists() {
+            ok(Command::new("python3").args(["-m", "venv"]).arg(&v));
+            ok(Command::new(v.join("bin/pip")).args(["install", "-q", "spdx-tools==0.8.3"]));
+        }
+        v
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sbom.spdx.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let out = run(Command::new(venv.join("bin/pyspdxtools"))
+        .arg("-i")
+        .arg(&file));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && !text.to_lowercase().contains("invalid") {
+        Vec::new()
+    } else {
+        text.lines().map(str::to_string).collect()
+    }
+}
+
 /// A distribution registry started for one test, stopped on drop.
 pub struct Registry {
     /// `127.0.0.1:PORT`.
@@ -245,6 +276,8 @@ pub fn ensure_tools() {
             "git",
             "python3",
             "python3-jsonschema",
+            "python3-venv",
+            "binutils",
         ]
         .into_iter()
         .filter(|p| {
