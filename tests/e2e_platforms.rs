@@ -168,6 +168,27 @@ fn the_cross_compile_idiom_runs_no_step_under_emulation_and_shares_what_is_the_s
         2,
         "build once per target: {out}"
     );
+    // The cache is keyed per platform: the same build again runs nothing, and each
+    // platform's steps hit their own records (both builds' RUN lines say CACHED).
+    let again = build_log(
+        rbuild(store.path())
+            .args(["--platform", "linux/amd64,linux/arm64", "--output"])
+            .arg(format!(
+                "type=local,dest={}",
+                out_dir.path().join("again").display()
+            ))
+            .arg(ctx.path()),
+    );
+    assert!(!again.contains("cache miss"), "{again}");
+    // Per platform: the shared tools step, the per-target build step, the two COPYs.
+    assert_eq!(again.matches("CACHED").count(), 8, "{again}");
+    for arch in ["amd64", "arm64"] {
+        let a = out_dir.path().join("again").join(format!("linux_{arch}"));
+        assert_eq!(
+            std::fs::read_to_string(a.join("out")).unwrap().trim(),
+            format!("built-for-{arch}-on-x86_64")
+        );
+    }
     // As buildx: a directory per platform.
     for arch in ["amd64", "arm64"] {
         let dir = local.join(format!("linux_{arch}"));
