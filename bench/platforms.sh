@@ -17,7 +17,7 @@ done
 work=$(mktemp -d /dev/shm/rbuild-platforms.XXXXXX)
 reg=$("$tb/registry-up" 0 "$work/registry")
 bh() { buildah --root "$work/buildah/root" --runroot "$work/buildah/run" "$@"; }
-trap 'bh rm -a >/dev/null 2>&1; bh rmi -af >/dev/null 2>&1; "$tb/registry-down" "${reg##*:}" "$work/registry" >/dev/null 2>&1; umount -R "$work/buildah/root/overlay" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'bh rm -a >/dev/null 2>&1; bh rmi -af >/dev/null 2>&1; "$tb/registry-down" "${reg##*:}" "$work/registry" >/dev/null 2>&1; umount -R "$work/buildah/root/overlay" 2>/dev/null; rm -rf "$work"; true' EXIT
 "$tb/make-base-images" --multi-arch "$reg" >"$work/base.log" 2>&1 || { tail "$work/base.log"; exit 1; }
 ctx=$work/ctx
 mkdir -p "$ctx"
