@@ -244,19 +244,22 @@ fn referrers_form_lists_the_attestation_under_the_fallback_tag() {
     let store = tempfile::tempdir().unwrap();
     let ctx = context(&[("Dockerfile", &format!("FROM {base}\nRUN echo hi > /hi\n"))]);
     let pushed = format!("{}/refs:1", reg.addr);
-    ok(rbuild(store.path())
-        // Reproducible: the second push makes the same attestation.
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .args([
-            "--provenance",
-            "true",
-            "--attest-as",
-            "referrers",
-            "--push",
-            "-t",
-            &pushed,
-        ])
-        .arg(ctx.path()));
+    // Reproducible: a second push makes the same attestation.
+    let push = || {
+        ok(rbuild(store.path())
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .args([
+                "--provenance",
+                "true",
+                "--attest-as",
+                "referrers",
+                "--push",
+                "-t",
+                &pushed,
+            ])
+            .arg(ctx.path()))
+    };
+    push();
     let (index, att) = index_and_attestation(&reg.addr, "refs", "1");
     let image_digest = index["manifests"][0]["digest"].as_str().unwrap();
     let (manifest, stmt) = statement(&reg.addr, "refs", att["digest"].as_str().unwrap());
@@ -288,19 +291,7 @@ fn referrers_form_lists_the_attestation_under_the_fallback_tag() {
         "application/vnd.docker.attestation.manifest.v1+json"
     );
     // A second push of the same attestation lists it once.
-    ok(rbuild(store.path())
-        // Reproducible: the second push makes the same attestation.
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .args([
-            "--provenance",
-            "true",
-            "--attest-as",
-            "referrers",
-            "--push",
-            "-t",
-            &pushed,
-        ])
-        .arg(ctx.path()));
+    push();
     let referrers = json(&get(&reg.addr, &format!("refs/manifests/{tag}")));
     assert_eq!(referrers["manifests"].as_array().unwrap().len(), 1);
 }

@@ -143,19 +143,13 @@ pub fn predicate(i: &Inputs) -> Value {
     if !args.is_empty() {
         request["args"] = Value::Object(args);
     }
+    // The IDs only, as BuildKit: `[{"id": "npmrc"}]`.
+    let ids = |ids: &[String]| json!(ids.iter().map(|id| json!({ "id": id })).collect::<Vec<_>>());
     if max && !i.secret_ids.is_empty() {
-        request["secrets"] = json!(i
-            .secret_ids
-            .iter()
-            .map(|id| json!({ "id": id }))
-            .collect::<Vec<_>>());
+        request["secrets"] = ids(&i.secret_ids);
     }
     if max && !i.ssh_ids.is_empty() {
-        request["ssh"] = json!(i
-            .ssh_ids
-            .iter()
-            .map(|id| json!({ "id": id }))
-            .collect::<Vec<_>>());
+        request["ssh"] = ids(&i.ssh_ids);
     }
     let mut deps: Vec<Value> = Vec::new();
     let mut materials = i.materials.clone();

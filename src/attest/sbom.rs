@@ -53,13 +53,7 @@ fn dpkg(stack: &LayerStack) -> Vec<Package> {
     let text = String::from_utf8_lossy(&status);
     let mut out = Vec::new();
     for stanza in text.split("\n\n") {
-        let field = |k: &str| {
-            stanza.lines().find_map(|l| {
-                l.strip_prefix(k)
-                    .and_then(|r| r.strip_prefix(':'))
-                    .map(|v| v.trim().to_string())
-            })
-        };
+        let field = |k: &str| header(stanza, k, ':');
         let (Some(name), Some(version)) = (field("Package"), field("Version")) else {
             continue;
         };
@@ -88,14 +82,18 @@ fn os_release(stack: &LayerStack) -> Option<String> {
         .read_file("/etc/os-release")
         .or_else(|| stack.read_file("/usr/lib/os-release"))?;
     let text = String::from_utf8_lossy(&text);
-    let get = |k: &str| {
-        text.lines().find_map(|l| {
-            l.strip_prefix(k)
-                .and_then(|r| r.strip_prefix('='))
-                .map(|v| v.trim_matches('"').to_string())
-        })
-    };
+    let get = |k: &str| header(&text, k, '=').map(|v| v.trim_matches('"').to_string());
     Some(format!("{}-{}", get("ID")?, get("VERSION_ID")?))
+}
+
+/// The value of the first `KEY<sep>value` line of `text` (dpkg's status, a METADATA file's
+/// headers, os-release), trimmed.
+fn header(text: &str, key: &str, sep: char) -> Option<String> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|r| r.strip_prefix(sep))
+            .map(|v| v.trim().to_string())
+    })
 }
 
 /// Percent-encodes what a purl version may not hold as is (`:` of an epoch, `+`, `~`).
@@ -155,13 +153,7 @@ impl Walk<'_> {
         let text = String::from_utf8_lossy(&meta);
         // The headers end at the first empty line (the description follows).
         let head = text.split("\n\n").next().unwrap_or("");
-        let get = |k: &str| {
-            head.lines().find_map(|l| {
-                l.strip_prefix(k)
-                    .and_then(|r| r.strip_prefix(':'))
-                    .map(|v| v.trim().to_string())
-            })
-        };
+        let get = |k: &str| header(head, k, ':');
         let (Some(name), Some(version)) = (get("Name"), get("Version")) else {
             return;
         };

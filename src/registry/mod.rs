@@ -586,6 +586,15 @@ impl Registry {
         is_loopback(registry) || self.opts.insecure.iter().any(|i| i == registry)
     }
 
+    /// `http` or `https`, as [`Registry::plain_http`] decides for `registry`.
+    fn scheme(&self, registry: &str) -> &'static str {
+        if self.plain_http(registry) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
     /// The plain HTTP client for manifest GETs (one per build).
     fn http_client(
         &self,

@@ -24,11 +24,7 @@ impl Registry {
         let mut get = manifest::ManifestGet {
             client: &client,
             http: &http,
-            scheme: if self.plain_http(&host) {
-                "http"
-            } else {
-                "https"
-            },
+            scheme: self.scheme(&host),
             name: &name,
             host: &host,
             what: "fetching the manifest",

@@ -166,11 +166,7 @@ impl Registry {
         let get = manifest::ManifestGet {
             client: &client,
             http: &http,
-            scheme: if self.plain_http(&host) {
-                "http"
-            } else {
-                "https"
-            },
+            scheme: self.scheme(&host),
             name: &name,
             host: &host,
             what: "reading the referrers index",
