@@ -329,16 +329,6 @@ fn the_default_provenance_follows_build_push_action() {
         "Dockerfile",
         &format!("FROM {base}\nARG A\nRUN echo $A > /a\n"),
     )]);
-    let registry_get = |path: &str| -> Vec<u8> {
-        let out = Command::new("curl")
-            .args(["-fsS", "-H"])
-            .arg("Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json")
-            .arg(format!("http://{}/v2/{path}", reg.addr))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "GET {path}");
-        out.stdout
-    };
     // Runs the action for REPO:1; gives the provenance statement if one is attached, and the
     // outputs.
     let provenance_of = |repo: &str, extra: &[(&str, &str)]| {
@@ -360,7 +350,7 @@ fn the_default_provenance_follows_build_push_action() {
             String::from_utf8_lossy(&out.stderr)
         );
         let o = parse_outputs(&file);
-        let top = registry_get(&format!("{repo}/manifests/1"));
+        let top = registry_get(&reg.addr, &format!("{repo}/manifests/1"));
         assert_eq!(
             format!("sha256:{}", sha256_hex(&top)),
             o["digest"],
@@ -371,10 +361,13 @@ fn the_default_provenance_follows_build_push_action() {
             assert_eq!(top["config"]["digest"], o["imageid"]);
             return (None, o);
         };
-        let image: serde_json::Value = serde_json::from_slice(&registry_get(&format!(
-            "{repo}/manifests/{}",
-            manifests[0]["digest"].as_str().unwrap()
-        )))
+        let image: serde_json::Value = serde_json::from_slice(&registry_get(
+            &reg.addr,
+            &format!(
+                "{repo}/manifests/{}",
+                manifests[0]["digest"].as_str().unwrap()
+            ),
+        ))
         .unwrap();
         assert_eq!(
             image["config"]["digest"], o["imageid"],
@@ -384,15 +377,18 @@ fn the_default_provenance_follows_build_push_action() {
             .iter()
             .find(|m| m["annotations"]["vnd.docker.reference.type"] == "attestation-manifest")
             .expect("an index holds an attestation");
-        let m: serde_json::Value = serde_json::from_slice(&registry_get(&format!(
-            "{repo}/manifests/{}",
-            att["digest"].as_str().unwrap()
-        )))
+        let m: serde_json::Value = serde_json::from_slice(&registry_get(
+            &reg.addr,
+            &format!("{repo}/manifests/{}", att["digest"].as_str().unwrap()),
+        ))
         .unwrap();
-        let stmt: serde_json::Value = serde_json::from_slice(&registry_get(&format!(
-            "{repo}/blobs/{}",
-            m["layers"][0]["digest"].as_str().unwrap()
-        )))
+        let stmt: serde_json::Value = serde_json::from_slice(&registry_get(
+            &reg.addr,
+            &format!(
+                "{repo}/blobs/{}",
+                m["layers"][0]["digest"].as_str().unwrap()
+            ),
+        ))
         .unwrap();
         (Some(stmt), o)
     };

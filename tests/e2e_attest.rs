@@ -9,25 +9,13 @@ use common::*;
 use serde_json::Value;
 use std::process::Command;
 
-/// A registry document or blob, by plain HTTP (the test registry speaks it).
-fn get(addr: &str, path: &str) -> Vec<u8> {
-    let out = Command::new("curl")
-        .args(["-fsS", "-H"])
-        .arg("Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json")
-        .arg(format!("http://{addr}/v2/{path}"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "GET {path}: {out:?}");
-    out.stdout
-}
-
 fn json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap()
 }
 
 /// The index at `repo:tag`, and its attestation manifest's entry.
 fn index_and_attestation(addr: &str, repo: &str, tag: &str) -> (Value, Value) {
-    let index = json(&get(addr, &format!("{repo}/manifests/{tag}")));
+    let index = json(&registry_get(addr, &format!("{repo}/manifests/{tag}")));
     let att = index["manifests"]
         .as_array()
         .unwrap()
@@ -40,7 +28,7 @@ fn index_and_attestation(addr: &str, repo: &str, tag: &str) -> (Value, Value) {
 
 /// The statement (layer 0) of the attestation manifest `digest`.
 fn statement(addr: &str, repo: &str, digest: &str) -> (Value, Value) {
-    let manifest = json(&get(addr, &format!("{repo}/manifests/{digest}")));
+    let manifest = json(&registry_get(addr, &format!("{repo}/manifests/{digest}")));
     let layer = &manifest["layers"][0];
     assert_eq!(
         layer["mediaType"], "application/vnd.in-toto+json",
@@ -50,7 +38,7 @@ fn statement(addr: &str, repo: &str, digest: &str) -> (Value, Value) {
         layer["annotations"]["in-toto.io/predicate-type"],
         "https://slsa.dev/provenance/v1"
     );
-    let blob = get(
+    let blob = registry_get(
         addr,
         &format!("{repo}/blobs/{}", layer["digest"].as_str().unwrap()),
     );
@@ -278,7 +266,7 @@ fn referrers_form_lists_the_attestation_under_the_fallback_tag() {
     );
     // distribution 2.8 has no referrers API: the tag schema holds the list.
     let tag = image_digest.replace(':', "-");
-    let referrers = json(&get(&reg.addr, &format!("refs/manifests/{tag}")));
+    let referrers = json(&registry_get(&reg.addr, &format!("refs/manifests/{tag}")));
     assert_eq!(
         referrers["mediaType"],
         "application/vnd.oci.image.index.v1+json"
@@ -292,7 +280,7 @@ fn referrers_form_lists_the_attestation_under_the_fallback_tag() {
     );
     // A second push of the same attestation lists it once.
     push();
-    let referrers = json(&get(&reg.addr, &format!("refs/manifests/{tag}")));
+    let referrers = json(&registry_get(&reg.addr, &format!("refs/manifests/{tag}")));
     assert_eq!(referrers["manifests"].as_array().unwrap().len(), 1);
 }
 
@@ -392,7 +380,7 @@ fn the_sbom_lists_debian_python_npm_and_rust_packages_as_valid_spdx() {
         .args(["--sbom", "true", "--push", "-t", &pushed])
         .arg(ctx.path()));
     let (_, att) = index_and_attestation(&reg.addr, "sbom", "1");
-    let manifest = json(&get(
+    let manifest = json(&registry_get(
         &reg.addr,
         &format!("sbom/manifests/{}", att["digest"].as_str().unwrap()),
     ));
@@ -401,7 +389,7 @@ fn the_sbom_lists_debian_python_npm_and_rust_packages_as_valid_spdx() {
         layer["annotations"]["in-toto.io/predicate-type"],
         "https://spdx.dev/Document"
     );
-    let stmt = json(&get(
+    let stmt = json(&registry_get(
         &reg.addr,
         &format!("sbom/blobs/{}", layer["digest"].as_str().unwrap()),
     ));

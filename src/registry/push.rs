@@ -41,17 +41,11 @@ impl Registry {
         origins: &HashMap<Digest, String>,
         progress: impl Fn(PushEvent) + Send + Sync,
     ) -> Result<Digest, RegistryError> {
-        let mut blobs: Vec<(Digest, u64)> = Vec::new();
-        for (d, s) in image
-            .layers
-            .iter()
-            .map(|l| (&l.digest, l.size))
-            .chain([(&image.config_digest, image.config_bytes.len() as u64)])
-        {
-            if !blobs.iter().any(|(b, _)| b == d) {
-                blobs.push((d.clone(), s));
-            }
-        }
+        let blobs = blobs_of([(
+            &image.layers[..],
+            &image.config_digest,
+            image.config_bytes.len(),
+        )]);
         let refs = self
             .upload_blobs(&blobs, store, tags, origins, &progress)
             .await?;
@@ -85,36 +79,19 @@ impl Registry {
             }
             Built::Index(x) => x,
         };
-        let mut blobs: Vec<(Digest, u64)> = Vec::new();
         let images = index
             .images
             .iter()
-            .map(|(_, i)| (&i.layers, &i.config_digest, i.config_bytes.len()));
+            .map(|(_, i)| (&i.layers[..], &i.config_digest, i.config_bytes.len()));
         let attestations = index
             .attestations
             .iter()
-            .map(|a| (&a.layers, &a.config_digest, a.config_bytes.len()));
-        for (layers, config, config_size) in images.chain(attestations) {
-            for (d, s) in layers
-                .iter()
-                .map(|l| (&l.digest, l.size))
-                .chain([(config, config_size as u64)])
-            {
-                if !blobs.iter().any(|(b, _)| b == d) {
-                    blobs.push((d.clone(), s));
-                }
-            }
-        }
+            .map(|a| (&a.layers[..], &a.config_digest, a.config_bytes.len()));
+        let blobs = blobs_of(images.chain(attestations));
         let refs = self
             .upload_blobs(&blobs, store, tags, origins, &progress)
             .await?;
-        let mut repos: BTreeMap<(String, String), &Reference> = BTreeMap::new();
-        for r in &refs {
-            repos
-                .entry((r.resolve_registry().to_string(), r.repository().to_string()))
-                .or_insert(r);
-        }
-        for r in repos.values() {
+        for r in repositories(&refs).values() {
             for (_, image) in &index.images {
                 let by_digest = r.clone_with_digest(image.manifest_digest.to_string());
                 self.put_manifest(
@@ -260,12 +237,7 @@ impl Registry {
             refs.push(r);
         }
         // Blobs once per repository, however many tags it gets.
-        let mut repos: BTreeMap<(String, String), &Reference> = BTreeMap::new();
-        for r in &refs {
-            repos
-                .entry((r.resolve_registry().to_string(), r.repository().to_string()))
-                .or_insert(r);
-        }
+        let repos = repositories(&refs);
         // The first repository pushed on each registry, a source for cross-repository mounts.
         let mut mount_from: HashMap<String, Reference> = HashMap::new();
         for ((host, repo), r) in &repos {
@@ -432,4 +404,36 @@ impl BlobPush<'_> {
         });
         Ok(())
     }
+}
+
+/// The blobs (digest, size) of manifests given as (layers, config, config size): each once,
+/// layers before their config, in order.
+fn blobs_of<'a>(
+    manifests: impl IntoIterator<Item = (&'a [LayerDesc], &'a Digest, usize)>,
+) -> Vec<(Digest, u64)> {
+    let mut blobs: Vec<(Digest, u64)> = Vec::new();
+    for (layers, config, config_size) in manifests {
+        for (d, s) in layers
+            .iter()
+            .map(|l| (&l.digest, l.size))
+            .chain([(config, config_size as u64)])
+        {
+            if !blobs.iter().any(|(b, _)| b == d) {
+                blobs.push((d.clone(), s));
+            }
+        }
+    }
+    blobs
+}
+
+/// The target repositories of `refs` (registry, repository), each with the first tag naming
+/// it: what gets blobs and manifests by digest once, however many tags it has.
+fn repositories(refs: &[Reference]) -> BTreeMap<(String, String), &Reference> {
+    let mut repos = BTreeMap::new();
+    for r in refs {
+        repos
+            .entry((r.resolve_registry().to_string(), r.repository().to_string()))
+            .or_insert(r);
+    }
+    repos
 }

@@ -196,6 +196,19 @@ pub fn spdx_errors(doc: &serde_json::Value) -> Vec<String> {
     }
 }
 
+/// A document or blob of the test registry at `addr` (`REPO/manifests/REF`,
+/// `REPO/blobs/DIGEST`), by plain HTTP, manifests asked for in their OCI media types.
+pub fn registry_get(addr: &str, path: &str) -> Vec<u8> {
+    let out = Command::new("curl")
+        .args(["-fsS", "-H"])
+        .arg("Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json")
+        .arg(format!("http://{addr}/v2/{path}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "GET {path}: {out:?}");
+    out.stdout
+}
+
 /// A distribution registry started for one test, stopped on drop.
 pub struct Registry {
     /// `127.0.0.1:PORT`.
