@@ -62,6 +62,49 @@ fn pulls_get_through_503s_429s_and_a_reset_blob() {
     }
 }
 
+/// The base layer is unpacked while it downloads. A download that starts over (a registry
+/// without ranges) breaks that copy off: the layer is unpacked again from the stored blob.
+/// A blob whose bytes are wrong fails the build with a digest error, and the store keeps
+/// neither the blob nor a layer unpacked from it.
+#[test]
+fn a_streamed_unpack_survives_a_restarted_download_and_never_keeps_a_wrong_blob() {
+    ensure_tools();
+    let reg = Registry::start();
+    reg.with_busybox();
+    let proxy = FaultProxy::start(&reg.addr, Fault::BlobResetNoRanges);
+    let (ok, log) = build_through(&proxy, &[]);
+    assert!(ok, "{log}");
+    assert!(
+        proxy.count() >= 2,
+        "a reset and a dropped Range header: {log}"
+    );
+    assert!(log.contains("trying again"), "{log}");
+
+    let proxy = FaultProxy::start(&reg.addr, Fault::BlobTampered);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}/busybox:latest\nRUN echo ok > /ok\n", proxy.addr),
+    )]);
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let out = run(Command::new(rbuild_bin())
+        .args(["build", "--progress=plain", "--root"])
+        .arg(&store)
+        .arg(ctx.path()));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(proxy.count() >= 1, "{log}");
+    assert!(
+        log.contains("digest") && log.contains("busybox"),
+        "the error says which blob of which image is wrong: {log}"
+    );
+    let layers = store.join("layers/sha256");
+    let kept: Vec<_> = std::fs::read_dir(&layers)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "no layer from a wrong blob: {kept:?}");
+}
+
 #[test]
 fn retries_are_bounded_and_lasting_errors_fail_at_once() {
     ensure_tools();

@@ -97,9 +97,11 @@ fn layers_reach_the_disk_before_they_are_named() {
     let mut synced = std::collections::HashSet::new();
     let mut named = 0;
     for l in log.lines() {
+        // strace pads short thread IDs (as in a new PID namespace) with spaces.
         let Some((tid, call)) = l.split_once(' ') else {
             continue;
         };
+        let call = call.trim_start();
         if (call.starts_with("syncfs(") && !call.contains("<unfinished"))
             || call.starts_with("<... syncfs resumed>")
         {

@@ -12,11 +12,13 @@
 //!   where overlayfs cannot (the copy snapshotter) and turn what a step changed back into an
 //!   overlay-form upperdir; see the `tree` module.
 //! - [`find_in_layers`] looks a path up in a stack of such directories without mounting them.
+//! - [`read_ahead`] runs a decompressor on a thread of its own while its reader unpacks.
 //! - [`compare_layer`] checks an unpacked layer against its tar (the store's `du --verify`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod ahead;
 mod bounded_tar;
 mod compress;
 mod diff;
@@ -31,6 +33,7 @@ mod verify;
 mod whiteout;
 mod xattr;
 
+pub use ahead::{read_ahead, ReadAhead};
 pub use compress::{
     decompress, layer_diff, recompress_blob, write_layer_blob, Compression, LayerDesc,
 };

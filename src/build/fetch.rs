@@ -6,16 +6,34 @@ use super::*;
 impl Builder {
     /// Makes sure the store has blob `d` (fetching it from its origin once per build).
     pub(super) async fn ensure_blob(self: &Arc<Self>, d: &LayerDesc) -> Result<()> {
-        use futures_util::FutureExt;
         if self.store.has_blob(&d.digest) {
             return Ok(());
         }
+        let (job, _) = self.blob_job(d, None);
+        job.await.map_err(|e| anyhow!(e))
+    }
+
+    /// The job that fetches blob `d` into the store, once per build: started here unless it
+    /// runs already. `tap` gets a copy of the bytes (see [`crate::registry::BlobTap`]) only
+    /// if this call starts a fetch from a registry, which the flag says.
+    fn blob_job(
+        self: &Arc<Self>,
+        d: &LayerDesc,
+        tap: Option<crate::registry::BlobTap>,
+    ) -> (SharedJob<()>, bool) {
+        use futures_util::FutureExt;
+        let mut tapped = false;
         let job = {
             let mut jobs = self.blob_jobs.lock().unwrap();
             jobs.entry(d.digest.clone())
                 .or_insert_with(|| {
                     let me = self.clone();
                     let d = d.clone();
+                    tapped = tap.is_some()
+                        && matches!(
+                            me.origins.lock().unwrap().get(&d.digest),
+                            Some(BlobOrigin::Registry(_))
+                        );
                     async move {
                         let _permit = me
                             .fetch_permits
@@ -28,12 +46,13 @@ impl Builder {
                                 let started = std::time::Instant::now();
                                 let res = me
                                     .registry
-                                    .fetch_blob(
+                                    .fetch_blob_tapped(
                                         &r,
                                         &d.digest,
                                         d.size,
                                         crate::registry::MAX_UNSIZED_BLOB,
                                         &me.store,
+                                        tap,
                                     )
                                     .await;
                                 if res.is_ok() {
@@ -69,7 +88,41 @@ impl Builder {
                 })
                 .clone()
         };
-        job.await.map_err(|e| anyhow!(e))
+        (job, tapped)
+    }
+
+    /// Unpacks layer `d` while its blob downloads (into the store all the same), so that a
+    /// pull takes about as long as the slower of the two rather than their sum. `None` where
+    /// that cannot be done (the blob is in the store or comes from elsewhere, or its fetch
+    /// runs already) and where the streamed unpack failed though the fetch worked: the
+    /// caller then unpacks from the stored blob, which reports that failure if it is real.
+    async fn stream_unpack(
+        self: &Arc<Self>,
+        d: &LayerDesc,
+        lowers: Option<Vec<PathBuf>>,
+    ) -> Option<Result<(Unpacked, Vec<String>), String>> {
+        if self.store.has_blob(&d.digest) {
+            return None;
+        }
+        // Enough for the unpack to lag a moment without holding the download up.
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (job, tapped) = self.blob_job(d, Some(tx));
+        if !tapped {
+            return None;
+        }
+        let store = self.store.clone();
+        let desc = d.clone();
+        let unpack = tokio::task::spawn_blocking(move || {
+            unpack_from(&store, &desc, lowers.as_deref(), TapReader::new(rx))
+        });
+        let (fetched, unpacked) = tokio::join!(job, unpack);
+        if let Err(e) = fetched {
+            return Some(Err(e));
+        }
+        match unpacked {
+            Ok(Ok(u)) => Some(Ok(u)),
+            _ => None,
+        }
     }
 
     /// Makes sure the store has the blobs of `layers`, fetching missing ones concurrently.
@@ -127,7 +180,6 @@ impl Builder {
                     let me = self.clone();
                     let d = d.clone();
                     async move {
-                        me.ensure_blob(&d).await.map_err(|e| format!("{e:#}"))?;
                         let unpack = |me: Arc<Self>, d: LayerDesc, lowers: Option<Vec<PathBuf>>| async move {
                             let store = me.store.clone();
                             tokio::task::spawn_blocking(move || {
@@ -137,7 +189,13 @@ impl Builder {
                             .map_err(|e| e.to_string())?
                             .map_err(|e| format!("{e:#}"))
                         };
-                        let mut res = unpack(me.clone(), d.clone(), lowers.clone()).await;
+                        let mut res = match me.stream_unpack(&d, lowers.clone()).await {
+                            Some(res) => res,
+                            None => {
+                                me.ensure_blob(&d).await.map_err(|e| format!("{e:#}"))?;
+                                unpack(me.clone(), d.clone(), lowers.clone()).await
+                            }
+                        };
                         if res.is_err() && me.drop_if_corrupt(&d.digest).await {
                             // Fetched again, once: a blob that rotted on disk is not used
                             // (and failed on) for ever.
@@ -196,9 +254,26 @@ pub(super) fn unpack_into_store(
     if store.has_layer(&l.diff_id) {
         return Ok((Unpacked::Dir(store.layer_dir(&l.diff_id)), Vec::new()));
     }
-    let tmp = store.temp_dir("unpack")?;
     let file = store.open_blob(&l.digest)?;
-    let reader = rbuild_snapshot::decompress(std::io::BufReader::new(file))?;
+    unpack_from(store, l, lowers, file)
+}
+
+/// [`unpack_into_store`] from the blob's bytes as `blob` gives them. The content is checked
+/// against the diffID before the directory is named by it; the blob's own digest is its
+/// fetcher's to check.
+pub(super) fn unpack_from(
+    store: &Store,
+    l: &LayerDesc,
+    lowers: Option<&[PathBuf]>,
+    blob: impl std::io::Read + Send + 'static,
+) -> Result<(Unpacked, Vec<String>)> {
+    if store.has_layer(&l.diff_id) {
+        return Ok((Unpacked::Dir(store.layer_dir(&l.diff_id)), Vec::new()));
+    }
+    // Decompressing on a thread of its own, while this one hashes and writes the files.
+    let reader =
+        rbuild_snapshot::read_ahead(rbuild_snapshot::decompress(std::io::BufReader::new(blob))?)?;
+    let tmp = store.temp_dir("unpack")?;
     let mut hashing = rbuild_cache::VerifyingReader::hashing(reader);
     let opts = rbuild_snapshot::UnpackOptions {
         lowers: lowers.map(<[PathBuf]>::to_vec).unwrap_or_default(),
@@ -213,7 +288,10 @@ pub(super) fn unpack_into_store(
         }
     };
     // Drain what the tar reader left (end-of-archive padding) so the diffID covers it all.
-    std::io::copy(&mut hashing, &mut std::io::sink())?;
+    if let Err(e) = std::io::copy(&mut hashing, &mut std::io::sink()) {
+        let _ = rbuild_cache::remove_tree(&tmp);
+        bail!("unpacking layer {}: {e}", l.digest);
+    }
     let diff_id = hashing.finish();
     if diff_id != l.diff_id {
         let _ = rbuild_cache::remove_tree(&tmp);
@@ -237,4 +315,48 @@ pub(super) fn unpack_into_store(
         }
     };
     Ok((Unpacked::Dir(dir), stats.skipped_xattrs))
+}
+
+/// The copy of a blob a [`crate::registry::BlobTap`] sends, as a [`std::io::Read`] for a
+/// blocking thread.
+struct TapReader {
+    rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+    cur: bytes::Bytes,
+    done: bool,
+}
+
+impl TapReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>) -> Self {
+        TapReader {
+            rx,
+            cur: bytes::Bytes::new(),
+            done: false,
+        }
+    }
+}
+
+impl std::io::Read for TapReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        use bytes::Buf;
+        while self.cur.is_empty() {
+            if self.done || out.is_empty() {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) if b.is_empty() => self.done = true,
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the download stopped before the blob's end",
+                    ))
+                }
+            }
+        }
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur[..n]);
+        self.cur.advance(n);
+        Ok(n)
+    }
 }

@@ -30,7 +30,7 @@ pub mod retry;
 use auth::*;
 pub use auth::{credentials, docker_config_dir, ensure_trust_anchors, CA_BUNDLES};
 pub use manifest::MAX_MANIFEST;
-pub use pull::{load_oci_layout, MAX_CONFIG, MAX_UNSIZED_BLOB};
+pub use pull::{load_oci_layout, BlobTap, MAX_CONFIG, MAX_UNSIZED_BLOB};
 
 /// Errors talking to registries or reading image layouts; each names the image involved.
 #[derive(Debug, thiserror::Error)]

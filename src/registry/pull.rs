@@ -68,6 +68,21 @@ impl Registry {
         unsized_cap: u64,
         store: &Store,
     ) -> Result<u64, RegistryError> {
+        self.fetch_blob_tapped(reference, digest, size, unsized_cap, store, None)
+            .await
+    }
+
+    /// [`Registry::fetch_blob`], sending a copy of the bytes to `tap` as they arrive (see
+    /// [`BlobTap`]).
+    pub async fn fetch_blob_tapped(
+        &self,
+        reference: &str,
+        digest: &Digest,
+        size: u64,
+        unsized_cap: u64,
+        store: &Store,
+        tap: Option<BlobTap>,
+    ) -> Result<u64, RegistryError> {
         if store.has_blob(digest) {
             return Ok(0);
         }
@@ -93,6 +108,7 @@ impl Registry {
             digest,
             (size, unsized_cap),
             store,
+            tap,
         )
         .await
     }
@@ -264,8 +280,18 @@ impl Registry {
                     digest: d.clone(),
                     size,
                 });
-                let got =
-                    fetch_blob(self, client, r, name_ref, host, &d, (size, cap), store).await?;
+                let got = fetch_blob(
+                    self,
+                    client,
+                    r,
+                    name_ref,
+                    host,
+                    &d,
+                    (size, cap),
+                    store,
+                    None,
+                )
+                .await?;
                 progress(PullEvent::Done {
                     digest: d,
                     size: got,
@@ -307,6 +333,14 @@ pub const MAX_UNSIZED_BLOB: u64 = 1 << 30;
 /// The most rbuild reads of an image config or index file from an OCI layout.
 pub const MAX_CONFIG: u64 = 64 << 20;
 
+/// A copy of a blob's bytes as they arrive, for a reader that works on them while the blob
+/// downloads (an unpack). An empty chunk ends a complete copy; an error, or the channel
+/// closing without that empty chunk, means the copy broke off (the download failed, or the
+/// registry sent the blob over from the start). The blob's digest is checked only by the
+/// fetch, after the copy ends: what the reader makes of it must be checked on its own (an
+/// unpack checks the diffID).
+pub type BlobTap = tokio::sync::mpsc::Sender<Result<bytes::Bytes, String>>;
+
 /// Streams one blob from the registry into the store, verifying digest and size. A stream
 /// broken off part-way is tried again from where it stopped (an HTTP Range request; a
 /// registry that answers with the whole blob instead starts it over), and the digest is
@@ -321,6 +355,7 @@ pub(super) async fn fetch_blob(
     d: &Digest,
     (size, unsized_cap): (u64, u64),
     store: &Store,
+    mut tap: Option<BlobTap>,
 ) -> Result<u64, RegistryError> {
     let store_err = |source| RegistryError::Store {
         reference: name.to_string(),
@@ -333,8 +368,6 @@ pub(super) async fn fetch_blob(
         actual,
     };
     let mut w = store.blob_writer().map_err(store_err)?;
-    // Our own hash too, so a mismatch reports what actually arrived.
-    let mut h = Hasher::new();
     let mut got = 0u64;
     let policy = reg.opts.retry;
     let mut delays = policy.delays();
@@ -353,8 +386,12 @@ pub(super) async fn fetch_blob(
                 Ok(oci_client::client::BlobResponse::Full(s)) => {
                     // No ranges here: start over.
                     w = store.blob_writer().map_err(store_err)?;
-                    h = Hasher::new();
                     got = 0;
+                    if let Some(t) = tap.take() {
+                        let _ = t
+                            .send(Err("the registry sent the blob over from the start".into()))
+                            .await;
+                    }
                     Ok(s.stream)
                 }
                 Err(e) => Err(e),
@@ -369,7 +406,7 @@ pub(super) async fn fetch_blob(
                     Err(e) => {
                         // oci-client verifies a whole stream too and fails its end on a
                         // mismatch: that is no reason to ask again.
-                        let actual = h.clone().finish();
+                        let actual = w.digest();
                         if &actual != d && size > 0 && got >= size {
                             return Err(mismatch(actual));
                         }
@@ -400,12 +437,17 @@ pub(super) async fn fetch_blob(
                         ),
                     });
                 }
-                h.update(&chunk);
                 w.write_all(&chunk).map_err(|source| RegistryError::Io {
                     reference: name.to_string(),
                     path: store.layout().tmp(),
                     source,
                 })?;
+                // A reader that stopped (it failed, or needs no more) no longer gets copies.
+                if let Some(t) = &tap {
+                    if t.send(Ok(chunk)).await.is_err() {
+                        tap = None;
+                    }
+                }
             }
             // Ended early without an error: a body cut short.
             if broke.is_none() && size > 0 && got < size {
@@ -437,6 +479,9 @@ pub(super) async fn fetch_blob(
             wait.as_secs_f64()
         ));
         tokio::time::sleep(wait).await;
+    }
+    if let Some(t) = tap.take() {
+        let _ = t.send(Ok(bytes::Bytes::new())).await;
     }
     match w.commit(Some(d)) {
         Ok(_) => Ok(got),

@@ -16,6 +16,11 @@ pub enum Fault {
     Blobs503Twice,
     /// The first GET of each blob breaks off half-way (the connection is closed).
     BlobResetOnce,
+    /// As [`Fault::BlobResetOnce`], and the proxy drops `Range` headers, as a registry (or
+    /// a proxy before it) without range support does: the retry gets the whole blob again.
+    BlobResetNoRanges,
+    /// Every blob's body has one byte flipped half-way (its length unchanged).
+    BlobTampered,
     /// Manifests answer 429 with `Retry-After: 1` twice.
     Manifests429,
     /// The first request that uploads blob data (a PATCH or PUT with a body to an upload
@@ -157,7 +162,12 @@ fn serve(
     let mut up = TcpStream::connect(upstream)?;
     let mut req = String::new();
     for (i, l) in head.trim_end().lines().enumerate() {
-        if i > 0 && l.to_ascii_lowercase().starts_with("connection:") {
+        let lower = l.to_ascii_lowercase();
+        if i > 0 && lower.starts_with("connection:") {
+            continue;
+        }
+        if i > 0 && fault == Fault::BlobResetNoRanges && lower.starts_with("range:") {
+            *injected.lock().unwrap() += 1;
             continue;
         }
         req.push_str(l);
@@ -170,7 +180,8 @@ fn serve(
         return Ok(());
     };
     client.write_all(rhead.as_bytes())?;
-    if fault == Fault::BlobResetOnce && blob && n == 1 && !rhead.starts_with("HTTP/1.1 3") {
+    let reset = matches!(fault, Fault::BlobResetOnce | Fault::BlobResetNoRanges);
+    if reset && blob && n == 1 && !rhead.starts_with("HTTP/1.1 3") {
         // Half of the blob, then the connection is gone.
         let half = content_length(&rhead) / 2;
         let mut sent = rbody.len().min(half);
@@ -187,6 +198,15 @@ fn serve(
         }
         *injected.lock().unwrap() += 1;
         return client.shutdown(std::net::Shutdown::Both);
+    }
+    if fault == Fault::BlobTampered && blob && rhead.starts_with("HTTP/1.1 200") {
+        let mut whole = rbody;
+        up.read_to_end(&mut whole)?;
+        if let Some(b) = whole.get_mut(content_length(&rhead) / 2) {
+            *b ^= 0xff;
+            *injected.lock().unwrap() += 1;
+        }
+        return client.write_all(&whole);
     }
     client.write_all(&rbody)?;
     std::io::copy(&mut up, &mut client)?;

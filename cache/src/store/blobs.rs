@@ -111,6 +111,11 @@ impl BlobWriter {
         self.size
     }
 
+    /// The digest of the bytes written so far.
+    pub fn digest(&self) -> Digest {
+        self.hasher.clone().finish()
+    }
+
     /// Verifies the content against `expected` (when given), syncs it and moves it into
     /// place. Returns the content's digest.
     pub fn commit(mut self, expected: Option<&Digest>) -> Result<Digest, StoreError> {
