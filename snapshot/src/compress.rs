@@ -66,37 +66,40 @@ impl LayerDesc {
 /// without the cost of compressing and storing a blob no output needs yet. The result
 /// [`LayerDesc::is_plain_tar`]; [`write_layer_blob`] makes the blob when one is needed.
 pub fn layer_diff(dir: &Path, opts: &DiffOptions) -> Result<LayerDesc, DiffError> {
-    struct Sink {
-        hash: Sha256,
-        size: u64,
-    }
-    impl Write for Sink {
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            self.hash.update(data);
-            self.size += data.len() as u64;
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut sink = io::BufWriter::with_capacity(
-        CHUNK,
-        Sink {
-            hash: Sha256::new(),
-            size: 0,
-        },
-    );
-    write_layer_tar(dir, &mut sink, opts)?;
-    let sink = sink.into_inner().map_err(|e| DiffError::Io {
-        path: dir.to_path_buf(),
-        source: e.into_error(),
-    })?;
-    let digest = Digest::from_sha256(sink.hash.finalize().into());
+    // Hashed on a thread of its own, while the tar is made (the files read, the headers
+    // written): a big layer's diffID takes about as long as the hashing alone (512 MiB,
+    // 2 cores, 2026-12-07: 0.46 s before, 0.42 s; SHA-256 alone: 0.31 s on a hot buffer,
+    // slower on bytes fresh from the other core).
+    let (tx, rx) = sync_channel::<Vec<u8>>(4);
+    let (tar_res, (hash, size)) = std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            let (mut hash, mut size) = (Sha256::new(), 0u64);
+            for c in rx {
+                hash.update(&c);
+                size += c.len() as u64;
+            }
+            (hash, size)
+        });
+        let mut sender = ChunkSender {
+            tx,
+            buf: Vec::with_capacity(CHUNK + 64 * 1024),
+            hash: None,
+        };
+        let r = write_layer_tar(dir, &mut sender, opts).and_then(|_| {
+            sender.flush().map_err(|source| DiffError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        });
+        drop(sender);
+        (r, hasher.join().expect("hashing thread panicked"))
+    });
+    tar_res?;
+    let digest = Digest::from_sha256(hash.finalize().into());
     Ok(LayerDesc {
         diff_id: digest.clone(),
         digest,
-        size: sink.size,
+        size,
         media_type: Compression::Uncompressed.media_type().to_string(),
     })
 }
@@ -106,16 +109,19 @@ const CHUNK: usize = 1 << 20;
 /// The size of one multi-threaded zstd job (see `compress_chunks`).
 const ZSTD_JOB_BYTES: u32 = 2 << 20;
 
-/// Sends written bytes to the compressing side in 1 MiB chunks, hashing them on the way.
+/// Sends written bytes to the compressing (or hashing) side in 1 MiB chunks, hashing them on
+/// the way when it has a hash.
 struct ChunkSender {
     tx: SyncSender<Vec<u8>>,
     buf: Vec<u8>,
-    hash: Sha256,
+    hash: Option<Sha256>,
 }
 
 impl Write for ChunkSender {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.hash.update(data);
+        if let Some(h) = &mut self.hash {
+            h.update(data);
+        }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= CHUNK {
             self.flush()?;
@@ -126,7 +132,7 @@ impl Write for ChunkSender {
         if !self.buf.is_empty() {
             let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 64 * 1024));
             self.tx.send(chunk).map_err(|_| {
-                io::Error::new(io::ErrorKind::BrokenPipe, "layer compressor stopped")
+                io::Error::new(io::ErrorKind::BrokenPipe, "the layer's consumer stopped")
             })?;
         }
         Ok(())
@@ -271,10 +277,10 @@ fn write_blob(
         let mut sender = ChunkSender {
             tx,
             buf: Vec::with_capacity(CHUNK + 64 * 1024),
-            hash: Sha256::new(),
+            hash: Some(Sha256::new()),
         };
         let r = produce(&mut sender);
-        let diff = sender.hash.clone().finalize();
+        let diff = sender.hash.take().expect("hashing").finalize();
         drop(sender);
         (
             r.map(|_| diff),

@@ -67,6 +67,7 @@ pub fn write_layer_tar<W: Write>(
         opts,
         links: HashMap::new(),
         stats: DiffStats::default(),
+        copy_buf: vec![0; COPY_BUF],
     };
     w.b.mode(tar::HeaderMode::Complete);
     let top = rustix::fs::open(
@@ -89,7 +90,13 @@ struct Writer<'a, W: Write> {
     /// Hard links seen: (device, inode) → the first path.
     links: HashMap<(u64, u64), Vec<u8>>,
     stats: DiffStats,
+    /// One buffer for every file's content (see [`COPY_BUF`]).
+    copy_buf: Vec<u8>,
 }
+
+/// File content is read in pieces this large: `tar::Builder::append` copies through
+/// `io::copy`'s 8 KiB buffer, a read(2) per 8 KiB (512 MiB: 65,536 reads).
+const COPY_BUF: usize = 1 << 17;
 
 /// The xattrs of `src` that can go into a layer: names that are not UTF-8 cannot be PAX keys
 /// and are left out.
@@ -304,7 +311,35 @@ impl<W: Write> Writer<'_, W> {
                 .map_err(ioe(path))?;
         }
         h.set_cksum();
-        self.b.append(h, data).map_err(ioe(path))?;
+        // What `tar::Builder::append` writes (header, content, zeros to the next 512-byte
+        // block), with a big buffer; and a file that shrank while being read is an error
+        // here, not a tar whose header lies about its size.
+        let size = h.entry_size().map_err(ioe(path))?;
+        let out = self.b.get_mut();
+        out.write_all(h.as_bytes()).map_err(ioe(path))?;
+        let mut data = data;
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(self.copy_buf.len() as u64) as usize;
+            let n = match data.read(&mut self.copy_buf[..want]) {
+                Ok(0) => {
+                    return Err(ioe(path)(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file shrank while being read ({left} of {size} bytes missing)"
+                        ),
+                    )))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ioe(path)(e)),
+            };
+            out.write_all(&self.copy_buf[..n]).map_err(ioe(path))?;
+            left -= n as u64;
+        }
+        let pad = (512 - size % 512) % 512;
+        out.write_all(&[0u8; 512][..pad as usize])
+            .map_err(ioe(path))?;
         self.stats.entries += 1;
         Ok(())
     }

@@ -256,6 +256,9 @@ fn blob_digests_are_deterministic_and_right() {
     let d = t.path().join("d");
     fs::create_dir_all(d.join("sub")).unwrap();
     fs::write(d.join("sub/a"), "a".repeat(100_000)).unwrap();
+    // Larger than the tar writer's copy buffer, and not a whole number of 512-byte blocks.
+    let big: Vec<u8> = (0..300_001u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(d.join("sub/big"), &big).unwrap();
     fs::write(d.join("n".repeat(150)), "long name").unwrap();
     std::os::unix::fs::symlink("x".repeat(120), d.join("longlink")).unwrap();
     for c in [
@@ -309,6 +312,35 @@ fn blob_digests_are_deterministic_and_right() {
             e.iter()
                 .any(|x| x.2.as_deref() == Some(&"x".repeat(120)[..])),
             "long link via PAX"
+        );
+        // The same diffID without a blob; and GNU tar reads the tar back, contents equal.
+        let plain_only = layer_diff(
+            &d,
+            &DiffOptions {
+                source_date_epoch: Some(0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(plain_only.diff_id, a.diff_id, "{c:?}");
+        assert_eq!(plain_only.size, plain.len() as u64);
+        let tar_file = t.path().join("plain.tar");
+        fs::write(&tar_file, &plain).unwrap();
+        let x = t.path().join("x");
+        let _ = fs::remove_dir_all(&x);
+        fs::create_dir(&x).unwrap();
+        let st = Command::new("tar")
+            .arg("-xf")
+            .arg(&tar_file)
+            .arg("-C")
+            .arg(&x)
+            .status()
+            .unwrap();
+        assert!(st.success(), "GNU tar reads the layer");
+        assert_eq!(fs::read(x.join("sub/big")).unwrap(), big);
+        assert_eq!(
+            fs::read(x.join("sub/a")).unwrap(),
+            "a".repeat(100_000).as_bytes()
         );
     }
 }
