@@ -11,7 +11,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 /// Bytes per buffer handed over.
 const CHUNK: usize = 1 << 20;
 /// Buffers in flight: what the reading thread may be ahead by.
-const DEPTH: usize = 4;
+const DEPTH: usize = 2;
 
 /// A message from the reading thread. `End` is explicit: a channel that closes without it
 /// means the thread died, which must not look like the end of the stream.
