@@ -880,9 +880,9 @@ fn independent_run_steps_all_run_at_once_by_default() {
     }
 }
 
-/// A stage outside the image (it only feeds `COPY --from`) gets no layer blob: only its
+/// A stage outside the image (it only feeds `COPY --from`) gets no layer blob, nor even a
 /// diffID. Built later as the target, or exported as a `mode=max` cache, its layer gets a
-/// blob made from its directory, which reads back to that diffID.
+/// diffID and a blob made from its directory, which reads back to that diffID.
 #[test]
 fn stages_outside_the_image_get_blobs_only_when_needed() {
     ensure_tools();
@@ -910,7 +910,17 @@ fn stages_outside_the_image_get_blobs_only_when_needed() {
         "--output=type=oci,dest={}",
         out.path().join("final").display()
     )]);
-    assert!(log.contains("(no blob: outside the image)"), "{log}");
+    assert!(
+        log.contains("no tar, no diffID (outside the image)"),
+        "{log}"
+    );
+    // Not even hashed: the layers named by diffID are the base's and the final COPY's.
+    let named: Vec<String> = std::fs::read_dir(root.path().join("layers/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".held"))
+        .collect();
+    assert_eq!(named.len(), 2, "{named:?}\n{log}");
     let blobs =
         |dir: &std::path::Path| std::fs::read_dir(dir.join("blobs/sha256")).unwrap().count();
     let stored = blobs(root.path());

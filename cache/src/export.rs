@@ -89,6 +89,7 @@ impl CacheExport {
         self.records.get(key).map(|r| CacheRecord {
             layer: r.layer.clone(),
             created: created.to_string(),
+            built: None,
         })
     }
 

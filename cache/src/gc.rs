@@ -286,7 +286,10 @@ pub fn record_usage(store: &Store) -> Result<Vec<RecordUsage>, GcError> {
                     || pin_blobs.contains(&l.digest);
                 (blob + layer_size(store, &l.diff_id), shared)
             }
-            None => (0, false),
+            None => match r.rec.as_ref().and_then(|c| c.built.as_ref()) {
+                Some(b) => (tree_size(&store.built_layer_dir(b)), false),
+                None => (0, false),
+            },
         };
         out.push(RecordUsage {
             key,
@@ -506,8 +509,21 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         let layer_size = |d: &Digest| layer_size(store, d);
         let kept_blobs: HashSet<&Digest> = blob_refs.keys().chain(pin_blobs.iter()).collect();
         let kept_layers: HashSet<&Digest> = layer_refs.keys().chain(pin_layers.iter()).collect();
+        // A built layer no one hashed yet belongs to its one record.
+        let built_size = |r: &RecordInfo| {
+            r.rec
+                .as_ref()
+                .and_then(|c| c.built.as_ref())
+                .map_or(0, |b| tree_size(&store.built_layer_dir(b)))
+        };
         let mut total: u64 = kept_blobs.iter().map(|d| blob_size(d)).sum::<u64>()
             + kept_layers.iter().map(|d| layer_size(d)).sum::<u64>()
+            + records
+                .iter()
+                .zip(&remove)
+                .filter(|(_, r)| !**r)
+                .map(|(r, _)| built_size(r))
+                .sum::<u64>()
             + records
                 .iter()
                 .zip(&remove)
@@ -522,7 +538,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
                 continue;
             }
             remove[i] = true;
-            total = total.saturating_sub(r.size);
+            total = total.saturating_sub(r.size + built_size(r));
             if let Some(Some(l)) = r.rec.as_ref().map(|r| r.layer.as_ref()) {
                 let c = blob_refs.get_mut(&l.digest).unwrap();
                 *c -= 1;
@@ -561,8 +577,13 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         report.blobs += 1;
         report.bytes += size;
     }
-    // Sweep layer names, then built dirs no kept name links to.
-    let mut linked = HashSet::new();
+    // Sweep layer names, then built dirs no kept name links to and no kept record names.
+    let mut linked: HashSet<String> = records
+        .iter()
+        .zip(&remove)
+        .filter(|(_, r)| !**r)
+        .filter_map(|(r, _)| r.rec.as_ref()?.built.clone())
+        .collect();
     for e in entries(&store.layout().layer_names()) {
         let p = e.path();
         let d: Option<Digest> = format!("sha256:{}", layer_name(&e)).parse().ok();

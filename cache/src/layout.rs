@@ -5,7 +5,8 @@
 //! - `layers/sha256/<hex>`: unpacked layers (overlay form) named by diffID: base-image layers
 //!   are unpacked there; layers built by RUN/COPY steps live in `layers/built/<key>-…` (moved
 //!   there before their blob exists, so the next step can stack on them at once) and
-//!   `layers/sha256/<hex>` is a symlink to them; `layers/over/sha256/<hex>/<stack>`: a layer
+//!   `layers/sha256/<hex>` is a symlink to them (a layer whose diffID no one needed has no
+//!   link: its cache record names its `layers/built/` directory); `layers/over/sha256/<hex>/<stack>`: a layer
 //!   whose tar leaves out parent directories, unpacked once per stack below it; beside each
 //!   layer directory, `<dir>.held` records its setuid files and devices (see
 //!   `rbuild_snapshot::Held`);

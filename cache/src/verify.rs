@@ -180,6 +180,13 @@ pub fn verify(store: &Store) -> Result<VerifyReport, GcError> {
                         .push(format!("{}: layer {} missing", r.path.display(), l.diff_id));
                 }
             }
+            // A layer no one hashed has nothing to be compared with; it must be there.
+            Some(CacheRecord { built: Some(b), .. }) => {
+                if !store.built_layer_dir(&b).is_dir() {
+                    rep.problems
+                        .push(format!("{}: layer {b} missing", r.path.display()));
+                }
+            }
             Some(_) => {}
         }
     }

@@ -1,7 +1,7 @@
 //! Concurrency, crash safety, prune and verify of the store.
 
 use rbuild_cache::{
-    prune, verify, CacheRecord, Digest, LayerDesc, PruneOptions, Store, StoreError,
+    prune, record_usage, verify, CacheRecord, Digest, LayerDesc, PruneOptions, Store, StoreError,
 };
 use std::fs;
 use std::io::Write;
@@ -123,6 +123,7 @@ fn write_forever(store: &Store) {
                 &CacheRecord {
                     layer: Some(layer),
                     created: "2026-01-01T00:00:00Z".into(),
+                    built: None,
                 },
             )
             .unwrap();
@@ -365,6 +366,7 @@ fn add_step(store: &Store, name: &str, size: usize) -> (Digest, Digest, Digest) 
             &CacheRecord {
                 layer: Some(layer),
                 created: "2026-01-01T00:00:00Z".into(),
+                built: None,
             },
         )
         .unwrap();
@@ -594,4 +596,71 @@ fn layer_commit_replaces_a_dangling_link() {
     fs::write(dir.join("f"), b"").unwrap();
     let got = store.commit_layer_dir(&dir, &id).unwrap();
     assert!(got.join("f").exists());
+}
+
+/// A record of a layer no one hashed names its `layers/built/` directory: the record holds
+/// only while the directory is there, prune keeps the directory with the record and removes
+/// it with the record, and verify reports one that went missing.
+#[test]
+fn an_unhashed_built_layer_lives_and_goes_with_its_record() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(t.path()).unwrap();
+    let key = Digest::of(b"step outside the image");
+    let make = || {
+        let dir = store.temp_dir("upper").unwrap();
+        fs::write(dir.join("f"), vec![7u8; 4096]).unwrap();
+        let kept = store.keep_built_layer(&dir, &key).unwrap();
+        let name = kept.file_name().unwrap().to_string_lossy().into_owned();
+        store
+            .put_record(
+                &key,
+                &CacheRecord {
+                    layer: None,
+                    created: "2026-01-01T00:00:00Z".into(),
+                    built: Some(name),
+                },
+            )
+            .unwrap();
+        kept
+    };
+    let dir = make();
+    let rec = store.get_record(&key).unwrap().expect("the record holds");
+    assert!(rec.has_layer());
+    let usage = record_usage(&store).unwrap();
+    assert!(
+        usage.iter().any(|u| u.bytes >= 4096),
+        "its directory counts"
+    );
+
+    prune(&store, &PruneOptions::default()).unwrap();
+    assert!(
+        dir.join("f").exists(),
+        "prune keeps what a kept record names"
+    );
+    assert!(store.get_record(&key).unwrap().is_some());
+    assert!(verify(&store).unwrap().is_ok());
+
+    fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        store.get_record(&key).unwrap().is_none(),
+        "no directory, no hit"
+    );
+    let rep = verify(&store).unwrap();
+    assert!(
+        rep.problems.iter().any(|p| p.contains("missing")),
+        "{:?}",
+        rep.problems
+    );
+
+    let dir = make();
+    prune(
+        &store,
+        &PruneOptions {
+            all: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!dir.exists(), "pruned with its record");
+    assert!(store.get_record(&key).unwrap().is_none());
 }

@@ -11,6 +11,7 @@ impl Builder {
             &CacheRecord {
                 layer: None,
                 created: now_rfc3339(),
+                built: None,
             },
         )?;
         Ok(())
@@ -216,16 +217,26 @@ impl Builder {
     }
 
     pub(super) fn push_layer(
-        &self,
+        self: &Arc<Self>,
         fs: &mut ImageFs,
         key: CacheKey,
         rec: CacheRecord,
         created_by: &str,
     ) {
-        let slot = rec.layer.map(|l| Layer {
-            dir: self.store.layer_dir(&l.diff_id),
-            desc: LayerSlot::Ready(l),
-        });
+        let slot = match (rec.layer, rec.built) {
+            (Some(l), _) => Some(Layer {
+                dir: self.store.layer_dir(&l.diff_id),
+                desc: LayerSlot::Ready(l),
+            }),
+            (None, Some(name)) => {
+                let dir = self.store.built_layer_dir(&name);
+                Some(Layer {
+                    desc: self.deferred_desc(dir.clone(), &key, None),
+                    dir,
+                })
+            }
+            (None, None) => None,
+        };
         self.push_slot(fs, key, slot, created_by);
     }
 

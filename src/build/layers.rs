@@ -160,9 +160,10 @@ impl Builder {
     /// compression, diffID and digest) is written in the background; `layers/sha256/<diffID>`
     /// then links to it and the cache record is written, in that order.
     ///
-    /// A layer of a stage outside the image (one that only feeds `COPY --from` or a mount)
-    /// gets no blob: only its diffID, from its tar on the way to nowhere. Its blob is made
-    /// from the directory if something ever needs it ([`Builder::with_blobs`]).
+    /// A layer of the image that no output takes a blob of gets only its diffID, from its tar
+    /// on the way to nowhere; a layer of a stage outside the image (one that only feeds
+    /// `COPY --from` or a mount) not even that ([`Builder::defer_layer`]). Their blobs are
+    /// made from the directory if something ever needs them ([`Builder::with_blobs`]).
     pub(super) fn export_layer(
         self: &Arc<Self>,
         dir: PathBuf,
@@ -183,6 +184,9 @@ impl Builder {
         let compression = self.opts.compression;
         let needed = self.blob_needed(stage);
         let in_image = self.in_image(stage);
+        if !needed && !in_image {
+            return Ok(Some(self.defer_layer(stable, key, pstep)));
+        }
         let key = key.clone();
         let pstep_for_push = pstep.clone();
         let pstep = pstep.clone();
@@ -201,28 +205,28 @@ impl Builder {
                         anyhow!("writing the layer of {}: {e}", src.display())
                     })?;
                 store.commit_blob_file(&tmp, &blob.digest)?;
+                store.link_built_layer(&blob.diff_id, &src)?;
+                store.put_record(
+                    &key,
+                    &CacheRecord {
+                        layer: Some(blob.clone()),
+                        created: now_rfc3339(),
+                        built: None,
+                    },
+                )?;
                 blob
             } else {
-                rbuild_snapshot::layer_diff(&src, &opts)
-                    .map_err(|e| anyhow!("reading the layer of {}: {e}", src.display()))?
+                hash_built_layer(&store, &src, &key, opts)?
             };
-            store.link_built_layer(&blob.diff_id, &src)?;
-            store.put_record(
-                &key,
-                &CacheRecord {
-                    layer: Some(blob.clone()),
-                    created: now_rfc3339(),
-                },
-            )?;
             pstep.log(&format!(
                 "layer {} {} bytes in {:.3}s{}",
                 blob.diff_id,
                 blob.size,
                 started.elapsed().as_secs_f64(),
-                match (needed, in_image) {
-                    (true, _) => "",
-                    (false, true) => " (no blob: no output takes one)",
-                    (false, false) => " (no blob: outside the image)",
+                if needed {
+                    ""
+                } else {
+                    " (no blob: no output takes one)"
                 }
             ));
             Ok(blob)
@@ -240,12 +244,82 @@ impl Builder {
         if needed && in_image && self.pushes_early() {
             self.push_early(shared.clone(), pstep_for_push);
         }
-        let slot = LayerSlot::Pending(shared);
-        self.exports.lock().unwrap().push(slot.clone());
+        self.exports
+            .lock()
+            .unwrap()
+            .push(shared.clone().map(|r| r.map(|_| ())).boxed().shared());
         Ok(Some(Layer {
-            desc: slot,
+            desc: LayerSlot::Pending(shared),
             dir: stable,
         }))
+    }
+
+    /// A layer of a stage outside the image when no cache export takes it: nothing needs its
+    /// tar, so none is made, not even to hash it. Its cache record names its directory,
+    /// flushed first as every layer is before a name points to it; its diffID is computed
+    /// only if something asks ([`Builder::deferred_desc`]).
+    fn defer_layer(self: &Arc<Self>, dir: PathBuf, key: &CacheKey, pstep: &ProgressStep) -> Layer {
+        use futures_util::FutureExt;
+        let store = self.store.clone();
+        let (k, d) = (key.clone(), dir.clone());
+        let recorded = async move {
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                Store::sync_layer_dir(&d)?;
+                let name = d.file_name().unwrap_or_default().to_string_lossy();
+                store.put_record(
+                    &k,
+                    &CacheRecord {
+                        layer: None,
+                        created: now_rfc3339(),
+                        built: Some(name.into_owned()),
+                    },
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| format!("layer export failed: {e}"))?
+            .map_err(|e| format!("{e:#}"))
+        }
+        .boxed()
+        .shared();
+        self.exports.lock().unwrap().push(recorded.clone());
+        pstep.log("layer kept as a directory: no tar, no diffID (outside the image)");
+        Layer {
+            desc: self.deferred_desc(dir.clone(), key, Some(recorded)),
+            dir,
+        }
+    }
+
+    /// The descriptor of built layer `dir` (the result of step `key`) whose diffID no one has
+    /// computed: computed when first asked for (after `before`, the writing of its record),
+    /// then linked and recorded like any other layer's.
+    pub(super) fn deferred_desc(
+        self: &Arc<Self>,
+        dir: PathBuf,
+        key: &CacheKey,
+        before: Option<SharedJob<()>>,
+    ) -> LayerSlot {
+        use futures_util::FutureExt;
+        let store = self.store.clone();
+        let key = key.clone();
+        let desc = async move {
+            if let Some(b) = before {
+                b.await?;
+            }
+            tokio::task::spawn_blocking(move || -> Result<LayerDesc> {
+                let opts = rbuild_snapshot::DiffOptions {
+                    source_date_epoch: source_date_epoch(),
+                    held: rbuild_snapshot::Held::load(&dir)?,
+                };
+                hash_built_layer(&store, &dir, &key, opts)
+            })
+            .await
+            .map_err(|e| format!("hashing a layer failed: {e}"))?
+            .map_err(|e| format!("{e:#}"))
+        }
+        .boxed()
+        .shared();
+        LayerSlot::Pending(desc)
     }
 
     /// Whether the layers of stage `stage` need blobs when they are made: those of the
@@ -368,12 +442,34 @@ impl Builder {
 
     /// Waits for every background layer export of the build.
     pub(super) async fn finish_exports(&self) -> Result<()> {
-        let all: Vec<LayerSlot> = self.exports.lock().unwrap().clone();
-        for slot in all {
-            slot.get().await?;
+        let all: Vec<SharedJob<()>> = self.exports.lock().unwrap().clone();
+        for job in all {
+            job.await.map_err(|e| anyhow!(e))?;
         }
         Ok(())
     }
+}
+
+/// The diffID of built layer `dir` (the result of step `key`), from its tar on the way to
+/// nowhere; links the layer under it and writes the step's record. Blocking.
+fn hash_built_layer(
+    store: &Store,
+    dir: &Path,
+    key: &CacheKey,
+    opts: rbuild_snapshot::DiffOptions,
+) -> Result<LayerDesc> {
+    let desc = rbuild_snapshot::layer_diff(dir, &opts)
+        .map_err(|e| anyhow!("reading the layer of {}: {e}", dir.display()))?;
+    store.link_built_layer(&desc.diff_id, dir)?;
+    store.put_record(
+        key,
+        &CacheRecord {
+            layer: Some(desc.clone()),
+            created: now_rfc3339(),
+            built: None,
+        },
+    )?;
+    Ok(desc)
 }
 
 /// The blob of plain-tar layer `d`, made from its directory in the store (with the record

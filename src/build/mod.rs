@@ -326,7 +326,7 @@ pub struct Shared {
     /// Steps that missed the cache, by key: a step two platforms' plans share runs once.
     steps: Mutex<HashMap<CacheKey, SharedJob<Option<Layer>>>>,
     /// Layer exports running in the background; all are awaited before the build ends.
-    exports: Mutex<Vec<LayerSlot>>,
+    exports: Mutex<Vec<SharedJob<()>>>,
     /// Uploads of the image's layer blobs started as each was made (`--push`); the push
     /// waits for them, then finds those blobs in the registry.
     early_pushes: Mutex<Vec<tokio::task::JoinHandle<()>>>,

@@ -44,6 +44,11 @@ impl Store {
         Ok(stable)
     }
 
+    /// The directory `layers/built/<name>` ([`CacheRecord::built`] names one).
+    pub fn built_layer_dir(&self, name: &str) -> PathBuf {
+        self.layout.built_layers().join(name)
+    }
+
     /// Names the built layer directory `built` (under `layers/built/`) as the layer
     /// `diff_id`, after flushing it to disk, unless that layer is already there.
     pub fn link_built_layer(&self, diff_id: &Digest, built: &Path) -> Result<(), StoreError> {

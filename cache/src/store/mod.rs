@@ -99,12 +99,26 @@ fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
 }
 
 /// What a cached step produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheRecord {
-    /// The layer the step added, or `None` for a step that left the filesystem alone.
+    /// The layer the step added, or `None` for a step that left the filesystem alone (or
+    /// whose layer is only [`CacheRecord::built`] so far).
     pub layer: Option<LayerDesc>,
     /// RFC 3339 creation time of the step's result.
     pub created: String,
+    /// A layer no one has needed the diffID of yet (a stage outside the image only feeds
+    /// others): the name of its directory under `layers/built/`, with `layer` `None`. Its
+    /// tar is made and hashed only if a later build needs it, which then rewrites the
+    /// record with `layer` (see [`CacheRecord::has_layer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built: Option<String>,
+}
+
+impl CacheRecord {
+    /// Whether the step added a layer, described or [`CacheRecord::built`].
+    pub fn has_layer(&self) -> bool {
+        self.layer.is_some() || self.built.is_some()
+    }
 }
 
 /// The shared store lock on `<root>/lock`, one per process and store root.
@@ -259,6 +273,11 @@ impl Store {
             // A plain tar's blob is made from its directory when needed.
             let blob = self.has_blob(&l.digest) || l.is_plain_tar();
             if !blob || !self.has_layer(&l.diff_id) {
+                return Ok(None);
+            }
+        }
+        if let Some(name) = &rec.built {
+            if !self.built_layer_dir(name).is_dir() {
                 return Ok(None);
             }
         }
@@ -477,6 +496,7 @@ mod tests {
                 media_type: "x".into(),
             }),
             created: "2026-01-01T00:00:00Z".into(),
+            built: None,
         };
         s.put_record(&key, &rec).unwrap();
         assert_eq!(
