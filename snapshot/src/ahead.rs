@@ -39,8 +39,15 @@ pub fn read_ahead<R: Read + Send + 'static>(mut r: R) -> io::Result<ReadAhead> {
     std::thread::Builder::new()
         .name("read-ahead".into())
         .spawn(move || loop {
-            let mut buf = recycled.try_recv().unwrap_or_default();
-            buf.resize(CHUNK, 0);
+            // A new buffer from calloc: its pages cost memory only once written, so a thread
+            // still waiting for its first bytes (a layer queued for download) holds little.
+            let mut buf = match recycled.try_recv() {
+                Ok(mut b) => {
+                    b.resize(CHUNK, 0);
+                    b
+                }
+                Err(_) => vec![0u8; CHUNK],
+            };
             let mut filled = 0;
             let msg = loop {
                 match r.read(&mut buf[filled..]) {

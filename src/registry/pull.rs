@@ -443,7 +443,8 @@ pub(super) async fn fetch_blob(
                     source,
                 })?;
                 // A reader that stopped (it failed, or needs no more) no longer gets copies.
-                if let Some(t) = &tap {
+                // An empty chunk would read as the end.
+                if let (Some(t), false) = (&tap, chunk.is_empty()) {
                     if t.send(Ok(chunk)).await.is_err() {
                         tap = None;
                     }
