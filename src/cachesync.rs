@@ -57,7 +57,14 @@ pub async fn import(
                 bail!("{reference}: config of {size} bytes is too large for a cache document");
             }
             registry
-                .fetch_blob(reference, &digest, size, crate::registry::MAX_CONFIG, store)
+                .fetch_blob(
+                    reference,
+                    &digest,
+                    size,
+                    crate::registry::MAX_CONFIG,
+                    store,
+                    None,
+                )
                 .await?;
             let bytes = store.read_blob(&digest)?;
             let export = if media_type == CACHE_CONFIG_MEDIA_TYPE {

@@ -13,6 +13,18 @@ use std::time::{Duration, SystemTime};
 
 const CHILD_ENV: &str = "RBUILD_CACHE_TEST_CHILD";
 
+/// `rbuild prune --all`.
+fn prune_all(store: &Store) {
+    prune(
+        store,
+        &PruneOptions {
+            all: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
 struct Rng(u64);
 impl Rng {
     fn new() -> Rng {
@@ -201,14 +213,7 @@ fn sigkill_at_random_points_leaves_a_usable_store() {
     assert!(killed_mid_write > 0, "some kills hit mid-write");
     // And prune copes with whatever the kills left (built dirs without links, read-only dirs).
     let store = Store::open(t.path()).unwrap();
-    prune(
-        &store,
-        &PruneOptions {
-            all: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    prune_all(&store);
     assert!(verify(&store).unwrap().is_ok());
     assert!(fs::read_dir(t.path().join("cache"))
         .unwrap()
@@ -653,14 +658,7 @@ fn an_unhashed_built_layer_lives_and_goes_with_its_record() {
     );
 
     let dir = make();
-    prune(
-        &store,
-        &PruneOptions {
-            all: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    prune_all(&store);
     assert!(!dir.exists(), "pruned with its record");
     assert!(store.get_record(&key).unwrap().is_none());
 }

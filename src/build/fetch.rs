@@ -46,7 +46,7 @@ impl Builder {
                                 let started = std::time::Instant::now();
                                 let res = me
                                     .registry
-                                    .fetch_blob_tapped(
+                                    .fetch_blob(
                                         &r,
                                         &d.digest,
                                         d.size,

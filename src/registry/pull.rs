@@ -59,22 +59,9 @@ impl Registry {
     /// Fetches blob `digest` of repository `reference` into the store (streamed, verified),
     /// unless the store has it. Returns the bytes received (0 when it was present). `size` 0
     /// is unknown: then at most `unsized_cap` bytes are read ([`MAX_CONFIG`] for a config,
-    /// [`MAX_UNSIZED_BLOB`] for a layer).
+    /// [`MAX_UNSIZED_BLOB`] for a layer). `tap`, if given, gets a copy of the bytes as they
+    /// arrive (see [`BlobTap`]).
     pub async fn fetch_blob(
-        &self,
-        reference: &str,
-        digest: &Digest,
-        size: u64,
-        unsized_cap: u64,
-        store: &Store,
-    ) -> Result<u64, RegistryError> {
-        self.fetch_blob_tapped(reference, digest, size, unsized_cap, store, None)
-            .await
-    }
-
-    /// [`Registry::fetch_blob`], sending a copy of the bytes to `tap` as they arrive (see
-    /// [`BlobTap`]).
-    pub async fn fetch_blob_tapped(
         &self,
         reference: &str,
         digest: &Digest,
@@ -142,8 +129,15 @@ impl Registry {
         let asked = async {
             let (doc, bytes, digest) = self.manifest(reference).await?;
             let (config_desc, layer_descs) = parse_manifest(&name, &doc)?;
-            self.fetch_blob(reference, &config_desc.0, config_desc.1, MAX_CONFIG, store)
-                .await?;
+            self.fetch_blob(
+                reference,
+                &config_desc.0,
+                config_desc.1,
+                MAX_CONFIG,
+                store,
+                None,
+            )
+            .await?;
             // The manifest too, so the next build can do without the registry.
             store
                 .put_blob_bytes(&bytes)

@@ -359,7 +359,7 @@ impl BlobPush<'_> {
             }
             if !self.store.has_blob(d) {
                 self.registry
-                    .fetch_blob(origin, d, size, MAX_UNSIZED_BLOB, self.store)
+                    .fetch_blob(origin, d, size, MAX_UNSIZED_BLOB, self.store, None)
                     .await?;
             }
         }
