@@ -285,7 +285,7 @@ impl<W: Write> Writer<'_, W> {
         name: &[u8],
         link: Option<&[u8]>,
         x: &[(String, Vec<u8>)],
-        data: R,
+        mut data: R,
         path: &Path,
     ) -> Result<(), DiffError> {
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
@@ -317,7 +317,6 @@ impl<W: Write> Writer<'_, W> {
         let size = h.entry_size().map_err(ioe(path))?;
         let out = self.b.get_mut();
         out.write_all(h.as_bytes()).map_err(ioe(path))?;
-        let mut data = data;
         let mut left = size;
         while left > 0 {
             let want = left.min(self.copy_buf.len() as u64) as usize;
