@@ -286,10 +286,7 @@ pub fn record_usage(store: &Store) -> Result<Vec<RecordUsage>, GcError> {
                     || pin_blobs.contains(&l.digest);
                 (blob + layer_size(store, &l.diff_id), shared)
             }
-            None => match r.rec.as_ref().and_then(|c| c.built.as_ref()) {
-                Some(b) => (tree_size(&store.built_layer_dir(b)), false),
-                None => (0, false),
-            },
+            None => (built_size(store, r.rec.as_ref()), false),
         };
         out.push(RecordUsage {
             key,
@@ -301,6 +298,13 @@ pub fn record_usage(store: &Store) -> Result<Vec<RecordUsage>, GcError> {
         });
     }
     Ok(out)
+}
+
+/// Bytes of the `layers/built/` directory that record `rec` names while its layer is
+/// unhashed ([`CacheRecord::built`]); 0 for any other record.
+fn built_size(store: &Store, rec: Option<&CacheRecord>) -> u64 {
+    rec.and_then(|c| c.built.as_ref())
+        .map_or(0, |b| tree_size(&store.built_layer_dir(b)))
 }
 
 /// Names of `layers/built/` dirs that some `layers/sha256/<id>` symlink points to.
@@ -509,20 +513,18 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
         let layer_size = |d: &Digest| layer_size(store, d);
         let kept_blobs: HashSet<&Digest> = blob_refs.keys().chain(pin_blobs.iter()).collect();
         let kept_layers: HashSet<&Digest> = layer_refs.keys().chain(pin_layers.iter()).collect();
-        // A built layer no one hashed yet belongs to its one record.
-        let built_size = |r: &RecordInfo| {
-            r.rec
-                .as_ref()
-                .and_then(|c| c.built.as_ref())
-                .map_or(0, |b| tree_size(&store.built_layer_dir(b)))
-        };
+        // A built layer no one hashed yet belongs to its one record: walked once.
+        let built: Vec<u64> = records
+            .iter()
+            .map(|r| built_size(store, r.rec.as_ref()))
+            .collect();
         let mut total: u64 = kept_blobs.iter().map(|d| blob_size(d)).sum::<u64>()
             + kept_layers.iter().map(|d| layer_size(d)).sum::<u64>()
-            + records
+            + built
                 .iter()
                 .zip(&remove)
                 .filter(|(_, r)| !**r)
-                .map(|(r, _)| built_size(r))
+                .map(|(b, _)| b)
                 .sum::<u64>()
             + records
                 .iter()
@@ -538,7 +540,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, GcError>
                 continue;
             }
             remove[i] = true;
-            total = total.saturating_sub(r.size + built_size(r));
+            total = total.saturating_sub(r.size + built[i]);
             if let Some(Some(l)) = r.rec.as_ref().map(|r| r.layer.as_ref()) {
                 let c = blob_refs.get_mut(&l.digest).unwrap();
                 *c -= 1;

@@ -205,15 +205,7 @@ impl Builder {
                         anyhow!("writing the layer of {}: {e}", src.display())
                     })?;
                 store.commit_blob_file(&tmp, &blob.digest)?;
-                store.link_built_layer(&blob.diff_id, &src)?;
-                store.put_record(
-                    &key,
-                    &CacheRecord {
-                        layer: Some(blob.clone()),
-                        created: now_rfc3339(),
-                        built: None,
-                    },
-                )?;
+                link_and_record(&store, &src, &key, &blob)?;
                 blob
             } else {
                 hash_built_layer(&store, &src, &key, opts)?
@@ -460,6 +452,13 @@ fn hash_built_layer(
 ) -> Result<LayerDesc> {
     let desc = rbuild_snapshot::layer_diff(dir, &opts)
         .map_err(|e| anyhow!("reading the layer of {}: {e}", dir.display()))?;
+    link_and_record(store, dir, key, &desc)?;
+    Ok(desc)
+}
+
+/// Names built layer `dir` by its diffID, then writes the record of step `key` that
+/// describes it, in that order (a record never names a layer the store cannot find).
+fn link_and_record(store: &Store, dir: &Path, key: &CacheKey, desc: &LayerDesc) -> Result<()> {
     store.link_built_layer(&desc.diff_id, dir)?;
     store.put_record(
         key,
@@ -469,7 +468,7 @@ fn hash_built_layer(
             built: None,
         },
     )?;
-    Ok(desc)
+    Ok(())
 }
 
 /// The blob of plain-tar layer `d`, made from its directory in the store (with the record

@@ -109,16 +109,9 @@ pub struct CacheRecord {
     /// A layer no one has needed the diffID of yet (a stage outside the image only feeds
     /// others): the name of its directory under `layers/built/`, with `layer` `None`. Its
     /// tar is made and hashed only if a later build needs it, which then rewrites the
-    /// record with `layer` (see [`CacheRecord::has_layer`]).
+    /// record with `layer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub built: Option<String>,
-}
-
-impl CacheRecord {
-    /// Whether the step added a layer, described or [`CacheRecord::built`].
-    pub fn has_layer(&self) -> bool {
-        self.layer.is_some() || self.built.is_some()
-    }
 }
 
 /// The shared store lock on `<root>/lock`, one per process and store root.
